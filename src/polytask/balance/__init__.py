@@ -1,0 +1,25 @@
+"""Loss weighting and gradient aggregation ("balancers"), usable in any training loop.
+
+``balance.get(name, **params)`` builds a balancer by name; ``balance.names()`` lists them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from polytask.balance import loss_weighting as _loss_weighting  # noqa: F401  (registers)
+from polytask.balance.base import Balancer, LossWeighting, stack_losses
+from polytask.balance.registry import BALANCERS
+
+
+def get(name: str, **params: Any) -> Balancer:
+    """The balancer registered as ``name``, built with ``params`` (unknown ones are refused)."""
+    return BALANCERS.build(name, **params)
+
+
+def names() -> list[str]:
+    """Names of every registered balancer."""
+    return BALANCERS.names()
+
+
+__all__ = ["BALANCERS", "Balancer", "LossWeighting", "get", "names", "stack_losses"]

@@ -1,0 +1,5 @@
+"""Registry of balancers by name (``balancer.name`` in configs)."""
+
+from polytask.registry import Registry
+
+BALANCERS: Registry = Registry("balancer")

@@ -1,0 +1,72 @@
+"""The contract every polytask model keeps (DESIGN.md, "Data flow of one training step").
+
+A model is an ``nn.Module`` whose ``forward`` returns ``dict[task, Tensor]``; it says which
+parameters are shared (``shared_parameters()``) and, where it has one, exposes the shared
+representation the heads read as ``shared_features`` after each forward (for feature-level
+gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from torch import Tensor, nn
+
+from polytask.errors import ConfigError
+from polytask.nn.layers import BatchedMLP
+from polytask.tasks import Task
+
+
+class MultiTaskModel(nn.Module):
+    """Base class: holds the tasks and splits parameters into shared and task-specific ones.
+
+    Subclasses put task-specific modules under ``self.heads`` (any module); every other
+    parameter counts as shared, unless the subclass overrides :meth:`shared_parameters`.
+    """
+
+    shared_features: Tensor | None
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        super().__init__()
+        if not tasks:
+            raise ConfigError("a model needs at least one task")
+        self.tasks = list(tasks)
+        self.task_names = [t.name for t in self.tasks]
+        self.shared_features = None
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters every task's loss depends on (the ones gradient balancing acts on)."""
+        head_ids = {id(p) for p in self.task_specific_parameters()}
+        return (p for p in self.parameters() if id(p) not in head_ids)
+
+    def task_specific_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters that belong to the task heads."""
+        heads = getattr(self, "heads", None)
+        return iter(()) if heads is None else heads.parameters()
+
+
+class TaskHeads(nn.Module):
+    """One tower per task, all run as a single batched MLP.
+
+    Towers share a shape (``hidden``); each task's last layer has the task's output width, so
+    the last layer is padded to the widest task and each task reads its own slice.
+    """
+
+    def __init__(self, tasks: Sequence[Task], in_features: int, hidden: Sequence[int] = (), act: str = "relu",
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.names = [t.name for t in tasks]
+        self.widths = [t.output_dim for t in tasks]
+        self.towers = BatchedMLP(len(tasks), in_features, hidden, max(self.widths), act=act, dropout=dropout)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """``x``: ``(B, in)`` shared by all tasks, or ``(T, B, in)`` one input per task."""
+        out = self.towers(x)  # (T, B, max_width)
+        return {n: out[i, :, :w] for i, (n, w) in enumerate(zip(self.names, self.widths))}
+
+
+def param_count(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+

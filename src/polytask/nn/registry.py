@@ -1,0 +1,5 @@
+"""Registry of architectures by name (``model.arch`` in configs)."""
+
+from polytask.registry import Registry
+
+ARCHITECTURES: Registry = Registry("architecture")
