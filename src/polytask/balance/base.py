@@ -36,7 +36,16 @@ class Balancer(nn.Module):
     Subclasses implement :meth:`backward`, which must fill ``.grad`` of every parameter that the
     losses depend on (accumulating, like ``Tensor.backward``) and return the task weights it
     used as a detached ``(T,)`` tensor on the losses' device (no host synchronisation).
+
+    Methods that need the losses of the same batch re-evaluated after ``optimizer.step()``
+    (FAMO) set ``needs_post_step_losses = True``; the training loop then makes that extra
+    forward pass explicitly and calls :meth:`post_step` with the new losses.
     """
+
+    needs_post_step_losses: bool = False
+
+    def post_step(self, losses: Mapping[str, Tensor]) -> None:
+        """Receive the losses of the same batch after the optimizer step (default: ignore)."""
 
     def backward(
         self,
