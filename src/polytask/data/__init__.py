@@ -1,0 +1,16 @@
+"""Multi-task datasets, the batch convention and built-in data sets."""
+
+from polytask.data.builtin import DATASETS, digits, load, split_indices, synthetic, task_weight_vectors
+from polytask.data.dataset import Batch, MultiTaskDataset, Splits
+
+__all__ = [
+    "DATASETS",
+    "Batch",
+    "MultiTaskDataset",
+    "Splits",
+    "digits",
+    "load",
+    "split_indices",
+    "synthetic",
+    "task_weight_vectors",
+]

@@ -1,0 +1,388 @@
+"""The Trainer: one multi-task training run from a :class:`RunConfig`.
+
+Each epoch trains on the train split with the configured balancer, then evaluates every task on
+the whole validation and test splits. The best epoch is chosen on validation only (mean over
+tasks of the validation loss relative to the untrained model's, so tasks of different scales
+count alike); the test split is reported, never used to choose. Every epoch ends with an atomic
+checkpoint, so a killed run resumes where it stopped and repeats the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from polytask import balance as balance_lib
+from polytask import data as data_lib
+from polytask import nn as nn_lib
+from polytask.data.dataset import MultiTaskDataset, Splits
+from polytask.errors import ConfigError, TrainingError
+from polytask.tasks import Task
+from polytask.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_model_file
+from polytask.train.config import RunConfig, dump_config
+
+Metrics = dict[str, dict[str, float]]  # task -> metric -> value
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` means CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+    return device
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: MultiTaskDataset, batch_size: int) -> dict[str, Tensor]:
+    """Model outputs over a whole split, concatenated per task."""
+    was_training = model.training
+    model.eval()
+    chunks: dict[str, list[Tensor]] = {}
+    for batch in dataset.batches(batch_size):
+        for name, out in model(batch.inputs).items():
+            chunks.setdefault(name, []).append(out.float())
+    model.train(was_training)
+    return {k: torch.cat(v) for k, v in chunks.items()}
+
+
+def evaluate(model: nn.Module, dataset: MultiTaskDataset, tasks: Sequence[Task], batch_size: int = 4096) -> Metrics:
+    """Every metric of every task over the whole split (never averaged over batches)."""
+    outputs = predict(model, dataset, batch_size)
+    return {t.name: t.evaluate(outputs[t.name], dataset.targets[t.name], dataset.masks.get(t.name)) for t in tasks}
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    score: float
+    train: dict[str, dict[str, float]]
+    val: Metrics
+    test: Metrics
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns: the best epoch (on validation) and its metrics."""
+
+    run_dir: Path
+    best_epoch: int
+    val: Metrics
+    test: Metrics
+    history: list[EpochRecord] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+class Trainer:
+    """Trains one model from a :class:`RunConfig`.
+
+    ``splits`` and ``model`` may be passed in (e.g. from Python); by default they are built from
+    the config. ``callbacks`` are called as ``cb(trainer, step)`` after each optimizer step (for
+    monitors; the step number is a Python int, no tensors are synchronised for them).
+    """
+
+    def __init__(self, config: RunConfig, splits: Splits | None = None, model: nn.Module | None = None,
+                 callbacks: Sequence[Callable[[Trainer, int], None]] = (), progress: bool | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        if splits is None:
+            splits = data_lib.load(config.data.name, **config.data.params)
+        if config.data.tasks is not None:
+            unknown = [t for t in config.data.tasks if t not in {x.name for x in splits.tasks}]
+            if unknown:
+                raise ConfigError(f"data.tasks: unknown task(s) {', '.join(map(repr, unknown))}; "
+                                  f"{splits.name} has {', '.join(t.name for t in splits.tasks)}")
+            splits = splits.select_tasks(config.data.tasks)
+        splits.validate()
+        self.splits = splits
+        self.tasks = splits.tasks
+        self.train_set = splits.train.to(self.device)
+        self.val_set = splits.val.to(self.device)
+        self.test_set = splits.test.to(self.device)
+        self.model = (model if model is not None else
+                      nn_lib.build_model(config.model.arch, splits.input_spec, self.tasks, **config.model.params))
+        self.model.to(self.device)
+        missing = [t.name for t in self.tasks if t.name not in getattr(self.model, "task_names", [t.name])]
+        if missing:
+            raise ConfigError(f"model has no head for task(s) {', '.join(map(repr, missing))}")
+        self.balancer = balance_lib.get(config.balancer.name, **config.balancer.params).to(self.device)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.callbacks = list(callbacks)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.run_dir = config.run_dir
+        self.step = 0
+        self.epoch = 0
+        self.best_epoch = -1
+        self.best_score = math.inf
+        self.bad_epochs = 0
+        self.reference_losses: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------ build
+    def _trainable(self) -> list[dict[str, Any]]:
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        # balancers with learnable weights (e.g. UW's log-variances) train with the model's optimizer
+        extra = [p for p in self.balancer.parameters() if p.requires_grad]
+        if extra and not getattr(self.balancer, "optimizes_itself", False):
+            groups.append({"params": extra, "weight_decay": 0.0})
+        return groups
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.config.optim
+        if o.name == "sgd":
+            return torch.optim.SGD(self._trainable(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        return cls(self._trainable(), lr=o.lr, weight_decay=o.weight_decay)
+
+    def _build_scheduler(self) -> Any:
+        s, opt = self.config.scheduler, self.optimizer
+        if s.name == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.config.train.epochs, eta_min=s.min_lr)
+        if s.name == "step":
+            return torch.optim.lr_scheduler.StepLR(opt, step_size=s.step_size, gamma=s.gamma)
+        if s.name == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=s.factor, patience=s.patience,
+                                                              min_lr=s.min_lr)
+        return None
+
+    # ------------------------------------------------------------------ steps
+    def _losses(self, outputs: dict[str, Tensor], targets: dict[str, Tensor],
+                mask: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        return {t.name: t.loss(outputs[t.name], targets[t.name], None if mask is None else mask.get(t.name))
+                for t in self.tasks}
+
+    def _train_epoch(self) -> dict[str, dict[str, float]]:
+        """One pass over the train split. Host syncs happen once, at the end of the epoch."""
+        cfg = self.config.train
+        self.model.train()
+        dev = self.device
+        loss_sum = torch.zeros(len(self.tasks), device=dev)
+        weight_sum = torch.zeros(len(self.tasks), device=dev)
+        first_bad = torch.full((len(self.tasks),), -1, dtype=torch.long, device=dev)
+        batches = 0
+        shared = list(shared_parameters_of(self.model))
+        for batch in self.train_set.batches(cfg.batch_size, shuffle=True, generator=self.generator):
+            self.optimizer.zero_grad(set_to_none=True)
+            outputs = self.model(batch.inputs)
+            losses = self._losses(outputs, batch.targets, batch.mask)
+            vec = torch.stack([v.detach() for v in losses.values()])
+            # remember the first step at which each task's loss stopped being finite (no sync)
+            bad_now = ~torch.isfinite(vec) & (first_bad < 0)
+            first_bad = torch.where(bad_now, torch.full_like(first_bad, self.step), first_bad)
+            aux = getattr(self.model, "aux_loss", None)
+            if isinstance(aux, Tensor) and aux.requires_grad:
+                aux.backward(retain_graph=True)
+            weights = self.balancer.backward(losses, shared=shared, features=getattr(self.model, "shared_features", None))
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            if self.balancer.needs_post_step_losses:
+                with torch.no_grad():
+                    self.balancer.post_step(self._losses(self.model(batch.inputs), batch.targets, batch.mask))
+            loss_sum += vec
+            weight_sum += weights.to(dev, torch.float32)
+            batches += 1
+            self.step += 1
+            for cb in self.callbacks:
+                cb(self, self.step)
+        bad = first_bad.tolist()
+        for task, step in zip(self.tasks, bad):
+            if step >= 0:
+                raise TrainingError(f"loss of task {task.name!r} became NaN or infinite at step {step} "
+                                    f"(epoch {self.epoch}); the last good checkpoint is kept in {self.run_dir}")
+        mean_loss = (loss_sum / max(batches, 1)).tolist()
+        mean_weight = (weight_sum / max(batches, 1)).tolist()
+        return {t.name: {"loss": l, "weight": w} for t, l, w in zip(self.tasks, mean_loss, mean_weight)}
+
+    def _evaluate(self) -> tuple[Metrics, Metrics]:
+        bs = self.config.train.eval_batch_size
+        return evaluate(self.model, self.val_set, self.tasks, bs), evaluate(self.model, self.test_set, self.tasks, bs)
+
+    def _score(self, val: Metrics) -> float:
+        """Validation score for model selection: mean relative validation loss (lower is better)."""
+        assert self.reference_losses is not None
+        ratios = [val[t][("loss")] / max(self.reference_losses[t], 1e-12) for t in val
+                  if not math.isnan(val[t]["loss"])]
+        return sum(ratios) / len(ratios) if ratios else math.inf
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "trainer": {
+                "epoch": self.epoch, "step": self.step, "best_epoch": self.best_epoch,
+                "best_score": self.best_score, "bad_epochs": self.bad_epochs,
+                "reference_losses": self.reference_losses,
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            },
+        }
+
+    def load_state(self, parts: dict[str, Any]) -> None:
+        from polytask.errors import CheckpointError
+
+        try:
+            self.model.load_state_dict(parts["model"])
+            self.optimizer.load_state_dict(parts["optimizer"])
+            self.balancer.load_state_dict(parts["balancer"])
+            if self.scheduler is not None and parts.get("scheduler") is not None:
+                self.scheduler.load_state_dict(parts["scheduler"])
+            t = parts["trainer"]
+        except (KeyError, RuntimeError, ValueError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"checkpoint in {self.run_dir / 'checkpoints'} does not fit this run: {msg}") from None
+        self.epoch, self.step = int(t["epoch"]), int(t["step"])
+        self.best_epoch, self.best_score = int(t["best_epoch"]), float(t["best_score"])
+        self.bad_epochs, self.reference_losses = int(t["bad_epochs"]), t["reference_losses"]
+        self.generator.set_state(t["generator"])
+        torch.set_rng_state(t["torch_rng"])
+        if t["cuda_rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(t["cuda_rng"])
+
+    # ------------------------------------------------------------------ run
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train for ``config.train.epochs`` epochs (or until early stopping); ``resume`` continues
+        from the run directory's latest checkpoint."""
+        run_dir = self.run_dir
+        ckpt_dir = run_dir / "checkpoints"
+        metrics_path = run_dir / "metrics.jsonl"
+        if resume:
+            epoch, parts = load_checkpoint(ckpt_dir)
+            self.load_state(parts)
+            _truncate_metrics(metrics_path, epoch)
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if ckpt_dir.exists():
+                import shutil
+                shutil.rmtree(ckpt_dir)
+            metrics_path.write_text("")
+        atomic_write_text(run_dir / "config.yaml", dump_config(self.config))
+        history = _read_history(metrics_path)
+        if self.reference_losses is None:  # epoch 0: the untrained model, the reference for selection
+            val, test = self._evaluate()
+            self.reference_losses = {t: m["loss"] for t, m in val.items()}
+            record = EpochRecord(0, self._score(val), {}, val, test)
+            _append_metrics(metrics_path, record)
+            history.append(record)
+        stopped = False
+        epochs = range(self.epoch + 1, self.config.train.epochs + 1)
+        bar = _progress(epochs, self.progress, desc=self.config.name)
+        for epoch in bar:
+            self.epoch = epoch
+            train = self._train_epoch()
+            val, test = self._evaluate()
+            score = self._score(val)
+            record = EpochRecord(epoch, score, train, val, test)
+            _append_metrics(metrics_path, record)
+            history.append(record)
+            if score < self.best_score:
+                self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+                self._save_best(record)
+            else:
+                self.bad_epochs += 1
+            if self.scheduler is not None:
+                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    self.scheduler.step(score)
+                else:
+                    self.scheduler.step()
+            save_checkpoint(ckpt_dir, epoch, self.state())
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(score=f"{score:.4f}", best=self.best_epoch)
+            patience = self.config.train.early_stopping
+            if patience is not None and self.bad_epochs >= patience:
+                stopped = True
+                break
+        if hasattr(bar, "close"):
+            bar.close()
+        best = next(r for r in history if r.epoch == self.best_epoch) if self.best_epoch >= 0 else history[-1]
+        result = TrainResult(run_dir, best.epoch, best.val, best.test, history, stopped)
+        from polytask.report.summary import write_summary
+
+        write_summary(result, self.tasks, self.config)
+        return result
+
+    def _save_best(self, record: EpochRecord) -> None:
+        best_dir = self.run_dir / "best"
+        best_dir.mkdir(parents=True, exist_ok=True)
+        save_model_file(self.model.state_dict(), best_dir / "model.safetensors")
+        atomic_write_text(best_dir / "metrics.json", json.dumps(
+            {"epoch": record.epoch, "score": record.score, "val": record.val, "test": record.test}, indent=1))
+
+
+def shared_parameters_of(model: nn.Module):
+    """The model's shared parameters (all parameters if it does not say)."""
+    fn = getattr(model, "shared_parameters", None)
+    return fn() if callable(fn) else model.parameters()
+
+
+def _progress(it: Any, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, unit="epoch", leave=False)
+
+
+def _append_metrics(path: Path, record: EpochRecord) -> None:
+    """One JSON line per (epoch, split, task)."""
+    lines = []
+    for split, metrics in (("train", record.train), ("val", record.val), ("test", record.test)):
+        for task, values in metrics.items():
+            lines.append(json.dumps({"epoch": record.epoch, "split": split, "task": task, **_clean(values)}))
+    lines.append(json.dumps({"epoch": record.epoch, "split": "val", "task": "*", "score": _clean1(record.score)}))
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _clean1(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and (math.isnan(v) or math.isinf(v))) else v
+
+
+def _clean(values: dict[str, float]) -> dict[str, float | None]:
+    return {k: _clean1(v) for k, v in values.items()}
+
+
+def _read_history(path: Path) -> list[EpochRecord]:
+    """Rebuild epoch records from metrics.jsonl (after a resume)."""
+    if not path.exists():
+        return []
+    by_epoch: dict[int, EpochRecord] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        rec = by_epoch.setdefault(row["epoch"], EpochRecord(row["epoch"], math.inf, {}, {}, {}))
+        values = {k: (math.nan if v is None else v) for k, v in row.items() if k not in ("epoch", "split", "task")}
+        if row["task"] == "*":
+            rec.score = values["score"]
+        else:
+            getattr(rec, row["split"])[row["task"]] = values
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Drop lines of epochs after the checkpoint (written by a run killed before checkpointing)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= last_epoch]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
