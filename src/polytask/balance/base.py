@@ -47,6 +47,13 @@ class Balancer(nn.Module):
     def post_step(self, losses: Mapping[str, Tensor]) -> None:
         """Receive the losses of the same batch after the optimizer step (default: ignore)."""
 
+    def end_epoch(self) -> None:
+        """Called by the training loop after each training epoch (default: ignore).
+
+        Methods defined on per-epoch quantities (DWA's epoch-average losses) close their
+        running record here.
+        """
+
     def backward(
         self,
         losses: Mapping[str, Tensor],
