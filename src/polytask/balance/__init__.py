@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from polytask.balance import loss_weighting as _loss_weighting  # noqa: F401  (registers)
+from polytask.balance import loss_adaptive as _loss_adaptive  # noqa: F401  (registers)
 from polytask.balance.base import Balancer, LossWeighting, stack_losses
 from polytask.balance.registry import BALANCERS
 

@@ -1,0 +1,269 @@
+"""Adaptive loss balancers with a second signal: the loss after the step (FAMO) or per-task
+gradient norms (DB-MTL, GradNorm).
+
+Like every stateful balancer of :mod:`polytask.balance.loss_weighting`, they own their learnable
+quantities as buffers and step them with their own :class:`BufferOptimizer`; a training loop only
+moves the balancer to the device, saves its ``state_dict()``, and — for FAMO — calls
+:meth:`~polytask.balance.base.Balancer.post_step` with the same batch's losses after
+``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from polytask.balance._loss_state import (
+    BufferOptimizer,
+    TaskStateBalancer,
+    add_to_grads,
+    require_grad_fn,
+    task_jacobian,
+)
+from polytask.balance.base import stack_losses
+from polytask.balance.loss_weighting import _positive
+from polytask.balance.registry import BALANCERS
+from polytask.errors import ConfigError
+
+
+def _shared_list(shared: Iterable[nn.Parameter] | None, who: str) -> list[nn.Parameter]:
+    params = [p for p in (shared or ()) if p.requires_grad]
+    if not params:
+        raise ConfigError(f"balancer {who!r} needs the shared parameters: pass shared=model.shared_parameters()")
+    return params
+
+
+# ----------------------------------------------------------------------------------------- FAMO
+@BALANCERS.register("famo")
+class FAMO(TaskStateBalancer):
+    """Fast Adaptive Multitask Optimization (FAMO), Liu, Liu, Stone & Liu, NeurIPS 2023 (Algorithm 1).
+
+    Task logits ``ξ`` give ``z = softmax(ξ)``; the update direction is
+    ``d = c Σ_t (z_t / L_t) ∇L_t`` with ``c = (Σ_t z_t / L_t)^{-1}`` — the gradient of
+    ``Σ_t z_t log L_t`` rescaled — so the weights are ``w_t = c z_t / L_t``. After the model's step,
+    with the same batch's new losses ``L⁺``, the logits move by
+
+        ``ξ ← ξ − β (Jᵀ δ + γ ξ)``,  ``δ_t = log L_t − log L⁺_t``,  ``J = ∂z/∂ξ``,
+
+    i.e. ``(Jᵀ δ)_t = z_t (δ_t − Σ_i z_i δ_i)``: a task whose loss fell more than the weighted
+    average loses weight. ``optimizer="sgd"`` is exactly this rule; the default ``"adam"`` (with
+    ``γ`` as L2 weight decay) is what the authors' code uses. Losses are clamped at ``eps``.
+
+    The second loss evaluation is explicit: ``needs_post_step_losses = True``; the training loop
+    re-evaluates the batch under ``torch.no_grad()`` after ``optimizer.step()`` and calls
+    :meth:`post_step`. Without it the logits never move (FAMO is then equal-``z`` weighting).
+
+    Args:
+        lr: ``β``, step size of the logits (authors' default 0.025).
+        gamma: ``γ``, weight decay of the logits (authors' default 0.01).
+        optimizer: ``"adam"`` or ``"sgd"``.
+        eps: lower clamp of the losses.
+    """
+
+    needs_post_step_losses = True
+    _state_buffer = "logits"
+
+    def __init__(self, lr: float = 0.025, gamma: float = 0.01, optimizer: Literal["adam", "sgd"] = "adam",
+                 eps: float = 1e-8) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ConfigError(f"balancer 'famo': gamma must be >= 0, got {gamma!r}")
+        self.eps = _positive(eps, "eps", "famo")
+        self.register_buffer("logits", torch.zeros(0))
+        self.register_buffer("log_losses_before", torch.zeros(0))
+        self.opt = BufferOptimizer(optimizer, lr=_positive(lr, "lr", "famo"), weight_decay=gamma)
+        self._awaiting_post_step = False
+
+    def _init_state(self, losses: Tensor) -> None:
+        self.logits = torch.zeros_like(losses)
+        self.log_losses_before = torch.zeros_like(losses)
+
+    def weights(self, losses: Tensor) -> Tensor:
+        z = torch.softmax(self.logits, dim=0)
+        inv = z / losses.clamp_min(self.eps)
+        return inv / inv.sum()
+
+    def backward(self, losses, shared=None, features=None) -> Tensor:
+        vec = stack_losses(losses)
+        self._bind(losses, vec)
+        w = self.weights(vec.detach())
+        (w * vec).sum().backward()
+        self.log_losses_before.copy_(torch.log(vec.detach().clamp_min(self.eps)))
+        self._awaiting_post_step = True
+        return w
+
+    def logit_gradient(self, log_before: Tensor, log_after: Tensor) -> Tensor:
+        """``Jᵀ δ`` of the paper for the current logits: ``z ⊙ (δ − zᵀδ)``, ``δ = log_before − log_after``."""
+        z = torch.softmax(self.logits, dim=0)
+        delta = log_before - log_after
+        return z * (delta - (z * delta).sum())
+
+    @torch.no_grad()
+    def post_step(self, losses: Mapping[str, Tensor]) -> None:
+        """Update the logits from this batch's losses after the optimizer step."""
+        if not self._awaiting_post_step:
+            raise RuntimeError("FAMO.post_step() must follow a backward() of the same batch")
+        vec = stack_losses(losses).detach()
+        self._bind(losses, vec)
+        after = torch.log(vec.clamp_min(self.eps)).to(self.logits.dtype)
+        self.opt.step(self.logits, self.logit_gradient(self.log_losses_before, after))
+        self._awaiting_post_step = False
+
+
+# --------------------------------------------------------------------------------------- DB-MTL
+@BALANCERS.register("db_mtl", "dbmtl")
+class DBMTL(TaskStateBalancer):
+    """Dual-balancing multi-task learning (DB-MTL), Lin, Ye, Zhang, Zhang, Lin, Tsang & Kwok,
+    "Dual-Balancing for Multi-Task Learning", arXiv 2308.12029, 2023 (Algorithm 1).
+
+    1. Loss-scale balancing: each task minimises ``log(L_t + eps)`` instead of ``L_t``.
+    2. Gradient-magnitude balancing on the shared parameters: with ``g_t = ∇ log(L_t + eps)``, an
+       exponential moving average ``ĝ_t ← β_k ĝ_t + (1 − β_k) g_t`` with ``β_k = β / k^σ`` (k the
+       step, from 1; ``ĝ = g`` at the first step), and the shared update
+       ``Σ_t α_t ĝ_t`` with ``α_t = max_i ‖ĝ_i‖ / ‖ĝ_t‖`` — every task's gradient is scaled up to
+       the largest norm.
+
+    Task-specific parameters receive ``∇ log(L_t + eps)`` of their own task. The per-task
+    gradients come from one batched backward (``task_jacobian``) plus one ordinary backward for
+    the task-specific parameters; the moving average is a ``(T, D)`` buffer (D = number of shared
+    parameters) saved in the ``state_dict()``. The returned weights are ``α``.
+
+    Args:
+        beta: ``β`` (paper: 0.9); beta_sigma: ``σ`` (paper: 0.5); eps: added inside the log.
+    """
+
+    _state_buffer = "grad_ema"
+
+    def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> None:
+        super().__init__()
+        if not 0 <= beta < 1:
+            raise ConfigError(f"balancer 'db_mtl': beta must be in [0, 1), got {beta!r}")
+        if beta_sigma < 0:
+            raise ConfigError(f"balancer 'db_mtl': beta_sigma must be >= 0, got {beta_sigma!r}")
+        self.beta, self.beta_sigma = float(beta), float(beta_sigma)
+        self.eps = _positive(eps, "eps", "db_mtl")
+        self.register_buffer("grad_ema", torch.zeros(0))
+        self.register_buffer("steps", torch.zeros(()))
+
+    def _init_state(self, losses: Tensor) -> None:
+        self.grad_ema = torch.zeros(losses.shape[0], 0, dtype=losses.dtype, device=losses.device)
+        self.steps = torch.zeros((), dtype=losses.dtype, device=losses.device)
+
+    def backward(self, losses, shared=None, features=None) -> Tensor:
+        vec = stack_losses(losses)
+        self._bind(losses, vec)
+        require_grad_fn(losses, "balancer 'db_mtl'")
+        params = _shared_list(shared, "db_mtl")
+        log_losses = torch.log(vec + self.eps)
+        jac = task_jacobian(log_losses, params, list(losses), "balancer 'db_mtl'")  # (T, D)
+        if self.grad_ema.shape != jac.shape:
+            if self.grad_ema.shape[1] != 0:
+                raise ConfigError(f"balancer 'db_mtl': its state is for {self.grad_ema.shape[1]} shared values, "
+                                  f"but the shared parameters have {jac.shape[1]}")
+            self.grad_ema = torch.zeros_like(jac)
+        with torch.no_grad():
+            k = self.steps
+            beta_k = torch.where(k > 0, self.beta / k.clamp_min(1) ** self.beta_sigma, torch.zeros_like(k))
+            self.grad_ema.mul_(beta_k).add_((1 - beta_k) * jac)
+            self.steps.add_(1)
+            norms = self.grad_ema.norm(dim=1)
+            alpha = norms.max() / (norms + self.eps)
+            shared_update = alpha @ self.grad_ema
+        # task-specific parameters get ∇ log L_t; the shared ones got Σ_t g_t from it, replaced below
+        log_losses.sum().backward()
+        add_to_grads(params, shared_update - jac.sum(dim=0))
+        return alpha
+
+
+# ------------------------------------------------------------------------------------- GradNorm
+@BALANCERS.register("gradnorm", "grad_norm")
+class GradNorm(TaskStateBalancer):
+    """GradNorm, Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for
+    Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018.
+
+    Learned loss weights ``w_t`` (start at 1). At each step, with ``W`` the last shared layer:
+    ``G_t = ‖∇_W w_t L_t‖``, ``Ḡ = mean_t G_t``, ``L̃_t = L_t / L_t(0)`` (``L_t(0)``: the first
+    step's loss), ``r_t = L̃_t / mean(L̃)``, and
+
+        ``L_grad = Σ_t | G_t − Ḡ · r_t^α |``
+
+    with the target ``Ḡ r_t^α`` held constant. The model is trained on ``Σ_t w_t L_t``; the weights
+    take one optimizer step along ``∂L_grad/∂w_t = sign(G_t − Ḡ r_t^α) ‖∇_W L_t‖`` and are then
+    renormalised to ``Σ_t w_t = T`` (kept ≥ ``min_weight`` first, so they stay positive).
+    ``α = 0`` drives all ``G_t`` to the same norm; a larger ``α`` favours slow tasks.
+
+    ``W`` is the last shared parameter with two or more dimensions (the weight matrix of the last
+    shared layer), or, with ``layer="features"``, the shared representation the heads read
+    (``features=model.shared_features``; cheaper, same idea). The ``T`` per-task gradients at
+    ``W`` are one batched backward through the heads and that layer only.
+
+    Training of ``w``: owned by the balancer (a buffer) and stepped by its own optimizer inside
+    :meth:`backward`; ``balancer.parameters()`` is empty.
+
+    Args:
+        alpha: asymmetry ``α`` (paper: 0.12 to 3; 1.5 is a common choice).
+        lr: step size of the optimizer of ``w``.
+        optimizer: ``"adam"`` or ``"sgd"``.
+        layer: ``"last_shared"`` or ``"features"``.
+        min_weight: floor of a weight before renormalisation.
+    """
+
+    _state_buffer = "loss_weights"
+
+    def __init__(self, alpha: float = 1.5, lr: float = 0.025, optimizer: Literal["adam", "sgd"] = "adam",
+                 layer: Literal["last_shared", "features"] = "last_shared", min_weight: float = 1e-4) -> None:
+        super().__init__()
+        if alpha < 0:
+            raise ConfigError(f"balancer 'gradnorm': alpha must be >= 0, got {alpha!r}")
+        if layer not in ("last_shared", "features"):
+            raise ConfigError(f"balancer 'gradnorm': layer must be 'last_shared' or 'features', got {layer!r}")
+        self.alpha = float(alpha)
+        self.layer = layer
+        self.min_weight = _positive(min_weight, "min_weight", "gradnorm")
+        self.register_buffer("loss_weights", torch.zeros(0))
+        self.register_buffer("initial_losses", torch.zeros(0))
+        self.opt = BufferOptimizer(optimizer, lr=_positive(lr, "lr", "gradnorm"))
+
+    def _init_state(self, losses: Tensor) -> None:
+        self.loss_weights = torch.ones_like(losses)
+        self.initial_losses = losses.clone()
+
+    def _layer(self, shared: Iterable[nn.Parameter] | None, features: Tensor | None) -> Tensor:
+        if self.layer == "features":
+            if features is None or not features.requires_grad:
+                raise ConfigError("balancer 'gradnorm' with layer='features' needs features=model.shared_features")
+            return features
+        params = _shared_list(shared, "gradnorm")
+        matrices = [p for p in params if p.ndim >= 2]
+        return (matrices or params)[-1]
+
+    def gradient_norms(self, vec: Tensor, names: list[str], shared: Iterable[nn.Parameter] | None,
+                       features: Tensor | None) -> Tensor:
+        """``‖∇_W L_t‖`` for every task (detached, ``(T,)``)."""
+        W = self._layer(shared, features)
+        return task_jacobian(vec, [W], names, "balancer 'gradnorm'").norm(dim=1).detach()
+
+    def weight_gradient(self, losses: Tensor, norms: Tensor) -> Tensor:
+        """``∂L_grad/∂w`` given the detached losses and ``‖∇_W L_t‖``."""
+        w = self.loss_weights
+        G = w * norms
+        ratio = losses / self.initial_losses.clamp_min(torch.finfo(losses.dtype).tiny)
+        r = ratio / ratio.mean()
+        target = G.mean() * r**self.alpha
+        return torch.sign(G - target) * norms
+
+    def backward(self, losses, shared=None, features=None) -> Tensor:
+        vec = stack_losses(losses)
+        self._bind(losses, vec)
+        require_grad_fn(losses, "balancer 'gradnorm'")
+        norms = self.gradient_norms(vec, list(losses), shared, features)
+        w = self.loss_weights.clone()
+        (w * vec).sum().backward()
+        self.opt.step(self.loss_weights, self.weight_gradient(vec.detach(), norms.to(w.dtype)))
+        with torch.no_grad():
+            clamped = self.loss_weights.clamp_min(self.min_weight)
+            self.loss_weights.copy_(clamped * (clamped.shape[0] / clamped.sum()))
+        return w
