@@ -1,0 +1,299 @@
+"""Mixture-of-experts architectures: OMoE, MMoE, CGC and PLE.
+
+Experts of one layer are stacked into one :class:`~polytask.nn.layers.BatchedMLP` (one batched
+matmul per layer for all experts), gates of all tasks into one :class:`BatchedLinear`, and the
+per-task mixture is a single ``einsum``; nothing loops over experts or tasks.
+
+After each forward a routed model exposes
+
+- ``gate_weights``: ``{task: Tensor (B, E_task)}``, the softmax gate of each task (of the last
+  extraction level for PLE), for :func:`polytask.nn.diagnostics.expert_usage`;
+- ``shared_features``: the per-task expert mixtures ``(T, B, H)`` that the towers read (task
+  ``t``'s loss depends only on slice ``t``); OMoE, whose single gate is shared, exposes ``(B, H)``.
+
+Which parameters are shared: experts (and the input embeddings) are shared; a task's gate and
+tower are task-specific, since no other task's loss depends on them (Ma et al. 2018 call the
+gates "task-specific"). In CGC/PLE a task's specific experts of the *last* level are
+task-specific too; at lower PLE levels they feed the shared gate, so every task depends on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from itertools import chain
+
+import torch
+from torch import Tensor, nn
+
+from polytask.errors import ConfigError
+from polytask.nn.base import MultiTaskModel, TaskHeads
+from polytask.nn.embedding import FeatureSpec, input_layer
+from polytask.nn.layers import BatchedLinear, BatchedMLP
+from polytask.nn.registry import ARCHITECTURES
+from polytask.tasks import Task
+
+
+def check_positive(name: str, value: int, minimum: int = 1) -> None:
+    """ConfigError naming ``model.<name>`` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"model.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_widths(name: str, widths: Sequence[int], allow_empty: bool = False) -> tuple[int, ...]:
+    """ConfigError naming ``model.<name>`` unless ``widths`` is a (non-empty) list of positive ints."""
+    widths = tuple(widths)
+    if (not widths and not allow_empty) or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
+                                               for w in widths):
+        need = "a list of positive integers" + ("" if allow_empty else " with at least one entry")
+        raise ConfigError(f"model.{name} must be {need}, got {list(widths)!r}")
+    return widths
+
+
+def per_task(names: Sequence[str], stacked: Tensor) -> dict[str, Tensor]:
+    """``{name: stacked[i]}`` for a tensor stacked over tasks in dim 0 (views, no copy)."""
+    return dict(zip(names, stacked.unbind(0)))
+
+
+class RoutedModel(MultiTaskModel):
+    """A multi-task model with task gates; gates count as task-specific parameters.
+
+    Subclasses keep their task gates in ``self.task_gate_modules()`` and set ``gate_weights``.
+    """
+
+    gate_weights: dict[str, Tensor]
+
+    def task_gate_modules(self) -> list[nn.Module]:
+        """Modules whose parameters belong to individual tasks (besides ``heads``)."""
+        return []
+
+    def task_specific_parameters(self) -> Iterator[nn.Parameter]:
+        return chain(self.heads.parameters(), *(m.parameters() for m in self.task_gate_modules()))
+
+
+@ARCHITECTURES.register("mmoe")
+class MMoE(RoutedModel):
+    """Multi-gate mixture-of-experts.
+
+    Ma, Zhao, Yi, Chen, Hong, Chi, "Modeling Task Relationships in Multi-task Learning with
+    Multi-gate Mixture-of-Experts", KDD 2018. ``y_t = h_t(Σ_e g_t(x)_e f_e(x))`` with
+    ``g_t(x) = softmax(W_t x)``: shared experts ``f_e``, one linear softmax gate and one tower per task.
+
+    Args:
+        input_dim: dense width or a :class:`~polytask.nn.embedding.FeatureSpec`.
+        tasks: the tasks; one gate and one tower each.
+        num_experts: number of shared experts.
+        expert: hidden widths of each expert MLP (activation after every layer); the last width is
+            the width of the mixture the towers read.
+        tower: hidden widths of each task tower.
+        activation, dropout: of experts and towers.
+    """
+
+    def __init__(self, input_dim: int | FeatureSpec, tasks: Sequence[Task], num_experts: int = 8,
+                 expert: Sequence[int] = (64,), tower: Sequence[int] = (32,), activation: str = "relu",
+                 dropout: float = 0.0) -> None:
+        super().__init__(tasks)
+        check_positive("num_experts", num_experts)
+        expert = check_widths("expert", expert)
+        self.input = input_layer(input_dim)
+        d = self.input.output_dim
+        self.num_experts = num_experts
+        self.experts = BatchedMLP(num_experts, d, expert, act=activation, dropout=dropout)
+        self.gates = BatchedLinear(len(self.tasks), d, num_experts)
+        self.heads = TaskHeads(self.tasks, expert[-1], check_widths("tower", tower, True), activation, dropout)
+
+    def task_gate_modules(self) -> list[nn.Module]:
+        return [self.gates]
+
+    def forward(self, x: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+        h = self.input(x)
+        experts = self.experts(h)  # (E, B, H)
+        gates = torch.softmax(self.gates(h), dim=-1)  # (T, B, E)
+        mixed = torch.einsum("tbe,ebh->tbh", gates, experts)
+        self.gate_weights = per_task(self.task_names, gates)
+        self.shared_features = mixed
+        return self.heads(mixed)
+
+
+@ARCHITECTURES.register("omoe")
+class OMoE(MultiTaskModel):
+    """One-gate mixture-of-experts: the baseline of Ma et al., KDD 2018 (§4.2 "OMoE").
+
+    ``y_t = h_t(Σ_e g(x)_e f_e(x))``: the experts and the single gate are shared by all tasks, so
+    ``shared_features`` is the one mixture ``(B, H)``. ``gate_weights`` maps every task to the same
+    ``(B, E)`` gate. Arguments as in :class:`MMoE`.
+    """
+
+    def __init__(self, input_dim: int | FeatureSpec, tasks: Sequence[Task], num_experts: int = 8,
+                 expert: Sequence[int] = (64,), tower: Sequence[int] = (32,), activation: str = "relu",
+                 dropout: float = 0.0) -> None:
+        super().__init__(tasks)
+        check_positive("num_experts", num_experts)
+        expert = check_widths("expert", expert)
+        self.input = input_layer(input_dim)
+        d = self.input.output_dim
+        self.experts = BatchedMLP(num_experts, d, expert, act=activation, dropout=dropout)
+        self.gate = nn.Linear(d, num_experts)
+        self.heads = TaskHeads(self.tasks, expert[-1], check_widths("tower", tower, True), activation, dropout)
+
+    def forward(self, x: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+        h = self.input(x)
+        experts = self.experts(h)
+        gate = torch.softmax(self.gate(h), dim=-1)  # (B, E)
+        mixed = torch.einsum("be,ebh->bh", gate, experts)
+        self.gate_weights = {n: gate for n in self.task_names}
+        self.shared_features = mixed
+        return self.heads(mixed)
+
+
+class ExtractionLevel(nn.Module):
+    """One layer of task-specific and shared experts with gates (CGC, one PLE level, one AdaTT level).
+
+    Task-specific experts (``specific`` per task, task-major order) form one BatchedMLP, shared
+    experts (``shared``) another; gate weights index the experts as ``[task 0's specific, ...,
+    task T-1's specific, shared]``. Input is ``(B, d)`` (every expert and gate reads it) or
+    ``(T+1, B, d)`` (stream ``t`` for task ``t``, stream ``T`` the shared one).
+
+    Gates: ``scope="own"`` gives task ``t``'s gate its own specific experts and the shared ones
+    (CGC/PLE); ``scope="all"`` lets it weigh every expert (AdaTT). With ``shared_output`` a shared
+    gate over all experts produces the shared stream for the next level (PLE, AdaTT-sp); without
+    it the level returns ``T`` streams, and a ``(T, B, d)`` input (no shared stream) is accepted
+    when there are no shared experts.
+    ``native`` adds AdaTT's learnable linear combination of the task's own experts.
+
+    Returns ``(outputs (T[+1], B, H), task gates (T, B, width))``.
+    """
+
+    def __init__(self, num_tasks: int, specific: int, shared: int, in_dim: int, hidden: Sequence[int],
+                 activation: str = "relu", dropout: float = 0.0, shared_output: bool = False,
+                 scope: str = "own", native: bool = False) -> None:
+        super().__init__()
+        t, s, k = num_tasks, specific, shared
+        self.num_tasks, self.specific, self.shared, self.scope = t, s, k, scope
+        self.num_experts = t * s + k
+        self.specific_experts = BatchedMLP(t * s, in_dim, hidden, act=activation, dropout=dropout) if s else None
+        self.shared_experts = BatchedMLP(k, in_dim, hidden, act=activation, dropout=dropout) if k else None
+        self.out_dim = tuple(hidden)[-1]
+        own = torch.tensor([[i * s + j for j in range(s)] + [t * s + j for j in range(k)] for i in range(t)],
+                           dtype=torch.long)
+        self.register_buffer("own_experts", own.reshape(t, s + k), persistent=False)
+        width = s + k if scope == "own" else self.num_experts
+        self.task_gates = BatchedLinear(t, in_dim, width)
+        self.shared_gate = nn.Linear(in_dim, self.num_experts) if shared_output else None
+        self.native = nn.Parameter(torch.ones(t, s)) if native else None
+
+    def task_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters that each serve one task: specific experts, task gates, native combinations."""
+        parts = [self.task_gates.parameters()]
+        if self.specific_experts is not None:
+            parts.append(self.specific_experts.parameters())
+        if self.native is not None:
+            parts.append(iter([self.native]))
+        return chain(*parts)
+
+    def _experts(self, x: Tensor) -> Tensor:
+        """All expert outputs ``(E_all, B, H)`` in gate order."""
+        t, s = self.num_tasks, self.specific
+        outs = []
+        if self.specific_experts is not None:
+            if x.ndim == 2:
+                outs.append(self.specific_experts(x))
+            else:  # task i's experts read stream i: (T, B, d) -> (T*S, B, d)
+                streams = x[:t].unsqueeze(1).expand(-1, s, -1, -1).reshape(t * s, *x.shape[1:])
+                outs.append(self.specific_experts(streams))
+        if self.shared_experts is not None:
+            outs.append(self.shared_experts(x if x.ndim == 2 else x[t]))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        experts = self._experts(x)
+        task_in = x if x.ndim == 2 else x[: self.num_tasks]
+        gates = torch.softmax(self.task_gates(task_in), dim=-1)  # (T, B, width)
+        weights = gates
+        if self.scope == "own":  # place each task's weights at its experts' positions
+            index = self.own_experts.unsqueeze(1).expand(-1, gates.shape[1], -1)
+            weights = gates.new_zeros(self.num_tasks, gates.shape[1], self.num_experts).scatter(2, index, gates)
+        if self.native is not None:
+            weights = weights + self._native_weights().unsqueeze(1)
+        out = torch.einsum("tbe,ebh->tbh", weights, experts)
+        if self.shared_gate is not None:
+            shared_in = x if x.ndim == 2 else x[self.num_tasks]
+            shared = torch.softmax(self.shared_gate(shared_in), dim=-1)  # (B, E_all)
+            out = torch.cat([out, torch.einsum("be,ebh->bh", shared, experts).unsqueeze(0)])
+        return out, gates
+
+    def _native_weights(self) -> Tensor:
+        """``(T, E_all)``: task t's native weights at its own experts' positions, zeros elsewhere."""
+        t, s = self.num_tasks, self.specific
+        eye = torch.eye(t, dtype=self.native.dtype, device=self.native.device)
+        own = (eye.unsqueeze(-1) * self.native.unsqueeze(0)).reshape(t, t * s)  # block-diagonal
+        return torch.cat([own, own.new_zeros(t, self.shared)], dim=1)
+
+
+@ARCHITECTURES.register("ple")
+class PLE(RoutedModel):
+    """Progressive Layered Extraction.
+
+    Tang, Liu, Zhao, Gong, "Progressive Layered Extraction (PLE): A Novel Multi-Task Learning (MTL)
+    Model for Personalized Recommendations", RecSys 2020. ``num_levels`` stacked extraction layers
+    of task-specific and shared experts; a task's gate weighs its own experts and the shared ones;
+    below the last level a shared gate over all experts feeds the shared experts of the next level.
+    With ``num_levels=1`` it is CGC (Customized Gate Control, §4.1 of the same paper).
+
+    Args:
+        input_dim: dense width or a FeatureSpec.
+        tasks: the tasks.
+        num_levels: number of extraction layers (>= 1).
+        specific_experts: experts per task in each level (>= 1).
+        shared_experts: shared experts in each level (>= 0; with 0, CGC is single-task towers).
+        expert: hidden widths of each expert MLP; every level uses them.
+        tower, activation, dropout: as in :class:`MMoE`.
+
+    ``gate_weights[task]`` is the last level's gate ``(B, specific + shared)``, own experts first;
+    ``level_gate_weights`` holds every level's ``(T, B, width)`` gates.
+    """
+
+    def __init__(self, input_dim: int | FeatureSpec, tasks: Sequence[Task], num_levels: int = 2,
+                 specific_experts: int = 1, shared_experts: int = 1, expert: Sequence[int] = (64,),
+                 tower: Sequence[int] = (32,), activation: str = "relu", dropout: float = 0.0) -> None:
+        super().__init__(tasks)
+        check_positive("num_levels", num_levels)
+        check_positive("specific_experts", specific_experts)
+        check_positive("shared_experts", shared_experts, minimum=0)
+        expert = check_widths("expert", expert)
+        self.input = input_layer(input_dim)
+        widths = [self.input.output_dim] + [expert[-1]] * num_levels
+        self.levels = nn.ModuleList(
+            ExtractionLevel(len(self.tasks), specific_experts, shared_experts, widths[i], expert, activation,
+                            dropout, shared_output=i < num_levels - 1, scope="own")
+            for i in range(num_levels)
+        )
+        self.heads = TaskHeads(self.tasks, expert[-1], check_widths("tower", tower, True), activation, dropout)
+
+    def task_specific_parameters(self) -> Iterator[nn.Parameter]:
+        # the last level's specific experts and gates serve one task each; lower levels feed the
+        # shared gate, so every task's loss depends on them
+        return chain(self.heads.parameters(), self.levels[-1].task_parameters())
+
+    def forward(self, x: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+        h = self.input(x)
+        gates_per_level = []
+        for level in self.levels:  # levels are sequential by design
+            h, gates = level(h)
+            gates_per_level.append(gates)
+        self.level_gate_weights = gates_per_level
+        self.gate_weights = per_task(self.task_names, gates_per_level[-1])
+        self.shared_features = h
+        return self.heads(h)
+
+
+@ARCHITECTURES.register("cgc")
+class CGC(PLE):
+    """Customized Gate Control: PLE with one extraction level (Tang et al., RecSys 2020, §4.1).
+
+    Arguments as in :class:`PLE` without ``num_levels``.
+    """
+
+    def __init__(self, input_dim: int | FeatureSpec, tasks: Sequence[Task], specific_experts: int = 1,
+                 shared_experts: int = 1, expert: Sequence[int] = (64,), tower: Sequence[int] = (32,),
+                 activation: str = "relu", dropout: float = 0.0) -> None:
+        super().__init__(input_dim, tasks, 1, specific_experts, shared_experts, expert, tower, activation, dropout)
