@@ -1,0 +1,40 @@
+"""Merge models fine-tuned per task into one (task vectors), streaming checkpoints of any size.
+
+- :func:`merge_state_dicts` merges in-memory state dicts with a per-tensor method;
+- :func:`merge_checkpoints` / :func:`run_merge` stream safetensors checkpoints (single files,
+  directories, HF-style shards) tensor by tensor into a new sharded checkpoint;
+- :data:`MERGE_METHODS` lists the per-tensor methods (linear, task_arithmetic, ties, dare_linear,
+  dare_ties, breadcrumbs, breadcrumbs_ties, slerp, model_stock, consensus, tsv, iso_c, iso_cts,
+  pcb). mergekit YAML configs are accepted for the methods both share; see
+  :mod:`polytask.merge.config` for the differences.
+"""
+
+from polytask.merge.config import MergeConfig, ModelEntry, load_merge_config, run_merge
+from polytask.merge.engine import build_method, merge_checkpoints, merge_state_dicts
+from polytask.merge.io import (
+    Checkpoint,
+    CheckpointWriter,
+    TensorSpec,
+    load_state_dict,
+    save_state_dict,
+)
+from polytask.merge.methods import MERGE_METHODS, MergeMethod, TensorContext, tall_masks
+
+__all__ = [
+    "MERGE_METHODS",
+    "MergeMethod",
+    "TensorContext",
+    "tall_masks",
+    "merge_state_dicts",
+    "merge_checkpoints",
+    "build_method",
+    "run_merge",
+    "MergeConfig",
+    "ModelEntry",
+    "load_merge_config",
+    "Checkpoint",
+    "CheckpointWriter",
+    "TensorSpec",
+    "load_state_dict",
+    "save_state_dict",
+]

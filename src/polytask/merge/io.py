@@ -1,0 +1,557 @@
+"""Streaming checkpoint I/O: read and write safetensors tensor by tensor.
+
+Readers parse the safetensors header (8-byte little-endian length, then a JSON table of
+``name -> dtype, shape, data_offsets``) and read each tensor with ``os.preadv`` straight into a
+fresh buffer. Unlike a memory map, no file page stays in the process's resident set once a
+tensor is dropped, so peak memory is bounded by the tensors in flight, not by the checkpoint
+size, and reads from several threads do not contend for one handle.
+
+The writer knows every output tensor's name, shape and dtype before the first byte is computed,
+so it lays out the shards and their headers up front and then writes each tensor at its offset
+as soon as it is ready (in any order, from any thread). Everything goes to a hidden temporary
+directory next to the target, which is renamed into place only after every tensor, the index
+and the copied config/tokenizer files are on disk: an interrupted or failed merge never leaves
+an output directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from polytask.errors import CheckpointError, MergeError
+
+__all__ = [
+    "TensorSpec",
+    "Checkpoint",
+    "CheckpointWriter",
+    "parse_dtype",
+    "parse_size",
+    "save_state_dict",
+    "load_state_dict",
+]
+
+_ST_TO_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+#: Files of a checkpoint directory that hold weights (never copied from the base as "extras").
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: Extra files copied from the base larger than this are skipped (they are not config/tokenizer).
+_MAX_EXTRA_FILE_BYTES = 64 * 2**20
+_MAX_HEADER_BYTES = 100 * 2**20
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map a dtype name (``bfloat16``, ``float16``, ``float32``...) to a floating torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    if key not in _DTYPE_NAMES:
+        raise MergeError(f"unknown dtype {name!r}; use one of {', '.join(sorted(_DTYPE_NAMES))}")
+    return _DTYPE_NAMES[key]
+
+
+def parse_size(size: int | str) -> int:
+    """Parse a byte size such as ``2GB``, ``500MB``, ``5B`` (billion, as mergekit) or an int."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip().upper().replace("_", "")
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "K": 10**3, "M": 10**6, "B": 10**9}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            number = text[: -len(unit)].strip()
+            try:
+                return int(float(number) * units[unit])
+            except ValueError:
+                break
+    try:
+        return int(text)
+    except ValueError:
+        raise MergeError(f"cannot parse shard size {size!r} (e.g. '2GB', '500MB')") from None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class _SafetensorsFile:
+    """One ``.safetensors`` file: parsed header plus positional reads (thread-safe)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise CheckpointError(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            self._parse_header()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _parse_header(self) -> None:
+        size = os.fstat(self.fd).st_size
+        head = os.pread(self.fd, 8, 0)
+        if len(head) != 8:
+            raise CheckpointError(f"{self.path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{self.path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(os.pread(self.fd, n, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        data_start = 8 + n
+        self.entries: dict[str, tuple[TensorSpec, int]] = {}
+        for name, entry in header.items():
+            try:
+                dtype = _ST_TO_TORCH[entry["dtype"]]
+                shape = tuple(int(d) for d in entry["shape"])
+                begin, end = (int(x) for x in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} has a bad header entry {entry!r}"
+                ) from None
+            spec = TensorSpec(shape, dtype)
+            if end - begin != spec.nbytes or data_start + end > size or begin < 0:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} is truncated or has wrong offsets"
+                )
+            self.entries[name] = (spec, data_start + begin)
+
+    def read(self, name: str) -> torch.Tensor:
+        spec, offset = self.entries[name]
+        buf = torch.empty(spec.nbytes, dtype=torch.uint8)
+        if spec.nbytes:
+            view = memoryview(buf.numpy())
+            done = 0
+            while done < spec.nbytes:
+                got = os.preadv(self.fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise CheckpointError(f"{self.path}: unexpected end of file in {name!r}")
+                done += got
+        return buf.view(spec.dtype).reshape(spec.shape)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Checkpoint:
+    """A read-only checkpoint read tensor by tensor.
+
+    ``path`` is a ``.safetensors`` file, a directory holding one or more ``.safetensors`` files
+    (HF-style shards with ``model.safetensors.index.json``, or any set of files whose tensor
+    names do not collide), or - only with ``allow_pickle=True`` - a pickled ``.bin``/``.pt``
+    file or directory, loaded with ``torch.load(weights_only=True)``. Pickles can execute code
+    when loaded without ``weights_only``; we never do that, and still refuse them by default.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, allow_pickle: bool = False) -> None:
+        self.path = Path(path)
+        self._files: list[_SafetensorsFile] = []
+        self._where: dict[str, _SafetensorsFile] = {}
+        self._pickled: dict[str, torch.Tensor] | None = None
+        if not self.path.exists():
+            raise CheckpointError(f"checkpoint {str(self.path)!r} does not exist")
+        st_files = self._safetensors_files()
+        if st_files:
+            for file in st_files:
+                self._open(file)
+        else:
+            self._load_pickled(allow_pickle)
+
+    # -- discovery --------------------------------------------------------------------------
+    def _safetensors_files(self) -> list[Path]:
+        if self.path.is_file():
+            return [self.path] if self.path.suffix == ".safetensors" else []
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index}: not a valid safetensors index") from None
+            files = sorted(set(weight_map.values()))
+            for f in files:
+                if not (self.path / f).is_file():
+                    raise CheckpointError(f"{index} names shard {f!r}, which is missing")
+            self._index_map: dict[str, str] | None = weight_map
+            return [self.path / f for f in files]
+        self._index_map = None
+        return sorted(self.path.glob("*.safetensors"))
+
+    def _open(self, file: Path) -> None:
+        handle = _SafetensorsFile(file)
+        self._files.append(handle)
+        for name in handle.entries:
+            if name in self._where:
+                raise CheckpointError(
+                    f"tensor {name!r} is stored twice in {self.path} "
+                    f"({self._where[name].path.name} and {file.name})"
+                )
+            self._where[name] = handle
+        if getattr(self, "_index_map", None):
+            missing = [n for n, f in self._index_map.items() if f == file.name and n not in handle.entries]
+            if missing:
+                raise CheckpointError(f"{file}: index lists tensor {missing[0]!r} but the shard lacks it")
+
+    def _load_pickled(self, allow_pickle: bool) -> None:
+        if self.path.is_file():
+            files = [self.path]
+        else:
+            files = sorted(p for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        if not files:
+            raise CheckpointError(f"{self.path}: no .safetensors (or .bin) weights found")
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{files[0]} is a pickled checkpoint; convert it to safetensors or pass "
+                "allow_pickle=True (loaded with torch.load(weights_only=True))"
+            )
+        self._pickled = {}
+        for f in files:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for a bad/unsafe pickle
+                raise CheckpointError(f"{f}: cannot load with weights_only=True ({exc})") from None
+            if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+                state = state["state_dict"]
+            if not isinstance(state, Mapping):
+                raise CheckpointError(f"{f}: does not hold a state dict")
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    self._pickled[k] = v
+
+    # -- access -----------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Tensor names, in storage order (shard by shard, offset by offset)."""
+        if self._pickled is not None:
+            return list(self._pickled)
+        out: list[str] = []
+        for f in self._files:
+            out.extend(sorted(f.entries, key=lambda n: f.entries[n][1]))
+        return out
+
+    def __contains__(self, name: str) -> bool:
+        return name in (self._pickled if self._pickled is not None else self._where)
+
+    def spec(self, name: str) -> TensorSpec:
+        """Shape and dtype of tensor ``name`` without reading it."""
+        if self._pickled is not None:
+            t = self._pickled[name]
+            return TensorSpec(tuple(t.shape), t.dtype)
+        return self._where[name].entries[name][0]
+
+    def load(self, name: str) -> torch.Tensor:
+        """Read tensor ``name`` from disk into a new CPU tensor (thread-safe)."""
+        if name not in self:
+            raise MergeError(f"tensor {name!r} is missing from {self.path}")
+        if self._pickled is not None:
+            return self._pickled[name].clone()
+        return self._where[name].read(name)
+
+    def close(self) -> None:
+        """Close the file handles."""
+        for f in self._files:
+            f.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r})"
+
+
+def _is_weight_file(path: Path) -> bool:
+    return path.name in _WEIGHT_INDEXES or path.suffix in _WEIGHT_SUFFIXES
+
+
+class CheckpointWriter:
+    """Write a known set of tensors as (sharded) safetensors into a temporary directory.
+
+    ``specs`` maps every output tensor to its shape and dtype, in the order to store them. Shards
+    hold at most ``max_shard_bytes`` of tensor data (one tensor larger than that gets a shard of
+    its own). One shard is written as ``model.safetensors``; several as
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``, as Hugging Face
+    does. Call :meth:`write` once per tensor (any order, any thread), then :meth:`commit`; on any
+    error call :meth:`abort` (the context manager does), which deletes the temporary directory.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        specs: Mapping[str, TensorSpec],
+        *,
+        max_shard_bytes: int = 5 * 10**9,
+        overwrite: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        preallocate: bool = True,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.overwrite = overwrite
+        if self.out_dir.exists() and not overwrite:
+            raise MergeError(f"output directory {str(self.out_dir)!r} already exists (use overwrite)")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise MergeError(f"output path {str(self.out_dir)!r} exists and is not a directory")
+        parent = self.out_dir.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=parent))
+        self._lock = threading.Lock()
+        self._pending = set(specs)
+        self._specs = dict(specs)
+        self._fds: list[int] = []
+        self._slot: dict[str, tuple[int, int]] = {}
+        self.weight_map: dict[str, str] = {}
+        try:
+            self._layout(max_shard_bytes, dict(metadata or {"format": "pt"}), preallocate)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _layout(self, max_shard_bytes: int, metadata: dict[str, str], preallocate: bool) -> None:
+        shards: list[list[str]] = [[]]
+        used = 0
+        for name, spec in self._specs.items():
+            if shards[-1] and used + spec.nbytes > max_shard_bytes:
+                shards.append([])
+                used = 0
+            shards[-1].append(name)
+            used += spec.nbytes
+        n = len(shards)
+        self.shard_names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self.total_size = 0
+        for fname, names in zip(self.shard_names, shards):
+            header: dict[str, object] = {"__metadata__": metadata}
+            offset = 0
+            for name in names:
+                spec = self._specs[name]
+                if spec.dtype not in _TORCH_TO_ST:
+                    raise MergeError(f"tensor {name!r}: dtype {spec.dtype} cannot be stored")
+                header[name] = {
+                    "dtype": _TORCH_TO_ST[spec.dtype],
+                    "shape": list(spec.shape),
+                    "data_offsets": [offset, offset + spec.nbytes],
+                }
+                offset += spec.nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data, as safetensors does
+            start = 8 + len(raw)
+            path = self.tmp_dir / fname
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            self._checked_write(fd, struct.pack("<Q", len(raw)) + raw, 0, path)
+            if preallocate and offset:
+                # Reserve the space now, so that a full disk fails before any compute.
+                try:
+                    os.posix_fallocate(fd, start, offset)
+                except OSError as exc:
+                    if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                        raise MergeError(
+                            f"not enough disk space for {path.name} ({offset / 1e9:.2f} GB) "
+                            f"in {self.tmp_dir.parent}"
+                        ) from None
+                    os.ftruncate(fd, start + offset)  # filesystem without fallocate
+            else:
+                os.ftruncate(fd, start + offset)
+            for name in names:
+                begin = header[name]["data_offsets"][0]  # type: ignore[index]
+                self._slot[name] = (fd, start + begin)
+                self.weight_map[name] = fname
+            self.total_size += offset
+
+    @staticmethod
+    def _checked_write(fd: int, data: bytes | memoryview, offset: int, path: Path) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            try:
+                done += os.pwrite(fd, view[done:], offset + done)
+            except OSError as exc:
+                raise MergeError(f"cannot write {path.name} in {path.parent}: {exc.strerror}") from None
+
+    @property
+    def specs(self) -> Mapping[str, TensorSpec]:
+        """The planned output tensors: name -> shape and dtype."""
+        return self._specs
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Store ``tensor`` (already in its declared dtype and shape) under ``name``."""
+        spec = self._specs.get(name)
+        if spec is None:
+            raise MergeError(f"tensor {name!r} was not planned for this output")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise MergeError(
+                f"tensor {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, planned "
+                f"{spec.shape} {spec.dtype}"
+            )
+        fd, offset = self._slot[name]
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._checked_write(fd, memoryview(data), offset, self.tmp_dir / self.weight_map[name])
+        with self._lock:
+            self._pending.discard(name)
+
+    def copy_extras(self, source_dir: str | os.PathLike[str] | None, dtype: torch.dtype | None) -> None:
+        """Copy config/tokenizer files (every small non-weight top-level file) from ``source_dir``.
+
+        ``config.json``'s ``torch_dtype`` is set to the output dtype when given.
+        """
+        if source_dir is None:
+            return
+        src = Path(source_dir)
+        if not src.is_dir():
+            return
+        for item in sorted(src.iterdir()):
+            if not item.is_file() or item.name.startswith(".") or _is_weight_file(item):
+                continue
+            if item.stat().st_size > _MAX_EXTRA_FILE_BYTES:
+                continue
+            target = self.tmp_dir / item.name
+            try:
+                if item.name == "config.json" and dtype is not None:
+                    config = json.loads(item.read_text())
+                    if isinstance(config, dict):
+                        name = str(dtype).removeprefix("torch.")
+                        config["torch_dtype"] = name
+                        if "dtype" in config:
+                            config["dtype"] = name
+                        target.write_text(json.dumps(config, indent=2) + "\n")
+                        continue
+                shutil.copyfile(item, target)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise MergeError(f"cannot copy {item} into the output: {exc}") from None
+
+    def add_file(self, name: str, text: str) -> None:
+        """Write a small text file (e.g. the merge config) into the output."""
+        try:
+            (self.tmp_dir / name).write_text(text)
+        except OSError as exc:
+            raise MergeError(f"cannot write {name} in {self.tmp_dir}: {exc.strerror}") from None
+
+    def commit(self) -> Path:
+        """Check completeness, write the index, flush, and move the directory into place."""
+        if self._pending:
+            missing = sorted(self._pending)
+            raise MergeError(
+                f"output incomplete: {len(missing)} tensors were never written (first: {missing[0]!r})"
+            )
+        if len(self.shard_names) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            self.add_file("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        try:
+            for fd in self._fds:
+                os.fsync(fd)
+        except OSError as exc:
+            raise MergeError(f"cannot flush output in {self.tmp_dir}: {exc.strerror}") from None
+        self._close()
+        old: Path | None = None
+        if self.out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
+            os.rmdir(old)
+            os.rename(self.out_dir, old)
+        os.rename(self.tmp_dir, self.out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out_dir
+
+    def _close(self) -> None:
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+
+    def abort(self) -> None:
+        """Delete the temporary directory; the target directory is left untouched."""
+        self._close()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def save_state_dict(
+    state: Mapping[str, torch.Tensor],
+    out_dir: str | os.PathLike[str],
+    *,
+    max_shard_bytes: int | str = 5 * 10**9,
+    overwrite: bool = False,
+) -> Path:
+    """Save a state dict as (sharded) safetensors with the same atomic writer as merges use."""
+    specs = {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in state.items()}
+    writer = CheckpointWriter(out_dir, specs, max_shard_bytes=parse_size(max_shard_bytes), overwrite=overwrite)
+    with writer:
+        for k, v in state.items():
+            writer.write(k, v)
+        return writer.commit()
+
+
+def load_state_dict(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load every tensor of a checkpoint (file, directory or shards) into memory."""
+    with Checkpoint(path, allow_pickle=allow_pickle) as ckpt:
+        return {name: ckpt.load(name) for name in ckpt.names()}
+

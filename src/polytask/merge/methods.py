@@ -1,0 +1,633 @@
+"""Per-tensor merge methods.
+
+A method sees one tensor at a time: the stacked fine-tuned tensors ``tensors`` of shape
+``(N, *shape)`` in float32, the base tensor (or ``None``) and the per-model parameters as
+``(N,)`` float32 tensors (``weight``, ``density``, ``gamma``). It returns the merged tensor in
+float32. Methods are registered in :data:`MERGE_METHODS` under mergekit's names where the two
+share a method, so a mergekit YAML means the same thing here; the differences are listed in each
+docstring under "mergekit".
+
+Notation: ``tau_i = theta_i - theta_0`` is the task vector of model ``i`` (Ilharco et al., ICLR
+2023), ``w_i`` its weight, ``theta_0`` the base.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from polytask.errors import ConfigError
+from polytask.registry import Registry
+
+__all__ = [
+    "MergeMethod",
+    "TensorContext",
+    "MERGE_METHODS",
+    "topk_mask",
+    "bottomk_mask",
+    "tall_masks",
+]
+
+
+@dataclass
+class TensorContext:
+    """What a method may know about the tensor it merges besides the values."""
+
+    name: str = ""
+    generator: torch.Generator | None = None
+
+
+class MergeMethod:
+    """Base class of per-tensor merge methods.
+
+    Subclasses set ``model_params`` (per-model parameters and their defaults), ``requires_base``,
+    ``min_models``/``max_models``, take their global parameters in ``__init__`` and implement
+    :meth:`merge`. ``random`` methods get a seeded generator per tensor in the context.
+    """
+
+    requires_base: ClassVar[bool] = True
+    model_params: ClassVar[dict[str, float]] = {"weight": 1.0}
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    random: ClassVar[bool] = False
+
+    def merge(
+        self, tensors: Tensor, base: Tensor | None, params: dict[str, Tensor], ctx: TensorContext
+    ) -> Tensor:
+        """Merge ``tensors`` ``(N, *shape)`` (float32) into one tensor of ``shape``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _per_model(values: Tensor, ndim: int) -> Tensor:
+    """Reshape ``(N,)`` per-model values to broadcast against ``(N, *shape)``."""
+    return values.reshape(-1, *([1] * ndim))
+
+
+def _select_k(values: Tensor, counts: list[int], largest: bool) -> Tensor:
+    """Boolean mask of ``counts[i]`` entries of row ``i`` of ``values`` ``(N, M)``.
+
+    Entries are taken by value (largest or smallest first); among exactly equal values at the
+    threshold, lower indices win, so the result is deterministic (a sort would leave it to the
+    sort's implementation). One ``kthvalue`` per distinct count: O(M) per row, no sort.
+    """
+    n, m = values.shape
+    mask = torch.zeros_like(values, dtype=torch.bool)
+    for count in sorted(set(counts)):
+        rows = [i for i, c in enumerate(counts) if c == count]
+        if count <= 0:
+            continue
+        if count >= m:
+            mask[rows] = True
+            continue
+        sub = values[rows]
+        kth = m - count + 1 if largest else count
+        threshold = sub.kthvalue(kth, dim=1, keepdim=True).values
+        strict = sub > threshold if largest else sub < threshold
+        tied = sub == threshold
+        need = count - strict.sum(dim=1, keepdim=True)
+        if bool((tied.sum(dim=1, keepdim=True) == need).all()):
+            mask[rows] = strict | tied
+        else:
+            mask[rows] = strict | (tied & (tied.cumsum(dim=1) <= need))
+    return mask
+
+
+def topk_mask(x: Tensor, density: Tensor) -> Tensor:
+    """Mask keeping the ``int(density_i * numel)`` largest-magnitude entries of each ``x[i]``.
+
+    This is TIES' "trim" step (Yadav et al., NeurIPS 2023). ``density`` is ``(N,)``.
+    """
+    flat = x.reshape(x.shape[0], -1)
+    m = flat.shape[1]
+    counts = [m if d >= 1 else (0 if d <= 0 else max(1, int(d * m))) for d in density.tolist()]
+    return _select_k(flat.abs(), counts, largest=True).reshape(x.shape)
+
+
+def bottomk_mask(x: Tensor, counts: list[int]) -> Tensor:
+    """Mask of the ``counts[i]`` smallest-magnitude entries of each ``x[i]``."""
+    flat = x.reshape(x.shape[0], -1)
+    return _select_k(flat.abs(), counts, largest=False).reshape(x.shape)
+
+
+def _rescale(masked: Tensor, original: Tensor, density: Tensor, how: bool | str) -> Tensor:
+    """Rescale masked task vectors: ``1/density`` (DARE paper) or to match a norm (l1/l2/linf)."""
+    if how is False or how is None:
+        return masked
+    ndim = masked.dim() - 1
+    if how is True or how == "inverse_density":
+        safe = torch.where(density > 0, density, torch.ones_like(density))
+        return masked / _per_model(safe, ndim)
+    dims = tuple(range(1, masked.dim()))
+    if how == "l1":
+        before, after = original.abs().sum(dims), masked.abs().sum(dims)
+    elif how == "l2":
+        before = torch.linalg.vector_norm(original, dim=dims)
+        after = torch.linalg.vector_norm(masked, dim=dims)
+    elif how == "linf":
+        before, after = original.abs().amax(dims), masked.abs().amax(dims)
+    else:  # validated in the constructors
+        raise ConfigError(f"unknown rescale {how!r}")
+    eps = 1e-7
+    scale = torch.where((before < eps) | (after < eps), torch.ones_like(before), before / after)
+    return masked * _per_model(scale, ndim)
+
+
+def _check_rescale(rescale: bool | str) -> bool | str:
+    if rescale in (True, False, "inverse_density", "l1", "l2", "linf"):
+        return rescale
+    raise ConfigError(
+        f"parameter 'rescale' must be true, false, 'inverse_density', 'l1', 'l2' or 'linf', got {rescale!r}"
+    )
+
+
+def _check_fraction(name: str, value: float, *, low_open: bool = False) -> float:
+    value = float(value)
+    if not (0 < value <= 1 if low_open else 0 <= value <= 1):
+        raise ConfigError(f"parameter {name!r} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+    return value
+
+
+def _sign_mask(deltas: Tensor, consensus: str) -> Tensor:
+    """TIES "elect": entries whose sign agrees with the elected sign (total mass, or count)."""
+    if consensus == "sum":
+        elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0)
+    else:
+        elected = torch.where(deltas.sign().sum(dim=0) >= 0, 1.0, -1.0)
+    return deltas.sign() == elected
+
+
+def _combine(
+    deltas: Tensor, weights: Tensor, base: Tensor, *, consensus: str | None, normalize: bool, scale: float
+) -> Tensor:
+    """``theta_0 + scale * sum_i w_i tau_i [/ sum_i w_i]``, optionally over sign-agreeing entries."""
+    w = _per_model(weights, deltas.dim() - 1)
+    weighted = deltas * w
+    if consensus is not None:
+        agree = _sign_mask(weighted, consensus)
+        mixed = (weighted * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    if normalize:
+        mixed = mixed / divisor
+    if scale != 1:
+        mixed = mixed * scale
+    return base + mixed
+
+
+def _check_consensus(consensus: str | None) -> str | None:
+    if consensus not in (None, "sum", "count"):
+        raise ConfigError(f"parameter 'consensus' must be 'sum', 'count' or null, got {consensus!r}")
+    return consensus
+
+
+# -- averaging -----------------------------------------------------------------------------------
+@MERGE_METHODS.register("linear", "model_soup", "soup")
+class Linear(MergeMethod):
+    """Weighted average of the models: model soups (Wortsman et al., ICML 2022).
+
+    ``theta = sum_i w_i theta_i / sum_i w_i`` (``normalize=True``) or ``sum_i w_i theta_i``.
+
+    mergekit: same as its ``linear``. The base model is not an input unless listed in ``models``.
+    """
+
+    requires_base = False
+
+    def __init__(self, normalize: bool = True) -> None:
+        self.normalize = bool(normalize)
+
+    def merge(self, tensors, base, params, ctx):
+        w = _per_model(params["weight"], tensors.dim() - 1)
+        out = (tensors * w).sum(dim=0)
+        return out / w.sum(dim=0) if self.normalize else out
+
+
+@MERGE_METHODS.register("task_arithmetic")
+class TaskArithmetic(MergeMethod):
+    """Task arithmetic (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023).
+
+    ``theta = theta_0 + lambda * sum_i w_i tau_i`` (divided by ``sum_i w_i`` if ``normalize``).
+
+    mergekit: same as its ``task_arithmetic`` (YAML ``lambda`` is ``lambda_`` in Python).
+    """
+
+    def __init__(self, normalize: bool = False, lambda_: float = 1.0) -> None:
+        self.normalize = bool(normalize)
+        self.lambda_ = float(lambda_)
+
+    def merge(self, tensors, base, params, ctx):
+        return _combine(tensors - base, params["weight"], base, consensus=None,
+                        normalize=self.normalize, scale=self.lambda_)
+
+
+@MERGE_METHODS.register("ties")
+class Ties(MergeMethod):
+    """TIES-merging (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models",
+    NeurIPS 2023).
+
+    1. trim: keep the ``density`` fraction of largest-magnitude entries of each ``tau_i``;
+    2. elect: per entry, the sign of the summed (weighted) trimmed values;
+    3. disjoint merge: mean over the models whose sign agrees (weighted by ``w_i`` when
+       ``normalize``), then ``theta = theta_0 + lambda * tau_m``.
+
+    The paper trims to 20 %; ``density`` defaults to 1.0 (no trim) as in mergekit, so set it.
+    mergekit: same as its ``ties``, except which of several exactly equal magnitudes at the trim
+    threshold are kept (we keep the lowest indices; mergekit leaves it to an unstable sort).
+    """
+
+    model_params = {"weight": 1.0, "density": 1.0}
+
+    def __init__(self, normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum") -> None:
+        self.normalize = bool(normalize)
+        self.lambda_ = float(lambda_)
+        self.consensus = _check_consensus(consensus)
+
+    def merge(self, tensors, base, params, ctx):
+        deltas = tensors - base
+        deltas = deltas * topk_mask(deltas, params["density"])
+        return _combine(deltas, params["weight"], base, consensus=self.consensus,
+                        normalize=self.normalize, scale=self.lambda_)
+
+
+@MERGE_METHODS.register("dare_linear", "dare_task_arithmetic", "dare")
+class DareLinear(MergeMethod):
+    """DARE (Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
+    Models as a Free Lunch", ICML 2024) followed by task arithmetic.
+
+    Drop: each entry of ``tau_i`` is kept with probability ``density`` (= 1 - p) by a seeded
+    Bernoulli mask; rescale: kept entries are multiplied by ``1/density`` so that
+    ``E[masked tau_i] = tau_i``. Then ``theta = theta_0 + lambda * sum_i w_i tau_i``.
+
+    ``rescale``: ``true``/``"inverse_density"`` is the paper's ``1/(1-p)``; ``"l1"``, ``"l2"``,
+    ``"linf"`` rescale to keep that norm of ``tau_i``. mergekit: its ``rescale: true`` means L1 norm
+    matching, not ``1/density``; write ``rescale: l1`` for its exact behaviour (both agree in
+    expectation). Masks come from our own seeded generator, so the result equals mergekit's only
+    in distribution.
+    """
+
+    model_params = {"weight": 1.0, "density": 1.0}
+    random = True
+    consensus: str | None = None
+
+    def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = True) -> None:
+        self.normalize = bool(normalize)
+        self.lambda_ = float(lambda_)
+        self.rescale = _check_rescale(rescale)
+
+    def merge(self, tensors, base, params, ctx):
+        deltas = dare_drop(tensors - base, params["density"], self.rescale, ctx.generator)
+        return _combine(deltas, params["weight"], base, consensus=self.consensus,
+                        normalize=self.normalize, scale=self.lambda_)
+
+
+def dare_drop(deltas: Tensor, density: Tensor, rescale: bool | str, generator: torch.Generator | None) -> Tensor:
+    """DARE's drop-and-rescale of task vectors ``(N, *shape)`` with keep probability ``density``."""
+    if bool((density >= 1).all()):
+        return deltas
+    keep = _per_model(density.clamp(0, 1), deltas.dim() - 1)
+    mask = torch.rand(deltas.shape, generator=generator, dtype=deltas.dtype) < keep
+    masked = deltas * mask
+    full = _per_model(density >= 1, deltas.dim() - 1)
+    masked = torch.where(full, deltas, masked)
+    return _rescale(masked, deltas, torch.where(density >= 1, torch.ones_like(density), density), rescale)
+
+
+@MERGE_METHODS.register("dare_ties")
+class DareTies(DareLinear):
+    """DARE drop-and-rescale (Yu et al., ICML 2024) followed by TIES' sign election and disjoint
+    merge (Yadav et al., NeurIPS 2023) instead of TIES' magnitude trim.
+
+    mergekit: as its ``dare_ties`` (``normalize`` defaults to false there and here); see
+    :class:`DareLinear` for ``rescale``.
+    """
+
+    def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = True,
+                 consensus: str = "sum") -> None:
+        super().__init__(normalize=normalize, lambda_=lambda_, rescale=rescale)
+        self.consensus = _check_consensus(consensus)
+
+
+@MERGE_METHODS.register("breadcrumbs")
+class Breadcrumbs(MergeMethod):
+    """Model Breadcrumbs (Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging
+    with Sparse Masks", ECCV 2024).
+
+    Per tensor, each ``tau_i`` loses its ``gamma`` fraction of largest-magnitude entries
+    (outliers) and then its smallest entries until a ``density`` fraction remains; then
+    ``theta = theta_0 + lambda * sum_i w_i tau_i``. mergekit: same as its ``breadcrumbs``
+    (``breadcrumbs_ties`` adds the sign election), up to ties at the thresholds.
+    """
+
+    model_params = {"weight": 1.0, "density": 1.0, "gamma": 0.01}
+    consensus: str | None = None
+
+    def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = False) -> None:
+        self.normalize = bool(normalize)
+        self.lambda_ = float(lambda_)
+        self.rescale = _check_rescale(rescale)
+
+    def merge(self, tensors, base, params, ctx):
+        deltas = tensors - base
+        m = deltas[0].numel()
+        density, gamma = params["density"].tolist(), params["gamma"].tolist()
+        keep_n = [int(d * m) for d in density]
+        bottom = [max(0, m - k - int(g * m)) for k, g in zip(keep_n, gamma)]
+        keep = bottomk_mask(deltas, [b + k for b, k in zip(bottom, keep_n)]) & ~bottomk_mask(deltas, bottom)
+        full = _per_model(params["density"] >= 1, deltas.dim() - 1)
+        masked = torch.where(full, deltas, deltas * keep)
+        masked = _rescale(masked, deltas, params["density"], self.rescale)
+        return _combine(masked, params["weight"], base, consensus=self.consensus,
+                        normalize=self.normalize, scale=self.lambda_)
+
+
+@MERGE_METHODS.register("breadcrumbs_ties")
+class BreadcrumbsTies(Breadcrumbs):
+    """Model Breadcrumbs masks (Davari & Belilovsky, ECCV 2024) with TIES' sign election (Yadav
+    et al., NeurIPS 2023). mergekit: same as its ``breadcrumbs_ties``."""
+
+    def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = False,
+                 consensus: str = "sum") -> None:
+        super().__init__(normalize=normalize, lambda_=lambda_, rescale=rescale)
+        self.consensus = _check_consensus(consensus)
+
+
+# -- geometric -----------------------------------------------------------------------------------
+@MERGE_METHODS.register("slerp")
+class Slerp(MergeMethod):
+    """Spherical linear interpolation between the base and one model (Shoemake, SIGGRAPH 1985).
+
+    Each tensor is treated as one flat vector; with ``Omega`` the angle between the two,
+    ``theta = sin((1-t) Omega)/sin Omega * theta_0 + sin(t Omega)/sin Omega * theta_1``, and plain
+    linear interpolation when the normalised vectors are (anti)parallel (``|cos| > 0.9995``).
+    mergekit: same as its ``slerp`` with a scalar ``t`` (per-layer gradients and filters of ``t``
+    are not supported).
+    """
+
+    model_params: ClassVar[dict[str, float]] = {}
+    max_models = 1
+
+    def __init__(self, t: float = 0.5) -> None:
+        self.t = float(t)
+
+    def merge(self, tensors, base, params, ctx):
+        a = base.reshape(-1).double()
+        b = tensors[0].reshape(-1).double()
+        t = self.t
+        na, nb = a.norm(), b.norm()
+        na = torch.where(na > 1e-8, na, torch.ones_like(na))
+        nb = torch.where(nb > 1e-8, nb, torch.ones_like(nb))
+        dot = float(((a / na) * (b / nb)).sum().clamp(-1, 1))
+        if abs(dot) > 0.9995:
+            return ((1 - t) * base + t * tensors[0])
+        omega = math.acos(dot)
+        s = math.sin(omega)
+        ca, cb = math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
+        return (ca * a + cb * b).reshape(base.shape).float()
+
+
+@MERGE_METHODS.register("model_stock")
+class ModelStock(MergeMethod):
+    """Model Stock (Jang et al., "Model Stock: All we need is just a few fine-tuned models",
+    ECCV 2024).
+
+    Per tensor, with ``cos`` the mean pairwise cosine between the N task vectors,
+    ``t = N cos / (1 + (N-1) cos)`` and ``theta = t * mean_i theta_i + (1 - t) * theta_0``. When
+    ``1 + (N-1) cos`` vanishes the base is kept. ``filter_wise=True`` computes one ``t`` per row
+    (output filter) instead of per tensor. mergekit: same as its ``model_stock``.
+    """
+
+    model_params: ClassVar[dict[str, float]] = {}
+    min_models = 2
+
+    def __init__(self, filter_wise: bool = False) -> None:
+        self.filter_wise = bool(filter_wise)
+
+    def merge(self, tensors, base, params, ctx):
+        n = tensors.shape[0]
+        if self.filter_wise:
+            rows = base.shape[0] if base.dim() > 1 else 1
+            deltas = (tensors - base).reshape(n, rows, -1).transpose(0, 1)  # (rows, N, M)
+        else:
+            deltas = (tensors - base).reshape(1, n, -1)
+        gram = deltas @ deltas.transpose(1, 2)  # (rows, N, N)
+        norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
+        cos = (gram / (norms.unsqueeze(2) * norms.unsqueeze(1)).clamp_min(1e-6)).clamp(-1, 1)
+        iu = torch.triu_indices(n, n, offset=1)
+        mean_cos = cos[:, iu[0], iu[1]].mean(dim=1)  # (rows,)
+        denom = 1 + (n - 1) * mean_cos
+        singular = denom.abs() < 1e-6
+        t = torch.where(singular, torch.zeros_like(mean_cos), n * mean_cos / torch.where(singular, 1.0, denom))
+        if self.filter_wise and base.dim() > 1:
+            t = t.reshape(-1, *([1] * (base.dim() - 1)))
+        else:
+            t = t.reshape(())
+        return t * tensors.mean(dim=0) + (1 - t) * base
+
+
+# -- masks ---------------------------------------------------------------------------------------
+def tall_masks(deltas: Tensor, lambdas: float | Tensor = 0.6, weights: Tensor | None = None) -> Tensor:
+    """TALL masks (Wang et al., "Localizing Task Information for Improved Model Merging and
+    Compression", ICML 2024): ``m_t = |tau_t| >= lambda_t * |tau_MTL - tau_t|`` with
+    ``tau_MTL = sum_t w_t tau_t``. ``deltas`` is ``(T, *shape)``; returns a bool ``(T, *shape)``.
+    ``theta_0 + m_t * tau_MTL`` approximates the model fine-tuned on task ``t``.
+    """
+    w = torch.ones(deltas.shape[0]) if weights is None else weights
+    weighted = deltas * _per_model(w, deltas.dim() - 1)
+    mtl = weighted.sum(dim=0)
+    lam = torch.as_tensor(lambdas, dtype=deltas.dtype)
+    if lam.dim() == 1:
+        lam = _per_model(lam, deltas.dim() - 1)
+    return weighted.abs() >= lam * (mtl - weighted).abs()
+
+
+@MERGE_METHODS.register("consensus", "consensus_ta", "tall")
+class Consensus(MergeMethod):
+    """Consensus merging (Wang et al., "Localizing Task Information for Improved Model Merging and
+    Compression", ICML 2024) on top of task arithmetic.
+
+    TALL masks ``m_t = |tau_t| >= lambda_tall |tau_MTL - tau_t|`` mark the entries that matter to
+    task ``t``; entries that matter to fewer than ``k`` tasks (selfish or catastrophic weights)
+    are removed from the multi-task vector: ``theta = theta_0 + lambda * 1[sum_t m_t >= k] *
+    tau_MTL``, ``tau_MTL = sum_t w_t tau_t``. The paper uses ``k = 2`` and tunes ``lambda_tall``
+    per task in [0.2, 0.6] on validation data; here it is one value.
+    """
+
+    def __init__(self, k: int = 2, lambda_tall: float = 0.6, lambda_: float = 1.0) -> None:
+        if int(k) < 0:
+            raise ConfigError(f"parameter 'k' must be >= 0, got {k}")
+        self.k = int(k)
+        self.lambda_tall = float(lambda_tall)
+        self.lambda_ = float(lambda_)
+
+    def merge(self, tensors, base, params, ctx):
+        deltas = tensors - base
+        masks = tall_masks(deltas, self.lambda_tall, params["weight"])
+        keep = masks.sum(dim=0) >= self.k
+        mtl = (deltas * _per_model(params["weight"], deltas.dim() - 1)).sum(dim=0)
+        return base + self.lambda_ * mtl * keep
+
+
+# -- spectral ------------------------------------------------------------------------------------
+def _orthogonalize(x: Tensor) -> Tensor:
+    """Nearest matrix with orthonormal columns (or rows) to ``x``: ``P Q^T`` from ``x = P S Q^T``
+    (orthogonal Procrustes)."""
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def _is_matrix(t: Tensor) -> bool:
+    return t.dim() == 2 and min(t.shape) > 1
+
+
+@MERGE_METHODS.register("tsv", "tsv_m")
+class TSVMerge(MergeMethod):
+    """TSV-Merge (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model
+    Merging", CVPR 2025).
+
+    For each matrix, each task vector ``tau_t = U_t S_t V_t^T`` keeps its top ``k = fraction *
+    min(m, n)`` singular triplets (``fraction`` defaults to ``1/T``); the kept ``U``'s and ``V``'s
+    are concatenated and decorrelated by orthogonal Procrustes (``U_perp = P Q^T`` from the SVD of
+    the concatenation), and ``theta = theta_0 + alpha * U_perp diag(S) V_perp^T``. Tensors that
+    are not matrices (biases, norms) get the mean task vector, ``theta_0 + alpha * mean_t tau_t``.
+    """
+
+    model_params: ClassVar[dict[str, float]] = {}
+
+    def __init__(self, alpha: float = 1.0, fraction: float | None = None) -> None:
+        self.alpha = float(alpha)
+        self.fraction = None if fraction is None else _check_fraction("fraction", fraction, low_open=True)
+
+    def merge(self, tensors, base, params, ctx):
+        deltas = tensors - base
+        if not _is_matrix(base):
+            return base + self.alpha * deltas.mean(dim=0)
+        t = deltas.shape[0]
+        r = min(base.shape)
+        k = max(1, int((self.fraction if self.fraction is not None else 1 / t) * r))
+        u, s, vh = torch.linalg.svd(deltas, full_matrices=False)  # batched over tasks
+        u_cat = u[:, :, :k].transpose(0, 1).reshape(base.shape[0], t * k)
+        s_cat = s[:, :k].reshape(-1)
+        vh_cat = vh[:, :k, :].reshape(t * k, base.shape[1])
+        merged = _orthogonalize(u_cat) @ torch.diag(s_cat) @ _orthogonalize(vh_cat)
+        return base + self.alpha * merged
+
+
+@MERGE_METHODS.register("iso_c")
+class IsoC(MergeMethod):
+    """Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
+    Task-Specific Subspaces", ICML 2025).
+
+    For each matrix, ``tau_TA = sum_t tau_t = U S V^T``; the spectrum is flattened to its mean,
+    ``theta = theta_0 + alpha * mean(S) * U V^T``. Non-matrix tensors get ``theta_0 + alpha *
+    mean_t tau_t``. The paper tunes ``alpha`` on validation data.
+    """
+
+    model_params: ClassVar[dict[str, float]] = {}
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        self.alpha = float(alpha)
+
+    def merge(self, tensors, base, params, ctx):
+        deltas = tensors - base
+        if not _is_matrix(base):
+            return base + self.alpha * deltas.mean(dim=0)
+        u, s, vh = torch.linalg.svd(deltas.sum(dim=0), full_matrices=False)
+        return base + self.alpha * s.mean() * (u @ vh)
+
+
+@MERGE_METHODS.register("iso_cts")
+class IsoCTS(MergeMethod):
+    """Iso-CTS (Marczak et al., ICML 2025): Iso-C with common and task-specific subspaces.
+
+    For each matrix of rank budget ``r = min(m, n)``: the top ``k`` singular directions of
+    ``tau_TA = sum_t tau_t`` form the common subspace (``k ~ common_fraction * r``, rounded so
+    that the remaining ``r - k`` split evenly over the T tasks); each task vector projected off
+    the common left subspace, ``(I - U_k U_k^T) tau_t``, contributes its top ``(r - k)/T``
+    singular directions. The concatenated ``U`` and ``V`` are orthogonalised (Procrustes), all
+    singular values are replaced by their mean, and ``theta = theta_0 + alpha * mean(S) U V^T``.
+    Non-matrix tensors get ``theta_0 + alpha * mean_t tau_t``.
+    """
+
+    model_params: ClassVar[dict[str, float]] = {}
+
+    def __init__(self, alpha: float = 1.0, common_fraction: float = 0.8) -> None:
+        self.alpha = float(alpha)
+        self.common_fraction = _check_fraction("common_fraction", common_fraction)
+
+    def merge(self, tensors, base, params, ctx):
+        deltas = tensors - base
+        if not _is_matrix(base):
+            return base + self.alpha * deltas.mean(dim=0)
+        t = deltas.shape[0]
+        r = min(base.shape)
+        per_task = round((r - int(r * self.common_fraction)) / t)
+        k = r - per_task * t
+        u, s, vh = torch.linalg.svd(deltas.sum(dim=0), full_matrices=False)
+        u_k, s_k, vh_k = u[:, :k], s[:k], vh[:k]
+        if per_task > 0:
+            specific = deltas - u_k @ (u_k.T @ deltas)  # batched over tasks
+            ut, st, vht = torch.linalg.svd(specific, full_matrices=False)
+            u_all = torch.cat([u_k, ut[:, :, :per_task].transpose(0, 1).reshape(base.shape[0], -1)], dim=1)
+            s_all = torch.cat([s_k, st[:, :per_task].reshape(-1)])
+            vh_all = torch.cat([vh_k, vht[:, :per_task, :].reshape(-1, base.shape[1])], dim=0)
+        else:
+            u_all, s_all, vh_all = u_k, s_k, vh_k
+        merged = s_all.mean() * (_orthogonalize(u_all) @ _orthogonalize(vh_all))
+        return base + self.alpha * merged
+
+
+# -- competition balancing -----------------------------------------------------------------------
+def _minmax(x: Tensor) -> Tensor:
+    """Min-max normalisation over the last dimension (constant rows map to 0)."""
+    lo = x.amin(dim=-1, keepdim=True)
+    hi = x.amax(dim=-1, keepdim=True)
+    span = hi - lo
+    return (x - lo) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+@MERGE_METHODS.register("pcb", "pcb_merging")
+class PCBMerge(MergeMethod):
+    """PCB-merging (Du et al., "Parameter Competition Balancing for Model Merging", NeurIPS 2024).
+
+    Per tensor, with task vectors ``delta_i`` flattened and ``N`` models:
+    intra-balancing ``b_intra_i = softmax(N * norm(delta_i * delta_i))``; inter-balancing
+    ``b_inter_i = sum_j softmax(norm(delta_i * delta_j))`` (``norm`` is min-max normalisation and
+    ``softmax`` runs over the entries of the tensor); ``b_i = b_intra_i * b_inter_i``; drop: keep
+    the top ``ratio`` fraction of ``b_i`` per model; merge:
+    ``theta = theta_0 + lambda * sum_i b_i delta_i / sum_i b_i``. Follows the paper's equations;
+    the authors' code uses other activations (exp/tanh), so numbers differ from it.
+    """
+
+    model_params: ClassVar[dict[str, float]] = {}
+
+    def __init__(self, ratio: float = 0.1, lambda_: float = 1.0) -> None:
+        self.ratio = _check_fraction("ratio", ratio, low_open=True)
+        self.lambda_ = float(lambda_)
+
+    def merge(self, tensors, base, params, ctx):
+        n = tensors.shape[0]
+        deltas = (tensors - base).reshape(n, -1)
+        intra = torch.softmax(n * _minmax(deltas * deltas), dim=-1)
+        pair = deltas.unsqueeze(1) * deltas.unsqueeze(0)  # (N, N, M)
+        inter = torch.softmax(_minmax(pair), dim=-1).sum(dim=1)
+        balance = intra * inter
+        keep = topk_mask(balance, torch.full((n,), self.ratio))
+        balance = balance * keep
+        total = balance.sum(dim=0)
+        merged = (balance * deltas).sum(dim=0) / torch.where(total > 0, total, torch.ones_like(total))
+        return base + self.lambda_ * merged.reshape(base.shape)
