@@ -13,15 +13,29 @@ from polytask.nn.base import MultiTaskModel, TaskHeads, param_count
 from polytask.nn.layers import BatchedLinear, BatchedMLP, mlp
 from polytask.nn.registry import ARCHITECTURES
 from polytask.nn.shared_bottom import SharedBottom
+from polytask.nn.embedding import DenseFeature, FeatureEmbedding, FeatureSpec, SequenceFeature, SparseFeature
+from polytask.nn.moe import CGC, MMoE, OMoE, PLE
+from polytask.nn.dselect_k import DSelectK
+from polytask.nn.adatt import AdaTT
+from polytask.nn.home import HoME
+from polytask.nn.cross_stitch import CrossStitch
+from polytask.nn.mtan import MTAN
+from polytask.nn.esmm import AITM, ESMM
+from polytask.nn.task_moe import TaskMoE
+from polytask.nn.task_token import TaskTokenAttention
+from polytask.nn.diagnostics import ExpertUsage, expert_usage
 from polytask.tasks import Task
 
 
-def build_model(arch: str, input_dim: int, tasks: Sequence[Task], **params: Any) -> MultiTaskModel:
+def build_model(arch: str, input_dim: int | FeatureSpec, tasks: Sequence[Task], **params: Any) -> MultiTaskModel:
     """Build the architecture registered as ``arch`` for ``tasks`` (params are checked by name)."""
     return ARCHITECTURES.build(arch, input_dim=input_dim, tasks=list(tasks), **params)
 
 
 __all__ = [
+    "AITM", "CGC", "DSelectK", "AdaTT", "CrossStitch", "DenseFeature", "ESMM", "ExpertUsage", "FeatureEmbedding",
+    "FeatureSpec", "HoME", "MMoE", "MTAN", "OMoE", "PLE", "SequenceFeature", "SparseFeature", "TaskMoE",
+    "TaskTokenAttention", "expert_usage",
     "ARCHITECTURES",
     "BatchedLinear",
     "BatchedMLP",
