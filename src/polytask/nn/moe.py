@@ -13,8 +13,10 @@ After each forward a routed model exposes
 
 Which parameters are shared: experts (and the input embeddings) are shared; a task's gate and
 tower are task-specific, since no other task's loss depends on them (Ma et al. 2018 call the
-gates "task-specific"). In CGC/PLE a task's specific experts of the *last* level are
-task-specific too; at lower PLE levels they feed the shared gate, so every task depends on them.
+gates "task-specific"). In CGC/PLE a task's gates (every level) and its specific experts of the
+*last* level are task-specific too; specific experts of lower PLE levels feed the shared gate, so
+every task depends on them. Per-task modules are stacked in one tensor across tasks (slice ``t``
+serves task ``t``), as in :class:`~polytask.nn.base.TaskHeads`.
 """
 
 from __future__ import annotations
@@ -270,9 +272,10 @@ class PLE(RoutedModel):
         self.heads = TaskHeads(self.tasks, expert[-1], check_widths("tower", tower, True), activation, dropout)
 
     def task_specific_parameters(self) -> Iterator[nn.Parameter]:
-        # the last level's specific experts and gates serve one task each; lower levels feed the
-        # shared gate, so every task's loss depends on them
-        return chain(self.heads.parameters(), self.levels[-1].task_parameters())
+        # a task gate only feeds its own task's stream, at every level; the last level's specific
+        # experts serve one task each, while lower levels' specific experts feed the shared gate
+        return chain(self.heads.parameters(), self.levels[-1].task_parameters(),
+                     *(level.task_gates.parameters() for level in self.levels[:-1]))
 
     def forward(self, x: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
         h = self.input(x)
