@@ -346,7 +346,7 @@ class CheckpointWriter:
         self.out_dir = Path(out_dir)
         self.overwrite = overwrite
         if self.out_dir.exists() and not overwrite:
-            raise MergeError(f"output directory {str(self.out_dir)!r} already exists (use overwrite)")
+            raise MergeError(f"output directory {str(self.out_dir)!r} already exists (pass --overwrite / overwrite=True to replace it)")
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise MergeError(f"output path {str(self.out_dir)!r} exists and is not a directory")
         parent = self.out_dir.parent
