@@ -29,14 +29,14 @@ from polytask.errors import ConfigError
 class LazyBuffers(nn.Module):
     """A module whose buffers may be created empty and sized later.
 
-    ``load_state_dict`` replaces a buffer whose saved shape differs (e.g. a fresh balancer that
-    has not seen a step yet) by one of the saved shape, on the buffer's current device.
+    ``load_state_dict`` replaces a buffer whose saved shape or dtype differs (e.g. a fresh balancer
+    that has not seen a step yet) by one of the saved shape and dtype, on the buffer's device.
     """
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         for name, buf in list(self._buffers.items()):
             saved = state_dict.get(prefix + name)
-            if buf is not None and isinstance(saved, Tensor) and saved.shape != buf.shape:
+            if buf is not None and isinstance(saved, Tensor) and (saved.shape != buf.shape or saved.dtype != buf.dtype):
                 self._buffers[name] = torch.empty(saved.shape, dtype=saved.dtype, device=buf.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -112,6 +112,7 @@ class TaskStateBalancer(LossWeighting, LazyBuffers):
     def __init__(self) -> None:
         super().__init__()
         self._task_names: tuple[str, ...] | None = None
+        self._reach_checked = False  # graph check of check_reaches() done (once per balancer)
 
     def _init_state(self, losses: Tensor) -> None:
         raise NotImplementedError
@@ -149,6 +150,30 @@ def require_grad_fn(losses: Mapping[str, Tensor], who: str) -> None:
     for name, value in losses.items():
         if not value.requires_grad:
             raise ConfigError(f"{who}: loss of task {name!r} has no gradient (it does not depend on any trainable tensor)")
+
+
+def check_reaches(losses: Mapping[str, Tensor], targets: Sequence[Tensor], who: str) -> None:
+    """ConfigError naming the first task whose loss does not depend on any of ``targets``.
+
+    Walks each loss's autograd graph in Python, so balancers call it once (at their first step),
+    not at every step.
+    """
+    leaf_ids = {id(t) for t in targets if t.grad_fn is None}
+    target_nodes = {t.grad_fn for t in targets if t.grad_fn is not None}
+    for name, loss in losses.items():
+        seen: set = set()  # autograd nodes keep one Python object each: identity hashing is safe
+        stack = [loss.grad_fn]
+        found = False
+        while stack and not found:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)
+            found = node in target_nodes or (variable is not None and id(variable) in leaf_ids)
+            stack.extend(fn for fn, _ in node.next_functions)
+        if not found:
+            raise ConfigError(f"{who}: loss of task {name!r} does not depend on the shared parameters")
 
 
 def task_jacobian(vec: Tensor, inputs: Sequence[Tensor], names: Sequence[str], who: str) -> Tensor:

@@ -20,6 +20,7 @@ from polytask.balance._loss_state import (
     BufferOptimizer,
     TaskStateBalancer,
     add_to_grads,
+    check_reaches,
     require_grad_fn,
     task_jacobian,
 )
@@ -157,6 +158,9 @@ class DBMTL(TaskStateBalancer):
         self._bind(losses, vec)
         require_grad_fn(losses, "balancer 'db_mtl'")
         params = _shared_list(shared, "db_mtl")
+        if not self._reach_checked:
+            check_reaches(losses, params, "balancer 'db_mtl'")
+            self._reach_checked = True
         log_losses = torch.log(vec + self.eps)
         jac = task_jacobian(log_losses, params, list(losses), "balancer 'db_mtl'")  # (T, D)
         if self.grad_ema.shape != jac.shape:
@@ -259,6 +263,10 @@ class GradNorm(TaskStateBalancer):
         vec = stack_losses(losses)
         self._bind(losses, vec)
         require_grad_fn(losses, "balancer 'gradnorm'")
+        shared = None if shared is None else list(shared)
+        if not self._reach_checked:
+            check_reaches(losses, [self._layer(shared, features)], "balancer 'gradnorm'")
+            self._reach_checked = True
         norms = self.gradient_norms(vec, list(losses), shared, features)
         w = self.loss_weights.clone()
         (w * vec).sum().backward()
