@@ -154,13 +154,13 @@ class Task:
         A batch with no labelled row gives a loss of exactly 0 with a zero gradient: the task
         contributes nothing to that step. No host synchronisation is needed to decide that.
         """
-        per_row = self.loss_per_row(output, target)
         if mask is None:
-            return per_row.mean()
-        m = mask.to(per_row.dtype)
-        # where() keeps NaNs of unlabelled rows (e.g. NaN placeholders) out of the sum and its grad
-        per_row = torch.where(mask, per_row, torch.zeros_like(per_row))
-        return per_row.sum() / m.sum().clamp_min(1.0)
+            return self.loss_per_row(output, target).mean()
+        # unlabelled rows may hold placeholders (NaN): zero them first, or NaN*0 would reach the grad
+        row_mask = mask.reshape(-1, *([1] * (target.ndim - 1)))
+        target = torch.where(row_mask, target, torch.zeros_like(target))
+        per_row = self.loss_per_row(output, target) * mask.to(output.dtype)
+        return per_row.sum() / mask.sum().clamp_min(1).to(per_row.dtype)
 
     # --------------------------------------------------------------- metrics
     @torch.no_grad()

@@ -200,11 +200,11 @@ class Trainer:
             self.step += 1
             for cb in self.callbacks:
                 cb(self, self.step)
-        bad = first_bad.tolist()
-        for task, step in zip(self.tasks, bad):
-            if step >= 0:
-                raise TrainingError(f"loss of task {task.name!r} became NaN or infinite at step {step} "
-                                    f"(epoch {self.epoch}); the last good checkpoint is kept in {self.run_dir}")
+        bad = [(step, task.name) for task, step in zip(self.tasks, first_bad.tolist()) if step >= 0]
+        if bad:
+            step, name = min(bad)  # the task that went first; the others follow through shared weights
+            raise TrainingError(f"loss of task {name!r} became NaN or infinite at step {step} "
+                                f"(epoch {self.epoch}); the last good checkpoint is kept in {self.run_dir}")
         mean_loss = (loss_sum / max(batches, 1)).tolist()
         mean_weight = (weight_sum / max(batches, 1)).tolist()
         return {t.name: {"loss": l, "weight": w} for t, l, w in zip(self.tasks, mean_loss, mean_weight)}
@@ -274,6 +274,7 @@ class Trainer:
                 import shutil
                 shutil.rmtree(ckpt_dir)
             metrics_path.write_text("")
+            torch.manual_seed(self.config.seed)  # dropout & co. draw from the global RNG: restart it
         atomic_write_text(run_dir / "config.yaml", dump_config(self.config))
         history = _read_history(metrics_path)
         if self.reference_losses is None:  # epoch 0: the untrained model, the reference for selection
