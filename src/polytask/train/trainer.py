@@ -90,8 +90,10 @@ class Trainer:
     """Trains one model from a :class:`RunConfig`.
 
     ``splits`` and ``model`` may be passed in (e.g. from Python); by default they are built from
-    the config. ``callbacks`` are called as ``cb(trainer, step)`` after each optimizer step (for
-    monitors; the step number is a Python int, no tensors are synchronised for them).
+    the config. A callback is either a function ``cb(trainer, step)`` called after each optimizer
+    step, or an object with any of ``on_step(trainer, step)``, ``on_epoch_end(trainer, record)``
+    and ``on_fit_end(trainer, result)``. During ``on_step`` the step's batch is
+    ``trainer.last_batch``. The step number is a Python int: nothing is synchronised for callbacks.
     """
 
     def __init__(self, config: RunConfig, splits: Splits | None = None, model: nn.Module | None = None,
@@ -124,6 +126,9 @@ class Trainer:
         self.scheduler = self._build_scheduler()
         self.generator = torch.Generator().manual_seed(config.seed)
         self.callbacks = list(callbacks)
+        self._step_hooks = [getattr(cb, "on_step", cb) for cb in self.callbacks
+                            if callable(getattr(cb, "on_step", cb))]
+        self.last_batch: Any = None
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.run_dir = config.run_dir
         self.step = 0
@@ -198,7 +203,8 @@ class Trainer:
             weight_sum += weights.to(dev, torch.float32)
             batches += 1
             self.step += 1
-            for cb in self.callbacks:
+            self.last_batch = batch
+            for cb in self._step_hooks:
                 cb(self, self.step)
         bad = [(step, task.name) for task, step in zip(self.tasks, first_bad.tolist()) if step >= 0]
         if bad:
@@ -294,6 +300,7 @@ class Trainer:
             record = EpochRecord(epoch, score, train, val, test)
             _append_metrics(metrics_path, record)
             history.append(record)
+            self._notify("on_epoch_end", record)
             if score < self.best_score:
                 self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
                 self._save_best(record)
@@ -318,7 +325,14 @@ class Trainer:
         from polytask.report.summary import write_summary
 
         write_summary(result, self.tasks, self.config)
+        self._notify("on_fit_end", result)
         return result
+
+    def _notify(self, hook: str, arg: Any) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, arg)
 
     def _save_best(self, record: EpochRecord) -> None:
         best_dir = self.run_dir / "best"
