@@ -259,6 +259,7 @@ class QM9Graphs:
             batch=torch.repeat_interleave(torch.arange(len(mols), device=n.device), n),
             ptr=atom_ptr,
             y=targets,
+            max_nodes=int(n.max()) if len(n) else 0,
         )
 
     def batches(
@@ -283,7 +284,8 @@ class GraphBatch:
     """A batch of molecules as one graph: the layout of ``torch_geometric.data.Batch``.
 
     ``edge_index[0]`` is the source, ``edge_index[1]`` the target of each directed edge;
-    ``batch`` maps each atom to its molecule, ``ptr`` gives each molecule's first atom.
+    ``batch`` maps each atom to its molecule, ``ptr`` gives each molecule's first atom;
+    ``max_nodes`` (the largest molecule) is known on the host, so models need no sync for it.
     """
 
     x: Tensor
@@ -293,13 +295,19 @@ class GraphBatch:
     batch: Tensor
     ptr: Tensor
     y: Tensor
+    max_nodes: int
 
     @property
     def num_graphs(self) -> int:
         return int(self.ptr.shape[0] - 1)
 
-    def to(self, device: torch.device | str) -> GraphBatch:
-        return GraphBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> GraphBatch:
+        """A copy on ``device``."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[key] = value.to(device, non_blocking=non_blocking)
+        return GraphBatch(**moved)
 
 
 def _gather_ranges(ptr: Tensor, mols: Tensor) -> tuple[Tensor, Tensor]:
