@@ -80,7 +80,9 @@ class ESMM(MultiTaskModel):
         cond = torch.cat([self.first(h), self.later(h)]).squeeze(-1)  # (T, B) logits of q_k
         joint = F.logsigmoid(cond).cumsum(dim=0)  # log p_k = Σ_{j<=k} log q_j
         self.conditional_logits = per_task(self.task_names, cond.unsqueeze(-1))
-        return per_task(self.task_names, log_sigmoid_to_logit(joint).unsqueeze(-1))
+        # the first step's joint probability is its own: keep its logit exact
+        logits = torch.cat([cond[:1], log_sigmoid_to_logit(joint[1:])])
+        return per_task(self.task_names, logits.unsqueeze(-1))
 
 
 @ARCHITECTURES.register("aitm")
