@@ -411,6 +411,20 @@ def test_gradnorm_weight_update_follows_the_paper():
         torch.testing.assert_close(b.loss_weights, w)
 
 
+def test_gradnorm_target_uses_the_relative_inverse_training_rate_to_the_power_alpha():
+    # w = 1, ‖∇_W L‖ = [0.75, 1.25] -> G = [0.75, 1.25], Ḡ = 1; L/L(0) = [1.6, 2.4] -> r = [0.8, 1.2]
+    norms = torch.tensor([0.75, 1.25], dtype=torch.float64)
+    losses = torch.tensor([1.6, 2.4], dtype=torch.float64)
+    expected = {2.0: [0.75, -1.25],   # targets [0.64, 1.44]: G above, below
+                1.0: [-0.75, 1.25],   # targets [0.8, 1.2]: G below, above
+                0.0: [-0.75, 1.25]}   # targets [1, 1]
+    for alpha, grad in expected.items():
+        b = balance.get("gradnorm", alpha=alpha)
+        b.loss_weights = torch.ones(2, dtype=torch.float64)
+        b.initial_losses = torch.ones(2, dtype=torch.float64)
+        torch.testing.assert_close(b.weight_gradient(losses, norms), torch.tensor(grad, dtype=torch.float64))
+
+
 def test_gradnorm_alpha_zero_equalises_gradient_norms():
     model = Problem(3)
     b = balance.get("gradnorm", alpha=0.0, lr=1e-2, optimizer="adam")
