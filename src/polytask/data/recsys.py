@@ -1,0 +1,160 @@
+"""Loaders for recommendation-style multi-task tables: Census-Income (KDD), AliExpress, Ali-CCP.
+
+They read the preprocessed CSV format that torch-rechub distributes (categorical columns already
+label-encoded as integers, numeric columns min-max scaled): the small ``*_sample.csv`` files and
+the full files in the same format alike. Each loader returns :class:`~polytask.data.Splits` whose
+inputs are a dict of feature tensors and whose ``input_spec`` is a
+:class:`~polytask.nn.embedding.FeatureSpec` (dense columns stacked into one ``dense`` feature, one
+categorical feature per id column), so ``build_model(arch, splits.input_spec, splits.tasks)``
+works unchanged. Embedding-table sizes are ``max id + 1`` over all the splits read.
+
+Files are found in ``root`` as ``{prefix}_{split}.csv`` or ``{prefix}_{split}_sample.csv``
+(``split`` in train / val / test); a data set without a validation file gets one cut from the
+training rows (``val_fraction``, seeded).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from polytask.data.builtin import DATASETS
+from polytask.data.dataset import MultiTaskDataset, Splits
+from polytask.errors import ConfigError, DataError
+from polytask.nn.embedding import DenseFeature, FeatureSpec, SparseFeature
+from polytask.tasks import Task
+
+CENSUS_DENSE = (
+    "age", "wage per hour", "capital gains", "capital losses", "divdends from stocks",
+    "num persons worked for employer", "weeks worked in year",
+)
+
+
+@dataclass(frozen=True)
+class TableFormat:
+    """How to read one data set's CSV columns.
+
+    ``tasks`` maps a task name to its 0/1 label column; ``is_dense`` says whether a feature column
+    is numeric (else it holds integer ids); ``ignore`` lists columns that are neither.
+    """
+
+    prefix: str
+    tasks: dict[str, str]
+    is_dense: Callable[[str], bool]
+    ignore: tuple[str, ...] = ()
+
+
+FORMATS = {
+    "census_income": TableFormat("census_income", {"income": "income", "marital": "marital status"},
+                                 lambda c: c in CENSUS_DENSE),
+    "aliexpress": TableFormat("aliexpress", {"click": "click", "conversion": "conversion"},
+                              lambda c: c.startswith("numerical"), ignore=("search_id",)),
+    "ali_ccp": TableFormat("ali_ccp", {"click": "click", "purchase": "purchase"}, lambda c: c.startswith("D")),
+}
+
+
+def _find(root: Path, prefix: str, split: str) -> Path | None:
+    for name in (f"{prefix}_{split}.csv", f"{prefix}_{split}_sample.csv"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def read_table(path: Path) -> tuple[list[str], np.ndarray]:
+    """Header and ``(rows, columns)`` float64 values of a numeric CSV; DataError naming the file."""
+    with open(path, newline="") as fh:
+        header = next(csv.reader(fh), None)
+    if not header:
+        raise DataError(f"{path}: empty file (expected a header row)")
+    try:
+        values = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
+    except ValueError as exc:
+        raise DataError(f"{path}: not a numeric CSV table ({exc})") from None
+    if values.shape[0] == 0 or values.shape[1] != len(header):
+        raise DataError(f"{path}: {values.shape[1] if values.size else 0} values per row, header has {len(header)}")
+    return header, values
+
+
+def load_table_splits(fmt: TableFormat, root: str | Path, embed_dim: int = 16, val_fraction: float = 0.2,
+                      seed: int = 0) -> Splits:
+    """Read train / (val) / test tables of ``fmt`` from ``root`` into Splits with a FeatureSpec."""
+    root = Path(root)
+    paths = {s: _find(root, fmt.prefix, s) for s in ("train", "val", "test")}
+    for split in ("train", "test"):
+        if paths[split] is None:
+            raise DataError(f"{fmt.prefix}: no {split} file in {root} "
+                            f"(expected {fmt.prefix}_{split}.csv or {fmt.prefix}_{split}_sample.csv)")
+    tables = {s: read_table(p) for s, p in paths.items() if p is not None}
+    header = tables["train"][0]
+    for split, (cols, _) in tables.items():
+        if cols != header:
+            raise DataError(f"{paths[split]}: columns differ from {paths['train'].name}")
+    missing = [c for c in fmt.tasks.values() if c not in header]
+    if missing:
+        raise DataError(f"{paths['train']}: no label column(s) {', '.join(map(repr, missing))}")
+    labels = set(fmt.tasks.values())
+    features = [c for c in header if c not in labels and c not in fmt.ignore]
+    dense = [c for c in features if fmt.is_dense(c)]
+    sparse = [c for c in features if not fmt.is_dense(c)]
+    col = {c: i for i, c in enumerate(header)}
+    vocab = {}
+    for c in sparse:
+        ids = np.concatenate([v[:, col[c]] for _, v in tables.values()])
+        if (ids < 0).any() or (ids != np.round(ids)).any():
+            raise DataError(f"{fmt.prefix}: column {c!r} should hold label-encoded ids (integers >= 0)")
+        vocab[c] = int(ids.max()) + 1
+    spec = FeatureSpec(((DenseFeature("dense", len(dense)),) if dense else ())
+                       + tuple(SparseFeature(c, vocab[c], embed_dim) for c in sparse))
+    tasks = [Task(name, "binary", metrics=("auc", "logloss")) for name in fmt.tasks]
+
+    def dataset(values: np.ndarray) -> MultiTaskDataset:
+        inputs = {c: torch.as_tensor(values[:, col[c]].astype(np.int64)) for c in sparse}
+        if dense:
+            inputs = {"dense": torch.as_tensor(values[:, [col[c] for c in dense]].astype(np.float32)), **inputs}
+        targets = {name: values[:, col[c]] for name, c in fmt.tasks.items()}
+        for name, y in targets.items():
+            if not np.isin(y[~np.isnan(y)], (0.0, 1.0)).all():
+                raise DataError(f"{fmt.prefix}: label column {fmt.tasks[name]!r} of task {name!r} must be 0/1")
+        return MultiTaskDataset.from_numpy(inputs, targets, tasks=tasks)
+
+    train = dataset(tables["train"][1])
+    if "val" in tables:
+        val = dataset(tables["val"][1])
+    else:
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must lie in (0, 1), got {val_fraction}")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        n_val = max(1, int(round(val_fraction * len(train))))
+        train, val = train.subset(order[n_val:]), train.subset(order[:n_val])
+    return Splits(fmt.prefix, tasks, train, val, dataset(tables["test"][1]), spec)
+
+
+@DATASETS.register("census_income", "census")
+def census_income(root: str = "data/recsys", embed_dim: int = 16, val_fraction: float = 0.2, seed: int = 0) -> Splits:
+    """UCI Census-Income (KDD) as in the MMoE (Ma et al., KDD 2018) and PLE (Tang et al., RecSys
+    2020) papers: tasks ``income`` (over 50K) and ``marital`` (never married); 7 dense columns,
+    the rest categorical."""
+    return load_table_splits(FORMATS["census_income"], root, embed_dim, val_fraction, seed)
+
+
+@DATASETS.register("aliexpress")
+def aliexpress(root: str = "data/recsys", embed_dim: int = 16, val_fraction: float = 0.2, seed: int = 0) -> Splits:
+    """AliExpress search logs (used by the PLE and AITM papers): tasks ``click`` and ``conversion``;
+    ``categorical_*`` ids and ``numerical_*`` dense columns (``search_id`` is not a feature)."""
+    return load_table_splits(FORMATS["aliexpress"], root, embed_dim, val_fraction, seed)
+
+
+@DATASETS.register("ali_ccp")
+def ali_ccp(root: str = "data/recsys", embed_dim: int = 16, val_fraction: float = 0.2, seed: int = 0) -> Splits:
+    """Ali-CCP (Ma et al., ESMM, SIGIR 2018): tasks ``click`` and ``purchase`` (click-and-purchase
+    over all impressions, the CTCVR label); ``D*`` columns dense, the others categorical ids."""
+    return load_table_splits(FORMATS["ali_ccp"], root, embed_dim, val_fraction, seed)
+
+
+__all__: Sequence[str] = ["FORMATS", "TableFormat", "ali_ccp", "aliexpress", "census_income", "load_table_splits",
+                          "read_table"]
