@@ -1,0 +1,1 @@
+"""Diagnostics: how tasks help or hurt each other."""
