@@ -1,0 +1,554 @@
+"""QM9 multi-task benchmark: 11 regression targets, one MPNN, any balancer, the published protocol.
+
+Protocol of Navon et al., "Multi-Task Learning as a Bargaining Game" (Nash-MTL, ICML 2022),
+Sec. 6.2, reused by Liu et al., "FAMO: Fast Adaptive Multitask Optimization" (NeurIPS 2023):
+
+- molecules shuffled with the seed: 10,000 test, 10,000 validation, the rest (~110k) train;
+- targets z-scored with the training mean and std; per-target MSE losses; MAE in the original
+  units (:data:`polytask.data.qm9.UNITS`) for evaluation;
+- MPNN of Gilmer et al. (ICML 2017) (:class:`polytask.nn.mpnn.MPNN`); Adam lr 1e-3; batch 120;
+  300 epochs; ``ReduceLROnPlateau`` on the validation Δm% (factor 0.7, patience 5, min lr 1e-5);
+- reported: test MAE per target at the epoch of best validation Δm%, and its Δm% (Maninis et
+  al., CVPR 2019) against single-task MAEs.
+
+The default single-task reference is the published one (:data:`PUBLISHED_STL_MAE`);
+:func:`run_stl` trains our own single-task baselines with the same budget instead. The
+reduced budget (``train_size``, ``epochs``, ``val_size``, ``test_size``) is the same protocol on
+fewer molecules and epochs, for CPUs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polytask.data.qm9 import TARGETS, UNITS, QM9Graphs, load_qm9, require_qm9_dependencies, split_indices
+from polytask.errors import ConfigError, TrainingError
+from polytask.tasks import Task, delta_m
+
+#: Single-task MAEs of the published table (Navon et al., ICML 2022, Table 2, "STL" row); the
+#: unrounded values are those of the authors' released code (``experiments/quantum_chemistry/
+#: utils.py``), which Liu et al. (FAMO, NeurIPS 2023) also use. Units: :data:`UNITS`.
+PUBLISHED_STL_MAE: dict[str, float] = {
+    "mu": 0.0671,
+    "alpha": 0.1814,
+    "homo": 60.576,
+    "lumo": 53.915,
+    "r2": 0.5027,
+    "zpve": 4.539,
+    "U0": 58.838,
+    "U": 64.244,
+    "H": 63.852,
+    "G": 66.223,
+    "cv": 0.07212,
+}
+
+#: Published test Δm% (lower is better) on QM9, 300 epochs, mean of 3 seeds: Navon et al. (ICML
+#: 2022, Table 2) for LS..Nash-MTL and Liu et al. (NeurIPS 2023, Table 3) for FAMO.
+PUBLISHED_DELTA_M: dict[str, float] = {
+    "ls": 177.6,
+    "uw": 108.0,
+    "mgda": 120.5,
+    "pcgrad": 125.7,
+    "cagrad": 112.8,
+    "imtl_g": 77.2,
+    "nash_mtl": 62.0,
+    "famo": 58.5,
+}
+
+#: Display names of the published rows.
+PUBLISHED_LABELS: dict[str, str] = {
+    "ls": "LS", "uw": "UW", "mgda": "MGDA", "pcgrad": "PCGrad", "cagrad": "CAGrad",
+    "imtl_g": "IMTL-G", "nash_mtl": "Nash-MTL", "famo": "FAMO",
+}
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class SeedResult:
+    """One training run (one seed)."""
+
+    seed: int
+    best_epoch: int
+    val_criterion: float
+    test_mae: dict[str, float]
+    epoch_seconds: list[float] = field(default_factory=list)
+    epoch_cpu_seconds: list[float] = field(default_factory=list)
+    final_lr: float = float("nan")
+
+
+@dataclass
+class QM9Result:
+    """All seeds of one method, with the reference used for Δm%."""
+
+    method: str
+    targets: tuple[str, ...]
+    runs: list[SeedResult]
+    reference: dict[str, float]
+    reference_name: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def test_mae(self) -> dict[str, tuple[float, float]]:
+        """Per target: (mean, std over seeds) of the test MAE."""
+        out = {}
+        for t in self.targets:
+            vals = torch.tensor([r.test_mae[t] for r in self.runs], dtype=torch.float64)
+            out[t] = (float(vals.mean()), float(vals.std()) if len(vals) > 1 else 0.0)
+        return out
+
+    def delta_m(self) -> tuple[float, float]:
+        """(mean, std over seeds) of the test Δm% against :attr:`reference`."""
+        vals = torch.tensor([_delta_m(r.test_mae, self.reference, self.targets) for r in self.runs],
+                            dtype=torch.float64)
+        return float(vals.mean()), float(vals.std()) if len(vals) > 1 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> QM9Result:
+        runs = [SeedResult(**r) for r in data["runs"]]
+        return cls(method=data["method"], targets=tuple(data["targets"]), runs=runs,
+                   reference=dict(data["reference"]), reference_name=data["reference_name"],
+                   settings=dict(data.get("settings", {})))
+
+
+def _delta_m(mae: Mapping[str, float], reference: Mapping[str, float], targets: Sequence[str]) -> float:
+    return delta_m({t: {"mae": mae[t]} for t in targets}, {t: {"mae": reference[t]} for t in targets},
+                   metrics={t: ["mae"] for t in targets})
+
+
+# ----------------------------------------------------------------------------- checks
+def check_targets(targets: Sequence[str] | None) -> tuple[str, ...]:
+    """The requested targets in the canonical order; ConfigError naming an unknown one."""
+    if targets is None:
+        return TARGETS
+    for t in targets:
+        if t not in TARGETS:
+            raise ConfigError(f"qm9: unknown target {t!r}; known: {', '.join(TARGETS)}")
+    if not targets:
+        raise ConfigError("qm9: no target selected")
+    return tuple(t for t in TARGETS if t in set(targets))
+
+
+def make_balancer(name: str, params: Mapping[str, Any] | None = None, seed: int | None = None):
+    """The registered balancer ``name`` (ConfigError for an unknown one); a ``seed`` parameter,
+    where the method has one, gets the run's seed unless given."""
+    from polytask import balance
+
+    params = dict(params or {})
+    factory = balance.BALANCERS.lookup(name)
+    try:
+        accepts_seed = "seed" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepts_seed = False
+    if accepts_seed and "seed" not in params and seed is not None:
+        params["seed"] = seed
+    return balance.get(name, **params)
+
+
+def published_key(method: str) -> str | None:
+    """The row of :data:`PUBLISHED_DELTA_M` that ``method`` (a balancer name or alias) is."""
+    from polytask import balance
+
+    try:
+        cls = balance.BALANCERS.lookup(method)
+    except ConfigError:
+        return None
+    for key in PUBLISHED_DELTA_M:
+        for candidate in (key, key.replace("_", "")):
+            if candidate in balance.BALANCERS and balance.BALANCERS.lookup(candidate) is cls:
+                return key
+    return None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None): CUDA when present, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"qm9: bad device {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"qm9: device {device!r} requested but CUDA is not available")
+    return dev
+
+
+# ----------------------------------------------------------------------------- training
+@torch.no_grad()
+def evaluate_mae(model: torch.nn.Module, graphs: QM9Graphs, mols: torch.Tensor, y_z: torch.Tensor,
+                 std: torch.Tensor, targets: Sequence[str], device: torch.device,
+                 batch_size: int = 250) -> torch.Tensor:
+    """Per-target MAE in original units over the molecules ``mols`` (a ``(T,)`` tensor on device)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(len(targets), dtype=torch.float64, device=device)
+    for batch in graphs.batches(mols, batch_size, y=y_z):
+        batch = batch.to(device, non_blocking=True)
+        out = model(batch)
+        pred = torch.cat([out[t] for t in targets], dim=1)
+        total += ((pred - batch.y).abs().double() * std).sum(0)
+    model.train(was_training)
+    return total / len(mols)
+
+
+def train_once(
+    graphs: QM9Graphs,
+    balancer: str = "nash_mtl",
+    *,
+    seed: int = 0,
+    targets: Sequence[str] | None = None,
+    epochs: int = 300,
+    train_size: int | None = None,
+    val_size: int = 10_000,
+    test_size: int = 10_000,
+    batch_size: int = 120,
+    lr: float = 1e-3,
+    device: str | torch.device | None = "auto",
+    reference: Mapping[str, float] | None = None,
+    balancer_params: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> SeedResult:
+    """Train one MPNN with ``balancer`` under the protocol (module doc) and return the test MAE
+    at the best validation epoch.
+
+    With a single target the selection and LR-schedule criterion is that target's validation
+    MAE (the single-task protocol); otherwise the validation Δm% against ``reference``
+    (default :data:`PUBLISHED_STL_MAE`).
+    """
+    from tqdm.auto import tqdm
+
+    from polytask.nn.mpnn import MPNN
+
+    names = check_targets(targets)
+    reference = dict(reference or PUBLISHED_STL_MAE)
+    if epochs < 1:
+        raise ConfigError(f"qm9: epochs must be at least 1, got {epochs}")
+    if batch_size < 1:
+        raise ConfigError(f"qm9: batch size must be at least 1, got {batch_size}")
+    dev = resolve_device(device)
+    bal = make_balancer(balancer, balancer_params, seed).to(dev)
+    split = split_indices(len(graphs), seed, test=test_size, val=val_size, train=train_size)
+    gen = torch.Generator().manual_seed(seed)
+
+    cols = [TARGETS.index(t) for t in names]
+    y = graphs.y[:, cols]
+    mean, std = y[split["train"]].mean(0), y[split["train"]].std(0)
+    y_z = ((y - mean) / std).float()
+    std_dev = std.to(dev)
+    tasks = [Task(t, "regression") for t in names]
+
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)  # the model's initial weights depend on the seed only
+        model = MPNN(graphs.x.shape[1], tasks).to(dev)
+    shared = list(model.shared_parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.7, patience=5,
+                                                           min_lr=1e-5)
+
+    def criterion(val_mae: dict[str, float]) -> float:
+        if len(names) == 1:
+            return val_mae[names[0]]
+        return _delta_m(val_mae, reference, names)
+
+    best = SeedResult(seed=seed, best_epoch=-1, val_criterion=math.inf, test_mae={})
+    best_state: dict[str, torch.Tensor] = {}
+    epoch_seconds: list[float] = []
+    epoch_cpu: list[float] = []  # CPU time of all threads: the machine is shared, wall time is not ours
+    bar = tqdm(range(epochs), desc=f"qm9 {balancer} seed {seed}", unit="epoch", disable=not progress or None)
+    for epoch in bar:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        model.train()
+        loss_sum = torch.zeros(len(names), device=dev)
+        for batch in graphs.batches(split["train"], batch_size, shuffle=True, generator=gen, y=y_z):
+            batch = batch.to(dev, non_blocking=True)
+            out = model(batch)
+            losses = {t.name: t.loss(out[t.name], batch.y[:, i]) for i, t in enumerate(tasks)}
+            optimizer.zero_grad(set_to_none=True)
+            bal.backward(losses, shared=shared, features=model.shared_features)
+            optimizer.step()
+            if bal.needs_post_step_losses:
+                with torch.no_grad():
+                    out = model(batch)
+                    bal.post_step({t.name: t.loss(out[t.name], batch.y[:, i]) for i, t in enumerate(tasks)})
+            loss_sum += torch.stack([v.detach() for v in losses.values()])
+        if hasattr(bal, "end_epoch"):
+            bal.end_epoch()
+        bad = ~torch.isfinite(loss_sum)
+        if bool(bad.any()):  # one sync per epoch
+            raise TrainingError(f"qm9: the loss of target {names[int(bad.nonzero()[0])]!r} became "
+                                f"NaN/inf in epoch {epoch} ({balancer}, seed {seed})")
+        val = evaluate_mae(model, graphs, split["val"], y_z, std_dev, names, dev).tolist()
+        val_mae = dict(zip(names, val))
+        crit = criterion(val_mae)
+        scheduler.step(crit)
+        if crit <= best.val_criterion:
+            best = SeedResult(seed=seed, best_epoch=epoch, val_criterion=crit, test_mae={})
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        epoch_seconds.append(time.perf_counter() - start)
+        epoch_cpu.append(time.process_time() - cpu_start)
+        bar.set_postfix(val=f"{crit:.2f}", best=f"{best.val_criterion:.2f}", lr=optimizer.param_groups[0]["lr"])
+        if log is not None:
+            log(f"epoch {epoch}: train loss {float(loss_sum.sum()):.4f}, val {crit:.3f}, "
+                f"best epoch {best.best_epoch}, {epoch_seconds[-1]:.1f}s wall, {epoch_cpu[-1]:.1f}s CPU")
+    best.final_lr = optimizer.param_groups[0]["lr"]
+    if not best_state:
+        raise TrainingError(f"qm9: no finite validation result in {epochs} epoch(s) ({balancer}, seed {seed})")
+    # the test split is evaluated once, with the weights of the best validation epoch
+    model.load_state_dict(best_state)
+    test = evaluate_mae(model, graphs, split["test"], y_z, std_dev, names, dev).tolist()
+    best.test_mae = dict(zip(names, test))
+    best.epoch_seconds = epoch_seconds
+    best.epoch_cpu_seconds = epoch_cpu
+    return best
+
+
+def run(
+    balancer: str = "nash_mtl",
+    *,
+    seeds: Sequence[int] = (0,),
+    epochs: int = 300,
+    train_size: int | None = None,
+    val_size: int = 10_000,
+    test_size: int = 10_000,
+    batch_size: int = 120,
+    lr: float = 1e-3,
+    device: str | torch.device | None = "auto",
+    targets: Sequence[str] | None = None,
+    reference: Mapping[str, float] | None = None,
+    reference_name: str = "published STL (Navon et al. 2022)",
+    balancer_params: Mapping[str, Any] | None = None,
+    graphs: QM9Graphs | None = None,
+    cache: Path | str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> QM9Result:
+    """Run the QM9 protocol for one balancer over ``seeds`` (defaults: the published protocol).
+
+    ``train_size`` / ``epochs`` / ``val_size`` / ``test_size`` give the reduced budget;
+    ``reference`` replaces the published single-task MAEs (e.g. :func:`run_stl`'s);
+    ``graphs`` replaces the cached full set (e.g. a subset for a quick run).
+    """
+    require_qm9_dependencies()
+    names = check_targets(targets)
+    make_balancer(balancer, balancer_params)  # unknown name / parameter: fail before any work
+    if reference is not None:
+        missing = [t for t in names if t not in reference]
+        if missing:
+            raise ConfigError(f"qm9: the reference has no MAE for target(s) {', '.join(missing)}")
+    graphs = graphs if graphs is not None else load_qm9(cache, progress=progress)
+    runs = [
+        train_once(graphs, balancer, seed=s, targets=names, epochs=epochs, train_size=train_size,
+                   val_size=val_size, test_size=test_size, batch_size=batch_size, lr=lr, device=device,
+                   reference=reference, balancer_params=balancer_params, progress=progress, log=log)
+        for s in seeds
+    ]
+    settings = dict(epochs=epochs, train_size=train_size, val_size=val_size, test_size=test_size,
+                    batch_size=batch_size, lr=lr, device=str(resolve_device(device)), seeds=list(seeds),
+                    balancer_params=dict(balancer_params or {}), num_molecules=len(graphs))
+    return QM9Result(method=balancer, targets=names, runs=runs, reference=dict(reference or PUBLISHED_STL_MAE),
+                     reference_name=reference_name if reference is not None else
+                     "published STL (Navon et al. 2022)", settings=settings)
+
+
+def run_stl(
+    *,
+    seeds: Sequence[int] = (0,),
+    targets: Sequence[str] | None = None,
+    graphs: QM9Graphs | None = None,
+    cache: Path | str | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> QM9Result:
+    """Single-task baselines: one MPNN per target, same budget and selection on its own
+    validation MAE. Returns a result whose per-target test MAE (mean over seeds) can serve as
+    ``reference`` of :func:`run`."""
+    require_qm9_dependencies()
+    names = check_targets(targets)
+    graphs = graphs if graphs is not None else load_qm9(cache, progress=progress)
+    runs = []
+    for s in seeds:
+        mae: dict[str, float] = {}
+        seconds: list[float] = []
+        for t in names:
+            r = train_once(graphs, "ew", seed=s, targets=[t], progress=progress, **kwargs)
+            mae[t] = r.test_mae[t]
+            seconds += r.epoch_seconds
+        runs.append(SeedResult(seed=s, best_epoch=-1, val_criterion=float("nan"), test_mae=mae,
+                               epoch_seconds=seconds))
+    return QM9Result(method="stl", targets=names, runs=runs, reference=dict(PUBLISHED_STL_MAE),
+                     reference_name="published STL (Navon et al. 2022)",
+                     settings={**{k: v for k, v in kwargs.items() if k != "log"}, "seeds": list(seeds)})
+
+
+def stl_reference(stl: QM9Result) -> dict[str, float]:
+    """Mean test MAE per target of single-task runs, for use as ``reference``."""
+    return {t: m for t, (m, _) in stl.test_mae().items()}
+
+
+# ----------------------------------------------------------------------------- reports
+def _fmt(v: float) -> str:
+    if not math.isfinite(v):
+        return "n/a"
+    return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def format_result(result: QM9Result) -> str:
+    """Per-target test MAE next to the single-task reference, then Δm% next to the published row."""
+    mae = result.test_mae()
+    lines = [
+        f"QM9, {result.method}: test MAE at the best validation epoch "
+        f"({len(result.runs)} seed(s); mean ± std)",
+        f"{'target':8} {'unit':12} {'ours':>18} {'single-task':>12}",
+    ]
+    for t in result.targets:
+        m, s = mae[t]
+        lines.append(f"{t:8} {UNITS[t]:12} {_fmt(m) + ' ± ' + _fmt(s):>18} {_fmt(result.reference[t]):>12}")
+    dm, ds = result.delta_m()
+    key = published_key(result.method)
+    published = f"; published {PUBLISHED_LABELS[key]}: {PUBLISHED_DELTA_M[key]:+.1f}" if key else ""
+    lines.append(f"Δm% = {dm:+.1f} ± {ds:.1f} (vs {result.reference_name}){published}")
+    secs = [s for r in result.runs for s in r.epoch_seconds]
+    cpu = [s for r in result.runs for s in r.epoch_cpu_seconds]
+    if secs:
+        lines.append(f"epochs: best {[r.best_epoch for r in result.runs]}; median epoch time "
+                     f"{sorted(secs)[len(secs) // 2]:.1f}s wall, {sorted(cpu)[len(cpu) // 2]:.1f}s CPU "
+                     f"({torch.get_num_threads()} threads) on {result.settings.get('device', '?')}")
+    lines.append("published Δm% (300 epochs, full data): " +
+                 ", ".join(f"{PUBLISHED_LABELS[k]} {v:.1f}" for k, v in PUBLISHED_DELTA_M.items()))
+    return "\n".join(lines)
+
+
+def mean_ranks(results: Sequence[QM9Result]) -> list[float]:
+    """Mean rank of each method over the targets (rank 1 = lowest test MAE; ties share ranks)."""
+    if not results:
+        return []
+    targets = results[0].targets
+    mae = torch.tensor([[r.test_mae()[t][0] for t in targets] for r in results], dtype=torch.float64)
+    # rank of each entry within its column, averaging ties
+    less = (mae.unsqueeze(0) < mae.unsqueeze(1)).sum(1).double()  # strictly better methods
+    equal = (mae.unsqueeze(0) == mae.unsqueeze(1)).sum(1).double()
+    ranks = less + (equal + 1) / 2
+    return ranks.mean(1).tolist()
+
+
+def comparison_markdown(results: Sequence[QM9Result]) -> str:
+    """Markdown table: per-target test MAE, Δm%, published Δm% and mean rank of every method."""
+    if not results:
+        raise ConfigError("qm9: nothing to compare")
+    targets = results[0].targets
+    ranks = mean_ranks(results)
+    head = ["method", *[f"{t} [{UNITS[t]}]" for t in targets], "Δm% (ours)", "Δm% (published)", "MR"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref = results[0].reference
+    rows.append("| single-task ref. | " + " | ".join(_fmt(ref[t]) for t in targets) + " | 0 | 0 | |")
+    order = sorted(range(len(results)), key=lambda i: results[i].delta_m()[0])
+    for i in order:
+        r = results[i]
+        mae = r.test_mae()
+        key = published_key(r.method)
+        pub = f"{PUBLISHED_DELTA_M[key]:.1f}" if key else "–"
+        dm, ds = r.delta_m()
+        rows.append(f"| {r.method} | " + " | ".join(_fmt(mae[t][0]) for t in targets) +
+                    f" | {dm:+.1f} ± {ds:.1f} | {pub} | {ranks[i]:.2f} |")
+    s = results[0].settings
+    note = (f"\nBudget: {s.get('epochs')} epochs, train size {s.get('train_size') or 'all'}, "
+            f"val {s.get('val_size')}, test {s.get('test_size')}, seeds {s.get('seeds')}, device "
+            f"{s.get('device')}. Δm% against {results[0].reference_name}; published Δm% are for "
+            "300 epochs on the full training set (Navon et al. 2022; Liu et al. 2023). "
+            "MR: mean rank over the targets' test MAE (1 = best).\n")
+    return "\n".join(rows) + "\n" + note
+
+
+def comparison_png(results: Sequence[QM9Result], path: Path) -> Path:
+    """The comparison as a figure: Δm% ours vs published per method, with mean ranks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = mean_ranks(results)
+    order = sorted(range(len(results)), key=lambda i: results[i].delta_m()[0])
+    labels = [f"{results[i].method} (MR {ranks[i]:.1f})" for i in order]
+    ours = [results[i].delta_m()[0] for i in order]
+    err = [results[i].delta_m()[1] for i in order]
+    pub = [PUBLISHED_DELTA_M.get(published_key(results[i].method) or "", float("nan")) for i in order]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(order) + 1.5))
+    ypos = torch.arange(len(order)).double()
+    ax.barh(ypos - 0.2, ours, height=0.4, xerr=err, label="ours (reduced budget)" if
+            results[0].settings.get("epochs", 300) < 300 else "ours")
+    ax.barh(ypos + 0.2, pub, height=0.4, label="published (300 epochs, full data)")
+    ax.set_yticks(ypos.tolist(), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("Δm% vs single-task (lower is better)")
+    ax.set_title("QM9: multi-task balancers")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def distinct_balancers() -> list[str]:
+    """One name per registered balancer class (the first name in sorted order)."""
+    from polytask import balance
+
+    seen: dict[Any, str] = {}
+    for name in balance.names():
+        cls = balance.BALANCERS.lookup(name)
+        preferred = published_key(name)
+        if cls not in seen or (preferred is not None and name == preferred):
+            seen[cls] = name
+    return sorted(seen.values())
+
+
+def run_all(
+    out_dir: Path | str,
+    balancers: Sequence[str] | None = None,
+    *,
+    graphs: QM9Graphs | None = None,
+    cache: Path | str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> tuple[list[QM9Result], Path, Path]:
+    """Run every balancer (or ``balancers``) with the same settings; write one JSON per method
+    (a rerun skips methods already done with the same settings), ``qm9_comparison.md`` and
+    ``qm9_comparison.png``. Returns the results and the two report paths."""
+    require_qm9_dependencies()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(balancers) if balancers else distinct_balancers()
+    for n in names:
+        make_balancer(n)  # unknown names fail before any training
+    graphs = graphs if graphs is not None else load_qm9(cache, progress=progress)
+    results = []
+    for n in names:
+        path = out / f"qm9_{n}.json"
+        if path.is_file():
+            done = QM9Result.from_json(json.loads(path.read_text()))
+            if {k: done.settings.get(k) for k in ("epochs", "train_size", "seeds")} == {
+                "epochs": kwargs.get("epochs", 300), "train_size": kwargs.get("train_size"),
+                "seeds": list(kwargs.get("seeds", (0,)))}:
+                results.append(done)
+                continue
+        result = run(n, graphs=graphs, progress=progress, log=log, **kwargs)
+        path.write_text(json.dumps(result.to_json(), indent=1))
+        if log is not None:
+            log(format_result(result))
+        results.append(result)
+    md = out / "qm9_comparison.md"
+    md.write_text("# QM9 balancer comparison\n\n" + comparison_markdown(results))
+    png = comparison_png(results, out / "qm9_comparison.png")
+    return results, md, png
