@@ -512,3 +512,25 @@ def test_backward_makes_no_host_sync(name, monkeypatch):
     for step in range(1, 3):
         run_step(b, model, step)
         b.end_epoch()
+
+
+@pytest.mark.parametrize("name", ["dwa", "db_mtl", "famo", "gradnorm", "imtl_l"])
+def test_a_non_finite_step_does_not_poison_the_state(name):
+    model = Problem(2)
+    b = balance.get(name)
+    run_step(b, model, 0)
+    run_step(b, model, 1)
+    b.end_epoch()
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    model.zero()
+    losses = model.losses(2)
+    losses["t1"] = losses["t1"] * float("nan")
+    b.backward(losses, shared=model.shared(), features=model.z)
+    if b.needs_post_step_losses:
+        b.post_step({k: v.detach() for k, v in losses.items()})
+    b.end_epoch()
+    for key, value in b.state_dict().items():
+        if key == "log_losses_before":  # this step's record, replaced at the next backward
+            continue
+        assert torch.isfinite(value.double()).all(), key
+        assert torch.equal(value, before[key]), key

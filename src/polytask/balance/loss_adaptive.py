@@ -87,7 +87,8 @@ class FAMO(TaskStateBalancer):
         inv = z / losses.clamp_min(self.eps)
         return inv / inv.sum()
 
-    def backward(self, losses, shared=None, features=None) -> Tensor:
+    def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
+                 features: Tensor | None = None) -> Tensor:
         vec = stack_losses(losses)
         self._bind(losses, vec)
         w = self.weights(vec.detach())
@@ -153,7 +154,8 @@ class DBMTL(TaskStateBalancer):
         self.grad_ema = torch.zeros(losses.shape[0], 0, dtype=losses.dtype, device=losses.device)
         self.steps = torch.zeros((), dtype=losses.dtype, device=losses.device)
 
-    def backward(self, losses, shared=None, features=None) -> Tensor:
+    def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
+                 features: Tensor | None = None) -> Tensor:
         vec = stack_losses(losses)
         self._bind(losses, vec)
         require_grad_fn(losses, "balancer 'db_mtl'")
@@ -171,8 +173,9 @@ class DBMTL(TaskStateBalancer):
         with torch.no_grad():
             k = self.steps
             beta_k = torch.where(k > 0, self.beta / k.clamp_min(1) ** self.beta_sigma, torch.zeros_like(k))
-            self.grad_ema.mul_(beta_k).add_((1 - beta_k) * jac)
-            self.steps.add_(1)
+            finite = torch.isfinite(jac).all()  # a NaN step must not poison the moving average
+            self.grad_ema.copy_(torch.where(finite, beta_k * self.grad_ema + (1 - beta_k) * jac, self.grad_ema))
+            self.steps.add_(finite.to(self.steps.dtype))
             norms = self.grad_ema.norm(dim=1)
             alpha = norms.max() / (norms + self.eps)
             shared_update = alpha @ self.grad_ema
@@ -259,7 +262,8 @@ class GradNorm(TaskStateBalancer):
         target = G.mean() * r**self.alpha
         return torch.sign(G - target) * norms
 
-    def backward(self, losses, shared=None, features=None) -> Tensor:
+    def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
+                 features: Tensor | None = None) -> Tensor:
         vec = stack_losses(losses)
         self._bind(losses, vec)
         require_grad_fn(losses, "balancer 'gradnorm'")

@@ -9,11 +9,11 @@ loop only moves the balancer to the device and saves its ``state_dict()``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from polytask.balance._loss_state import BufferOptimizer, TaskStateBalancer
 from polytask.balance.base import LossWeighting, stack_losses
@@ -79,7 +79,8 @@ class UncertaintyWeighting(TaskStateBalancer):
     def weights(self, losses: Tensor) -> Tensor:
         return 0.5 * torch.exp(-self.log_var)
 
-    def backward(self, losses, shared=None, features=None) -> Tensor:
+    def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
+                 features: Tensor | None = None) -> Tensor:
         vec = stack_losses(losses)
         self._bind(losses, vec)
         w = self.weights(vec.detach())
@@ -99,7 +100,7 @@ class DynamicWeightAverage(TaskStateBalancer):
     where ``L_k(t)`` is task k's loss averaged over epoch t; ``λ = 1`` in the first two epochs.
 
     Per-epoch averages: the balancer keeps its own running record — every :meth:`backward` adds
-    the detached losses to an on-device sum — and the training loop must call :meth:`end_epoch`
+    the detached losses to an on-device sum (skipping non-finite ones) — and the training loop must call :meth:`end_epoch`
     after each epoch, which turns the sums into that epoch's averages and sets the weights of the
     next epoch. (polytask's Trainer calls it; in your own loop, call it yourself.)
 
@@ -114,7 +115,7 @@ class DynamicWeightAverage(TaskStateBalancer):
         self.temperature = _positive(temperature, "temperature", "dwa")
         for name in ("weights_now", "epoch_sum", "last_avg", "before_last_avg"):
             self.register_buffer(name, torch.zeros(0))
-        self.register_buffer("epoch_steps", torch.zeros(()))
+        self.register_buffer("epoch_steps", torch.zeros(0))
         self.register_buffer("epochs_done", torch.zeros(()))
 
     def _init_state(self, losses: Tensor) -> None:
@@ -122,19 +123,21 @@ class DynamicWeightAverage(TaskStateBalancer):
         self.epoch_sum = torch.zeros_like(losses)
         self.last_avg = torch.ones_like(losses)
         self.before_last_avg = torch.ones_like(losses)
-        self.epoch_steps = torch.zeros((), dtype=losses.dtype, device=losses.device)
+        self.epoch_steps = torch.zeros_like(losses)
         self.epochs_done = torch.zeros((), dtype=losses.dtype, device=losses.device)
 
     def weights(self, losses: Tensor) -> Tensor:
         return self.weights_now.clone()
 
-    def backward(self, losses, shared=None, features=None) -> Tensor:
+    def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
+                 features: Tensor | None = None) -> Tensor:
         vec = stack_losses(losses)
         self._bind(losses, vec)
         w = self.weights(vec.detach())
         (w * vec).sum().backward()
-        self.epoch_sum.add_(vec.detach())
-        self.epoch_steps.add_(1)
+        finite = torch.isfinite(vec.detach())  # a NaN step must not poison the epoch's average
+        self.epoch_sum.add_(torch.where(finite, vec.detach(), torch.zeros_like(self.epoch_sum)))
+        self.epoch_steps.add_(finite.to(self.epoch_steps.dtype))
         return w
 
     @torch.no_grad()
@@ -142,7 +145,7 @@ class DynamicWeightAverage(TaskStateBalancer):
         """Close the epoch: its average losses become ``L(t−1)``; set the next epoch's weights."""
         if self.weights_now.numel() == 0:  # no step seen yet: nothing to average
             return
-        seen = self.epoch_steps > 0
+        seen = (self.epoch_steps > 0).all()
         avg = self.epoch_sum / self.epoch_steps.clamp_min(1)
         self.before_last_avg.copy_(torch.where(seen, self.last_avg, self.before_last_avg))
         self.last_avg.copy_(torch.where(seen, avg, self.last_avg))
@@ -280,7 +283,8 @@ class IMTLL(TaskStateBalancer):
     def weights(self, losses: Tensor) -> Tensor:
         return torch.exp(self.log_scale)
 
-    def backward(self, losses, shared=None, features=None) -> Tensor:
+    def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
+                 features: Tensor | None = None) -> Tensor:
         vec = stack_losses(losses)
         self._bind(losses, vec)
         w = self.weights(vec.detach())
