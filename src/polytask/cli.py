@@ -73,6 +73,42 @@ def merge(
     typer.echo(f"merged checkpoint: {run_merge(config, out_dir, overwrite=overwrite)}")
 
 
+@app.command()
+def analyze(
+    target: Annotated[Path, typer.Argument(help="YAML run config (trained with monitors) or a run directory.")],
+    what: Annotated[str, typer.Option(help="Comma list of conflict, affinity, grouping, experts, transfer, "
+                                           "check (or all). transfer and check train extra models.")]
+    = "conflict,affinity,grouping,experts",
+    k: Annotated[int, typer.Option(help="Number of task groups.")] = 2,
+    overlap: Annotated[bool, typer.Option(help="Let groups overlap (Fifty et al.); default: a partition.")] = False,
+    every: Annotated[int, typer.Option(help="Sample conflict/affinity every N steps.")] = 10,
+    lr: Annotated[Optional[float], typer.Option(help="Lookahead step size (default: the optimizer's lr).")] = None,
+    groups: Annotated[str, typer.Option(help="Layer groups for conflict: module, layer or tensor.")] = "module",
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs of each transfer/check run.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key.")] = None,
+) -> None:
+    """Show how tasks help or hurt each other: gradient conflict, inter-task affinity, task
+    grouping, expert usage, measured pairwise transfer; JSON and heatmaps into the run directory."""
+    from polytask.analyze.runner import AnalyzeOptions, analyze as run_analyze, parse_what
+
+    options = AnalyzeOptions(what=parse_what(what), every=every, lr=lr, groups=groups, k=k, overlap=overlap,
+                             epochs=epochs)
+    _, notes = run_analyze(target, options, list(set_ or []))
+    typer.echo("\n\n".join(notes))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (after train and/or analyze).")],
+    out: Annotated[Optional[Path], typer.Option(help="Output file (default RUN_DIR/report.html).")] = None,
+) -> None:
+    """Write one self-contained HTML page (figures embedded) with the run's curves, metric tables,
+    diagnostics matrices and expert usage."""
+    from polytask.report.html import write_report
+
+    typer.echo(f"report: {write_report(run_dir, out)}")
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit status 2."""
     try:

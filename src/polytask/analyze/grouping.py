@@ -47,7 +47,8 @@ Group = tuple[int, ...]
 class Grouping:
     """Chosen groups (task names), each task's predicted score and the total.
 
-    ``serving[task]``: index of the group that serves the task (its best group).
+    ``serving[task]``: index of the group that serves the task (its best group);
+    ``group_totals[g]``: ``Σ_{j∈G} s(j | G)``, the predicted score of group g on its own.
     """
 
     tasks: list[str]
@@ -57,15 +58,18 @@ class Grouping:
     overlap: bool
     method: str
     serving: dict[str, int]
+    group_totals: list[float]
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "grouping", "tasks": self.tasks, "groups": self.groups, "task_scores": self.task_scores,
-                "total": self.total, "overlap": self.overlap, "method": self.method, "serving": self.serving}
+                "total": self.total, "overlap": self.overlap, "method": self.method, "serving": self.serving,
+                "group_totals": self.group_totals}
 
     @classmethod
     def from_json(cls, p: dict[str, Any]) -> Grouping:
         return cls(list(p["tasks"]), [list(g) for g in p["groups"]], dict(p["task_scores"]), float(p["total"]),
-                   bool(p["overlap"]), str(p["method"]), {k: int(v) for k, v in p["serving"].items()})
+                   bool(p["overlap"]), str(p["method"]), {k: int(v) for k, v in p["serving"].items()},
+                   [float(v) for v in p["group_totals"]])
 
     def save(self, run_dir: Path, name: str = "grouping") -> Path:
         return write_json(analysis_path(run_dir, name), self.to_json())
@@ -286,4 +290,5 @@ def group_tasks(affinity: Tensor, k: int, tasks: list[str] | None = None, overla
         groups = _partition_exact(a, k) if exact else _greedy_partition(a, k)
     total, per_task, serving = grouping_score(a, groups)
     return Grouping(names, [[names[j] for j in g] for g in groups], {names[j]: per_task[j] for j in range(t)},
-                    total, overlap, "exact" if exact else "greedy", {names[j]: serving[j] for j in range(t)})
+                    total, overlap, "exact" if exact else "greedy", {names[j]: serving[j] for j in range(t)},
+                    [_total(a, [g]) for g in groups])
