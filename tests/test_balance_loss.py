@@ -534,3 +534,29 @@ def test_a_non_finite_step_does_not_poison_the_state(name):
             continue
         assert torch.isfinite(value.double()).all(), key
         assert torch.equal(value, before[key]), key
+
+
+def test_gradnorm_matches_torch_rechub_where_both_follow_the_paper():
+    """torch-rechub's ``gradnorm`` targets ``Ḡ · mean(L̃)^α`` for every task (not the paper's
+    per-task ``r_t^α``); with ``α = 0`` both are the paper's ``Ḡ``: same weight gradient, same model gradient."""
+    rechub = pytest.importorskip("torch_rechub.utils.mtl")
+    model_ours, model_peer = Problem(3, seed=4), Problem(3, seed=4)
+    ours = balance.get("gradnorm", alpha=0.0)
+    ours.backward(model_ours.losses(0), shared=model_ours.shared())  # L(0) and binding
+    start = torch.tensor([1.3, 0.4, 1.3], dtype=torch.float64)
+    ours.loss_weights.copy_(start)
+    peer_weights = nn.ParameterList(nn.Parameter(w.reshape(1).clone()) for w in start)
+    initial = ours.initial_losses.tolist()
+
+    model_ours.zero()
+    losses = model_ours.losses(1)
+    vec = torch.stack(list(losses.values())).detach()
+    norms = ours.gradient_norms(torch.stack(list(losses.values())), list(losses), model_ours.shared(), None)
+    expected_w_grad = ours.weight_gradient(vec, norms)
+    ours.backward(losses, shared=model_ours.shared())
+
+    model_peer.zero()
+    peer_losses = list(model_peer.losses(1).values())
+    rechub.gradnorm(peer_losses, peer_weights, model_peer.trunk[2].weight, initial, 0.0)
+    torch.testing.assert_close(torch.cat([w.grad for w in peer_weights]), expected_w_grad)
+    torch.testing.assert_close(model_ours.grads(), model_peer.grads())
