@@ -35,6 +35,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,7 +113,7 @@ SOURCE_SMILES_ORDER, SOURCE_SMILES_MATCH, SOURCE_GEOMETRY = 0, 1, 2
 
 NUM_NODE_FEATURES = 11
 NUM_EDGE_FEATURES = 5
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _CACHE_NAME = f"qm9_graphs_v{_CACHE_VERSION}.pt"
 _DEPS = ("qm9pack", "rdkit", "torch_geometric")
 
@@ -183,7 +184,8 @@ class QM9Graphs:
         pos: ``(A, 3)`` coordinates in Å, float32.
         atom_ptr: ``(N+1,)`` molecule ``i`` owns atoms ``atom_ptr[i]:atom_ptr[i+1]``.
         bonds: ``(Bd, 2)`` bonded atom pairs, indices local to their molecule, each bond once.
-        bond_type: ``(Bd,)`` 0 single, 1 double, 2 triple, 3 aromatic.
+        bond_type: ``(Bd,)`` 0 single, 1 double, 2 triple, 3 aromatic (RDKit's aromaticity).
+        bond_type_kekule: ``(Bd,)`` the same bonds in a Kekulé form (no aromatic type).
         bond_ptr: ``(N+1,)`` molecule ``i`` owns bonds ``bond_ptr[i]:bond_ptr[i+1]``.
         y: ``(N, 11)`` targets in :data:`TARGETS` order and :data:`UNITS`, float64.
         index: ``(N,)`` QM9 molecule number (1..133,885).
@@ -196,6 +198,7 @@ class QM9Graphs:
     atom_ptr: Tensor
     bonds: Tensor
     bond_type: Tensor
+    bond_type_kekule: Tensor
     bond_ptr: Tensor
     y: Tensor
     index: Tensor
@@ -223,9 +226,21 @@ class QM9Graphs:
         bonds, bond_ptr = _gather_ranges(self.bond_ptr, mols)
         return QM9Graphs(
             x=self.x[atoms], z=self.z[atoms], pos=self.pos[atoms], atom_ptr=atom_ptr,
-            bonds=self.bonds[bonds], bond_type=self.bond_type[bonds], bond_ptr=bond_ptr,
+            bonds=self.bonds[bonds], bond_type=self.bond_type[bonds],
+            bond_type_kekule=self.bond_type_kekule[bonds], bond_ptr=bond_ptr,
             y=self.y[mols], index=self.index[mols], source=self.source[mols],
         )
+
+    def pyg_compatible(self) -> QM9Graphs:
+        """The features of PyTorch Geometric's ``QM9`` set as the published numbers used them.
+
+        PyG reads the SDF without sanitising, so its aromatic and sp/sp2/sp3 node features are
+        all zero and its bonds are in Kekulé form (pyg-team/pytorch_geometric issues #2163,
+        #8370). This copy zeroes node columns 6-9 and uses the Kekulé bond types.
+        """
+        x = self.x.clone()
+        x[:, 6:10] = 0
+        return dataclasses.replace(self, x=x, bond_type=self.bond_type_kekule)
 
     def batch(self, mols: Tensor, y: Tensor | None = None) -> GraphBatch:
         """The molecules ``mols`` as one fully connected graph batch (PyG layout).
@@ -358,9 +373,9 @@ def _parse_elements(column: Sequence[str]) -> np.ndarray:
         raise DataError(f"qm9: unknown element {exc.args[0]!r} in column Elements") from exc
 
 
-def _rdkit_heavy_atoms(smiles: str) -> tuple[list[int], list[int], list[int], list[int], list[tuple[int, int, int]]]:
+def _rdkit_heavy_atoms(smiles: str) -> tuple[list[int], list[int], list[int], list[int], list[tuple[int, int, int, int]]]:
     """From a SMILES: per heavy atom (type, aromatic, hybridisation 0 none/1 sp/2 sp2/3 sp3,
-    attached H count) and the heavy-heavy bonds ``(i, j, type)``."""
+    attached H count) and the heavy-heavy bonds ``(i, j, type, Kekulé type)``."""
     from rdkit import Chem
 
     mol = Chem.MolFromSmiles(smiles)
@@ -372,7 +387,10 @@ def _rdkit_heavy_atoms(smiles: str) -> tuple[list[int], list[int], list[int], li
     arom = [int(a.GetIsAromatic()) for a in mol.GetAtoms()]
     hybs = [hyb.get(a.GetHybridization(), 0) for a in mol.GetAtoms()]
     hs = [a.GetTotalNumHs() for a in mol.GetAtoms()]
-    bonds = [(b.GetBeginAtomIdx(), b.GetEndAtomIdx(), btype[b.GetBondType()]) for b in mol.GetBonds()]
+    kinds = [btype[b.GetBondType()] for b in mol.GetBonds()]
+    Chem.Kekulize(mol, clearAromaticFlags=True)  # bond indices are kept
+    bonds = [(b.GetBeginAtomIdx(), b.GetEndAtomIdx(), k, btype[b.GetBondType()])
+             for b, k in zip(mol.GetBonds(), kinds)]
     return types, arom, hybs, hs, bonds
 
 
@@ -464,10 +482,15 @@ def _features_from_mol(mol, mapping: np.ndarray, n: int) -> dict[str, np.ndarray
     for a in mol.GetAtoms():
         arom[mapping[a.GetIdx()]] = int(a.GetIsAromatic())
         hybs[mapping[a.GetIdx()]] = hyb.get(a.GetHybridization(), 0)
+    kinds = [btype.get(b.GetBondType(), 0) for b in mol.GetBonds()]
+    try:
+        Chem.Kekulize(mol, clearAromaticFlags=True)
+    except Exception:  # noqa: BLE001  (a geometry-perceived molecule may not kekulize; keep types)
+        pass
     bonds = np.array(
-        [(mapping[b.GetBeginAtomIdx()], mapping[b.GetEndAtomIdx()], btype.get(b.GetBondType(), 0))
-         for b in mol.GetBonds()], dtype=np.int64,
-    ).reshape(-1, 3)
+        [(mapping[b.GetBeginAtomIdx()], mapping[b.GetEndAtomIdx()], k, btype.get(b.GetBondType(), 0))
+         for b, k in zip(mol.GetBonds(), kinds)], dtype=np.int64,
+    ).reshape(-1, 4)
     return {"aromatic": arom, "hyb": hybs, "bonds": bonds}
 
 
@@ -556,9 +579,9 @@ def build_graphs(frame: "pd.DataFrame", progress: bool = True, workers: int = 1)
     ok &= np.bincount(mol_of_heavy, weights=(geo_nhs[geo_of_heavy] != h_nhs) & ok_atoms, minlength=num) == 0
 
     # heavy-heavy bonds from the SMILES, mapped to geometry indices and checked against distance
-    hb = [np.asarray(r[4], np.int64).reshape(-1, 3) for r in results]
+    hb = [np.asarray(r[4], np.int64).reshape(-1, 4) for r in results]
     n_hb = np.array([len(b) for b in hb], np.int64)
-    hb = np.concatenate(hb) if hb else np.zeros((0, 3), np.int64)
+    hb = np.concatenate(hb) if hb else np.zeros((0, 4), np.int64)
     hb_mol = np.repeat(np.arange(num), n_hb)
     gi = geo_of_heavy[heavy_ptr[hb_mol] + hb[:, 0]]
     gj = geo_of_heavy[heavy_ptr[hb_mol] + hb[:, 1]]
@@ -573,9 +596,10 @@ def build_graphs(frame: "pd.DataFrame", progress: bool = True, workers: int = 1)
     hyb[geo_of_heavy] = np.where(ok_atoms, h_hyb, 0)
     keep_hb = ok[hb_mol]
     keep_h = ok[h_mol]
+    single = np.zeros(keep_h.sum(), np.int64)
     bond_rows = [
-        np.stack([hb_mol[keep_hb], gi[keep_hb], gj[keep_hb], hb[keep_hb, 2]], 1),
-        np.stack([h_mol[keep_h], h_parent[keep_h], h_atoms[keep_h], np.zeros(keep_h.sum(), np.int64)], 1),
+        np.stack([hb_mol[keep_hb], gi[keep_hb], gj[keep_hb], hb[keep_hb, 2], hb[keep_hb, 3]], 1),
+        np.stack([h_mol[keep_h], h_parent[keep_h], h_atoms[keep_h], single, single], 1),
     ]
     source = np.full(num, SOURCE_SMILES_ORDER, np.int64)
     for m in np.flatnonzero(~ok):
@@ -583,11 +607,11 @@ def build_graphs(frame: "pd.DataFrame", progress: bool = True, workers: int = 1)
         source[m], feats = _match_molecule(smiles[m], types[a0:a1], pos[a0:a1])
         aromatic[a0:a1], hyb[a0:a1] = feats["aromatic"], feats["hyb"]
         b = feats["bonds"]
-        bond_rows.append(np.stack([np.full(len(b), m), b[:, 0] + a0, b[:, 1] + a0, b[:, 2]], 1))
+        bond_rows.append(np.stack([np.full(len(b), m), b[:, 0] + a0, b[:, 1] + a0, b[:, 2], b[:, 3]], 1))
 
     bonds = np.concatenate(bond_rows)
     bonds = bonds[np.lexsort((bonds[:, 2], bonds[:, 1], bonds[:, 0]))]
-    bond_mol, bi, bj, bt = bonds.T
+    bond_mol, bi, bj, bt, bk = bonds.T
     # hydrogens bonded to each atom, counted on the final bond list (as PyG counts them)
     num_hs = np.bincount(bi[types[bj] == 0], minlength=len(types)) + np.bincount(
         bj[types[bi] == 0], minlength=len(types)
@@ -611,6 +635,7 @@ def build_graphs(frame: "pd.DataFrame", progress: bool = True, workers: int = 1)
         atom_ptr=torch.tensor(atom_ptr),
         bonds=torch.tensor(np.stack([bi - atom_ptr[bond_mol], bj - atom_ptr[bond_mol]], 1)),
         bond_type=torch.tensor(bt),
+        bond_type_kekule=torch.tensor(bk),
         bond_ptr=torch.tensor(bond_ptr),
         y=torch.tensor(_targets(frame, types, mol_of_atom, num)),
         index=torch.tensor(frame["Index"].to_numpy(np.int64)),

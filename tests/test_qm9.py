@@ -1,0 +1,321 @@
+"""QM9 benchmark: graph features against hand-derived values, the MPNN against PyG's NNConv,
+a tiny end-to-end run and the bad inputs."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from polytask.errors import ConfigError
+
+SAMPLE = Path(__file__).parent / "data" / "qm9" / "sample.csv"
+HARTREE_MEV = 27.211386246 * 1000  # CODATA 2014, as PyG
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def frame():
+    pd = pytest.importorskip("pandas")
+    return pd.read_csv(SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def graphs(frame):
+    pytest.importorskip("rdkit")
+    from polytask.data.qm9 import build_graphs
+
+    return build_graphs(frame, progress=False)
+
+
+def _mol(graphs, frame, smiles):
+    """(row, atoms slice, local bonds {(i, j): type}, kekule types) of the molecule ``smiles``."""
+    row = int(frame.index[frame.SMILES == smiles][0])
+    a0, a1 = int(graphs.atom_ptr[row]), int(graphs.atom_ptr[row + 1])
+    b0, b1 = int(graphs.bond_ptr[row]), int(graphs.bond_ptr[row + 1])
+    bonds = {tuple(sorted(map(int, graphs.bonds[k]))): int(graphs.bond_type[k]) for k in range(b0, b1)}
+    kek = {tuple(sorted(map(int, graphs.bonds[k]))): int(graphs.bond_type_kekule[k]) for k in range(b0, b1)}
+    return row, slice(a0, a1), bonds, kek
+
+
+def _coords(frame, row):
+    return [list(map(float, p)) for p in ast.literal_eval(frame.XYZ_Ang[row])]
+
+
+# x columns: H C N O F | Z | aromatic | sp sp2 sp3 | num_hs
+H_ROW = [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]
+
+
+# ----------------------------------------------------------------------------- features
+def test_methane_atoms_bonds_and_distances(graphs, frame):
+    row, atoms, bonds, _ = _mol(graphs, frame, "C")
+    x = graphs.x[atoms]
+    assert x.shape == (5, 11)
+    assert x[0].tolist() == [0, 1, 0, 0, 0, 6, 0, 0, 0, 1, 4]  # sp3 carbon with 4 H
+    assert all(r == H_ROW for r in x[1:].tolist())
+    assert bonds == {(0, 1): 0, (0, 2): 0, (0, 3): 0, (0, 4): 0}  # four single C-H
+    batch = graphs.batch(torch.tensor([row]))
+    assert batch.edge_index.shape == (2, 20)  # 5 * 4 ordered pairs, no self loops
+    xyz = _coords(frame, row)
+    for (s, d), attr in zip(batch.edge_index.t().tolist(), batch.edge_attr.tolist()):
+        assert attr[4] == pytest.approx(math.dist(xyz[s], xyz[d]), abs=1e-5)
+        assert attr[:4] == ([1, 0, 0, 0] if 0 in (s, d) else [0, 0, 0, 0])  # H-H pairs: no bond
+
+
+def test_bond_orders_hybridisation_and_h_counts(graphs, frame):
+    _, atoms, bonds, _ = _mol(graphs, frame, "C#C")
+    x = graphs.x[atoms]
+    assert bonds[(0, 1)] == 2  # triple
+    assert x[0].tolist() == [0, 1, 0, 0, 0, 6, 0, 1, 0, 0, 1] == x[1].tolist()  # sp, one H each
+    _, atoms, bonds, _ = _mol(graphs, frame, "C=O")
+    x = graphs.x[atoms]
+    assert bonds[(0, 1)] == 1  # double
+    assert x[0].tolist() == [0, 1, 0, 0, 0, 6, 0, 0, 1, 0, 2]  # sp2 carbon, two H
+    assert x[1].tolist() == [0, 0, 0, 1, 0, 8, 0, 0, 1, 0, 0]  # sp2 oxygen
+    _, atoms, bonds, _ = _mol(graphs, frame, "O")
+    assert graphs.x[atoms][0].tolist() == [0, 0, 0, 1, 0, 8, 0, 0, 0, 1, 2]
+    _, atoms, bonds, _ = _mol(graphs, frame, "FC(F)(F)F")
+    x = graphs.x[atoms]
+    assert x[:, 4].sum() == 4 and (x[x[:, 4] == 1][:, 5] == 9).all()
+    assert sorted(bonds.values()) == [0, 0, 0, 0]
+
+
+def test_aromatic_ring_and_kekule_form(graphs, frame):
+    _, atoms, bonds, kek = _mol(graphs, frame, "N1C=CC=C1")  # pyrrole
+    x = graphs.x[atoms]
+    ring = [i for i, r in enumerate(x.tolist()) if r[0] == 0]
+    assert len(ring) == 5 and all(x[i, 6] == 1 and x[i, 8] == 1 for i in ring)  # aromatic, sp2
+    n = [i for i in ring if x[i, 2] == 1][0]
+    assert x[n, 10] == 1  # N-H
+    ring_bonds = [b for b in bonds if b[0] in ring and b[1] in ring]
+    assert len(ring_bonds) == 5 and all(bonds[b] == 3 for b in ring_bonds)
+    assert sorted(kek[b] for b in ring_bonds) == [0, 0, 0, 1, 1]  # Kekulé: 3 single, 2 double
+    pyg = graphs.pyg_compatible()
+    assert pyg.x[:, 6:10].abs().sum() == 0 and not (pyg.bond_type == 3).any()
+
+
+def test_reordered_and_strained_molecules_get_correct_bonds(graphs, frame):
+    from polytask.data.qm9 import SOURCE_SMILES_MATCH
+
+    # butadiyne's atoms are listed in another order than its SMILES: matched atom by atom
+    row, atoms, bonds, _ = _mol(graphs, frame, "C#CC#C")
+    assert int(graphs.source[row]) == SOURCE_SMILES_MATCH
+    xyz = _coords(frame, row)
+    cc = {b: t for b, t in bonds.items() if graphs.x[atoms][b[0], 1] == 1 and graphs.x[atoms][b[1], 1] == 1}
+    assert sorted(cc.values()) == [0, 2, 2]
+    for (i, j), t in cc.items():  # triple bonds are the short ones (1.21 Å vs 1.37 Å)
+        assert (math.dist(xyz[i], xyz[j]) < 1.25) == (t == 2)
+    # bicyclo[1.1.1]pentane: the short transannular C...C distance is not a bond
+    _, atoms, bonds, _ = _mol(graphs, frame, "C1C2CC1C2")
+    x = graphs.x[atoms]
+    assert x.shape[0] == 13 and len(bonds) == 6 + 8
+    assert (x[x[:, 1] == 1][:, 9] == 1).all()  # every carbon sp3
+
+
+def test_targets_in_published_units(graphs, frame):
+    from polytask.data.qm9 import TARGETS
+
+    row = int(frame.index[frame.SMILES == "C"][0])
+    y = dict(zip(TARGETS, graphs.y[row].tolist()))
+    # free-atom energies of H and C (Ramakrishnan et al. 2014, atomref table), Hartree
+    ref = {"U0": (-0.500273, -37.846772), "U": (-0.498857, -37.845355),
+           "H": (-0.497912, -37.844411), "G": (-0.510927, -37.861317)}
+    total = {"U0": -40.47893, "U": -40.476062, "H": -40.475117, "G": -40.498597}
+    for k in ref:
+        assert y[k] == pytest.approx((total[k] - 4 * ref[k][0] - ref[k][1]) * HARTREE_MEV, abs=1e-6)
+    assert y["U0"] == pytest.approx(-17172.2, abs=0.5)  # methane atomization energy, -17.17 eV
+    assert y["homo"] == pytest.approx(-0.3877 * HARTREE_MEV)
+    assert y["lumo"] == pytest.approx(0.1171 * HARTREE_MEV)
+    assert y["zpve"] == pytest.approx(0.044749 * HARTREE_MEV)
+    assert (y["mu"], y["alpha"], y["r2"], y["cv"]) == pytest.approx((0.0, 13.21, 35.3641, 6.469))
+
+
+def test_batch_layout_and_subset(graphs, frame):
+    rows = [int(frame.index[frame.SMILES == s][0]) for s in ("C", "O")]
+    batch = graphs.batch(torch.tensor(rows))
+    assert batch.x.shape[0] == 8 and batch.edge_index.shape[1] == 20 + 6
+    assert batch.batch.tolist() == [0] * 5 + [1] * 3 and batch.ptr.tolist() == [0, 5, 8]
+    assert batch.max_nodes == 5
+    water = batch.edge_attr[20:]
+    assert water[:, :4].sum() == 4  # 2 O-H bonds, both directions; the H...H pair has none
+    sub = graphs.subset(torch.tensor(rows[::-1]))
+    assert torch.equal(sub.batch(torch.tensor([1, 0])).edge_attr, batch.edge_attr)
+
+
+def test_split_is_seeded_disjoint_and_sized():
+    from polytask.data.qm9 import split_indices
+
+    a, b = split_indices(100, 3, test=10, val=20, train=30), split_indices(100, 3, test=10, val=20, train=30)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [len(a[k]) for k in ("test", "val", "train")] == [10, 20, 30]
+    assert len(torch.cat(list(a.values())).unique()) == 60
+    assert not torch.equal(split_indices(100, 4, 10, 20)["test"], a["test"])
+    with pytest.raises(ConfigError, match="no training molecule"):
+        split_indices(30, 0, test=10, val=20)
+
+
+def test_cache_is_written_once_and_reloaded(frame, tmp_path, monkeypatch):
+    pytest.importorskip("rdkit")
+    from polytask.data import qm9
+
+    monkeypatch.setattr(qm9, "read_qm9pack", lambda nrows=None: frame)
+    first = qm9.load_qm9(tmp_path, progress=False, workers=1)
+    assert (tmp_path / qm9._CACHE_NAME).is_file()
+
+    def fail(nrows=None):
+        raise AssertionError("rebuilt instead of loading the cache")
+
+    monkeypatch.setattr(qm9, "read_qm9pack", fail)
+    again = qm9.load_qm9(tmp_path, progress=False)
+    assert all(torch.equal(v, again.state()[k]) for k, v in first.state().items())
+
+
+# ----------------------------------------------------------------------------- model
+def test_edge_network_conv_equals_pyg_nnconv():
+    pytest.importorskip("torch_geometric")
+    from torch_geometric.nn import NNConv
+
+    from polytask.nn.mpnn import EdgeNetworkConv
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [3, 5, 2]
+    batch = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    # a sparse, irregular edge set with one duplicated edge and an isolated node (graph 2, node 1)
+    edges = [(0, 1), (1, 0), (2, 0), (3, 4), (4, 5), (5, 6), (7, 3), (6, 4), (4, 3), (8, 8), (3, 4)]
+    edge_index = torch.tensor(edges).t()
+    edge_attr = torch.randn(len(edges), 5, generator=gen)
+    conv = EdgeNetworkConv(6, 4, edge_dim=5, hidden=7)
+    ref = NNConv(6, 4, torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 24)), aggr="mean")
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(10, 6, generator=gen, requires_grad=True)
+    ours = conv(x, edge_index, edge_attr, batch, num_graphs=3, max_nodes=5)
+    theirs = ref(x, edge_index, edge_attr)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(ours.square().sum(), [x, *conv.parameters()])
+    g2 = torch.autograd.grad(theirs.square().sum(), [x, *ref.parameters()])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mpnn_shape_parameters_and_pyg_path(graphs):
+    pytest.importorskip("torch_geometric")
+    from polytask.data.qm9 import TARGETS
+    from polytask.nn.mpnn import MPNN
+    from polytask.tasks import Task
+
+    tasks = [Task(t, "regression") for t in TARGETS]
+    torch.manual_seed(0)
+    model = MPNN(11, tasks)
+    # hand count: lin0 11*64+64; edge net 5*128+128 + 128*4096+4096; root 64*64; bias 64;
+    # GRU 3*(2*64*64 + 2*64); Set2Set LSTM(128->64) 4*64*(128+64) + 2*4*64; lin1 128*64+64
+    shared = 768 + (768 + 528384 + 4096 + 64) + 24960 + (49152 + 512) + 8256
+    assert sum(p.numel() for p in model.shared_parameters()) == shared
+    assert sum(p.numel() for p in model.task_specific_parameters()) == 11 * 65
+    batch = graphs.batch(torch.arange(6))
+    out = model(batch)
+    assert list(out) == list(TARGETS) and out["mu"].shape == (6, 1)
+    assert model.shared_features.shape == (6, 64)
+    reference = MPNN(11, tasks, conv="pyg")
+    reference.load_state_dict(model.state_dict())
+    theirs = reference(batch)
+    for t in TARGETS:
+        torch.testing.assert_close(out[t], theirs[t], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_tiny_run_end_to_end_is_reproducible(graphs):
+    pytest.importorskip("torch_geometric")
+    from polytask.bench import qm9 as bench
+
+    kwargs = dict(graphs=graphs, epochs=1, val_size=4, test_size=4, batch_size=8, progress=False,
+                  device="cpu", seeds=(0,))
+    a = bench.run("ew", **kwargs)
+    b = bench.run("ew", **kwargs)
+    assert a.runs[0].test_mae == b.runs[0].test_mae  # same seed, same numbers
+    mae = a.test_mae()
+    assert set(mae) == set(a.targets) and all(math.isfinite(m) and m > 0 for m, _ in mae.values())
+    assert a.runs[0].best_epoch == 0 and math.isfinite(a.delta_m()[0])
+    text = bench.format_result(a)
+    assert "LS: +177.6" in text and "Δm%" in text
+
+
+def test_post_step_and_end_epoch_hooks_are_called(graphs):
+    pytest.importorskip("torch_geometric")
+    from polytask.balance.loss_weighting import EqualWeighting
+    from polytask.balance.registry import BALANCERS
+    from polytask.bench import qm9 as bench
+
+    calls = {"post": [], "epochs": 0}
+
+    class Spy(EqualWeighting):
+        needs_post_step_losses = True
+
+        def post_step(self, losses):
+            calls["post"].append(sorted(losses))
+
+        def end_epoch(self):
+            calls["epochs"] += 1
+
+    BALANCERS.register("test_qm9_spy")(Spy)
+    try:
+        bench.run("test_qm9_spy", graphs=graphs, epochs=2, val_size=4, test_size=4, batch_size=8,
+                  progress=False, device="cpu", targets=["mu", "U0"])
+    finally:
+        del BALANCERS._entries["test_qm9_spy"]
+    train = len(graphs) - 8
+    assert len(calls["post"]) == 2 * math.ceil(train / 8) and calls["post"][0] == ["U0", "mu"]
+    assert calls["epochs"] == 2
+
+
+def test_single_task_baselines_and_comparison(graphs, tmp_path):
+    pytest.importorskip("torch_geometric")
+    pytest.importorskip("matplotlib")
+    from polytask.bench import qm9 as bench
+
+    kwargs = dict(graphs=graphs, epochs=1, val_size=4, test_size=4, batch_size=8, progress=False,
+                  device="cpu", targets=["mu", "homo"])
+    stl = bench.run_stl(**kwargs)
+    ref = bench.stl_reference(stl)
+    assert set(ref) == {"mu", "homo"}
+    results, md, png = bench.run_all(tmp_path, ["ew", "uw"], reference=ref, reference_name="ours", **kwargs)
+    assert md.is_file() and png.is_file() and png.stat().st_size > 1000
+    text = md.read_text()
+    assert "| ew |" in text and "| uw |" in text and "177.6" in text and "108.0" in text
+
+
+def test_mean_ranks_hand_example():
+    from polytask.bench.qm9 import QM9Result, SeedResult, mean_ranks
+
+    def res(name, a, b):
+        return QM9Result(name, ("mu", "alpha"), [SeedResult(0, 0, 0.0, {"mu": a, "alpha": b})], {}, "x")
+
+    # mu: A best, B and C tied (2.5 each); alpha: C best, A second, B third
+    ranks = mean_ranks([res("A", 1.0, 2.0), res("B", 2.0, 3.0), res("C", 2.0, 1.0)])
+    assert ranks == pytest.approx([(1 + 2) / 2, (2.5 + 3) / 2, (2.5 + 1) / 2])
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def test_unknown_target_and_balancer_are_clear_errors(graphs):
+    from polytask.bench import qm9 as bench
+
+    with pytest.raises(ConfigError, match="unknown target 'gap'"):
+        bench.run("ew", graphs=graphs, targets=["mu", "gap"], epochs=1)
+    with pytest.raises(ConfigError, match="unknown balancer 'nash_mlt'"):
+        bench.run("nash_mlt", graphs=graphs, epochs=1)
+
+
+def test_missing_qm9pack_is_a_clear_error(monkeypatch):
+    from polytask.data import qm9
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "qm9pack" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"qm9 needs the optional packages qm9pack: pip install 'polytask\[qm9\]'"):
+        qm9.load_qm9()
+    from polytask.bench import qm9 as bench
+
+    with pytest.raises(ConfigError, match="qm9pack"):
+        bench.run("ew", epochs=1)
