@@ -128,7 +128,7 @@ def test_changed_tasks_are_refused_by_stateful_balancers(name):
 
 
 # ---------------------------------------------------------------------- the balancers' optimizer
-def test_buffer_adam_matches_torch_adam_and_skips_non_finite_steps():
+def test_buffer_adam_matches_torch_adam_and_skips_non_finite_or_masked_entries():
     torch.manual_seed(0)
     ours = torch.randn(4, dtype=torch.float64)
     ref = nn.Parameter(ours.clone())
@@ -140,9 +140,19 @@ def test_buffer_adam_matches_torch_adam_and_skips_non_finite_steps():
         ref.grad = g
         torch_opt.step()
         torch.testing.assert_close(ours, ref.detach(), rtol=1e-12, atol=1e-12)
+    # entry 1 has a NaN gradient, entry 3 is masked out: both keep value, moments and step count;
+    # entries 0 and 2 take the step a 2-entry Adam with their own history takes
+    sub = BufferOptimizer("adam", lr=0.05, weight_decay=0.01)
+    sub.load_state_dict({k: v[[0, 2]] for k, v in opt.state_dict().items()})
+    sub_value = ours[[0, 2]].clone()
     before = ours.clone(), opt.exp_avg.clone(), opt.steps.clone()
-    opt.step(ours, torch.tensor([1.0, float("nan"), 0.0, 0.0], dtype=torch.float64))
-    assert torch.equal(ours, before[0]) and torch.equal(opt.exp_avg, before[1]) and torch.equal(opt.steps, before[2])
+    g = torch.tensor([1.0, float("nan"), -0.5, 2.0], dtype=torch.float64)
+    opt.step(ours, g, mask=torch.tensor([True, True, True, False]))
+    sub.step(sub_value, g[[0, 2]])
+    for i in (1, 3):
+        assert ours[i] == before[0][i] and opt.exp_avg[i] == before[1][i] and opt.steps[i] == before[2][i]
+    torch.testing.assert_close(ours[[0, 2]], sub_value, rtol=0, atol=0)
+    assert torch.isfinite(opt.exp_avg).all() and torch.isfinite(opt.exp_avg_sq).all()
 
 
 # ------------------------------------------------------------------------------------------ UW
@@ -176,14 +186,15 @@ def test_uw_gradient_in_log_variance_equals_autograd_and_drives_s_to_log_loss():
     assert s.grad.abs().max() < 1e-6  # the stationary point of the paper's objective
 
 
-def test_uw_nan_loss_leaves_log_variances_untouched():
-    b = balance.get("uw")
-    losses, _ = leaf_losses([1.0, 2.0])
-    b.backward(losses)
+def test_uw_nan_or_absent_task_keeps_its_log_variance():
+    b = balance.get("uw", optimizer="sgd", lr=0.1)
+    b.backward(leaf_losses([1.0, 2.0, 4.0])[0])
     before = b.log_var.clone()
-    losses, _ = leaf_losses([float("nan"), 2.0])
-    b.backward(losses)
-    assert torch.equal(b.log_var, before)
+    b.backward(leaf_losses([float("nan"), 0.0, 4.0])[0])  # 0.0: no labelled row in the batch
+    assert b.log_var[0] == before[0] and b.log_var[1] == before[1]
+    # the present task still steps: s -= 0.1 * 0.5 * (1 - e^{-s} 4)
+    expected = before[2] - 0.05 * (1 - torch.exp(-before[2]) * 4.0)
+    torch.testing.assert_close(b.log_var[2], expected)
 
 
 # ----------------------------------------------------------------------------------------- DWA
@@ -515,7 +526,7 @@ def test_backward_makes_no_host_sync(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["dwa", "db_mtl", "famo", "gradnorm", "imtl_l"])
-def test_a_non_finite_step_does_not_poison_the_state(name):
+def test_a_non_finite_loss_does_not_poison_the_state(name):
     model = Problem(2)
     b = balance.get(name)
     run_step(b, model, 0)
@@ -533,7 +544,8 @@ def test_a_non_finite_step_does_not_poison_the_state(name):
         if key == "log_losses_before":  # this step's record, replaced at the next backward
             continue
         assert torch.isfinite(value.double()).all(), key
-        assert torch.equal(value, before[key]), key
+        if value.ndim and value.shape[0] == 2:  # per-task state: the NaN task's entry is kept
+            assert torch.equal(value[1], before[key][1]), key
 
 
 def test_gradnorm_matches_torch_rechub_where_both_follow_the_paper():
@@ -560,3 +572,36 @@ def test_gradnorm_matches_torch_rechub_where_both_follow_the_paper():
     rechub.gradnorm(peer_losses, peer_weights, model_peer.trunk[2].weight, initial, 0.0)
     torch.testing.assert_close(torch.cat([w.grad for w in peer_weights]), expected_w_grad)
     torch.testing.assert_close(model_ours.grads(), model_peer.grads())
+
+
+def test_tasks_absent_from_the_batch_take_no_part():
+    """A task without labelled rows has a loss of exactly 0 (polytask's masked mean)."""
+    # GLS: geometric mean over the present tasks, G = sqrt(1 * 4) = 2, w = G / (2 L)
+    losses, leaf = leaf_losses([1.0, 0.0, 4.0])
+    balance.get("gls").backward(losses)
+    torch.testing.assert_close(leaf.grad, torch.tensor([1.0, 0.0, 0.25], dtype=torch.float64))
+    # FAMO: z = 1/3 each; c z / L over the present tasks = [0.8, 0, 0.2]; the absent logit stays
+    famo = balance.get("famo", optimizer="sgd", lr=0.5, gamma=0.0)
+    losses, leaf = leaf_losses([1.0, 0.0, 4.0])
+    famo.backward(losses)
+    torch.testing.assert_close(leaf.grad, torch.tensor([0.8, 0.0, 0.2], dtype=torch.float64))
+    famo.post_step(leaf_losses([0.5, 0.0, 3.0])[0])
+    assert famo.logits[1] == 0 and famo.logits[0] < 0 < famo.logits[2]
+    # DWA: the epoch average of a task counts only the batches where it is present
+    dwa = balance.get("dwa")
+    for epoch in ([[1.0, 2.0], [1.0, 0.0]], [[0.5, 0.0], [0.5, 1.0]]):
+        for values in epoch:
+            dwa.backward(leaf_losses(values)[0])
+        dwa.end_epoch()
+    torch.testing.assert_close(dwa.last_avg / dwa.before_last_avg, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    # GradNorm: L_t(0) is the first present loss; an absent task keeps its weight
+    model = Problem(2)
+    gn = balance.get("gradnorm", optimizer="sgd", lr=0.1)
+    losses = model.losses(0)
+    losses["t1"] = losses["t1"] * 0.0
+    gn.backward(losses, shared=model.shared())
+    assert gn.initial_losses[1] == 0
+    model.zero()
+    losses = model.losses(1)
+    gn.backward(losses, shared=model.shared())
+    assert gn.initial_losses[1] == losses["t1"].detach()

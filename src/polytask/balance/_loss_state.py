@@ -45,8 +45,9 @@ class BufferOptimizer(LazyBuffers):
     """Adam (Kingma & Ba, ICLR 2015) or plain SGD on one tensor, with its state in buffers.
 
     The Adam update is the one of ``torch.optim.Adam`` (bias-corrected moments, L2
-    ``weight_decay`` added to the gradient). A step whose gradient has a NaN or infinite entry
-    leaves the tensor and the moments unchanged (decided with ``torch.where``, no host sync).
+    ``weight_decay`` added to the gradient), with one step count per entry: an entry whose
+    gradient is NaN/infinite, or that ``mask`` leaves out (a task absent from the batch), keeps its
+    value, moments and step count, decided with ``torch.where`` (no host sync).
 
     Args:
         kind: ``"adam"`` or ``"sgd"``.
@@ -67,34 +68,44 @@ class BufferOptimizer(LazyBuffers):
         self.kind, self.lr, self.betas, self.eps, self.weight_decay = kind, lr, betas, eps, weight_decay
         self.register_buffer("exp_avg", torch.zeros(0))
         self.register_buffer("exp_avg_sq", torch.zeros(0))
-        self.register_buffer("steps", torch.zeros(()))
+        self.register_buffer("steps", torch.zeros(0))
 
     @torch.no_grad()
-    def step(self, value: Tensor, grad: Tensor) -> None:
-        """Update ``value`` in place by one step along ``-grad``."""
+    def step(self, value: Tensor, grad: Tensor, mask: Tensor | None = None) -> None:
+        """Update ``value`` in place by one step along ``-grad`` (only where ``mask``, if given)."""
         if self.weight_decay:
             grad = grad + self.weight_decay * value
-        finite = torch.isfinite(grad).all()
-        grad = torch.where(finite, grad, torch.zeros_like(grad))
+        active = torch.isfinite(grad) if mask is None else torch.isfinite(grad) & mask
+        grad = torch.where(active, grad, torch.zeros_like(grad))
         if self.kind == "sgd":
             value.sub_(self.lr * grad)
             return
         if self.exp_avg.shape != value.shape:
             self.exp_avg = torch.zeros_like(value)
             self.exp_avg_sq = torch.zeros_like(value)
-            self.steps = torch.zeros((), dtype=value.dtype, device=value.device)
+            self.steps = torch.zeros_like(value)
         b1, b2 = self.betas
-        steps = self.steps + finite.to(self.steps.dtype)
-        m = torch.where(finite, b1 * self.exp_avg + (1 - b1) * grad, self.exp_avg)
-        v = torch.where(finite, b2 * self.exp_avg_sq + (1 - b2) * grad * grad, self.exp_avg_sq)
+        steps = self.steps + active.to(self.steps.dtype)
+        m = torch.where(active, b1 * self.exp_avg + (1 - b1) * grad, self.exp_avg)
+        v = torch.where(active, b2 * self.exp_avg_sq + (1 - b2) * grad * grad, self.exp_avg_sq)
         safe_steps = steps.clamp_min(1)
         bias1 = 1 - b1**safe_steps
         bias2 = 1 - b2**safe_steps
         update = (self.lr / bias1) * m / (v.sqrt() / bias2.sqrt() + self.eps)
-        value.sub_(torch.where(finite, update, torch.zeros_like(update)))
+        value.sub_(torch.where(active, update, torch.zeros_like(update)))
         self.exp_avg.copy_(m)
         self.exp_avg_sq.copy_(v)
         self.steps.copy_(steps)
+
+
+def present_tasks(losses: Tensor) -> Tensor:
+    """``(T,)`` bool: tasks whose loss is finite and not exactly 0.
+
+    polytask's masked losses are exactly 0 for a task with no labelled row in the batch (and then
+    have no gradient); such a task, like one with a NaN loss, takes no part in a balancer's
+    per-task state update at that step.
+    """
+    return torch.isfinite(losses) & (losses != 0)
 
 
 class TaskStateBalancer(LossWeighting, LazyBuffers):

@@ -21,6 +21,7 @@ from polytask.balance._loss_state import (
     TaskStateBalancer,
     add_to_grads,
     check_reaches,
+    present_tasks,
     require_grad_fn,
     task_jacobian,
 )
@@ -51,7 +52,9 @@ class FAMO(TaskStateBalancer):
 
     i.e. ``(Jᵀ δ)_t = z_t (δ_t − Σ_i z_i δ_i)``: a task whose loss fell more than the weighted
     average loses weight. ``optimizer="sgd"`` is exactly this rule; the default ``"adam"`` (with
-    ``γ`` as L2 weight decay) is what the authors' code uses. Losses are clamped at ``eps``.
+    ``γ`` as L2 weight decay) is what the authors' code uses. Losses are clamped at ``eps``. A task
+    absent from the batch (loss exactly 0: no labelled row) or with a NaN loss gets weight 0 and
+    keeps its logit at that step (its ``δ`` is 0).
 
     The second loss evaluation is explicit: ``needs_post_step_losses = True``; the training loop
     re-evaluates the batch under ``torch.no_grad()`` after ``optimizer.step()`` and calls
@@ -84,8 +87,13 @@ class FAMO(TaskStateBalancer):
 
     def weights(self, losses: Tensor) -> Tensor:
         z = torch.softmax(self.logits, dim=0)
-        inv = z / losses.clamp_min(self.eps)
-        return inv / inv.sum()
+        inv = torch.where(present_tasks(losses), z / losses.clamp_min(self.eps), torch.zeros_like(z))
+        return inv / inv.sum().clamp_min(torch.finfo(inv.dtype).tiny)
+
+    def _log_losses(self, losses: Tensor) -> Tensor:
+        """``log L`` of the tasks present, NaN for the others."""
+        logs = torch.log(losses.clamp_min(self.eps))
+        return torch.where(present_tasks(losses), logs, torch.full_like(logs, float("nan")))
 
     def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
                  features: Tensor | None = None) -> Tensor:
@@ -93,14 +101,16 @@ class FAMO(TaskStateBalancer):
         self._bind(losses, vec)
         w = self.weights(vec.detach())
         (w * vec).sum().backward()
-        self.log_losses_before.copy_(torch.log(vec.detach().clamp_min(self.eps)))
+        self.log_losses_before.copy_(self._log_losses(vec.detach()))
         self._awaiting_post_step = True
         return w
 
     def logit_gradient(self, log_before: Tensor, log_after: Tensor) -> Tensor:
-        """``Jᵀ δ`` of the paper for the current logits: ``z ⊙ (δ − zᵀδ)``, ``δ = log_before − log_after``."""
+        """``Jᵀ δ`` of the paper for the current logits: ``z ⊙ (δ − zᵀδ)``, ``δ = log_before − log_after``
+        (0 where either is NaN)."""
         z = torch.softmax(self.logits, dim=0)
         delta = log_before - log_after
+        delta = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
         return z * (delta - (z * delta).sum())
 
     @torch.no_grad()
@@ -110,8 +120,9 @@ class FAMO(TaskStateBalancer):
             raise RuntimeError("FAMO.post_step() must follow a backward() of the same batch")
         vec = stack_losses(losses).detach()
         self._bind(losses, vec)
-        after = torch.log(vec.clamp_min(self.eps)).to(self.logits.dtype)
-        self.opt.step(self.logits, self.logit_gradient(self.log_losses_before, after))
+        after = self._log_losses(vec).to(self.logits.dtype)
+        both = torch.isfinite(self.log_losses_before) & torch.isfinite(after)
+        self.opt.step(self.logits, self.logit_gradient(self.log_losses_before, after), mask=both)
         self._awaiting_post_step = False
 
 
@@ -131,7 +142,8 @@ class DBMTL(TaskStateBalancer):
     Task-specific parameters receive ``∇ log(L_t + eps)`` of their own task. The per-task
     gradients come from one batched backward (``task_jacobian``) plus one ordinary backward for
     the task-specific parameters; the moving average is a ``(T, D)`` buffer (D = number of shared
-    parameters) saved in the ``state_dict()``. The returned weights are ``α``.
+    parameters) saved in the ``state_dict()``. The returned weights are ``α``. A task absent from
+    the batch (loss exactly 0) or with a NaN gradient keeps its ``ĝ_t`` at that step.
 
     Args:
         beta: ``β`` (paper: 0.9); beta_sigma: ``σ`` (paper: 0.5); eps: added inside the log.
@@ -173,9 +185,10 @@ class DBMTL(TaskStateBalancer):
         with torch.no_grad():
             k = self.steps
             beta_k = torch.where(k > 0, self.beta / k.clamp_min(1) ** self.beta_sigma, torch.zeros_like(k))
-            finite = torch.isfinite(jac).all()  # a NaN step must not poison the moving average
-            self.grad_ema.copy_(torch.where(finite, beta_k * self.grad_ema + (1 - beta_k) * jac, self.grad_ema))
-            self.steps.add_(finite.to(self.steps.dtype))
+            # a task with a NaN gradient or absent from the batch keeps its average
+            rows = (torch.isfinite(jac).all(dim=1) & present_tasks(vec.detach()))[:, None]
+            self.grad_ema.copy_(torch.where(rows, beta_k * self.grad_ema + (1 - beta_k) * jac, self.grad_ema))
+            self.steps.add_(rows.any().to(self.steps.dtype))
             norms = self.grad_ema.norm(dim=1)
             alpha = norms.max() / (norms + self.eps)
             shared_update = alpha @ self.grad_ema
@@ -200,7 +213,10 @@ class GradNorm(TaskStateBalancer):
     with the target ``Ḡ r_t^α`` held constant. The model is trained on ``Σ_t w_t L_t``; the weights
     take one optimizer step along ``∂L_grad/∂w_t = sign(G_t − Ḡ r_t^α) ‖∇_W L_t‖`` and are then
     renormalised to ``Σ_t w_t = T`` (kept ≥ ``min_weight`` first, so they stay positive).
-    ``α = 0`` drives all ``G_t`` to the same norm; a larger ``α`` favours slow tasks.
+    ``α = 0`` drives all ``G_t`` to the same norm; a larger ``α`` favours slow tasks. A task absent
+    from the batch (loss exactly 0: no labelled row) or with a NaN loss is left out of the means
+    and its weight takes no optimizer step (the renormalisation still rescales it); its ``L_t(0)``
+    is its first present loss.
 
     ``W`` is the last shared parameter with two or more dimensions (the weight matrix of the last
     shared layer), or, with ``layer="features"``, the shared representation the heads read
@@ -254,13 +270,15 @@ class GradNorm(TaskStateBalancer):
         return task_jacobian(vec, [W], names, "balancer 'gradnorm'").norm(dim=1).detach()
 
     def weight_gradient(self, losses: Tensor, norms: Tensor) -> Tensor:
-        """``∂L_grad/∂w`` given the detached losses and ``‖∇_W L_t‖``."""
-        w = self.loss_weights
-        G = w * norms
-        ratio = losses / self.initial_losses.clamp_min(torch.finfo(losses.dtype).tiny)
-        r = ratio / ratio.mean()
-        target = G.mean() * r**self.alpha
-        return torch.sign(G - target) * norms
+        """``∂L_grad/∂w`` given the detached losses and ``‖∇_W L_t‖`` (means over the tasks present)."""
+        present = present_tasks(losses)
+        count = present.sum().clamp_min(1).to(losses.dtype)
+        G = torch.where(present, self.loss_weights * norms, torch.zeros_like(norms))
+        ratio = torch.where(present, losses / self.initial_losses.clamp_min(torch.finfo(losses.dtype).tiny),
+                            torch.zeros_like(losses))
+        r = ratio / (ratio.sum() / count).clamp_min(torch.finfo(losses.dtype).tiny)
+        target = G.sum() / count * r**self.alpha
+        return torch.where(present, torch.sign(G - target) * norms, torch.zeros_like(norms))
 
     def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
                  features: Tensor | None = None) -> Tensor:
@@ -274,7 +292,11 @@ class GradNorm(TaskStateBalancer):
         norms = self.gradient_norms(vec, list(losses), shared, features)
         w = self.loss_weights.clone()
         (w * vec).sum().backward()
-        self.opt.step(self.loss_weights, self.weight_gradient(vec.detach(), norms.to(w.dtype)))
+        present = present_tasks(vec.detach())
+        # L_t(0) is the task's first loss that was present (a batch may lack its labels)
+        missing_start = ~(torch.isfinite(self.initial_losses) & (self.initial_losses > 0))
+        self.initial_losses.copy_(torch.where(present & missing_start, vec.detach(), self.initial_losses))
+        self.opt.step(self.loss_weights, self.weight_gradient(vec.detach(), norms.to(w.dtype)), mask=present)
         with torch.no_grad():
             clamped = self.loss_weights.clamp_min(self.min_weight)
             self.loss_weights.copy_(clamped * (clamped.shape[0] / clamped.sum()))

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from polytask.balance._loss_state import BufferOptimizer, TaskStateBalancer
+from polytask.balance._loss_state import BufferOptimizer, TaskStateBalancer, present_tasks
 from polytask.balance.base import LossWeighting, stack_losses
 from polytask.balance.registry import BALANCERS
 from polytask.errors import ConfigError
@@ -86,7 +86,7 @@ class UncertaintyWeighting(TaskStateBalancer):
         w = self.weights(vec.detach())
         (w * vec).sum().backward()
         grad_s = 0.5 * (1 - torch.exp(-self.log_var) * vec.detach())
-        self.opt.step(self.log_var, grad_s)
+        self.opt.step(self.log_var, grad_s, mask=present_tasks(vec.detach()))
         return w
 
 
@@ -100,7 +100,8 @@ class DynamicWeightAverage(TaskStateBalancer):
     where ``L_k(t)`` is task k's loss averaged over epoch t; ``λ = 1`` in the first two epochs.
 
     Per-epoch averages: the balancer keeps its own running record — every :meth:`backward` adds
-    the detached losses to an on-device sum (skipping non-finite ones) — and the training loop must call :meth:`end_epoch`
+    the detached losses to an on-device sum (skipping a task's NaN or absent, i.e. exactly 0, loss)
+    — and the training loop must call :meth:`end_epoch`
     after each epoch, which turns the sums into that epoch's averages and sets the weights of the
     next epoch. (polytask's Trainer calls it; in your own loop, call it yourself.)
 
@@ -135,9 +136,9 @@ class DynamicWeightAverage(TaskStateBalancer):
         self._bind(losses, vec)
         w = self.weights(vec.detach())
         (w * vec).sum().backward()
-        finite = torch.isfinite(vec.detach())  # a NaN step must not poison the epoch's average
-        self.epoch_sum.add_(torch.where(finite, vec.detach(), torch.zeros_like(self.epoch_sum)))
-        self.epoch_steps.add_(finite.to(self.epoch_steps.dtype))
+        present = present_tasks(vec.detach())  # NaN steps and batches without labels do not count
+        self.epoch_sum.add_(torch.where(present, vec.detach(), torch.zeros_like(self.epoch_sum)))
+        self.epoch_steps.add_(present.to(self.epoch_steps.dtype))
         return w
 
     @torch.no_grad()
@@ -231,20 +232,29 @@ class GeometricLossStrategy(LossWeighting):
 
     The objective is the geometric mean of the task losses, ``G = (Π_t L_t)^{1/T}``, whose
     gradient is ``Σ_t G / (T L_t) ∇L_t``: the weights are ``w_t = G / (T L_t)`` (computed in log
-    space; losses are clamped at ``eps`` so that a zero loss gives no infinite weight).
+    space; losses are clamped at ``eps``). A task absent from the batch (loss exactly 0: no
+    labelled row) or with a NaN loss is left out of the product for that step (weight 0), so that
+    it does not zero the geometric mean of the others.
     """
 
     def __init__(self, eps: float = 1e-8) -> None:
         super().__init__()
         self.eps = _positive(eps, "eps", "gls")
 
+    def _log_mean(self, losses: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        present = present_tasks(losses)
+        count = present.sum().clamp_min(1).to(losses.dtype)
+        logs = torch.where(present, torch.log(losses.clamp_min(self.eps)), torch.zeros_like(losses))
+        return logs.sum() / count, count, present
+
     def objective(self, losses: Tensor) -> Tensor:
-        """``(Π_t L_t)^{1/T}`` of a ``(T,)`` loss vector."""
-        return torch.exp(torch.log(losses.clamp_min(self.eps)).mean())
+        """``(Π_t L_t)^{1/T}`` of a ``(T,)`` loss vector (over the tasks present)."""
+        return torch.exp(self._log_mean(losses)[0])
 
     def weights(self, losses: Tensor) -> Tensor:
-        safe = losses.clamp_min(self.eps)
-        return self.objective(safe) / (losses.shape[0] * safe)
+        log_mean, count, present = self._log_mean(losses)
+        w = torch.exp(log_mean) / (count * losses.clamp_min(self.eps))
+        return torch.where(present, w, torch.zeros_like(w))
 
 
 # --------------------------------------------------------------------------------------- IMTL-L
@@ -289,7 +299,7 @@ class IMTLL(TaskStateBalancer):
         self._bind(losses, vec)
         w = self.weights(vec.detach())
         (w * vec).sum().backward()
-        self.opt.step(self.log_scale, w * vec.detach() - 1)
+        self.opt.step(self.log_scale, w * vec.detach() - 1, mask=present_tasks(vec.detach()))
         return w
 
 
