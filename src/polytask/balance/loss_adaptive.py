@@ -41,7 +41,7 @@ def _shared_list(shared: Iterable[nn.Parameter] | None, who: str) -> list[nn.Par
 # ----------------------------------------------------------------------------------------- FAMO
 @BALANCERS.register("famo")
 class FAMO(TaskStateBalancer):
-    """Fast Adaptive Multitask Optimization (FAMO), Liu, Liu, Stone & Liu, NeurIPS 2023 (Algorithm 1).
+    """Fast Adaptive Multitask Optimization (FAMO), Liu, Feng, Stone & Liu, NeurIPS 2023.
 
     Task logits ``ξ`` give ``z = softmax(ξ)``; the update direction is
     ``d = c Σ_t (z_t / L_t) ∇L_t`` with ``c = (Σ_t z_t / L_t)^{-1}`` — the gradient of
@@ -129,8 +129,8 @@ class FAMO(TaskStateBalancer):
 # --------------------------------------------------------------------------------------- DB-MTL
 @BALANCERS.register("db_mtl", "dbmtl")
 class DBMTL(TaskStateBalancer):
-    """Dual-balancing multi-task learning (DB-MTL), Lin, Ye, Zhang, Zhang, Lin, Tsang & Kwok,
-    "Dual-Balancing for Multi-Task Learning", arXiv 2308.12029, 2023 (Algorithm 1).
+    """Dual-balancing multi-task learning (DB-MTL), Lin, Jiang, Ye, Zhang, Chen, Chen, Liu & Kwok,
+    "Dual-Balancing for Multi-Task Learning", arXiv 2308.12029, 2023.
 
     1. Loss-scale balancing: each task minimises ``log(L_t + eps)`` instead of ``L_t``.
     2. Gradient-magnitude balancing on the shared parameters: with ``g_t = ∇ log(L_t + eps)``, an

@@ -45,7 +45,7 @@ class UncertaintyWeighting(TaskStateBalancer):
     """Uncertainty weighting (UW), Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to
     Weigh Losses for Scene Geometry and Semantics", CVPR 2018.
 
-    With ``s_t = log σ_t²`` learned per task, the objective is the paper's (eq. 7, regression form)
+    With ``s_t = log σ_t²`` learned per task, the objective is the paper's (regression form)
 
         ``Σ_t  L_t / (2 σ_t²) + log σ_t  =  Σ_t  ½ exp(-s_t) L_t + ½ s_t``,
 
@@ -94,7 +94,7 @@ class UncertaintyWeighting(TaskStateBalancer):
 @BALANCERS.register("dwa", "dynamic_weight_average")
 class DynamicWeightAverage(TaskStateBalancer):
     """Dynamic weight average (DWA), Liu, Johns & Davison, "End-to-End Multi-Task Learning with
-    Attention", CVPR 2019 (eq. 7).
+    Attention", CVPR 2019.
 
     ``λ_k(t) = K exp(r_k(t−1)/τ) / Σ_i exp(r_i(t−1)/τ)`` with ``r_k(t−1) = L_k(t−1) / L_k(t−2)``,
     where ``L_k(t)`` is task k's loss averaged over epoch t; ``λ = 1`` in the first two epochs.
@@ -166,8 +166,8 @@ class DynamicWeightAverage(TaskStateBalancer):
 # ------------------------------------------------------------------------------------------ RLW
 @BALANCERS.register("rlw", "random")
 class RandomLossWeighting(LossWeighting):
-    """Random loss weighting (RLW), Lin, Ye, Xu, Shi, Zhang & Kwok, "Reasonable Effectiveness of
-    Random Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022.
+    """Random loss weighting (RLW), Lin, Ye, Zhang & Tsang, "Reasonable Effectiveness of Random
+    Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022.
 
     Every step draws ``λ̃ ~ p(λ̃)`` and weighs the losses with ``λ = softmax(λ̃)`` (the weights sum
     to 1, as in the paper). ``distribution`` is the paper's normal ``N(0, I)`` (default) or
@@ -261,7 +261,7 @@ class GeometricLossStrategy(LossWeighting):
 @BALANCERS.register("imtl_l", "imtll")
 class IMTLL(TaskStateBalancer):
     """Loss balance of Impartial Multi-Task Learning (IMTL-L), Liu, Li, Kuang, Xue, Chen, Yang,
-    Liao & Zhang, "Towards Impartial Multi-task Learning", ICLR 2021 (section 3.2).
+    Liao & Zhang, "Towards Impartial Multi-task Learning", ICLR 2021.
 
     Each task's loss is scaled by ``e^{s_t}`` with a learned ``s_t`` and regularised:
     ``Σ_t e^{s_t} L_t − s_t``. The model's weights are ``w_t = e^{s_t}``; ``s_t`` follows
@@ -306,8 +306,8 @@ class IMTLL(TaskStateBalancer):
 # ----------------------------------------------------------------------------------------- STCH
 @BALANCERS.register("stch", "smooth_tchebycheff")
 class SmoothTchebycheff(LossWeighting):
-    """Smooth Tchebycheff scalarisation (STCH), Lin, Zhang, Zhang, Liu & Liu (Xi Lin et al.),
-    "Smooth Tchebycheff Scalarization for Multi-Objective Optimization", ICML 2024 (eq. 8).
+    """Smooth Tchebycheff scalarisation (STCH), Lin, Zhang, Yang, Liu, Wang & Zhang, "Smooth
+    Tchebycheff Scalarization for Multi-Objective Optimization", ICML 2024.
 
     ``g_μ(L) = μ log Σ_t exp(λ_t (f_t − z_t) / μ)`` with preference ``λ`` (default all 1), ideal
     point ``z`` (default 0) and smoothing ``μ > 0``; ``f_t = L_t``, or ``log L_t`` when
