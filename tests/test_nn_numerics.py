@@ -193,3 +193,26 @@ def test_expert_usage_summary_by_hand():
     usage = expert_usage([{"a": gates["a"][:1], "b": torch.ones(1, 1)}, {"a": gates["a"][1:], "b": torch.ones(1, 1)}])
     torch.testing.assert_close(usage.mean[0], torch.tensor([0.75, 0.25]))
     assert torch.isnan(usage.mean[1, 1])
+
+
+def test_mix_experts_paths_agree_with_einsum(monkeypatch):
+    from polytask.nn import layers
+
+    g = torch.Generator().manual_seed(0)
+    w, ex = torch.rand(3, 5, 4, generator=g), torch.randn(4, 5, 6, generator=g)
+    ref = torch.einsum("tbe,ebh->tbh", w, ex)
+    torch.testing.assert_close(layers.mix_experts(w, ex), ref)
+    torch.testing.assert_close(layers.mix_experts(w[0], ex), ref[0])
+    monkeypatch.setattr(layers, "MIX_BROADCAST_LIMIT", 0)
+    torch.testing.assert_close(layers.mix_experts(w, ex), ref)
+
+
+def test_batched_linear_shared_input_equals_each_map():
+    from polytask.nn.layers import BatchedLinear
+
+    torch.manual_seed(0)
+    layer = BatchedLinear(3, 5, 4)
+    x = torch.randn(7, 5)
+    expected = torch.stack([x @ layer.weight[i] + layer.bias[i] for i in range(3)])
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer(x.expand(3, 7, 5).contiguous()), expected)

@@ -15,7 +15,7 @@ from torch import Tensor
 from polytask.errors import ConfigError
 from polytask.nn.base import TaskHeads
 from polytask.nn.embedding import FeatureSpec, input_layer
-from polytask.nn.layers import BatchedLinear, BatchedMLP
+from polytask.nn.layers import BatchedLinear, BatchedMLP, mix_experts
 from polytask.nn.moe import RoutedModel, check_positive, check_widths, per_task
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
@@ -104,7 +104,7 @@ class DSelectK(RoutedModel):
         q, r = self.gates(h)
         entropy = -(r * torch.log(r.clamp_min(1e-12))).sum(dim=-1)  # (T, B, k)
         self.aux_loss = self.entropy_weight * entropy.sum(dim=(0, 2)).mean()
-        mixed = torch.einsum("tbe,ebh->tbh", q, experts)
+        mixed = mix_experts(q, experts)
         self.gate_weights = per_task(self.task_names, q)
         self.shared_features = mixed
         return self.heads(mixed)

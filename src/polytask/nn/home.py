@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from polytask.errors import ConfigError
 from polytask.nn.base import TaskHeads
 from polytask.nn.embedding import FeatureSpec, input_layer
-from polytask.nn.layers import BatchedLinear, BatchedMLP
+from polytask.nn.layers import BatchedLinear, BatchedMLP, mix_experts
 from polytask.nn.moe import RoutedModel, check_positive, check_widths, per_task
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
@@ -97,11 +97,9 @@ class HoMELevel(nn.Module):
         weights = gates.new_zeros(o, b, self.num_experts)
         weights = weights.scatter(2, self.allowed.unsqueeze(1).expand(-1, b, -1), gates)
         weights = weights.scatter_add(2, self.own.unsqueeze(1).expand(-1, b, -1), selfg)
-        out = torch.einsum("obn,nbh->obh", weights, experts)
-        if self.global_gate is not None:
-            g = torch.softmax(self.global_gate(streams[0]), dim=-1)
-            out = torch.cat([torch.einsum("bn,nbh->bh", g, experts).unsqueeze(0), out])
-        return out, gates
+        if self.global_gate is not None:  # global output first, all outputs mixed in one op
+            weights = torch.cat([torch.softmax(self.global_gate(streams[0]), dim=-1).unsqueeze(0), weights])
+        return mix_experts(weights, experts), gates
 
     def task_parameters(self) -> Iterator[nn.Parameter]:
         return chain(self.gates.parameters(), self.self_gates.parameters())

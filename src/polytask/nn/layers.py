@@ -1,6 +1,7 @@
 """Batched building blocks: many independent small MLPs (experts, task towers) run as one op.
 
-Stacked weights and ``torch.baddbmm`` replace a Python loop over experts or tasks.
+Stacked weights and batched matmuls replace a Python loop over experts or tasks;
+:func:`mix_experts` forms gate-weighted sums of expert outputs.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ class BatchedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim == 2:
-            out = torch.matmul(x, self.weight)  # (B,in) @ (n,in,out) broadcasts to (n,B,out)
+            # one (B,in) @ (in, n*out) GEMM instead of n broadcast matmuls: same result, and the
+            # backward needs no reduction over a broadcast input
+            wide = self.weight.permute(1, 0, 2).reshape(self.in_features, self.n * self.out_features)
+            out = (x @ wide).reshape(x.shape[0], self.n, self.out_features).transpose(0, 1)
         else:
             out = torch.bmm(x, self.weight)
         return out + self.bias if self.bias is not None else out
@@ -99,3 +103,25 @@ class BatchedMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
+
+
+#: Above this many elements in the ``(E, T, B, H)`` product, :func:`mix_experts` uses ``einsum``.
+MIX_BROADCAST_LIMIT = 1 << 26
+
+
+def mix_experts(weights: Tensor, experts: Tensor) -> Tensor:
+    """Gate-weighted sums of expert outputs: ``out[t, b] = Σ_e weights[t, b, e] · experts[e, b]``.
+
+    ``weights``: ``(T, B, E)`` (or ``(B, E)`` for a single mixture); ``experts``: ``(E, B, H)``.
+    Returns ``(T, B, H)`` (or ``(B, H)``). As ``einsum("tbe,ebh->tbh")`` this is ``B`` tiny
+    matmuls, which CPUs run badly; a broadcast product summed over experts is several times faster
+    there, so it is used unless the ``(E, T, B, H)`` intermediate would be large.
+    """
+    single = weights.ndim == 2
+    w = weights.unsqueeze(0) if single else weights
+    t, b, e = w.shape
+    if e * t * b * experts.shape[-1] <= MIX_BROADCAST_LIMIT:
+        out = (w.permute(2, 0, 1).unsqueeze(-1) * experts.unsqueeze(1)).sum(dim=0)
+    else:
+        out = torch.einsum("tbe,ebh->tbh", w, experts)
+    return out[0] if single else out

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from polytask.errors import ConfigError
 from polytask.nn.base import MultiTaskModel, TaskHeads
 from polytask.nn.embedding import FeatureSpec, input_layer
-from polytask.nn.layers import BatchedLinear, BatchedMLP
+from polytask.nn.layers import BatchedLinear, BatchedMLP, mix_experts
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
 
@@ -110,7 +110,7 @@ class MMoE(RoutedModel):
         h = self.input(x)
         experts = self.experts(h)  # (E, B, H)
         gates = torch.softmax(self.gates(h), dim=-1)  # (T, B, E)
-        mixed = torch.einsum("tbe,ebh->tbh", gates, experts)
+        mixed = mix_experts(gates, experts)
         self.gate_weights = per_task(self.task_names, gates)
         self.shared_features = mixed
         return self.heads(mixed)
@@ -141,7 +141,7 @@ class OMoE(MultiTaskModel):
         h = self.input(x)
         experts = self.experts(h)
         gate = torch.softmax(self.gate(h), dim=-1)  # (B, E)
-        mixed = torch.einsum("be,ebh->bh", gate, experts)
+        mixed = mix_experts(gate, experts)
         self.gate_weights = {n: gate for n in self.task_names}
         self.shared_features = mixed
         return self.heads(mixed)
@@ -216,12 +216,10 @@ class ExtractionLevel(nn.Module):
             weights = gates.new_zeros(self.num_tasks, gates.shape[1], self.num_experts).scatter(2, index, gates)
         if self.native is not None:
             weights = weights + self._native_weights().unsqueeze(1)
-        out = torch.einsum("tbe,ebh->tbh", weights, experts)
-        if self.shared_gate is not None:
+        if self.shared_gate is not None:  # the shared stream's gate, mixed in the same op
             shared_in = x if x.ndim == 2 else x[self.num_tasks]
-            shared = torch.softmax(self.shared_gate(shared_in), dim=-1)  # (B, E_all)
-            out = torch.cat([out, torch.einsum("be,ebh->bh", shared, experts).unsqueeze(0)])
-        return out, gates
+            weights = torch.cat([weights, torch.softmax(self.shared_gate(shared_in), dim=-1).unsqueeze(0)])
+        return mix_experts(weights, experts), gates
 
     def _native_weights(self) -> Tensor:
         """``(T, E_all)``: task t's native weights at its own experts' positions, zeros elsewhere."""
