@@ -319,3 +319,27 @@ def test_missing_qm9pack_is_a_clear_error(monkeypatch):
 
     with pytest.raises(ConfigError, match="qm9pack"):
         bench.run("ew", epochs=1)
+
+
+def _cli(monkeypatch, capsys, *args):
+    from polytask.cli import main
+
+    monkeypatch.setattr("sys.argv", ["polytask", "bench", "qm9", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    return exc.value.code, capsys.readouterr().err.strip()
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(monkeypatch, capsys):
+    pytest.importorskip("rdkit")
+    pytest.importorskip("torch_geometric")
+    code, err = _cli(monkeypatch, capsys, "--balancer", "nash_mlt", "--epochs", "1")
+    assert code == 2 and err.count("\n") == 0 and "unknown balancer 'nash_mlt'" in err
+    code, err = _cli(monkeypatch, capsys, "--balancer", "ew", "--targets", "mu,gap")
+    assert code == 2 and err.count("\n") == 0 and "unknown target 'gap'" in err
+    code, err = _cli(monkeypatch, capsys, "--balancer", "ew", "--seeds", "0", "x")
+    assert code == 2 and "unexpected argument 'x'" in err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "qm9pack" else real(name, *a))
+    code, err = _cli(monkeypatch, capsys, "--balancer", "ew")
+    assert code == 2 and err == "error: qm9 needs the optional packages qm9pack: pip install 'polytask[qm9]'"
