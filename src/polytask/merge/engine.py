@@ -75,6 +75,9 @@ class _CheckpointSource:
     def load(self, name: str) -> Tensor:
         return self.ckpt.load(name)
 
+    def read_into(self, name: str, out: Tensor) -> None:
+        self.ckpt.read_into(name, out)
+
 
 def build_method(method: str | MergeMethod, params: Mapping[str, Any] | None = None) -> MergeMethod:
     """A method instance from a registered name and its global parameters (ConfigError if bad)."""
@@ -224,6 +227,35 @@ def merge_state_dicts(
     return result
 
 
+class _BufferPool:
+    """Float32 scratch buffers reused across tensors of the same shape (main thread only).
+
+    Llama-like checkpoints repeat a handful of shapes per layer; reusing their buffers avoids
+    allocating and page-faulting gigabytes of fresh memory for every tensor.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+        self.free: dict[tuple[int, ...], list[Tensor]] = {}
+
+    def take(self, shape: tuple[int, ...]) -> Tensor:
+        stack = self.free.get(shape)
+        if stack:
+            t = stack.pop()
+            self.held -= t.numel() * 4
+            return t
+        return torch.empty(shape, dtype=torch.float32)
+
+    def give(self, t: Tensor | None, *, unless_aliased_by: Tensor) -> None:
+        if t is None or t.untyped_storage().data_ptr() == unless_aliased_by.untyped_storage().data_ptr():
+            return
+        nbytes = t.numel() * 4
+        if self.held + nbytes <= self.max_bytes:
+            self.free.setdefault(tuple(t.shape), []).append(t)
+            self.held += nbytes
+
+
 def _progress(total: int, enabled: bool | None) -> Any:
     if enabled is None:
         enabled = sys.stderr.isatty()
@@ -320,21 +352,26 @@ def _stream(
     writers = ThreadPoolExecutor(2, thread_name_prefix="polytask-write")
 
     def fill(dst: Tensor, src: _Source, name: str) -> None:
-        dst.copy_(src.load(name))
+        reader = getattr(src, "read_into", None)
+        if reader is not None:
+            reader(name, dst)
+        else:
+            dst.copy_(src.load(name))
 
     def submit(name: str) -> tuple[str, Tensor | None, Tensor | None, list[Future[Any]], int]:
         spec = plan[name]
         if not spec.dtype.is_floating_point:
             fut = readers.submit(ref.load, name)
             return name, None, None, [fut], spec.nbytes
-        stacked = torch.empty((n, *spec.shape), dtype=torch.float32)
+        stacked = pool.take((n, *spec.shape))
         futs = [readers.submit(fill, stacked[i], s, name) for i, s in enumerate(sources)]
         base_t = None
         if base is not None:
-            base_t = torch.empty(spec.shape, dtype=torch.float32)
+            base_t = pool.take(tuple(spec.shape))
             futs.append(readers.submit(fill, base_t, base, name))
         return name, stacked, base_t, futs, (n + 1) * spec.numel * 4
 
+    pool = _BufferPool(max(prefetch_bytes, 2**28))
     inflight: deque[tuple[str, Tensor | None, Tensor | None, list[Future[Any]], int]] = deque()
     inflight_bytes = 0
     pending_writes: deque[Future[Any]] = deque()
@@ -354,6 +391,8 @@ def _stream(
                 out = futs[0].result()
             else:
                 merged = _merge_tensor(method, name, stacked, base_t, params, seed)
+                pool.give(stacked, unless_aliased_by=merged)
+                pool.give(base_t, unless_aliased_by=merged)
                 del stacked, base_t
                 out = merged.to(writer.specs[name].dtype)
                 del merged

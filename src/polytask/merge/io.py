@@ -75,6 +75,7 @@ _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json
 #: Extra files copied from the base larger than this are skipped (they are not config/tokenizer).
 _MAX_EXTRA_FILE_BYTES = 64 * 2**20
 _MAX_HEADER_BYTES = 100 * 2**20
+_scratch = threading.local()  # per-thread read buffer of Checkpoint.read_into
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -172,9 +173,12 @@ class _SafetensorsFile:
                 )
             self.entries[name] = (spec, data_start + begin)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, buf: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name``, read into ``buf`` (a uint8 tensor of at least its size) if given."""
         spec, offset = self.entries[name]
-        buf = torch.empty(spec.nbytes, dtype=torch.uint8)
+        if buf is None:
+            buf = torch.empty(spec.nbytes, dtype=torch.uint8)
+        buf = buf[: spec.nbytes]
         if spec.nbytes:
             view = memoryview(buf.numpy())
             done = 0
@@ -302,6 +306,23 @@ class Checkpoint:
         if self._pickled is not None:
             return self._pickled[name].clone()
         return self._where[name].read(name)
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read tensor ``name`` and copy it (converting the dtype) into ``out`` (thread-safe).
+
+        The raw bytes go through a per-thread scratch buffer that is reused from call to call,
+        so streaming a checkpoint does not allocate (and page-fault) fresh memory per tensor.
+        """
+        if name not in self:
+            raise MergeError(f"tensor {name!r} is missing from {self.path}")
+        if self._pickled is not None:
+            out.copy_(self._pickled[name])
+            return
+        nbytes = self.spec(name).nbytes
+        scratch = getattr(_scratch, "buf", None)
+        if scratch is None or scratch.numel() < nbytes:
+            scratch = _scratch.buf = torch.empty(nbytes, dtype=torch.uint8)
+        out.copy_(self._where[name].read(name, scratch))
 
     def close(self) -> None:
         """Close the file handles."""

@@ -58,7 +58,10 @@ class MergeMethod:
     def merge(
         self, tensors: Tensor, base: Tensor | None, params: dict[str, Tensor], ctx: TensorContext
     ) -> Tensor:
-        """Merge ``tensors`` ``(N, *shape)`` (float32) into one tensor of ``shape``."""
+        """Merge ``tensors`` ``(N, *shape)`` (float32) into one tensor of ``shape``.
+
+        ``tensors`` is scratch owned by the caller: a method may overwrite it (to save memory).
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -121,27 +124,31 @@ def bottomk_mask(x: Tensor, counts: list[int]) -> Tensor:
     return _select_k(flat.abs(), counts, largest=False).reshape(x.shape)
 
 
-def _rescale(masked: Tensor, original: Tensor, density: Tensor, how: bool | str) -> Tensor:
-    """Rescale masked task vectors: ``1/density`` (DARE paper) or to match a norm (l1/l2/linf)."""
+def _norms(x: Tensor, how: bool | str) -> Tensor | None:
+    """Per-model norm of ``x`` ``(N, *shape)`` that ``how`` rescales to match (None: no norm)."""
+    dims = tuple(range(1, x.dim()))
+    if how == "l1":
+        return x.abs().sum(dims)
+    if how == "l2":
+        return torch.linalg.vector_norm(x, dim=dims)
+    if how == "linf":
+        return x.abs().amax(dims)
+    return None
+
+
+def _rescale(masked: Tensor, before: Tensor | None, density: Tensor, how: bool | str) -> Tensor:
+    """Rescale masked task vectors in place: by ``1/density`` (DARE paper), or back to the norm
+    ``before`` they had before masking (``l1``/``l2``/``linf``, as mergekit)."""
     if how is False or how is None:
         return masked
     ndim = masked.dim() - 1
     if how is True or how == "inverse_density":
         safe = torch.where(density > 0, density, torch.ones_like(density))
-        return masked / _per_model(safe, ndim)
-    dims = tuple(range(1, masked.dim()))
-    if how == "l1":
-        before, after = original.abs().sum(dims), masked.abs().sum(dims)
-    elif how == "l2":
-        before = torch.linalg.vector_norm(original, dim=dims)
-        after = torch.linalg.vector_norm(masked, dim=dims)
-    elif how == "linf":
-        before, after = original.abs().amax(dims), masked.abs().amax(dims)
-    else:  # validated in the constructors
-        raise ConfigError(f"unknown rescale {how!r}")
+        return masked.div_(_per_model(safe, ndim))
+    after = _norms(masked, how)
     eps = 1e-7
     scale = torch.where((before < eps) | (after < eps), torch.ones_like(before), before / after)
-    return masked * _per_model(scale, ndim)
+    return masked.mul_(_per_model(scale, ndim))
 
 
 def _check_rescale(rescale: bool | str) -> bool | str:
@@ -160,34 +167,42 @@ def _check_fraction(name: str, value: float, *, low_open: bool = False) -> float
 
 
 def _sign_mask(deltas: Tensor, consensus: str) -> Tensor:
-    """TIES "elect": entries whose sign agrees with the elected sign (total mass, or count)."""
+    """TIES "elect": entries whose sign agrees with the elected sign (total mass, or count).
+
+    The elected sign is + where the total is >= 0; zero entries agree with neither sign.
+    """
+    positive, negative = deltas > 0, deltas < 0
     if consensus == "sum":
-        elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0)
+        elected_positive = deltas.sum(dim=0) >= 0
     else:
-        elected = torch.where(deltas.sign().sum(dim=0) >= 0, 1.0, -1.0)
-    return deltas.sign() == elected
+        elected_positive = positive.sum(dim=0) >= negative.sum(dim=0)
+    return torch.where(elected_positive, positive, negative)
 
 
 def _combine(
     deltas: Tensor, weights: Tensor, base: Tensor, *, consensus: str | None, normalize: bool, scale: float
 ) -> Tensor:
-    """``theta_0 + scale * sum_i w_i tau_i [/ sum_i w_i]``, optionally over sign-agreeing entries."""
+    """``theta_0 + scale * sum_i w_i tau_i [/ sum_i w_i]``, optionally over sign-agreeing entries.
+
+    ``deltas`` is scratch: it is overwritten (in-place ops keep peak memory near one copy).
+    """
+    n = deltas.shape[0]
     w = _per_model(weights, deltas.dim() - 1)
-    weighted = deltas * w
+    weighted = deltas.mul_(w)
     if consensus is not None:
         agree = _sign_mask(weighted, consensus)
-        mixed = (weighted * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
+        mixed = weighted.mul_(agree).sum(dim=0)
+        divisor = (weights @ agree.reshape(n, -1).to(weighted.dtype)).reshape(mixed.shape)
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
         mixed = weighted.sum(dim=0)
         divisor = w.sum(dim=0)
         divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
     if normalize:
-        mixed = mixed / divisor
+        mixed = mixed.div_(divisor)
     if scale != 1:
-        mixed = mixed * scale
-    return base + mixed
+        mixed = mixed.mul_(scale)
+    return mixed.add_(base)
 
 
 def _check_consensus(consensus: str | None) -> str | None:
@@ -231,7 +246,7 @@ class TaskArithmetic(MergeMethod):
         self.lambda_ = float(lambda_)
 
     def merge(self, tensors, base, params, ctx):
-        return _combine(tensors - base, params["weight"], base, consensus=None,
+        return _combine(tensors.sub_(base), params["weight"], base, consensus=None,
                         normalize=self.normalize, scale=self.lambda_)
 
 
@@ -258,8 +273,8 @@ class Ties(MergeMethod):
         self.consensus = _check_consensus(consensus)
 
     def merge(self, tensors, base, params, ctx):
-        deltas = tensors - base
-        deltas = deltas * topk_mask(deltas, params["density"])
+        deltas = tensors.sub_(base)
+        deltas = deltas.mul_(topk_mask(deltas, params["density"]))
         return _combine(deltas, params["weight"], base, consensus=self.consensus,
                         normalize=self.normalize, scale=self.lambda_)
 
@@ -290,21 +305,21 @@ class DareLinear(MergeMethod):
         self.rescale = _check_rescale(rescale)
 
     def merge(self, tensors, base, params, ctx):
-        deltas = dare_drop(tensors - base, params["density"], self.rescale, ctx.generator)
+        deltas = dare_drop(tensors.sub_(base), params["density"], self.rescale, ctx.generator)
         return _combine(deltas, params["weight"], base, consensus=self.consensus,
                         normalize=self.normalize, scale=self.lambda_)
 
 
 def dare_drop(deltas: Tensor, density: Tensor, rescale: bool | str, generator: torch.Generator | None) -> Tensor:
-    """DARE's drop-and-rescale of task vectors ``(N, *shape)`` with keep probability ``density``."""
+    """DARE's drop-and-rescale of task vectors ``(N, *shape)`` with keep probability ``density``
+    (in place). Models with ``density >= 1`` are left as they are."""
     if bool((density >= 1).all()):
         return deltas
-    keep = _per_model(density.clamp(0, 1), deltas.dim() - 1)
-    mask = torch.rand(deltas.shape, generator=generator, dtype=deltas.dtype) < keep
-    masked = deltas * mask
-    full = _per_model(density >= 1, deltas.dim() - 1)
-    masked = torch.where(full, deltas, masked)
-    return _rescale(masked, deltas, torch.where(density >= 1, torch.ones_like(density), density), rescale)
+    density = density.clamp(0, 1)
+    before = _norms(deltas, rescale)
+    # rand is in [0, 1): density 1 keeps everything
+    mask = torch.rand(deltas.shape, generator=generator, dtype=deltas.dtype) < _per_model(density, deltas.dim() - 1)
+    return _rescale(deltas.mul_(mask), before, density, rescale)
 
 
 @MERGE_METHODS.register("dare_ties")
@@ -349,8 +364,9 @@ class Breadcrumbs(MergeMethod):
         bottom = [max(0, m - k - int(g * m)) for k, g in zip(keep_n, gamma)]
         keep = bottomk_mask(deltas, [b + k for b, k in zip(bottom, keep_n)]) & ~bottomk_mask(deltas, bottom)
         full = _per_model(params["density"] >= 1, deltas.dim() - 1)
-        masked = torch.where(full, deltas, deltas * keep)
-        masked = _rescale(masked, deltas, params["density"], self.rescale)
+        before = _norms(deltas, self.rescale)
+        masked = deltas.mul_(keep | full)
+        masked = _rescale(masked, before, params["density"].clamp(0, 1), self.rescale)
         return _combine(masked, params["weight"], base, consensus=self.consensus,
                         normalize=self.normalize, scale=self.lambda_)
 
