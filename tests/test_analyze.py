@@ -337,3 +337,57 @@ def test_expert_usage_over_a_split_matches_one_full_forward():
     with pytest.raises(ConfigError, match="gate_weights"):
         collect_expert_usage(_shared_bottom(tasks), MultiTaskDataset(torch.randn(4, 6), {"a": torch.randn(4),
                                                                                       "b": torch.ones(4)}))
+
+
+# ----------------------------------------------------------------------------- measured transfer
+def _fake_runs(monkeypatch, tmp_path):
+    """Replace training by a table of test metrics: task j's mse is 1.0 alone, 0.8 with a cluster
+    mate (a 20% gain) and 1.1 with a task of the other cluster (a 10% loss)."""
+    from polytask.analyze import transfer as transfer_mod
+    from polytask.train import parse_config
+
+    cluster = {"task0": 0, "task1": 0, "task2": 1, "task3": 1}
+    trained = []
+
+    def fake_train(config, name, tasks, out_dir, epochs, progress):
+        trained.append(name)
+        out = {}
+        for t in tasks:
+            mates = [u for u in tasks if u != t]
+            mse = 1.0 if not mates else (0.8 if all(cluster[u] == cluster[t] for u in mates) else 1.1)
+            out[t] = {"mse": mse, "mae": mse}
+        return out
+
+    monkeypatch.setattr(transfer_mod, "_train", fake_train)
+    cfg = parse_config({"data": {"name": "synthetic", "params": {"num_tasks": 4, "num_rows": 50, "input_dim": 8}}})
+    return cfg, trained
+
+
+def test_pairwise_transfer_gain_matrix_and_agreement(monkeypatch, tmp_path):
+    from polytask.analyze import pairwise_transfer
+
+    cfg, trained = _fake_runs(monkeypatch, tmp_path)
+    res = pairwise_transfer(cfg, tmp_path)
+    assert len(trained) == 4 + 6
+    expected = torch.tensor([[math.nan, 20, -10, -10], [20, math.nan, -10, -10],
+                             [-10, -10, math.nan, 20], [-10, -10, 20, math.nan]], dtype=torch.float64)
+    assert torch.allclose(res.gain, expected, equal_nan=True)
+    affinity = torch.tensor([[1.0, 0.5, -0.1, -0.2], [0.4, 1.0, -0.3, 0.0],
+                             [-0.2, -0.1, 1.0, 0.6], [0.1, -0.2, 0.3, 1.0]])
+    rho = rank_agreement(affinity, res.gain)
+    assert rho > 0.7  # cluster mates rank above the rest
+    assert rank_agreement(-affinity, res.gain) == pytest.approx(-rho)
+
+
+def test_check_grouping_reports_measured_delta_m(monkeypatch, tmp_path):
+    from polytask.analyze import check_grouping
+
+    cfg, trained = _fake_runs(monkeypatch, tmp_path)
+    good = group_tasks(torch.tensor([[0, 1, -1, -1], [1, 0, -1, -1], [-1, -1, 0, 1], [-1, -1, 1, 0.0]]), 2,
+                       ["task0", "task1", "task2", "task3"], overlap=False)
+    assert sorted(good.groups) == [["task0", "task1"], ["task2", "task3"]]
+    check = check_grouping(cfg, good, tmp_path)
+    assert check.measured_delta_m == pytest.approx([-20.0, -20.0])  # Δm% is a drop: gains are negative
+    assert check.overall_delta_m == pytest.approx(-20.0)
+    assert check.predicted == pytest.approx([2.0, 2.0])
+    assert "| task0, task1 | 2 | -20.00 |" in check.table()

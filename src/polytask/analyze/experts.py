@@ -62,7 +62,8 @@ def save_expert_usage(usage: ExpertUsage, run_dir: Path, plot: bool = True) -> P
 
         experts = [f"expert {e}" for e in range(usage.mean.shape[1])]
         save_heatmap(usage.mean, usage.tasks, Path(run_dir) / "plots" / "experts.png", cols=experts,
-                     title="mean gate weight", diverging=False, ylabel="task", xlabel="expert")
+                     title="mean gate weight", diverging=False, ylabel="task", xlabel="expert",
+                     scale_off_diagonal=False)
     return path
 
 

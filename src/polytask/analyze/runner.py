@@ -8,7 +8,7 @@ and heatmaps into the run directory.
   ``max_batches``) — a snapshot of the trained model, not an average over training.
 
 ``grouping`` needs ``affinity``; ``transfer`` and ``check`` train extra models (T + T(T−1)/2 runs,
-resp. one run per group and per task) under ``RUN_DIR/transfer`` and ``RUN_DIR/check``.
+resp. one run per group and per task) under ``RUN_DIR/runs`` (finished runs are reused).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def analyze(target: Path, options: AnalyzeOptions, overrides: list[str] | None =
     if "transfer" in what:
         from polytask.analyze.transfer import pairwise_transfer, rank_agreement
 
-        transfer = pairwise_transfer(cfg, run_dir / "transfer", tasks, options.epochs, options.progress)
+        transfer = pairwise_transfer(cfg, run_dir / "runs", tasks, options.epochs, options.progress)
         agreement = {}
         if affinity is not None:
             agreement["affinity Z(i→j)"] = rank_agreement(affinity.affinity, transfer.gain)
@@ -178,7 +178,7 @@ def analyze(target: Path, options: AnalyzeOptions, overrides: list[str] | None =
         from polytask.analyze.transfer import check_grouping
 
         assert grouping is not None
-        check = check_grouping(cfg, grouping, run_dir / "check", options.epochs, options.progress)
+        check = check_grouping(cfg, grouping, run_dir / "runs", options.epochs, options.progress)
         check.save(run_dir)
         notes.append("grouping check:\n" + check.table())
     notes.append(f"written to {run_dir / 'analysis'} and {run_dir / 'plots'}; `polytask report {run_dir}` "

@@ -34,8 +34,16 @@ Metrics = dict[str, dict[str, float]]
 
 def _train(config: Any, name: str, tasks: Sequence[str], out_dir: Path, epochs: int | None,
            progress: bool | None) -> Metrics:
-    """Train ``config`` restricted to ``tasks`` into ``out_dir/name``; test metrics of the best epoch."""
+    """Train ``config`` restricted to ``tasks`` into ``out_dir/name``; test metrics of the best epoch.
+
+    A run that already finished there with the same config is reused (``done.json``), so the
+    single-task runs are shared by :func:`pairwise_transfer` and :func:`check_grouping`, and an
+    interrupted study resumes.
+    """
+    import json
+
     from polytask.train import Trainer
+    from polytask.train.config import dump_config
 
     cfg = config.model_copy(deep=True)
     cfg.name = name
@@ -43,7 +51,20 @@ def _train(config: Any, name: str, tasks: Sequence[str], out_dir: Path, epochs: 
     cfg.data.tasks = list(tasks)
     if epochs is not None:
         cfg.train.epochs = epochs
-    return Trainer(cfg, progress=progress).fit().test
+    done = cfg.run_dir / "done.json"
+    if done.exists():
+        record = json.loads(done.read_text())
+        if record.get("config") == dump_config(cfg):
+            return record["test"]
+    test = Trainer(cfg, progress=progress).fit().test
+    write_json(done, {"config": dump_config(cfg), "test": test})
+    return test
+
+
+def run_name(tasks: Sequence[str]) -> str:
+    """Directory name of the run of a task set (shared by transfer and grouping checks)."""
+    kind = {1: "single", 2: "pair"}.get(len(tasks), "group")
+    return f"{kind}-{'-'.join(tasks)}"
 
 
 def relative_gain(task: Task, together: Metrics, alone: Metrics) -> float:
@@ -100,14 +121,14 @@ def pairwise_transfer(config: Any, out_dir: Path, tasks: Sequence[str] | None = 
         raise ConfigError(f"transfer: unknown task(s) {', '.join(map(repr, unknown))}")
     if len(names) < 2:
         raise ConfigError("transfer: needs at least two tasks")
-    single = {n: _train(config, f"single-{n}", [n], out_dir, epochs, progress)[n] for n in names}
+    single = {n: _train(config, run_name([n]), [n], out_dir, epochs, progress)[n] for n in names}
     t = len(names)
     gain = torch.full((t, t), float("nan"), dtype=torch.float64)
     pairs: dict[str, Metrics] = {}
     for i in range(t):
         for j in range(i + 1, t):
             a, b = names[i], names[j]
-            both = _train(config, f"pair-{a}-{b}", [a, b], out_dir, epochs, progress)
+            both = _train(config, run_name([a, b]), [a, b], out_dir, epochs, progress)
             pairs[f"{a}+{b}"] = both
             gain[i, j] = relative_gain(by_name[b], both, single)
             gain[j, i] = relative_gain(by_name[a], both, single)
@@ -176,13 +197,13 @@ def check_grouping(config: Any, grouping: Grouping, out_dir: Path, epochs: int |
     from polytask import data as data_lib
 
     by_name = {t.name: t for t in data_lib.load(config.data.name, **config.data.params).tasks}
-    single = {n: _train(config, f"single-{n}", [n], out_dir, epochs, progress)[n] for n in grouping.tasks}
+    single = {n: _train(config, run_name([n]), [n], out_dir, epochs, progress)[n] for n in grouping.tasks}
     grouped: dict[str, Metrics] = {}
     deltas = []
     for g in grouping.groups:
         key = "+".join(g)
         grouped[key] = ({g[0]: single[g[0]]} if len(g) == 1
-                        else _train(config, f"group-{key}", g, out_dir, epochs, progress))
+                        else _train(config, run_name(g), g, out_dir, epochs, progress))
         deltas.append(delta_m(grouped[key], single, [by_name[n] for n in g]))
     served = {n: grouped["+".join(grouping.groups[grouping.serving[n]])][n] for n in grouping.tasks}
     overall = delta_m(served, single, [by_name[n] for n in grouping.tasks])

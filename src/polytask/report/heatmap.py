@@ -7,21 +7,27 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from polytask.report.plots import _pyplot
 
 
 def heatmap_figure(matrix: Tensor, rows: Sequence[str], cols: Sequence[str] | None = None, title: str = "",
-                   xlabel: str = "", ylabel: str = "", diverging: bool = True, fmt: str = "{:.2f}"):
+                   xlabel: str = "", ylabel: str = "", diverging: bool = True, fmt: str = "{:.2f}",
+                   scale_off_diagonal: bool = True):
     """A matplotlib figure of ``matrix`` with every cell annotated (NaN cells left blank).
 
     ``diverging`` centres the colour scale on 0 (red: negative, blue: positive).
+    ``scale_off_diagonal``: for a square matrix, fit the colour scale to the off-diagonal cells,
+    so a dominant diagonal (self-affinity, cosine 1) does not wash out the pairs (it saturates).
     """
     plt = _pyplot()
     cols = list(rows) if cols is None else list(cols)
     m = matrix.detach().cpu().double()
-    finite = m[~m.isnan()]
+    square = m.ndim == 2 and m.shape[0] == m.shape[1] and m.shape[0] > 1
+    off = m[~torch.eye(m.shape[0], dtype=torch.bool)] if square and scale_off_diagonal else m.reshape(-1)
+    finite = off[~off.isnan()]
     size = max(len(rows), len(cols))
     fig, ax = plt.subplots(figsize=(1.2 + 0.75 * size, 1.0 + 0.65 * size))
     if diverging:
@@ -29,7 +35,9 @@ def heatmap_figure(matrix: Tensor, rows: Sequence[str], cols: Sequence[str] | No
         bound = bound if bound > 0 else 1.0
         im = ax.imshow(m.numpy(), cmap="RdBu", vmin=-bound, vmax=bound)
     else:
-        im = ax.imshow(m.numpy(), cmap="viridis")
+        lo = float(finite.min()) if finite.numel() else 0.0
+        hi = float(finite.max()) if finite.numel() else 1.0
+        im = ax.imshow(m.numpy(), cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1)
     ax.set_xticks(range(len(cols)), labels=cols, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), labels=rows, fontsize=8)
     for i in range(m.shape[0]):

@@ -187,7 +187,7 @@ def _experts_section(p: dict[str, Any]) -> str:
     ent = from_jsonable(p["entropy"]).tolist()
     return ("<h2>Expert usage</h2>"
             + _heatmap_img(mean, tasks, "expert usage heatmap", cols=experts, title="mean gate weight",
-                           diverging=False)
+                           diverging=False, scale_off_diagonal=False)
             + "<h3>Mean gate weight</h3>" + matrix_table(mean, tasks, experts)
             + f"<h3>Share of rows with gate weight &lt; {_num(p['threshold'])}</h3>" + matrix_table(near, tasks, experts)
             + "<h3>Gate entropy (nats)</h3>" + table(["task", "entropy", "uniform"],
