@@ -391,3 +391,27 @@ def test_check_grouping_reports_measured_delta_m(monkeypatch, tmp_path):
     assert check.overall_delta_m == pytest.approx(-20.0)
     assert check.predicted == pytest.approx([2.0, 2.0])
     assert "| task0, task1 | 2 | -20.00 |" in check.table()
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "ple", "cross_stitch"])
+def test_routed_models_batched_lookahead_equals_per_task_loop(arch, monkeypatch):
+    from polytask.analyze import affinity as affinity_mod
+    from polytask.nn import build_model
+
+    tasks = [Task("a", "regression"), Task("b", "binary"), Task("c", "multiclass", num_classes=3)]
+    torch.manual_seed(0)
+    model = build_model(arch, 6, tasks)
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(12, 6, generator=g), {"a": torch.randn(12, generator=g),
+                                                   "b": (torch.rand(12, generator=g) > 0.5).float(),
+                                                   "c": torch.randint(0, 3, (12,), generator=g)}, None)
+    batched = lookahead_affinity(model, tasks, batch, 0.05)
+    def no_vmap(*args, **kwargs):
+        raise RuntimeError("vmap unavailable")
+    monkeypatch.setattr(affinity_mod, "vmap", no_vmap)
+    looped = lookahead_affinity(model, tasks, batch, 0.05)
+    assert torch.allclose(batched, looped, atol=1e-6)
+    assert (batched.diagonal() > 0).all()  # a small step on a task lowers its own loss
+    conflict = gradient_conflict(model, tasks, [batch])
+    assert torch.allclose(conflict.cosine.diagonal(), torch.ones(3, dtype=torch.float64))
+    assert len(conflict.groups) >= 1

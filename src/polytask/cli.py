@@ -83,7 +83,7 @@ def analyze(
     overlap: Annotated[bool, typer.Option(help="Let groups overlap (Fifty et al.); default: a partition.")] = False,
     every: Annotated[int, typer.Option(help="Sample conflict/affinity every N steps.")] = 10,
     lr: Annotated[Optional[float], typer.Option(help="Lookahead step size (default: the optimizer's lr).")] = None,
-    groups: Annotated[str, typer.Option(help="Layer groups for conflict: module, layer or tensor.")] = "module",
+    groups: Annotated[str, typer.Option(help="Layer groups for conflict: module, layer or tensor.")] = "layer",
     epochs: Annotated[Optional[int], typer.Option(help="Epochs of each transfer/check run.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key.")] = None,
 ) -> None:

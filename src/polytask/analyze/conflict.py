@@ -139,7 +139,7 @@ class GradientConflictMonitor:
         write: write the JSON and heatmap into the run directory at the end of ``fit``.
     """
 
-    def __init__(self, every: int = 10, groups: str = "module", history: bool = True, write: bool = True) -> None:
+    def __init__(self, every: int = 10, groups: str = "layer", history: bool = True, write: bool = True) -> None:
         if not isinstance(every, int) or every < 1:
             raise ConfigError(f"conflict monitor: every must be a positive integer, got {every!r}")
         group_names([], groups)  # validates the name
@@ -227,7 +227,7 @@ class GradientConflictMonitor:
 
 
 def gradient_conflict(model: nn.Module, tasks: Sequence[Task], batches: Iterable[Any],
-                      groups: str = "module") -> ConflictResult:
+                      groups: str = "layer") -> ConflictResult:
     """Gradient-conflict statistics of ``model`` over ``batches`` (one sample per batch), at the
     current parameters. See :class:`GradientConflictMonitor`."""
     monitor = GradientConflictMonitor(every=1, groups=groups, write=False)

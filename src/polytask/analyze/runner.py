@@ -47,7 +47,7 @@ class AnalyzeOptions:
     what: list[str] = field(default_factory=lambda: list(DEFAULT_WHAT))
     every: int = 10
     lr: float | None = None
-    groups: str = "module"
+    groups: str = "layer"
     k: int = 2
     overlap: bool = False
     method: str = "auto"
