@@ -98,3 +98,14 @@ def test_adamerging_lowers_entropy_and_keeps_coefficients_in_range():
     assert lam_t.shape == (2,)
     with pytest.raises(ConfigError, match="granularity"):
         adamerging(base, models, data, granularity="neuron")
+
+
+def test_regmean_single_model_is_identity_even_with_dead_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x = torch.rand(64, 6)
+    x[:, 2] = 0.0  # an input that never varies: its weights stay as they are
+    x[:, 4] = 3 * x[:, 0]  # collinear inputs make the Gram singular
+    merged = regmean_merge([model], [[x]], alpha=0.9)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(merged[k], v, atol=1e-4), k

@@ -166,10 +166,24 @@ def regmean_merge(
         g = alpha * g + (1 - alpha) * diag
         key = f"{layer}.weight" if layer else "weight"
         w = torch.stack([s[key].float() for s in states])  # (N, out, in)
-        rhs = (g @ w.transpose(1, 2)).sum(0)
-        solved = torch.linalg.lstsq(g.sum(0), rhs).solution  # (in, out); lstsq tolerates singular G
+        solved = _psd_solve(g.sum(0), (g @ w.transpose(1, 2)).sum(0), w.mean(0).T)
         merged[key] = solved.T.to(states[0][key].dtype)
     return merged
+
+
+def _psd_solve(gram: Tensor, rhs: Tensor, prior: Tensor, rtol: float = 1e-7) -> Tensor:
+    """Solve ``gram X = rhs`` for a symmetric PSD ``gram`` in float64 by eigendecomposition.
+
+    Directions of (numerically) zero variance - inputs that are always zero on the data, or
+    linear combinations that never vary - are left undetermined by the least-squares problem;
+    there ``X`` keeps ``prior`` (the plain average) instead of a noisy or zero value.
+    """
+    g, b, x0 = gram.double(), rhs.double(), prior.double()
+    evals, evecs = torch.linalg.eigh(g)
+    keep = evals > evals.max().clamp_min(0) * rtol
+    inv = torch.where(keep, 1 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
+    x = x0 + evecs @ (inv[:, None] * (evecs.T @ (b - g @ x0)))
+    return x.to(rhs.dtype)
 
 
 def _linear_grams(model: nn.Module, batches: Iterable[Any], max_batches: int | None) -> dict[str, Tensor]:
