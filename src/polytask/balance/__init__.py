@@ -9,7 +9,9 @@ from typing import Any
 
 from polytask.balance import loss_weighting as _loss_weighting  # noqa: F401  (registers)
 from polytask.balance import loss_adaptive as _loss_adaptive  # noqa: F401  (registers)
+from polytask.balance import engine as _engine  # noqa: F401  (registers gradient balancers)
 from polytask.balance.base import Balancer, LossWeighting, stack_losses
+from polytask.balance.engine import GradientBalancer
 from polytask.balance.registry import BALANCERS
 
 
@@ -23,4 +25,4 @@ def names() -> list[str]:
     return BALANCERS.names()
 
 
-__all__ = ["BALANCERS", "Balancer", "LossWeighting", "get", "names", "stack_losses"]
+__all__ = ["BALANCERS", "Balancer", "GradientBalancer", "LossWeighting", "get", "names", "stack_losses"]

@@ -1,0 +1,606 @@
+"""Gradient aggregators: the ``T x D`` matrix of task gradients -> one update direction.
+
+Each aggregator is a small ``nn.Module``. ``aggregator(J)`` returns the aggregated ``D``-vector;
+``aggregator.aggregate(J)`` returns ``(vector, weights)``. Most methods only need the Gramian
+``G = J J^T`` (:class:`GramianWeighting`: ``weights(G)``, update ``J^T w``); the others read the
+Jacobian itself (:class:`GradDrop`, :class:`ExcessMTL`, :class:`MoCo`).
+
+All solvers run in torch on the Jacobian's device with fixed iteration counts (no scipy, no host
+synchronisation), in float64 on the ``T x T`` problem for accuracy. Exceptions, documented per
+class: :class:`IMTLG`, :class:`AlignedMTL` and :class:`ConFIG` need an eigendecomposition or
+pseudo-inverse, which synchronises on CUDA.
+
+State (GradVac's targets, Nash-MTL's warm start, MoCo's tracking, ExcessMTL's statistics) lives in
+buffers and in ``get_extra_state``, so ``state_dict()`` saves and restores it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from polytask.balance.solvers import (
+    cagrad_dual,
+    frank_wolfe_min_norm,
+    nonneg_qp,
+    power_fair_weights,
+    project_simplex,
+)
+from polytask.errors import ConfigError
+
+__all__ = [
+    "Aggregator",
+    "AlignedMTL",
+    "CAGrad",
+    "ConFIG",
+    "DualProj",
+    "ExcessMTL",
+    "FairGrad",
+    "GradDrop",
+    "GradVac",
+    "GramianWeighting",
+    "IMTLG",
+    "MGDA",
+    "MoCo",
+    "NashMTL",
+    "PCGrad",
+    "UPGrad",
+]
+
+_SOLVE_DTYPE = torch.float64
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+class Aggregator(nn.Module):
+    """Base class: aggregate a ``(T, D)`` Jacobian (one row per task) into a ``(D,)`` update.
+
+    ``parameter_space_only`` is True for methods whose state is indexed by the coordinates of the
+    Jacobian (MoCo, ExcessMTL): they need the same ``D`` coordinates at every step, i.e.
+    gradients w.r.t. parameters, not w.r.t. a batch of features.
+    """
+
+    parameter_space_only: ClassVar[bool] = False
+
+    def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
+        """``(update, weights)``; ``weights`` (``(T,)``) are such that ``update = J^T weights``
+        where the method's update lies in the span of the task gradients (else a least-squares
+        fit, for logging)."""
+        raise NotImplementedError
+
+    def forward(self, jacobian: Tensor) -> Tensor:
+        """The aggregated ``(D,)`` update."""
+        if jacobian.ndim != 2:
+            raise ValueError(f"expected a (T, D) Jacobian, got shape {tuple(jacobian.shape)}")
+        return self.aggregate(jacobian)[0]
+
+
+class GramianWeighting(Aggregator):
+    """An aggregator whose update is ``J^T w`` with ``w`` a function of ``G = J J^T`` only."""
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        """The ``(T,)`` weights, given the ``(T, T)`` Gramian of the task gradients."""
+        raise NotImplementedError
+
+    def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
+        gramian = jacobian @ jacobian.T
+        w = self.weights(gramian.to(_SOLVE_DTYPE)).to(jacobian.dtype)
+        return w @ jacobian, w
+
+
+def _normalize(gramian: Tensor, eps: float) -> Tensor:
+    """``G / trace(G)`` (the Gramian of the Frobenius-normalised Jacobian); 0 if the trace < eps."""
+    trace = gramian.diagonal().sum()
+    return torch.where(trace < eps, torch.zeros_like(gramian), gramian / trace.clamp_min(torch.finfo(gramian.dtype).tiny))
+
+
+def _random_orders(n: int, device: torch.device, generator: torch.Generator | None, exclude_self: bool) -> Tensor:
+    """``(n, n)`` (or ``(n, n-1)`` without self) rows of independent random permutations."""
+    keys = torch.rand(n, n, device=device, generator=generator)
+    if exclude_self:
+        keys = keys + torch.eye(n, device=device) * 2.0  # self sorts last, then dropped
+        return keys.argsort(dim=1)[:, : n - 1]
+    return keys.argsort(dim=1)
+
+
+class _LazyStateMixin:
+    """Buffers whose shape is only known at the first step (number of tasks, parameters).
+
+    They start empty; loading a state dict resizes them first, so save/restore works.
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for name, buf in self._buffers.items():  # type: ignore[attr-defined]
+            key = prefix + name
+            if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
+                self._buffers[name] = torch.empty(state_dict[key].shape, dtype=buf.dtype, device=buf.device)  # type: ignore[attr-defined]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gramian-based methods
+# ---------------------------------------------------------------------------------------------
+
+
+class MGDA(GramianWeighting):
+    """MGDA: the minimum-norm point of the convex hull of the task gradients.
+
+    Désidéri, "Multiple-gradient descent algorithm (MGDA) for multiobjective optimization",
+    Comptes Rendus Mathématique 2012; solved by Frank-Wolfe as in Algorithm 2 of Sener & Koltun,
+    "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018.
+
+    Args:
+        epsilon: stop once the Frank-Wolfe step falls below this value.
+        max_iters: at most this many Frank-Wolfe iterations (fixed unrolled loop).
+    """
+
+    def __init__(self, epsilon: float = 1e-3, max_iters: int = 100) -> None:
+        super().__init__()
+        _check(epsilon > 0, f"mgda: epsilon must be > 0, got {epsilon}")
+        _check(max_iters > 0, f"mgda: max_iters must be > 0, got {max_iters}")
+        self.epsilon, self.max_iters = epsilon, max_iters
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        return frank_wolfe_min_norm(gramian, self.epsilon, self.max_iters)
+
+
+class PCGrad(GramianWeighting):
+    """PCGrad: project each task gradient on the normal plane of every gradient it conflicts with.
+
+    Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Algorithm 1: for each task
+    ``i``, visit the other tasks ``j`` in a random order; if ``g_i^PC . g_j < 0`` set
+    ``g_i^PC -= (g_i^PC . g_j / ||g_j||^2) g_j``. The update is ``sum_i g_i^PC``. Tracked as
+    coefficients ``g_i^PC = sum_k C_ik g_k`` so only the Gramian is needed; all tasks ``i`` are
+    processed in parallel (one step per position in the random order).
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        n = gramian.shape[0]
+        return pcgrad_coefficients(gramian, _random_orders(n, gramian.device, self.generator, False)).sum(0)
+
+
+def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> Tensor:
+    """PCGrad's projected gradients as coefficients ``C`` (``g_i^PC = sum_k C_ik g_k``).
+
+    ``orders[i]`` is the order (a permutation of all tasks; ``i`` itself is skipped) in which
+    task ``i`` is projected against the others.
+    """
+    n = gramian.shape[0]
+    rows = torch.arange(n, device=gramian.device)
+    coef = torch.eye(n, dtype=gramian.dtype, device=gramian.device)
+    diag = gramian.diagonal()
+    for k in range(orders.shape[1]):
+        j = orders[:, k]
+        inner = (coef * gramian[j]).sum(1)  # g_i^PC . g_j for every i
+        conflict = (j != rows) & (inner < 0)
+        step = torch.where(conflict, -inner / diag[j].clamp_min(torch.finfo(gramian.dtype).tiny), torch.zeros_like(inner))
+        coef = coef.index_put((rows, j), step, accumulate=True)
+    return coef
+
+
+class GradVac(_LazyStateMixin, GramianWeighting):
+    """Gradient Vaccine: raise each pair's cosine similarity towards an EMA target.
+
+    Wang et al., "Gradient Vaccine: Investigating and Improving Multi-task Optimization in
+    Massively Multilingual Models", ICLR 2021, Algorithm 1 (applied to the whole shared
+    parameter vector). For each task ``i`` and the other tasks ``j`` in random order: if
+    ``phi_ij = cos(g_i, g_j) < phi_hat_ij``, add
+    ``||g_i|| (phi_hat sqrt(1-phi^2) - phi sqrt(1-phi_hat^2)) / (||g_j|| sqrt(1-phi_hat^2)) g_j``
+    to ``g_i``; then ``phi_hat_ij <- (1-beta) phi_hat_ij + beta phi_ij``. ``phi_hat`` is a buffer.
+
+    Args:
+        beta: EMA rate of the similarity targets, in [0, 1].
+        eps: added to denominators.
+    """
+
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        _check(0.0 <= beta <= 1.0, f"gradvac: beta must be in [0, 1], got {beta}")
+        _check(eps >= 0.0, f"gradvac: eps must be >= 0, got {eps}")
+        self.beta, self.eps, self.generator = beta, eps, generator
+        self.register_buffer("phi_hat", torch.zeros(0, 0, dtype=_SOLVE_DTYPE))
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        n = gramian.shape[0]
+        if self.phi_hat.shape != (n, n):
+            self.phi_hat = torch.zeros(n, n, dtype=_SOLVE_DTYPE, device=gramian.device)
+        orders = _random_orders(n, gramian.device, self.generator, True)
+        coef, self.phi_hat = gradvac_coefficients(gramian, self.phi_hat.to(gramian), orders, self.beta, self.eps)
+        return coef.sum(0)
+
+
+def gradvac_coefficients(gramian: Tensor, phi_hat: Tensor, orders: Tensor, beta: float, eps: float) -> tuple[Tensor, Tensor]:
+    """GradVac's corrected gradients as coefficients, and the updated targets ``phi_hat``.
+
+    ``orders[i]``: the other tasks in the order task ``i`` visits them (``(T, T-1)``).
+    """
+    n = gramian.shape[0]
+    rows = torch.arange(n, device=gramian.device)
+    coef = torch.eye(n, dtype=gramian.dtype, device=gramian.device)
+    cg = gramian.clone()  # cg[i] = (g_i^PC . g_k)_k
+    diag = gramian.diagonal().clamp_min(0.0)
+    phi_hat = phi_hat.clone()
+    for k in range(orders.shape[1]):
+        j = orders[:, k]
+        dot = cg[rows, j]
+        norm_i = (cg * coef).sum(1).clamp_min(0.0).sqrt()
+        norm_j = diag[j].sqrt()
+        phi = dot / (norm_i * norm_j + eps)
+        hat = phi_hat[rows, j]
+        sin_phi = (1.0 - phi * phi).clamp_min(0.0).sqrt()
+        sin_hat = (1.0 - hat * hat).clamp_min(0.0).sqrt()
+        w = norm_i * (hat * sin_phi - phi * sin_hat) / (norm_j * sin_hat + eps)
+        w = torch.where(phi < hat, w, torch.zeros_like(w))
+        coef = coef.index_put((rows, j), w, accumulate=True)
+        cg = cg + w.unsqueeze(1) * gramian[j]
+        phi_hat = phi_hat.index_put((rows, j), (1.0 - beta) * hat + beta * phi)
+    return coef, phi_hat
+
+
+class CAGrad(GramianWeighting):
+    """CAGrad: maximise the worst task improvement within a ball around the mean gradient.
+
+    Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021: the
+    update is ``g0 + (c ||g0|| / ||g_w||) g_w`` with ``w = argmin_{simplex} g_w.g0 + c||g0|| ||g_w||``
+    (``g0`` the mean gradient). Solved in torch by :func:`~polytask.balance.solvers.cagrad_dual`.
+    When the minimiser has ``||g_w|| < norm_eps`` (Pareto-stationary point) the update is 0.
+    ``c = 0`` gives the mean gradient.
+
+    Args:
+        c: radius of the ball, relative to ``||g0||`` (the paper uses 0.4-0.5).
+        norm_eps: threshold on ``||g_w||`` (with ``J`` normalised to unit Frobenius norm).
+    """
+
+    def __init__(self, c: float = 0.4, norm_eps: float = 1e-4) -> None:
+        super().__init__()
+        _check(c >= 0, f"cagrad: c must be >= 0, got {c}")
+        self.c, self.norm_eps = c, norm_eps
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        n = gramian.shape[0]
+        mean = torch.full((n,), 1.0 / n, dtype=gramian.dtype, device=gramian.device)
+        if self.c == 0:
+            return mean
+        g = _normalize(gramian, self.norm_eps)
+        v, solved = cagrad_dual(g, self.c)
+        w = v / v.sum().clamp_min(torch.finfo(g.dtype).tiny)
+        gw_norm = (w @ g @ w).clamp_min(0.0).sqrt()
+        return torch.where(solved & (gw_norm >= self.norm_eps), mean + v, torch.zeros_like(v))
+
+
+class IMTLG(GramianWeighting):
+    """IMTL-G: the update has equal projections on every task's unit gradient.
+
+    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021 (gradient part); in the
+    generalised form of Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024,
+    ``w = G^+ d / sum(G^+ d)`` with ``d_i = ||g_i||``, valid for linearly dependent gradients.
+    Uses a pseudo-inverse (synchronises on CUDA).
+    """
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        d = gramian.diagonal().clamp_min(0.0).sqrt()
+        v = torch.linalg.pinv(gramian) @ d
+        total = v.sum()
+        return torch.where(total.abs() < 1e-12, torch.zeros_like(v), v / torch.where(total == 0, 1.0, total))
+
+
+class AlignedMTL(GramianWeighting):
+    """Aligned-MTL: align the principal components of the gradient matrix before summing.
+
+    Senushkin et al., "Independent Component Alignment for Multi-Task Learning", CVPR 2023,
+    Algorithm 1: with ``G = V diag(lambda) V^T`` (rank ``r``), weights
+    ``sqrt(lambda_scale) V_r diag(lambda_r^-1/2) V_r^T w0`` where ``w0`` is the mean (or
+    ``pref_vector``) and ``lambda_scale`` is the smallest (``min``), median or mean (``rmse``)
+    non-zero eigenvalue. Uses an eigendecomposition (synchronises on CUDA).
+    """
+
+    def __init__(self, scale_mode: Literal["min", "median", "rmse"] = "min", pref_vector: list[float] | None = None) -> None:
+        super().__init__()
+        _check(scale_mode in ("min", "median", "rmse"), f"aligned_mtl: scale_mode must be min, median or rmse, got {scale_mode!r}")
+        self.scale_mode = scale_mode
+        self.pref_vector = None if pref_vector is None else list(pref_vector)
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        n = gramian.shape[0]
+        w0 = _preference(self.pref_vector, n, gramian, "aligned_mtl")
+        lam, vec = torch.linalg.eigh(gramian)
+        tol = lam.max() * n * torch.finfo(gramian.dtype).eps
+        kept = lam > tol
+        inv_sqrt = torch.where(kept, lam.clamp_min(torch.finfo(gramian.dtype).tiny).rsqrt(), torch.zeros_like(lam))
+        count = kept.sum()
+        if self.scale_mode == "min":
+            scale = torch.where(kept, lam, torch.full_like(lam, float("inf"))).min()
+        elif self.scale_mode == "rmse":
+            scale = torch.where(kept, lam, torch.zeros_like(lam)).sum() / count.clamp_min(1)
+        else:  # lower median of the kept eigenvalues (eigh sorts ascending; kept ones are last)
+            idx = (n - count) + (count - 1) // 2
+            scale = lam[idx.clamp(0, n - 1)]
+        balance = scale.clamp_min(0.0).sqrt() * (vec * inv_sqrt) @ vec.T
+        balance = torch.where(count == 0, torch.eye(n, dtype=gramian.dtype, device=gramian.device), balance)
+        return balance @ w0
+
+
+def _preference(pref: list[float] | None, n: int, like: Tensor, who: str) -> Tensor:
+    if pref is None:
+        return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
+    if len(pref) != n:
+        raise ConfigError(f"{who}: pref_vector has {len(pref)} entries but there are {n} tasks")
+    return torch.tensor(pref, dtype=like.dtype, device=like.device)
+
+
+class UPGrad(GramianWeighting):
+    """UPGrad: project each task gradient onto the dual cone of all gradients, then average.
+
+    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024 (arXiv:2406.16232):
+    the update ``J^T w`` with ``w = sum_i v_i``, ``v_i = argmin_{v >= u_i} v^T G v`` and
+    ``u_i = e_i / T`` (or ``pref_vector_i e_i``), i.e. Proposition 1's dual form. The Gramian is
+    normalised by its trace and regularised by ``reg_eps I`` as in torchjd; the ``T``
+    non-negative QPs are solved together by :func:`~polytask.balance.solvers.nonneg_qp`.
+    The update never conflicts with any task gradient (non-negative inner products).
+    """
+
+    def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4, pref_vector: list[float] | None = None) -> None:
+        super().__init__()
+        _check(norm_eps >= 0 and reg_eps >= 0, "upgrad: norm_eps and reg_eps must be >= 0")
+        self.norm_eps, self.reg_eps = norm_eps, reg_eps
+        self.pref_vector = None if pref_vector is None else list(pref_vector)
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        n = gramian.shape[0]
+        g = _normalize(gramian, self.norm_eps) + self.reg_eps * torch.eye(n, dtype=gramian.dtype, device=gramian.device)
+        u = torch.diag(_preference(self.pref_vector, n, gramian, "upgrad"))
+        return (u + nonneg_qp(g, u @ g)).sum(0)
+
+
+class DualProj(GramianWeighting):
+    """DualProj: project the mean gradient onto the dual cone of the task gradients.
+
+    The projection of Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning",
+    NeurIPS 2017 (Eq. 11), as used by Quinton & Rey, "Jacobian Descent for Multi-Objective
+    Optimization", 2024: ``w = argmin_{v >= u} v^T G v`` with ``u = 1/T`` (or ``pref_vector``).
+    Same normalisation/regularisation as :class:`UPGrad`.
+    """
+
+    def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4, pref_vector: list[float] | None = None) -> None:
+        super().__init__()
+        _check(norm_eps >= 0 and reg_eps >= 0, "dualproj: norm_eps and reg_eps must be >= 0")
+        self.norm_eps, self.reg_eps = norm_eps, reg_eps
+        self.pref_vector = None if pref_vector is None else list(pref_vector)
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        n = gramian.shape[0]
+        g = _normalize(gramian, self.norm_eps) + self.reg_eps * torch.eye(n, dtype=gramian.dtype, device=gramian.device)
+        u = _preference(self.pref_vector, n, gramian, "dualproj")
+        return u + nonneg_qp(g, u @ g)
+
+
+class ConFIG(GramianWeighting):
+    """ConFIG: the conflict-free direction with equal cosine to every task gradient.
+
+    Liu et al., "ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks",
+    ICLR 2025, Eq. 2: ``d = U^+ w`` for the unit gradients ``U`` (``w = 1`` or ``pref_vector``),
+    normalised, scaled by ``sum_i g_i . d_unit``. Since ``U^+ = U^T (U U^T)^+`` this needs only
+    the Gramian. Uses a pseudo-inverse (synchronises on CUDA).
+    """
+
+    def __init__(self, pref_vector: list[float] | None = None) -> None:
+        super().__init__()
+        self.pref_vector = None if pref_vector is None else list(pref_vector)
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        n = gramian.shape[0]
+        pref = torch.ones(n, dtype=gramian.dtype, device=gramian.device) if self.pref_vector is None else _preference(self.pref_vector, n, gramian, "config")
+        norms = gramian.diagonal().clamp_min(0.0).sqrt()
+        inv = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(gramian.dtype).tiny), torch.zeros_like(norms))
+        unit_gram = inv.unsqueeze(1) * gramian * inv.unsqueeze(0)
+        rtol = max(n, 1) * torch.finfo(gramian.dtype).eps
+        coef = inv * (torch.linalg.pinv(unit_gram, rtol=rtol, hermitian=True) @ pref)  # d = J^T coef
+        sq_norm = coef @ gramian @ coef
+        length = (gramian @ coef).sum()
+        return torch.where(sq_norm > 0, coef * length / sq_norm.clamp_min(torch.finfo(gramian.dtype).tiny), torch.zeros_like(coef))
+
+
+class NashMTL(_LazyStateMixin, GramianWeighting):
+    """Nash-MTL: the Nash bargaining solution, weights with ``G w = 1 / w``.
+
+    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022: the update ``J^T w``
+    with ``w > 0`` solving ``(G w)_i = 1 / w_i`` (every task gets the same log-utility gain).
+    Solved by damped Newton on a convex potential
+    (:func:`~polytask.balance.solvers.power_fair_weights`), warm-started from the previous
+    solution (a buffer). Weights are recomputed every ``update_weights_every`` steps and the
+    update is scaled down to norm ``max_norm`` if longer (0 disables the clipping).
+    """
+
+    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20) -> None:
+        super().__init__()
+        _check(max_norm >= 0, f"nash_mtl: max_norm must be >= 0, got {max_norm}")
+        _check(update_weights_every > 0, "nash_mtl: update_weights_every must be > 0")
+        _check(optim_niter > 0, "nash_mtl: optim_niter must be > 0")
+        self.max_norm, self.update_weights_every, self.optim_niter = max_norm, update_weights_every, optim_niter
+        self.register_buffer("prev_weights", torch.zeros(0, dtype=_SOLVE_DTYPE))
+        self.step = 0
+
+    def get_extra_state(self) -> Any:
+        return {"step": self.step}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.step = int(state["step"])
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        n = gramian.shape[0]
+        fresh = self.prev_weights.shape != (n,)
+        if fresh or self.step % self.update_weights_every == 0:
+            init = None if fresh else self.prev_weights.to(gramian)
+            self.prev_weights = power_fair_weights(gramian, 1.0, init=init, iters=self.optim_niter + 10)
+        self.step += 1
+        w = self.prev_weights.to(gramian)
+        if self.max_norm > 0:
+            norm = (w @ gramian @ w).clamp_min(0.0).sqrt()
+            w = torch.where(norm > self.max_norm, w * self.max_norm / norm.clamp_min(torch.finfo(w.dtype).tiny), w)
+        return w
+
+
+class FairGrad(GramianWeighting):
+    """FairGrad: alpha-fair resource allocation among tasks, weights with ``G w = w^(-1/alpha)``.
+
+    Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024 (Eq. 4). ``alpha = 0``
+    is linear scalarisation (mean weights); ``alpha = 1`` is proportional fairness (Nash-MTL's
+    condition). Solved in torch by :func:`~polytask.balance.solvers.power_fair_weights`.
+    """
+
+    def __init__(self, alpha: float = 1.0, max_iters: int = 30) -> None:
+        super().__init__()
+        _check(alpha >= 0, f"fairgrad: alpha must be >= 0, got {alpha}")
+        self.alpha, self.max_iters = alpha, max_iters
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        n = gramian.shape[0]
+        if self.alpha == 0:
+            return torch.full((n,), 1.0 / n, dtype=gramian.dtype, device=gramian.device)
+        return power_fair_weights(gramian, self.alpha, iters=self.max_iters)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jacobian-based methods
+# ---------------------------------------------------------------------------------------------
+
+
+def _least_squares_weights(jacobian: Tensor, update: Tensor) -> Tensor:
+    """Weights ``w`` minimising ``||J^T w - update||`` (for logging methods not in the span)."""
+    gram = (jacobian @ jacobian.T).to(_SOLVE_DTYPE)
+    return (torch.linalg.pinv(gram, hermitian=True) @ (jacobian @ update).to(_SOLVE_DTYPE)).to(jacobian.dtype)
+
+
+class GradDrop(Aggregator):
+    """GradDrop: keep, per coordinate, only the gradients of one randomly chosen sign.
+
+    Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout",
+    NeurIPS 2020, Algorithm 1 (lines 10-15): the sign purity ``P = 1/2 (1 + sum_i g_i / sum_i
+    |g_i|)`` per coordinate, a uniform draw ``U``; task ``i`` keeps its coordinate if
+    ``P > U`` and ``g_i > 0`` or ``P < U`` and ``g_i < 0``. ``leak`` (per task) lets a fraction
+    through. The paper applies it to the gradients at the shared features (``mode="features"``).
+    Logged weights are a least-squares fit (the update is not in the span of the gradients).
+    """
+
+    def __init__(self, leak: list[float] | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.leak = None if leak is None else list(leak)
+        self.generator = generator
+
+    def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
+        n = jacobian.shape[0]
+        leak = torch.zeros(n, dtype=jacobian.dtype, device=jacobian.device) if self.leak is None else _preference(self.leak, n, jacobian, "graddrop")
+        purity = 0.5 * (1.0 + jacobian.sum(0) / jacobian.abs().sum(0))
+        draw = torch.rand(purity.shape, dtype=jacobian.dtype, device=jacobian.device, generator=self.generator)
+        keep = ((purity > draw) & (jacobian > 0)) | ((purity < draw) & (jacobian < 0))
+        update = ((leak.unsqueeze(1) + (1.0 - leak.unsqueeze(1)) * keep) * jacobian).sum(0)
+        return update, _least_squares_weights(jacobian, update)
+
+
+class ExcessMTL(_LazyStateMixin, Aggregator):
+    """ExcessMTL: up-weight tasks with a large estimated excess risk.
+
+    He et al., "Robust Multi-Task Learning with Excess Risks", ICML 2024: the excess risk of task
+    ``i`` is estimated as ``g_i^T H_i^-1 g_i`` with an AdaGrad diagonal ``H_i = sqrt(sum_s g_i^2)``
+    (Eqs. 6-7), divided by its value at the first step (Sec. 3.2), and the weights on the simplex
+    follow an exponentiated-gradient step ``w <- w exp(eta E) / Z`` (Eq. 9). The update is
+    ``J^T w``. The AdaGrad statistics are per parameter, so this method runs in parameter mode.
+
+    Args:
+        robust_step_size: ``eta``.
+        n_warmup_steps: steps with uniform weights whose mean excess risk becomes the baseline
+            (0: the first step's excess risk is the baseline).
+    """
+
+    parameter_space_only = True
+
+    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
+        super().__init__()
+        _check(robust_step_size > 0, f"excess_mtl: robust_step_size must be > 0, got {robust_step_size}")
+        _check(n_warmup_steps >= 0, f"excess_mtl: n_warmup_steps must be >= 0, got {n_warmup_steps}")
+        self.robust_step_size, self.n_warmup_steps = robust_step_size, n_warmup_steps
+        self.register_buffer("task_weights", torch.zeros(0))
+        self.register_buffer("sq_grad_sum", torch.zeros(0, 0))
+        self.register_buffer("baseline", torch.zeros(0))
+        self.register_buffer("warmup_sum", torch.zeros(0))
+        self.steps = 0
+
+    def get_extra_state(self) -> Any:
+        return {"steps": self.steps}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.steps = int(state["steps"])
+
+    def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
+        n = jacobian.shape[0]
+        if self.sq_grad_sum.shape != jacobian.shape:
+            self.sq_grad_sum = torch.zeros_like(jacobian)
+            self.task_weights = torch.full((n,), 1.0 / n, dtype=jacobian.dtype, device=jacobian.device)
+            self.baseline = torch.zeros(0, dtype=jacobian.dtype, device=jacobian.device)
+            self.warmup_sum = torch.zeros(n, dtype=jacobian.dtype, device=jacobian.device)
+            self.steps = 0
+        sq = jacobian.detach() ** 2
+        self.sq_grad_sum = self.sq_grad_sum + sq
+        excess = (sq / torch.sqrt(self.sq_grad_sum + 1e-7)).sum(1)
+        self.steps += 1
+        if self.steps <= self.n_warmup_steps:
+            self.warmup_sum = self.warmup_sum + excess
+            return self.task_weights @ jacobian, self.task_weights
+        if self.baseline.numel() == 0:
+            if self.n_warmup_steps > 0:
+                self.baseline = self.warmup_sum / self.n_warmup_steps
+                excess = excess / (self.baseline + 1e-7)
+            else:
+                self.baseline = excess
+        else:
+            excess = excess / (self.baseline + 1e-7)
+        # Exponentiated gradient in log space: a huge excess risk saturates instead of overflowing.
+        self.task_weights = torch.softmax(torch.log(self.task_weights) + self.robust_step_size * excess, dim=0)
+        return self.task_weights @ jacobian, self.task_weights
+
+
+class MoCo(_LazyStateMixin, Aggregator):
+    """MoCo: stochastic MGDA with a tracked (bias-corrected) gradient estimate.
+
+    Fernando et al., "Mitigating Gradient Bias in Multi-objective Learning: A Provably Convergent
+    Approach", ICLR 2023, Algorithm 1: track ``Y <- Y - beta (Y - J)``, update the weights by a
+    projected gradient step on the regularised min-norm objective
+    ``lambda <- Proj_simplex(lambda - gamma (Y Y^T + rho I) lambda)``, and return ``Y^T lambda``.
+    ``Y`` is indexed by parameter, so this method runs in parameter mode. The logged weights are
+    ``lambda`` (they weight the tracked gradients ``Y``, not this step's ``J``).
+
+    Args:
+        beta: tracking rate of ``Y`` (``alpha_k`` in the paper).
+        gamma: step size of the weights (``gamma_k``).
+        rho: regularisation of the weight sub-problem.
+    """
+
+    parameter_space_only = True
+
+    def __init__(self, beta: float = 0.5, gamma: float = 0.1, rho: float = 0.0) -> None:
+        super().__init__()
+        _check(0 < beta <= 1, f"moco: beta must be in (0, 1], got {beta}")
+        _check(gamma > 0 and rho >= 0, "moco: gamma must be > 0 and rho >= 0")
+        self.beta, self.gamma, self.rho = beta, gamma, rho
+        self.register_buffer("tracked", torch.zeros(0, 0))
+        self.register_buffer("task_weights", torch.zeros(0))
+
+    def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
+        n = jacobian.shape[0]
+        if self.tracked.shape != jacobian.shape:
+            self.tracked = jacobian.detach().clone()
+            self.task_weights = torch.full((n,), 1.0 / n, dtype=jacobian.dtype, device=jacobian.device)
+        else:
+            self.tracked = self.tracked - self.beta * (self.tracked - jacobian.detach())
+        gram = self.tracked @ self.tracked.T + self.rho * torch.eye(n, dtype=jacobian.dtype, device=jacobian.device)
+        self.task_weights = project_simplex(self.task_weights - self.gamma * gram @ self.task_weights)
+        return self.task_weights @ self.tracked, self.task_weights

@@ -1,0 +1,256 @@
+"""The gradient engine: per-task gradients for gradient-based balancers, and the balancer itself.
+
+Two sources of per-task gradients (DESIGN.md, "Balancers"):
+
+- ``mode="parameters"``: the ``T x D`` Jacobian of the task losses w.r.t. the shared parameters
+  -- the quantity the papers define their methods on. All ``T`` rows come from one vectorised
+  backward (``torch.autograd.grad(..., is_grads_batched=True)``), not a loop of ``T``
+  ``backward()`` calls (a loop is the fallback when an op has no batching rule).
+- ``mode="features"``: the Jacobian w.r.t. the shared features ``z`` the heads read (Sener &
+  Koltun, NeurIPS 2018, "MGDA-UB"): ``T`` cheap backward passes through the heads only (again
+  vectorised), aggregation there, then ONE backward of the combined feature gradient through the
+  trunk. Much cheaper; an approximation of the parameter-level method.
+
+In both modes every task-specific parameter (heads) receives its own task's plain gradient, as
+with ``L_t.backward()``; only the shared part is aggregated.
+
+A step whose aggregated gradient is not finite (NaN/inf loss or gradient) writes nothing but
+zeros, leaves the aggregator's state untouched and increments the ``skipped_steps`` buffer --
+all without host synchronisation (``nan_policy="raise"`` instead synchronises and raises
+:class:`~polytask.errors.TrainingError` naming the tasks).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from polytask.balance import aggregators as agg
+from polytask.balance.base import Balancer, stack_losses
+from polytask.balance.registry import BALANCERS
+from polytask.errors import ConfigError, TrainingError
+
+Mode = Literal["parameters", "features"]
+
+__all__ = ["GradientBalancer", "find_task_parameters", "task_jacobian"]
+
+
+def task_jacobian(losses: Tensor, inputs: Sequence[Tensor], *, batched: bool = True, retain_graph: bool = False) -> list[Tensor]:
+    """Gradients of each of the ``T`` losses w.r.t. each input: one ``(T, *input.shape)`` tensor each.
+
+    ``batched=True`` computes all rows in one vectorised backward (``is_grads_batched``); if an
+    op of the graph has no batching rule it falls back to one ``autograd.grad`` per task.
+    Inputs a loss does not depend on get zero rows.
+    """
+    n = losses.shape[0]
+    if batched:
+        eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+        try:
+            return list(torch.autograd.grad(losses, inputs, grad_outputs=eye, is_grads_batched=True,
+                                            retain_graph=True, allow_unused=True, materialize_grads=True))
+        except RuntimeError as err:  # an op without a vmap rule: per-task fallback below
+            if "vmap" not in str(err).lower() and "batch" not in str(err).lower():
+                raise
+    rows = [torch.autograd.grad(losses[t], inputs, retain_graph=True, allow_unused=True, materialize_grads=True)
+            for t in range(n)]
+    return [torch.stack(r) for r in zip(*rows)]
+
+
+def find_task_parameters(losses: Mapping[str, Tensor], targets: Sequence[Tensor], stop: Tensor | None = None) -> list[Tensor]:
+    """Walk the autograd graph of the losses: check paths and collect task-specific leaves.
+
+    Every loss must reach one of ``targets`` (the shared parameters, or the shared features in
+    feature mode; the walk does not go below ``stop``): otherwise a ConfigError names the task.
+    Returns the other leaves requiring grad (the task-specific parameters).
+    """
+    target_ids = {id(t) for t in targets}
+    stop_fn = None if stop is None else stop.grad_fn
+    if stop is not None:
+        target_ids.add(id(stop))
+    reach: dict[Any, bool] = {}
+    leaves: dict[int, Tensor] = {}
+    for name, loss in losses.items():
+        root = loss.grad_fn
+        if root is None:
+            raise ConfigError(f"balancer.backward: loss of task {name!r} has no gradient (it does not depend on any parameter)")
+        stack: list[tuple[Any, bool]] = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in reach and not expanded:
+                continue
+            if stop_fn is not None and node is stop_fn:
+                reach[node] = True
+                continue
+            var = getattr(node, "variable", None)
+            if var is not None:  # AccumulateGrad: a leaf
+                hit = id(var) in target_ids
+                if not hit:
+                    leaves.setdefault(id(var), var)
+                reach[node] = hit
+                continue
+            children = [c for c, _ in node.next_functions if c is not None]
+            if expanded:
+                reach[node] = any(reach.get(c, False) for c in children)
+            else:
+                stack.append((node, True))
+                stack.extend((c, False) for c in children if c not in reach)
+        if not reach.get(root, False):
+            what = "the shared features" if stop is not None else "any shared parameter"
+            raise ConfigError(f"balancer.backward: loss of task {name!r} has no gradient path to {what}")
+    return list(leaves.values())
+
+
+def _accumulate(param: Tensor, grad: Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad.detach().clone()
+    else:
+        param.grad.add_(grad)
+
+
+class GradientBalancer(Balancer):
+    """A balancer that aggregates per-task gradients with an :class:`~polytask.balance.aggregators.Aggregator`.
+
+    ``backward(losses, shared, features)`` fills ``.grad`` of the shared parameters with the
+    aggregated gradient and of each task-specific parameter with its task's gradient, then
+    returns the detached ``(T,)`` task weights (for logging).
+
+    Args:
+        aggregator: the aggregation method.
+        mode: ``"parameters"`` (gradients w.r.t. the shared parameters, the default: the method
+            as published) or ``"features"`` (w.r.t. the shared features, MGDA-UB style: much
+            cheaper; needs ``features``).
+        nan_policy: ``"skip"`` (zero update, counted in ``skipped_steps``, no host sync) or
+            ``"raise"`` (TrainingError naming the tasks; synchronises).
+        batched: compute the ``T`` rows in one vectorised backward (default) or in a loop.
+    """
+
+    def __init__(self, aggregator: agg.Aggregator, mode: Mode = "parameters", nan_policy: Literal["skip", "raise"] = "skip",
+                 batched: bool = True) -> None:
+        super().__init__()
+        if mode not in ("parameters", "features"):
+            raise ConfigError(f"balancer mode must be 'parameters' or 'features', got {mode!r}")
+        if nan_policy not in ("skip", "raise"):
+            raise ConfigError(f"balancer nan_policy must be 'skip' or 'raise', got {nan_policy!r}")
+        if mode == "features" and aggregator.parameter_space_only:
+            raise ConfigError(f"balancer {type(aggregator).__name__} keeps per-parameter state and needs mode='parameters'")
+        self.aggregator = aggregator
+        self.mode = mode
+        self.nan_policy = nan_policy
+        self.batched = batched
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._graph_cache: dict[tuple[Any, ...], list[Tensor]] = {}
+
+    def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
+                 features: Tensor | None = None) -> Tensor:
+        vec = stack_losses(losses)
+        shared_list = [p for p in shared if p.requires_grad] if shared is not None else []
+        if self.mode == "features":
+            if features is None:
+                raise ConfigError("balancer mode 'features' needs features= (the model's shared_features)")
+            return self._backward_features(losses, vec, shared_list, features)
+        if not shared_list:
+            raise ConfigError("balancer mode 'parameters' needs shared= (the model's shared parameters)")
+        return self._backward_parameters(losses, vec, shared_list)
+
+    # -- the two modes -------------------------------------------------------------------------
+
+    def _task_parameters(self, losses: Mapping[str, Tensor], shared: list[Tensor], features: Tensor | None) -> list[Tensor]:
+        key = (tuple(losses), tuple(id(p) for p in shared), features is None)
+        if key not in self._graph_cache:
+            stop = features if features is not None else None
+            found = find_task_parameters(losses, [] if stop is not None else shared, stop)
+            shared_ids = {id(p) for p in shared}
+            self._graph_cache[key] = [p for p in found if id(p) not in shared_ids]
+        return self._graph_cache[key]
+
+    def _backward_parameters(self, losses: Mapping[str, Tensor], vec: Tensor, shared: list[Tensor]) -> Tensor:
+        heads = self._task_parameters(losses, shared, None)
+        grads = task_jacobian(vec, [*shared, *heads], batched=self.batched)
+        n = vec.shape[0]
+        jac = torch.cat([g.reshape(n, -1) for g in grads[: len(shared)]], dim=1)
+        head_grads = [g.sum(0) for g in grads[len(shared):]]
+        update, weights, ok = self._aggregate(jac, head_grads, list(losses))
+        offset = 0
+        for p in shared:
+            _accumulate(p, torch.where(ok, update[offset: offset + p.numel()].view_as(p), 0.0))
+            offset += p.numel()
+        for p, g in zip(heads, head_grads):
+            _accumulate(p, torch.where(ok, g, 0.0))
+        return weights
+
+    def _backward_features(self, losses: Mapping[str, Tensor], vec: Tensor, shared: list[Tensor], features: Tensor) -> Tensor:
+        heads = self._task_parameters(losses, shared, features)
+        grads = task_jacobian(vec, [features, *heads], batched=self.batched)
+        n = vec.shape[0]
+        head_grads = [g.sum(0) for g in grads[1:]]
+        update, weights, ok = self._aggregate(grads[0].reshape(n, -1), head_grads, list(losses))
+        for p, g in zip(heads, head_grads):
+            _accumulate(p, torch.where(ok, g, 0.0))
+        if features.grad_fn is not None:  # one backward of the combined gradient through the trunk
+            torch.autograd.backward(features, grad_tensors=torch.where(ok, update, 0.0).view_as(features))
+        return weights
+
+    def _aggregate(self, jac: Tensor, head_grads: list[Tensor], names: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """Aggregate; on a non-finite result return ``ok=False`` and keep the aggregator's state."""
+        before = {k: v for k, v in self.aggregator.named_buffers()}
+        update, weights = self.aggregator.aggregate(jac.detach())
+        ok = torch.isfinite(update).all()
+        for g in head_grads:
+            ok = ok & torch.isfinite(g).all()
+        if self.nan_policy == "raise" and not bool(ok):  # explicit, opt-in host sync
+            bad = [n for n, row in zip(names, torch.isfinite(jac).all(1).tolist()) if not row] or names
+            raise TrainingError(f"non-finite gradient for task(s) {', '.join(map(repr, bad))}")
+        for name, old in before.items():  # a skipped step must not touch the method's state
+            mod_name, _, buf_name = name.rpartition(".")
+            mod = self.aggregator.get_submodule(mod_name) if mod_name else self.aggregator
+            new = getattr(mod, buf_name)
+            if new is not old and new.shape == old.shape:
+                setattr(mod, buf_name, torch.where(ok, new, old))
+        self.skipped_steps += (~ok).long()
+        weights = torch.where(ok, weights, torch.zeros_like(weights))
+        return update, weights.detach(), ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: one factory per method, whose signature is the aggregator's plus mode/nan_policy.
+# ---------------------------------------------------------------------------------------------
+
+
+def _register(name: str, cls: type[agg.Aggregator], *aliases: str, default_mode: Mode = "parameters") -> None:
+    sig = inspect.signature(cls.__init__)
+    params = [p for p in list(sig.parameters.values())[1:] if p.name != "generator"]
+    extra = [
+        inspect.Parameter("mode", inspect.Parameter.KEYWORD_ONLY, default=default_mode, annotation="Mode"),
+        inspect.Parameter("nan_policy", inspect.Parameter.KEYWORD_ONLY, default="skip", annotation="str"),
+    ]
+
+    def factory(*, mode: Mode = default_mode, nan_policy: Literal["skip", "raise"] = "skip", **method_params: Any) -> GradientBalancer:
+        return GradientBalancer(cls(**method_params), mode=mode, nan_policy=nan_policy)
+
+    factory.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params] + extra,
+        return_annotation=GradientBalancer)
+    factory.__name__ = f"{name}_balancer"
+    factory.__doc__ = f"``{name}``: :class:`GradientBalancer` with :class:`~polytask.balance.aggregators.{cls.__name__}` (mode {default_mode!r} by default).\n\n{cls.__doc__}"
+    BALANCERS.register(name, *aliases)(factory)
+
+
+_register("mgda", agg.MGDA)
+_register("mgda_ub", agg.MGDA, default_mode="features")
+_register("pcgrad", agg.PCGrad)
+_register("gradvac", agg.GradVac)
+_register("graddrop", agg.GradDrop, default_mode="features")
+_register("cagrad", agg.CAGrad)
+_register("imtl_g", agg.IMTLG, "imtlg")
+_register("nash_mtl", agg.NashMTL, "nashmtl")
+_register("aligned_mtl", agg.AlignedMTL, "alignedmtl")
+_register("upgrad", agg.UPGrad)
+_register("dualproj", agg.DualProj)
+_register("config", agg.ConFIG)
+_register("fairgrad", agg.FairGrad)
+_register("moco", agg.MoCo)
+_register("excess_mtl", agg.ExcessMTL, "excessmtl")

@@ -1,0 +1,183 @@
+"""Small dense solvers for gradient aggregation, written in torch on the caller's device.
+
+Every solver here works on ``T x T`` matrices (Gramians of task gradients), runs a *fixed*
+number of iterations and never reads a value back to the host, so an aggregation step needs no
+host synchronisation. Convergence is handled by masking (iterations after convergence leave the
+iterate unchanged) rather than by Python ``break``.
+
+Solvers:
+
+- :func:`project_simplex` -- Euclidean projection onto the probability simplex.
+- :func:`frank_wolfe_min_norm` -- the min-norm point of the convex hull of the task gradients
+  by Frank-Wolfe (Sener & Koltun, NeurIPS 2018, Algorithm 2).
+- :func:`nonneg_qp` -- ``min 1/2 x^T Q x + q^T x  s.t. x >= 0`` (batched over ``q``) by a
+  primal-dual active-set method.
+- :func:`cagrad_dual` -- CAGrad's inner problem (Liu et al., NeurIPS 2021) by an active-set
+  method on its optimality conditions.
+- :func:`power_fair_weights` -- positive solution of ``G w = w^(-1/alpha)`` (Nash-MTL for
+  alpha=1, FairGrad for general alpha) by damped Newton on a convex potential.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["cagrad_dual", "frank_wolfe_min_norm", "nonneg_qp", "power_fair_weights", "project_simplex"]
+
+
+def project_simplex(y: Tensor) -> Tensor:
+    """Euclidean projection of each row of ``y`` (``(..., T)``) onto the probability simplex.
+
+    Sort-based algorithm (Held, Wolfe & Crowder 1974; Duchi et al., ICML 2008): with ``u`` sorted
+    in decreasing order, ``rho = max{j : u_j - (sum_{k<=j} u_k - 1)/j > 0}`` and the projection
+    is ``max(y - theta, 0)`` with ``theta = (sum_{k<=rho} u_k - 1)/rho``.
+    """
+    u, _ = torch.sort(y, dim=-1, descending=True)
+    css = u.cumsum(-1) - 1.0
+    ks = torch.arange(1, y.shape[-1] + 1, device=y.device, dtype=y.dtype)
+    cond = u - css / ks > 0
+    rho = cond.to(y.dtype).cumsum(-1).argmax(-1, keepdim=True)  # last index where cond holds
+    theta = css.gather(-1, rho) / (rho + 1).to(y.dtype)
+    return (y - theta).clamp_min(0.0)
+
+
+def frank_wolfe_min_norm(gramian: Tensor, epsilon: float = 1e-3, max_iters: int = 100) -> Tensor:
+    """Weights ``w`` on the simplex minimising ``w^T G w`` by Frank-Wolfe.
+
+    Algorithm 2 of Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization",
+    NeurIPS 2018: start at the barycentre, move towards the vertex ``e_t`` with the smallest
+    ``(G w)_t`` with the exact line-search step ``gamma``, stop once ``gamma < epsilon``. The stop
+    is applied by freezing the iterate (no host synchronisation); ``max_iters`` bounds the work.
+    """
+    n = gramian.shape[0]
+    w = torch.full((n,), 1.0 / n, dtype=gramian.dtype, device=gramian.device)
+    gw = gramian @ w
+    active = torch.ones((), dtype=torch.bool, device=gramian.device)
+    diag = gramian.diagonal()
+    for _ in range(max_iters):
+        t = torch.argmin(gw)
+        a = gw[t]  # w^T G e_t
+        b = w @ gw  # w^T G w
+        c = diag[t]  # e_t^T G e_t
+        step = torch.where(c <= a, torch.ones_like(a), torch.where(b <= a, torch.zeros_like(a), (b - a) / (b + c - 2 * a)))
+        step = torch.where(active, step, torch.zeros_like(step))
+        w = (1 - step) * w
+        w = w.index_add(0, t.reshape(1), step.reshape(1))
+        gw = (1 - step) * gw + step * gramian[:, t]
+        active = active & (step >= epsilon)
+    return w
+
+
+def nonneg_qp(quad: Tensor, lin: Tensor, iters: int | None = None) -> Tensor:
+    """Solve ``min_x 1/2 x^T Q x + q^T x`` subject to ``x >= 0`` for every row ``q`` of ``lin``.
+
+    ``quad``: ``(T, T)`` symmetric positive definite; ``lin``: ``(..., T)``. This is the linear
+    complementarity problem ``x >= 0, Qx + q >= 0, x^T (Qx + q) = 0``. On a guessed free set we
+    solve the equality-constrained problem (one batched linear solve), then correct the guess:
+
+    - the first iterations switch every violated index at once (primal-dual active set method,
+      Hintermueller, Ito & Kunisch, SIAM J. Optim. 2002), which usually converges in a handful of
+      steps but may cycle on ill-conditioned ``Q``;
+    - the remaining iterations switch only the lowest violated index (Murty's least-index
+      principal pivoting, 1974), which terminates for every positive definite ``Q``.
+
+    A solution is a fixed point of both rules, so running a fixed number of iterations (default
+    ``2 T + 10``) needs no host synchronisation.
+    """
+    n = quad.shape[-1]
+    iters = 2 * n + 10 if iters is None else iters
+    fast = min(iters, 10)
+    free = torch.ones_like(lin, dtype=torch.bool)
+    x = torch.zeros_like(lin)
+    index = torch.arange(n, device=lin.device)
+    for k in range(iters):
+        f = free.to(quad.dtype)
+        # Reduced KKT system, padded to full size: rows/columns of active indices become identity.
+        mat = quad * f.unsqueeze(-1) * f.unsqueeze(-2) + torch.diag_embed(1.0 - f)
+        x = torch.linalg.solve_ex(mat, (-lin * f).unsqueeze(-1))[0].squeeze(-1)
+        mult = x @ quad + lin
+        violated = torch.where(free, x < 0, mult < 0)
+        if k >= fast:
+            first = violated.to(torch.int8).argmax(-1, keepdim=True)
+            violated = violated & (index == first)
+        free = free ^ violated
+    return x.clamp_min(0.0)
+
+
+def cagrad_dual(gramian: Tensor, c: float, iters: int | None = None, reg: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """Solve CAGrad's inner problem ``min_{w in simplex} F(w) = b^T w + s ||J^T w||``.
+
+    Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021, with
+    ``G = J J^T``, ``g0 = J^T 1/T``, ``b = J g0 = G 1/T`` and ``s = c ||g0||``.
+
+    With ``v = s w / ||J^T w||`` the optimality conditions become those of the non-negative QP
+    ``min_{v>=0} 1/2 v^T G v + (b - nu 1)^T v`` together with ``v^T G v = s^2``; on a given free
+    set ``v_F = nu p - q`` (``p = G_FF^-1 1``, ``q = G_FF^-1 b_F``) and the norm condition is a
+    quadratic in ``nu``. The free set is corrected like in :func:`nonneg_qp` (all violated
+    indices at first, then the lowest one). CAGrad's update is then ``J^T (1/T + v)``.
+
+    Returns ``(v, solved)``. ``solved`` is False when the optimality system has no solution,
+    which happens when the minimum sits at ``J^T w = 0`` (0 is in the convex hull of the
+    gradients and ``c`` is large enough): then ``v`` would be unbounded and CAGrad's update is 0.
+    """
+    n = gramian.shape[0]
+    iters = 2 * n + 10 if iters is None else iters
+    fast = min(iters, 10)
+    dtype, dev = gramian.dtype, gramian.device
+    ones = torch.ones(n, dtype=dtype, device=dev)
+    index = torch.arange(n, device=dev)
+    scale = gramian.diagonal().sum().clamp_min(torch.finfo(dtype).tiny)
+    g = gramian + reg * scale * torch.eye(n, dtype=dtype, device=dev)
+    b = gramian @ ones / n
+    s2 = (c * c) * (ones @ b / n).clamp_min(0.0)  # s^2 = c^2 ||g0||^2
+    free = torch.ones(n, dtype=torch.bool, device=dev)
+    v = torch.zeros(n, dtype=dtype, device=dev)
+    for k in range(iters):
+        f = free.to(dtype)
+        mat = g * f.unsqueeze(-1) * f.unsqueeze(-2) + torch.diag(1.0 - f)
+        sol = torch.linalg.solve_ex(mat, torch.stack([ones * f, b * f], dim=-1))[0]
+        p, q = sol[:, 0], sol[:, 1]
+        a2, a1, a0 = ones @ (f * p), ones @ (f * q), b @ (f * q)
+        disc = a1 * a1 - a2 * (a0 - s2)
+        nu = (a1 + disc.clamp_min(0.0).sqrt()) / a2
+        v = nu * p - q
+        mult = g @ v + b - nu
+        violated = torch.where(free, v < 0, mult < 0)
+        if k >= fast:
+            violated = violated & (index == violated.to(torch.int8).argmax())
+        free = free ^ violated
+    solved = ~violated.any() & (disc >= 0) & (v.sum() > 0)
+    return v.clamp_min(0.0), solved
+
+
+def power_fair_weights(gramian: Tensor, alpha: float = 1.0, init: Tensor | None = None, iters: int = 30) -> Tensor:
+    """Positive ``w`` with ``(G w)_i = w_i^(-1/alpha)`` for every task ``i``.
+
+    ``alpha = 1`` is Nash-MTL's bargaining condition ``G w = 1/w`` (Navon et al., ICML 2022);
+    general ``alpha > 0`` is FairGrad's alpha-fair condition (Ban & Ji, ICML 2024). The solution
+    minimises the strictly convex potential ``1/2 w^T G w - sum_i h(w_i)`` with
+    ``h'(w) = w^(-1/alpha)``; we run damped Newton steps (step ``1/(1 + decrement)`` as for
+    self-concordant functions, cut further to stay inside ``w > 0``), a fixed number of times.
+    ``init`` (e.g. the previous step's solution) warm-starts the iteration.
+    """
+    n = gramian.shape[0]
+    dtype, dev = gramian.dtype, gramian.device
+    tiny = torch.finfo(dtype).tiny
+    if init is None:
+        # Exact when the gradients are orthogonal: w_i = G_ii^(-alpha/(1+alpha)).
+        init = gramian.diagonal().clamp_min(tiny) ** (-alpha / (1.0 + alpha))
+    w = init.to(dtype).clamp_min(tiny)
+    eye = torch.eye(n, dtype=dtype, device=dev)
+    p = -1.0 / alpha
+    for _ in range(iters):
+        grad = gramian @ w - w.pow(p)
+        hess = gramian - p * torch.diag_embed(w.pow(p - 1.0)) + 1e-12 * eye * gramian.diagonal().sum()
+        step = torch.linalg.solve(hess, grad)
+        decrement = (grad @ step).clamp_min(0.0).sqrt()
+        t = 1.0 / (1.0 + decrement)
+        # Never move more than 90% of the way to the boundary w = 0.
+        ratio = torch.where(step > 0, 0.9 * w / step.clamp_min(tiny), torch.full_like(w, float("inf")))
+        t = torch.minimum(t, ratio.min())
+        w = (w - t * step).clamp_min(tiny)
+    return w
