@@ -109,3 +109,46 @@ def test_regmean_single_model_is_identity_even_with_dead_inputs():
     merged = regmean_merge([model], [[x]], alpha=0.9)
     for k, v in model.state_dict().items():
         assert torch.allclose(merged[k], v, atol=1e-4), k
+
+
+def test_wemoe_starts_as_task_arithmetic_and_mixes_weights_per_sample():
+    from polytask.merge import merge_state_dicts
+    from polytask.merge.data_driven import WeightEnsemblingMoE, wemoe
+
+    base = nn.Sequential(_mlp(0), nn.Linear(3, 2))
+    models = []
+    for seed in (1, 2):
+        m = nn.Sequential(_mlp(0), nn.Linear(3, 2))
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p, q in zip(m.parameters(), nn.Sequential(_mlp(seed), nn.Linear(3, 2)).parameters()):
+                p.add_(0.3 * q)
+        models.append(m)
+    data = [_batches(5, n=2), _batches(6, n=2)]
+    x = data[0][0][0]
+    moe_model = wemoe(base, models, data, ["0"], steps=0)
+    assert isinstance(moe_model[0], WeightEnsemblingMoE)
+    ta = nn.Sequential(_mlp(0), nn.Linear(3, 2))
+    ta.load_state_dict(merge_state_dicts("task_arithmetic", [m.state_dict() for m in models], base.state_dict(),
+                                         lambda_=0.3))
+    with torch.no_grad():
+        assert torch.allclose(moe_model(x), ta(x), atol=1e-5)
+    # a router that depends on the input: each sample runs with its own mixed weights
+    moe = moe_model[0]
+    with torch.no_grad():
+        nn.init.normal_(moe.router[2].weight)
+        r = moe.routing(x)
+        out = moe(x)
+        i = 3
+        mixed = _mlp(0)
+        mixed.load_state_dict({k: base[0].state_dict()[k] + sum(r[i, j] * (models[j][0].state_dict()[k] - base[0].state_dict()[k])
+                                                                for j in range(2)) for k in base[0].state_dict()})
+        assert torch.allclose(out[i], mixed(x[i : i + 1])[0], atol=1e-5)
+    trained = wemoe(base, models, data, ["0"], steps=30, lr=0.05)
+
+    def entropy(model):
+        with torch.no_grad():
+            p = torch.softmax(model(x), -1)
+            return float(-(p * p.log()).sum(-1).mean())
+
+    assert entropy(trained) < entropy(moe_model)

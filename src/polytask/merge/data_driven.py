@@ -1,4 +1,4 @@
-"""Merging methods that need the model and data: Fisher merging, RegMean, AdaMerging.
+"""Merging methods that need the model and data: Fisher merging, RegMean, AdaMerging, WEMoE.
 
 They work on ``nn.Module``s of one architecture (a shared base fine-tuned once per task) and
 return a merged state dict. Data come as, per model/task, an iterable of batches; a batch is the
@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_map
 
 from polytask.errors import ConfigError, DataError
 
-__all__ = ["fisher_diagonal", "fisher_merge", "regmean_merge", "adamerging"]
+__all__ = ["fisher_diagonal", "fisher_merge", "regmean_merge", "adamerging", "wemoe", "WeightEnsemblingMoE"]
 
 OutputFn = Callable[[Any, int], Tensor]
 
@@ -282,3 +282,127 @@ def adamerging(
     state = {n: v.detach().clone() for n, v in base.state_dict().items()}
     state.update({n: v.detach() for n, v in final.items()})
     return state, lambdas.detach()
+
+
+class WeightEnsemblingMoE(nn.Module):
+    """A module whose weights are mixed per input from task vectors (Tang et al., "Merging
+    Multi-Task Models via Weight-Ensembling Mixture of Experts", ICML 2024).
+
+    ``theta(x) = theta_0 + sum_k r_k(x) tau_k`` where the router ``r`` is a two-layer MLP of the
+    module's input (averaged over tokens when the input is ``(B, L, d)``), initialised so that
+    every ``r_k`` starts at ``init_lambda`` (task arithmetic). Each sample runs the module with its
+    own mixed weights (``torch.func.vmap`` over ``functional_call``).
+    """
+
+    def __init__(self, base: nn.Module, experts: Sequence[nn.Module], in_features: int,
+                 hidden: int = 16, init_lambda: float = 0.3) -> None:
+        super().__init__()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.names = [n for n, _ in base.named_parameters()]
+        theta0 = dict(base.named_parameters())
+        taus = []
+        for expert in experts:
+            params = dict(expert.named_parameters())
+            taus.append(torch.cat([(params[n] - theta0[n]).detach().reshape(-1) for n in self.names]))
+        self.register_buffer("task_vectors", torch.stack(taus))  # (K, P)
+        self.shapes = [theta0[n].shape for n in self.names]
+        self.router = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, len(experts)))
+        nn.init.zeros_(self.router[2].weight)
+        nn.init.constant_(self.router[2].bias, float(init_lambda))
+
+    def routing(self, x: Tensor) -> Tensor:
+        """Routing weights ``(B, K)`` of a batch."""
+        h = x.mean(dim=1) if x.dim() == 3 else x
+        return self.router(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.routing(x)  # (B, K)
+        theta0 = torch.cat([p.detach().reshape(-1) for p in self.base.parameters()])
+        flat = theta0 + r @ self.task_vectors  # (B, P)
+        buffers = dict(self.base.named_buffers())
+
+        def one(params_flat: Tensor, xi: Tensor) -> Tensor:
+            params, start = {}, 0
+            for name, shape in zip(self.names, self.shapes):
+                n = shape.numel()
+                params[name] = params_flat[start:start + n].reshape(shape)
+                start += n
+            return functional_call(self.base, (params, buffers), (xi.unsqueeze(0),)).squeeze(0)
+
+        return vmap(one)(flat, x)
+
+
+def wemoe(
+    base: nn.Module,
+    models: Sequence[nn.Module],
+    unlabeled: Sequence[Iterable[Any]],
+    modules: Sequence[str],
+    *,
+    in_features: Mapping[str, int] | None = None,
+    init_lambda: float = 0.3,
+    router_hidden: int = 16,
+    steps: int = 100,
+    lr: float = 1e-3,
+    tasks: Sequence[str] | None = None,
+    output_fn: OutputFn | None = None,
+) -> nn.Module:
+    """Upcycle ``base`` into a WEMoE model (Tang et al., ICML 2024) and train its routers.
+
+    Parameters outside ``modules`` are merged by task arithmetic,
+    ``theta_0 + init_lambda * sum_k tau_k``; each submodule named in ``modules`` (the MLPs of a
+    Transformer in the paper) becomes a :class:`WeightEnsemblingMoE` over the task vectors of
+    its parameters. The routers are trained by Adam to minimise the summed entropy of each task's
+    predictions on its unlabeled (test) batches, as in the paper (test-time adaptation). Returns
+    the new model; ``base`` and ``models`` are not modified. ``in_features[name]`` gives a
+    module's input width when it has no leading ``nn.Linear`` to read it from.
+    """
+    import copy
+
+    if len(models) != len(unlabeled) or not models:
+        raise ConfigError("wemoe needs one unlabeled data iterable per model")
+    pick = output_fn or _default_output(tasks)
+    merged = copy.deepcopy(base)
+    theta0 = base.state_dict()
+    states = [m.state_dict() for m in models]
+    with torch.no_grad():
+        new_state = {
+            k: (v + init_lambda * sum(s[k] - v for s in states)) if v.is_floating_point() else v
+            for k, v in theta0.items()
+        }
+    merged.load_state_dict(new_state)
+    for name in modules:
+        try:
+            original = base.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"wemoe: model has no submodule {name!r}") from None
+        width = (in_features or {}).get(name)
+        if width is None:
+            first = next((m for m in original.modules() if isinstance(m, nn.Linear)), None)
+            if first is None:
+                raise ConfigError(f"wemoe: cannot tell the input width of {name!r}; pass in_features")
+            width = first.in_features
+        moe = WeightEnsemblingMoE(copy.deepcopy(original), [m.get_submodule(name) for m in models], width,
+                                  router_hidden, init_lambda)
+        parent_name, _, child = name.rpartition(".")
+        setattr(merged.get_submodule(parent_name) if parent_name else merged, child, moe)
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    routers = [p for m in merged.modules() if isinstance(m, WeightEnsemblingMoE) for p in m.router.parameters()]
+    for p in routers:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(routers, lr=lr)
+    streams = [itertools.cycle(list(u)) for u in unlabeled]
+    merged.eval()
+    for _ in range(steps):
+        loss = torch.zeros(())
+        for k, stream in enumerate(streams):
+            logits = _class_logits(pick(merged(_inputs(next(stream))), k))
+            loss = loss + -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    return merged
