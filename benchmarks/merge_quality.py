@@ -25,7 +25,7 @@ from torch import nn
 
 from polytask.data import load
 from polytask.merge import merge_state_dicts
-from polytask.merge.data_driven import adamerging, fisher_diagonal, fisher_merge, regmean_merge
+from polytask.merge.data_driven import adamerging, fisher_diagonal, fisher_merge, regmean_merge, wemoe
 from polytask.nn import build_model
 from polytask.train.trainer import evaluate
 
@@ -126,6 +126,15 @@ def main() -> None:
         state, _ = adamerging(base, finetuned, test_inputs, granularity=granularity, steps=args.ada_steps,
                               lr=1e-2, tasks=names)
         rows.append((f"AdaMerging ({granularity}-wise)", accuracy(as_model(state), splits, tasks)))
+    # WEMoE: the shared bottom MLP becomes a weight-ensembling MoE; heads as above
+    def with_own_heads(model: nn.Module) -> nn.Module:
+        m = clone(model)
+        m.load_state_dict({**model.state_dict(), **own_heads})
+        return m
+
+    moe = wemoe(with_own_heads(base), [with_own_heads(m) for m in finetuned], test_inputs, ["bottom"],
+                steps=args.ada_steps, lr=1e-2, tasks=names)
+    rows.append(("WEMoE (bottom MLP upcycled)", accuracy(moe, splits, tasks)))
 
     print(f"data: {args.data} (tasks {', '.join(names)}), seed {args.seed}; shared-bottom 128-64, tower 32; "
           f"base {args.base_epochs} epoch(s) joint, fine-tune {args.ft_epochs} epochs per task "

@@ -591,7 +591,7 @@ class IsoCTS(MergeMethod):
             return base + self.alpha * deltas.mean(dim=0)
         t = deltas.shape[0]
         r = min(base.shape)
-        per_task = round((r - int(r * self.common_fraction)) / t)
+        per_task = min(round((r - int(r * self.common_fraction)) / t), r // t)
         k = r - per_task * t
         u, s, vh = torch.linalg.svd(deltas.sum(dim=0), full_matrices=False)
         u_k, s_k, vh_k = u[:, :k], s[:k], vh[:k]
