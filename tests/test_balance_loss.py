@@ -563,7 +563,7 @@ def test_gradnorm_matches_torch_rechub_where_both_follow_the_paper():
     model_ours.zero()
     losses = model_ours.losses(1)
     vec = torch.stack(list(losses.values())).detach()
-    norms = ours.gradient_norms(torch.stack(list(losses.values())), list(losses), model_ours.shared(), None)
+    norms = ours.gradient_norms(torch.stack(list(losses.values())), model_ours.shared(), None)
     expected_w_grad = ours.weight_gradient(vec, norms)
     ours.backward(losses, shared=model_ours.shared())
 

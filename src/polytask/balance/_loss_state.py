@@ -8,7 +8,8 @@
   quantities (log-variances, loss weights, logits). Those quantities and the optimizer's moments
   are *buffers*: they are saved by ``state_dict()``, moved by ``.to(device)``, and are invisible to
   ``balancer.parameters()``, so no model optimizer can step them a second time.
-* :func:`task_jacobian` — per-task gradients w.r.t. a list of tensors as one ``(T, D)`` matrix.
+* :func:`flat_jacobian` — per-task gradients w.r.t. a list of tensors as one ``(T, D)`` matrix
+  (from the gradient engine).
 
 None of them synchronises with the host: every decision taken on tensor values is a
 ``torch.where``.
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.balance.base import LossWeighting
+from polytask.balance.engine import find_task_parameters, task_jacobian
 from polytask.errors import ConfigError
 
 
@@ -123,7 +125,7 @@ class TaskStateBalancer(LossWeighting, LazyBuffers):
     def __init__(self) -> None:
         super().__init__()
         self._task_names: tuple[str, ...] | None = None
-        self._reach_checked = False  # graph check of check_reaches() done (once per balancer)
+        self._reach_checked = False  # check_paths() done (a graph walk: once per balancer)
 
     def _init_state(self, losses: Tensor) -> None:
         raise NotImplementedError
@@ -163,66 +165,23 @@ def require_grad_fn(losses: Mapping[str, Tensor], who: str) -> None:
             raise ConfigError(f"{who}: loss of task {name!r} has no gradient (it does not depend on any trainable tensor)")
 
 
-def check_reaches(losses: Mapping[str, Tensor], targets: Sequence[Tensor], who: str) -> None:
-    """ConfigError naming the first task whose loss does not depend on any of ``targets``.
+def check_paths(losses: Mapping[str, Tensor], targets: Sequence[Tensor], stop: Tensor | None = None) -> None:
+    """ConfigError naming the first task whose loss reaches none of ``targets`` (or ``stop``).
 
-    Walks each loss's autograd graph in Python, so balancers call it once (at their first step),
-    not at every step.
+    Walks the autograd graph in Python (the gradient engine's walk), so balancers call it once,
+    at their first step.
     """
-    leaf_ids = {id(t) for t in targets if t.grad_fn is None}
-    target_nodes = {t.grad_fn for t in targets if t.grad_fn is not None}
-    for name, loss in losses.items():
-        seen: set = set()  # autograd nodes keep one Python object each: identity hashing is safe
-        stack = [loss.grad_fn]
-        found = False
-        while stack and not found:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            variable = getattr(node, "variable", None)
-            found = node in target_nodes or (variable is not None and id(variable) in leaf_ids)
-            stack.extend(fn for fn, _ in node.next_functions)
-        if not found:
-            raise ConfigError(f"{who}: loss of task {name!r} does not depend on the shared parameters")
+    find_task_parameters(losses, targets, stop)
 
 
-def task_jacobian(vec: Tensor, inputs: Sequence[Tensor], names: Sequence[str], who: str) -> Tensor:
-    """The ``(T, D)`` matrix whose row ``t`` is ``∂ vec[t] / ∂ inputs`` flattened (graph retained).
+def flat_jacobian(vec: Tensor, inputs: Sequence[Tensor]) -> Tensor:
+    """The ``(T, D)`` matrix whose row ``t`` is ``∂ vec[t] / ∂ inputs`` flattened; graph retained.
 
-    One batched backward (``is_grads_batched``, vmap over the backward graph) computes all rows;
-    if an operation of the graph has no batching rule, a loop of ``T`` backward passes does.
-    Raises ConfigError naming the task when a loss does not reach ``inputs`` at all.
+    The gradient engine's :func:`~polytask.balance.engine.task_jacobian`: one vectorised backward
+    for all rows (a loop over tasks only where an op has no batching rule).
     """
-    T = vec.shape[0]
-    eye = torch.eye(T, dtype=vec.dtype, device=vec.device)
-    try:
-        grads = torch.autograd.grad(vec, list(inputs), grad_outputs=eye, retain_graph=True,
-                                    allow_unused=True, is_grads_batched=True)
-        rows = [g.reshape(T, -1) if g is not None else None for g in grads]
-        if all(r is None for r in rows):
-            raise ConfigError(f"{who}: no task loss ({', '.join(map(repr, names))}) reaches the shared parameters")
-    except RuntimeError:
-        rows = _jacobian_loop(vec, inputs, names, who)
-    return torch.cat([r if r is not None else torch.zeros(T, x.numel(), dtype=vec.dtype, device=vec.device)
-                      for r, x in zip(rows, inputs)], dim=1)
-
-
-def _jacobian_loop(vec: Tensor, inputs: Sequence[Tensor], names: Sequence[str], who: str) -> list[Tensor | None]:
-    per_task = []
-    for t, name in enumerate(names):
-        grads = torch.autograd.grad(vec[t], list(inputs), retain_graph=True, allow_unused=True)
-        if all(g is None for g in grads):
-            raise ConfigError(f"{who}: loss of task {name!r} does not reach the shared parameters")
-        per_task.append(grads)
-    rows: list[Tensor | None] = []
-    for i, x in enumerate(inputs):
-        col = [g[i] for g in per_task]
-        if all(g is None for g in col):
-            rows.append(None)
-        else:
-            rows.append(torch.stack([(g if g is not None else torch.zeros_like(x)).reshape(-1) for g in col]))
-    return rows
+    grads = task_jacobian(vec, list(inputs))
+    return torch.cat([g.reshape(vec.shape[0], -1) for g in grads], dim=1)
 
 
 def add_to_grads(params: Sequence[Tensor], flat: Tensor) -> None:

@@ -20,10 +20,10 @@ from polytask.balance._loss_state import (
     BufferOptimizer,
     TaskStateBalancer,
     add_to_grads,
-    check_reaches,
+    check_paths,
+    flat_jacobian,
     present_tasks,
     require_grad_fn,
-    task_jacobian,
 )
 from polytask.balance.base import stack_losses
 from polytask.balance.loss_weighting import _positive
@@ -140,7 +140,7 @@ class DBMTL(TaskStateBalancer):
        the largest norm.
 
     Task-specific parameters receive ``∇ log(L_t + eps)`` of their own task. The per-task
-    gradients come from one batched backward (``task_jacobian``) plus one ordinary backward for
+    gradients come from one batched backward (the gradient engine's) plus one ordinary backward for
     the task-specific parameters; the moving average is a ``(T, D)`` buffer (D = number of shared
     parameters) saved in the ``state_dict()``. The returned weights are ``α``. A task absent from
     the batch (loss exactly 0) or with a NaN gradient keeps its ``ĝ_t`` at that step.
@@ -173,10 +173,10 @@ class DBMTL(TaskStateBalancer):
         require_grad_fn(losses, "balancer 'db_mtl'")
         params = _shared_list(shared, "db_mtl")
         if not self._reach_checked:
-            check_reaches(losses, params, "balancer 'db_mtl'")
+            check_paths(losses, params)
             self._reach_checked = True
         log_losses = torch.log(vec + self.eps)
-        jac = task_jacobian(log_losses, params, list(losses), "balancer 'db_mtl'")  # (T, D)
+        jac = flat_jacobian(log_losses, params)  # (T, D)
         if self.grad_ema.shape != jac.shape:
             if self.grad_ema.shape[1] != 0:
                 raise ConfigError(f"balancer 'db_mtl': its state is for {self.grad_ema.shape[1]} shared values, "
@@ -263,11 +263,9 @@ class GradNorm(TaskStateBalancer):
         matrices = [p for p in params if p.ndim >= 2]
         return (matrices or params)[-1]
 
-    def gradient_norms(self, vec: Tensor, names: list[str], shared: Iterable[nn.Parameter] | None,
-                       features: Tensor | None) -> Tensor:
+    def gradient_norms(self, vec: Tensor, shared: Iterable[nn.Parameter] | None, features: Tensor | None) -> Tensor:
         """``‖∇_W L_t‖`` for every task (detached, ``(T,)``)."""
-        W = self._layer(shared, features)
-        return task_jacobian(vec, [W], names, "balancer 'gradnorm'").norm(dim=1).detach()
+        return flat_jacobian(vec, [self._layer(shared, features)]).norm(dim=1).detach()
 
     def weight_gradient(self, losses: Tensor, norms: Tensor) -> Tensor:
         """``∂L_grad/∂w`` given the detached losses and ``‖∇_W L_t‖`` (means over the tasks present)."""
@@ -287,9 +285,13 @@ class GradNorm(TaskStateBalancer):
         require_grad_fn(losses, "balancer 'gradnorm'")
         shared = None if shared is None else list(shared)
         if not self._reach_checked:
-            check_reaches(losses, [self._layer(shared, features)], "balancer 'gradnorm'")
+            layer = self._layer(shared, features)
+            if self.layer == "features":
+                check_paths(losses, [], stop=layer)
+            else:
+                check_paths(losses, [layer])
             self._reach_checked = True
-        norms = self.gradient_norms(vec, list(losses), shared, features)
+        norms = self.gradient_norms(vec, shared, features)
         w = self.loss_weights.clone()
         (w * vec).sum().backward()
         present = present_tasks(vec.detach())
