@@ -80,13 +80,21 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def canonical_balancers() -> list[str]:
-    """One name per registered balancer class (its first registered name)."""
-    from polytask.balance import BALANCERS
+    """One name per registered balancer (its first registered name): EW, the loss-based ones, then
+    the gradient aggregators."""
+    from polytask.balance import BALANCERS, LossWeighting
 
     first: dict[Any, str] = {}
     for name, cls in BALANCERS._entries.items():  # registration order: primary name first
         first.setdefault(cls, name)
-    return list(first.values())
+
+    def group(item: tuple[Any, str]) -> int:
+        cls, name = item
+        if name == "ew":
+            return 0
+        return 1 if isinstance(cls, type) and issubclass(cls, LossWeighting) else 2
+
+    return [name for _, name in sorted(first.items(), key=group)]
 
 
 def main() -> None:
@@ -98,6 +106,7 @@ def main() -> None:
     parser.add_argument("--correlation", type=float, default=0.1)
     parser.add_argument("--rows", type=int, default=6000)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write every run's result to this JSON file")
     args = parser.parse_args()
 
     methods = canonical_balancers() if args.methods == "all" else args.methods.split(",")
@@ -111,6 +120,11 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(run_one, jobs))
     wall = time.perf_counter() - wall
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
     from polytask.tasks import Task, delta_m
 
