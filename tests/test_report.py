@@ -127,3 +127,17 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     rows = int(re.search(r'data-tables="(\d+)"', dom).group(1))
     assert rows >= 4 * 5  # task rows of the conflict, affinity, expert and metric tables
     assert dom.count("<table>") >= 6 and "task3" in dom
+
+
+def test_report_shows_task_vector_interference(tmp_path):
+    from polytask.analyze import task_vector_cosine, tsv_interference
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(4, 4)}
+    models = {n: {"w": torch.randn(4, 4, generator=g)} for n in ("math", "code", "chat")}
+    task_vector_cosine(base, models).save(tmp_path)
+    tsv_interference(base, models).save(tmp_path)
+    text = render_report(tmp_path)
+    assert "<h2>task_vector_cosine</h2>" in text and "<h2>tsv_interference</h2>" in text
+    assert 'alt="tsv_interference mean_overlap heatmap"' in text
+    assert all(name in text for name in models)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polytask.analyze.io import analysis_path, write_json
 from polytask.errors import MergeError
 
 StateDict = Mapping[str, Tensor]
@@ -70,6 +71,10 @@ class TaskVectorCosine:
     def to_json(self) -> dict[str, Any]:
         return {"kind": "task_vector_cosine", "tasks": self.tasks, "matrices": {"cosine": self.overall},
                 "per_tensor": self.per_tensor}
+
+    def save(self, run_dir) -> Any:
+        """Write ``analysis/task_vector_cosine.json`` (shown by ``polytask report``)."""
+        return write_json(analysis_path(run_dir, "task_vector_cosine"), self.to_json())
 
 
 def task_vector_cosine(base: StateDict, finetuned: Mapping[str, StateDict]) -> TaskVectorCosine:
@@ -131,6 +136,10 @@ class SubspaceInterference:
     def to_json(self) -> dict[str, Any]:
         return {"kind": "tsv_interference", "tasks": self.tasks, "fraction": self.fraction,
                 "matrices": {"mean_overlap": self.mean_overlap()}, "per_tensor": self.overlap, "sti": self.sti}
+
+    def save(self, run_dir) -> Any:
+        """Write ``analysis/tsv_interference.json`` (shown by ``polytask report``)."""
+        return write_json(analysis_path(run_dir, "tsv_interference"), self.to_json())
 
 
 def tsv_interference(base: StateDict, finetuned: Mapping[str, StateDict],
