@@ -237,3 +237,14 @@ def test_bad_configs(ckpts, tmp_path, body, match):
 def test_config_error_is_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         run_merge(tmp_path / "missing.yaml", tmp_path / "out")
+
+
+def test_linear_yaml_averages_every_listed_model(ckpts, tmp_path):
+    base, models, base_dir, paths = ckpts
+    cfg = tmp_path / "soup.yaml"
+    cfg.write_text(f"merge_method: linear\nbase_model: {base_dir}\nmodels:\n  - model: {base_dir}\n"
+                   f"  - model: {paths[0]}\n    parameters: {{weight: 3.0}}\ndtype: float32\n")
+    got = load_state_dict(run_merge(cfg, tmp_path / "out"))
+    k = "layers.0.mlp.weight"
+    assert torch.allclose(got[k], (base[k].float() + 3 * models[0][k].float()) / 4)
+    assert (tmp_path / "out" / "config.json").is_file()

@@ -103,9 +103,13 @@ class MergeConfig(BaseModel):
                 method[_RENAMED.get(key, key)] = value
         return method, defaults
 
-    def input_models(self) -> list[ModelEntry]:
-        """The models to merge: ``models`` without the entry that is the base (as mergekit)."""
-        return [m for m in self.models if self.base_model is None or m.model != self.base_model]
+    def input_models(self, uses_base: bool = True) -> list[ModelEntry]:
+        """The models to merge. For methods built on a base (task vectors, SLERP...), an entry of
+        ``models`` that is the base is the base, not one more input (as in mergekit); methods
+        without a base (``linear``) average every listed model."""
+        if not uses_base or self.base_model is None:
+            return list(self.models)
+        return [m for m in self.models if m.model != self.base_model]
 
 
 def load_merge_config(path: str | os.PathLike[str]) -> MergeConfig:
@@ -150,12 +154,12 @@ def run_merge(
     method_cls = MERGE_METHODS.lookup(config.merge_method)
     method_params, defaults = config.split_parameters(set(getattr(method_cls, "model_params", {})))
     method = build_method(config.merge_method, method_params)
-    entries = config.input_models()
+    entries = config.input_models(uses_base=method_cls.requires_base)
     model_params = [{**defaults, **e.parameters} for e in entries]
     return merge_checkpoints(
         method,
         [e.model for e in entries],
-        config.base_model,
+        config.base_model if method_cls.requires_base else None,
         out_dir,
         model_params=model_params,
         dtype=config.out_dtype or config.dtype,
@@ -165,6 +169,7 @@ def run_merge(
         allow_pickle=config.allow_pickle,
         overwrite=overwrite,
         strict_dtypes=config.strict_dtypes,
+        copy_files_from=config.base_model,
         extra_files={"polytask_merge.yaml": Path(config_path).read_text()},
         progress=progress,
     )
