@@ -118,7 +118,7 @@ class _LazyStateMixin:
         for name, buf in self._buffers.items():  # type: ignore[attr-defined]
             key = prefix + name
             if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
-                self._buffers[name] = torch.empty(state_dict[key].shape, dtype=buf.dtype, device=buf.device)  # type: ignore[attr-defined]
+                self._buffers[name] = torch.empty_like(state_dict[key], device=buf.device)  # type: ignore[attr-defined]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
 
 

@@ -1,0 +1,359 @@
+"""Gradient aggregators: equivalence with torchjd 0.18 where it has the method, paper properties else.
+
+torchjd computes CAGrad and Nash-MTL with cvxpy, UPGrad/DualProj with quadprog and FairGrad with
+scipy; those comparisons are skipped when the optional packages are missing. Jacobians are
+float64 so that differences come from the methods, not from rounding.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from polytask.balance import aggregators as agg
+from polytask.balance.solvers import cagrad_dual, frank_wolfe_min_norm, nonneg_qp, power_fair_weights, project_simplex
+
+tja = pytest.importorskip("torchjd.aggregation")
+
+DT = torch.float64
+
+
+def _random(t: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(t, 1, generator=g, dtype=DT) * 3 + 0.1
+    return torch.randn(t, d, generator=g, dtype=DT) * scale
+
+
+def _cases() -> list[tuple[str, torch.Tensor]]:
+    """Random matrices of several shapes plus degenerate ones."""
+    cases = [(f"rand{t}x{d}", _random(t, d, 10 * t + d)) for t, d in [(2, 5), (3, 40), (5, 3), (8, 100), (16, 64), (32, 200)]]
+    g = _random(3, 20, 1)
+    cases.append(("parallel", torch.stack([g[0], 2.5 * g[0], g[1]])))
+    cases.append(("opposite", torch.stack([g[0], -0.5 * g[0], g[2]])))
+    cases.append(("zero_row", torch.stack([g[0], torch.zeros_like(g[0]), g[1]])))
+    cases.append(("T1", _random(1, 30, 5)))
+    cases.append(("T32", _random(32, 50, 6)))
+    return cases
+
+
+CASES = _cases()
+IDS = [name for name, _ in CASES]
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
+    scale = max(ref.norm().item(), 1e-12)
+    assert (ours - ref).norm().item() <= rtol * scale, f"{(ours - ref).norm().item() / scale:.3g} > {rtol}"
+
+
+# --- deterministic Gramian/Jacobian methods ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name,jac", CASES, ids=IDS)
+def test_mgda_matches_torchjd(name, jac):
+    _close(agg.MGDA()(jac), tja.MGDA()(jac), 1e-10)
+
+
+@pytest.mark.parametrize("name,jac", CASES, ids=IDS)
+def test_imtlg_matches_torchjd(name, jac):
+    _close(agg.IMTLG()(jac), tja.IMTLG()(jac), 1e-9)
+
+
+@pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
+@pytest.mark.parametrize("name,jac", CASES, ids=IDS)
+def test_aligned_mtl_matches_torchjd(name, jac, scale_mode):
+    _close(agg.AlignedMTL(scale_mode=scale_mode)(jac), tja.AlignedMTL(scale_mode=scale_mode)(jac), 1e-8)
+
+
+@pytest.mark.parametrize("name,jac", CASES, ids=IDS)
+def test_config_matches_torchjd(name, jac):
+    _close(agg.ConFIG()(jac), tja.ConFIG()(jac), 1e-8)
+
+
+@pytest.mark.parametrize("name,jac", CASES, ids=IDS)
+def test_graddrop_matches_torchjd_same_draw(name, jac):
+    leak = [0.1 * i % 0.5 for i in range(jac.shape[0])]
+    torch.manual_seed(3)
+    ours = agg.GradDrop(leak=leak)(jac)
+    torch.manual_seed(3)
+    ref = tja.GradDrop(leak=torch.tensor(leak, dtype=DT))(jac)
+    _close(ours, ref, 1e-12)
+
+
+def _torchjd_orders(t: int, seed: int, exclude_self: bool) -> torch.Tensor:
+    """The permutations torchjd draws (one ``randperm`` per task, in order) after ``manual_seed``."""
+    torch.manual_seed(seed)
+    rows = []
+    for i in range(t):
+        if exclude_self:
+            others = [j for j in range(t) if j != i]
+            rows.append([others[k] for k in torch.randperm(t - 1).tolist()])
+        else:
+            rows.append(torch.randperm(t).tolist())
+    return torch.tensor(rows, dtype=torch.long).reshape(t, -1)
+
+
+@pytest.mark.parametrize("name,jac", CASES, ids=IDS)
+def test_pcgrad_matches_torchjd_same_orders(name, jac):
+    orders = _torchjd_orders(jac.shape[0], 7, exclude_self=False)
+    ours = agg.pcgrad_coefficients(jac @ jac.T, orders).sum(0) @ jac
+    torch.manual_seed(7)
+    _close(ours, tja.PCGrad()(jac), 1e-10)
+
+
+@pytest.mark.parametrize("name,jac", CASES, ids=IDS)
+def test_gradvac_matches_torchjd_over_steps(name, jac):
+    t = jac.shape[0]
+    ref_agg = tja.GradVac(beta=0.3)
+    phi_hat = torch.zeros(t, t, dtype=DT)
+    for step in range(3):
+        j = jac + 0.3 * _random(t, jac.shape[1], 100 + step)
+        orders = _torchjd_orders(t, step, exclude_self=True) if t > 1 else torch.zeros(1, 0, dtype=torch.long)
+        coef, phi_hat = agg.gradvac_coefficients(j @ j.T, phi_hat, orders, 0.3, 1e-8)
+        torch.manual_seed(step)
+        _close(coef.sum(0) @ j, ref_agg(j), 1e-9)
+
+
+def test_excess_mtl_matches_torchjd_over_steps():
+    for warmup in (0, 2):
+        ours, ref = agg.ExcessMTL(robust_step_size=0.5, n_warmup_steps=warmup), tja.ExcessMTL(0.5, warmup)
+        for step in range(5):
+            j = _random(4, 30, 200 + step)
+            _close(ours(j), ref(j), 1e-10)
+
+
+# --- methods whose torchjd version needs optional solvers -----------------------------------------
+
+
+@pytest.mark.parametrize("name,jac", CASES, ids=IDS)
+def test_upgrad_and_dualproj_match_torchjd(name, jac):
+    pytest.importorskip("qpsolvers")
+    pytest.importorskip("quadprog")
+    _close(agg.UPGrad()(jac), tja.UPGrad()(jac), 1e-7)
+    _close(agg.DualProj()(jac), tja.DualProj()(jac), 1e-7)
+
+
+@pytest.mark.parametrize("c", [0.4, 1.0])
+@pytest.mark.parametrize("name,jac", CASES, ids=IDS)
+def test_cagrad_matches_torchjd(name, jac, c):
+    pytest.importorskip("cvxpy")
+    pytest.importorskip("clarabel")
+    ours, ref = agg.CAGrad(c=c)(jac), tja.CAGrad(c=c)(jac)
+    # torchjd's conic solver stops at ~1e-8 on the objective; the weights amplify that error by
+    # c||g0|| / ||g_w||, so the vectors are compared at 1e-3 relative to the mean gradient.
+    scale = jac.mean(0).norm().item()
+    assert (ours - ref).norm().item() <= 1e-3 * scale + 1e-12
+
+
+@pytest.mark.parametrize("name,jac", [c for c in CASES if c[0].startswith("rand") and c[1].shape[1] >= c[1].shape[0]], ids=lambda v: v if isinstance(v, str) else "")
+def test_nash_mtl_matches_torchjd_first_steps(name, jac):
+    pytest.importorskip("cvxpy")
+    pytest.importorskip("ecos")
+    t, d = jac.shape  # full-rank Gramians only: else G w = 1/w has no solution
+    ref = tja.NashMTL(n_tasks=t, max_norm=0.0)
+    ours = agg.NashMTL(max_norm=0.0)
+    for step in range(3):
+        j = jac + 0.1 * _random(t, d, 300 + step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = ref(j)
+        o = ours(j)
+        if step == 0:  # torchjd's first call returns its initial weights (all ones) unsolved
+            continue
+        # torchjd's convex-concave iterations stop at a residual of ~1e-7 here; ours is solved to
+        # machine precision (checked in test_nash_weights_bargaining).
+        _close(o, r, 1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_fairgrad_matches_torchjd(alpha):
+    pytest.importorskip("scipy")
+    for t, d in [(2, 10), (4, 30), (8, 50)]:
+        jac = _random(t, d, t + d)
+        _close(agg.FairGrad(alpha=alpha)(jac), tja.FairGrad(alpha=alpha)(jac), 1e-5)
+
+
+# --- paper properties (also for methods torchjd lacks) ---------------------------------------------
+
+
+def _rand_hull_point(t: int, g: torch.Generator) -> torch.Tensor:
+    w = torch.rand(t, generator=g, dtype=DT)
+    return w / w.sum()
+
+
+@pytest.mark.parametrize("name,jac", CASES, ids=IDS)
+def test_mgda_min_norm_point_in_hull_and_minimal(name, jac):
+    g = torch.Generator().manual_seed(0)
+    w = agg.MGDA(epsilon=1e-9, max_iters=2000).weights(jac @ jac.T)
+    assert (w >= -1e-12).all() and abs(w.sum().item() - 1) < 1e-9
+    best = (w @ jac).norm()
+    for _ in range(50):  # no point of the hull is shorter
+        assert (_rand_hull_point(jac.shape[0], g) @ jac).norm() >= best - 1e-6 * jac.norm()
+
+
+def test_mgda_two_gradients_closed_form():
+    # Sener & Koltun (2018), Algorithm 1: gamma = ((g2 - g1) . g2) / ||g1 - g2||^2, clipped to [0, 1].
+    g1, g2 = torch.tensor([1.0, 0.0], dtype=DT), torch.tensor([0.0, 2.0], dtype=DT)
+    gamma = ((g2 - g1) @ g2) / (g1 - g2).norm() ** 2
+    expected = gamma * g1 + (1 - gamma) * g2
+    _close(agg.MGDA(epsilon=1e-12, max_iters=500)(torch.stack([g1, g2])), expected, 1e-6)
+
+
+@pytest.mark.parametrize("name,jac", CASES, ids=IDS)
+def test_pcgrad_no_conflict_with_projected_gradients(name, jac):
+    t = jac.shape[0]
+    coef = agg.pcgrad_coefficients(jac @ jac.T, _torchjd_orders(t, 1, exclude_self=False))
+    projected = coef @ jac
+    for i in range(t):
+        # the last gradient g_i^PC was projected against stays non-conflicting
+        last = [j for j in _torchjd_orders(t, 1, exclude_self=False)[i].tolist() if j != i]
+        if last:
+            assert projected[i] @ jac[last[-1]] >= -1e-9 * jac.norm() ** 2
+
+
+def test_pcgrad_two_conflicting_gradients_hand_computed():
+    g1, g2 = torch.tensor([1.0, 0.0], dtype=DT), torch.tensor([-1.0, 1.0], dtype=DT)
+    # g1 - (g1.g2/|g2|^2) g2 = [1,0] + 0.5[-1,1] = [0.5, 0.5]; g2 - (g2.g1/|g1|^2) g1 = [0, 1]
+    out = agg.PCGrad()(torch.stack([g1, g2]))
+    _close(out, torch.tensor([0.5, 1.5], dtype=DT), 1e-12)
+
+
+@pytest.mark.parametrize("name,jac", CASES, ids=IDS)
+def test_cagrad_c0_is_mean(name, jac):
+    _close(agg.CAGrad(c=0.0)(jac), jac.mean(0), 1e-12)
+
+
+def test_cagrad_solution_is_optimal_and_in_ball():
+    jac = _random(6, 40, 11)
+    jac[1] = -0.3 * jac[0] + 0.1 * jac[1]
+    c = 0.5
+    gram = jac @ jac.T
+    g0 = jac.mean(0)
+    d = agg.CAGrad(c=c)(jac)
+    assert (d - g0).norm() <= c * g0.norm() * (1 + 1e-6)  # the constraint of CAGrad's problem
+    # d maximises min_i g_i.d over the ball: compare with random points of the ball
+    gen = torch.Generator().manual_seed(0)
+    best = (jac @ d).min()
+    for _ in range(200):
+        u = torch.randn(40, generator=gen, dtype=DT)
+        cand = g0 + c * g0.norm() * u / u.norm() * torch.rand(1, generator=gen, dtype=DT)
+        assert (jac @ cand).min() <= best + 1e-9
+    v, solved = cagrad_dual(gram / gram.trace(), c)
+    assert bool(solved)
+
+
+def test_cagrad_pareto_stationary_gives_zero():
+    g = _random(1, 10, 2)[0]
+    jac = torch.stack([g, -g])  # 0 in the convex hull; c >= 1 -> the minimiser has g_w = 0
+    assert agg.CAGrad(c=1.0)(jac).norm() < 1e-8
+
+
+@pytest.mark.parametrize("name,jac", CASES, ids=IDS)
+def test_upgrad_never_conflicts(name, jac):
+    reg = 1e-4  # exact for the regularised Gramian G/tr(G) + reg I: conflicts stay within reg |w|
+    out, w = agg.UPGrad(reg_eps=reg).aggregate(jac)
+    assert (jac @ out >= -1.01 * reg * jac.norm() ** 2 * w.abs().max()).all()
+
+
+
+def test_imtlg_equal_projections():
+    # Liu et al. (2021): the update has the same projection on every unit task gradient.
+    jac = _random(4, 12, 3)
+    out = agg.IMTLG()(jac)
+    proj = (jac / jac.norm(dim=1, keepdim=True)) @ out
+    assert torch.allclose(proj, proj[0].expand_as(proj), rtol=1e-8)
+
+
+@pytest.mark.parametrize("t,d", [(2, 5), (5, 20), (16, 40)])
+def test_nash_weights_bargaining(t, d):
+    jac = _random(t, d, t * d)
+    gram = jac @ jac.T
+    w = agg.NashMTL(max_norm=0.0).weights(gram)
+    assert (w > 0).all()
+    _close(gram @ w, 1.0 / w, 1e-9)  # Navon et al. (2022): G w = 1/w
+
+
+def test_nash_max_norm_and_state_roundtrip():
+    jac = _random(3, 10, 1)
+    a = agg.NashMTL(max_norm=0.5, update_weights_every=2)
+    out = a(jac)
+    assert abs(out.norm().item() - 0.5) < 1e-9  # ||J^T w|| = sqrt(T) > 0.5 -> clipped
+    b = agg.NashMTL(max_norm=0.5, update_weights_every=2)
+    b.load_state_dict(a.state_dict())
+    assert b.step == 1 and torch.equal(b.prev_weights, a.prev_weights)
+    jac2 = _random(3, 10, 2)
+    _close(b(jac2), a(jac2), 0.0)  # step 1: both reuse the stored weights
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
+def test_fairgrad_alpha_fair_condition(alpha):
+    jac = _random(5, 20, 9)
+    gram = jac @ jac.T
+    w = agg.FairGrad(alpha=alpha).weights(gram)
+    _close(gram @ w, w ** (-1.0 / alpha), 1e-9)  # Ban & Ji (2024), Eq. 4
+    _close(agg.FairGrad(alpha=0.0)(jac), jac.mean(0), 1e-12)
+
+
+def test_moco_tracking_and_simplex():
+    # Fernando et al. (2023), Algorithm 1 by hand for two steps.
+    j1, j2 = _random(3, 8, 1), _random(3, 8, 2)
+    beta, gamma, rho = 0.5, 0.1, 0.01
+    m = agg.MoCo(beta=beta, gamma=gamma, rho=rho)
+    m(j1)
+    out = m(j2)
+    y = j1 - beta * (j1 - j2)
+    lam = torch.full((3,), 1 / 3, dtype=DT)
+    lam = project_simplex(lam - gamma * (j1 @ j1.T + rho * torch.eye(3, dtype=DT)) @ lam)
+    lam = project_simplex(lam - gamma * (y @ y.T + rho * torch.eye(3, dtype=DT)) @ lam)
+    _close(out, lam @ y, 1e-12)
+    state = m.state_dict()
+    m2 = agg.MoCo(beta=beta, gamma=gamma, rho=rho)
+    m2.load_state_dict(state)
+    _close(m2(j1), m(j1), 0.0)
+
+
+def test_gradvac_state_roundtrip():
+    jac = _random(3, 10, 4)
+    a = agg.GradVac(beta=0.5, generator=torch.Generator().manual_seed(0))
+    a(jac)
+    b = agg.GradVac(beta=0.5, generator=torch.Generator().manual_seed(1))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.phi_hat, b.phi_hat) and a.phi_hat.abs().sum() > 0
+
+
+# --- solvers ----------------------------------------------------------------------------------
+
+
+def test_project_simplex_matches_definition():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(20, 6, generator=gen, dtype=DT) * 2
+    p = project_simplex(y)
+    assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(20, dtype=DT))
+    for row, proj in zip(y, p):  # no simplex point is closer
+        for _ in range(20):
+            q = _rand_hull_point(6, gen)
+            assert (q - row).norm() >= (proj - row).norm() - 1e-12
+
+
+def test_nonneg_qp_kkt_on_ill_conditioned_problems():
+    for seed in range(20):
+        jac = _random(32, 10, seed)  # rank 10: the +1e-4 I regularisation sets the conditioning
+        q = jac @ jac.T
+        q = q / q.trace() + 1e-4 * torch.eye(32, dtype=DT)
+        lin = torch.randn(32, 32, generator=torch.Generator().manual_seed(seed), dtype=DT) * 0.01
+        x = nonneg_qp(q, lin)
+        mult = x @ q + lin
+        assert (x >= 0).all() and (mult >= -1e-12).all() and (x * mult).abs().max() < 1e-14 * x.abs().max()
+
+
+def test_frank_wolfe_freezes_after_convergence():
+    gram = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=DT)
+    assert torch.allclose(frank_wolfe_min_norm(gram), torch.tensor([0.5, 0.5], dtype=DT))
+
+
+def test_power_fair_weights_warm_start_is_fixed_point():
+    jac = _random(4, 9, 0)
+    gram = jac @ jac.T
+    w = power_fair_weights(gram)
+    _close(power_fair_weights(gram, init=w, iters=1), w, 1e-12)
