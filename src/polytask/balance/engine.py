@@ -173,7 +173,7 @@ class GradientBalancer(Balancer):
         n = vec.shape[0]
         jac = torch.cat([g.reshape(n, -1) for g in grads[: len(shared)]], dim=1)
         head_grads = [g.sum(0) for g in grads[len(shared):]]
-        update, weights, ok = self._aggregate(jac, head_grads, list(losses))
+        update, weights, ok = self._aggregate(jac, head_grads, vec, list(losses))
         offset = 0
         for p in shared:
             _accumulate(p, torch.where(ok, update[offset: offset + p.numel()].view_as(p), 0.0))
@@ -187,22 +187,24 @@ class GradientBalancer(Balancer):
         grads = task_jacobian(vec, [features, *heads], batched=self.batched)
         n = vec.shape[0]
         head_grads = [g.sum(0) for g in grads[1:]]
-        update, weights, ok = self._aggregate(grads[0].reshape(n, -1), head_grads, list(losses))
+        update, weights, ok = self._aggregate(grads[0].reshape(n, -1), head_grads, vec, list(losses))
         for p, g in zip(heads, head_grads):
             _accumulate(p, torch.where(ok, g, 0.0))
         if features.grad_fn is not None:  # one backward of the combined gradient through the trunk
             torch.autograd.backward(features, grad_tensors=torch.where(ok, update, 0.0).view_as(features))
         return weights
 
-    def _aggregate(self, jac: Tensor, head_grads: list[Tensor], names: list[str]) -> tuple[Tensor, Tensor, Tensor]:
-        """Aggregate; on a non-finite result return ``ok=False`` and keep the aggregator's state."""
+    def _aggregate(self, jac: Tensor, head_grads: list[Tensor], losses: Tensor,
+                   names: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """Aggregate; on a non-finite loss or result return ``ok=False`` and keep the aggregator's state."""
         before = {k: v for k, v in self.aggregator.named_buffers()}
         update, weights = self.aggregator.aggregate(jac.detach())
-        ok = torch.isfinite(update).all()
+        ok = torch.isfinite(update).all() & torch.isfinite(losses.detach()).all()
         for g in head_grads:
             ok = ok & torch.isfinite(g).all()
         if self.nan_policy == "raise" and not bool(ok):  # explicit, opt-in host sync
-            bad = [n for n, row in zip(names, torch.isfinite(jac).all(1).tolist()) if not row] or names
+            finite = torch.isfinite(jac).all(1) & torch.isfinite(losses.detach())
+            bad = [n for n, row in zip(names, finite.tolist()) if not row] or names
             raise TrainingError(f"non-finite gradient for task(s) {', '.join(map(repr, bad))}")
         for name, old in before.items():  # a skipped step must not touch the method's state
             mod_name, _, buf_name = name.rpartition(".")
