@@ -57,13 +57,17 @@ class BatchedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim == 2:
-            # one (B,in) @ (in, n*out) GEMM instead of n broadcast matmuls: same result, and the
-            # backward needs no reduction over a broadcast input
+            # one (B,in) @ (in, n*out) GEMM (bias fused) instead of n broadcast matmuls: same
+            # result, and the backward needs no reduction over a broadcast input
             wide = self.weight.permute(1, 0, 2).reshape(self.in_features, self.n * self.out_features)
-            out = (x @ wide).reshape(x.shape[0], self.n, self.out_features).transpose(0, 1)
-        else:
-            out = torch.bmm(x, self.weight)
-        return out + self.bias if self.bias is not None else out
+            if self.bias is not None:
+                out = torch.addmm(self.bias.reshape(-1), x, wide)
+            else:
+                out = x @ wide
+            return out.reshape(x.shape[0], self.n, self.out_features).transpose(0, 1)
+        if self.bias is not None:
+            return torch.baddbmm(self.bias, x, self.weight)
+        return torch.bmm(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, in_features={self.in_features}, out_features={self.out_features}"

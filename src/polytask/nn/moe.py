@@ -175,9 +175,6 @@ class ExtractionLevel(nn.Module):
         self.specific_experts = BatchedMLP(t * s, in_dim, hidden, act=activation, dropout=dropout) if s else None
         self.shared_experts = BatchedMLP(k, in_dim, hidden, act=activation, dropout=dropout) if k else None
         self.out_dim = tuple(hidden)[-1]
-        own = torch.tensor([[i * s + j for j in range(s)] + [t * s + j for j in range(k)] for i in range(t)],
-                           dtype=torch.long)
-        self.register_buffer("own_experts", own.reshape(t, s + k), persistent=False)
         width = s + k if scope == "own" else self.num_experts
         self.task_gates = BatchedLinear(t, in_dim, width)
         self.shared_gate = nn.Linear(in_dim, self.num_experts) if shared_output else None
@@ -192,34 +189,49 @@ class ExtractionLevel(nn.Module):
             parts.append(iter([self.native]))
         return chain(*parts)
 
-    def _experts(self, x: Tensor) -> Tensor:
-        """All expert outputs ``(E_all, B, H)`` in gate order."""
+    def _experts(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Outputs of the specific experts ``(T*S, B, H)`` and of the shared experts ``(K, B, H)``."""
         t, s = self.num_tasks, self.specific
-        outs = []
+        specific = shared = None
         if self.specific_experts is not None:
             if x.ndim == 2:
-                outs.append(self.specific_experts(x))
+                specific = self.specific_experts(x)
             else:  # task i's experts read stream i: (T, B, d) -> (T*S, B, d)
                 streams = x[:t].unsqueeze(1).expand(-1, s, -1, -1).reshape(t * s, *x.shape[1:])
-                outs.append(self.specific_experts(streams))
+                specific = self.specific_experts(streams)
         if self.shared_experts is not None:
-            outs.append(self.shared_experts(x if x.ndim == 2 else x[t]))
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+            shared = self.shared_experts(x if x.ndim == 2 else x[t])
+        return specific, shared
+
+    def _mix_all(self, weights: Tensor, specific: Tensor | None, shared: Tensor | None) -> Tensor:
+        """Mix with weights over all experts ``(..., B, T*S + K)`` without concatenating the banks."""
+        ts = self.num_tasks * self.specific
+        out = mix_experts(weights[..., :ts], specific) if specific is not None else None
+        if shared is not None:
+            mixed = mix_experts(weights[..., ts:], shared)
+            out = mixed if out is None else out + mixed
+        return out
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        experts = self._experts(x)
+        specific, shared = self._experts(x)
         task_in = x if x.ndim == 2 else x[: self.num_tasks]
         gates = torch.softmax(self.task_gates(task_in), dim=-1)  # (T, B, width)
-        weights = gates
-        if self.scope == "own":  # place each task's weights at its experts' positions
-            index = self.own_experts.unsqueeze(1).expand(-1, gates.shape[1], -1)
-            weights = gates.new_zeros(self.num_tasks, gates.shape[1], self.num_experts).scatter(2, index, gates)
-        if self.native is not None:
-            weights = weights + self._native_weights().unsqueeze(1)
-        if self.shared_gate is not None:  # the shared stream's gate, mixed in the same op
+        if self.scope == "own":  # task t mixes its own S experts and the shared ones
+            t, s = self.num_tasks, self.specific
+            b, h = gates.shape[1], specific.shape[-1] if specific is not None else shared.shape[-1]
+            out = (gates[..., :s].permute(2, 0, 1).unsqueeze(-1)
+                   * specific.reshape(t, s, b, h).transpose(0, 1)).sum(dim=0) if specific is not None else None
+            if shared is not None:
+                mixed = mix_experts(gates[..., s:], shared)
+                out = mixed if out is None else out + mixed
+        else:
+            weights = gates if self.native is None else gates + self._native_weights().unsqueeze(1)
+            out = self._mix_all(weights, specific, shared)
+        if self.shared_gate is not None:  # the shared stream for the next level
             shared_in = x if x.ndim == 2 else x[self.num_tasks]
-            weights = torch.cat([weights, torch.softmax(self.shared_gate(shared_in), dim=-1).unsqueeze(0)])
-        return mix_experts(weights, experts), gates
+            stream = self._mix_all(torch.softmax(self.shared_gate(shared_in), dim=-1), specific, shared)
+            out = torch.cat([out, stream.unsqueeze(0)])
+        return out, gates
 
     def _native_weights(self) -> Tensor:
         """``(T, E_all)``: task t's native weights at its own experts' positions, zeros elsewhere."""
