@@ -44,7 +44,10 @@ def heatmap_figure(matrix: Tensor, rows: Sequence[str], cols: Sequence[str] | No
         for j in range(m.shape[1]):
             v = float(m[i, j])
             if not math.isnan(v):
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7)
+                r, g, b, _ = im.cmap(im.norm(v))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # white text on dark cells
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
