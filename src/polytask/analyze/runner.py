@@ -163,6 +163,10 @@ def analyze(target: Path, options: AnalyzeOptions, overrides: list[str] | None =
         from polytask.analyze.transfer import pairwise_transfer, rank_agreement
 
         transfer = pairwise_transfer(cfg, run_dir / "runs", tasks, options.epochs, options.progress)
+        if affinity is None and analysis_path(run_dir, "affinity").exists():  # estimates from earlier runs
+            affinity = AffinityResult.load(run_dir)
+        if conflict is None and analysis_path(run_dir, "conflict").exists():
+            conflict = ConflictResult.load(run_dir)
         agreement = {}
         if affinity is not None:
             agreement["affinity Z(i→j)"] = rank_agreement(affinity.affinity, transfer.gain)
