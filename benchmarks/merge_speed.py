@@ -183,6 +183,7 @@ def main() -> None:
                 results[tool].append((wall, rss))
                 print(f"  {method:16s} {tool:9s} run {r + 1}: {wall:7.1f} s  {rss:6.2f} GiB", flush=True)
         agreement = compare(method, base, args.workdir / "out_polytask", args.workdir / "out_mergekit")
+        print(f"  {method:16s} agreement: {agreement}", flush=True)
         mk_wall = statistics.median(w for w, _ in results["mergekit"])
         pt_wall = statistics.median(w for w, _ in results["polytask"])
         mk_rss = statistics.median(m for _, m in results["mergekit"])

@@ -6,10 +6,20 @@
 - :data:`MERGE_METHODS` lists the per-tensor methods (linear, task_arithmetic, ties, dare_linear,
   dare_ties, breadcrumbs, breadcrumbs_ties, slerp, model_stock, consensus, tsv, iso_c, iso_cts,
   pcb). mergekit YAML configs are accepted for the methods both share; see
-  :mod:`polytask.merge.config` for the differences.
+  :mod:`polytask.merge.config` for the differences;
+- :mod:`polytask.merge.data_driven` has the methods that need the model and data: Fisher
+  merging, RegMean, AdaMerging (task- and layer-wise) and WEMoE.
 """
 
 from polytask.merge.config import MergeConfig, ModelEntry, load_merge_config, run_merge
+from polytask.merge.data_driven import (
+    WeightEnsemblingMoE,
+    adamerging,
+    fisher_diagonal,
+    fisher_merge,
+    regmean_merge,
+    wemoe,
+)
 from polytask.merge.engine import build_method, merge_checkpoints, merge_state_dicts
 from polytask.merge.io import (
     Checkpoint,
@@ -37,4 +47,10 @@ __all__ = [
     "TensorSpec",
     "load_state_dict",
     "save_state_dict",
+    "fisher_diagonal",
+    "fisher_merge",
+    "regmean_merge",
+    "adamerging",
+    "wemoe",
+    "WeightEnsemblingMoE",
 ]
