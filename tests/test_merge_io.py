@@ -248,3 +248,25 @@ def test_linear_yaml_averages_every_listed_model(ckpts, tmp_path):
     k = "layers.0.mlp.weight"
     assert torch.allclose(got[k], (base[k].float() + 3 * models[0][k].float()) / 4)
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_cli_merge(ckpts, tmp_path):
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from polytask.cli import app
+
+    base, models, base_dir, paths = ckpts
+    cfg = tmp_path / "ta.yaml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base_dir}\nmodels: [{paths[0]}, {paths[1]}]\n")
+    result = CliRunner().invoke(app, ["merge", str(cfg), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    # a user error: one line on stderr, exit status 2, no traceback
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base_dir}\nmodels: [{paths[0]}]\nparameters: {{lamda: 1}}\n")
+    proc = subprocess.run([sys.executable, "-m", "polytask.cli", "merge", str(cfg), str(tmp_path / "out2")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "lamda" in proc.stderr
