@@ -130,7 +130,8 @@ def bench_qm9(
     seeds: Annotated[Optional[list[int]], typer.Option(help="Seeds: --seeds 0 1 2 (default 0).")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Comma list of targets (default: all 11).")] = None,
     features: Annotated[str, typer.Option(help="rdkit (aromaticity, hybridisation) or pyg (as PyG's QM9).")] = "rdkit",
-    param: Annotated[Optional[list[str]], typer.Option(help="Balancer parameter KEY=VALUE (repeatable).")] = None,
+    param: Annotated[Optional[list[str]], typer.Option(
+        help="Balancer parameter KEY=VALUE (repeatable; with --all, given to the methods that take it).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (1 is fastest on a busy machine).")] = None,
     out: Annotated[Path, typer.Option(help="Directory for result JSON, Markdown and PNG.")] = Path("runs/qm9"),
@@ -172,7 +173,7 @@ def bench_qm9(
     else:
         todo = [balancer]
     for name in todo:
-        bench.make_balancer(name, params if not all_ else None)
+        bench.make_balancer(name, bench.params_accepted_by(name, params) if all_ else params)
     graphs = load_qm9(cache_dir)
     if features == "pyg":
         graphs = graphs.pyg_compatible()
@@ -186,7 +187,7 @@ def bench_qm9(
         reference, reference_name = bench.stl_reference(single), "our single-task runs (--stl)"
         typer.echo(bench.format_result(single))
     if all_:
-        results, md, png = bench.run_all(out, todo, graphs=graphs, reference=reference,
+        results, md, png = bench.run_all(out, todo, graphs=graphs, reference=reference, balancer_params=params,
                                          reference_name=reference_name, log=typer.echo, **budget)
         typer.echo(md.read_text())
         typer.echo(f"written: {md}, {png}")

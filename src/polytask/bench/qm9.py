@@ -155,6 +155,20 @@ def make_balancer(name: str, params: Mapping[str, Any] | None = None, seed: int 
     return balance.get(name, **params)
 
 
+def params_accepted_by(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset of ``params`` that the balancer ``name`` takes (for one setting across methods)."""
+    from polytask import balance
+
+    factory = balance.BALANCERS.lookup(name)
+    try:
+        sig = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return dict(params)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values()):
+        return dict(params)
+    return {k: v for k, v in params.items() if k in sig}
+
+
 def published_key(method: str) -> str | None:
     """The row of :data:`PUBLISHED_DELTA_M` that ``method`` (a balancer name or alias) is."""
     from polytask import balance
@@ -523,15 +537,18 @@ def run_all(
     log: Callable[[str], None] | None = None,
     **kwargs: Any,
 ) -> tuple[list[QM9Result], Path, Path]:
-    """Run every balancer (or ``balancers``) with the same settings; write one JSON per method
+    """Run every balancer (or ``balancers``) with the same settings; ``balancer_params`` go to
+    each method that takes them (e.g. ``mode="features"`` to the gradient methods). Write one JSON per method
     (a rerun skips methods already done with the same settings), ``qm9_comparison.md`` and
     ``qm9_comparison.png``. Returns the results and the two report paths."""
     require_qm9_dependencies()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(balancers) if balancers else distinct_balancers()
+    common = dict(kwargs.pop("balancer_params", None) or {})
+    per_method = {n: params_accepted_by(n, common) for n in names}
     for n in names:
-        make_balancer(n)  # unknown names fail before any training
+        make_balancer(n, per_method[n])  # unknown names fail before any training
     graphs = graphs if graphs is not None else load_qm9(cache, progress=progress)
     results = []
     for n in names:
@@ -543,7 +560,7 @@ def run_all(
                 "seeds": list(kwargs.get("seeds", (0,)))}:
                 results.append(done)
                 continue
-        result = run(n, graphs=graphs, progress=progress, log=log, **kwargs)
+        result = run(n, graphs=graphs, progress=progress, log=log, balancer_params=per_method[n], **kwargs)
         path.write_text(json.dumps(result.to_json(), indent=1))
         if log is not None:
             log(format_result(result))
