@@ -592,8 +592,9 @@ def build_graphs(frame: "pd.DataFrame", progress: bool = True, workers: int = 1)
     # assemble features in geometry order (fast path), then patch the other molecules
     aromatic = np.zeros(len(types), np.int64)
     hyb = np.zeros(len(types), np.int64)
-    aromatic[geo_of_heavy] = np.where(ok_atoms, h_arom, 0)
-    hyb[geo_of_heavy] = np.where(ok_atoms, h_hyb, 0)
+    fast = ok[mol_of_heavy]  # molecules that failed a check are filled atom by atom below
+    aromatic[geo_of_heavy[fast]] = h_arom[fast]
+    hyb[geo_of_heavy[fast]] = h_hyb[fast]
     keep_hb = ok[hb_mol]
     keep_h = ok[h_mol]
     single = np.zeros(keep_h.sum(), np.int64)
