@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from polytask.balance.solvers import (
     cagrad_dual,
     frank_wolfe_min_norm,
+    min_norm_simplex,
     nonneg_qp,
     power_fair_weights,
     project_simplex,
@@ -131,22 +132,29 @@ class MGDA(GramianWeighting):
     """MGDA: the minimum-norm point of the convex hull of the task gradients.
 
     Désidéri, "Multiple-gradient descent algorithm (MGDA) for multiobjective optimization",
-    Comptes Rendus Mathématique 2012; solved by Frank-Wolfe as in Algorithm 2 of Sener & Koltun,
+    Comptes Rendus Mathématique 2012; as used for multi-task learning by Sener & Koltun,
     "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018.
 
     Args:
-        epsilon: stop once the Frank-Wolfe step falls below this value.
+        solver: ``"active_set"`` (default): the exact minimiser by
+            :func:`~polytask.balance.solvers.min_norm_simplex` (few iterations);
+            ``"frank_wolfe"``: Algorithm 2 of Sener & Koltun (approximate; what torchjd runs).
+        epsilon: Frank-Wolfe stops once its step falls below this value.
         max_iters: at most this many Frank-Wolfe iterations (fixed unrolled loop).
     """
 
-    def __init__(self, epsilon: float = 1e-3, max_iters: int = 100) -> None:
+    def __init__(self, solver: Literal["active_set", "frank_wolfe"] = "active_set", epsilon: float = 1e-3,
+                 max_iters: int = 100) -> None:
         super().__init__()
+        _check(solver in ("active_set", "frank_wolfe"), f"mgda: solver must be active_set or frank_wolfe, got {solver!r}")
         _check(epsilon > 0, f"mgda: epsilon must be > 0, got {epsilon}")
         _check(max_iters > 0, f"mgda: max_iters must be > 0, got {max_iters}")
-        self.epsilon, self.max_iters = epsilon, max_iters
+        self.solver, self.epsilon, self.max_iters = solver, epsilon, max_iters
 
     def weights(self, gramian: Tensor) -> Tensor:
-        return frank_wolfe_min_norm(gramian, self.epsilon, self.max_iters)
+        if self.solver == "frank_wolfe":
+            return frank_wolfe_min_norm(gramian, self.epsilon, self.max_iters)
+        return min_norm_simplex(gramian)
 
 
 class PCGrad(GramianWeighting):

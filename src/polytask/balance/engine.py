@@ -39,24 +39,26 @@ Mode = Literal["parameters", "features"]
 __all__ = ["GradientBalancer", "find_task_parameters", "task_jacobian"]
 
 
-def task_jacobian(losses: Tensor, inputs: Sequence[Tensor], *, batched: bool = True, retain_graph: bool = False) -> list[Tensor]:
-    """Gradients of each of the ``T`` losses w.r.t. each input: one ``(T, *input.shape)`` tensor each.
+def task_jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor], *, batched: bool = True) -> list[Tensor]:
+    """Gradients of each of the ``T`` scalar losses w.r.t. each input: one ``(T, *input.shape)`` tensor each.
 
-    ``batched=True`` computes all rows in one vectorised backward (``is_grads_batched``); if an
-    op of the graph has no batching rule it falls back to one ``autograd.grad`` per task.
-    Inputs a loss does not depend on get zero rows.
+    ``batched=True`` computes all rows in one vectorised backward (``is_grads_batched``; falls
+    back to the loop if an op of the graph has no batching rule); ``batched=False`` runs one
+    ``autograd.grad`` per loss, each visiting only that loss's part of the graph. Inputs a loss
+    does not depend on get zero rows. The graph is kept (``retain_graph=True``).
     """
-    n = losses.shape[0]
+    n = len(losses)
     if batched:
-        eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+        vec = torch.stack([loss.reshape(()) for loss in losses])
+        eye = torch.eye(n, dtype=vec.dtype, device=vec.device)
         try:
-            return list(torch.autograd.grad(losses, inputs, grad_outputs=eye, is_grads_batched=True,
+            return list(torch.autograd.grad(vec, inputs, grad_outputs=eye, is_grads_batched=True,
                                             retain_graph=True, allow_unused=True, materialize_grads=True))
         except RuntimeError as err:  # an op without a vmap rule: per-task fallback below
             if "vmap" not in str(err).lower() and "batch" not in str(err).lower():
                 raise
-    rows = [torch.autograd.grad(losses[t], inputs, retain_graph=True, allow_unused=True, materialize_grads=True)
-            for t in range(n)]
+    rows = [torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True, materialize_grads=True)
+            for loss in losses]
     return [torch.stack(r) for r in zip(*rows)]
 
 
@@ -125,11 +127,14 @@ class GradientBalancer(Balancer):
             cheaper; needs ``features``).
         nan_policy: ``"skip"`` (zero update, counted in ``skipped_steps``, no host sync) or
             ``"raise"`` (TrainingError naming the tasks; synchronises).
-        batched: compute the ``T`` rows in one vectorised backward (default) or in a loop.
+        batched: compute the ``T`` rows in one vectorised backward (``is_grads_batched``) or one
+            backward per task (default). The vectorised pass carries ``T`` rows through every
+            head, ``T^2`` work when heads are separate modules; it measured slower on CPU
+            (``benchmarks/balance_speed.py --batched``).
     """
 
     def __init__(self, aggregator: agg.Aggregator, mode: Mode = "parameters", nan_policy: Literal["skip", "raise"] = "skip",
-                 batched: bool = True) -> None:
+                 batched: bool = False) -> None:
         super().__init__()
         if mode not in ("parameters", "features"):
             raise ConfigError(f"balancer mode must be 'parameters' or 'features', got {mode!r}")
@@ -169,7 +174,7 @@ class GradientBalancer(Balancer):
 
     def _backward_parameters(self, losses: Mapping[str, Tensor], vec: Tensor, shared: list[Tensor]) -> Tensor:
         heads = self._task_parameters(losses, shared, None)
-        grads = task_jacobian(vec, [*shared, *heads], batched=self.batched)
+        grads = task_jacobian(list(losses.values()), [*shared, *heads], batched=bool(self.batched))
         n = vec.shape[0]
         jac = torch.cat([g.reshape(n, -1) for g in grads[: len(shared)]], dim=1)
         head_grads = [g.sum(0) for g in grads[len(shared):]]
@@ -184,14 +189,23 @@ class GradientBalancer(Balancer):
 
     def _backward_features(self, losses: Mapping[str, Tensor], vec: Tensor, shared: list[Tensor], features: Tensor) -> Tensor:
         heads = self._task_parameters(losses, shared, features)
-        grads = task_jacobian(vec, [features, *heads], batched=self.batched)
+        # Per-task gradients at z: each pass visits one task's head only (a vectorised pass would
+        # carry T rows through every head, T^2 work when heads are separate modules).
+        jz = task_jacobian(list(losses.values()), [features], batched=bool(self.batched))[0]
         n = vec.shape[0]
-        head_grads = [g.sum(0) for g in grads[1:]]
-        update, weights, ok = self._aggregate(grads[0].reshape(n, -1), head_grads, vec, list(losses))
+        # Heads: one backward of sum_t L_t, which stops at z (only paths to the heads run).
+        head_grads = list(torch.autograd.grad(vec.sum(), heads, retain_graph=True, allow_unused=True,
+                                              materialize_grads=True)) if heads else []
+        update, weights, ok = self._aggregate(jz.reshape(n, -1), head_grads, vec, list(losses))
         for p, g in zip(heads, head_grads):
             _accumulate(p, torch.where(ok, g, 0.0))
-        if features.grad_fn is not None:  # one backward of the combined gradient through the trunk
-            torch.autograd.backward(features, grad_tensors=torch.where(ok, update, 0.0).view_as(features))
+        combined = torch.where(ok, update, 0.0).view_as(features)
+        if features.grad_fn is not None and shared:  # ONE backward of the combined gradient through the trunk
+            trunk = torch.autograd.grad(features, shared, grad_outputs=combined, allow_unused=True, materialize_grads=True)
+            for p, g in zip(shared, trunk):
+                _accumulate(p, torch.where(ok, g, 0.0))
+        elif features.requires_grad:  # shared parameters not given: fill whatever z depends on
+            torch.autograd.backward(features, grad_tensors=combined)
         return weights
 
     def _aggregate(self, jac: Tensor, head_grads: list[Tensor], losses: Tensor,

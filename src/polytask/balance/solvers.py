@@ -10,6 +10,7 @@ Solvers:
 - :func:`project_simplex` -- Euclidean projection onto the probability simplex.
 - :func:`frank_wolfe_min_norm` -- the min-norm point of the convex hull of the task gradients
   by Frank-Wolfe (Sener & Koltun, NeurIPS 2018, Algorithm 2).
+- :func:`min_norm_simplex` -- the same point exactly, through :func:`nonneg_qp`.
 - :func:`nonneg_qp` -- ``min 1/2 x^T Q x + q^T x  s.t. x >= 0`` (batched over ``q``) by a
   primal-dual active-set method.
 - :func:`cagrad_dual` -- CAGrad's inner problem (Liu et al., NeurIPS 2021) by an active-set
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["cagrad_dual", "frank_wolfe_min_norm", "nonneg_qp", "power_fair_weights", "project_simplex"]
+__all__ = ["cagrad_dual", "frank_wolfe_min_norm", "min_norm_simplex", "nonneg_qp", "power_fair_weights", "project_simplex"]
 
 
 def project_simplex(y: Tensor) -> Tensor:
@@ -69,6 +70,21 @@ def frank_wolfe_min_norm(gramian: Tensor, epsilon: float = 1e-3, max_iters: int 
     return w
 
 
+def min_norm_simplex(gramian: Tensor, reg: float = 1e-10, iters: int | None = None) -> Tensor:
+    """Exact weights ``w`` on the simplex minimising ``w^T G w`` (MGDA's min-norm point).
+
+    If ``lambda = argmin_{lambda >= 0} 1/2 lambda^T Q lambda - 1^T lambda`` then
+    ``w = lambda / sum(lambda)`` satisfies the optimality conditions of the min-norm problem
+    (with multiplier ``1 / sum(lambda)``), so one :func:`nonneg_qp` solves it.
+    ``Q = G / tr(G) + reg I`` keeps the QP bounded when 0 is in the convex hull.
+    """
+    n = gramian.shape[0]
+    eye = torch.eye(n, dtype=gramian.dtype, device=gramian.device)
+    trace = gramian.diagonal().sum().clamp_min(torch.finfo(gramian.dtype).tiny)
+    lam = nonneg_qp(gramian / trace + reg * eye, -torch.ones(n, dtype=gramian.dtype, device=gramian.device), iters)
+    return lam / lam.sum().clamp_min(torch.finfo(gramian.dtype).tiny)
+
+
 def nonneg_qp(quad: Tensor, lin: Tensor, iters: int | None = None) -> Tensor:
     """Solve ``min_x 1/2 x^T Q x + q^T x`` subject to ``x >= 0`` for every row ``q`` of ``lin``.
 
@@ -83,10 +99,10 @@ def nonneg_qp(quad: Tensor, lin: Tensor, iters: int | None = None) -> Tensor:
       principal pivoting, 1974), which terminates for every positive definite ``Q``.
 
     A solution is a fixed point of both rules, so running a fixed number of iterations (default
-    ``2 T + 10``) needs no host synchronisation.
+    ``3 T / 2 + 10``) needs no host synchronisation.
     """
     n = quad.shape[-1]
-    iters = 2 * n + 10 if iters is None else iters
+    iters = 3 * n // 2 + 10 if iters is None else iters
     fast = min(iters, 10)
     free = torch.ones_like(lin, dtype=torch.bool)
     x = torch.zeros_like(lin)
@@ -122,7 +138,7 @@ def cagrad_dual(gramian: Tensor, c: float, iters: int | None = None, reg: float 
     gradients and ``c`` is large enough): then ``v`` would be unbounded and CAGrad's update is 0.
     """
     n = gramian.shape[0]
-    iters = 2 * n + 10 if iters is None else iters
+    iters = 3 * n // 2 + 10 if iters is None else iters
     fast = min(iters, 10)
     dtype, dev = gramian.dtype, gramian.device
     ones = torch.ones(n, dtype=dtype, device=dev)
