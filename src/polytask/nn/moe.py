@@ -78,7 +78,8 @@ class MMoE(RoutedModel):
 
     Ma, Zhao, Yi, Chen, Hong, Chi, "Modeling Task Relationships in Multi-task Learning with
     Multi-gate Mixture-of-Experts", KDD 2018. ``y_t = h_t(Σ_e g_t(x)_e f_e(x))`` with
-    ``g_t(x) = softmax(W_t x)``: shared experts ``f_e``, one linear softmax gate and one tower per task.
+    ``g_t(x) = softmax(W_t x + b_t)``: shared experts ``f_e``, one linear softmax gate (the paper's
+    ``W_t x``; we add a bias, as torch-rechub does) and one tower per task.
 
     Args:
         input_dim: dense width or a :class:`~polytask.nn.embedding.FeatureSpec`.

@@ -1,9 +1,12 @@
 """Task-token attention: each task owns a learned token that attends over the feature tokens.
 
-After INFNet (Yu et al., "INFNet: A Task-aware Information Flow Network for Large-Scale
-Recommendation Systems", arXiv 2025) and MultiTab (Sinodinos et al., "MultiTab: A Scalable
-Foundation for Multitask Learning on Tabular Data", arXiv 2025): features become tokens, task
-tokens read them with cross-attention, and each task's head reads its own token.
+After INFNet (Li, Mao, Tang, Cheng, Zeng, Wang, Liu, Jiang, "INFNet: A Task-aware Information
+Flow Network for Large-Scale Recommendation Systems", arXiv:2508.11565, 2025) and MultiTab
+(Sinodinos et al., "MultiTab: A Scalable Foundation for Multitask Learning on Tabular
+Data", arXiv 2025): features become tokens (categorical, sequence, dense), task tokens read them
+with cross-attention, and each task's head reads its own token. This is the shared core of both
+designs, not a reproduction of either: INFNet's proxy tokens and gated units and MultiTab's
+masked multi-token attention are not implemented.
 """
 
 from __future__ import annotations
