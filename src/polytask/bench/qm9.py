@@ -164,9 +164,9 @@ def params_accepted_by(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
         sig = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         return dict(params)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values()):
-        return dict(params)
-    return {k: v for k, v in params.items() if k in sig}
+    # only named parameters: a bare **kwargs (e.g. nn.Module pass-through) does not count
+    named = {n for n, p in sig.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in params.items() if k in named}
 
 
 def published_key(method: str) -> str | None:
