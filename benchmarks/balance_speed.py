@@ -7,7 +7,8 @@ For T in ``--tasks`` it prints the median step time (ms) of:
 - ``loop``: LibMTL's way -- ``T`` ``backward(retain_graph=True)`` calls collecting the shared
   gradients into a ``T x D`` matrix (mean-aggregated: the floor of any parameter-level method);
 - ``tjd:<m>``: torchjd 0.18 (``mtl_backward`` + ``jac_to_grad`` with its aggregator);
-- ``par:<m>`` / ``feat:<m>``: ours, parameter mode / feature mode;
+- ``par:<m>`` / ``feat:<m>``: ours, parameter mode / feature mode (per-task Jacobian loop, the
+  default); ``par-vmap`` / ``feat-vmap``: the same with one vectorised backward;
 - ``famo``: FAMO (loss-based; backward only, its post-step pass excluded) if registered.
 
 Then the aggregation alone at T=16 (given the ``T x D`` Jacobian): ours vs torchjd for CAGrad,
@@ -121,6 +122,15 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
                 b.backward(losses(), shared=model.shared_parameters(), features=model.shared_features)
 
             results[f"{tag}:{name}"] = median_ms(ours, args.repeats)
+            if name == "upgrad":  # the vectorised (is_grads_batched) Jacobian instead of the per-task loop
+                bv = balance.get(name, mode=mode)
+                bv.batched = True
+
+                def ours_vmap(b=bv) -> None:
+                    model.zero_grad(set_to_none=True)
+                    b.backward(losses(), shared=model.shared_parameters(), features=model.shared_features)
+
+                results[f"{tag}-vmap:{name}"] = median_ms(ours_vmap, args.repeats)
         if not args.no_torchjd:
             from torchjd.autojac import jac_to_grad, mtl_backward
 

@@ -3,13 +3,16 @@
 Two sources of per-task gradients (DESIGN.md, "Balancers"):
 
 - ``mode="parameters"``: the ``T x D`` Jacobian of the task losses w.r.t. the shared parameters
-  -- the quantity the papers define their methods on. All ``T`` rows come from one vectorised
-  backward (``torch.autograd.grad(..., is_grads_batched=True)``), not a loop of ``T``
-  ``backward()`` calls (a loop is the fallback when an op has no batching rule).
+  -- the quantity the papers define their methods on; one ``autograd.grad`` per task (each visits
+  its own head and the trunk), or one vectorised backward (``batched=True``,
+  ``is_grads_batched``), which carries all ``T`` rows through every head and measured slower.
 - ``mode="features"``: the Jacobian w.r.t. the shared features ``z`` the heads read (Sener &
-  Koltun, NeurIPS 2018, "MGDA-UB"): ``T`` cheap backward passes through the heads only (again
-  vectorised), aggregation there, then ONE backward of the combined feature gradient through the
-  trunk. Much cheaper; an approximation of the parameter-level method.
+  Koltun, NeurIPS 2018, "MGDA-UB"): ``T`` cheap backward passes through the heads only,
+  aggregation there, then ONE backward of the combined feature gradient through the trunk.
+  Much cheaper; an approximation of the parameter-level method.
+
+The third source of DESIGN.md, the Gramian without the Jacobian, is not implemented: Gramian-based
+methods form ``G = J J^T`` from one of the two Jacobians above.
 
 In both modes every task-specific parameter (heads) receives its own task's plain gradient, as
 with ``L_t.backward()``; only the shared part is aggregated.
@@ -130,7 +133,7 @@ class GradientBalancer(Balancer):
         batched: compute the ``T`` rows in one vectorised backward (``is_grads_batched``) or one
             backward per task (default). The vectorised pass carries ``T`` rows through every
             head, ``T^2`` work when heads are separate modules; it measured slower on CPU
-            (``benchmarks/balance_speed.py --batched``).
+            (``benchmarks/balance_speed.py``, ``*-vmap`` columns).
     """
 
     def __init__(self, aggregator: agg.Aggregator, mode: Mode = "parameters", nan_policy: Literal["skip", "raise"] = "skip",
