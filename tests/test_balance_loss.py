@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from polytask import balance
-from polytask.balance._loss_state import BufferOptimizer
+from polytask.balance._loss_state import BufferOptimizer, last_shared_weight
 from polytask.errors import ConfigError
 
 LOSS_BALANCERS = ["ew", "uw", "dwa", "rlw", "gls", "imtl_l", "famo", "db_mtl", "stch", "gradnorm"]
@@ -450,6 +450,19 @@ def test_gradnorm_alpha_zero_equalises_gradient_norms():
     G = G_sum / 150
     assert (G.max() - G.min()) / G.mean() < 0.05
     torch.testing.assert_close(b.loss_weights.sum(), torch.tensor(3.0, dtype=torch.float64))
+
+
+def test_gradnorm_last_shared_layer_is_found_from_the_features():
+    torch.manual_seed(0)
+    first, last = nn.Linear(4, 6), nn.Linear(6, 3)
+    shared = [*last.parameters(), *first.parameters()]  # parameter order does not tell the last layer
+    x = torch.randn(5, 4)
+    z = last(torch.relu(first(x)))
+    assert last_shared_weight(shared, z) is last.weight
+    assert last_shared_weight(shared) is first.weight  # without features: the last matrix in order
+    # stacked expert weights (E, in, out) are the layer's weight, their (E, 1, out) biases are not
+    w, b = nn.Parameter(torch.randn(3, 4, 6)), nn.Parameter(torch.randn(3, 1, 6))
+    assert last_shared_weight([w, b], torch.baddbmm(b, x.expand(3, 5, 4), w)) is w
 
 
 def test_gradnorm_feature_layer_uses_the_shared_representation():

@@ -174,6 +174,41 @@ def check_paths(losses: Mapping[str, Tensor], targets: Sequence[Tensor], stop: T
     find_task_parameters(losses, targets, stop)
 
 
+def _is_matrix(p: Tensor) -> bool:
+    """A weight matrix (or a stack of them), not a bias: the last two dimensions both exceed 1."""
+    return p.ndim >= 2 and min(p.shape[-2:]) > 1
+
+
+def last_shared_weight(shared: Sequence[Tensor], features: Tensor | None = None) -> Tensor:
+    """The weight of the last shared layer.
+
+    With ``features`` (the shared representation the heads read): the first matrix-shaped shared
+    parameter met walking its autograd graph back level by level, the largest one if a level has
+    several. Otherwise (or if the walk finds none): the last matrix-shaped parameter of
+    ``shared``, else its last parameter.
+    """
+    if features is not None and features.grad_fn is not None:
+        by_id = {id(p): p for p in shared}
+        level, seen = [features.grad_fn], set()
+        while level:
+            found, below = [], []
+            for node in level:
+                if node is None or node in seen:
+                    continue
+                seen.add(node)
+                variable = getattr(node, "variable", None)
+                if variable is not None:  # a leaf
+                    if id(variable) in by_id and _is_matrix(variable):
+                        found.append(by_id[id(variable)])
+                    continue
+                below.extend(fn for fn, _ in node.next_functions)
+            if found:
+                return max(found, key=lambda p: p.numel())
+            level = below
+    matrices = [p for p in shared if _is_matrix(p)]
+    return (matrices or list(shared))[-1]
+
+
 def flat_jacobian(vec: Tensor, inputs: Sequence[Tensor]) -> Tensor:
     """The ``(T, D)`` matrix whose row ``t`` is ``∂ vec[t] / ∂ inputs`` flattened; graph retained.
 

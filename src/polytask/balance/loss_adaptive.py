@@ -22,6 +22,7 @@ from polytask.balance._loss_state import (
     add_to_grads,
     check_paths,
     flat_jacobian,
+    last_shared_weight,
     present_tasks,
     require_grad_fn,
 )
@@ -218,10 +219,13 @@ class GradNorm(TaskStateBalancer):
     and its weight takes no optimizer step (the renormalisation still rescales it); its ``L_t(0)``
     is its first present loss.
 
-    ``W`` is the last shared parameter with two or more dimensions (the weight matrix of the last
-    shared layer), or, with ``layer="features"``, the shared representation the heads read
-    (``features=model.shared_features``; cheaper, same idea). The ``T`` per-task gradients at
-    ``W`` are one batched backward through the heads and that layer only.
+    ``W`` is the weight of the last shared layer: the first matrix-shaped shared parameter met
+    walking back from the shared features the heads read (the largest one at that depth, e.g. the
+    stacked expert weights of an MMoE), or the last matrix-shaped shared parameter when the model
+    gives no features (see :func:`~polytask.balance._loss_state.last_shared_weight`). With
+    ``layer="features"`` it is the representation itself (``features=model.shared_features``;
+    cheaper, same idea). The ``T`` per-task gradients at ``W`` are one batched backward through
+    the heads and that layer only.
 
     Training of ``w``: owned by the balancer (a buffer) and stepped by its own optimizer inside
     :meth:`backward`; ``balancer.parameters()`` is empty.
@@ -249,6 +253,7 @@ class GradNorm(TaskStateBalancer):
         self.register_buffer("loss_weights", torch.zeros(0))
         self.register_buffer("initial_losses", torch.zeros(0))
         self.opt = BufferOptimizer(optimizer, lr=_positive(lr, "lr", "gradnorm"))
+        self._last_layer: tuple[tuple[int, ...], Tensor] | None = None
 
     def _init_state(self, losses: Tensor) -> None:
         self.loss_weights = torch.ones_like(losses)
@@ -260,8 +265,10 @@ class GradNorm(TaskStateBalancer):
                 raise ConfigError("balancer 'gradnorm' with layer='features' needs features=model.shared_features")
             return features
         params = _shared_list(shared, "gradnorm")
-        matrices = [p for p in params if p.ndim >= 2]
-        return (matrices or params)[-1]
+        key = tuple(id(p) for p in params)
+        if self._last_layer is None or self._last_layer[0] != key:  # a graph walk: once, not every step
+            self._last_layer = (key, last_shared_weight(params, features))
+        return self._last_layer[1]
 
     def gradient_norms(self, vec: Tensor, shared: Iterable[nn.Parameter] | None, features: Tensor | None) -> Tensor:
         """``‖∇_W L_t‖`` for every task (detached, ``(T,)``)."""
