@@ -87,7 +87,8 @@ def test_report_html_contents(run_dir):
     assert "http://" not in text and "https://" not in text and "<link" not in text  # nothing fetched
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', text)
     alts = {a for a, _ in images}
-    assert {"training curves", "gradient cosine heatmap", "affinity heatmap", "expert usage heatmap"} <= alts
+    assert {"training curves", "gradient cosine heatmap", "gradient cosine over training", "affinity heatmap",
+            "expert usage heatmap"} <= alts
     for _, data in images:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
     affinity = json.loads((run_dir / "analysis" / "affinity.json").read_text())["matrices"]["affinity"]

@@ -131,6 +131,9 @@ def _conflict_section(p: dict[str, Any]) -> str:
              "<h3>Gradient magnitude similarity</h3>", matrix_table(m["magnitude_similarity"], tasks),
              "<h3>Mean gradient norm per task</h3>",
              table(["task", "norm"], list(zip(tasks, from_jsonable(p["norm"]).tolist())))]
+    history = p.get("history") or []
+    if history:
+        parts.append(_cosine_history_img(from_jsonable(history), p.get("steps", []), tasks))
     groups = p.get("groups", [])
     if len(groups) > 1:
         off = ~torch.eye(len(tasks), dtype=torch.bool)
@@ -142,6 +145,26 @@ def _conflict_section(p: dict[str, Any]) -> str:
         parts += ["<h3>Per layer group (mean over task pairs)</h3>",
                   table(["group", "mean cosine", "mean conflict rate"], rows)]
     return "".join(parts)
+
+
+def _cosine_history_img(history: torch.Tensor, steps: Sequence[int], tasks: Sequence[str]) -> str:
+    """Cosine of every task pair at each sample (pairs listed in the legend up to 15)."""
+    from polytask.report.heatmap import figure_png
+    from polytask.report.plots import _pyplot
+
+    plt = _pyplot()
+    steps = list(steps) if len(steps) == history.shape[0] else list(range(1, history.shape[0] + 1))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))]
+    for i, j in pairs:
+        ax.plot(steps, history[:, i, j].tolist(), lw=1, label=f"{tasks[i]}–{tasks[j]}")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient cosine")
+    if len(pairs) <= 15:
+        ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    return image(figure_png(fig), "gradient cosine over training")
 
 
 def _affinity_section(p: dict[str, Any]) -> str:
