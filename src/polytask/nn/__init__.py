@@ -23,6 +23,7 @@ from polytask.nn.mtan import MTAN
 from polytask.nn.esmm import AITM, ESMM
 from polytask.nn.task_moe import TaskMoE
 from polytask.nn.task_token import TaskTokenAttention
+from polytask.nn.mpnn import MPNN, EdgeNetworkConv  # needs torch_geometric only when built
 from polytask.nn.diagnostics import ExpertUsage, expert_usage
 from polytask.tasks import Task
 
