@@ -368,3 +368,13 @@ def test_cli_bad_inputs_exit_2_with_one_line(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "qm9pack" else real(name, *a))
     code, err = _cli(monkeypatch, capsys, "--balancer", "ew")
     assert code == 2 and err == "error: qm9 needs the optional packages qm9pack: pip install 'polytask[qm9]'"
+
+
+def test_shared_parameters_reach_only_methods_that_name_them():
+    from polytask import balance
+    from polytask.bench.qm9 import params_accepted_by
+
+    assert params_accepted_by("ew", {"mode": "features"}) == {}  # **kwargs pass-through does not count
+    assert params_accepted_by("famo", {"mode": "features", "gamma": 0.1}) == {"gamma": 0.1}
+    if "nash_mtl" in balance.BALANCERS:
+        assert params_accepted_by("nash_mtl", {"mode": "features", "gamma": 0.1}) == {"mode": "features"}
