@@ -262,7 +262,8 @@ def train_once(
     std_dev = std.to(dev)
     tasks = [Task(t, "regression") for t in names]
 
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    cuda_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)  # the model's initial weights depend on the seed only
         model = MPNN(graphs.x.shape[1], tasks).to(dev)
     shared = list(model.shared_parameters())

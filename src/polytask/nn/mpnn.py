@@ -94,7 +94,8 @@ class EdgeNetworkConv(nn.Module):
         """Hidden edge features on the dense per-graph layout (depends on the edges only)."""
         src, dst = edge_index[0], edge_index[1]
         num_nodes, m = batch.shape[0], max_nodes
-        counts = torch.bincount(batch, minlength=num_graphs)
+        # index_add_ into a known size: unlike bincount, no host sync on CUDA
+        counts = torch.zeros(num_graphs, dtype=batch.dtype, device=batch.device).index_add_(0, batch, torch.ones_like(batch))
         first = counts.cumsum(0) - counts
         local = torch.arange(num_nodes, device=batch.device) - first[batch]
         graph, li, lj = batch[dst], local[dst], local[src]
@@ -186,6 +187,10 @@ class MPNN(MultiTaskModel):
         self.heads = TaskHeads(self.tasks, dim)
 
     def forward(self, data: Any) -> dict[str, Tensor]:
+        """Per-task predictions ``{task: (molecules, 1)}``; sets ``shared_features``.
+
+        Reads ``data.max_nodes`` (largest graph) when present; otherwise computes it (a host sync).
+        """
         num_graphs = int(data.ptr.shape[0] - 1)  # shape only: no host sync
         max_nodes = getattr(data, "max_nodes", None)
         out = F.relu(self.lin0(data.x))
