@@ -18,6 +18,15 @@ HARTREE_MEV = 27.211386246 * 1000  # CODATA 2014, as PyG
 
 
 # ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def frame():
     pd = pytest.importorskip("pandas")
