@@ -6,6 +6,7 @@ For T in ``--tasks`` it prints the median step time (ms) of:
 - ``ew``: the summed loss, one ``backward()`` (the floor);
 - ``loop``: LibMTL's way -- ``T`` ``backward(retain_graph=True)`` calls collecting the shared
   gradients into a ``T x D`` matrix (mean-aggregated: the floor of any parameter-level method);
+  ``loop:<m>``: the same loop followed by our aggregator ``<m>`` (isolates the engine's cost);
 - ``tjd:<m>``: torchjd 0.18 (``mtl_backward`` + ``jac_to_grad`` with its aggregator);
 - ``par:<m>`` / ``feat:<m>``: ours, parameter mode / feature mode (per-task Jacobian loop, the
   default); ``par-vmap`` / ``feat-vmap``: the same with one vectorised backward;
@@ -89,7 +90,7 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
         model.zero_grad(set_to_none=True)
         sum(losses().values()).backward()
 
-    def loop() -> None:
+    def loop(aggregator: agg.Aggregator | None = None) -> None:
         model.zero_grad(set_to_none=True)
         ls = list(losses().values())
         rows = []
@@ -98,7 +99,8 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
             rows.append(torch.cat([p.grad.reshape(-1) for p in shared]))
             for p in shared:
                 p.grad = None
-        update = torch.stack(rows).mean(0)
+        jac = torch.stack(rows)
+        update = jac.mean(0) if aggregator is None else aggregator(jac)
         offset = 0
         for p in shared:
             p.grad = update[offset: offset + p.numel()].view_as(p)
@@ -114,6 +116,8 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
 
         results["famo"] = median_ms(famo_step, args.repeats)
     for name in METHODS:
+        method = balance.get(name).aggregator
+        results[f"loop:{name}"] = median_ms(lambda: loop(method), args.repeats)
         for mode, tag in (("parameters", "par"), ("features", "feat")):
             b = balance.get(name, mode=mode)
 
@@ -189,14 +193,16 @@ def main() -> None:
     for t, row in table.items():
         print(f"| {t} | " + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
 
-    print("\n# ratios at each T: ours feature mode / EW, ours parameter mode / loop, torchjd / ours parameter mode")
-    print("| T | method | feat/EW | par/loop | tjd/par |")
-    print("|---|---|---|---|---|")
+    print("\n# ratios: feat/EW (target <= 1.5 at T=16), par/loop:<m> (same aggregator, LibMTL loop; target <= 1),"
+          " par/loop (mean-only loop), torchjd/par")
+    print("| T | method | feat/EW | par/loop:m | par/loop | tjd/par |")
+    print("|---|---|---|---|---|---|")
     for t, row in table.items():
         for m in METHODS:
             tjd = row.get(f"tjd:{m}")
             tjd_ratio = f"{tjd / row[f'par:{m}']:.2f}" if tjd is not None else "-"
-            print(f"| {t} | {m} | {row[f'feat:{m}'] / row['ew']:.2f} | {row[f'par:{m}'] / row['loop']:.2f} | {tjd_ratio} |")
+            print(f"| {t} | {m} | {row[f'feat:{m}'] / row['ew']:.2f} | {row[f'par:{m}'] / row[f'loop:{m}']:.2f} | "
+                  f"{row[f'par:{m}'] / row['loop']:.2f} | {tjd_ratio} |")
 
     if not args.no_torchjd:
         print(f"\n# aggregation alone, T=16, D={args.agg_dim}, median ms")

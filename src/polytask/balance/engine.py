@@ -110,8 +110,9 @@ def find_task_parameters(losses: Mapping[str, Tensor], targets: Sequence[Tensor]
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
+    """``param.grad += grad``; ``grad`` must be a fresh tensor (it is stored, not copied)."""
     if param.grad is None:
-        param.grad = grad.detach().clone()
+        param.grad = grad.detach()
     else:
         param.grad.add_(grad)
 
@@ -177,10 +178,21 @@ class GradientBalancer(Balancer):
 
     def _backward_parameters(self, losses: Mapping[str, Tensor], vec: Tensor, shared: list[Tensor]) -> Tensor:
         heads = self._task_parameters(losses, shared, None)
-        grads = task_jacobian(list(losses.values()), [*shared, *heads], batched=bool(self.batched))
-        n = vec.shape[0]
-        jac = torch.cat([g.reshape(n, -1) for g in grads[: len(shared)]], dim=1)
-        head_grads = [g.sum(0) for g in grads[len(shared):]]
+        n, params = vec.shape[0], [*shared, *heads]
+        if self.batched:
+            grads = task_jacobian(list(losses.values()), params, batched=True)
+            jac = torch.cat([g.reshape(n, -1) for g in grads[: len(shared)]], dim=1)
+            head_grads = [g.sum(0) for g in grads[len(shared):]]
+        else:  # one pass per task, its shared gradient written straight into row t of J
+            jac = torch.empty(n, sum(p.numel() for p in shared), dtype=shared[0].dtype, device=shared[0].device)
+            head_grads = [torch.zeros_like(p) for p in heads]
+            for t, loss in enumerate(losses.values()):
+                grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+                torch.cat([torch.zeros(p.numel(), dtype=jac.dtype, device=jac.device) if g is None else g.reshape(-1)
+                           for p, g in zip(shared, grads[: len(shared)])], out=jac[t])
+                for acc, g in zip(head_grads, grads[len(shared):]):
+                    if g is not None:
+                        acc.add_(g)
         update, weights, ok = self._aggregate(jac, head_grads, vec, list(losses))
         offset = 0
         for p in shared:
