@@ -169,9 +169,8 @@ class GradientBalancer(Balancer):
 
     def _task_parameters(self, losses: Mapping[str, Tensor], shared: list[Tensor], features: Tensor | None) -> list[Tensor]:
         key = (tuple(losses), tuple(id(p) for p in shared), features is None)
-        if key not in self._graph_cache:
-            stop = features if features is not None else None
-            found = find_task_parameters(losses, [] if stop is not None else shared, stop)
+        if key not in self._graph_cache:  # walked once per task set: graphs repeat from step to step
+            found = find_task_parameters(losses, shared if features is None else [], features)
             shared_ids = {id(p) for p in shared}
             self._graph_cache[key] = [p for p in found if id(p) not in shared_ids]
         return self._graph_cache[key]
