@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 
@@ -91,8 +92,10 @@ def main() -> None:
         for correlation in CORRELATIONS:
             for seed in range(args.seeds):
                 for arch in MODELS:
-                    results[(arch, correlation)] = results.get((arch, correlation), []) + [
-                        run(arch, correlation, seed, args, out_dir)]
+                    mse = run(arch, correlation, seed, args, out_dir)
+                    results.setdefault((arch, correlation), []).append(mse)
+                    print(f"corr {correlation} seed {seed} {arch}: {mse:.4f} ({time.perf_counter() - start:.0f} s)",
+                          file=sys.stderr, flush=True)
     print(f"\nMMoE synthetic experiment ({'Trainer' if args.trainer else 'bare loop'}): 2 regression tasks, "
           f"{args.rows} rows (70% train), input 100, {args.epochs} epochs, Adam lr {args.lr}, batch {args.batch}, seeds 0..{args.seeds - 1}; "
           f"test MSE after the last epoch, mean over tasks (mean ± std over seeds); "
