@@ -164,6 +164,14 @@ def aggregation_benchmarks(args: argparse.Namespace) -> list[tuple[str, float, f
         t_ours = median_ms(lambda: ours(jac), args.repeats * 2)
         t_theirs = median_ms(lambda: theirs(jac), max(5, args.repeats), warmup=1)
         rows.append((name, t_ours, t_theirs))
+    # The solver alone, given the Gramian (both sides otherwise spend most time forming J J^T).
+    gram = jac @ jac.T
+    for name, ours, theirs in [("cagrad (G given)", agg.CAGrad(c=0.4), tja.CAGradWeighting(c=0.4)),
+                               ("upgrad (G given)", agg.UPGrad(), tja.UPGradWeighting())]:
+        gram64 = gram.double()
+        t_ours = median_ms(lambda: ours.weights(gram64), args.repeats * 2)
+        t_theirs = median_ms(lambda: theirs(gram), max(5, args.repeats), warmup=1)
+        rows.append((name, t_ours, t_theirs))
     return rows
 
 
@@ -178,31 +186,34 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = stable timings on a shared box)")
     parser.add_argument("--no-torchjd", action="store_true")
     parser.add_argument("--quick", action="store_true", help="T in {2, 16}, 3 repeats")
+    parser.add_argument("--agg-only", action="store_true", help="only the aggregation-alone table")
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.repeats = [2, 16], 3
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # cvxpy's DPP notices in torchjd's Nash-MTL
 
-    print(f"# step time, median ms (MLP {args.input}-{args.hidden}-{args.hidden}, T linear heads, batch {args.batch}, "
-          f"{torch.get_num_threads()} thread(s), device cpu)")
-    table = {t: step_benchmarks(t, args) for t in args.tasks}
-    cols = list(next(iter(table.values())))
-    print("| T | " + " | ".join(cols) + " |")
-    print("|---|" + "---|" * len(cols))
-    for t, row in table.items():
-        print(f"| {t} | " + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
+    if not args.agg_only:
+        print(f"# step time, median ms (MLP {args.input}-{args.hidden}-{args.hidden}, T linear heads, batch {args.batch}, "
+              f"{torch.get_num_threads()} thread(s), device cpu)")
+    table = {} if args.agg_only else {t: step_benchmarks(t, args) for t in args.tasks}
+    if table:
+        cols = list(next(iter(table.values())))
+        print("| T | " + " | ".join(cols) + " |")
+        print("|---|" + "---|" * len(cols))
+        for t, row in table.items():
+            print(f"| {t} | " + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
 
-    print("\n# ratios: feat/EW (target <= 1.5 at T=16), par/loop:<m> (same aggregator, LibMTL loop; target <= 1),"
-          " par/loop (mean-only loop), torchjd/par")
-    print("| T | method | feat/EW | par/loop:m | par/loop | tjd/par |")
-    print("|---|---|---|---|---|---|")
-    for t, row in table.items():
-        for m in METHODS:
-            tjd = row.get(f"tjd:{m}")
-            tjd_ratio = f"{tjd / row[f'par:{m}']:.2f}" if tjd is not None else "-"
-            print(f"| {t} | {m} | {row[f'feat:{m}'] / row['ew']:.2f} | {row[f'par:{m}'] / row[f'loop:{m}']:.2f} | "
-                  f"{row[f'par:{m}'] / row['loop']:.2f} | {tjd_ratio} |")
+        print("\n# ratios: feat/EW (target <= 1.5 at T=16), par/loop:<m> (same aggregator, LibMTL loop; target <= 1),"
+              " par/loop (mean-only loop), torchjd/par")
+        print("| T | method | feat/EW | par/loop:m | par/loop | tjd/par |")
+        print("|---|---|---|---|---|---|")
+        for t, row in table.items():
+            for m in METHODS:
+                tjd = row.get(f"tjd:{m}")
+                tjd_ratio = f"{tjd / row[f'par:{m}']:.2f}" if tjd is not None else "-"
+                print(f"| {t} | {m} | {row[f'feat:{m}'] / row['ew']:.2f} | {row[f'par:{m}'] / row[f'loop:{m}']:.2f} | "
+                      f"{row[f'par:{m}'] / row['loop']:.2f} | {tjd_ratio} |")
 
     if not args.no_torchjd:
         print(f"\n# aggregation alone, T=16, D={args.agg_dim}, median ms")
