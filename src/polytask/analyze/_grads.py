@@ -67,24 +67,17 @@ def shared_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return named
 
 
-def per_task_gradients(losses: Tensor, params: Sequence[Tensor], retain_graph: bool = False) -> list[Tensor]:
+def per_task_gradients(losses: Tensor, params: Sequence[Tensor], batched: bool = True) -> list[Tensor]:
     """Jacobian of the ``(T,)`` losses w.r.t. ``params``: one ``(T, *p.shape)`` tensor per parameter.
 
-    One batched backward (``is_grads_batched``, a vmap over the T rows of the identity) instead of
-    a Python loop over tasks; models with an operation vmap cannot batch fall back to T backwards.
-    A parameter that a task does not reach gets zeros.
+    Delegates to the gradient engine's :func:`polytask.balance.engine.task_jacobian`: one batched
+    backward (``is_grads_batched``) by default, or one backward per task (``batched=False``; the
+    engine falls back to it for graphs vmap cannot batch). A parameter that a task does not reach
+    gets zeros.
     """
-    t = losses.shape[0]
-    eye = torch.eye(t, dtype=losses.dtype, device=losses.device)
-    try:
-        grads = torch.autograd.grad(losses, list(params), grad_outputs=eye, is_grads_batched=True,
-                                    retain_graph=retain_graph, allow_unused=True)
-    except RuntimeError:
-        rows = [torch.autograd.grad(losses[i], list(params), retain_graph=retain_graph or i < t - 1,
-                                    allow_unused=True) for i in range(t)]
-        grads = tuple(torch.stack([r[k] if r[k] is not None else torch.zeros_like(p) for r in rows])
-                      for k, p in enumerate(params))
-    return [g if g is not None else p.new_zeros((t, *p.shape)) for g, p in zip(grads, params)]
+    from polytask.balance.engine import task_jacobian
+
+    return task_jacobian(list(losses.unbind(0)), list(params), batched=batched)
 
 
 def group_names(param_names: Sequence[str], by: str) -> tuple[list[str], list[int]]:
