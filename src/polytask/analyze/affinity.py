@@ -112,7 +112,8 @@ class AffinityMonitor:
 
     As a callback it measures every ``every``-th step on the step's batch, after the optimizer
     step, with the lookahead step size ``lr`` (default: the optimizer's current learning rate of
-    its first parameter group, as in the paper), and writes ``analysis/affinity.json`` and
+    its first parameter group; the lookahead is the paper's plain gradient step
+    ``θs − η ∇L_i`` even when training uses Adam), and writes ``analysis/affinity.json`` and
     ``plots/affinity.png`` at the end of ``fit``. By hand: :meth:`measure`, then :meth:`result`.
 
     Cost per sample: one forward, one batched backward and one vmapped forward of T models.
