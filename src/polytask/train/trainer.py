@@ -206,6 +206,7 @@ class Trainer:
             self.last_batch = batch
             for cb in self._step_hooks:
                 cb(self, self.step)
+        self.balancer.end_epoch()  # per-epoch methods (DWA) close their epoch's record here
         bad = [(step, task.name) for task, step in zip(self.tasks, first_bad.tolist()) if step >= 0]
         if bad:
             step, name = min(bad)  # the task that went first; the others follow through shared weights
