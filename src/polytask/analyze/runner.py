@@ -138,7 +138,8 @@ def analyze(target: Path, options: AnalyzeOptions, overrides: list[str] | None =
         notes.append("gradient cosine (mean over samples):\n" + format_matrix(conflict.cosine, tasks))
         notes.append("conflict rate (cosine < 0):\n" + format_matrix(conflict.conflict_rate, tasks))
     if affinity is not None:
-        notes.append(f"inter-task affinity Z(i→j) (row: step on task i, column: loss of task j), lr={affinity.lr:g}:\n"
+        notes.append("inter-task affinity Z(i→j) (row: step on task i, column: loss of task j), "
+                     f"lr={affinity.lr:g}:\n"
                      + format_matrix(affinity.affinity, tasks, "{:+.3e}"))
     grouping = None
     if "grouping" in what:

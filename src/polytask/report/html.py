@@ -169,7 +169,8 @@ def _cosine_history_img(history: torch.Tensor, steps: Sequence[int], tasks: Sequ
 
 def _affinity_section(p: dict[str, Any]) -> str:
     tasks, a = p["tasks"], from_jsonable(p["matrices"]["affinity"])
-    return ("<h2>Inter-task affinity</h2><p class='note'>Z(i→j) = 1 − L_j(θ − η∇L_i)/L_j(θ), row i: step on task i, "
+    return ("<h2>Inter-task affinity</h2><p class='note'>Z(i→j) = 1 − L_j(θ − η∇L_i)/L_j(θ), "
+            "row i: step on task i, "
             f"column j: effect on task j (Fifty et al., NeurIPS 2021); η = {_num(p['lr'])}, "
             f"{_esc(p['samples'])} samples.</p>"
             + _heatmap_img(a, tasks, "affinity heatmap", title="inter-task affinity", fmt="{:.2g}")
@@ -184,9 +185,11 @@ def _grouping_section(p: dict[str, Any], check: dict[str, Any] | None) -> str:
            + table(["task", "predicted score", "served by group"],
                    [[t, p["task_scores"][t], ", ".join(p["groups"][p["serving"][t]])] for t in p["tasks"]]))
     if check is not None:
-        rows = [[", ".join(g), pr, d] for g, pr, d in zip(check["groups"], check["predicted"], check["measured_delta_m"])]
+        rows = [[", ".join(g), pr, d]
+                for g, pr, d in zip(check["groups"], check["predicted"], check["measured_delta_m"])]
         rows.append(["all tasks, each served by its group", None, check["overall_delta_m"]])
-        out += "<h3>Check: trained groups</h3>" + table(["group", "predicted score", "measured Δm% (lower is better)"], rows)
+        out += "<h3>Check: trained groups</h3>" + table(
+            ["group", "predicted score", "measured Δm% (lower is better)"], rows)
     return out
 
 
@@ -212,7 +215,8 @@ def _experts_section(p: dict[str, Any]) -> str:
             + _heatmap_img(mean, tasks, "expert usage heatmap", cols=experts, title="mean gate weight",
                            diverging=False, scale_off_diagonal=False)
             + "<h3>Mean gate weight</h3>" + matrix_table(mean, tasks, experts)
-            + f"<h3>Share of rows with gate weight &lt; {_num(p['threshold'])}</h3>" + matrix_table(near, tasks, experts)
+            + f"<h3>Share of rows with gate weight &lt; {_num(p['threshold'])}</h3>"
+            + matrix_table(near, tasks, experts)
             + "<h3>Gate entropy (nats)</h3>" + table(["task", "entropy", "uniform"],
                                                     [[t, e, math.log(mean.shape[1])] for t, e in zip(tasks, ent)]))
 
