@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--archs", nargs="+", default=["mmoe", "ple"], choices=["mmoe", "ple"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -98,7 +99,7 @@ def main() -> None:
         (128, [16], [8]),  # torch-rechub's census example sizes for experts/towers
     ]
     rows = []
-    for kind in ("mmoe", "ple"):
+    for kind in args.archs:
         for d, expert, tower in configs:
             x = torch.randn(args.batch, d)
             y = torch.randint(0, 2, (args.batch, 3)).float()
