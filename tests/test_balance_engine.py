@@ -215,3 +215,143 @@ def test_custom_aggregator_in_any_loop():
         opt.step()
     after = _losses(model, x, y)
     assert all(after[k] < before[k] for k in before)  # UPGrad's update never conflicts
+
+
+# -- task_features: every task's feature gradient from one backward ------------------------------
+
+
+def test_task_heads_expand_keeps_outputs():
+    # The (T, B, H) expanded copy through batched matmuls computes what the shared-input GEMM did.
+    model, x, y = _setup()
+    out = model(x)
+    z = model.shared_features
+    assert model.task_features.shape == (3, *z.shape) and model.task_features.data_ptr() == z.data_ptr()
+    towers = model.heads.towers(z)  # the (B, in) path of BatchedLinear: one wide GEMM
+    for i, t in enumerate(TASKS):
+        assert torch.allclose(out[t.name], towers[i, :, : t.output_dim], rtol=1e-12, atol=1e-14)
+
+
+def test_one_backward_feature_jacobian_equals_per_task_rows():
+    model, x, y = _setup(4)
+    losses = _losses(model, x, y)
+    z, zt = model.shared_features, model.task_features
+    rows = torch.stack([torch.autograd.grad(losses[t.name], z, retain_graph=True)[0] for t in TASKS])
+    one = torch.autograd.grad(sum(losses.values()), zt)[0]
+    assert torch.allclose(one, rows, rtol=1e-12, atol=1e-15)
+    assert torch.count_nonzero(rows[0] - rows[1]) > 0  # tasks really differ: the test can fail
+
+
+def _grads(model):
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def _run(model, x, y, name, mode, use_task_features, **kw):
+    model.zero_grad(set_to_none=True)
+    balancer = balance.get(name, mode=mode)
+    for k, v in kw.items():
+        setattr(balancer, k, v)
+    losses = _losses(model, x, y)
+    extra = {"task_features": model.task_features} if use_task_features else {}
+    torch.manual_seed(5)
+    w = balancer.backward(losses, shared=model.shared_parameters(), features=model.shared_features, **extra)
+    return w, _grads(model)
+
+
+@pytest.mark.parametrize("name", ["mgda_ub", "upgrad", "cagrad", "nash_mtl", "pcgrad", "imtl_g", "graddrop"])
+def test_feature_mode_with_task_features_equals_per_task_path(name):
+    model, x, y = _setup(1)
+    w_old, old = _run(model, x, y, name, "features", False)
+    w_new, new = _run(model, x, y, name, "features", True)
+    assert torch.allclose(w_old, w_new, rtol=1e-9, atol=1e-12)
+    for a, b in zip(old, new):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("trunk_batched", [True, False])
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "cagrad", "nash_mtl", "pcgrad", "aligned_mtl", "moco"])
+def test_parameter_mode_with_task_features_equals_per_task_path(name, trunk_batched):
+    model, x, y = _setup(2)
+    jac, heads = _manual(model, x, y)
+    w_old, old = _run(model, x, y, name, "parameters", False)
+    w_new, new = _run(model, x, y, name, "parameters", True, trunk_batched=trunk_batched)
+    assert torch.allclose(w_old, w_new, rtol=1e-9, atol=1e-12)
+    for a, b in zip(old, new):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    for p, g in zip(model.task_specific_parameters(), heads):  # heads: own task's plain gradient
+        assert torch.allclose(p.grad, g, atol=1e-12)
+
+
+def test_trunk_jacobian_equals_manual_jacobian():
+    model, x, y = _setup(6)
+    jac, _ = _manual(model, x, y)
+    for trunk_batched in (True, False):
+        seen = {}
+
+        class Spy(agg.Aggregator):
+            def aggregate(self, jacobian):
+                seen["J"] = jacobian
+                n = jacobian.shape[0]
+                return jacobian.mean(0), torch.full((n,), 1.0 / n, dtype=jacobian.dtype)
+
+        b = GradientBalancer(Spy(), trunk_batched=trunk_batched)
+        b.backward(_losses(model, x, y), shared=model.shared_parameters(), task_features=model.task_features,
+                   features=model.shared_features)
+        assert torch.allclose(seen["J"], jac, rtol=1e-10, atol=1e-13)
+
+
+def _routed(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model("mmoe", 6, TASKS, num_experts=3, expert=(8,), tower=(4,)).double()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    y = {"a": torch.randn(10, 1, generator=g, dtype=torch.float64),
+         "b": (torch.rand(10, generator=g) > 0.5).double(),
+         "c": torch.randn(10, 2, generator=g, dtype=torch.float64)}
+    return model, x, y
+
+
+@pytest.mark.parametrize("mode", ["features", "parameters"])
+@pytest.mark.parametrize("name", ["upgrad", "mgda", "cagrad"])
+def test_routed_per_task_features_equal_per_task_path(name, mode):
+    # MMoE: the (T, B, H) mixtures are per-task representations (task_features is shared_features);
+    # the one backward must reproduce the block-diagonal Jacobian of the per-task passes, and the
+    # task gates (below the mixtures) their own task's gradient.
+    model, x, y = _routed()
+    shared = list(model.shared_parameters())
+
+    def run(one_pass):
+        model.zero_grad(set_to_none=True)
+        losses = _losses(model, x, y)
+        z = model.shared_features
+        extra = {"task_features": z} if one_pass else {}
+        b = balance.get(name, mode=mode)
+        w = b.backward(losses, shared=shared, features=z, **extra)
+        return w, _grads(model)
+
+    w_old, old = run(False)
+    w_new, new = run(True)
+    assert torch.allclose(w_old, w_new, rtol=1e-9, atol=1e-12)
+    for a, b in zip(old, new):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    # task-specific parameters (towers and gates) hold the plain gradient of the summed losses
+    model.zero_grad(set_to_none=True)
+    sum(_losses(model, x, y).values()).backward()
+    for p in model.task_specific_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0
+    expected = {id(p): p.grad.clone() for p in model.task_specific_parameters()}
+    run(True)
+    for p in model.task_specific_parameters():
+        assert torch.allclose(p.grad, expected[id(p)], rtol=1e-9, atol=1e-12)
+
+
+def test_task_features_errors():
+    model, x, y = _setup()
+    losses = _losses(model, x, y)
+    with pytest.raises(ConfigError, match="task_features"):
+        balance.get("upgrad").backward(losses, shared=model.shared_parameters(), features=model.shared_features,
+                                       task_features=model.task_features[:2])
+    losses = _losses(model, x, y)
+    losses["a"] = losses["a"] + model.shared_features.sum()  # reads z outside its head: its slice would miss it
+    with pytest.raises(ConfigError, match="task_features"):
+        balance.get("upgrad", mode="features").backward(losses, shared=model.shared_parameters(),
+                                                        features=model.shared_features, task_features=model.task_features)

@@ -11,6 +11,20 @@ Two sources of per-task gradients (DESIGN.md, "Balancers"):
   aggregation there, then ONE backward of the combined feature gradient through the trunk.
   Much cheaper; an approximation of the parameter-level method.
 
+Both modes are much cheaper when the model also exposes ``task_features`` (``nn/base.py``): a
+``(T, B, ...)`` tensor whose slice ``t`` only task ``t``'s head reads -- the heads' per-task copies
+of ``z`` (``z.expand(T, ...)``) or a routed model's per-task representations. Then ONE backward of
+``Σ_t L_t`` to ``task_features`` and the head parameters gives every ``∂L_t/∂z`` (slice ``t``) and
+every head's own-task gradient at once, since head ``t`` reads slice ``t`` alone:
+
+- feature mode: that backward, the aggregation, one backward of the combined gradient through the
+  trunk -- about one plain ``backward()`` in all;
+- parameter mode: the ``T x D`` Jacobian is then ``∂z/∂θ`` applied to the ``T`` feature-gradient
+  rows, i.e. backward passes through the trunk only (not heads + trunk per task), by default
+  in one vectorised pass (``is_grads_batched``; ``trunk_batched=False``: one pass per task).
+
+Both are exact (the same Jacobians as the per-task passes, up to float rounding).
+
 The third source of DESIGN.md, the Gramian without the Jacobian, is not implemented: Gramian-based
 methods form ``G = J J^T`` from one of the two Jacobians above.
 
@@ -134,11 +148,18 @@ class GradientBalancer(Balancer):
         batched: compute the ``T`` rows in one vectorised backward (``is_grads_batched``) or one
             backward per task (default). The vectorised pass carries ``T`` rows through every
             head, ``T^2`` work when heads are separate modules; it measured slower on CPU
-            (``benchmarks/balance_speed.py``, ``*-vmap`` columns).
+            (``benchmarks/balance_speed.py``, ``*-vmap`` columns). Ignored with ``task_features``.
+        trunk_batched: with ``task_features`` in parameter mode, carry the ``T`` feature-gradient
+            rows through the trunk in one vectorised backward (default) or one pass per task.
+
+    ``backward(..., task_features=...)`` takes the model's ``task_features`` (see the module
+    docstring); ``features`` is then the tensor it copies (``shared_features``), or ``None`` /
+    ``task_features`` itself for per-task representations (routed models, whose feature
+    Jacobian is block-diagonal: row ``t`` is non-zero on slice ``t`` only).
     """
 
     def __init__(self, aggregator: agg.Aggregator, mode: Mode = "parameters", nan_policy: Literal["skip", "raise"] = "skip",
-                 batched: bool = False) -> None:
+                 batched: bool = False, trunk_batched: bool = True) -> None:
         super().__init__()
         if mode not in ("parameters", "features"):
             raise ConfigError(f"balancer mode must be 'parameters' or 'features', got {mode!r}")
@@ -150,13 +171,18 @@ class GradientBalancer(Balancer):
         self.mode = mode
         self.nan_policy = nan_policy
         self.batched = batched
+        self.trunk_batched = trunk_batched
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self._graph_cache: dict[tuple[Any, ...], list[Tensor]] = {}
 
     def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
-                 features: Tensor | None = None) -> Tensor:
+                 features: Tensor | None = None, *, task_features: Tensor | None = None) -> Tensor:
         vec = stack_losses(losses)
         shared_list = [p for p in shared if p.requires_grad] if shared is not None else []
+        if task_features is not None:
+            if self.mode == "parameters" and not shared_list:
+                raise ConfigError("balancer mode 'parameters' needs shared= (the model's shared parameters)")
+            return self._backward_one_pass(losses, vec, shared_list, features, task_features)
         if self.mode == "features":
             if features is None:
                 raise ConfigError("balancer mode 'features' needs features= (the model's shared_features)")
@@ -172,8 +198,17 @@ class GradientBalancer(Balancer):
         if key not in self._graph_cache:  # walked once per task set: graphs repeat from step to step
             found = find_task_parameters(losses, shared if features is None else [], features)
             shared_ids = {id(p) for p in shared}
-            self._graph_cache[key] = [p for p in found if id(p) not in shared_ids]
+            heads = [p for p in found if id(p) not in shared_ids]
+            self._graph_cache[key] = heads + (self._task_parameters_below(losses, shared, heads) if features is not None else [])
         return self._graph_cache[key]
+
+    @staticmethod
+    def _task_parameters_below(losses: Mapping[str, Tensor], shared: list[Tensor], above: list[Tensor]) -> list[Tensor]:
+        """Task-specific parameters under the features (a routed model's task gates): not shared, not above."""
+        if not shared:
+            return []
+        known = {id(p) for p in shared} | {id(p) for p in above}
+        return [p for p in find_task_parameters(losses, shared) if id(p) not in known]
 
     def _backward_parameters(self, losses: Mapping[str, Tensor], vec: Tensor, shared: list[Tensor]) -> Tensor:
         heads = self._task_parameters(losses, shared, None)
@@ -213,14 +248,90 @@ class GradientBalancer(Balancer):
         update, weights, ok = self._aggregate(jz.reshape(n, -1), head_grads, vec, list(losses))
         for p, g in zip(heads, head_grads):
             _accumulate(p, torch.where(ok, g, 0.0))
-        combined = torch.where(ok, update, 0.0).view_as(features)
-        if features.grad_fn is not None and shared:  # ONE backward of the combined gradient through the trunk
-            trunk = torch.autograd.grad(features, shared, grad_outputs=combined, allow_unused=True, materialize_grads=True)
+        self._fill_trunk(features, shared, torch.where(ok, update, 0.0).view_as(features), ok)
+        return weights
+
+    def _check_task_features(self, losses: Mapping[str, Tensor], shared: list[Tensor], features: Tensor | None,
+                             task_features: Tensor) -> tuple[bool, list[Tensor]]:
+        """``(copies, heads)``: whether ``task_features`` copies ``features`` per task, and the task-specific parameters.
+
+        Those are the heads above ``task_features`` and any below it (a routed model's task gates):
+        the one backward of ``Σ_t L_t`` gives each its own task's gradient either way.
+        """
+        n = len(losses)
+        if task_features.ndim < 2 or task_features.shape[0] != n:
+            raise ConfigError(f"balancer.backward: task_features must have shape (T={n}, B, ...), got {tuple(task_features.shape)}")
+        copies = features is not None and features is not task_features
+        if copies and tuple(task_features.shape[1:]) != tuple(features.shape):
+            raise ConfigError(f"balancer.backward: task_features {tuple(task_features.shape)} must be (T, *features.shape) "
+                              f"with features {tuple(features.shape)}, or the per-task features themselves")
+        key = (tuple(losses), tuple(id(p) for p in shared), "task_features", copies)
+        if key not in self._graph_cache:  # walked once per task set: graphs repeat from step to step
+            found = find_task_parameters(losses, [], task_features)
+            shared_ids = {id(p) for p in shared}
+            if any(id(p) in shared_ids for p in found):  # its slice would miss that path's gradient
+                raise ConfigError("balancer.backward: a task loss reaches the shared parameters other than through "
+                                  "task_features; pass features= only (or fix the model's task_features)")
+            self._graph_cache[key] = found + self._task_parameters_below(losses, shared, found)
+        return copies, self._graph_cache[key]
+
+    def _backward_one_pass(self, losses: Mapping[str, Tensor], vec: Tensor, shared: list[Tensor], features: Tensor | None,
+                           task_features: Tensor) -> Tensor:
+        """Both modes from one backward of ``Σ_t L_t`` to ``task_features`` and the heads (module docstring)."""
+        copies, heads = self._check_task_features(losses, shared, features, task_features)
+        n = vec.shape[0]
+        grads = torch.autograd.grad(vec.sum(), [task_features, *heads], retain_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+        slices, head_grads = grads[0].reshape(n, -1), list(grads[1:])  # slices[t] = dL_t/d(task t's copy)
+        source = features if copies else task_features  # what the trunk's backward starts from
+        if copies:
+            rows = slices  # (T, m): the feature Jacobian at z itself
+        else:  # per-task representations: row t of J is slice t in block t, zeros elsewhere
+            rows = (torch.eye(n, dtype=slices.dtype, device=slices.device).unsqueeze(-1) * slices.unsqueeze(1)).reshape(n, -1)
+        if self.mode == "features":
+            update, weights, ok = self._aggregate(rows, head_grads, vec, list(losses))
+            combined = torch.where(ok, update, 0.0).view_as(source)
+            self._fill_trunk(source, shared, combined, ok)
+        else:
+            jac = self._trunk_jacobian(source, shared, rows.view(n, *source.shape))
+            update, weights, ok = self._aggregate(jac, head_grads, vec, list(losses))
+            offset = 0
+            for p in shared:
+                _accumulate(p, torch.where(ok, update[offset: offset + p.numel()].view_as(p), 0.0))
+                offset += p.numel()
+        for p, g in zip(heads, head_grads):
+            _accumulate(p, torch.where(ok, g, 0.0))
+        return weights
+
+    def _trunk_jacobian(self, source: Tensor, shared: list[Tensor], rows: Tensor) -> Tensor:
+        """``(T, D)``: ``∂source/∂θ`` applied to each row of ``rows`` ``(T, *source.shape)`` (trunk only)."""
+        n = rows.shape[0]
+        if source.grad_fn is None:  # the trunk has no parameters: no path from the shared ones
+            raise ConfigError("balancer mode 'parameters': the features do not depend on the shared parameters")
+        if self.trunk_batched:
+            try:
+                grads = torch.autograd.grad(source, shared, grad_outputs=rows, is_grads_batched=True, retain_graph=True,
+                                            allow_unused=True, materialize_grads=True)
+                return torch.cat([g.reshape(n, -1) for g in grads], dim=1)
+            except RuntimeError as err:  # an op without a vmap rule: per-task passes below
+                if "vmap" not in str(err).lower() and "batch" not in str(err).lower():
+                    raise
+        jac = torch.empty(n, sum(p.numel() for p in shared), dtype=shared[0].dtype, device=shared[0].device)
+        for t in range(n):
+            grads = torch.autograd.grad(source, shared, grad_outputs=rows[t], retain_graph=True, allow_unused=True,
+                                        materialize_grads=True)
+            torch.cat([g.reshape(-1) for g in grads], out=jac[t])
+        return jac
+
+    @staticmethod
+    def _fill_trunk(source: Tensor, shared: list[Tensor], combined: Tensor, ok: Tensor) -> None:
+        """ONE backward of the combined feature gradient through the trunk."""
+        if source.grad_fn is not None and shared:
+            trunk = torch.autograd.grad(source, shared, grad_outputs=combined, allow_unused=True, materialize_grads=True)
             for p, g in zip(shared, trunk):
                 _accumulate(p, torch.where(ok, g, 0.0))
-        elif features.requires_grad:  # shared parameters not given: fill whatever z depends on
-            torch.autograd.backward(features, grad_tensors=combined)
-        return weights
+        elif source.requires_grad:  # shared parameters not given: fill whatever the features depend on
+            torch.autograd.backward(source, grad_tensors=combined)
 
     def _aggregate(self, jac: Tensor, head_grads: list[Tensor], losses: Tensor,
                    names: list[str]) -> tuple[Tensor, Tensor, Tensor]:

@@ -4,6 +4,14 @@ A model is an ``nn.Module`` whose ``forward`` returns ``dict[task, Tensor]``; it
 parameters are shared (``shared_parameters()``) and, where it has one, exposes the shared
 representation the heads read as ``shared_features`` after each forward (for feature-level
 gradients).
+
+A model may also expose ``task_features``: a ``(T, B, ...)`` tensor whose slice ``t`` is read by
+task ``t``'s head only (and nothing else of any loss reads the trunk). Either the heads' per-task
+copies of ``shared_features`` (``shared_features.expand(T, ...)``, as :class:`TaskHeads` makes
+them), or the per-task representations themselves (a routed model's expert mixtures, then
+``task_features is shared_features``). Then ``∂(Σ_t L_t)/∂task_features`` has slice ``t`` equal to
+``∂L_t/∂(slice t)``: every task's feature gradient from ONE backward through the heads, which the
+gradient engine uses (:class:`~polytask.balance.engine.GradientBalancer`, ``task_features=``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ class MultiTaskModel(nn.Module):
     """
 
     shared_features: Tensor | None
+    task_features: Tensor | None
 
     def __init__(self, tasks: Sequence[Task]) -> None:
         super().__init__()
@@ -33,6 +42,7 @@ class MultiTaskModel(nn.Module):
         self.tasks = list(tasks)
         self.task_names = [t.name for t in self.tasks]
         self.shared_features = None
+        self.task_features = None
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters every task's loss depends on (the ones gradient balancing acts on)."""
@@ -50,6 +60,10 @@ class TaskHeads(nn.Module):
 
     Towers share a shape (``hidden``); each task's last layer has the task's output width, so
     the last layer is padded to the widest task and each task reads its own slice.
+
+    A shared ``(B, in)`` input is expanded (a view, no copy) to ``task_features`` ``(T, B, in)``,
+    slice ``t`` read by tower ``t`` only, so that one backward of ``Σ_t L_t`` yields every task's
+    gradient w.r.t. the input (see the module docstring); set after each forward.
     """
 
     def __init__(self, tasks: Sequence[Task], in_features: int, hidden: Sequence[int] = (), act: str = "relu",
@@ -58,9 +72,13 @@ class TaskHeads(nn.Module):
         self.names = [t.name for t in tasks]
         self.widths = [t.output_dim for t in tasks]
         self.towers = BatchedMLP(len(tasks), in_features, hidden, max(self.widths), act=act, dropout=dropout)
+        self.task_features: Tensor | None = None
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """``x``: ``(B, in)`` shared by all tasks, or ``(T, B, in)`` one input per task."""
+        if x.ndim == 2:  # one stride-0 copy per tower: each tower's gradient lands in its own slice
+            x = x.unsqueeze(0).expand(len(self.names), *x.shape)
+        self.task_features = x
         out = self.towers(x)  # (T, B, max_width)
         return {n: out[i, :, :w] for i, (n, w) in enumerate(zip(self.names, self.widths))}
 

@@ -24,7 +24,8 @@ class SharedBottom(MultiTaskModel):
     Args:
         input_dim: width of the dense input.
         tasks: the tasks; one head each.
-        bottom: hidden widths of the shared trunk; its last width is ``shared_features``' width.
+        bottom: hidden widths of the shared trunk; its last width is ``shared_features``' width
+            (``task_features``: its per-head copies ``(T, B, H)``).
         tower: hidden widths of each task tower (may be empty: a linear head).
         activation: activation name; dropout: dropout after each hidden layer.
     """
@@ -40,4 +41,6 @@ class SharedBottom(MultiTaskModel):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         z = self.bottom(x)
         self.shared_features = z
-        return self.heads(z)
+        out = self.heads(z)
+        self.task_features = self.heads.task_features  # z expanded to (T, B, H): one copy per head
+        return out
