@@ -1,21 +1,32 @@
 """Speed of gradient balancing: one training step (forward + balanced backward), and aggregation alone.
 
-Model: an MLP trunk (``--input`` -> ``--hidden`` x 2, ReLU) with T linear heads, batch ``--batch``.
-For T in ``--tasks`` it prints the median step time (ms) of:
+Model: an MLP trunk (``--input`` -> ``--hidden`` x 2, ReLU) with T linear heads (one
+:class:`~polytask.nn.base.TaskHeads`: the heads run as one batched matmul on per-task copies of
+the features, ``task_features``), batch ``--batch``. For T in ``--tasks`` it prints the median
+step time (ms) of:
 
-- ``ew``: the summed loss, one ``backward()`` (the floor);
+- ``ew``: the summed loss, one ``backward()`` (the floor); ``ew-gemm``: the same with the heads
+  fed the shared ``(B, H)`` features directly (one wide GEMM, no per-task copies) -- shows what
+  exposing ``task_features`` costs a plain step;
 - ``loop``: LibMTL's way -- ``T`` ``backward(retain_graph=True)`` calls collecting the shared
   gradients into a ``T x D`` matrix (mean-aggregated: the floor of any parameter-level method);
   ``loop:<m>``: the same loop followed by our aggregator ``<m>`` (isolates the engine's cost);
-- ``tjd:<m>``: torchjd 0.18 (``mtl_backward`` + ``jac_to_grad`` with its aggregator);
-- ``par:<m>`` / ``feat:<m>``: ours, parameter mode / feature mode (per-task Jacobian loop, the
-  default); ``par-vmap`` / ``feat-vmap``: the same with one vectorised backward;
+- ``tjd:<m>``: torchjd 0.18 (``mtl_backward`` + ``jac_to_grad`` with its aggregator), on the same
+  trunk with T separate ``nn.Linear`` heads (it cannot take one stacked head weight); ``ew-sep``
+  is EW on that model;
+- ours, given ``task_features`` (one backward through the heads for all tasks):
+  ``par:<m>`` parameter mode (``T`` passes of the feature-gradient rows through the trunk, the
+  default), ``par-vb:<m>`` (the rows in one vectorised trunk backward), ``feat:<m>`` feature mode;
+- ours without ``task_features`` (one pass per task, the fallback): ``par-old:<m>``, ``feat-old:<m>``;
 - ``famo``: FAMO (loss-based; backward only, its post-step pass excluded) if registered.
+
+Every variant of one T is timed round-robin (one step of each per round, ``--repeats`` rounds),
+so that load changes on a shared machine hit all of them alike; the median per variant is shown.
 
 Then the aggregation alone at T=16 (given the ``T x D`` Jacobian): ours vs torchjd for CAGrad,
 Nash-MTL and UPGrad (torchjd solves them with cvxpy / quadprog on the CPU).
 
-Run: ``python benchmarks/balance_speed.py`` (a few minutes on CPU; ``--quick`` for a smoke run).
+Run: ``python benchmarks/balance_speed.py`` (several minutes on CPU; ``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
@@ -32,9 +43,11 @@ from torch import nn
 from polytask import balance
 from polytask.balance import aggregators as agg
 from polytask.nn import mlp
+from polytask.nn.base import TaskHeads
 from polytask.tasks import Task
 
 METHODS = ["mgda", "pcgrad", "cagrad", "nash_mtl", "upgrad"]
+SLOW_TJD = ("nash_mtl", "cagrad")  # torchjd's cvxpy-based solvers: fewer rounds at large T
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -48,6 +61,22 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
     return statistics.median(times) * 1e3
 
 
+def round_robin_ms(fns: dict[str, Callable[[], object]], repeats: int, sparse: dict[str, int] | None = None) -> dict[str, float]:
+    """Median ms of each function, timed one call of each per round (``sparse[k]``: only that many rounds)."""
+    sparse = sparse or {}
+    for fn in fns.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats):
+        for k, fn in fns.items():
+            if r >= sparse.get(k, repeats):
+                continue
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
 def torchjd_aggregator(name: str, n_tasks: int):
     import torchjd.aggregation as tja
 
@@ -55,15 +84,34 @@ def torchjd_aggregator(name: str, n_tasks: int):
             "nash_mtl": lambda: tja.NashMTL(n_tasks=n_tasks), "upgrad": lambda: tja.UPGrad()}[name]()
 
 
+class SeparateHeads(nn.Module):
+    """The same trunk with T separate ``nn.Linear`` heads (torchjd's ``mtl_backward`` needs heads that
+    share no parameter, which one stacked TaskHeads weight is not)."""
+
+    def __init__(self, trunk: nn.Module, names: list[str], hidden: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.heads = nn.ModuleList(nn.Linear(hidden, 1) for _ in names)
+        self.names = names
+        self.shared_features: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        self.shared_features = z
+        return {n: h(z) for n, h in zip(self.names, self.heads)}
+
+
 class TrunkHeads(nn.Module):
-    """MLP trunk and T separate ``nn.Linear`` heads (torchjd's ``mtl_backward`` needs separate heads)."""
+    """MLP trunk and T linear heads run as one :class:`TaskHeads` (``gemm=True``: fed ``(B, H)`` directly)."""
 
     def __init__(self, tasks: list[Task], input_dim: int, hidden: int) -> None:
         super().__init__()
         self.trunk = mlp(input_dim, (hidden, hidden))
-        self.heads = nn.ModuleList(nn.Linear(hidden, 1) for _ in tasks)
+        self.heads = TaskHeads(tasks, hidden)
         self.names = [t.name for t in tasks]
         self.shared_features: torch.Tensor | None = None
+        self.task_features: torch.Tensor | None = None
+        self.gemm = False
 
     def shared_parameters(self):
         return self.trunk.parameters()
@@ -71,7 +119,12 @@ class TrunkHeads(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.trunk(x)
         self.shared_features = z
-        return {n: h(z) for n, h in zip(self.names, self.heads)}
+        if self.gemm:
+            out = self.heads.towers(z)
+            return {n: out[i] for i, n in enumerate(self.names)}
+        out = self.heads(z)
+        self.task_features = self.heads.task_features
+        return out
 
 
 def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
@@ -87,8 +140,15 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
         return {t.name: t.loss(out[t.name], y[i]) for i, t in enumerate(tasks)}
 
     def ew() -> None:
+        model.gemm = False
         model.zero_grad(set_to_none=True)
         sum(losses().values()).backward()
+
+    def ew_gemm() -> None:
+        model.gemm = True
+        model.zero_grad(set_to_none=True)
+        sum(losses().values()).backward()
+        model.gemm = False
 
     def loop(aggregator: agg.Aggregator | None = None) -> None:
         model.zero_grad(set_to_none=True)
@@ -106,7 +166,18 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
             p.grad = update[offset: offset + p.numel()].view_as(p)
             offset += p.numel()
 
-    results = {"ew": median_ms(ew, args.repeats), "loop": median_ms(loop, args.repeats)}
+    separate = SeparateHeads(model.trunk, model.names, args.hidden)
+
+    def separate_losses() -> list[torch.Tensor]:
+        out = separate(x)
+        return [t.loss(out[t.name], y[i]) for i, t in enumerate(tasks)]
+
+    def ew_separate() -> None:
+        separate.zero_grad(set_to_none=True)
+        sum(separate_losses()).backward()
+
+    fns: dict[str, Callable[[], object]] = {"ew": ew, "ew-gemm": ew_gemm, "ew-sep": ew_separate, "loop": loop}
+    sparse: dict[str, int] = {}
     if "famo" in balance.names():
         famo = balance.get("famo")
 
@@ -114,41 +185,39 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
             model.zero_grad(set_to_none=True)
             famo.backward(losses(), shared=model.shared_parameters(), features=model.shared_features)
 
-        results["famo"] = median_ms(famo_step, args.repeats)
+        fns["famo"] = famo_step
+
+    def ours(b, one_pass: bool) -> Callable[[], None]:
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            ls = losses()
+            extra = {"task_features": model.task_features} if one_pass else {}
+            b.backward(ls, shared=model.shared_parameters(), features=model.shared_features, **extra)
+        return step
+
     for name in METHODS:
         method = balance.get(name).aggregator
-        results[f"loop:{name}"] = median_ms(lambda: loop(method), args.repeats)
-        for mode, tag in (("parameters", "par"), ("features", "feat")):
-            b = balance.get(name, mode=mode)
-
-            def ours(b=b) -> None:
-                model.zero_grad(set_to_none=True)
-                b.backward(losses(), shared=model.shared_parameters(), features=model.shared_features)
-
-            results[f"{tag}:{name}"] = median_ms(ours, args.repeats)
-            if name == "upgrad":  # the vectorised (is_grads_batched) Jacobian instead of the per-task loop
-                bv = balance.get(name, mode=mode)
-                bv.batched = True
-
-                def ours_vmap(b=bv) -> None:
-                    model.zero_grad(set_to_none=True)
-                    b.backward(losses(), shared=model.shared_parameters(), features=model.shared_features)
-
-                results[f"{tag}-vmap:{name}"] = median_ms(ours_vmap, args.repeats)
+        fns[f"loop:{name}"] = lambda method=method: loop(method)
+        fns[f"par:{name}"] = ours(balance.get(name, mode="parameters"), True)
+        vb = balance.get(name, mode="parameters")
+        vb.trunk_batched = True
+        fns[f"par-vb:{name}"] = ours(vb, True)
+        fns[f"feat:{name}"] = ours(balance.get(name, mode="features"), True)
+        fns[f"par-old:{name}"] = ours(balance.get(name, mode="parameters"), False)
+        fns[f"feat-old:{name}"] = ours(balance.get(name, mode="features"), False)
         if not args.no_torchjd:
             from torchjd.autojac import jac_to_grad, mtl_backward
 
-            a = torchjd_aggregator(name, n_tasks)
-
-            def tjd(a=a) -> None:
-                model.zero_grad(set_to_none=True)
-                ls = list(losses().values())
-                mtl_backward(ls, features=model.shared_features)
+            def tjd(a=torchjd_aggregator(name, n_tasks)) -> None:
+                separate.zero_grad(set_to_none=True)
+                ls = separate_losses()
+                mtl_backward(ls, features=separate.shared_features)
                 jac_to_grad(shared, a)
 
-            slow = name in ("nash_mtl", "cagrad") and n_tasks >= 16
-            results[f"tjd:{name}"] = median_ms(tjd, max(3, args.repeats // 3) if slow else args.repeats, warmup=1)
-    return results
+            fns[f"tjd:{name}"] = tjd
+            if name in SLOW_TJD and n_tasks >= 16:
+                sparse[f"tjd:{name}"] = max(3, args.repeats // 3)
+    return round_robin_ms(fns, args.repeats, sparse)
 
 
 def aggregation_benchmarks(args: argparse.Namespace) -> list[tuple[str, float, float]]:
@@ -197,23 +266,23 @@ def main() -> None:
         print(f"# step time, median ms (MLP {args.input}-{args.hidden}-{args.hidden}, T linear heads, batch {args.batch}, "
               f"{torch.get_num_threads()} thread(s), device cpu)")
     table = {} if args.agg_only else {t: step_benchmarks(t, args) for t in args.tasks}
+    for t, row in table.items():
+        base = "".join(f", {k} {row[k]:.2f}" for k in ("ew-gemm", "ew-sep", "loop", "famo") if k in row)
+        print(f"\n## T={t}: ew {row['ew']:.2f} ms{base}")
+        cols = ["loop:m", "tjd", "par", "par-vb", "par-old", "feat", "feat-old"]
+        print("| method | " + " | ".join(cols) + " | feat/EW | feat-old/EW | par/loop:m | par-old/loop:m | tjd/par |")
+        print("|---|" + "---|" * (len(cols) + 5))
+        for m in METHODS:
+            vals = [row.get(f"loop:{m}"), row.get(f"tjd:{m}"), row[f"par:{m}"], row[f"par-vb:{m}"], row[f"par-old:{m}"],
+                    row[f"feat:{m}"], row[f"feat-old:{m}"]]
+            tjd = row.get(f"tjd:{m}")
+            ratios = [row[f"feat:{m}"] / row["ew"], row[f"feat-old:{m}"] / row["ew"], row[f"par:{m}"] / row[f"loop:{m}"],
+                      row[f"par-old:{m}"] / row[f"loop:{m}"]]
+            cells = ["-" if v is None else f"{v:.2f}" for v in vals] + [f"{r:.2f}" for r in ratios]
+            cells.append("-" if tjd is None else f"{tjd / row[f'par:{m}']:.2f}")
+            print(f"| {m} | " + " | ".join(cells) + " |")
     if table:
-        cols = list(next(iter(table.values())))
-        print("| T | " + " | ".join(cols) + " |")
-        print("|---|" + "---|" * len(cols))
-        for t, row in table.items():
-            print(f"| {t} | " + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
-
-        print("\n# ratios: feat/EW (target <= 1.5 at T=16), par/loop:<m> (same aggregator, LibMTL loop; target <= 1),"
-              " par/loop (mean-only loop), torchjd/par")
-        print("| T | method | feat/EW | par/loop:m | par/loop | tjd/par |")
-        print("|---|---|---|---|---|---|")
-        for t, row in table.items():
-            for m in METHODS:
-                tjd = row.get(f"tjd:{m}")
-                tjd_ratio = f"{tjd / row[f'par:{m}']:.2f}" if tjd is not None else "-"
-                print(f"| {t} | {m} | {row[f'feat:{m}'] / row['ew']:.2f} | {row[f'par:{m}'] / row[f'loop:{m}']:.2f} | "
-                      f"{row[f'par:{m}'] / row['loop']:.2f} | {tjd_ratio} |")
+        print("\n# targets: feat/EW <= 1.5 at T=16; par/loop:m <= 1 (parameter mode no slower than the per-task loop)")
 
     if not args.no_torchjd:
         print(f"\n# aggregation alone, T=16, D={args.agg_dim}, median ms")

@@ -20,8 +20,9 @@ every head's own-task gradient at once, since head ``t`` reads slice ``t`` alone
 - feature mode: that backward, the aggregation, one backward of the combined gradient through the
   trunk -- about one plain ``backward()`` in all;
 - parameter mode: the ``T x D`` Jacobian is then ``∂z/∂θ`` applied to the ``T`` feature-gradient
-  rows, i.e. backward passes through the trunk only (not heads + trunk per task), by default
-  in one vectorised pass (``is_grads_batched``; ``trunk_batched=False``: one pass per task).
+  rows, i.e. ``T`` backward passes through the trunk only (not heads + trunk per task); one
+  vectorised pass instead (``trunk_batched=True``, ``is_grads_batched``) measured slower on CPU
+  (``benchmarks/balance_speed.py``, ``par-vb`` column).
 
 Both are exact (the same Jacobians as the per-task passes, up to float rounding).
 
@@ -150,7 +151,8 @@ class GradientBalancer(Balancer):
             head, ``T^2`` work when heads are separate modules; it measured slower on CPU
             (``benchmarks/balance_speed.py``, ``*-vmap`` columns). Ignored with ``task_features``.
         trunk_batched: with ``task_features`` in parameter mode, carry the ``T`` feature-gradient
-            rows through the trunk in one vectorised backward (default) or one pass per task.
+            rows through the trunk in one vectorised backward, or one pass per task (default:
+            measured faster on CPU).
 
     ``backward(..., task_features=...)`` takes the model's ``task_features`` (see the module
     docstring); ``features`` is then the tensor it copies (``shared_features``), or ``None`` /
@@ -159,7 +161,7 @@ class GradientBalancer(Balancer):
     """
 
     def __init__(self, aggregator: agg.Aggregator, mode: Mode = "parameters", nan_policy: Literal["skip", "raise"] = "skip",
-                 batched: bool = False, trunk_batched: bool = True) -> None:
+                 batched: bool = False, trunk_batched: bool = False) -> None:
         super().__init__()
         if mode not in ("parameters", "features"):
             raise ConfigError(f"balancer mode must be 'parameters' or 'features', got {mode!r}")
