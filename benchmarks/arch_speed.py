@@ -11,8 +11,10 @@ experts do not have, so it is measured twice: as shipped, and with every BatchNo
 identity (the like-for-like architecture). Ratios are ours / theirs.
 
 Run: ``.venv/bin/python benchmarks/arch_speed.py [--threads 2] [--repeats 7]``. On a shared CPU the
-absolute numbers move with the load from other processes; the ratios, measured interleaved in
-one run, are the figure to read.
+wall-clock numbers move with the load from other processes (the models are measured interleaved
+so that load hits all alike, but a loaded 2-core machine still makes them noisy);
+``--threads 1 --clock cpu`` counts this process's CPU time instead, which other processes barely
+affect.
 """
 
 from __future__ import annotations
@@ -70,16 +72,20 @@ def _step_rechub(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     loss.backward()
 
 
+CLOCK = time.perf_counter
+
+
 def throughput(step, model, x, y, steps: int, repeats: int) -> list[float]:
-    """samples/s of each repeat (``steps`` training steps each), after 3 warm-up steps."""
+    """samples per second of ``CLOCK`` for each repeat (``steps`` training steps each), after 3
+    warm-up steps."""
     for _ in range(3):
         step(model, x, y)
     rates = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         for _ in range(steps):
             step(model, x, y)
-        rates.append(steps * x.shape[0] / (time.perf_counter() - start))
+        rates.append(steps * x.shape[0] / (CLOCK() - start))
     return rates
 
 
@@ -90,7 +96,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--archs", nargs="+", default=["mmoe", "ple"], choices=["mmoe", "ple"])
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: samples per CPU-second of this process (use with --threads 1 on a "
+                             "shared machine: other processes' load then barely moves the figure)")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -116,7 +127,7 @@ def main() -> None:
             rows.append((kind, f"d={d} expert={expert} tower={tower}", med))
 
     print(f"\nbatch {args.batch}, 3 tasks, 8 experts, {args.threads} threads, torch {torch.__version__}; "
-          f"median samples/s over {args.repeats} repeats of {args.steps} steps (forward+backward)")
+          f"median samples per {args.clock}-second over {args.repeats} repeats of {args.steps} steps (forward+backward)")
     header = f"{'model':5} | {'sizes':34} | {'polytask':>10} | {'rechub':>10} | {'rechub-noBN':>11} | {'x rechub':>8} | {'x noBN':>6}"
     print(header)
     print("-" * len(header))
