@@ -23,7 +23,7 @@ def test_cli_import_does_not_load_torch():
 def test_help_lists_commands():
     res = run("--help")
     assert res.returncode == 0
-    for cmd in ("demo", "train"):
+    for cmd in ("demo", "train", "analyze", "report", "merge", "bench"):
         assert cmd in res.stdout
 
 
