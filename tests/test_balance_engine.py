@@ -220,15 +220,36 @@ def test_custom_aggregator_in_any_loop():
 # -- task_features: every task's feature gradient from one backward ------------------------------
 
 
-def test_task_heads_expand_keeps_outputs():
-    # The (T, B, H) expanded copy through batched matmuls computes what the shared-input GEMM did.
+def test_task_heads_copies_keep_outputs_and_gradients():
+    # Outputs: bit-identical to the shared-input GEMM of BatchedLinear. Gradients (first, second
+    # order): those of the plain batched towers applied to the expanded copies (baddbmm).
     model, x, y = _setup()
     out = model(x)
     z = model.shared_features
     assert model.task_features.shape == (3, *z.shape) and model.task_features.data_ptr() == z.data_ptr()
     towers = model.heads.towers(z)  # the (B, in) path of BatchedLinear: one wide GEMM
     for i, t in enumerate(TASKS):
-        assert torch.allclose(out[t.name], towers[i, :, : t.output_dim], rtol=1e-12, atol=1e-14)
+        assert torch.equal(out[t.name], towers[i, :, : t.output_dim])
+    heads = list(model.heads.parameters())
+    w = torch.randn(3, 12, 2, dtype=torch.float64)
+
+    def grads(use_heads, create_graph=False):
+        zt = z.detach().requires_grad_().unsqueeze(0).expand(3, *z.shape)
+        o = model.heads(zt[0]) if use_heads else None
+        copies = model.heads.task_features if use_heads else zt
+        if not use_heads:  # the towers' padding columns (beyond a task's width) are not outputs
+            mask = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]], [[1.0, 1.0]]], dtype=torch.float64)
+            full = model.heads.towers(copies) * mask
+        else:
+            full = torch.stack([torch.nn.functional.pad(o[t.name], (0, 2 - t.output_dim)) for t in TASKS])
+        return torch.autograd.grad((full * w).pow(2).sum(), [copies, *heads], create_graph=create_graph)
+
+    for a, b in zip(grads(True), grads(False)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    second = [torch.autograd.grad(g.pow(2).sum(), heads[0], retain_graph=True)[0] for g in grads(True, True)[:2]]
+    reference = [torch.autograd.grad(g.pow(2).sum(), heads[0], retain_graph=True)[0] for g in grads(False, True)[:2]]
+    for a, b in zip(second, reference):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_one_backward_feature_jacobian_equals_per_task_rows():

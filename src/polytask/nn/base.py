@@ -18,11 +18,48 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from polytask.errors import ConfigError
 from polytask.nn.layers import BatchedMLP
 from polytask.tasks import Task
+
+
+class _Transient:
+    """Holds a tensor of the last forward (with its graph); copies and pickles as empty.
+
+    A non-leaf tensor cannot be deep-copied, so a model (or head) that keeps one from its last
+    forward would break ``copy.deepcopy(model)``; the value means nothing outside that step.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Tensor | None = None) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo: dict) -> _Transient:
+        return _Transient()
+
+    def __getstate__(self) -> tuple[()]:
+        return ()  # not None: pickle then calls __setstate__
+
+    def __setstate__(self, state: tuple[()]) -> None:
+        self.value = None
+
+
+def _transient_property(doc: str) -> property:
+    """A ``Tensor | None`` attribute kept in a :class:`_Transient` (see there)."""
+    slot = "_transient_" + doc.split(":", 1)[0]
+
+    def get(self) -> Tensor | None:
+        holder = self.__dict__.get(slot)
+        return None if holder is None else holder.value
+
+    def set(self, value: Tensor | None) -> None:
+        self.__dict__[slot] = _Transient(value)
+
+    return property(get, set, doc=doc)
 
 
 class MultiTaskModel(nn.Module):
@@ -33,7 +70,8 @@ class MultiTaskModel(nn.Module):
     """
 
     shared_features: Tensor | None
-    task_features: Tensor | None
+    task_features = _transient_property("task_features: (T, B, ...) per-task copies or representations the heads read"
+                                        " (None if the model exposes none); set by the last forward")
 
     def __init__(self, tasks: Sequence[Task]) -> None:
         super().__init__()
@@ -55,6 +93,41 @@ class MultiTaskModel(nn.Module):
         return iter(()) if heads is None else heads.parameters()
 
 
+class _CopiesLinear(torch.autograd.Function):
+    """Tower ``t``'s first linear layer on slice ``t`` of ``copies = x.expand(T, B, in)``.
+
+    The forward is the one wide GEMM of the shared input (bit-identical to
+    :class:`~polytask.nn.layers.BatchedLinear` on ``(B, in)``); the backward returns the per-copy
+    gradient ``(T, B, in)`` and the weight gradient as one GEMM too. A batched matmul on the
+    stride-0 copies computes the same but measured twice as slow a plain step on CPU.
+    """
+
+    @staticmethod
+    def forward(copies: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        n, (batch, width), out = weight.shape[0], copies.shape[1:], weight.shape[2]
+        wide = weight.permute(1, 0, 2).reshape(width, n * out)
+        y = copies[0] @ wide if bias is None else torch.addmm(bias.reshape(-1), copies[0], wide)
+        return y.reshape(batch, n, out).transpose(0, 1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        copies, weight, bias = inputs
+        ctx.save_for_backward(copies, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        copies, weight = ctx.saved_tensors
+        n, batch, out = grad.shape
+        grad_copies = torch.matmul(grad, weight.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            wide = copies[0].transpose(0, 1) @ grad.transpose(0, 1).reshape(batch, n * out)  # (in, T*out)
+            grad_weight = wide.reshape(-1, n, out).transpose(0, 1)
+        grad_bias = grad.sum(1, keepdim=True) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_copies, grad_weight, grad_bias
+
+
 class TaskHeads(nn.Module):
     """One tower per task, all run as a single batched MLP.
 
@@ -72,14 +145,20 @@ class TaskHeads(nn.Module):
         self.names = [t.name for t in tasks]
         self.widths = [t.output_dim for t in tasks]
         self.towers = BatchedMLP(len(tasks), in_features, hidden, max(self.widths), act=act, dropout=dropout)
-        self.task_features: Tensor | None = None
+        self.task_features = None
+
+    task_features = _transient_property("task_features: the (T, B, in) input of the towers in the last forward")
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """``x``: ``(B, in)`` shared by all tasks, or ``(T, B, in)`` one input per task."""
         if x.ndim == 2:  # one stride-0 copy per tower: each tower's gradient lands in its own slice
-            x = x.unsqueeze(0).expand(len(self.names), *x.shape)
-        self.task_features = x
-        out = self.towers(x)  # (T, B, max_width)
+            copies = x.unsqueeze(0).expand(len(self.names), *x.shape)
+            self.task_features = copies
+            first, rest = self.towers.layers[0], self.towers.layers[1:]
+            out = rest(_CopiesLinear.apply(copies, first.weight, first.bias))  # (T, B, max_width)
+        else:
+            self.task_features = x
+            out = self.towers(x)  # (T, B, max_width)
         return {n: out[i, :, :w] for i, (n, w) in enumerate(zip(self.names, self.widths))}
 
 
