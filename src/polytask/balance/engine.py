@@ -157,7 +157,15 @@ class GradientBalancer(Balancer):
     ``backward(..., task_features=...)`` takes the model's ``task_features`` (see the module
     docstring); ``features`` is then the tensor it copies (``shared_features``), or ``None`` /
     ``task_features`` itself for per-task representations (routed models, whose feature
-    Jacobian is block-diagonal: row ``t`` is non-zero on slice ``t`` only).
+    Jacobian is block-diagonal: row ``t`` is non-zero on slice ``t`` only)::
+
+        balancer.backward(losses, shared=model.shared_parameters(), features=model.shared_features,
+                          task_features=model.task_features)
+
+    Without ``task_features`` (or with ``None``) the per-task passes above are used. A loss that
+    reaches the shared parameters other than through ``task_features`` is a ConfigError (its
+    slice would miss that path); that each slice is read by its own task's head only is the
+    model's promise and is not checked.
     """
 
     def __init__(self, aggregator: agg.Aggregator, mode: Mode = "parameters", nan_policy: Literal["skip", "raise"] = "skip",

@@ -119,7 +119,10 @@ class _CopiesLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         copies, weight = ctx.saved_tensors
         n, batch, out = grad.shape
-        grad_copies = torch.matmul(grad, weight.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_copies = None
+        if ctx.needs_input_grad[0]:  # (T, B, out) @ (T, out, in); an outer product for out = 1 (bmm is slow there)
+            wt = weight.transpose(1, 2)
+            grad_copies = grad * wt if out == 1 else torch.bmm(grad.contiguous(), wt)
         grad_weight = None
         if ctx.needs_input_grad[1]:
             wide = copies[0].transpose(0, 1) @ grad.transpose(0, 1).reshape(batch, n * out)  # (in, T*out)
