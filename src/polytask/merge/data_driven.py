@@ -91,8 +91,17 @@ def fisher_diagonal(
         with torch.no_grad():
             probs = torch.softmax(_class_logits(pick(model(x), k)), dim=-1)
         y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        for name, g in per_example(params, x, y).items():
-            fisher[name] += g.pow(2).sum(dim=0)
+        try:
+            for name, g in per_example(params, x, y).items():
+                fisher[name] += g.pow(2).sum(dim=0)
+        except RuntimeError as exc:
+            if "vmap" not in str(exc):
+                raise
+            # a module without vmap support (e.g. a custom autograd.Function): one backward per row
+            for i in range(y.shape[0]):
+                xi = tree_map(lambda t: t[i], x)
+                for name, g in grad(log_prob)(params, xi, y[i]).items():
+                    fisher[name] += g.pow(2)
         seen += _num_examples(x)
         if max_examples is not None and seen >= max_examples:
             break
