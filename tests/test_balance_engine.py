@@ -376,3 +376,20 @@ def test_task_features_errors():
     with pytest.raises(ConfigError, match="task_features"):
         balance.get("upgrad", mode="features").backward(losses, shared=model.shared_parameters(),
                                                         features=model.shared_features, task_features=model.task_features)
+
+
+def test_task_features_are_not_copied_or_pickled():
+    import copy
+    import io
+
+    model, x, y = _setup()
+    model(x)
+    model.shared_features = None  # (a non-leaf tensor: the caller's to drop, as before)
+    clone = copy.deepcopy(model)
+    assert clone.task_features is None and clone.heads.task_features is None
+    assert model.task_features is not None  # the original keeps its step's tensor
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.task_features is None and set(loaded.state_dict()) == set(model.state_dict())

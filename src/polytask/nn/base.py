@@ -48,9 +48,9 @@ class _Transient:
         self.value = None
 
 
-def _transient_property(doc: str) -> property:
-    """A ``Tensor | None`` attribute kept in a :class:`_Transient` (see there)."""
-    slot = "_transient_" + doc.split(":", 1)[0]
+def _transient_property(name: str, doc: str) -> property:
+    """A ``Tensor | None`` attribute ``name`` kept in a :class:`_Transient` (see there)."""
+    slot = "_transient_" + name
 
     def get(self) -> Tensor | None:
         holder = self.__dict__.get(slot)
@@ -70,8 +70,8 @@ class MultiTaskModel(nn.Module):
     """
 
     shared_features: Tensor | None
-    task_features = _transient_property("task_features: (T, B, ...) per-task copies or representations the heads read"
-                                        " (None if the model exposes none); set by the last forward")
+    task_features = _transient_property("task_features", "(T, B, ...) per-task copies or representations the heads "
+                                        "read (None if the model exposes none); set by the last forward")
 
     def __init__(self, tasks: Sequence[Task]) -> None:
         super().__init__()
@@ -99,7 +99,8 @@ class _CopiesLinear(torch.autograd.Function):
     The forward is the one wide GEMM of the shared input (bit-identical to
     :class:`~polytask.nn.layers.BatchedLinear` on ``(B, in)``); the backward returns the per-copy
     gradient ``(T, B, in)`` and the weight gradient as one GEMM too. A batched matmul on the
-    stride-0 copies computes the same but measured twice as slow a plain step on CPU.
+    stride-0 copies computes the same but made a whole EW step about twice as slow on CPU
+    (T=16 linear heads, ``benchmarks/balance_speed.py``).
     """
 
     @staticmethod
@@ -150,7 +151,7 @@ class TaskHeads(nn.Module):
         self.towers = BatchedMLP(len(tasks), in_features, hidden, max(self.widths), act=act, dropout=dropout)
         self.task_features = None
 
-    task_features = _transient_property("task_features: the (T, B, in) input of the towers in the last forward")
+    task_features = _transient_property("task_features", "the (T, B, in) input of the towers in the last forward")
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """``x``: ``(B, in)`` shared by all tasks, or ``(T, B, in)`` one input per task."""
