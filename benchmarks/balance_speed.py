@@ -1,13 +1,12 @@
 """Speed of gradient balancing: one training step (forward + balanced backward), and aggregation alone.
 
 Model: an MLP trunk (``--input`` -> ``--hidden`` x 2, ReLU) with T linear heads (one
-:class:`~polytask.nn.base.TaskHeads`: the heads run as one batched matmul on per-task copies of
-the features, ``task_features``), batch ``--batch``. For T in ``--tasks`` it prints the median
-step time (ms) of:
+:class:`~polytask.nn.base.TaskHeads`: the heads run as one wide GEMM), batch ``--batch``. For T in
+``--tasks`` it prints the median step time (ms) of:
 
-- ``ew``: the summed loss, one ``backward()`` (the floor); ``ew-gemm``: the same with the heads
-  fed the shared ``(B, H)`` features directly (one wide GEMM, no per-task copies) -- shows what
-  exposing ``task_features`` costs a plain step;
+- ``ew``: the summed loss, one ``backward()`` (the floor); ``ew-copies``: the same with the heads
+  reading per-task copies of the features (``expose_task_features()``, which the ``par`` and
+  ``feat`` columns use) -- what exposing ``task_features`` costs a plain step;
 - ``loop``: LibMTL's way -- ``T`` ``backward(retain_graph=True)`` calls collecting the shared
   gradients into a ``T x D`` matrix (mean-aggregated: the floor of any parameter-level method);
   ``loop:<m>``: the same loop followed by our aggregator ``<m>`` (isolates the engine's cost);
@@ -102,7 +101,7 @@ class SeparateHeads(nn.Module):
 
 
 class TrunkHeads(nn.Module):
-    """MLP trunk and T linear heads run as one :class:`TaskHeads` (``gemm=True``: fed ``(B, H)`` directly)."""
+    """MLP trunk and T linear heads run as one :class:`TaskHeads` (``heads.copies``: per-task copies of z)."""
 
     def __init__(self, tasks: list[Task], input_dim: int, hidden: int) -> None:
         super().__init__()
@@ -111,7 +110,6 @@ class TrunkHeads(nn.Module):
         self.names = [t.name for t in tasks]
         self.shared_features: torch.Tensor | None = None
         self.task_features: torch.Tensor | None = None
-        self.gemm = False
 
     def shared_parameters(self):
         return self.trunk.parameters()
@@ -119,9 +117,6 @@ class TrunkHeads(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.trunk(x)
         self.shared_features = z
-        if self.gemm:
-            out = self.heads.towers(z)
-            return {n: out[i] for i, n in enumerate(self.names)}
         out = self.heads(z)
         self.task_features = self.heads.task_features
         return out
@@ -140,15 +135,14 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
         return {t.name: t.loss(out[t.name], y[i]) for i, t in enumerate(tasks)}
 
     def ew() -> None:
-        model.gemm = False
         model.zero_grad(set_to_none=True)
         sum(losses().values()).backward()
 
-    def ew_gemm() -> None:
-        model.gemm = True
+    def ew_copies() -> None:
+        model.heads.copies = True
         model.zero_grad(set_to_none=True)
         sum(losses().values()).backward()
-        model.gemm = False
+        model.heads.copies = False
 
     def loop(aggregator: agg.Aggregator | None = None) -> None:
         model.zero_grad(set_to_none=True)
@@ -176,7 +170,7 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
         separate.zero_grad(set_to_none=True)
         sum(separate_losses()).backward()
 
-    fns: dict[str, Callable[[], object]] = {"ew": ew, "ew-gemm": ew_gemm, "ew-sep": ew_separate, "loop": loop}
+    fns: dict[str, Callable[[], object]] = {"ew": ew, "ew-copies": ew_copies, "ew-sep": ew_separate, "loop": loop}
     sparse: dict[str, int] = {}
     if "famo" in balance.names():
         famo = balance.get("famo")
@@ -189,10 +183,12 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
 
     def ours(b, one_pass: bool) -> Callable[[], None]:
         def step() -> None:
+            model.heads.copies = one_pass
             model.zero_grad(set_to_none=True)
             ls = losses()
             extra = {"task_features": model.task_features} if one_pass else {}
             b.backward(ls, shared=model.shared_parameters(), features=model.shared_features, **extra)
+            model.heads.copies = False
         return step
 
     for name in METHODS:
@@ -267,23 +263,23 @@ def main() -> None:
               f"{torch.get_num_threads()} thread(s), device cpu)")
     table = {} if args.agg_only else {t: step_benchmarks(t, args) for t in args.tasks}
     for t, row in table.items():
-        base = "".join(f", {k} {row[k]:.2f}" for k in ("ew-gemm", "ew-sep", "loop", "famo") if k in row)
+        base = "".join(f", {k} {row[k]:.2f}" for k in ("ew-copies", "ew-sep", "loop", "famo") if k in row)
         print(f"\n## T={t}: ew {row['ew']:.2f} ms{base}")
         cols = ["loop:m", "tjd", "par", "par-vb", "par-old", "feat", "feat-old"]
-        print("| method | " + " | ".join(cols) + " | feat/EW | feat/EW-gemm | feat-old/EW | par/loop:m | par-old/loop:m | tjd/par |")
+        print("| method | " + " | ".join(cols) + " | feat/EW | feat/EW-copies | feat-old/EW | par/loop:m | par-old/loop:m | tjd/par |")
         print("|---|" + "---|" * (len(cols) + 6))
         for m in METHODS:
             vals = [row.get(f"loop:{m}"), row.get(f"tjd:{m}"), row[f"par:{m}"], row[f"par-vb:{m}"], row[f"par-old:{m}"],
                     row[f"feat:{m}"], row[f"feat-old:{m}"]]
             tjd = row.get(f"tjd:{m}")
-            ratios = [row[f"feat:{m}"] / row["ew"], row[f"feat:{m}"] / row["ew-gemm"], row[f"feat-old:{m}"] / row["ew"], row[f"par:{m}"] / row[f"loop:{m}"],
+            ratios = [row[f"feat:{m}"] / row["ew"], row[f"feat:{m}"] / row["ew-copies"], row[f"feat-old:{m}"] / row["ew"], row[f"par:{m}"] / row[f"loop:{m}"],
                       row[f"par-old:{m}"] / row[f"loop:{m}"]]
             cells = ["-" if v is None else f"{v:.2f}" for v in vals] + [f"{r:.2f}" for r in ratios]
             cells.append("-" if tjd is None else f"{tjd / row[f'par:{m}']:.2f}")
             print(f"| {m} | " + " | ".join(cells) + " |")
     if table:
         print("\n# targets: feat/EW <= 1.5 at T=16; par/loop:m <= 1 (parameter mode no slower than the per-task loop)."
-              "\n# EW-gemm: EW without per-task copies (what a model without task_features pays)")
+              "\n# EW: the default model (no copies); EW-copies: the same model with expose_task_features()")
 
     if not args.no_torchjd:
         print(f"\n# aggregation alone, T=16, D={args.agg_dim}, median ms")

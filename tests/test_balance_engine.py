@@ -21,7 +21,7 @@ TASKS = [Task("a", "regression"), Task("b", "binary"), Task("c", "regression", n
 
 def _setup(seed: int = 0):
     torch.manual_seed(seed)
-    model = build_model("shared_bottom", 6, TASKS, bottom=(10, 7), tower=(5,)).double()
+    model = build_model("shared_bottom", 6, TASKS, bottom=(10, 7), tower=(5,)).double().expose_task_features()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(12, 6, generator=g, dtype=torch.float64)
     y = {"a": torch.randn(12, 1, generator=g, dtype=torch.float64),
@@ -230,6 +230,9 @@ def test_task_heads_copies_keep_outputs_and_gradients():
     towers = model.heads.towers(z)  # the (B, in) path of BatchedLinear: one wide GEMM
     for i, t in enumerate(TASKS):
         assert torch.equal(out[t.name], towers[i, :, : t.output_dim])
+    plain = model.expose_task_features(False)(x)  # off (the default): no copies, same outputs
+    assert model.task_features is None and all(torch.equal(plain[k], out[k]) for k in out)
+    model.expose_task_features()
     heads = list(model.heads.parameters())
     w = torch.randn(3, 12, 2, dtype=torch.float64)
 

@@ -12,6 +12,8 @@ them), or the per-task representations themselves (a routed model's expert mixtu
 ``task_features is shared_features``). Then ``∂(Σ_t L_t)/∂task_features`` has slice ``t`` equal to
 ``∂L_t/∂(slice t)``: every task's feature gradient from ONE backward through the heads, which the
 gradient engine uses (:class:`~polytask.balance.engine.GradientBalancer`, ``task_features=``).
+:class:`TaskHeads` makes its copies only once switched on (:meth:`MultiTaskModel.expose_task_features`):
+their per-task gradient is a ``(T, B, H)`` tensor that a plain summed-loss step does not need.
 """
 
 from __future__ import annotations
@@ -82,6 +84,18 @@ class MultiTaskModel(nn.Module):
         self.shared_features = None
         self.task_features = None
 
+    def expose_task_features(self, enabled: bool = True) -> MultiTaskModel:
+        """Let every :class:`TaskHeads` of the model read per-task copies of its input, exposed as
+        ``task_features`` after each forward (for the one-backward gradient engine); returns ``self``.
+
+        Outputs do not change; a plain summed-loss backward gets somewhat slower (it forms the
+        ``(T, B, H)`` per-copy gradient), so it is off by default and meant for gradient balancers.
+        """
+        for module in self.modules():
+            if isinstance(module, TaskHeads):
+                module.copies = enabled
+        return self
+
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters every task's loss depends on (the ones gradient balancing acts on)."""
         head_ids = {id(p) for p in self.task_specific_parameters()}
@@ -138,9 +152,11 @@ class TaskHeads(nn.Module):
     Towers share a shape (``hidden``); each task's last layer has the task's output width, so
     the last layer is padded to the widest task and each task reads its own slice.
 
-    A shared ``(B, in)`` input is expanded (a view, no copy) to ``task_features`` ``(T, B, in)``,
-    slice ``t`` read by tower ``t`` only, so that one backward of ``Σ_t L_t`` yields every task's
-    gradient w.r.t. the input (see the module docstring); set after each forward.
+    With ``copies = True`` (see :meth:`MultiTaskModel.expose_task_features`) a shared ``(B, in)``
+    input is expanded (a view, no copy) to ``task_features`` ``(T, B, in)``, slice ``t`` read by
+    tower ``t`` only, so that one backward of ``Σ_t L_t`` yields every task's gradient w.r.t. the
+    input (see the module docstring). A ``(T, B, in)`` input is its own ``task_features``.
+    ``task_features`` is set after each forward (``None`` for a shared input without copies).
     """
 
     def __init__(self, tasks: Sequence[Task], in_features: int, hidden: Sequence[int] = (), act: str = "relu",
@@ -149,13 +165,17 @@ class TaskHeads(nn.Module):
         self.names = [t.name for t in tasks]
         self.widths = [t.output_dim for t in tasks]
         self.towers = BatchedMLP(len(tasks), in_features, hidden, max(self.widths), act=act, dropout=dropout)
+        self.copies = False
         self.task_features = None
 
     task_features = _transient_property("task_features", "the (T, B, in) input of the towers in the last forward")
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """``x``: ``(B, in)`` shared by all tasks, or ``(T, B, in)`` one input per task."""
-        if x.ndim == 2:  # one stride-0 copy per tower: each tower's gradient lands in its own slice
+        if x.ndim == 2 and not self.copies:
+            self.task_features = None
+            out = self.towers(x)
+        elif x.ndim == 2:  # one stride-0 copy per tower: each tower's gradient lands in its own slice
             copies = x.unsqueeze(0).expand(len(self.names), *x.shape)
             self.task_features = copies
             first, rest = self.towers.layers[0], self.towers.layers[1:]

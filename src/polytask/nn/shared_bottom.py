@@ -25,7 +25,8 @@ class SharedBottom(MultiTaskModel):
         input_dim: width of the dense input.
         tasks: the tasks; one head each.
         bottom: hidden widths of the shared trunk; its last width is ``shared_features``' width
-            (``task_features``: its per-head copies ``(T, B, H)``).
+            (``task_features``: its per-head copies ``(T, B, H)``, after
+            :meth:`~polytask.nn.base.MultiTaskModel.expose_task_features`).
         tower: hidden widths of each task tower (may be empty: a linear head).
         activation: activation name; dropout: dropout after each hidden layer.
     """
@@ -42,5 +43,5 @@ class SharedBottom(MultiTaskModel):
         z = self.bottom(x)
         self.shared_features = z
         out = self.heads(z)
-        self.task_features = self.heads.task_features  # z expanded to (T, B, H): one copy per head
+        self.task_features = self.heads.task_features  # z expanded to (T, B, H) if exposed, else None
         return out
