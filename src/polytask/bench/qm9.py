@@ -474,7 +474,9 @@ def comparison_markdown(results: Sequence[QM9Result]) -> str:
         key = published_key(r.method)
         pub = f"{PUBLISHED_DELTA_M[key]:.1f}" if key else "–"
         dm, ds = r.delta_m()
-        rows.append(f"| {r.method} | " + " | ".join(_fmt(mae[t][0]) for t in targets) +
+        params = r.settings.get("balancer_params") or {}
+        label = r.method + (f" ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else "")
+        rows.append(f"| {label} | " + " | ".join(_fmt(mae[t][0]) for t in targets) +
                     f" | {dm:+.1f} ± {ds:.1f} | {pub} | {ranks[i]:.2f} |")
     s = results[0].settings
     note = (f"\nBudget: {s.get('epochs')} epochs, train size {s.get('train_size') or 'all'}, "
