@@ -159,6 +159,8 @@ class GradientBalancer(Balancer):
     ``task_features`` itself for per-task representations (routed models, whose feature
     Jacobian is block-diagonal: row ``t`` is non-zero on slice ``t`` only)::
 
+        model.expose_task_features()  # once: TaskHeads read per-task copies of shared_features
+        ...
         balancer.backward(losses, shared=model.shared_parameters(), features=model.shared_features,
                           task_features=model.task_features)
 
