@@ -122,6 +122,14 @@ class Trainer:
         if missing:
             raise ConfigError(f"model has no head for task(s) {', '.join(map(repr, missing))}")
         self.balancer = balance_lib.get(config.balancer.name, **config.balancer.params).to(self.device)
+        # gradient balancers get every task's feature gradient from one backward when the model
+        # exposes per-task copies of its shared features (see nn.base.MultiTaskModel)
+        from polytask.balance.engine import GradientBalancer
+
+        self._pass_task_features = isinstance(self.balancer, GradientBalancer) and hasattr(
+            self.model, "expose_task_features")
+        if self._pass_task_features:
+            self.model.expose_task_features()
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -192,7 +200,9 @@ class Trainer:
             aux = getattr(self.model, "aux_loss", None)
             if isinstance(aux, Tensor) and aux.requires_grad:
                 aux.backward(retain_graph=True)
-            weights = self.balancer.backward(losses, shared=shared, features=getattr(self.model, "shared_features", None))
+            extra = {"task_features": self.model.task_features} if self._pass_task_features else {}
+            weights = self.balancer.backward(losses, shared=shared,
+                                             features=getattr(self.model, "shared_features", None), **extra)
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
