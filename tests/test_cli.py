@@ -57,3 +57,14 @@ def test_train_example_config_with_overrides(tmp_path):
     assert "| digit | accuracy" in res.stdout and str(run_dir) in res.stdout
     epochs = {json.loads(l)["epoch"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()}
     assert epochs == {0, 1, 2}
+
+
+def test_train_refuses_to_overwrite_an_existing_run(tmp_path):
+    args = ["train", str(ROOT / "examples/digits_shared_bottom.yaml"), "--device", "cpu",
+            "--set", "train.epochs=1", "--set", f"out_dir={tmp_path}/run"]
+    assert run(*args).returncode == 0
+    latest = (tmp_path / "run/checkpoints/latest.json").read_text()
+    res = run(*args)
+    assert res.returncode == 2 and "--resume" in res.stderr and "--overwrite" in res.stderr
+    assert (tmp_path / "run/checkpoints/latest.json").read_text() == latest  # nothing lost
+    assert run(*args, "--overwrite").returncode == 0

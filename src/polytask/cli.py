@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from polytask.errors import PolytaskError
+from polytask.errors import ConfigError, PolytaskError
 
 app = typer.Typer(
     name="polytask",
@@ -45,6 +45,7 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: --set train.epochs=5")] = None,
     device: Annotated[Optional[str], typer.Option(help="Override the config's device.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run directory's latest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start over in a run directory that already holds a run.")] = False,
 ) -> None:
     """Train one model from a YAML config; writes the run directory (config, metrics.jsonl, best
     checkpoint, summary.md, plots) and prints the best epoch's test metrics."""
@@ -55,6 +56,9 @@ def train(
     if device is not None:
         overrides.append(f"device={device}")
     cfg = load_config(config, overrides)
+    if not resume and not overwrite and (cfg.run_dir / "checkpoints" / "latest.json").exists():
+        raise ConfigError(f"run directory {cfg.run_dir} already holds a run: pass --resume to continue it "
+                          "or --overwrite to start over (its checkpoints would be deleted)")
     trainer = Trainer(cfg)
     result = trainer.fit(resume=resume)
     typer.echo(metrics_table(trainer.tasks, {"val (best)": result.val, "test (best)": result.test}))

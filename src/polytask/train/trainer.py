@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from polytask import balance as balance_lib
 from polytask import data as data_lib
 from polytask import nn as nn_lib
 from polytask.data.dataset import MultiTaskDataset, Splits
-from polytask.errors import ConfigError, TrainingError
+from polytask.errors import CheckpointError, ConfigError, TrainingError
 from polytask.tasks import Task
 from polytask.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_model_file
 from polytask.train.config import RunConfig, dump_config
@@ -233,7 +234,7 @@ class Trainer:
     def _score(self, val: Metrics) -> float:
         """Validation score for model selection: mean relative validation loss (lower is better)."""
         assert self.reference_losses is not None
-        ratios = [val[t][("loss")] / max(self.reference_losses[t], 1e-12) for t in val
+        ratios = [val[t]["loss"] / max(self.reference_losses[t], 1e-12) for t in val
                   if not math.isnan(val[t]["loss"])]
         return sum(ratios) / len(ratios) if ratios else math.inf
 
@@ -254,8 +255,7 @@ class Trainer:
         }
 
     def load_state(self, parts: dict[str, Any]) -> None:
-        from polytask.errors import CheckpointError
-
+        """Restore everything :meth:`state` saved; CheckpointError if it does not fit this run."""
         try:
             self.model.load_state_dict(parts["model"])
             self.optimizer.load_state_dict(parts["optimizer"])
@@ -288,7 +288,6 @@ class Trainer:
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
             if ckpt_dir.exists():
-                import shutil
                 shutil.rmtree(ckpt_dir)
             metrics_path.write_text("")
             torch.manual_seed(self.config.seed)  # dropout & co. draw from the global RNG: restart it
