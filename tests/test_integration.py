@@ -51,3 +51,32 @@ def test_every_dense_architecture_trains(tmp_path, arch):
     scores = [r.score for r in result.history]
     assert all(math.isfinite(s) for s in scores)
     assert min(scores[1:]) < 0.95 * scores[0]  # an untrained or frozen model stays at 1.0
+
+
+@pytest.mark.parametrize("arch", DENSE_ARCHS)
+@pytest.mark.parametrize("method", ["mgda", "upgrad"])
+def test_one_backward_task_features_match_the_per_task_path(arch, method):
+    # the Trainer passes model.task_features to gradient balancers; the .grad it produces must equal
+    # the per-task path's for every architecture that exposes them
+    import torch
+
+    from polytask import data, nn
+
+    splits = data.load("synthetic", num_tasks=3, num_rows=60, input_dim=12)
+    grads = []
+    for use_task_features in (False, True):
+        torch.manual_seed(0)
+        model = nn.build_model(arch, splits.input_spec, splits.tasks)
+        if use_task_features:
+            model.expose_task_features()
+        out = model(splits.train.inputs[:32])
+        losses = {t.name: t.loss(out[t.name], splits.train.targets[t.name][:32]) for t in splits.tasks}
+        extra = {"task_features": model.task_features} if use_task_features else {}
+        if use_task_features:
+            assert model.task_features is not None and model.task_features.shape[0] == 3
+        balance.get(method).backward(losses, shared=list(model.shared_parameters()),
+                                     features=model.shared_features, **extra)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)

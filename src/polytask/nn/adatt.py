@@ -72,4 +72,4 @@ class AdaTT(RoutedModel):
             h, gates = level(h)
         self.gate_weights = per_task(self.task_names, gates)
         self.shared_features = h
-        return self.heads(h)
+        return self.read_heads(h)

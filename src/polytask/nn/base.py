@@ -96,6 +96,14 @@ class MultiTaskModel(nn.Module):
                 module.copies = enabled
         return self
 
+    def read_heads(self, x: Tensor) -> dict[str, Tensor]:
+        """Run ``self.heads`` (a :class:`TaskHeads`) on ``x`` and expose what the towers read as
+        ``task_features``: ``x`` itself when it is per task ``(T, B, H)``, else the per-task copies
+        (when switched on). Models whose towers read only their own task's slice call this."""
+        out = self.heads(x)
+        self.task_features = self.heads.task_features
+        return out
+
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters every task's loss depends on (the ones gradient balancing acts on)."""
         head_ids = {id(p) for p in self.task_specific_parameters()}

@@ -64,4 +64,4 @@ class CrossStitch(MultiTaskModel):
             h = self.dropout(self.act(layer(h)))  # (T, B, H)
             h = torch.einsum("ts,sbh->tbh", alpha, h)
         self.shared_features = h
-        return self.heads(h)
+        return self.read_heads(h)

@@ -107,4 +107,4 @@ class DSelectK(RoutedModel):
         mixed = mix_experts(q, experts)
         self.gate_weights = per_task(self.task_names, q)
         self.shared_features = mixed
-        return self.heads(mixed)
+        return self.read_heads(mixed)

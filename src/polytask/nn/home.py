@@ -190,4 +190,4 @@ class HoME(RoutedModel):
         out, gates = self.task_level(streams)  # (T, B, H)
         self.gate_weights = per_task(self.task_names, gates)
         self.shared_features = out
-        return self.heads(out)
+        return self.read_heads(out)

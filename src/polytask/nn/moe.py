@@ -114,7 +114,7 @@ class MMoE(RoutedModel):
         mixed = mix_experts(gates, experts)
         self.gate_weights = per_task(self.task_names, gates)
         self.shared_features = mixed
-        return self.heads(mixed)
+        return self.read_heads(mixed)
 
 
 @ARCHITECTURES.register("omoe")
@@ -145,7 +145,7 @@ class OMoE(MultiTaskModel):
         mixed = mix_experts(gate, experts)
         self.gate_weights = {n: gate for n in self.task_names}
         self.shared_features = mixed
-        return self.heads(mixed)
+        return self.read_heads(mixed)
 
 
 class ExtractionLevel(nn.Module):
@@ -297,7 +297,7 @@ class PLE(RoutedModel):
         self.level_gate_weights = gates_per_level
         self.gate_weights = per_task(self.task_names, gates_per_level[-1])
         self.shared_features = h
-        return self.heads(h)
+        return self.read_heads(h)
 
 
 @ARCHITECTURES.register("cgc")

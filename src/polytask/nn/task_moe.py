@@ -129,4 +129,4 @@ class TaskMoE(RoutedModel):
         stacked = torch.stack(routes, dim=1)  # (T, L, E)
         self.gate_weights = dict(zip(self.task_names, stacked.unbind(0)))
         self.shared_features = h
-        return self.heads(h)
+        return self.read_heads(h)

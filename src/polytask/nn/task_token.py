@@ -135,4 +135,4 @@ class TaskTokenAttention(MultiTaskModel):
         self.attention_weights = per_task(self.task_names, attn.transpose(0, 1))
         self.gate_weights = self.attention_weights
         self.shared_features = z
-        return self.heads(z)
+        return self.read_heads(z)
