@@ -183,15 +183,17 @@ def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> Tensor:
     task ``i`` is projected against the others.
     """
     n = gramian.shape[0]
-    rows = torch.arange(n, device=gramian.device)
+    rows = torch.arange(n, device=gramian.device).unsqueeze(1)
     coef = torch.eye(n, dtype=gramian.dtype, device=gramian.device)
-    diag = gramian.diagonal()
-    for k in range(orders.shape[1]):
-        j = orders[:, k]
-        inner = (coef * gramian[j]).sum(1)  # g_i^PC . g_j for every i
-        conflict = (j != rows) & (inner < 0)
-        step = torch.where(conflict, -inner / diag[j].clamp_min(torch.finfo(gramian.dtype).tiny), torch.zeros_like(inner))
-        coef = coef.index_put((rows, j), step, accumulate=True)
+    # Everything that depends on the order only, gathered once: the Gramian rows met at each
+    # position and the squared norms to divide by (inf for i itself, so its step is exactly 0).
+    met = gramian[orders]  # met[i, k] = G[orders[i, k]]
+    sq_norm = gramian.diagonal()[orders].clamp_min(torch.finfo(gramian.dtype).tiny)
+    sq_norm = torch.where(orders == rows, torch.full_like(sq_norm, float("inf")), sq_norm)
+    for met_k, norm_k, j in zip(met.unbind(1), sq_norm.unbind(1), orders.unsqueeze(-1).unbind(1)):
+        inner = (coef * met_k).sum(1, keepdim=True)  # g_i^PC . g_j for every i
+        # -inner / ||g_j||^2 where they conflict (inner < 0), else 0.
+        coef.scatter_add_(1, j, (-inner).clamp_min(0.0) / norm_k.unsqueeze(1))
     return coef
 
 
