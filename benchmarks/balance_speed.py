@@ -240,6 +240,26 @@ def aggregation_benchmarks(args: argparse.Namespace) -> list[tuple[str, float, f
     return rows
 
 
+def breakdown_benchmarks(args: argparse.Namespace) -> list[tuple[str, float, float, float, float]]:
+    """Feature-mode aggregation at T=16 split in parts: ``(method, G = J J^T, weights(G), w @ J, aggregate(J))``.
+
+    ``J`` is the feature Jacobian of the step benchmark (``16 x batch*hidden``): the Gramian and
+    the combination are the floor every Gramian-based method pays on top of the backward passes.
+    """
+    n = 16
+    torch.manual_seed(0)
+    jac = torch.randn(n, args.batch * args.hidden)
+    t_gram = median_ms(lambda: jac @ jac.T, args.repeats * 4)
+    gram64 = (jac @ jac.T).double()
+    rows = []
+    for name in METHODS:
+        method = balance.get(name).aggregator
+        w = method.weights(gram64).float()
+        rows.append((name, t_gram, median_ms(lambda: method.weights(gram64), args.repeats * 4),
+                     median_ms(lambda: w @ jac, args.repeats * 4), median_ms(lambda: method.aggregate(jac), args.repeats * 4)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8, 16, 32])
@@ -280,6 +300,13 @@ def main() -> None:
     if table:
         print("\n# targets: feat/EW <= 1.5 at T=16; par/loop:m <= 1 (parameter mode no slower than the per-task loop)."
               "\n# EW: the default model (no copies); EW-copies: the same model with expose_task_features()")
+
+    if table:
+        print(f"\n# feature-mode aggregation in parts, T=16, J 16x{args.batch * args.hidden}, median ms")
+        print("| method | G = J J^T | weights(G) | w @ J | aggregate(J) |")
+        print("|---|---|---|---|---|")
+        for name, *parts in breakdown_benchmarks(args):
+            print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in parts) + " |")
 
     if not args.no_torchjd:
         print(f"\n# aggregation alone, T=16, D={args.agg_dim}, median ms")
