@@ -116,12 +116,13 @@ def nonneg_qp(quad: Tensor, lin: Tensor, iters: int | None = None) -> Tensor:
     free = torch.ones_like(lin, dtype=torch.bool)
     x = torch.zeros_like(lin)
     index = torch.arange(n, device=lin.device)
+    eye = torch.eye(n, dtype=quad.dtype, device=quad.device)
+    neg_lin = -lin
     early = _early_exit(lin)
     for k in range(iters):
-        f = free.to(quad.dtype)
         # Reduced KKT system, padded to full size: rows/columns of active indices become identity.
-        mat = quad * f.unsqueeze(-1) * f.unsqueeze(-2) + torch.diag_embed(1.0 - f)
-        x = torch.linalg.solve_ex(mat, (-lin * f).unsqueeze(-1))[0].squeeze(-1)
+        mat = torch.where(free.unsqueeze(-1) & free.unsqueeze(-2), quad, eye)
+        x = torch.linalg.solve_ex(mat, torch.where(free, neg_lin, 0.0).unsqueeze(-1))[0].squeeze(-1)
         mult = x @ quad + lin
         violated = torch.where(free, x < 0, mult < 0)
         if early and not bool(violated.any()):
@@ -162,10 +163,12 @@ def cagrad_dual(gramian: Tensor, c: float, iters: int | None = None, reg: float 
     free = torch.ones(n, dtype=torch.bool, device=dev)
     v = torch.zeros(n, dtype=dtype, device=dev)
     early = _early_exit(gramian)
+    eye = torch.eye(n, dtype=dtype, device=dev)
+    ones_b = torch.stack([ones, b], dim=-1)
     for k in range(iters):
         f = free.to(dtype)
-        mat = g * f.unsqueeze(-1) * f.unsqueeze(-2) + torch.diag(1.0 - f)
-        sol = torch.linalg.solve_ex(mat, torch.stack([ones * f, b * f], dim=-1))[0]
+        mat = torch.where(free.unsqueeze(-1) & free.unsqueeze(-2), g, eye)
+        sol = torch.linalg.solve_ex(mat, ones_b * f.unsqueeze(-1))[0]
         p, q = sol[:, 0], sol[:, 1]
         a2, a1, a0 = ones @ (f * p), ones @ (f * q), b @ (f * q)
         disc = a1 * a1 - a2 * (a0 - s2)
