@@ -144,6 +144,14 @@ def _gate(ok: Tensor, grad: Tensor) -> Tensor:
     return torch.where(ok, grad, 0.0)
 
 
+def _accumulate_flat(params: list[Tensor], flat: Tensor, ok: Tensor) -> None:
+    """Add consecutive slices of the flat update ``flat`` to each parameter's ``.grad`` (gated by ``ok``)."""
+    offset = 0
+    for p in params:
+        _accumulate(p, _gate(ok, flat[offset: offset + p.numel()].view_as(p)))
+        offset += p.numel()
+
+
 def _accumulate(param: Tensor, grad: Tensor) -> None:
     """``param.grad += grad``; ``grad`` must be a fresh tensor (it is stored, not copied)."""
     if param.grad is None:
@@ -260,10 +268,7 @@ class GradientBalancer(Balancer):
                     if g is not None:
                         acc.add_(g)
         update, weights, ok = self._aggregate(jac, head_grads, vec, list(losses))
-        offset = 0
-        for p in shared:
-            _accumulate(p, _gate(ok, update[offset: offset + p.numel()].view_as(p)))
-            offset += p.numel()
+        _accumulate_flat(shared, update, ok)
         for p, g in zip(heads, head_grads):
             _accumulate(p, _gate(ok, g))
         return weights
@@ -327,10 +332,7 @@ class GradientBalancer(Balancer):
         else:
             jac = self._trunk_jacobian(source, shared, rows.view(n, *source.shape))
             update, weights, ok = self._aggregate(jac, head_grads, vec, list(losses))
-            offset = 0
-            for p in shared:
-                _accumulate(p, _gate(ok, update[offset: offset + p.numel()].view_as(p)))
-                offset += p.numel()
+            _accumulate_flat(shared, update, ok)
         for p, g in zip(heads, head_grads):
             _accumulate(p, _gate(ok, g))
         return weights
