@@ -25,7 +25,9 @@ so that load changes on a shared machine hit all of them alike; the median per v
 Then the aggregation alone at T=16 (given the ``T x D`` Jacobian): ours vs torchjd for CAGrad,
 Nash-MTL and UPGrad (torchjd solves them with cvxpy / quadprog on the CPU).
 
-Run: ``python benchmarks/balance_speed.py`` (several minutes on CPU; ``--quick`` for a smoke run).
+Run: ``python benchmarks/balance_speed.py`` (several minutes on CPU; ``--quick`` for a smoke run);
+``--device cuda`` runs everything (ours and torchjd) on the GPU, each timed region closed by
+``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -49,15 +51,28 @@ METHODS = ["mgda", "pcgrad", "cagrad", "nash_mtl", "upgrad"]
 SLOW_TJD = ("nash_mtl", "cagrad")  # torchjd's cvxpy-based solvers: fewer rounds at large T
 
 
+DEVICE = torch.device("cpu")  # set from --device in main()
+
+
+def sync() -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously; a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes, its device work included."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(timed(fn) for _ in range(repeats)) * 1e3
 
 
 def round_robin_ms(fns: dict[str, Callable[[], object]], repeats: int, sparse: dict[str, int] | None = None) -> dict[str, float]:
@@ -70,9 +85,7 @@ def round_robin_ms(fns: dict[str, Callable[[], object]], repeats: int, sparse: d
         for k, fn in fns.items():
             if r >= sparse.get(k, repeats):
                 continue
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
+            times[k].append(timed(fn))
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
@@ -125,9 +138,9 @@ class TrunkHeads(nn.Module):
 def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
     tasks = [Task(f"t{i}", "regression") for i in range(n_tasks)]
-    model = TrunkHeads(tasks, args.input, args.hidden)
-    x = torch.randn(args.batch, args.input)
-    y = torch.randn(n_tasks, args.batch, 1)
+    model = TrunkHeads(tasks, args.input, args.hidden).to(DEVICE)
+    x = torch.randn(args.batch, args.input).to(DEVICE)
+    y = torch.randn(n_tasks, args.batch, 1).to(DEVICE)
     shared = list(model.shared_parameters())
 
     def losses() -> dict[str, torch.Tensor]:
@@ -160,7 +173,7 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
             p.grad = update[offset: offset + p.numel()].view_as(p)
             offset += p.numel()
 
-    separate = SeparateHeads(model.trunk, model.names, args.hidden)
+    separate = SeparateHeads(model.trunk, model.names, args.hidden).to(DEVICE)
 
     def separate_losses() -> list[torch.Tensor]:
         out = separate(x)
@@ -173,7 +186,7 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
     fns: dict[str, Callable[[], object]] = {"ew": ew, "ew-copies": ew_copies, "ew-sep": ew_separate, "loop": loop}
     sparse: dict[str, int] = {}
     if "famo" in balance.names():
-        famo = balance.get("famo")
+        famo = balance.get("famo").to(DEVICE)
 
         def famo_step() -> None:
             model.zero_grad(set_to_none=True)
@@ -194,13 +207,13 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
     for name in METHODS:
         method = balance.get(name).aggregator
         fns[f"loop:{name}"] = lambda method=method: loop(method)
-        fns[f"par:{name}"] = ours(balance.get(name, mode="parameters"), True)
-        vb = balance.get(name, mode="parameters")
+        fns[f"par:{name}"] = ours(balance.get(name, mode="parameters").to(DEVICE), True)
+        vb = balance.get(name, mode="parameters").to(DEVICE)
         vb.trunk_batched = True
         fns[f"par-vb:{name}"] = ours(vb, True)
-        fns[f"feat:{name}"] = ours(balance.get(name, mode="features"), True)
-        fns[f"par-old:{name}"] = ours(balance.get(name, mode="parameters"), False)
-        fns[f"feat-old:{name}"] = ours(balance.get(name, mode="features"), False)
+        fns[f"feat:{name}"] = ours(balance.get(name, mode="features").to(DEVICE), True)
+        fns[f"par-old:{name}"] = ours(balance.get(name, mode="parameters").to(DEVICE), False)
+        fns[f"feat-old:{name}"] = ours(balance.get(name, mode="features").to(DEVICE), False)
         if not args.no_torchjd:
             from torchjd.autojac import jac_to_grad, mtl_backward
 
@@ -221,7 +234,7 @@ def aggregation_benchmarks(args: argparse.Namespace) -> list[tuple[str, float, f
 
     n = 16
     torch.manual_seed(0)
-    jac = torch.randn(n, args.agg_dim)
+    jac = torch.randn(n, args.agg_dim).to(DEVICE)
     rows = []
     pairs = [("cagrad", agg.CAGrad(c=0.4), tja.CAGrad(c=0.4)), ("nash_mtl", agg.NashMTL(), tja.NashMTL(n_tasks=n)),
              ("upgrad", agg.UPGrad(), tja.UPGrad())]
@@ -248,7 +261,7 @@ def breakdown_benchmarks(args: argparse.Namespace) -> list[tuple[str, float, flo
     """
     n = 16
     torch.manual_seed(0)
-    jac = torch.randn(n, args.batch * args.hidden)
+    jac = torch.randn(n, args.batch * args.hidden).to(DEVICE)
     t_gram = median_ms(lambda: jac @ jac.T, args.repeats * 4)
     gram64 = (jac @ jac.T).double()
     rows = []
@@ -268,6 +281,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--agg-dim", type=int, default=100_000, help="D of the Jacobian for the aggregation-only table")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the models, data and Jacobians live (cuda: timings synchronise the device)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = stable timings on a shared box)")
     parser.add_argument("--no-torchjd", action="store_true")
     parser.add_argument("--quick", action="store_true", help="T in {2, 16}, 3 repeats")
@@ -275,12 +290,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.repeats = [2, 16], 3
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # cvxpy's DPP notices in torchjd's Nash-MTL
 
     if not args.agg_only:
         print(f"# step time, median ms (MLP {args.input}-{args.hidden}-{args.hidden}, T linear heads, batch {args.batch}, "
-              f"{torch.get_num_threads()} thread(s), device cpu)")
+              f"{torch.get_num_threads()} CPU thread(s), device {DEVICE})")
     table = {} if args.agg_only else {t: step_benchmarks(t, args) for t in args.tasks}
     for t, row in table.items():
         base = "".join(f", {k} {row[k]:.2f}" for k in ("ew-copies", "ew-sep", "loop", "famo") if k in row)
@@ -302,14 +321,14 @@ def main() -> None:
               "\n# EW: the default model (no copies); EW-copies: the same model with expose_task_features()")
 
     if table:
-        print(f"\n# feature-mode aggregation in parts, T=16, J 16x{args.batch * args.hidden}, median ms")
+        print(f"\n# feature-mode aggregation in parts, T=16, J 16x{args.batch * args.hidden}, device {DEVICE}, median ms")
         print("| method | G = J J^T | weights(G) | w @ J | aggregate(J) |")
         print("|---|---|---|---|---|")
         for name, *parts in breakdown_benchmarks(args):
             print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in parts) + " |")
 
     if not args.no_torchjd:
-        print(f"\n# aggregation alone, T=16, D={args.agg_dim}, median ms")
+        print(f"\n# aggregation alone, T=16, D={args.agg_dim}, device {DEVICE}, median ms")
         print("| method | ours | torchjd | speed-up |")
         print("|---|---|---|---|")
         for name, ours, theirs in aggregation_benchmarks(args):
