@@ -73,6 +73,7 @@ def _step_rechub(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 CLOCK = time.perf_counter
+SYNC = lambda: None  # noqa: E731  (torch.cuda.synchronize on CUDA: time finished work, not launches)
 
 
 def throughput(step, model, x, y, steps: int, repeats: int) -> list[float]:
@@ -82,9 +83,11 @@ def throughput(step, model, x, y, steps: int, repeats: int) -> list[float]:
         step(model, x, y)
     rates = []
     for _ in range(repeats):
+        SYNC()
         start = CLOCK()
         for _ in range(steps):
             step(model, x, y)
+        SYNC()
         rates.append(steps * x.shape[0] / (CLOCK() - start))
     return rates
 
@@ -99,9 +102,16 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: samples per CPU-second of this process (use with --threads 1 on a "
                              "shared machine: other processes' load then barely moves the figure)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on CUDA timings are wall-clock "
+                        "with a synchronize around each repeat")
     args = parser.parse_args()
-    global CLOCK
+    global CLOCK, SYNC
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if args.clock == "cpu":
+            parser.error("--clock cpu measures host CPU time; use --clock wall with --device cuda")
+        SYNC = torch.cuda.synchronize
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -112,12 +122,12 @@ def main() -> None:
     rows = []
     for kind in args.archs:
         for d, expert, tower in configs:
-            x = torch.randn(args.batch, d)
-            y = torch.randint(0, 2, (args.batch, 3)).float()
+            x = torch.randn(args.batch, d, device=device)
+            y = torch.randint(0, 2, (args.batch, 3), device=device).float()
             models = {
-                "polytask": (_ours(kind, d, expert, tower), _step_ours),
-                "rechub": (_rechub(kind, d, expert, tower, batchnorm=True), _step_rechub),
-                "rechub-noBN": (_rechub(kind, d, expert, tower, batchnorm=False), _step_rechub),
+                "polytask": (_ours(kind, d, expert, tower).to(device), _step_ours),
+                "rechub": (_rechub(kind, d, expert, tower, batchnorm=True).to(device), _step_rechub),
+                "rechub-noBN": (_rechub(kind, d, expert, tower, batchnorm=False).to(device), _step_rechub),
             }
             rates: dict[str, list[float]] = {k: [] for k in models}
             for _ in range(args.repeats):  # interleave so that load changes hit every model alike
@@ -126,7 +136,8 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in rates.items()}
             rows.append((kind, f"d={d} expert={expert} tower={tower}", med))
 
-    print(f"\nbatch {args.batch}, 3 tasks, 8 experts, {args.threads} threads, torch {torch.__version__}; "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} threads"
+    print(f"\nbatch {args.batch}, 3 tasks, 8 experts, {where}, torch {torch.__version__}; "
           f"median samples per {args.clock}-second over {args.repeats} repeats of {args.steps} steps (forward+backward)")
     header = f"{'model':5} | {'sizes':34} | {'polytask':>10} | {'rechub':>10} | {'rechub-noBN':>11} | {'x rechub':>8} | {'x noBN':>6}"
     print(header)
