@@ -26,8 +26,19 @@ every head's own-task gradient at once, since head ``t`` reads slice ``t`` alone
 
 Both are exact (the same Jacobians as the per-task passes, up to float rounding).
 
-The third source of DESIGN.md, the Gramian without the Jacobian, is not implemented: Gramian-based
-methods form ``G = J J^T`` from one of the two Jacobians above.
+The third source of DESIGN.md, the ``T x T`` Gramian without the Jacobian, serves feature mode when
+the heads' first layer is linear on the shared features (:class:`~polytask.nn.base.TaskHeads` with
+``task_features``: tower ``t`` computes ``y_t = z W_t + b_t`` then reads only ``y_t``) and the
+method needs only the Gramian (:class:`~polytask.balance.aggregators.GramianWeighting`). With
+``U_t = ∂L_t/∂y_t`` (``B x o``), task ``t``'s feature gradient is ``g_t = U_t W_t^T``, so
+``G_st = <U_s W_s^T, U_t W_t^T> = Σ_ij (U_s^T U_t)_ij (W_s^T W_t)_ij`` (:func:`linear_head_gramian`)
+and ``Σ_t w_t g_t = [w_1 U_1 ... w_T U_T] [W_1 ... W_T]^T`` -- one backward of ``Σ_t L_t`` that
+stops at the ``y_t``, ``O(B (T o)^2 + d (T o)^2)`` for the Gramian, one ``B x To x d`` product,
+ONE backward through the trunk; the ``T x (B d)`` feature Jacobian is never formed. The weights
+and the update are those of the Jacobian path (same Gramian, same combination), the heads get
+their own task's gradient. It is taken automatically where it is cheaper (``o^2 (B + d) <= B d``:
+always for linear heads, ``o = 1``) and the graph has that shape; everything else keeps the paths
+above.
 
 In both modes every task-specific parameter (heads) receives its own task's plain gradient, as
 with ``L_t.backward()``; only the shared part is aggregated.
@@ -41,7 +52,7 @@ all without host synchronisation (``nan_policy="raise"`` instead synchronises an
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -54,7 +65,85 @@ from polytask.errors import ConfigError, TrainingError
 
 Mode = Literal["parameters", "features"]
 
-__all__ = ["GradientBalancer", "find_task_parameters", "task_jacobian"]
+__all__ = ["GradientBalancer", "find_task_parameters", "linear_head_gramian", "task_jacobian"]
+
+
+def linear_head_gramian(head_grads: Tensor, weights: Tensor, n_tasks: int) -> Tensor:
+    """The ``(T, T)`` Gramian of the feature gradients ``g_t = U_t W_t^T`` of linear heads, without forming them.
+
+    ``head_grads``: ``(B, T*o)``, columns ``t*o:(t+1)*o`` hold ``U_t = ∂L_t/∂y_t``, the gradient at
+    head ``t``'s output ``y_t = z W_t (+ b_t)``; ``weights``: ``(T*o, d)``, rows ``t*o:(t+1)*o``
+    hold ``W_t^T``. ``G_st = Σ_b (U_s[b] W_s^T) . (U_t[b] W_t^T) = Σ_ij (U_s^T U_t)_ij (W_s^T W_t)_ij``:
+    ``O((B + d) (T o)^2)`` instead of ``O(T^2 B d)`` for the ``T x (B d)`` Jacobian's Gramian.
+    """
+    width = head_grads.shape[1] // n_tasks
+    blocks = (head_grads.T @ head_grads) * (weights @ weights.T)  # (To, To): block (s, t) sums to G_st
+    if width == 1:
+        return blocks
+    return blocks.view(n_tasks, width, n_tasks, width).sum((1, 3))
+
+
+def _gramian_only(aggregator: agg.Aggregator) -> bool:
+    """Whether the aggregator's update is ``J^T weights(J J^T)`` (it keeps GramianWeighting's aggregate)."""
+    return isinstance(aggregator, agg.GramianWeighting) and type(aggregator).aggregate is agg.GramianWeighting.aggregate
+
+
+def _linear_head_path(losses: Sequence[Tensor], task_features: Tensor) -> tuple[type, tuple[int, ...], set[int]] | None:
+    """Where the losses' graph reads ``task_features`` through one :class:`~polytask.nn.base.TaskHeads`
+    first linear layer (``_CopiesLinear``) and nothing else: ``(node class, path, leaves)`` with ``path``
+    the ``next_functions`` indices from the first loss's ``grad_fn`` to that node and ``leaves`` the ids
+    of the parameters above it (the layer's own included); ``None`` otherwise.
+
+    Checked once per task set (graphs repeat from step to step): no loss reaches ``task_features``
+    or the layer's weight and bias but through that node.
+    """
+    from polytask.nn.base import _CopiesLinear  # lazily: balance does not need nn otherwise
+
+    cls = _CopiesLinear._backward_cls
+    found: set[Any] = set()
+    leaves: set[int] = set()
+    seen: set[Any] = set()
+    stack = [loss.grad_fn for loss in losses]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, cls):
+            found.add(node)
+            continue
+        if node is task_features.grad_fn:
+            return None
+        var = getattr(node, "variable", None)
+        if var is not None:
+            leaves.add(id(var))
+        stack.extend(child for child, _ in node.next_functions)
+    if len(found) != 1:
+        return None
+    layer = next(iter(found))
+    if layer.next_functions[0][0] is not task_features.grad_fn or task_features.grad_fn is None:
+        return None
+    params = [child.variable for child, _ in layer.next_functions[1:] if child is not None and hasattr(child, "variable")]
+    if any(id(p) in leaves for p in params):
+        return None
+    return cls, _path_to(losses[0].grad_fn, layer), leaves | {id(p) for p in params}
+
+
+def _path_to(root: Any, target: Any) -> tuple[int, ...]:
+    """``next_functions`` indices leading from ``root`` to ``target`` (breadth-first: the shortest)."""
+    frontier: list[tuple[Any, tuple[int, ...]]] = [(root, ())]
+    seen = {root}
+    while frontier:
+        nxt = []
+        for node, path in frontier:
+            if node is target:
+                return path
+            for i, (child, _) in enumerate(node.next_functions):
+                if child is not None and child not in seen:
+                    seen.add(child)
+                    nxt.append((child, (*path, i)))
+        frontier = nxt
+    raise AssertionError("target node not below root")
 
 
 def task_jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor], *, batched: bool = True) -> list[Tensor]:
@@ -213,7 +302,7 @@ class GradientBalancer(Balancer):
         self.batched = batched
         self.trunk_batched = trunk_batched
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
-        self._graph_cache: dict[tuple[Any, ...], list[Tensor]] = {}
+        self._graph_cache: dict[tuple[Any, ...], Any] = {}
 
     def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
                  features: Tensor | None = None, *, task_features: Tensor | None = None) -> Tensor:
@@ -316,6 +405,10 @@ class GradientBalancer(Balancer):
                            task_features: Tensor) -> Tensor:
         """Both modes from one backward of ``Σ_t L_t`` to ``task_features`` and the heads (module docstring)."""
         copies, heads = self._check_task_features(losses, shared, features, task_features)
+        if self.mode == "features" and copies and _gramian_only(self.aggregator):
+            layer = self._linear_head_layer(losses, features, task_features, heads)
+            if layer is not None:
+                return self._backward_linear_heads(losses, vec, shared, features, heads, layer)
         n = vec.shape[0]
         grads = torch.autograd.grad(vec.sum(), [task_features, *heads], retain_graph=True, allow_unused=True,
                                     materialize_grads=True)
@@ -335,6 +428,64 @@ class GradientBalancer(Balancer):
             _accumulate_flat(shared, update, ok)
         for p, g in zip(heads, head_grads):
             _accumulate(p, _gate(ok, g))
+        return weights
+
+    def _linear_head_layer(self, losses: Mapping[str, Tensor], features: Tensor, task_features: Tensor,
+                           heads: list[Tensor]) -> Any:
+        """This step's ``_CopiesLinear`` graph node if the Gramian-only source applies and is cheaper, else None.
+
+        Not with task-specific parameters below the heads (they need the backward through the copies)."""
+        key = (tuple(losses), "linear_heads")
+        if key not in self._graph_cache:
+            self._graph_cache[key] = _linear_head_path(list(losses.values()), task_features)
+        found = self._graph_cache[key]
+        if found is None:
+            return None
+        cls, path, above = found
+        if any(id(p) not in above for p in heads):
+            return None
+        node = next(iter(losses.values())).grad_fn
+        for i in path:  # replay the path found once; the graph's shape repeats
+            node = node.next_functions[i][0] if node is not None and i < len(node.next_functions) else None
+        if not isinstance(node, cls) or node.next_functions[0][0] is not task_features.grad_fn:
+            return None
+        width, in_features = node.saved_tensors[1].shape[2], node.saved_tensors[1].shape[1]
+        batch = features.numel() // max(in_features, 1)
+        # (B + d)(T o)^2 for the Gramian vs T^2 B d for the Jacobian's (+ its T B o d per-copy backward)
+        return node if width * width * (batch + in_features) <= batch * in_features else None
+
+    def _backward_linear_heads(self, losses: Mapping[str, Tensor], vec: Tensor, shared: list[Tensor], features: Tensor,
+                               heads: list[Tensor], layer: Any) -> Tensor:
+        """Feature mode from the Gramian alone (module docstring): ``U`` at the heads' first linear layer."""
+        from torch.autograd.graph import GradientEdge
+
+        n = vec.shape[0]
+        _, weight = layer.saved_tensors  # (T, d, o)
+        own = {id(child.variable) for child, _ in layer.next_functions[1:] if child is not None and hasattr(child, "variable")}
+        others = [p for p in heads if id(p) not in own]
+        grads = torch.autograd.grad(vec.sum(), [GradientEdge(layer, 0), *others], retain_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+        u = grads[0]  # (T, B, o): u[t] = ∂L_t/∂y_t (tower t reads slice t only)
+        batch, width, d = u.shape[1], u.shape[2], weight.shape[1]
+        u_wide = u.transpose(0, 1).reshape(batch, n * width)
+        w_wide = weight.detach().transpose(1, 2).reshape(n * width, d)
+        z = features.detach().reshape(batch, d)
+        head_grads = dict(zip(map(id, others), grads[1:]))
+        weight_param, bias_param = (child.variable if child is not None else None for child, _ in layer.next_functions[1:3])
+        head_grads[id(weight_param)] = (z.T @ u_wide).reshape(d, n, width).transpose(0, 1)  # as _CopiesLinear's backward
+        if bias_param is not None:
+            head_grads[id(bias_param)] = u.sum(1, keepdim=True)
+
+        def solve() -> tuple[Tensor, Tensor]:
+            gramian = linear_head_gramian(u_wide, w_wide, n)
+            w = self.aggregator.weights(gramian.to(agg._SOLVE_DTYPE)).to(u.dtype)
+            return (u_wide * w.repeat_interleave(width)) @ w_wide, w  # Σ_t w_t U_t W_t^T
+
+        ordered = [head_grads[id(p)] for p in heads]
+        update, weights, ok = self._guarded(solve, u.reshape(n, -1), ordered, vec, list(losses))
+        for p, g in zip(heads, ordered):
+            _accumulate(p, _gate(ok, g))
+        self._fill_trunk(features, shared, _gate(ok, update).view_as(features), ok)
         return weights
 
     def _trunk_jacobian(self, source: Tensor, shared: list[Tensor], rows: Tensor) -> Tensor:
@@ -370,13 +521,19 @@ class GradientBalancer(Balancer):
     def _aggregate(self, jac: Tensor, head_grads: list[Tensor], losses: Tensor,
                    names: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Aggregate; on a non-finite loss or result return ``ok=False`` and keep the aggregator's state."""
+        return self._guarded(lambda: self.aggregator.aggregate(jac.detach()), jac, head_grads, losses, names)
+
+    def _guarded(self, solve: Callable[[], tuple[Tensor, Tensor]], rows: Tensor, head_grads: list[Tensor], losses: Tensor,
+                 names: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(update, weights, ok)`` of ``solve()``; ``ok=False`` on a non-finite loss or result, and then the
+        aggregator's state is kept. ``rows`` (``(T, ...)``, per task) name the bad tasks for ``nan_policy="raise"``."""
         before = {k: v for k, v in self.aggregator.named_buffers()}
-        update, weights = self.aggregator.aggregate(jac.detach())
+        update, weights = solve()
         ok = _all_finite(update) & torch.isfinite(losses.detach()).all()
         for g in head_grads:
             ok = ok & _all_finite(g)
         if self.nan_policy == "raise" and not bool(ok):  # explicit, opt-in host sync
-            finite = torch.isfinite(jac).all(1) & torch.isfinite(losses.detach())
+            finite = torch.isfinite(rows.reshape(rows.shape[0], -1)).all(1) & torch.isfinite(losses.detach())
             bad = [n for n, row in zip(names, finite.tolist()) if not row] or names
             raise TrainingError(f"non-finite gradient for task(s) {', '.join(map(repr, bad))}")
         for name, old in before.items():  # a skipped step must not touch the method's state
