@@ -15,12 +15,14 @@ Model: an MLP trunk (``--input`` -> ``--hidden`` x 2, ReLU) with T linear heads 
   is EW on that model;
 - ours, given ``task_features`` (one backward through the heads for all tasks):
   ``par:<m>`` parameter mode (``T`` passes of the feature-gradient rows through the trunk, the
-  default), ``par-vb:<m>`` (the rows in one vectorised trunk backward), ``feat:<m>`` feature mode;
+  default), ``par-vb:<m>`` (the rows in one vectorised trunk backward), ``feat:<m>`` feature mode
+  (with these linear heads: the Gramian-only source, ``U^T U * W W^T``, no ``T x (B d)`` Jacobian);
 - ours without ``task_features`` (one pass per task, the fallback): ``par-old:<m>``, ``feat-old:<m>``;
 - ``famo``: FAMO (loss-based; backward only, its post-step pass excluded) if registered.
 
 Every variant of one T is timed round-robin (one step of each per round, ``--repeats`` rounds),
-so that load changes on a shared machine hit all of them alike; the median per variant is shown.
+so that load changes on a shared machine hit all of them alike; the median per variant is shown,
+and ``feat/EW paired``: the median over rounds of the ratio within one round.
 
 Then the aggregation alone at T=16 (given the ``T x D`` Jacobian): ours vs torchjd for CAGrad,
 Nash-MTL and UPGrad (torchjd solves them with cvxpy / quadprog on the CPU).
@@ -75,8 +77,13 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
     return statistics.median(timed(fn) for _ in range(repeats)) * 1e3
 
 
-def round_robin_ms(fns: dict[str, Callable[[], object]], repeats: int, sparse: dict[str, int] | None = None) -> dict[str, float]:
-    """Median ms of each function, timed one call of each per round (``sparse[k]``: only that many rounds)."""
+def round_robin_ms(fns: dict[str, Callable[[], object]], repeats: int, sparse: dict[str, int] | None = None,
+                   paired_with: str | None = None) -> dict[str, float]:
+    """Median ms of each function, timed one call of each per round (``sparse[k]``: only that many rounds).
+
+    With ``paired_with=ref`` also ``"k|ref"``: the median over rounds of ``time_k / time_ref`` within
+    the same round -- a ratio that a load change on a shared machine between rounds does not bias.
+    """
     sparse = sparse or {}
     for fn in fns.values():  # warm-up
         fn()
@@ -86,7 +93,11 @@ def round_robin_ms(fns: dict[str, Callable[[], object]], repeats: int, sparse: d
             if r >= sparse.get(k, repeats):
                 continue
             times[k].append(timed(fn))
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    out = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    if paired_with is not None:
+        ref = times[paired_with]
+        out.update({f"{k}|{paired_with}": statistics.median(a / b for a, b in zip(v, ref)) for k, v in times.items()})
+    return out
 
 
 def torchjd_aggregator(name: str, n_tasks: int):
@@ -226,7 +237,7 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
             fns[f"tjd:{name}"] = tjd
             if name in SLOW_TJD and n_tasks >= 16:
                 sparse[f"tjd:{name}"] = max(3, args.repeats // 3)
-    return round_robin_ms(fns, args.repeats, sparse)
+    return round_robin_ms(fns, args.repeats, sparse, paired_with="ew")
 
 
 def aggregation_benchmarks(args: argparse.Namespace) -> list[tuple[str, float, float]]:
@@ -305,19 +316,21 @@ def main() -> None:
         base = "".join(f", {k} {row[k]:.2f}" for k in ("ew-copies", "ew-sep", "loop", "famo") if k in row)
         print(f"\n## T={t}: ew {row['ew']:.2f} ms{base}")
         cols = ["loop:m", "tjd", "par", "par-vb", "par-old", "feat", "feat-old"]
-        print("| method | " + " | ".join(cols) + " | feat/EW | feat/EW-copies | feat-old/EW | par/loop:m | par-old/loop:m | tjd/par |")
-        print("|---|" + "---|" * (len(cols) + 6))
+        print("| method | " + " | ".join(cols) + " | feat/EW | feat/EW paired | feat/EW-copies | feat-old/EW | par/loop:m "
+              "| par-old/loop:m | tjd/par |")
+        print("|---|" + "---|" * (len(cols) + 7))
         for m in METHODS:
             vals = [row.get(f"loop:{m}"), row.get(f"tjd:{m}"), row[f"par:{m}"], row[f"par-vb:{m}"], row[f"par-old:{m}"],
                     row[f"feat:{m}"], row[f"feat-old:{m}"]]
             tjd = row.get(f"tjd:{m}")
-            ratios = [row[f"feat:{m}"] / row["ew"], row[f"feat:{m}"] / row["ew-copies"], row[f"feat-old:{m}"] / row["ew"], row[f"par:{m}"] / row[f"loop:{m}"],
+            ratios = [row[f"feat:{m}"] / row["ew"], row[f"feat:{m}|ew"], row[f"feat:{m}"] / row["ew-copies"], row[f"feat-old:{m}"] / row["ew"], row[f"par:{m}"] / row[f"loop:{m}"],
                       row[f"par-old:{m}"] / row[f"loop:{m}"]]
             cells = ["-" if v is None else f"{v:.2f}" for v in vals] + [f"{r:.2f}" for r in ratios]
             cells.append("-" if tjd is None else f"{tjd / row[f'par:{m}']:.2f}")
             print(f"| {m} | " + " | ".join(cells) + " |")
     if table:
         print("\n# targets: feat/EW <= 1.5 at T=16; par/loop:m <= 1 (parameter mode no slower than the per-task loop)."
+              "\n# feat/EW paired: median over rounds of feat/EW timed in the same round (robust to load drifts)"
               "\n# EW: the default model (no copies); EW-copies: the same model with expose_task_features()")
 
     if table:
