@@ -108,12 +108,14 @@ def nonneg_qp(quad: Tensor, lin: Tensor, iters: int | None = None) -> Tensor:
       principal pivoting, 1974), which terminates for every positive definite ``Q``.
 
     A solution is a fixed point of both rules, so running a fixed number of iterations (default
-    ``3 T / 2 + 10``) needs no host synchronisation.
+    ``3 T / 2 + 10``) needs no host synchronisation. The first guess is the step from ``x = 0``
+    (free where ``q < 0``), which costs no solve: for UPGrad's and DualProj's problems
+    (``q = G u``) the all-free start always came back to it after one wasted solve.
     """
     n = quad.shape[-1]
     iters = 3 * n // 2 + 10 if iters is None else iters
     fast = min(iters, 10)
-    free = torch.ones_like(lin, dtype=torch.bool)
+    free = lin < 0  # the first active-set step from x = 0 (no solve needed: there Qx + q = q)
     x = torch.zeros_like(lin)
     index = torch.arange(n, device=lin.device)
     eye = torch.eye(n, dtype=quad.dtype, device=quad.device)
