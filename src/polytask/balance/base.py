@@ -27,7 +27,7 @@ def stack_losses(losses: Mapping[str, Tensor]) -> Tensor:
         if not isinstance(value, Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ConfigError(f"balancer.backward: loss of task {name!r} must be a scalar tensor, got {shape}")
-    return torch.stack([v.reshape(()) for v in losses.values()])
+    return torch.stack([v if v.ndim == 0 else v.reshape(()) for v in losses.values()])
 
 
 class Balancer(nn.Module):

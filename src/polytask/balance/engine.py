@@ -465,11 +465,11 @@ class GradientBalancer(Balancer):
         others = [p for p in heads if id(p) not in own]
         grads = torch.autograd.grad(vec.sum(), [GradientEdge(layer, 0), *others], retain_graph=True, allow_unused=True,
                                     materialize_grads=True)
-        u = grads[0]  # (T, B, o): u[t] = ∂L_t/∂y_t (tower t reads slice t only)
+        u = grads[0].to(weight.dtype)  # (T, B, o): u[t] = ∂L_t/∂y_t (tower t reads slice t only); autocast: as W
         batch, width, d = u.shape[1], u.shape[2], weight.shape[1]
         u_wide = u.transpose(0, 1).reshape(batch, n * width)
         w_wide = weight.detach().transpose(1, 2).reshape(n * width, d)
-        z = features.detach().reshape(batch, d)
+        z = features.detach().reshape(batch, d).to(weight.dtype)
         head_grads = dict(zip(map(id, others), grads[1:]))
         weight_param, bias_param = (child.variable if child is not None else None for child, _ in layer.next_functions[1:3])
         head_grads[id(weight_param)] = (z.T @ u_wide).reshape(d, n, width).transpose(0, 1)  # as _CopiesLinear's backward
@@ -485,7 +485,7 @@ class GradientBalancer(Balancer):
         update, weights, ok = self._guarded(solve, u.reshape(n, -1), ordered, vec, list(losses))
         for p, g in zip(heads, ordered):
             _accumulate(p, _gate(ok, g))
-        self._fill_trunk(features, shared, _gate(ok, update).view_as(features), ok)
+        self._fill_trunk(features, shared, _gate(ok, update).view_as(features).to(features.dtype), ok)
         return weights
 
     def _trunk_jacobian(self, source: Tensor, shared: list[Tensor], rows: Tensor) -> Tensor:

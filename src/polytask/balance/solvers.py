@@ -109,8 +109,8 @@ def nonneg_qp(quad: Tensor, lin: Tensor, iters: int | None = None) -> Tensor:
 
     A solution is a fixed point of both rules, so running a fixed number of iterations (default
     ``3 T / 2 + 10``) needs no host synchronisation. The first guess is the step from ``x = 0``
-    (free where ``q < 0``), which costs no solve: for UPGrad's and DualProj's problems
-    (``q = G u``) the all-free start always came back to it after one wasted solve.
+    (free where ``q < 0``), which costs no solve; for UPGrad's and DualProj's problems
+    (``q = G u``) an all-free start only finds ``x = -u``, one wasted solve.
     """
     n = quad.shape[-1]
     iters = 3 * n // 2 + 10 if iters is None else iters
