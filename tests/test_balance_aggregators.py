@@ -7,6 +7,8 @@ float64 so that differences come from the methods, not from rounding.
 
 from __future__ import annotations
 
+import math
+
 import warnings
 
 import pytest
@@ -116,11 +118,33 @@ def test_gradvac_matches_torchjd_over_steps(name, jac):
 
 
 def test_excess_mtl_matches_torchjd_over_steps():
-    for warmup in (0, 2):
-        ours, ref = agg.ExcessMTL(robust_step_size=0.5, n_warmup_steps=warmup), tja.ExcessMTL(0.5, warmup)
-        for step in range(5):
-            j = _random(4, 30, 200 + step)
-            _close(ours(j), ref(j), 1e-10)
+    # With a warm-up both set the baseline from it. Without one, torchjd 0.18 applies the raw,
+    # unnormalised excess risk at the first step, which the paper and the authors' code do not
+    # (see test_excess_mtl_first_step_and_second_step_by_hand).
+    ours, ref = agg.ExcessMTL(robust_step_size=0.5, n_warmup_steps=2), tja.ExcessMTL(0.5, 2)
+    for step in range(5):
+        j = _random(4, 30, 200 + step)
+        _close(ours(j), ref(j), 1e-10)
+
+
+def test_excess_mtl_first_step_and_second_step_by_hand():
+    # He et al. (ICML 2024), Eqs. 6-7 and 9 with the first step as the baseline (Sec. 3.2):
+    # E_i = sum_k g_ik^2 / sqrt(S_ik + 1e-7), S = running sum of g^2; step 1 only sets E^0 (weights
+    # stay uniform, whatever the gradient scales); step 2: w = softmax(log(1/2) + eta E / E^0).
+    eta = 0.5
+    j1 = torch.tensor([[3.0, 4.0], [0.1, 0.0]], dtype=DT)  # task 0 has ~70x the gradient of task 1
+    j2 = torch.tensor([[1.0, 0.0], [0.0, 0.2]], dtype=DT)
+    method = agg.ExcessMTL(robust_step_size=eta)
+    update, w1 = method.aggregate(j1)
+    assert torch.allclose(w1, torch.tensor([0.5, 0.5], dtype=DT), atol=0) and torch.allclose(update, 0.5 * j1.sum(0))
+    e0 = [9 / math.sqrt(9 + 1e-7) + 16 / math.sqrt(16 + 1e-7), 0.01 / math.sqrt(0.01 + 1e-7) + 0.0]
+    e2 = [1 / math.sqrt(10 + 1e-7) + 0.0, 0.0 + 0.04 / math.sqrt(0.04 + 1e-7)]
+    logits = [math.log(0.5) + eta * a / (b + 1e-7) for a, b in zip(e2, e0)]
+    expected = torch.tensor([math.exp(v) for v in logits], dtype=DT)
+    expected = expected / expected.sum()
+    update, w2 = method.aggregate(j2)
+    assert torch.allclose(w2, expected, rtol=1e-12, atol=0) and torch.allclose(update, expected @ j2, rtol=1e-12)
+    assert w2[1] > w2[0]  # task 1's excess risk grew 20x relative to its start, task 0's fell
 
 
 # --- methods whose torchjd version needs optional solvers -----------------------------------------

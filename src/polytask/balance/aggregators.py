@@ -524,6 +524,11 @@ class ExcessMTL(_LazyStateMixin, Aggregator):
     (Eqs. 6-7), divided by its value at the first step (Sec. 3.2), and the weights on the simplex
     follow an exponentiated-gradient step ``w <- w exp(eta E) / Z`` (Eq. 9). The update is
     ``J^T w``. The AdaGrad statistics are per parameter, so this method runs in parameter mode.
+    The step that sets the baseline leaves the weights uniform (its normalised excess risks are all
+    1; the authors' code skips the update there); applying the raw, unnormalised first-step excess
+    risk instead (as torchjd 0.18 does) puts ``exp(eta * sum_k |g_ik|)`` on each task and collapses
+    all weight onto one task at the first step. Weights stay on the simplex (the paper); the
+    authors' code scales them to sum to ``T``.
 
     Args:
         robust_step_size: ``eta``.
@@ -569,8 +574,9 @@ class ExcessMTL(_LazyStateMixin, Aggregator):
             if self.n_warmup_steps > 0:
                 self.baseline = self.warmup_sum / self.n_warmup_steps
                 excess = excess / (self.baseline + 1e-7)
-            else:
-                self.baseline = excess
+            else:  # the first step is its own baseline: every normalised excess risk is 1, the weights stay
+                self.baseline = excess  # uniform (as in the authors' code, which skips the update on that step)
+                return self.task_weights @ jacobian, self.task_weights
         else:
             excess = excess / (self.baseline + 1e-7)
         # Exponentiated gradient in log space: a huge excess risk saturates instead of overflowing.
