@@ -235,6 +235,90 @@ def test_edge_network_conv_equals_pyg_nnconv():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def _complete_graphs(sizes, gen):
+    """Complete graphs of ``sizes`` (sorted) with random symmetric edge features: the edge list
+    (PyG layout), the pair layout of a ``by_size`` batch and its groups."""
+    feats, src, dst, start = [], [], [], 0
+    for n in sizes:
+        block = torch.randn(n, n, 5, generator=gen)
+        block = block + block.transpose(0, 1)
+        feats.append(block.reshape(n * n, 5))
+        i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        keep = (i != j).reshape(-1)
+        src.append(start + i.reshape(-1)[keep])
+        dst.append(start + j.reshape(-1)[keep])
+        start += n
+    pair_attr = torch.cat(feats)
+    off_diagonal = torch.cat([(torch.arange(n * n) % (n + 1)) != 0 for n in sizes])
+    edge_index = torch.stack([torch.cat(src), torch.cat(dst)])
+    groups = tuple((sizes.count(n), n) for n in sorted(set(sizes)))
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return edge_index, pair_attr[off_diagonal], pair_attr, groups, batch
+
+
+@pytest.mark.parametrize("chunk_atoms", [5, 192])
+def test_grouped_conv_equals_padded_conv_and_pyg_nnconv(chunk_atoms):
+    """The unpadded size-group path (self pairs masked, blocks of at most ``chunk_atoms`` rows)
+    computes NNConv's mean-aggregated messages, with a 1-atom graph that has no neighbour."""
+    pytest.importorskip("torch_geometric")
+    from torch_geometric.nn import NNConv
+
+    from polytask.nn.mpnn import EdgeNetworkConv
+
+    gen = torch.Generator().manual_seed(1)
+    sizes = [1, 1, 3, 4, 4, 4]
+    edge_index, edge_attr, pair_attr, groups, batch = _complete_graphs(sizes, gen)
+    conv = EdgeNetworkConv(6, 4, edge_dim=5, hidden=7, chunk_atoms=chunk_atoms)
+    ref = NNConv(6, 4, torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 24)), aggr="mean")
+    ref.load_state_dict(conv.state_dict())
+    torch.nn.init.normal_(conv.bias)  # a non-zero bias must reach every node, isolated ones too
+    ref.bias.data.copy_(conv.bias.data)
+    x = torch.randn(sum(sizes), 6, generator=gen, requires_grad=True)
+    ctx = conv.grouped_context(pair_attr, groups)
+    if chunk_atoms == 5:
+        assert ctx.groups == [(2, 1), (1, 3), (1, 4), (1, 4), (1, 4)]  # blocks of <= 5 atoms
+    grouped = conv.propagate(x, ctx)
+    padded = conv(x, edge_index, edge_attr, batch, num_graphs=len(sizes), max_nodes=4)
+    theirs = ref(x, edge_index, edge_attr)
+    torch.testing.assert_close(grouped, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped, padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped[:2], conv.lin(x[:2]) + conv.bias)  # no neighbour: root + bias
+    g1 = torch.autograd.grad(grouped.square().sum(), [x, *conv.parameters()])
+    g2 = torch.autograd.grad(theirs.square().sum(), [x, *ref.parameters()])
+    for a, b in zip(g1, g2):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_context_rejects_groups_that_do_not_cover_the_pairs():
+    from polytask.errors import DataError
+    from polytask.nn.mpnn import EdgeNetworkConv
+
+    conv = EdgeNetworkConv(6, 4, edge_dim=5, hidden=7)
+    with pytest.raises(DataError, match="groups cover 9 atom pairs but pair_attr has 13 rows"):
+        conv.grouped_context(torch.zeros(13, 5), ((1, 3),))
+
+
+def test_by_size_batch_layout(graphs):
+    mols = torch.arange(len(graphs)).flip(0)
+    plain, grouped = graphs.batch(mols), graphs.batch(mols, by_size=True)
+    sizes = (grouped.ptr[1:] - grouped.ptr[:-1]).tolist()
+    assert sizes == sorted((plain.ptr[1:] - plain.ptr[:-1]).tolist())
+    assert [n for count, n in grouped.groups for _ in range(count)] == sizes
+    # the same molecules and targets, reordered by size (stable)
+    order = torch.sort(graphs.num_atoms[mols], stable=True).indices
+    assert torch.equal(grouped.y, graphs.y[mols[order]])
+    assert grouped.pair_attr.shape[0] == sum(n * n for n in sizes)
+    # the edge list is the pair layout without its diagonal, in the same order
+    first = torch.cat([torch.tensor([0]), torch.tensor([n * n for n in sizes]).cumsum(0)[:-1]])
+    diagonal = torch.cat([f + torch.arange(n) * (n + 1) for f, n in zip(first.tolist(), sizes)])
+    keep = torch.ones(grouped.pair_attr.shape[0], dtype=torch.bool)
+    keep[diagonal] = False
+    assert torch.equal(grouped.pair_attr[keep], grouped.edge_attr)
+    assert grouped.pair_attr[diagonal].abs().sum() == 0
+    assert plain.groups is None and plain.pair_attr is None
+
+
 def test_mpnn_shape_parameters_and_pyg_path(graphs):
     pytest.importorskip("torch_geometric")
     from polytask.data.qm9 import TARGETS
@@ -258,6 +342,19 @@ def test_mpnn_shape_parameters_and_pyg_path(graphs):
     theirs = reference(batch)
     for t in TARGETS:
         torch.testing.assert_close(out[t], theirs[t], rtol=1e-5, atol=1e-5)
+    # the unpadded size-group path: same predictions, molecule by molecule, and same gradients
+    mols = torch.arange(len(graphs))
+    plain, grouped = graphs.batch(mols), graphs.batch(mols, by_size=True)
+    order = torch.sort(graphs.num_atoms, stable=True).indices
+    losses = []
+    for net, data, perm in ((model, grouped, order), (reference, plain, torch.arange(len(graphs)))):
+        net.zero_grad()
+        pred = torch.cat([net(data)[t] for t in TARGETS], dim=1)
+        losses.append(pred)
+        (pred * torch.linspace(-1, 1, 11)).sum().backward()
+    torch.testing.assert_close(losses[0], losses[1][order], rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -242,39 +242,52 @@ class QM9Graphs:
         x[:, 6:10] = 0
         return dataclasses.replace(self, x=x, bond_type=self.bond_type_kekule)
 
-    def batch(self, mols: Tensor, y: Tensor | None = None) -> GraphBatch:
+    def batch(self, mols: Tensor, y: Tensor | None = None, by_size: bool = False) -> GraphBatch:
         """The molecules ``mols`` as one fully connected graph batch (PyG layout).
 
         ``y`` replaces the targets (e.g. z-scored ones, indexed like the whole set).
-        Vectorised: no Python loop over molecules.
+        ``by_size`` orders the molecules by atom count (stable; targets follow) and adds the
+        dense layout of :class:`GraphBatch` (``groups``, ``pair_attr``) that
+        :class:`polytask.nn.mpnn.EdgeNetworkConv` uses without padding; the batch holds the same
+        molecules. Vectorised: no Python loop over molecules.
         """
         mols = torch.as_tensor(mols, dtype=torch.long, device=self.y.device)
+        if by_size:
+            mols = mols[torch.sort(self.atom_ptr[mols + 1] - self.atom_ptr[mols], stable=True).indices]
         atoms, atom_ptr = _gather_ranges(self.atom_ptr, mols)
         bonds, _ = _gather_ranges(self.bond_ptr, mols)
         n = atom_ptr[1:] - atom_ptr[:-1]
-        src, dst, pair_id, pair_ptr = _complete_pairs(n)
+        pair_mol, pair_i, pair_j, pair_ptr = _all_pairs(n)
         # bond type of every ordered pair via its position in the per-molecule n x n block
         bond_mol = torch.repeat_interleave(
             torch.arange(len(mols), device=n.device), self.bond_ptr[mols + 1] - self.bond_ptr[mols]
         )
         a, b = self.bonds[bonds, 0], self.bonds[bonds, 1]
-        kind = torch.zeros(int(pair_ptr[-1]), dtype=torch.long, device=n.device)
+        kind = torch.zeros(pair_mol.shape[0], dtype=torch.long, device=n.device)
         base, width = pair_ptr[bond_mol], n[bond_mol]
         kind[base + a * width + b] = self.bond_type[bonds] + 1
         kind[base + b * width + a] = self.bond_type[bonds] + 1
-        bond_onehot = torch.nn.functional.one_hot(kind[pair_id], 5)[:, 1:].to(self.x.dtype)
         pos = self.pos[atoms]
+        src, dst = atom_ptr[pair_mol] + pair_i, atom_ptr[pair_mol] + pair_j
         dist = (pos[src] - pos[dst]).norm(dim=1, keepdim=True)
+        pair_attr = torch.cat([torch.nn.functional.one_hot(kind, 5)[:, 1:].to(self.x.dtype), dist], dim=1)
+        edge = torch.nonzero(pair_i != pair_j).squeeze(1)  # no self loops
+        groups = None
+        if by_size:
+            sizes, counts = torch.unique_consecutive(n, return_counts=True)
+            groups = tuple(zip(counts.tolist(), sizes.tolist()))
         targets = self.y[mols] if y is None else y[mols]
         return GraphBatch(
             x=self.x[atoms],
             pos=pos,
-            edge_index=torch.stack([src, dst]),
-            edge_attr=torch.cat([bond_onehot, dist], dim=1),
+            edge_index=torch.stack([src[edge], dst[edge]]),
+            edge_attr=pair_attr[edge],
             batch=torch.repeat_interleave(torch.arange(len(mols), device=n.device), n),
             ptr=atom_ptr,
             y=targets,
             max_nodes=int(n.max()) if len(n) else 0,
+            groups=groups,
+            pair_attr=pair_attr if by_size else None,
         )
 
     def batches(
@@ -284,14 +297,16 @@ class QM9Graphs:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         y: Tensor | None = None,
+        by_size: bool = False,
     ) -> Iterator[GraphBatch]:
-        """Batches over the molecules ``mols`` (shuffled with ``generator`` when asked)."""
+        """Batches over the molecules ``mols`` (shuffled with ``generator`` when asked); ``by_size``
+        as in :meth:`batch` (each batch is still the next ``batch_size`` molecules)."""
         mols = torch.as_tensor(mols, dtype=torch.long)
         if shuffle:
             mols = mols[torch.randperm(len(mols), generator=generator)]
         mols = mols.to(self.y.device)
         for start in range(0, len(mols), batch_size):
-            yield self.batch(mols[start : start + batch_size], y=y)
+            yield self.batch(mols[start : start + batch_size], y=y, by_size=by_size)
 
 
 @dataclass
@@ -301,6 +316,13 @@ class GraphBatch:
     ``edge_index[0]`` is the source, ``edge_index[1]`` the target of each directed edge;
     ``batch`` maps each atom to its molecule, ``ptr`` gives each molecule's first atom;
     ``max_nodes`` (the largest molecule) is known on the host, so models need no sync for it.
+
+    A batch built ``by_size`` (:meth:`QM9Graphs.batch`) also has the dense layout of its complete
+    graphs: its molecules are ordered by atom count, ``groups`` lists ``(molecules, atoms per
+    molecule)`` of each run of equal size, in order, and ``pair_attr`` holds the 5 edge features of
+    every ordered atom pair ``(i, j)`` of each molecule, row-major per molecule, the diagonal
+    included (bond one-hot all zero, distance 0; a convolution must skip it). The edge features are
+    symmetric, so row ``(i, j)`` is also the edge ``j -> i``.
     """
 
     x: Tensor
@@ -311,6 +333,8 @@ class GraphBatch:
     ptr: Tensor
     y: Tensor
     max_nodes: int
+    groups: tuple[tuple[int, int], ...] | None = None
+    pair_attr: Tensor | None = None
 
     @property
     def num_graphs(self) -> int:
@@ -334,25 +358,16 @@ def _gather_ranges(ptr: Tensor, mols: Tensor) -> tuple[Tensor, Tensor]:
     return torch.arange(int(new_ptr[-1]), device=ptr.device) + offset, new_ptr
 
 
-def _complete_pairs(n: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """All ordered pairs ``i != j`` inside each molecule of sizes ``n``.
-
-    Returns global source and target atom indices (row-major per molecule, like PyG's
-    ``Complete`` transform), each pair's position in the concatenated ``n x n`` blocks, and the
-    blocks' ptr.
-    """
-    atom_ptr = torch.zeros(len(n) + 1, dtype=torch.long, device=n.device)
-    atom_ptr[1:] = n.cumsum(0)
+def _all_pairs(n: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every ordered pair ``(i, j)`` (``i == j`` included) inside each molecule of sizes ``n``,
+    row-major per molecule: each pair's molecule, local ``i`` and ``j``, and the blocks' ptr."""
     sq = n * n
     pair_ptr = torch.zeros(len(n) + 1, dtype=torch.long, device=n.device)
     pair_ptr[1:] = sq.cumsum(0)
     mol = torch.repeat_interleave(torch.arange(len(n), device=n.device), sq)
     local = torch.arange(int(pair_ptr[-1]), device=n.device) - pair_ptr[mol]
-    i, j = local // n[mol], local % n[mol]
-    keep = i != j
-    pair_id = torch.nonzero(keep).squeeze(1)
-    i, j, mol = i[keep], j[keep], mol[keep]
-    return atom_ptr[mol] + i, atom_ptr[mol] + j, pair_id, pair_ptr
+    width = n[mol]
+    return mol, local // width, local % width, pair_ptr
 
 
 # ----------------------------------------------------------------------------- building

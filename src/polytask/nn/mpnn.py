@@ -21,6 +21,13 @@ batched matmul per molecule on a dense ``(molecules, atoms, atoms·128)`` layout
 connected QM9 graphs (~300 edges per molecule) this cuts the cost of a convolution several-fold
 on CPU (see ``benchmarks/qm9_mpnn_conv.py``). The dense layout costs memory quadratic in the
 largest molecule of a batch, so it is meant for small molecules; ``conv="pyg"`` uses NNConv.
+
+For complete graphs grouped by size (a :class:`polytask.data.qm9.GraphBatch` built ``by_size``)
+:meth:`EdgeNetworkConv.grouped_context` skips the padding: each run of equally sized molecules is
+an exact ``(molecules, atoms, ...)`` block, the self pairs are masked out inside the ReLU, and the
+``(rows, 128·64) @ (128·64, 64)`` product is taken per block of at most ``chunk_atoms`` rows so
+that its operands stay in cache on a CPU. The sum order is the same, so results agree to float
+rounding.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polytask.errors import ConfigError
+from polytask.errors import ConfigError, DataError
 from polytask.nn.base import MultiTaskModel, TaskHeads
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
@@ -62,6 +69,30 @@ class EdgeContext:
     max_nodes: int
 
 
+@dataclass
+class GroupedEdgeContext:
+    """What :class:`EdgeNetworkConv` derives from complete graphs grouped by size.
+
+    Nodes are ordered by graph and graphs by size; ``groups[g] = (graphs, atoms each)`` covers
+    the next ``graphs * atoms`` nodes, and ``dense_u[g]`` holds their hidden edge features as
+    ``(graphs, atoms*K, atoms)`` (rows: target ``i`` and hidden unit ``k``; columns: source ``j``;
+    zero on ``i == j``).
+    """
+
+    dense_u: list[Tensor]
+    groups: list[tuple[int, int]]
+    inv_degree: Tensor  # (A, 1)
+
+
+def _self_loop_mask(n: int, reference: Tensor) -> Tensor:
+    """``(n, 1, n)``: -inf on ``i == j``, 0 elsewhere; added before the ReLU it zeroes the self
+    pairs exactly (ReLU(-inf) = 0 with a zero gradient) at no extra pass over the edges."""
+    mask = torch.zeros(n, 1, n, dtype=reference.dtype, device=reference.device)
+    idx = torch.arange(n, device=reference.device)
+    mask[idx, 0, idx] = float("-inf")
+    return mask
+
+
 class EdgeNetworkConv(nn.Module):
     """Edge-network graph convolution of Gilmer et al. (ICML 2017), mean aggregation.
 
@@ -70,11 +101,19 @@ class EdgeNetworkConv(nn.Module):
     ReLU(), Linear(hidden, in·out))``. Same result and parameters as
     ``torch_geometric.nn.NNConv(in, out, nn, aggr="mean")``, computed without per-edge matrices
     (module docstring). Edges must join nodes of the same graph (as in any PyG batch).
+
+    ``chunk_atoms`` bounds the rows of one weight product on the grouped path (CPU cache); CUDA
+    tensors are processed one size group at a time regardless.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, edge_dim: int, hidden: int = 128) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, edge_dim: int, hidden: int = 128, chunk_atoms: int = 192
+    ) -> None:
         super().__init__()
+        if chunk_atoms < 1:
+            raise ConfigError(f"EdgeNetworkConv: chunk_atoms must be positive, got {chunk_atoms}")
         self.in_channels, self.out_channels, self.hidden = in_channels, out_channels, hidden
+        self.chunk_atoms = chunk_atoms
         self.nn = nn.Sequential(nn.Linear(edge_dim, hidden), nn.ReLU(), nn.Linear(hidden, in_channels * out_channels))
         self.lin = nn.Linear(in_channels, out_channels, bias=False)
         self.bias = nn.Parameter(torch.empty(out_channels))
@@ -111,8 +150,49 @@ class EdgeNetworkConv(nn.Module):
             num_graphs=num_graphs, max_nodes=m,
         )
 
-    def propagate(self, x: Tensor, ctx: EdgeContext) -> Tensor:
+    def grouped_context(self, pair_attr: Tensor, groups: Sequence[tuple[int, int]]) -> GroupedEdgeContext:
+        """Hidden edge features of complete graphs grouped by size (no padding).
+
+        ``pair_attr`` holds the edge features of every ordered pair ``(i, j)`` of each graph,
+        row-major per graph, ``i == j`` included (ignored); ``groups`` lists ``(graphs, atoms
+        each)`` in node order (:class:`polytask.data.qm9.GraphBatch` built ``by_size``).
+        """
+        lin, k = self.nn[0], self.hidden
+        blocks, dense_u, start = [], [], 0
+        for count, n in groups:
+            # rows of at most chunk_atoms nodes per block (all of a size group on CUDA)
+            per = count if pair_attr.is_cuda else max(1, self.chunk_atoms // n)
+            for first in range(0, count, per):
+                blocks.append((min(per, count - first), n))
+        for count, n in blocks:
+            attr = pair_attr[start : start + count * n * n].view(count * n, n, -1)
+            start += count * n * n
+            # (count*n, K, n): the hidden units of the pairs of each target row, sources last
+            pre = torch.matmul(lin.weight, attr.transpose(1, 2)).view(count, n, k, n)
+            pre = pre + (lin.bias.view(1, k, 1) + _self_loop_mask(n, pre))
+            dense_u.append(F.relu(pre).view(count, n * k, n))
+        if start != pair_attr.shape[0]:
+            raise DataError(f"EdgeNetworkConv: groups cover {start} atom pairs but pair_attr has {pair_attr.shape[0]} rows")
+        degree = torch.cat([pair_attr.new_full((count * n, 1), float(max(n - 1, 1))) for count, n in blocks])
+        return GroupedEdgeContext(dense_u=dense_u, groups=blocks, inv_degree=degree.reciprocal())
+
+    def _propagate_grouped(self, x: Tensor, ctx: GroupedEdgeContext) -> Tensor:
+        cin, cout, k = self.in_channels, self.out_channels, self.hidden
+        g = self.nn[2].weight.view(cin, cout, k).permute(2, 0, 1).reshape(k * cin, cout)  # [(k, a), b]
+        messages, neighbour_sums, start = [], [], 0
+        for (count, n), u in zip(ctx.groups, ctx.dense_u):
+            block = x[start : start + count * n].view(count, n, cin)
+            start += count * n
+            # S[i, (k, a)] = sum_j u_ijk x_j[a], then its product with W2, per block (in cache)
+            messages.append(torch.bmm(u, block).view(count * n, k * cin) @ g)
+            neighbour_sums.append((block.sum(1, keepdim=True) - block).view(count * n, cin))  # sum_{j != i} x_j
+        summed = torch.cat(messages) + torch.cat(neighbour_sums) @ self.nn[2].bias.view(cin, cout)
+        return summed * ctx.inv_degree + self.lin(x) + self.bias
+
+    def propagate(self, x: Tensor, ctx: EdgeContext | GroupedEdgeContext) -> Tensor:
         """The convolution of node features ``x`` (A, in) over the edges of ``ctx``."""
+        if isinstance(ctx, GroupedEdgeContext):
+            return self._propagate_grouped(x, ctx)
         cin, cout, k = self.in_channels, self.out_channels, self.hidden
         dense_x = x.new_zeros(ctx.num_graphs, ctx.max_nodes, cin).index_put((ctx.batch, ctx.local), x)
         # S[i, (k, a)] = sum_j u_ijk x_j[a]  (one batched matmul per graph)
@@ -190,12 +270,18 @@ class MPNN(MultiTaskModel):
         """Per-task predictions ``{task: (molecules, 1)}``; sets ``shared_features``.
 
         Reads ``data.max_nodes`` (largest graph) when present; otherwise computes it (a host sync).
+        A batch with ``groups`` and ``pair_attr`` (complete graphs grouped by size) takes the
+        grouped path of :class:`EdgeNetworkConv`.
         """
         num_graphs = int(data.ptr.shape[0] - 1)  # shape only: no host sync
         max_nodes = getattr(data, "max_nodes", None)
+        groups = getattr(data, "groups", None)
         out = F.relu(self.lin0(data.x))
         state = out.unsqueeze(0)
-        if self.conv_kind == "factorised":
+        ctx: EdgeContext | GroupedEdgeContext
+        if self.conv_kind == "factorised" and groups is not None:
+            ctx = self.conv.grouped_context(data.pair_attr, groups)
+        elif self.conv_kind == "factorised":
             if max_nodes is None:
                 max_nodes = int((data.ptr[1:] - data.ptr[:-1]).max())
             ctx = self.conv.edge_context(data.edge_index, data.edge_attr, data.batch, num_graphs, max_nodes)
