@@ -213,16 +213,16 @@ def find_task_parameters(losses: Mapping[str, Tensor], targets: Sequence[Tensor]
     return list(leaves.values())
 
 
-def _all_finite(t: Tensor) -> Tensor:
-    """Whether every entry of ``t`` is finite, as a 0-d bool tensor (no host sync).
+def _all_finite(*tensors: Tensor) -> Tensor:
+    """Whether every entry of every floating-point tensor is finite, as a 0-d bool tensor (no host sync).
 
-    ``t . 0`` is exactly 0 unless an entry is inf/NaN (``0 * inf = NaN``): one BLAS dot, several
-    times cheaper than ``isfinite(t).all()`` on a large gradient.
+    ``t . 0`` is exactly 0 unless an entry is inf/NaN (``0 * inf = NaN``): one BLAS dot per tensor,
+    several times cheaper than ``isfinite(t).all()`` on a large gradient; the dots' sum is 0 or NaN.
     """
-    flat = t.reshape(-1)
-    if not flat.is_floating_point():
-        return torch.ones((), dtype=torch.bool, device=t.device)
-    return torch.isfinite(torch.dot(flat, torch.zeros_like(flat)))
+    dots = [torch.dot(flat, torch.zeros_like(flat)) for flat in (t.reshape(-1) for t in tensors) if flat.is_floating_point()]
+    if not dots:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device)
+    return torch.isfinite(dots[0] if len(dots) == 1 else torch.stack(dots).sum())
 
 
 def _gate(ok: Tensor, grad: Tensor) -> Tensor:
@@ -529,9 +529,7 @@ class GradientBalancer(Balancer):
         aggregator's state is kept. ``rows`` (``(T, ...)``, per task) name the bad tasks for ``nan_policy="raise"``."""
         before = {k: v for k, v in self.aggregator.named_buffers()}
         update, weights = solve()
-        ok = _all_finite(update) & torch.isfinite(losses.detach()).all()
-        for g in head_grads:
-            ok = ok & _all_finite(g)
+        ok = _all_finite(update, losses.detach(), *head_grads)
         if self.nan_policy == "raise" and not bool(ok):  # explicit, opt-in host sync
             finite = torch.isfinite(rows.reshape(rows.shape[0], -1)).all(1) & torch.isfinite(losses.detach())
             bad = [n for n, row in zip(names, finite.tolist()) if not row] or names
