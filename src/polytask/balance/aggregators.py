@@ -531,14 +531,16 @@ class ExcessMTL(_LazyStateMixin, Aggregator):
     authors' code scales them to sum to ``T``.
 
     Args:
-        robust_step_size: ``eta``.
+        robust_step_size: ``eta`` (default 0.01, the authors' code's default). The weights are
+            ``softmax(eta * sum over steps of E_i)``: a large ``eta`` (torchjd's default is 1) puts all
+            the weight on one task within a few hundred steps (benchmarks/balance_quality.py).
         n_warmup_steps: steps with uniform weights whose mean excess risk becomes the baseline
             (0: the first step's excess risk is the baseline).
     """
 
     parameter_space_only = True
 
-    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
+    def __init__(self, robust_step_size: float = 1e-2, n_warmup_steps: int = 0) -> None:
         super().__init__()
         _check(robust_step_size > 0, f"excess_mtl: robust_step_size must be > 0, got {robust_step_size}")
         _check(n_warmup_steps >= 0, f"excess_mtl: n_warmup_steps must be >= 0, got {n_warmup_steps}")
