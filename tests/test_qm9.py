@@ -290,6 +290,27 @@ def test_grouped_conv_equals_padded_conv_and_pyg_nnconv(chunk_atoms):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_grouped_conv_with_few_distinct_inputs_equals_the_plain_sum():
+    """``kinds=(table, kind)`` (x == table[kind], fewer rows than channels) applies W2 to the
+    table's rows: same output and gradients as the plain grouped path on x."""
+    from polytask.nn.mpnn import EdgeNetworkConv
+
+    gen = torch.Generator().manual_seed(2)
+    sizes = [2, 3, 3, 5]
+    _, _, pair_attr, groups, _ = _complete_graphs(sizes, gen)
+    conv = EdgeNetworkConv(6, 4, edge_dim=5, hidden=7)
+    table = torch.randn(3, 6, generator=gen, requires_grad=True)
+    kind = torch.randint(0, 3, (sum(sizes),), generator=gen)
+    ctx = conv.grouped_context(pair_attr, groups)
+    plain = conv.propagate(table[kind], ctx)
+    by_kind = conv.propagate(table[kind], ctx, kinds=(table, kind))
+    torch.testing.assert_close(by_kind, plain, rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(plain.square().sum(), [table, *conv.parameters()], retain_graph=True)
+    g2 = torch.autograd.grad(by_kind.square().sum(), [table, *conv.parameters()])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_grouped_context_rejects_groups_that_do_not_cover_the_pairs():
     from polytask.errors import DataError
     from polytask.nn.mpnn import EdgeNetworkConv
@@ -317,6 +338,8 @@ def test_by_size_batch_layout(graphs):
     assert torch.equal(grouped.pair_attr[keep], grouped.edge_attr)
     assert grouped.pair_attr[diagonal].abs().sum() == 0
     assert plain.groups is None and plain.pair_attr is None
+    assert torch.equal(grouped.kinds[grouped.atom_kind], grouped.x)
+    assert len(grouped.kinds) == len(torch.unique(graphs.x, dim=0))
 
 
 def test_mpnn_shape_parameters_and_pyg_path(graphs):

@@ -37,6 +37,7 @@ import sys
 from collections.abc import Iterator, Sequence
 import dataclasses
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -212,6 +213,12 @@ class QM9Graphs:
         """``(N,)`` atoms per molecule."""
         return self.atom_ptr[1:] - self.atom_ptr[:-1]
 
+    @cached_property
+    def atom_kinds(self) -> tuple[Tensor, Tensor]:
+        """``(kind, table)``: the distinct node feature rows ``table`` (30 in QM9) and the row
+        ``kind`` of every atom, so that ``x == table[kind]``; computed once per set."""
+        return _distinct_rows(self.x)
+
     def state(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -272,10 +279,12 @@ class QM9Graphs:
         dist = (pos[src] - pos[dst]).norm(dim=1, keepdim=True)
         pair_attr = torch.cat([torch.nn.functional.one_hot(kind, 5)[:, 1:].to(self.x.dtype), dist], dim=1)
         edge = torch.nonzero(pair_i != pair_j).squeeze(1)  # no self loops
-        groups = None
+        groups = atom_kind = kinds = None
         if by_size:
             sizes, counts = torch.unique_consecutive(n, return_counts=True)
             groups = tuple(zip(counts.tolist(), sizes.tolist()))
+            kind, kinds = self.atom_kinds
+            atom_kind = kind[atoms]
         targets = self.y[mols] if y is None else y[mols]
         return GraphBatch(
             x=self.x[atoms],
@@ -288,6 +297,8 @@ class QM9Graphs:
             max_nodes=int(n.max()) if len(n) else 0,
             groups=groups,
             pair_attr=pair_attr if by_size else None,
+            atom_kind=atom_kind,
+            kinds=kinds,
         )
 
     def batches(
@@ -322,7 +333,8 @@ class GraphBatch:
     molecule)`` of each run of equal size, in order, and ``pair_attr`` holds the 5 edge features of
     every ordered atom pair ``(i, j)`` of each molecule, row-major per molecule, the diagonal
     included (bond one-hot all zero, distance 0; a convolution must skip it). The edge features are
-    symmetric, so row ``(i, j)`` is also the edge ``j -> i``.
+    symmetric, so row ``(i, j)`` is also the edge ``j -> i``. ``kinds`` lists the distinct node
+    feature rows of the whole set and ``atom_kind`` the row of each atom (``x == kinds[atom_kind]``).
     """
 
     x: Tensor
@@ -335,6 +347,8 @@ class GraphBatch:
     max_nodes: int
     groups: tuple[tuple[int, int], ...] | None = None
     pair_attr: Tensor | None = None
+    atom_kind: Tensor | None = None
+    kinds: Tensor | None = None
 
     @property
     def num_graphs(self) -> int:
@@ -356,6 +370,26 @@ def _gather_ranges(ptr: Tensor, mols: Tensor) -> tuple[Tensor, Tensor]:
     new_ptr[1:] = counts.cumsum(0)
     offset = torch.repeat_interleave(starts - new_ptr[:-1], counts)
     return torch.arange(int(new_ptr[-1]), device=ptr.device) + offset, new_ptr
+
+
+def _distinct_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(index, table)`` with ``table`` the distinct rows of ``x`` (sorted) and ``x == table[index]``.
+
+    Rows of small non-negative integers (the QM9 node features) are packed into one int64 key per
+    row, which is much faster than ``torch.unique(dim=0)``; other rows take ``torch.unique``.
+    """
+    if x.numel() and bool((x == x.round()).all()) and bool((x >= 0).all()):
+        bits = [int(v).bit_length() for v in x.amax(0).tolist()]
+        if sum(bits) <= 62:
+            shifts = torch.tensor([sum(bits[i + 1:]) for i in range(len(bits))], device=x.device)
+            key = (x.long() << shifts).sum(1)
+            _, index = torch.unique(key, return_inverse=True)
+            num = int(index.max()) + 1
+            first = torch.full((num,), x.shape[0], dtype=torch.long, device=x.device)
+            first.scatter_reduce_(0, index, torch.arange(x.shape[0], device=x.device), "amin")
+            return index, x[first]
+    table, index = torch.unique(x, dim=0, return_inverse=True)
+    return index, table
 
 
 def _all_pairs(n: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -75,8 +75,8 @@ class GroupedEdgeContext:
 
     Nodes are ordered by graph and graphs by size; ``groups[g] = (graphs, atoms each)`` covers
     the next ``graphs * atoms`` nodes, and ``dense_u[g]`` holds their hidden edge features as
-    ``(graphs, atoms*K, atoms)`` (rows: target ``i`` and hidden unit ``k``; columns: source ``j``;
-    zero on ``i == j``).
+    ``(graphs, atoms*(K+1), atoms)`` (rows: target ``i`` and hidden unit ``k``; columns: source
+    ``j``; zero on ``i == j``). Unit ``K`` is 1 on every edge: it carries the bias ``b2``.
     """
 
     dense_u: list[Tensor]
@@ -157,7 +157,10 @@ class EdgeNetworkConv(nn.Module):
         row-major per graph, ``i == j`` included (ignored); ``groups`` lists ``(graphs, atoms
         each)`` in node order (:class:`polytask.data.qm9.GraphBatch` built ``by_size``).
         """
-        lin, k = self.nn[0], self.hidden
+        # one more hidden unit, constant 1 on every edge: it carries the b2 term of A(e)
+        k = self.hidden + 1
+        weight = torch.cat([self.nn[0].weight, self.nn[0].weight.new_zeros(1, self.nn[0].in_features)])
+        bias = torch.cat([self.nn[0].bias, self.nn[0].bias.new_ones(1)])
         blocks, dense_u, start = [], [], 0
         for count, n in groups:
             # rows of at most chunk_atoms nodes per block (all of a size group on CUDA)
@@ -168,31 +171,46 @@ class EdgeNetworkConv(nn.Module):
             attr = pair_attr[start : start + count * n * n].view(count * n, n, -1)
             start += count * n * n
             # (count*n, K, n): the hidden units of the pairs of each target row, sources last
-            pre = torch.matmul(lin.weight, attr.transpose(1, 2)).view(count, n, k, n)
-            pre = pre + (lin.bias.view(1, k, 1) + _self_loop_mask(n, pre))
+            pre = torch.matmul(weight, attr.transpose(1, 2)).view(count, n, k, n)
+            pre = pre + (bias.view(1, k, 1) + _self_loop_mask(n, pre))
             dense_u.append(F.relu(pre).view(count, n * k, n))
         if start != pair_attr.shape[0]:
             raise DataError(f"EdgeNetworkConv: groups cover {start} atom pairs but pair_attr has {pair_attr.shape[0]} rows")
         degree = torch.cat([pair_attr.new_full((count * n, 1), float(max(n - 1, 1))) for count, n in blocks])
         return GroupedEdgeContext(dense_u=dense_u, groups=blocks, inv_degree=degree.reciprocal())
 
-    def _propagate_grouped(self, x: Tensor, ctx: GroupedEdgeContext) -> Tensor:
+    def _propagate_grouped(self, x: Tensor, ctx: GroupedEdgeContext, kinds: tuple[Tensor, Tensor] | None) -> Tensor:
         cin, cout, k = self.in_channels, self.out_channels, self.hidden
-        g = self.nn[2].weight.view(cin, cout, k).permute(2, 0, 1).reshape(k * cin, cout)  # [(k, a), b]
-        messages, neighbour_sums, start = [], [], 0
-        for (count, n), u in zip(ctx.groups, ctx.dense_u):
-            block = x[start : start + count * n].view(count, n, cin)
-            start += count * n
-            # S[i, (k, a)] = sum_j u_ijk x_j[a], then its product with W2, per block (in cache)
-            messages.append(torch.bmm(u, block).view(count * n, k * cin) @ g)
-            neighbour_sums.append((block.sum(1, keepdim=True) - block).view(count * n, cin))  # sum_{j != i} x_j
-        summed = torch.cat(messages) + torch.cat(neighbour_sums) @ self.nn[2].bias.view(cin, cout)
+        # (K+1, in, out): the slices G_k of W2, then B2 for the constant unit of the context
+        w2 = torch.cat([self.nn[2].weight.view(cin, cout, k).permute(2, 0, 1), self.nn[2].bias.view(1, cin, cout)])
+        if kinds is not None and kinds[0].shape[0] < cin:
+            # x_j = table[kind_j]: sum u_ijk over the sources of each kind q (V_i[k, q]), then
+            # apply the Q rows table @ G_k instead of the in-wide x_j (Q < in: fewer products)
+            table, kind = kinds
+            weight = torch.matmul(table, w2).reshape(-1, cout)  # [(k, q), b]
+            sources = F.one_hot(kind, table.shape[0]).to(x.dtype)
+        else:
+            weight, sources = w2.reshape(-1, cout), x  # [(k, a), b]
+        # per block: S[i, (k, a)] = sum_j u_ijk x_j[a], then S @ W while S is still in cache (one
+        # (A, K*in) buffer and one big product measure slower on a CPU)
+        blocks = sources.split([count * n for count, n in ctx.groups])
+        summed = torch.cat([
+            torch.bmm(u, block.view(count, n, -1)).view(count * n, -1) @ weight
+            for (count, n), u, block in zip(ctx.groups, ctx.dense_u, blocks)
+        ])
         return summed * ctx.inv_degree + self.lin(x) + self.bias
 
-    def propagate(self, x: Tensor, ctx: EdgeContext | GroupedEdgeContext) -> Tensor:
-        """The convolution of node features ``x`` (A, in) over the edges of ``ctx``."""
+    def propagate(
+        self, x: Tensor, ctx: EdgeContext | GroupedEdgeContext, kinds: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """The convolution of node features ``x`` (A, in) over the edges of ``ctx``.
+
+        ``kinds = (table, kind)`` may state that ``x == table[kind]`` with few distinct rows (the
+        embedded atom features of the first step); the grouped path then multiplies ``W2`` with
+        the table's rows instead of every node's (exact; fewer operations when rows < in).
+        """
         if isinstance(ctx, GroupedEdgeContext):
-            return self._propagate_grouped(x, ctx)
+            return self._propagate_grouped(x, ctx, kinds)
         cin, cout, k = self.in_channels, self.out_channels, self.hidden
         dense_x = x.new_zeros(ctx.num_graphs, ctx.max_nodes, cin).index_put((ctx.batch, ctx.local), x)
         # S[i, (k, a)] = sum_j u_ijk x_j[a]  (one batched matmul per graph)
@@ -271,12 +289,20 @@ class MPNN(MultiTaskModel):
 
         Reads ``data.max_nodes`` (largest graph) when present; otherwise computes it (a host sync).
         A batch with ``groups`` and ``pair_attr`` (complete graphs grouped by size) takes the
-        grouped path of :class:`EdgeNetworkConv`.
+        grouped path of :class:`EdgeNetworkConv`; with ``kinds`` and ``atom_kind`` too (the
+        distinct atom feature rows, ``x == kinds[atom_kind]``), the first step applies the edge
+        network's weights to the distinct embedded atoms only.
         """
         num_graphs = int(data.ptr.shape[0] - 1)  # shape only: no host sync
         max_nodes = getattr(data, "max_nodes", None)
         groups = getattr(data, "groups", None)
-        out = F.relu(self.lin0(data.x))
+        kinds = None
+        if self.conv_kind == "factorised" and groups is not None and getattr(data, "kinds", None) is not None:
+            table = F.relu(self.lin0(data.kinds))  # the distinct embedded atoms
+            kinds = (table, data.atom_kind)
+            out = table[data.atom_kind]
+        else:
+            out = F.relu(self.lin0(data.x))
         state = out.unsqueeze(0)
         ctx: EdgeContext | GroupedEdgeContext
         if self.conv_kind == "factorised" and groups is not None:
@@ -285,9 +311,9 @@ class MPNN(MultiTaskModel):
             if max_nodes is None:
                 max_nodes = int((data.ptr[1:] - data.ptr[:-1]).max())
             ctx = self.conv.edge_context(data.edge_index, data.edge_attr, data.batch, num_graphs, max_nodes)
-        for _ in range(self.steps):
+        for step in range(self.steps):
             if self.conv_kind == "factorised":
-                message = F.relu(self.conv.propagate(out, ctx))
+                message = F.relu(self.conv.propagate(out, ctx, kinds if step == 0 else None))
             else:
                 message = F.relu(self.conv(out, data.edge_index, data.edge_attr))
             out, state = self.gru(message.unsqueeze(0), state)
