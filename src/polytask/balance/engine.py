@@ -65,6 +65,9 @@ from polytask.errors import ConfigError, TrainingError
 
 Mode = Literal["parameters", "features"]
 
+#: ``autograd.grad`` to a graph edge (the gradient at a node's output) -- what the Gramian-only source needs.
+_HAS_GRADIENT_EDGE = hasattr(torch.autograd.graph, "GradientEdge")
+
 __all__ = ["GradientBalancer", "find_task_parameters", "linear_head_gramian", "task_jacobian"]
 
 
@@ -435,6 +438,8 @@ class GradientBalancer(Balancer):
         """This step's ``_CopiesLinear`` graph node if the Gramian-only source applies and is cheaper, else None.
 
         Not with task-specific parameters below the heads (they need the backward through the copies)."""
+        if not _HAS_GRADIENT_EDGE:
+            return None
         key = (tuple(losses), "linear_heads")
         if key not in self._graph_cache:
             self._graph_cache[key] = _linear_head_path(list(losses.values()), task_features)
