@@ -27,6 +27,9 @@ and ``feat/EW paired``: the median over rounds of the ratio within one round.
 Then the aggregation alone at T=16 (given the ``T x D`` Jacobian): ours vs torchjd for CAGrad,
 Nash-MTL and UPGrad (torchjd solves them with cvxpy / quadprog on the CPU).
 
+``--solvers``: only the weights given the ``T x T`` Gramian, every T of ``--solver-tasks``, with the
+solvers' CUDA graphs off and on (``polytask.balance.solvers.CUDA_GRAPHS``; on the CPU both are eager).
+
 Run: ``python benchmarks/balance_speed.py`` (several minutes on CPU; ``--quick`` for a smoke run);
 ``--device cuda`` runs everything (ours and torchjd) on the GPU, each timed region closed by
 ``torch.cuda.synchronize()``.
@@ -284,6 +287,31 @@ def breakdown_benchmarks(args: argparse.Namespace) -> list[tuple[str, float, flo
     return rows
 
 
+def solver_benchmarks(args: argparse.Namespace) -> list[tuple[str, int, float, float]]:
+    """The weights alone, given a float64 ``T x T`` Gramian: ``(method, T, graphs off ms, graphs on ms)``.
+
+    "on" replays the solvers' CUDA graphs (``polytask.balance.solvers.CUDA_GRAPHS``; the capture
+    happens in the warm-up calls); "off" runs the same kernels one launch at a time.
+    """
+    from polytask.balance import solvers
+
+    rows = []
+    for n in args.solver_tasks:
+        torch.manual_seed(0)
+        jac = torch.randn(n, 4096, dtype=torch.float64).to(DEVICE)
+        gram = jac @ jac.T
+        for name in METHODS + ["dualproj", "fairgrad"]:
+            times = {}
+            for graphs in (False, True):
+                solvers.CUDA_GRAPHS = graphs
+                torch.manual_seed(0)
+                method = balance.get(name).aggregator.to(DEVICE)
+                times[graphs] = median_ms(lambda: method.weights(gram), args.repeats * 4, warmup=3)
+            rows.append((name, n, times[False], times[True]))
+    solvers.CUDA_GRAPHS = True
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8, 16, 32])
@@ -298,6 +326,9 @@ def main() -> None:
     parser.add_argument("--no-torchjd", action="store_true")
     parser.add_argument("--quick", action="store_true", help="T in {2, 16}, 3 repeats")
     parser.add_argument("--agg-only", action="store_true", help="only the aggregation-alone table")
+    parser.add_argument("--solvers", action="store_true",
+                        help="only the solver table: weights(G) with CUDA graphs off and on (T from --solver-tasks)")
+    parser.add_argument("--solver-tasks", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.repeats = [2, 16], 3
@@ -307,6 +338,15 @@ def main() -> None:
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # cvxpy's DPP notices in torchjd's Nash-MTL
+    if args.solvers:
+        warnings.filterwarnings("error", message="polytask: CUDA graph capture")  # a fallback is a failure here
+        print(f"# weights(G) alone, float64 Gramian, device {DEVICE}, median ms "
+              f"(graphs: polytask.balance.solvers.CUDA_GRAPHS; only on CUDA)")
+        print("| method | T | graphs off | graphs on | speed-up |")
+        print("|---|---|---|---|---|")
+        for name, n, off, on in solver_benchmarks(args):
+            print(f"| {name} | {n} | {off:.3f} | {on:.3f} | {off / on:.1f}x |")
+        return
 
     if not args.agg_only:
         print(f"# step time, median ms (MLP {args.input}-{args.hidden}-{args.hidden}, T linear heads, batch {args.batch}, "

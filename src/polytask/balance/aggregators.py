@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from polytask.balance.solvers import (
     cagrad_dual,
+    cuda_graphed,
     frank_wolfe_min_norm,
     min_norm_simplex,
     nonneg_qp,
@@ -176,6 +177,7 @@ class PCGrad(GramianWeighting):
         return pcgrad_coefficients(gramian, _random_orders(n, gramian.device, self.generator, False)).sum(0)
 
 
+@cuda_graphed
 def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> Tensor:
     """PCGrad's projected gradients as coefficients ``C`` (``g_i^PC = sum_k C_ik g_k``).
 
@@ -228,6 +230,7 @@ class GradVac(_LazyStateMixin, GramianWeighting):
         return coef.sum(0)
 
 
+@cuda_graphed
 def gradvac_coefficients(gramian: Tensor, phi_hat: Tensor, orders: Tensor, beta: float, eps: float) -> tuple[Tensor, Tensor]:
     """GradVac's corrected gradients as coefficients, and the updated targets ``phi_hat``.
 
