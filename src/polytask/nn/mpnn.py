@@ -87,10 +87,8 @@ class GroupedEdgeContext:
 def _self_loop_mask(n: int, reference: Tensor) -> Tensor:
     """``(n, 1, n)``: -inf on ``i == j``, 0 elsewhere; added before the ReLU it zeroes the self
     pairs exactly (ReLU(-inf) = 0 with a zero gradient) at no extra pass over the edges."""
-    mask = torch.zeros(n, 1, n, dtype=reference.dtype, device=reference.device)
-    idx = torch.arange(n, device=reference.device)
-    mask[idx, 0, idx] = float("-inf")
-    return mask
+    mask = torch.zeros(n, n, dtype=reference.dtype, device=reference.device)
+    return mask.fill_diagonal_(float("-inf")).view(n, 1, n)  # a scalar fill: no host-to-device copy
 
 
 class EdgeNetworkConv(nn.Module):
