@@ -1,12 +1,13 @@
 """Speed of the edge-network convolution on QM9 batches: polytask's factorised
-``EdgeNetworkConv`` against ``torch_geometric.nn.NNConv`` (same parameters, same outputs), and of
-a whole MPNN training step with each.
+``EdgeNetworkConv`` (padded per-molecule layout, and unpadded size groups from a ``by_size``
+batch) against ``torch_geometric.nn.NNConv`` (same parameters, same outputs), for one
+convolution and for a whole MPNN training step.
 
     python benchmarks/qm9_mpnn_conv.py [--threads 1] [--repeats 5] [--batch 120]
 
-Prints medians over ``--repeats`` batches of forward+backward wall and CPU time and the ratio.
-CPU time is reported because a shared machine's wall time depends on its other users.
-Needs the ``qm9`` extra (qm9pack, rdkit, torch_geometric).
+Prints medians over ``--repeats`` batches of forward+backward wall and CPU time and the CPU-time
+speed-up over NNConv. CPU time is reported because a shared machine's wall time depends on its
+other users. Needs the ``qm9`` extra (qm9pack, rdkit, torch_geometric).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def main() -> None:
 
     graphs = load_qm9()  # built and cached on first use
     perm = torch.randperm(len(graphs), generator=torch.Generator().manual_seed(0))
-    batches = [graphs.batch(perm[i * args.batch:(i + 1) * args.batch]) for i in range(args.repeats + 1)]
+    mols = [perm[i * args.batch:(i + 1) * args.batch] for i in range(args.repeats + 1)]
+    padded = [graphs.batch(m) for m in mols]
+    grouped = [graphs.batch(m, by_size=True) for m in mols]
 
     torch.manual_seed(0)
     ours = EdgeNetworkConv(64, 64, 5, 128)
@@ -53,38 +56,47 @@ def main() -> None:
     mpnn_ref = MPNN(11, tasks, conv="pyg")
     mpnn_ref.load_state_dict(mpnn_ours.state_dict())
 
-    def conv_step(conv, b, x):
-        if isinstance(conv, EdgeNetworkConv):
-            out = conv(x, b.edge_index, b.edge_attr, b.batch, b.num_graphs, b.max_nodes)
-        else:
-            out = conv(x, b.edge_index, b.edge_attr)
-        out.square().mean().backward()
+    def conv_padded(b):
+        x = torch.randn(b.x.shape[0], 64, requires_grad=True)
+        ours(x, b.edge_index, b.edge_attr, b.batch, b.num_graphs, b.max_nodes).square().mean().backward()
 
-    def model_step(model, b):
-        out = model(b)
-        torch.stack([v.square().mean() for v in out.values()]).sum().backward()
+    def conv_grouped(b):
+        x = torch.randn(b.x.shape[0], 64, requires_grad=True)
+        ours.propagate(x, ours.grouped_context(b.pair_attr, b.groups)).square().mean().backward()
 
+    def conv_pyg(b):
+        x = torch.randn(b.x.shape[0], 64, requires_grad=True)
+        ref(x, b.edge_index, b.edge_attr).square().mean().backward()
+
+    def step(model):
+        def run(b):
+            out = model(b)
+            torch.stack([v.square().mean() for v in out.values()]).sum().backward()
+        return run
+
+    variants = {  # name: (one convolution, training step, batches)
+        "NNConv (torch_geometric)": (conv_pyg, step(mpnn_ref), padded),
+        "factorised, padded": (conv_padded, step(mpnn_ours), padded),
+        "factorised, size groups": (conv_grouped, step(mpnn_ours), grouped),
+    }
     rows = []
-    for label, make in [
-        ("one convolution (fwd+bwd)", lambda m, b: conv_step(m, b, torch.randn(b.x.shape[0], 64, requires_grad=True))),
-        ("MPNN training step (fwd+bwd)", model_step),
-    ]:
-        pair = (ours, ref) if label.startswith("one") else (mpnn_ours, mpnn_ref)
-        times = {}
-        for name, module in zip(("polytask", "torch_geometric"), pair):
-            make(module, batches[0])  # warm-up
-            samples = [timed(lambda b=b: make(module, b)) for b in batches[1:]]
-            times[name] = (statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples))
-        rows.append((label, times))
+    for name, (conv, train, batches) in variants.items():
+        times = []
+        for fn in (conv, train):
+            fn(batches[0])  # warm-up
+            samples = [timed(lambda b=b: fn(b)) for b in batches[1:]]
+            times.append((statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)))
+        rows.append((name, times))
 
-    mean_atoms = sum(b.x.shape[0] for b in batches) / len(batches)
-    mean_edges = sum(b.edge_index.shape[1] for b in batches) / len(batches)
+    mean_atoms = sum(b.x.shape[0] for b in padded) / len(padded)
+    mean_edges = sum(b.edge_index.shape[1] for b in padded) / len(padded)
     print(f"QM9 batches of {args.batch} molecules (~{mean_atoms:.0f} atoms, ~{mean_edges:.0f} edges), "
-          f"{torch.get_num_threads()} thread(s), median of {args.repeats}")
-    print(f"{'':32} {'polytask wall/CPU s':>22} {'NNConv wall/CPU s':>22} {'speed-up (CPU)':>15}")
-    for label, t in rows:
-        (ow, oc), (rw, rc) = t["polytask"], t["torch_geometric"]
-        print(f"{label:32} {ow:10.3f} / {oc:8.3f} {rw:10.3f} / {rc:8.3f} {rc / oc:14.1f}x")
+          f"{torch.get_num_threads()} thread(s), median of {args.repeats}; wall / CPU seconds, CPU speed-up vs NNConv")
+    print(f"{'':26} {'one convolution (fwd+bwd)':>36} {'MPNN training step (fwd+bwd)':>36}")
+    base = rows[0][1]
+    for name, t in rows:
+        cells = [f"{w:8.3f} / {c:7.3f} {base[i][1] / c:7.1f}x" for i, (w, c) in enumerate(t)]
+        print(f"{name:26} {cells[0]:>36} {cells[1]:>36}")
 
 
 if __name__ == "__main__":
