@@ -238,10 +238,9 @@ def _gate(ok: Tensor, grad: Tensor) -> Tensor:
 
 def _accumulate_flat(params: list[Tensor], flat: Tensor, ok: Tensor) -> None:
     """Add consecutive slices of the flat update ``flat`` to each parameter's ``.grad`` (gated by ``ok``)."""
-    offset = 0
-    for p in params:
-        _accumulate(p, _gate(ok, flat[offset: offset + p.numel()].view_as(p)))
-        offset += p.numel()
+    gated = _gate(ok, flat)  # once for the whole update (one flag read / one where), not per parameter
+    for p, piece in zip(params, gated.split([p.numel() for p in params])):
+        _accumulate(p, piece.view_as(p))
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
@@ -535,6 +534,8 @@ class GradientBalancer(Balancer):
         before = {k: v for k, v in self.aggregator.named_buffers()}
         update, weights = solve()
         ok = _all_finite(update, losses.detach(), *head_grads)
+        if ok.device.type == "cpu" and bool(ok):  # no sync on the CPU: the common case needs none of the masking below
+            return update, weights.detach(), ok
         if self.nan_policy == "raise" and not bool(ok):  # explicit, opt-in host sync
             finite = torch.isfinite(rows.reshape(rows.shape[0], -1)).all(1) & torch.isfinite(losses.detach())
             bad = [n for n, row in zip(names, finite.tolist()) if not row] or names
