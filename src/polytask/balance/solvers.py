@@ -70,8 +70,10 @@ _state = threading.local()  # .capturing: a capture is in progress on this threa
 def _capture_cuda(run: Callable[[], Any]) -> tuple[Any, Callable[[], None]]:
     """Capture ``run()`` in a CUDA graph: ``(its static outputs, replay)``. Nothing is computed yet.
 
-    The warm-up call runs on a side stream (as capture requires): it creates the library handles
-    and workspaces (cuSOLVER, cuBLAS) that must not be created during capture.
+    The warm-up call runs on a side stream (as capture requires), the same stream the capture
+    then uses: the library handles and workspaces (cuSOLVER, cuBLAS) it creates for that stream
+    are not created during capture. ``thread_local`` capture: other threads (a DataLoader's
+    pin-memory thread) may keep calling CUDA meanwhile.
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -79,7 +81,7 @@ def _capture_cuda(run: Callable[[], Any]) -> tuple[Any, Callable[[], None]]:
         run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
         outputs = run()
     return outputs, graph.replay
 
