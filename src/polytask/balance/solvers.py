@@ -125,8 +125,11 @@ def cuda_graphed(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        first = args[0] if args else None
+        if isinstance(first, Tensor) and first.device.type != _GRAPH_DEVICE:
+            return fn(*args, **kwargs)  # the CPU path, decided on the first argument: no other work
         if not _graphs_apply([a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]):
-            return fn(*args, **kwargs)  # the CPU path: no binding, no copies
+            return fn(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         tensors = {k: v for k, v in bound.arguments.items() if isinstance(v, Tensor)}
