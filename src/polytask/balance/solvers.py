@@ -28,6 +28,7 @@ variable ``POLYTASK_CUDA_GRAPHS=0``) turns that off; the CPU path never uses it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -135,15 +136,18 @@ def cuda_graphed(fn: F) -> F:
         tensors = {k: v for k, v in bound.arguments.items() if isinstance(v, Tensor)}
         key = (fn.__qualname__, tuple((k, v) for k, v in bound.arguments.items() if k not in tensors),
                tuple((k, tuple(t.shape), t.dtype, t.device) for k, t in tensors.items()))
-        if key not in _GRAPHS:
-            _GRAPHS[key] = _build(fn, bound.arguments, tensors)
-        entry = _GRAPHS[key]
-        if entry is None:
-            return fn(*args, **kwargs)
-        for name, static in entry.inputs.items():
-            static.copy_(tensors[name])
-        entry.replay()
-        return _clone_outputs(entry.outputs)
+        device = next(iter(tensors.values())).device
+        # graphs are captured and replayed on the current device: make it the tensors' one
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            if key not in _GRAPHS:
+                _GRAPHS[key] = _build(fn, bound.arguments, tensors)
+            entry = _GRAPHS[key]
+            if entry is None:
+                return fn(*args, **kwargs)
+            for name, static in entry.inputs.items():
+                static.copy_(tensors[name])
+            entry.replay()
+            return _clone_outputs(entry.outputs)
 
     return wrapper  # type: ignore[return-value]
 
