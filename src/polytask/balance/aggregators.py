@@ -6,7 +6,8 @@ Each aggregator is a small ``nn.Module``. ``aggregator(J)`` returns the aggregat
 Jacobian itself (:class:`GradDrop`, :class:`ExcessMTL`, :class:`MoCo`).
 
 All solvers run in torch on the Jacobian's device with fixed iteration counts (no scipy, no host
-synchronisation), in float64 on the ``T x T`` problem for accuracy. Exceptions, documented per
+synchronisation), in float64 on the ``T x T`` problem for accuracy; on CUDA their loops (and PCGrad's
+and GradVac's) replay CUDA graphs (:func:`~polytask.balance.solvers.cuda_graphed`). Exceptions, documented per
 class: :class:`IMTLG`, :class:`AlignedMTL` and :class:`ConFIG` need an eigendecomposition or
 pseudo-inverse, which synchronises on CUDA.
 
