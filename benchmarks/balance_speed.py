@@ -22,7 +22,8 @@ Model: an MLP trunk (``--input`` -> ``--hidden`` x 2, ReLU) with T linear heads 
 
 Every variant of one T is timed round-robin (one step of each per round, ``--repeats`` rounds),
 so that load changes on a shared machine hit all of them alike; the median per variant is shown,
-and ``feat/EW paired``: the median over rounds of the ratio within one round.
+and ``feat/EW paired``, ``par/loop:m paired``, ``par-old/loop:m paired``: the median over rounds of
+the ratio within one round.
 
 Then the aggregation alone at T=16 (given the ``T x D`` Jacobian): ours vs torchjd for CAGrad,
 Nash-MTL and UPGrad (torchjd solves them with cvxpy / quadprog on the CPU).
@@ -81,7 +82,7 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
 
 
 def round_robin_ms(fns: dict[str, Callable[[], object]], repeats: int, sparse: dict[str, int] | None = None,
-                   paired_with: str | None = None) -> dict[str, float]:
+                   paired_with: str | None = None, pairs: list[tuple[str, str]] = ()) -> dict[str, float]:
     """Median ms of each function, timed one call of each per round (``sparse[k]``: only that many rounds).
 
     With ``paired_with=ref`` also ``"k|ref"``: the median over rounds of ``time_k / time_ref`` within
@@ -100,6 +101,8 @@ def round_robin_ms(fns: dict[str, Callable[[], object]], repeats: int, sparse: d
     if paired_with is not None:
         ref = times[paired_with]
         out.update({f"{k}|{paired_with}": statistics.median(a / b for a, b in zip(v, ref)) for k, v in times.items()})
+    for k, ref in pairs:  # further paired ratios (``pairs``: (k, ref)), e.g. parameter mode against the loop
+        out[f"{k}|{ref}"] = statistics.median(a / b for a, b in zip(times[k], times[ref]))
     return out
 
 
@@ -240,7 +243,8 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
             fns[f"tjd:{name}"] = tjd
             if name in SLOW_TJD and n_tasks >= 16:
                 sparse[f"tjd:{name}"] = max(3, args.repeats // 3)
-    return round_robin_ms(fns, args.repeats, sparse, paired_with="ew")
+    pairs = [(f"{v}:{m}", f"loop:{m}") for m in METHODS for v in ("par", "par-old")]
+    return round_robin_ms(fns, args.repeats, sparse, paired_with="ew", pairs=pairs)
 
 
 def aggregation_benchmarks(args: argparse.Namespace) -> list[tuple[str, float, float]]:
@@ -360,14 +364,14 @@ def main() -> None:
         print(f"\n## T={t}: ew {row['ew']:.2f} ms{base}")
         cols = ["loop:m", "tjd", "par", "par-vb", "par-old", "feat", "feat-old"]
         print("| method | " + " | ".join(cols) + " | feat/EW | feat/EW paired | feat/EW-copies | feat-old/EW | par/loop:m "
-              "| par-old/loop:m | tjd/par |")
-        print("|---|" + "---|" * (len(cols) + 7))
+              "| par/loop:m paired | par-old/loop:m | par-old/loop:m paired | tjd/par |")
+        print("|---|" + "---|" * (len(cols) + 9))
         for m in METHODS:
             vals = [row.get(f"loop:{m}"), row.get(f"tjd:{m}"), row[f"par:{m}"], row[f"par-vb:{m}"], row[f"par-old:{m}"],
                     row[f"feat:{m}"], row[f"feat-old:{m}"]]
             tjd = row.get(f"tjd:{m}")
             ratios = [row[f"feat:{m}"] / row["ew"], row[f"feat:{m}|ew"], row[f"feat:{m}"] / row["ew-copies"], row[f"feat-old:{m}"] / row["ew"], row[f"par:{m}"] / row[f"loop:{m}"],
-                      row[f"par-old:{m}"] / row[f"loop:{m}"]]
+                      row[f"par:{m}|loop:{m}"], row[f"par-old:{m}"] / row[f"loop:{m}"], row[f"par-old:{m}|loop:{m}"]]
             cells = ["-" if v is None else f"{v:.2f}" for v in vals] + [f"{r:.2f}" for r in ratios]
             cells.append("-" if tjd is None else f"{tjd / row[f'par:{m}']:.2f}")
             print(f"| {m} | " + " | ".join(cells) + " |")
