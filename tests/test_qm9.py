@@ -206,6 +206,12 @@ def test_cache_is_written_once_and_reloaded(frame, tmp_path, monkeypatch):
     monkeypatch.setattr(qm9, "read_qm9pack", fail)
     again = qm9.load_qm9(tmp_path, progress=False)
     assert all(torch.equal(v, again.state()[k]) for k, v in first.state().items())
+    # a cached set loads where the packages that build it (qm9pack, RDKit) are not installed
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("qm9pack", "rdkit") else real(name, *a))
+    again = qm9.load_qm9(tmp_path, progress=False)
+    assert all(torch.equal(v, again.state()[k]) for k, v in first.state().items())
 
 
 # ----------------------------------------------------------------------------- model
@@ -462,8 +468,10 @@ def test_unknown_target_and_balancer_are_clear_errors(graphs):
         bench.run("nash_mlt", graphs=graphs, epochs=1)
 
 
-def test_missing_qm9pack_is_a_clear_error(monkeypatch):
+def test_missing_qm9pack_is_a_clear_error(monkeypatch, tmp_path):
     from polytask.data import qm9
+
+    monkeypatch.setenv("POLYTASK_CACHE_DIR", str(tmp_path))  # no cached set: it must be built
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "qm9pack" else real(name, *a))

@@ -721,7 +721,6 @@ def load_qm9(
         progress: show a progress bar while building.
         workers: processes for the RDKit step (default: the CPU count, at most 8).
     """
-    require_qm9_dependencies(("qm9pack", "rdkit"))
     folder = Path(cache) if cache is not None else cache_dir()
     path = folder / _CACHE_NAME
     if path.is_file() and not rebuild:
@@ -730,6 +729,7 @@ def load_qm9(
             return QM9Graphs(**state)
         except Exception as exc:  # noqa: BLE001  (any unreadable cache: say which file)
             raise DataError(f"qm9: cached file {path} is unreadable ({exc}); rerun with rebuild") from exc
+    require_qm9_dependencies(("qm9pack", "rdkit"))  # only building needs them: a cached set loads without
     frame = read_qm9pack()
     graphs = build_graphs(frame, progress=progress, workers=workers or min(8, os.cpu_count() or 1))
     folder.mkdir(parents=True, exist_ok=True)
