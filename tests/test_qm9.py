@@ -492,7 +492,8 @@ def _cli(monkeypatch, capsys, *args):
     return exc.value.code, capsys.readouterr().err.strip()
 
 
-def test_cli_bad_inputs_exit_2_with_one_line(monkeypatch, capsys):
+def test_cli_bad_inputs_exit_2_with_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("POLYTASK_CACHE_DIR", str(tmp_path))  # no cached set: qm9pack is needed to build it
     pytest.importorskip("rdkit")
     pytest.importorskip("torch_geometric")
     code, err = _cli(monkeypatch, capsys, "--balancer", "nash_mlt", "--epochs", "1")
