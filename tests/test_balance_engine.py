@@ -19,15 +19,20 @@ from polytask.tasks import Task
 TASKS = [Task("a", "regression"), Task("b", "binary"), Task("c", "regression", num_outputs=2)]
 
 
+def _data(seed: int, rows: int):
+    """Inputs and targets for TASKS (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 6, generator=g, dtype=torch.float64)
+    y = {"a": torch.randn(rows, 1, generator=g, dtype=torch.float64),
+         "b": (torch.rand(rows, generator=g) > 0.5).double(),
+         "c": torch.randn(rows, 2, generator=g, dtype=torch.float64)}
+    return x, y
+
+
 def _setup(seed: int = 0):
     torch.manual_seed(seed)
     model = build_model("shared_bottom", 6, TASKS, bottom=(10, 7), tower=(5,)).double().expose_task_features()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(12, 6, generator=g, dtype=torch.float64)
-    y = {"a": torch.randn(12, 1, generator=g, dtype=torch.float64),
-         "b": (torch.rand(12, generator=g) > 0.5).double(),
-         "c": torch.randn(12, 2, generator=g, dtype=torch.float64)}
-    return model, x, y
+    return (model, *_data(seed, 12))
 
 
 def _losses(model, x, y):
@@ -326,12 +331,7 @@ def test_trunk_jacobian_equals_manual_jacobian():
 def _routed(seed: int = 0):
     torch.manual_seed(seed)
     model = build_model("mmoe", 6, TASKS, num_experts=3, expert=(8,), tower=(4,)).double()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(10, 6, generator=g, dtype=torch.float64)
-    y = {"a": torch.randn(10, 1, generator=g, dtype=torch.float64),
-         "b": (torch.rand(10, generator=g) > 0.5).double(),
-         "c": torch.randn(10, 2, generator=g, dtype=torch.float64)}
-    return model, x, y
+    return (model, *_data(seed, 10))
 
 
 @pytest.mark.parametrize("mode", ["features", "parameters"])
