@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -456,6 +457,51 @@ def test_mean_ranks_hand_example():
     # mu: A best, B and C tied (2.5 each); alpha: C best, A second, B third
     ranks = mean_ranks([res("A", 1.0, 2.0), res("B", 2.0, 3.0), res("C", 2.0, 1.0)])
     assert ranks == pytest.approx([(1 + 2) / 2, (2.5 + 3) / 2, (2.5 + 1) / 2])
+
+
+def _published_like(delta_m: dict[str, float], **settings):
+    """Results whose Δm% against a unit reference is ``delta_m[method]`` (one target, mu)."""
+    from polytask.bench.qm9 import QM9Result, SeedResult
+
+    return [QM9Result(m, ("mu",), [SeedResult(0, 0, 0.0, {"mu": 1.0 + d / 100})], {"mu": 1.0}, "unit",
+                      settings={"epochs": 5, "train_size": 20, **settings}) for m, d in delta_m.items()]
+
+
+def test_ordering_against_published_hand_example():
+    from polytask.bench.qm9 import ordering_against_published
+
+    # published: FAMO 58.5 < Nash-MTL 62.0 < IMTL-G 77.2 < LS 177.6; ours swaps FAMO/Nash-MTL and puts LS first
+    text = ordering_against_published(_published_like({"famo": 30, "nash_mtl": 20, "imtl_g": 40, "ls": 10, "dwa": 0}))
+    assert "published FAMO < Nash-MTL < IMTL-G < LS; ours LS < Nash-MTL < FAMO < IMTL-G" in text
+    # ranks ours (FAMO 3, Nash 2, IMTL-G 4, LS 1) vs published (1, 2, 3, 4): sum d^2 = 4+0+1+9 = 14
+    rho = 1 - 6 * 14 / (4 * 15)
+    # swapped pairs: (FAMO, Nash), (FAMO, LS), (Nash, LS), (IMTL-G, LS): tau = (6 - 2*4) / 6
+    assert f"Spearman ρ = {rho:+.2f}, Kendall τ = {(6 - 8) / 6:+.2f}; 4 of 6 pairs" in text
+    assert "Nash-MTL ahead of FAMO" in text and "LS ahead of IMTL-G" in text and "DWA" not in text
+    same = ordering_against_published(_published_like({"famo": 1, "nash_mtl": 2, "ls": 3}))
+    assert "Spearman ρ = +1.00, Kendall τ = +1.00; 0 of 3 pairs ordered the other way." in same
+    assert ordering_against_published(_published_like({"famo": 1, "dwa": 2})) == ""
+
+
+def test_report_combines_result_files_and_rejects_mixed_budgets(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    from polytask.bench import qm9 as bench
+
+    for r in _published_like({"famo": 30, "nash_mtl": 20}):
+        (tmp_path / f"qm9_{r.method}.json").write_text(json.dumps(r.to_json()))
+    (tmp_path / "qm9_stl.json").write_text("not read")  # the single-task file is not a method's result
+    code, err = _cli(monkeypatch, capsys, "--report", "--out", str(tmp_path))
+    assert code is None or code == 0, err
+    text = (tmp_path / "qm9_comparison.md").read_text()
+    assert "| nash_mtl |" in text and "| famo |" in text and "1 of 1 pairs ordered the other way" in text
+    assert (tmp_path / "qm9_comparison.png").stat().st_size > 1000 and not list(tmp_path.glob("*.tmp*"))
+    [odd] = _published_like({"ls": 5}, epochs=30)
+    (tmp_path / "qm9_ls.json").write_text(json.dumps(odd.to_json()))
+    with pytest.raises(ConfigError, match="qm9_ls.json and qm9_famo.json were run with different budgets "
+                                          r"\(epochs 5 vs 30\)"):
+        bench.load_results(tmp_path)
+    code, err = _cli(monkeypatch, capsys, "--report", "--out", str(tmp_path / "empty"))
+    assert code == 2 and err.count("\n") == 0 and "no result files" in err
 
 
 # ----------------------------------------------------------------------------- bad inputs

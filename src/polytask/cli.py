@@ -128,6 +128,8 @@ def bench_qm9(
     all_: Annotated[bool, typer.Option("--all", help="Run every registered balancer; write Markdown + PNG.")] = False,
     balancers: Annotated[Optional[str], typer.Option(help="With --all: comma list instead of every balancer.")] = None,
     stl: Annotated[bool, typer.Option("--stl", help="Train our own single-task baselines as the Δm% reference.")] = False,
+    report: Annotated[bool, typer.Option("--report", help="Train nothing: write the comparison (Markdown + PNG) "
+                                         "from the result files already in --out.")] = False,
     epochs: Annotated[int, typer.Option(help="Epochs (published: 300).")] = 300,
     train_size: Annotated[Optional[int], typer.Option(help="Training molecules (default: all ~110k).")] = None,
     val_size: Annotated[int, typer.Option(help="Validation molecules.")] = 10_000,
@@ -152,6 +154,14 @@ def bench_qm9(
 
     from polytask.errors import ConfigError
 
+    if report:
+        from polytask.bench import qm9 as bench
+
+        results = bench.load_results(out)
+        md, png = bench.write_report(out, results)
+        typer.echo(md.read_text())
+        typer.echo(f"written: {md}, {png}")
+        return
     extra_seeds = []
     for arg in ctx.args:  # "--seeds 0 1 2": click leaves "1 2" as extra arguments
         if not arg.lstrip("-").isdigit():

@@ -490,12 +490,44 @@ def comparison_markdown(results: Sequence[QM9Result]) -> str:
         rows.append(f"| {label} | " + " | ".join(_fmt(mae[t][0]) for t in targets) +
                     f" | {dm:+.1f} ± {ds:.1f} | {pub} | {ranks[i]:.2f} |")
     s = results[0].settings
+    ordering = ordering_against_published(results)
     note = (f"\nBudget: {s.get('epochs')} epochs, train size {s.get('train_size') or 'all'}, "
             f"val {s.get('val_size')}, test {s.get('test_size')}, seeds {s.get('seeds')}, device "
             f"{s.get('device')}. Δm% against {results[0].reference_name}; published Δm% are for "
             "300 epochs on the full training set (Navon et al. 2022; Liu et al. 2023). "
             "MR: mean rank over the targets' test MAE (1 = best).\n")
-    return "\n".join(rows) + "\n" + note
+    return "\n".join(rows) + "\n" + note + (f"\n{ordering}\n" if ordering else "")
+
+
+def ordering_against_published(results: Sequence[QM9Result]) -> str:
+    """How the Δm% order of the methods with a published row compares with the published order:
+    both orders, Spearman's ρ, Kendall's τ and the pairs ordered the other way ('' if < 2 such methods)."""
+    ours = {}
+    for r in results:
+        key = published_key(r.method)
+        if key is not None and key not in ours:
+            ours[key] = r.delta_m()[0]
+    keys = [k for k in PUBLISHED_DELTA_M if k in ours]
+    n = len(keys)
+    if n < 2:
+        return ""
+    ours_order = sorted(keys, key=lambda k: ours[k])
+    published_order = sorted(keys, key=lambda k: PUBLISHED_DELTA_M[k])
+    rank_ours = {k: i + 1 for i, k in enumerate(ours_order)}
+    rank_pub = {k: i + 1 for i, k in enumerate(published_order)}
+    rho = 1 - 6 * sum((rank_ours[k] - rank_pub[k]) ** 2 for k in keys) / (n * (n * n - 1))
+    swapped = [(a, b) for i, a in enumerate(published_order) for b in published_order[i + 1:]
+               if ours[a] > ours[b]]  # published: a better than b; ours: the other way round
+    pairs = n * (n - 1) // 2
+    tau = (pairs - 2 * len(swapped)) / pairs
+    label = PUBLISHED_LABELS
+    lines = [
+        f"Ordering of the {n} published methods by Δm% (best first): published "
+        + " < ".join(label[k] for k in published_order) + "; ours " + " < ".join(label[k] for k in ours_order) + ".",
+        f"Spearman ρ = {rho:+.2f}, Kendall τ = {tau:+.2f}; {len(swapped)} of {pairs} pairs ordered the other way"
+        + (": " + ", ".join(f"{label[b]} ahead of {label[a]}" for a, b in swapped) if swapped else "") + ".",
+    ]
+    return "\n".join(lines)
 
 
 def comparison_png(results: Sequence[QM9Result], path: Path) -> Path:
@@ -579,7 +611,46 @@ def run_all(
         if log is not None:
             log(format_result(result))
         results.append(result)
-    md = out / "qm9_comparison.md"
-    md.write_text("# QM9 balancer comparison\n\n" + comparison_markdown(results))
-    png = comparison_png(results, out / "qm9_comparison.png")
+    md, png = write_report(out, results)
     return results, md, png
+
+
+#: Settings that must agree for results to share one comparison table.
+BUDGET_KEYS = ("epochs", "train_size", "val_size", "test_size", "batch_size", "lr", "seeds")
+
+
+def load_results(out_dir: Path | str) -> list[QM9Result]:
+    """Every method's result JSON (``qm9_<method>.json``, not the single-task ``qm9_stl.json``)
+    in ``out_dir``; ConfigError when there is none, a file does not parse, or budgets differ."""
+    out = Path(out_dir)
+    files = sorted(f for f in out.glob("qm9_*.json") if f.name != "qm9_stl.json")
+    if not files:
+        raise ConfigError(f"qm9: no result files (qm9_<method>.json) in {out}")
+    results, first = [], None
+    for f in files:
+        try:
+            result = QM9Result.from_json(json.loads(f.read_text()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"qm9: {f} is not a QM9 result file ({exc})") from exc
+        budget = {k: result.settings.get(k) for k in BUDGET_KEYS}
+        if first is None:
+            first = (f, budget)
+        elif budget != first[1]:
+            diff = ", ".join(f"{k} {first[1][k]} vs {budget[k]}" for k in BUDGET_KEYS if budget[k] != first[1][k])
+            raise ConfigError(f"qm9: {f.name} and {first[0].name} were run with different budgets ({diff})")
+        results.append(result)
+    return results
+
+
+def write_report(out_dir: Path | str, results: Sequence[QM9Result]) -> tuple[Path, Path]:
+    """``qm9_comparison.md`` and ``qm9_comparison.png`` in ``out_dir`` (each written whole, then renamed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "qm9_comparison.md"
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text("# QM9 balancer comparison\n\n" + comparison_markdown(results))
+    png_tmp = comparison_png(results, out / "qm9_comparison.tmp.png")
+    png = out / "qm9_comparison.png"
+    tmp.replace(md)
+    png_tmp.replace(png)
+    return md, png
