@@ -504,6 +504,36 @@ def test_report_combines_result_files_and_rejects_mixed_budgets(monkeypatch, cap
     assert code == 2 and err.count("\n") == 0 and "no result files" in err
 
 
+def test_workers_run_each_method_in_its_own_process(graphs, monkeypatch, capsys, tmp_path):
+    pytest.importorskip("torch_geometric")
+    pytest.importorskip("matplotlib")
+    from polytask.bench import qm9 as bench
+    from polytask.data import qm9
+
+    torch.save(graphs.state(), tmp_path / qm9._CACHE_NAME)  # the children load this tiny set
+    out = tmp_path / "out"
+    budget = ["--epochs", "1", "--train-size", "8", "--val-size", "4", "--test-size", "4", "--batch-size", "8",
+              "--targets", "mu,homo", "--threads", "1", "--device", "cpu", "--cache-dir", str(tmp_path)]
+    code, err = _cli(monkeypatch, capsys, "--all", "--balancers", "ew,uw", "--workers", "2", "--out", str(out), *budget)
+    assert code in (None, 0), err
+    for name in ("ew", "uw"):
+        done = bench.QM9Result.from_json(json.loads((out / f"qm9_{name}.json").read_text()))
+        assert done.method == name and done.settings["train_size"] == 8 and done.targets == ("mu", "homo")
+        assert (out / f"log_{name}.txt").is_file()
+    # the same as a run in this process (same seed, same budget)
+    here = bench.run("uw", graphs=graphs, epochs=1, train_size=8, val_size=4, test_size=4, batch_size=8,
+                     targets=["mu", "homo"], device="cpu", progress=False)
+    there = bench.QM9Result.from_json(json.loads((out / "qm9_uw.json").read_text()))
+    assert there.runs[0].test_mae == pytest.approx(here.runs[0].test_mae, rel=1e-5)
+    table = (out / "qm9_comparison.md").read_text()
+    assert "| ew |" in table and "| uw |" in table
+    # a child that fails is reported, and does not stop the others
+    failed = bench.run_in_processes(out / "bad", ["ew"], 1, ["--epochs=0", f"--cache-dir={tmp_path}"])
+    assert failed == ["ew"] and "epochs must be at least 1" in (out / "bad" / "log_ew.txt").read_text()
+    code, err = _cli(monkeypatch, capsys, "--balancer", "ew", "--workers", "2", "--out", str(out))
+    assert code == 2 and "--workers needs --all" in err
+
+
 # ----------------------------------------------------------------------------- bad inputs
 def test_unknown_target_and_balancer_are_clear_errors(graphs):
     from polytask.bench import qm9 as bench

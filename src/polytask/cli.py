@@ -128,6 +128,8 @@ def bench_qm9(
     all_: Annotated[bool, typer.Option("--all", help="Run every registered balancer; write Markdown + PNG.")] = False,
     balancers: Annotated[Optional[str], typer.Option(help="With --all: comma list instead of every balancer.")] = None,
     stl: Annotated[bool, typer.Option("--stl", help="Train our own single-task baselines as the Δm% reference.")] = False,
+    workers: Annotated[int, typer.Option(help="With --all: methods run at once, one process each (log_<method>.txt "
+                                         "in --out); e.g. 2 with --threads 1 on 2 cores.")] = 1,
     report: Annotated[bool, typer.Option("--report", help="Train nothing: write the comparison (Markdown + PNG) "
                                          "from the result files already in --out.")] = False,
     epochs: Annotated[int, typer.Option(help="Epochs (published: 300).")] = 300,
@@ -194,6 +196,30 @@ def bench_qm9(
         todo = [balancer]
     for name in todo:
         bench.make_balancer(name, bench.params_accepted_by(name, params) if all_ else params)
+    if workers != 1:
+        if workers < 1 or not all_ or stl:
+            raise ConfigError("bench qm9: --workers needs --all, a count of at least 1, and no --stl "
+                              f"(got {workers}{'' if all_ else ', no --all'}{', --stl' if stl else ''})")
+        child = [f"--epochs={epochs}", f"--val-size={val_size}", f"--test-size={test_size}",
+                 f"--batch-size={batch_size}", f"--lr={lr}", f"--features={features}", f"--device={device}",
+                 *(f"--param={item}" for item in param or []), "--seeds", *map(str, seed_list)]
+        for flag, value in (("--train-size", train_size), ("--targets", targets), ("--threads", threads),
+                            ("--cache-dir", cache_dir)):
+            if value is not None:
+                child.insert(0, f"{flag}={value}")
+        failed = bench.run_in_processes(out, todo, workers, child, log=typer.echo)
+        done = [bench.QM9Result.from_json(json.loads((out / f"qm9_{n}.json").read_text()))
+                for n in todo if n not in failed and (out / f"qm9_{n}.json").is_file()]
+        if done:
+            md, png = bench.write_report(out, done)
+            typer.echo(md.read_text())
+            typer.echo(f"written: {md}, {png}")
+        if failed:
+            from polytask.errors import TrainingError
+
+            raise TrainingError(f"bench qm9: {len(failed)} method(s) failed: {', '.join(failed)} "
+                                f"(see log_<method>.txt in {out})")
+        return
     graphs = load_qm9(cache_dir)
     if features == "pyg":
         graphs = graphs.pyg_compatible()
@@ -203,7 +229,7 @@ def bench_qm9(
     out.mkdir(parents=True, exist_ok=True)
     if stl:
         single = bench.run_stl(graphs=graphs, **budget)
-        (out / "qm9_stl.json").write_text(json.dumps(single.to_json(), indent=1))
+        bench.save_result(single, out / "qm9_stl.json")
         reference, reference_name = bench.stl_reference(single), "our single-task runs (--stl)"
         typer.echo(bench.format_result(single))
     if all_:
@@ -214,7 +240,7 @@ def bench_qm9(
         return
     result = bench.run(balancer, graphs=graphs, reference=reference, reference_name=reference_name,
                        balancer_params=params, **budget)
-    (out / f"qm9_{balancer}.json").write_text(json.dumps(result.to_json(), indent=1))
+    bench.save_result(result, out / f"qm9_{balancer}.json")
     typer.echo(bench.format_result(result))
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -607,12 +608,61 @@ def run_all(
                 results.append(done)
                 continue
         result = run(n, graphs=graphs, progress=progress, log=log, balancer_params=per_method[n], **kwargs)
-        path.write_text(json.dumps(result.to_json(), indent=1))
+        save_result(result, path)
         if log is not None:
             log(format_result(result))
         results.append(result)
     md, png = write_report(out, results)
     return results, md, png
+
+
+def save_result(result: QM9Result, path: Path | str) -> Path:
+    """Write ``result`` as JSON, whole or not at all (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result.to_json(), indent=1))
+    tmp.replace(path)
+    return path
+
+
+def run_in_processes(out_dir: Path | str, names: Sequence[str], workers: int, child_args: Sequence[str],
+                     log: Callable[[str], None] | None = None) -> list[str]:
+    """Run each method of ``names`` in its own process, at most ``workers`` at a time.
+
+    Each process is ``python -m polytask.cli bench qm9 --all --balancers <method> --out <out_dir>
+    *child_args`` (so it skips a method already done with the same budget, and writes
+    ``qm9_<method>.json``); its output goes to ``log_<method>.txt`` in ``out_dir``. On a CPU, e.g.
+    2 workers with ``--threads 1`` on 2 cores; on a GPU, several processes share the device.
+    Returns the methods whose process failed.
+    """
+    import subprocess
+    import sys
+
+    if workers < 1:
+        raise ConfigError(f"qm9: workers must be at least 1, got {workers}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    queue, running, failed = list(names), [], []
+    while queue or running:
+        while queue and len(running) < workers:
+            name = queue.pop(0)
+            cmd = [sys.executable, "-m", "polytask.cli", "bench", "qm9", "--all", "--balancers", name,
+                   "--out", str(out), *child_args]
+            handle = open(out / f"log_{name}.txt", "w")  # noqa: SIM115  (closed when the process ends)
+            running.append((name, subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT), handle))
+            if log is not None:
+                log(f"started {name} (log: {out / f'log_{name}.txt'})")
+        time.sleep(0.2)
+        for item in [r for r in running if r[1].poll() is not None]:
+            name, proc, handle = item
+            handle.close()
+            running.remove(item)
+            if proc.returncode != 0:
+                failed.append(name)
+            if log is not None:
+                log(f"{name}: {'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}")
+    return failed
 
 
 #: Settings that must agree for results to share one comparison table.
@@ -647,9 +697,10 @@ def write_report(out_dir: Path | str, results: Sequence[QM9Result]) -> tuple[Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "qm9_comparison.md"
-    tmp = md.with_suffix(".md.tmp")
+    tag = f"{os.getpid()}.tmp"  # processes sharing out_dir (run_in_processes) never share a temporary file
+    tmp = md.with_suffix(f".md.{tag}")
     tmp.write_text("# QM9 balancer comparison\n\n" + comparison_markdown(results))
-    png_tmp = comparison_png(results, out / "qm9_comparison.tmp.png")
+    png_tmp = comparison_png(results, out / f"qm9_comparison.{tag}.png")
     png = out / "qm9_comparison.png"
     tmp.replace(md)
     png_tmp.replace(png)
