@@ -432,6 +432,48 @@ def test_post_step_and_end_epoch_hooks_are_called(graphs):
     assert calls["epochs"] == 2
 
 
+@pytest.mark.parametrize("balancer", ["famo", "random"])
+def test_interrupted_run_resumes_to_the_same_result(graphs, tmp_path, monkeypatch, balancer):
+    pytest.importorskip("torch_geometric")
+    from polytask.bench import qm9 as bench
+
+    kwargs = dict(balancer=balancer, epochs=3, train_size=16, val_size=4, test_size=4, batch_size=8,
+                  device="cpu", progress=False, targets=["mu", "homo", "U0"])
+    whole = bench.train_once(graphs, checkpoint=tmp_path / "whole.ckpt", **kwargs)
+
+    real, calls = bench.evaluate_mae, []
+
+    def killed_in_second_epoch(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # validation of epoch 1: the checkpoint holds epoch 0
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bench, "evaluate_mae", killed_in_second_epoch)
+    ckpt = tmp_path / "cut.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        bench.train_once(graphs, checkpoint=ckpt, **kwargs)
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 0
+    monkeypatch.setattr(bench, "evaluate_mae", real)
+    resumed = bench.train_once(graphs, checkpoint=ckpt, **kwargs)
+    assert resumed.test_mae == whole.test_mae and resumed.best_epoch == whole.best_epoch
+    assert len(resumed.epoch_seconds) == 3 and resumed.val_criterion == whole.val_criterion
+    # the last epoch's weights, Adam and balancer states (in the final checkpoints) are the same too
+    a, b = torch.load(tmp_path / "whole.ckpt", weights_only=True), torch.load(ckpt, weights_only=True)
+    for part in ("model", "balancer"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part] if torch.is_tensor(a[part][k])), part
+    assert all(torch.equal(x["exp_avg"], y["exp_avg"]) for x, y in zip(a["optimizer"]["state"].values(),
+                                                                      b["optimizer"]["state"].values()))
+
+    # a finished checkpoint returns its result without training; other settings are refused
+    monkeypatch.setattr(bench, "evaluate_mae", lambda *a, **k: pytest.fail("trained again"))
+    assert bench.train_once(graphs, checkpoint=ckpt, **kwargs).test_mae == whole.test_mae
+    with pytest.raises(ConfigError, match=r"checkpoint .*cut.ckpt is from other settings \(epochs 3 vs 4\)"):
+        bench.train_once(graphs, checkpoint=ckpt, **{**kwargs, "epochs": 4})
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_single_task_baselines_and_comparison(graphs, tmp_path):
     pytest.importorskip("torch_geometric")
     pytest.importorskip("matplotlib")

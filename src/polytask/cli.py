@@ -228,8 +228,9 @@ def bench_qm9(
     reference, reference_name = None, "published STL (Navon et al. 2022)"
     out.mkdir(parents=True, exist_ok=True)
     if stl:
-        single = bench.run_stl(graphs=graphs, **budget)
+        single = bench.run_stl(graphs=graphs, checkpoint_dir=out, **budget)
         bench.save_result(single, out / "qm9_stl.json")
+        bench.remove_checkpoints(out, "stl")
         reference, reference_name = bench.stl_reference(single), "our single-task runs (--stl)"
         typer.echo(bench.format_result(single))
     if all_:
@@ -239,8 +240,9 @@ def bench_qm9(
         typer.echo(f"written: {md}, {png}")
         return
     result = bench.run(balancer, graphs=graphs, reference=reference, reference_name=reference_name,
-                       balancer_params=params, **budget)
+                       balancer_params=params, checkpoint_dir=out, **budget)
     bench.save_result(result, out / f"qm9_{balancer}.json")
+    bench.remove_checkpoints(out, balancer)
     typer.echo(bench.format_result(result))
 
 

@@ -240,6 +240,7 @@ def train_once(
     balancer_params: Mapping[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    checkpoint: Path | str | None = None,
 ) -> SeedResult:
     """Train one MPNN with ``balancer`` under the protocol (module doc) and return the test MAE
     at the best validation epoch.
@@ -247,6 +248,12 @@ def train_once(
     With a single target the selection and LR-schedule criterion is that target's validation
     MAE (the single-task protocol); otherwise the validation Δm% against ``reference``
     (default :data:`PUBLISHED_STL_MAE`).
+
+    ``checkpoint``: a file written (whole, then renamed) after every epoch with everything the
+    run needs to go on -- weights, Adam, LR schedule, balancer state, data order and RNG states,
+    best-so-far -- and, at the end, the result. A run started again with the same file and the
+    same settings continues where it stopped and gives the same result as an uninterrupted run;
+    a finished one returns its result at once; other settings are a ConfigError naming the file.
     """
     from tqdm.auto import tqdm
 
@@ -292,7 +299,34 @@ def train_once(
     best_state: dict[str, torch.Tensor] = {}
     epoch_seconds: list[float] = []
     epoch_cpu: list[float] = []  # CPU time of all threads: the machine is shared, wall time is not ours
-    bar = tqdm(range(epochs), desc=f"qm9 {balancer} seed {seed}", unit="epoch", disable=not progress or None)
+    identity = dict(balancer=balancer, seed=seed, targets=list(names), epochs=epochs, train_size=train_size,
+                    val_size=val_size, test_size=test_size, batch_size=batch_size, lr=lr,
+                    balancer_params=dict(balancer_params or {}), reference=reference, num_molecules=len(graphs))
+    start = 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        saved = _load_checkpoint(Path(checkpoint), identity, dev)
+        if saved.get("result") is not None:
+            return SeedResult(**saved["result"])
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        bal.load_state_dict(saved["balancer"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        best, best_state = SeedResult(**saved["best"]), saved["best_state"]
+        epoch_seconds, epoch_cpu, start = saved["epoch_seconds"], saved["epoch_cpu"], saved["epoch"] + 1
+
+    def save(epoch: int, result: SeedResult | None = None) -> None:
+        if checkpoint is not None:
+            _save_checkpoint(Path(checkpoint), dict(
+                identity=identity, epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), balancer=bal.state_dict(), generator=gen.get_state(),
+                torch_rng=torch.get_rng_state(), best=asdict(best), best_state=best_state,
+                epoch_seconds=epoch_seconds, epoch_cpu=epoch_cpu,
+                result=asdict(result) if result is not None else None))
+
+    bar = tqdm(range(start, epochs), desc=f"qm9 {balancer} seed {seed}", unit="epoch", initial=start, total=epochs,
+               disable=not progress or None)
     for epoch in bar:
         start, cpu_start = time.perf_counter(), time.process_time()
         model.train()
@@ -328,6 +362,7 @@ def train_once(
         if log is not None:
             log(f"epoch {epoch}: train loss {float(loss_sum.sum()):.4f}, val {crit:.3f}, "
                 f"best epoch {best.best_epoch}, {epoch_seconds[-1]:.1f}s wall, {epoch_cpu[-1]:.1f}s CPU")
+        save(epoch)
     best.final_lr = optimizer.param_groups[0]["lr"]
     if not best_state:
         raise TrainingError(f"qm9: no finite validation result in {epochs} epoch(s) ({balancer}, seed {seed})")
@@ -337,7 +372,32 @@ def train_once(
     best.test_mae = dict(zip(names, test))
     best.epoch_seconds = epoch_seconds
     best.epoch_cpu_seconds = epoch_cpu
+    save(epochs - 1, best)
     return best
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a kill mid-write leaves the previous epoch's checkpoint
+
+
+def _load_checkpoint(path: Path, identity: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The checkpoint at ``path``; ConfigError if it is unreadable or from other settings."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        saved = state["identity"]
+    except Exception as exc:  # noqa: BLE001  (any unreadable file: say which)
+        raise ConfigError(f"qm9: checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
+    diff = [k for k in identity if saved.get(k) != identity[k]]
+    if diff:
+        what = ", ".join(f"{k} {saved.get(k)!r} vs {identity[k]!r}" for k in diff)
+        raise ConfigError(f"qm9: checkpoint {path} is from other settings ({what}); delete it or use another --out")
+    # RNG states are CPU byte tensors whatever the device
+    for key in ("generator", "torch_rng"):
+        state[key] = state[key].cpu()
+    return state
 
 
 def run(
@@ -359,12 +419,15 @@ def run(
     cache: Path | str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    checkpoint_dir: Path | str | None = None,
 ) -> QM9Result:
     """Run the QM9 protocol for one balancer over ``seeds`` (defaults: the published protocol).
 
     ``train_size`` / ``epochs`` / ``val_size`` / ``test_size`` give the reduced budget;
     ``reference`` replaces the published single-task MAEs (e.g. :func:`run_stl`'s);
-    ``graphs`` replaces the cached full set (e.g. a subset for a quick run).
+    ``graphs`` replaces the cached full set (e.g. a subset for a quick run);
+    ``checkpoint_dir``: one resumable checkpoint per seed there (:func:`train_once`), which a
+    rerun continues from (:func:`remove_checkpoints` once the result is saved).
     """
     require_qm9_dependencies(("torch_geometric",))  # qm9pack and rdkit: only to build the cache
     names = check_targets(targets)
@@ -377,7 +440,8 @@ def run(
     runs = [
         train_once(graphs, balancer, seed=s, targets=names, epochs=epochs, train_size=train_size,
                    val_size=val_size, test_size=test_size, batch_size=batch_size, lr=lr, device=device,
-                   reference=reference, balancer_params=balancer_params, progress=progress, log=log)
+                   reference=reference, balancer_params=balancer_params, progress=progress, log=log,
+                   checkpoint=checkpoint_path(checkpoint_dir, balancer, s) if checkpoint_dir is not None else None)
         for s in seeds
     ]
     settings = dict(epochs=epochs, train_size=train_size, val_size=val_size, test_size=test_size,
@@ -388,6 +452,18 @@ def run(
                      "published STL (Navon et al. 2022)", settings=settings)
 
 
+def checkpoint_path(checkpoint_dir: Path | str, method: str, seed: int) -> Path:
+    """Where :func:`run` keeps the resumable checkpoint of ``method`` (e.g. ``stl_mu``) and ``seed``."""
+    return Path(checkpoint_dir) / f"qm9_{method}_seed{seed}.ckpt"
+
+
+def remove_checkpoints(checkpoint_dir: Path | str, method: str) -> None:
+    """Delete the checkpoints of ``method`` (``stl``: of every single-task run) once its result is saved."""
+    pattern = "qm9_stl_*_seed*.ckpt" if method == "stl" else f"qm9_{method}_seed*.ckpt"
+    for f in Path(checkpoint_dir).glob(pattern):
+        f.unlink(missing_ok=True)
+
+
 def run_stl(
     *,
     seeds: Sequence[int] = (0,),
@@ -395,6 +471,7 @@ def run_stl(
     graphs: QM9Graphs | None = None,
     cache: Path | str | None = None,
     progress: bool = True,
+    checkpoint_dir: Path | str | None = None,
     **kwargs: Any,
 ) -> QM9Result:
     """Single-task baselines: one MPNN per target, same budget and selection on its own
@@ -408,7 +485,8 @@ def run_stl(
         mae: dict[str, float] = {}
         seconds: list[float] = []
         for t in names:
-            r = train_once(graphs, "ew", seed=s, targets=[t], progress=progress, **kwargs)
+            ckpt = checkpoint_path(checkpoint_dir, f"stl_{t}", s) if checkpoint_dir is not None else None
+            r = train_once(graphs, "ew", seed=s, targets=[t], progress=progress, checkpoint=ckpt, **kwargs)
             mae[t] = r.test_mae[t]
             seconds += r.epoch_seconds
         runs.append(SeedResult(seed=s, best_epoch=-1, val_criterion=float("nan"), test_mae=mae,
@@ -586,7 +664,8 @@ def run_all(
 ) -> tuple[list[QM9Result], Path, Path]:
     """Run every balancer (or ``balancers``) with the same settings; ``balancer_params`` go to
     each method that takes them (e.g. ``mode="features"`` to the gradient methods). Write one JSON per method
-    (a rerun skips methods already done with the same settings), ``qm9_comparison.md`` and
+    (a rerun skips methods already done with the same settings and continues an interrupted one
+    from its checkpoint), ``qm9_comparison.md`` and
     ``qm9_comparison.png``. Returns the results and the two report paths."""
     require_qm9_dependencies(("torch_geometric",))  # qm9pack and rdkit: only to build the cache
     out = Path(out_dir)
@@ -607,8 +686,10 @@ def run_all(
                 "seeds": list(kwargs.get("seeds", (0,)))}:
                 results.append(done)
                 continue
-        result = run(n, graphs=graphs, progress=progress, log=log, balancer_params=per_method[n], **kwargs)
+        result = run(n, graphs=graphs, progress=progress, log=log, balancer_params=per_method[n],
+                     checkpoint_dir=out, **kwargs)
         save_result(result, path)
+        remove_checkpoints(out, n)
         if log is not None:
             log(format_result(result))
         results.append(result)
