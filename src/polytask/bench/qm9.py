@@ -631,7 +631,7 @@ def comparison_png(results: Sequence[QM9Result], path: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("Δm% vs single-task (lower is better)")
     ax.set_title("QM9: multi-task balancers")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)  # below: never over a bar
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
