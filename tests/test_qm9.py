@@ -531,12 +531,23 @@ def test_report_combines_result_files_and_rejects_mixed_budgets(monkeypatch, cap
 
     for r in _published_like({"famo": 30, "nash_mtl": 20}):
         (tmp_path / f"qm9_{r.method}.json").write_text(json.dumps(r.to_json()))
-    (tmp_path / "qm9_stl.json").write_text("not read")  # the single-task file is not a method's result
     code, err = _cli(monkeypatch, capsys, "--report", "--out", str(tmp_path))
     assert code is None or code == 0, err
     text = (tmp_path / "qm9_comparison.md").read_text()
     assert "| nash_mtl |" in text and "| famo |" in text and "1 of 1 pairs ordered the other way" in text
+    assert "| +30.0 ± 0.0 | 58.5 |" in text  # famo: MAE 1.3 against the unit reference
+    # our single-task runs with the same budget (qm9_stl.json) become the reference: famo 1.3 vs 1.5
+    [stl] = _published_like({"stl": 50})
+    (tmp_path / "qm9_stl.json").write_text(json.dumps(stl.to_json()))
+    [famo, nash] = bench.load_results(tmp_path)
+    assert famo.reference == {"mu": 1.5} and famo.delta_m()[0] == pytest.approx((1.3 - 1.5) / 1.5 * 100)
+    assert "our single-task runs" in bench.comparison_markdown([famo, nash])
     assert (tmp_path / "qm9_comparison.png").stat().st_size > 1000 and not list(tmp_path.glob("*.tmp*"))
+    [odd_stl] = _published_like({"stl": 5}, epochs=30)
+    (tmp_path / "qm9_stl.json").write_text(json.dumps(odd_stl.to_json()))
+    with pytest.raises(ConfigError, match="qm9_stl.json and qm9_famo.json were run with different budgets"):
+        bench.load_results(tmp_path)
+    (tmp_path / "qm9_stl.json").unlink()
     [odd] = _published_like({"ls": 5}, epochs=30)
     (tmp_path / "qm9_ls.json").write_text(json.dumps(odd.to_json()))
     with pytest.raises(ConfigError, match="qm9_ls.json and qm9_famo.json were run with different budgets "

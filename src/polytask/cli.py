@@ -131,7 +131,8 @@ def bench_qm9(
     workers: Annotated[int, typer.Option(help="With --all: methods run at once, one process each (log_<method>.txt "
                                          "in --out); e.g. 2 with --threads 1 on 2 cores.")] = 1,
     report: Annotated[bool, typer.Option("--report", help="Train nothing: write the comparison (Markdown + PNG) "
-                                         "from the result files already in --out.")] = False,
+                                         "from the result files already in --out (Δm% against qm9_stl.json "
+                                         "there, if any).")] = False,
     epochs: Annotated[int, typer.Option(help="Epochs (published: 300).")] = 300,
     train_size: Annotated[Optional[int], typer.Option(help="Training molecules (default: all ~110k).")] = None,
     val_size: Annotated[int, typer.Option(help="Validation molecules.")] = 10_000,

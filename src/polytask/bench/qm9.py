@@ -751,14 +751,19 @@ BUDGET_KEYS = ("epochs", "train_size", "val_size", "test_size", "batch_size", "l
 
 
 def load_results(out_dir: Path | str) -> list[QM9Result]:
-    """Every method's result JSON (``qm9_<method>.json``, not the single-task ``qm9_stl.json``)
-    in ``out_dir``; ConfigError when there is none, a file does not parse, or budgets differ."""
+    """Every method's result JSON (``qm9_<method>.json``) in ``out_dir``, for one comparison.
+
+    If ``qm9_stl.json`` (our single-task runs, ``--stl``) is there too, it becomes every result's
+    Δm% reference (DESIGN.md: single-task baselines with the same budget). ConfigError when there
+    is no result, a file does not parse, or two files (single-task included) differ in budget.
+    """
     out = Path(out_dir)
     files = sorted(f for f in out.glob("qm9_*.json") if f.name != "qm9_stl.json")
     if not files:
         raise ConfigError(f"qm9: no result files (qm9_<method>.json) in {out}")
     results, first = [], None
-    for f in files:
+    stl_file = out / "qm9_stl.json"
+    for f in [*files, stl_file] if stl_file.is_file() else files:
         try:
             result = QM9Result.from_json(json.loads(f.read_text()))
         except (ValueError, KeyError, TypeError) as exc:
@@ -770,6 +775,13 @@ def load_results(out_dir: Path | str) -> list[QM9Result]:
             diff = ", ".join(f"{k} {first[1][k]} vs {budget[k]}" for k in BUDGET_KEYS if budget[k] != first[1][k])
             raise ConfigError(f"qm9: {f.name} and {first[0].name} were run with different budgets ({diff})")
         results.append(result)
+    if stl_file.is_file():
+        reference = stl_reference(results.pop())
+        missing = [t for r in results for t in r.targets if t not in reference]
+        if missing:
+            raise ConfigError(f"qm9: {stl_file.name} has no single-task MAE for target(s) {', '.join(sorted(set(missing)))}")
+        for r in results:
+            r.reference, r.reference_name = dict(reference), "our single-task runs (qm9_stl.json, same budget)"
     return results
 
 
