@@ -302,7 +302,7 @@ def train_once(
     identity = dict(balancer=balancer, seed=seed, targets=list(names), epochs=epochs, train_size=train_size,
                     val_size=val_size, test_size=test_size, batch_size=batch_size, lr=lr,
                     balancer_params=dict(balancer_params or {}), reference=reference, num_molecules=len(graphs))
-    start = 0
+    first_epoch = 0
     if checkpoint is not None and Path(checkpoint).is_file():
         saved = _load_checkpoint(Path(checkpoint), identity, dev)
         if saved.get("result") is not None:
@@ -314,7 +314,7 @@ def train_once(
         gen.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])
         best, best_state = SeedResult(**saved["best"]), saved["best_state"]
-        epoch_seconds, epoch_cpu, start = saved["epoch_seconds"], saved["epoch_cpu"], saved["epoch"] + 1
+        epoch_seconds, epoch_cpu, first_epoch = saved["epoch_seconds"], saved["epoch_cpu"], saved["epoch"] + 1
 
     def save(epoch: int, result: SeedResult | None = None) -> None:
         if checkpoint is not None:
@@ -325,7 +325,8 @@ def train_once(
                 epoch_seconds=epoch_seconds, epoch_cpu=epoch_cpu,
                 result=asdict(result) if result is not None else None))
 
-    bar = tqdm(range(start, epochs), desc=f"qm9 {balancer} seed {seed}", unit="epoch", initial=start, total=epochs,
+    bar = tqdm(range(first_epoch, epochs), desc=f"qm9 {balancer} seed {seed}", unit="epoch", initial=first_epoch,
+               total=epochs,
                disable=not progress or None)
     for epoch in bar:
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -699,11 +700,11 @@ def run_all(
 
 def save_result(result: QM9Result, path: Path | str) -> Path:
     """Write ``result`` as JSON, whole or not at all (temporary file, then rename)."""
+    from polytask.train.checkpoint import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result.to_json(), indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result.to_json(), indent=1))
     return path
 
 
@@ -787,14 +788,13 @@ def load_results(out_dir: Path | str) -> list[QM9Result]:
 
 def write_report(out_dir: Path | str, results: Sequence[QM9Result]) -> tuple[Path, Path]:
     """``qm9_comparison.md`` and ``qm9_comparison.png`` in ``out_dir`` (each written whole, then renamed)."""
+    from polytask.train.checkpoint import atomic_write_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = out / "qm9_comparison.md"
-    tag = f"{os.getpid()}.tmp"  # processes sharing out_dir (run_in_processes) never share a temporary file
-    tmp = md.with_suffix(f".md.{tag}")
-    tmp.write_text("# QM9 balancer comparison\n\n" + comparison_markdown(results))
-    png_tmp = comparison_png(results, out / f"qm9_comparison.{tag}.png")
-    png = out / "qm9_comparison.png"
-    tmp.replace(md)
+    md, png = out / "qm9_comparison.md", out / "qm9_comparison.png"
+    # per-process temporary name: processes sharing out_dir (run_in_processes) never share one
+    png_tmp = comparison_png(results, out / f"qm9_comparison.{os.getpid()}.tmp.png")
+    atomic_write_text(md, "# QM9 balancer comparison\n\n" + comparison_markdown(results))
     png_tmp.replace(png)
     return md, png
