@@ -490,6 +490,45 @@ def test_single_task_baselines_and_comparison(graphs, tmp_path):
     assert "| ew |" in text and "| uw |" in text and "177.6" in text and "108.0" in text
 
 
+def test_run_all_skips_only_methods_done_with_the_same_budget_and_parameters(monkeypatch, tmp_path):
+    pytest.importorskip("torch_geometric")
+    import functools
+
+    from polytask.bench import qm9 as bench
+
+    budget = dict(epochs=2, train_size=20, val_size=4, test_size=4, batch_size=8, lr=1e-3)
+    for method in ("ew", "mgda"):
+        bench.save_result(bench.QM9Result(method, ("mu",), [bench.SeedResult(0, 0, 0.0, {"mu": 1.0})], {"mu": 1.0},
+                                          "unit", settings={**budget, "seeds": [0], "balancer_params": {}}),
+                          tmp_path / f"qm9_{method}.json")
+    trained = []
+
+    @functools.wraps(bench.run)  # keeps run's signature: its defaults fill in what a call leaves out
+    def fake_run(name, **kwargs):
+        trained.append(name)
+        return bench.QM9Result(name, ("mu",), [bench.SeedResult(0, 0, 0.0, {"mu": 2.0})], {"mu": 1.0}, "unit")
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "write_report", lambda out, results: (None, None))
+    monkeypatch.setattr(bench, "save_result", lambda result, path: path)
+
+    def rerun(**changes):
+        trained.clear()
+        bench.run_all(tmp_path, ["ew", "mgda"], graphs=object(), progress=False, **{**budget, **changes})
+        return sorted(trained)
+
+    assert rerun() == []
+    assert rerun(seeds=(0,)) == []
+    assert rerun(batch_size=16) == ["ew", "mgda"]
+    assert rerun(val_size=10_000) == ["ew", "mgda"]
+    without_test_size = {k: v for k, v in budget.items() if k != "test_size"}
+    trained.clear()
+    bench.run_all(tmp_path, ["ew"], graphs=object(), progress=False, **without_test_size)  # default 10,000 != 4
+    assert trained == ["ew"]
+    # mode=features goes to MGDA only (EW takes no such parameter), so only MGDA's saved run is stale
+    assert rerun(balancer_params={"mode": "features"}) == ["mgda"]
+
+
 def test_mean_ranks_hand_example():
     from polytask.bench.qm9 import QM9Result, SeedResult, mean_ranks
 

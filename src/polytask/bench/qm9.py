@@ -682,9 +682,7 @@ def run_all(
         path = out / f"qm9_{n}.json"
         if path.is_file():
             done = QM9Result.from_json(json.loads(path.read_text()))
-            if {k: done.settings.get(k) for k in ("epochs", "train_size", "seeds")} == {
-                "epochs": kwargs.get("epochs", 300), "train_size": kwargs.get("train_size"),
-                "seeds": list(kwargs.get("seeds", (0,)))}:
+            if _done_with(done, kwargs, per_method[n]):
                 results.append(done)
                 continue
         result = run(n, graphs=graphs, progress=progress, log=log, balancer_params=per_method[n],
@@ -696,6 +694,16 @@ def run_all(
         results.append(result)
     md, png = write_report(out, results)
     return results, md, png
+
+
+def _done_with(done: QM9Result, run_kwargs: Mapping[str, Any], balancer_params: Mapping[str, Any]) -> bool:
+    """Whether the saved ``done`` was run with the budget and balancer parameters that
+    ``run(**run_kwargs, balancer_params=balancer_params)`` would use (its defaults filled in)."""
+    defaults = {k: p.default for k, p in inspect.signature(run).parameters.items() if k in BUDGET_KEYS}
+    wanted = {k: run_kwargs.get(k, defaults[k]) for k in BUDGET_KEYS}
+    wanted["seeds"] = list(wanted["seeds"])
+    saved = {k: done.settings.get(k) for k in BUDGET_KEYS}
+    return saved == wanted and dict(done.settings.get("balancer_params") or {}) == dict(balancer_params)
 
 
 def save_result(result: QM9Result, path: Path | str) -> Path:
