@@ -624,6 +624,46 @@ def test_workers_run_each_method_in_its_own_process(graphs, monkeypatch, capsys,
     assert failed == ["ew"] and "epochs must be at least 1" in (out / "bad" / "log_ew.txt").read_text()
     code, err = _cli(monkeypatch, capsys, "--balancer", "ew", "--workers", "2", "--out", str(out))
     assert code == 2 and "--workers needs --all" in err
+    assert "stl_" not in " ".join(p.name for p in out.iterdir())  # no single-task jobs without --stl
+
+
+def test_stl_targets_run_as_worker_jobs_and_a_saved_stl_is_reused(graphs, monkeypatch, capsys, tmp_path):
+    pytest.importorskip("torch_geometric")
+    pytest.importorskip("matplotlib")
+    from polytask.bench import qm9 as bench
+    from polytask.data import qm9
+
+    torch.save(graphs.state(), tmp_path / qm9._CACHE_NAME)  # the children load this tiny set
+    out = tmp_path / "out"
+    budget = ["--epochs", "1", "--train-size", "8", "--val-size", "4", "--test-size", "4", "--batch-size", "8",
+              "--targets", "mu,homo", "--threads", "1", "--device", "cpu", "--cache-dir", str(tmp_path)]
+    code, err = _cli(monkeypatch, capsys, "--all", "--balancers", "ew", "--stl", "--workers", "2", "--out", str(out),
+                     *budget)
+    assert code in (None, 0), err
+    assert (out / "log_stl_mu.txt").is_file() and (out / "log_stl_homo.txt").is_file()
+    assert not list(out.glob("*.ckpt"))  # collected into qm9_stl.json, then removed
+    there = bench.QM9Result.from_json(json.loads((out / "qm9_stl.json").read_text()))
+    kwargs = dict(epochs=1, train_size=8, val_size=4, test_size=4, batch_size=8, device="cpu", progress=False)
+    here = bench.run_stl(graphs=graphs, targets=["mu", "homo"], **kwargs)  # one process, one target after the other
+    assert there.runs[0].test_mae == pytest.approx(here.runs[0].test_mae, rel=1e-5)
+    ew = bench.QM9Result.from_json(json.loads((out / "qm9_ew.json").read_text()))
+    ew_vs_stl = sum((ew.runs[0].test_mae[t] - here.runs[0].test_mae[t]) / here.runs[0].test_mae[t]
+                    for t in ("mu", "homo")) / 2 * 100
+    table = (out / "qm9_comparison.md").read_text()
+    assert "our single-task runs (--stl)" in table and f"{ew_vs_stl:+.1f}" in table
+
+    # a second --stl with the same budget reuses qm9_stl.json; another budget trains again
+    def trained_again(**kw):
+        raise RuntimeError("single-task runs trained again")
+
+    monkeypatch.setattr(bench, "run_stl", trained_again)
+    code, err = _cli(monkeypatch, capsys, "--balancer", "ew", "--stl", "--out", str(out), *budget)
+    assert code in (None, 0), err
+    with pytest.raises(RuntimeError, match="single-task runs trained again"):
+        _cli(monkeypatch, capsys, "--balancer", "ew", "--stl", "--out", str(out), *budget, "--batch-size", "4")
+    assert bench.saved_stl(out, targets=["mu"], seeds=[0], **kwargs) is not None
+    assert bench.saved_stl(out, targets=["mu", "lumo"], seeds=[0], **kwargs) is None  # a target it lacks
+    assert bench.saved_stl(out, targets=["mu"], seeds=[0, 1], **kwargs) is None
 
 
 # ----------------------------------------------------------------------------- bad inputs

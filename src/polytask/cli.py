@@ -127,9 +127,12 @@ def bench_qm9(
     balancer: Annotated[str, typer.Option("--balancer", "-b", help="Registered balancer name.")] = "nash_mtl",
     all_: Annotated[bool, typer.Option("--all", help="Run every registered balancer; write Markdown + PNG.")] = False,
     balancers: Annotated[Optional[str], typer.Option(help="With --all: comma list instead of every balancer.")] = None,
-    stl: Annotated[bool, typer.Option("--stl", help="Train our own single-task baselines as the Δm% reference.")] = False,
-    workers: Annotated[int, typer.Option(help="With --all: methods run at once, one process each (log_<method>.txt "
-                                         "in --out); e.g. 2 with --threads 1 on 2 cores.")] = 1,
+    stl: Annotated[bool, typer.Option("--stl", help="Our own single-task baselines as the Δm% reference (trained, "
+                                      "or qm9_stl.json in --out if it has the same budget).")] = False,
+    stl_target: Annotated[Optional[str], typer.Option(hidden=True, help="Internal (--workers): train this target's "
+                                                      "single-task run, leave its checkpoint in --out.")] = None,
+    workers: Annotated[int, typer.Option(help="With --all: methods (and --stl's targets) run at once, one process "
+                                         "each (log_<job>.txt in --out); e.g. 2 with --threads 1 on 2 cores.")] = 1,
     report: Annotated[bool, typer.Option("--report", help="Train nothing: write the comparison (Markdown + PNG) "
                                          "from the result files already in --out (Δm% against qm9_stl.json "
                                          "there, if any).")] = False,
@@ -197,10 +200,22 @@ def bench_qm9(
         todo = [balancer]
     for name in todo:
         bench.make_balancer(name, bench.params_accepted_by(name, params) if all_ else params)
+    budget = dict(epochs=epochs, train_size=train_size, val_size=val_size, test_size=test_size,
+                  batch_size=batch_size, lr=lr, device=device, targets=names, seeds=seed_list)
+
+    def load_graphs():
+        graphs = load_qm9(cache_dir)
+        return graphs.pyg_compatible() if features == "pyg" else graphs
+
+    if stl_target is not None:  # one job of --stl --workers: its finished checkpoint is its result
+        bench.run_stl(graphs=load_graphs(), checkpoint_dir=out, **{**budget, "targets": bench.check_targets([stl_target])})
+        typer.echo(f"single-task run of {stl_target} finished (checkpoint in {out})")
+        return
+    stl_name = "our single-task runs (--stl)"
     if workers != 1:
-        if workers < 1 or not all_ or stl:
-            raise ConfigError("bench qm9: --workers needs --all, a count of at least 1, and no --stl "
-                              f"(got {workers}{'' if all_ else ', no --all'}{', --stl' if stl else ''})")
+        if workers < 1 or not all_:
+            raise ConfigError("bench qm9: --workers needs --all and a count of at least 1 "
+                              f"(got {workers}{'' if all_ else ', no --all'})")
         child = [f"--epochs={epochs}", f"--val-size={val_size}", f"--test-size={test_size}",
                  f"--batch-size={batch_size}", f"--lr={lr}", f"--features={features}", f"--device={device}",
                  *(f"--param={item}" for item in param or []), "--seeds", *map(str, seed_list)]
@@ -208,9 +223,15 @@ def bench_qm9(
                             ("--cache-dir", cache_dir)):
             if value is not None:
                 child.insert(0, f"{flag}={value}")
-        failed = bench.run_in_processes(out, todo, workers, child, log=typer.echo)
+        single = bench.saved_stl(out, **budget) if stl else None
+        stl_jobs = [f"stl_{t}" for t in names] if stl and single is None else []
+        failed = bench.run_in_processes(out, [*stl_jobs, *todo], workers, child, log=typer.echo)
         done = [bench.QM9Result.from_json(json.loads((out / f"qm9_{n}.json").read_text()))
                 for n in todo if n not in failed and (out / f"qm9_{n}.json").is_file()]
+        if stl_jobs and not set(stl_jobs) & set(failed):
+            single = bench.run_stl_into(out, load_graphs(), **budget)  # collects the finished checkpoints
+        if single is not None:
+            bench.use_reference(done, single, stl_name)
         if done:
             md, png = bench.write_report(out, done)
             typer.echo(md.read_text())
@@ -218,21 +239,15 @@ def bench_qm9(
         if failed:
             from polytask.errors import TrainingError
 
-            raise TrainingError(f"bench qm9: {len(failed)} method(s) failed: {', '.join(failed)} "
-                                f"(see log_<method>.txt in {out})")
+            raise TrainingError(f"bench qm9: {len(failed)} job(s) failed: {', '.join(failed)} "
+                                f"(see log_<job>.txt in {out})")
         return
-    graphs = load_qm9(cache_dir)
-    if features == "pyg":
-        graphs = graphs.pyg_compatible()
-    budget = dict(epochs=epochs, train_size=train_size, val_size=val_size, test_size=test_size,
-                  batch_size=batch_size, lr=lr, device=device, targets=names, seeds=seed_list)
+    graphs = load_graphs()
     reference, reference_name = None, "published STL (Navon et al. 2022)"
     out.mkdir(parents=True, exist_ok=True)
     if stl:
-        single = bench.run_stl(graphs=graphs, checkpoint_dir=out, **budget)
-        bench.save_result(single, out / "qm9_stl.json")
-        bench.remove_checkpoints(out, "stl")
-        reference, reference_name = bench.stl_reference(single), "our single-task runs (--stl)"
+        single = bench.saved_stl(out, **budget) or bench.run_stl_into(out, graphs, **budget)
+        reference, reference_name = bench.stl_reference(single), stl_name
         typer.echo(bench.format_result(single))
     if all_:
         results, md, png = bench.run_all(out, todo, graphs=graphs, reference=reference, balancer_params=params,

@@ -485,13 +485,15 @@ def run_stl(
     for s in seeds:
         mae: dict[str, float] = {}
         seconds: list[float] = []
+        cpu: list[float] = []
         for t in names:
             ckpt = checkpoint_path(checkpoint_dir, f"stl_{t}", s) if checkpoint_dir is not None else None
             r = train_once(graphs, "ew", seed=s, targets=[t], progress=progress, checkpoint=ckpt, **kwargs)
             mae[t] = r.test_mae[t]
             seconds += r.epoch_seconds
+            cpu += r.epoch_cpu_seconds
         runs.append(SeedResult(seed=s, best_epoch=-1, val_criterion=float("nan"), test_mae=mae,
-                               epoch_seconds=seconds))
+                               epoch_seconds=seconds, epoch_cpu_seconds=cpu))
     return QM9Result(method="stl", targets=names, runs=runs, reference=dict(PUBLISHED_STL_MAE),
                      reference_name="published STL (Navon et al. 2022)",
                      settings={**{k: v for k, v in kwargs.items() if k != "log"}, "seeds": list(seeds)})
@@ -500,6 +502,38 @@ def run_stl(
 def stl_reference(stl: QM9Result) -> dict[str, float]:
     """Mean test MAE per target of single-task runs, for use as ``reference``."""
     return {t: m for t, (m, _) in stl.test_mae().items()}
+
+
+def saved_stl(out_dir: Path | str, **budget: Any) -> QM9Result | None:
+    """``qm9_stl.json`` in ``out_dir`` if it was run with ``budget`` (:func:`run_stl`'s arguments)
+    and has every target asked for; else None."""
+    path = Path(out_dir) / "qm9_stl.json"
+    if not path.is_file():
+        return None
+    done = QM9Result.from_json(json.loads(path.read_text()))
+    names = check_targets(budget.get("targets"))
+    return done if _done_with(done, budget, {}) and set(names) <= set(done.targets) else None
+
+
+def run_stl_into(out_dir: Path | str, graphs: QM9Graphs, **budget: Any) -> QM9Result:
+    """:func:`run_stl` with its checkpoints in ``out_dir`` (so it continues an interrupted run, and
+    collects at once the runs that other processes finished there), then ``qm9_stl.json`` written
+    and the checkpoints removed."""
+    out = Path(out_dir)
+    single = run_stl(graphs=graphs, checkpoint_dir=out, **budget)
+    save_result(single, out / "qm9_stl.json")
+    remove_checkpoints(out, "stl")
+    return single
+
+
+def use_reference(results: Sequence[QM9Result], stl: QM9Result, name: str) -> None:
+    """Make the single-task runs ``stl`` every result's Δm% reference (``name`` says which runs)."""
+    reference = stl_reference(stl)
+    missing = sorted({t for r in results for t in r.targets if t not in reference})
+    if missing:
+        raise ConfigError(f"qm9: {name} have no single-task MAE for target(s) {', '.join(missing)}")
+    for r in results:
+        r.reference, r.reference_name = dict(reference), name
 
 
 # ----------------------------------------------------------------------------- reports
@@ -526,7 +560,7 @@ def format_result(result: QM9Result) -> str:
     lines.append(f"Δm% = {dm:+.1f} ± {ds:.1f} (vs {result.reference_name}){published}")
     secs = [s for r in result.runs for s in r.epoch_seconds]
     cpu = [s for r in result.runs for s in r.epoch_cpu_seconds]
-    if secs:
+    if secs and cpu:
         lines.append(f"epochs: best {[r.best_epoch for r in result.runs]}; median epoch time "
                      f"{sorted(secs)[len(secs) // 2]:.1f}s wall, {sorted(cpu)[len(cpu) // 2]:.1f}s CPU "
                      f"({torch.get_num_threads()} threads) on {result.settings.get('device', '?')}")
@@ -718,13 +752,15 @@ def save_result(result: QM9Result, path: Path | str) -> Path:
 
 def run_in_processes(out_dir: Path | str, names: Sequence[str], workers: int, child_args: Sequence[str],
                      log: Callable[[str], None] | None = None) -> list[str]:
-    """Run each method of ``names`` in its own process, at most ``workers`` at a time.
+    """Run each job of ``names`` in its own process, at most ``workers`` at a time.
 
-    Each process is ``python -m polytask.cli bench qm9 --all --balancers <method> --out <out_dir>
-    *child_args`` (so it skips a method already done with the same budget, and writes
-    ``qm9_<method>.json``); its output goes to ``log_<method>.txt`` in ``out_dir``. On a CPU, e.g.
-    2 workers with ``--threads 1`` on 2 cores; on a GPU, several processes share the device.
-    Returns the methods whose process failed.
+    A method's process is ``python -m polytask.cli bench qm9 --all --balancers <method> --out
+    <out_dir> *child_args`` (so it skips a method already done with the same budget, and writes
+    ``qm9_<method>.json``); a job ``stl_<target>`` trains that target's single-task run
+    (``--stl-target``) and leaves its finished checkpoint in ``out_dir`` for :func:`run_stl_into`.
+    A job's output goes to ``log_<job>.txt`` in ``out_dir``. On a CPU, e.g. 2 workers with
+    ``--threads 1`` on 2 cores; on a GPU, several processes share the device.
+    Returns the jobs whose process failed.
     """
     import subprocess
     import sys
@@ -737,8 +773,8 @@ def run_in_processes(out_dir: Path | str, names: Sequence[str], workers: int, ch
     while queue or running:
         while queue and len(running) < workers:
             name = queue.pop(0)
-            cmd = [sys.executable, "-m", "polytask.cli", "bench", "qm9", "--all", "--balancers", name,
-                   "--out", str(out), *child_args]
+            job = ["--stl-target", name[4:]] if name.startswith("stl_") else ["--all", "--balancers", name]
+            cmd = [sys.executable, "-m", "polytask.cli", "bench", "qm9", *job, "--out", str(out), *child_args]
             handle = open(out / f"log_{name}.txt", "w")  # noqa: SIM115  (closed when the process ends)
             running.append((name, subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT), handle))
             if log is not None:
@@ -785,12 +821,7 @@ def load_results(out_dir: Path | str) -> list[QM9Result]:
             raise ConfigError(f"qm9: {f.name} and {first[0].name} were run with different budgets ({diff})")
         results.append(result)
     if stl_file.is_file():
-        reference = stl_reference(results.pop())
-        missing = [t for r in results for t in r.targets if t not in reference]
-        if missing:
-            raise ConfigError(f"qm9: {stl_file.name} has no single-task MAE for target(s) {', '.join(sorted(set(missing)))}")
-        for r in results:
-            r.reference, r.reference_name = dict(reference), "our single-task runs (qm9_stl.json, same budget)"
+        use_reference(results[:-1], results.pop(), "our single-task runs (qm9_stl.json, same budget)")
     return results
 
 
