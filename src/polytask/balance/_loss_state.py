@@ -212,10 +212,11 @@ def last_shared_weight(shared: Sequence[Tensor], features: Tensor | None = None)
 def flat_jacobian(vec: Tensor, inputs: Sequence[Tensor]) -> Tensor:
     """The ``(T, D)`` matrix whose row ``t`` is ``∂ vec[t] / ∂ inputs`` flattened; graph retained.
 
-    The gradient engine's :func:`~polytask.balance.engine.task_jacobian`: one vectorised backward
-    for all rows (a loop over tasks only where an op has no batching rule).
+    The gradient engine's :func:`~polytask.balance.engine.task_jacobian` with one backward per
+    task, as the engine's default: the vectorised backward (``is_grads_batched``) measured slower
+    on a CPU (QM9 MPNN, 11 targets, batch 120, 1 thread: 4.3-5.7 s vs 3.5 s per Jacobian).
     """
-    grads = task_jacobian(vec, list(inputs))
+    grads = task_jacobian(list(vec.unbind()), list(inputs), batched=False)
     return torch.cat([g.reshape(vec.shape[0], -1) for g in grads], dim=1)
 
 

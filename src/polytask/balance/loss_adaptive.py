@@ -27,6 +27,7 @@ from polytask.balance._loss_state import (
     require_grad_fn,
 )
 from polytask.balance.base import stack_losses
+from polytask.balance.engine import find_task_parameters, task_jacobian
 from polytask.balance.loss_weighting import _positive
 from polytask.balance.registry import BALANCERS
 from polytask.errors import ConfigError
@@ -141,8 +142,8 @@ class DBMTL(TaskStateBalancer):
        the largest norm.
 
     Task-specific parameters receive ``∇ log(L_t + eps)`` of their own task. The per-task
-    gradients come from one batched backward (the gradient engine's) plus one ordinary backward for
-    the task-specific parameters; the moving average is a ``(T, D)`` buffer (D = number of shared
+    gradients come from one backward per task (through the shared and the task-specific
+    parameters, whose gradients are summed over the tasks); the moving average is a ``(T, D)`` buffer (D = number of shared
     parameters) saved in the ``state_dict()``. The returned weights are ``α``. A task absent from
     the batch (loss exactly 0) or with a NaN gradient keeps its ``ĝ_t`` at that step.
 
@@ -162,6 +163,8 @@ class DBMTL(TaskStateBalancer):
         self.eps = _positive(eps, "eps", "db_mtl")
         self.register_buffer("grad_ema", torch.zeros(0))
         self.register_buffer("steps", torch.zeros(()))
+        self._heads: list[Tensor] = []
+        self._heads_key: tuple | None = None
 
     def _init_state(self, losses: Tensor) -> None:
         self.grad_ema = torch.zeros(losses.shape[0], 0, dtype=losses.dtype, device=losses.device)
@@ -173,11 +176,15 @@ class DBMTL(TaskStateBalancer):
         self._bind(losses, vec)
         require_grad_fn(losses, "balancer 'db_mtl'")
         params = _shared_list(shared, "db_mtl")
-        if not self._reach_checked:
-            check_paths(losses, params)
-            self._reach_checked = True
+        key = (tuple(losses), tuple(id(p) for p in params))
+        if self._heads_key != key:  # a graph walk (and the path check): once per task and parameter set
+            shared_ids = {id(p) for p in params}
+            self._heads = [p for p in find_task_parameters(losses, params) if id(p) not in shared_ids]
+            self._heads_key = key
         log_losses = torch.log(vec + self.eps)
-        jac = flat_jacobian(log_losses, params)  # (T, D)
+        # one backward per task gives the rows of J and, summed, the task-specific gradients
+        grads = task_jacobian(list(log_losses.unbind()), [*params, *self._heads], batched=False)
+        jac = torch.cat([g.reshape(vec.shape[0], -1) for g in grads[: len(params)]], dim=1)  # (T, D)
         if self.grad_ema.shape != jac.shape:
             if self.grad_ema.shape[1] != 0:
                 raise ConfigError(f"balancer 'db_mtl': its state is for {self.grad_ema.shape[1]} shared values, "
@@ -193,9 +200,9 @@ class DBMTL(TaskStateBalancer):
             norms = self.grad_ema.norm(dim=1)
             alpha = norms.max() / (norms + self.eps)
             shared_update = alpha @ self.grad_ema
-        # task-specific parameters get ∇ log L_t; the shared ones got Σ_t g_t from it, replaced below
-        log_losses.sum().backward()
-        add_to_grads(params, shared_update - jac.sum(dim=0))
+        add_to_grads(params, shared_update)
+        for p, g in zip(self._heads, grads[len(params):]):  # task-specific parameters: ∇ Σ_t log L_t
+            add_to_grads([p], g.sum(0).reshape(-1))
         return alpha
 
 
