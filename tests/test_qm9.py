@@ -596,16 +596,21 @@ def test_report_combines_result_files_and_rejects_mixed_budgets(monkeypatch, cap
     assert code == 2 and err.count("\n") == 0 and "no result files" in err
 
 
+def _child_budget(graphs, tmp_path) -> list[str]:
+    """CLI flags for a tiny budget whose child processes load ``graphs`` from a cache in ``tmp_path``."""
+    from polytask.data import qm9
+
+    torch.save(graphs.state(), tmp_path / qm9._CACHE_NAME)
+    return ["--epochs", "1", "--train-size", "8", "--val-size", "4", "--test-size", "4", "--batch-size", "8",
+            "--targets", "mu,homo", "--threads", "1", "--device", "cpu", "--cache-dir", str(tmp_path)]
+
+
 def test_workers_run_each_method_in_its_own_process(graphs, monkeypatch, capsys, tmp_path):
     pytest.importorskip("torch_geometric")
     pytest.importorskip("matplotlib")
     from polytask.bench import qm9 as bench
-    from polytask.data import qm9
-
-    torch.save(graphs.state(), tmp_path / qm9._CACHE_NAME)  # the children load this tiny set
+    budget = _child_budget(graphs, tmp_path)
     out = tmp_path / "out"
-    budget = ["--epochs", "1", "--train-size", "8", "--val-size", "4", "--test-size", "4", "--batch-size", "8",
-              "--targets", "mu,homo", "--threads", "1", "--device", "cpu", "--cache-dir", str(tmp_path)]
     code, err = _cli(monkeypatch, capsys, "--all", "--balancers", "ew,uw", "--workers", "2", "--out", str(out), *budget)
     assert code in (None, 0), err
     for name in ("ew", "uw"):
@@ -631,12 +636,8 @@ def test_stl_targets_run_as_worker_jobs_and_a_saved_stl_is_reused(graphs, monkey
     pytest.importorskip("torch_geometric")
     pytest.importorskip("matplotlib")
     from polytask.bench import qm9 as bench
-    from polytask.data import qm9
-
-    torch.save(graphs.state(), tmp_path / qm9._CACHE_NAME)  # the children load this tiny set
+    budget = _child_budget(graphs, tmp_path)
     out = tmp_path / "out"
-    budget = ["--epochs", "1", "--train-size", "8", "--val-size", "4", "--test-size", "4", "--batch-size", "8",
-              "--targets", "mu,homo", "--threads", "1", "--device", "cpu", "--cache-dir", str(tmp_path)]
     code, err = _cli(monkeypatch, capsys, "--all", "--balancers", "ew", "--stl", "--workers", "2", "--out", str(out),
                      *budget)
     assert code in (None, 0), err

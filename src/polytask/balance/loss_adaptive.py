@@ -178,8 +178,7 @@ class DBMTL(TaskStateBalancer):
         params = _shared_list(shared, "db_mtl")
         key = (tuple(losses), tuple(id(p) for p in params))
         if self._heads_key != key:  # a graph walk (and the path check): once per task and parameter set
-            shared_ids = {id(p) for p in params}
-            self._heads = [p for p in find_task_parameters(losses, params) if id(p) not in shared_ids]
+            self._heads = find_task_parameters(losses, params)  # the leaves other than ``params``
             self._heads_key = key
         log_losses = torch.log(vec + self.eps)
         # one backward per task gives the rows of J and, summed, the task-specific gradients

@@ -821,7 +821,8 @@ def load_results(out_dir: Path | str) -> list[QM9Result]:
             raise ConfigError(f"qm9: {f.name} and {first[0].name} were run with different budgets ({diff})")
         results.append(result)
     if stl_file.is_file():
-        use_reference(results[:-1], results.pop(), "our single-task runs (qm9_stl.json, same budget)")
+        stl = results.pop()
+        use_reference(results, stl, "our single-task runs (qm9_stl.json, same budget)")
     return results
 
 
