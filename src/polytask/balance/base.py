@@ -11,7 +11,8 @@ starts) travels with ``state_dict()`` into checkpoints. It is usable in any trai
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,9 +44,17 @@ class Balancer(nn.Module):
     """
 
     needs_post_step_losses: bool = False
+    #: With ``process_group=`` given, ``backward`` leaves ``.grad`` reduced over the ranks (the
+    #: global batch's gradient): a training loop runs it under DDP's ``no_sync()`` and must not
+    #: reduce again (see :mod:`polytask.balance.dist`).
+    reduces_gradients: bool = True
 
-    def post_step(self, losses: Mapping[str, Tensor]) -> None:
-        """Receive the losses of the same batch after the optimizer step (default: ignore)."""
+    def post_step(self, losses: Mapping[str, Tensor], *, process_group: Any = None,
+                  counts: Tensor | Sequence[float] | Mapping[str, Any] | None = None) -> None:
+        """Receive the losses of the same batch after the optimizer step (default: ignore).
+
+        Under ``torch.distributed`` pass the same ``process_group`` and ``counts`` as to ``backward``.
+        """
 
     def end_epoch(self) -> None:
         """Called by the training loop after each training epoch (default: ignore).
@@ -59,7 +68,26 @@ class Balancer(nn.Module):
         losses: Mapping[str, Tensor],
         shared: Iterable[nn.Parameter] | None = None,
         features: Tensor | None = None,
+        *,
+        task_features: Tensor | None = None,
+        process_group: Any = None,
+        counts: Tensor | Sequence[float] | Mapping[str, Any] | None = None,
+        loss_scale: Tensor | None = None,
+        parameters: Iterable[Tensor] | None = None,
     ) -> Tensor:
+        """Fill ``.grad`` with the balanced update of ``losses``; return the detached ``(T,)`` weights.
+
+        Args:
+            losses: ``{task: scalar loss}`` of this step (this rank's micro-batch under a group).
+            shared: the model's shared parameters (gradient methods, DB-MTL, GradNorm).
+            features: the shared representation the heads read (feature-level methods).
+            task_features: the model's per-task copies of ``features`` (one-pass engine paths).
+            process_group: a ``torch.distributed`` group: the update of the global batch on every
+                rank (:mod:`polytask.balance.dist`); None: this process alone.
+            counts: labelled rows per task on this rank (exact global losses under masks).
+            loss_scale: a mixed-precision loss scale (device tensor); ``.grad`` ends up scaled.
+            parameters: every parameter to reduce over the ranks (default: those the losses reach).
+        """
         raise NotImplementedError
 
 

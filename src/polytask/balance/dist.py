@@ -1,0 +1,233 @@
+"""Balancing across processes (``torch.distributed``): every balancer exact on the global batch.
+
+Contract (DESIGN.md, "Many processes")::
+
+    balancer.backward(losses, shared=..., features=..., task_features=...,
+                      process_group=group, counts=counts)
+
+With ``process_group=None`` (the default) nothing here runs: single-process behaviour, bit for bit.
+With a group of world size ``R``, each rank passes the losses of its own disjoint micro-batch
+(each task's loss a mean over that rank's labelled rows); after the call, on every rank:
+
+- the ``.grad`` of every parameter the losses reach (shared and task-specific) holds exactly what
+  ONE process gets on the concatenated global batch (gradients averaged over the batch, as DDP
+  does), **added** to what ``.grad`` held before (like ``Tensor.backward``);
+- the balancer's state (``state_dict()``) is identical;
+- a non-finite step (any rank's loss or gradient) is skipped on every rank together, and counted
+  once in ``skipped_steps``.
+
+The global loss of task ``t`` is ``L_t = Σ_r n_rt L_rt / Σ_r n_rt`` with ``n_rt`` the labelled rows
+of task ``t`` on rank ``r``: pass ``counts=`` (a ``(T,)`` tensor in the losses' order, a sequence,
+or a ``{task: count}`` mapping) to make this exact under masks; without counts every rank weighs
+the same (``n_rt = 1``: exact when the ranks' batches are labelled alike). A task with no labelled
+row on any rank has global loss 0 and no gradient.
+
+How (``sync_losses``, then the method's one exchange, then the gradient reduction):
+
+1. :func:`sync_losses` -- ONE all-reduce of ``[n_rt L_rt, n_rt, rows_r]`` (``2T + R`` numbers):
+   every rank gets the global losses ``L_t``, the counts ``N_t`` and the local loss scales
+   ``c_rt = n_rt / N_t`` (``Σ_r c_rt ∇L_rt = ∇L_t``). All later per-rank quantities are gradients
+   of the scaled local losses ``c_rt L_rt``, whose SUM over ranks is the global quantity.
+2. The method's exchange, one flat all-reduce (:func:`all_reduce_sum`), packed:
+
+   ===================================  ====================================================  ==========================
+   family                               what is reduced per step (after step 1)               numbers per step
+   ===================================  ====================================================  ==========================
+   loss-based (ew, uw, dwa, rlw, gls,   the gradients of ``Σ_t w_t c_rt L_rt`` (what DDP      ``P``
+   imtl_l, famo, stch)                  reduces anyway); weights from the global losses
+   gradnorm (``last_shared``)           ``c_rt ∇_W L_rt`` (``T x |W|``), then the gradients   ``T |W| + P``
+   gradnorm (``features``)              ``c_rt^2 ‖∇_z L_rt‖^2`` (``T``), then the gradients   ``T + P``
+   db_mtl                               ``c_rt ∇_θ L_rt`` (``T x D``) and the heads'          ``T D + P - D``
+                                        gradients, in one buffer
+   Gramian methods, feature level       the ``T x T`` Gramian of the scaled feature           ``T^2``, then ``P``
+   (mgda_ub, and any Gramian method     Jacobian (rank batches are disjoint: the global
+   with ``mode="features"``)            Gramian is the sum), then the gradients
+   parameter level (every gradient      the ``T x D`` Jacobian of the scaled losses w.r.t.    ``T D + (P - D)``
+   method with ``mode="parameters"``)   the shared parameters and the heads' gradients, in
+                                        one buffer; the update is computed identically on
+                                        every rank, no further reduction
+   graddrop, feature level              an all-gather of the ``T x b x d`` feature Jacobian   ``T B d`` (gathered)
+                                        (GradDrop's draws are per coordinate), then ``P``
+   ===================================  ====================================================  ==========================
+
+   ``T`` tasks, ``D`` shared parameter entries, ``P`` all parameter entries the losses reach,
+   ``d`` feature width, ``b``/``B`` rows per rank / in the global batch; bytes = numbers x the
+   element size of the losses' dtype. Every rank computes the same weights from the same
+   reduced numbers; random methods draw from a generator seeded identically on every rank
+   (:func:`shared_seed`: the balancer's ``seed`` if given, else rank 0's draw, broadcast once).
+3. The gradient reduction: the balancer sums the scaled per-rank gradients itself (one flat
+   all-reduce of ``P`` numbers where the update is not already identical on every rank).
+
+A user's own DDP loop: the balancer owns the reduction, so run the forward AND ``backward`` under
+``ddp_model.no_sync()`` (DDP then only broadcasts buffers in forward), or do not wrap in DDP at all
+(broadcast the initial parameters once). Every rank's losses must reach the same parameters
+(pass ``parameters=model.parameters()`` for routed models whose graph differs between ranks)::
+
+    with ddp_model.no_sync():
+        out = ddp_model(x)
+        losses = {t: task.loss(out[t], y[t], mask[t]) for t, task in tasks.items()}
+        balancer.backward(losses, shared=model.shared_parameters(), features=model.shared_features,
+                          process_group=dist.group.WORLD, counts={t: mask[t].sum() for t in tasks})
+    optimizer.step()
+
+:attr:`polytask.balance.Balancer.reduces_gradients` is ``True`` for every balancer: with a process
+group, ``.grad`` is already the global gradient (a trainer must not reduce it again).
+
+Mixed precision: ``loss_scale=`` (a device tensor, e.g. ``scaler.get_scale()`` kept on device via
+``scaler._scale``) -- the balancer back-propagates ``loss_scale * objective`` so the backward does
+not underflow, computes weights from UNSCALED gradients/Gramians, and leaves ``.grad`` SCALED, as
+``GradScaler.step`` expects (it unscales). On a non-finite step ``.grad`` receives NaN instead of
+zeros so that the scaler sees the overflow, skips the optimizer step and lowers its scale; the
+balancer counts it in ``skipped_steps`` and keeps its state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor
+
+from polytask.errors import ConfigError
+
+__all__ = [
+    "StepSync",
+    "all_gather_rows",
+    "all_reduce_sum",
+    "rank",
+    "shared_seed",
+    "sync_losses",
+    "task_counts",
+    "world_size",
+]
+
+
+def world_size(group: Any) -> int:
+    """Number of processes in ``group`` (1 for ``None``)."""
+    return 1 if group is None else torch_dist.get_world_size(group)
+
+
+def rank(group: Any) -> int:
+    """This process's rank in ``group`` (0 for ``None``)."""
+    return 0 if group is None else torch_dist.get_rank(group)
+
+
+def task_counts(counts: Tensor | Sequence[float] | Mapping[str, Any] | None, names: Sequence[str], like: Tensor) -> Tensor | None:
+    """``counts`` as a ``(T,)`` tensor in ``names`` order, on ``like``'s device and dtype (None stays None).
+
+    A mapping must name every task; a tensor or sequence must have one entry per task.
+    """
+    if counts is None:
+        return None
+    if isinstance(counts, Mapping):
+        missing = [n for n in names if n not in counts]
+        if missing:
+            raise ConfigError(f"balancer.backward: counts has no entry for task(s) {', '.join(map(repr, missing))}")
+        values = [counts[n] for n in names]
+        out = torch.stack([torch.as_tensor(v, device=like.device).to(like.dtype).reshape(()) for v in values])
+    else:
+        out = torch.as_tensor(counts, device=like.device).to(like.dtype).reshape(-1)
+    if out.shape[0] != len(names):
+        raise ConfigError(f"balancer.backward: counts has {out.shape[0]} entries for {len(names)} tasks")
+    return out
+
+
+class StepSync(NamedTuple):
+    """What :func:`sync_losses` returns: the step's global view, identical on every rank.
+
+    ``losses``: ``(T,)`` global losses ``L_t`` (detached); ``scale``: ``(T,)`` this rank's loss
+    scales ``c_rt`` (``Σ_r c_rt L_rt = L_t``); ``counts``: ``(T,)`` global ``N_t``; ``rows``:
+    ``(R,)`` every rank's ``rows`` argument; ``world``: ``R``; ``group``: the process group.
+    """
+
+    losses: Tensor
+    scale: Tensor
+    counts: Tensor
+    rows: Tensor
+    world: int
+    group: Any
+
+
+def all_reduce_sum(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
+    """Sum each tensor over the ranks of ``group`` with ONE all-reduce of a flat buffer; new tensors.
+
+    The buffer has the promoted dtype of the inputs; each result is cast back to its input's dtype.
+    """
+    if not tensors:
+        return []
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+    if group is not None:
+        torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM, group=group)
+    return [piece.view(t.shape).to(t.dtype) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def sync_losses(losses: Tensor, counts: Tensor | None, group: Any, rows: int = 0) -> StepSync:
+    """Step 1 of the module docstring: ONE all-reduce of ``[n_rt L_rt, n_rt, rows_r]``.
+
+    ``losses``: this rank's ``(T,)`` losses (detached here); ``counts``: this rank's labelled rows
+    per task (:func:`task_counts`) or None (each rank counts 1); ``rows``: a number every rank
+    learns from every rank (the batch rows, for :func:`all_gather_rows`). A non-finite local loss
+    makes the global one non-finite on every rank (NaN propagates through the sum), so all ranks
+    skip the step together.
+    """
+    vec = losses.detach()
+    n = torch.ones_like(vec) if counts is None else counts.to(vec.dtype)
+    world, me = world_size(group), rank(group)
+    row_slot = torch.zeros(world, dtype=vec.dtype, device=vec.device)
+    row_slot[me] = rows
+    weighted, total, row_all = all_reduce_sum([n * vec, n, row_slot], group)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    global_losses = torch.where(total > 0, weighted / safe, weighted)  # no labelled row anywhere: 0 (or NaN if a rank was NaN)
+    scale = torch.where(total > 0, n / safe, torch.zeros_like(n))
+    return StepSync(global_losses, scale, total, row_all, world, group)
+
+
+def all_gather_rows(x: Tensor, rows: Tensor, group: Any, dim: int = 1) -> Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` (rank order); ``rows`` ``(R,)`` are the sizes along ``dim``.
+
+    Ranks may hold different sizes: each pads to the largest, one all-gather, padding dropped.
+    ``rows`` comes from :func:`sync_losses` (no extra exchange for the sizes).
+    """
+    if group is None:
+        return x
+    sizes = [int(s) for s in rows.tolist()]  # known on every rank; one small read per step
+    biggest = max(sizes)
+    pad = list(x.shape)
+    pad[dim] = biggest - x.shape[dim]
+    padded = torch.cat([x, x.new_zeros(pad)], dim=dim) if pad[dim] else x.contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    torch_dist.all_gather(parts, padded, group=group)
+    return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
+
+
+def shared_seed(group: Any, device: torch.device | str = "cpu", seed: int | None = None) -> int:
+    """A seed identical on every rank: ``seed`` if given (no communication), else rank 0's draw from
+    the global generator, broadcast (once per balancer: the generator built from it is then kept)."""
+    if seed is not None or group is None:
+        return int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+    value = torch.randint(0, 2**62, (1,), dtype=torch.long)
+    if torch_dist.get_backend(group) == "nccl":
+        value = value.to(device)
+    torch_dist.broadcast(value, src=torch_dist.get_global_rank(group, 0), group=group)
+    return int(value.item())
+
+
+def reduce_and_accumulate(params: Iterable[Tensor], grads: Sequence[Tensor | None], group: Any,
+                          ok: Tensor | None = None) -> None:
+    """Sum ``grads`` (one per parameter, None = zeros) over the ranks in one flat all-reduce and add
+    them to ``.grad`` (gated by ``ok``: zeros where the step is skipped, decided on device)."""
+    params = list(params)
+    filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    reduced = all_reduce_sum(filled, group)
+    for p, g in zip(params, reduced):
+        if ok is not None:
+            g = torch.where(ok, g, torch.zeros_like(g))
+        if p.grad is None:
+            p.grad = g.detach()
+        else:
+            p.grad.add_(g)
