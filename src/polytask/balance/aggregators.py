@@ -263,11 +263,22 @@ def gradvac_coefficients(gramian: Tensor, phi_hat: Tensor, orders: Tensor, beta:
 class CAGrad(GramianWeighting):
     """CAGrad: maximise the worst task improvement within a ball around the mean gradient.
 
-    Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021: the
-    update is ``g0 + (c ||g0|| / ||g_w||) g_w`` with ``w = argmin_{simplex} g_w.g0 + c||g0|| ||g_w||``
-    (``g0`` the mean gradient). Solved in torch by :func:`~polytask.balance.solvers.cagrad_dual`.
-    When the minimiser has ``||g_w|| < norm_eps`` (Pareto-stationary point) the update is 0.
-    ``c = 0`` gives the mean gradient.
+    Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021, Eq. 2:
+    ``max_d min_i g_i.d`` subject to ``||d - g0|| <= c ||g0||`` (``g0`` the mean gradient). Through
+    the dual (Algorithm 1), ``d = g0 + (c ||g0|| / ||g_w||) g_w`` with
+    ``w = argmin_{simplex} g_w.g0 + c||g0|| ||g_w||``, solved in torch by
+    :func:`~polytask.balance.solvers.cagrad_dual`. ``c = 0`` gives the mean gradient.
+
+    When that minimiser has ``g_w = 0`` (numerically ``||g_w|| < norm_eps``), the dual value is 0
+    and the formula is ``0/0``. That happens whenever a task's gradient is zero (a batch without
+    labels for it: ``w = e_k`` costs 0) or 0 is in the convex hull of the gradients and the ball
+    holds a direction that conflicts with none. By strong duality every ``d`` of the ball with
+    ``J d >= 0`` is then optimal; we return the one closest to ``g0``, the projection of ``g0`` on
+    the cone ``{d : J d >= 0}`` (:meth:`_stationary_weights`), which lies in the ball since some
+    point of the cone does. Where ``g0`` conflicts with no task it is ``g0`` itself; at a
+    Pareto-stationary point with ``c >= 1`` it is 0. torchjd 0.18 (and this class before) returns 0
+    in all these cases, a point outside the ball when ``c < 1``; the authors' code returns
+    ``g0 + c ||g0|| g_w / (||g_w|| + 1e-8)`` for whatever tiny ``g_w`` its SLSQP stops at.
 
     Args:
         c: radius of the ball, relative to ``||g0||`` (the paper uses 0.4-0.5).
@@ -288,7 +299,15 @@ class CAGrad(GramianWeighting):
         v, solved = cagrad_dual(g, self.c)
         w = v / v.sum().clamp_min(torch.finfo(g.dtype).tiny)
         gw_norm = (w @ g @ w).clamp_min(0.0).sqrt()
-        return torch.where(solved & (gw_norm >= self.norm_eps), mean + v, torch.zeros_like(v))
+        return torch.where(solved & (gw_norm >= self.norm_eps), mean + v, self._stationary_weights(g, mean))
+
+    @staticmethod
+    def _stationary_weights(g: Tensor, mean: Tensor) -> Tensor:
+        """Weights of the projection of ``g0 = J^T mean`` on ``{d : J d >= 0}``: ``mean + lambda`` with
+        ``lambda = argmin_{lambda >= 0} 1/2 ||g0 + J^T lambda||^2`` (the projection's dual, a
+        non-negative QP on the Gramian; ``1e-12 I`` keeps it definite when gradients are dependent)."""
+        eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+        return mean + nonneg_qp(g + 1e-12 * eye, mean @ g)
 
 
 class IMTLG(GramianWeighting):
