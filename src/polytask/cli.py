@@ -71,13 +71,29 @@ def train(
 def merge(
     config: Annotated[Path, typer.Argument(help="YAML merge config (mergekit-style; see examples/merge_*.yaml).")],
     out_dir: Annotated[Path, typer.Argument(help="Output directory (appears only when the merge is complete).")],
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists (never an input).")] = False,
+    allow_pickle: Annotated[bool, typer.Option(
+        "--allow-pickle", help="Read pickled .bin/.pt/.pth/.ckpt checkpoints with torch.load(weights_only=True) "
+        "(default: the config's allow_pickle, false). Only for files you trust.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option(
+        "--allow-nonfinite", help="Write merged tensors holding NaN or inf with a warning (default: stop "
+        "with an error naming the tensor).")] = False,
 ) -> None:
     """Merge fine-tuned checkpoints (safetensors files, directories or shards) tensor by tensor
-    into one sharded safetensors checkpoint with the base's config and tokenizer files."""
+    into one sharded safetensors checkpoint with the base's config and tokenizer files. Relative
+    paths in CONFIG are read from its folder when they exist there, else from the working
+    directory."""
+    import warnings
+
     from polytask.merge import run_merge
 
-    typer.echo(f"merged checkpoint: {run_merge(config, out_dir, overwrite=overwrite)}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        out = run_merge(config, out_dir, overwrite=overwrite, allow_pickle=allow_pickle or None,
+                        allow_nonfinite=allow_nonfinite)
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
+    typer.echo(f"merged checkpoint: {out}")
 
 
 @app.command()

@@ -24,7 +24,12 @@ Differences from mergekit (everything else means the same):
 - Parameters are scalars: per-layer gradients (lists) and ``filter`` dicts, ``slices`` and
   ``tokenizer_source`` other than ``base`` are not supported (ConfigError).
 - ``int8_mask`` is accepted and ignored (a memory option with no effect on the result).
-- Paths are local files or directories (no hub downloads).
+- Paths are local files or directories (no hub downloads). A relative path is read from the
+  config file's folder when it exists there, else as given (from the working directory);
+  mergekit reads it as given only.
+- Every numeric parameter must be a finite number in its method's range (``density`` in
+  (0, 1], ``weight`` finite, ``t`` in [0, 1]...); ``normalize`` by weights that sum to zero is
+  refused; a merged tensor with NaN/inf values stops the merge (``--allow-nonfinite``: a warning).
 """
 
 from __future__ import annotations
@@ -109,7 +114,24 @@ class MergeConfig(BaseModel):
         without a base (``linear``) average every listed model."""
         if not uses_base or self.base_model is None:
             return list(self.models)
-        return [m for m in self.models if m.model != self.base_model]
+        base = os.path.normpath(self.base_model)
+        return [m for m in self.models if os.path.normpath(m.model) != base]
+
+    def with_paths_from(self, folder: str | os.PathLike[str]) -> MergeConfig:
+        """A copy whose relative model paths are read from ``folder`` (the config file's) where
+        they exist there; the others stay as given (relative to the working directory)."""
+
+        def resolve(path: str) -> str:
+            p = Path(path).expanduser()
+            if p.is_absolute():
+                return str(p)
+            beside = Path(folder) / p
+            return str(beside) if beside.exists() else str(p)
+
+        return self.model_copy(update={
+            "base_model": None if self.base_model is None else resolve(self.base_model),
+            "models": [e.model_copy(update={"model": resolve(e.model)}) for e in self.models],
+        })
 
 
 def load_merge_config(path: str | os.PathLike[str]) -> MergeConfig:
@@ -139,20 +161,29 @@ def run_merge(
     *,
     overwrite: bool = False,
     progress: bool | None = None,
+    allow_pickle: bool | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Run the merge described by the YAML file ``config_path`` into ``out_dir``.
 
     The output directory holds the merged safetensors (sharded with an index when large), the
-    base's config/tokenizer files and ``polytask_merge.yaml`` (a copy of the config). Errors are
-    :class:`~polytask.errors.PolytaskError` subclasses naming the key, model or tensor.
+    base's config/tokenizer files and ``polytask_merge.yaml`` (a copy of the config). Relative
+    model paths are read from the config's folder when they exist there, else as given.
+    ``allow_pickle`` (default: the config's) reads pickled ``.bin``/``.pt`` checkpoints with
+    ``torch.load(weights_only=True)``; ``allow_nonfinite`` writes NaN/inf tensors with a warning
+    instead of refusing. Errors are :class:`~polytask.errors.PolytaskError` subclasses naming the
+    key, model or tensor.
     """
+    from polytask.merge import checks
     from polytask.merge.engine import build_method, merge_checkpoints
 
-    config = load_merge_config(config_path)
+    config = load_merge_config(config_path).with_paths_from(Path(config_path).parent)
     from polytask.merge.methods import MERGE_METHODS
 
     method_cls = MERGE_METHODS.lookup(config.merge_method)
     method_params, defaults = config.split_parameters(set(getattr(method_cls, "model_params", {})))
+    for key, value in defaults.items():  # named as written (top level), not per model
+        checks.model_param(f"parameters.{key}", key, value)
     method = build_method(config.merge_method, method_params)
     entries = config.input_models(uses_base=method_cls.requires_base)
     model_params = [{**defaults, **e.parameters} for e in entries]
@@ -166,7 +197,8 @@ def run_merge(
         seed=config.seed,
         max_shard_size=config.max_shard_size,
         io_threads=config.io_threads,
-        allow_pickle=config.allow_pickle,
+        allow_pickle=config.allow_pickle if allow_pickle is None else allow_pickle,
+        allow_nonfinite=allow_nonfinite,
         overwrite=overwrite,
         strict_dtypes=config.strict_dtypes,
         copy_files_from=config.base_model,

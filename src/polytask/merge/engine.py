@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 import zlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -22,10 +23,11 @@ import torch
 from torch import Tensor
 
 from polytask.errors import ConfigError, MergeError
+from polytask.merge import checks
 from polytask.merge.io import Checkpoint, CheckpointWriter, TensorSpec, parse_dtype, parse_size
 from polytask.merge.methods import MERGE_METHODS, MergeMethod, TensorContext
 
-__all__ = ["merge_state_dicts", "merge_checkpoints", "build_method", "resolve_model_params"]
+__all__ = ["merge_state_dicts", "merge_checkpoints", "build_method", "resolve_model_params", "check_output_apart"]
 
 
 class _Source(Protocol):
@@ -91,7 +93,12 @@ def build_method(method: str | MergeMethod, params: Mapping[str, Any] | None = N
 def resolve_model_params(
     method: MergeMethod, per_model: Sequence[Mapping[str, Any] | None], labels: Sequence[str]
 ) -> dict[str, Tensor]:
-    """Per-model parameters as ``(N,)`` float32 tensors, defaults filled in, unknown keys refused."""
+    """Per-model parameters as ``(N,)`` float32 tensors, defaults filled in, unknown keys refused.
+
+    Every value must be a finite number in its range (:data:`~polytask.merge.checks.MODEL_PARAM_RANGES`),
+    and the method checks that they fit its settings (e.g. no normalisation by a zero weight sum).
+    Errors name the model and the key: ``model ./math: parameters.density: must be in (0, 1], got 1.5``.
+    """
     accepted = type(method).model_params
     out = {key: torch.full((len(per_model),), float(default)) for key, default in accepted.items()}
     for i, (params, label) in enumerate(zip(per_model, labels)):
@@ -102,20 +109,50 @@ def resolve_model_params(
                     f"model {label}: method {type(method).__name__} has no per-model parameter "
                     f"{key!r} (it takes: {known})"
                 )
-            if isinstance(value, (list, dict)):
-                raise ConfigError(
-                    f"model {label}: parameter {key!r} must be a number (per-layer lists and "
-                    "filters are not supported)"
-                )
-            try:
-                out[key][i] = float(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"model {label}: parameter {key!r} must be a number, got {value!r}") from None
-    if "density" in out and bool(((out["density"] < 0) | (out["density"] > 1)).any()):
-        raise ConfigError("parameter 'density' must be in [0, 1]")
-    if "weight" in out and "density" not in out and not bool(torch.isfinite(out["weight"]).all()):
-        raise ConfigError("parameter 'weight' must be finite")
+            out[key][i] = checks.model_param(f"model {label}: parameters.{key}", key, value)
+    method.check_model_params(out)
     return out
+
+
+def check_output_apart(
+    out_dir: str | os.PathLike[str], inputs: Sequence[tuple[str, str | os.PathLike[str]]]
+) -> None:
+    """Refuse an output directory that is, contains or is inside one of ``inputs`` ((role, path)).
+
+    Symlinks are resolved, so a link to an input is that input. Without this check,
+    ``overwrite=True`` would replace (delete) an input model.
+    """
+    out = Path(out_dir).resolve()
+    for role, path in inputs:
+        src = Path(path).resolve()
+        if out == src or out in src.parents or src in out.parents:
+            how = "is" if out == src else ("contains" if out in src.parents else "is inside")
+            raise ConfigError(f"output {str(out_dir)!r} {how} {role} {str(path)!r}; write the merge elsewhere")
+
+
+def _check_finite(name: str, out: Tensor, allow: bool, bad: list[str]) -> None:
+    """Refuse (or, with ``allow``, record in ``bad``) an output tensor that is not finite.
+
+    Called on each tensor as it is written, in its output dtype (a float32 value that overflows
+    float16 counts), so no second pass over the data is needed.
+    """
+    if not out.is_floating_point() or bool(torch.isfinite(out).all()):
+        return
+    if allow:
+        bad.append(name)
+        return
+    count = int(out.numel() - torch.isfinite(out).sum())
+    raise MergeError(
+        f"tensor {name!r}: {count} of {out.numel()} merged values are NaN or infinite "
+        f"({str(out.dtype).removeprefix('torch.')}); check the inputs and parameters, or pass "
+        "--allow-nonfinite / allow_nonfinite=True to write them anyway"
+    )
+
+
+def _warn_nonfinite(bad: list[str]) -> None:
+    if bad:
+        warnings.warn(f"{len(bad)} merged tensor(s) hold NaN or infinite values (first: {bad[0]!r})",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _check_counts(method: MergeMethod, n_models: int, has_base: bool) -> None:
@@ -193,6 +230,7 @@ def merge_state_dicts(
     dtype: str | torch.dtype | None = None,
     seed: int = 0,
     strict_dtypes: bool = True,
+    allow_nonfinite: bool = False,
     **method_params: Any,
 ) -> dict[str, Tensor]:
     """Merge in-memory state dicts with a per-tensor method.
@@ -202,7 +240,8 @@ def merge_state_dicts(
     per-model parameters of ``models[i]`` (``weight``, ``density``...). Computation is in
     float32; floating outputs take ``dtype`` (default: the base's dtype). Non-floating tensors
     (integer buffers) are copied from the base (or the first model). ``seed`` drives random
-    methods (DARE), per tensor, so a run with the same seed repeats.
+    methods (DARE), per tensor, so a run with the same seed repeats. A merged tensor with NaN
+    or infinite values raises MergeError naming it (a RuntimeWarning with ``allow_nonfinite``).
     """
     if not models:
         raise ConfigError("no models to merge")
@@ -216,6 +255,7 @@ def merge_state_dicts(
     out_dtype = parse_dtype(dtype) if dtype is not None else None
     ref = base_src if base_src is not None else sources[0]
     result: dict[str, Tensor] = {}
+    nonfinite: list[str] = []
     for name, spec in plan.items():
         if not spec.dtype.is_floating_point:
             result[name] = ref.load(name).clone()
@@ -224,6 +264,8 @@ def merge_state_dicts(
         base_t = base_src.load(name).float() if base_src is not None else None
         merged = _merge_tensor(instance, name, stacked, base_t, params, seed)
         result[name] = merged.to(_out_dtype(spec, out_dtype))
+        _check_finite(name, result[name], allow_nonfinite, nonfinite)
+    _warn_nonfinite(nonfinite)
     return result
 
 
@@ -282,6 +324,7 @@ def merge_checkpoints(
     io_threads: int = 4,
     prefetch_bytes: int | str = "1GB",
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
     overwrite: bool = False,
     strict_dtypes: bool = True,
     copy_files_from: str | os.PathLike[str] | None = None,
@@ -296,12 +339,20 @@ def merge_checkpoints(
     shards of at most ``max_shard_size`` in ``dtype`` (default: the base's dtype), with the
     non-weight files (config, tokenizer) of ``copy_files_from`` (default: the base, else the
     first model) and ``extra_files`` (name -> text). It appears at ``out_dir`` only when
-    complete; on any error (or Ctrl-C) nothing is left behind. Returns ``out_dir``.
+    complete; on any error (or Ctrl-C) nothing is left behind. ``out_dir`` may not be, contain or
+    lie inside an input; while the merge runs it is locked (a second merge into it fails), and
+    partial outputs of killed merges into it are removed. A merged tensor with NaN or infinite
+    values stops the merge (MergeError naming it) unless ``allow_nonfinite`` (then a
+    RuntimeWarning). Returns ``out_dir``.
     """
     if not models:
         raise ConfigError("no models to merge")
     instance = build_method(method, method_params)
     _check_counts(instance, len(models), base is not None)
+    roles = [("input model", p) for p in models] + ([("base model", base)] if base is not None else [])
+    if copy_files_from is not None:
+        roles.append(("the model whose files are copied", copy_files_from))
+    check_output_apart(out_dir, roles)
     opened: list[Checkpoint] = []
     try:
         def open_ckpt(p: str | os.PathLike[str]) -> _CheckpointSource:
@@ -318,14 +369,17 @@ def merge_checkpoints(
         out_specs = {n: TensorSpec(s.shape, _out_dtype(s, out_dtype)) for n, s in plan.items()}
         writer = CheckpointWriter(out_dir, out_specs, max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite)
         with writer:
+            nonfinite: list[str] = []
             _stream(instance, plan, sources, base_src, ref, params, writer, seed, io_threads,
-                    parse_size(prefetch_bytes), progress, on_tensor)
+                    parse_size(prefetch_bytes), progress, on_tensor, allow_nonfinite, nonfinite)
             src_dir = copy_files_from if copy_files_from is not None else (base if base is not None else models[0])
             src_path = Path(src_dir)
             writer.copy_extras(src_path if src_path.is_dir() else None, out_dtype)
             for fname, text in (extra_files or {}).items():
                 writer.add_file(fname, text)
-            return writer.commit()
+            committed = writer.commit()
+        _warn_nonfinite(nonfinite)
+        return committed
     finally:
         for c in opened:
             c.close()
@@ -344,6 +398,8 @@ def _stream(
     prefetch_bytes: int,
     progress: bool | None,
     on_tensor: Callable[[str], None] | None,
+    allow_nonfinite: bool,
+    nonfinite: list[str],
 ) -> None:
     n = len(sources)
     names = list(plan)
@@ -396,6 +452,7 @@ def _stream(
                 del stacked, base_t
                 out = merged.to(writer.specs[name].dtype)
                 del merged
+                _check_finite(name, out, allow_nonfinite, nonfinite)
             pending_writes.append(writers.submit(writer.write, name, out))
             del out
             while len(pending_writes) > 4 or (pending_writes and pending_writes[0].done()):

@@ -11,13 +11,18 @@ so it lays out the shards and their headers up front and then writes each tensor
 as soon as it is ready (in any order, from any thread). Everything goes to a hidden temporary
 directory next to the target, which is renamed into place only after every tensor, the index
 and the copied config/tokenizer files are on disk: an interrupted or failed merge never leaves
-an output directory that looks complete.
+an output directory that looks complete. While it writes, the writer holds an exclusive lock on
+the target (``.NAME.lock`` beside it, an ``flock``), so a second writer into the same target
+fails at once; holding it, it removes the partial directories that killed writers of that
+target left behind (recognised by name and by a marker file inside, never anything else). What
+it moves into place gets the process umask's permissions, not the temporary directory's 0700.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -29,6 +34,11 @@ from pathlib import Path
 import torch
 
 from polytask.errors import CheckpointError, MergeError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows: no lock there
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "TensorSpec",
@@ -75,6 +85,10 @@ _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json
 #: Extra files copied from the base larger than this are skipped (they are not config/tokenizer).
 _MAX_EXTRA_FILE_BYTES = 64 * 2**20
 _MAX_HEADER_BYTES = 100 * 2**20
+#: Pickled checkpoint files read with ``allow_pickle`` (``torch.load(weights_only=True)``).
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+#: File inside a writer's temporary directory that marks it as ours (removed before the rename).
+_PARTIAL_MARKER = ".polytask-partial"
 _scratch = threading.local()  # per-thread read buffer of Checkpoint.read_into
 
 
@@ -212,12 +226,27 @@ class Checkpoint:
         self._pickled: dict[str, torch.Tensor] | None = None
         if not self.path.exists():
             raise CheckpointError(f"checkpoint {str(self.path)!r} does not exist")
+        if self.path.is_file() and self.path.suffix not in (".safetensors", *_PICKLE_SUFFIXES):
+            self._open_other_file()
+            return
         st_files = self._safetensors_files()
         if st_files:
             for file in st_files:
                 self._open(file)
         else:
             self._load_pickled(allow_pickle)
+
+    def _open_other_file(self) -> None:
+        """A file with another suffix: read it if it is safetensors, else say what we read."""
+        try:
+            self._index_map = None
+            self._open(self.path)
+        except CheckpointError:
+            self.close()
+            raise CheckpointError(
+                f"{self.path}: not a checkpoint format we read (safetensors files or directories; "
+                f"{'/'.join(_PICKLE_SUFFIXES)} pickles with allow_pickle)"
+            ) from None
 
     # -- discovery --------------------------------------------------------------------------
     def _safetensors_files(self) -> list[Path]:
@@ -257,20 +286,23 @@ class Checkpoint:
         if self.path.is_file():
             files = [self.path]
         else:
-            files = sorted(p for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+            files = sorted(p for p in self.path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if not files:
-            raise CheckpointError(f"{self.path}: no .safetensors (or .bin) weights found")
+            raise CheckpointError(
+                f"{self.path}: no weights found (.safetensors, or {'/'.join(_PICKLE_SUFFIXES)} with allow_pickle)"
+            )
         if not allow_pickle:
             raise CheckpointError(
-                f"{files[0]} is a pickled checkpoint; convert it to safetensors or pass "
-                "allow_pickle=True (loaded with torch.load(weights_only=True))"
+                f"{files[0]} is a pickled checkpoint, refused by default; convert it to safetensors, or "
+                "allow it (merge --allow-pickle, allow_pickle: true, allow_pickle=True) to load it "
+                "with torch.load(weights_only=True)"
             )
         self._pickled = {}
         for f in files:
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for a bad/unsafe pickle
-                raise CheckpointError(f"{f}: cannot load with weights_only=True ({exc})") from None
+                raise CheckpointError(f"{f}: refused by torch.load(weights_only=True): {_pickle_reason(exc)}") from None
             if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
                 state = state["state_dict"]
             if not isinstance(state, Mapping):
@@ -339,6 +371,101 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r})"
 
 
+def _pickle_reason(exc: BaseException) -> str:
+    """torch.load's reason for refusing a pickle, in one line (its message has six)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").strip()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _umask() -> int:
+    """The process umask (read from /proc where possible: setting it is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class _OutputLock:
+    """An exclusive, non-blocking ``flock`` on ``.NAME.lock`` beside the output ``NAME``.
+
+    The lock file holds the owner's process id. It is removed on release; a holder that was
+    killed leaves the file, but not the lock (the kernel drops it), so the next writer takes it.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.path = target.parent / f".{target.name}.lock"
+        self.fd = -1
+
+    def acquire(self) -> None:
+        if fcntl is None:  # pragma: no cover
+            return
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise MergeError(f"cannot create lock file {self.path}: {exc.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                try:
+                    owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                finally:
+                    os.close(fd)
+                raise MergeError(
+                    f"output {str(self.target)!r} is being written by another process (pid {owner}, lock "
+                    f"{self.path.name}); wait for it to finish or choose another output"
+                ) from None
+            # A holder may have removed the file after we opened it: then lock the new one.
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(os.fstat(fd), current):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self.fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Remove the temporary directories that killed writers of ``target`` left beside it.
+
+    Call only while holding ``target``'s lock: then no live writer of ``target`` exists. A
+    directory is removed only if its name is one we create for this target and it holds our
+    marker file.
+    """
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(partial|old)-[A-Za-z0-9_]{{8}}")
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if (pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink()
+                and (entry / _PARTIAL_MARKER).is_file()):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def _is_weight_file(path: Path) -> bool:
     return path.name in _WEIGHT_INDEXES or path.suffix in _WEIGHT_SUFFIXES
 
@@ -371,8 +498,18 @@ class CheckpointWriter:
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise MergeError(f"output path {str(self.out_dir)!r} exists and is not a directory")
         parent = self.out_dir.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=parent))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MergeError(f"cannot create {str(parent)!r} for the output: {exc.strerror}") from None
+        self._out_lock = _OutputLock(self.out_dir)
+        self._out_lock.acquire()
+        try:
+            _remove_stale_partials(self.out_dir)
+            self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=parent))
+        except OSError as exc:
+            self._out_lock.release()
+            raise MergeError(f"cannot create a temporary directory in {str(parent)!r}: {exc.strerror}") from None
         self._lock = threading.Lock()
         self._pending = set(specs)
         self._specs = dict(specs)
@@ -380,6 +517,7 @@ class CheckpointWriter:
         self._slot: dict[str, tuple[int, int]] = {}
         self.weight_map: dict[str, str] = {}
         try:
+            (self.tmp_dir / _PARTIAL_MARKER).write_text("polytask: partial merge output, removed when stale\n")
             self._layout(max_shard_bytes, dict(metadata or {"format": "pt"}), preallocate)
         except BaseException:
             self.abort()
@@ -418,7 +556,7 @@ class CheckpointWriter:
             raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data, as safetensors does
             start = 8 + len(raw)
             path = self.tmp_dir / fname
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # minus the umask
             self._fds.append(fd)
             self._checked_write(fd, struct.pack("<Q", len(raw)) + raw, 0, path)
             if preallocate and offset:
@@ -524,14 +662,23 @@ class CheckpointWriter:
         except OSError as exc:
             raise MergeError(f"cannot flush output in {self.tmp_dir}: {exc.strerror}") from None
         self._close()
+        # mkdtemp made the directory 0700; files were created 0666 minus the umask already
+        os.chmod(self.tmp_dir, 0o777 & ~_umask())
+        (self.tmp_dir / _PARTIAL_MARKER).unlink(missing_ok=True)
         old: Path | None = None
         if self.out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
             os.rmdir(old)
             os.rename(self.out_dir, old)
+            if old.is_dir() and not old.is_symlink():  # marks it for removal if we are killed now
+                (old / _PARTIAL_MARKER).touch()
         os.rename(self.tmp_dir, self.out_dir)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+        self._out_lock.release()
         return self.out_dir
 
     def _close(self) -> None:
@@ -546,6 +693,7 @@ class CheckpointWriter:
         """Delete the temporary directory; the target directory is left untouched."""
         self._close()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._out_lock.release()
 
     def __enter__(self) -> CheckpointWriter:
         return self

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from polytask.errors import ConfigError
+from polytask.merge import checks
 from polytask.registry import Registry
 
 __all__ = [
@@ -63,6 +64,11 @@ class MergeMethod:
         ``tensors`` is scratch owned by the caller: a method may overwrite it (to save memory).
         """
         raise NotImplementedError
+
+    def check_model_params(self, params: dict[str, Tensor]) -> None:
+        """Refuse per-model parameters (``(N,)`` tensors, each already finite and in range) that
+        cannot work together with this method's settings, e.g. a normalisation by weights that
+        sum to zero. Called once per merge, before any tensor is read."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -174,18 +180,37 @@ def _rescale(masked: Tensor, before: Tensor | None, density: Tensor, how: bool |
 
 
 def _check_rescale(rescale: bool | str) -> bool | str:
-    if rescale in (True, False, "inverse_density", "l1", "l2", "linf"):
-        return rescale
-    raise ConfigError(
-        f"parameter 'rescale' must be true, false, 'inverse_density', 'l1', 'l2' or 'linf', got {rescale!r}"
-    )
+    return checks.choice(checks.key("rescale"), rescale, (True, False, "inverse_density", "l1", "l2", "linf"))
 
 
 def _check_fraction(name: str, value: float, *, low_open: bool = False) -> float:
-    value = float(value)
-    if not (0 < value <= 1 if low_open else 0 <= value <= 1):
-        raise ConfigError(f"parameter {name!r} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
-    return value
+    return checks.number(checks.key(name), value, low=0.0, high=1.0, low_open=low_open)
+
+
+def _check_weight_sum(weights: Tensor, *, normalize: bool, consensus: str | None) -> None:
+    """Refuse a normalisation that divides by a (near) zero sum of weights.
+
+    Without sign election the divisor is ``sum_i w_i``. With it (TIES), the divisor of an entry
+    is the sum of the weights of the models that agree there, any subset of the models: it
+    cannot vanish only if the non-zero weights share one sign.
+    """
+    if not normalize:
+        return
+    shown = ", ".join(f"{w:g}" for w in weights.tolist())
+    if consensus is not None:
+        if bool((weights > 0).any()) and bool((weights < 0).any()):
+            raise ConfigError(
+                f"{checks.key('normalize')}: true divides each entry by the summed weights of the models "
+                f"that agree on its sign, which can be 0 with weights of both signs ({shown}); set "
+                f"normalize: false or use weights of one sign, got normalize: true"
+            )
+        return
+    total = float(weights.sum())
+    if abs(total) <= 1e-6 * float(weights.abs().sum()) or total == 0:
+        raise ConfigError(
+            f"{checks.key('normalize')}: true divides by the sum of the models' weights, which is "
+            f"{total:g} ({shown}); set normalize: false or change the weights, got normalize: true"
+        )
 
 
 def _sign_mask(deltas: Tensor, consensus: str) -> Tensor:
@@ -218,8 +243,7 @@ def _combine(
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
         mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+        divisor = w.sum(dim=0)  # not near zero when normalizing: see _check_weight_sum
     if normalize:
         mixed = mixed.div_(divisor)
     if scale != 1:
@@ -228,17 +252,34 @@ def _combine(
 
 
 def _check_consensus(consensus: str | None) -> str | None:
-    if consensus not in (None, "sum", "count"):
-        raise ConfigError(f"parameter 'consensus' must be 'sum', 'count' or null, got {consensus!r}")
-    return consensus
+    return checks.choice(checks.key("consensus"), consensus, (None, "sum", "count"))
+
+
+def _check_lambda(lambda_: float) -> float:
+    return checks.number(checks.key("lambda_"), lambda_)
+
+
+def _check_normalize(normalize: bool) -> bool:
+    return checks.flag(checks.key("normalize"), normalize)
+
+
+class _WeightedSum(MergeMethod):
+    """Base of the methods whose ``normalize`` divides by summed weights (:func:`_combine`)."""
+
+    normalize: bool = False
+    consensus: str | None = None
+
+    def check_model_params(self, params: dict[str, Tensor]) -> None:
+        _check_weight_sum(params["weight"], normalize=self.normalize, consensus=self.consensus)
 
 
 # -- averaging -----------------------------------------------------------------------------------
 @MERGE_METHODS.register("linear", "model_soup", "soup")
-class Linear(MergeMethod):
+class Linear(_WeightedSum):
     """Weighted average of the models: model soups (Wortsman et al., ICML 2022).
 
     ``theta = sum_i w_i theta_i / sum_i w_i`` (``normalize=True``) or ``sum_i w_i theta_i``.
+    With ``normalize``, weights that sum to (nearly) zero are refused (ConfigError).
 
     mergekit: same as its ``linear``. The base model is not an input unless listed in ``models``.
     """
@@ -246,7 +287,7 @@ class Linear(MergeMethod):
     requires_base = False
 
     def __init__(self, normalize: bool = True) -> None:
-        self.normalize = bool(normalize)
+        self.normalize = _check_normalize(normalize)
 
     def merge(self, tensors, base, params, ctx):
         w = _per_model(params["weight"], tensors.dim() - 1)
@@ -255,7 +296,7 @@ class Linear(MergeMethod):
 
 
 @MERGE_METHODS.register("task_arithmetic")
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(_WeightedSum):
     """Task arithmetic (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023).
 
     ``theta = theta_0 + lambda * sum_i w_i tau_i`` (divided by ``sum_i w_i`` if ``normalize``).
@@ -264,8 +305,8 @@ class TaskArithmetic(MergeMethod):
     """
 
     def __init__(self, normalize: bool = False, lambda_: float = 1.0) -> None:
-        self.normalize = bool(normalize)
-        self.lambda_ = float(lambda_)
+        self.normalize = _check_normalize(normalize)
+        self.lambda_ = _check_lambda(lambda_)
 
     def merge(self, tensors, base, params, ctx):
         return _combine(tensors.sub_(base), params["weight"], base, consensus=None,
@@ -273,7 +314,7 @@ class TaskArithmetic(MergeMethod):
 
 
 @MERGE_METHODS.register("ties")
-class Ties(MergeMethod):
+class Ties(_WeightedSum):
     """TIES-merging (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models",
     NeurIPS 2023).
 
@@ -283,6 +324,8 @@ class Ties(MergeMethod):
        ``normalize``), then ``theta = theta_0 + lambda * tau_m``.
 
     The paper trims to 20 %; ``density`` defaults to 1.0 (no trim) as in mergekit, so set it.
+    With ``normalize``, weights of both signs are refused: the mean over the agreeing models
+    could divide by zero (mergekit divides by 1 there instead).
     mergekit: same as its ``ties``, except which of several exactly equal magnitudes at the trim
     threshold are kept (we keep the lowest indices; mergekit leaves it to an unstable sort).
     """
@@ -290,8 +333,8 @@ class Ties(MergeMethod):
     model_params = {"weight": 1.0, "density": 1.0}
 
     def __init__(self, normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum") -> None:
-        self.normalize = bool(normalize)
-        self.lambda_ = float(lambda_)
+        self.normalize = _check_normalize(normalize)
+        self.lambda_ = _check_lambda(lambda_)
         self.consensus = _check_consensus(consensus)
 
     def merge(self, tensors, base, params, ctx):
@@ -302,7 +345,7 @@ class Ties(MergeMethod):
 
 
 @MERGE_METHODS.register("dare_linear", "dare_task_arithmetic", "dare")
-class DareLinear(MergeMethod):
+class DareLinear(_WeightedSum):
     """DARE (Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
     Models as a Free Lunch", ICML 2024) followed by task arithmetic.
 
@@ -319,11 +362,10 @@ class DareLinear(MergeMethod):
 
     model_params = {"weight": 1.0, "density": 1.0}
     random = True
-    consensus: str | None = None
 
     def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = True) -> None:
-        self.normalize = bool(normalize)
-        self.lambda_ = float(lambda_)
+        self.normalize = _check_normalize(normalize)
+        self.lambda_ = _check_lambda(lambda_)
         self.rescale = _check_rescale(rescale)
 
     def merge(self, tensors, base, params, ctx):
@@ -360,7 +402,7 @@ class DareTies(DareLinear):
 
 
 @MERGE_METHODS.register("breadcrumbs")
-class Breadcrumbs(MergeMethod):
+class Breadcrumbs(_WeightedSum):
     """Model Breadcrumbs (Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging
     with Sparse Masks", ECCV 2024).
 
@@ -371,11 +413,10 @@ class Breadcrumbs(MergeMethod):
     """
 
     model_params = {"weight": 1.0, "density": 1.0, "gamma": 0.01}
-    consensus: str | None = None
 
     def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = False) -> None:
-        self.normalize = bool(normalize)
-        self.lambda_ = float(lambda_)
+        self.normalize = _check_normalize(normalize)
+        self.lambda_ = _check_lambda(lambda_)
         self.rescale = _check_rescale(rescale)
 
     def merge(self, tensors, base, params, ctx):
@@ -412,15 +453,15 @@ class Slerp(MergeMethod):
     Each tensor is treated as one flat vector; with ``Omega`` the angle between the two,
     ``theta = sin((1-t) Omega)/sin Omega * theta_0 + sin(t Omega)/sin Omega * theta_1``, and plain
     linear interpolation when the normalised vectors are (anti)parallel (``|cos| > 0.9995``).
-    mergekit: same as its ``slerp`` with a scalar ``t`` (per-layer gradients and filters of ``t``
-    are not supported).
+    ``t`` is in [0, 1] (an interpolation). mergekit: same as its ``slerp`` with a scalar ``t``
+    (per-layer gradients and filters of ``t`` are not supported; it does not check the range).
     """
 
     model_params: ClassVar[dict[str, float]] = {}
     max_models = 1
 
     def __init__(self, t: float = 0.5) -> None:
-        self.t = float(t)
+        self.t = checks.number(checks.key("t"), t, low=0.0, high=1.0)
 
     def merge(self, tensors, base, params, ctx):
         a = base.reshape(-1).double()
@@ -453,7 +494,7 @@ class ModelStock(MergeMethod):
     min_models = 2
 
     def __init__(self, filter_wise: bool = False) -> None:
-        self.filter_wise = bool(filter_wise)
+        self.filter_wise = checks.flag(checks.key("filter_wise"), filter_wise)
 
     def merge(self, tensors, base, params, ctx):
         n = tensors.shape[0]
@@ -506,11 +547,9 @@ class Consensus(MergeMethod):
     """
 
     def __init__(self, k: int = 2, lambda_tall: float = 0.6, lambda_: float = 1.0) -> None:
-        if int(k) < 0:
-            raise ConfigError(f"parameter 'k' must be >= 0, got {k}")
-        self.k = int(k)
-        self.lambda_tall = float(lambda_tall)
-        self.lambda_ = float(lambda_)
+        self.k = checks.integer(checks.key("k"), k, low=0)
+        self.lambda_tall = checks.number(checks.key("lambda_tall"), lambda_tall, low=0.0)
+        self.lambda_ = _check_lambda(lambda_)
 
     def merge(self, tensors, base, params, ctx):
         deltas = tensors - base
@@ -547,7 +586,7 @@ class TSVMerge(MergeMethod):
     model_params: ClassVar[dict[str, float]] = {}
 
     def __init__(self, alpha: float = 1.0, fraction: float | None = None) -> None:
-        self.alpha = float(alpha)
+        self.alpha = checks.number(checks.key("alpha"), alpha)
         self.fraction = None if fraction is None else _check_fraction("fraction", fraction, low_open=True)
 
     def merge(self, tensors, base, params, ctx):
@@ -578,7 +617,7 @@ class IsoC(MergeMethod):
     model_params: ClassVar[dict[str, float]] = {}
 
     def __init__(self, alpha: float = 1.0) -> None:
-        self.alpha = float(alpha)
+        self.alpha = checks.number(checks.key("alpha"), alpha)
 
     def merge(self, tensors, base, params, ctx):
         deltas = tensors - base
@@ -604,7 +643,7 @@ class IsoCTS(MergeMethod):
     model_params: ClassVar[dict[str, float]] = {}
 
     def __init__(self, alpha: float = 1.0, common_fraction: float = 0.8) -> None:
-        self.alpha = float(alpha)
+        self.alpha = checks.number(checks.key("alpha"), alpha)
         self.common_fraction = _check_fraction("common_fraction", common_fraction)
 
     def merge(self, tensors, base, params, ctx):
@@ -655,7 +694,7 @@ class PCBMerge(MergeMethod):
 
     def __init__(self, ratio: float = 0.1, lambda_: float = 1.0) -> None:
         self.ratio = _check_fraction("ratio", ratio, low_open=True)
-        self.lambda_ = float(lambda_)
+        self.lambda_ = _check_lambda(lambda_)
 
     def merge(self, tensors, base, params, ctx):
         n = tensors.shape[0]

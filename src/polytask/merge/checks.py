@@ -1,0 +1,84 @@
+"""Checks of merge parameters, with one message style.
+
+Every failed check raises :class:`~polytask.errors.ConfigError` whose message starts with the key
+as a merge config spells it (``parameters.lambda``, ``parameters.density``; a Python keyword
+``lambda_`` is ``lambda`` in YAML) and ends with ``got ...``. Numbers must be real numbers (not
+strings, not booleans) and finite; ranges are checked where the method defines one.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+from polytask.errors import ConfigError
+
+__all__ = ["key", "number", "integer", "flag", "choice", "model_param", "MODEL_PARAM_RANGES"]
+
+#: Ranges of the per-model parameters: (low, high, low_open). ``weight`` may be any finite number
+#: (negative weights subtract a task vector).
+MODEL_PARAM_RANGES: dict[str, tuple[float, float, bool]] = {
+    "weight": (-math.inf, math.inf, False),
+    "density": (0.0, 1.0, True),  # the kept fraction: 0 would keep nothing
+    "gamma": (0.0, 1.0, False),
+}
+
+
+def key(name: str) -> str:
+    """The config key of a method keyword: ``parameters.<name>`` without Python's trailing ``_``."""
+    return f"parameters.{name.rstrip('_')}"
+
+
+def _interval(low: float, high: float, low_open: bool) -> str:
+    return f"{'(' if low_open else '['}{low:g}, {high:g}]"
+
+
+def number(where: str, value: Any, *, low: float = -math.inf, high: float = math.inf,
+           low_open: bool = False) -> float:
+    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{where}: must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ConfigError(f"{where}: must be a finite number, got {v}")
+    if v < low or v > high or (low_open and v == low):
+        raise ConfigError(f"{where}: must be in {_interval(low, high, low_open)}, got {v:g}")
+    return v
+
+
+def integer(where: str, value: Any, *, low: int = 0) -> int:
+    """``value`` as an int ``>= low`` (an integral float such as ``2.0`` is accepted)."""
+    v = number(where, value, low=low)
+    if not v.is_integer():
+        raise ConfigError(f"{where}: must be a whole number, got {value!r}")
+    return int(v)
+
+
+def flag(where: str, value: Any) -> bool:
+    """``value`` as a bool; only ``true``/``false`` (a string such as ``"no"`` is refused)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: must be true or false, got {value!r}")
+    return value
+
+
+def choice(where: str, value: Any, allowed: tuple[Any, ...]) -> Any:
+    """``value`` if it is one of ``allowed`` (compared by type and value, so ``1`` is not ``true``)."""
+    for a in allowed:
+        if type(value) is type(a) and value == a:
+            return value
+    names = ", ".join("null" if a is None else str(a).lower() if isinstance(a, bool) else repr(a) for a in allowed)
+    raise ConfigError(f"{where}: must be one of {names}, got {value!r}")
+
+
+def model_param(where: str, name: str, value: Any) -> float:
+    """A per-model parameter (``weight``, ``density``, ``gamma``) checked against its range."""
+    low, high, low_open = MODEL_PARAM_RANGES.get(name, (-math.inf, math.inf, False))
+    if isinstance(value, (list, dict)):
+        raise ConfigError(f"{where}: must be a number (per-layer lists and filters are not supported), "
+                          f"got {value!r}")
+    return number(where, value, low=low, high=high, low_open=low_open)
