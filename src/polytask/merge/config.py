@@ -177,7 +177,8 @@ def run_merge(
     from polytask.merge import checks
     from polytask.merge.engine import build_method, merge_checkpoints
 
-    config = load_merge_config(config_path).with_paths_from(Path(config_path).parent)
+    written = load_merge_config(config_path)
+    config = written.with_paths_from(Path(config_path).parent)
     from polytask.merge.methods import MERGE_METHODS
 
     method_cls = MERGE_METHODS.lookup(config.merge_method)
@@ -187,6 +188,10 @@ def run_merge(
     method = build_method(config.merge_method, method_params)
     entries = config.input_models(uses_base=method_cls.requires_base)
     model_params = [{**defaults, **e.parameters} for e in entries]
+    as_written = {id(e): w.model for e, w in zip(config.models, written.models)}
+    labels = [as_written[id(e)] for e in entries]  # errors name the paths as the config writes them
+    if method_cls.requires_base and written.base_model is not None:
+        labels.append(written.base_model)
     return merge_checkpoints(
         method,
         [e.model for e in entries],
@@ -202,6 +207,7 @@ def run_merge(
         overwrite=overwrite,
         strict_dtypes=config.strict_dtypes,
         copy_files_from=config.base_model,
+        labels=labels,
         extra_files={"polytask_merge.yaml": Path(config_path).read_text()},
         progress=progress,
     )

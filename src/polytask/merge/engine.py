@@ -115,19 +115,20 @@ def resolve_model_params(
 
 
 def check_output_apart(
-    out_dir: str | os.PathLike[str], inputs: Sequence[tuple[str, str | os.PathLike[str]]]
+    out_dir: str | os.PathLike[str], inputs: Sequence[tuple[str, str, str | os.PathLike[str]]]
 ) -> None:
-    """Refuse an output directory that is, contains or is inside one of ``inputs`` ((role, path)).
+    """Refuse an output directory that is, contains or is inside one of ``inputs``, given as
+    ``(role, label, path)`` (e.g. ``("input model", "./math", "/configs/math")``).
 
     Symlinks are resolved, so a link to an input is that input. Without this check,
     ``overwrite=True`` would replace (delete) an input model.
     """
     out = Path(out_dir).resolve()
-    for role, path in inputs:
+    for role, label, path in inputs:
         src = Path(path).resolve()
         if out == src or out in src.parents or src in out.parents:
             how = "is" if out == src else ("contains" if out in src.parents else "is inside")
-            raise ConfigError(f"output {str(out_dir)!r} {how} {role} {str(path)!r}; write the merge elsewhere")
+            raise ConfigError(f"output {str(out_dir)!r} {how} {role} {label!r}; write the merge elsewhere")
 
 
 def _check_finite(name: str, out: Tensor, allow: bool, bad: list[str]) -> None:
@@ -331,6 +332,7 @@ def merge_checkpoints(
     extra_files: Mapping[str, str] | None = None,
     progress: bool | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> Path:
     """Merge checkpoints on disk into ``out_dir``, streaming tensor by tensor.
 
@@ -343,25 +345,32 @@ def merge_checkpoints(
     lie inside an input; while the merge runs it is locked (a second merge into it fails), and
     partial outputs of killed merges into it are removed. A merged tensor with NaN or infinite
     values stops the merge (MergeError naming it) unless ``allow_nonfinite`` (then a
-    RuntimeWarning). Returns ``out_dir``.
+    RuntimeWarning). ``labels`` name ``models`` and then ``base`` in error messages (default:
+    their paths; a config passes them as written). Returns ``out_dir``.
     """
     if not models:
         raise ConfigError("no models to merge")
     instance = build_method(method, method_params)
     _check_counts(instance, len(models), base is not None)
-    roles = [("input model", p) for p in models] + ([("base model", base)] if base is not None else [])
+    paths = [*models, *([base] if base is not None else [])]
+    names = [str(p) for p in paths] if labels is None else list(labels)
+    if len(names) != len(paths):
+        raise ValueError(f"labels: expected {len(paths)} (models, then base), got {len(names)}")
+    roles = [("input model", name, p) for name, p in zip(names, models)]
+    if base is not None:
+        roles.append(("base model", names[-1], base))
     if copy_files_from is not None:
-        roles.append(("the model whose files are copied", copy_files_from))
+        roles.append(("the model whose files are copied", str(copy_files_from), copy_files_from))
     check_output_apart(out_dir, roles)
     opened: list[Checkpoint] = []
     try:
-        def open_ckpt(p: str | os.PathLike[str]) -> _CheckpointSource:
+        def open_ckpt(p: str | os.PathLike[str], label: str) -> _CheckpointSource:
             ckpt = Checkpoint(p, allow_pickle=allow_pickle)
             opened.append(ckpt)
-            return _CheckpointSource(ckpt, str(p))
+            return _CheckpointSource(ckpt, label)
 
-        sources = [open_ckpt(p) for p in models]
-        base_src = open_ckpt(base) if base is not None else None
+        sources = [open_ckpt(p, name) for p, name in zip(models, names)]
+        base_src = open_ckpt(base, names[-1]) if base is not None else None
         params = resolve_model_params(instance, model_params or [None] * len(models), [s.label for s in sources])
         plan = _plan(base_src, sources, strict_dtypes)
         out_dtype = parse_dtype(dtype) if dtype is not None else None
