@@ -190,11 +190,15 @@ def test_uw_nan_or_absent_task_keeps_its_log_variance():
     b = balance.get("uw", optimizer="sgd", lr=0.1)
     b.backward(leaf_losses([1.0, 2.0, 4.0])[0])
     before = b.log_var.clone()
-    b.backward(leaf_losses([float("nan"), 0.0, 4.0])[0])  # 0.0: no labelled row in the batch
-    assert b.log_var[0] == before[0] and b.log_var[1] == before[1]
-    # the present task still steps: s -= 0.1 * 0.5 * (1 - e^{-s} 4)
-    expected = before[2] - 0.05 * (1 - torch.exp(-before[2]) * 4.0)
-    torch.testing.assert_close(b.log_var[2], expected)
+    b.backward(leaf_losses([3.0, 0.0, 4.0])[0])  # 0.0: no labelled row in the batch
+    assert b.log_var[1] == before[1]
+    # the present tasks still step: s -= 0.1 * 0.5 * (1 - e^{-s} L)
+    expected = before[[0, 2]] - 0.05 * (1 - torch.exp(-before[[0, 2]]) * torch.tensor([3.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(b.log_var[[0, 2]], expected)
+    # a NaN loss: the whole step is skipped (issue 18), every log-variance kept
+    before = b.log_var.clone()
+    b.backward(leaf_losses([float("nan"), 1.0, 4.0])[0])
+    assert torch.equal(b.log_var, before) and int(b.skipped_steps) == 1
 
 
 # ----------------------------------------------------------------------------------------- DWA
@@ -504,7 +508,7 @@ def test_state_dict_round_trip_restores_identical_behaviour(name, kwargs):
         torch.testing.assert_close(model_a.grads(), model_b.grads(), rtol=0, atol=0)
         a.end_epoch()
         b.end_epoch()
-    if state:  # the state matters: a fresh balancer behaves differently
+    if set(state) - {"skipped_steps"}:  # the state matters: a fresh balancer behaves differently
         fresh = balance.get(name, **kwargs)
         model_c = Problem(3, seed=1)
         model_c.load_state_dict(model_a.state_dict())

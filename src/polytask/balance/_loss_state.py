@@ -122,13 +122,16 @@ class TaskStateBalancer(LossWeighting, LazyBuffers):
     optimizes_itself: bool = True
     _state_buffer: str = ""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, nan_policy: str = "skip") -> None:
+        super().__init__(nan_policy)
         self._task_names: tuple[str, ...] | None = None
         self._reach_checked = False  # check_paths() done (a graph walk: once per balancer)
 
     def _init_state(self, losses: Tensor) -> None:
         raise NotImplementedError
+
+    def before_weights(self, losses: Mapping[str, Tensor], vec: Tensor) -> None:
+        self._bind(losses, vec)
 
     def _bind(self, losses: Mapping[str, Tensor], vec: Tensor) -> None:
         """Check the tasks against the state (creating it at the first step); move state to the losses' device."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polytask.errors import ConfigError
+from polytask.errors import ConfigError, TrainingError
 
 
 def stack_losses(losses: Mapping[str, Tensor]) -> Tensor:
@@ -41,6 +41,14 @@ class Balancer(nn.Module):
     Methods that need the losses of the same batch re-evaluated after ``optimizer.step()``
     (FAMO) set ``needs_post_step_losses = True``; the training loop then makes that extra
     forward pass explicitly and calls :meth:`post_step` with the new losses.
+
+    A step whose losses or gradients are not finite (NaN/inf) is skipped by every balancer, with
+    one mechanism (:meth:`_snapshot`, :meth:`_commit`): nothing but zeros is added to ``.grad``,
+    the balancer's state (every buffer: learned log-variances, moving averages, warm starts) is
+    left as it was, and the ``skipped_steps`` buffer counts it -- all decided on the device with
+    ``torch.where`` (no host synchronisation). Only the random draw of that step (RLW's weights,
+    PCGrad's order...) is consumed. ``nan_policy="raise"`` instead synchronises and raises
+    :class:`~polytask.errors.TrainingError` naming the tasks.
     """
 
     needs_post_step_losses: bool = False
@@ -48,6 +56,51 @@ class Balancer(nn.Module):
     #: global batch's gradient): a training loop runs it under DDP's ``no_sync()`` and must not
     #: reduce again (see :mod:`polytask.balance.dist`).
     reduces_gradients: bool = True
+    #: Buffers a checkpoint of an older version may lack; loading it keeps their current value.
+    _optional_state: tuple[str, ...] = ("skipped_steps",)
+
+    def __init__(self, nan_policy: str = "skip") -> None:
+        super().__init__()
+        if nan_policy not in ("skip", "raise"):
+            raise ConfigError(f"balancer nan_policy must be 'skip' or 'raise', got {nan_policy!r}")
+        self.nan_policy = nan_policy
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in self._optional_state:
+            if prefix + name not in state_dict and name in self._buffers and self._buffers[name] is not None:
+                state_dict[prefix + name] = self._buffers[name].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- the non-finite guard, shared by every balancer -----------------------------------------
+
+    def _snapshot(self) -> dict[str, Tensor]:
+        """Copies of the balancer's buffers before a step (see :meth:`_commit`)."""
+        return {name: buf.clone() for name, buf in self.named_buffers() if name != "skipped_steps"}
+
+    def _commit(self, ok: Tensor, before: Mapping[str, Tensor]) -> None:
+        """Keep this step's state where ``ok`` (a 0-d bool tensor), else restore ``before``; count a skip.
+
+        A buffer created during the step with another shape (lazily sized state, filled with
+        values that do not depend on the data) is kept as it is.
+        """
+        for name, old in before.items():
+            mod_name, _, buf_name = name.rpartition(".")
+            mod = self.get_submodule(mod_name) if mod_name else self
+            new = mod._buffers.get(buf_name)
+            if new is None or new.shape != old.shape:
+                continue
+            mod._buffers[buf_name] = torch.where(ok.to(new.device), new, old.to(new.dtype))
+        self.skipped_steps += (~ok).long().to(self.skipped_steps.device)
+
+    def _check_finite(self, ok: Tensor, per_task: Tensor, names: Sequence[str]) -> None:
+        """Under ``nan_policy="raise"``: TrainingError naming the tasks whose ``per_task`` entry is
+        not finite (an explicit, opt-in host synchronisation). Nothing otherwise."""
+        if self.nan_policy != "raise" or bool(ok):
+            return
+        finite = torch.isfinite(per_task.reshape(per_task.shape[0], -1)).all(1)
+        bad = [n for n, good in zip(names, finite.tolist()) if not good] or list(names)
+        raise TrainingError(f"non-finite loss or gradient for task(s) {', '.join(map(repr, bad))}")
 
     def post_step(self, losses: Mapping[str, Tensor], *, process_group: Any = None,
                   counts: Tensor | Sequence[float] | Mapping[str, Any] | None = None) -> None:
@@ -91,17 +144,117 @@ class Balancer(nn.Module):
         raise NotImplementedError
 
 
+def graph_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
+    """The leaf tensors requiring grad that ``roots`` depend on (one walk of their autograd graph),
+    in a deterministic order (depth first from the first root)."""
+    seen: set[Any] = set()
+    found: dict[int, Tensor] = {}
+    stack = [r.grad_fn for r in reversed(roots) if r.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None:
+            found.setdefault(id(var), var)
+            continue
+        stack.extend(child for child, _ in reversed(node.next_functions))
+    return list(found.values())
+
+
+def all_finite(*tensors: Tensor) -> Tensor:
+    """Whether every entry of every floating-point tensor is finite, as a 0-d bool tensor (no host sync).
+
+    ``t . 0`` is exactly 0 unless an entry is inf/NaN (``0 * inf = NaN``): one BLAS dot per tensor,
+    several times cheaper than ``isfinite(t).all()`` on a large gradient; the dots' sum is 0 or NaN.
+    """
+    dots = [torch.dot(flat, torch.zeros_like(flat)) for flat in (t.reshape(-1) for t in tensors)
+            if flat.is_floating_point() and flat.numel()]
+    if not dots:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device)
+    return torch.isfinite(dots[0] if len(dots) == 1 else torch.stack([d.to(dots[0].dtype) for d in dots]).sum())
+
+
+def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None], ok: Tensor | None = None,
+                     fill: float = 0.0) -> None:
+    """``p.grad += g`` for each pair (``None``: nothing); where ``ok`` is False, ``fill`` instead
+    (0: a skipped step adds nothing; NaN: a skipped step a loss scaler must see). No host sync."""
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        g = g.detach().to(p.dtype)
+        if ok is not None:
+            g = torch.where(ok, g, torch.full((), fill, dtype=g.dtype, device=g.device))
+        if p.grad is None:
+            p.grad = g if g is not p else g.clone()
+        else:
+            p.grad.add_(g)
+
+
 class LossWeighting(Balancer):
     """A balancer that needs loss values only: ``backward`` of ``Σ_t w_t L_t`` (cost: one backward).
 
-    Subclasses implement :meth:`weights`, given the detached ``(T,)`` losses of this step.
+    Subclasses implement :meth:`weights`, given the detached ``(T,)`` losses of this step (the
+    global losses under a process group); stateful ones update their state from the same losses
+    in :meth:`after_backward`. The template :meth:`backward` skips a non-finite step (the base
+    class's guard) and, under a process group, reduces the losses first and the gradients last
+    (:mod:`polytask.balance.dist`).
+
+    Args:
+        nan_policy: ``"skip"`` (default) or ``"raise"`` (see :class:`Balancer`).
     """
 
     def weights(self, losses: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def backward(self, losses, shared=None, features=None) -> Tensor:
+    def before_weights(self, losses: Mapping[str, Tensor], vec: Tensor) -> None:
+        """Hook before the weights: check the tasks, create per-task state (default: nothing)."""
+
+    def prepare(self, losses: Mapping[str, Tensor], vec: Tensor, sync: Any, shared: Iterable[nn.Parameter] | None,
+                features: Tensor | None) -> None:
+        """Hook after the losses' reduction, before the weights: statistics a method needs besides
+        the losses (GradNorm's gradient norms), global under a process group (``sync``: the
+        :class:`~polytask.balance.dist.StepSync`, None alone). Default: nothing."""
+
+    def after_backward(self, losses: Tensor, weights: Tensor) -> None:
+        """Hook after the backward: update the method's state from the (global) detached ``losses``
+        (default: nothing). A skipped step's changes are undone by the guard."""
+
+    def _leaves(self, losses: Mapping[str, Tensor], parameters: Iterable[Tensor] | None) -> list[Tensor]:
+        """The tensors to fill: ``parameters`` if given, else the leaves the losses reach, found by a
+        walk of this step's graph (a few hundredths of a millisecond for the built-in models; not
+        cached, so a graph that reaches other parameters from step to step is served exactly)."""
+        if parameters is not None:
+            return [p for p in parameters if p.requires_grad]
+        return graph_leaves(list(losses.values()))
+
+    def backward(self, losses, shared=None, features=None, *, task_features=None, process_group=None,
+                 counts=None, loss_scale=None, parameters=None) -> Tensor:
+        from polytask.balance import dist  # the collectives: only with a process group
+
         vec = stack_losses(losses)
-        w = self.weights(vec.detach())
-        (w * vec).sum().backward()
-        return w.detach()
+        self.before_weights(losses, vec)
+        sync = None
+        if process_group is not None:
+            sync = dist.sync_losses(vec, dist.task_counts(counts, list(losses), vec), process_group)
+        global_vec = vec.detach() if sync is None else sync.losses
+        before = self._snapshot()
+        self.prepare(losses, vec, sync, shared, features)
+        w = self.weights(global_vec)
+        local = w if sync is None else w * sync.scale
+        objective = (local * vec).sum()
+        if loss_scale is not None:
+            objective = objective * loss_scale
+        params = self._leaves(losses, parameters)
+        grads = list(torch.autograd.grad(objective, params, allow_unused=True))
+        if sync is not None:
+            grads = dist.all_reduce_sum([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)],
+                                        process_group)
+        ok = all_finite(global_vec, w, *(g for g in grads if g is not None))
+        self._check_finite(ok, global_vec, list(losses))
+        self.after_backward(global_vec, w.detach())
+        self._commit(ok, before)
+        self._last_ok = ok  # FAMO's post_step follows only a step that was applied
+        accumulate_grads(params, grads, ok, fill=0.0 if loss_scale is None else float("nan"))
+        return torch.where(ok, w.detach(), torch.zeros_like(w)).detach()

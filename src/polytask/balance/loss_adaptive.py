@@ -10,8 +10,8 @@ moves the balancer to the device, saves its ``state_dict()``, and — for FAMO �
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -19,14 +19,13 @@ from torch import Tensor, nn
 from polytask.balance._loss_state import (
     BufferOptimizer,
     TaskStateBalancer,
-    add_to_grads,
     check_paths,
     flat_jacobian,
     last_shared_weight,
     present_tasks,
     require_grad_fn,
 )
-from polytask.balance.base import stack_losses
+from polytask.balance.base import accumulate_grads, all_finite, stack_losses
 from polytask.balance.engine import find_task_parameters, task_jacobian
 from polytask.balance.loss_weighting import _positive
 from polytask.balance.registry import BALANCERS
@@ -73,8 +72,8 @@ class FAMO(TaskStateBalancer):
     _state_buffer = "logits"
 
     def __init__(self, lr: float = 0.025, gamma: float = 0.01, optimizer: Literal["adam", "sgd"] = "adam",
-                 eps: float = 1e-8) -> None:
-        super().__init__()
+                 eps: float = 1e-8, nan_policy: Literal["skip", "raise"] = "skip") -> None:
+        super().__init__(nan_policy)
         if gamma < 0:
             raise ConfigError(f"balancer 'famo': gamma must be >= 0, got {gamma!r}")
         self.eps = _positive(eps, "eps", "famo")
@@ -97,15 +96,9 @@ class FAMO(TaskStateBalancer):
         logs = torch.log(losses.clamp_min(self.eps))
         return torch.where(present_tasks(losses), logs, torch.full_like(logs, float("nan")))
 
-    def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
-                 features: Tensor | None = None) -> Tensor:
-        vec = stack_losses(losses)
-        self._bind(losses, vec)
-        w = self.weights(vec.detach())
-        (w * vec).sum().backward()
-        self.log_losses_before.copy_(self._log_losses(vec.detach()))
+    def after_backward(self, losses: Tensor, weights: Tensor) -> None:
+        self.log_losses_before.copy_(self._log_losses(losses))
         self._awaiting_post_step = True
-        return w
 
     def logit_gradient(self, log_before: Tensor, log_after: Tensor) -> Tensor:
         """``Jᵀ δ`` of the paper for the current logits: ``z ⊙ (δ − zᵀδ)``, ``δ = log_before − log_after``
@@ -116,14 +109,20 @@ class FAMO(TaskStateBalancer):
         return z * (delta - (z * delta).sum())
 
     @torch.no_grad()
-    def post_step(self, losses: Mapping[str, Tensor]) -> None:
-        """Update the logits from this batch's losses after the optimizer step."""
+    def post_step(self, losses: Mapping[str, Tensor], *, process_group: Any = None,
+                  counts: Tensor | Sequence[float] | Mapping[str, Any] | None = None) -> None:
+        """Update the logits from this batch's losses after the optimizer step (the global losses
+        under a process group: one all-reduce of ``2T + R`` numbers). Nothing after a skipped step."""
         if not self._awaiting_post_step:
             raise RuntimeError("FAMO.post_step() must follow a backward() of the same batch")
         vec = stack_losses(losses).detach()
         self._bind(losses, vec)
+        if process_group is not None:
+            from polytask.balance import dist
+
+            vec = dist.sync_losses(vec, dist.task_counts(counts, list(losses), vec), process_group).losses
         after = self._log_losses(vec).to(self.logits.dtype)
-        both = torch.isfinite(self.log_losses_before) & torch.isfinite(after)
+        both = torch.isfinite(self.log_losses_before) & torch.isfinite(after) & self._last_ok
         self.opt.step(self.logits, self.logit_gradient(self.log_losses_before, after), mask=both)
         self._awaiting_post_step = False
 
@@ -153,8 +152,9 @@ class DBMTL(TaskStateBalancer):
 
     _state_buffer = "grad_ema"
 
-    def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> None:
-        super().__init__()
+    def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8,
+                 nan_policy: Literal["skip", "raise"] = "skip") -> None:
+        super().__init__(nan_policy)
         if not 0 <= beta < 1:
             raise ConfigError(f"balancer 'db_mtl': beta must be in [0, 1), got {beta!r}")
         if beta_sigma < 0:
@@ -171,7 +171,8 @@ class DBMTL(TaskStateBalancer):
         self.steps = torch.zeros((), dtype=losses.dtype, device=losses.device)
 
     def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
-                 features: Tensor | None = None) -> Tensor:
+                 features: Tensor | None = None, *, task_features: Tensor | None = None, process_group: Any = None,
+                 counts: Any = None, loss_scale: Tensor | None = None, parameters: Any = None) -> Tensor:
         vec = stack_losses(losses)
         self._bind(losses, vec)
         require_grad_fn(losses, "balancer 'db_mtl'")
@@ -180,29 +181,50 @@ class DBMTL(TaskStateBalancer):
         if self._heads_key != key:  # a graph walk (and the path check): once per task and parameter set
             self._heads = find_task_parameters(losses, params)  # the leaves other than ``params``
             self._heads_key = key
-        log_losses = torch.log(vec + self.eps)
-        # one backward per task gives the rows of J and, summed, the task-specific gradients
-        grads = task_jacobian(list(log_losses.unbind()), [*params, *self._heads], batched=False)
-        jac = torch.cat([g.reshape(vec.shape[0], -1) for g in grads[: len(params)]], dim=1)  # (T, D)
+        n_shared, n = len(params), vec.shape[0]
+        if process_group is None:
+            global_vec = vec.detach()
+            log_losses = torch.log(vec + self.eps)
+            # one backward per task gives the rows of J and, summed, the task-specific gradients
+            grads = task_jacobian(list(log_losses.unbind()), [*params, *self._heads], batched=False)
+            jac = torch.cat([g.reshape(n, -1) for g in grads[:n_shared]], dim=1)  # (T, D)
+            head_grads = [g.sum(0) for g in grads[n_shared:]]
+        else:  # ∇ log(L_t + eps) = ∇L_t / (L_t + eps) with the global L_t: each rank's share, then one all-reduce
+            from polytask.balance import dist
+
+            sync = dist.sync_losses(vec, dist.task_counts(counts, list(losses), vec), process_group)
+            global_vec = sync.losses
+            factor = sync.scale / (global_vec + self.eps)
+            grads = task_jacobian(list((vec * factor).unbind()), [*params, *self._heads], batched=False)
+            local = torch.cat([g.reshape(n, -1) for g in grads[:n_shared]], dim=1)
+            jac, *head_grads = dist.all_reduce_sum([local, *(g.sum(0) for g in grads[n_shared:])], process_group)
         if self.grad_ema.shape != jac.shape:
             if self.grad_ema.shape[1] != 0:
                 raise ConfigError(f"balancer 'db_mtl': its state is for {self.grad_ema.shape[1]} shared values, "
                                   f"but the shared parameters have {jac.shape[1]}")
             self.grad_ema = torch.zeros_like(jac)
+        before = self._snapshot()
         with torch.no_grad():
             k = self.steps
             beta_k = torch.where(k > 0, self.beta / k.clamp_min(1) ** self.beta_sigma, torch.zeros_like(k))
-            # a task with a NaN gradient or absent from the batch keeps its average
-            rows = (torch.isfinite(jac).all(dim=1) & present_tasks(vec.detach()))[:, None]
+            # a task absent from the batch keeps its average (a non-finite step is skipped whole)
+            rows = (torch.isfinite(jac).all(dim=1) & present_tasks(global_vec))[:, None]
             self.grad_ema.copy_(torch.where(rows, beta_k * self.grad_ema + (1 - beta_k) * jac, self.grad_ema))
             self.steps.add_(rows.any().to(self.steps.dtype))
             norms = self.grad_ema.norm(dim=1)
             alpha = norms.max() / (norms + self.eps)
             shared_update = alpha @ self.grad_ema
-        add_to_grads(params, shared_update)
-        for p, g in zip(self._heads, grads[len(params):]):  # task-specific parameters: ∇ Σ_t log L_t
-            add_to_grads([p], g.sum(0).reshape(-1))
-        return alpha
+        ok = all_finite(global_vec, jac, *head_grads)
+        self._check_finite(ok, torch.cat([global_vec[:, None], jac], dim=1), list(losses))
+        self._commit(ok, before)
+        if loss_scale is not None:  # .grad as a GradScaler expects (scaled); the statistics stay unscaled
+            shared_update = shared_update * loss_scale
+            head_grads = [g * loss_scale for g in head_grads]
+        fill = 0.0 if loss_scale is None else float("nan")
+        accumulate_grads(params, [g.view(p.shape) for p, g in zip(params, shared_update.split([p.numel() for p in params]))],
+                         ok, fill)
+        accumulate_grads(self._heads, [g.reshape(p.shape) for p, g in zip(self._heads, head_grads)], ok, fill)
+        return torch.where(ok, alpha, torch.zeros_like(alpha))
 
 
 # ------------------------------------------------------------------------------------- GradNorm
@@ -247,8 +269,9 @@ class GradNorm(TaskStateBalancer):
     _state_buffer = "loss_weights"
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, optimizer: Literal["adam", "sgd"] = "adam",
-                 layer: Literal["last_shared", "features"] = "last_shared", min_weight: float = 1e-4) -> None:
-        super().__init__()
+                 layer: Literal["last_shared", "features"] = "last_shared", min_weight: float = 1e-4,
+                 nan_policy: Literal["skip", "raise"] = "skip") -> None:
+        super().__init__(nan_policy)
         if alpha < 0:
             raise ConfigError(f"balancer 'gradnorm': alpha must be >= 0, got {alpha!r}")
         if layer not in ("last_shared", "features"):
@@ -260,10 +283,11 @@ class GradNorm(TaskStateBalancer):
         self.register_buffer("initial_losses", torch.zeros(0))
         self.opt = BufferOptimizer(optimizer, lr=_positive(lr, "lr", "gradnorm"))
         self._last_layer: tuple[tuple[int, ...], Tensor] | None = None
+        self._norms: Tensor | None = None
 
     def _init_state(self, losses: Tensor) -> None:
         self.loss_weights = torch.ones_like(losses)
-        self.initial_losses = losses.clone()
+        self.initial_losses = torch.zeros_like(losses)  # L_t(0): set at the task's first present loss
 
     def _layer(self, shared: Iterable[nn.Parameter] | None, features: Tensor | None) -> Tensor:
         if self.layer == "features":
@@ -291,28 +315,39 @@ class GradNorm(TaskStateBalancer):
         target = G.sum() / count * r**self.alpha
         return torch.where(present, torch.sign(G - target) * norms, torch.zeros_like(norms))
 
-    def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
-                 features: Tensor | None = None) -> Tensor:
-        vec = stack_losses(losses)
-        self._bind(losses, vec)
+    def prepare(self, losses: Mapping[str, Tensor], vec: Tensor, sync: Any, shared: Iterable[nn.Parameter] | None,
+                features: Tensor | None) -> None:
+        """``‖∇_W L_t‖`` of the (global) losses, kept for :meth:`after_backward`."""
         require_grad_fn(losses, "balancer 'gradnorm'")
         shared = None if shared is None else list(shared)
+        layer = self._layer(shared, features)
         if not self._reach_checked:
-            layer = self._layer(shared, features)
             if self.layer == "features":
                 check_paths(losses, [], stop=layer)
             else:
                 check_paths(losses, [layer])
             self._reach_checked = True
-        norms = self.gradient_norms(vec, shared, features)
-        w = self.loss_weights.clone()
-        (w * vec).sum().backward()
-        present = present_tasks(vec.detach())
+        if sync is None:
+            self._norms = self.gradient_norms(vec, shared, features)
+            return
+        from polytask.balance import dist
+
+        rows = flat_jacobian(vec, [layer]).detach() * sync.scale[:, None]  # this rank's share of ∇_W L_t
+        if self.layer == "features":  # rank batches are disjoint: squared norms add up
+            self._norms = dist.all_reduce_sum([rows.pow(2).sum(1)], sync.group)[0].sqrt()
+        else:
+            self._norms = dist.all_reduce_sum([rows], sync.group)[0].norm(dim=1)
+
+    def weights(self, losses: Tensor) -> Tensor:
+        return self.loss_weights.clone()
+
+    def after_backward(self, losses: Tensor, weights: Tensor) -> None:
+        norms = self._norms.to(weights.dtype)
+        present = present_tasks(losses)
         # L_t(0) is the task's first loss that was present (a batch may lack its labels)
         missing_start = ~(torch.isfinite(self.initial_losses) & (self.initial_losses > 0))
-        self.initial_losses.copy_(torch.where(present & missing_start, vec.detach(), self.initial_losses))
-        self.opt.step(self.loss_weights, self.weight_gradient(vec.detach(), norms.to(w.dtype)), mask=present)
+        self.initial_losses.copy_(torch.where(present & missing_start, losses, self.initial_losses))
+        self.opt.step(self.loss_weights, self.weight_gradient(losses, norms), mask=present)
         with torch.no_grad():
             clamped = self.loss_weights.clamp_min(self.min_weight)
             self.loss_weights.copy_(clamped * (clamped.shape[0] / clamped.sum()))
-        return w

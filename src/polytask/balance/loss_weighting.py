@@ -9,14 +9,14 @@ loop only moves the balancer to the device and saves its ``state_dict()``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from polytask.balance._loss_state import BufferOptimizer, TaskStateBalancer, present_tasks
-from polytask.balance.base import LossWeighting, stack_losses
+from polytask.balance.base import LossWeighting
 from polytask.balance.registry import BALANCERS
 from polytask.errors import ConfigError
 
@@ -64,8 +64,9 @@ class UncertaintyWeighting(TaskStateBalancer):
 
     _state_buffer = "log_var"
 
-    def __init__(self, lr: float = 1e-2, optimizer: Literal["adam", "sgd"] = "adam") -> None:
-        super().__init__()
+    def __init__(self, lr: float = 1e-2, optimizer: Literal["adam", "sgd"] = "adam",
+                 nan_policy: Literal["skip", "raise"] = "skip") -> None:
+        super().__init__(nan_policy)
         self.register_buffer("log_var", torch.zeros(0))
         self.opt = BufferOptimizer(optimizer, lr=_positive(lr, "lr", "uw"))
 
@@ -79,15 +80,9 @@ class UncertaintyWeighting(TaskStateBalancer):
     def weights(self, losses: Tensor) -> Tensor:
         return 0.5 * torch.exp(-self.log_var)
 
-    def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
-                 features: Tensor | None = None) -> Tensor:
-        vec = stack_losses(losses)
-        self._bind(losses, vec)
-        w = self.weights(vec.detach())
-        (w * vec).sum().backward()
-        grad_s = 0.5 * (1 - torch.exp(-self.log_var) * vec.detach())
-        self.opt.step(self.log_var, grad_s, mask=present_tasks(vec.detach()))
-        return w
+    def after_backward(self, losses: Tensor, weights: Tensor) -> None:
+        grad_s = 0.5 * (1 - torch.exp(-self.log_var) * losses)
+        self.opt.step(self.log_var, grad_s, mask=present_tasks(losses))
 
 
 # ------------------------------------------------------------------------------------------ DWA
@@ -111,8 +106,8 @@ class DynamicWeightAverage(TaskStateBalancer):
 
     _state_buffer = "weights_now"
 
-    def __init__(self, temperature: float = 2.0) -> None:
-        super().__init__()
+    def __init__(self, temperature: float = 2.0, nan_policy: Literal["skip", "raise"] = "skip") -> None:
+        super().__init__(nan_policy)
         self.temperature = _positive(temperature, "temperature", "dwa")
         for name in ("weights_now", "epoch_sum", "last_avg", "before_last_avg"):
             self.register_buffer(name, torch.zeros(0))
@@ -130,16 +125,10 @@ class DynamicWeightAverage(TaskStateBalancer):
     def weights(self, losses: Tensor) -> Tensor:
         return self.weights_now.clone()
 
-    def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
-                 features: Tensor | None = None) -> Tensor:
-        vec = stack_losses(losses)
-        self._bind(losses, vec)
-        w = self.weights(vec.detach())
-        (w * vec).sum().backward()
-        present = present_tasks(vec.detach())  # NaN steps and batches without labels do not count
-        self.epoch_sum.add_(torch.where(present, vec.detach(), torch.zeros_like(self.epoch_sum)))
+    def after_backward(self, losses: Tensor, weights: Tensor) -> None:
+        present = present_tasks(losses)  # batches without labels do not count (a NaN step is skipped whole)
+        self.epoch_sum.add_(torch.where(present, losses, torch.zeros_like(self.epoch_sum)))
         self.epoch_steps.add_(present.to(self.epoch_steps.dtype))
-        return w
 
     @torch.no_grad()
     def end_epoch(self) -> None:
@@ -178,8 +167,9 @@ class RandomLossWeighting(LossWeighting):
     resumed run draws the same weights as an uninterrupted one.
     """
 
-    def __init__(self, distribution: Literal["normal", "uniform"] = "normal", seed: int | None = None) -> None:
-        super().__init__()
+    def __init__(self, distribution: Literal["normal", "uniform"] = "normal", seed: int | None = None,
+                 nan_policy: Literal["skip", "raise"] = "skip") -> None:
+        super().__init__(nan_policy)
         if distribution not in ("normal", "uniform"):
             raise ConfigError(f"balancer 'rlw': distribution must be 'normal' or 'uniform', got {distribution!r}")
         self.distribution = distribution
@@ -237,8 +227,8 @@ class GeometricLossStrategy(LossWeighting):
     it does not zero the geometric mean of the others.
     """
 
-    def __init__(self, eps: float = 1e-8) -> None:
-        super().__init__()
+    def __init__(self, eps: float = 1e-8, nan_policy: Literal["skip", "raise"] = "skip") -> None:
+        super().__init__(nan_policy)
         self.eps = _positive(eps, "eps", "gls")
 
     def _log_mean(self, losses: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -278,8 +268,9 @@ class IMTLL(TaskStateBalancer):
 
     _state_buffer = "log_scale"
 
-    def __init__(self, lr: float = 1e-2, optimizer: Literal["adam", "sgd"] = "adam") -> None:
-        super().__init__()
+    def __init__(self, lr: float = 1e-2, optimizer: Literal["adam", "sgd"] = "adam",
+                 nan_policy: Literal["skip", "raise"] = "skip") -> None:
+        super().__init__(nan_policy)
         self.register_buffer("log_scale", torch.zeros(0))
         self.opt = BufferOptimizer(optimizer, lr=_positive(lr, "lr", "imtl_l"))
 
@@ -293,14 +284,8 @@ class IMTLL(TaskStateBalancer):
     def weights(self, losses: Tensor) -> Tensor:
         return torch.exp(self.log_scale)
 
-    def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
-                 features: Tensor | None = None) -> Tensor:
-        vec = stack_losses(losses)
-        self._bind(losses, vec)
-        w = self.weights(vec.detach())
-        (w * vec).sum().backward()
-        self.opt.step(self.log_scale, w * vec.detach() - 1, mask=present_tasks(vec.detach()))
-        return w
+    def after_backward(self, losses: Tensor, weights: Tensor) -> None:
+        self.opt.step(self.log_scale, weights * losses - 1, mask=present_tasks(losses))
 
 
 # ----------------------------------------------------------------------------------------- STCH
@@ -320,8 +305,9 @@ class SmoothTchebycheff(LossWeighting):
     """
 
     def __init__(self, mu: float = 1.0, preference: Sequence[float] | None = None,
-                 ideal: Sequence[float] | None = None, log_losses: bool = False, eps: float = 1e-8) -> None:
-        super().__init__()
+                 ideal: Sequence[float] | None = None, log_losses: bool = False, eps: float = 1e-8,
+                 nan_policy: Literal["skip", "raise"] = "skip") -> None:
+        super().__init__(nan_policy)
         self.mu = _positive(mu, "mu", "stch")
         self.eps = _positive(eps, "eps", "stch")
         self.log_losses = bool(log_losses)
