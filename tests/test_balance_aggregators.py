@@ -364,7 +364,7 @@ def test_nash_max_norm_and_state_roundtrip():
     assert abs(out.norm().item() - 0.5) < 1e-9  # ||J^T w|| = sqrt(T) > 0.5 -> clipped
     b = agg.NashMTL(max_norm=0.5, update_weights_every=2)
     b.load_state_dict(a.state_dict())
-    assert b.step == 1 and torch.equal(b.prev_weights, a.prev_weights)
+    assert int(b.steps) == 1 and torch.equal(b.prev_weights, a.prev_weights)
     jac2 = _random(3, 10, 2)
     _close(b(jac2), a(jac2), 0.0)  # step 1: both reuse the stored weights
 

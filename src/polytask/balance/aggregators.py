@@ -102,6 +102,21 @@ def _normalize(gramian: Tensor, eps: float) -> Tensor:
     return torch.where(trace < eps, torch.zeros_like(gramian), gramian / trace.clamp_min(torch.finfo(gramian.dtype).tiny))
 
 
+def _finite_or_identity(gramian: Tensor) -> tuple[Tensor, Tensor]:
+    """``(G, True)`` when every entry of ``G`` is finite, else ``(I, False)``, as tensors (no host sync).
+
+    For the methods that decompose ``G`` (eigh, pinv): those raise on NaN/inf. They solve on the
+    identity instead and return :func:`_nan_unless` the flag, which the engine's guard skips."""
+    finite = torch.isfinite(gramian).all()
+    eye = torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+    return torch.where(finite, gramian, eye), finite
+
+
+def _nan_unless(finite: Tensor, weights: Tensor) -> Tensor:
+    """``weights`` where ``finite``, else NaN (a non-finite input gives a non-finite result)."""
+    return torch.where(finite, weights, torch.full_like(weights, float("nan")))
+
+
 def _random_orders(n: int, device: torch.device, generator: torch.Generator | None, exclude_self: bool) -> Tensor:
     """``(n, n)`` (or ``(n, n-1)`` without self) rows of independent random permutations."""
     keys = torch.rand(n, n, device=device, generator=generator)
@@ -112,12 +127,34 @@ def _random_orders(n: int, device: torch.device, generator: torch.Generator | No
 
 
 class _LazyStateMixin:
-    """Buffers whose shape is only known at the first step (number of tasks, parameters).
+    """State whose shape is only known at the first step (number of tasks, parameters), in buffers.
 
-    They start empty; loading a state dict resizes them first, so save/restore works.
+    The buffers start empty; loading a state dict resizes them first, so save/restore works. The
+    0-d ``steps`` buffer counts the steps applied, and everything that is "fresh" (no state yet)
+    is decided from ``steps == 0`` on the device (``torch.where``), never from a buffer's shape: a
+    skipped non-finite step leaves ``steps`` as it was (the engine restores every buffer that kept
+    its shape), so state that the skipped step created lazily is ignored by the next one, and a
+    NaN at the first step cannot poison the method (:mod:`polytask.balance.engine`, ``_guarded``).
+    State dicts written before ``steps`` was a buffer (it was in ``get_extra_state``, under
+    ``_legacy_counter``) still load.
     """
 
+    _legacy_counter: ClassVar[str | None] = None
+
+    def _init_steps(self) -> None:
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # type: ignore[attr-defined]
+
+    def _fresh(self) -> Tensor:
+        """0-d bool: no step applied yet."""
+        return self.steps == 0  # type: ignore[attr-defined]
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        legacy = state_dict.pop(prefix + "_extra_state", None)
+        if prefix + "steps" not in state_dict and "steps" in self._buffers:  # type: ignore[attr-defined]
+            count = legacy.get(self._legacy_counter, 0) if isinstance(legacy, dict) and self._legacy_counter else 0
+            if not self._legacy_counter:  # no counter saved: any saved state means steps were taken
+                count = int(any(k.startswith(prefix) and v.numel() > 0 for k, v in state_dict.items()))
+            state_dict[prefix + "steps"] = torch.tensor(int(count))
         for name, buf in self._buffers.items():  # type: ignore[attr-defined]
             key = prefix + name
             if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
@@ -221,13 +258,16 @@ class GradVac(_LazyStateMixin, GramianWeighting):
         _check(eps >= 0.0, f"gradvac: eps must be >= 0, got {eps}")
         self.beta, self.eps, self.generator = beta, eps, generator
         self.register_buffer("phi_hat", torch.zeros(0, 0, dtype=_SOLVE_DTYPE))
+        self._init_steps()
 
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
         if self.phi_hat.shape != (n, n):
             self.phi_hat = torch.zeros(n, n, dtype=_SOLVE_DTYPE, device=gramian.device)
         orders = _random_orders(n, gramian.device, self.generator, True)
-        coef, self.phi_hat = gradvac_coefficients(gramian, self.phi_hat.to(gramian), orders, self.beta, self.eps)
+        phi_hat = torch.where(self._fresh(), 0.0, self.phi_hat.to(gramian))
+        coef, self.phi_hat = gradvac_coefficients(gramian, phi_hat, orders, self.beta, self.eps)
+        self.steps = self.steps + 1
         return coef.sum(0)
 
 
@@ -320,10 +360,11 @@ class IMTLG(GramianWeighting):
     """
 
     def weights(self, gramian: Tensor) -> Tensor:
+        gramian, finite = _finite_or_identity(gramian)
         d = gramian.diagonal().clamp_min(0.0).sqrt()
         v = torch.linalg.pinv(gramian) @ d
         total = v.sum()
-        return torch.where(total.abs() < 1e-12, torch.zeros_like(v), v / torch.where(total == 0, 1.0, total))
+        return _nan_unless(finite, torch.where(total.abs() < 1e-12, torch.zeros_like(v), v / torch.where(total == 0, 1.0, total)))
 
 
 class AlignedMTL(GramianWeighting):
@@ -345,6 +386,7 @@ class AlignedMTL(GramianWeighting):
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
         w0 = _preference(self.pref_vector, n, gramian, "aligned_mtl")
+        gramian, finite = _finite_or_identity(gramian)
         lam, vec = torch.linalg.eigh(gramian)
         tol = lam.max() * n * torch.finfo(gramian.dtype).eps
         kept = lam > tol
@@ -359,7 +401,7 @@ class AlignedMTL(GramianWeighting):
             scale = lam[idx.clamp(0, n - 1)]
         balance = scale.clamp_min(0.0).sqrt() * (vec * inv_sqrt) @ vec.T
         balance = torch.where(count == 0, torch.eye(n, dtype=gramian.dtype, device=gramian.device), balance)
-        return balance @ w0
+        return _nan_unless(finite, balance @ w0)
 
 
 def _preference(pref: list[float] | None, n: int, like: Tensor, who: str) -> Tensor:
@@ -432,6 +474,7 @@ class ConFIG(GramianWeighting):
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
         pref = torch.ones(n, dtype=gramian.dtype, device=gramian.device) if self.pref_vector is None else _preference(self.pref_vector, n, gramian, "config")
+        gramian, finite = _finite_or_identity(gramian)
         norms = gramian.diagonal().clamp_min(0.0).sqrt()
         inv = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(gramian.dtype).tiny), torch.zeros_like(norms))
         unit_gram = inv.unsqueeze(1) * gramian * inv.unsqueeze(0)
@@ -439,19 +482,35 @@ class ConFIG(GramianWeighting):
         coef = inv * (torch.linalg.pinv(unit_gram, rtol=rtol, hermitian=True) @ pref)  # d = J^T coef
         sq_norm = coef @ gramian @ coef
         length = (gramian @ coef).sum()
-        return torch.where(sq_norm > 0, coef * length / sq_norm.clamp_min(torch.finfo(gramian.dtype).tiny), torch.zeros_like(coef))
+        coef = torch.where(sq_norm > 0, coef * length / sq_norm.clamp_min(torch.finfo(gramian.dtype).tiny), torch.zeros_like(coef))
+        return _nan_unless(finite, coef)
 
 
 class NashMTL(_LazyStateMixin, GramianWeighting):
     """Nash-MTL: the Nash bargaining solution, weights with ``G w = 1 / w``.
 
     Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022: the update ``J^T w``
-    with ``w > 0`` solving ``(G w)_i = 1 / w_i`` (every task gets the same log-utility gain).
-    Solved by damped Newton on a convex potential
-    (:func:`~polytask.balance.solvers.power_fair_weights`), warm-started from the previous
-    solution (a buffer). Weights are recomputed every ``update_weights_every`` steps and the
-    update is scaled down to norm ``max_norm`` if longer (0 disables the clipping).
+    with ``w > 0`` solving ``(G w)_i = 1 / w_i`` (every task gets the same log-utility gain;
+    Theorem 5.1). Solved to machine precision by Newton's method with a line search on a convex
+    potential (:func:`~polytask.balance.solvers.power_fair_weights`): warm-started from the
+    previous solution (a buffer), with a cold start in the same batched solve, keeping the one with
+    the smaller residual; a warm start from a step with nearly opposite gradients (huge weights) or
+    from a non-finite step therefore never leaves the solution unconverged. The authors' code
+    (and torchjd 0.18) run up to ``optim_niter`` convex-concave cvxpy solves instead, which stop at
+    a residual of ~1e-7 and synchronise. Weights are recomputed every ``update_weights_every``
+    steps and the update is scaled down to norm ``max_norm`` if longer (0 disables the clipping).
+    A task whose gradient is 0 gets weight 0 (the condition has no solution for it). No host
+    synchronisation: the solve runs at every step and ``torch.where`` keeps the stored weights
+    between updates.
+
+    Args:
+        max_norm: the largest norm of the update ``J^T w`` (0: no clipping).
+        update_weights_every: solve every this many steps, reuse the weights in between.
+        optim_niter: Newton iterations (plus 10); the line search converges in ~15 on the hard cases
+            of ``tests/test_balance_aggregators.py`` (nearly opposite, zero, 1e-6 vs 1e6 gradients).
     """
+
+    _legacy_counter = "step"
 
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20) -> None:
         super().__init__()
@@ -460,22 +519,21 @@ class NashMTL(_LazyStateMixin, GramianWeighting):
         _check(optim_niter > 0, "nash_mtl: optim_niter must be > 0")
         self.max_norm, self.update_weights_every, self.optim_niter = max_norm, update_weights_every, optim_niter
         self.register_buffer("prev_weights", torch.zeros(0, dtype=_SOLVE_DTYPE))
-        self.step = 0
+        self._init_steps()
 
-    def get_extra_state(self) -> Any:
-        return {"step": self.step}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.step = int(state["step"])
+    def extra_repr(self) -> str:
+        return f"max_norm={self.max_norm}, update_weights_every={self.update_weights_every}, optim_niter={self.optim_niter}"
 
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
-        fresh = self.prev_weights.shape != (n,)
-        if fresh or self.step % self.update_weights_every == 0:
-            init = None if fresh else self.prev_weights.to(gramian)
-            self.prev_weights = power_fair_weights(gramian, 1.0, init=init, iters=self.optim_niter + 10)
-        self.step += 1
-        w = self.prev_weights.to(gramian)
+        if self.prev_weights.shape != (n,):
+            self.prev_weights = torch.zeros(n, dtype=_SOLVE_DTYPE, device=gramian.device)
+        fresh = self._fresh()
+        prev = torch.where(fresh, 0.0, self.prev_weights.to(gramian))  # 0: no warm start (cold only)
+        solved = power_fair_weights(gramian, 1.0, init=prev, iters=self.optim_niter + 10)
+        due = fresh | (self.steps % self.update_weights_every == 0)
+        w = torch.where(due, solved, prev)
+        self.prev_weights, self.steps = w, self.steps + 1
         if self.max_norm > 0:
             norm = (w @ gramian @ w).clamp_min(0.0).sqrt()
             w = torch.where(norm > self.max_norm, w * self.max_norm / norm.clamp_min(torch.finfo(w.dtype).tiny), w)
@@ -509,8 +567,9 @@ class FairGrad(GramianWeighting):
 
 def _least_squares_weights(jacobian: Tensor, update: Tensor) -> Tensor:
     """Weights ``w`` minimising ``||J^T w - update||`` (for logging methods not in the span)."""
-    gram = (jacobian @ jacobian.T).to(_SOLVE_DTYPE)
-    return (torch.linalg.pinv(gram, hermitian=True) @ (jacobian @ update).to(_SOLVE_DTYPE)).to(jacobian.dtype)
+    gram, finite = _finite_or_identity((jacobian @ jacobian.T).to(_SOLVE_DTYPE))
+    w = torch.linalg.pinv(gram, hermitian=True) @ (jacobian @ update).to(_SOLVE_DTYPE)
+    return _nan_unless(finite, w).to(jacobian.dtype)
 
 
 class GradDrop(Aggregator):
@@ -572,40 +631,39 @@ class ExcessMTL(_LazyStateMixin, Aggregator):
         self.register_buffer("sq_grad_sum", torch.zeros(0, 0))
         self.register_buffer("baseline", torch.zeros(0))
         self.register_buffer("warmup_sum", torch.zeros(0))
-        self.steps = 0
+        self._init_steps()
 
-    def get_extra_state(self) -> Any:
-        return {"steps": self.steps}
+    _legacy_counter = "steps"
 
-    def set_extra_state(self, state: Any) -> None:
-        self.steps = int(state["steps"])
+    def extra_repr(self) -> str:
+        return f"robust_step_size={self.robust_step_size}, n_warmup_steps={self.n_warmup_steps}"
 
     def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
         n = jacobian.shape[0]
         if self.sq_grad_sum.shape != jacobian.shape:
             self.sq_grad_sum = torch.zeros_like(jacobian)
             self.task_weights = torch.full((n,), 1.0 / n, dtype=jacobian.dtype, device=jacobian.device)
-            self.baseline = torch.zeros(0, dtype=jacobian.dtype, device=jacobian.device)
             self.warmup_sum = torch.zeros(n, dtype=jacobian.dtype, device=jacobian.device)
-            self.steps = 0
+        if self.baseline.shape != (n,):  # (0,) in state dicts saved before the baseline was set
+            self.baseline = torch.zeros(n, dtype=jacobian.dtype, device=jacobian.device)
+        # Fresh state where no step was applied yet (not from the buffers: a skipped step may have filled them).
+        fresh, step = self._fresh(), self.steps + 1
         sq = jacobian.detach() ** 2
-        self.sq_grad_sum = self.sq_grad_sum + sq
+        self.sq_grad_sum = torch.where(fresh, sq, self.sq_grad_sum + sq)
+        weights = torch.where(fresh, 1.0 / n, self.task_weights)
+        warmup_sum = torch.where(fresh, 0.0, self.warmup_sum)
         excess = (sq / torch.sqrt(self.sq_grad_sum + 1e-7)).sum(1)
-        self.steps += 1
-        if self.steps <= self.n_warmup_steps:
-            self.warmup_sum = self.warmup_sum + excess
-            return self.task_weights @ jacobian, self.task_weights
-        if self.baseline.numel() == 0:
-            if self.n_warmup_steps > 0:
-                self.baseline = self.warmup_sum / self.n_warmup_steps
-                excess = excess / (self.baseline + 1e-7)
-            else:  # the first step is its own baseline: every normalised excess risk is 1, the weights stay
-                self.baseline = excess  # uniform (as in the authors' code, which skips the update on that step)
-                return self.task_weights @ jacobian, self.task_weights
-        else:
-            excess = excess / (self.baseline + 1e-7)
+        warmup = self.n_warmup_steps
+        # The baseline is set at step warmup + 1: the warm-up's mean excess risk, or (no warm-up) that
+        # step's own, whose normalised excess risks are all 1 -- the weights stay uniform there (as in
+        # the authors' code, which skips the update on that step).
+        first = step == warmup + 1
+        self.baseline = torch.where(first, warmup_sum / warmup if warmup else excess, self.baseline)
+        self.warmup_sum = torch.where(step <= warmup, warmup_sum + excess, warmup_sum)
         # Exponentiated gradient in log space: a huge excess risk saturates instead of overflowing.
-        self.task_weights = torch.softmax(torch.log(self.task_weights) + self.robust_step_size * excess, dim=0)
+        moved = torch.softmax(torch.log(weights) + self.robust_step_size * excess / (self.baseline + 1e-7), dim=0)
+        self.task_weights = torch.where((step > warmup) & ~(first & (warmup == 0)), moved, weights)
+        self.steps = step
         return self.task_weights @ jacobian, self.task_weights
 
 
@@ -634,14 +692,22 @@ class MoCo(_LazyStateMixin, Aggregator):
         self.beta, self.gamma, self.rho = beta, gamma, rho
         self.register_buffer("tracked", torch.zeros(0, 0))
         self.register_buffer("task_weights", torch.zeros(0))
+        self._init_steps()
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, gamma={self.gamma}, rho={self.rho}"
 
     def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
         n = jacobian.shape[0]
         if self.tracked.shape != jacobian.shape:
-            self.tracked = jacobian.detach().clone()
-            self.task_weights = torch.full((n,), 1.0 / n, dtype=jacobian.dtype, device=jacobian.device)
-        else:
-            self.tracked = self.tracked - self.beta * (self.tracked - jacobian.detach())
+            self.tracked = torch.zeros_like(jacobian)
+            self.task_weights = torch.zeros(n, dtype=jacobian.dtype, device=jacobian.device)
+        # The first applied step starts from Y = J and uniform weights (see _LazyStateMixin).
+        fresh, jac = self._fresh(), jacobian.detach()
+        tracked = torch.where(fresh, jac, self.tracked)
+        self.tracked = tracked - self.beta * (tracked - jac)
+        weights = torch.where(fresh, 1.0 / n, self.task_weights)
         gram = self.tracked @ self.tracked.T + self.rho * torch.eye(n, dtype=jacobian.dtype, device=jacobian.device)
-        self.task_weights = project_simplex(self.task_weights - self.gamma * gram @ self.task_weights)
+        self.task_weights = project_simplex(weights - self.gamma * gram @ weights)
+        self.steps = self.steps + 1
         return self.task_weights @ self.tracked, self.task_weights

@@ -17,7 +17,8 @@ Solvers:
 - :func:`cagrad_dual` -- CAGrad's inner problem (Liu et al., NeurIPS 2021) by an active-set
   method on its optimality conditions.
 - :func:`power_fair_weights` -- positive solution of ``G w = w^(-1/alpha)`` (Nash-MTL for
-  alpha=1, FairGrad for general alpha) by damped Newton on a convex potential.
+  alpha=1, FairGrad for general alpha) by Newton with a batched line search on a convex potential;
+  :func:`fair_residual` measures how well a ``w`` solves it.
 
 On CUDA a fixed-iteration loop is many tiny kernels whose launch cost dominates (one
 :func:`nonneg_qp` iteration: ~180 us of launches on an H100). Solvers decorated with
@@ -40,8 +41,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["CUDA_GRAPHS", "cagrad_dual", "cuda_graphed", "frank_wolfe_min_norm", "min_norm_simplex", "nonneg_qp",
-           "power_fair_weights", "project_simplex"]
+__all__ = ["CUDA_GRAPHS", "cagrad_dual", "cuda_graphed", "fair_residual", "frank_wolfe_min_norm", "min_norm_simplex",
+           "nonneg_qp", "power_fair_weights", "project_simplex"]
 
 #: Run :func:`cuda_graphed` solvers on CUDA as CUDA-graph replays (set False, or the environment
 #: variable ``POLYTASK_CUDA_GRAPHS=0`` before import, to run them eagerly). Read at every call.
@@ -339,31 +340,82 @@ def power_fair_weights(gramian: Tensor, alpha: float = 1.0, init: Tensor | None 
     ``alpha = 1`` is Nash-MTL's bargaining condition ``G w = 1/w`` (Navon et al., ICML 2022);
     general ``alpha > 0`` is FairGrad's alpha-fair condition (Ban & Ji, ICML 2024). The solution
     minimises the strictly convex potential ``1/2 w^T G w - sum_i h(w_i)`` with
-    ``h'(w) = w^(-1/alpha)``; we run damped Newton steps (step ``1/(1 + decrement)`` as for
-    self-concordant functions, cut further to stay inside ``w > 0``), a fixed number of times.
-    ``init`` (e.g. the previous step's solution) warm-starts the iteration.
+    ``h'(w) = w^(-1/alpha)`` (:func:`_fair_potential`). Newton steps, a fixed number of times, each
+    with a line search that needs no host synchronisation: the potential is evaluated at the damped
+    step ``1/(1 + decrement)`` (which decreases it for self-concordant functions, ``alpha = 1``) and
+    at the steps ``2^-6 ... 2^12`` together, and the best point is kept (long steps where the
+    Gramian is nearly singular, e.g. nearly opposite gradients, whose solution is large); once the
+    decrement is below 1/4 the full step is taken (quadratic convergence). A step never moves more
+    than 90% of the way to the boundary ``w = 0``. Newton's method is invariant to a rescaling of
+    the tasks (``G -> D G D``, ``w -> D^-1 w``), and so is the ``1e-12 diag(G)`` regularisation of
+    the Hessian: badly scaled gradients (1e-6 next to 1e6) converge like unit ones.
+
+    ``init`` (e.g. the previous step's solution) warm-starts the iteration; a cold start (exact when
+    the gradients are orthogonal: ``w_i = G_ii^(-alpha/(1+alpha))``) runs beside it in the same
+    batched solve and the one with the smaller :func:`fair_residual` is returned, so a stale,
+    far-off or non-finite ``init`` never costs accuracy. A task whose gradient is 0 has no solution
+    (``(G w)_i = 0``: its weight would be infinite, and does not change ``J^T w``): it gets weight 0
+    and the others are solved without it.
     """
     n = gramian.shape[0]
     dtype, dev = gramian.dtype, gramian.device
     tiny = torch.finfo(dtype).tiny
-    if init is None:
-        # Exact when the gradients are orthogonal: w_i = G_ii^(-alpha/(1+alpha)).
-        init = gramian.diagonal().clamp_min(tiny) ** (-alpha / (1.0 + alpha))
-    w = init.to(dtype).clamp_min(tiny)
+    absent = gramian.diagonal() <= tiny
     eye = torch.eye(n, dtype=dtype, device=dev)
+    g = torch.where(absent.unsqueeze(0) | absent.unsqueeze(1), eye, gramian)  # a zero gradient's row/column: e_i
+    cold = g.diagonal().clamp_min(tiny) ** (-alpha / (1.0 + alpha))
+    if init is None:
+        w = cold.unsqueeze(0)
+    else:
+        init = init.to(dtype)
+        w = torch.stack([cold, torch.where(torch.isfinite(init) & (init > 0), init, cold)])
+    w = _fair_newton(g, alpha, w, iters)
+    res = fair_residual(g, w, alpha)
+    best = w[0] if init is None else torch.where(res[1] < res[0], w[1], w[0])  # NaN residual: the cold start
+    return torch.where(absent, torch.zeros_like(best), best)
+
+
+def fair_residual(gramian: Tensor, w: Tensor, alpha: float = 1.0) -> Tensor:
+    """``max_i |w_i^(1/alpha) (G w)_i - 1|`` for each row of ``w`` (``(..., T)``): the relative residual of
+    ``G w = w^(-1/alpha)``, invariant to a rescaling of the tasks (0 at :func:`power_fair_weights`'s solution).
+    Tasks whose gradient is 0 (no solution; weight 0 there) are left out."""
+    present = gramian.diagonal() > torch.finfo(gramian.dtype).tiny
+    return torch.where(present, (w @ gramian) * w.pow(1.0 / alpha) - 1.0, 0.0).abs().amax(-1)
+
+
+def _fair_potential(gramian: Tensor, w: Tensor, alpha: float) -> Tensor:
+    """``1/2 w^T G w - sum_i h(w_i)`` with ``h'(w) = w^(-1/alpha)``, per row of ``w``; ``inf`` outside ``w > 0``."""
+    inside = (w > 0).all(-1)
+    safe = torch.where(inside.unsqueeze(-1), w, torch.ones_like(w))
+    barrier = safe.log() if alpha == 1.0 else safe.pow(1.0 - 1.0 / alpha) / (1.0 - 1.0 / alpha)
+    value = 0.5 * ((safe @ gramian) * safe).sum(-1) - barrier.sum(-1)
+    return torch.where(inside, value, torch.full_like(value, float("inf")))
+
+
+def _fair_newton(gramian: Tensor, alpha: float, w: Tensor, iters: int) -> Tensor:
+    """:func:`power_fair_weights`' Newton iterations from each row of ``w`` (``(B, T)``), batched."""
+    dtype, dev = gramian.dtype, gramian.device
+    tiny = torch.finfo(dtype).tiny
     p = -1.0 / alpha
+    reg = 1e-12 * gramian.diagonal()
+    steps = torch.cat([torch.zeros(1, dtype=dtype, device=dev),  # slot for the damped step
+                       2.0 ** torch.arange(-6, 13, dtype=dtype, device=dev)])
+    first = torch.arange(steps.shape[0], device=dev) == 0
     early = _early_exit(gramian)
-    for _ in range(iters):
-        grad = gramian @ w - w.pow(p)
-        hess = gramian - p * torch.diag_embed(w.pow(p - 1.0)) + 1e-12 * eye * gramian.diagonal().sum()
+    w = w.clamp_min(tiny)
+    for _ in range(iters):  # sequential by construction: each Newton step starts where the last ended
+        grad = w @ gramian - w.pow(p)
+        hess = gramian + torch.diag_embed(reg - p * w.pow(p - 1.0))
         # solve_ex on an accelerator: linalg.solve checks for singularity on the host (a sync)
-        step = torch.linalg.solve(hess, grad) if early else torch.linalg.solve_ex(hess, grad)[0]
-        decrement = (grad @ step).clamp_min(0.0).sqrt()
-        t = 1.0 / (1.0 + decrement)
+        step = torch.linalg.solve_ex(hess, grad.unsqueeze(-1))[0].squeeze(-1)
+        decrement = (grad * step).sum(-1).clamp_min(0.0).sqrt()
+        cand = torch.where(first, (1.0 / (1.0 + decrement)).unsqueeze(-1), steps)  # (B, K)
+        potential = _fair_potential(gramian, w.unsqueeze(1) - cand.unsqueeze(-1) * step.unsqueeze(1), alpha)
+        t = cand.gather(-1, potential.argmin(-1, keepdim=True)).squeeze(-1)
+        t = torch.where(decrement < 0.25, torch.ones_like(t), t)
         # Never move more than 90% of the way to the boundary w = 0.
-        ratio = torch.where(step > 0, 0.9 * w / step.clamp_min(tiny), torch.full_like(w, float("inf")))
-        t = torch.minimum(t, ratio.min())
-        w = (w - t * step).clamp_min(tiny)
-        if early and bool(decrement < 1e-9):  # quadratic convergence: the next step is ~1e-18
+        ratio = torch.where(step > 0, 0.9 * w / step.clamp_min(tiny), torch.full_like(w, float("inf"))).amin(-1)
+        w = (w - torch.minimum(t, ratio).unsqueeze(-1) * step).clamp_min(tiny)
+        if early and bool((decrement < 1e-9).all()):  # quadratic convergence: the next step is ~1e-18
             break
     return w
