@@ -143,6 +143,9 @@ def test_bad_numbers_are_refused_naming_the_key(work, capsys, monkeypatch, body,
     ("merge_method: dare_linear\nbase_model: base\nmodels: [m0]\nparameters: {rescale: l3}\n", "parameters.rescale"),
     ("merge_method: model_stock\nbase_model: base\nmodels: [m0, m1]\nparameters: {filter_wise: 1}\n",
      "parameters.filter_wise"),
+
+    (TA + "max_shard_size: infGB\n", "shard size 'infGB'"),
+    (TA + "max_shard_size: 0\n", "positive size"),
 ])
 def test_wrong_types_are_one_line(work, capsys, monkeypatch, body, says):
     cfg = _cfg(work, body)
@@ -203,6 +206,13 @@ def test_api_checks_the_same(work):
     # without normalize, opposite weights are fine (task negation)
     out = merge_state_dicts("linear", [a, a], model_params=[{"weight": 1.0}, {"weight": -1.0}], normalize=False)
     assert torch.equal(out["x"], torch.zeros(3))
+
+
+def test_output_under_a_file_is_one_line(work, capsys, monkeypatch):
+    cfg = _cfg(work, TA)
+    (work / "notes.txt").write_text("x")
+    _refused(["merge", cfg, "notes.txt/out"], capsys, monkeypatch, work, "'notes.txt' is not a directory")
+    _refused(["merge", cfg, "notes.txt", "--overwrite"], capsys, monkeypatch, work, "not a directory")
 
 
 # -- 3. one merge at a time into one output -------------------------------------------------------

@@ -103,7 +103,16 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def parse_size(size: int | str) -> int:
-    """Parse a byte size such as ``2GB``, ``500MB``, ``5B`` (billion, as mergekit) or an int."""
+    """Parse a positive byte size such as ``2GB``, ``500MB``, ``5B`` (billion, as mergekit) or an int."""
+    value = _parse_size(size)
+    if value is None or value <= 0:
+        raise MergeError(f"cannot parse shard size {size!r}: use a positive size such as '2GB' or '500MB'")
+    return value
+
+
+def _parse_size(size: int | str) -> int | None:
+    if isinstance(size, bool):
+        return None
     if isinstance(size, int):
         return size
     text = str(size).strip().upper().replace("_", "")
@@ -114,12 +123,12 @@ def parse_size(size: int | str) -> int:
             number = text[: -len(unit)].strip()
             try:
                 return int(float(number) * units[unit])
-            except ValueError:
-                break
+            except (ValueError, OverflowError):  # 'abcGB', 'nanGB', 'infGB'
+                return None
     try:
         return int(text)
     except ValueError:
-        raise MergeError(f"cannot parse shard size {size!r} (e.g. '2GB', '500MB')") from None
+        return None
 
 
 @dataclass(frozen=True)
@@ -498,6 +507,8 @@ class CheckpointWriter:
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise MergeError(f"output path {str(self.out_dir)!r} exists and is not a directory")
         parent = self.out_dir.parent
+        if parent.exists() and not parent.is_dir():
+            raise MergeError(f"cannot create output {str(self.out_dir)!r}: {str(parent)!r} is not a directory")
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
