@@ -48,9 +48,12 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="Override the config's device.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run directory's latest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start over in a run directory that already holds a run.")] = False,
+    nproc: Annotated[int, typer.Option(help="Processes on this machine (torchrun's launcher; gloo on CPU, nccl "
+                                            "on CUDA); train.batch_size is the global batch.")] = 1,
 ) -> None:
     """Train one model from a YAML config; writes the run directory (config, metrics.jsonl, best
-    checkpoint, summary.md, plots) and prints the best epoch's test metrics."""
+    checkpoint, summary.md, plots) and prints the best epoch's test metrics. Across machines:
+    torchrun --nnodes M --nproc-per-node N -m polytask train CONFIG."""
     from polytask.report.summary import metrics_table
     from polytask.train import Trainer, load_config
 
@@ -58,13 +61,24 @@ def train(
     if device is not None:
         overrides.append(f"device={device}")
     cfg = load_config(config, overrides)
+    if nproc != 1:
+        from polytask.train import dist
+        from polytask.train.trainer import resolve_device
+
+        dist.check_config(cfg, nproc, resolve_device(cfg.device))  # refuse here, before starting workers
     if not resume and not overwrite and (cfg.run_dir / "checkpoints" / "latest.json").exists():
         raise ConfigError(f"run directory {cfg.run_dir} already holds a run: pass --resume to continue it "
                           "or --overwrite to start over (its checkpoints would be deleted)")
+    if nproc != 1:
+        dist.launch(["train", str(config), *[a for o in overrides for a in ("--set", o)],
+                     *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])], nproc)
+        return
     trainer = Trainer(cfg)
     result = trainer.fit(resume=resume)
-    typer.echo(metrics_table(trainer.tasks, {"val (best)": result.val, "test (best)": result.test}))
-    typer.echo(f"best epoch {result.best_epoch}; run directory: {result.run_dir}")
+    trainer.dist.close()
+    if trainer.dist.is_main:
+        typer.echo(metrics_table(trainer.tasks, {"val (best)": result.val, "test (best)": result.test}))
+        typer.echo(f"best epoch {result.best_epoch}; run directory: {result.run_dir}")
 
 
 @app.command()
@@ -283,6 +297,11 @@ def main() -> None:
     try:
         app()
     except PolytaskError as exc:
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # a worker of a multi-process run
+            from polytask.train.dist import report_error
+
+            if not report_error(exc):  # the launcher (or rank 0) prints it, once
+                sys.exit(2)
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

@@ -152,8 +152,13 @@ class MultiTaskDataset:
         return Batch(_index(self.inputs, idx), {k: v[idx] for k, v in self.targets.items()}, masks)
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                drop_last: bool = False) -> Iterator[Batch]:
-        """Mini-batches in order, or shuffled with ``generator`` (indices drawn on the CPU)."""
+                drop_last: bool = False, shard: tuple[int, int] | None = None) -> Iterator[Batch]:
+        """Mini-batches in order, or shuffled with ``generator`` (indices drawn on the CPU).
+
+        ``shard=(rank, world_size)``: ``batch_size`` is the global batch, and this yields rank's
+        contiguous slice of each one (sizes differ by at most one row; the same generator on every
+        rank gives every rank the same global order, so the slices are disjoint).
+        """
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         device = self.device
@@ -161,7 +166,12 @@ class MultiTaskDataset:
             order = order.to(device)
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
-            yield self.batch(order[start:start + batch_size])
+            idx = order[start:start + batch_size]
+            if shard is not None:
+                rank, world = shard
+                rows = idx.shape[0]
+                idx = idx[rows * rank // world:rows * (rank + 1) // world]
+            yield self.batch(idx)
 
     def full(self) -> Batch:
         """The whole dataset as one batch."""

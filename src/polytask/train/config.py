@@ -61,6 +61,10 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(4096, ge=1)
     early_stopping: int | None = Field(10, ge=1)  # patience in epochs; None disables
     grad_clip: float | None = Field(None, gt=0)
+    # more than one process (see train/dist.py); ignored at world size 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 adds a GradScaler (CUDA)
+    accumulate: int = Field(1, ge=1)  # micro-batches per optimizer step (one update of K * batch_size rows)
 
 
 class RunConfig(_Strict):

@@ -28,6 +28,7 @@ from polytask import nn as nn_lib
 from polytask.data.dataset import MultiTaskDataset, Splits
 from polytask.errors import CheckpointError, ConfigError, TrainingError
 from polytask.tasks import Task
+from polytask.train import dist as dist_lib
 from polytask.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_model_file
 from polytask.train.config import RunConfig, dump_config
 
@@ -100,7 +101,11 @@ class Trainer:
     def __init__(self, config: RunConfig, splits: Splits | None = None, model: nn.Module | None = None,
                  callbacks: Sequence[Callable[[Trainer, int], None]] = (), progress: bool | None = None) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        # more than one process (torchrun, or `polytask train --nproc N`): join the group, check the
+        # config fits the world size and is the same on every rank (train/dist.py)
+        self.dist, self.device = dist_lib.setup(resolve_device(config.device))
+        dist_lib.check_config(config, self.dist.world_size, self.device)
+        dist_lib.check_same_config(self.dist, dump_config(config), self.device)
         torch.manual_seed(config.seed)
         if splits is None:
             splits = data_lib.load(config.data.name, **config.data.params)
@@ -131,6 +136,12 @@ class Trainer:
             self.model, "expose_task_features")
         if self._pass_task_features:
             self.model.expose_task_features()
+        # the module the step runs: DDP (forward and balanced backward under no_sync: the balancer
+        # reduces the gradients itself) or the model sharded in place by FSDP2; self.model stays the
+        # plain module (FSDP: the same object) for evaluation and state
+        self._step_model = dist_lib.wrap_model(self.model, self.dist, config.train.strategy, self.device)
+        self.precision = dist_lib.Precision(config.train.precision, self.device)
+        dist_lib.check_accumulate(config, self.balancer)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -190,26 +201,32 @@ class Trainer:
         first_bad = torch.full((len(self.tasks),), -1, dtype=torch.long, device=dev)
         batches = 0
         shared = list(shared_parameters_of(self.model))
-        for batch in self.train_set.batches(cfg.batch_size, shuffle=True, generator=self.generator):
+        step = dist_lib.StepContext(self, cfg)
+        for batch in self.train_set.batches(cfg.batch_size, shuffle=True, generator=self.generator,
+                                            shard=step.shard):
             self.optimizer.zero_grad(set_to_none=True)
-            outputs = self.model(batch.inputs)
-            losses = self._losses(outputs, batch.targets, batch.mask)
+            batch = step.prepare(batch)
+            with step.no_sync(), self.precision.autocast():
+                outputs = self._step_model(batch.inputs)
+                losses = self._losses(outputs, batch.targets, batch.mask)
             vec = torch.stack([v.detach() for v in losses.values()])
             # remember the first step at which each task's loss stopped being finite (no sync)
             bad_now = ~torch.isfinite(vec) & (first_bad < 0)
             first_bad = torch.where(bad_now, torch.full_like(first_bad, self.step), first_bad)
             aux = getattr(self.model, "aux_loss", None)
             if isinstance(aux, Tensor) and aux.requires_grad:
-                aux.backward(retain_graph=True)
+                step.aux_backward(aux)
             extra = {"task_features": self.model.task_features} if self._pass_task_features else {}
-            weights = self.balancer.backward(losses, shared=shared,
-                                             features=getattr(self.model, "shared_features", None), **extra)
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+            with step.no_sync():
+                weights = self.balancer.backward(losses, shared=shared,
+                                                 features=getattr(self.model, "shared_features", None), **extra,
+                                                 **step.balancer_kwargs(batch))
+            step.optimizer_step(cfg.grad_clip)
             if self.balancer.needs_post_step_losses:
-                with torch.no_grad():
-                    self.balancer.post_step(self._losses(self.model(batch.inputs), batch.targets, batch.mask))
+                with torch.no_grad(), self.precision.autocast():
+                    after = self._losses(self.model(batch.inputs), batch.targets, batch.mask)
+                self.balancer.post_step(after, **step.post_step_kwargs())
+            vec = step.logged_losses(vec)
             loss_sum += vec
             weight_sum += weights.to(dev, torch.float32)
             batches += 1
@@ -218,6 +235,7 @@ class Trainer:
             for cb in self._step_hooks:
                 cb(self, self.step)
         self.balancer.end_epoch()  # per-epoch methods (DWA) close their epoch's record here
+        loss_sum, weight_sum, first_bad = step.end_epoch(loss_sum, weight_sum, first_bad)
         bad = [(step, task.name) for task, step in zip(self.tasks, first_bad.tolist()) if step >= 0]
         if bad:
             step, name = min(bad)  # the task that went first; the others follow through shared weights
@@ -229,6 +247,9 @@ class Trainer:
 
     def _evaluate(self) -> tuple[Metrics, Metrics]:
         bs = self.config.train.eval_batch_size
+        if self.dist.enabled or self.precision.enabled:  # each rank one shard; metrics on the gathered outputs
+            return tuple(dist_lib.sharded_evaluate(self.model, split, self.tasks, bs, self.dist, self.precision)
+                         for split in (self.val_set, self.test_set))
         return evaluate(self.model, self.val_set, self.tasks, bs), evaluate(self.model, self.test_set, self.tasks, bs)
 
     def _score(self, val: Metrics) -> float:
@@ -241,8 +262,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": dist_lib.full_state_dict(self.model),  # FSDP: gathered whole (every rank calls it)
+            "optimizer": dist_lib.full_state_dict(self.optimizer),
             "balancer": self.balancer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "trainer": {
@@ -257,8 +278,7 @@ class Trainer:
     def load_state(self, parts: dict[str, Any]) -> None:
         """Restore everything :meth:`state` saved; CheckpointError if it does not fit this run."""
         try:
-            self.model.load_state_dict(parts["model"])
-            self.optimizer.load_state_dict(parts["optimizer"])
+            dist_lib.load_full_state(self.model, self.optimizer, parts["model"], parts["optimizer"])
             self.balancer.load_state_dict(parts["balancer"])
             if self.scheduler is not None and parts.get("scheduler") is not None:
                 self.scheduler.load_state_dict(parts["scheduler"])
@@ -281,23 +301,28 @@ class Trainer:
         run_dir = self.run_dir
         ckpt_dir = run_dir / "checkpoints"
         metrics_path = run_dir / "metrics.jsonl"
+        main = self.dist.is_main  # rank 0 alone writes the run directory
         if resume:
-            epoch, parts = load_checkpoint(ckpt_dir)
+            epoch, parts = dist_lib.read_checkpoint(load_checkpoint, ckpt_dir, self.dist, self.device)
             self.load_state(parts)
-            _truncate_metrics(metrics_path, epoch)
+            if main:
+                _truncate_metrics(metrics_path, epoch)
         else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if ckpt_dir.exists():
-                shutil.rmtree(ckpt_dir)
-            metrics_path.write_text("")
+            if main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                if ckpt_dir.exists():
+                    shutil.rmtree(ckpt_dir)
+                metrics_path.write_text("")
             torch.manual_seed(self.config.seed)  # dropout & co. draw from the global RNG: restart it
-        atomic_write_text(run_dir / "config.yaml", dump_config(self.config))
-        history = _read_history(metrics_path)
+        if main:
+            atomic_write_text(run_dir / "config.yaml", dump_config(self.config))
+        history = dist_lib.broadcast_object(_read_history(metrics_path) if main else None, self.dist, self.device)
         if self.reference_losses is None:  # epoch 0: the untrained model, the reference for selection
             val, test = self._evaluate()
             self.reference_losses = {t: m["loss"] for t, m in val.items()}
             record = EpochRecord(0, self._score(val), {}, val, test)
-            _append_metrics(metrics_path, record)
+            if main:
+                _append_metrics(metrics_path, record)
             history.append(record)
         stopped = False
         epochs = range(self.epoch + 1, self.config.train.epochs + 1)
@@ -308,7 +333,8 @@ class Trainer:
             val, test = self._evaluate()
             score = self._score(val)
             record = EpochRecord(epoch, score, train, val, test)
-            _append_metrics(metrics_path, record)
+            if main:
+                _append_metrics(metrics_path, record)
             history.append(record)
             self._notify("on_epoch_end", record)
             if score < self.best_score:
@@ -321,7 +347,9 @@ class Trainer:
                     self.scheduler.step(score)
                 else:
                     self.scheduler.step()
-            save_checkpoint(ckpt_dir, epoch, self.state())
+            state = self.state()  # every rank: FSDP gathers the full tensors collectively
+            if main:
+                save_checkpoint(ckpt_dir, epoch, state)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(score=f"{score:.4f}", best=self.best_epoch)
             patience = self.config.train.early_stopping
@@ -334,7 +362,8 @@ class Trainer:
         result = TrainResult(run_dir, best.epoch, best.val, best.test, history, stopped)
         from polytask.report.summary import write_summary
 
-        write_summary(result, self.tasks, self.config)
+        if main:
+            write_summary(result, self.tasks, self.config)
         self._notify("on_fit_end", result)
         return result
 
@@ -345,9 +374,12 @@ class Trainer:
                 fn(self, arg)
 
     def _save_best(self, record: EpochRecord) -> None:
+        weights = dist_lib.full_state_dict(self.model)  # every rank (FSDP gathers); rank 0 writes
+        if not self.dist.is_main:
+            return
         best_dir = self.run_dir / "best"
         best_dir.mkdir(parents=True, exist_ok=True)
-        save_model_file(self.model.state_dict(), best_dir / "model.safetensors")
+        save_model_file(weights, best_dir / "model.safetensors")
         atomic_write_text(best_dir / "metrics.json", json.dumps(
             {"epoch": record.epoch, "score": record.score, "val": record.val, "test": record.test}, indent=1))
 
