@@ -66,16 +66,18 @@ def train(
         from polytask.train.trainer import resolve_device
 
         dist.check_config(cfg, nproc, resolve_device(cfg.device))  # refuse here, before starting workers
-    if not resume and not overwrite and (cfg.run_dir / "checkpoints" / "latest.json").exists():
-        raise ConfigError(f"run directory {cfg.run_dir} already holds a run: pass --resume to continue it "
-                          "or --overwrite to start over (its checkpoints would be deleted)")
-    if nproc != 1:
-        dist.launch(["train", str(config), *[a for o in overrides for a in ("--set", o)],
-                     *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])], nproc)
-        return
-    trainer = Trainer(cfg)
-    result = trainer.fit(resume=resume)
-    trainer.dist.close()
+    from polytask.train.rundir import claim_run_dir, is_primary, mode_of
+
+    # the run directory is checked, locked and (--overwrite) its previous run moved aside before any
+    # work; workers started by --nproc inherit the claim (train/rundir.py)
+    with claim_run_dir(cfg.run_dir, cfg, mode_of(resume, overwrite), primary=is_primary()):
+        if nproc != 1:
+            dist.launch(["train", str(config), *[a for o in overrides for a in ("--set", o)],
+                         *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])], nproc)
+            return
+        trainer = Trainer(cfg)
+        result = trainer.fit(resume=resume, overwrite=overwrite)
+        trainer.dist.close()
     if trainer.dist.is_main:
         typer.echo(metrics_table(trainer.tasks, {"val (best)": result.val, "test (best)": result.test}))
         typer.echo(f"best epoch {result.best_epoch}; run directory: {result.run_dir}")
@@ -123,13 +125,16 @@ def analyze(
     groups: Annotated[str, typer.Option(help="Layer groups for conflict: module, layer or tensor.")] = "layer",
     epochs: Annotated[Optional[int], typer.Option(help="Epochs of each transfer/check run.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="On a config whose run directory holds a run: train it again "
+                                                 "(the previous run is kept until the new one has a checkpoint).")]
+    = False,
 ) -> None:
     """Show how tasks help or hurt each other: gradient conflict, inter-task affinity, task
     grouping, expert usage, measured pairwise transfer; JSON and heatmaps into the run directory."""
     from polytask.analyze.runner import AnalyzeOptions, analyze as run_analyze, parse_what
 
     options = AnalyzeOptions(what=parse_what(what), every=every, lr=lr, groups=groups, k=k, overlap=overlap,
-                             epochs=epochs)
+                             epochs=epochs, overwrite=overwrite)
     _, notes = run_analyze(target, options, list(set_ or []))
     typer.echo("\n\n".join(notes))
 

@@ -54,6 +54,7 @@ class AnalyzeOptions:
     epochs: int | None = None  # budget of transfer/check runs (default: the config's)
     max_batches: int = 50
     progress: bool | None = None
+    overwrite: bool = False  # on a config whose run directory holds a run: train it again
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -64,33 +65,53 @@ def _load_best(trainer: Any, run_dir: Path) -> None:
     from polytask.errors import CheckpointError
     from polytask.train.checkpoint import load_model_file
 
+    from polytask.train.checkpoint import load_state_checked
+
     path = run_dir / "best" / "model.safetensors"
     if not path.exists():
         raise CheckpointError(f"analyze: {str(path)!r} not found (train the run first)")
-    trainer.model.load_state_dict(load_model_file(path))
+    load_state_checked(trainer.model, load_model_file(path), path)
 
 
 def analyze(target: Path, options: AnalyzeOptions, overrides: list[str] | None = None) -> tuple[Path, list[str]]:
     """Run the diagnostics of ``options.what`` on a config or run directory.
 
-    Returns the run directory and printable summaries of what was computed.
+    Returns the run directory and printable summaries of what was computed. The run directory is
+    claimed for the whole analysis (:func:`polytask.train.rundir.claim_run_dir`, the same claim as
+    ``polytask train``): locked, and on a config refused when it holds a run unless
+    ``options.overwrite``.
     """
-    from polytask.analyze.affinity import AffinityMonitor, AffinityResult
-    from polytask.analyze.conflict import ConflictResult, GradientConflictMonitor
-    from polytask.train import Trainer, load_config
+    from polytask.train import load_config
+    from polytask.train.rundir import claim_run_dir
 
     target = Path(target)
     run_mode = _is_run_dir(target)
     if not run_mode and not target.is_file():
         raise ConfigError(f"analyze: {str(target)!r} is neither a config file nor a run directory (with config.yaml)")
     cfg = load_config(target / "config.yaml" if run_mode else target, overrides)
+    if run_mode:
+        cfg = cfg.model_copy(update={"out_dir": str(target.parent / "{name}"), "name": target.name})
+        claim = claim_run_dir(target, mode="use")
+    else:
+        claim = claim_run_dir(cfg.run_dir, cfg, "overwrite" if options.overwrite else "new",
+                              advice=f"analyze that run with `polytask analyze {cfg.run_dir}`, or pass --overwrite "
+                                     "to train it again (the previous run is kept until the new one has its first "
+                                     "checkpoint)")
+    with claim:
+        return _analyze(target, run_mode, cfg, options)
+
+
+def _analyze(target: Path, run_mode: bool, cfg: Any, options: AnalyzeOptions) -> tuple[Path, list[str]]:
+    from polytask.analyze.affinity import AffinityMonitor, AffinityResult
+    from polytask.analyze.conflict import ConflictResult, GradientConflictMonitor
+    from polytask.train import Trainer
+
     what = options.what
     notes: list[str] = []
     conflict: ConflictResult | None = None
     affinity: AffinityResult | None = None
     if run_mode:
         run_dir = target
-        cfg = cfg.model_copy(update={"out_dir": str(run_dir.parent / "{name}"), "name": run_dir.name})
         trainer = Trainer(cfg, progress=options.progress)
         needs_model = [w for w in ("conflict", "affinity") if w in what and not analysis_path(run_dir, w).exists()]
         if needs_model or "experts" in what:

@@ -56,7 +56,7 @@ def _train(config: Any, name: str, tasks: Sequence[str], out_dir: Path, epochs: 
         record = json.loads(done.read_text())
         if record.get("config") == dump_config(cfg):
             return record["test"]
-    test = Trainer(cfg, progress=progress).fit().test
+    test = Trainer(cfg, progress=progress).fit(overwrite=True).test  # a run without done.json is stale
     write_json(done, {"config": dump_config(cfg), "test": test})
     return test
 

@@ -58,12 +58,9 @@ def heatmap_figure(matrix: Tensor, rows: Sequence[str], cols: Sequence[str] | No
 
 def save_heatmap(matrix: Tensor, tasks: Sequence[str], path: Path, **kwargs) -> Path:
     """Draw :func:`heatmap_figure` and save it as a PNG."""
-    plt = _pyplot()
-    fig = heatmap_figure(matrix, tasks, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    from polytask.report.plots import save_figure
+
+    return save_figure(heatmap_figure(matrix, tasks, **kwargs), path)
 
 
 def figure_png(fig) -> bytes:

@@ -71,10 +71,9 @@ def _heatmap_img(matrix: torch.Tensor, rows: Sequence[str], alt: str, **kwargs: 
 
 # ----------------------------------------------------------------------------- run pieces
 def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from polytask.train.rundir import read_jsonl
+
+    return read_jsonl(run_dir / "metrics.jsonl")  # a torn last line (a killed run) is absent
 
 
 def _curves_section(rows: list[dict[str, Any]]) -> str:
@@ -262,10 +261,18 @@ def render_report(run_dir: Path) -> str:
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Write the report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``)."""
+    """Write the report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``) atomically:
+    a failed report leaves no partial file. DataError for an ``out`` that is a folder or whose
+    folder does not exist."""
+    from polytask.train.checkpoint import atomic_write_text
+
     out = Path(out) if out is not None else Path(run_dir) / "report.html"
+    if out.is_dir():
+        raise DataError(f"report --out {out} is a folder; give a file name, e.g. {out / 'report.html'}")
+    if not out.parent.is_dir():
+        raise DataError(f"report --out {out}: folder {out.parent} does not exist")
     text = render_report(run_dir)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    stale = out.with_name(out.name + ".tmp")  # what a failed report of earlier versions left
+    if stale.is_file():
+        stale.unlink()
+    return atomic_write_text(out, text, error=DataError)

@@ -18,6 +18,22 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 90) -> Path:
+    """Save a figure as PNG through the atomic writer (umask kept, no partial file on a full
+    disk) and close it."""
+    import io
+
+    from polytask.train.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        _pyplot().close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def plot_task_curves(history: Sequence[Any], tasks: Sequence[Task], path: Path) -> Path:
     """One panel per task: its main metric on val and test, and its train/val loss, per epoch."""
     plt = _pyplot()
@@ -37,10 +53,7 @@ def plot_task_curves(history: Sequence[Any], tasks: Sequence[Task], path: Path) 
         top.legend(fontsize=7)
         bottom.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_task_weights(history: Sequence[Any], tasks: Sequence[Task], path: Path) -> Path:
@@ -54,6 +67,4 @@ def plot_task_weights(history: Sequence[Any], tasks: Sequence[Task], path: Path)
     ax.set_ylabel("mean weight")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

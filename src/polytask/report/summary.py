@@ -51,4 +51,6 @@ def write_summary(result: Any, tasks: Sequence[Task], config: Any) -> None:
         "![task weights](plots/weights.png)",
         "",
     ]
-    (run_dir / "summary.md").write_text("\n".join(lines))
+    from polytask.train.checkpoint import atomic_write_text
+
+    atomic_write_text(run_dir / "summary.md", "\n".join(lines))

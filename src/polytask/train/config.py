@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from polytask.errors import ConfigError
 
@@ -80,6 +81,21 @@ class RunConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("out_dir")
+    @classmethod
+    def _out_dir_placeholders(cls, value: str) -> str:
+        """Only ``{name}`` may appear in ``out_dir`` (``{{`` and ``}}`` for literal braces)."""
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: {exc} (only {{name}} is replaced; write {{{{ and }}}} for braces)") from None
+        bad = [f for f in fields if f != "name"]
+        if bad:
+            raise ValueError(f"{value!r}: unknown placeholder {{{bad[0]}}}; only {{name}} is replaced")
+        if not value.format(name="x").strip():
+            raise ValueError("must not be empty")
+        return value
 
     @property
     def run_dir(self) -> Path:

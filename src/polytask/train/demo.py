@@ -52,12 +52,12 @@ def run_demo(out: Path, seed: int = 0, device: str = "auto", epochs_scale: float
         tparams = {**tparams, "epochs": max(1, round(tparams["epochs"] * epochs_scale))}
         cfg = _config(f"{data}-multi", data, dparams, mparams, tparams, out, seed, device)
         trainer = Trainer(cfg, progress=progress)
-        multi = trainer.fit()
+        multi = trainer.fit(overwrite=True)  # a demo run replaces the previous demo's
         single: Metrics = {}
         for task in trainer.tasks:
             scfg = _config(f"{data}-single-{task.name}", data, dparams, mparams, tparams, out, seed, device,
                            tasks=[task.name])
-            single[task.name] = Trainer(scfg, progress=progress).fit().test[task.name]
+            single[task.name] = Trainer(scfg, progress=progress).fit(overwrite=True).test[task.name]
         dm = delta_m(multi.test, single, trainer.tasks)
         results.append(DemoResult(data, trainer.tasks, multi.test, single, dm, multi.run_dir))
     return results

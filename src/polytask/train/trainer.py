@@ -26,10 +26,12 @@ from polytask import balance as balance_lib
 from polytask import data as data_lib
 from polytask import nn as nn_lib
 from polytask.data.dataset import MultiTaskDataset, Splits
-from polytask.errors import CheckpointError, ConfigError, TrainingError
+from polytask.errors import CheckpointError, ConfigError, DataError, TrainingError
 from polytask.tasks import Task
 from polytask.train import dist as dist_lib
+from polytask.train import rundir
 from polytask.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_model_file
+from polytask.train.checkpoint import describe_mismatch, kept_checkpoint
 from polytask.train.config import RunConfig, dump_config
 
 Metrics = dict[str, dict[str, float]]  # task -> metric -> value
@@ -116,6 +118,7 @@ class Trainer:
                                   f"{splits.name} has {', '.join(t.name for t in splits.tasks)}")
             splits = splits.select_tasks(config.data.tasks)
         splits.validate()
+        check_labelled_rows(splits)
         self.splits = splits
         self.tasks = splits.tasks
         self.train_set = splits.train.to(self.device)
@@ -240,7 +243,7 @@ class Trainer:
         if bad:
             step, name = min(bad)  # the task that went first; the others follow through shared weights
             raise TrainingError(f"loss of task {name!r} became NaN or infinite at step {step} "
-                                f"(epoch {self.epoch}); the last good checkpoint is kept in {self.run_dir}")
+                                f"(epoch {self.epoch}); {kept_checkpoint(self.run_dir / 'checkpoints')}")
         mean_loss = (loss_sum / max(batches, 1)).tolist()
         mean_weight = (weight_sum / max(batches, 1)).tolist()
         return {t.name: {"loss": l, "weight": w} for t, l, w in zip(self.tasks, mean_loss, mean_weight)}
@@ -277,6 +280,9 @@ class Trainer:
 
     def load_state(self, parts: dict[str, Any]) -> None:
         """Restore everything :meth:`state` saved; CheckpointError if it does not fit this run."""
+        problem = describe_mismatch(self.model.state_dict(), parts.get("model") or {})
+        if problem:  # names the tensors (torch's message is several lines)
+            raise CheckpointError(f"checkpoint in {self.run_dir / 'checkpoints'} does not fit this run: {problem}")
         try:
             dist_lib.load_full_state(self.model, self.optimizer, parts["model"], parts["optimizer"])
             self.balancer.load_state_dict(parts["balancer"])
@@ -284,7 +290,7 @@ class Trainer:
                 self.scheduler.load_state_dict(parts["scheduler"])
             t = parts["trainer"]
         except (KeyError, RuntimeError, ValueError) as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = " ".join(str(exc).split())[:300] if str(exc) else type(exc).__name__
             raise CheckpointError(f"checkpoint in {self.run_dir / 'checkpoints'} does not fit this run: {msg}") from None
         self.epoch, self.step = int(t["epoch"]), int(t["step"])
         self.best_epoch, self.best_score = int(t["best_epoch"]), float(t["best_score"])
@@ -295,9 +301,16 @@ class Trainer:
             torch.cuda.set_rng_state_all(t["cuda_rng"])
 
     # ------------------------------------------------------------------ run
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
         """Train for ``config.train.epochs`` epochs (or until early stopping); ``resume`` continues
-        from the run directory's latest checkpoint."""
+        from the run directory's latest checkpoint (the config may change only in safe keys),
+        ``overwrite`` starts over in a directory that holds a run (kept until the new run has its
+        first checkpoint). The run directory is locked meanwhile (see :mod:`polytask.train.rundir`)."""
+        with rundir.claim_run_dir(self.run_dir, self.config, rundir.mode_of(resume, overwrite),
+                                  primary=rundir.is_primary()):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> TrainResult:
         run_dir = self.run_dir
         ckpt_dir = run_dir / "checkpoints"
         metrics_path = run_dir / "metrics.jsonl"
@@ -350,6 +363,7 @@ class Trainer:
             state = self.state()  # every rank: FSDP gathers the full tensors collectively
             if main:
                 save_checkpoint(ckpt_dir, epoch, state)
+                rundir.checkpoint_written(run_dir)  # an overwritten previous run can go now
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(score=f"{score:.4f}", best=self.best_epoch)
             patience = self.config.train.early_stopping
@@ -399,16 +413,13 @@ def _progress(it: Any, enabled: bool, desc: str) -> Any:
 
 
 def _append_metrics(path: Path, record: EpochRecord) -> None:
-    """One JSON line per (epoch, split, task)."""
-    lines = []
+    """One JSON line per (epoch, split, task), the epoch's lines appended in one write."""
+    rows = []
     for split, metrics in (("train", record.train), ("val", record.val), ("test", record.test)):
         for task, values in metrics.items():
-            lines.append(json.dumps({"epoch": record.epoch, "split": split, "task": task, **_clean(values)}))
-    lines.append(json.dumps({"epoch": record.epoch, "split": "val", "task": "*", "score": _clean1(record.score)}))
-    with open(path, "a") as f:
-        f.write("\n".join(lines) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+            rows.append({"epoch": record.epoch, "split": split, "task": task, **_clean(values)})
+    rows.append({"epoch": record.epoch, "split": "val", "task": "*", "score": _clean1(record.score)})
+    rundir.append_jsonl(path, rows)
 
 
 def _clean1(v: float) -> float | None:
@@ -420,14 +431,9 @@ def _clean(values: dict[str, float]) -> dict[str, float | None]:
 
 
 def _read_history(path: Path) -> list[EpochRecord]:
-    """Rebuild epoch records from metrics.jsonl (after a resume)."""
-    if not path.exists():
-        return []
+    """Rebuild epoch records from metrics.jsonl (after a resume; a torn last line is absent)."""
     by_epoch: dict[int, EpochRecord] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in rundir.read_jsonl(path):
         rec = by_epoch.setdefault(row["epoch"], EpochRecord(row["epoch"], math.inf, {}, {}, {}))
         values = {k: (math.nan if v is None else v) for k, v in row.items() if k not in ("epoch", "split", "task")}
         if row["task"] == "*":
@@ -441,5 +447,21 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
     """Drop lines of epochs after the checkpoint (written by a run killed before checkpointing)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= last_epoch]
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+    keep = [row for row in rundir.read_jsonl(path) if row["epoch"] <= last_epoch]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
+
+
+def check_labelled_rows(splits: Splits) -> None:
+    """DataError naming every (task, split) without a labelled row: such a task cannot be trained
+    (train), selected on (val) or reported (test)."""
+    empty = []
+    for split in ("train", "val", "test"):
+        data = getattr(splits, split)
+        for task in splits.tasks:
+            mask = data.masks.get(task.name)
+            labelled = len(data) if mask is None else int(mask.sum())
+            if labelled == 0:
+                empty.append(f"task {task.name!r} in the {split} split")
+    if empty:
+        raise DataError(f"{splits.name}: no labelled rows for {', '.join(empty)}; drop the task (data.tasks) or "
+                        "give it labels")
