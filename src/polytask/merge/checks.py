@@ -3,13 +3,15 @@
 Every failed check raises :class:`~polytask.errors.ConfigError` whose message starts with the key
 as a merge config spells it (``parameters.lambda``, ``parameters.density``; a Python keyword
 ``lambda_`` is ``lambda`` in YAML) and ends with ``got ...``. Numbers must be real numbers (not
-strings, not booleans) and finite; ranges are checked where the method defines one.
+strings, except a float in exponent form such as ``1e-3``, which YAML 1.1 leaves a string;
+not booleans) and finite; ranges are checked where the method defines one.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Any
 
 import torch
@@ -17,6 +19,9 @@ import torch
 from polytask.errors import ConfigError
 
 __all__ = ["key", "number", "integer", "flag", "choice", "model_param", "MODEL_PARAM_RANGES"]
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string; the registry reads it as a float where one is expected
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 #: Ranges of the per-model parameters: (low, high, low_open). ``weight`` may be any finite number
 #: (negative weights subtract a task vector).
@@ -41,6 +46,8 @@ def number(where: str, value: Any, *, low: float = -math.inf, high: float = math
     """``value`` as a finite float in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
+    if isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{where}: must be a number, got {value!r}")
     v = float(value)

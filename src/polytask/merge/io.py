@@ -410,8 +410,8 @@ class _OutputLock:
     killed leaves the file, but not the lock (the kernel drops it), so the next writer takes it.
     """
 
-    def __init__(self, target: Path) -> None:
-        self.target = target
+    def __init__(self, target: Path, shown: str) -> None:
+        self.shown = shown  # the output as the user wrote it, for messages
         self.path = target.parent / f".{target.name}.lock"
         self.fd = -1
 
@@ -431,7 +431,7 @@ class _OutputLock:
                 finally:
                     os.close(fd)
                 raise MergeError(
-                    f"output {str(self.target)!r} is being written by another process (pid {owner}, lock "
+                    f"output {self.shown!r} is being written by another process (pid {owner}, lock "
                     f"{self.path.name}); wait for it to finish or choose another output"
                 ) from None
             # A holder may have removed the file after we opened it: then lock the new one.
@@ -502,25 +502,28 @@ class CheckpointWriter:
     ) -> None:
         self.out_dir = Path(out_dir)
         self.overwrite = overwrite
-        if self.out_dir.exists() and not overwrite:
-            raise MergeError(f"output directory {str(self.out_dir)!r} already exists (pass --overwrite / overwrite=True to replace it)")
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise MergeError(f"output path {str(self.out_dir)!r} exists and is not a directory")
-        parent = self.out_dir.parent
+        self._check_target()  # fail fast; checked again under the lock
+        target = Path(os.path.abspath(self.out_dir))  # "out/", "./out" and "/abs/out" share one lock
+        parent = target.parent
         if parent.exists() and not parent.is_dir():
-            raise MergeError(f"cannot create output {str(self.out_dir)!r}: {str(parent)!r} is not a directory")
+            raise MergeError(f"cannot create output {str(self.out_dir)!r}: {str(self.out_dir.parent)!r} is not a directory")
+        self._created = next((p for p in reversed([parent, *parent.parents]) if not p.exists()), None)
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise MergeError(f"cannot create {str(parent)!r} for the output: {exc.strerror}") from None
-        self._out_lock = _OutputLock(self.out_dir)
-        self._out_lock.acquire()
+            raise MergeError(f"cannot create {str(self.out_dir.parent)!r} for the output: {exc.strerror}") from None
+        self._out_lock = _OutputLock(target, shown=str(self.out_dir))
         try:
-            _remove_stale_partials(self.out_dir)
-            self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=parent))
-        except OSError as exc:
+            self._out_lock.acquire()
+            self._check_target()  # another writer may have finished into it meanwhile
+            _remove_stale_partials(target)
+            self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
+        except BaseException as exc:
             self._out_lock.release()
-            raise MergeError(f"cannot create a temporary directory in {str(parent)!r}: {exc.strerror}") from None
+            self._remove_created_parents()
+            if isinstance(exc, OSError):
+                raise MergeError(f"cannot create a temporary directory in {str(parent)!r}: {exc.strerror}") from None
+            raise
         self._lock = threading.Lock()
         self._pending = set(specs)
         self._specs = dict(specs)
@@ -588,6 +591,25 @@ class CheckpointWriter:
                 self._slot[name] = (fd, start + begin)
                 self.weight_map[name] = fname
             self.total_size += offset
+
+    def _check_target(self) -> None:
+        if self.out_dir.exists() and not self.overwrite:
+            raise MergeError(f"output directory {str(self.out_dir)!r} already exists (pass --overwrite / overwrite=True to replace it)")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise MergeError(f"output path {str(self.out_dir)!r} exists and is not a directory")
+
+    def _remove_created_parents(self) -> None:
+        """Remove the (empty) parent directories that this writer created, if it failed."""
+        if self._created is None:
+            return
+        parent = Path(os.path.abspath(self.out_dir)).parent
+        for p in [parent, *parent.parents]:
+            try:
+                p.rmdir()
+            except OSError:
+                return
+            if p == self._created:
+                return
 
     @staticmethod
     def _checked_write(fd: int, data: bytes | memoryview, offset: int, path: Path) -> None:
@@ -678,7 +700,8 @@ class CheckpointWriter:
         (self.tmp_dir / _PARTIAL_MARKER).unlink(missing_ok=True)
         old: Path | None = None
         if self.out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
+            target = Path(os.path.abspath(self.out_dir))
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rmdir(old)
             os.rename(self.out_dir, old)
             if old.is_dir() and not old.is_symlink():  # marks it for removal if we are killed now
@@ -705,6 +728,7 @@ class CheckpointWriter:
         self._close()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self._out_lock.release()
+        self._remove_created_parents()
 
     def __enter__(self) -> CheckpointWriter:
         return self
