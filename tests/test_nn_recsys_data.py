@@ -1,22 +1,19 @@
-"""Loaders of the recommendation samples in <repo>/../shared/data/recsys (real rows, small)."""
+"""Loaders of the recommendation samples shipped in the package (polytask/data/samples: real rows, small)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from polytask.data.recsys import ali_ccp, aliexpress, census_income, read_table
+from polytask.data.recsys import SAMPLES_DIR, ali_ccp, aliexpress, census_income, read_table
 from polytask.errors import DataError
 from polytask.nn import FeatureSpec, build_model
 
-ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "recsys"
-needs_data = pytest.mark.skipif(not ROOT.is_dir(), reason="shared recsys samples not present beside the repo")
+ROOT = SAMPLES_DIR
 
 
-@needs_data
 @pytest.mark.parametrize("loader, tasks, sizes", [
     (census_income, ["income", "marital"], (80, 20, 20)),
     (aliexpress, ["click", "conversion"], (80, 20, 20)),  # no val file: 20% of 100 train rows
@@ -36,7 +33,6 @@ def test_loaders_read_the_samples(loader, tasks, sizes):
         assert set(y.unique().tolist()) <= {0.0, 1.0}
 
 
-@needs_data
 def test_census_columns_against_the_csv():
     splits = census_income(str(ROOT))
     header, values = read_table(ROOT / "census_income_test_sample.csv")
@@ -50,7 +46,6 @@ def test_census_columns_against_the_csv():
     assert splits.input_spec.features[0].dim == 7
 
 
-@needs_data
 def test_ali_ccp_trains_end_to_end_with_esmm():
     splits = ali_ccp(str(ROOT), embed_dim=4)
     torch.manual_seed(0)
