@@ -81,14 +81,19 @@ class Balancer(nn.Module):
     def _commit(self, ok: Tensor, before: Mapping[str, Tensor]) -> None:
         """Keep this step's state where ``ok`` (a 0-d bool tensor), else restore ``before``; count a skip.
 
-        A buffer created during the step with another shape (lazily sized state, filled with
-        values that do not depend on the data) is kept as it is.
+        A buffer that the step resized (lazily sized state, created at a method's first step) is
+        put back as it was if the step is skipped, which reads ``ok`` on the host: once per buffer
+        and run, at that first step, never in the steady state.
         """
         for name, old in before.items():
             mod_name, _, buf_name = name.rpartition(".")
             mod = self.get_submodule(mod_name) if mod_name else self
             new = mod._buffers.get(buf_name)
-            if new is None or new.shape != old.shape:
+            if new is None:
+                continue
+            if new.shape != old.shape:
+                if not bool(ok):
+                    mod._buffers[buf_name] = old
                 continue
             mod._buffers[buf_name] = torch.where(ok.to(new.device), new, old.to(new.dtype))
         self.skipped_steps += (~ok).long().to(self.skipped_steps.device)

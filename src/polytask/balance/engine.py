@@ -53,15 +53,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from polytask.balance import aggregators as agg
-from polytask.balance.base import Balancer, stack_losses
+from polytask.balance import dist
+from polytask.balance.base import Balancer, all_finite, stack_losses
 from polytask.balance.registry import BALANCERS
-from polytask.errors import ConfigError, TrainingError
+from polytask.errors import ConfigError
 
 Mode = Literal["parameters", "features"]
 
@@ -216,29 +217,20 @@ def find_task_parameters(losses: Mapping[str, Tensor], targets: Sequence[Tensor]
     return list(leaves.values())
 
 
-def _all_finite(*tensors: Tensor) -> Tensor:
-    """Whether every entry of every floating-point tensor is finite, as a 0-d bool tensor (no host sync).
-
-    ``t . 0`` is exactly 0 unless an entry is inf/NaN (``0 * inf = NaN``): one BLAS dot per tensor,
-    several times cheaper than ``isfinite(t).all()`` on a large gradient; the dots' sum is 0 or NaN.
-    """
-    dots = [torch.dot(flat, torch.zeros_like(flat)) for flat in (t.reshape(-1) for t in tensors) if flat.is_floating_point()]
-    if not dots:
-        return torch.ones((), dtype=torch.bool, device=tensors[0].device)
-    return torch.isfinite(dots[0] if len(dots) == 1 else torch.stack(dots).sum())
+_all_finite = all_finite  # the guard's finiteness test lives in balance.base (shared with the loss balancers)
 
 
-def _gate(ok: Tensor, grad: Tensor) -> Tensor:
-    """``grad`` where the step is ``ok``, else zeros. On the CPU reading ``ok`` costs no sync, and
-    skips a full ``where`` pass; on an accelerator it stays a ``where`` (no host synchronisation)."""
+def _gate(ok: Tensor, grad: Tensor, fill: float = 0.0) -> Tensor:
+    """``grad`` where the step is ``ok``, else ``fill`` (0; NaN under a loss scaler). On the CPU reading
+    ``ok`` costs no sync, and skips a full ``where`` pass; on an accelerator it stays a ``where``."""
     if ok.device.type == "cpu":
-        return grad if bool(ok) else torch.zeros_like(grad)
-    return torch.where(ok, grad, 0.0)
+        return grad if bool(ok) else torch.full_like(grad, fill)
+    return torch.where(ok, grad, fill)
 
 
-def _accumulate_flat(params: list[Tensor], flat: Tensor, ok: Tensor) -> None:
+def _accumulate_flat(params: list[Tensor], flat: Tensor, ok: Tensor, fill: float = 0.0) -> None:
     """Add consecutive slices of the flat update ``flat`` to each parameter's ``.grad`` (gated by ``ok``)."""
-    gated = _gate(ok, flat)  # once for the whole update (one flag read / one where), not per parameter
+    gated = _gate(ok, flat, fill)  # once for the whole update (one flag read / one where), not per parameter
     for p, piece in zip(params, gated.split([p.numel() for p in params])):
         _accumulate(p, piece.view_as(p))
 
@@ -249,6 +241,24 @@ def _accumulate(param: Tensor, grad: Tensor) -> None:
         param.grad = grad.detach()
     else:
         param.grad.add_(grad)
+
+
+class _StepContext(NamedTuple):
+    """One step under a process group and/or a loss scale (:mod:`polytask.balance.dist`)."""
+
+    group: Any  # the process group, or None
+    sync: Any  # dist.StepSync, or None
+    loss_scale: Tensor | None
+    global_losses: Tensor  # (T,) detached: the global batch's losses (this process's without a group)
+
+    def reduce(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Sum over the ranks in one flat all-reduce (nothing without a group)."""
+        return list(tensors) if self.group is None else dist.all_reduce_sum(tensors, self.group)
+
+    @property
+    def fill(self) -> float:
+        """What a skipped step writes into ``.grad``: 0, or NaN for a loss scaler to see the overflow."""
+        return 0.0 if self.loss_scale is None else float("nan")
 
 
 class GradientBalancer(Balancer):
@@ -290,37 +300,130 @@ class GradientBalancer(Balancer):
     """
 
     def __init__(self, aggregator: agg.Aggregator, mode: Mode = "parameters", nan_policy: Literal["skip", "raise"] = "skip",
-                 batched: bool = False, trunk_batched: bool = False) -> None:
-        super().__init__()
+                 batched: bool = False, trunk_batched: bool = False, seed: int | None = None) -> None:
+        super().__init__(nan_policy)
         if mode not in ("parameters", "features"):
             raise ConfigError(f"balancer mode must be 'parameters' or 'features', got {mode!r}")
-        if nan_policy not in ("skip", "raise"):
-            raise ConfigError(f"balancer nan_policy must be 'skip' or 'raise', got {nan_policy!r}")
         if mode == "features" and aggregator.parameter_space_only:
             raise ConfigError(f"balancer {type(aggregator).__name__} keeps per-parameter state and needs mode='parameters'")
         self.aggregator = aggregator
         self.mode = mode
-        self.nan_policy = nan_policy
         self.batched = batched
         self.trunk_batched = trunk_batched
-        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self.seed = seed
         self._graph_cache: dict[tuple[Any, ...], Any] = {}
+        self._ctx: _StepContext | None = None
 
     def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
-                 features: Tensor | None = None, *, task_features: Tensor | None = None) -> Tensor:
+                 features: Tensor | None = None, *, task_features: Tensor | None = None, process_group: Any = None,
+                 counts: Any = None, loss_scale: Tensor | None = None, parameters: Iterable[Tensor] | None = None) -> Tensor:
         vec = stack_losses(losses)
         shared_list = [p for p in shared if p.requires_grad] if shared is not None else []
-        if task_features is not None:
-            if self.mode == "parameters" and not shared_list:
-                raise ConfigError("balancer mode 'parameters' needs shared= (the model's shared parameters)")
-            return self._backward_one_pass(losses, vec, shared_list, features, task_features)
-        if self.mode == "features":
-            if features is None:
-                raise ConfigError("balancer mode 'features' needs features= (the model's shared_features)")
-            return self._backward_features(losses, vec, shared_list, features)
-        if not shared_list:
-            raise ConfigError("balancer mode 'parameters' needs shared= (the model's shared parameters)")
-        return self._backward_parameters(losses, vec, shared_list)
+        if task_features is None and self.mode == "features" and features is None:
+            raise ConfigError("balancer mode 'features' needs features= (the model's shared_features)")
+        if (self.mode == "parameters" or process_group is not None) and not shared_list:
+            raise ConfigError("balancer mode 'parameters' needs shared= (the model's shared parameters)" if process_group is None
+                              else "balancer.backward: process_group= needs shared= (the model's shared parameters)")
+        self._seed_generator(vec.device, process_group)
+        if process_group is not None or loss_scale is not None:
+            losses, vec = self._enter_step(losses, vec, features, task_features, process_group, counts, loss_scale)
+        try:
+            if task_features is not None:
+                return self._backward_one_pass(losses, vec, shared_list, features, task_features)
+            if self.mode == "features":
+                return self._backward_features(losses, vec, shared_list, features)
+            return self._backward_parameters(losses, vec, shared_list)
+        finally:
+            self._ctx = None
+
+    def _seed_generator(self, device: torch.device, group: Any) -> None:
+        """Random aggregators (PCGrad's and GradVac's orders, GradDrop's masks) draw from a generator
+        seeded with ``seed`` -- under a process group always, so that every rank draws alike
+        (:func:`~polytask.balance.dist.shared_seed`: rank 0's seed broadcast once if ``seed`` is None).
+        Without either, the global generator, as before."""
+        if not hasattr(self.aggregator, "generator") or (self.seed is None and group is None):
+            return
+        current = self.aggregator.generator
+        if current is not None and current.device == device:
+            return
+        gen = torch.Generator(device=device)
+        gen.manual_seed(dist.shared_seed(group, device, self.seed))
+        self.aggregator.generator = gen
+
+    def _enter_step(self, losses: Mapping[str, Tensor], vec: Tensor, features: Tensor | None, task_features: Tensor | None,
+                    group: Any, counts: Any, loss_scale: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+        """Reduce the losses (one small all-reduce) and scale each task's local loss by ``c_rt`` (and the loss
+        scale): gradients of the scaled losses sum over the ranks to the global batch's (dist module docstring)."""
+        sync = None
+        if group is not None:
+            rows = task_features.shape[1] if task_features is not None else (features.shape[0] if features is not None else 0)
+            sync = dist.sync_losses(vec, dist.task_counts(counts, list(losses), vec), group, rows=rows)
+        mult = torch.ones_like(vec.detach()) if sync is None else sync.scale
+        if loss_scale is not None:
+            mult = mult * loss_scale.to(device=vec.device, dtype=vec.dtype)
+        scaled = {name: loss.reshape(()) * mult[i] for i, (name, loss) in enumerate(losses.items())}
+        self._ctx = _StepContext(group, sync, loss_scale, vec.detach() if sync is None else sync.losses)
+        return scaled, torch.stack(list(scaled.values()))
+
+    def _reduce_rows(self, jac: Tensor, head_grads: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Parameter level under a group: the ``T x D`` Jacobian and the heads' gradients summed over the ranks
+        in ONE all-reduce; the Jacobian unscaled (``loss_scale``), the heads' gradients left as ``.grad`` wants them."""
+        ctx = self._ctx
+        if ctx is None:
+            return jac, head_grads
+        jac, *head_grads = ctx.reduce([jac, *head_grads])
+        if ctx.loss_scale is not None:
+            jac = jac / ctx.loss_scale.to(jac)
+        return jac, head_grads
+
+    def _scaled_update(self, update: Tensor) -> Tensor:
+        """The aggregated (unscaled) update as ``.grad`` wants it: times the loss scale, if any."""
+        ctx = self._ctx
+        return update if ctx is None or ctx.loss_scale is None else update * ctx.loss_scale.to(update)
+
+    def _fill(self) -> float:
+        return 0.0 if self._ctx is None else self._ctx.fill
+
+    def _features_step(self, rows: Tensor, source: Tensor, batch_dim: int, shared: list[Tensor], heads: list[Tensor],
+                       head_grads: list[Tensor], names: list[str]) -> Tensor:
+        """Feature level under a process group / loss scale. ``rows``: ``(T, m)``, this rank's feature Jacobian of its
+        scaled losses at ``source`` (rows ``batch_dim`` of ``source`` are this rank's samples).
+
+        Gramian methods: the global Gramian is the sum of the ranks' (disjoint samples): one ``T x T`` all-reduce;
+        every rank solves the same weights and back-propagates its own rows' combination; the trunk's and
+        heads' gradients are then summed in one all-reduce. Other methods (GradDrop, per coordinate): the
+        rows are gathered, aggregated identically, and each rank keeps its own samples' part.
+        """
+        ctx = self._ctx
+        n = rows.shape[0]
+        before = self._snapshot()
+        scale = None if ctx.loss_scale is None else ctx.loss_scale.to(rows)
+        if _gramian_only(self.aggregator):
+            (gramian,) = ctx.reduce([rows.detach() @ rows.detach().T])
+            if scale is not None:
+                gramian = gramian / (scale * scale)
+            weights = self.aggregator.weights(gramian.to(agg._SOLVE_DTYPE)).to(rows.dtype)
+            local = weights @ rows.detach()  # scaled as the rows are
+            ok = all_finite(ctx.global_losses, gramian, weights)
+        else:
+            shaped = rows.detach().view(n, *source.shape)
+            full = shaped if ctx.group is None else dist.all_gather_rows(shaped, ctx.sync.rows, ctx.group, dim=1 + batch_dim)
+            glob = full.reshape(n, -1) if scale is None else full.reshape(n, -1) / scale
+            update, weights = self.aggregator.aggregate(glob)
+            offset = 0 if ctx.group is None else int(ctx.sync.rows[: dist.rank(ctx.group)].sum().item())
+            local = update.view(full.shape[1:]).narrow(batch_dim, offset, source.shape[batch_dim]).reshape(-1)
+            local = local if scale is None else local * scale
+            ok = all_finite(ctx.global_losses, update, weights)
+        trunk = list(torch.autograd.grad(source, shared, grad_outputs=local.view_as(source).to(source.dtype),
+                                         allow_unused=True, materialize_grads=True)) if source.grad_fn is not None else \
+            [torch.zeros_like(p) for p in shared]
+        grads = ctx.reduce([*trunk, *head_grads])
+        ok = ok & all_finite(*grads)
+        self._check_finite(ok, torch.cat([rows.detach().reshape(n, -1), ctx.global_losses[:, None]], dim=1), names)
+        self._commit(ok, before)
+        for p, g in zip([*shared, *heads], grads):
+            _accumulate(p, _gate(ok, g, ctx.fill))
+        return torch.where(ok, weights, torch.zeros_like(weights)).detach()
 
     # -- the two modes -------------------------------------------------------------------------
 
@@ -358,10 +461,11 @@ class GradientBalancer(Balancer):
                 for acc, g in zip(head_grads, grads[len(shared):]):
                     if g is not None:
                         acc.add_(g)
+        jac, head_grads = self._reduce_rows(jac, head_grads)
         update, weights, ok = self._aggregate(jac, head_grads, vec, list(losses))
-        _accumulate_flat(shared, update, ok)
+        _accumulate_flat(shared, self._scaled_update(update), ok, self._fill())
         for p, g in zip(heads, head_grads):
-            _accumulate(p, _gate(ok, g))
+            _accumulate(p, _gate(ok, g, self._fill()))
         return weights
 
     def _backward_features(self, losses: Mapping[str, Tensor], vec: Tensor, shared: list[Tensor], features: Tensor) -> Tensor:
@@ -373,6 +477,8 @@ class GradientBalancer(Balancer):
         # Heads: one backward of sum_t L_t, which stops at z (only paths to the heads run).
         head_grads = list(torch.autograd.grad(vec.sum(), heads, retain_graph=True, allow_unused=True,
                                               materialize_grads=True)) if heads else []
+        if self._ctx is not None:
+            return self._features_step(jz.reshape(n, -1), features, 0, shared, heads, head_grads, list(losses))
         update, weights, ok = self._aggregate(jz.reshape(n, -1), head_grads, vec, list(losses))
         for p, g in zip(heads, head_grads):
             _accumulate(p, _gate(ok, g))
@@ -407,7 +513,7 @@ class GradientBalancer(Balancer):
                            task_features: Tensor) -> Tensor:
         """Both modes from one backward of ``Σ_t L_t`` to ``task_features`` and the heads (module docstring)."""
         copies, heads = self._check_task_features(losses, shared, features, task_features)
-        if self.mode == "features" and copies and _gramian_only(self.aggregator):
+        if self.mode == "features" and copies and _gramian_only(self.aggregator) and self._ctx is None:
             layer = self._linear_head_layer(losses, features, task_features, heads)
             if layer is not None:
                 return self._backward_linear_heads(losses, vec, shared, features, heads, layer)
@@ -421,15 +527,18 @@ class GradientBalancer(Balancer):
         else:  # per-task representations: row t of J is slice t in block t, zeros elsewhere
             rows = (torch.eye(n, dtype=slices.dtype, device=slices.device).unsqueeze(-1) * slices.unsqueeze(1)).reshape(n, -1)
         if self.mode == "features":
+            if self._ctx is not None:
+                return self._features_step(rows, source, 0 if copies else 1, shared, heads, head_grads, list(losses))
             update, weights, ok = self._aggregate(rows, head_grads, vec, list(losses))
             combined = _gate(ok, update).view_as(source)
             self._fill_trunk(source, shared, combined, ok)
         else:
             jac = self._trunk_jacobian(source, shared, rows.view(n, *source.shape))
+            jac, head_grads = self._reduce_rows(jac, head_grads)
             update, weights, ok = self._aggregate(jac, head_grads, vec, list(losses))
-            _accumulate_flat(shared, update, ok)
+            _accumulate_flat(shared, self._scaled_update(update), ok, self._fill())
         for p, g in zip(heads, head_grads):
-            _accumulate(p, _gate(ok, g))
+            _accumulate(p, _gate(ok, g, self._fill()))
         return weights
 
     def _linear_head_layer(self, losses: Mapping[str, Tensor], features: Tensor, task_features: Tensor,
@@ -439,7 +548,7 @@ class GradientBalancer(Balancer):
         Not with task-specific parameters below the heads (they need the backward through the copies)."""
         if not _HAS_GRADIENT_EDGE:
             return None
-        key = (tuple(losses), "linear_heads")
+        key = (tuple(losses), "linear_heads")  # (not under a process group: _backward_one_pass)
         if key not in self._graph_cache:
             self._graph_cache[key] = _linear_head_path(list(losses.values()), task_features)
         found = self._graph_cache[key]
@@ -530,23 +639,18 @@ class GradientBalancer(Balancer):
     def _guarded(self, solve: Callable[[], tuple[Tensor, Tensor]], rows: Tensor, head_grads: list[Tensor], losses: Tensor,
                  names: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """``(update, weights, ok)`` of ``solve()``; ``ok=False`` on a non-finite loss or result, and then the
-        aggregator's state is kept. ``rows`` (``(T, ...)``, per task) name the bad tasks for ``nan_policy="raise"``."""
-        before = {k: v for k, v in self.aggregator.named_buffers()}
+        balancer's state is restored (:meth:`Balancer._commit`). ``rows`` (``(T, ...)``, per task) name the bad
+        tasks for ``nan_policy="raise"``. Under a process group every input here is already global, so every
+        rank decides alike."""
+        before = self._snapshot()
         update, weights = solve()
-        ok = _all_finite(update, losses.detach(), *head_grads)
+        check = losses.detach() if self._ctx is None else self._ctx.global_losses
+        ok = all_finite(update, check, *head_grads)
         if ok.device.type == "cpu" and bool(ok):  # no sync on the CPU: the common case needs none of the masking below
             return update, weights.detach(), ok
-        if self.nan_policy == "raise" and not bool(ok):  # explicit, opt-in host sync
-            finite = torch.isfinite(rows.reshape(rows.shape[0], -1)).all(1) & torch.isfinite(losses.detach())
-            bad = [n for n, row in zip(names, finite.tolist()) if not row] or names
-            raise TrainingError(f"non-finite gradient for task(s) {', '.join(map(repr, bad))}")
-        for name, old in before.items():  # a skipped step must not touch the method's state
-            mod_name, _, buf_name = name.rpartition(".")
-            mod = self.aggregator.get_submodule(mod_name) if mod_name else self.aggregator
-            new = getattr(mod, buf_name)
-            if new is not old and new.shape == old.shape:
-                setattr(mod, buf_name, torch.where(ok, new, old))
-        self.skipped_steps += (~ok).long()
+        self._check_finite(ok, torch.cat([rows.detach().reshape(rows.shape[0], -1), check[:, None].to(rows.dtype)], dim=1),
+                           names)
+        self._commit(ok, before)
         weights = torch.where(ok, weights, torch.zeros_like(weights))
         return update, weights.detach(), ok
 
@@ -564,8 +668,12 @@ def _register(name: str, cls: type[agg.Aggregator], *aliases: str, default_mode:
         inspect.Parameter("nan_policy", inspect.Parameter.KEYWORD_ONLY, default="skip", annotation="str"),
     ]
 
-    def factory(*, mode: Mode = default_mode, nan_policy: Literal["skip", "raise"] = "skip", **method_params: Any) -> GradientBalancer:
-        return GradientBalancer(cls(**method_params), mode=mode, nan_policy=nan_policy)
+    if "generator" in sig.parameters:  # a random method: its draws come from a generator seeded with ``seed``
+        extra.append(inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None"))
+
+    def factory(*, mode: Mode = default_mode, nan_policy: Literal["skip", "raise"] = "skip", seed: int | None = None,
+                **method_params: Any) -> GradientBalancer:
+        return GradientBalancer(cls(**method_params), mode=mode, nan_policy=nan_policy, seed=seed)
 
     factory.__signature__ = sig.replace(  # type: ignore[attr-defined]
         parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params] + extra,
