@@ -385,3 +385,14 @@ def test_overwrite_of_a_plain_output_replaces_it(work, capsys, monkeypatch):
     assert _cli(["merge", cfg, "out", "--overwrite"], capsys, monkeypatch)[0] == 0
     assert not (work / "out" / "stale.txt").exists()
     assert sorted(p.name for p in work.iterdir()) == ["base", "m0", "m1", "merge.yaml", "out"]
+
+
+def test_overwrite_of_a_symlinked_output_replaces_the_link_not_its_target(work, capsys, monkeypatch):
+    cfg = _cfg(work, TA)
+    (work / "elsewhere").mkdir()
+    (work / "elsewhere" / "keep.txt").write_text("not ours")
+    (work / "out").symlink_to(work / "elsewhere")
+    assert _cli(["merge", cfg, "out", "--overwrite"], capsys, monkeypatch)[0] == 0
+    assert (work / "elsewhere" / "keep.txt").read_text() == "not ours"
+    assert not (work / "out").is_symlink() and (work / "out" / "model.safetensors").is_file()
+    assert sorted(p.name for p in work.iterdir()) == ["base", "elsewhere", "m0", "m1", "merge.yaml", "out"]

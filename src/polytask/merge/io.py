@@ -697,21 +697,25 @@ class CheckpointWriter:
         self._close()
         # mkdtemp made the directory 0700; files were created 0666 minus the umask already
         os.chmod(self.tmp_dir, 0o777 & ~_umask())
-        (self.tmp_dir / _PARTIAL_MARKER).unlink(missing_ok=True)
+        # A kill from here on leaves at worst a marked old output (removed by the next writer) or
+        # a complete output holding the hidden marker file; never a complete output unmarked
+        # beside it, nor an old one that nobody removes.
         old: Path | None = None
         if self.out_dir.exists():
             target = Path(os.path.abspath(self.out_dir))
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rmdir(old)
+            real_dir = self.out_dir.is_dir() and not self.out_dir.is_symlink()
+            if real_dir:
+                (self.out_dir / _PARTIAL_MARKER).touch()  # removable once renamed aside
             os.rename(self.out_dir, old)
-            if old.is_dir() and not old.is_symlink():  # marks it for removal if we are killed now
-                (old / _PARTIAL_MARKER).touch()
         os.rename(self.tmp_dir, self.out_dir)
+        (self.out_dir / _PARTIAL_MARKER).unlink(missing_ok=True)
         if old is not None:
-            if old.is_dir() and not old.is_symlink():
+            if real_dir:
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                old.unlink()
+                old.unlink()  # a symlink (or file) renamed aside, not what it points to
         self._out_lock.release()
         return self.out_dir
 
