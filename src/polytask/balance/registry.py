@@ -2,4 +2,4 @@
 
 from polytask.registry import Registry
 
-BALANCERS: Registry = Registry("balancer")
+BALANCERS: Registry = Registry("balancer", prefix="balancer.params")

@@ -15,7 +15,7 @@ from polytask.errors import ConfigError
 from polytask.registry import Registry
 from polytask.tasks import Task
 
-DATASETS: Registry = Registry("dataset")
+DATASETS: Registry = Registry("dataset", prefix="data.params")
 
 
 def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:

@@ -75,7 +75,7 @@ class MergeMethod:
         return f"{type(self).__name__}({args})"
 
 
-MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method", prefix="parameters")
 
 
 # -- helpers -------------------------------------------------------------------------------------

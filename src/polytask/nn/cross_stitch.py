@@ -46,7 +46,7 @@ class CrossStitch(MultiTaskModel):
         super().__init__(tasks)
         hidden = check_widths("hidden", hidden)
         if not 0.0 <= stitch_self <= 1.0:
-            raise ConfigError(f"model.stitch_self must lie in [0, 1], got {stitch_self}")
+            raise ConfigError(f"model.params.stitch_self must lie in [0, 1], got {stitch_self}")
         self.input = input_layer(input_dim)
         t = len(self.tasks)
         widths = [self.input.output_dim, *hidden]

@@ -68,9 +68,9 @@ class DSelectK(RoutedModel):
         check_positive("num_experts", num_experts, minimum=2)
         check_positive("k", k)
         if k > num_experts:
-            raise ConfigError(f"model.k ({k}) cannot exceed model.num_experts ({num_experts})")
+            raise ConfigError(f"model.params.k ({k}) cannot exceed model.params.num_experts ({num_experts})")
         if gamma <= 0:
-            raise ConfigError(f"model.gamma must be > 0, got {gamma}")
+            raise ConfigError(f"model.params.gamma must be > 0, got {gamma}")
         expert = check_widths("expert", expert)
         self.input = input_layer(input_dim)
         d = self.input.output_dim

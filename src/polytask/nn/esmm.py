@@ -119,7 +119,7 @@ class AITM(MultiTaskModel):
         _check_funnel(self.tasks, "aitm")
         tower = check_widths("tower", tower)
         if calibrator_weight < 0:
-            raise ConfigError(f"model.calibrator_weight must be >= 0, got {calibrator_weight}")
+            raise ConfigError(f"model.params.calibrator_weight must be >= 0, got {calibrator_weight}")
         self.input = input_layer(input_dim)
         t, k = len(self.tasks), tower[-1]
         self.width, self.calibrator_weight = k, float(calibrator_weight)

@@ -170,15 +170,15 @@ class HoME(RoutedModel):
         for c, members in enumerate(task_groups):
             for name in members:
                 if name not in self.task_names:
-                    raise ConfigError(f"model.task_groups: unknown task {name!r}; tasks: {', '.join(self.task_names)}")
+                    raise ConfigError(f"model.params.task_groups: unknown task {name!r}; tasks: {', '.join(self.task_names)}")
                 if name in group_of:
-                    raise ConfigError(f"model.task_groups: task {name!r} is in more than one group")
+                    raise ConfigError(f"model.params.task_groups: task {name!r} is in more than one group")
                 group_of[name] = c
         missing = [n for n in self.task_names if n not in group_of]
         if missing:
-            raise ConfigError(f"model.task_groups: task(s) {', '.join(map(repr, missing))} in no group")
+            raise ConfigError(f"model.params.task_groups: task(s) {', '.join(map(repr, missing))} in no group")
         if any(not members for members in task_groups):
-            raise ConfigError("model.task_groups: empty group")
+            raise ConfigError("model.params.task_groups: empty group")
         return [group_of[n] for n in self.task_names]
 
     def task_specific_parameters(self) -> Iterator[nn.Parameter]:

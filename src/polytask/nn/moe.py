@@ -38,7 +38,7 @@ from polytask.tasks import Task
 def check_positive(name: str, value: int, minimum: int = 1) -> None:
     """ConfigError naming ``model.<name>`` unless ``value`` is an int >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"model.{name} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"model.params.{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def check_widths(name: str, widths: Sequence[int], allow_empty: bool = False) -> tuple[int, ...]:
@@ -47,7 +47,7 @@ def check_widths(name: str, widths: Sequence[int], allow_empty: bool = False) ->
     if (not widths and not allow_empty) or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
                                                for w in widths):
         need = "a list of positive integers" + ("" if allow_empty else " with at least one entry")
-        raise ConfigError(f"model.{name} must be {need}, got {list(widths)!r}")
+        raise ConfigError(f"model.params.{name} must be {need}, got {list(widths)!r}")
     return widths
 
 

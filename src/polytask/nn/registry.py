@@ -2,4 +2,4 @@
 
 from polytask.registry import Registry
 
-ARCHITECTURES: Registry = Registry("architecture")
+ARCHITECTURES: Registry = Registry("architecture", prefix="model.params")

@@ -35,7 +35,7 @@ class SharedBottom(MultiTaskModel):
                  tower: Sequence[int] = (32,), activation: str = "relu", dropout: float = 0.0) -> None:
         super().__init__(tasks)
         if not bottom:
-            raise ConfigError("model.bottom: shared_bottom needs at least one shared layer")
+            raise ConfigError("model.params.bottom: shared_bottom needs at least one shared layer")
         self.bottom = mlp(input_dim, bottom, activation, dropout)
         self.heads = TaskHeads(tasks, bottom[-1], tower, activation, dropout)
 

@@ -86,10 +86,10 @@ class TaskMoE(RoutedModel):
         check_positive("hidden", hidden)
         check_positive("task_embed_dim", task_embed_dim)
         if routing not in ("soft", "topk"):
-            raise ConfigError(f"model.routing must be 'soft' or 'topk', got {routing!r}")
+            raise ConfigError(f"model.params.routing must be 'soft' or 'topk', got {routing!r}")
         check_positive("k", k)
         if k > num_experts:
-            raise ConfigError(f"model.k ({k}) cannot exceed model.num_experts ({num_experts})")
+            raise ConfigError(f"model.params.k ({k}) cannot exceed model.params.num_experts ({num_experts})")
         self.input = input_layer(input_dim)
         self.routing, self.k, self.balance_weight = routing, k, float(balance_weight)
         t = len(self.tasks)

@@ -115,7 +115,7 @@ class TaskTokenAttention(MultiTaskModel):
         check_positive("num_layers", num_layers)
         check_positive("ffn", ffn)
         if d_model % num_heads:
-            raise ConfigError(f"model.num_heads ({num_heads}) must divide model.d_model ({d_model})")
+            raise ConfigError(f"model.params.num_heads ({num_heads}) must divide model.params.d_model ({d_model})")
         self.tokenizer = FeatureTokenizer(input_dim, d_model)
         self.task_tokens = nn.Parameter(torch.randn(len(self.tasks), d_model) * 0.02)
         self.layers = nn.ModuleList(TaskTokenLayer(d_model, num_heads, ffn, dropout) for _ in range(num_layers))
