@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from polytask.data.checks import check_finite_inputs
 from polytask.errors import DataError
 from polytask.tasks import Task
 
@@ -81,7 +82,8 @@ class MultiTaskDataset:
     @classmethod
     def from_numpy(cls, inputs: Any, targets: Mapping[str, Any], masks: Mapping[str, Any] | None = None,
                    tasks: Sequence[Task] | None = None) -> MultiTaskDataset:
-        """From arrays; NaN targets become unlabelled rows (mask False, target 0).
+        """From arrays; NaN targets become unlabelled rows (mask False, target 0); a NaN or
+        infinite input feature is a DataError naming the input and column.
 
         Targets of multiclass tasks become int64, others float32 (needs ``tasks`` to know kinds;
         without it integer arrays stay integer and float arrays stay float).
@@ -91,6 +93,7 @@ class MultiTaskDataset:
             x: Inputs = {k: _tensor(v) for k, v in inputs.items()}
         else:
             x = _tensor(inputs)
+        check_finite_inputs(x)
         tgt, msk = {}, {k: torch.as_tensor(np.asarray(v), dtype=torch.bool) for k, v in (masks or {}).items()}
         for name, values in targets.items():
             arr = np.asarray(values)
@@ -118,14 +121,22 @@ class MultiTaskDataset:
         if missing:
             raise DataError(f"DataFrame has no column(s) {', '.join(map(repr, missing))}")
         x = frame[list(features)].to_numpy(dtype=np.float32)
+        bad = ~np.isfinite(x)
+        if bad.any():
+            j = int(bad.any(axis=0).argmax())
+            raise DataError(f"DataFrame column {list(features)[j]!r} has {int(bad[:, j].sum())} missing, NaN or "
+                            f"infinite value(s) (first in row {int(bad[:, j].argmax())}); features must be finite "
+                            "(only missing targets mean 'unlabelled')")
         ys = {t: frame[_cols(c)].to_numpy(dtype=np.float64).squeeze(1) if isinstance(c, str)
               else frame[list(c)].to_numpy(dtype=np.float64) for t, c in targets.items()}
         return cls.from_numpy(x, ys, tasks=tasks)
 
     # ------------------------------------------------------------------ check
     def validate(self, tasks: Sequence[Task]) -> None:
-        """Raise DataError if a task has no targets or its targets do not fit its kind."""
+        """Raise DataError if a task has no targets or its targets do not fit its kind, or if an
+        input feature is NaN or infinite (naming the input and column)."""
         n = len(self)
+        check_finite_inputs(self.inputs)
         for task in tasks:
             if task.name not in self.targets:
                 raise DataError(f"task {task.name!r} has no targets in the data "
