@@ -285,25 +285,36 @@ def test_killed_merge_leftovers_are_cleaned_by_the_next_merge(work, capsys, monk
     assert proc.returncode == -9
     stale = [p for p in work.iterdir() if p.name.startswith(".out.partial-")]
     assert len(stale) == 1 and (stale[0] / "model.safetensors").is_file()  # the fault happened
-    # look-alikes that are not ours to remove
-    decoys = {
-        ".out.partial-nomarker": False,      # our name, no marker: not ours
-        ".other.partial-abcd1234": True,     # marker, but another output's (its lock is not ours)
-        ".out.partial-x.partial-abcd1234": True,  # the partial of an output called "out.partial-x"
+    # look-alikes that are not ours to remove, and a live merge's partial output
+    keep = {
+        ".out.partial-nomarker": False,      # our name, no marker
+        ".out.partial-abcd12345": True,      # marker, but not a name we create (9 characters)
+        "out.partial-abcd1234": True,        # marker, but not hidden: not a name we create
+        ".busy.partial-abcd1234": True,      # marker, but its output's lock is held (below)
     }
-    for name, marked in decoys.items():
+    # stale partials of other outputs (killed writers, nobody holds their locks) go too
+    gone = [".other.partial-abcd1234", ".out.partial-x.old-abcd1234"]
+    for name, marked in [*keep.items(), *((g, True) for g in gone)]:
         (work / name).mkdir()
         (work / name / "keep.txt").write_text("x")
         if marked:
             (work / name / ".polytask-partial").write_text("")
-    cfg = _cfg(work, TA)
-    code, out, err = _cli(["merge", cfg, "out"], capsys, monkeypatch)
+    from polytask.merge import io
+
+    live = io._OutputLock(work / "busy", "busy")
+    assert live.try_acquire()
+    try:
+        cfg = _cfg(work, TA)
+        code, out, err = _cli(["merge", cfg, "out"], capsys, monkeypatch)
+    finally:
+        live.release()
     assert code == 0, err
     assert not stale[0].exists() and not (work / ".out.lock").exists()
-    for name in decoys:
+    for name in keep:
         assert (work / name / "keep.txt").is_file(), name
-    assert sorted(p.name for p in work.iterdir() if not p.name.startswith(".")) == \
-        ["base", "m0", "m1", "merge.yaml", "out"]
+    for name in gone:
+        assert not (work / name).exists(), name
+    assert sorted(os.listdir(work)) == sorted(["base", "m0", "m1", "merge.yaml", "out", *keep])
 
 
 # -- 5. permissions follow the umask --------------------------------------------------------------

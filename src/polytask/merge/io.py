@@ -13,8 +13,9 @@ directory next to the target, which is renamed into place only after every tenso
 and the copied config/tokenizer files are on disk: an interrupted or failed merge never leaves
 an output directory that looks complete. While it writes, the writer holds an exclusive lock on
 the target (``.NAME.lock`` beside it, an ``flock``), so a second writer into the same target
-fails at once; holding it, it removes the partial directories that killed writers of that
-target left behind (recognised by name and by a marker file inside, never anything else). What
+fails at once; holding it, it removes the partial directories that killed writers left beside
+it (recognised by name and by a marker file inside, and only when no live process holds the
+lock of the output they were for; never anything else). What
 it moves into place gets the process umask's permissions, not the temporary directory's 0700.
 """
 
@@ -414,10 +415,20 @@ class _OutputLock:
         self.shown = shown  # the output as the user wrote it, for messages
         self.path = target.parent / f".{target.name}.lock"
         self.fd = -1
+        self.owner = "?"
 
     def acquire(self) -> None:
+        """Take the lock, or raise MergeError naming the output and the process holding it."""
+        if not self.try_acquire():
+            raise MergeError(
+                f"output {self.shown!r} is being written by another process (pid {self.owner}, lock "
+                f"{self.path.name}); wait for it to finish or choose another output"
+            )
+
+    def try_acquire(self) -> bool:
+        """Take the lock if no live process holds it (then True); ``owner`` says who does."""
         if fcntl is None:  # pragma: no cover
-            return
+            return True
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -427,13 +438,10 @@ class _OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 try:
-                    owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    self.owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 finally:
                     os.close(fd)
-                raise MergeError(
-                    f"output {self.shown!r} is being written by another process (pid {owner}, lock "
-                    f"{self.path.name}); wait for it to finish or choose another output"
-                ) from None
+                return False
             # A holder may have removed the file after we opened it: then lock the new one.
             try:
                 current = os.stat(self.path)
@@ -443,7 +451,7 @@ class _OutputLock:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 self.fd = fd
-                return
+                return True
             os.close(fd)
 
     def release(self) -> None:
@@ -457,22 +465,37 @@ class _OutputLock:
         self.fd = -1
 
 
-def _remove_stale_partials(target: Path) -> None:
-    """Remove the temporary directories that killed writers of ``target`` left beside it.
+#: Names of a writer's temporary directories: ``.OUT.partial-XXXXXXXX`` (mkdtemp's suffix) and
+#: ``.OUT.old-XXXXXXXX`` (a replaced output on its way out).
+_PARTIAL_NAME = re.compile(r"\.(?P<output>.+)\.(?:partial|old)-[A-Za-z0-9_]{8}")
 
-    Call only while holding ``target``'s lock: then no live writer of ``target`` exists. A
-    directory is removed only if its name is one we create for this target and it holds our
-    marker file.
+
+def _remove_stale_partials(target: Path) -> None:
+    """Remove the temporary directories that killed writers left beside ``target``.
+
+    Call while holding ``target``'s lock. A directory is removed only if it has one of our names
+    (:data:`_PARTIAL_NAME`), holds our marker file, and no live process holds the lock of the
+    output it was for: ``target``'s is ours; another output's is tried, and skipped if held.
     """
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(partial|old)-[A-Za-z0-9_]{{8}}")
+    stale: dict[str, list[Path]] = {}
     try:
         entries = list(target.parent.iterdir())
     except OSError:
         return
     for entry in entries:
-        if (pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink()
-                and (entry / _PARTIAL_MARKER).is_file()):
-            shutil.rmtree(entry, ignore_errors=True)
+        match = _PARTIAL_NAME.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and (entry / _PARTIAL_MARKER).is_file():
+            stale.setdefault(match["output"], []).append(entry)
+    for output, dirs in stale.items():
+        lock = None if output == target.name else _OutputLock(target.parent / output, shown=output)
+        if lock is not None and not lock.try_acquire():
+            continue  # a live writer of that output
+        try:
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _is_weight_file(path: Path) -> bool:
