@@ -343,7 +343,7 @@ def merge_checkpoints(
     first model) and ``extra_files`` (name -> text). It appears at ``out_dir`` only when
     complete; on any error (or Ctrl-C) nothing is left behind. ``out_dir`` may not be, contain or
     lie inside an input; while the merge runs it is locked (a second merge into it fails), and
-    partial outputs of killed merges into it are removed. A merged tensor with NaN or infinite
+    the partial outputs that killed merges left beside it are removed. A merged tensor with NaN or infinite
     values stops the merge (MergeError naming it) unless ``allow_nonfinite`` (then a
     RuntimeWarning). ``labels`` name ``models`` and then ``base`` in error messages (default:
     their paths; a config passes them as written). Returns ``out_dir``.
