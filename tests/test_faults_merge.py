@@ -114,6 +114,8 @@ def test_input_given_through_a_symlink_is_protected_too(work, capsys, monkeypatc
      "{model: m1, parameters: {weight: -1}}]\n", "weights of both signs"),
     ("merge_method: ties\nbase_model: base\nmodels: [{model: m0, parameters: {weight: .inf}}, m1]\n",
      "model m0: parameters.weight"),
+    # finite in Python, infinite as the float32 the weights are computed in
+    ("merge_method: linear\nmodels: [{model: m0, parameters: {weight: 1e+39}}, m1]\n", "fit in float32"),
     ("merge_method: ties\nbase_model: base\nmodels: [m0, m1]\nparameters: {density: .nan}\n",
      "parameters.density: must be a finite number"),
     ("merge_method: dare_ties\nbase_model: base\nmodels: [{model: m0, parameters: {density: 0}}, m1]\n",

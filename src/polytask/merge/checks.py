@@ -23,6 +23,8 @@ __all__ = ["key", "number", "integer", "flag", "choice", "model_param", "MODEL_P
 # YAML 1.1 (PyYAML) reads 1e-3 as a string; the registry reads it as a float where one is expected
 _EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 #: Ranges of the per-model parameters: (low, high, low_open). ``weight`` may be any finite number
 #: (negative weights subtract a task vector).
 MODEL_PARAM_RANGES: dict[str, tuple[float, float, bool]] = {
@@ -88,4 +90,7 @@ def model_param(where: str, name: str, value: Any) -> float:
     if isinstance(value, (list, dict)):
         raise ConfigError(f"{where}: must be a number (per-layer lists and filters are not supported), "
                           f"got {value!r}")
-    return number(where, value, low=low, high=high, low_open=low_open)
+    v = number(where, value, low=low, high=high, low_open=low_open)
+    if abs(v) > _FLOAT32_MAX:  # per-model values are float32 tensors: 1e39 would become inf
+        raise ConfigError(f"{where}: must fit in float32 (magnitude at most {_FLOAT32_MAX:.4g}), got {v:g}")
+    return v
