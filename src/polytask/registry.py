@@ -155,8 +155,12 @@ def _type_hints(factory: Callable[..., Any], params: dict[str, inspect.Parameter
                 hints[name] = resolved[name]
                 continue
             try:
-                ann = eval(ann, {**_FALLBACK_NS, **module_ns})  # noqa: S307 - our own annotations
+                for _ in range(2):  # twice: a quoted annotation under ``from __future__ import annotations``
+                    if isinstance(ann, str):
+                        ann = eval(ann, {**_FALLBACK_NS, **module_ns})  # noqa: S307 - our own annotations
             except Exception:  # noqa: BLE001
+                continue
+            if isinstance(ann, str):
                 continue
         hints[name] = ann
     return hints
@@ -234,8 +238,8 @@ def _fit(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         if isinstance(value, bool):
             return False, value
-        if isinstance(value, numbers.Integral):
-            return True, value
+        if isinstance(value, numbers.Integral):  # a NumPy integer becomes a Python int
+            return True, value if type(value) is int else int(value)
         if isinstance(value, float) and value.is_integer():
             return True, int(value)
         return False, value

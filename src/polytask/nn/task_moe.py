@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from itertools import chain
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +78,7 @@ class TaskMoE(RoutedModel):
     """
 
     def __init__(self, input_dim: int | FeatureSpec, tasks: Sequence[Task], num_layers: int = 2,
-                 num_experts: int = 4, hidden: int = 64, routing: str = "topk", k: int = 2,
+                 num_experts: int = 4, hidden: int = 64, routing: Literal["soft", "topk"] = "topk", k: int = 2,
                  task_embed_dim: int = 16, balance_weight: float = 0.01, tower: Sequence[int] = (32,),
                  activation: str = "relu", dropout: float = 0.0) -> None:
         super().__init__(tasks)
