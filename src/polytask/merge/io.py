@@ -312,7 +312,10 @@ class Checkpoint:
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for a bad/unsafe pickle
-                raise CheckpointError(f"{f}: refused by torch.load(weights_only=True): {_pickle_reason(exc)}") from None
+                raise CheckpointError(
+                    f"{f}: refused by torch.load(weights_only=True): {_pickle_reason(exc)} (it holds more "
+                    "than tensors; convert it to safetensors where it was made)"
+                ) from None
             if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
                 state = state["state_dict"]
             if not isinstance(state, Mapping):
@@ -385,8 +388,8 @@ def _pickle_reason(exc: BaseException) -> str:
     """torch.load's reason for refusing a pickle, in one line (its message has six)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     for line in lines:
-        if line.startswith("WeightsUnpickler error:"):
-            return line.removeprefix("WeightsUnpickler error:").strip()
+        if line.startswith("WeightsUnpickler error:"):  # drop torch's advice to allow-list code
+            return line.removeprefix("WeightsUnpickler error:").split(". Please")[0].strip()
     return lines[0] if lines else type(exc).__name__
 
 
