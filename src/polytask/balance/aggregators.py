@@ -12,7 +12,13 @@ class: :class:`IMTLG`, :class:`AlignedMTL` and :class:`ConFIG` need an eigendeco
 pseudo-inverse, which synchronises on CUDA.
 
 State (GradVac's targets, Nash-MTL's warm start, MoCo's tracking, ExcessMTL's statistics) lives in
-buffers and in ``get_extra_state``, so ``state_dict()`` saves and restores it.
+buffers only, step counters included, so ``state_dict()`` saves and restores it and the engine's
+guard can undo a skipped step (:class:`_LazyStateMixin`).
+
+Non-finite input: every aggregator returns a non-finite update (NaN/inf in, NaN/inf out), without
+raising and without a host synchronisation, so the engine skips the step. The methods that
+decompose the Gramian (eigh, pinv would raise) solve on the identity instead and return NaN
+weights (:func:`_finite_or_identity`).
 """
 
 from __future__ import annotations
@@ -330,6 +336,9 @@ class CAGrad(GramianWeighting):
         _check(c >= 0, f"cagrad: c must be >= 0, got {c}")
         self.c, self.norm_eps = c, norm_eps
 
+    def extra_repr(self) -> str:
+        return f"c={self.c}, norm_eps={self.norm_eps}"
+
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
         mean = torch.full((n,), 1.0 / n, dtype=gramian.dtype, device=gramian.device)
@@ -545,13 +554,21 @@ class FairGrad(GramianWeighting):
 
     Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024 (Eq. 4). ``alpha = 0``
     is linear scalarisation (mean weights); ``alpha = 1`` is proportional fairness (Nash-MTL's
-    condition). Solved in torch by :func:`~polytask.balance.solvers.power_fair_weights`.
+    condition). Solved in torch by :func:`~polytask.balance.solvers.power_fair_weights` (a task
+    whose gradient is 0 has no solution and gets weight 0).
+
+    Args:
+        alpha: the fairness parameter (0: mean, 1: proportional fairness, large: max-min).
+        max_iters: Newton iterations.
     """
 
     def __init__(self, alpha: float = 1.0, max_iters: int = 30) -> None:
         super().__init__()
         _check(alpha >= 0, f"fairgrad: alpha must be >= 0, got {alpha}")
         self.alpha, self.max_iters = alpha, max_iters
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, max_iters={self.max_iters}"
 
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
