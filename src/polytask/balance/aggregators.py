@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from polytask.balance import solvers as _solvers
 from polytask.balance.solvers import (
     cagrad_dual,
     cuda_graphed,
@@ -509,8 +510,8 @@ class NashMTL(_LazyStateMixin, GramianWeighting):
     a residual of ~1e-7 and synchronise. Weights are recomputed every ``update_weights_every``
     steps and the update is scaled down to norm ``max_norm`` if longer (0 disables the clipping).
     A task whose gradient is 0 gets weight 0 (the condition has no solution for it). No host
-    synchronisation: the solve runs at every step and ``torch.where`` keeps the stored weights
-    between updates.
+    synchronisation: on an accelerator the solve runs at every step and ``torch.where`` keeps the
+    stored weights between updates (on the CPU the solve is skipped there).
 
     Args:
         max_norm: the largest norm of the update ``J^T w`` (0: no clipping).
@@ -537,10 +538,12 @@ class NashMTL(_LazyStateMixin, GramianWeighting):
         n = gramian.shape[0]
         if self.prev_weights.shape != (n,):
             self.prev_weights = torch.zeros(n, dtype=_SOLVE_DTYPE, device=gramian.device)
-        fresh = self._fresh()
-        prev = torch.where(fresh, 0.0, self.prev_weights.to(gramian))  # 0: no warm start (cold only)
-        solved = power_fair_weights(gramian, 1.0, init=prev, iters=self.optim_niter + 10)
-        due = fresh | (self.steps % self.update_weights_every == 0)
+        prev = torch.where(self._fresh(), 0.0, self.prev_weights.to(gramian))  # 0: no warm start (cold only)
+        due = self.steps % self.update_weights_every == 0
+        if self.update_weights_every > 1 and _solvers._early_exit(gramian) and not bool(due):  # CPU: reading it is free
+            solved = prev
+        else:
+            solved = power_fair_weights(gramian, 1.0, init=prev, iters=self.optim_niter + 10)
         w = torch.where(due, solved, prev)
         self.prev_weights, self.steps = w, self.steps + 1
         if self.max_norm > 0:
