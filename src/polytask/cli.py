@@ -73,7 +73,8 @@ def train(
     with claim_run_dir(cfg.run_dir, cfg, mode_of(resume, overwrite), primary=is_primary()):
         if nproc != 1:
             dist.launch(["train", str(config), *[a for o in overrides for a in ("--set", o)],
-                         *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])], nproc)
+                         *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])], nproc,
+                         run_dir=cfg.run_dir)
             return
         trainer = Trainer(cfg)
         result = trainer.fit(resume=resume, overwrite=overwrite)
@@ -308,6 +309,17 @@ def main() -> None:
             if not report_error(exc):  # the launcher (or rank 0) prints it, once
                 sys.exit(2)
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except Exception as exc:  # a worker whose peer died: one line, not a backend traceback
+        if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+            raise
+        from polytask.train.dist import as_peer_failure, report_error
+
+        failure = as_peer_failure(exc)
+        if failure is None:
+            raise
+        if report_error(failure):
+            typer.echo(f"error: {failure}", err=True)
         sys.exit(2)
 
 

@@ -566,6 +566,20 @@ def report_error(exc: PolytaskError) -> bool:
     return env_rank() == 0 or isinstance(exc, PeerFailure)
 
 
+def as_peer_failure(exc: BaseException) -> PeerFailure | None:
+    """A collective's error caused by another rank stopping (gloo: connection closed or reset;
+    nccl: a communicator error; a timeout), as one line; None for anything else."""
+    dist_errors = tuple(getattr(dist, n) for n in ("DistBackendError", "DistNetworkError", "DistError") if hasattr(dist, n))
+    text = str(exc)
+    peer = isinstance(exc, dist_errors) or (isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo/transport",
+                            "NCCL communicator", "Timed out waiting", "timed out", "Broken pipe")))
+    if not peer:
+        return None
+    first = " ".join(text.split())[:160]
+    return PeerFailure(f"another rank stopped while this one waited for it ({first}); this rank stops too")
+
+
 def _user_error_names() -> set[str]:
     names, todo = set(), [PolytaskError]
     while todo:
@@ -575,7 +589,7 @@ def _user_error_names() -> set[str]:
     return names
 
 
-def launch(args: Sequence[str], nproc: int) -> None:
+def launch(args: Sequence[str], nproc: int, run_dir: Any = None) -> None:
     """Run ``python -m polytask ARGS`` in ``nproc`` processes on this machine through torchrun's
     elastic launcher (c10d rendezvous on 127.0.0.1, no restarts) and wait for them.
 
@@ -589,8 +603,8 @@ def launch(args: Sequence[str], nproc: int) -> None:
 
     if nproc < 1:
         raise ConfigError(f"--nproc: expected a positive number of processes, got {nproc}")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
-    logging.getLogger("torch.distributed.launcher").setLevel(logging.ERROR)
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):  # the launcher prints one line
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[LAUNCHED_ENV] = "1"
     if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: do not oversubscribe the cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -602,18 +616,33 @@ def launch(args: Sequence[str], nproc: int) -> None:
     except ChildFailedError as exc:
         user = _user_error_names()
         failures = sorted(exc.failures.items())
-        for rank, failure in failures:
-            kind, _, message = (failure.message or "").partition(": ")
-            if kind in user and message:
+        kinds = {rank: _message(failure).partition(": ") for rank, failure in failures}
+        for rank, (kind, _, message) in kinds.items():  # a user error (the root cause, not a peer's echo)
+            if kind in user and kind != "PeerFailure" and message:
                 raise _rebuild(kind, message) from None
-        rank, failure = exc.get_first_failure()
+        dead = [(r, f) for r, f in failures if kinds[r][0] != "PeerFailure"]
+        rank, failure = min(dead, key=lambda rf: (rf[1].timestamp, rf[0])) if dead else exc.get_first_failure()
+        if not dead:
+            raise PeerFailure(kinds[rank][2]) from None
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                else f"exited with status {failure.exitcode}")
-        detail = (failure.message or "").splitlines()[0] if failure.message and "pytorch.org" not in failure.message else ""
+        text = _message(failure)
+        detail = text.splitlines()[0] if text and "pytorch.org" not in text and "Signal" not in text else ""
+        ckpt = None if run_dir is None else os.path.join(str(run_dir), "checkpoints")
+        kept = ("no checkpoint was written yet" if ckpt is not None and not os.path.exists(os.path.join(ckpt, "latest.json"))
+                else f"the last checkpoint{' in ' + ckpt if ckpt else ''} is kept (--resume continues from it)")
         raise TrainingError(f"rank {rank} {how}{': ' + detail[:200] if detail else ''}; the other ranks were "
-                            "stopped; the last checkpoint in the run directory is kept") from None
+                            f"stopped; {kept}") from None
     finally:
         os.environ.pop(LAUNCHED_ENV, None)
+
+
+def _message(failure: Any) -> str:
+    """A torchelastic ProcessFailure's message as text (the error file's may be nested)."""
+    message = failure.message
+    while isinstance(message, dict):
+        message = message.get("message", "")
+    return str(message or "")
 
 
 def _rebuild(kind: str, message: str) -> PolytaskError:
@@ -631,7 +660,7 @@ def _rebuild(kind: str, message: str) -> PolytaskError:
 
 
 __all__ = [
-    "DistContext", "PeerFailure", "Precision", "StepContext", "check_accumulate", "read_checkpoint",
+    "DistContext", "PeerFailure", "Precision", "as_peer_failure", "StepContext", "check_accumulate", "read_checkpoint",
     "sharded_evaluate", "all_reduce_min", "all_reduce_sum", "broadcast_object", "check_config",
     "check_same_config", "collective", "full_state_dict", "labelled_counts", "launch", "load_full_state",
     "setup", "shard_bounds", "sharded_predict", "with_full_masks", "wrap_model",
