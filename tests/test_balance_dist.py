@@ -1,0 +1,232 @@
+"""Issue 19: every registered balancer is exact under torch.distributed.
+
+Two gloo processes over 127.0.0.1 (ONE spawn for every case, float64): each rank passes the losses
+of its own part of a global batch with ``process_group=``; after 3 optimisation steps the
+parameters and the balancer's state must equal those of ONE process on the concatenated batch
+(polytask itself is the peer), and be bit-identical on the two ranks (no divergence: the MGDA and
+Nash-MTL bug of the issue). Variants: equal halves without counts; masks with unequal rows per rank
+and unequal labelled counts (a task with no labelled row on one rank), with ``counts=``; the
+one-pass ``task_features`` path; a model wrapped in ``DistributedDataParallel`` run under
+``no_sync()`` (with an unused parameter and ``find_unused_parameters=True``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from polytask import balance
+from polytask.balance import GradientBalancer
+from polytask.balance.registry import BALANCERS
+
+TASKS = 3
+STEPS = 3
+RANDOM_SEEDED = {"rlw", "random", "pcgrad", "gradvac", "graddrop"}  # built with seed= (identical draws everywhere)
+
+
+def _methods() -> list[str]:
+    first: dict[object, str] = {}
+    for name in balance.names():
+        first.setdefault(BALANCERS.lookup(name), name)
+    return sorted(first.values())
+
+
+def _cases() -> list[tuple[str, str | None, str, tuple]]:
+    """``(name, mode, variant, extra kwargs)`` for every balancer."""
+    cases = []
+    for name in _methods():
+        b = balance.get(name)
+        if isinstance(b, GradientBalancer):
+            modes = ["parameters"] + ([] if b.aggregator.parameter_space_only else ["features"])
+            for mode in modes:
+                for variant in ("plain", "masked", "task_features"):
+                    cases.append((name, mode, variant, ()))
+        else:
+            for variant in ("plain", "masked"):
+                cases.append((name, None, variant, ()))
+    cases.append(("gradnorm", None, "masked", (("layer", "features"),)))
+    for name, mode in (("ew", None), ("uw", None), ("famo", None), ("mgda", "parameters"), ("nash_mtl", "features"),
+                       ("pcgrad", "parameters")):
+        cases.append((name, mode, "ddp", ()))
+    return cases
+
+
+CASES = _cases()
+
+
+def _ids(case) -> str:
+    name, mode, variant, extra = case
+    return "-".join([name] + ([mode] if mode else []) + [variant] + [f"{k}={v}" for k, v in extra])
+
+
+def build(case):
+    name, mode, _, extra = case
+    kwargs = dict(extra)
+    if mode is not None:
+        kwargs["mode"] = mode
+    if name in RANDOM_SEEDED:
+        kwargs["seed"] = 11
+    return balance.get(name, **kwargs)
+
+
+class Problem(nn.Module):
+    """Shared trunk, one linear head per task (float64), an unused parameter (DDP's unused-parameter case);
+    with ``copies`` the heads read per-task copies of the shared features (``task_features``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        self.heads = nn.ModuleList(nn.Linear(3, 1).double() for _ in range(TASKS))
+        self.unused = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.7)
+        self.z = self.task_features = None
+
+    def forward(self, x: torch.Tensor, copies: bool = False) -> list[torch.Tensor]:
+        self.z = self.trunk(x)
+        if copies:
+            self.task_features = self.z.unsqueeze(0).expand(TASKS, *self.z.shape)
+            return [head(self.task_features[t]) for t, head in enumerate(self.heads)]
+        self.task_features = None
+        return [head(self.z) for head in self.heads]
+
+
+def global_batch(step: int, masked: bool):
+    """12 rows; with ``masked``, per-task label masks (task 2 has no labelled row in rows 0-4 at step 1)."""
+    g = torch.Generator().manual_seed(500 + step)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(12, TASKS, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64)
+    mask = torch.rand(12, TASKS, generator=g) < 0.7 if masked else torch.ones(12, TASKS, dtype=torch.bool)
+    mask[0, :] = True  # every task labelled somewhere
+    mask[11, :] = True
+    if masked and step == 1:
+        mask[1:5, 2] = False
+        mask[0, 2] = False
+    return x, y, mask
+
+
+def rows_of(rank: int | None, masked: bool) -> slice:
+    """Rank 0's and rank 1's rows: halves, or 5 and 7 rows under masks; all rows for one process."""
+    if rank is None:
+        return slice(0, 12)
+    cut = 5 if masked else 6
+    return slice(0, cut) if rank == 0 else slice(cut, 12)
+
+
+def losses_of(outputs, y, mask):
+    out = {}
+    for t, pred in enumerate(outputs):
+        m = mask[:, t].to(pred.dtype)
+        out[f"t{t}"] = (((pred[:, 0] - y[:, t]) ** 2) * m).sum() / m.sum().clamp_min(1)
+    return out
+
+
+def train(case, rank: int | None, group=None):
+    """3 SGD steps of ``case`` on this rank's rows (all rows when ``rank`` is None); parameters and state."""
+    name, mode, variant, _ = case
+    masked = variant == "masked"
+    copies = variant == "task_features"
+    model = Problem()
+    b = build(case)
+    runner = model
+    if variant == "ddp" and group is not None:
+        runner = nn.parallel.DistributedDataParallel(model, process_group=group, find_unused_parameters=True)
+    for step in range(STEPS):
+        x, y, mask = global_batch(step, masked)
+        part = rows_of(rank, masked)
+        x, y, mask = x[part], y[part], mask[part]
+        for p in model.parameters():
+            p.grad = None
+        kwargs = {}
+        if group is not None:
+            kwargs["process_group"] = group
+            if masked:
+                kwargs["counts"] = mask.sum(0)
+        sync = runner.no_sync() if isinstance(runner, nn.parallel.DistributedDataParallel) else nullcontext()
+        with sync:
+            outputs = runner(x, copies) if copies else runner(x)
+            losses = losses_of(outputs, y, mask)
+            b.backward(losses, shared=list(model.trunk.parameters()), features=model.z,
+                       **({"task_features": model.task_features} if copies else {}), **kwargs)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.1 * p.grad
+            if b.needs_post_step_losses:
+                b.post_step(losses_of(model(x), y, mask), **kwargs)
+        b.end_epoch()
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    state = {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
+    return params, state
+
+
+def _worker(rank: int, port: int, out_dir: str, cases) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        results = {}
+        for case in cases:
+            try:
+                results[_ids(case)] = train(case, rank, dist.group.WORLD)
+            except Exception as exc:  # reported by the test of that case, the other cases still run
+                results[_ids(case)] = repr(exc)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every case at world size 2, in ONE spawn of two gloo processes."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(_free_port(), str(out), CASES), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks, case):
+    key = _ids(case)
+    got0, got1 = two_ranks[0][key], two_ranks[1][key]
+    assert not isinstance(got0, str), got0
+    assert not isinstance(got1, str), got1
+    (p0, s0), (p1, s1) = got0, got1
+    # no divergence: the ranks hold the same parameters and state, to the bit
+    assert torch.equal(p0, p1)
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+    # one process on the concatenated batch
+    torch.manual_seed(0)
+    ref_params, ref_state = train(case, None)
+    assert torch.isfinite(p0).all()
+    torch.testing.assert_close(p0, ref_params, rtol=1e-9, atol=1e-11)
+    assert s0.keys() == ref_state.keys()
+    for k in s0:
+        if s0[k].dtype.is_floating_point:
+            torch.testing.assert_close(s0[k], ref_state[k], rtol=1e-9, atol=1e-11, equal_nan=True, msg=k)
+        elif k != "rng_state":
+            assert torch.equal(s0[k], ref_state[k]), k
+
+
+def test_the_comparison_can_fail_each_rank_alone_is_not_the_global_step(two_ranks):
+    """A rank that balanced its own half alone (no process group) differs from the global step."""
+    case = ("mgda", "parameters", "plain", ())
+    alone, _ = train(case, 0)
+    ref, _ = train(case, None)
+    assert not torch.allclose(alone, ref, rtol=1e-6, atol=1e-8)
