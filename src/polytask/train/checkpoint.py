@@ -199,6 +199,7 @@ def atomic_write_text(path: Path, text: str, kept: str = "", error: type[Polytas
 
 def _save_tensors(tensors: dict[str, Tensor], path: str | Path) -> None:
     save_file(tensors, str(path))
+    os.chmod(path, file_mode())  # the safetensors writer creates its file 0600 whatever the umask
     _fsync_file(path)
 
 

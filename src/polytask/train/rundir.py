@@ -166,7 +166,7 @@ def _remove(path: Path) -> None:
 
 # ----------------------------------------------------------------------------- resume check
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict) and (node or not prefix):
+    if isinstance(node, dict):  # an empty mapping adds no key: {} and an absent section are alike
         out: dict[str, Any] = {}
         for k, v in node.items():
             out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
@@ -323,7 +323,8 @@ def _prepare(run_dir: Path, mode: Mode) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"run directory {run_dir} is not writable")
+        why = os.strerror(errno.EROFS if os.statvfs(run_dir).f_flag & os.ST_RDONLY else errno.EACCES)
+        raise ConfigError(f"run directory {run_dir} is not writable ({why})")
 
 
 def _recover(claim: RunClaim) -> None:
