@@ -9,6 +9,7 @@ float64 so that differences come from the methods, not from rounding.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import warnings
@@ -565,3 +566,53 @@ def test_fixed_iteration_path_equals_early_exit(name, jac, monkeypatch):
     monkeypatch.setattr(solvers, "_early_exit", lambda t: False)
     for m, e in zip(methods, early):
         _close(m(jac), e, 1e-9)
+
+
+# --- state and printing ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls,kwargs", [(agg.ExcessMTL, {"n_warmup_steps": 2}), (agg.ExcessMTL, {}), (agg.MoCo, {}),
+                                        (agg.GradVac, {}), (agg.NashMTL, {"update_weights_every": 2})])
+def test_stateful_round_trip_and_legacy_state_dicts(cls, kwargs):
+    # The state (step counters included) is in tensors only; a state dict written before the counter
+    # was a buffer (in get_extra_state, or absent) still loads and continues the same way.
+    def make():
+        return cls(generator=torch.Generator().manual_seed(0), **kwargs) if cls is agg.GradVac else cls(**kwargs)
+
+    a = make()
+    for step in range(3):
+        a(_random(3, 10, 600 + step))
+    state = a.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values()) and int(state["steps"]) == 3
+    legacy = {k: v.clone() for k, v in state.items() if k != "steps"}
+    if cls in (agg.ExcessMTL, agg.NashMTL):
+        legacy["_extra_state"] = {"steps" if cls is agg.ExcessMTL else "step": 3}
+    for loaded in ({k: v.clone() for k, v in state.items()}, legacy):
+        b = make()
+        b.load_state_dict(loaded)
+        # MoCo and GradVac saved no counter: any saved state means "not fresh", all they read from it
+        assert int(b.steps) == (3 if loaded is state or "_extra_state" in loaded or "steps" in loaded else 1)
+        ref = make()
+        ref.load_state_dict(state)
+        jac = _random(3, 10, 700)
+        assert torch.equal(b(jac), ref(jac))
+    fresh = make()  # the state matters: a fresh method does something else at this step
+    assert not torch.equal(fresh(_random(3, 10, 700)), ref(_random(3, 10, 701)))
+
+
+def test_every_aggregator_prints_its_hyperparameters():
+    from polytask import balance
+    from polytask.balance import GradientBalancer
+
+    printed = 0
+    for name in balance.names():
+        balancer = balance.get(name)
+        if not isinstance(balancer, GradientBalancer):
+            continue
+        engine_params = ("mode", "nan_policy", "seed")  # the GradientBalancer's own, not the method's
+        params = [p for p in inspect.signature(balance.BALANCERS.lookup(name)).parameters if p not in engine_params]
+        text = repr(balancer.aggregator)
+        assert all(f"{p}=" in text for p in params), (name, text)
+        printed += bool(params)
+    assert printed >= 10
+    assert "c=0.7" in repr(agg.CAGrad(c=0.7)) and "update_weights_every=3" in repr(agg.NashMTL(update_weights_every=3))

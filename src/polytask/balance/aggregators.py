@@ -23,7 +23,8 @@ weights (:func:`_finite_or_identity`).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import inspect
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +77,11 @@ class Aggregator(nn.Module):
     """
 
     parameter_space_only: ClassVar[bool] = False
+
+    def extra_repr(self) -> str:
+        """The constructor's keywords and their values (a printed balancer shows its hyperparameters)."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n not in ("self", "generator")]
+        return ", ".join(f"{n}={getattr(self, n)!r}" for n in names if hasattr(self, n))
 
     def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
         """``(update, weights)``; ``weights`` (``(T,)``) are such that ``update = J^T weights``
@@ -337,8 +343,6 @@ class CAGrad(GramianWeighting):
         _check(c >= 0, f"cagrad: c must be >= 0, got {c}")
         self.c, self.norm_eps = c, norm_eps
 
-    def extra_repr(self) -> str:
-        return f"c={self.c}, norm_eps={self.norm_eps}"
 
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
@@ -368,6 +372,9 @@ class IMTLG(GramianWeighting):
     ``w = G^+ d / sum(G^+ d)`` with ``d_i = ||g_i||``, valid for linearly dependent gradients.
     Uses a pseudo-inverse (synchronises on CUDA).
     """
+
+    def __init__(self) -> None:  # no hyperparameters (and the registry's signature says so)
+        super().__init__()
 
     def weights(self, gramian: Tensor) -> Tensor:
         gramian, finite = _finite_or_identity(gramian)
@@ -531,8 +538,6 @@ class NashMTL(_LazyStateMixin, GramianWeighting):
         self.register_buffer("prev_weights", torch.zeros(0, dtype=_SOLVE_DTYPE))
         self._init_steps()
 
-    def extra_repr(self) -> str:
-        return f"max_norm={self.max_norm}, update_weights_every={self.update_weights_every}, optim_niter={self.optim_niter}"
 
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
@@ -570,8 +575,6 @@ class FairGrad(GramianWeighting):
         _check(alpha >= 0, f"fairgrad: alpha must be >= 0, got {alpha}")
         self.alpha, self.max_iters = alpha, max_iters
 
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, max_iters={self.max_iters}"
 
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
@@ -655,8 +658,6 @@ class ExcessMTL(_LazyStateMixin, Aggregator):
 
     _legacy_counter = "steps"
 
-    def extra_repr(self) -> str:
-        return f"robust_step_size={self.robust_step_size}, n_warmup_steps={self.n_warmup_steps}"
 
     def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
         n = jacobian.shape[0]
@@ -714,8 +715,6 @@ class MoCo(_LazyStateMixin, Aggregator):
         self.register_buffer("task_weights", torch.zeros(0))
         self._init_steps()
 
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, gamma={self.gamma}, rho={self.rho}"
 
     def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
         n = jacobian.shape[0]
