@@ -52,6 +52,8 @@ def _cases() -> list[tuple[str, str | None, str, tuple]]:
             for variant in ("plain", "masked"):
                 cases.append((name, None, variant, ()))
     cases.append(("gradnorm", None, "masked", (("layer", "features"),)))
+    for name, mode in (("rlw", None), ("pcgrad", "parameters"), ("graddrop", "features")):
+        cases.append((name, mode, "unseeded", ()))  # rank 0's seed, broadcast: the ranks still agree
     for name, mode in (("ew", None), ("uw", None), ("famo", None), ("mgda", "parameters"), ("nash_mtl", "features"),
                        ("pcgrad", "parameters")):
         cases.append((name, mode, "ddp", ()))
@@ -71,7 +73,7 @@ def build(case):
     kwargs = dict(extra)
     if mode is not None:
         kwargs["mode"] = mode
-    if name in RANDOM_SEEDED:
+    if name in RANDOM_SEEDED and case[2] != "unseeded":
         kwargs["seed"] = 11
     return balance.get(name, **kwargs)
 
@@ -211,10 +213,12 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks, case):
     # no divergence: the ranks hold the same parameters and state, to the bit
     assert torch.equal(p0, p1)
     assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert torch.isfinite(p0).all()
+    if case[2] == "unseeded":  # draws from the global generator in one process: no peer to compare with
+        return
     # one process on the concatenated batch
     torch.manual_seed(0)
     ref_params, ref_state = train(case, None)
-    assert torch.isfinite(p0).all()
     torch.testing.assert_close(p0, ref_params, rtol=1e-9, atol=1e-11)
     assert s0.keys() == ref_state.keys()
     for k in s0:
@@ -230,3 +234,57 @@ def test_the_comparison_can_fail_each_rank_alone_is_not_the_global_step(two_rank
     alone, _ = train(case, 0)
     ref, _ = train(case, None)
     assert not torch.allclose(alone, ref, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------ mixed precision
+def _one_step(b, scale=None, fault=False):
+    model = Problem()
+    x, y, mask = global_batch(0, True)
+    losses = losses_of(model(x), y, mask)
+    if fault:
+        losses["t1"] = losses["t1"] * float("nan")
+    kwargs = {} if scale is None else {"loss_scale": torch.tensor(scale, dtype=torch.float64)}
+    b.backward(losses, shared=list(model.trunk.parameters()), features=model.z, **kwargs)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[2] == "plain"], ids=[_ids(c) for c in CASES if c[2] == "plain"])
+def test_loss_scale_leaves_grad_scaled_and_balances_the_unscaled_gradients(case):
+    """With ``loss_scale=s`` the balancer's weights come from the UNSCALED gradients (the Gramian of
+    scaled gradients is not the Gramian) and ``.grad`` is ``s`` times the unscaled step, as a
+    GradScaler expects; a non-finite step leaves NaN in ``.grad`` (the scaler must see the overflow)
+    and is counted."""
+    plain, scaled = build(case), build(case)
+    reference = _one_step(plain)
+    got = _one_step(scaled, 1024.0)
+    torch.testing.assert_close(got, 1024.0 * reference, rtol=1e-10, atol=1e-12)
+    s_plain, s_scaled = plain.state_dict(), scaled.state_dict()
+    for k in s_plain:
+        if s_plain[k].dtype.is_floating_point:
+            torch.testing.assert_close(s_scaled[k], s_plain[k], rtol=1e-10, atol=1e-12, equal_nan=True, msg=k)
+    bad = _one_step(scaled, 1024.0, fault=True)
+    assert torch.isnan(bad).all() and int(scaled.skipped_steps) == 1
+
+
+def test_a_wrong_variant_is_caught_scaled_gradients_change_cagrad_weights():
+    """Proof that the test above can fail: CAGrad on gradients scaled by s gives other weights
+    (its regularisation is not scale-free), so balancing scaled gradients is not the same step."""
+    b = balance.get("cagrad")
+    model = Problem()
+    x, y, mask = global_batch(0, True)
+    losses = losses_of(model(x), y, mask)
+    w_plain = b.backward(losses, shared=list(model.trunk.parameters()))
+    model2 = Problem()
+    losses2 = {k: v * 1e-6 for k, v in losses_of(model2(x), y, mask).items()}
+    w_small = b.backward(losses2, shared=list(model2.trunk.parameters()))
+    assert not torch.allclose(w_plain, w_small, rtol=1e-6)
+
+
+def test_a_seeded_random_method_resumes_its_draws_from_the_state_dict():
+    case = ("pcgrad", "parameters", "plain", ())
+    a = build(case)
+    _one_step(a)
+    b = build(case)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(_one_step(b), _one_step(a), rtol=0, atol=0)

@@ -216,6 +216,10 @@ class LossWeighting(Balancer):
     def before_weights(self, losses: Mapping[str, Tensor], vec: Tensor) -> None:
         """Hook before the weights: check the tasks, create per-task state (default: nothing)."""
 
+    def join_group(self, group: Any, device: torch.device) -> None:
+        """Hook at each step under a process group, before anything is drawn: random methods make their
+        draws identical on every rank here (default: nothing)."""
+
     def prepare(self, losses: Mapping[str, Tensor], vec: Tensor, sync: Any, shared: Iterable[nn.Parameter] | None,
                 features: Tensor | None) -> None:
         """Hook after the losses' reduction, before the weights: statistics a method needs besides
@@ -242,6 +246,7 @@ class LossWeighting(Balancer):
         self.before_weights(losses, vec)
         sync = None
         if process_group is not None:
+            self.join_group(process_group, vec.device)
             sync = dist.sync_losses(vec, dist.task_counts(counts, list(losses), vec), process_group)
         global_vec = vec.detach() if sync is None else sync.losses
         before = self._snapshot()

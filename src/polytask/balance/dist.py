@@ -83,7 +83,7 @@ balancer counts it in ``skipped_steps`` and keeps its state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -215,19 +215,3 @@ def shared_seed(group: Any, device: torch.device | str = "cpu", seed: int | None
         value = value.to(device)
     torch_dist.broadcast(value, src=torch_dist.get_global_rank(group, 0), group=group)
     return int(value.item())
-
-
-def reduce_and_accumulate(params: Iterable[Tensor], grads: Sequence[Tensor | None], group: Any,
-                          ok: Tensor | None = None) -> None:
-    """Sum ``grads`` (one per parameter, None = zeros) over the ranks in one flat all-reduce and add
-    them to ``.grad`` (gated by ``ok``: zeros where the step is skipped, decided on device)."""
-    params = list(params)
-    filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    reduced = all_reduce_sum(filled, group)
-    for p, g in zip(params, reduced):
-        if ok is not None:
-            g = torch.where(ok, g, torch.zeros_like(g))
-        if p.grad is None:
-            p.grad = g.detach()
-        else:
-            p.grad.add_(g)

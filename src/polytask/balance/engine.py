@@ -313,6 +313,8 @@ class GradientBalancer(Balancer):
         self.seed = seed
         self._graph_cache: dict[tuple[Any, ...], Any] = {}
         self._ctx: _StepContext | None = None
+        if seed is not None and hasattr(aggregator, "generator"):
+            self.register_buffer("rng_state", torch.zeros(0, dtype=torch.uint8))  # the draws resume exactly
 
     def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
                  features: Tensor | None = None, *, task_features: Tensor | None = None, process_group: Any = None,
@@ -346,9 +348,32 @@ class GradientBalancer(Balancer):
         current = self.aggregator.generator
         if current is not None and current.device == device:
             return
+        if self.seed is None:  # first step under a group: rank 0's seed, kept (and saved) from now on
+            self.seed = dist.shared_seed(group, device)
+            self.register_buffer("rng_state", torch.zeros(0, dtype=torch.uint8))
         gen = torch.Generator(device=device)
-        gen.manual_seed(dist.shared_seed(group, device, self.seed))
+        saved = getattr(self, "rng_state", None)
+        if saved is not None and saved.numel():
+            gen.set_state(saved.cpu())
+        else:
+            gen.manual_seed(self.seed)
         self.aggregator.generator = gen
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        gen = getattr(self.aggregator, "generator", None)
+        if gen is not None and "rng_state" in self._buffers:
+            self.rng_state = gen.get_state()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        saved = state_dict.get(prefix + "rng_state")
+        if isinstance(saved, Tensor):
+            self.register_buffer("rng_state", torch.zeros(saved.shape, dtype=torch.uint8))
+            if self.seed is None:
+                self.seed = 0  # the saved generator state decides the draws
+            if hasattr(self.aggregator, "generator"):
+                self.aggregator.generator = None  # rebuilt from the loaded state at the next step
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _enter_step(self, losses: Mapping[str, Tensor], vec: Tensor, features: Tensor | None, task_features: Tensor | None,
                     group: Any, counts: Any, loss_scale: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:

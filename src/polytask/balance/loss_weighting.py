@@ -163,7 +163,7 @@ class RandomLossWeighting(LossWeighting):
     uniform ``U(0, 1)``.
 
     Randomness comes from the balancer's own ``torch.Generator`` seeded with ``seed`` (``None``:
-    the global generator); its state is saved by ``state_dict()`` (key ``rng_state``) so that a
+    the global generator; under a process group, rank 0's seed broadcast once); its state is saved by ``state_dict()`` (key ``rng_state``) so that a
     resumed run draws the same weights as an uninterrupted one.
     """
 
@@ -193,6 +193,14 @@ class RandomLossWeighting(LossWeighting):
                 gen.manual_seed(self.seed)
             self._generator = gen
         return self._generator
+
+    def join_group(self, group, device: torch.device) -> None:  # noqa: ANN001
+        """Under a process group every rank must draw the same weights: without ``seed``, rank 0's
+        seed is broadcast once (:func:`~polytask.balance.dist.shared_seed`) and kept."""
+        if self.seed is None and self.rng_state.numel() == 0 and self._generator is None:
+            from polytask.balance import dist
+
+            self.seed = dist.shared_seed(group, device)
 
     def weights(self, losses: Tensor) -> Tensor:
         gen = self._generator_on(losses.device)
