@@ -16,6 +16,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +28,53 @@ from polytask.merge import checks
 from polytask.merge.io import Checkpoint, CheckpointWriter, TensorSpec, parse_dtype, parse_size
 from polytask.merge.methods import MERGE_METHODS, MergeMethod, TensorContext
 
-__all__ = ["merge_state_dicts", "merge_checkpoints", "build_method", "resolve_model_params", "check_output_apart"]
+__all__ = [
+    "merge_state_dicts",
+    "merge_checkpoints",
+    "merge_planned",
+    "build_method",
+    "resolve_model_params",
+    "check_output_apart",
+    "TensorJob",
+    "compute_dtype_of",
+]
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: which input tensors it is merged from, by which method and parameters.
+
+    ``inputs`` and ``base`` are ``(source index, tensor name)``; a job without ``method`` copies
+    ``inputs[0]`` (or the base) as it is (integer buffers).
+    """
+
+    name: str
+    inputs: list[tuple[int, str]]
+    base: tuple[int, str] | None
+    method: MergeMethod | None
+    params: dict[str, Tensor] = field(default_factory=dict)
+
+    def reads(self) -> list[tuple[int, str]]:
+        return [*self.inputs, *([self.base] if self.base is not None else [])]
+
+
+def compute_dtype_of(choice: str | torch.dtype | None, specs: Sequence[TensorSpec]) -> torch.dtype:
+    """The dtype a tensor is merged in: ``choice``, or with ``None``/``"auto"`` the promoted dtype
+    of its inputs (mergekit's rule when a config has no ``dtype``)."""
+    if choice is not None and choice != "auto":
+        return parse_dtype(choice)
+    dtype = specs[0].dtype
+    for s in specs[1:]:
+        dtype = torch.promote_types(dtype, s.dtype)
+    return dtype
+
+
+def _work_dtype(method: MergeMethod, compute: torch.dtype) -> torch.dtype:
+    """The dtype ``method.merge`` sees: the compute dtype for native methods, else float32 (or
+    float64 when computing in float64)."""
+    if type(method).native_dtype or compute == torch.float64:
+        return compute
+    return torch.float32
 
 
 class _Source(Protocol):
@@ -229,6 +276,7 @@ def merge_state_dicts(
     *,
     model_params: Sequence[Mapping[str, Any] | None] | None = None,
     dtype: str | torch.dtype | None = None,
+    compute_dtype: str | torch.dtype | None = "float32",
     seed: int = 0,
     strict_dtypes: bool = True,
     allow_nonfinite: bool = False,
@@ -239,7 +287,8 @@ def merge_state_dicts(
     ``method`` is a name from :data:`~polytask.merge.methods.MERGE_METHODS` (global parameters as
     keyword arguments, e.g. ``lambda_=0.5``) or a method instance. ``model_params[i]`` holds the
     per-model parameters of ``models[i]`` (``weight``, ``density``...). Computation is in
-    float32; floating outputs take ``dtype`` (default: the base's dtype). Non-floating tensors
+    ``compute_dtype`` (default float32; ``None`` or ``"auto"``: the inputs' promoted dtype, as
+    mergekit without ``dtype``); floating outputs take ``dtype`` (default: the base's dtype). Non-floating tensors
     (integer buffers) are copied from the base (or the first model). ``seed`` drives random
     methods (DARE), per tensor, so a run with the same seed repeats. A merged tensor with NaN
     or infinite values raises MergeError naming it (a RuntimeWarning with ``allow_nonfinite``).
@@ -247,31 +296,53 @@ def merge_state_dicts(
     if not models:
         raise ConfigError("no models to merge")
     labels = [f"#{i}" for i in range(len(models))]
-    sources = [_DictSource(m, label) for m, label in zip(models, labels)]
+    sources: list[_Source] = [_DictSource(m, label) for m, label in zip(models, labels)]
     base_src = _DictSource(base, "base") if base is not None else None
     instance = build_method(method, method_params)
     _check_counts(instance, len(models), base is not None)
     params = resolve_model_params(instance, model_params or [None] * len(models), labels)
     plan = _plan(base_src, sources, strict_dtypes)
+    all_sources = [*sources, *([base_src] if base_src is not None else [])]
+    jobs = _same_name_jobs(plan, len(models), base_src is not None, instance, params)
     out_dtype = parse_dtype(dtype) if dtype is not None else None
-    ref = base_src if base_src is not None else sources[0]
     result: dict[str, Tensor] = {}
     nonfinite: list[str] = []
-    for name, spec in plan.items():
-        if not spec.dtype.is_floating_point:
-            result[name] = ref.load(name).clone()
+    for job in jobs:
+        specs = [all_sources[i].spec(n) for i, n in job.reads()]
+        if job.method is None:
+            i, n = job.reads()[0]
+            result[job.name] = all_sources[i].load(n).clone()
             continue
-        stacked = torch.stack([s.load(name).float() for s in sources])
-        base_t = base_src.load(name).float() if base_src is not None else None
-        merged = _merge_tensor(instance, name, stacked, base_t, params, seed)
-        result[name] = merged.to(_out_dtype(spec, out_dtype))
-        _check_finite(name, result[name], allow_nonfinite, nonfinite)
+        cd = compute_dtype_of(compute_dtype, specs)
+        work = _work_dtype(job.method, cd)
+        stacked = torch.stack([all_sources[i].load(n).to(cd).to(work) for i, n in job.inputs])
+        base_t = None
+        if job.base is not None:
+            i, n = job.base
+            base_t = all_sources[i].load(n).to(cd).to(work)
+        merged = _merge_tensor(job.method, job.name, stacked, base_t, job.params, seed)
+        result[job.name] = merged.to(cd).to(_out_dtype(specs[-1] if job.base else specs[0], out_dtype))
+        _check_finite(job.name, result[job.name], allow_nonfinite, nonfinite)
     _warn_nonfinite(nonfinite)
     return result
 
 
+def _same_name_jobs(
+    plan: Mapping[str, TensorSpec], n_models: int, has_base: bool, method: MergeMethod, params: dict[str, Tensor]
+) -> list[TensorJob]:
+    """One job per tensor name, merging that tensor of every model (sources: models, then base)."""
+    jobs = []
+    for name, spec in plan.items():
+        base = (n_models, name) if has_base else None
+        if not spec.dtype.is_floating_point:
+            jobs.append(TensorJob(name, [base or (0, name)], None, None))
+        else:
+            jobs.append(TensorJob(name, [(i, name) for i in range(n_models)], base, method, params))
+    return jobs
+
+
 class _BufferPool:
-    """Float32 scratch buffers reused across tensors of the same shape (main thread only).
+    """Scratch buffers reused across tensors of the same shape (main thread only).
 
     Llama-like checkpoints repeat a handful of shapes per layer; reusing their buffers avoids
     allocating and page-faulting gigabytes of fresh memory for every tensor.
@@ -282,20 +353,20 @@ class _BufferPool:
         self.held = 0
         self.free: dict[tuple[int, ...], list[Tensor]] = {}
 
-    def take(self, shape: tuple[int, ...]) -> Tensor:
-        stack = self.free.get(shape)
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        stack = self.free.get((*shape, dtype))
         if stack:
             t = stack.pop()
-            self.held -= t.numel() * 4
+            self.held -= t.numel() * t.element_size()
             return t
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=dtype)
 
     def give(self, t: Tensor | None, *, unless_aliased_by: Tensor) -> None:
         if t is None or t.untyped_storage().data_ptr() == unless_aliased_by.untyped_storage().data_ptr():
             return
-        nbytes = t.numel() * 4
+        nbytes = t.numel() * t.element_size()
         if self.held + nbytes <= self.max_bytes:
-            self.free.setdefault(tuple(t.shape), []).append(t)
+            self.free.setdefault((*t.shape, t.dtype), []).append(t)
             self.held += nbytes
 
 
@@ -320,6 +391,7 @@ def merge_checkpoints(
     model_params: Sequence[Mapping[str, Any] | None] | None = None,
     method_params: Mapping[str, Any] | None = None,
     dtype: str | torch.dtype | None = None,
+    compute_dtype: str | torch.dtype | None = "float32",
     seed: int = 0,
     max_shard_size: int | str = "5GB",
     io_threads: int = 4,
@@ -337,8 +409,9 @@ def merge_checkpoints(
     """Merge checkpoints on disk into ``out_dir``, streaming tensor by tensor.
 
     ``models`` and ``base`` are safetensors files or directories (HF-style shards included);
-    pickled ``.bin`` files only with ``allow_pickle``. The output is written as safetensors
-    shards of at most ``max_shard_size`` in ``dtype`` (default: the base's dtype), with the
+    pickled ``.bin`` files only with ``allow_pickle``. Tensors are merged in ``compute_dtype``
+    (default float32; ``None``/``"auto"``: the inputs' dtype, as mergekit) and written as
+    safetensors shards of at most ``max_shard_size`` in ``dtype`` (default: the base's dtype), with the
     non-weight files (config, tokenizer) of ``copy_files_from`` (default: the base, else the
     first model) and ``extra_files`` (name -> text). It appears at ``out_dir`` only when
     complete; on any error (or Ctrl-C) nothing is left behind. ``out_dir`` may not be, contain or
@@ -356,34 +429,83 @@ def merge_checkpoints(
     names = [str(p) for p in paths] if labels is None else list(labels)
     if len(names) != len(paths):
         raise ValueError(f"labels: expected {len(paths)} (models, then base), got {len(names)}")
-    roles = [("input model", name, p) for name, p in zip(names, models)]
-    if base is not None:
-        roles.append(("base model", names[-1], base))
-    if copy_files_from is not None:
-        roles.append(("the model whose files are copied", str(copy_files_from), copy_files_from))
-    check_output_apart(out_dir, roles)
+    roles = ["input model"] * len(models) + (["base model"] if base is not None else [])
+
+    def plan_jobs(sources: Sequence[_Source]) -> list[TensorJob]:
+        models_src = list(sources[: len(models)])
+        base_src = sources[len(models)] if base is not None else None
+        params = resolve_model_params(instance, model_params or [None] * len(models), [s.label for s in models_src])
+        plan = _plan(base_src, models_src, strict_dtypes)
+        return _same_name_jobs(plan, len(models), base is not None, instance, params)
+
+    if copy_files_from is None:
+        copy_files_from = base if base is not None else models[0]
+        copy_role = None
+    else:
+        copy_role = "the model whose files are copied"
+    return merge_planned(
+        paths, names, roles, plan_jobs, out_dir, dtype=dtype, compute_dtype=compute_dtype, seed=seed,
+        max_shard_size=max_shard_size, io_threads=io_threads, prefetch_bytes=prefetch_bytes,
+        allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
+        copy_files_from=copy_files_from, copy_role=copy_role, extra_files=extra_files, progress=progress,
+        on_tensor=on_tensor,
+    )
+
+
+def merge_planned(
+    paths: Sequence[str | os.PathLike[str]],
+    labels: Sequence[str],
+    roles: Sequence[str],
+    plan_jobs: Callable[[Sequence[_Source]], list[TensorJob]],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype | None = None,
+    compute_dtype: str | torch.dtype | None = "float32",
+    seed: int = 0,
+    max_shard_size: int | str = "5GB",
+    io_threads: int = 4,
+    prefetch_bytes: int | str = "1GB",
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    overwrite: bool = False,
+    copy_files_from: str | os.PathLike[str] | None = None,
+    copy_role: str | None = None,
+    extra_files: Mapping[str, str] | None = None,
+    progress: bool | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> Path:
+    """Open the checkpoints ``paths`` (named ``labels`` in errors, with their ``roles``), let
+    ``plan_jobs`` turn them into :class:`TensorJob` s (it validates everything: nothing is written
+    before it returns), and stream the jobs into ``out_dir`` as :func:`merge_checkpoints` does.
+    ``dtype`` is the output dtype of floating tensors (default: the job's reference input, the
+    base if any, else the first input)."""
+    checked = [(role, label, p) for role, label, p in zip(roles, labels, paths)]
+    if copy_role is not None and copy_files_from is not None:
+        checked.append((copy_role, str(copy_files_from), copy_files_from))
+    check_output_apart(out_dir, checked)
     opened: list[Checkpoint] = []
     try:
-        def open_ckpt(p: str | os.PathLike[str], label: str) -> _CheckpointSource:
+        sources: list[_CheckpointSource] = []
+        for p, label in zip(paths, labels):
             ckpt = Checkpoint(p, allow_pickle=allow_pickle)
             opened.append(ckpt)
-            return _CheckpointSource(ckpt, label)
-
-        sources = [open_ckpt(p, name) for p, name in zip(models, names)]
-        base_src = open_ckpt(base, names[-1]) if base is not None else None
-        params = resolve_model_params(instance, model_params or [None] * len(models), [s.label for s in sources])
-        plan = _plan(base_src, sources, strict_dtypes)
+            sources.append(_CheckpointSource(ckpt, label))
+        jobs = plan_jobs(sources)
         out_dtype = parse_dtype(dtype) if dtype is not None else None
-        ref = base_src if base_src is not None else sources[0]
-        out_specs = {n: TensorSpec(s.shape, _out_dtype(s, out_dtype)) for n, s in plan.items()}
+        if compute_dtype is not None and compute_dtype != "auto":
+            parse_dtype(compute_dtype)
+        out_specs: dict[str, TensorSpec] = {}
+        for job in jobs:
+            ref_i, ref_n = job.base if job.base is not None else job.inputs[0]
+            spec = sources[ref_i].spec(ref_n)
+            out_specs[job.name] = TensorSpec(spec.shape, _out_dtype(spec, out_dtype))
         writer = CheckpointWriter(out_dir, out_specs, max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite)
         with writer:
             nonfinite: list[str] = []
-            _stream(instance, plan, sources, base_src, ref, params, writer, seed, io_threads,
-                    parse_size(prefetch_bytes), progress, on_tensor, allow_nonfinite, nonfinite)
-            src_dir = copy_files_from if copy_files_from is not None else (base if base is not None else models[0])
-            src_path = Path(src_dir)
-            writer.copy_extras(src_path if src_path.is_dir() else None, out_dtype)
+            _stream(jobs, sources, writer, compute_dtype, seed, io_threads, parse_size(prefetch_bytes),
+                    progress, on_tensor, allow_nonfinite, nonfinite)
+            src_path = Path(copy_files_from) if copy_files_from is not None else None
+            writer.copy_extras(src_path if src_path is not None and src_path.is_dir() else None, out_dtype)
             for fname, text in (extra_files or {}).items():
                 writer.add_file(fname, text)
             committed = writer.commit()
@@ -395,13 +517,10 @@ def merge_checkpoints(
 
 
 def _stream(
-    method: MergeMethod,
-    plan: dict[str, TensorSpec],
+    jobs: Sequence[TensorJob],
     sources: Sequence[_Source],
-    base: _Source | None,
-    ref: _Source,
-    params: dict[str, Tensor],
     writer: CheckpointWriter,
+    compute_dtype: str | torch.dtype | None,
     seed: int,
     io_threads: int,
     prefetch_bytes: int,
@@ -410,9 +529,7 @@ def _stream(
     allow_nonfinite: bool,
     nonfinite: list[str],
 ) -> None:
-    n = len(sources)
-    names = list(plan)
-    bar = _progress(len(names), progress)
+    bar = _progress(len(jobs), progress)
     readers = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="polytask-read")
     writers = ThreadPoolExecutor(2, thread_name_prefix="polytask-write")
 
@@ -423,53 +540,61 @@ def _stream(
         else:
             dst.copy_(src.load(name))
 
-    def submit(name: str) -> tuple[str, Tensor | None, Tensor | None, list[Future[Any]], int]:
-        spec = plan[name]
-        if not spec.dtype.is_floating_point:
-            fut = readers.submit(ref.load, name)
-            return name, None, None, [fut], spec.nbytes
-        stacked = pool.take((n, *spec.shape))
-        futs = [readers.submit(fill, stacked[i], s, name) for i, s in enumerate(sources)]
+    def submit(job: TensorJob) -> tuple[TensorJob, Tensor | None, Tensor | None, list[Future[Any]], int, Any]:
+        if job.method is None:
+            i, n = job.inputs[0]
+            fut = readers.submit(sources[i].load, n)
+            return job, None, None, [fut], sources[i].spec(n).nbytes, None
+        specs = [sources[i].spec(n) for i, n in job.reads()]
+        cd = compute_dtype_of(compute_dtype, specs)
+        shape = tuple(specs[0].shape)
+        stacked = pool.take((len(job.inputs), *shape), cd)
+        futs = [readers.submit(fill, stacked[k], sources[i], n) for k, (i, n) in enumerate(job.inputs)]
         base_t = None
-        if base is not None:
-            base_t = pool.take(tuple(spec.shape))
-            futs.append(readers.submit(fill, base_t, base, name))
-        return name, stacked, base_t, futs, (n + 1) * spec.numel * 4
+        if job.base is not None:
+            base_t = pool.take(shape, cd)
+            futs.append(readers.submit(fill, base_t, sources[job.base[0]], job.base[1]))
+        size = torch.empty((), dtype=cd).element_size()
+        return job, stacked, base_t, futs, (len(job.inputs) + 1) * specs[0].numel * size, cd
 
     pool = _BufferPool(max(prefetch_bytes, 2**28))
-    inflight: deque[tuple[str, Tensor | None, Tensor | None, list[Future[Any]], int]] = deque()
+    inflight: deque[tuple[TensorJob, Tensor | None, Tensor | None, list[Future[Any]], int, Any]] = deque()
     inflight_bytes = 0
     pending_writes: deque[Future[Any]] = deque()
     next_i = 0
     try:
-        for _ in names:
-            while next_i < len(names) and (not inflight or inflight_bytes < prefetch_bytes):
-                item = submit(names[next_i])
+        for _ in jobs:
+            while next_i < len(jobs) and (not inflight or inflight_bytes < prefetch_bytes):
+                item = submit(jobs[next_i])
                 inflight.append(item)
                 inflight_bytes += item[4]
                 next_i += 1
-            name, stacked, base_t, futs, nbytes = inflight.popleft()
+            job, stacked, base_t, futs, nbytes, cd = inflight.popleft()
             for f in futs:
                 f.result()
             inflight_bytes -= nbytes
             if stacked is None:
                 out = futs[0].result()
             else:
-                merged = _merge_tensor(method, name, stacked, base_t, params, seed)
+                work = _work_dtype(job.method, cd)
+                x = stacked if work == cd else stacked.to(work)
+                b = base_t if (base_t is None or work == cd) else base_t.to(work)
+                merged = _merge_tensor(job.method, job.name, x, b, job.params, seed)
+                del x, b
                 pool.give(stacked, unless_aliased_by=merged)
                 pool.give(base_t, unless_aliased_by=merged)
                 del stacked, base_t
-                out = merged.to(writer.specs[name].dtype)
+                out = merged.to(cd).to(writer.specs[job.name].dtype)
                 del merged
-                _check_finite(name, out, allow_nonfinite, nonfinite)
-            pending_writes.append(writers.submit(writer.write, name, out))
+                _check_finite(job.name, out, allow_nonfinite, nonfinite)
+            pending_writes.append(writers.submit(writer.write, job.name, out))
             del out
             while len(pending_writes) > 4 or (pending_writes and pending_writes[0].done()):
                 pending_writes.popleft().result()
             if bar is not None:
                 bar.update(1)
             if on_tensor is not None:
-                on_tensor(name)
+                on_tensor(job.name)
         while pending_writes:
             pending_writes.popleft().result()
     finally:

@@ -1,9 +1,11 @@
 """Per-tensor merge methods.
 
 A method sees one tensor at a time: the stacked fine-tuned tensors ``tensors`` of shape
-``(N, *shape)`` in float32, the base tensor (or ``None``) and the per-model parameters as
-``(N,)`` float32 tensors (``weight``, ``density``, ``gamma``). It returns the merged tensor in
-float32. Methods are registered in :data:`MERGE_METHODS` under mergekit's names where the two
+``(N, *shape)``, the base tensor (or ``None``) and the per-model parameters as ``(N,)`` float64
+tensors (``weight``, ``density``, ``gamma``). Tensors come in the compute dtype when the method
+sets ``native_dtype`` (mergekit's task-arithmetic family computes in bfloat16 when the config
+says ``dtype: bfloat16``), else in float32 holding values already rounded to the compute dtype
+(mergekit's ``linear`` and ``slerp`` work so). The engine casts the result to the compute dtype. Methods are registered in :data:`MERGE_METHODS` under mergekit's names where the two
 share a method, so a mergekit YAML means the same thing here; the differences are listed in each
 docstring under "mergekit".
 
@@ -13,7 +15,6 @@ Notation: ``tau_i = theta_i - theta_0`` is the task vector of model ``i`` (Ilhar
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,6 +32,7 @@ __all__ = [
     "topk_mask",
     "bottomk_mask",
     "tall_masks",
+    "slerp",
 ]
 
 
@@ -55,6 +57,9 @@ class MergeMethod:
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     random: ClassVar[bool] = False
+    #: True: ``merge`` gets its tensors in the compute dtype (bfloat16 arithmetic for a bfloat16
+    #: config, as mergekit); False: in float32 (values rounded to the compute dtype first).
+    native_dtype: ClassVar[bool] = False
 
     def merge(
         self, tensors: Tensor, base: Tensor | None, params: dict[str, Tensor], ctx: TensorContext
@@ -79,8 +84,10 @@ MERGE_METHODS: Registry[MergeMethod] = Registry("merge method", prefix="paramete
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _per_model(values: Tensor, ndim: int) -> Tensor:
-    """Reshape ``(N,)`` per-model values to broadcast against ``(N, *shape)``."""
+def _per_model(values: Tensor, ndim: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Reshape ``(N,)`` per-model values to broadcast against ``(N, *shape)`` (in ``dtype``)."""
+    if dtype is not None:
+        values = values.to(dtype)
     return values.reshape(-1, *([1] * ndim))
 
 
@@ -143,13 +150,19 @@ def topk_mask(x: Tensor, density: Tensor) -> Tensor:
     flat = x.reshape(x.shape[0], -1)
     m = flat.shape[1]
     counts = [m if d >= 1 else (0 if d <= 0 else max(1, int(d * m))) for d in density.tolist()]
-    return _select_k(flat.abs(), counts, largest=True).reshape(x.shape)
+    return _select_k(_magnitudes(flat), counts, largest=True).reshape(x.shape)
+
+
+def _magnitudes(flat: Tensor) -> Tensor:
+    """``|flat|``, in float32 for half-precision inputs (exact; selection kernels want it)."""
+    mags = flat.abs()
+    return mags.float() if mags.dtype in (torch.bfloat16, torch.float16) else mags
 
 
 def bottomk_mask(x: Tensor, counts: list[int]) -> Tensor:
     """Mask of the ``counts[i]`` smallest-magnitude entries of each ``x[i]``."""
     flat = x.reshape(x.shape[0], -1)
-    return _select_k(flat.abs(), counts, largest=False).reshape(x.shape)
+    return _select_k(_magnitudes(flat), counts, largest=False).reshape(x.shape)
 
 
 def _norms(x: Tensor, how: bool | str) -> Tensor | None:
@@ -172,11 +185,11 @@ def _rescale(masked: Tensor, before: Tensor | None, density: Tensor, how: bool |
     ndim = masked.dim() - 1
     if how is True or how == "inverse_density":
         safe = torch.where(density > 0, density, torch.ones_like(density))
-        return masked.div_(_per_model(safe, ndim))
+        return masked.div_(_per_model(safe, ndim, masked.dtype))
     after = _norms(masked, how)
     eps = 1e-7
     scale = torch.where((before < eps) | (after < eps), torch.ones_like(before), before / after)
-    return masked.mul_(_per_model(scale, ndim))
+    return masked.mul_(_per_model(scale, ndim, masked.dtype))
 
 
 def _check_rescale(rescale: bool | str) -> bool | str:
@@ -231,16 +244,18 @@ def _combine(
 ) -> Tensor:
     """``theta_0 + scale * sum_i w_i tau_i [/ sum_i w_i]``, optionally over sign-agreeing entries.
 
-    ``deltas`` is scratch: it is overwritten (in-place ops keep peak memory near one copy).
+    The operations and their order are mergekit's (``GeneralizedTaskArithmeticMerge``), in the
+    dtype of ``deltas`` with the weights rounded to it, so a bfloat16 merge gives its bits.
+    ``deltas`` is scratch: it is overwritten.
     """
-    n = deltas.shape[0]
-    w = _per_model(weights, deltas.dim() - 1)
+    w = _per_model(weights, deltas.dim() - 1, deltas.dtype)
     weighted = deltas.mul_(w)
     if consensus is not None:
-        agree = _sign_mask(weighted, consensus)
-        mixed = weighted.mul_(agree).sum(dim=0)
-        divisor = (weights @ agree.reshape(n, -1).to(weighted.dtype)).reshape(mixed.shape)
+        agree = _sign_mask(weighted, consensus).to(weighted.dtype)
+        divisor = (w * agree).sum(dim=0)
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        mixed = weighted.mul_(agree).sum(dim=0)
+        del agree
     else:
         mixed = weighted.sum(dim=0)
         divisor = w.sum(dim=0)  # not near zero when normalizing: see _check_weight_sum
@@ -290,9 +305,13 @@ class Linear(_WeightedSum):
         self.normalize = _check_normalize(normalize)
 
     def merge(self, tensors, base, params, ctx):
-        w = _per_model(params["weight"], tensors.dim() - 1)
-        out = (tensors * w).sum(dim=0)
-        return out / w.sum(dim=0) if self.normalize else out
+        # mergekit's order: float32 (float64 for float64 inputs) addcmul over the models, then /sum
+        dtype = torch.float64 if tensors.dtype == torch.float64 else torch.float32
+        w = params["weight"].to(dtype)
+        out = torch.zeros(tensors.shape[1:], dtype=dtype)
+        for tensor, coefficient in zip(tensors, w):
+            out.addcmul_(tensor, coefficient)
+        return out.div_(w.sum()) if self.normalize else out
 
 
 @MERGE_METHODS.register("task_arithmetic")
@@ -303,6 +322,8 @@ class TaskArithmetic(_WeightedSum):
 
     mergekit: same as its ``task_arithmetic`` (YAML ``lambda`` is ``lambda_`` in Python).
     """
+
+    native_dtype = True
 
     def __init__(self, normalize: bool = False, lambda_: float = 1.0) -> None:
         self.normalize = _check_normalize(normalize)
@@ -331,6 +352,8 @@ class Ties(_WeightedSum):
     """
 
     model_params = {"weight": 1.0, "density": 1.0}
+
+    native_dtype = True
 
     def __init__(self, normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum") -> None:
         self.normalize = _check_normalize(normalize)
@@ -362,6 +385,8 @@ class DareLinear(_WeightedSum):
 
     model_params = {"weight": 1.0, "density": 1.0}
     random = True
+
+    native_dtype = True
 
     def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = True) -> None:
         self.normalize = _check_normalize(normalize)
@@ -414,6 +439,8 @@ class Breadcrumbs(_WeightedSum):
 
     model_params = {"weight": 1.0, "density": 1.0, "gamma": 0.01}
 
+    native_dtype = True
+
     def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = False) -> None:
         self.normalize = _check_normalize(normalize)
         self.lambda_ = _check_lambda(lambda_)
@@ -464,19 +491,44 @@ class Slerp(MergeMethod):
         self.t = checks.number(checks.key("t"), t, low=0.0, high=1.0)
 
     def merge(self, tensors, base, params, ctx):
-        a = base.reshape(-1).double()
-        b = tensors[0].reshape(-1).double()
-        t = self.t
-        na, nb = a.norm(), b.norm()
-        na = torch.where(na > 1e-8, na, torch.ones_like(na))
-        nb = torch.where(nb > 1e-8, nb, torch.ones_like(nb))
-        dot = float(((a / na) * (b / nb)).sum().clamp(-1, 1))
-        if abs(dot) > 0.9995:
-            return ((1 - t) * base + t * tensors[0])
-        omega = math.acos(dot)
-        s = math.sin(omega)
-        ca, cb = math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
-        return (ca * a + cb * b).reshape(base.shape).float()
+        return slerp(self.t, base, tensors[0])
+
+
+_SLERP_CHUNK = 1024 * 1024
+
+
+def slerp(t: float | Tensor, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation from ``v0`` (``t = 0``) to ``v1`` (``t = 1``), each tensor one
+    flat vector; linear where the normalised vectors are (anti)parallel (``|cos| > dot_threshold``).
+
+    The arithmetic is mergekit's ``slerp`` step for step (float32, or float64 for float64
+    inputs; norms and the dot product over chunks of 2**20 entries), so results agree bitwise.
+    """
+    dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a = v0.reshape(1, -1)
+    b = v1.reshape(1, -1)
+    t = torch.as_tensor(t).reshape(-1, 1).to(dtype)
+    if not a.shape[1]:
+        return ((1 - t) * a + t * b).reshape(v0.shape).to(v0.dtype)
+    chunks = range(0, a.shape[1], _SLERP_CHUNK)
+    norm_a = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(a[:, i:i + _SLERP_CHUNK].to(dtype), dim=1, keepdim=True) for i in chunks]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(b[:, i:i + _SLERP_CHUNK].to(dtype), dim=1, keepdim=True) for i in chunks]), dim=0)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    dot = torch.stack([
+        (a[:, i:i + _SLERP_CHUNK].to(dtype) / norm_a * (b[:, i:i + _SLERP_CHUNK].to(dtype) / norm_b)).sum(dim=1, keepdim=True)
+        for i in chunks]).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    result = torch.empty_like(a, dtype=dtype)
+    for i in chunks:
+        result[:, i:i + _SLERP_CHUNK] = coef_a * a[:, i:i + _SLERP_CHUNK].to(dtype) + coef_b * b[:, i:i + _SLERP_CHUNK].to(dtype)
+    return result.reshape(v0.shape)
 
 
 @MERGE_METHODS.register("model_stock")
@@ -526,7 +578,7 @@ def tall_masks(deltas: Tensor, lambdas: float | Tensor = 0.6, weights: Tensor | 
     ``theta_0 + m_t * tau_MTL`` approximates the model fine-tuned on task ``t``.
     """
     w = torch.ones(deltas.shape[0]) if weights is None else weights
-    weighted = deltas * _per_model(w, deltas.dim() - 1)
+    weighted = deltas * _per_model(w, deltas.dim() - 1, deltas.dtype)
     mtl = weighted.sum(dim=0)
     lam = torch.as_tensor(lambdas, dtype=deltas.dtype)
     if lam.dim() == 1:
@@ -555,7 +607,7 @@ class Consensus(MergeMethod):
         deltas = tensors - base
         masks = tall_masks(deltas, self.lambda_tall, params["weight"])
         keep = masks.sum(dim=0) >= self.k
-        mtl = (deltas * _per_model(params["weight"], deltas.dim() - 1)).sum(dim=0)
+        mtl = (deltas * _per_model(params["weight"], deltas.dim() - 1, deltas.dtype)).sum(dim=0)
         return base + self.lambda_ * mtl * keep
 
 
