@@ -409,9 +409,25 @@ class Precision:
             self.scaler.load_state_dict(state)
 
 
+def check_balancer(config: Any, balancer: nn.Module, ctx: DistContext) -> None:
+    """Refuse, in one line, what the balancer cannot do exactly in this run.
+
+    - ``train.accumulate: K > 1`` needs the balancer to accumulate per-task quantities (gradients,
+      Gramians, losses) across micro-batches before combining them (a callable ``accumulate``).
+    - ``train.strategy: fsdp`` at world size > 1: FSDP2's sharded parameters receive gradients only
+      through its backward hooks (reduce-scatter), while the balancers take ``torch.autograd.grad``
+      with respect to the parameters and reduce them themselves; a balancer that can leave the
+      reduction to FSDP says so with ``supports_fsdp = True``.
+    """
+    if ctx.enabled and config.train.strategy == "fsdp" and not getattr(balancer, "supports_fsdp", False):
+        raise ConfigError(f"train.strategy: fsdp is not supported with balancer {config.balancer.name!r} yet "
+                          "(it takes its gradients with autograd.grad, which FSDP2's sharded parameters do not "
+                          "receive); use strategy: ddp, which gives the same update")
+    check_accumulate(config, balancer)
+
+
 def check_accumulate(config: Any, balancer: nn.Module) -> None:
-    """``train.accumulate: K > 1`` needs the balancer to accumulate per-task quantities (gradients,
-    Gramians, losses) across micro-batches before combining them; refused until it can."""
+    """``train.accumulate: K > 1``: refused unless the balancer accumulates (see :func:`check_balancer`)."""
     k = config.train.accumulate
     if k > 1 and not callable(getattr(balancer, "accumulate", None)):
         raise ConfigError(f"train.accumulate: {k} micro-batches per step is not supported for balancer "
@@ -660,7 +676,7 @@ def _rebuild(kind: str, message: str) -> PolytaskError:
 
 
 __all__ = [
-    "DistContext", "PeerFailure", "Precision", "as_peer_failure", "StepContext", "check_accumulate", "read_checkpoint",
+    "DistContext", "PeerFailure", "Precision", "as_peer_failure", "StepContext", "check_accumulate", "check_balancer", "read_checkpoint",
     "sharded_evaluate", "all_reduce_min", "all_reduce_sum", "broadcast_object", "check_config",
     "check_same_config", "collective", "full_state_dict", "labelled_counts", "launch", "load_full_state",
     "setup", "shard_bounds", "sharded_predict", "with_full_masks", "wrap_model",

@@ -142,9 +142,9 @@ class Trainer:
         # the module the step runs: DDP (forward and balanced backward under no_sync: the balancer
         # reduces the gradients itself) or the model sharded in place by FSDP2; self.model stays the
         # plain module (FSDP: the same object) for evaluation and state
+        dist_lib.check_balancer(config, self.balancer, self.dist)
         self._step_model = dist_lib.wrap_model(self.model, self.dist, config.train.strategy, self.device)
         self.precision = dist_lib.Precision(config.train.precision, self.device)
-        dist_lib.check_accumulate(config, self.balancer)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.generator = torch.Generator().manual_seed(config.seed)
