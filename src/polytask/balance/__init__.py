@@ -1,6 +1,9 @@
 """Loss weighting and gradient aggregation ("balancers"), usable in any training loop.
 
 ``balance.get(name, **params)`` builds a balancer by name; ``balance.names()`` lists them.
+Every balancer's ``backward`` also runs under ``torch.distributed`` (``process_group=``: the step
+of the global batch on every rank; :mod:`polytask.balance.dist`) and skips a non-finite step
+(zero update, state kept, counted in ``skipped_steps``).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from typing import Any
 from polytask.balance import loss_weighting as _loss_weighting  # noqa: F401  (registers)
 from polytask.balance import loss_adaptive as _loss_adaptive  # noqa: F401  (registers)
 from polytask.balance import engine as _engine  # noqa: F401  (registers gradient balancers)
+from polytask.balance import dist
 from polytask.balance.base import Balancer, LossWeighting, stack_losses
 from polytask.balance.engine import GradientBalancer
 from polytask.balance.registry import BALANCERS
@@ -25,4 +29,4 @@ def names() -> list[str]:
     return BALANCERS.names()
 
 
-__all__ = ["BALANCERS", "Balancer", "GradientBalancer", "LossWeighting", "get", "names", "stack_losses"]
+__all__ = ["BALANCERS", "Balancer", "dist", "GradientBalancer", "LossWeighting", "get", "names", "stack_losses"]

@@ -22,41 +22,46 @@ or a ``{task: count}`` mapping) to make this exact under masks; without counts e
 the same (``n_rt = 1``: exact when the ranks' batches are labelled alike). A task with no labelled
 row on any rank has global loss 0 and no gradient.
 
-How (``sync_losses``, then the method's one exchange, then the gradient reduction):
+How: :func:`sync_losses` first, then the method's one exchange; everything after step 1 is a
+gradient of the scaled local losses ``c_rt L_rt``, whose SUM over the ranks is the global quantity.
 
 1. :func:`sync_losses` -- ONE all-reduce of ``[n_rt L_rt, n_rt, rows_r]`` (``2T + R`` numbers):
-   every rank gets the global losses ``L_t``, the counts ``N_t`` and the local loss scales
-   ``c_rt = n_rt / N_t`` (``Σ_r c_rt ∇L_rt = ∇L_t``). All later per-rank quantities are gradients
-   of the scaled local losses ``c_rt L_rt``, whose SUM over ranks is the global quantity.
-2. The method's exchange, one flat all-reduce (:func:`all_reduce_sum`), packed:
+   every rank gets the global losses ``L_t``, the counts ``N_t`` and its loss scales
+   ``c_rt = n_rt / N_t`` (``Σ_r c_rt ∇L_rt = ∇L_t``). A NaN/inf loss on any rank makes the global
+   loss non-finite everywhere, so every rank skips that step.
+2. The method's exchange (each row one flat all-reduce of packed tensors, :func:`all_reduce_sum`):
 
-   ===================================  ====================================================  ==========================
-   family                               what is reduced per step (after step 1)               numbers per step
-   ===================================  ====================================================  ==========================
-   loss-based (ew, uw, dwa, rlw, gls,   the gradients of ``Σ_t w_t c_rt L_rt`` (what DDP      ``P``
-   imtl_l, famo, stch)                  reduces anyway); weights from the global losses
-   gradnorm (``last_shared``)           ``c_rt ∇_W L_rt`` (``T x |W|``), then the gradients   ``T |W| + P``
-   gradnorm (``features``)              ``c_rt^2 ‖∇_z L_rt‖^2`` (``T``), then the gradients   ``T + P``
-   db_mtl                               ``c_rt ∇_θ L_rt`` (``T x D``) and the heads'          ``T D + P - D``
-                                        gradients, in one buffer
-   Gramian methods, feature level       the ``T x T`` Gramian of the scaled feature           ``T^2``, then ``P``
-   (mgda_ub, and any Gramian method     Jacobian (rank batches are disjoint: the global
-   with ``mode="features"``)            Gramian is the sum), then the gradients
-   parameter level (every gradient      the ``T x D`` Jacobian of the scaled losses w.r.t.    ``T D + (P - D)``
-   method with ``mode="parameters"``)   the shared parameters and the heads' gradients, in
-                                        one buffer; the update is computed identically on
-                                        every rank, no further reduction
-   graddrop, feature level              an all-gather of the ``T x b x d`` feature Jacobian   ``T B d`` (gathered)
-                                        (GradDrop's draws are per coordinate), then ``P``
-   ===================================  ====================================================  ==========================
+   ===============================  ===========================================================  =====================
+   balancer                         reduced per step after step 1                                 numbers
+   ===============================  ===========================================================  =====================
+   ew, uw, dwa, rlw, gls, imtl_l,   the gradients of ``Σ_t w_t c_rt L_rt`` (what DDP reduces      ``P``
+   famo, stch                       anyway); the weights come from the global losses
+   famo's ``post_step``             the post-step losses (as step 1)                              ``2T + R``
+   gradnorm, ``last_shared``        ``c_rt ∇_W L_rt``, then the gradients                         ``T |W|``, then ``P``
+   gradnorm, ``features``           ``c_rt^2 ‖∇_z L_rt‖^2`` (disjoint rows add up), then ``P``    ``T``, then ``P``
+   db_mtl                           ``c_rt ∇_θ L_rt / (L_t + eps)`` and the heads' gradients;     ``T D + P - D``
+                                    the update is then identical on every rank
+   gradient methods, parameter      the ``T x D`` Jacobian of the scaled losses and the heads'    ``T D + P - D``
+   level (``mode="parameters"``)    gradients; the update is then identical on every rank
+   Gramian methods, feature level   the ``T x T`` Gramian of the feature Jacobian (rank rows are   ``T^2``, then ``P``
+                                    disjoint: it is the sum of the ranks'); then the trunk's
+                                    and heads' gradients
+   graddrop, feature level          an all-gather of the ``T x b x d`` feature Jacobian (its      ``T B d`` gathered,
+                                    draws are per coordinate), each rank keeps its own rows       then ``P``
+   ===============================  ===========================================================  =====================
 
    ``T`` tasks, ``D`` shared parameter entries, ``P`` all parameter entries the losses reach,
-   ``d`` feature width, ``b``/``B`` rows per rank / in the global batch; bytes = numbers x the
-   element size of the losses' dtype. Every rank computes the same weights from the same
-   reduced numbers; random methods draw from a generator seeded identically on every rank
-   (:func:`shared_seed`: the balancer's ``seed`` if given, else rank 0's draw, broadcast once).
-3. The gradient reduction: the balancer sums the scaled per-rank gradients itself (one flat
-   all-reduce of ``P`` numbers where the update is not already identical on every rank).
+   ``|W|`` GradNorm's layer, ``d`` feature width, ``b`` / ``B`` rows on one rank / in the global
+   batch, ``R`` ranks; bytes = numbers x the element size of the losses' dtype (8 for float64).
+   Never a ``T x D`` gather: parameter-level Jacobians are summed in place. Under a group the
+   one-pass engine path with ``task_features`` is used as is; its linear-head Gramian shortcut
+   is not (the generic per-copy Gramian is, exact as well).
+3. Random methods draw from a generator seeded identically on every rank: the balancer's
+   ``seed`` if given, else rank 0's draw, broadcast once at the first step (:func:`shared_seed`)
+   and kept (and saved in ``state_dict()`` as ``rng_state``).
+
+Every rank decides from the same reduced numbers, so the weights, the state and the skip decision
+(a non-finite loss, Gramian, update or reduced gradient) agree on every rank.
 
 A user's own DDP loop: the balancer owns the reduction, so run the forward AND ``backward`` under
 ``ddp_model.no_sync()`` (DDP then only broadcasts buffers in forward), or do not wrap in DDP at all
@@ -73,10 +78,10 @@ A user's own DDP loop: the balancer owns the reduction, so run the forward AND `
 :attr:`polytask.balance.Balancer.reduces_gradients` is ``True`` for every balancer: with a process
 group, ``.grad`` is already the global gradient (a trainer must not reduce it again).
 
-Mixed precision: ``loss_scale=`` (a device tensor, e.g. ``scaler.get_scale()`` kept on device via
-``scaler._scale``) -- the balancer back-propagates ``loss_scale * objective`` so the backward does
-not underflow, computes weights from UNSCALED gradients/Gramians, and leaves ``.grad`` SCALED, as
-``GradScaler.step`` expects (it unscales). On a non-finite step ``.grad`` receives NaN instead of
+Mixed precision: ``loss_scale=`` (the loss scaler's scale as a device tensor: no host sync) --
+the balancer back-propagates the losses times ``loss_scale`` so the backward does not underflow,
+computes weights from UNSCALED gradients/Gramians (the Gramian of scaled gradients is not the
+Gramian), and leaves ``.grad`` SCALED, as ``GradScaler.step`` expects (it unscales). On a non-finite step ``.grad`` receives NaN instead of
 zeros so that the scaler sees the overflow, skips the optimizer step and lowers its scale; the
 balancer counts it in ``skipped_steps`` and keeps its state.
 """
