@@ -1,4 +1,4 @@
-"""Multi-task datasets and the batch convention of DESIGN.md.
+"""Multi-task datasets and the batch convention of docs/architecture.md.
 
 A batch is ``(inputs, targets, mask)``: ``inputs`` a Tensor ``(B, ...)`` or a dict of such tensors,
 ``targets`` a ``{task: Tensor}`` dict, ``mask`` a ``{task: BoolTensor (B,)}`` dict (True where the

@@ -1,4 +1,4 @@
-"""The contract every polytask model keeps (DESIGN.md, "Data flow of one training step").
+"""The contract every polytask model keeps (docs/architecture.md, "Data flow of one training step").
 
 A model is an ``nn.Module`` whose ``forward`` returns ``dict[task, Tensor]``; it says which
 parameters are shared (``shared_parameters()``) and, where it has one, exposes the shared
