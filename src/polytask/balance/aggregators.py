@@ -142,32 +142,45 @@ def _random_orders(n: int, device: torch.device, generator: torch.Generator | No
 class _LazyStateMixin:
     """State whose shape is only known at the first step (number of tasks, parameters), in buffers.
 
-    The buffers start empty; loading a state dict resizes them first, so save/restore works. The
-    0-d ``steps`` buffer counts the steps applied, and everything that is "fresh" (no state yet)
-    is decided from ``steps == 0`` on the device (``torch.where``), never from a buffer's shape: a
-    skipped non-finite step leaves ``steps`` as it was (the engine restores every buffer that kept
-    its shape), so state that the skipped step created lazily is ignored by the next one, and a
-    NaN at the first step cannot poison the method (:mod:`polytask.balance.engine`, ``_guarded``).
-    State dicts written before ``steps`` was a buffer (it was in ``get_extra_state``, under
-    ``_legacy_counter``) still load.
+    The buffers start empty; loading a state dict resizes them first, so save/restore works. Two
+    0-d buffers say what the state is worth: ``tasks``, the number of tasks it belongs to (0 before
+    the first applied step), and ``steps``, the steps applied to it. The state is fresh where
+    ``tasks != T`` (or a buffer was just resized), decided on the device with ``torch.where``, never
+    from a buffer's shape alone: a skipped non-finite step leaves both counters as they were (the
+    engine restores every buffer that kept its shape, :mod:`polytask.balance.engine`), so whatever
+    that step created lazily -- at the first step, or the first with another task set -- is
+    ignored by the next one, and a NaN there cannot poison the method. State dicts written before
+    the counters were buffers (``steps`` was in ``get_extra_state``, under ``_legacy_counter``)
+    still load.
     """
 
     _legacy_counter: ClassVar[str | None] = None
 
     def _init_steps(self) -> None:
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # type: ignore[attr-defined]
+        self.register_buffer("tasks", torch.zeros((), dtype=torch.long))  # type: ignore[attr-defined]
 
-    def _fresh(self) -> Tensor:
-        """0-d bool: no step applied yet."""
-        return self.steps == 0  # type: ignore[attr-defined]
+    def _fresh(self, n: int, resized: bool = False) -> Tensor:
+        """0-d bool: no state for these ``n`` tasks yet (``resized``: a buffer was just reallocated)."""
+        return (self.tasks != n) | resized  # type: ignore[attr-defined]
+
+    def _advance(self, fresh: Tensor, n: int) -> Tensor:
+        """Count this step (for ``n`` tasks); returns the number of steps applied before it (0 if fresh)."""
+        before = torch.where(fresh, 0, self.steps)  # type: ignore[attr-defined]
+        self.steps, self.tasks = before + 1, torch.full_like(self.tasks, n)  # type: ignore[attr-defined]
+        return before
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         legacy = state_dict.pop(prefix + "_extra_state", None)
-        if prefix + "steps" not in state_dict and "steps" in self._buffers:  # type: ignore[attr-defined]
-            count = legacy.get(self._legacy_counter, 0) if isinstance(legacy, dict) and self._legacy_counter else 0
-            if not self._legacy_counter:  # no counter saved: any saved state means steps were taken
-                count = int(any(k.startswith(prefix) and v.numel() > 0 for k, v in state_dict.items()))
-            state_dict[prefix + "steps"] = torch.tensor(int(count))
+        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and k[len(prefix):] in self._buffers}  # type: ignore[attr-defined]
+        if "steps" not in own:  # saved before the counters were buffers
+            if self._legacy_counter:
+                count = int(legacy.get(self._legacy_counter, 0)) if isinstance(legacy, dict) else 0
+            else:  # no counter saved: any saved state means steps were taken
+                count = int(any(v.numel() > 0 for v in own.values()))
+            sizes = [v.shape[0] for v in own.values() if v.ndim >= 1 and v.numel() > 0]
+            state_dict[prefix + "steps"] = torch.tensor(count)
+            state_dict[prefix + "tasks"] = torch.tensor(sizes[0] if sizes and count else 0)
         for name, buf in self._buffers.items():  # type: ignore[attr-defined]
             key = prefix + name
             if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
@@ -275,12 +288,14 @@ class GradVac(_LazyStateMixin, GramianWeighting):
 
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
-        if self.phi_hat.shape != (n, n):
+        resized = self.phi_hat.shape != (n, n)
+        if resized:
             self.phi_hat = torch.zeros(n, n, dtype=_SOLVE_DTYPE, device=gramian.device)
         orders = _random_orders(n, gramian.device, self.generator, True)
-        phi_hat = torch.where(self._fresh(), 0.0, self.phi_hat.to(gramian))
+        fresh = self._fresh(n, resized)
+        phi_hat = torch.where(fresh, 0.0, self.phi_hat.to(gramian))
         coef, self.phi_hat = gradvac_coefficients(gramian, phi_hat, orders, self.beta, self.eps)
-        self.steps = self.steps + 1
+        self._advance(fresh, n)
         return coef.sum(0)
 
 
@@ -541,16 +556,18 @@ class NashMTL(_LazyStateMixin, GramianWeighting):
 
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
-        if self.prev_weights.shape != (n,):
+        resized = self.prev_weights.shape != (n,)
+        if resized:
             self.prev_weights = torch.zeros(n, dtype=_SOLVE_DTYPE, device=gramian.device)
-        prev = torch.where(self._fresh(), 0.0, self.prev_weights.to(gramian))  # 0: no warm start (cold only)
-        due = self.steps % self.update_weights_every == 0
+        fresh = self._fresh(n, resized)
+        prev = torch.where(fresh, 0.0, self.prev_weights.to(gramian))  # 0: no warm start (cold only)
+        due = self._advance(fresh, n) % self.update_weights_every == 0
         if self.update_weights_every > 1 and _solvers._early_exit(gramian) and not bool(due):  # CPU: reading it is free
             solved = prev
         else:
             solved = power_fair_weights(gramian, 1.0, init=prev, iters=self.optim_niter + 10)
         w = torch.where(due, solved, prev)
-        self.prev_weights, self.steps = w, self.steps + 1
+        self.prev_weights = w
         if self.max_norm > 0:
             norm = (w @ gramian @ w).clamp_min(0.0).sqrt()
             w = torch.where(norm > self.max_norm, w * self.max_norm / norm.clamp_min(torch.finfo(w.dtype).tiny), w)
@@ -661,14 +678,16 @@ class ExcessMTL(_LazyStateMixin, Aggregator):
 
     def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
         n = jacobian.shape[0]
-        if self.sq_grad_sum.shape != jacobian.shape:
+        resized = self.sq_grad_sum.shape != jacobian.shape
+        if resized:
             self.sq_grad_sum = torch.zeros_like(jacobian)
             self.task_weights = torch.full((n,), 1.0 / n, dtype=jacobian.dtype, device=jacobian.device)
             self.warmup_sum = torch.zeros(n, dtype=jacobian.dtype, device=jacobian.device)
         if self.baseline.shape != (n,):  # (0,) in state dicts saved before the baseline was set
             self.baseline = torch.zeros(n, dtype=jacobian.dtype, device=jacobian.device)
         # Fresh state where no step was applied yet (not from the buffers: a skipped step may have filled them).
-        fresh, step = self._fresh(), self.steps + 1
+        fresh = self._fresh(n, resized)
+        step = self._advance(fresh, n) + 1
         sq = jacobian.detach() ** 2
         self.sq_grad_sum = torch.where(fresh, sq, self.sq_grad_sum + sq)
         weights = torch.where(fresh, 1.0 / n, self.task_weights)
@@ -684,7 +703,6 @@ class ExcessMTL(_LazyStateMixin, Aggregator):
         # Exponentiated gradient in log space: a huge excess risk saturates instead of overflowing.
         moved = torch.softmax(torch.log(weights) + self.robust_step_size * excess / (self.baseline + 1e-7), dim=0)
         self.task_weights = torch.where((step > warmup) & ~(first & (warmup == 0)), moved, weights)
-        self.steps = step
         return self.task_weights @ jacobian, self.task_weights
 
 
@@ -718,15 +736,16 @@ class MoCo(_LazyStateMixin, Aggregator):
 
     def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
         n = jacobian.shape[0]
-        if self.tracked.shape != jacobian.shape:
+        resized = self.tracked.shape != jacobian.shape
+        if resized:
             self.tracked = torch.zeros_like(jacobian)
             self.task_weights = torch.zeros(n, dtype=jacobian.dtype, device=jacobian.device)
         # The first applied step starts from Y = J and uniform weights (see _LazyStateMixin).
-        fresh, jac = self._fresh(), jacobian.detach()
+        fresh, jac = self._fresh(n, resized), jacobian.detach()
         tracked = torch.where(fresh, jac, self.tracked)
         self.tracked = tracked - self.beta * (tracked - jac)
         weights = torch.where(fresh, 1.0 / n, self.task_weights)
         gram = self.tracked @ self.tracked.T + self.rho * torch.eye(n, dtype=jacobian.dtype, device=jacobian.device)
         self.task_weights = project_simplex(weights - self.gamma * gram @ weights)
-        self.steps = self.steps + 1
+        self._advance(fresh, n)
         return self.task_weights @ self.tracked, self.task_weights
