@@ -358,7 +358,6 @@ class CAGrad(GramianWeighting):
         _check(c >= 0, f"cagrad: c must be >= 0, got {c}")
         self.c, self.norm_eps = c, norm_eps
 
-
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
         mean = torch.full((n,), 1.0 / n, dtype=gramian.dtype, device=gramian.device)
@@ -553,7 +552,6 @@ class NashMTL(_LazyStateMixin, GramianWeighting):
         self.register_buffer("prev_weights", torch.zeros(0, dtype=_SOLVE_DTYPE))
         self._init_steps()
 
-
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
         resized = self.prev_weights.shape != (n,)
@@ -591,7 +589,6 @@ class FairGrad(GramianWeighting):
         super().__init__()
         _check(alpha >= 0, f"fairgrad: alpha must be >= 0, got {alpha}")
         self.alpha, self.max_iters = alpha, max_iters
-
 
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
@@ -661,6 +658,7 @@ class ExcessMTL(_LazyStateMixin, Aggregator):
     """
 
     parameter_space_only = True
+    _legacy_counter = "steps"
 
     def __init__(self, robust_step_size: float = 1e-2, n_warmup_steps: int = 0) -> None:
         super().__init__()
@@ -672,9 +670,6 @@ class ExcessMTL(_LazyStateMixin, Aggregator):
         self.register_buffer("baseline", torch.zeros(0))
         self.register_buffer("warmup_sum", torch.zeros(0))
         self._init_steps()
-
-    _legacy_counter = "steps"
-
 
     def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
         n = jacobian.shape[0]
@@ -732,7 +727,6 @@ class MoCo(_LazyStateMixin, Aggregator):
         self.register_buffer("tracked", torch.zeros(0, 0))
         self.register_buffer("task_weights", torch.zeros(0))
         self._init_steps()
-
 
     def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
         n = jacobian.shape[0]
