@@ -153,6 +153,92 @@ def test_mismatched_configs_across_ranks_name_the_rank(tmp_path):
     assert not (tmp_path / "mismatch" / "checkpoints").exists()
 
 
+# float64, through the Trainer: several balancers in one launch, against one process
+BALANCERS = {  # a loss-based one with state and a post-step pass, learned weights in the optimizer,
+    "famo": {"name": "famo"},                                        # a Gramian method at feature
+    "uw": {"name": "uw"},                                            # level, parameter-level methods
+    "mgda_features": {"name": "mgda", "params": {"mode": "features"}},  # (one random), and masks
+    "nash_params": {"name": "nash_mtl", "params": {"mode": "parameters"}},
+    "pcgrad_params": {"name": "pcgrad", "params": {"mode": "parameters", "seed": 5}},
+}
+
+TRAINER_WORKER = """
+import json, sys, torch
+from safetensors.torch import save_file
+sys.path.insert(0, sys.argv[1])
+from test_train_dist import float64_run
+from polytask.train import dist as D
+ctx, _ = D.setup(torch.device("cpu"))
+for name in json.loads(sys.argv[3]):
+    float64_run(sys.argv[2], name)
+ctx.close()
+"""
+
+
+def float64_run(out: str, name: str) -> dict[str, torch.Tensor]:
+    """Train ``BALANCERS[name]`` for 2 epochs on digits in float64 (a quarter of task ``odd``'s rows
+    unlabelled), in this process or this rank; returns (and on rank 0 saves) the final weights."""
+    from safetensors.torch import save_file
+
+    from polytask import data as data_lib
+    from polytask import nn as nn_lib
+    from polytask.data.dataset import MultiTaskDataset, Splits
+    from polytask.train import Trainer
+
+    splits = data_lib.load("digits")
+
+    def double(ds, seed):
+        keep = torch.rand(len(ds), generator=torch.Generator().manual_seed(seed)) < 0.75
+        return MultiTaskDataset(ds.inputs.double(), {k: v.double() if v.is_floating_point() else v
+                                                     for k, v in ds.targets.items()}, {"odd": keep})
+
+    splits = Splits(splits.name, splits.tasks, double(splits.train, 1), double(splits.val, 2), double(splits.test, 3),
+                    splits.input_spec)
+    torch.manual_seed(0)
+    model = nn_lib.build_model("shared_bottom", splits.input_spec, splits.tasks, bottom=[16], tower=[8]).double()
+    cfg = parse_config({"name": name, "seed": 2, "device": "cpu", "out_dir": f"{out}/{{name}}",
+                        "balancer": BALANCERS[name], "optim": {"name": "adam", "lr": 0.01},
+                        "train": {"epochs": 2, "batch_size": 128, "early_stopping": None}})
+    trainer = Trainer(cfg, splits=splits, model=model, progress=False)
+    result = trainer.fit()
+    weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    if trainer.dist.is_main:
+        save_file(weights, f"{out}/{name}.safetensors")
+        (Path(out) / f"{name}.json").write_text(json.dumps({"val": result.val, "test": result.test,
+                                                            "balancer": {k: v.tolist() for k, v in
+                                                                         trainer.balancer.state_dict().items()}}))
+    return weights
+
+
+def test_trainer_float64_two_ranks_equal_one_process_for_balancers_of_every_family(tmp_path):
+    from safetensors.torch import load_file
+
+    names = list(BALANCERS)
+    script = tmp_path / "trainer_worker.py"
+    script.write_text(TRAINER_WORKER)
+    dist_out, one_out = tmp_path / "two", tmp_path / "one"
+    dist_out.mkdir(), one_out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script), str(Path(__file__).parent), str(dist_out), json.dumps(names)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reference = {name: float64_run(str(one_out), name) for name in names}  # meanwhile, in this process
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, err[-4000:]
+    for name in names:
+        got = load_file(str(dist_out / f"{name}.safetensors"))
+        for k, v in reference[name].items():
+            torch.testing.assert_close(got[k], v, rtol=1e-9, atol=1e-11, msg=f"{name}: {k}")
+        a = json.loads((one_out / f"{name}.json").read_text())
+        b = json.loads((dist_out / f"{name}.json").read_text())
+        for split in ("val", "test"):
+            for task, values in a[split].items():
+                for metric, value in values.items():
+                    assert b[split][task][metric] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, split, task)
+        for key, value in a["balancer"].items():  # the balancer's state too (FAMO's, UW's, Nash's warm start)
+            assert torch.allclose(torch.as_tensor(b["balancer"][key], dtype=torch.float64),
+                                  torch.as_tensor(value, dtype=torch.float64), rtol=1e-8, atol=1e-10), (name, key)
+
+
 # ---------------------------------------------------------------------------- precision, FSDP
 def test_bf16_two_processes_finish_finite(tmp_path):
     _train(_config(tmp_path, "bf16", **{"train.precision": "bf16", "train.epochs": 2}), "--nproc", "2")
