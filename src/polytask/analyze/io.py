@@ -42,12 +42,13 @@ def from_jsonable(value: Any) -> Tensor:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (tensors allowed) atomically as indented JSON."""
+    """Write ``payload`` (tensors allowed) atomically as indented JSON (the run directory's one
+    atomic writer: umask kept, no partial file left on a full disk)."""
+    from polytask.train.checkpoint import atomic_write_text
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(payload), indent=1))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(to_jsonable(payload), indent=1), error=DataError)
 
 
 def read_json(path: Path, kind: str | None = None) -> dict[str, Any]:
