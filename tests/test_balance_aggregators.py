@@ -205,7 +205,8 @@ def test_cagrad_matches_torchjd(name, jac, c):
     assert (ours - ref).norm().item() <= 1e-3 * scale + 1e-12
 
 
-def test_cagrad_with_a_zero_gradient_by_hand():
+@pytest.mark.parametrize("device_path", [False, True], ids=["cpu", "fixed_iterations"])
+def test_cagrad_with_a_zero_gradient_by_hand(device_path, monkeypatch):
     # J = [g1; g2; 0]: task 3 has no labelled rows. g1 = e1, g2 = (-2, 1), g0 = (-1/3, 1/3),
     # ||g0|| = sqrt(2)/3. The zero row makes min_i g_i.d <= 0, and the cone {d : d1 >= 0, d2 >= 2 d1}
     # is at distance 1/3 from g0 (its closest point is p = (0, 1/3)). For c < 1/sqrt(2) the ball
@@ -213,6 +214,10 @@ def test_cagrad_with_a_zero_gradient_by_hand():
     # d = g0 + c ||g0|| e1 = (-1/3 + c sqrt(2)/3, 1/3), weights (1/3 + c sqrt(2)/3, 1/3, 1/3).
     # For c >= 1/sqrt(2) the dual value is 0 (g_w = 0 at w = e3) and the answer is p, weights
     # (2/3, 1/3, 1/3): continuous in c, where torchjd 0.18 jumps to d = 0 (outside the ball).
+    if device_path:  # the accelerator's path: both solutions computed, torch.where picks
+        from polytask.balance import solvers
+
+        monkeypatch.setattr(solvers, "_early_exit", lambda t: False)
     jac = torch.tensor([[1.0, 0.0], [-2.0, 1.0], [0.0, 0.0]], dtype=DT)
     for c in [0.4, 0.7, 0.75, 1.0, 2.0]:
         shift = min(c * math.sqrt(2) / 3, 1 / 3)
