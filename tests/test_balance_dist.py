@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from contextlib import nullcontext
+from functools import partial
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from polytask import balance
 from polytask.balance import GradientBalancer
 from polytask.balance.registry import BALANCERS
+from polytask.errors import ConfigError
 
 TASKS = 3
 STEPS = 3
@@ -52,6 +54,9 @@ def _cases() -> list[tuple[str, str | None, str, tuple]]:
             for variant in ("plain", "masked"):
                 cases.append((name, None, variant, ()))
     cases.append(("gradnorm", None, "masked", (("layer", "features"),)))
+    for name, mode in (("ew", None), ("uw", None), ("famo", None), ("db_mtl", None), ("gradnorm", None), ("rlw", None),
+                       ("mgda", "parameters"), ("nash_mtl", "features"), ("pcgrad", "features"), ("moco", "parameters")):
+        cases.append((name, mode, "accumulate", ()))  # 2 micro-batches per rank and step
     for name, mode in (("rlw", None), ("pcgrad", "parameters"), ("graddrop", "features")):
         cases.append((name, mode, "unseeded", ()))  # rank 0's seed, broadcast: the ranks still agree
     for name, mode in (("ew", None), ("uw", None), ("famo", None), ("mgda", "parameters"), ("nash_mtl", "features"),
@@ -135,7 +140,7 @@ def losses_of(outputs, y, mask):
 def train(case, rank: int | None, group=None):
     """3 SGD steps of ``case`` on this rank's rows (all rows when ``rank`` is None); parameters and state."""
     name, mode, variant, _ = case
-    masked = variant == "masked"
+    masked = variant in ("masked", "accumulate")
     copies = variant == "task_features"
     model = Problem()
     b = build(case)
@@ -153,12 +158,20 @@ def train(case, rank: int | None, group=None):
             kwargs["process_group"] = group
             if masked:
                 kwargs["counts"] = mask.sum(0)
+        if variant == "accumulate" and group is not None:  # this rank's rows in two micro-batches
+            half = x.shape[0] // 2
+            for sub in (slice(0, half), slice(half, x.shape[0])):
+                losses = losses_of(model(x[sub]), y[sub], mask[sub])
+                call = b.accumulate if sub.start == 0 else partial(b.backward, process_group=group)
+                call(losses, shared=list(model.trunk.parameters()), features=model.z, counts=mask[sub].sum(0))
+            losses = None
         sync = runner.no_sync() if isinstance(runner, nn.parallel.DistributedDataParallel) else nullcontext()
         with sync:
-            outputs = runner(x, copies) if copies else runner(x)
-            losses = losses_of(outputs, y, mask)
-            b.backward(losses, shared=list(model.trunk.parameters()), features=model.z,
-                       **({"task_features": model.task_features} if copies else {}), **kwargs)
+            if variant != "accumulate" or group is None:
+                outputs = runner(x, copies) if copies else runner(x)
+                losses = losses_of(outputs, y, mask)
+                b.backward(losses, shared=list(model.trunk.parameters()), features=model.z,
+                           **({"task_features": model.task_features} if copies else {}), **kwargs)
         with torch.no_grad():
             for p in model.parameters():
                 if p.grad is not None:
@@ -288,3 +301,63 @@ def test_a_seeded_random_method_resumes_its_draws_from_the_state_dict():
     b = build(case)
     b.load_state_dict(a.state_dict())
     torch.testing.assert_close(_one_step(b), _one_step(a), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ gradient accumulation
+def train_accumulated(case, micro: int | None):
+    """3 SGD steps on the masked 12-row batches: one batch per step (``micro=None``) or ``micro`` micro-batches
+    through ``accumulate`` + ``backward`` (with labelled counts)."""
+    model, b = Problem(), build(case)
+    for step in range(STEPS):
+        x, y, mask = global_batch(step, True)
+        for p in model.parameters():
+            p.grad = None
+        parts = [slice(0, 12)] if micro is None else [slice(0, 5), slice(5, 12)]
+        for k, part in enumerate(parts):
+            losses = losses_of(model(x[part]), y[part], mask[part])
+            kwargs = {} if micro is None else {"counts": mask[part].sum(0)}
+            call = b.backward if k == len(parts) - 1 else b.accumulate
+            call(losses, shared=list(model.trunk.parameters()), features=model.z, **kwargs)
+        assert not b.accumulating
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.1 * p.grad
+            if b.needs_post_step_losses:  # the whole batch's losses after the step
+                b.post_step(losses_of(model(x), y, mask))
+        b.end_epoch()
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return params, {k: v for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+ACC_CASES = [c for c in CASES if c[2] == "plain"] + [("gradnorm", None, "plain", (("layer", "features"),))]
+
+
+@pytest.mark.parametrize("case", ACC_CASES, ids=[_ids(c) for c in ACC_CASES])
+def test_accumulating_two_micro_batches_equals_one_double_batch(case):
+    name, mode, _, extra = case
+    if (name == "graddrop" and mode == "features") or dict(extra).get("layer") == "features":
+        with pytest.raises(ConfigError, match="cannot accumulate"):
+            train_accumulated(case, 2)
+        return
+    got, got_state = train_accumulated(case, 2)
+    ref, ref_state = train_accumulated(case, None)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-11)
+    for k in ref_state:
+        if ref_state[k].dtype.is_floating_point:
+            torch.testing.assert_close(got_state[k], ref_state[k], rtol=1e-9, atol=1e-11, equal_nan=True, msg=k)
+
+
+def test_accumulation_can_fail_combining_each_micro_batch_is_not_the_batch_step():
+    """The wrong variant -- balance each micro-batch and add the updates -- differs for MGDA."""
+    case = ("mgda", "parameters", "plain", ())
+    model, b = Problem(), build(case)
+    x, y, mask = global_batch(0, True)
+    for part in (slice(0, 5), slice(5, 12)):
+        b.backward(losses_of(model(x[part]), y[part], mask[part]), shared=list(model.trunk.parameters()))
+    wrong = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    model2, b2 = Problem(), build(case)
+    b2.backward(losses_of(model2(x), y, mask), shared=list(model2.trunk.parameters()))
+    right = torch.cat([p.grad.reshape(-1) for p in model2.parameters() if p.grad is not None])
+    assert not torch.allclose(wrong / 2, right, rtol=1e-4)

@@ -107,6 +107,115 @@ class Balancer(nn.Module):
         bad = [n for n, good in zip(names, finite.tolist()) if not good] or list(names)
         raise TrainingError(f"non-finite loss or gradient for task(s) {', '.join(map(repr, bad))}")
 
+    # -- gradient accumulation (K micro-batches = one batch K times larger) ----------------------
+
+    def accumulate(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
+                   features: Tensor | None = None, *, task_features: Tensor | None = None,
+                   counts: Tensor | Sequence[float] | Mapping[str, Any] | None = None,
+                   loss_scale: Tensor | None = None, parameters: Iterable[Tensor] | None = None) -> None:
+        """Add one micro-batch (not the last) of a step; the next :meth:`backward` adds the last one and
+        makes the ONE update of the whole batch, exactly as if it had been one batch::
+
+            for k, (x, y, mask) in enumerate(micro_batches):          # K of them
+                out = model(x)
+                losses = ...
+                if k < K - 1:
+                    balancer.accumulate(losses, shared=..., features=..., counts=...)
+                else:
+                    balancer.backward(losses, shared=..., features=..., counts=..., process_group=...)
+            optimizer.step()
+
+        What is accumulated is per task, never the combined update: the per-task gradients of every
+        parameter the losses reach (``T x P`` numbers, one backward per task and micro-batch), the
+        losses and labelled counts (``counts=``: exact masked means over the whole batch), and, for
+        gradient methods at feature level, the ``T x T`` Gramian of the feature Jacobian (samples of
+        different micro-batches are disjoint: Gramians add up). ``.grad`` is not touched until the
+        last micro-batch. Under a process group the accumulated quantities are reduced once, at the
+        last micro-batch (one all-reduce of ``2T + T P + T^2`` numbers), replacing the per-step
+        exchange. Trade-off: memory ``T x P`` and ``T`` backward passes per micro-batch, for every
+        family (a loss-based method's weights depend on the losses of the whole batch, known only
+        at the end; the activations of earlier micro-batches are freed, not kept). Not available:
+        feature-level GradDrop (per-coordinate, it needs the features of every micro-batch) and
+        GradNorm with ``layer="features"``.
+        """
+        from polytask.balance import dist  # task_counts
+
+        self._check_accumulable()
+        vec = stack_losses(losses)
+        n = dist.task_counts(counts, list(losses), vec)
+        n = torch.ones_like(vec.detach()) if n is None else n
+        leaves = [p for p in parameters if p.requires_grad] if parameters is not None else graph_leaves(list(losses.values()))
+        feats = [features] if self._accumulates_gramian() else []
+        if feats and features is None:
+            raise ConfigError("balancer.accumulate: mode 'features' needs features= (the model's shared_features)")
+        scaled = vec if loss_scale is None else vec * loss_scale.to(vec)
+        rows = [torch.autograd.grad(scaled[t], [*feats, *leaves], retain_graph=True, allow_unused=True, materialize_grads=True)
+                for t in range(vec.shape[0])]
+        unscale = 1.0 if loss_scale is None else 1.0 / loss_scale.to(vec)
+        acc = self.__dict__.get("_pending")
+        if acc is None:
+            acc = self.__dict__["_pending"] = {"names": tuple(losses), "loss": torch.zeros_like(vec.detach()),
+                                                "count": torch.zeros_like(vec.detach()), "grads": {}, "gramian": None}
+        elif acc["names"] != tuple(losses):
+            raise ConfigError(f"balancer.accumulate: micro-batches of one step must have the same tasks, got "
+                              f"{', '.join(acc['names'])} then {', '.join(losses)}")
+        acc["loss"] += n * vec.detach()
+        acc["count"] += n
+        for i, p in enumerate(leaves):
+            g = torch.stack([r[len(feats) + i] for r in rows]).detach() * unscale
+            g = g * n.view(-1, *([1] * p.ndim)).to(g.dtype)
+            if id(p) in acc["grads"]:
+                acc["grads"][id(p)][1].add_(g)
+            else:
+                acc["grads"][id(p)] = (p, g)
+        if feats:
+            z = torch.stack([r[0].reshape(-1) for r in rows]).detach() * unscale * n[:, None]
+            gram = z @ z.T
+            acc["gramian"] = gram if acc["gramian"] is None else acc["gramian"] + gram
+
+    @property
+    def accumulating(self) -> bool:
+        """Whether micro-batches are waiting for the :meth:`backward` that ends the step."""
+        return self.__dict__.get("_pending") is not None
+
+    def _check_accumulable(self) -> None:
+        """ConfigError if this balancer cannot accumulate micro-batches exactly (see :meth:`accumulate`)."""
+
+    def _accumulates_gramian(self) -> bool:
+        """Whether :meth:`accumulate` keeps the feature Gramian (gradient methods at feature level)."""
+        return False
+
+    def _backward_accumulated(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None,
+                              features: Tensor | None, *, task_features: Tensor | None, process_group: Any,
+                              counts: Any, loss_scale: Tensor | None, parameters: Iterable[Tensor] | None) -> Tensor:
+        """The last micro-batch: add it, reduce over the ranks (one all-reduce), and make the update with
+        surrogate losses whose values are the whole batch's losses and whose gradients are its per-task
+        gradients (:class:`_Surrogate`) -- the balancer's own single-process code does the rest."""
+        from polytask.balance import dist
+
+        shared = None if shared is None else list(shared)
+        self.accumulate(losses, shared, features, task_features=task_features, counts=counts, loss_scale=loss_scale,
+                        parameters=parameters)
+        acc = self.__dict__.pop("_pending")
+        params = [p for p, _ in acc["grads"].values()]
+        grads = [g for _, g in acc["grads"].values()]
+        extra = [acc["gramian"]] if acc["gramian"] is not None else []
+        loss, count, *rest = dist.all_reduce_sum([acc["loss"], acc["count"], *grads, *extra], process_group) \
+            if process_group is not None else [acc["loss"], acc["count"], *grads, *extra]
+        grads, extra = rest[: len(grads)], rest[len(grads):]
+        safe = torch.where(count > 0, count, torch.ones_like(count))
+        loss = torch.where(count > 0, loss / safe, loss)
+        grads = [g / safe.view(-1, *([1] * (g.ndim - 1))).to(g.dtype) for g in grads]
+        gramian = extra[0] / (safe[:, None] * safe[None, :]).to(extra[0].dtype) if extra else None
+        surrogates = {name: _Surrogate.apply(loss[t], tuple(g[t] for g in grads), *params)
+                      for t, name in enumerate(acc["names"])}
+        return self._combine_accumulated(surrogates, shared, features, params, gramian, loss_scale)
+
+    def _combine_accumulated(self, surrogates: Mapping[str, Tensor], shared: list[Tensor] | None, features: Tensor | None,
+                             params: list[Tensor], gramian: Tensor | None, loss_scale: Tensor | None) -> Tensor:
+        """The update from the whole batch's surrogate losses (default: this balancer's own ``backward``)."""
+        return self.backward(surrogates, shared, features, loss_scale=loss_scale, parameters=params)
+
     def post_step(self, losses: Mapping[str, Tensor], *, process_group: Any = None,
                   counts: Tensor | Sequence[float] | Mapping[str, Any] | None = None) -> None:
         """Receive the losses of the same batch after the optimizer step (default: ignore).
@@ -147,6 +256,20 @@ class Balancer(nn.Module):
             parameters: every parameter to reduce over the ranks (default: those the losses reach).
         """
         raise NotImplementedError
+
+
+class _Surrogate(torch.autograd.Function):
+    """A scalar whose value is ``value`` and whose gradient w.r.t. each of ``params`` is the given tensor
+    (times the incoming gradient): an accumulated task loss, handed to a balancer's own ``backward``."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, grads: tuple[Tensor, ...], *params: Tensor) -> Tensor:
+        ctx.grads = grads
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
+        return (None, None, *(grad_out.to(g.dtype) * g for g in ctx.grads))
 
 
 def graph_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
@@ -242,6 +365,10 @@ class LossWeighting(Balancer):
                  counts=None, loss_scale=None, parameters=None) -> Tensor:
         from polytask.balance import dist  # the collectives: only with a process group
 
+        if self.accumulating:
+            return self._backward_accumulated(losses, shared, features, task_features=task_features,
+                                              process_group=process_group, counts=counts, loss_scale=loss_scale,
+                                              parameters=parameters)
         vec = stack_losses(losses)
         self.before_weights(losses, vec)
         sync = None

@@ -320,13 +320,17 @@ class GradientBalancer(Balancer):
                  features: Tensor | None = None, *, task_features: Tensor | None = None, process_group: Any = None,
                  counts: Any = None, loss_scale: Tensor | None = None, parameters: Iterable[Tensor] | None = None) -> Tensor:
         vec = stack_losses(losses)
+        self._seed_generator(vec.device, process_group)
+        if self.accumulating:
+            return self._backward_accumulated(losses, shared, features, task_features=task_features,
+                                              process_group=process_group, counts=counts, loss_scale=loss_scale,
+                                              parameters=parameters)
         shared_list = [p for p in shared if p.requires_grad] if shared is not None else []
         if task_features is None and self.mode == "features" and features is None:
             raise ConfigError("balancer mode 'features' needs features= (the model's shared_features)")
         if (self.mode == "parameters" or process_group is not None) and not shared_list:
             raise ConfigError("balancer mode 'parameters' needs shared= (the model's shared parameters)" if process_group is None
                               else "balancer.backward: process_group= needs shared= (the model's shared parameters)")
-        self._seed_generator(vec.device, process_group)
         if process_group is not None or loss_scale is not None:
             losses, vec = self._enter_step(losses, vec, features, task_features, process_group, counts, loss_scale)
         try:
@@ -337,6 +341,46 @@ class GradientBalancer(Balancer):
             return self._backward_parameters(losses, vec, shared_list)
         finally:
             self._ctx = None
+
+    # -- gradient accumulation (Balancer.accumulate) ---------------------------------------------
+
+    def _check_accumulable(self) -> None:
+        if self.mode == "features" and not _gramian_only(self.aggregator):
+            raise ConfigError(f"balancer {type(self.aggregator).__name__} at feature level cannot accumulate "
+                              "micro-batches (it works per feature coordinate); use mode='parameters'")
+
+    def _accumulates_gramian(self) -> bool:
+        return self.mode == "features"
+
+    def _combine_accumulated(self, surrogates: Mapping[str, Tensor], shared: list[Tensor] | None, features: Tensor | None,
+                             params: list[Tensor], gramian: Tensor | None, loss_scale: Tensor | None) -> Tensor:
+        """Parameter level: the engine's own path on the surrogate losses. Feature level: the weights of
+        the whole batch's feature Gramian, applied to the per-task gradients of the shared parameters
+        (through the features, ``∂z/∂θ^T Σ_t w_t ∇_z L_t = Σ_t w_t ∇_θ L_t``); heads their own gradient."""
+        if self.mode == "parameters":
+            return self.backward(surrogates, shared, None, loss_scale=loss_scale)
+        shared_list = [p for p in (shared or []) if p.requires_grad]
+        shared_ids = {id(p) for p in shared_list}
+        heads = [p for p in params if id(p) not in shared_ids]
+        vec = torch.stack(list(surrogates.values()))
+        per_task = [torch.autograd.grad(loss, [*shared_list, *heads], retain_graph=True, allow_unused=True,
+                                        materialize_grads=True) for loss in surrogates.values()]
+        jac = torch.stack([torch.cat([g.reshape(-1) for g in row[: len(shared_list)]]) for row in per_task])
+        head_grads = [sum(row[len(shared_list) + i] for row in per_task) for i in range(len(heads))]
+        before = self._snapshot()
+        weights = self.aggregator.weights(gramian.to(agg._SOLVE_DTYPE)).to(jac.dtype)
+        update = weights @ jac
+        ok = all_finite(vec.detach(), gramian, weights, update, *head_grads)
+        self._check_finite(ok, torch.cat([jac, vec.detach()[:, None]], dim=1), list(surrogates))
+        self._commit(ok, before)
+        fill = 0.0 if loss_scale is None else float("nan")
+        if loss_scale is not None:
+            update = update * loss_scale.to(update)
+            head_grads = [g * loss_scale.to(g) for g in head_grads]
+        _accumulate_flat(shared_list, update, ok, fill)
+        for p, g in zip(heads, head_grads):
+            _accumulate(p, _gate(ok, g, fill))
+        return torch.where(ok, weights, torch.zeros_like(weights)).detach()
 
     def _seed_generator(self, device: torch.device, group: Any) -> None:
         """Random aggregators (PCGrad's and GradVac's orders, GradDrop's masks) draw from a generator

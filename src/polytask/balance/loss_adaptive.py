@@ -173,6 +173,10 @@ class DBMTL(TaskStateBalancer):
     def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
                  features: Tensor | None = None, *, task_features: Tensor | None = None, process_group: Any = None,
                  counts: Any = None, loss_scale: Tensor | None = None, parameters: Any = None) -> Tensor:
+        if self.accumulating:
+            return self._backward_accumulated(losses, shared, features, task_features=task_features,
+                                              process_group=process_group, counts=counts, loss_scale=loss_scale,
+                                              parameters=parameters)
         vec = stack_losses(losses)
         self._bind(losses, vec)
         require_grad_fn(losses, "balancer 'db_mtl'")
@@ -340,6 +344,11 @@ class GradNorm(TaskStateBalancer):
 
     def weights(self, losses: Tensor) -> Tensor:
         return self.loss_weights.clone()
+
+    def _check_accumulable(self) -> None:
+        if self.layer == "features":
+            raise ConfigError("balancer 'gradnorm': layer='features' cannot accumulate micro-batches "
+                              "(use layer='last_shared', or one batch per step)")
 
     def after_backward(self, losses: Tensor, weights: Tensor) -> None:
         norms = self._norms.to(weights.dtype)
