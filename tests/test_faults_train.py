@@ -401,7 +401,8 @@ def test_full_disk_while_checkpointing_one_line_previous_checkpoint_intact(tmp_p
     monkeypatch.setattr(ckpt, "save_file", _safetensors_enospc)
     line = assert_one_line_exit_2(cli(monkeypatch, capsys, "train", config, "--resume", "--set", "train.epochs=2"),
                                   "cannot write", "No space left on device")
-    assert ("checkpoints/epoch-0002/" in line and "the checkpoint of epoch 1" in line) or "best/model.safetensors" in line
+    in_checkpoint = "checkpoints/epoch-0002/" in line and "the checkpoint of epoch 1" in line
+    assert in_checkpoint or "best/model.safetensors" in line
     monkeypatch.undo()
     epoch, parts = ckpt.load_checkpoint(run / "checkpoints")
     assert epoch == 1 and all(torch.equal(parts["model"][k], weights[k]) for k in weights)
@@ -715,8 +716,8 @@ def test_analyze_run_dir_with_a_mismatching_best_model_names_the_tensor(tmp_path
     stored = yaml.safe_load((run / "config.yaml").read_text())
     stored["model"]["params"]["tower"] = [6]
     (run / "config.yaml").write_text(yaml.safe_dump(stored))
-    assert_one_line_exit_2(cli(monkeypatch, capsys, "analyze", run, "--what", "conflict", "--every", "1"), "model.safetensors",
-                           "does not fit the model", "shape of")
+    assert_one_line_exit_2(cli(monkeypatch, capsys, "analyze", run, "--what", "conflict", "--every", "1"),
+                           "model.safetensors", "does not fit the model", "shape of")
 
 
 def test_report_out_errors_and_no_leftover(tmp_path, monkeypatch, capsys):
