@@ -204,7 +204,7 @@ dtype: bfloat16
 """)
     out = run_merge(cfg, tmp_path / "out")
     expected = merge_state_dicts(
-        "ties", models, base, normalize=False, lambda_=0.8, dtype="bfloat16",
+        "ties", models, base, normalize=False, lambda_=0.8, dtype="bfloat16", compute_dtype="bfloat16",
         model_params=[{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.3}, {"density": 0.3}],
     )
     got = load_state_dict(out)
@@ -220,7 +220,7 @@ dtype: bfloat16
         ("merge_method: ties\nbase_model: B\nmodels: [{model: M, parameters: {t: 0.5}}]\n", "per-model parameter 't'"),
         ("merge_method: ties\nbase_model: B\nmodels: [M]\nmodel_typo: 1\n", "model_typo"),
         ("merge_method: ties\nmodels: [M]\n", "needs a base"),
-        ("merge_method: ties\nbase_model: B\nmodels: [M]\nparameters: {density: [0.1, 0.5]}\n", "not supported"),
+        ("merge_method: ties\nbase_model: B\nmodels: [M]\nparameters: {density: [0.1, 0.5]}\n", "does not fit"),
         ("slices: []\nmerge_method: slerp\n", "slices"),
         ("merge_method: [", "invalid YAML"),
     ],

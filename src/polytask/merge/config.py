@@ -14,15 +14,21 @@ A config looks like mergekit's::
 
 Differences from mergekit (everything else means the same):
 
-- Computation is always float32. ``dtype`` is only the output dtype (``out_dtype``, if given,
-  wins); mergekit computes in ``dtype``, so ``dtype: bfloat16`` there rounds intermediate
-  results and can differ from ours in the last bits.
+- ``dtype`` is the compute dtype, as in mergekit: inputs are rounded to it, the task-arithmetic
+  family (``task_arithmetic``, ``ties``, ``dare_*``, ``breadcrumbs*``, ``della*``) computes in
+  it, ``linear``/``slerp`` compute in float32 from the rounded inputs, and the output is
+  written in it (``out_dtype``, if given, wins). Without ``dtype`` each tensor is merged in its
+  checkpoints' (promoted) dtype. ``compute_dtype: float32`` (polytask's key) computes in
+  float32 whatever ``dtype`` says (then ``dtype`` is only the output dtype). Deterministic
+  methods give mergekit's bits for the same config; methods outside that list compute in
+  float32 from the rounded inputs.
+- ``slices:`` (``sources`` with ``layer_range``), per-layer gradients (``t: [0, 0.5, 1]``)
+  and ``filter`` conditions follow mergekit; see :mod:`polytask.merge.plan`.
 - ``dare_*``: ``rescale: true`` is the paper's ``1/density``; mergekit's is L1-norm matching,
   written ``rescale: l1`` here. Random masks come from ``seed`` (same seed, same output).
 - TIES/Breadcrumbs: among exactly equal magnitudes at the trim threshold, the lowest indices
   are kept (mergekit: whatever an unstable sort gives).
-- Parameters are scalars: per-layer gradients (lists) and ``filter`` dicts, ``slices`` and
-  ``tokenizer_source`` other than ``base`` are not supported (ConfigError).
+- ``modules:`` and ``tokenizer_source`` other than ``base`` are not supported (ConfigError).
 - ``int8_mask`` is accepted and ignored (a memory option with no effect on the result).
 - Paths are local files or directories (no hub downloads). A relative path is read from the
   config file's folder when it exists there, else as given (from the working directory);
@@ -39,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from polytask.errors import ConfigError
 
@@ -58,18 +64,56 @@ class ModelEntry(BaseModel):
     model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+class SliceSource(BaseModel):
+    """One source of an output slice: the layers ``[start, end)`` of a model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+class SliceDef(BaseModel):
+    """An output slice: its sources (same number of layers each), base and parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
 
 class MergeConfig(BaseModel):
-    """A merge: the method, the base, the models and their parameters, the output format."""
+    """A merge: the method, the base, the models (or slices) and their parameters, the output format."""
 
     model_config = ConfigDict(extra="forbid")
 
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry]
+    models: list[ModelEntry] | None = None
+    slices: list[SliceDef] | None = Field(default=None, min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
+    compute_dtype: str | None = None
+    name: str | None = None  # mergekit-multi's name of this merge; no effect here
     seed: int = 0
     tokenizer_source: str | None = None
     max_shard_size: int | str = "5GB"
@@ -83,6 +127,17 @@ class MergeConfig(BaseModel):
         if isinstance(value, list):
             return [{"model": v} if isinstance(v, str) else v for v in value]
         return value
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeConfig:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of models and slices")
+        return self
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
 
     @field_validator("tokenizer_source")
     @classmethod
@@ -112,6 +167,8 @@ class MergeConfig(BaseModel):
         """The models to merge. For methods built on a base (task vectors, SLERP...), an entry of
         ``models`` that is the base is the base, not one more input (as in mergekit); methods
         without a base (``linear``) average every listed model."""
+        if self.models is None:
+            raise ConfigError("input_models: this config lists slices, not models")
         if not uses_base or self.base_model is None:
             return list(self.models)
         base = os.path.normpath(self.base_model)
@@ -130,8 +187,26 @@ class MergeConfig(BaseModel):
 
         return self.model_copy(update={
             "base_model": None if self.base_model is None else resolve(self.base_model),
-            "models": [e.model_copy(update={"model": resolve(e.model)}) for e in self.models],
+            "models": None if self.models is None else
+            [e.model_copy(update={"model": resolve(e.model)}) for e in self.models],
+            "slices": None if self.slices is None else [
+                sl.model_copy(update={
+                    "base_model": None if sl.base_model is None else resolve(sl.base_model),
+                    "sources": [src.model_copy(update={"model": resolve(src.model)}) for src in sl.sources],
+                }) for sl in self.slices],
         })
+
+    def model_paths(self) -> list[str]:
+        """Every model the config names (base first), once each, as written."""
+        paths = [] if self.base_model is None else [self.base_model]
+        for e in self.models or []:
+            paths.append(e.model)
+        for sl in self.slices or []:
+            paths.extend([*([sl.base_model] if sl.base_model else []), *(src.model for src in sl.sources)])
+        seen: dict[str, str] = {}
+        for p in paths:
+            seen.setdefault(os.path.normpath(p), p)
+        return list(seen.values())
 
 
 def load_merge_config(path: str | os.PathLike[str]) -> MergeConfig:
@@ -145,8 +220,6 @@ def load_merge_config(path: str | os.PathLike[str]) -> MergeConfig:
         raise ConfigError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a merge config must be a mapping with merge_method and models")
-    if "slices" in raw:
-        raise ConfigError(f"{p}: 'slices' is not supported; list whole models under 'models'")
     try:
         return MergeConfig.model_validate(raw)
     except ValidationError as exc:
@@ -174,40 +247,56 @@ def run_merge(
     instead of refusing. Errors are :class:`~polytask.errors.PolytaskError` subclasses naming the
     key, model or tensor.
     """
-    from polytask.merge import checks
-    from polytask.merge.engine import build_method, merge_checkpoints
+    from polytask.merge.engine import merge_planned
+    from polytask.merge.io import parse_dtype
+    from polytask.merge.plan import output_config, plan_config
 
     written = load_merge_config(config_path)
     config = written.with_paths_from(Path(config_path).parent)
-    from polytask.merge.methods import MERGE_METHODS
+    paths = config.model_paths()
+    labels = written.model_paths()  # errors name the models as the config writes them
+    source_of = _PathIndex({p: i for i, p in enumerate(paths)})
+    base_i = None if config.base_model is None else source_of[config.base_model]
+    roles = ["base model" if i == base_i else "input model" for i in range(len(paths))]
+    out_dtype = config.out_dtype or config.dtype
+    compute = config.compute_dtype or config.dtype or "auto"
+    for key, value in (("dtype", config.dtype), ("out_dtype", config.out_dtype), ("compute_dtype", config.compute_dtype)):
+        if value is not None:
+            try:
+                parse_dtype(value)
+            except Exception as exc:
+                raise ConfigError(f"{config_path}: {key}: {exc}") from None
+    reference = paths[base_i] if base_i is not None else paths[0]
+    extra = {"polytask_merge.yaml": Path(config_path).read_text()}
 
-    method_cls = MERGE_METHODS.lookup(config.merge_method)
-    method_params, defaults = config.split_parameters(set(getattr(method_cls, "model_params", {})))
-    for key, value in defaults.items():  # named as written (top level), not per model
-        checks.model_param(f"parameters.{key}", key, value)
-    method = build_method(config.merge_method, method_params)
-    entries = config.input_models(uses_base=method_cls.requires_base)
-    model_params = [{**defaults, **e.parameters} for e in entries]
-    as_written = {id(e): w.model for e, w in zip(config.models, written.models)}
-    labels = [as_written[id(e)] for e in entries]  # errors name the paths as the config writes them
-    if method_cls.requires_base and written.base_model is not None:
-        labels.append(written.base_model)
-    return merge_checkpoints(
-        method,
-        [e.model for e in entries],
-        config.base_model if method_cls.requires_base else None,
-        out_dir,
-        model_params=model_params,
-        dtype=config.out_dtype or config.dtype,
+    def plan_jobs(sources):  # type: ignore[no-untyped-def]
+        planned = plan_config(config, sources, source_of, labels)
+        changed = output_config(reference, planned.num_layers, None if out_dtype is None else parse_dtype(out_dtype))
+        if changed is not None:
+            extra["config.json"] = changed
+        return planned.jobs
+
+    return merge_planned(
+        paths, labels, roles, plan_jobs, out_dir,
+        dtype=out_dtype,
+        compute_dtype=compute,
         seed=config.seed,
         max_shard_size=config.max_shard_size,
         io_threads=config.io_threads,
         allow_pickle=config.allow_pickle if allow_pickle is None else allow_pickle,
         allow_nonfinite=allow_nonfinite,
         overwrite=overwrite,
-        strict_dtypes=config.strict_dtypes,
-        copy_files_from=config.base_model,
-        labels=labels,
-        extra_files={"polytask_merge.yaml": Path(config_path).read_text()},
+        copy_files_from=reference,
+        extra_files=extra,
         progress=progress,
     )
+
+
+class _PathIndex(dict):  # type: ignore[type-arg]
+    """Model path -> checkpoint index, looked up by normalised path."""
+
+    def __init__(self, items: dict[str, int]) -> None:
+        super().__init__({os.path.normpath(k): v for k, v in items.items()})
+
+    def __getitem__(self, key: str) -> int:
+        return super().__getitem__(os.path.normpath(key))

@@ -140,14 +140,15 @@ def build_method(method: str | MergeMethod, params: Mapping[str, Any] | None = N
 def resolve_model_params(
     method: MergeMethod, per_model: Sequence[Mapping[str, Any] | None], labels: Sequence[str]
 ) -> dict[str, Tensor]:
-    """Per-model parameters as ``(N,)`` float32 tensors, defaults filled in, unknown keys refused.
+    """Per-model parameters as ``(N,)`` float64 tensors, defaults filled in, unknown keys refused.
 
     Every value must be a finite number in its range (:data:`~polytask.merge.checks.MODEL_PARAM_RANGES`),
     and the method checks that they fit its settings (e.g. no normalisation by a zero weight sum).
     Errors name the model and the key: ``model ./math: parameters.density: must be in (0, 1], got 1.5``.
     """
     accepted = type(method).model_params
-    out = {key: torch.full((len(per_model),), float(default)) for key, default in accepted.items()}
+    out = {key: torch.full((len(per_model),), float(default), dtype=torch.float64)
+           for key, default in accepted.items()}
     for i, (params, label) in enumerate(zip(per_model, labels)):
         for key, value in (params or {}).items():
             if key not in accepted:
@@ -479,7 +480,8 @@ def merge_planned(
     before it returns), and stream the jobs into ``out_dir`` as :func:`merge_checkpoints` does.
     ``dtype`` is the output dtype of floating tensors (default: the job's reference input, the
     base if any, else the first input)."""
-    checked = [(role, label, p) for role, label, p in zip(roles, labels, paths)]
+    checked = sorted(((role, label, p) for role, label, p in zip(roles, labels, paths)),
+                     key=lambda r: r[0] != "input model")  # stable: inputs are named first
     if copy_role is not None and copy_files_from is not None:
         checked.append((copy_role, str(copy_files_from), copy_files_from))
     check_output_apart(out_dir, checked)
