@@ -195,14 +195,18 @@ def test_overwrite_leaves_only_the_new_run(tmp_path):
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["epoch"] == 3
 
 
-def test_non_run_folder_is_never_moved_or_deleted(tmp_path):
+def test_files_that_are_not_a_run_are_never_moved_or_deleted(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    for kw in ({}, {"overwrite": True}):
-        with pytest.raises(ConfigError, match="not a polytask run.*'notes.txt'"):
-            Trainer(_cfg(tmp_path), progress=False).fit(**kw)
-    assert (folder / "notes.txt").read_text() == "mine" and not rundir.aside_path(folder).exists()
+    Trainer(_cfg(tmp_path, **{"train.epochs": 1}), progress=False).fit()  # a folder of other files: used in place
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "summary.md").exists()
+    before = snapshot(folder)
+    with pytest.raises(ConfigError, match=r"files that are not a polytask run's \('notes.txt'\)"):
+        Trainer(_cfg(tmp_path), progress=False).fit(overwrite=True)  # a run beside them cannot move aside alone
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(_cfg(tmp_path), progress=False).fit()
+    assert snapshot(folder) == before and not rundir.aside_path(folder).exists()
 
 
 def test_next_command_restores_a_run_whose_overwrite_was_killed(tmp_path, caplog):
@@ -271,6 +275,7 @@ def _hold_lock(run_dir):
     code = ("import fcntl, os, sys, time\n"
             f"fd = os.open({str(run_dir / rundir.LOCK_NAME)!r}, os.O_RDWR | os.O_CREAT)\n"
             "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "os.ftruncate(fd, 0)\n"
             "os.pwrite(fd, str(os.getpid()).encode(), 0)\n"
             "print('locked', flush=True)\n"
             "time.sleep(60)\n")
@@ -416,6 +421,8 @@ def test_full_disk_while_checkpointing_one_line_previous_checkpoint_intact(tmp_p
 
 
 def _mount_tmpfs(path, size, *options):
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        pytest.skip("no mount command here")
     path.mkdir(parents=True, exist_ok=True)
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
                          capture_output=True, text=True)

@@ -364,15 +364,18 @@ def _restore(claim: RunClaim) -> None:
 
 
 def _move_aside(claim: RunClaim) -> None:
-    """Rename the run directory whole to ``.NAME.previous`` and lock a fresh, empty one."""
+    """Rename the run directory whole to ``.NAME.previous`` and lock a fresh, empty one. A folder
+    without files of a run is used as it is; one that mixes a run with other files is refused (the
+    other files are never moved or deleted)."""
     run_dir = claim.run_dir
     entries = [e.name for e in run_dir.iterdir() if e.name != LOCK_NAME]
-    if not entries:
+    ours = [e for e in entries if e in RUN_ENTRIES or e.endswith(PARTIAL)]
+    if not ours:
         return
-    foreign = sorted(e for e in entries if e not in RUN_ENTRIES and not e.endswith(PARTIAL))
-    if foreign and not (run_dir / "config.yaml").exists():
-        raise ConfigError(f"run directory {run_dir} holds files that are not a polytask run "
-                          f"({', '.join(map(repr, foreign[:3]))}); choose an empty or new out_dir")
+    foreign = sorted(e for e in entries if e not in ours)
+    if foreign:
+        raise ConfigError(f"run directory {run_dir} holds a run and files that are not a polytask run's "
+                          f"({', '.join(map(repr, foreign[:3]))}); move them, or choose another out_dir")
     aside = aside_path(run_dir)
     try:
         os.rename(run_dir, aside)
