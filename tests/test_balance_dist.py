@@ -58,7 +58,11 @@ def _cases() -> list[tuple[str, str | None, str, tuple]]:
                        ("mgda", "parameters"), ("nash_mtl", "features"), ("pcgrad", "features"), ("moco", "parameters")):
         cases.append((name, mode, "accumulate", ()))  # 2 micro-batches per rank and step
     for name, mode in (("rlw", None), ("pcgrad", "parameters"), ("graddrop", "features")):
-        cases.append((name, mode, "unseeded", ()))  # rank 0's seed, broadcast: the ranks still agree
+        cases.append((name, mode, "unseeded", ()))
+    for name in _methods():  # a NaN loss, or a NaN gradient under a finite loss, on rank 1 only at step 2
+        mode = "features" if name in ("mgda_ub", "graddrop") else None
+        cases.append((name, mode, "nan", ()))
+        cases.append((name, mode, "gradnan", ()))  # rank 0's seed, broadcast: the ranks still agree
     for name, mode in (("ew", None), ("uw", None), ("famo", None), ("mgda", "parameters"), ("nash_mtl", "features"),
                        ("pcgrad", "parameters")):
         cases.append((name, mode, "ddp", ()))
@@ -145,8 +149,11 @@ def train(case, rank: int | None, group=None):
     model = Problem()
     b = build(case)
     runner = model
+    extra_kwargs = {}
     if variant == "ddp" and group is not None:
         runner = nn.parallel.DistributedDataParallel(model, process_group=group, find_unused_parameters=True)
+        if b.__class__.__name__ != "GradientBalancer":
+            extra_kwargs = {"parameters": list(model.parameters())}  # reduce every parameter, used or not
     for step in range(STEPS):
         x, y, mask = global_batch(step, masked)
         part = rows_of(rank, masked)
@@ -155,6 +162,7 @@ def train(case, rank: int | None, group=None):
             p.grad = None
         kwargs = {}
         if group is not None:
+            kwargs.update(extra_kwargs)
             kwargs["process_group"] = group
             if masked:
                 kwargs["counts"] = mask.sum(0)
@@ -170,6 +178,9 @@ def train(case, rank: int | None, group=None):
             if variant != "accumulate" or group is None:
                 outputs = runner(x, copies) if copies else runner(x)
                 losses = losses_of(outputs, y, mask)
+                if variant in ("nan", "gradnan") and step == 1 and rank != 0:  # rank 1 (or the one process) only
+                    losses["t1"] = losses["t1"] * float("nan") if variant == "nan" else \
+                        losses["t1"] + torch.sqrt(model.z.sum() * 0.0)
                 b.backward(losses, shared=list(model.trunk.parameters()), features=model.z,
                            **({"task_features": model.task_features} if copies else {}), **kwargs)
         with torch.no_grad():
@@ -177,7 +188,7 @@ def train(case, rank: int | None, group=None):
                 if p.grad is not None:
                     p -= 0.1 * p.grad
             if b.needs_post_step_losses:
-                b.post_step(losses_of(model(x), y, mask), **kwargs)
+                b.post_step(losses_of(model(x), y, mask), **{k: v for k, v in kwargs.items() if k != "parameters"})
         b.end_epoch()
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     state = {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -223,6 +234,8 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks, case):
     assert not isinstance(got0, str), got0
     assert not isinstance(got1, str), got1
     (p0, s0), (p1, s1) = got0, got1
+    if case[2] in ("nan", "gradnan"):  # every rank skipped the step together, and counted it once
+        assert int(s0["skipped_steps"]) == 1 and int(s1["skipped_steps"]) == 1
     # no divergence: the ranks hold the same parameters and state, to the bit
     assert torch.equal(p0, p1)
     assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
