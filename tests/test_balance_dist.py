@@ -293,10 +293,10 @@ def test_loss_scale_leaves_grad_scaled_and_balances_the_unscaled_gradients(case)
     assert torch.isnan(bad).all() and int(scaled.skipped_steps) == 1
 
 
-def test_a_wrong_variant_is_caught_scaled_gradients_change_cagrad_weights():
-    """Proof that the test above can fail: CAGrad on gradients scaled by s gives other weights
-    (its regularisation is not scale-free), so balancing scaled gradients is not the same step."""
-    b = balance.get("cagrad")
+def test_a_wrong_variant_is_caught_scaled_gradients_change_upgrad_weights():
+    """Proof that the test above can fail: UPGrad on gradients scaled by s gives other weights
+    (its Gramian normalisation has an absolute threshold), so balancing scaled gradients is not the same step."""
+    b = balance.get("upgrad")
     model = Problem()
     x, y, mask = global_batch(0, True)
     losses = losses_of(model(x), y, mask)
