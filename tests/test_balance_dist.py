@@ -293,10 +293,10 @@ def test_loss_scale_leaves_grad_scaled_and_balances_the_unscaled_gradients(case)
     assert torch.isnan(bad).all() and int(scaled.skipped_steps) == 1
 
 
-def test_a_wrong_variant_is_caught_scaled_gradients_change_upgrad_weights():
-    """Proof that the test above can fail: UPGrad on gradients scaled by s gives other weights
-    (its Gramian normalisation has an absolute threshold), so balancing scaled gradients is not the same step."""
-    b = balance.get("upgrad")
+def test_a_wrong_variant_is_caught_scaled_gradients_change_nash_mtl_weights():
+    """Proof that the test above can fail: Nash-MTL's weights solve ``G w = 1/w``, so on gradients scaled
+    by s they scale by 1/s: balancing scaled gradients is not the same step."""
+    b = balance.get("nash_mtl")
     model = Problem()
     x, y, mask = global_batch(0, True)
     losses = losses_of(model(x), y, mask)
