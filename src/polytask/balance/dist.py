@@ -63,10 +63,20 @@ gradient of the scaled local losses ``c_rt L_rt``, whose SUM over the ranks is t
 Every rank decides from the same reduced numbers, so the weights, the state and the skip decision
 (a non-finite loss, Gramian, update or reduced gradient) agree on every rank.
 
+Gradient accumulation (``balancer.accumulate(...)`` for micro-batches 1..K-1, then ``backward``
+for the last, see :meth:`polytask.balance.Balancer.accumulate`): the per-task quantities of the K
+micro-batches are kept locally and reduced ONCE, at the last micro-batch (``2T + T P`` numbers, plus
+``T^2`` at feature level), instead of the per-step exchanges above.
+
+Every rank must reach the same parameters in the same order: loss balancers reduce what their
+graph walk finds unless ``parameters=`` is given (pass ``model.parameters()`` for routed models
+whose graph differs between ranks); gradient methods reduce ``shared`` and the task-specific
+parameters found by their walk, which must then be alike on every rank.
+
 A user's own DDP loop: the balancer owns the reduction, so run the forward AND ``backward`` under
 ``ddp_model.no_sync()`` (DDP then only broadcasts buffers in forward), or do not wrap in DDP at all
-(broadcast the initial parameters once). Every rank's losses must reach the same parameters
-(pass ``parameters=model.parameters()`` for routed models whose graph differs between ranks)::
+(broadcast the initial parameters once). ``find_unused_parameters=True`` is harmless (tested
+with an unused parameter); DDP's own all-reduce never runs, so no "marked ready twice"::
 
     with ddp_model.no_sync():
         out = ddp_model(x)

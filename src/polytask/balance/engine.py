@@ -46,7 +46,14 @@ with ``L_t.backward()``; only the shared part is aggregated.
 A step whose aggregated gradient is not finite (NaN/inf loss or gradient) writes nothing but
 zeros, leaves the aggregator's state untouched and increments the ``skipped_steps`` buffer --
 all without host synchronisation (``nan_policy="raise"`` instead synchronises and raises
-:class:`~polytask.errors.TrainingError` naming the tasks).
+:class:`~polytask.errors.TrainingError` naming the tasks); the guard is the one of
+:class:`~polytask.balance.base.Balancer`, shared with the loss balancers.
+
+Under ``torch.distributed`` (``backward(..., process_group=group, counts=...)``) the same paths run
+on each rank's scaled losses, with one exchange where the Gramian or the Jacobian is formed
+(:mod:`polytask.balance.dist`: parameter level sums the ``T x D`` Jacobian; feature level sums the
+``T x T`` Gramian, then the trunk's gradients); ``loss_scale=`` makes the aggregation see unscaled
+gradients while ``.grad`` stays scaled.
 """
 
 from __future__ import annotations
@@ -282,6 +289,9 @@ class GradientBalancer(Balancer):
         trunk_batched: with ``task_features`` in parameter mode, carry the ``T`` feature-gradient
             rows through the trunk in one vectorised backward, or one pass per task (default:
             measured faster on CPU).
+        seed: random aggregators (PCGrad, GradVac, GradDrop) draw from a generator with this seed
+            (saved in ``state_dict()`` as ``rng_state``); None: the global generator, or under a
+            process group rank 0's seed, broadcast once.
 
     ``backward(..., task_features=...)`` takes the model's ``task_features`` (see the module
     docstring); ``features`` is then the tensor it copies (``shared_features``), or ``None`` /
