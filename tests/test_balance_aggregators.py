@@ -44,6 +44,10 @@ def _cases() -> list[tuple[str, torch.Tensor]]:
     cases.append(("zero_row", torch.stack([g[0], torch.zeros_like(g[0]), g[1]])))
     cases.append(("T1", _random(1, 30, 5)))
     cases.append(("T32", _random(32, 50, 6)))
+    j = _random(4, 30, 7)  # scaled inputs, as torchjd's tests have them (STYLE.md, smell 5)
+    cases.append(("scale1e-10", j * 1e-10))
+    cases.append(("scale1e10", j * 1e10))
+    cases.append(("rows1e-6to1e6", j * torch.tensor([[1e-6], [1e-2], [1e2], [1e6]], dtype=DT)))
     return cases
 
 
@@ -170,18 +174,27 @@ def test_excess_mtl_first_step_and_second_step_by_hand():
 def test_upgrad_and_dualproj_match_torchjd(name, jac):
     pytest.importorskip("qpsolvers")
     pytest.importorskip("quadprog")
-    _close(agg.UPGrad()(jac), tja.UPGrad()(jac), 1e-7)
-    _close(agg.DualProj()(jac), tja.DualProj()(jac), 1e-7)
+    # torchjd counts a Jacobian with ||J||_F^2 < 1e-4 as zero (its norm_eps; ours defaults to 0, so
+    # that small gradients are not averaged into a conflicting update): compare at unit norm, scaled
+    norm = jac.norm()
+    _close(agg.UPGrad()(jac), norm * tja.UPGrad()(jac / norm), 1e-7)
+    _close(agg.DualProj()(jac), norm * tja.DualProj()(jac / norm), 1e-7)
+    if norm ** 2 >= 1e-4:  # where torchjd normalises too, equal as they are
+        _close(agg.UPGrad()(jac), tja.UPGrad()(jac), 1e-7)
+        _close(agg.UPGrad(norm_eps=1e-4)(jac * 1e-3), tja.UPGrad()(jac * 1e-3), 1e-7)  # torchjd's threshold, on request
 
 
 def _projection_on_dual_cone(jac: torch.Tensor) -> torch.Tensor:
     """cvxpy (Clarabel): the point of ``{d : J d >= 0}`` closest to the mean gradient."""
     cp = pytest.importorskip("cvxpy")
     pytest.importorskip("clarabel")
-    j = jac.numpy()
-    d = cp.Variable(j.shape[1])
-    cp.Problem(cp.Minimize(cp.sum_squares(d - j.mean(0))), [j @ d >= 0]).solve(cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
-    return torch.tensor(d.value, dtype=DT)
+    # the cone and the projection are scale-invariant: unit rows, unit g0, scaled back
+    rows = (jac / jac.norm(dim=1, keepdim=True).clamp_min(1e-300)).numpy()
+    g0 = jac.mean(0)
+    d = cp.Variable(jac.shape[1])
+    cp.Problem(cp.Minimize(cp.sum_squares(d - (g0 / g0.norm()).numpy())), [rows @ d >= 0]).solve(
+        cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    return torch.tensor(d.value, dtype=DT) * g0.norm()
 
 
 @peer
@@ -190,12 +203,15 @@ def _projection_on_dual_cone(jac: torch.Tensor) -> torch.Tensor:
 def test_cagrad_matches_torchjd(name, jac, c):
     pytest.importorskip("cvxpy")
     pytest.importorskip("clarabel")
-    ours, ref = agg.CAGrad(c=c)(jac), tja.CAGrad(c=c)(jac)
+    # torchjd returns 0 whenever ||J||_F^2 < norm_eps = 1e-4; ours normalises every scale (the
+    # update is homogeneous in J): compare with torchjd at unit norm, scaled back
+    ours, ref = agg.CAGrad(c=c)(jac), jac.norm() * tja.CAGrad(c=c)(jac / jac.norm())
     if ref.abs().max() == 0 and jac.mean(0).norm() > 0:
         # torchjd's "Pareto front" branch (||g_w|| < norm_eps): it returns 0, which lies outside the
         # ball ||d - g0|| <= c ||g0|| for c < 1. The dual value is 0 there, every d of the ball with
         # J d >= 0 is optimal, and ours is the one closest to g0: the projection (checked with cvxpy).
-        assert name in ("zero_row", "opposite")  # the degenerate cases of CASES, and only those
+        # A 1e-6 row next to a 1e6 one is such a zero row at that precision.
+        assert name in ("zero_row", "opposite", "rows1e-6to1e6")  # the degenerate cases of CASES, and only those
         _close(ours, _projection_on_dual_cone(jac), 1e-6)
         assert (ours - jac.mean(0)).norm() <= c * jac.mean(0).norm() * (1 + 1e-9)
         return
@@ -571,6 +587,25 @@ def test_fixed_iteration_path_equals_early_exit(name, jac, monkeypatch):
     monkeypatch.setattr(solvers, "_early_exit", lambda t: False)
     for m, e in zip(methods, early):
         _close(m(jac), e, 1e-9)
+
+
+# (factory, degree): the update of s J is s^degree times that of J (Nash-MTL's w scales as 1/s,
+# FairGrad's as s^(-2 alpha / (1 + alpha))); degree 1 for the others.
+HOMOGENEOUS = {"mgda": (agg.MGDA, 1.0), "imtl_g": (agg.IMTLG, 1.0), "aligned_mtl": (agg.AlignedMTL, 1.0),
+               "config": (agg.ConFIG, 1.0), "cagrad": (agg.CAGrad, 1.0), "upgrad": (agg.UPGrad, 1.0),
+               "dualproj": (agg.DualProj, 1.0), "nash_mtl": (lambda: agg.NashMTL(max_norm=0.0), 0.0),
+               "fairgrad": (lambda: agg.FairGrad(alpha=2.0), -1.0 / 3.0)}
+
+
+@pytest.mark.parametrize("scale", [1e-10, 1e-3, 1e10])
+@pytest.mark.parametrize("name", sorted(HOMOGENEOUS))
+def test_update_is_homogeneous_in_the_gradients(name, scale):
+    # No absolute threshold decides the method: small gradients (late in training) get the same
+    # method as large ones. torchjd's CAGrad returns 0, and its UPGrad/DualProj the (conflicting)
+    # mean gradient, once ||J||_F^2 < 1e-4 -- scale 1e-3 here.
+    make, degree = HOMOGENEOUS[name]
+    for jac in (_random(4, 30, 7), torch.stack([_random(1, 30, 8)[0], -_random(1, 30, 8)[0] + 0.3 * _random(1, 30, 9)[0]])):
+        _close(make()(jac * scale), scale ** degree * make()(jac), 1e-9)
 
 
 # --- state and printing ------------------------------------------------------------------------

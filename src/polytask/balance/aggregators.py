@@ -347,6 +347,8 @@ class CAGrad(GramianWeighting):
     Pareto-stationary point with ``c >= 1`` it is 0. torchjd 0.18 (and this class before) returns 0
     in all these cases, a point outside the ball when ``c < 1``; the authors' code returns
     ``g0 + c ||g0|| g_w / (||g_w|| + 1e-8)`` for whatever tiny ``g_w`` its SLSQP stops at.
+    torchjd also returns 0 whenever ``||J||_F^2 < norm_eps`` (small gradients, late in training);
+    here ``J`` is normalised at every scale, so the update of ``s J`` is ``s`` times that of ``J``.
 
     Args:
         c: radius of the ball, relative to ``||g0||`` (the paper uses 0.4-0.5).
@@ -363,7 +365,7 @@ class CAGrad(GramianWeighting):
         mean = torch.full((n,), 1.0 / n, dtype=gramian.dtype, device=gramian.device)
         if self.c == 0:
             return mean
-        g = _normalize(gramian, self.norm_eps)
+        g = _normalize(gramian, 0.0)  # scale-invariant: CAGrad's update is homogeneous in J
         v, solved = cagrad_dual(g, self.c)
         w = v / v.sum().clamp_min(torch.finfo(g.dtype).tiny)
         gw_norm = (w @ g @ w).clamp_min(0.0).sqrt()
@@ -376,9 +378,11 @@ class CAGrad(GramianWeighting):
     def _stationary_weights(g: Tensor, mean: Tensor) -> Tensor:
         """Weights of the projection of ``g0 = J^T mean`` on ``{d : J d >= 0}``: ``mean + lambda`` with
         ``lambda = argmin_{lambda >= 0} 1/2 ||g0 + J^T lambda||^2`` (the projection's dual, a
-        non-negative QP on the Gramian; ``1e-12 I`` keeps it definite when gradients are dependent)."""
-        eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-        return mean + nonneg_qp(g + 1e-12 * eye, mean @ g)
+        non-negative QP on the Gramian). ``1e-12 diag(G)`` keeps it definite when gradients are
+        dependent; relative to each task's own scale, so a 1e-6 gradient beside a 1e6 one still
+        constrains the update (the cone does not depend on the rows' scales)."""
+        reg = 1e-12 * g.diagonal().clamp_min(torch.finfo(g.dtype).tiny)
+        return mean + nonneg_qp(g + torch.diag_embed(reg), mean @ g)
 
 
 class IMTLG(GramianWeighting):
@@ -455,9 +459,17 @@ class UPGrad(GramianWeighting):
     normalised by its trace and regularised by ``reg_eps I`` as in torchjd; the ``T``
     non-negative QPs are solved together by :func:`~polytask.balance.solvers.nonneg_qp`.
     The update never conflicts with any task gradient (non-negative inner products).
+
+    Args:
+        norm_eps: ``||J||_F^2`` below which the Jacobian counts as zero (then the weights are
+            ``u``, the mean). 0 (default): every scale is normalised, so the update of ``s J`` is
+            ``s`` times that of ``J``. torchjd's default 1e-4 turns UPGrad into the mean gradient,
+            which conflicts, as soon as the gradients are that small.
+        reg_eps: ``reg_eps I`` added to the normalised Gramian (torchjd's default).
+        pref_vector: ``u`` (default ``1/T`` each).
     """
 
-    def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4, pref_vector: list[float] | None = None) -> None:
+    def __init__(self, norm_eps: float = 0.0, reg_eps: float = 1e-4, pref_vector: list[float] | None = None) -> None:
         super().__init__()
         _check(norm_eps >= 0 and reg_eps >= 0, "upgrad: norm_eps and reg_eps must be >= 0")
         self.norm_eps, self.reg_eps = norm_eps, reg_eps
@@ -476,10 +488,10 @@ class DualProj(GramianWeighting):
     The projection of Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning",
     NeurIPS 2017 (Eq. 11), as used by Quinton & Rey, "Jacobian Descent for Multi-Objective
     Optimization", 2024: ``w = argmin_{v >= u} v^T G v`` with ``u = 1/T`` (or ``pref_vector``).
-    Same normalisation/regularisation as :class:`UPGrad`.
+    Same normalisation/regularisation as :class:`UPGrad`, and the same ``Args``.
     """
 
-    def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4, pref_vector: list[float] | None = None) -> None:
+    def __init__(self, norm_eps: float = 0.0, reg_eps: float = 1e-4, pref_vector: list[float] | None = None) -> None:
         super().__init__()
         _check(norm_eps >= 0 and reg_eps >= 0, "dualproj: norm_eps and reg_eps must be >= 0")
         self.norm_eps, self.reg_eps = norm_eps, reg_eps
