@@ -114,9 +114,12 @@ class TaskStateBalancer(LossWeighting, LazyBuffers):
     """A loss-based balancer with per-task state, created at the first step.
 
     Subclasses create their buffers empty in ``__init__``, implement :meth:`_init_state` (fill
-    them for ``T`` tasks from the first step's detached losses) and name one buffer of shape
-    ``(T, ...)`` in ``_state_buffer`` so that a loaded state can be checked against the tasks.
-    The learnable quantities are trained by the balancer itself (``optimizes_itself``).
+    them for ``T`` tasks with values that do not depend on the losses' values -- a skipped first
+    step must leave the state as fresh) and name one buffer of shape ``(T, ...)`` in
+    ``_state_buffer`` so that a loaded state can be checked against the tasks. They update their
+    state in :meth:`~polytask.balance.base.LossWeighting.after_backward` from the (global) losses;
+    the template ``backward`` undoes it on a skipped step. The learnable quantities are trained by
+    the balancer itself (``optimizes_itself``).
     """
 
     optimizes_itself: bool = True
@@ -221,16 +224,3 @@ def flat_jacobian(vec: Tensor, inputs: Sequence[Tensor]) -> Tensor:
     """
     grads = task_jacobian(list(vec.unbind()), list(inputs), batched=False)
     return torch.cat([g.reshape(vec.shape[0], -1) for g in grads], dim=1)
-
-
-def add_to_grads(params: Sequence[Tensor], flat: Tensor) -> None:
-    """Accumulate the flat vector ``flat`` (concatenated in ``params`` order) into ``.grad``."""
-    offset = 0
-    for p in params:
-        n = p.numel()
-        piece = flat[offset:offset + n].view_as(p).to(p.dtype)
-        offset += n
-        if p.grad is None:
-            p.grad = piece.clone()
-        else:
-            p.grad.add_(piece)

@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from polytask.balance import aggregators as agg
 from polytask.balance import dist
-from polytask.balance.base import Balancer, all_finite, stack_losses
+from polytask.balance.base import Balancer, accumulate_grads, all_finite, stack_losses
 from polytask.balance.registry import BALANCERS
 from polytask.errors import ConfigError
 
@@ -244,10 +244,7 @@ def _accumulate_flat(params: list[Tensor], flat: Tensor, ok: Tensor, fill: float
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
     """``param.grad += grad``; ``grad`` must be a fresh tensor (it is stored, not copied)."""
-    if param.grad is None:
-        param.grad = grad.detach()
-    else:
-        param.grad.add_(grad)
+    accumulate_grads([param], [grad])
 
 
 class _StepContext(NamedTuple):
