@@ -20,6 +20,7 @@ import torch
 
 from polytask import balance
 from polytask.balance import GradientBalancer, solvers
+from polytask.balance.aggregators import GramianWeighting
 from polytask.balance.registry import BALANCERS
 from polytask.nn import build_model
 from polytask.tasks import Task
@@ -125,10 +126,16 @@ def test_non_finite_step_is_skipped_exactly(name, bad, value):
 @pytest.mark.parametrize("bad", [0, 2], ids=["step1", "step3"])
 @pytest.mark.parametrize("name", [n for n in GRADIENT_BALANCERS
                                   if not balance.get(n).aggregator.parameter_space_only])
-def test_non_finite_step_is_skipped_exactly_in_feature_mode_one_pass(name, bad):
+def test_non_finite_step_is_skipped_exactly_in_feature_mode_one_pass(name, bad, monkeypatch):
     """Feature mode from ``task_features``: the Gramian-only source (linear heads) for the methods
     that need only the Gramian, which calls ``weights(G)`` directly, the one-pass path for the others."""
+    calls = []
+    original = GradientBalancer._backward_linear_heads
+    monkeypatch.setattr(GradientBalancer, "_backward_linear_heads", lambda *a, **k: calls.append(1) or original(*a, **k))
     _check_skip_is_exact(name, bad, float("nan"), one_pass=True, mode="features")
+    aggregator = balance.get(name).aggregator
+    gramian_only = isinstance(aggregator, GramianWeighting) and type(aggregator).aggregate is GramianWeighting.aggregate
+    assert (len(calls) > 0) == gramian_only  # the path named above did run
 
 
 @pytest.mark.parametrize("name", GRADIENT_BALANCERS)
