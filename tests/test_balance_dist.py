@@ -374,3 +374,17 @@ def test_accumulation_can_fail_combining_each_micro_batch_is_not_the_batch_step(
     b2.backward(losses_of(model2(x), y, mask), shared=list(model2.trunk.parameters()))
     right = torch.cat([p.grad.reshape(-1) for p in model2.parameters() if p.grad is not None])
     assert not torch.allclose(wrong / 2, right, rtol=1e-4)
+
+
+def test_bad_counts_and_mismatched_micro_batches_are_named():
+    model, b = Problem(), balance.get("ew")
+    x, y, mask = global_batch(0, True)
+    with pytest.raises(ConfigError, match="'t2'"):
+        b.accumulate(losses_of(model(x), y, mask), counts={"t0": 3, "t1": 4})
+    with pytest.raises(ConfigError, match="2 entries for 3 tasks"):
+        b.accumulate(losses_of(model(x), y, mask), counts=torch.tensor([1.0, 2.0]))
+    b.accumulate(losses_of(model(x), y, mask))
+    assert b.accumulating
+    losses = losses_of(model(x), y, mask)
+    with pytest.raises(ConfigError, match="same tasks"):
+        b.backward({"t0": losses["t0"], "t1": losses["t1"]})
