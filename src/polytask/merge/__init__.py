@@ -29,6 +29,7 @@ from polytask.merge.io import (
     save_state_dict,
 )
 from polytask.merge.methods import MERGE_METHODS, MergeMethod, TensorContext, tall_masks
+from polytask.merge import selection as _selection  # noqa: F401  (registers its methods)
 
 __all__ = [
     "MERGE_METHODS",

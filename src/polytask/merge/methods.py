@@ -94,9 +94,10 @@ def _per_model(values: Tensor, ndim: int, dtype: torch.dtype | None = None) -> T
 def _select_k(values: Tensor, counts: list[int], largest: bool) -> Tensor:
     """Boolean mask of ``counts[i]`` entries of row ``i`` of ``values`` ``(N, M)``.
 
-    Entries are taken by value (largest or smallest first); among exactly equal values at the
-    threshold, lower indices win, so the result is deterministic (a sort would leave it to the
-    sort's implementation). O(M) per row (an exact selection, no sort).
+    Entries are taken by value (largest or smallest first). O(M) per row (an exact selection, no
+    sort), except where exactly equal values straddle the threshold (common in bfloat16): then
+    the row is ordered by ``torch.argsort`` as mergekit orders it, so the same entries are kept
+    as there (bit-identical merges).
     """
     n, m = values.shape
     mask = torch.zeros_like(values, dtype=torch.bool)
@@ -111,7 +112,11 @@ def _select_k(values: Tensor, counts: list[int], largest: bool) -> Tensor:
         keep = row > threshold if largest else row < threshold
         need = count - int(torch.count_nonzero(keep))
         tied = (row == threshold).nonzero().squeeze(1)
-        keep[tied[:need]] = True
+        if need < tied.numel():  # which tied entries are kept: mergekit's sort decides
+            keep = torch.zeros_like(keep)
+            keep[torch.argsort(row, descending=largest)[:count]] = True
+        else:
+            keep[tied[:need]] = True
         mask[i] = keep
     return mask
 
