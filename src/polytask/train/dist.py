@@ -128,6 +128,8 @@ def setup(device: torch.device) -> tuple[DistContext, torch.device]:
 def check_config(config: Any, world_size: int, device: torch.device) -> None:
     """Refuse, in one line naming the key, what cannot run at this world size on this device."""
     t = config.train
+    if world_size < 1:
+        raise ConfigError(f"--nproc: expected a positive number of processes, got {world_size}")
     if world_size > 1 and t.batch_size % world_size:
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by the world size {world_size} "
                           f"(each rank reads batch_size / world size rows of every global batch)")
@@ -429,7 +431,7 @@ def check_balancer(config: Any, balancer: nn.Module, ctx: DistContext) -> None:
 def check_accumulate(config: Any, balancer: nn.Module) -> None:
     """``train.accumulate: K > 1``: refused unless the balancer accumulates (see :func:`check_balancer`)."""
     k = config.train.accumulate
-    if k > 1 and not callable(getattr(balancer, "accumulate", None)):
+    if k > 1 and not callable(getattr(balancer, "accumulate", None)):  # balance.Balancer.accumulate
         raise ConfigError(f"train.accumulate: {k} micro-batches per step is not supported for balancer "
                           f"{config.balancer.name!r} (it would combine each micro-batch's gradients, not the "
                           f"whole batch's); use accumulate: 1 with train.batch_size {k * config.train.batch_size}")
@@ -454,17 +456,45 @@ class StepContext:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.counts: Tensor | None = None
         self.rows = 0
+        # train.accumulate: K batches of batch_size rows make one optimizer step (the last step of
+        # an epoch takes what is left), exactly one batch K times larger (the balancer accumulates)
+        self.k = train_config.accumulate
+        self.batches = math.ceil(len(trainer.train_set) / train_config.batch_size)
+        self.index = 0
+        self.group_size = 1
+        self.group: list[tuple[Any, Tensor, Tensor | None]] = []  # earlier micro-batches of this step
         self._num: list[Tensor] = []
         self._den: list[Tensor] = []
 
+    def begin(self) -> tuple[bool, bool]:
+        """Whether the next batch opens an optimizer step, and whether it closes it."""
+        i = self.index
+        self.index += 1
+        self.group_size = min(self.k, self.batches - i // self.k * self.k)
+        return i % self.k == 0, (i + 1) % self.k == 0 or i + 1 == self.batches
+
     def prepare(self, batch: Any) -> Any:
         """This rank's batch with a mask for every task, and its labelled counts per task."""
-        if not self.ctx.enabled:
+        if not self.ctx.enabled and self.k == 1:
             return batch
-        batch = with_full_masks(batch, self.names)
+        if self.ctx.enabled:
+            batch = with_full_masks(batch, self.names)
         self.rows = _rows(batch.inputs)
         self.counts = labelled_counts(batch, self.names, self.device)
         return batch
+
+    def keep(self, batch: Any, vec: Tensor) -> None:
+        """Remember an earlier micro-batch of this step (for the logged loss and FAMO's post-step)."""
+        self.group.append((batch, vec, self.counts))
+
+    def accumulate_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"counts": self.counts}
+        if self.ctx.enabled:
+            kwargs["parameters"] = self.params
+        scale = self.precision.loss_scale()
+        if scale is not None:
+            kwargs["loss_scale"] = scale
+        return kwargs
 
     def no_sync(self) -> Any:
         """DDP's ``no_sync()``: the balancer reduces the gradients itself (once per step)."""
@@ -475,13 +505,31 @@ class StepContext:
         kwargs: dict[str, Any] = {}
         if self.ctx.enabled:
             kwargs.update(process_group=self.ctx.group, counts=self.counts, parameters=self.params)
+        elif self.k > 1:
+            kwargs["counts"] = self.counts
         scale = self.precision.loss_scale()
         if scale is not None:
             kwargs["loss_scale"] = scale
         return kwargs
 
-    def post_step_kwargs(self) -> dict[str, Any]:
-        return {"process_group": self.ctx.group, "counts": self.counts} if self.ctx.enabled else {}
+    def post_step_losses(self, batch: Any, losses_of: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The losses of the step's batch after the optimizer step (FAMO), and ``post_step``'s
+        keyword arguments: with micro-batches, each is evaluated again and their masked means are
+        combined into the whole batch's (labelled counts passed along)."""
+        batches = [b for b, _, _ in self.group] + [batch]
+        counts = [c for _, _, c in self.group] + [self.counts]
+        with torch.no_grad(), self.precision.autocast():
+            each = [losses_of(self.model(b.inputs), b.targets, b.mask) for b in batches]
+        kwargs: dict[str, Any] = {"process_group": self.ctx.group} if self.ctx.enabled else {}
+        if len(each) == 1:
+            if self.counts is not None:
+                kwargs["counts"] = self.counts
+            return each[0], kwargs
+        total = torch.stack(counts).sum(0)
+        combined = {name: sum(e[name] * c[i] for e, c in zip(each, counts)) / total[i].clamp_min(1)
+                    for i, name in enumerate(self.names)}
+        kwargs["counts"] = total
+        return combined, kwargs
 
     def aux_backward(self, aux: Tensor) -> None:
         """A model's auxiliary loss (a mean over the batch's rows): its global-batch gradient is the
@@ -489,6 +537,8 @@ class StepContext:
         scale = self.precision.loss_scale()
         if scale is not None:
             aux = aux * scale
+        if self.k > 1:  # micro-batches of one step: their mean (exact for equal micro-batches)
+            aux = aux / self.group_size
         if not self.ctx.enabled:
             aux.backward(retain_graph=True)
             return
@@ -516,11 +566,19 @@ class StepContext:
         self.optimizer.step()
 
     def logged_losses(self, vec: Tensor) -> Tensor:
-        """Keep this rank's share of the step's task losses for the epoch-end reduction."""
+        """The step's task losses for the log: with micro-batches, their masked means combined; under
+        a process group, this rank's share is kept for the epoch-end reduction."""
+        if not self.ctx.enabled and self.k == 1:
+            return vec
+        parts = [(v, c) for _, v, c in self.group] + [(vec, self.counts)]
+        self.group = []
+        num = sum(torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) * c for v, c in parts)
+        den = sum(c for _, c in parts)
         if self.ctx.enabled:
-            self._num.append(torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0) * self.counts)
-            self._den.append(self.counts)
-        return vec
+            self._num.append(num)
+            self._den.append(den)
+            return vec
+        return torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
 
     def end_epoch(self, loss_sum: Tensor, weight_sum: Tensor, first_bad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The epoch's logged values over all ranks: the sum over steps of each global-batch task
@@ -676,8 +734,9 @@ def _rebuild(kind: str, message: str) -> PolytaskError:
 
 
 __all__ = [
-    "DistContext", "PeerFailure", "Precision", "as_peer_failure", "StepContext", "check_accumulate", "check_balancer", "read_checkpoint",
-    "sharded_evaluate", "all_reduce_min", "all_reduce_sum", "broadcast_object", "check_config",
-    "check_same_config", "collective", "full_state_dict", "labelled_counts", "launch", "load_full_state",
-    "setup", "shard_bounds", "sharded_predict", "with_full_masks", "wrap_model",
+    "DistContext", "PeerFailure", "Precision", "StepContext", "all_reduce_min", "all_reduce_sum", "as_peer_failure",
+    "broadcast_object", "check_accumulate", "check_balancer", "check_config", "check_same_config", "collective",
+    "full_state_dict", "is_sharded", "labelled_counts", "launch", "load_full_state", "read_checkpoint", "report_error",
+    "setup", "shard_bounds",
+    "sharded_evaluate", "sharded_predict", "with_full_masks", "wrap_model",
 ]

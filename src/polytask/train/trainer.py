@@ -206,7 +206,9 @@ class Trainer:
         step = dist_lib.StepContext(self, cfg)
         for batch in self.train_set.batches(cfg.batch_size, shuffle=True, generator=self.generator,
                                             shard=step.shard):
-            self.optimizer.zero_grad(set_to_none=True)
+            first, last = step.begin()  # train.accumulate: this batch's place in the optimizer step
+            if first:
+                self.optimizer.zero_grad(set_to_none=True)
             batch = step.prepare(batch)
             with step.no_sync(), self.precision.autocast():
                 outputs = self._step_model(batch.inputs)
@@ -220,14 +222,18 @@ class Trainer:
                 step.aux_backward(aux)
             extra = {"task_features": self.model.task_features} if self._pass_task_features else {}
             with step.no_sync():
+                if not last:  # an earlier micro-batch: the balancer keeps its per-task quantities
+                    self.balancer.accumulate(losses, shared=shared, features=getattr(self.model, "shared_features", None),
+                                             **extra, **step.accumulate_kwargs())
+                    step.keep(batch, vec)
+                    continue
                 weights = self.balancer.backward(losses, shared=shared,
                                                  features=getattr(self.model, "shared_features", None), **extra,
                                                  **step.balancer_kwargs(batch))
             step.optimizer_step(cfg.grad_clip)
-            if self.balancer.needs_post_step_losses:
-                with torch.no_grad(), self.precision.autocast():
-                    after = self._losses(self.model(batch.inputs), batch.targets, batch.mask)
-                self.balancer.post_step(after, **step.post_step_kwargs())
+            if self.balancer.needs_post_step_losses:  # the step's batch (all its micro-batches) again
+                after, kwargs = step.post_step_losses(batch, self._losses)
+                self.balancer.post_step(after, **kwargs)
             vec = step.logged_losses(vec)
             loss_sum += vec
             weight_sum += weights.to(dev, torch.float32)
@@ -274,6 +280,7 @@ class Trainer:
                 "reference_losses": self.reference_losses,
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                "grad_scaler": self.precision.state_dict(),  # fp16: the loss scale and its growth tracker
             },
         }
 
@@ -298,6 +305,7 @@ class Trainer:
         torch.set_rng_state(t["torch_rng"])
         if t["cuda_rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(t["cuda_rng"])
+        self.precision.load_state_dict(t.get("grad_scaler"))
 
     # ------------------------------------------------------------------ run
     def fit(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
