@@ -25,7 +25,10 @@ from torch import nn
 
 from polytask import balance
 from polytask.balance import GradientBalancer
+from polytask.balance.engine import _gramian_only
 from polytask.balance.registry import BALANCERS
+from polytask.nn import build_model
+from polytask.tasks import Task
 from polytask.errors import ConfigError
 
 TASKS = 3
@@ -50,6 +53,8 @@ def _cases() -> list[tuple[str, str | None, str, tuple]]:
             for mode in modes:
                 for variant in ("plain", "masked", "task_features"):
                     cases.append((name, mode, variant, ()))
+                if mode == "features" and _gramian_only(b.aggregator):
+                    cases.append((name, mode, "linear_heads", ()))  # the engine's Gramian-only source
         else:
             for variant in ("plain", "masked"):
                 cases.append((name, None, variant, ()))
@@ -141,9 +146,40 @@ def losses_of(outputs, y, mask):
     return out
 
 
+def train_linear_heads(case, rank: int | None, group=None):
+    """``train`` for a polytask shared-bottom model whose heads read per-task copies (``task_features``): the
+    feature Gramian comes from the heads' linear layer without the feature Jacobian (spied: it must run)."""
+    tasks = [Task(f"t{t}", "regression") for t in range(TASKS)]
+    torch.manual_seed(0)
+    model = build_model("shared_bottom", 4, tasks, bottom=(9, 20), tower=()).double().expose_task_features()
+    b = build(case)
+    calls = []
+    original = b._backward_linear_heads
+    b._backward_linear_heads = lambda *args, **kwargs: (calls.append(1), original(*args, **kwargs))[1]
+    for step in range(STEPS):
+        x, y, mask = global_batch(step, True)
+        part = rows_of(rank, True)
+        x, y, mask = x[part], y[part], mask[part]
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        losses = losses_of([out[t.name] for t in tasks], y, mask)
+        kwargs = {} if group is None else {"process_group": group, "counts": mask.sum(0)}
+        b.backward(losses, shared=list(model.shared_parameters()), features=model.shared_features,
+                   task_features=model.task_features, **kwargs)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.1 * p.grad
+    assert len(calls) == STEPS, f"the linear-head path ran {len(calls)} times in {STEPS} steps"
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return params, {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
 def train(case, rank: int | None, group=None):
     """3 SGD steps of ``case`` on this rank's rows (all rows when ``rank`` is None); parameters and state."""
     name, mode, variant, _ = case
+    if variant == "linear_heads":
+        return train_linear_heads(case, rank, group)
     masked = variant in ("masked", "accumulate")
     copies = variant == "task_features"
     model = Problem()

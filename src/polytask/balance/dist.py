@@ -53,9 +53,9 @@ gradient of the scaled local losses ``c_rt L_rt``, whose SUM over the ranks is t
    ``T`` tasks, ``D`` shared parameter entries, ``P`` all parameter entries the losses reach,
    ``|W|`` GradNorm's layer, ``d`` feature width, ``b`` / ``B`` rows on one rank / in the global
    batch, ``R`` ranks; bytes = numbers x the element size of the losses' dtype (8 for float64).
-   Never a ``T x D`` gather: parameter-level Jacobians are summed in place. Under a group the
-   one-pass engine path with ``task_features`` is used as is; its linear-head Gramian shortcut
-   is not (the generic per-copy Gramian is, exact as well).
+   Never a ``T x D`` gather: parameter-level Jacobians are summed in place. The engine's one-pass
+   paths with ``task_features`` (including the linear-head Gramian, which also sums over samples)
+   run on each rank's scaled losses with the same exchanges.
 3. Random methods draw from a generator seeded identically on every rank: the balancer's
    ``seed`` if given, else rank 0's draw, broadcast once at the first step (:func:`shared_seed`)
    and kept (and saved in ``state_dict()`` as ``rng_state``).

@@ -461,25 +461,29 @@ class GradientBalancer(Balancer):
         return 0.0 if self._ctx is None else self._ctx.fill
 
     def _features_step(self, rows: Tensor, source: Tensor, batch_dim: int, shared: list[Tensor], heads: list[Tensor],
-                       head_grads: list[Tensor], names: list[str]) -> Tensor:
+                       head_grads: list[Tensor], names: list[str], gramian: Tensor | None = None,
+                       combine: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """Feature level under a process group / loss scale. ``rows``: ``(T, m)``, this rank's feature Jacobian of its
         scaled losses at ``source`` (rows ``batch_dim`` of ``source`` are this rank's samples).
 
         Gramian methods: the global Gramian is the sum of the ranks' (disjoint samples): one ``T x T`` all-reduce;
         every rank solves the same weights and back-propagates its own rows' combination; the trunk's and
         heads' gradients are then summed in one all-reduce. Other methods (GradDrop, per coordinate): the
-        rows are gathered, aggregated identically, and each rank keeps its own samples' part.
+        rows are gathered, aggregated identically, and each rank keeps its own samples' part. ``gramian`` and
+        ``combine`` (weights -> this rank's combined feature gradient) replace ``rows @ rows.T`` and
+        ``weights @ rows`` where the Gramian comes without the rows (linear heads; ``rows`` then only name
+        bad tasks).
         """
         ctx = self._ctx
         n = rows.shape[0]
         before = self._snapshot()
         scale = None if ctx.loss_scale is None else ctx.loss_scale.to(rows)
         if _gramian_only(self.aggregator):
-            (gramian,) = ctx.reduce([rows.detach() @ rows.detach().T])
+            (gramian,) = ctx.reduce([rows.detach() @ rows.detach().T if gramian is None else gramian.detach()])
             if scale is not None:
                 gramian = gramian / (scale * scale)
             weights = self.aggregator.weights(gramian.to(agg._SOLVE_DTYPE)).to(rows.dtype)
-            local = weights @ rows.detach()  # scaled as the rows are
+            local = weights @ rows.detach() if combine is None else combine(weights)  # scaled as the rows are
             ok = all_finite(ctx.global_losses, gramian, weights)
         else:
             shaped = rows.detach().view(n, *source.shape)
@@ -589,7 +593,7 @@ class GradientBalancer(Balancer):
                            task_features: Tensor) -> Tensor:
         """Both modes from one backward of ``Σ_t L_t`` to ``task_features`` and the heads (module docstring)."""
         copies, heads = self._check_task_features(losses, shared, features, task_features)
-        if self.mode == "features" and copies and _gramian_only(self.aggregator) and self._ctx is None:
+        if self.mode == "features" and copies and _gramian_only(self.aggregator):
             layer = self._linear_head_layer(losses, features, task_features, heads)
             if layer is not None:
                 return self._backward_linear_heads(losses, vec, shared, features, heads, layer)
@@ -624,7 +628,7 @@ class GradientBalancer(Balancer):
         Not with task-specific parameters below the heads (they need the backward through the copies)."""
         if not _HAS_GRADIENT_EDGE:
             return None
-        key = (tuple(losses), "linear_heads")  # (not under a process group: _backward_one_pass)
+        key = (tuple(losses), "linear_heads", self._ctx is not None)  # scaled losses' graphs have one more node
         if key not in self._graph_cache:
             self._graph_cache[key] = _linear_head_path(list(losses.values()), task_features)
         found = self._graph_cache[key]
@@ -665,12 +669,18 @@ class GradientBalancer(Balancer):
         if bias_param is not None:
             head_grads[id(bias_param)] = u.sum(1, keepdim=True)
 
+        ordered = [head_grads[id(p)] for p in heads]
+        if self._ctx is not None:  # the Gramian sums over samples, so over ranks: one T x T all-reduce
+            return self._features_step(
+                u.reshape(n, -1), features, 0, shared, heads, ordered, list(losses),
+                gramian=linear_head_gramian(u_wide, w_wide, n),
+                combine=lambda w: (u_wide * w.to(u_wide.dtype).repeat_interleave(width)) @ w_wide)
+
         def solve() -> tuple[Tensor, Tensor]:
             gramian = linear_head_gramian(u_wide, w_wide, n)
             w = self.aggregator.weights(gramian.to(agg._SOLVE_DTYPE)).to(u.dtype)
             return (u_wide * w.repeat_interleave(width)) @ w_wide, w  # Σ_t w_t U_t W_t^T
 
-        ordered = [head_grads[id(p)] for p in heads]
         update, weights, ok = self._guarded(solve, u.reshape(n, -1), ordered, vec, list(losses))
         for p, g in zip(heads, ordered):
             _accumulate(p, _gate(ok, g))
