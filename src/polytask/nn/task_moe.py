@@ -114,7 +114,9 @@ class TaskMoE(RoutedModel):
     every architecture without per-example gates (shared-bottom 0.70, task-MoE 0.68 before, 0.64
     now). Ruled out as causes: routing collapse and the load-balancing term (soft routing,
     ``balance_weight=0`` and ``k=num_experts`` fail alike with independent experts), and width
-    alone (independent experts of 128: 0.61, 12 of 30).
+    alone (independent experts of 128: 0.61, 12 of 30). Where specialisation should pay, the
+    shared start does not hold it back (3 seeds): unrelated tasks (4, correlation 0) 0.24 before,
+    0.20 now; two clusters of 3 (correlation 0.9 within, 0 across) 0.056 before, 0.061 now.
 
     Args:
         input_dim: dense width or a FeatureSpec; num_layers: expert layers (>= 1);
