@@ -407,3 +407,171 @@ def test_layer_structure_refuses_mixed_stacks():
     assert s.num_layers == 2 and s.prefix == "transformer.h." and s.others == ["wte.weight"]
     with pytest.raises(ConfigError, match="empty list"):
         evaluate_setting("parameters.t", [], "x", 0.0)
+
+
+# -- the methods of mergekit 0.1.5 that polytask lacked -----------------------------------------
+def _trio(dtype):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(24, 16, generator=g)
+    models = [base + 0.1 * torch.randn(24, 16, generator=g) for _ in range(3)]
+    return base.to(dtype), [m.to(dtype) for m in models]
+
+
+W3 = [0.3, 0.9, 0.5]
+# (name, models, with base, mergekit parameters, our global parameters, our per-model weights)
+METHOD_CASES = [
+    ("nearswap", 1, True, {"t": 0.05}, {"t": 0.05}, None),
+    ("sce", 3, True, {"select_topk": 0.5}, {"select_topk": 0.5}, None),
+    ("sce", 3, True, {}, {}, None),
+    ("arcee_fusion", 1, True, {}, {}, None),
+    ("ram", 3, True, {"epsilon": 0.05}, {"epsilon": 0.05}, None),
+    ("ramplus_tl", 3, True, {"epsilon": 0.05, "r": 0.5, "alpha": 0.3}, {"epsilon": 0.05, "r": 0.5, "alpha": 0.3}, None),
+    ("karcher", 3, False, {}, {}, None),
+    ("karcher", 2, False, {"max_iter": 2}, {"max_iter": 2}, None),
+    ("nuslerp", 2, True, {"weight": W3[:2]}, {}, W3[:2]),
+    ("nuslerp", 2, False, {"weight": W3[:2], "nuslerp_flatten": False, "nuslerp_row_wise": True},
+     {"nuslerp_flatten": False, "nuslerp_row_wise": True}, W3[:2]),
+    ("multislerp", 3, True, {"weight": W3}, {}, W3),
+    ("multislerp", 3, False, {"weight": W3, "normalize_weights": False}, {"normalize_weights": False}, W3),
+    ("ties", 3, True, {"weight": [1.0, 0.5, 0.7], "density": [0.3, 0.5, 1.0], "rescale": True}, {"rescale": True},
+     None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", METHOD_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(METHOD_CASES)])
+def test_new_methods_same_bits_as_mergekit(case, dtype):
+    api = pytest.importorskip("mergekit.merge_methods.api")
+    name, n, with_base, theirs_params, ours_params, weights = case
+    base, models = _trio(dtype)
+    models = models[:n]
+    if with_base:
+        theirs = api.merge_tensors([base, *models], name, parameters=theirs_params, base_index=0)
+    else:
+        theirs = api.merge_tensors(models, name, parameters=theirs_params)
+    if name == "ties":
+        per_model = [{"weight": w, "density": d} for w, d in zip(theirs_params["weight"], theirs_params["density"])]
+    else:
+        per_model = [{"weight": w} for w in weights] if weights else None
+    ours = merge_state_dicts(name, [{"w": m} for m in models], {"w": base} if with_base else None, dtype=dtype,
+                             compute_dtype=dtype, model_params=per_model, **ours_params)["w"]
+    # mergekit returns float32 from arcee_fusion/ramplus_tl on bf16 inputs; its values are bf16's
+    assert torch.equal(theirs.to(dtype), ours)
+    assert not torch.equal(ours, base)
+
+
+DELLA_CONFIGS = {
+    "sce_config": """
+merge_method: sce
+base_model: base
+models: [{model: a}, {model: b}, {model: c}]
+parameters: {select_topk: 0.6}
+dtype: bfloat16
+""",
+    "nuslerp_slices": """
+slices:
+  - sources:
+      - {model: a, layer_range: [0, 6], parameters: {weight: [0.2, 0.8]}}
+      - {model: b, layer_range: [0, 6], parameters: {weight: 0.5}}
+merge_method: nuslerp
+dtype: bfloat16
+""",
+    "multislerp_base": """
+merge_method: multislerp
+base_model: base
+models:
+  - {model: a, parameters: {weight: 0.5}}
+  - {model: b, parameters: {weight: 0.3}}
+  - {model: c, parameters: {weight: 0.2}}
+dtype: bfloat16
+""",
+    "nearswap": """
+merge_method: nearswap
+base_model: a
+models: [{model: a}, {model: b}]
+parameters: {t: [0.001, 0.1]}
+dtype: float32
+""",
+    "ram_karcher_like": """
+merge_method: ramplus_tl
+base_model: base
+models: [{model: a}, {model: b}]
+parameters: {epsilon: 0.02, r: 0.5}
+dtype: float32
+""",
+}
+
+
+@pytest.mark.parametrize("name", list(DELLA_CONFIGS))
+def test_new_method_configs_same_bits_as_mergekit(llamas, name, tmp_path, monkeypatch):
+    text = DELLA_CONFIGS[name]
+    ours = _ours(text, llamas, tmp_path / "ours")
+    theirs = _mergekit(text, llamas, tmp_path / "theirs", monkeypatch)
+    theirs = {k: v.to(ours[k].dtype) for k, v in theirs.items()}  # ramplus_tl: float32 there
+    _assert_same_bits(theirs, ours)
+
+
+def test_della_matches_mergekit_in_distribution():
+    api = pytest.importorskip("mergekit.merge_methods.api")
+    g = torch.Generator().manual_seed(5)
+    base = torch.zeros(200, 500)
+    models = [torch.randn(200, 500, generator=g) for _ in range(2)]
+    for name in ("della_linear", "della"):
+        torch.manual_seed(0)
+        theirs = api.merge_tensors([base, *models], name, base_index=0,
+                                   parameters={"weight": 1.0, "density": 0.3, "epsilon": 0.1})
+        ours = merge_state_dicts(name, [{"w": m} for m in models], {"w": base}, rescale="l1",
+                                 model_params=[{"density": 0.3, "epsilon": 0.1}] * 2)["w"]
+        # kept by one model or both: 1 - 0.7^2; L1 mass; and MagPrune favours large entries
+        for x in (theirs, ours):
+            assert abs((x != 0).float().mean().item() - 0.51) < 0.01
+        assert abs(theirs.abs().sum().item() / ours.abs().sum().item() - 1) < 0.02
+        kept = [models[0][x != 0].abs().mean().item() for x in (theirs, ours)]
+        assert abs(kept[0] - kept[1]) < 0.02 and kept[1] > models[0].abs().mean().item() + 0.02
+
+
+def test_della_magprune_by_hand():
+    from polytask.merge.methods import della_drop
+
+    # one row [1, -2, 3]: ranks 0, 1, 2 of 2 -> p = 0.5 - 0.2 + 0.4 * (0, 0.5, 1) = 0.3, 0.5, 0.7
+    tau = torch.tensor([[1.0, -2.0, 3.0]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([della_drop(tau.clone().unsqueeze(0), torch.tensor([0.5], dtype=torch.float64),
+                                    torch.tensor([0.2], dtype=torch.float64), True, g)[0, 0]
+                         for _ in range(20000)])
+    kept = (draws != 0).double().mean(dim=0)
+    assert torch.allclose(kept, torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64), atol=0.015)
+    # each kept entry is divided by its p: unbiased
+    assert torch.allclose(draws.mean(dim=0), tau[0], atol=0.06)
+    assert set(draws[:, 0].unique().tolist()) == {0.0, 1 / 0.3}
+    with pytest.raises(ConfigError, match="parameters.epsilon"):
+        merge_state_dicts("della", [{"w": tau}], {"w": tau * 0}, model_params=[{"density": 0.9, "epsilon": 0.15}])
+
+
+def test_selection_methods_by_hand():
+    base = torch.zeros(2)
+    # nearswap, t = 0.1: |diff| 0.01 -> w = 1 (swap in); 0.5 -> w = 0.2 -> 0.1
+    out = merge_state_dicts("nearswap", [{"w": torch.tensor([0.01, 0.5])}], {"w": base}, t=0.1)["w"]
+    assert torch.allclose(out, torch.tensor([0.01, 0.1]))
+    # RAM: entry 0 changed by both (mean 1), entry 1 by one model only (kept whole, 2)
+    out = merge_state_dicts("ram", [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([1.0, 2.0])}], {"w": base})["w"]
+    assert torch.equal(out, torch.tensor([1.0, 2.0]))
+    # passthrough: one model, times scale
+    out = merge_state_dicts("passthrough", [{"w": torch.tensor([1.0, -2.0])}], model_params=[{"scale": 0.5}])["w"]
+    assert torch.equal(out, torch.tensor([0.5, -1.0]))
+    # Karcher of two orthogonal unit vectors: the midpoint direction, mean norm 1
+    out = merge_state_dicts("karcher", [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}])["w"]
+    assert torch.allclose(out, torch.tensor([0.5 ** 0.5, 0.5 ** 0.5]), atol=1e-6)
+
+
+def test_every_mergekit_method_is_registered_with_its_paper():
+    from polytask.merge import MERGE_METHODS
+
+    names = ["linear", "slerp", "nuslerp", "multislerp", "passthrough", "model_stock", "arcee_fusion", "karcher",
+             "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+             "della_linear", "sce", "nearswap", "ram", "ramplus_tl"]
+    mk = pytest.importorskip("mergekit.merge_methods")
+    assert {m.spec.name for m in mk.registered_methods()} <= set(names)
+    for name in names:
+        doc = MERGE_METHODS.lookup(name).__doc__
+        assert "mergekit:" in doc, name

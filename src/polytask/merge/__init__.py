@@ -30,6 +30,7 @@ from polytask.merge.io import (
 )
 from polytask.merge.methods import MERGE_METHODS, MergeMethod, TensorContext, tall_masks
 from polytask.merge import selection as _selection  # noqa: F401  (registers its methods)
+from polytask.merge import spherical as _spherical  # noqa: F401  (registers its methods)
 
 __all__ = [
     "MERGE_METHODS",

@@ -31,6 +31,7 @@ MODEL_PARAM_RANGES: dict[str, tuple[float, float, bool]] = {
     "weight": (-math.inf, math.inf, False),
     "density": (0.0, 1.0, True),  # the kept fraction: 0 would keep nothing
     "gamma": (0.0, 1.0, False),
+    "epsilon": (0.0, 1.0, False),  # DELLA's spread of keep probabilities around density
 }
 
 

@@ -53,6 +53,8 @@ class MergeMethod:
     """
 
     requires_base: ClassVar[bool] = True
+    #: A method without a required base that uses one when the config names it (NuSLERP...).
+    optional_base: ClassVar[bool] = False
     model_params: ClassVar[dict[str, float]] = {"weight": 1.0}
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
@@ -352,6 +354,8 @@ class Ties(_WeightedSum):
     The paper trims to 20 %; ``density`` defaults to 1.0 (no trim) as in mergekit, so set it.
     With ``normalize``, weights of both signs are refused: the mean over the agreeing models
     could divide by zero (mergekit divides by 1 there instead).
+    ``rescale`` (mergekit's key): ``true``/``"l1"`` rescales each trimmed task vector back to
+    its L1 norm (``"l2"``/``"linf"``: that norm); the paper does not rescale (default false).
     mergekit: same as its ``ties``, except which of several exactly equal magnitudes at the trim
     threshold are kept (we keep the lowest indices; mergekit leaves it to an unstable sort).
     """
@@ -360,14 +364,21 @@ class Ties(_WeightedSum):
 
     native_dtype = True
 
-    def __init__(self, normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum") -> None:
+    def __init__(self, normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum",
+                 rescale: bool | str = False) -> None:
         self.normalize = _check_normalize(normalize)
         self.lambda_ = _check_lambda(lambda_)
         self.consensus = _check_consensus(consensus)
+        self.rescale = _check_rescale(rescale)
+        if self.rescale in (True, "inverse_density"):  # no 1/density for a deterministic trim: mergekit's L1
+            self.rescale = "l1"
 
     def merge(self, tensors, base, params, ctx):
         deltas = tensors.sub_(base)
+        before = _norms(deltas, self.rescale)
         deltas = deltas.mul_(topk_mask(deltas, params["density"]))
+        if self.rescale:  # back to each task vector's norm before the trim (mergekit's rescale)
+            deltas = _rescale(deltas, before, params["density"], self.rescale)
         return _combine(deltas, params["weight"], base, consensus=self.consensus,
                         normalize=self.normalize, scale=self.lambda_)
 
@@ -428,6 +439,90 @@ class DareTies(DareLinear):
     def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = True,
                  consensus: str = "sum") -> None:
         super().__init__(normalize=normalize, lambda_=lambda_, rescale=rescale)
+        self.consensus = _check_consensus(consensus)
+
+
+def della_drop(deltas: Tensor, density: Tensor, epsilon: Tensor, rescale: bool | str,
+               generator: torch.Generator | None) -> Tensor:
+    """DELLA's MagPrune on task vectors ``(N, *shape)`` (in place): in each row, the entry of
+    magnitude rank ``r`` (1 = smallest, of ``n``) is kept with probability
+    ``p = density - epsilon + 2 epsilon (r - 1)/(n - 1)``; kept entries are divided by their ``p``
+    (``rescale`` true) or rescaled to keep a norm (``"l1"``...). 1-D tensors are one row."""
+    dens, eps = density.tolist(), epsilon.tolist()
+    for i in range(deltas.shape[0]):
+        if dens[i] >= 1:
+            continue
+        x = deltas[i]
+        rows = x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
+        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(rows.dtype)
+        span = max(rows.shape[1] - 1, 1)
+        probs = (dens[i] - eps[i]) + ranks / span * (2 * eps[i])
+        before = _norms(rows.unsqueeze(0), rescale)
+        mask = torch.bernoulli(probs.float(), generator=generator).to(rows.dtype)
+        rows.mul_(mask)
+        if rescale is True or rescale == "inverse_density":
+            rows.div_(probs)
+        elif rescale:
+            _rescale(rows.unsqueeze(0), before, density[i:i + 1], rescale)
+    return deltas
+
+
+def _check_della(params: dict[str, Tensor]) -> None:
+    for d, e in zip(params["density"].tolist(), params["epsilon"].tolist()):
+        if d < 1 and not (0 < d - e and d + e < 1):
+            raise ConfigError(f"{checks.key('epsilon')}: density - epsilon and density + epsilon must lie in "
+                              f"(0, 1) (they are the lowest and highest keep probabilities), got density {d:g}, "
+                              f"epsilon {e:g}")
+
+
+@MERGE_METHODS.register("della_linear")
+class DellaLinear(_WeightedSum):
+    """DELLA-Merging with task arithmetic (Deep et al., "DELLA-Merging: Reducing Interference in
+    Model Merging through Magnitude-Based Sampling", arXiv 2406.11617, 2024).
+
+    Drop (MagPrune, Sec. 3.1): within each row of ``tau_i``, entries are ranked by magnitude and
+    kept with probability ``p_r = (density - epsilon) + 2 epsilon (r - 1)/(n - 1)`` (larger
+    entries more often; mean ``density``); kept entries are divided by ``p_r`` so that
+    ``E[masked tau_i] = tau_i``. Then ``theta = theta_0 + lambda * sum_i w_i tau_i`` (``della``
+    adds TIES' sign election).
+
+    ``rescale``: ``true`` is the paper's ``1/p_r``; ``"l1"``/``"l2"``/``"linf"`` keep that norm.
+    mergekit: its ``rescale: true`` is L1 norm matching (``rescale: l1`` here); masks come from our
+    seeded generator, so outputs agree in distribution (same kept fraction and mass).
+    """
+
+    model_params = {"weight": 1.0, "density": 1.0, "epsilon": 0.15}
+    random = True
+    native_dtype = True
+
+    def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = True,
+                 int8_mask: bool = False) -> None:
+        self.normalize = _check_normalize(normalize)
+        self.lambda_ = _check_lambda(lambda_)
+        self.rescale = _check_rescale(rescale)
+        self.int8_mask = checks.flag(checks.key("int8_mask"), int8_mask)
+
+    def check_model_params(self, params: dict[str, Tensor]) -> None:
+        super().check_model_params(params)
+        _check_della(params)
+
+    def merge(self, tensors, base, params, ctx):
+        deltas = della_drop(tensors.sub_(base), params["density"], params["epsilon"], self.rescale, ctx.generator)
+        return _combine(deltas, params["weight"], base, consensus=self.consensus,
+                        normalize=self.normalize, scale=self.lambda_)
+
+
+@MERGE_METHODS.register("della")
+class Della(DellaLinear):
+    """DELLA-Merging (Deep et al., arXiv 2406.11617, 2024): MagPrune (see :class:`DellaLinear`),
+    then TIES' sign election and the mean over agreeing models (Yadav et al., NeurIPS 2023).
+
+    mergekit: as its ``della`` (``normalize`` and ``rescale`` default to true there and here).
+    """
+
+    def __init__(self, normalize: bool = True, lambda_: float = 1.0, rescale: bool | str = True,
+                 int8_mask: bool = False, consensus: str = "sum") -> None:
+        super().__init__(normalize=normalize, lambda_=lambda_, rescale=rescale, int8_mask=int8_mask)
         self.consensus = _check_consensus(consensus)
 
 

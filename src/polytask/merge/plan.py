@@ -318,7 +318,7 @@ def _check_gradients(scope: Mapping[str, Any], where: str, slices: list[_Slice])
 
 
 def _slices(config: Any, method_cls: Any, source_of: Mapping[str, int], structures: list[Structure]) -> list[_Slice]:
-    requires_base = method_cls.requires_base
+    requires_base = method_cls.requires_base or method_cls.optional_base
     base = config.base_model
     out: list[_Slice] = []
     if config.slices is None:
@@ -355,7 +355,7 @@ def _slices(config: Any, method_cls: Any, source_of: Mapping[str, int], structur
             if len(set(lengths.values())) > 1:
                 shown = ", ".join(f"{w}: {n}" for w, n in lengths.items())
                 raise ConfigError(f"{where}.sources: every source of a slice needs the same number of layers, got {shown}")
-            if requires_base and sbase is not None and not any(e.is_base for e in entries):
+            if method_cls.requires_base and sbase is not None and not any(e.is_base for e in entries):
                 raise ConfigError(f"{where}: base_model {sbase!r} is not one of its sources; add it with a layer_range")
             out.append(_Slice(entries, next(iter(lengths.values())), dict(sl.parameters), where))
     if not out or not out[0].entries:
