@@ -11,9 +11,9 @@ from itertools import chain
 
 from torch import Tensor, nn
 
-from polytask.nn.base import TaskHeads
+from polytask.nn.base import TaskHeads, check_positive, check_widths
 from polytask.nn.embedding import FeatureSpec, input_layer
-from polytask.nn.moe import ExtractionLevel, RoutedModel, check_positive, check_widths, per_task
+from polytask.nn.moe import ExtractionLevel, RoutedModel, per_task
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
 

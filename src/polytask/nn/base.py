@@ -64,6 +64,22 @@ def _transient_property(name: str, doc: str) -> property:
     return property(get, set, doc=doc)
 
 
+def check_positive(name: str, value: int, minimum: int = 1) -> None:
+    """ConfigError naming ``model.params.<name>`` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"model.params.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_widths(name: str, widths: Sequence[int], allow_empty: bool = False) -> tuple[int, ...]:
+    """ConfigError naming ``model.params.<name>`` unless ``widths`` is a (non-empty) list of positive ints."""
+    widths = tuple(widths)
+    if (not widths and not allow_empty) or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
+                                               for w in widths):
+        need = "a list of positive integers" + ("" if allow_empty else " with at least one entry")
+        raise ConfigError(f"model.params.{name} must be {need}, got {list(widths)!r}")
+    return widths
+
+
 class MultiTaskModel(nn.Module):
     """Base class: holds the tasks and splits parameters into shared and task-specific ones.
 

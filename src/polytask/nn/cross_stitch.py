@@ -11,10 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from polytask.errors import ConfigError
-from polytask.nn.base import MultiTaskModel, TaskHeads
+from polytask.nn.base import MultiTaskModel, TaskHeads, check_widths
 from polytask.nn.embedding import FeatureSpec, input_layer
 from polytask.nn.layers import BatchedLinear, activation as make_activation
-from polytask.nn.moe import check_widths
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
 

@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from polytask.errors import ConfigError
-from polytask.nn.base import TaskHeads
+from polytask.nn.base import TaskHeads, check_positive, check_widths
 from polytask.nn.embedding import FeatureSpec, input_layer
 from polytask.nn.layers import BatchedLinear, BatchedMLP, mix_experts
-from polytask.nn.moe import RoutedModel, check_positive, check_widths, per_task
+from polytask.nn.moe import RoutedModel, per_task
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
 

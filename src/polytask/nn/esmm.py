@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytask.errors import ConfigError
-from polytask.nn.base import MultiTaskModel
+from polytask.nn.base import MultiTaskModel, check_widths
 from polytask.nn.embedding import FeatureSpec, input_layer
 from polytask.nn.layers import BatchedLinear, BatchedMLP
-from polytask.nn.moe import check_widths, per_task
+from polytask.nn.moe import per_task
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
 

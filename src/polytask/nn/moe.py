@@ -27,28 +27,11 @@ from itertools import chain
 import torch
 from torch import Tensor, nn
 
-from polytask.errors import ConfigError
-from polytask.nn.base import MultiTaskModel, TaskHeads
+from polytask.nn.base import MultiTaskModel, TaskHeads, check_positive, check_widths  # noqa: F401  (re-exported)
 from polytask.nn.embedding import FeatureSpec, input_layer
 from polytask.nn.layers import BatchedLinear, BatchedMLP, mix_experts
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
-
-
-def check_positive(name: str, value: int, minimum: int = 1) -> None:
-    """ConfigError naming ``model.<name>`` unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"model.params.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_widths(name: str, widths: Sequence[int], allow_empty: bool = False) -> tuple[int, ...]:
-    """ConfigError naming ``model.<name>`` unless ``widths`` is a (non-empty) list of positive ints."""
-    widths = tuple(widths)
-    if (not widths and not allow_empty) or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
-                                               for w in widths):
-        need = "a list of positive integers" + ("" if allow_empty else " with at least one entry")
-        raise ConfigError(f"model.params.{name} must be {need}, got {list(widths)!r}")
-    return widths
 
 
 def per_task(names: Sequence[str], stacked: Tensor) -> dict[str, Tensor]:

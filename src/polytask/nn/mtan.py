@@ -12,8 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.errors import ConfigError, DataError
-from polytask.nn.base import MultiTaskModel, TaskHeads
-from polytask.nn.moe import check_widths
+from polytask.nn.base import MultiTaskModel, TaskHeads, check_widths
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
 

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from polytask.errors import ConfigError
-from polytask.nn.base import MultiTaskModel, TaskHeads
+from polytask.nn.base import MultiTaskModel, TaskHeads, check_positive, check_widths
 from polytask.nn.embedding import FeatureEmbedding, FeatureSpec, input_layer
-from polytask.nn.moe import check_positive, check_widths, per_task
+from polytask.nn.moe import per_task
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
 
