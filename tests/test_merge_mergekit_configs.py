@@ -575,3 +575,38 @@ def test_every_mergekit_method_is_registered_with_its_paper():
     for name in names:
         doc = MERGE_METHODS.lookup(name).__doc__
         assert "mergekit:" in doc, name
+
+
+# -- keys mergekit accepts; every bad key at once -----------------------------------------------
+def test_keys_mergekit_accepts(llamas, tmp_path, monkeypatch):
+    text = """
+name: my-merge
+merge_method: task_arithmetic
+base_model: base
+models:
+  - model: a
+    parameters: {weight: 0.7}
+  - model: b
+    parameters: {weight: 0.4}
+parameters: {rescale: false, int8_mask: true, normalize: false}
+dtype: bfloat16
+"""
+    _assert_same_bits(_mergekit(text, llamas, tmp_path / "theirs", monkeypatch), _ours(text, llamas, tmp_path / "ours"))
+
+
+def test_every_bad_key_named_at_once(llamas, capsys, monkeypatch):
+    text = CONFIGS["ties_bf16"].replace("density: 0.7", "densty: 0.7").replace(
+        "{normalize: true, int8_mask: true}", "{normalise: true, lambda: 1, int8_mask: true, lamda: 2}")
+    code, out, err = _cli(["merge", _write(llamas, "k.yaml", text), llamas / "out"], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1, err
+    for words in ("3 unknown parameters", "parameters.normalise", "did you mean normalize", "parameters.lamda",
+                  "did you mean lambda", "model b", "'densty'"):
+        assert words in err, (words, err)
+    assert "lambda_" not in err  # user key names only
+    text = CONFIGS["ties_bf16"].replace("merge_method: ties", "merge_methd: ties\ntokenizer_sourc: base").replace(
+        "    parameters: {weight: 0.5, density: 0.7}", "    paramters: {weight: 0.5, density: 0.7}")
+    code, out, err = _cli(["merge", _write(llamas, "k2.yaml", text), llamas / "out"], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1, err
+    for words in ("unknown keys", "merge_methd", "tokenizer_sourc", "models[2].paramters", "merge_method: Field required"):
+        assert words in err, (words, err)
+    assert not (llamas / "out").exists()

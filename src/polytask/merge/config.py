@@ -223,9 +223,21 @@ def load_merge_config(path: str | os.PathLike[str]) -> MergeConfig:
     try:
         return MergeConfig.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise ConfigError(f"{p}: {loc}: {err['msg']}") from None
+        raise ConfigError(f"{p}: {_all_errors(exc)}") from None
+
+
+def _all_errors(exc: ValidationError) -> str:
+    """Every validation error in one line, keys as the config writes them (``models[1].paramters``)."""
+    unknown: list[str] = []
+    other: list[str] = []
+    for err in exc.errors():
+        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".") or "(top level)"
+        if err["type"] == "extra_forbidden":
+            unknown.append(loc)
+        elif f"{loc}: {err['msg']}" not in other:
+            other.append(f"{loc}: {err['msg']}")
+    parts = [f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"] if unknown else []
+    return "; ".join(parts + other)
 
 
 def run_merge(

@@ -332,9 +332,11 @@ class TaskArithmetic(_WeightedSum):
 
     native_dtype = True
 
-    def __init__(self, normalize: bool = False, lambda_: float = 1.0) -> None:
+    def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool = False) -> None:
         self.normalize = _check_normalize(normalize)
         self.lambda_ = _check_lambda(lambda_)
+        # mergekit takes it for every task-arithmetic method; without a mask it changes nothing
+        self.rescale = checks.flag(checks.key("rescale"), rescale)
 
     def merge(self, tensors, base, params, ctx):
         return _combine(tensors.sub_(base), params["weight"], base, consensus=None,

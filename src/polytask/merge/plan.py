@@ -201,10 +201,7 @@ def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int
     structures = [layer_structure(s.names(), labels[i]) for i, s in enumerate(sources)]
     slices = _slices(config, method_cls, source_of, structures)
     top = dict(config.parameters)
-    for key in top:
-        if key not in IGNORED and key not in per_model_keys and RENAMED.get(key, key) not in global_keys:
-            # the registry names it with close matches
-            build_method(config.merge_method, {RENAMED.get(key, key): None})
+    _check_keys(config, method_cls, slices)
     _check_gradients(top, "parameters", slices)
     ref_i = source_of[config.base_model] if config.base_model is not None else slices[0].entries[0].source
     ref = structures[ref_i]
@@ -291,6 +288,39 @@ def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int
     return PlannedMerge(jobs, out_layer, unmatched)
 
 
+def _check_keys(config: Any, method_cls: Any, slices: list[_Slice]) -> None:
+    """Refuse every unknown parameter key at once, each named as the config writes it."""
+    import difflib
+
+    per_model = set(getattr(method_cls, "model_params", {}))
+    glob = {k.rstrip("_") if k.endswith("_") else k for k in _init_keys(method_cls)}
+    takes = ", ".join(sorted(glob)) + (f" (per model: {', '.join(sorted(per_model))})" if per_model else "")
+    problems: list[str] = []
+    scopes = [("parameters", dict(config.parameters))] + [(f"{sl.where}.parameters", sl.parameters) for sl in slices]
+    for where, scope in scopes:
+        for key in scope:
+            if key in IGNORED or key in per_model or key in glob:
+                continue
+            close = difflib.get_close_matches(key, sorted(glob | per_model), n=2)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"{where}.{key}: merge method {config.merge_method!r} has no parameter {key!r}{hint}")
+    seen: set[tuple[str, str]] = set()
+    for sl in slices:
+        for e in sl.entries:
+            for key in e.parameters:
+                if key in per_model or key in IGNORED or key in glob or (e.label, key) in seen:
+                    continue
+                seen.add((e.label, key))
+                known = ", ".join(sorted(per_model)) or "none"
+                problems.append(f"model {e.label}: method {method_cls.__name__} has no per-model parameter "
+                                f"{key!r} (it takes: {known})")
+    if len(problems) == 1:
+        raise ConfigError(f"{problems[0]}; it takes: {takes}")
+    if problems:
+        raise ConfigError(f"{len(problems)} unknown parameters: {'; '.join(problems)}; "
+                          f"{config.merge_method} takes: {takes}")
+
+
 def _init_keys(method_cls: Any) -> set[str]:
     import inspect
 
@@ -372,9 +402,6 @@ def _slices(config: Any, method_cls: Any, source_of: Mapping[str, int], structur
                                   f"{config.merge_method}; per model it is ignored (as mergekit does); set it "
                                   "under the top-level parameters", RuntimeWarning, stacklevel=3)
                     continue
-                known = ", ".join(sorted(per_model_keys)) or "none"
-                raise ConfigError(f"model {e.label}: method {method_cls.__name__} has no per-model parameter "
-                                  f"{key!r} (it takes: {known})")
         n_inputs = sum(not e.is_base for e in sl.entries)
         try:
             dummy = object.__new__(method_cls)
