@@ -4,7 +4,7 @@ They read the preprocessed CSV format that torch-rechub distributes (categorical
 label-encoded as integers, numeric columns min-max scaled): the small ``*_sample.csv`` files and
 the full files in the same format alike. Each loader returns :class:`~polytask.data.Splits` whose
 inputs are a dict of feature tensors and whose ``input_spec`` is a
-:class:`~polytask.nn.embedding.FeatureSpec` (dense columns stacked into one ``dense`` feature, one
+:class:`~polytask.data.features.FeatureSpec` (dense columns stacked into one ``dense`` feature, one
 categorical feature per id column), so ``build_model(arch, splits.input_spec, splits.tasks)``
 works unchanged. Embedding-table sizes are ``max id + 1`` over all the splits read.
 
@@ -34,7 +34,7 @@ import torch
 from polytask.data.builtin import DATASETS
 from polytask.data.dataset import MultiTaskDataset, Splits
 from polytask.errors import ConfigError, DataError
-from polytask.nn.embedding import DenseFeature, FeatureSpec, SparseFeature
+from polytask.data.features import DenseFeature, FeatureSpec, SparseFeature
 from polytask.tasks import Task
 
 #: The small samples shipped with the package (read when a loader gets no ``root``).
