@@ -271,3 +271,13 @@ def test_a_dataset_built_by_hand_is_caught_before_training(tmp_path):
     with pytest.raises(DataError, match=re.escape("mine train split: inputs column 2 has 1 NaN or infinite value(s) "
                                                   "(first in row 5)")):
         Trainer(cfg, splits=splits)
+
+
+def test_data_loaders_do_not_import_nn():
+    # FeatureSpec lives in polytask.data.features: readers of tables need nothing from nn
+    code = ("import sys, polytask.data, polytask.data.recsys; "
+            "print(sorted(m for m in sys.modules if m.startswith('polytask.nn')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    from polytask.data.features import FeatureSpec
+    assert nn.FeatureSpec is FeatureSpec and census_income().input_spec.__class__ is FeatureSpec
