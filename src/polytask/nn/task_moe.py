@@ -89,7 +89,10 @@ class TaskMoE(RoutedModel):
 
     Initialisation (``expert_init="shared"``, the default): the experts of a layer start from
     one draw (plus a tenth of an independent one, see :func:`_expert_bank`), as the paper's
-    experts start as copies of one pretrained transformer layer. A convex mixture of equal experts
+    experts start as copies of one pretrained BART layer (the authors' code,
+    INK-USC/CrossTaskMoE ``modules/utils.py::initialize_weights``, copies the layer into every
+    expert and adds Gaussian noise of 1e-8; ours is larger, so that the routers of a model
+    trained from scratch get a usable gradient from the first step). A convex mixture of equal experts
     is that expert, so at the start every task reads (nearly) the same representation -- the model
     starts as a shared-bottom network -- and the experts become different as the routing sends
     each its own mix of the tasks' gradients. With independent draws (``"independent"``, the
