@@ -281,3 +281,15 @@ def test_data_loaders_do_not_import_nn():
     assert out.strip() == "[]"
     from polytask.data.features import FeatureSpec
     assert nn.FeatureSpec is FeatureSpec and census_income().input_spec.__class__ is FeatureSpec
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(num_tasks=0), r"data.params.num_tasks must be >= 1, got 0"),
+    (dict(num_rows=5), r"data.params.num_rows must be >= 10, got 5"),
+    (dict(correlation=1.5), r"data.params.correlation must be in \[0, 1\]"),
+    (dict(num_tasks=3, clusters=4), r"data.params.clusters must be between 1 and num_tasks=3, got 4"),
+    (dict(split=[0.5, 0.5, 0.5]), r"data.params.split must be three positive fractions"),
+])
+def test_out_of_range_data_params_name_their_key(params, message):
+    with pytest.raises(ConfigError, match=message):
+        data.load("synthetic", **params)

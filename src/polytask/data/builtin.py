@@ -21,7 +21,7 @@ DATASETS: Registry = Registry("dataset", prefix="data.params")
 def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:
     """A seeded permutation of ``range(n)`` cut into consecutive parts of the given fractions."""
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(f"data.split must be three positive fractions summing to 1, got {list(fractions)}")
+        raise ConfigError(f"data.params.split must be three positive fractions summing to 1, got {list(fractions)}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_train = int(round(fractions[0] * n))
     n_val = int(round(fractions[1] * n))
@@ -45,14 +45,14 @@ def task_weight_vectors(num_tasks: int, correlation: float, input_dim: int, clus
     the cluster's shared direction, which gives cosine ``p`` for every pair (p in [0, 1]).
     """
     if clusters < 1 or clusters > num_tasks:
-        raise ConfigError(f"data.clusters must be between 1 and num_tasks={num_tasks}, got {clusters}")
+        raise ConfigError(f"data.params.clusters must be between 1 and num_tasks={num_tasks}, got {clusters}")
     p = float(correlation)
     pairwise_paper = num_tasks == 2 and clusters == 1
     if not -1.0 <= p <= 1.0 or (p < 0 and not pairwise_paper):
-        raise ConfigError(f"data.correlation must be in [0, 1] (or [-1, 1] for two tasks), got {p}")
+        raise ConfigError(f"data.params.correlation must be in [0, 1] (or [-1, 1] for two tasks), got {p}")
     needed = num_tasks + clusters
     if input_dim < needed:
-        raise ConfigError(f"data.input_dim must be at least num_tasks + clusters = {needed}, got {input_dim}")
+        raise ConfigError(f"data.params.input_dim must be at least num_tasks + clusters = {needed}, got {input_dim}")
     q, _ = torch.linalg.qr(torch.randn(input_dim, needed, generator=generator, dtype=torch.float64))
     u = q.T  # rows are orthonormal
     if pairwise_paper:
@@ -75,8 +75,10 @@ def synthetic(num_tasks: int = 2, correlation: float = 0.5, num_rows: int = 1200
     cosine of the weight vectors is ``correlation`` (see :func:`task_weight_vectors`). With
     ``clusters > 1`` the tasks form that many groups, correlated within and independent across.
     """
-    if num_tasks < 1 or num_rows < 10:
-        raise ConfigError("data.num_tasks must be >= 1 and data.num_rows >= 10")
+    if num_tasks < 1:
+        raise ConfigError(f"data.params.num_tasks must be >= 1, got {num_tasks}")
+    if num_rows < 10:
+        raise ConfigError(f"data.params.num_rows must be >= 10, got {num_rows}")
     g = torch.Generator().manual_seed(seed)
     w = task_weight_vectors(num_tasks, correlation, input_dim, clusters, g, scale)
     alpha = torch.randn(num_sines, generator=g, dtype=torch.float64)

@@ -183,7 +183,7 @@ def load_table_splits(fmt: TableFormat, root: str | Path | None = None, embed_di
         val = dataset(tables["val"][1])
     else:
         if not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must lie in (0, 1), got {val_fraction}")
+            raise ConfigError(f"data.params.val_fraction must lie in (0, 1), got {val_fraction}")
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         n_val = max(1, int(round(val_fraction * len(train))))
         train, val = train.subset(order[n_val:]), train.subset(order[:n_val])
