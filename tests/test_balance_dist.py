@@ -71,6 +71,10 @@ def _cases() -> list[tuple[str, str | None, str, tuple]]:
     for name, mode in (("ew", None), ("uw", None), ("famo", None), ("mgda", "parameters"), ("nash_mtl", "features"),
                        ("pcgrad", "parameters")):
         cases.append((name, mode, "ddp", ()))
+    for name in _methods():  # the wrapper reduces: FSDP2's fully_shard, or DDP outside no_sync()
+        if balance.get(name).supports_fsdp:
+            cases.append((name, None, "fsdp", ()))
+            cases.append((name, None, "ddp_reduces", ()))
     return cases
 
 
@@ -186,10 +190,17 @@ def train(case, rank: int | None, group=None):
     b = build(case)
     runner = model
     extra_kwargs = {}
-    if variant == "ddp" and group is not None:
+    if variant in ("ddp", "ddp_reduces") and group is not None:
         runner = nn.parallel.DistributedDataParallel(model, process_group=group, find_unused_parameters=True)
         if b.__class__.__name__ != "GradientBalancer":
             extra_kwargs = {"parameters": list(model.parameters())}  # reduce every parameter, used or not
+        if variant == "ddp_reduces":
+            extra_kwargs["reduce_gradients"] = False
+    if variant == "fsdp" and group is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+        extra_kwargs = {"parameters": list(model.parameters()), "reduce_gradients": False}
     for step in range(STEPS):
         x, y, mask = global_batch(step, masked)
         part = rows_of(rank, masked)
@@ -209,7 +220,7 @@ def train(case, rank: int | None, group=None):
                 call = b.accumulate if sub.start == 0 else partial(b.backward, process_group=group)
                 call(losses, shared=list(model.trunk.parameters()), features=model.z, counts=mask[sub].sum(0))
             losses = None
-        sync = runner.no_sync() if isinstance(runner, nn.parallel.DistributedDataParallel) else nullcontext()
+        sync = runner.no_sync() if variant == "ddp" and group is not None else nullcontext()
         with sync:
             if variant != "accumulate" or group is None:
                 outputs = runner(x, copies) if copies else runner(x)
@@ -224,9 +235,13 @@ def train(case, rank: int | None, group=None):
                 if p.grad is not None:
                     p -= 0.1 * p.grad
             if b.needs_post_step_losses:
-                b.post_step(losses_of(model(x), y, mask), **{k: v for k, v in kwargs.items() if k != "parameters"})
+                b.post_step(losses_of(model(x), y, mask),
+                            **{k: v for k, v in kwargs.items() if k not in ("parameters", "reduce_gradients")})
+                if hasattr(model, "reshard"):  # FSDP2 keeps the root unsharded after a forward without backward
+                    model.reshard()
         b.end_epoch()
-    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]  # FSDP: gathered
+    params = torch.cat([p.detach().reshape(-1) for p in full])
     state = {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
     return params, state
 
@@ -424,3 +439,16 @@ def test_bad_counts_and_mismatched_micro_batches_are_named():
     losses = losses_of(model(x), y, mask)
     with pytest.raises(ConfigError, match="same tasks"):
         b.backward({"t0": losses["t0"], "t1": losses["t1"]})
+
+
+def test_methods_with_per_task_parameter_gradients_refuse_external_reduction():
+    model = Problem()
+    x, y, mask = global_batch(0, False)
+    for name in ("mgda", "db_mtl", "gradnorm"):
+        b = balance.get(name)
+        assert not b.supports_fsdp
+        with pytest.raises(ConfigError, match="reduce_gradients"):
+            b.backward(losses_of(model(x), y, mask), shared=list(model.trunk.parameters()), features=model.z,
+                       parameters=list(model.parameters()), reduce_gradients=False)
+    with pytest.raises(ConfigError, match="parameters="):
+        balance.get("ew").backward(losses_of(model(x), y, mask), reduce_gradients=False)

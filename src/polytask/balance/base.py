@@ -56,6 +56,11 @@ class Balancer(nn.Module):
     #: global batch's gradient): a training loop runs it under DDP's ``no_sync()`` and must not
     #: reduce again (see :mod:`polytask.balance.dist`).
     reduces_gradients: bool = True
+    #: Whether ``backward(..., reduce_gradients=False)`` is available: the balancer then back-propagates
+    #: one weighted loss with ``Tensor.backward`` and leaves the reduction to the wrapper (FSDP2's
+    #: reduce-scatter, or DDP outside ``no_sync()``). True for the loss balancers that need nothing
+    #: but the losses; methods that take per-task gradients w.r.t. the parameters cannot.
+    supports_fsdp: bool = False
     #: Buffers a checkpoint of an older version may lack; loading it keeps their current value.
     _optional_state: tuple[str, ...] = ("skipped_steps",)
 
@@ -241,6 +246,7 @@ class Balancer(nn.Module):
         counts: Tensor | Sequence[float] | Mapping[str, Any] | None = None,
         loss_scale: Tensor | None = None,
         parameters: Iterable[Tensor] | None = None,
+        reduce_gradients: bool = True,
     ) -> Tensor:
         """Fill ``.grad`` with the balanced update of ``losses``; return the detached ``(T,)`` weights.
 
@@ -254,6 +260,11 @@ class Balancer(nn.Module):
             counts: labelled rows per task on this rank (exact global losses under masks).
             loss_scale: a mixed-precision loss scale (device tensor); ``.grad`` ends up scaled.
             parameters: every parameter to reduce over the ranks (default: those the losses reach).
+            reduce_gradients: False (where :attr:`supports_fsdp`): leave the gradient reduction to the
+                wrapper -- ``Tensor.backward`` of this rank's weighted loss, scaled so that the wrapper's
+                average over the ranks is the global gradient; ``parameters`` (the wrapper's, e.g. FSDP's
+                sharded ones) is then required, and a skipped step sets their ``.grad`` to 0 (or NaN
+                under ``loss_scale``) after one more all-reduce of a flag.
         """
         raise NotImplementedError
 
@@ -333,6 +344,8 @@ class LossWeighting(Balancer):
         nan_policy: ``"skip"`` (default) or ``"raise"`` (see :class:`Balancer`).
     """
 
+    supports_fsdp = True
+
     def weights(self, losses: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -362,9 +375,11 @@ class LossWeighting(Balancer):
         return graph_leaves(list(losses.values()))
 
     def backward(self, losses, shared=None, features=None, *, task_features=None, process_group=None,
-                 counts=None, loss_scale=None, parameters=None) -> Tensor:
+                 counts=None, loss_scale=None, parameters=None, reduce_gradients=True) -> Tensor:
         from polytask.balance import dist  # the collectives: only with a process group
 
+        if not reduce_gradients:
+            check_external_reduction(self, parameters)
         if self.accumulating:
             return self._backward_accumulated(losses, shared, features, task_features=task_features,
                                               process_group=process_group, counts=counts, loss_scale=loss_scale,
@@ -383,6 +398,9 @@ class LossWeighting(Balancer):
         objective = (local * vec).sum()
         if loss_scale is not None:
             objective = objective * loss_scale
+        if not reduce_gradients:
+            return self._backward_external(objective, w, global_vec, list(losses), before, list(parameters),
+                                           process_group, loss_scale)
         params = self._leaves(losses, parameters)
         grads = list(torch.autograd.grad(objective, params, allow_unused=True))
         if sync is not None:
@@ -395,3 +413,45 @@ class LossWeighting(Balancer):
         self._last_ok = ok  # FAMO's post_step follows only a step that was applied
         accumulate_grads(params, grads, ok, fill=0.0 if loss_scale is None else float("nan"))
         return torch.where(ok, w.detach(), torch.zeros_like(w)).detach()
+
+    def _backward_external(self, objective: Tensor, w: Tensor, global_vec: Tensor, names: list[str],
+                           before: Mapping[str, Tensor], params: list[Tensor], group: Any,
+                           loss_scale: Tensor | None) -> Tensor:
+        """``reduce_gradients=False``: ``Tensor.backward`` of this rank's weighted loss times ``R`` (the wrapper
+        averages over the ``R`` ranks), so the wrapper's hooks (FSDP2's reduce-scatter, DDP's all-reduce) run;
+        then the skip decision from the global losses and the reduced gradients (one all-reduce of a flag,
+        every rank decides alike) and, on a skipped step, ``.grad`` set to 0 (NaN under a loss scale)."""
+        from polytask.balance import dist
+
+        (objective * dist.world_size(group)).backward()
+        local = [_local(p.grad) for p in params if p.grad is not None]
+        bad = (~all_finite(*local)).to(global_vec.dtype) if local else torch.zeros((), dtype=global_vec.dtype,
+                                                                                     device=global_vec.device)
+        (bad,) = dist.all_reduce_sum([bad.reshape(1)], group)
+        ok = all_finite(global_vec, w) & (bad[0] == 0)
+        self._check_finite(ok, global_vec, names)
+        self.after_backward(global_vec, w.detach())
+        self._commit(ok, before)
+        self._last_ok = ok
+        fill = 0.0 if loss_scale is None else float("nan")
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    g = _local(p.grad)
+                    g.copy_(torch.where(ok.to(g.device), g, torch.full((), fill, dtype=g.dtype, device=g.device)))
+        return torch.where(ok, w.detach(), torch.zeros_like(w)).detach()
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (FSDP2's sharded gradients), a plain tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def check_external_reduction(balancer: Balancer, parameters: Iterable[Tensor] | None) -> None:
+    """ConfigError unless ``balancer`` can leave the gradient reduction to a wrapper (``reduce_gradients=False``)."""
+    if not balancer.supports_fsdp:
+        raise ConfigError(f"balancer {type(balancer).__name__} takes per-task gradients w.r.t. the parameters and reduces "
+                          "them itself: use reduce_gradients=True (under DDP's no_sync()), not FSDP")
+    if parameters is None:
+        raise ConfigError("balancer.backward: reduce_gradients=False needs parameters= (the wrapped model's parameters)")

@@ -88,6 +88,27 @@ with an unused parameter); DDP's own all-reduce never runs, so no "marked ready 
 :attr:`polytask.balance.Balancer.reduces_gradients` is ``True`` for every balancer: with a process
 group, ``.grad`` is already the global gradient (a trainer must not reduce it again).
 
+Letting the wrapper reduce (FSDP2, or DDP outside ``no_sync()``): balancers with
+:attr:`~polytask.balance.Balancer.supports_fsdp` (the loss balancers that need only the losses: ew,
+uw, dwa, rlw, gls, imtl_l, famo, stch) take ``reduce_gradients=False, parameters=model.parameters()``:
+the weights still come from the global losses (step 1), then ONE ``Tensor.backward`` of this rank's
+weighted loss times ``R`` runs the wrapper's hooks (its average over the ranks is the global
+gradient), and one all-reduce of a flag makes every rank skip a non-finite step together (``.grad``
+then set to 0). Methods that need per-task gradients w.r.t. the parameters (every gradient method,
+DB-MTL, GradNorm) refuse it: FSDP's sharded parameters are not the leaves of the graph. With FSDP2,
+call ``model.reshard()`` after a forward that has no backward (FAMO's post-step evaluation): the
+root module keeps its gathered parameters otherwise, and the next step does not reach the shards::
+
+    fully_shard(model)
+    ...
+    balancer.backward(losses, process_group=group, counts=counts, parameters=list(model.parameters()),
+                      reduce_gradients=False)
+    optimizer.step()
+    if balancer.needs_post_step_losses:
+        with torch.no_grad():
+            balancer.post_step(loss_fn(model(x)), process_group=group, counts=counts)
+        model.reshard()
+
 Mixed precision: ``loss_scale=`` (the loss scaler's scale as a device tensor: no host sync) --
 the balancer back-propagates the losses times ``loss_scale`` so the backward does not underflow,
 computes weights from UNSCALED gradients/Gramians (the Gramian of scaled gradients is not the

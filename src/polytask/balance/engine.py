@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from polytask.balance import aggregators as agg
 from polytask.balance import dist
-from polytask.balance.base import Balancer, accumulate_grads, all_finite, stack_losses
+from polytask.balance.base import Balancer, accumulate_grads, all_finite, check_external_reduction, stack_losses
 from polytask.balance.registry import BALANCERS
 from polytask.errors import ConfigError
 
@@ -325,7 +325,10 @@ class GradientBalancer(Balancer):
 
     def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
                  features: Tensor | None = None, *, task_features: Tensor | None = None, process_group: Any = None,
-                 counts: Any = None, loss_scale: Tensor | None = None, parameters: Iterable[Tensor] | None = None) -> Tensor:
+                 counts: Any = None, loss_scale: Tensor | None = None, parameters: Iterable[Tensor] | None = None,
+                 reduce_gradients: bool = True) -> Tensor:
+        if not reduce_gradients:
+            check_external_reduction(self, parameters)
         vec = stack_losses(losses)
         self._seed_generator(vec.device, process_group)
         if self.accumulating:

@@ -25,7 +25,7 @@ from polytask.balance._loss_state import (
     present_tasks,
     require_grad_fn,
 )
-from polytask.balance.base import accumulate_grads, all_finite, stack_losses
+from polytask.balance.base import accumulate_grads, all_finite, check_external_reduction, stack_losses
 from polytask.balance.engine import find_task_parameters, task_jacobian
 from polytask.balance.loss_weighting import _positive
 from polytask.balance.registry import BALANCERS
@@ -151,6 +151,7 @@ class DBMTL(TaskStateBalancer):
     """
 
     _state_buffer = "grad_ema"
+    supports_fsdp = False  # per-task gradients w.r.t. the shared parameters
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8,
                  nan_policy: Literal["skip", "raise"] = "skip") -> None:
@@ -172,7 +173,10 @@ class DBMTL(TaskStateBalancer):
 
     def backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None = None,
                  features: Tensor | None = None, *, task_features: Tensor | None = None, process_group: Any = None,
-                 counts: Any = None, loss_scale: Tensor | None = None, parameters: Any = None) -> Tensor:
+                 counts: Any = None, loss_scale: Tensor | None = None, parameters: Any = None,
+                 reduce_gradients: bool = True) -> Tensor:
+        if not reduce_gradients:
+            check_external_reduction(self, parameters)
         if self.accumulating:
             return self._backward_accumulated(losses, shared, features, task_features=task_features,
                                               process_group=process_group, counts=counts, loss_scale=loss_scale,
@@ -271,6 +275,7 @@ class GradNorm(TaskStateBalancer):
     """
 
     _state_buffer = "loss_weights"
+    supports_fsdp = False  # per-task gradients w.r.t. a shared weight (FSDP shards it)
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, optimizer: Literal["adam", "sgd"] = "adam",
                  layer: Literal["last_shared", "features"] = "last_shared", min_weight: float = 1e-4,
