@@ -293,3 +293,22 @@ def test_data_loaders_do_not_import_nn():
 def test_out_of_range_data_params_name_their_key(params, message):
     with pytest.raises(ConfigError, match=message):
         data.load("synthetic", **params)
+
+
+def test_ids_outside_a_vocabulary_name_the_feature_and_row():
+    from polytask.data.features import FeatureSpec, SequenceFeature, SparseFeature
+
+    spec = FeatureSpec((SparseFeature("city", 5), SequenceFeature("clicks", 7, padding_idx=0)))
+    task = [Task("y", "binary")]
+
+    def splits(city, clicks):
+        ds = MultiTaskDataset({"city": torch.tensor(city), "clicks": torch.tensor(clicks)},
+                              {"y": torch.zeros(len(city))})
+        return Splits("mine", task, ds, ds, ds, spec)
+
+    splits([0, 4, 2], [[1, 6], [0, 0], [3, 0]]).validate()  # in range (0 is padding for clicks)
+    with pytest.raises(DataError, match=re.escape("mine train split: feature 'city': id 5 in row 1 is outside "
+                                                  "its vocabulary [0, 5) (1 row(s) affected)")):
+        splits([0, 5, 2], [[1, 6], [0, 0], [3, 0]]).validate()
+    with pytest.raises(DataError, match=re.escape("feature 'clicks': id -1 in row 2")):
+        splits([0, 1, 2], [[1, 6], [0, 0], [3, -1]]).validate()

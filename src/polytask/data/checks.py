@@ -44,3 +44,26 @@ def check_finite_inputs(inputs: Any, where: str = "inputs") -> None:
         place = f"{where} feature {tuple(int(i) for i in np.unravel_index(column, inputs.shape[1:]))}"
     raise DataError(f"{place} has {count} NaN or infinite value(s) (first in row {row}); "
                     "input features must be finite (only NaN targets mean 'unlabelled')")
+
+
+def check_feature_ids(inputs: Any, spec: Any) -> None:
+    """DataError naming the feature, row and id when a categorical or sequence id lies outside
+    ``[0, vocab_size)`` of the :class:`~polytask.data.features.FeatureSpec` (an embedding lookup
+    would fail there with an index error on the CPU, a device assert on CUDA). Sequence features
+    may hold their ``padding_idx``. Checked once, at load time; a missing feature is left to the
+    model's input layer, which names it."""
+    from polytask.data.features import FeatureSpec
+
+    if not isinstance(spec, FeatureSpec) or not isinstance(inputs, Mapping):
+        return
+    for f in spec.embedded:
+        ids = inputs.get(f.name)
+        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.numel() == 0:
+            continue
+        bad = (ids < 0) | (ids >= f.vocab_size)
+        if bool(bad.any()):
+            flat = bad.reshape(ids.shape[0], -1).any(dim=1)
+            row = int(flat.to(torch.uint8).argmax())
+            value = int(ids.reshape(ids.shape[0], -1)[row][bad.reshape(ids.shape[0], -1)[row]][0])
+            raise DataError(f"feature {f.name!r}: id {value} in row {row} is outside its vocabulary [0, {f.vocab_size}) "
+                            f"({int(flat.sum())} row(s) affected)")

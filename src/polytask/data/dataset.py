@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polytask.data.checks import check_finite_inputs
+from polytask.data.checks import check_feature_ids, check_finite_inputs
 from polytask.errors import DataError
 from polytask.tasks import Task
 
@@ -219,9 +219,12 @@ class Splits:
     input_spec: Any
 
     def validate(self) -> None:
+        """DataError naming the split for bad targets, non-finite features or, with a
+        FeatureSpec, ids outside a feature's vocabulary."""
         for split in ("train", "val", "test"):
             try:
                 getattr(self, split).validate(self.tasks)
+                check_feature_ids(getattr(self, split).inputs, self.input_spec)
             except DataError as exc:
                 raise DataError(f"{self.name} {split} split: {exc}") from None
 
