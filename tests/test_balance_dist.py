@@ -75,6 +75,8 @@ def _cases() -> list[tuple[str, str | None, str, tuple]]:
         if balance.get(name).supports_fsdp:
             cases.append((name, None, "fsdp", ()))
             cases.append((name, None, "ddp_reduces", ()))
+    for name in ("ew", "uw", "famo"):
+        cases.append((name, None, "fsdp_nan", ()))  # a NaN loss on rank 1: every rank zeroes FSDP's reduced .grad
     return cases
 
 
@@ -196,7 +198,7 @@ def train(case, rank: int | None, group=None):
             extra_kwargs = {"parameters": list(model.parameters())}  # reduce every parameter, used or not
         if variant == "ddp_reduces":
             extra_kwargs["reduce_gradients"] = False
-    if variant == "fsdp" and group is not None:
+    if variant in ("fsdp", "fsdp_nan") and group is not None:
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model)
@@ -225,7 +227,7 @@ def train(case, rank: int | None, group=None):
             if variant != "accumulate" or group is None:
                 outputs = runner(x, copies) if copies else runner(x)
                 losses = losses_of(outputs, y, mask)
-                if variant in ("nan", "gradnan") and step == 1 and rank != 0:  # rank 1 (or the one process) only
+                if variant in ("nan", "gradnan", "fsdp_nan") and step == 1 and rank != 0:  # rank 1 (or the one process) only
                     losses["t1"] = losses["t1"] * float("nan") if variant == "nan" else \
                         losses["t1"] + torch.sqrt(model.z.sum() * 0.0)
                 b.backward(losses, shared=list(model.trunk.parameters()), features=model.z,
@@ -285,7 +287,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks, case):
     assert not isinstance(got0, str), got0
     assert not isinstance(got1, str), got1
     (p0, s0), (p1, s1) = got0, got1
-    if case[2] in ("nan", "gradnan"):  # every rank skipped the step together, and counted it once
+    if case[2] in ("nan", "gradnan", "fsdp_nan"):  # every rank skipped the step together, and counted it once
         assert int(s0["skipped_steps"]) == 1 and int(s1["skipped_steps"]) == 1
     # no divergence: the ranks hold the same parameters and state, to the bit
     assert torch.equal(p0, p1)
