@@ -92,10 +92,10 @@ class TaskMoE(RoutedModel):
     experts start as copies of one pretrained BART layer (the authors' code,
     INK-USC/CrossTaskMoE ``modules/utils.py::initialize_weights``, copies the layer into every
     expert and adds Gaussian noise of 1e-8; ours is larger, so that the routers of a model
-    trained from scratch get a usable gradient from the first step). A convex mixture of equal experts
-    is that expert, so at the start every task reads (nearly) the same representation -- the model
-    starts as a shared-bottom network -- and the experts become different as the routing sends
-    each its own mix of the tasks' gradients. With independent draws (``"independent"``, the
+    trained from scratch get a usable gradient from the first step). A convex mixture of equal
+    experts is that expert, so at the start every task reads (nearly) the same representation --
+    the model starts as a shared-bottom network -- and the experts become different as the
+    routing sends each its own mix of the tasks' gradients. With independent draws (``"independent"``, the
     behaviour before) a task starts from a mixture of unrelated random features: the part that
     varies with the input shrinks by ``‖w_t‖₂`` per layer (the representation's standard
     deviation at the start was 0.06-0.07 over the two default layers, 0.12 with equal experts), and
@@ -112,11 +112,12 @@ class TaskMoE(RoutedModel):
     tasks above 0.9; shared start, 64: 0.56, 10; shared start, 128 (now): 0.48, 8; shared-bottom
     (128, 64): 0.55, 9 (the 8 are two data seeds on which the shared-bottom fails as well). On
     data seed 0 over 5 initialisations: 0.94 (20 of 25 above 0.9) before, 0.40 (1 of 25) now,
-    shared-bottom 0.74 (4). MMoE stays ahead (0.31 over the first four data seeds): its per-example gates are a one-layer path
-    from the input that task-level routing does not have. At Adam 1e-3 ten epochs are too few for
+    shared-bottom 0.74 (4). MMoE stays ahead (0.31 over the first four data seeds): its
+    per-example gates are a one-layer path from the input that task-level routing does not have. At Adam 1e-3 ten epochs are too few for
     every architecture without per-example gates (shared-bottom 0.70, task-MoE 0.68 before, 0.64
     now). Ruled out as causes: routing collapse and the load-balancing term (soft routing,
-    ``balance_weight=0`` and ``k=num_experts`` fail alike with independent experts), and width
+    ``balance_weight=0`` and ``k=num_experts`` fail alike with independent experts, on the two
+    data seeds of the issue), and width
     alone (independent experts of 128: 0.61, 12 of 30). Where specialisation should pay, the
     shared start does not hold it back (3 seeds): unrelated tasks (4, correlation 0) 0.24 before,
     0.20 now; two clusters of 3 (correlation 0.9 within, 0 across) 0.056 before, 0.061 now.
