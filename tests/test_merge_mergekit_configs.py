@@ -610,3 +610,54 @@ def test_every_bad_key_named_at_once(llamas, capsys, monkeypatch):
     for words in ("unknown keys", "merge_methd", "tokenizer_sourc", "models[2].paramters", "merge_method: Field required"):
         assert words in err, (words, err)
     assert not (llamas / "out").exists()
+
+
+MULTI = """
+name: ab
+merge_method: ties
+base_model: base
+models:
+  - {model: a, parameters: {weight: 1.0, density: 0.5}}
+  - {model: b, parameters: {weight: 0.6, density: 0.5}}
+dtype: bfloat16
+---
+merge_method: slerp
+base_model: ab
+models: [{model: ab}, {model: c}]
+parameters:
+  t: [0.2, 0.8]
+dtype: bfloat16
+"""
+
+
+def test_multi_document_config_runs_as_mergekit_multi(llamas, tmp_path, monkeypatch, capsys):
+    # mergekit, document by document, the name replaced by the first merge's folder
+    first, second = MULTI.split("---")
+    _mergekit(first, llamas, llamas / "ab_mk", monkeypatch)
+    theirs = _mergekit(second.replace("ab", "ab_mk"), llamas, tmp_path / "theirs", monkeypatch)
+    code, out, err = _cli(["merge", _write(llamas, "multi.yaml", MULTI), tmp_path / "final"], capsys, monkeypatch)
+    assert code == 0, err
+    _assert_same_bits(theirs, load_state_dict(tmp_path / "final"))
+    assert (tmp_path / "final.parts" / "ab" / "model.safetensors").is_file()
+    # the named merge is kept when it exists (mergekit-multi --lazy): a second run only writes the final
+    stamp = (tmp_path / "final.parts" / "ab" / "model.safetensors").stat().st_mtime_ns
+    code, out, err = _cli(["merge", llamas / "multi.yaml", tmp_path / "final2", "-I", tmp_path / "final.parts"],
+                          capsys, monkeypatch)
+    assert code == 0, err
+    assert (tmp_path / "final.parts" / "ab" / "model.safetensors").stat().st_mtime_ns == stamp
+    _assert_same_bits(theirs, load_state_dict(tmp_path / "final2"))
+
+
+@pytest.mark.parametrize(("text", "must_say"), [
+    (MULTI.replace("name: ab", "merge_methd: x\nname: ab").replace("t: [0.2, 0.8]", "t: [0.2, 0.8]\nbogus: 1"),
+     ["document 1: unknown key merge_methd", "document 2: unknown key bogus"]),
+    (MULTI.replace("name: ab\n", ""), ["documents 1, 2 have no name"]),
+    (MULTI.replace("merge_method: slerp", "name: cd\nmerge_method: slerp").replace("base_model: base", "base_model: cd"),
+     ["loop", "ab -> cd -> ab"]),
+])
+def test_multi_document_errors(llamas, tmp_path, capsys, monkeypatch, text, must_say):
+    code, out, err = _cli(["merge", _write(llamas, "m.yaml", text), tmp_path / "final"], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1, err
+    for words in must_say:
+        assert words in err, (words, err)
+    assert sorted(os.listdir(tmp_path)) == sorted(p for p in os.listdir(tmp_path) if not p.startswith("final"))

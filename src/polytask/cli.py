@@ -95,6 +95,9 @@ def merge(
     allow_nonfinite: Annotated[bool, typer.Option(
         "--allow-nonfinite", help="Write merged tensors holding NaN or inf with a warning (default: stop "
         "with an error naming the tensor).")] = False,
+    intermediate_dir: Annotated[Optional[Path], typer.Option(
+        "--intermediate-dir", "-I", help="Where the named merges of a multi-document CONFIG go (mergekit-multi; "
+        "default: OUT_DIR.parts beside OUT_DIR, or OUT_DIR itself when every merge is named).")] = None,
 ) -> None:
     """Merge fine-tuned checkpoints (safetensors files, directories or shards) tensor by tensor
     into one sharded safetensors checkpoint with the base's config and tokenizer files. Relative
@@ -107,7 +110,7 @@ def merge(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         out = run_merge(config, out_dir, overwrite=overwrite, allow_pickle=allow_pickle or None,
-                        allow_nonfinite=allow_nonfinite)
+                        allow_nonfinite=allow_nonfinite, intermediate_dir=intermediate_dir)
     for w in caught:
         typer.echo(f"warning: {w.message}", err=True)
     typer.echo(f"merged checkpoint: {out}")

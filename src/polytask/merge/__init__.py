@@ -11,7 +11,7 @@
   merging, RegMean, AdaMerging (task- and layer-wise) and WEMoE.
 """
 
-from polytask.merge.config import MergeConfig, ModelEntry, load_merge_config, run_merge
+from polytask.merge.config import MergeConfig, ModelEntry, load_merge_config, load_merge_configs, run_merge
 from polytask.merge.data_driven import (
     WeightEnsemblingMoE,
     adamerging,
@@ -44,6 +44,7 @@ __all__ = [
     "MergeConfig",
     "ModelEntry",
     "load_merge_config",
+    "load_merge_configs",
     "Checkpoint",
     "CheckpointWriter",
     "TensorSpec",

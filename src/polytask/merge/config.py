@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from polytask.errors import ConfigError
 
-__all__ = ["MergeConfig", "ModelEntry", "load_merge_config", "run_merge"]
+__all__ = ["MergeConfig", "ModelEntry", "SliceDef", "SliceSource", "load_merge_config", "load_merge_configs", "run_merge"]
 
 # mergekit keys whose Python names differ, and keys accepted with no effect.
 _RENAMED = {"lambda": "lambda_"}
@@ -209,21 +209,49 @@ class MergeConfig(BaseModel):
         return list(seen.values())
 
 
-def load_merge_config(path: str | os.PathLike[str]) -> MergeConfig:
-    """Read and validate a merge config (YAML); ConfigError naming the file and key if bad."""
-    p = Path(path)
+def _read_documents(p: Path) -> list[Any]:
     try:
-        raw = yaml.safe_load(p.read_text())
+        docs = [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
     except OSError as exc:
         raise ConfigError(f"cannot read merge config {str(p)!r}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    return docs or [None]
+
+
+def load_merge_config(path: str | os.PathLike[str]) -> MergeConfig:
+    """Read and validate a merge config (YAML); ConfigError naming the file and key if bad."""
+    p = Path(path)
+    docs = _read_documents(p)
+    if len(docs) > 1:
+        raise ConfigError(f"{p}: holds {len(docs)} merges (YAML documents); use load_merge_configs or run_merge")
+    return _validate(p, docs[0], "")
+
+
+def load_merge_configs(path: str | os.PathLike[str]) -> list[MergeConfig]:
+    """Every merge of a (multi-document, mergekit-multi style) YAML file, each validated; all the
+    documents' errors are named at once (``document 2: ...``)."""
+    p = Path(path)
+    docs = _read_documents(p)
+    out: list[MergeConfig] = []
+    errors: list[str] = []
+    for i, doc in enumerate(docs):
+        try:
+            out.append(_validate(p, doc, f"document {i + 1}: " if len(docs) > 1 else ""))
+        except ConfigError as exc:
+            errors.append(str(exc).removeprefix(f"{p}: "))
+    if errors:
+        raise ConfigError(f"{p}: {'; '.join(errors)}")
+    return out
+
+
+def _validate(p: Path, raw: Any, where: str) -> MergeConfig:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: a merge config must be a mapping with merge_method and models")
+        raise ConfigError(f"{p}: {where}a merge config must be a mapping with merge_method and models")
     try:
         return MergeConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{p}: {_all_errors(exc)}") from None
+        raise ConfigError(f"{p}: {where}{_all_errors(exc)}") from None
 
 
 def _all_errors(exc: ValidationError) -> str:
@@ -248,8 +276,16 @@ def run_merge(
     progress: bool | None = None,
     allow_pickle: bool | None = None,
     allow_nonfinite: bool = False,
+    intermediate_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Run the merge described by the YAML file ``config_path`` into ``out_dir``.
+    """Run the merge(s) described by the YAML file ``config_path`` into ``out_dir``.
+
+    A file of several YAML documents is run as ``mergekit-multi`` runs it: each document is a
+    merge; one with a ``name`` is written to ``intermediate_dir/<name>`` (default: the folder
+    ``<out_dir>.parts`` beside ``out_dir`` when one document has no name, else ``out_dir``
+    itself) and later documents may use that name as a model; the one without a name is written
+    to ``out_dir``. Merges run in dependency order; a named merge whose output exists is kept
+    (mergekit's ``--lazy``) unless ``overwrite``. Every document is validated before any runs.
 
     The output directory holds the merged safetensors (sharded with an index when large), the
     base's config/tokenizer files and ``polytask_merge.yaml`` (a copy of the config). Relative
@@ -259,11 +295,94 @@ def run_merge(
     instead of refusing. Errors are :class:`~polytask.errors.PolytaskError` subclasses naming the
     key, model or tensor.
     """
+    configs = load_merge_configs(config_path)
+    if len(configs) == 1:
+        return _run_one(configs[0], config_path, Path(config_path).read_text(), out_dir, overwrite=overwrite,
+                        progress=progress, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    out = Path(out_dir)
+    order, parts = _multi_order(configs, config_path, out, intermediate_dir)
+    result = out
+    for k in order:
+        cfg = configs[k]
+        target = parts / cfg.name if cfg.name is not None else out
+        if cfg.name is not None and not overwrite and target.is_dir() and any(target.glob("*.safetensors")):
+            continue  # mergekit-multi --lazy: an intermediate merge that exists is kept
+        cfg = _with_merge_names(cfg, configs, parts)
+        text = yaml.safe_dump(cfg.model_dump(exclude_defaults=True), sort_keys=False)
+        done = _run_one(cfg, config_path, text, target, overwrite=overwrite, progress=progress,
+                        allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+        if cfg.name is None:
+            result = done
+    return result
+
+
+def _multi_order(configs: list[MergeConfig], config_path: Any, out: Path,
+                 intermediate_dir: Any) -> tuple[list[int], Path]:
+    """The order in which the documents run (each after the merges it uses) and the folder of
+    the named ones."""
+    names = [c.name for c in configs]
+    unnamed = [i + 1 for i, n in enumerate(names) if n is None]
+    if len(unnamed) > 1:
+        raise ConfigError(f"{config_path}: documents {', '.join(map(str, unnamed))} have no name; give every "
+                          "merge but the final one a name (its folder under the intermediate directory)")
+    dup = sorted({n for n in names if n is not None and names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{config_path}: name {dup[0]!r} is given to several documents; names must be unique")
+    parts = Path(intermediate_dir) if intermediate_dir is not None else (
+        out.with_name(out.name + ".parts") if unnamed else out)
+    uses = {i: {names.index(m) for m in c.model_paths() if m in names} for i, c in enumerate(configs)}
+    order: list[int] = []
+    state: dict[int, int] = {}
+
+    def visit(i: int, chain: list[int]) -> None:
+        if state.get(i) == 2:
+            return
+        if state.get(i) == 1:
+            loop = " -> ".join(str(names[j]) for j in [*chain, i])
+            raise ConfigError(f"{config_path}: merges use each other in a loop ({loop})")
+        state[i] = 1
+        for j in sorted(uses[i]):
+            visit(j, [*chain, i])
+        state[i] = 2
+        order.append(i)
+
+    for i in range(len(configs)):
+        visit(i, [])
+    return order, parts
+
+
+def _with_merge_names(cfg: MergeConfig, configs: list[MergeConfig], parts: Path) -> MergeConfig:
+    """``cfg`` with the names of other merges replaced by their output folders."""
+    names = {c.name for c in configs if c.name is not None}
+
+    def sub(path: str | None) -> str | None:
+        return str(parts / path) if path in names else path
+
+    return cfg.model_copy(update={
+        "base_model": sub(cfg.base_model),
+        "models": None if cfg.models is None else [e.model_copy(update={"model": sub(e.model)}) for e in cfg.models],
+        "slices": None if cfg.slices is None else [
+            sl.model_copy(update={"base_model": sub(sl.base_model),
+                                  "sources": [x.model_copy(update={"model": sub(x.model)}) for x in sl.sources]})
+            for sl in cfg.slices],
+    })
+
+
+def _run_one(
+    written: MergeConfig,
+    config_path: str | os.PathLike[str],
+    text: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool,
+    progress: bool | None,
+    allow_pickle: bool | None,
+    allow_nonfinite: bool,
+) -> Path:
     from polytask.merge.engine import merge_planned
     from polytask.merge.io import parse_dtype
     from polytask.merge.plan import output_config, plan_config
 
-    written = load_merge_config(config_path)
     config = written.with_paths_from(Path(config_path).parent)
     paths = config.model_paths()
     labels = written.model_paths()  # errors name the models as the config writes them
@@ -279,7 +398,7 @@ def run_merge(
             except Exception as exc:
                 raise ConfigError(f"{config_path}: {key}: {exc}") from None
     reference = paths[base_i] if base_i is not None else paths[0]
-    extra = {"polytask_merge.yaml": Path(config_path).read_text()}
+    extra = {"polytask_merge.yaml": text}
 
     def plan_jobs(sources):  # type: ignore[no-untyped-def]
         planned = plan_config(config, sources, source_of, labels)
