@@ -65,5 +65,5 @@ def check_feature_ids(inputs: Any, spec: Any) -> None:
             flat = bad.reshape(ids.shape[0], -1).any(dim=1)
             row = int(flat.to(torch.uint8).argmax())
             value = int(ids.reshape(ids.shape[0], -1)[row][bad.reshape(ids.shape[0], -1)[row]][0])
-            raise DataError(f"feature {f.name!r}: id {value} in row {row} is outside its vocabulary [0, {f.vocab_size}) "
-                            f"({int(flat.sum())} row(s) affected)")
+            raise DataError(f"feature {f.name!r}: id {value} in row {row} is outside its vocabulary "
+                            f"[0, {f.vocab_size}) ({int(flat.sum())} row(s) affected)")

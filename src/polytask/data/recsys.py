@@ -214,5 +214,5 @@ def ali_ccp(root: str | None = None, embed_dim: int = 16, val_fraction: float = 
     return load_table_splits(FORMATS["ali_ccp"], root, embed_dim, val_fraction, seed)
 
 
-__all__: Sequence[str] = ["FORMATS", "SAMPLES_DIR", "TableFormat", "ali_ccp", "aliexpress", "census_income", "load_table_splits",
-                          "read_table"]
+__all__: Sequence[str] = ["FORMATS", "SAMPLES_DIR", "TableFormat", "ali_ccp", "aliexpress", "census_income",
+                          "load_table_splits", "read_table"]

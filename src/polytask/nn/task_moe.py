@@ -113,14 +113,14 @@ class TaskMoE(RoutedModel):
     (128, 64): 0.55, 9 (the 8 are two data seeds on which the shared-bottom fails as well). On
     data seed 0 over 5 initialisations: 0.94 (20 of 25 above 0.9) before, 0.40 (1 of 25) now,
     shared-bottom 0.74 (4). MMoE stays ahead (0.31 over the first four data seeds): its
-    per-example gates are a one-layer path from the input that task-level routing does not have. At Adam 1e-3 ten epochs are too few for
-    every architecture without per-example gates (shared-bottom 0.70, task-MoE 0.68 before, 0.64
-    now). Ruled out as causes: routing collapse and the load-balancing term (soft routing,
-    ``balance_weight=0`` and ``k=num_experts`` fail alike with independent experts, on the two
-    data seeds of the issue), and width
-    alone (independent experts of 128: 0.61, 12 of 30). Where specialisation should pay, the
-    shared start does not hold it back (3 seeds): unrelated tasks (4, correlation 0) 0.24 before,
-    0.20 now; two clusters of 3 (correlation 0.9 within, 0 across) 0.056 before, 0.061 now.
+    per-example gates are a one-layer path from the input that task-level routing does not have. At
+    Adam 1e-3 ten epochs are too few for every architecture without per-example gates
+    (shared-bottom 0.70, task-MoE 0.68 before, 0.64 now). Ruled out as causes: routing collapse and
+    the load-balancing term (soft routing, ``balance_weight=0`` and ``k=num_experts`` fail alike
+    with independent experts, on the two data seeds of the issue), and width alone (independent
+    experts of 128: 0.61, 12 of 30). Where specialisation should pay, the shared start does not
+    hold it back (3 seeds): unrelated tasks (4, correlation 0) 0.24 before, 0.20 now; two clusters
+    of 3 (correlation 0.9 within, 0 across) 0.056 before, 0.061 now.
 
     Args:
         input_dim: dense width or a FeatureSpec; num_layers: expert layers (>= 1);
