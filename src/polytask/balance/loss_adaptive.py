@@ -54,8 +54,9 @@ class FAMO(TaskStateBalancer):
     i.e. ``(Jᵀ δ)_t = z_t (δ_t − Σ_i z_i δ_i)``: a task whose loss fell more than the weighted
     average loses weight. ``optimizer="sgd"`` is exactly this rule; the default ``"adam"`` (with
     ``γ`` as L2 weight decay) is what the authors' code uses. Losses are clamped at ``eps``. A task
-    absent from the batch (loss exactly 0: no labelled row) or with a NaN loss gets weight 0 and
-    keeps its logit at that step (its ``δ`` is 0).
+    absent from the batch (loss exactly 0: no labelled row) gets weight 0 and keeps its logit at
+    that step (its ``δ`` is 0); a NaN/inf loss skips the whole step, and its :meth:`post_step` then
+    changes nothing.
 
     The second loss evaluation is explicit: ``needs_post_step_losses = True``; the training loop
     re-evaluates the batch under ``torch.no_grad()`` after ``optimizer.step()`` and calls
@@ -144,7 +145,8 @@ class DBMTL(TaskStateBalancer):
     gradients come from one backward per task (through the shared and the task-specific
     parameters, whose gradients are summed over the tasks); the moving average is a ``(T, D)`` buffer (D = number of shared
     parameters) saved in the ``state_dict()``. The returned weights are ``α``. A task absent from
-    the batch (loss exactly 0) or with a NaN gradient keeps its ``ĝ_t`` at that step.
+    the batch (loss exactly 0) keeps its ``ĝ_t`` at that step; a NaN/inf loss or gradient skips the
+    whole step (state kept, ``skipped_steps`` counted).
 
     Args:
         beta: ``β`` (paper: 0.9); beta_sigma: ``σ`` (paper: 0.5); eps: added inside the log.
@@ -251,9 +253,9 @@ class GradNorm(TaskStateBalancer):
     take one optimizer step along ``∂L_grad/∂w_t = sign(G_t − Ḡ r_t^α) ‖∇_W L_t‖`` and are then
     renormalised to ``Σ_t w_t = T`` (kept ≥ ``min_weight`` first, so they stay positive).
     ``α = 0`` drives all ``G_t`` to the same norm; a larger ``α`` favours slow tasks. A task absent
-    from the batch (loss exactly 0: no labelled row) or with a NaN loss is left out of the means
-    and its weight takes no optimizer step (the renormalisation still rescales it); its ``L_t(0)``
-    is its first present loss.
+    from the batch (loss exactly 0: no labelled row) is left out of the means and its weight takes
+    no optimizer step (the renormalisation still rescales it); its ``L_t(0)`` is its first present
+    loss. A NaN/inf loss skips the whole step.
 
     ``W`` is the weight of the last shared layer: the first matrix-shaped shared parameter met
     walking back from the shared features the heads read (the largest one at that depth, e.g. the

@@ -95,7 +95,7 @@ class DynamicWeightAverage(TaskStateBalancer):
     where ``L_k(t)`` is task k's loss averaged over epoch t; ``λ = 1`` in the first two epochs.
 
     Per-epoch averages: the balancer keeps its own running record — every :meth:`backward` adds
-    the detached losses to an on-device sum (skipping a task's NaN or absent, i.e. exactly 0, loss)
+    the detached losses to an on-device sum (skipping a task absent from the batch, i.e. a loss of exactly 0)
     — and the training loop must call :meth:`end_epoch`
     after each epoch, which turns the sums into that epoch's averages and sets the weights of the
     next epoch. (polytask's Trainer calls it; in your own loop, call it yourself.)
@@ -231,8 +231,8 @@ class GeometricLossStrategy(LossWeighting):
     The objective is the geometric mean of the task losses, ``G = (Π_t L_t)^{1/T}``, whose
     gradient is ``Σ_t G / (T L_t) ∇L_t``: the weights are ``w_t = G / (T L_t)`` (computed in log
     space; losses are clamped at ``eps``). A task absent from the batch (loss exactly 0: no
-    labelled row) or with a NaN loss is left out of the product for that step (weight 0), so that
-    it does not zero the geometric mean of the others.
+    labelled row) is left out of the product for that step (weight 0), so that it does not zero
+    the geometric mean of the others. A NaN/inf loss skips the whole step (:class:`~polytask.balance.base.Balancer`).
     """
 
     def __init__(self, eps: float = 1e-8, nan_policy: Literal["skip", "raise"] = "skip") -> None:
