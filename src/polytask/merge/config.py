@@ -113,7 +113,8 @@ class MergeConfig(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     compute_dtype: str | None = None
-    name: str | None = None  # mergekit-multi's name of this merge; no effect here
+    name: str | None = None  # mergekit-multi: the folder of this merge under the intermediate directory
+    out_path: str | None = None  # mergekit-mega (mega.yml): this merge's folder, from the config's folder
     seed: int = 0
     tokenizer_source: str | None = None
     max_shard_size: int | str = "5GB"
@@ -304,16 +305,23 @@ def run_merge(
     result = out
     for k in order:
         cfg = configs[k]
-        target = parts / cfg.name if cfg.name is not None else out
-        if cfg.name is not None and not overwrite and target.is_dir() and any(target.glob("*.safetensors")):
+        target = _target(cfg, config_path, parts, out)
+        if target != out and not overwrite and target.is_dir() and any(target.glob("*.safetensors")):
             continue  # mergekit-multi --lazy: an intermediate merge that exists is kept
         cfg = _with_merge_names(cfg, configs, parts)
         text = yaml.safe_dump(cfg.model_dump(exclude_defaults=True), sort_keys=False)
         done = _run_one(cfg, config_path, text, target, overwrite=overwrite, progress=progress,
                         allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
-        if cfg.name is None:
-            result = done
+        result = done
     return result
+
+
+def _target(cfg: MergeConfig, config_path: Any, parts: Path, out: Path) -> Path:
+    """Where one document of a multi-document config is written."""
+    if cfg.out_path is not None:
+        p = Path(cfg.out_path).expanduser()
+        return p if p.is_absolute() else Path(config_path).parent / p
+    return parts / cfg.name if cfg.name is not None else out
 
 
 def _multi_order(configs: list[MergeConfig], config_path: Any, out: Path,
@@ -321,7 +329,7 @@ def _multi_order(configs: list[MergeConfig], config_path: Any, out: Path,
     """The order in which the documents run (each after the merges it uses) and the folder of
     the named ones."""
     names = [c.name for c in configs]
-    unnamed = [i + 1 for i, n in enumerate(names) if n is None]
+    unnamed = [i + 1 for i, c in enumerate(configs) if c.name is None and c.out_path is None]
     if len(unnamed) > 1:
         raise ConfigError(f"{config_path}: documents {', '.join(map(str, unnamed))} have no name; give every "
                           "merge but the final one a name (its folder under the intermediate directory)")
@@ -330,7 +338,10 @@ def _multi_order(configs: list[MergeConfig], config_path: Any, out: Path,
         raise ConfigError(f"{config_path}: name {dup[0]!r} is given to several documents; names must be unique")
     parts = Path(intermediate_dir) if intermediate_dir is not None else (
         out.with_name(out.name + ".parts") if unnamed else out)
-    uses = {i: {names.index(m) for m in c.model_paths() if m in names} for i, c in enumerate(configs)}
+    outs = {os.path.normpath(c.out_path): i for i, c in enumerate(configs) if c.out_path is not None}
+    uses = {i: {names.index(m) for m in c.model_paths() if m in names}
+            | {outs[os.path.normpath(m)] for m in c.model_paths() if os.path.normpath(m) in outs}
+            for i, c in enumerate(configs)}
     order: list[int] = []
     state: dict[int, int] = {}
 

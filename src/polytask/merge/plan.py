@@ -71,7 +71,13 @@ def _conditions(where: str, setting: Any) -> list[dict[str, Any]] | None:
     if isinstance(setting, dict):
         setting = [setting]
     if isinstance(setting, list) and setting and not all(_is_scalar(e) for e in setting):
-        for e in setting:
+        for k, e in enumerate(setting):
+            if isinstance(e, dict) and "pattern" in e and "filter" not in e:
+                # mergekit's old spelling; 0.1.5 ignores the key (the condition then matches every tensor)
+                warnings.warn(f"{where}: 'pattern: {e['pattern']}' is read as 'filter: {e['pattern']}' (mergekit "
+                              "0.1.5 ignores 'pattern' and applies that value to every tensor); write filter:",
+                              RuntimeWarning, stacklevel=3)
+                e = setting[k] = {("filter" if key == "pattern" else key): v for key, v in e.items()}
             if not isinstance(e, dict) or "value" not in e or set(e) - {"value", "filter"}:
                 raise ConfigError(f"{where}: a list of conditions takes entries {{filter: ..., value: ...}}, got {e!r}")
             if e.get("filter") is not None and not isinstance(e["filter"], str):
