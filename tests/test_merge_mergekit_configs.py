@@ -775,3 +775,22 @@ def test_mergekit_mega_example(llamas, tmp_path, monkeypatch, capsys):
     assert (llamas / "models" / "gradient-slerp" / "model.safetensors").is_file()
     _assert_same_bits(theirs, load_state_dict(llamas / "models" / "gradient-slerp-ties"))
     assert str(llamas / "models" / "gradient-slerp-ties") in out
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("merge_*.yaml")))
+def test_examples_run_on_small_llamas(example, llamas, tmp_path):
+    """Every examples/merge_*.yaml runs once its paths (and 32-layer ranges) fit the test models."""
+    text = (EXAMPLES / example).read_text()
+    for old, new in (("./checkpoints/model-a", "a"), ("./checkpoints/model-b", "b"), ("./checkpoints/base", "base"),
+                     ("./checkpoints/math", "a"), ("./checkpoints/code", "b"), ("./checkpoints/chat", "c"),
+                     ("./checkpoints/task_a", "a"), ("./checkpoints/task_b", "b"), ("./checkpoints/task_c", "c"),
+                     ("[0, 32]", "[0, 6]"), ("[0, 24]", "[0, 4]"), ("[8, 32]", "[2, 6]")):
+        text = text.replace(old, new)
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error", RuntimeWarning)  # no filter may miss, no key be ignored
+        got = _ours(text, llamas, tmp_path / "out")
+    assert got.keys() >= {"lm_head.weight", "model.layers.3.mlp.up_proj.weight"}
+    assert all(torch.isfinite(t).all() for t in got.values())

@@ -3,10 +3,14 @@
 - :func:`merge_state_dicts` merges in-memory state dicts with a per-tensor method;
 - :func:`merge_checkpoints` / :func:`run_merge` stream safetensors checkpoints (single files,
   directories, HF-style shards) tensor by tensor into a new sharded checkpoint;
-- :data:`MERGE_METHODS` lists the per-tensor methods (linear, task_arithmetic, ties, dare_linear,
-  dare_ties, breadcrumbs, breadcrumbs_ties, slerp, model_stock, consensus, tsv, iso_c, iso_cts,
-  pcb). mergekit YAML configs are accepted for the methods both share; see
-  :mod:`polytask.merge.config` for the differences;
+- :data:`MERGE_METHODS` lists the per-tensor methods: linear, task_arithmetic, ties, dare_linear,
+  dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, model_stock, consensus,
+  tsv, iso_c, iso_cts, pcb (:mod:`~polytask.merge.methods`); passthrough, nearswap, sce,
+  arcee_fusion, ram, ramplus_tl (:mod:`~polytask.merge.selection`); karcher, nuslerp, multislerp
+  (:mod:`~polytask.merge.spherical`) -- every method of mergekit 0.1.5;
+- mergekit YAML configs run unchanged: ``dtype`` as the compute dtype, ``slices``, per-layer
+  gradients and filters (:mod:`~polytask.merge.plan`), multi-document files (mergekit-multi);
+  see :mod:`polytask.merge.config` for the few differences;
 - :mod:`polytask.merge.data_driven` has the methods that need the model and data: Fisher
   merging, RegMean, AdaMerging (task- and layer-wise) and WEMoE.
 """

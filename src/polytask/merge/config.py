@@ -28,7 +28,14 @@ Differences from mergekit (everything else means the same):
   written ``rescale: l1`` here. Random masks come from ``seed`` (same seed, same output).
 - TIES/Breadcrumbs: among exactly equal magnitudes at the trim threshold, the lowest indices
   are kept (mergekit: whatever an unstable sort gives).
-- ``modules:`` and ``tokenizer_source`` other than ``base`` are not supported (ConfigError).
+- ``modules:``, ``tokenizer:``, ``chat_template`` and ``tokenizer_source`` other than ``base``
+  are not supported (ConfigError).
+- A file of several YAML documents runs as ``mergekit-multi`` (``name:``; mega.yml's
+  ``out_path:``); see :func:`run_merge`. A single document's ``name``/``out_path`` has no effect.
+- Unknown keys are all named at once, as written. A global parameter given per model (``lambda``
+  under a model) is ignored with a warning (mergekit ignores it silently). The old ``pattern:``
+  of a condition is read as ``filter:`` with a warning (mergekit 0.1.5 ignores it, so the
+  condition matches every tensor there).
 - ``int8_mask`` is accepted and ignored (a memory option with no effect on the result).
 - Paths are local files or directories (no hub downloads). A relative path is read from the
   config file's folder when it exists there, else as given (from the working directory);
