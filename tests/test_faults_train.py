@@ -230,6 +230,24 @@ def test_next_command_restores_a_run_whose_overwrite_was_killed(tmp_path, caplog
     assert not aside.exists()
 
 
+def test_worker_of_a_claim_held_by_its_parent_neither_locks_nor_keeps_the_old_run(tmp_path):
+    """``train --nproc N``: the launcher holds the claim; its workers (same run directory, told by
+    the environment) do not lock again, and the first checkpoint still removes the old run."""
+    Trainer(_cfg(tmp_path), progress=False).fit()
+    run = tmp_path / "run"
+    with rundir.claim_run_dir(run, mode="overwrite") as claim:  # the launcher
+        assert claim.aside is not None and claim.aside.is_dir()
+        assert os.path.realpath(run) in os.environ[rundir.HELD_ENV].split(os.pathsep)  # what children inherit
+        _HELD, rundir._HELD = rundir._HELD, {}  # a child process: the environment only
+        try:
+            Trainer(_cfg(tmp_path), progress=False).fit(overwrite=True)  # would fail to lock if it tried
+            assert not claim.aside.exists()
+        finally:
+            rundir._HELD = _HELD
+    assert rundir.HELD_ENV not in os.environ
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["epoch"] == 2
+
+
 # ----------------------------------------------------------------------------- 3. --resume
 def test_resume_refuses_changed_settings_naming_every_key(tmp_path, monkeypatch, capsys):
     config = _yaml(tmp_path, **{"train.epochs": 1})

@@ -465,7 +465,11 @@ def claim_run_dir(run_dir: Path, config: Any = None, mode: Mode = "new", advice:
 
 
 def checkpoint_written(run_dir: Path) -> None:
-    """Tell the claim of ``run_dir`` (if this process holds one) that a checkpoint now exists."""
-    claim = _HELD.get(_key(run_dir))
+    """Tell the claim of ``run_dir`` that a checkpoint now exists: the previous run moved aside
+    goes, whether this process holds the claim or its parent does (a worker of ``--nproc``)."""
+    key = _key(run_dir)
+    claim = _HELD.get(key)
     if claim is not None:
         claim.checkpoint_written()
+    elif _held_by_parent(key) and has_checkpoint(Path(run_dir)):
+        shutil.rmtree(aside_path(Path(run_dir)), ignore_errors=True)
