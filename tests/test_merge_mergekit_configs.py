@@ -359,7 +359,11 @@ BAD = {
     "base_not_a_source": (LAZY_SLERP.replace("base_model: a", "base_model: c"),
                           ["slices[0]", "base_model", "not one of its sources"]),
     "gradient_value_out_of_range": (CONFIGS["ties_bf16"].replace("density: 0.7", "density: [0.7, 1.5]"),
-                                    ["model b", "parameters.density", "must be in (0, 1]"]),
+                                    ["model b", "parameters.density", "must be in (0, 1]", "got 1.5"]),
+    "gradient_value_out_of_range_top": (CONFIGS["linear_slices"].replace("weight: 0.5", "weight: [0.5, .inf]"),
+                                        ["slices[0].parameters.weight", "finite", "got inf"]),
+    "required_parameter_missing": ("merge_method: nearswap\nbase_model: a\nmodels: [{model: a}, {model: b}]\n",
+                                   ["parameters.t", "needs this parameter"]),
     "unknown_per_model_key": (CONFIGS["ties_bf16"].replace("density: 0.7", "densty: 0.7"),
                               ["model b", "densty"]),
 }
@@ -794,3 +798,23 @@ def test_examples_run_on_small_llamas(example, llamas, tmp_path):
         got = _ours(text, llamas, tmp_path / "out")
     assert got.keys() >= {"lm_head.weight", "model.layers.3.mlp.up_proj.weight"}
     assert all(torch.isfinite(t).all() for t in got.values())
+
+
+def test_whole_model_configs_keep_their_checks(llamas, tmp_path):
+    from safetensors.torch import load_file
+
+    from polytask.errors import MergeError
+
+    # a model with one more tensor than the base: refused (mergekit would drop it silently)
+    sd = load_file(llamas / "b" / "model.safetensors")
+    save_file({**sd, "extra.weight": torch.zeros(2)}, llamas / "b" / "model.safetensors")
+    with pytest.raises(MergeError, match="'extra.weight' of model b is missing from base base"):
+        _ours(CONFIGS["no_dtype"], llamas, tmp_path / "o1")
+    # mixed dtypes: refused unless strict_dtypes: false
+    sd["model.norm.weight"] = sd["model.norm.weight"].to(torch.float16)
+    save_file(sd, llamas / "b" / "model.safetensors")
+    with pytest.raises(MergeError, match="'model.norm.weight' is float16 in model b"):
+        _ours(CONFIGS["no_dtype"], llamas, tmp_path / "o2")
+    got = _ours(CONFIGS["no_dtype"] + "strict_dtypes: false\n", llamas, tmp_path / "o3")
+    assert got["model.norm.weight"].dtype == load_file(llamas / "base" / "model.safetensors")["model.norm.weight"].dtype
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

@@ -36,6 +36,8 @@ Differences from mergekit (everything else means the same):
   under a model) is ignored with a warning (mergekit ignores it silently). The old ``pattern:``
   of a condition is read as ``filter:`` with a warning (mergekit 0.1.5 ignores it, so the
   condition matches every tensor there).
+- ``strict_dtypes`` (default true) refuses checkpoints whose dtypes differ, unless ``dtype`` or
+  ``compute_dtype`` is given (every input is rounded to it, as in mergekit).
 - ``int8_mask`` is accepted and ignored (a memory option with no effect on the result).
 - Paths are local files or directories (no hub downloads). A relative path is read from the
   config file's folder when it exists there, else as given (from the working directory);

@@ -134,7 +134,15 @@ def build_method(method: str | MergeMethod, params: Mapping[str, Any] | None = N
         if params:
             raise ConfigError("pass global parameters either to the method instance or by name, not both")
         return method
-    return MERGE_METHODS.build(method, **dict(params or {}))
+    import inspect
+
+    given = dict(params or {})
+    sig = inspect.signature(MERGE_METHODS.lookup(method))
+    for name, p in sig.parameters.items():
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in given:
+            raise ConfigError(f"{checks.key(name)}: merge method {method!r} needs this parameter (it has no "
+                              "default), got none")
+    return MERGE_METHODS.build(method, **given)
 
 
 def resolve_model_params(

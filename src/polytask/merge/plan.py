@@ -212,10 +212,19 @@ def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int
     ref_i = source_of[config.base_model] if config.base_model is not None else slices[0].entries[0].source
     ref = structures[ref_i]
     layer_rests = list(ref.layers[0]) if ref.layers else []
+    if config.slices is None:  # whole models: the same tensors in each (slices take what they need)
+        ref_names = set(sources[ref_i].names())
+        for e in slices[0].entries:
+            extra = sorted(set(sources[e.source].names()) - ref_names)
+            if extra:
+                raise MergeError(f"tensor {extra[0]!r} of model {e.label} is missing from "
+                                 f"{'base' if config.base_model is not None else 'first model'} {labels[ref_i]}")
     jobs: list[TensorJob] = []
     methods: dict[tuple[Any, ...], MergeMethod] = {}
     params_cache: dict[tuple[Any, ...], dict[str, Tensor]] = {}
     all_names = {n for s in sources for n in s.names()}
+    # mixed input dtypes are refused only when no dtype says what to compute in (then all are rounded to it)
+    strict_dtypes = config.strict_dtypes and config.dtype is None and config.compute_dtype is None
 
     def job(out_name: str, rest_of: dict[int, str], sl: _Slice, t: float) -> None:
         reads = [(e.source, rest_of[k]) for k, e in enumerate(sl.entries)]
@@ -229,6 +238,12 @@ def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int
             if spec.shape != ref_spec.shape:
                 raise MergeError(f"tensor {n!r} has shape {list(spec.shape)} in model {labels[i]} but "
                                  f"{list(ref_spec.shape)} in model {labels[reads[0][0]]}")
+            if spec.dtype != ref_spec.dtype and (strict_dtypes or not (
+                    spec.dtype.is_floating_point and ref_spec.dtype.is_floating_point)):
+                raise MergeError(
+                    f"tensor {n!r} is {str(spec.dtype).removeprefix('torch.')} in model {labels[i]} but "
+                    f"{str(ref_spec.dtype).removeprefix('torch.')} in model {labels[reads[0][0]]} (set "
+                    "strict_dtypes: false to merge mixed float dtypes)")
         base_k = next((k for k, e in enumerate(sl.entries) if e.is_base), None)
         inputs = [r for k, r in enumerate(reads) if k != base_k]
         base = reads[base_k] if base_k is not None else None
@@ -320,11 +335,26 @@ def _check_keys(config: Any, method_cls: Any, slices: list[_Slice]) -> None:
                 known = ", ".join(sorted(per_model)) or "none"
                 problems.append(f"model {e.label}: method {method_cls.__name__} has no per-model parameter "
                                 f"{key!r} (it takes: {known})")
+    if not problems:  # every per-model number as written, before any is interpolated
+        for where, scope, label in ([(w, sc, None) for w, sc in scopes]
+                                    + [(e.where, e.parameters, e.label) for sl in slices for e in sl.entries]):
+            for key, setting in scope.items():
+                if key in per_model:
+                    shown = f"model {label}: parameters.{key}" if label else f"{where}.{key}"
+                    for leaf in _leaves(f"{where}.{key}", setting):
+                        checks.model_param(shown, key, leaf)
     if len(problems) == 1:
         raise ConfigError(f"{problems[0]}; it takes: {takes}")
     if problems:
         raise ConfigError(f"{len(problems)} unknown parameters: {'; '.join(problems)}; "
                           f"{config.merge_method} takes: {takes}")
+
+
+def _leaves(where: str, setting: Any) -> list[Any]:
+    conds = _conditions(where, setting)
+    if conds is not None:
+        return [v for c in conds for v in _leaves(where, c["value"])]
+    return list(setting) if isinstance(setting, list) else [setting]
 
 
 def _init_keys(method_cls: Any) -> set[str]:
