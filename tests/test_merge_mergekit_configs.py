@@ -439,6 +439,8 @@ METHOD_CASES = [
     ("multislerp", 3, False, {"weight": W3, "normalize_weights": False}, {"normalize_weights": False}, W3),
     ("ties", 3, True, {"weight": [1.0, 0.5, 0.7], "density": [0.3, 0.5, 1.0], "rescale": True}, {"rescale": True},
      None),
+    ("model_stock", 3, True, {}, {}, None),
+    ("model_stock", 2, True, {"filter_wise": True}, {"filter_wise": True}, None),
 ]
 
 

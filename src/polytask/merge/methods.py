@@ -425,7 +425,8 @@ def dare_drop(deltas: Tensor, density: Tensor, rescale: bool | str, generator: t
     density = density.clamp(0, 1)
     before = _norms(deltas, rescale)
     # rand is in [0, 1): density 1 keeps everything
-    mask = torch.rand(deltas.shape, generator=generator, dtype=deltas.dtype) < _per_model(density, deltas.dim() - 1)
+    # float32 draws whatever the compute dtype (bfloat16 draws would round the keep probability)
+    mask = torch.rand(deltas.shape, generator=generator) < _per_model(density, deltas.dim() - 1)
     return _rescale(deltas.mul_(mask), before, density, rescale)
 
 
@@ -646,30 +647,33 @@ class ModelStock(MergeMethod):
 
     model_params: ClassVar[dict[str, float]] = {}
     min_models = 2
+    native_dtype = True
 
     def __init__(self, filter_wise: bool = False) -> None:
         self.filter_wise = checks.flag(checks.key("filter_wise"), filter_wise)
 
     def merge(self, tensors, base, params, ctx):
+        # mergekit's operations in its order (pairwise cosines, in the compute dtype)
         n = tensors.shape[0]
         if self.filter_wise:
-            rows = base.shape[0] if base.dim() > 1 else 1
-            deltas = (tensors - base).reshape(n, rows, -1).transpose(0, 1)  # (rows, N, M)
+            w0 = base.unsqueeze(0) if base.dim() == 1 else base
+            ws = [t.unsqueeze(0) if base.dim() == 1 else t for t in tensors]
         else:
-            deltas = (tensors - base).reshape(1, n, -1)
-        gram = deltas @ deltas.transpose(1, 2)  # (rows, N, N)
-        norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
-        cos = (gram / (norms.unsqueeze(2) * norms.unsqueeze(1)).clamp_min(1e-6)).clamp(-1, 1)
-        iu = torch.triu_indices(n, n, offset=1)
-        mean_cos = cos[:, iu[0], iu[1]].mean(dim=1)  # (rows,)
-        denom = 1 + (n - 1) * mean_cos
-        singular = denom.abs() < 1e-6
-        t = torch.where(singular, torch.zeros_like(mean_cos), n * mean_cos / torch.where(singular, 1.0, denom))
-        if self.filter_wise and base.dim() > 1:
-            t = t.reshape(-1, *([1] * (base.dim() - 1)))
-        else:
-            t = t.reshape(())
-        return t * tensors.mean(dim=0) + (1 - t) * base
+            w0 = base.reshape(-1)
+            ws = [t.reshape(-1) for t in tensors]
+        offsets = [w - w0 for w in ws]
+        cos = []
+        for i, a in enumerate(offsets):  # over pairs of models: N is small
+            for b in offsets[i + 1:]:
+                norm_product = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+                cos.append(((a * b).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+        mean_cos = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+        denominator = 1 + (n - 1) * mean_cos
+        singular = denominator.abs() < 1e-6
+        safe = torch.where(singular, torch.ones_like(denominator), denominator)
+        t = torch.where(singular, torch.zeros_like(mean_cos), (n * mean_cos) / safe)
+        average = sum(ws) / n
+        return (t * average + (1 - t) * w0).reshape(base.shape)
 
 
 # -- masks ---------------------------------------------------------------------------------------
