@@ -258,8 +258,14 @@ def _combine(
     w = _per_model(weights, deltas.dim() - 1, deltas.dtype)
     weighted = deltas.mul_(w)
     if consensus is not None:
-        agree = _sign_mask(weighted, consensus).to(weighted.dtype)
-        divisor = (w * agree).sum(dim=0)
+        agree = _sign_mask(weighted, consensus)
+        # mergekit's (w * mask).sum(0) without an (N, *shape) temporary: the same additions in the same
+        # order, accumulated as torch's sum accumulates (float32 for half-precision inputs)
+        acc = torch.float32 if weighted.dtype in (torch.bfloat16, torch.float16) else weighted.dtype
+        divisor = torch.zeros(weighted.shape[1:], dtype=acc)
+        for i in range(weighted.shape[0]):  # over models: N is small
+            divisor.add_(agree[i] * w[i].to(acc))
+        divisor = divisor.to(weighted.dtype)
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
         mixed = weighted.mul_(agree).sum(dim=0)
         del agree
