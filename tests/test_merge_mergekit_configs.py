@@ -613,7 +613,11 @@ def test_every_bad_key_named_at_once(llamas, capsys, monkeypatch):
         "    parameters: {weight: 0.5, density: 0.7}", "    paramters: {weight: 0.5, density: 0.7}")
     code, out, err = _cli(["merge", _write(llamas, "k2.yaml", text), llamas / "out"], capsys, monkeypatch)
     assert code == 2 and err.count("\n") == 1, err
-    for words in ("unknown keys", "merge_methd", "tokenizer_sourc", "models[2].paramters", "merge_method: Field required"):
+    text = text.replace("dtype: bfloat16", "dtype: bfloat16\nchat_template: chatml")
+    code, out, err = _cli(["merge", _write(llamas, "k2.yaml", text), llamas / "out"], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1, err
+    for words in ("unknown keys", "merge_methd", "tokenizer_sourc", "models[2].paramters", "merge_method: Field required",
+                  "chat_template (not supported yet"):
         assert words in err, (words, err)
     assert not (llamas / "out").exists()
 

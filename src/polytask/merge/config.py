@@ -60,6 +60,13 @@ from polytask.errors import ConfigError
 
 __all__ = ["MergeConfig", "ModelEntry", "SliceDef", "SliceSource", "load_merge_config", "load_merge_configs", "run_merge"]
 
+# mergekit keys polytask does not implement yet, with what to do instead.
+_UNSUPPORTED = {
+    "modules": "mergekit's multi-module form is not supported; use models or slices",
+    "tokenizer": "not supported yet; the base's tokenizer files are copied",
+    "chat_template": "not supported yet; the base's tokenizer files are copied",
+}
+
 # mergekit keys whose Python names differ, and keys accepted with no effect.
 _RENAMED = {"lambda": "lambda_"}
 _IGNORED = {"int8_mask"}
@@ -271,7 +278,7 @@ def _all_errors(exc: ValidationError) -> str:
     for err in exc.errors():
         loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".") or "(top level)"
         if err["type"] == "extra_forbidden":
-            unknown.append(loc)
+            unknown.append(f"{loc} ({_UNSUPPORTED[loc]})" if loc in _UNSUPPORTED else loc)
         elif f"{loc}: {err['msg']}" not in other:
             other.append(f"{loc}: {err['msg']}")
     parts = [f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"] if unknown else []
