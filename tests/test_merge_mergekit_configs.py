@@ -218,6 +218,20 @@ models:
     parameters: {weight: 0.7, density: 0.5, gamma: 0.1}
 dtype: bfloat16
 """,
+    "slice_bases": """
+slices:
+  - sources:
+      - {model: base, layer_range: [0, 3]}
+      - {model: a, layer_range: [0, 3]}
+  - sources:
+      - {model: a, layer_range: [3, 6]}
+      - {model: b, layer_range: [3, 6], parameters: {weight: [1.0, 0.2]}}
+    base_model: a
+merge_method: task_arithmetic
+base_model: base
+parameters: {weight: 0.5}
+dtype: bfloat16
+""",
     "no_dtype": """
 merge_method: task_arithmetic
 base_model: base
@@ -439,6 +453,8 @@ METHOD_CASES = [
     ("multislerp", 3, False, {"weight": W3, "normalize_weights": False}, {"normalize_weights": False}, W3),
     ("ties", 3, True, {"weight": [1.0, 0.5, 0.7], "density": [0.3, 0.5, 1.0], "rescale": True}, {"rescale": True},
      None),
+    ("breadcrumbs_ties", 3, True, {"weight": [1.0, 0.5, 0.7], "density": [0.3, 0.5, 0.9], "gamma": 0.05,
+                                    "rescale": True}, {"rescale": True}, None),
     ("model_stock", 3, True, {}, {}, None),
     ("model_stock", 2, True, {"filter_wise": True}, {"filter_wise": True}, None),
 ]
@@ -455,8 +471,9 @@ def test_new_methods_same_bits_as_mergekit(case, dtype):
         theirs = api.merge_tensors([base, *models], name, parameters=theirs_params, base_index=0)
     else:
         theirs = api.merge_tensors(models, name, parameters=theirs_params)
-    if name == "ties":
-        per_model = [{"weight": w, "density": d} for w, d in zip(theirs_params["weight"], theirs_params["density"])]
+    if name in ("ties", "breadcrumbs_ties"):
+        per_model = [{k: (v[i] if isinstance(v, list) else v) for k, v in theirs_params.items() if k != "rescale"}
+                     for i in range(n)]
     else:
         per_model = [{"weight": w} for w in weights] if weights else None
     ours = merge_state_dicts(name, [{"w": m} for m in models], {"w": base} if with_base else None, dtype=dtype,

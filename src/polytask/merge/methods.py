@@ -542,8 +542,9 @@ class Breadcrumbs(_WeightedSum):
 
     Per tensor, each ``tau_i`` loses its ``gamma`` fraction of largest-magnitude entries
     (outliers) and then its smallest entries until a ``density`` fraction remains; then
-    ``theta = theta_0 + lambda * sum_i w_i tau_i``. mergekit: same as its ``breadcrumbs``
-    (``breadcrumbs_ties`` adds the sign election), up to ties at the thresholds.
+    ``theta = theta_0 + lambda * sum_i w_i tau_i``. ``rescale: true`` rescales each masked task
+    vector back to its L1 norm (as mergekit; ``"inverse_density"`` divides by ``density``).
+    mergekit: same as its ``breadcrumbs`` (``breadcrumbs_ties`` adds the sign election).
     """
 
     model_params = {"weight": 1.0, "density": 1.0, "gamma": 0.01}
@@ -554,6 +555,8 @@ class Breadcrumbs(_WeightedSum):
         self.normalize = _check_normalize(normalize)
         self.lambda_ = _check_lambda(lambda_)
         self.rescale = _check_rescale(rescale)
+        if self.rescale is True:  # a deterministic mask: mergekit's L1 norm matching, as for TIES
+            self.rescale = "l1"
 
     def merge(self, tensors, base, params, ctx):
         deltas = tensors - base
