@@ -681,3 +681,13 @@ def test_every_aggregator_prints_its_hyperparameters():
         printed += bool(params)
     assert printed >= 10
     assert "c=0.7" in repr(agg.CAGrad(c=0.7)) and "update_weights_every=3" in repr(agg.NashMTL(update_weights_every=3))
+
+
+def test_solve_is_weights_in_float64_in_the_gramians_dtype():
+    jac = _random(4, 30, 11).float()
+    gram = jac @ jac.T
+    for method in (agg.MGDA(), agg.CAGrad(), agg.UPGrad(), agg.IMTLG()):
+        w = method.solve(gram)
+        assert w.dtype == torch.float32 and torch.equal(w, method.weights(gram.double()).float())
+        update, weights = method.aggregate(jac)
+        assert torch.equal(weights, w) and torch.equal(update, w @ jac)

@@ -103,9 +103,13 @@ class GramianWeighting(Aggregator):
         """The ``(T,)`` weights, given the ``(T, T)`` Gramian of the task gradients."""
         raise NotImplementedError
 
+    def solve(self, gramian: Tensor) -> Tensor:
+        """:meth:`weights` solved in float64, returned in the Gramian's dtype: the one entry for every
+        source of the Gramian (the Jacobian here; the engine's linear heads and all-reduced Gramians)."""
+        return self.weights(gramian.to(_SOLVE_DTYPE)).to(gramian.dtype)
+
     def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
-        gramian = jacobian @ jacobian.T
-        w = self.weights(gramian.to(_SOLVE_DTYPE)).to(jacobian.dtype)
+        w = self.solve(jacobian @ jacobian.T)
         return w @ jacobian, w
 
 
