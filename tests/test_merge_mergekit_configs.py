@@ -841,3 +841,14 @@ def test_whole_model_configs_keep_their_checks(llamas, tmp_path):
     got = _ours(CONFIGS["no_dtype"] + "strict_dtypes: false\n", llamas, tmp_path / "o3")
     assert got["model.norm.weight"].dtype == load_file(llamas / "base" / "model.safetensors")["model.norm.weight"].dtype
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_every_bad_value_named_at_once(llamas, capsys, monkeypatch):
+    text = CONFIGS["ties_bf16"].replace("density: 0.7", "density: [0.7, 1.5]").replace(
+        "density: 0.3}", "density: -1}").replace("{normalize: true, int8_mask: true}", "{normalize: maybe, lambda: abc}")
+    code, out, err = _cli(["merge", _write(llamas, "v.yaml", text), llamas / "out"], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1, err
+    for words in ("model b: parameters.density", "got 1.5", "model c: parameters.density", "got -1",
+                  "parameters.normalize", "'maybe'", "parameters.lambda", "'abc'"):
+        assert words in err, (words, err)
+    assert "lambda_" not in err

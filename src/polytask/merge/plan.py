@@ -335,19 +335,34 @@ def _check_keys(config: Any, method_cls: Any, slices: list[_Slice]) -> None:
                 known = ", ".join(sorted(per_model)) or "none"
                 problems.append(f"model {e.label}: method {method_cls.__name__} has no per-model parameter "
                                 f"{key!r} (it takes: {known})")
-    if not problems:  # every per-model number as written, before any is interpolated
-        for where, scope, label in ([(w, sc, None) for w, sc in scopes]
-                                    + [(e.where, e.parameters, e.label) for sl in slices for e in sl.entries]):
-            for key, setting in scope.items():
-                if key in per_model:
-                    shown = f"model {label}: parameters.{key}" if label else f"{where}.{key}"
-                    for leaf in _leaves(f"{where}.{key}", setting):
-                        checks.model_param(shown, key, leaf)
     if len(problems) == 1:
         raise ConfigError(f"{problems[0]}; it takes: {takes}")
     if problems:
         raise ConfigError(f"{len(problems)} unknown parameters: {'; '.join(problems)}; "
                           f"{config.merge_method} takes: {takes}")
+    # every value as written, before any is interpolated: per-model numbers against their ranges,
+    # global values against the constructor's types (its range checks run when it is built)
+    from polytask.registry import check_params
+
+    bad: list[str] = []
+    for where, scope, label in ([(w, sc, None) for w, sc in scopes]
+                                + [(e.where, e.parameters, e.label) for sl in slices for e in sl.entries]):
+        for key, setting in scope.items():
+            if key in IGNORED or (label is not None and key not in per_model):
+                continue
+            shown = f"model {label}: parameters.{key}" if label else f"{where}.{key}"
+            for leaf in _leaves(f"{where}.{key}", setting):
+                try:
+                    if key in per_model:
+                        checks.model_param(shown, key, leaf)
+                    else:
+                        check_params(method_cls, {RENAMED.get(key, key): leaf}, "", prefix=where)
+                except ConfigError as exc:
+                    if str(exc) not in bad:
+                        bad.append(str(exc))
+                    break
+    if bad:
+        raise ConfigError("; ".join(bad))
 
 
 def _leaves(where: str, setting: Any) -> list[Any]:
