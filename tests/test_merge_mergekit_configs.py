@@ -515,6 +515,22 @@ models: [{model: a}, {model: b}]
 parameters: {t: [0.001, 0.1]}
 dtype: float32
 """,
+    "karcher_with_base": """
+merge_method: karcher
+base_model: base
+models: [{model: a}, {model: b}]
+parameters: {max_iter: 5}
+dtype: bfloat16
+""",
+    "linear_with_base": """
+merge_method: linear
+base_model: base
+models:
+  - {model: a, parameters: {weight: 0.5}}
+  - {model: b, parameters: {weight: 0.25}}
+parameters: {weight: 2.0}
+dtype: float32
+""",
     "ram_karcher_like": """
 merge_method: ramplus_tl
 base_model: base

@@ -24,6 +24,9 @@ Differences from mergekit (everything else means the same):
   float32 from the rounded inputs.
 - ``slices:`` (``sources`` with ``layer_range``), per-layer gradients (``t: [0, 0.5, 1]``)
   and ``filter`` conditions follow mergekit; see :mod:`polytask.merge.plan`.
+- A ``base_model`` not listed under ``models`` is an input of every method, as in mergekit: the
+  base of the methods that use one, one more model for the others (``karcher``, ``linear``:
+  weighted by the top-level ``weight``, default 1; mergekit requires that weight).
 - ``dare_*``: ``rescale: true`` is the paper's ``1/density``; mergekit's is L1-norm matching,
   written ``rescale: l1`` here. Random masks come from ``seed`` (same seed, same output).
 - TIES/Breadcrumbs: among exactly equal magnitudes at the trim threshold, the lowest indices

@@ -309,7 +309,8 @@ class Linear(_WeightedSum):
     ``theta = sum_i w_i theta_i / sum_i w_i`` (``normalize=True``) or ``sum_i w_i theta_i``.
     With ``normalize``, weights that sum to (nearly) zero are refused (ConfigError).
 
-    mergekit: same as its ``linear``. The base model is not an input unless listed in ``models``.
+    mergekit: same as its ``linear``. Through the Python API the base is not an input; in a config
+    an unlisted ``base_model`` is one more input, as in mergekit.
     """
 
     requires_base = False

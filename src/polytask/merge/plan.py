@@ -408,9 +408,11 @@ def _slices(config: Any, method_cls: Any, source_of: Mapping[str, int], structur
             i = source_of[m.model]
             is_base = requires_base and base is not None and _same(m.model, base)
             entries.append(_Entry(i, 0, dict(m.parameters), f"models[{k}]", is_base, structures[i].label))
-        if requires_base and base is not None and not any(e.is_base for e in entries):
+        if base is not None and not any(_same(m.model, base) for m in config.models):
+            # mergekit adds an unlisted base to the inputs of every method: as the base where the method
+            # uses one, else as one more model (karcher averages it in; linear weighs it by weight)
             i = source_of[base]
-            entries.append(_Entry(i, 0, {}, "base_model", True, structures[i].label))
+            entries.append(_Entry(i, 0, {}, "base_model", requires_base, structures[i].label))
         n = {structures[e.source].num_layers for e in entries}
         if len(n) > 1:
             counts = ", ".join(f"{structures[e.source].label}: {structures[e.source].num_layers}" for e in entries)

@@ -74,8 +74,7 @@ class Karcher(MergeMethod):
         max_iter: iterations of the fixed point (>= 1).
         tol: step size (and norm) below which it stops (> 0).
 
-    mergekit: same as its ``karcher``, except that a ``base_model`` takes part in the mean there
-    even when it is not listed under ``models``; here list it to include it.
+    mergekit: same as its ``karcher`` (a config's ``base_model`` takes part in the mean, as there).
     """
 
     requires_base = False
