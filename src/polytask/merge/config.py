@@ -70,9 +70,6 @@ _UNSUPPORTED = {
     "chat_template": "not supported yet; the base's tokenizer files are copied",
 }
 
-# mergekit keys whose Python names differ, and keys accepted with no effect.
-_RENAMED = {"lambda": "lambda_"}
-_IGNORED = {"int8_mask"}
 
 
 class ModelEntry(BaseModel):
@@ -165,34 +162,6 @@ class MergeConfig(BaseModel):
         if value not in (None, "base"):
             raise ValueError("only 'base' is supported (tokenizer and config are copied from the base)")
         return value
-
-    def split_parameters(self, model_param_names: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Top-level parameters as (method parameters, defaults for every model)."""
-        method: dict[str, Any] = {}
-        defaults: dict[str, Any] = {}
-        for key, value in self.parameters.items():
-            if key in _IGNORED:
-                continue
-            if isinstance(value, (list, dict)):
-                raise ConfigError(
-                    f"parameters.{key}: per-layer lists and filters are not supported; use a number"
-                )
-            if key in model_param_names:
-                defaults[key] = value
-            else:
-                method[_RENAMED.get(key, key)] = value
-        return method, defaults
-
-    def input_models(self, uses_base: bool = True) -> list[ModelEntry]:
-        """The models to merge. For methods built on a base (task vectors, SLERP...), an entry of
-        ``models`` that is the base is the base, not one more input (as in mergekit); methods
-        without a base (``linear``) average every listed model."""
-        if self.models is None:
-            raise ConfigError("input_models: this config lists slices, not models")
-        if not uses_base or self.base_model is None:
-            return list(self.models)
-        base = os.path.normpath(self.base_model)
-        return [m for m in self.models if os.path.normpath(m.model) != base]
 
     def with_paths_from(self, folder: str | os.PathLike[str]) -> MergeConfig:
         """A copy whose relative model paths are read from ``folder`` (the config file's) where
