@@ -378,6 +378,8 @@ BAD = {
                                         ["slices[0].parameters.weight", "finite", "got inf"]),
     "required_parameter_missing": ("merge_method: nearswap\nbase_model: a\nmodels: [{model: a}, {model: b}]\n",
                                    ["parameters.t", "needs this parameter"]),
+    "nonfinite_output": (CONFIGS["frankenmerge_passthrough"].replace("value: 0.5", "value: 1.0e+6").replace(
+        "bfloat16", "float16"), ["model.layers.4.self_attn.o_proj.weight", "NaN or infinite"]),
     "unknown_per_model_key": (CONFIGS["ties_bf16"].replace("density: 0.7", "densty: 0.7"),
                               ["model b", "densty"]),
 }
