@@ -9,6 +9,7 @@ so peak memory is a few tensors per model plus the output buffers, whatever the 
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import warnings
@@ -134,8 +135,6 @@ def build_method(method: str | MergeMethod, params: Mapping[str, Any] | None = N
         if params:
             raise ConfigError("pass global parameters either to the method instance or by name, not both")
         return method
-    import inspect
-
     given = dict(params or {})
     sig = inspect.signature(MERGE_METHODS.lookup(method))
     for name, p in sig.parameters.items():
@@ -212,8 +211,8 @@ def _warn_nonfinite(bad: list[str]) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-def _check_counts(method: MergeMethod, n_models: int, has_base: bool) -> None:
-    cls = type(method)
+def _check_counts(method: MergeMethod | type[MergeMethod], n_models: int, has_base: bool) -> None:
+    cls = method if isinstance(method, type) else type(method)
     if cls.requires_base and not has_base:
         raise ConfigError(f"merge method {cls.__name__} needs a base model (base_model)")
     if n_models < cls.min_models:

@@ -26,6 +26,8 @@ A Llama-shaped checkpoint's layers are the tensors named ``...layers.<i>.<rest>`
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import os
 import re
@@ -311,8 +313,6 @@ def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int
 
 def _check_keys(config: Any, method_cls: Any, slices: list[_Slice]) -> None:
     """Refuse every unknown parameter key at once, each named as the config writes it."""
-    import difflib
-
     per_model = set(getattr(method_cls, "model_params", {}))
     glob = {k.rstrip("_") if k.endswith("_") else k for k in _init_keys(method_cls)}
     takes = ", ".join(sorted(glob)) + (f" (per model: {', '.join(sorted(per_model))})" if per_model else "")
@@ -373,8 +373,6 @@ def _leaves(where: str, setting: Any) -> list[Any]:
 
 
 def _init_keys(method_cls: Any) -> set[str]:
-    import inspect
-
     return set(inspect.signature(method_cls).parameters)
 
 
@@ -457,8 +455,7 @@ def _slices(config: Any, method_cls: Any, source_of: Mapping[str, int], structur
                     continue
         n_inputs = sum(not e.is_base for e in sl.entries)
         try:
-            dummy = object.__new__(method_cls)
-            _check_counts(dummy, n_inputs, any(e.is_base for e in sl.entries))
+            _check_counts(method_cls, n_inputs, any(e.is_base for e in sl.entries))
         except ConfigError as exc:
             raise ConfigError(f"{sl.where}: {exc}") from None
         for e in sl.entries:
