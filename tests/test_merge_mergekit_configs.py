@@ -870,3 +870,33 @@ def test_every_bad_value_named_at_once(llamas, capsys, monkeypatch):
                   "parameters.normalize", "'maybe'", "parameters.lambda", "'abc'"):
         assert words in err, (words, err)
     assert "lambda_" not in err
+
+
+def test_more_methods_by_hand():
+    base = torch.zeros(2)
+    # SCE, tau_1 = [1, 2], tau_2 = [3, -1]: elected signs + (sums 4, 1): tau_2's -1 is erased;
+    # eta = mean squares 2.5, 5 over 7.5 = 1/3, 2/3 -> [(1/3 + 2) / 1, (2/3) / (1/3)] = [7/3, 2]
+    out = merge_state_dicts("sce", [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, -1.0])}], {"w": base})["w"]
+    assert torch.allclose(out, torch.tensor([7 / 3, 2.0]))
+    # RAM+, r = 0.5, alpha = 0.2: tau_1 = [1, 0, 1], tau_2 = [1, 2, 0]; each model has 1 shared and 1 unique
+    # change: rho = 1 -> clamp 0.2 -> lambda = 1.1; shared entry 0 averaged (1), unique ones times 1.1
+    out = merge_state_dicts("ramplus_tl", [{"w": torch.tensor([1.0, 0.0, 1.0])}, {"w": torch.tensor([1.0, 2.0, 0.0])}],
+                            {"w": torch.zeros(3)}, r=0.5, alpha=0.2)["w"]
+    assert torch.allclose(out, torch.tensor([1.0, 2.2, 1.1]))
+    # NuSLERP of orthogonal unit vectors: weights 1, 1 -> t = 1/2, the midpoint; weights 1, 0 -> t = 0
+    e1, e2 = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}
+    out = merge_state_dicts("nuslerp", [e1, e2], model_params=[{"weight": 1.0}, {"weight": 1.0}])["w"]
+    assert torch.allclose(out, torch.tensor([0.5 ** 0.5, 0.5 ** 0.5]))
+    out = merge_state_dicts("nuslerp", [e1, e2], model_params=[{"weight": 1.0}, {"weight": 0.0}])["w"]
+    assert torch.allclose(out, e1["w"])
+    # Multi-SLERP: the result's norm is the weighted mean of the norms (here 2 and 4, weights 1/4, 3/4)
+    out = merge_state_dicts("multislerp", [{"w": torch.tensor([2.0, 0.0])}, {"w": torch.tensor([0.0, 4.0])}],
+                            model_params=[{"weight": 1.0}, {"weight": 3.0}])["w"]
+    assert torch.allclose(out.norm(), torch.tensor(0.25 * 2 + 0.75 * 4))
+    assert out[1] > out[0] > 0  # pulled towards the heavier model
+    # Arcee Fusion keeps, entry by entry, either the base or the other model, and takes at least one change
+    g = torch.Generator().manual_seed(0)
+    b, o = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    out = merge_state_dicts("arcee_fusion", [{"w": o}], {"w": b})["w"]
+    taken = out != b
+    assert torch.allclose(out[taken], o[taken], atol=1e-6) and 0 < int(taken.sum()) < out.numel()
