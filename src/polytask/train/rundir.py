@@ -27,7 +27,6 @@ torn last line treated as absent (:func:`append_jsonl`, :func:`read_jsonl`).
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -40,6 +39,11 @@ from typing import Any, Literal
 
 from polytask.errors import CheckpointError, ConfigError, DataError
 from polytask.train.checkpoint import PARTIAL, dir_mode, write_error
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks; run directories are not locked
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("polytask")
 
@@ -287,7 +291,8 @@ def _lock(run_dir: Path) -> int:
         raise ConfigError(f"run directory {run_dir} is not writable: cannot create {path.name} "
                           f"({exc.strerror})") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         owner = ""
         try:
