@@ -72,7 +72,7 @@ def _cases() -> list[tuple[str, str | None, str, tuple]]:
                        ("pcgrad", "parameters")):
         cases.append((name, mode, "ddp", ()))
     for name in _methods():  # the wrapper reduces: FSDP2's fully_shard, or DDP outside no_sync()
-        if balance.get(name).supports_fsdp:
+        if balance.get(name).supports_external_reduction:
             cases.append((name, None, "fsdp", ()))
             cases.append((name, None, "ddp_reduces", ()))
     for name in ("ew", "uw", "famo"):
@@ -448,7 +448,7 @@ def test_methods_with_per_task_parameter_gradients_refuse_external_reduction():
     x, y, mask = global_batch(0, False)
     for name in ("mgda", "db_mtl", "gradnorm"):
         b = balance.get(name)
-        assert not b.supports_fsdp
+        assert not b.supports_external_reduction
         with pytest.raises(ConfigError, match="reduce_gradients"):
             b.backward(losses_of(model(x), y, mask), shared=list(model.trunk.parameters()), features=model.z,
                        parameters=list(model.parameters()), reduce_gradients=False)

@@ -60,7 +60,7 @@ class Balancer(nn.Module):
     #: one weighted loss with ``Tensor.backward`` and leaves the reduction to the wrapper (FSDP2's
     #: reduce-scatter, or DDP outside ``no_sync()``). True for the loss balancers that need nothing
     #: but the losses; methods that take per-task gradients w.r.t. the parameters cannot.
-    supports_fsdp: bool = False
+    supports_external_reduction: bool = False
     #: Buffers a checkpoint of an older version may lack; loading it keeps their current value.
     _optional_state: tuple[str, ...] = ("skipped_steps",)
 
@@ -149,12 +149,14 @@ class Balancer(nn.Module):
         vec = stack_losses(losses)
         n = dist.task_counts(counts, list(losses), vec)
         n = torch.ones_like(vec.detach()) if n is None else n
-        leaves = [p for p in parameters if p.requires_grad] if parameters is not None else graph_leaves(list(losses.values()))
+        leaves = ([p for p in parameters if p.requires_grad] if parameters is not None
+                  else graph_leaves(list(losses.values())))
         feats = [features] if self._accumulates_gramian() else []
         if feats and features is None:
             raise ConfigError("balancer.accumulate: mode 'features' needs features= (the model's shared_features)")
         scaled = vec if loss_scale is None else vec * loss_scale.to(vec)
-        rows = [torch.autograd.grad(scaled[t], [*feats, *leaves], retain_graph=True, allow_unused=True, materialize_grads=True)
+        rows = [torch.autograd.grad(scaled[t], [*feats, *leaves], retain_graph=True, allow_unused=True,
+                                    materialize_grads=True)
                 for t in range(vec.shape[0])]
         unscale = 1.0 if loss_scale is None else 1.0 / loss_scale.to(vec)
         acc = self.__dict__.get("_pending")
@@ -260,7 +262,7 @@ class Balancer(nn.Module):
             counts: labelled rows per task on this rank (exact global losses under masks).
             loss_scale: a mixed-precision loss scale (device tensor); ``.grad`` ends up scaled.
             parameters: every parameter to reduce over the ranks (default: those the losses reach).
-            reduce_gradients: False (where :attr:`supports_fsdp`): leave the gradient reduction to the
+            reduce_gradients: False (where :attr:`supports_external_reduction`): leave the gradient reduction to the
                 wrapper -- ``Tensor.backward`` of this rank's weighted loss, scaled so that the wrapper's
                 average over the ranks is the global gradient; ``parameters`` (the wrapper's, e.g. FSDP's
                 sharded ones) is then required, and a skipped step sets their ``.grad`` to 0 (or NaN
@@ -344,7 +346,7 @@ class LossWeighting(Balancer):
         nan_policy: ``"skip"`` (default) or ``"raise"`` (see :class:`Balancer`).
     """
 
-    supports_fsdp = True
+    supports_external_reduction = True
 
     def weights(self, losses: Tensor) -> Tensor:
         raise NotImplementedError
@@ -450,7 +452,7 @@ def _local(t: Tensor) -> Tensor:
 
 def check_external_reduction(balancer: Balancer, parameters: Iterable[Tensor] | None) -> None:
     """ConfigError unless ``balancer`` can leave the gradient reduction to a wrapper (``reduce_gradients=False``)."""
-    if not balancer.supports_fsdp:
+    if not balancer.supports_external_reduction:
         raise ConfigError(f"balancer {type(balancer).__name__} takes per-task gradients w.r.t. the parameters and reduces "
                           "them itself: use reduce_gradients=True (under DDP's no_sync()), not FSDP")
     if parameters is None:

@@ -89,7 +89,7 @@ with an unused parameter); DDP's own all-reduce never runs, so no "marked ready 
 group, ``.grad`` is already the global gradient (a trainer must not reduce it again).
 
 Letting the wrapper reduce (FSDP2, or DDP outside ``no_sync()``): balancers with
-:attr:`~polytask.balance.Balancer.supports_fsdp` (the loss balancers that need only the losses: ew,
+:attr:`~polytask.balance.Balancer.supports_external_reduction` (the loss balancers that need only the losses: ew,
 uw, dwa, rlw, gls, imtl_l, famo, stch) take ``reduce_gradients=False, parameters=model.parameters()``:
 the weights still come from the global losses (step 1), then ONE ``Tensor.backward`` of this rank's
 weighted loss times ``R`` runs the wrapper's hooks (its average over the ranks is the global
@@ -112,9 +112,10 @@ root module keeps its gathered parameters otherwise, and the next step does not 
 Mixed precision: ``loss_scale=`` (the loss scaler's scale as a device tensor: no host sync) --
 the balancer back-propagates the losses times ``loss_scale`` so the backward does not underflow,
 computes weights from UNSCALED gradients/Gramians (the Gramian of scaled gradients is not the
-Gramian), and leaves ``.grad`` SCALED, as ``GradScaler.step`` expects (it unscales). On a non-finite step ``.grad`` receives NaN instead of
-zeros so that the scaler sees the overflow, skips the optimizer step and lowers its scale; the
-balancer counts it in ``skipped_steps`` and keeps its state.
+Gramian), and leaves ``.grad`` SCALED, as ``GradScaler.step`` expects (it unscales). On a
+non-finite step ``.grad`` receives NaN instead of zeros so that the scaler sees the overflow, skips
+the optimizer step and lowers its scale; the balancer counts it in ``skipped_steps`` and keeps its
+state.
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def rank(group: Any) -> int:
     return 0 if group is None else torch_dist.get_rank(group)
 
 
-def task_counts(counts: Tensor | Sequence[float] | Mapping[str, Any] | None, names: Sequence[str], like: Tensor) -> Tensor | None:
+def task_counts(counts: Tensor | Sequence[float] | Mapping[str, Any] | None, names: Sequence[str],
+                like: Tensor) -> Tensor | None:
     """``counts`` as a ``(T,)`` tensor in ``names`` order, on ``like``'s device and dtype (None stays None).
 
     A mapping must name every task; a tensor or sequence must have one entry per task.
@@ -218,7 +220,8 @@ def sync_losses(losses: Tensor, counts: Tensor | None, group: Any, rows: int = 0
     row_slot[me] = rows
     weighted, total, row_all = all_reduce_sum([n * vec, n, row_slot], group)
     safe = torch.where(total > 0, total, torch.ones_like(total))
-    global_losses = torch.where(total > 0, weighted / safe, weighted)  # no labelled row anywhere: 0 (or NaN if a rank was NaN)
+    # a task with no labelled row anywhere: 0 (NaN if a rank's loss was NaN: every rank skips)
+    global_losses = torch.where(total > 0, weighted / safe, weighted)
     scale = torch.where(total > 0, n / safe, torch.zeros_like(n))
     return StepSync(global_losses, scale, total, row_all, world, group)
 

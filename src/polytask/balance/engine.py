@@ -339,8 +339,8 @@ class GradientBalancer(Balancer):
         if task_features is None and self.mode == "features" and features is None:
             raise ConfigError("balancer mode 'features' needs features= (the model's shared_features)")
         if (self.mode == "parameters" or process_group is not None) and not shared_list:
-            raise ConfigError("balancer mode 'parameters' needs shared= (the model's shared parameters)" if process_group is None
-                              else "balancer.backward: process_group= needs shared= (the model's shared parameters)")
+            what = "balancer mode 'parameters'" if process_group is None else "balancer.backward: process_group="
+            raise ConfigError(f"{what} needs shared= (the model's shared parameters)")
         if process_group is not None or loss_scale is not None:
             losses, vec = self._enter_step(losses, vec, features, task_features, process_group, counts, loss_scale)
         try:
@@ -435,7 +435,8 @@ class GradientBalancer(Balancer):
         scale): gradients of the scaled losses sum over the ranks to the global batch's (dist module docstring)."""
         sync = None
         if group is not None:
-            rows = task_features.shape[1] if task_features is not None else (features.shape[0] if features is not None else 0)
+            rows = (task_features.shape[1] if task_features is not None
+                    else features.shape[0] if features is not None else 0)
             sync = dist.sync_losses(vec, dist.task_counts(counts, list(losses), vec), group, rows=rows)
         mult = torch.ones_like(vec.detach()) if sync is None else sync.scale
         if loss_scale is not None:

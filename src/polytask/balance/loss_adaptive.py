@@ -153,7 +153,7 @@ class DBMTL(TaskStateBalancer):
     """
 
     _state_buffer = "grad_ema"
-    supports_fsdp = False  # per-task gradients w.r.t. the shared parameters
+    supports_external_reduction = False  # per-task gradients w.r.t. the shared parameters
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8,
                  nan_policy: Literal["skip", "raise"] = "skip") -> None:
@@ -277,7 +277,7 @@ class GradNorm(TaskStateBalancer):
     """
 
     _state_buffer = "loss_weights"
-    supports_fsdp = False  # per-task gradients w.r.t. a shared weight (FSDP shards it)
+    supports_external_reduction = False  # per-task gradients w.r.t. a shared weight (FSDP shards it)
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, optimizer: Literal["adam", "sgd"] = "adam",
                  layer: Literal["last_shared", "features"] = "last_shared", min_weight: float = 1e-4,
