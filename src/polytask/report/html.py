@@ -266,12 +266,14 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     folder does not exist."""
     from polytask.train.checkpoint import atomic_write_text
 
+    if out is not None:
+        out = Path(out)
+        if out.is_dir():
+            raise DataError(f"report --out {out} is a folder; give a file name, e.g. {out / 'report.html'}")
+        if not out.parent.is_dir():
+            raise DataError(f"report --out {out}: folder {out.parent} does not exist")
+    text = render_report(run_dir)  # DataError if run_dir is not a run directory
     out = Path(out) if out is not None else Path(run_dir) / "report.html"
-    if out.is_dir():
-        raise DataError(f"report --out {out} is a folder; give a file name, e.g. {out / 'report.html'}")
-    if not out.parent.is_dir():
-        raise DataError(f"report --out {out}: folder {out.parent} does not exist")
-    text = render_report(run_dir)
     stale = out.with_name(out.name + ".tmp")  # what a failed report of earlier versions left
     if stale.is_file():
         stale.unlink()
