@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import pytest
@@ -56,7 +56,7 @@ def _cases() -> list[tuple[str, str | None, str, tuple]]:
                 if mode == "features" and _gramian_only(b.aggregator):
                     cases.append((name, mode, "linear_heads", ()))  # the engine's Gramian-only source
         else:
-            for variant in ("plain", "masked"):
+            for variant in ("plain", "masked", "nosync"):
                 cases.append((name, None, variant, ()))
     cases.append(("gradnorm", None, "masked", (("layer", "features"),)))
     for name, mode in (("ew", None), ("uw", None), ("famo", None), ("db_mtl", None), ("gradnorm", None), ("rlw", None),
@@ -152,6 +152,24 @@ def losses_of(outputs, y, mask):
     return out
 
 
+@contextmanager
+def no_host_sync():
+    """Make every host synchronisation of a tensor (``item``, ``tolist``, ``bool`` ...) raise, as
+    ``tests/test_balance_loss.py::test_backward_makes_no_host_sync`` does in one process."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation inside a training step")
+
+    names = ("item", "tolist", "__bool__", "__float__", "__int__")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    for n in names:
+        setattr(torch.Tensor, n, refuse)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
 def train_linear_heads(case, rank: int | None, group=None):
     """``train`` for a polytask shared-bottom model whose heads read per-task copies (``task_features``): the
     feature Gramian comes from the heads' linear layer without the feature Jacobian (spied: it must run)."""
@@ -186,7 +204,7 @@ def train(case, rank: int | None, group=None):
     name, mode, variant, _ = case
     if variant == "linear_heads":
         return train_linear_heads(case, rank, group)
-    masked = variant in ("masked", "accumulate")
+    masked = variant in ("masked", "accumulate", "nosync")
     copies = variant == "task_features"
     model = Problem()
     b = build(case)
@@ -223,7 +241,8 @@ def train(case, rank: int | None, group=None):
                 call(losses, shared=list(model.trunk.parameters()), features=model.z, counts=mask[sub].sum(0))
             losses = None
         sync = runner.no_sync() if variant == "ddp" and group is not None else nullcontext()
-        with sync:
+        guard = no_host_sync() if variant == "nosync" and step > 0 else nullcontext()  # step 0 binds, walks
+        with sync, guard:
             if variant != "accumulate" or group is None:
                 outputs = runner(x, copies) if copies else runner(x)
                 losses = losses_of(outputs, y, mask)
