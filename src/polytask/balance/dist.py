@@ -48,6 +48,7 @@ gradient of the scaled local losses ``c_rt L_rt``, whose SUM over the ranks is t
                                     and heads' gradients
    graddrop, feature level          an all-gather of the ``T x b x d`` feature Jacobian (its      ``T B d`` gathered,
                                     draws are per coordinate), each rank keeps its own rows       then ``P``
+                                    (the ranks' row counts are read on the host: a sync)
    ===============================  ===========================================================  =====================
 
    ``T`` tasks, ``D`` shared parameter entries, ``P`` all parameter entries the losses reach,
