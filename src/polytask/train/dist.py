@@ -236,6 +236,8 @@ def sharded_predict(model: nn.Module, dataset: Any, batch_size: int, ctx: DistCo
         for name, out in outputs.items():
             chunks.setdefault(name, []).append(out.float())
     model.train(was_training)
+    if ctx.enabled and callable(getattr(model, "reshard", None)):  # FSDP2: forwards without backward
+        model.reshard()
     result = {}
     for name in sorted(chunks):  # same order on every rank: one all_gather per task
         local = torch.cat(chunks[name]).contiguous()
@@ -417,14 +419,20 @@ def check_balancer(config: Any, balancer: nn.Module, ctx: DistContext) -> None:
     - ``train.accumulate: K > 1`` needs the balancer to accumulate per-task quantities (gradients,
       Gramians, losses) across micro-batches before combining them (a callable ``accumulate``).
     - ``train.strategy: fsdp`` at world size > 1: FSDP2's sharded parameters receive gradients only
-      through its backward hooks (reduce-scatter), while the balancers take ``torch.autograd.grad``
-      with respect to the parameters and reduce them themselves; a balancer that can leave the
-      reduction to FSDP says so with ``supports_fsdp = True``.
+      through its backward hooks (reduce-scatter). The balancers that need nothing but the losses
+      (``supports_external_reduction``: ew, uw, dwa, rlw, gls, imtl_l, famo, stch) back-propagate
+      one weighted loss through them (``reduce_gradients=False``); methods that take per-task
+      gradients with ``torch.autograd.grad`` (every gradient method, at either level, DB-MTL,
+      GradNorm), and gradient accumulation, cannot: refused.
     """
-    if ctx.enabled and config.train.strategy == "fsdp" and not getattr(balancer, "supports_fsdp", False):
-        raise ConfigError(f"train.strategy: fsdp is not supported with balancer {config.balancer.name!r} yet "
-                          "(it takes its gradients with autograd.grad, which FSDP2's sharded parameters do not "
-                          "receive); use strategy: ddp, which gives the same update")
+    fsdp = ctx.enabled and config.train.strategy == "fsdp"
+    if fsdp and not getattr(balancer, "supports_external_reduction", False):
+        raise ConfigError(f"train.strategy: fsdp is not supported with balancer {config.balancer.name!r} (it takes "
+                          "per-task gradients with autograd.grad, which FSDP2's sharded parameters do not receive); "
+                          "use strategy: ddp, which gives the same update")
+    if fsdp and config.train.accumulate > 1:
+        raise ConfigError("train.accumulate: micro-batches are not supported with strategy: fsdp (the balancer "
+                          "keeps per-task gradients of the parameters); use strategy: ddp")
     check_accumulate(config, balancer)
 
 
@@ -453,6 +461,7 @@ class StepContext:
         self.names = [t.name for t in trainer.tasks]
         self.device = trainer.device
         self.shard = (self.ctx.rank, self.ctx.world_size) if self.ctx.enabled else None
+        self.fsdp = self.ctx.enabled and is_sharded(self.model)  # FSDP2 reduces (reduce_gradients=False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.counts: Tensor | None = None
         self.rows = 0
@@ -505,6 +514,8 @@ class StepContext:
         kwargs: dict[str, Any] = {}
         if self.ctx.enabled:
             kwargs.update(process_group=self.ctx.group, counts=self.counts, parameters=self.params)
+            if self.fsdp:
+                kwargs["reduce_gradients"] = False
         elif self.k > 1:
             kwargs["counts"] = self.counts
         scale = self.precision.loss_scale()
@@ -520,6 +531,8 @@ class StepContext:
         counts = [c for _, _, c in self.group] + [self.counts]
         with torch.no_grad(), self.precision.autocast():
             each = [losses_of(self.model(b.inputs), b.targets, b.mask) for b in batches]
+        if self.fsdp:  # a forward without backward leaves FSDP2's root unsharded: reshard it
+            self.model.reshard()
         kwargs: dict[str, Any] = {"process_group": self.ctx.group} if self.ctx.enabled else {}
         if len(each) == 1:
             if self.counts is not None:
@@ -542,6 +555,9 @@ class StepContext:
         if not self.ctx.enabled:
             aux.backward(retain_graph=True)
             return
+        if self.fsdp:
+            raise ConfigError(f"train.strategy: fsdp does not support the auxiliary loss of "
+                              f"{type(self.model).__name__} (its gradient is taken with autograd.grad); use strategy: ddp")
         grads = torch.autograd.grad(aux * self.rows, self.params, retain_graph=True, allow_unused=True)
         flat = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
         rows = torch.full((1,), float(self.rows), device=self.device)
