@@ -290,6 +290,8 @@ def test_compute_dtype_float32_is_an_explicit_option(llamas, tmp_path):
                                      dtype="bfloat16", compute_dtype=compute)
         _assert_same_bits(expected, got)
     assert all(t.dtype == torch.bfloat16 for t in f32.values())
+    # auto: the checkpoints' dtype (float32 here), so the same as float32
+    _assert_same_bits(f32, _ours(body + "compute_dtype: auto\n", llamas, tmp_path / "auto"))
     # the two computations differ (bf16 arithmetic rounds the inputs and every step)
     assert sum(int((f32[k] != bf16[k]).sum()) for k in f32) > 100
 
@@ -380,6 +382,7 @@ BAD = {
                                    ["parameters.t", "needs this parameter"]),
     "nonfinite_output": (CONFIGS["frankenmerge_passthrough"].replace("value: 0.5", "value: 1.0e+6").replace(
         "bfloat16", "float16"), ["model.layers.4.self_attn.o_proj.weight", "NaN or infinite"]),
+    "bad_compute_dtype": (CONFIGS["ties_bf16"] + "compute_dtype: float8\n", ["compute_dtype", "float8"]),
     "unknown_per_model_key": (CONFIGS["ties_bf16"].replace("density: 0.7", "densty: 0.7"),
                               ["model b", "densty"]),
 }

@@ -19,7 +19,8 @@ Differences from mergekit (everything else means the same):
   it, ``linear``/``slerp`` compute in float32 from the rounded inputs, and the output is
   written in it (``out_dtype``, if given, wins). Without ``dtype`` each tensor is merged in its
   checkpoints' (promoted) dtype. ``compute_dtype: float32`` (polytask's key) computes in
-  float32 whatever ``dtype`` says (then ``dtype`` is only the output dtype). Deterministic
+  float32 whatever ``dtype`` says (then ``dtype`` is only the output dtype); ``compute_dtype:
+  auto`` computes in the checkpoints' dtype. Deterministic
   methods give mergekit's bits for the same config; methods outside that list compute in
   float32 from the rounded inputs.
 - ``slices:`` (``sources`` with ``layer_range``), per-layer gradients (``t: [0, 0.5, 1]``)
@@ -59,7 +60,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from polytask.errors import ConfigError
+from polytask.errors import ConfigError, MergeError
 
 __all__ = ["MergeConfig", "ModelEntry", "SliceDef", "SliceSource", "load_merge_config", "load_merge_configs", "run_merge"]
 
@@ -391,10 +392,10 @@ def _run_one(
     out_dtype = config.out_dtype or config.dtype
     compute = config.compute_dtype or config.dtype or "auto"
     for key, value in (("dtype", config.dtype), ("out_dtype", config.out_dtype), ("compute_dtype", config.compute_dtype)):
-        if value is not None:
+        if value is not None and not (key == "compute_dtype" and value == "auto"):
             try:
                 parse_dtype(value)
-            except Exception as exc:
+            except MergeError as exc:
                 raise ConfigError(f"{config_path}: {key}: {exc}") from None
     reference = paths[base_i] if base_i is not None else paths[0]
     extra = {"polytask_merge.yaml": text}
