@@ -903,3 +903,20 @@ def test_more_methods_by_hand():
     out = merge_state_dicts("arcee_fusion", [{"w": o}], {"w": b})["w"]
     taken = out != b
     assert torch.allclose(out[taken], o[taken], atol=1e-6) and 0 < int(taken.sum()) < out.numel()
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "dare_linear", "della", "della_linear"])
+def test_random_methods_in_bf16_match_mergekit_in_distribution(name):
+    api = pytest.importorskip("mergekit.merge_methods.api")
+    g = torch.Generator().manual_seed(7)
+    base = torch.zeros(200, 500, dtype=torch.bfloat16)
+    models = [torch.randn(200, 500, generator=g).bfloat16() for _ in range(2)]
+    params = {"weight": 1.0, "density": 0.4, **({"epsilon": 0.1} if "della" in name else {})}
+    torch.manual_seed(0)
+    theirs = api.merge_tensors([base, *models], name, parameters=params, base_index=0)
+    ours = merge_state_dicts(name, [{"w": m} for m in models], {"w": base}, rescale="l1", dtype="bfloat16",
+                             compute_dtype="bfloat16", model_params=[{k: v for k, v in params.items()}] * 2)["w"]
+    assert theirs.dtype == ours.dtype == torch.bfloat16
+    kept = [(x != 0).float().mean().item() for x in (theirs, ours)]
+    assert abs(kept[0] - kept[1]) < 0.01 and abs(kept[1] - (1 - 0.6 ** 2)) < 0.01
+    assert abs(theirs.float().abs().sum().item() / ours.float().abs().sum().item() - 1) < 0.02
