@@ -89,8 +89,8 @@ def model_param(where: str, name: str, value: Any) -> float:
     """A per-model parameter (``weight``, ``density``, ``gamma``) checked against its range."""
     low, high, low_open = MODEL_PARAM_RANGES.get(name, (-math.inf, math.inf, False))
     if isinstance(value, (list, dict)):
-        raise ConfigError(f"{where}: must be a number (per-layer lists and filters are not supported), "
-                          f"got {value!r}")
+        raise ConfigError(f"{where}: must be a number here (per-layer lists and filters are resolved from "
+                          f"a merge config's parameters, per tensor), got {value!r}")
     v = number(where, value, low=low, high=high, low_open=low_open)
     if abs(v) > _FLOAT32_MAX:  # per-model values are float32 tensors: 1e39 would become inf
         raise ConfigError(f"{where}: must fit in float32 (magnitude at most {_FLOAT32_MAX:.4g}), got {v:g}")

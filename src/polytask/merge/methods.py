@@ -593,8 +593,9 @@ class Slerp(MergeMethod):
     Each tensor is treated as one flat vector; with ``Omega`` the angle between the two,
     ``theta = sin((1-t) Omega)/sin Omega * theta_0 + sin(t Omega)/sin Omega * theta_1``, and plain
     linear interpolation when the normalised vectors are (anti)parallel (``|cos| > 0.9995``).
-    ``t`` is in [0, 1] (an interpolation). mergekit: same as its ``slerp`` with a scalar ``t``
-    (per-layer gradients and filters of ``t`` are not supported; it does not check the range).
+    ``t`` is in [0, 1] (an interpolation); a config may vary it over layers and tensors
+    (gradients, filters). mergekit: same as its ``slerp``, bit for bit (:func:`slerp` follows its
+    float32 arithmetic); it does not check the range of ``t``.
     """
 
     model_params: ClassVar[dict[str, float]] = {}
