@@ -287,6 +287,26 @@ def test_resume_applies_safe_changes_and_says_so(tmp_path, monkeypatch, capsys, 
         assert key in rundir.SAFE_ON_RESUME
 
 
+def test_resume_with_an_unreadable_stored_config_or_after_a_killed_overwrite(tmp_path, monkeypatch, capsys, caplog):
+    config = _yaml(tmp_path, **{"train.epochs": 1})
+    assert cli(monkeypatch, capsys, "train", config)[0] == 0
+    run = tmp_path / "run"
+    good = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text("train: [unclosed\n")
+    assert_one_line_exit_2(cli(monkeypatch, capsys, "train", config, "--resume"), "config.yaml", "not valid YAML",
+                           "--overwrite")
+    (run / "config.yaml").unlink()
+    assert_one_line_exit_2(cli(monkeypatch, capsys, "train", config, "--resume"), "cannot read", "config.yaml")
+    (run / "config.yaml").write_text(good)
+    # a killed --overwrite left the run aside and no checkpoint in place: --resume continues the old run
+    os.rename(run, rundir.aside_path(run))
+    with caplog.at_level("WARNING", "polytask"):
+        code, _, err = cli(monkeypatch, capsys, "train", config, "--resume", "--set", "train.epochs=2")
+    assert code == 0, err
+    assert "restored the previous run" in caplog.text and not rundir.aside_path(run).exists()
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["epoch"] == 2
+
+
 # ----------------------------------------------------------------------------- 4. lock
 def _hold_lock(run_dir):
     """Another process holding the run directory's lock (as a running command would)."""
