@@ -250,14 +250,6 @@ def test_trainer_float64_two_ranks_equal_one_process_for_balancers_of_every_fami
 
 
 # ---------------------------------------------------------------------------- precision, FSDP
-def test_bf16_two_processes_finish_finite(tmp_path):
-    _train(_config(tmp_path, "bf16", **{"train.precision": "bf16", "train.epochs": 1}), "--nproc", "2")
-    rows = _metrics(tmp_path / "bf16")
-    values = [v for r in rows for k, v in r.items() if k not in ("epoch", "split", "task")]
-    assert values and all(v is not None and v == v for v in values)
-    assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "bf16").values())
-
-
 FSDP_WORKER = """
 import copy, sys, torch, torch.distributed as dist
 from polytask import data, nn as nn_lib
@@ -349,11 +341,11 @@ def test_fsdp_training_equals_one_process_for_a_loss_balancer(tmp_path):
 
 def test_fsdp_refuses_balancers_that_take_per_task_gradients(tmp_path):
     proc = _train(_config(tmp_path, "fsdp", **{"train.strategy": "fsdp", "train.epochs": 1,
-                                               "balancer": {"name": "mgda", "params": {"mode": "features"}}}),
+                                               "balancer": {"name": "db_mtl"}}),
                   "--nproc", "2", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: train.strategy: fsdp is not supported with balancer 'mgda' (it takes per-task gradients with "
+        "error: train.strategy: fsdp is not supported with balancer 'db_mtl' (it takes per-task gradients with "
         "autograd.grad, which FSDP2's sharded parameters do not receive); use strategy: ddp, which gives the "
         "same update"], proc.stderr[-3000:]
 
@@ -384,8 +376,10 @@ def test_fp16_without_cuda_is_refused(tmp_path):
         Trainer(cfg, progress=False)
 
 
-def test_a_rank_that_dies_stops_the_run_with_one_line_and_keeps_the_checkpoint(tmp_path):
-    config = _config(tmp_path, "dies", **{"train.epochs": 200})
+def test_bf16_run_whose_rank_dies_stops_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    """A bf16 run at 2 processes (its epochs finite), then rank 1 killed: one line naming it, exit 2,
+    the last checkpoint intact."""
+    config = _config(tmp_path, "dies", **{"train.epochs": 200, "train.precision": "bf16"})
     launcher = subprocess.Popen([sys.executable, "-m", "polytask", "train", str(config), "--nproc", "2"],
                                 env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     latest = tmp_path / "dies" / "checkpoints" / "latest.json"
@@ -400,7 +394,10 @@ def test_a_rank_that_dies_stops_the_run_with_one_line_and_keeps_the_checkpoint(t
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: rank 1 was killed by SIGKILL"), err[-2000:]
     epoch, parts = load_checkpoint(tmp_path / "dies" / "checkpoints")  # intact, loadable
-    assert epoch >= 1 and "model" in parts
+    assert epoch >= 1 and all(torch.isfinite(w).all() for w in parts["model"].values())
+    rows = [r for r in _metrics(tmp_path / "dies") if r["epoch"] <= epoch]
+    values = [v for r in rows for k, v in r.items() if k not in ("epoch", "split", "task")]
+    assert values and all(v is not None and v == v for v in values)  # bf16: no NaN anywhere
 
 
 def _children(pid: int) -> list[int]:
@@ -436,3 +433,18 @@ def test_dataset_shard_slices_each_global_batch():
              for r in range(2)]
     assert [a + b for a, b in zip(*parts)] == full  # rank 0's slice then rank 1's: the global batch
     assert [len(p) for p in parts[0]] == [2, 2, 1] and [len(p) for p in parts[1]] == [2, 2, 1]
+
+
+def test_fsdp_refusals_and_bad_nproc_in_one_line():
+    from polytask import balance
+
+    two = dist_lib.DistContext(world_size=2)
+    cfg = parse_config({"train": {"strategy": "fsdp", "accumulate": 2}, "balancer": {"name": "famo"}})
+    with pytest.raises(ConfigError, match=r"^train\.accumulate: micro-batches are not supported with strategy: fsdp"):
+        dist_lib.check_balancer(cfg, balance.get("famo"), two)
+    dist_lib.check_balancer(cfg, balance.get("famo"), dist_lib.DistContext())  # one process: no FSDP at all
+    cfg = parse_config({"train": {"strategy": "fsdp"}, "balancer": {"name": "db_mtl"}})
+    with pytest.raises(ConfigError, match=r"^train\.strategy: fsdp is not supported with balancer 'db_mtl'"):
+        dist_lib.check_balancer(cfg, balance.get("db_mtl"), two)
+    with pytest.raises(ConfigError, match=r"^--nproc: expected a positive number of processes, got 0$"):
+        dist_lib.check_config(cfg, 0, torch.device("cpu"))

@@ -19,7 +19,17 @@ counts. The rules that make a run at world size W equal to one process on the sa
 - checkpoints hold full (unsharded) tensors in the single-process format, written by rank 0
   alone, so a run resumes at any world size (:func:`full_state_dict`, :func:`load_full_state`);
 - rank 0 alone writes the run directory; a resumed checkpoint is read by rank 0 and broadcast, so
-  only rank 0 needs to see the run directory.
+  only rank 0 needs to see the run directory;
+- ``train.accumulate: K``: K batches per optimizer step through the balancer's ``accumulate()``
+  (the update of one batch K times larger); ``train.precision``: autocast, and for fp16 a
+  GradScaler whose scale the balancer receives as ``loss_scale=`` (:class:`Precision`);
+- ``train.strategy: fsdp``: the model sharded in place by ``fully_shard``; the loss balancers that
+  need only the losses leave the reduction to FSDP's reduce-scatter (``reduce_gradients=False``),
+  the others are refused (:func:`check_balancer`).
+
+Failures: a user error in a worker comes back to ``polytask train --nproc`` through torchelastic's
+error file and is printed once; a rank that dies is named, the others are stopped by torchelastic
+(or, under torchrun across machines, fail their next collective: :class:`PeerFailure`).
 """
 
 from __future__ import annotations
@@ -114,7 +124,11 @@ def setup(device: torch.device) -> tuple[DistContext, torch.device]:
         return DistContext(), device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        device = torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+        if per_node > gpus:  # nccl cannot put two ranks of one communicator on the same GPU
+            raise ConfigError(f"--nproc: {per_node} processes per machine on CUDA need as many GPUs, this machine "
+                              f"has {gpus}; use at most {gpus} (or device: cpu)")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
