@@ -1,0 +1,587 @@
+"""Streaming tables: Parquet (or CSV) files read with pyarrow in record batches, beyond memory.
+
+A :class:`TableSource` reads a list of files or a folder with a declared :class:`TableSchema`
+(dense columns, categorical id columns, one label column per task) and yields polytask's batch
+convention ``(inputs, targets, mask)``: ``inputs`` is ``{"dense": float32 (B, n_dense), <id
+column>: int64 (B,), ...}``, ``targets`` ``{task: float32 (B,)}`` and ``mask`` ``{task: bool (B,)}``
+(False where the label is missing: a null label is an unlabelled row, as everywhere in polytask).
+
+How it reads, and what it guarantees:
+
+* **Units.** The work is cut into units: one Parquet *row group*, or one whole CSV file (pyarrow's
+  CSV reader streams a file but cannot seek into it). Each epoch the unit list is permuted with
+  ``(seed, epoch)`` and dealt round-robin to the ``world_size * num_workers`` shards (shard =
+  ``rank * num_workers + worker``), so shards are disjoint and together complete; the granularity
+  of sharding is a row group (write files with several row groups per shard). Shards can differ
+  by up to one unit of rows: under DDP a trainer must stop all ranks together (later work).
+* **Shuffle.** A bounded window buffer: a shard reads units until ``shuffle_rows`` rows are held
+  (plus at most one unit), permutes them (seeded by seed, epoch, shard and window) and emits them
+  in batches; the last batch of a window may be short (never empty). Memory is bounded by the
+  buffer plus one row group, not by the data. ``shuffle_rows=0`` keeps file order.
+* **Splits** (:class:`Split`): by file (pass the files), by a column's value, or a seeded fraction
+  of a stable 64-bit hash of a row key (FNV-1a of the key's text, not Python's salted ``hash``),
+  so a row falls in the same part on every machine and every run.
+* **Resume.** :class:`TableLoader` wraps a DataLoader and records, per shard, the window it is in
+  and how many batches of it were consumed; ``state_dict()``/``load_state_dict()`` resume
+  mid-epoch so each row is seen exactly once. Resuming re-reads only the current window of each
+  shard and needs the same ``world_size`` and ``num_workers``.
+* **Ids** (:class:`Vocabulary`, :class:`HashBuckets`): a vocabulary is built in one streaming pass
+  (:func:`build_vocabularies`; min count, index 0 is the out-of-vocabulary bucket, order by count
+  then value, saved as JSON); hashing maps ids to a fixed number of buckets. Both work on whole
+  arrays with ``pyarrow.compute`` (``value_counts``, ``index_in``, ``dictionary_encode``).
+
+Bad input (missing column, a non-numeric or null dense value, a binary label outside {0, 1}, an
+empty or corrupt file) is one :class:`~polytask.errors.DataError` naming the file and the column.
+
+pyarrow is an optional dependency (``pip install polytask[tables]``), imported only here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from polytask.errors import ConfigError, DataError
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def _pa():
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.csv as pcsv
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - depends on the install
+        raise ConfigError("streaming tables need pyarrow: pip install 'polytask[tables]'") from None
+    return pa, pc, pcsv, pq
+
+
+# ----------------------------------------------------------------------------- stable hashing
+def stable_hash(values: Any, seed: int = 0) -> np.ndarray:
+    """64-bit FNV-1a of each value's text (ints hash like their decimal string), as uint64.
+
+    Vectorised: the distinct values of the array are hashed with one numpy pass per byte
+    position, then taken back to the rows. Nulls hash like the empty string.
+    """
+    pa, pc, _, _ = _pa()
+    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = pc.cast(arr, pa.string())
+    enc = pc.dictionary_encode(pc.fill_null(arr, ""))
+    uniq = enc.dictionary.cast(pa.large_binary())
+    offsets = np.frombuffer(uniq.buffers()[1], dtype=np.int64)[uniq.offset:uniq.offset + len(uniq) + 1]
+    data = np.frombuffer(uniq.buffers()[2], dtype=np.uint8) if len(uniq) else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    h = np.full(len(uniq), _FNV_OFFSET ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for pos in range(int(lengths.max(initial=0))):
+            live = lengths > pos
+            byte = data[starts[live] + pos].astype(np.uint64)
+            h[live] = (h[live] ^ byte) * _FNV_PRIME
+    idx = enc.indices.to_numpy(zero_copy_only=False)
+    return h[idx]
+
+
+def _uniform(values: Any, seed: int) -> np.ndarray:
+    """A number in [0, 1) per value, from its stable hash (53 high bits)."""
+    return (stable_hash(values, seed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+# ----------------------------------------------------------------------------- id encoders
+@dataclass(frozen=True)
+class HashBuckets:
+    """Feature hashing of an id column into ``buckets`` ids (stable across runs and machines)."""
+
+    buckets: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.buckets < 1:
+            raise ConfigError(f"hash buckets must be >= 1, got {self.buckets}")
+
+    @property
+    def size(self) -> int:
+        return self.buckets
+
+    def encode(self, values: Any) -> np.ndarray:
+        return (stable_hash(values, self.seed) % np.uint64(self.buckets)).astype(np.int64)
+
+
+@dataclass
+class Vocabulary:
+    """Ids of one column: index 0 is the out-of-vocabulary bucket, known values are 1..n.
+
+    ``values`` are in a deterministic order (count descending, then value). ``oov_count`` counts
+    values encoded to the OOV bucket since the vocabulary was made (scoring-time unknowns).
+    """
+
+    column: str
+    values: list
+    min_count: int = 1
+    oov_count: int = 0
+    _set: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.values) + 1
+
+    def encode(self, values: Any) -> np.ndarray:
+        pa, pc, _, _ = _pa()
+        arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
+        if self._set is None or self._set.type != arr.type:
+            self._set = pa.array(self.values, type=arr.type) if self.values else pa.array([], type=arr.type)
+        idx = pc.index_in(arr, value_set=self._set)
+        self.oov_count += idx.null_count
+        return pc.fill_null(pc.add(idx, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def to_dict(self) -> dict:
+        return {"column": self.column, "min_count": self.min_count, "values": self.values}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Vocabulary:
+        return cls(d["column"], list(d["values"]), int(d.get("min_count", 1)))
+
+
+def save_vocabularies(vocabs: Mapping[str, Vocabulary], path: str | Path) -> None:
+    """Write vocabularies to one JSON file (atomically: a temporary file, then a rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({c: v.to_dict() for c, v in vocabs.items()}, ensure_ascii=False))
+    tmp.replace(path)
+
+
+def load_vocabularies(path: str | Path) -> dict[str, Vocabulary]:
+    try:
+        raw = json.loads(Path(path).read_text())
+        return {c: Vocabulary.from_dict(v) for c, v in raw.items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a polytask vocabulary file ({exc})") from None
+
+
+def build_vocabularies(paths: Any, columns: Sequence[str], min_count: int = 1,
+                       batch_rows: int = 65536) -> dict[str, Vocabulary]:
+    """One streaming pass over the files: a :class:`Vocabulary` per column, values seen at least
+    ``min_count`` times, most frequent first (ties by value). Counting is done by pyarrow
+    (``value_counts`` per batch, merged with a group-by), never one Python step per row."""
+    pa, pc, _, _ = _pa()
+    files = _list_files(paths)
+    counts: dict[str, Any] = {c: None for c in columns}
+    for f in files:
+        _check_columns(f, _file_schema(f), columns)
+        for rb in _iter_file(f, columns, batch_rows):
+            for c in columns:
+                vc = pc.value_counts(rb.column(c).drop_null())
+                t = pa.table({"v": vc.field("values"), "n": vc.field("counts")})
+                if counts[c] is not None:
+                    g = pa.concat_tables([counts[c], t]).group_by("v").aggregate([("n", "sum")])
+                    t = pa.table({"v": g["v"], "n": g["n_sum"]})
+                counts[c] = t
+    out = {}
+    for c in columns:
+        t = counts[c]
+        if t is None or t.num_rows == 0:
+            out[c] = Vocabulary(c, [], min_count)
+            continue
+        t = t.filter(pc.greater_equal(t["n"], min_count))
+        t = t.append_column("k", pc.cast(t["v"], pa.string())).sort_by([("n", "descending"), ("k", "ascending")])
+        out[c] = Vocabulary(c, t["v"].to_pylist(), min_count)
+    return out
+
+
+# ----------------------------------------------------------------------------- schema and split
+@dataclass(frozen=True)
+class TableSchema:
+    """Which columns are what. ``categorical`` maps an id column to its encoder (a
+    :class:`Vocabulary` or :class:`HashBuckets`); ``labels`` maps a task to its label column;
+    ``binary`` lists the tasks whose labels must be 0 or 1 (default: every task)."""
+
+    dense: tuple[str, ...] = ()
+    categorical: Mapping[str, Vocabulary | HashBuckets] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    binary: tuple[str, ...] | None = None
+    keep: tuple[str, ...] = ()  # extra columns only read (split keys)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dense", tuple(self.dense))
+        if not self.labels:
+            raise ConfigError("table schema: labels needs at least one task: column")
+        if not self.dense and not self.categorical:
+            raise ConfigError("table schema: needs at least one dense or categorical column")
+
+    @property
+    def columns(self) -> list[str]:
+        cols = [*self.dense, *self.categorical, *self.labels.values(), *self.keep]
+        return list(dict.fromkeys(cols))
+
+    @property
+    def binary_tasks(self) -> tuple[str, ...]:
+        return tuple(self.labels) if self.binary is None else tuple(self.binary)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which rows a source keeps: ``column`` in ``values``, and/or the rows whose stable hash of
+    ``key`` (with ``seed``) falls in ``[fraction[0], fraction[1])``. Split by file: pass the files."""
+
+    column: str | None = None
+    values: tuple = ()
+    key: str | None = None
+    fraction: tuple[float, float] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fraction is not None:
+            lo, hi = self.fraction
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ConfigError(f"split.fraction must be 0 <= lo <= hi <= 1, got {self.fraction}")
+            if self.key is None:
+                raise ConfigError("split.fraction needs split.key (the row key column to hash)")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(c for c in (self.column, self.key if self.fraction else None) if c)
+
+    def mask(self, rb: Any) -> Any:
+        pa, pc, _, _ = _pa()
+        keep = None
+        if self.column is not None:
+            keep = pc.is_in(rb.column(self.column), value_set=pa.array(list(self.values)))
+        if self.fraction is not None:
+            u = _uniform(rb.column(self.key), self.seed)
+            f = pa.array((u >= self.fraction[0]) & (u < self.fraction[1]))
+            keep = f if keep is None else pc.and_(keep, f)
+        return keep
+
+
+# ----------------------------------------------------------------------------- file access
+def _list_files(paths: Any) -> list[Path]:
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out: list[Path] = []
+    for p in map(Path, items):
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in (".parquet", ".csv"))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    if not out:
+        raise DataError(f"no .parquet or .csv files in {', '.join(map(str, items))}")
+    return out
+
+
+def _is_csv(f: Path) -> bool:
+    return f.suffix.lower() == ".csv"
+
+
+def _file_schema(f: Path) -> Any:
+    pa, _, pcsv, pq = _pa()
+    if f.stat().st_size == 0:
+        raise DataError(f"{f}: the file is empty")
+    try:
+        if _is_csv(f):
+            with pcsv.open_csv(f) as r:
+                return r.schema
+        return pq.ParquetFile(f).schema_arrow
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{f}: cannot read the {'CSV' if _is_csv(f) else 'Parquet'} file "
+                        f"({str(exc).splitlines()[0]})") from None
+
+
+def _check_columns(f: Path, schema: Any, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if schema.get_field_index(c) < 0]
+    if missing:
+        raise DataError(f"{f}: no column {', '.join(map(repr, missing))} (columns: {', '.join(schema.names)})")
+
+
+def _iter_file(f: Path, columns: Sequence[str], batch_rows: int, row_group: int | None = None) -> Iterator[Any]:
+    """Record batches of ``columns`` (one row group, or the whole file); DataError naming the file."""
+    pa, _, pcsv, pq = _pa()
+    try:
+        if _is_csv(f):
+            reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=1 << 20),
+                                   convert_options=pcsv.ConvertOptions(include_columns=list(columns)))
+            yield from reader
+        else:
+            pf = pq.ParquetFile(f)
+            groups = None if row_group is None else [row_group]
+            yield from pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=list(columns))
+    except (pa.ArrowException, OSError) as exc:
+        msg = str(exc).splitlines()[0]
+        m = re.search(r"CSV column #(\d+)", msg)
+        if m and _is_csv(f):
+            names = _file_schema(f).names
+            j = int(m.group(1))
+            msg = f"column {names[j]!r}: {msg}" if j < len(names) else msg
+        raise DataError(f"{f}: cannot read ({msg})") from None
+
+
+# ----------------------------------------------------------------------------- the source
+class TableSource(torch.utils.data.IterableDataset):
+    """Batches ``(inputs, targets, mask)`` streamed from Parquet/CSV files (see the module docstring).
+
+    Args:
+        paths: a file, a folder (every ``.parquet``/``.csv`` under it, sorted) or a list of them.
+        schema: the :class:`TableSchema`.
+        batch_size: rows per batch (the last batch of each shuffle window may be shorter).
+        shuffle_rows: size of the shuffle window in rows; 0 keeps file order.
+        seed: seeds the unit order and the shuffle (with the epoch).
+        split: a :class:`Split` (rows to keep); None keeps all.
+        rank, world_size: this process's place among the ranks (workers are found from the
+            DataLoader at iteration time).
+
+    Files are opened (footers only) when the source is made: a missing column, a non-numeric
+    dense column, an empty or corrupt file is a DataError then, before any training.
+    """
+
+    def __init__(self, paths: Any, schema: TableSchema, batch_size: int = 1024, shuffle_rows: int = 0,
+                 seed: int = 0, split: Split | None = None, rank: int = 0, world_size: int = 1,
+                 read_rows: int = 65536) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        pa, _, _, pq = _pa()
+        self.schema, self.batch_size, self.shuffle_rows, self.seed = schema, batch_size, shuffle_rows, seed
+        self.split, self.rank, self.world_size, self.read_rows = split, rank, world_size, read_rows
+        self.epoch = 0
+        self.resume: dict[int, tuple[int, int]] = {}
+        self.files = _list_files(paths)
+        self._columns = list(dict.fromkeys([*schema.columns, *(split.columns if split else ())]))
+        self.units: list[tuple[int, int | None]] = []
+        for i, f in enumerate(self.files):
+            sch = _file_schema(f)
+            _check_columns(f, sch, self._columns)
+            for c in schema.dense:
+                t = sch.field(c).type
+                if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+                        or pa.types.is_null(t)):
+                    raise DataError(f"{f}: dense column {c!r} holds {t}, not numbers")
+            if _is_csv(f):
+                self.units.append((i, None))
+            else:
+                md = pq.ParquetFile(f).metadata
+                self.units += [(i, g) for g in range(md.num_row_groups) if md.row_group(g).num_rows > 0]
+        if not self.units:
+            raise DataError(f"{', '.join(map(str, self.files))}: no rows")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # -- sharding
+    def _shard(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def shard_units(self, shard: int, shards: int, epoch: int | None = None) -> list[tuple[int, int | None]]:
+        """The units of ``shard`` (of ``shards``) in ``epoch``: a seeded permutation, dealt round-robin."""
+        epoch = self.epoch if epoch is None else epoch
+        order = np.arange(len(self.units))
+        if self.shuffle_rows > 0:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+        return [self.units[j] for j in order[shard::shards]]
+
+    # -- reading
+    def _read_unit(self, unit: tuple[int, int | None]) -> Iterator[Any]:
+        _, pc, _, _ = _pa()
+        f = self.files[unit[0]]
+        for rb in _iter_file(f, self._columns, self.read_rows, unit[1]):
+            if self.split is not None:
+                rb = rb.filter(self.split.mask(rb))
+            if rb.num_rows:
+                self._check(f, rb)
+                yield rb
+
+    def _check(self, f: Path, rb: Any) -> None:
+        pa, pc, _, _ = _pa()
+        for c in self.schema.dense:
+            col = rb.column(c)
+            if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
+                raise DataError(f"{f}: dense column {c!r} holds {col.type}, not numbers")
+            if col.null_count or (pa.types.is_floating(col.type) and not pc.all(pc.is_finite(col)).as_py()):
+                raise DataError(f"{f}: dense column {c!r} has missing, NaN or infinite values "
+                                "(only missing labels mean 'unlabelled')")
+        for task in self.schema.binary_tasks:
+            c = self.schema.labels[task]
+            col = rb.column(c)
+            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                raise DataError(f"{f}: label column {c!r} (task {task!r}) holds strings")
+            v = pc.drop_null(pc.cast(col, pa.float64()))
+            bad = pc.invert(pc.is_in(v, value_set=pa.array([0.0, 1.0])))
+            if pc.any(bad).as_py():
+                first = v.filter(bad)[0].as_py()
+                raise DataError(f"{f}: label column {c!r} of binary task {task!r} has a value outside "
+                                f"{{0, 1}} (e.g. {first})")
+
+    def _to_batch(self, rb: Any) -> tuple[dict, dict, dict]:
+        pa, pc, _, _ = _pa()
+        inputs: dict[str, torch.Tensor] = {}
+        if self.schema.dense:
+            cols = [rb.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in self.schema.dense]
+            inputs["dense"] = torch.from_numpy(np.stack(cols, axis=1))
+        for c, enc in self.schema.categorical.items():
+            inputs[c] = torch.from_numpy(enc.encode(rb.column(c)))
+        targets, mask = {}, {}
+        for task, c in self.schema.labels.items():
+            col = pc.cast(rb.column(c), pa.float32())
+            mask[task] = torch.from_numpy(col.is_valid().to_numpy(zero_copy_only=False))
+            targets[task] = torch.from_numpy(pc.fill_null(col, 0.0).to_numpy(zero_copy_only=False).copy())
+        return inputs, targets, mask
+
+    def _windows(self, units: list, start: int) -> Iterator[tuple[int, Any]]:
+        """(index of the window's first unit, its rows as one table), from unit ``start`` on."""
+        pa, _, _, _ = _pa()
+        i = start
+        while i < len(units):
+            first, held, rows = i, [], 0
+            while i < len(units) and (not held or rows < self.shuffle_rows):
+                for rb in self._read_unit(units[i]):
+                    held.append(rb)
+                    rows += rb.num_rows
+                i += 1
+                if self.shuffle_rows <= 0:
+                    break
+            if held:
+                yield first, pa.Table.from_batches(held)
+
+    def iter_positioned(self) -> Iterator[tuple[tuple, tuple[int, int, int, int]]]:
+        """Batches with their position ``(shard, epoch, window start, batches of the window done)``."""
+        shard, shards = self._shard()
+        units = self.shard_units(shard, shards)
+        start, skip = self.resume.get(shard, (0, 0))
+        for first, table in self._windows(units, start):
+            n = table.num_rows
+            if self.shuffle_rows > 0:
+                perm = np.random.default_rng([self.seed, self.epoch, shard, first]).permutation(n)
+                table = table.take(perm)
+            done = skip if first == start else 0
+            for k in range(done, math.ceil(n / self.batch_size)):
+                rb = table.slice(k * self.batch_size, self.batch_size).combine_chunks().to_batches()[0]
+                yield self._to_batch(rb), (shard, self.epoch, first, k + 1)
+
+    def __iter__(self) -> Iterator[tuple]:
+        for batch, _ in self.iter_positioned():
+            yield batch
+
+
+class _Positioned(torch.utils.data.IterableDataset):
+    def __init__(self, source: TableSource) -> None:
+        super().__init__()
+        self.source = source
+
+    def __iter__(self):
+        return self.source.iter_positioned()
+
+
+class TableLoader:
+    """A DataLoader over a :class:`TableSource` that knows its position (``state_dict``).
+
+    Iterating gives one epoch of batches; the next ``iter`` starts the next epoch. After
+    ``load_state_dict`` the first ``iter`` resumes the saved epoch where it stopped: each row of
+    the epoch is seen exactly once across the interrupted and the resumed run.
+    """
+
+    def __init__(self, source: TableSource, num_workers: int = 0, **loader_kwargs: Any) -> None:
+        self.source, self.num_workers = source, num_workers
+        self.kwargs = loader_kwargs
+        self.epoch = 0
+        self._pos: dict[int, tuple[int, int]] = {}
+
+    def __iter__(self) -> Iterator[tuple]:
+        self.source.set_epoch(self.epoch)
+        self.source.resume = dict(self._pos)
+        loader = torch.utils.data.DataLoader(_Positioned(self.source), batch_size=None,
+                                             num_workers=self.num_workers, **self.kwargs)
+        for batch, (shard, epoch, first, done) in loader:
+            self._pos[shard] = (first, done)
+            yield batch
+        self.epoch += 1
+        self._pos = {}
+        self.source.resume = {}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "shards": {int(k): list(v) for k, v in self._pos.items()},
+                "world_size": self.source.world_size, "num_workers": self.num_workers,
+                "seed": self.source.seed, "units": len(self.source.units)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for key, now in (("world_size", self.source.world_size), ("num_workers", self.num_workers),
+                         ("seed", self.source.seed), ("units", len(self.source.units))):
+            if state.get(key) != now:
+                raise ConfigError(f"table loader state: {key} was {state.get(key)}, now {now}; "
+                                  "resume mid-epoch needs the same data, seed, ranks and workers")
+        self.epoch = int(state["epoch"])
+        self._pos = {int(k): (int(v[0]), int(v[1])) for k, v in state["shards"].items()}
+
+
+# ----------------------------------------------------------------------------- synthetic log
+def write_synthetic_log(path: str | Path, rows: int, *, users: int = 1000, items: int = 5000,
+                        zipf: float = 1.2, missing: float = 0.05, row_group_rows: int = 65536,
+                        seed: int = 0) -> Path:
+    """Write a click/conversion log as Parquet: raw string ids (Zipf-distributed), a known signal.
+
+    Columns: ``user_id``, ``item_id``, ``category`` (strings), ``price``, ``hour`` (dense),
+    ``click``, ``conversion`` (0/1). Click probability is ``sigmoid(2 * user_bias + 2 * item_bias
+    - 1 + 0.5 * price)``, with per-id biases drawn once (the known signal); conversion happens only
+    after a click, with ``sigmoid(item_bias - 1)``. A fraction ``missing`` of click labels and of
+    conversion labels are null (unlabelled rows). Written in chunks of ``row_group_rows`` rows, so
+    memory stays bounded for any ``rows``.
+    """
+    pa, _, _, pq = _pa()
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    user_bias = rng.normal(0, 1, users)
+    item_bias = rng.normal(0, 1, items)
+    item_cat = rng.integers(0, 50, items)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    writer = None
+    try:
+        done = 0
+        while done < rows or writer is None:
+            n = min(row_group_rows, rows - done)
+            u = (rng.zipf(zipf, n) - 1) % users
+            it = (rng.zipf(zipf, n) - 1) % items
+            price = rng.random(n).astype(np.float32)
+            hour = rng.integers(0, 24, n).astype(np.float32)
+            logit = 2 * user_bias[u] + 2 * item_bias[it] - 1 + 0.5 * price
+            click = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+            conv = click * (rng.random(n) < 1 / (1 + np.exp(1 - item_bias[it])))
+            click_m = rng.random(n) < missing
+            conv_m = rng.random(n) < missing
+            t = pa.table({
+                "user_id": pa.array(np.char.add("u", u.astype(str))),
+                "item_id": pa.array(np.char.add("i", it.astype(str))),
+                "category": pa.array(np.char.add("c", item_cat[it].astype(str))),
+                "price": price, "hour": hour,
+                "click": pa.array(click, mask=click_m),
+                "conversion": pa.array(conv.astype(np.float32), mask=conv_m),
+            })
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, t.schema)
+            writer.write_table(t, row_group_size=row_group_rows)
+            done += n
+        writer.close()
+        tmp.replace(path)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+__all__ = ["HashBuckets", "Split", "TableLoader", "TableSchema", "TableSource", "Vocabulary", "build_vocabularies",
+           "load_vocabularies", "save_vocabularies", "stable_hash", "write_synthetic_log"]
