@@ -158,14 +158,14 @@ class _CopiesLinear(torch.autograd.Function):
         n, batch, out = grad.shape
         grad_copies = None
         if ctx.needs_input_grad[0]:  # (T, B, out) @ (T, out, in); an outer product for out = 1 (bmm is slow there)
-            wt = weight.transpose(1, 2)
-            grad_copies = grad * wt if out == 1 else torch.bmm(grad.contiguous(), wt)
+            wt = weight.transpose(1, 2).to(grad.dtype)  # under autocast (fp16/bf16) grad and weight differ
+            grad_copies = (grad * wt if out == 1 else torch.bmm(grad.contiguous(), wt)).to(copies.dtype)
         grad_weight = None
         if ctx.needs_input_grad[1]:
             # (T*out, B) @ (B, in): the same product as (in, B) @ (B, T*out), but CPU BLAS runs this
             # orientation 1.1-8x faster when T*out is small (T=2: 14 vs 119 us at B = in = 256)
-            wide = grad.transpose(0, 1).reshape(batch, n * out).transpose(0, 1) @ copies[0]  # (T*out, in)
-            grad_weight = wide.reshape(n, out, -1).transpose(1, 2)
+            wide = grad.transpose(0, 1).reshape(batch, n * out).transpose(0, 1) @ copies[0].to(grad.dtype)
+            grad_weight = wide.reshape(n, out, -1).transpose(1, 2).to(weight.dtype)
         grad_bias = grad.sum(1, keepdim=True) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_copies, grad_weight, grad_bias
 
