@@ -330,10 +330,19 @@ def test_fsdp2_on_gloo_shards_gathers_and_reloads_exactly(tmp_path):
     assert proc.stdout.count("FSDP-OK") == 2
 
 
-def test_fsdp_training_equals_one_process_for_a_loss_balancer(tmp_path):
-    """FAMO (loss-based, stateful, with a post-step forward) under FSDP2 at 2 ranks: the sharded
-    parameters are reduced by FSDP's reduce-scatter; the run equals one process's."""
-    over = {"balancer": {"name": "famo"}, "train.epochs": 1}
+@pytest.mark.parametrize("balancer", [
+    {"name": "famo"},                                   # loss-based, stateful, with a post-step forward
+    {"name": "mgda", "params": {"mode": "features"}},  # a Gramian method at feature level
+])
+def test_fsdp_training_equals_one_process(balancer, tmp_path):
+    """Under FSDP2 at 2 ranks the sharded parameters are reduced by FSDP's reduce-scatter (the
+    balancer back-propagates one combined loss: reduce_gradients=False); the run equals one
+    process's."""
+    from polytask import balance
+
+    if not balance.get(balancer["name"], **balancer.get("params", {})).supports_external_reduction:
+        pytest.skip(f"{balancer['name']} cannot leave the gradient reduction to FSDP in this version")
+    over = {"balancer": balancer, "train.epochs": 1}
     _train(_config(tmp_path, "one", **over))
     _train(_config(tmp_path, "fsdp", **over, **{"train.strategy": "fsdp"}), "--nproc", "2")
     _assert_same_run(tmp_path / "one", tmp_path / "fsdp")

@@ -435,11 +435,17 @@ def check_balancer(config: Any, balancer: nn.Module, ctx: DistContext) -> None:
     - ``train.strategy: fsdp`` at world size > 1: FSDP2's sharded parameters receive gradients only
       through its backward hooks (reduce-scatter). The balancers that need nothing but the losses
       (``supports_external_reduction``: ew, uw, dwa, rlw, gls, imtl_l, famo, stch) back-propagate
-      one weighted loss through them (``reduce_gradients=False``); methods that take per-task
-      gradients with ``torch.autograd.grad`` (every gradient method, at either level, DB-MTL,
-      GradNorm), and gradient accumulation, cannot: refused.
+      one weighted loss through them (``reduce_gradients=False``), and so do the gradient methods at
+      feature level (``mode: features``: the feature Gramian all-reduced, then one backward of the
+      combined objective); methods that take per-task gradients of the parameters with
+      ``torch.autograd.grad`` (gradient methods at parameter level, DB-MTL, GradNorm), and gradient
+      accumulation, cannot: refused.
     """
     fsdp = ctx.enabled and config.train.strategy == "fsdp"
+    if fsdp and getattr(balancer, "mode", None) == "parameters":
+        raise ConfigError(f"train.strategy: fsdp is not supported with balancer {config.balancer.name!r} at parameter "
+                          "level (it needs per-task gradients of the sharded parameters, which FSDP2's reduce-scatter "
+                          "never sees); use balancer.params.mode: features, or strategy: ddp")
     if fsdp and not getattr(balancer, "supports_external_reduction", False):
         raise ConfigError(f"train.strategy: fsdp is not supported with balancer {config.balancer.name!r} (it takes "
                           "per-task gradients with autograd.grad, which FSDP2's sharded parameters do not receive); "
