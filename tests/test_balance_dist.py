@@ -212,7 +212,7 @@ def train(case, rank: int | None, group=None):
     extra_kwargs = {}
     if variant in ("ddp", "ddp_reduces") and group is not None:
         runner = nn.parallel.DistributedDataParallel(model, process_group=group, find_unused_parameters=True)
-        if b.__class__.__name__ != "GradientBalancer":
+        if b.__class__.__name__ != "GradientBalancer" or variant == "ddp_reduces":
             extra_kwargs = {"parameters": list(model.parameters())}  # reduce every parameter, used or not
         if variant == "ddp_reduces":
             extra_kwargs["reduce_gradients"] = False

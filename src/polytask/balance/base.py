@@ -426,22 +426,34 @@ class LossWeighting(Balancer):
         from polytask.balance import dist
 
         (objective * dist.world_size(group)).backward()
-        local = [_local(p.grad) for p in params if p.grad is not None]
-        bad = (~all_finite(*local)).to(global_vec.dtype) if local else torch.zeros((), dtype=global_vec.dtype,
-                                                                                     device=global_vec.device)
-        (bad,) = dist.all_reduce_sum([bad.reshape(1)], group)
-        ok = all_finite(global_vec, w) & (bad[0] == 0)
+        ok = external_grads_ok(params, all_finite(global_vec, w), group)
         self._check_finite(ok, global_vec, names)
         self.after_backward(global_vec, w.detach())
         self._commit(ok, before)
         self._last_ok = ok
-        fill = 0.0 if loss_scale is None else float("nan")
-        with torch.no_grad():
-            for p in params:
-                if p.grad is not None:
-                    g = _local(p.grad)
-                    g.copy_(torch.where(ok.to(g.device), g, torch.full((), fill, dtype=g.dtype, device=g.device)))
+        gate_local_grads(params, ok, 0.0 if loss_scale is None else float("nan"))
         return torch.where(ok, w.detach(), torch.zeros_like(w)).detach()
+
+
+def external_grads_ok(params: Sequence[Tensor], ok: Tensor, group: Any) -> Tensor:
+    """After a backward whose reduction the wrapper did (``reduce_gradients=False``): ``ok`` (already the same on
+    every rank) and whether every rank's shard of every ``.grad`` is finite -- one all-reduce of a flag, so every
+    rank decides alike. No host sync."""
+    from polytask.balance import dist
+
+    local = [_local(p.grad) for p in params if p.grad is not None]
+    bad = (~all_finite(*local)).to(torch.float32) if local else torch.zeros((), device=ok.device)
+    (bad,) = dist.all_reduce_sum([bad.reshape(1).to(ok.device)], group)
+    return ok & (bad[0] == 0)
+
+
+def gate_local_grads(params: Sequence[Tensor], ok: Tensor, fill: float) -> None:
+    """Where ``ok`` is False, set this rank's shard of every ``.grad`` to ``fill`` (0, or NaN for a loss scaler)."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                g = _local(p.grad)
+                g.copy_(torch.where(ok.to(g.device), g, torch.full((), fill, dtype=g.dtype, device=g.device)))
 
 
 def _local(t: Tensor) -> Tensor:

@@ -46,6 +46,8 @@ gradient of the scaled local losses ``c_rt L_rt``, whose SUM over the ranks is t
    Gramian methods, feature level   the ``T x T`` Gramian of the feature Jacobian (rank rows are   ``T^2``, then ``P``
                                     disjoint: it is the sum of the ranks'); then the trunk's
                                     and heads' gradients
+   the same, ``reduce_gradients=    the ``T x T`` Gramian, then the wrapper reduces the           ``T^2`` + 1, then
+   False`` (FSDP2)                  gradients of one backward (FSDP2: reduce-scatter); a flag     FSDP's ``P``
    graddrop, feature level          an all-gather of the ``T x b x d`` feature Jacobian (its      ``T B d`` gathered,
                                     draws are per coordinate), each rank keeps its own rows       then ``P``
                                     (the ranks' row counts are read on the host: a sync)
@@ -91,12 +93,20 @@ group, ``.grad`` is already the global gradient (a trainer must not reduce it ag
 
 Letting the wrapper reduce (FSDP2, or DDP outside ``no_sync()``): balancers with
 :attr:`~polytask.balance.Balancer.supports_external_reduction` (the loss balancers that need only the losses: ew,
-uw, dwa, rlw, gls, imtl_l, famo, stch) take ``reduce_gradients=False, parameters=model.parameters()``:
-the weights still come from the global losses (step 1), then ONE ``Tensor.backward`` of this rank's
-weighted loss times ``R`` runs the wrapper's hooks (its average over the ranks is the global
-gradient), and one all-reduce of a flag makes every rank skip a non-finite step together (``.grad``
-then set to 0). Methods that need per-task gradients w.r.t. the parameters (every gradient method,
-DB-MTL, GradNorm) refuse it: FSDP's sharded parameters are not the leaves of the graph. With FSDP2,
+uw, dwa, rlw, gls, imtl_l, famo, stch; every gradient method at feature level) take
+``reduce_gradients=False, parameters=model.parameters()``: the weights still come from the global
+losses (step 1), then ONE ``Tensor.backward`` of this rank's weighted loss times ``R`` runs the
+wrapper's hooks (its average over the ranks is the global gradient), and one all-reduce of a flag
+makes every rank skip a non-finite step together (``.grad`` then set to 0). Gradient methods at
+feature level (``features=`` required) first take this rank's feature Jacobian with
+``autograd.grad`` to the features only (through the heads; no parameter's gradient is taken, and
+FSDP2 re-gathers resharded heads for it), solve the weights from the all-reduced ``T x T`` Gramian
+(GradDrop: the gathered rows), then back-propagate ``R Σ_t c_rt L_rt`` with the gradient at the
+features replaced by ``R`` times this rank's combined feature gradient (a tensor hook): the heads
+get their own task's gradient, the trunk the combined one, exactly as without FSDP -- on the
+model's promise that the losses reach the parameters below the features only through them. Methods
+that need per-task gradients w.r.t. the parameters (gradient methods at parameter level, DB-MTL,
+GradNorm) refuse it: FSDP's sharded parameters are not the leaves of the graph. With FSDP2,
 call ``model.reshard()`` after a forward that has no backward (FAMO's post-step evaluation): the
 root module keeps its gathered parameters otherwise, and the next step does not reach the shards::
 

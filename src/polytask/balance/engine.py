@@ -67,7 +67,8 @@ from torch import Tensor, nn
 
 from polytask.balance import aggregators as agg
 from polytask.balance import dist
-from polytask.balance.base import Balancer, accumulate_grads, all_finite, check_external_reduction, stack_losses
+from polytask.balance.base import (Balancer, accumulate_grads, all_finite, check_external_reduction, external_grads_ok,
+                                   gate_local_grads, stack_losses)
 from polytask.balance.registry import BALANCERS
 from polytask.errors import ConfigError
 
@@ -328,9 +329,12 @@ class GradientBalancer(Balancer):
                  counts: Any = None, loss_scale: Tensor | None = None, parameters: Iterable[Tensor] | None = None,
                  reduce_gradients: bool = True) -> Tensor:
         if not reduce_gradients:
-            check_external_reduction(self, parameters)
+            self._check_external(parameters, features)
         vec = stack_losses(losses)
         self._seed_generator(vec.device, process_group)
+        if not reduce_gradients:
+            return self._backward_external(losses, vec, features, task_features, process_group, counts, loss_scale,
+                                           list(parameters))
         if self.accumulating:
             return self._backward_accumulated(losses, shared, features, task_features=task_features,
                                               process_group=process_group, counts=counts, loss_scale=loss_scale,
@@ -349,6 +353,70 @@ class GradientBalancer(Balancer):
             if self.mode == "features":
                 return self._backward_features(losses, vec, shared_list, features)
             return self._backward_parameters(losses, vec, shared_list)
+        finally:
+            self._ctx = None
+
+    # -- the wrapper reduces (FSDP2's fully_shard): reduce_gradients=False --------------------------
+
+    @property
+    def supports_external_reduction(self) -> bool:  # type: ignore[override]
+        """Feature level only: the combined feature gradient goes through the trunk in ONE ``Tensor.backward``
+        (FSDP2's hooks reduce-scatter it); parameter level needs per-task gradients of the sharded parameters."""
+        return self.mode == "features"
+
+    def _check_external(self, parameters: Iterable[Tensor] | None, features: Tensor | None) -> None:
+        if self.mode == "parameters":
+            raise ConfigError(f"balancer {type(self.aggregator).__name__} at parameter level needs per-task gradients of "
+                              "the shared parameters, which FSDP's sharded parameters never receive (autograd.grad "
+                              "bypasses its reduce-scatter): use mode='features', or reduce_gradients=True under DDP")
+        check_external_reduction(self, parameters)
+        if self.accumulating:
+            raise ConfigError("balancer.backward: reduce_gradients=False cannot end accumulated micro-batches "
+                              "(they keep per-task gradients of the parameters)")
+        if features is None:
+            raise ConfigError("balancer.backward: reduce_gradients=False at feature level needs features= "
+                              "(the shared representation every task's head reads)")
+
+    def _backward_external(self, losses: Mapping[str, Tensor], vec: Tensor, features: Tensor,
+                           task_features: Tensor | None, group: Any, counts: Any, loss_scale: Tensor | None,
+                           params: list[Tensor]) -> Tensor:
+        """Feature level with the wrapper reducing (:mod:`polytask.balance.dist`): the feature Jacobian of this
+        rank's scaled losses (``autograd.grad`` to the features only: through the heads, no parameter), the
+        weights from the global Gramian (one ``T x T`` all-reduce) and this rank's combined feature gradient
+        ``u``, then ONE ``Tensor.backward`` of ``R Σ_t c_rt L_rt`` whose gradient at the features is replaced
+        by ``R u``: every head gets its own task's gradient, the trunk ``∂z/∂θ^T u``, and the wrapper's hooks
+        (FSDP2's reduce-scatter, an average over the ``R`` ranks) see both. The skip decision adds one
+        all-reduce of a flag (:func:`~polytask.balance.base.external_grads_ok`).
+
+        The parameters below ``features`` all receive the combined gradient: the model's promise is that the
+        losses reach them through ``features`` only (a routed model's task gates below it are not served)."""
+        names = list(losses)
+        key = (tuple(names), "external")
+        if key not in self._graph_cache:  # every loss must reach the features (checked once per task set)
+            find_task_parameters(losses, [], features)
+            self._graph_cache[key] = True
+        losses, vec = self._enter_step(losses, vec, features, task_features, group, counts, loss_scale)
+        try:
+            n = vec.shape[0]
+            if task_features is not None and tuple(task_features.shape[1:]) == tuple(features.shape):
+                # the heads read per-task copies of z: one pass gives every ∂L_t/∂z (slice t)
+                rows = torch.autograd.grad(vec.sum(), task_features, retain_graph=True)[0].reshape(n, -1)
+            else:
+                rows = task_jacobian(list(losses.values()), [features], batched=bool(self.batched))[0].reshape(n, -1)
+            local, weights, ok, before = self._combine_rows(rows, features, 0)
+            world = dist.world_size(group)
+            replace = local.detach().view_as(features).to(features.dtype) * world
+            handle = features.register_hook(lambda _grad: replace)
+            try:
+                torch.autograd.backward(vec.sum() * world)
+            finally:
+                handle.remove()
+            ok = external_grads_ok(params, ok, group)
+            self._check_finite(ok, torch.cat([rows.detach(), self._ctx.global_losses[:, None].to(rows.dtype)], dim=1),
+                               names)
+            self._commit(ok, before)
+            gate_local_grads(params, ok, self._ctx.fill)
+            return torch.where(ok, weights, torch.zeros_like(weights)).detach()
         finally:
             self._ctx = None
 
@@ -480,6 +548,24 @@ class GradientBalancer(Balancer):
         """
         ctx = self._ctx
         n = rows.shape[0]
+        local, weights, ok, before = self._combine_rows(rows, source, batch_dim, gramian, combine)
+        trunk = list(torch.autograd.grad(source, shared, grad_outputs=local.view_as(source).to(source.dtype),
+                                         allow_unused=True, materialize_grads=True)) if source.grad_fn is not None else \
+            [torch.zeros_like(p) for p in shared]
+        grads = ctx.reduce([*trunk, *head_grads])
+        ok = ok & all_finite(*grads)
+        self._check_finite(ok, torch.cat([rows.detach().reshape(n, -1), ctx.global_losses[:, None]], dim=1), names)
+        self._commit(ok, before)
+        for p, g in zip([*shared, *heads], grads):
+            _accumulate(p, _gate(ok, g, ctx.fill))
+        return torch.where(ok, weights, torch.zeros_like(weights)).detach()
+
+    def _combine_rows(self, rows: Tensor, source: Tensor, batch_dim: int, gramian: Tensor | None = None,
+                      combine: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """``(local, weights, ok, before)`` of :meth:`_features_step`: this rank's combined feature gradient (flat,
+        scaled as ``rows``), the global weights, whether the global inputs are finite, the state before solving."""
+        ctx = self._ctx
+        n = rows.shape[0]
         before = self._snapshot()
         scale = None if ctx.loss_scale is None else ctx.loss_scale.to(rows)
         if _gramian_only(self.aggregator):
@@ -498,16 +584,7 @@ class GradientBalancer(Balancer):
             local = update.view(full.shape[1:]).narrow(batch_dim, offset, source.shape[batch_dim]).reshape(-1)
             local = local if scale is None else local * scale
             ok = all_finite(ctx.global_losses, update, weights)
-        trunk = list(torch.autograd.grad(source, shared, grad_outputs=local.view_as(source).to(source.dtype),
-                                         allow_unused=True, materialize_grads=True)) if source.grad_fn is not None else \
-            [torch.zeros_like(p) for p in shared]
-        grads = ctx.reduce([*trunk, *head_grads])
-        ok = ok & all_finite(*grads)
-        self._check_finite(ok, torch.cat([rows.detach().reshape(n, -1), ctx.global_losses[:, None]], dim=1), names)
-        self._commit(ok, before)
-        for p, g in zip([*shared, *heads], grads):
-            _accumulate(p, _gate(ok, g, ctx.fill))
-        return torch.where(ok, weights, torch.zeros_like(weights)).detach()
+        return local, weights, ok, before
 
     # -- the two modes -------------------------------------------------------------------------
 

@@ -1,0 +1,190 @@
+"""Issue 19, FSDP: feature-level gradient balancers under FSDP2's ``fully_shard`` are exact.
+
+Two gloo processes (ONE spawn for every case, float64): the model is sharded with ``fully_shard``
+(the root alone, or one unit per trunk and per head then the root, as ``polytask train`` does), each
+rank passes the losses of its own part of the global batch with ``reduce_gradients=False``; FSDP2's
+reduce-scatter fills the sharded ``.grad``. After 3 SGD steps the gathered parameters and the
+balancer's state must equal ONE process on the concatenated batch (the ordinary single-process
+feature-level path), and be bit-identical on the two ranks. Parameter level is refused in one line.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_balance_dist import STEPS, Problem, _free_port, global_batch, losses_of, no_host_sync, rows_of
+
+from polytask import balance
+from polytask.balance import GradientBalancer
+from polytask.errors import ConfigError
+
+SEEDED = {"pcgrad", "gradvac", "graddrop"}
+
+
+def _feature_methods() -> list[str]:
+    first: dict[object, str] = {}
+    for name in balance.names():
+        b = balance.get(name)
+        if isinstance(b, GradientBalancer) and not b.aggregator.parameter_space_only:
+            first.setdefault(type(b.aggregator), name)
+    return sorted(first.values())
+
+
+METHODS = _feature_methods()
+# (method, wrapping, inputs): every feature-level method in the hardest wrapping (the heads resharded between
+# the per-task passes) with label masks and counts; the other wrappings/inputs on a few methods.
+CASES = ([(m, "units", "masked") for m in METHODS]
+         + [(m, "root", "plain") for m in ("mgda", "nash_mtl", "pcgrad")]
+         + [(m, "units", "task_features") for m in ("mgda", "upgrad", "graddrop")]
+         + [(m, "units", "nan") for m in ("mgda", "nash_mtl")]
+         + [(m, "units", "nosync") for m in ("imtl_g", "aligned_mtl")])  # solvers without a host sync
+
+
+def _ids(case) -> str:
+    return "-".join(case)
+
+
+def build(name: str):
+    return balance.get(name, mode="features", **({"seed": 11} if name in SEEDED else {}))
+
+
+def train(case, rank: int | None, group=None):
+    """3 SGD steps on this rank's rows (all rows when ``rank`` is None: the one-process reference, unsharded)."""
+    name, wrapping, variant = case
+    masked = variant in ("masked", "nosync")
+    copies = variant == "task_features"
+    model, b = Problem(), build(name)
+    kwargs = {}
+    if group is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        if wrapping == "units":
+            fully_shard(model.trunk)
+            for head in model.heads:
+                fully_shard(head)
+        fully_shard(model)
+        kwargs = {"parameters": list(model.parameters()), "reduce_gradients": False, "process_group": group}
+    for step in range(STEPS):
+        x, y, mask = global_batch(step, masked)
+        part = rows_of(rank, masked)
+        x, y, mask = x[part], y[part], mask[part]
+        for p in model.parameters():
+            p.grad = None
+        step_kwargs = dict(kwargs, **({"counts": mask.sum(0)} if masked and group is not None else {}))
+        # the FSDP path reads nothing on the host (step 0 walks the graph; the one-process path reads its CPU flag)
+        guard = no_host_sync() if variant == "nosync" and step > 0 and group is not None else _null()
+        with guard:
+            losses = losses_of(model(x, copies) if copies else model(x), y, mask)
+            if variant == "nan" and step == 1 and rank != 0:  # rank 1 (or the one process) only
+                losses["t1"] = losses["t1"] * float("nan")
+            b.backward(losses, shared=list(model.trunk.parameters()), features=model.z,
+                       **({"task_features": model.task_features} if copies else {}), **step_kwargs)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.1 * p.grad
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    params = torch.cat([p.detach().reshape(-1) for p in full])
+    state = {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
+    return params, state
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _refusal(group) -> str:
+    """The one-line refusal of a parameter-level method under ``fully_shard``."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = Problem()
+    fully_shard(model)
+    x, y, mask = global_batch(0, False)
+    losses = losses_of(model(x[:6]), y[:6], mask[:6])
+    try:
+        balance.get("mgda").backward(losses, shared=list(model.trunk.parameters()), features=model.z,
+                                     process_group=group, parameters=list(model.parameters()), reduce_gradients=False)
+    except ConfigError as exc:
+        return str(exc)
+    return "no error"
+
+
+def _worker(rank: int, port: int, out_dir: str, cases) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        results = {}
+        for case in cases:
+            try:
+                results[_ids(case)] = train(case, rank, dist.group.WORLD)
+            except Exception as exc:  # reported by the test of that case, the other cases still run
+                results[_ids(case)] = repr(exc)
+        results["refusal"] = _refusal(dist.group.WORLD)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("FSDP2 (fully_shard) is not available")
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(_free_port(), str(out), CASES), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_every_feature_level_gradient_method_is_covered():
+    assert {"mgda", "nash_mtl", "imtl_g", "cagrad", "upgrad", "dualproj", "aligned_mtl", "fairgrad", "pcgrad",
+            "gradvac", "config", "graddrop"} <= set(METHODS)
+    assert all(build(m).supports_external_reduction for m in METHODS)
+    assert not balance.get("mgda").supports_external_reduction  # parameter level
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_fully_shard_at_two_ranks_equals_one_process_on_the_concatenated_batch(two_ranks, case):
+    key = _ids(case)
+    got0, got1 = two_ranks[0][key], two_ranks[1][key]
+    assert not isinstance(got0, str), got0
+    assert not isinstance(got1, str), got1
+    (p0, s0), (p1, s1) = got0, got1
+    if case[2] == "nan":  # every rank skipped the step together, and counted it once
+        assert int(s0["skipped_steps"]) == 1 and int(s1["skipped_steps"]) == 1
+    assert torch.equal(p0, p1)
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert torch.isfinite(p0).all()
+    torch.manual_seed(0)
+    ref_params, ref_state = train(case, None)
+    torch.testing.assert_close(p0, ref_params, rtol=1e-9, atol=1e-11)
+    assert s0.keys() == ref_state.keys()
+    for k in s0:
+        if s0[k].dtype.is_floating_point:
+            torch.testing.assert_close(s0[k], ref_state[k], rtol=1e-9, atol=1e-11, equal_nan=True, msg=k)
+        elif k != "rng_state":
+            assert torch.equal(s0[k], ref_state[k]), k
+
+
+def test_the_comparison_can_fail_weights_of_the_local_gramian_are_not_the_global_step(two_ranks):
+    """Each rank balancing its own rows alone differs from the global step (MGDA), so equality above means something."""
+    alone, _ = train(("mgda", "units", "masked"), 0)
+    ref, _ = train(("mgda", "units", "masked"), None)
+    assert not torch.allclose(alone, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_parameter_level_under_fully_shard_is_refused_in_one_line_saying_why(two_ranks):
+    for msg in (two_ranks[0]["refusal"], two_ranks[1]["refusal"]):
+        assert "\n" not in msg
+        assert "parameter level" in msg and "per-task gradients" in msg and "mode='features'" in msg, msg
