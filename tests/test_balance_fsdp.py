@@ -117,6 +117,35 @@ def _refusal(group) -> str:
     return "no error"
 
 
+class Gated(Problem):
+    """A task-specific parameter (a gate) below the shared features."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, x, copies=False):
+        self.z = self.trunk(x) * self.gate
+        return [head(self.z) for head in self.heads]
+
+
+def _gated_refusal(group) -> str:
+    """Under ``fully_shard`` the gathered parameters are not the ``shared`` ones: the check counts them."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = Gated()
+    fully_shard(model.trunk)
+    fully_shard(model)
+    x, y, mask = global_batch(0, False)
+    losses = losses_of(model(x[:6]), y[:6], mask[:6])
+    try:
+        build("mgda").backward(losses, shared=list(model.trunk.parameters()), features=model.z, process_group=group,
+                               parameters=list(model.parameters()), reduce_gradients=False)
+    except ConfigError as exc:
+        return str(exc)
+    return "no error"
+
+
 def _worker(rank: int, port: int, out_dir: str, cases) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
@@ -129,6 +158,7 @@ def _worker(rank: int, port: int, out_dir: str, cases) -> None:
             except Exception as exc:  # reported by the test of that case, the other cases still run
                 results[_ids(case)] = repr(exc)
         results["refusal"] = _refusal(dist.group.WORLD)
+        results["gated"] = _gated_refusal(dist.group.WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -188,3 +218,56 @@ def test_parameter_level_under_fully_shard_is_refused_in_one_line_saying_why(two
     for msg in (two_ranks[0]["refusal"], two_ranks[1]["refusal"]):
         assert "\n" not in msg
         assert "parameter level" in msg and "per-task gradients" in msg and "mode='features'" in msg, msg
+
+
+def test_a_gate_below_the_features_is_refused_under_fully_shard(two_ranks):
+    for results in two_ranks:
+        assert "below the features" in results["gated"], results["gated"]
+
+
+# ------------------------------------------------------------------------------ one process, no spawn
+def _step(b, external: bool, scale=None, fault=False, model=None):
+    """One step on the masked global batch: ``.grad`` of every parameter, flat, and the weights."""
+    model = model or Problem()
+    x, y, mask = global_batch(0, True)
+    losses = losses_of(model(x), y, mask)
+    if fault:
+        losses["t1"] = losses["t1"] * float("nan")
+    kwargs = {} if scale is None else {"loss_scale": torch.tensor(scale, dtype=torch.float64)}
+    if external:
+        kwargs.update(parameters=list(model.parameters()), reduce_gradients=False)
+    w = b.backward(losses, shared=list(model.trunk.parameters()), features=model.z, **kwargs)
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    return grads, w
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_the_external_path_in_one_process_is_the_feature_level_step(name):
+    """``reduce_gradients=False`` without a group (world size 1): the same ``.grad`` (heads their own task's gradient,
+    trunk the combined one) and weights as the ordinary feature-level path; ``loss_scale`` leaves ``.grad`` scaled."""
+    ref, w_ref = _step(build(name), False)
+    got, w = _step(build(name), True)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w, w_ref, rtol=1e-10, atol=1e-12)
+    scaled, _ = _step(build(name), True, scale=1024.0)
+    torch.testing.assert_close(scaled, 1024.0 * ref, rtol=1e-10, atol=1e-10)
+
+
+def test_a_non_finite_step_on_the_external_path_is_skipped_counted_and_nan_under_a_loss_scale():
+    b = build("nash_mtl")
+    grads, w = _step(b, True, fault=True)
+    assert torch.equal(grads, torch.zeros_like(grads)) and torch.equal(w, torch.zeros_like(w))
+    assert int(b.skipped_steps) == 1
+    grads, _ = _step(b, True, scale=1024.0, fault=True)
+    assert torch.isnan(grads).all() and int(b.skipped_steps) == 2
+    with pytest.raises(Exception, match="'t1'"):
+        _step(balance.get("mgda", mode="features", nan_policy="raise"), True, fault=True)
+
+
+def test_task_specific_parameters_below_the_features_are_refused_on_the_external_path():
+    """A routed model's gate below the features would get the combined gradient, not its task's: refused."""
+    with pytest.raises(ConfigError, match="below the features"):
+        _step(build("mgda"), True, model=Gated())
+    with pytest.raises(ConfigError, match="features= "):
+        build("mgda").backward(losses_of(Problem()(global_batch(0, False)[0]), *global_batch(0, False)[1:]),
+                               shared=None, features=None, parameters=[], reduce_gradients=False)

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from polytask.balance import aggregators as agg
 from polytask.balance import dist
 from polytask.balance.base import (Balancer, accumulate_grads, all_finite, check_external_reduction, external_grads_ok,
-                                   gate_local_grads, stack_losses)
+                                   gate_local_grads, graph_leaves, stack_losses)
 from polytask.balance.registry import BALANCERS
 from polytask.errors import ConfigError
 
@@ -329,12 +329,12 @@ class GradientBalancer(Balancer):
                  counts: Any = None, loss_scale: Tensor | None = None, parameters: Iterable[Tensor] | None = None,
                  reduce_gradients: bool = True) -> Tensor:
         if not reduce_gradients:
-            self._check_external(parameters, features)
+            self._check_external(parameters, features, shared)
         vec = stack_losses(losses)
         self._seed_generator(vec.device, process_group)
         if not reduce_gradients:
             return self._backward_external(losses, vec, features, task_features, process_group, counts, loss_scale,
-                                           list(parameters))
+                                           list(parameters), [p for p in shared if p.requires_grad])
         if self.accumulating:
             return self._backward_accumulated(losses, shared, features, task_features=task_features,
                                               process_group=process_group, counts=counts, loss_scale=loss_scale,
@@ -364,7 +364,8 @@ class GradientBalancer(Balancer):
         (FSDP2's hooks reduce-scatter it); parameter level needs per-task gradients of the sharded parameters."""
         return self.mode == "features"
 
-    def _check_external(self, parameters: Iterable[Tensor] | None, features: Tensor | None) -> None:
+    def _check_external(self, parameters: Iterable[Tensor] | None, features: Tensor | None,
+                        shared: Iterable[Tensor] | None) -> None:
         if self.mode == "parameters":
             raise ConfigError(f"balancer {type(self.aggregator).__name__} at parameter level needs per-task gradients of "
                               "the shared parameters, which FSDP's sharded parameters never receive (autograd.grad "
@@ -373,13 +374,31 @@ class GradientBalancer(Balancer):
         if self.accumulating:
             raise ConfigError("balancer.backward: reduce_gradients=False cannot end accumulated micro-batches "
                               "(they keep per-task gradients of the parameters)")
-        if features is None:
-            raise ConfigError("balancer.backward: reduce_gradients=False at feature level needs features= "
-                              "(the shared representation every task's head reads)")
+        if features is None or shared is None:
+            raise ConfigError("balancer.backward: reduce_gradients=False at feature level needs features= (the "
+                              "shared representation every task's head reads) and shared= (the parameters below it)")
+
+    @staticmethod
+    def _check_below(features: Tensor, shared: list[Tensor]) -> None:
+        """ConfigError if a task-specific parameter lies below the features (a routed model's gates): the one
+        backward would give it the combined gradient, not its own task's. The leaves below are compared with
+        ``shared`` by identity, or -- FSDP2's gathered parameters are other tensors than the sharded ones
+        passed as ``shared`` -- by count and size."""
+        below = [p for p in graph_leaves([features]) if p.requires_grad]
+        ids = {id(p) for p in shared}
+        if any(id(p) in ids for p in below):
+            extra = [p for p in below if id(p) not in ids]
+        else:
+            extra = below if (len(below) > len(shared) or sum(p.numel() for p in below) > sum(p.numel() for p in shared)) \
+                else []
+        if extra:
+            raise ConfigError("balancer.backward: reduce_gradients=False at feature level cannot serve task-specific "
+                              "parameters below the features (a routed model's gates); use reduce_gradients=True "
+                              "(strategy: ddp)")
 
     def _backward_external(self, losses: Mapping[str, Tensor], vec: Tensor, features: Tensor,
                            task_features: Tensor | None, group: Any, counts: Any, loss_scale: Tensor | None,
-                           params: list[Tensor]) -> Tensor:
+                           params: list[Tensor], shared: list[Tensor]) -> Tensor:
         """Feature level with the wrapper reducing (:mod:`polytask.balance.dist`): the feature Jacobian of this
         rank's scaled losses (``autograd.grad`` to the features only: through the heads, no parameter), the
         weights from the global Gramian (one ``T x T`` all-reduce) and this rank's combined feature gradient
@@ -389,11 +408,13 @@ class GradientBalancer(Balancer):
         all-reduce of a flag (:func:`~polytask.balance.base.external_grads_ok`).
 
         The parameters below ``features`` all receive the combined gradient: the model's promise is that the
-        losses reach them through ``features`` only (a routed model's task gates below it are not served)."""
+        losses reach them through ``features`` only; task-specific ones below it (a routed model's gates) are
+        refused (:meth:`_check_below`)."""
         names = list(losses)
-        key = (tuple(names), "external")
-        if key not in self._graph_cache:  # every loss must reach the features (checked once per task set)
-            find_task_parameters(losses, [], features)
+        key = (tuple(names), "external", tuple(id(p) for p in shared))
+        if key not in self._graph_cache:  # checked once per task set: graphs repeat from step to step
+            find_task_parameters(losses, [], features)  # every loss reaches the features
+            self._check_below(features, shared)
             self._graph_cache[key] = True
         losses, vec = self._enter_step(losses, vec, features, task_features, group, counts, loss_scale)
         try:
