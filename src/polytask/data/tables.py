@@ -94,15 +94,26 @@ def stable_hash(values: Any, seed: int = 0) -> np.ndarray:
     return h[idx]
 
 
+def _mix(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser (fmix64): spreads FNV-1a's poorly mixed high bits of short keys."""
+    with np.errstate(over="ignore"):
+        h = h ^ (h >> np.uint64(33))
+        h = h * np.uint64(0xFF51AFD7ED558CCD)
+        h = h ^ (h >> np.uint64(33))
+        h = h * np.uint64(0xC4CEB9FE1A85EC53)
+        return h ^ (h >> np.uint64(33))
+
+
 def _uniform(values: Any, seed: int) -> np.ndarray:
-    """A number in [0, 1) per value, from its stable hash (53 high bits)."""
-    return (stable_hash(values, seed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    """A number in [0, 1) per value, from its mixed stable hash (53 high bits)."""
+    return (_mix(stable_hash(values, seed)) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 # ----------------------------------------------------------------------------- id encoders
 @dataclass(frozen=True)
 class HashBuckets:
-    """Feature hashing of an id column into ``buckets`` ids (stable across runs and machines)."""
+    """Feature hashing of an id column into ``buckets`` ids (stable across runs and machines):
+    FNV-1a of the value's text, mixed by MurmurHash3's fmix64, modulo ``buckets``."""
 
     buckets: int
     seed: int = 0
@@ -116,7 +127,7 @@ class HashBuckets:
         return self.buckets
 
     def encode(self, values: Any) -> np.ndarray:
-        return (stable_hash(values, self.seed) % np.uint64(self.buckets)).astype(np.int64)
+        return (_mix(stable_hash(values, self.seed)) % np.uint64(self.buckets)).astype(np.int64)
 
 
 @dataclass
