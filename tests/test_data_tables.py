@@ -244,6 +244,7 @@ def _bad(tmp_path, name, table=None, data=None):
 
 @pytest.mark.parametrize("case, col", [
     ("missing", "conv"), ("label2", "click"), ("strings", "price"), ("strings_csv", "price"), ("null_dense", "price"),
+    ("string_label", "conv"),
 ])
 def test_bad_columns_name_file_and_column(tmp_path, case, col):
     t = _table(20)
@@ -253,6 +254,8 @@ def test_bad_columns_name_file_and_column(tmp_path, case, col):
         t = t.set_column(t.schema.get_field_index("click"), "click", pa.array([0.0, 1.0, 2.0] + [1.0] * 17))
     elif case.startswith("strings"):
         t = t.set_column(1, "price", pa.array(["1.5", "cheap"] + ["2"] * 18))
+    elif case == "string_label":
+        t = t.set_column(t.schema.get_field_index("conv"), "conv", pa.array(["yes"] * 20))
     elif case == "null_dense":
         t = t.set_column(1, "price", pa.array([1.0, None] + [2.0] * 18))
     p = _bad(tmp_path, f"{case}.{'csv' if case.endswith('csv') else 'parquet'}", table=t)
@@ -325,6 +328,15 @@ def test_gauc_matches_sklearn_per_group():
     g0 = per["groups"][np.nanargmax(per["count"] * ~np.isnan(per["auc"]))]
     assert per["auc"][per["groups"] == g0][0] == pytest.approx(roc_auc_score(labels[groups == g0],
                                                                              scores[groups == g0]))
+
+
+def test_nan_label_is_unlabelled(tmp_path):
+    t = _table(6)
+    t = t.set_column(t.schema.get_field_index("click"), "click", pa.array([1.0, float("nan"), 0.0, None, 1.0, 0.0]))
+    p = _bad(tmp_path, "nan.parquet", table=t)
+    (_, tgt, mask), = list(TableSource(p, _schema(), batch_size=10))
+    assert mask["click"].tolist() == [True, False, True, False, True, True]
+    assert tgt["click"].tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
 def test_vocabulary_in_a_source_and_oov(folder):

@@ -4,7 +4,7 @@ A :class:`TableSource` reads a list of files or a folder with a declared :class:
 (dense columns, categorical id columns, one label column per task) and yields polytask's batch
 convention ``(inputs, targets, mask)``: ``inputs`` is ``{"dense": float32 (B, n_dense), <id
 column>: int64 (B,), ...}``, ``targets`` ``{task: float32 (B,)}`` and ``mask`` ``{task: bool (B,)}``
-(False where the label is missing: a null label is an unlabelled row, as everywhere in polytask).
+(False where the label is missing: a null or NaN label is an unlabelled row, as everywhere in polytask).
 
 How it reads, and what it guarantees:
 
@@ -425,12 +425,13 @@ class TableSource(torch.utils.data.IterableDataset):
             if col.null_count or (pa.types.is_floating(col.type) and not pc.all(pc.is_finite(col)).as_py()):
                 raise DataError(f"{f}: dense column {c!r} has missing, NaN or infinite values "
                                 "(only missing labels mean 'unlabelled')")
+        for task, c in self.schema.labels.items():
+            t = rb.column(c).type
+            if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t)):
+                raise DataError(f"{f}: label column {c!r} (task {task!r}) holds {t}, not numbers")
         for task in self.schema.binary_tasks:
             c = self.schema.labels[task]
-            col = rb.column(c)
-            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-                raise DataError(f"{f}: label column {c!r} (task {task!r}) holds strings")
-            v = pc.drop_null(pc.cast(col, pa.float64()))
+            v = _labels(rb.column(c)).drop_null()
             bad = pc.invert(pc.is_in(v, value_set=pa.array([0.0, 1.0])))
             if pc.any(bad).as_py():
                 first = v.filter(bad)[0].as_py()
@@ -447,7 +448,7 @@ class TableSource(torch.utils.data.IterableDataset):
             inputs[c] = torch.from_numpy(enc.encode(rb.column(c)))
         targets, mask = {}, {}
         for task, c in self.schema.labels.items():
-            col = pc.cast(rb.column(c), pa.float32())
+            col = _labels(rb.column(c))
             mask[task] = torch.from_numpy(col.is_valid().to_numpy(zero_copy_only=False))
             targets[task] = torch.from_numpy(pc.fill_null(col, 0.0).to_numpy(zero_copy_only=False).copy())
         return inputs, targets, mask
@@ -486,6 +487,13 @@ class TableSource(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         for batch, _ in self.iter_positioned():
             yield batch
+
+
+def _labels(col: Any) -> Any:
+    """A label column as float32 with NaN turned into null (both mean 'unlabelled')."""
+    pa, pc, _, _ = _pa()
+    col = pc.cast(col, pa.float32())
+    return pc.if_else(pc.is_nan(col), pa.scalar(None, pa.float32()), col)
 
 
 class _Positioned(torch.utils.data.IterableDataset):
