@@ -349,3 +349,18 @@ def test_vocabulary_in_a_source_and_oov(folder):
     d = pa.concat_tables([pq.read_table(folder / f) for f in ("a.parquet", "b.parquet")]).to_pydict()
     want = Vocabulary("user", vocab.values).encode(pa.array(d["user"])).tolist()
     assert [x[r] for r in d["rid"]] == want and 0 in want and max(want) == vocab.size - 1
+
+
+def test_batches_train_an_mmoe(folder):
+    from polytask.nn import build_model
+    from polytask.tasks import Task
+
+    tasks = [Task("click", "binary"), Task("conversion", "binary")]
+    src = TableSource(folder, _schema(), batch_size=64, shuffle_rows=100)
+    model = build_model("mmoe", src.feature_spec(embed_dim=4), tasks)
+    x, t, m = next(iter(src))
+    out = model(x)
+    loss = sum(task.loss(out[task.name], t[task.name], m[task.name]) for task in tasks)
+    loss.backward()
+    assert torch.isfinite(loss) and set(out) == {"click", "conversion"} and out["click"].shape[0] == 64
+

@@ -388,6 +388,15 @@ class TableSource(torch.utils.data.IterableDataset):
         if not self.units:
             raise DataError(f"{', '.join(map(str, self.files))}: no rows")
 
+    def feature_spec(self, embed_dim: int = 16) -> Any:
+        """The :class:`~polytask.data.features.FeatureSpec` of the batches (``dense`` first, then one
+        sparse feature per id column sized by its encoder), for ``build_model(arch, spec, tasks)``."""
+        from polytask.data.features import DenseFeature, FeatureSpec, SparseFeature
+
+        dense = (DenseFeature("dense", len(self.schema.dense)),) if self.schema.dense else ()
+        return FeatureSpec(dense + tuple(SparseFeature(c, enc.size, embed_dim)
+                                         for c, enc in self.schema.categorical.items()))
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
