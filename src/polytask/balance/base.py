@@ -59,7 +59,8 @@ class Balancer(nn.Module):
     #: Whether ``backward(..., reduce_gradients=False)`` is available: the balancer then back-propagates
     #: one weighted loss with ``Tensor.backward`` and leaves the reduction to the wrapper (FSDP2's
     #: reduce-scatter, or DDP outside ``no_sync()``). True for the loss balancers that need nothing
-    #: but the losses; methods that take per-task gradients w.r.t. the parameters cannot.
+    #: but the losses and for gradient methods at feature level (``GradientBalancer``: per-task gradients
+    #: w.r.t. the features only); methods that take per-task gradients w.r.t. the parameters cannot.
     supports_external_reduction: bool = False
     #: Buffers a checkpoint of an older version may lack; loading it keeps their current value.
     _optional_state: tuple[str, ...] = ("skipped_steps",)
