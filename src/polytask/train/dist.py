@@ -87,7 +87,14 @@ class DistContext:
         return self.rank == 0
 
     def close(self) -> None:
+        """Wait for every rank (rank 0 may still be writing the run directory), then destroy the
+        group if :func:`setup` created it: a rank that tears down its group while a peer still
+        holds connections to it can abort the peer."""
         if self.owned and dist.is_initialized():
+            try:
+                dist.barrier(group=self.group)
+            except (RuntimeError, dist.DistError):  # a peer already gone: nothing to wait for
+                pass
             dist.destroy_process_group()
             self.owned = False
 
@@ -731,7 +738,9 @@ def launch(args: Sequence[str], nproc: int, run_dir: Any = None) -> None:
             if kind in user and kind != "PeerFailure" and message:
                 raise _rebuild(kind, message) from None
         dead = [(r, f) for r, f in failures if kinds[r][0] != "PeerFailure"]
-        rank, failure = min(dead, key=lambda rf: (rf[1].timestamp, rf[0])) if dead else exc.get_first_failure()
+        # the root cause: not a rank torchelastic itself stopped (SIGTERM) once another had failed
+        rank, failure = (min(dead, key=lambda rf: (rf[1].exitcode == -15, rf[1].timestamp, rf[0])) if dead
+                         else exc.get_first_failure())
         if not dead:
             raise PeerFailure(kinds[rank][2]) from None
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
