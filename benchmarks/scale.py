@@ -13,7 +13,7 @@ balanced backward under ``no_sync``, ``balancer.backward(..., process_group=, co
   feature level (``:feat``) and parameter level (``:par``), through polytask's balancers.
 
 Columns: samples/s (global rows per second), step time (ms, median over steps of the slowest
-rank), communication volume per step (bytes through ``torch.distributed`` collectives, counted on
+rank, median over interleaved rounds), communication volume per step (bytes through ``torch.distributed`` collectives, counted on
 one extra untimed step by wrapping ``all_reduce`` / ``all_gather`` / ``broadcast``; DDP's reducer
 runs in C++ and is shown as the parameter bytes it all-reduces), and the step time relative to
 ``ddp-ew`` at the same world size and architecture (the overhead of the balancer's collectives
@@ -59,14 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", type=int, default=4)
     p.add_argument("--input", type=int, default=128, help="input width")
     p.add_argument("--batch", type=int, default=512, help="global batch (rows over all ranks)")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per method in each round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (each method times --steps per round)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny model, 3 steps: checks that it runs")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON file: set by the launcher
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup, args.batch, args.input = 3, 1, 32, 8
+        args.steps, args.rounds, args.warmup, args.batch, args.input = 2, 2, 1, 32, 8
     return args
 
 
@@ -110,6 +111,57 @@ class _Counter:
 def run_rank(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     import torch
     import torch.distributed as dist
+
+    from polytask.train import dist as dist_lib
+
+    device = torch.device(args.device)
+    ctx, device = dist_lib.setup(device)
+    setups = {f"{arch}|{method}": _setup(args, ctx, device, arch, method)
+              for arch in args.archs.split(",") for method in args.methods.split(",")}
+    comm: dict[str, float] = {}
+    for key, (step, balancer, params) in setups.items():
+        for i in range(args.warmup):
+            step(i)
+        with _Counter() as counter:
+            step(args.warmup)
+        comm[key] = counter.bytes
+        if balancer is None and ctx.world_size > 1:
+            comm[key] = sum(p.numel() * p.element_size() for p in params)  # DDP's reducer (C++, not hooked)
+    # Interleaved rounds: every method times a block of steps in each round, so a slow spell of the
+    # machine hits all of them alike; ratios to ddp-ew are paired per round, then the median taken.
+    blocks: dict[str, list[float]] = {key: [] for key in setups}
+    for r in range(args.rounds):
+        for key, (step, _, _) in setups.items():
+            times = []
+            for i in range(args.steps):
+                if ctx.world_size > 1:
+                    dist.barrier()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                step(args.warmup + 1 + r * args.steps + i)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+            t = torch.tensor(times, dtype=torch.float64)
+            if ctx.world_size > 1:  # the step takes as long as its slowest rank
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            blocks[key].append(statistics.median(t.tolist()))
+    results: dict[str, dict[str, float]] = {}
+    for key, meds in blocks.items():
+        arch = key.split("|")[0]
+        base = blocks.get(f"{arch}|ddp-ew")
+        med = statistics.median(meds)
+        ratio = statistics.median(m / b for m, b in zip(meds, base)) if base else float("nan")
+        results[key] = {"step_ms": med * 1e3, "samples_s": args.batch / med, "comm_bytes": comm[key],
+                        "vs_ddp_ew": ratio}
+    ctx.close()
+    return results
+
+
+def _setup(args: argparse.Namespace, ctx, device, arch: str, method: str):
+    """``(step(i), balancer, params)`` for one architecture and method, as ``polytask train --nproc`` runs it."""
+    import torch
     from torch.nn.parallel import DistributedDataParallel
 
     from polytask import balance, nn as nn_lib
@@ -117,85 +169,56 @@ def run_rank(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from polytask.tasks import Task
     from polytask.train import dist as dist_lib
 
-    device = torch.device(args.device)
-    ctx, device = dist_lib.setup(device)
     world, rank = ctx.world_size, ctx.rank
     tasks = [Task(f"t{i}", "binary") for i in range(args.tasks)]
     g = torch.Generator().manual_seed(0)
-    rows = args.batch * (args.steps + args.warmup + 1)
-    x = torch.randn(rows, args.input, generator=g)
-    y = {t.name: (torch.rand(rows, generator=g) < 0.3).float() for t in tasks}
+    pool = 8  # batches of data, reused cyclically
+    x = torch.randn(args.batch * pool, args.input, generator=g)
+    y = {t.name: (torch.rand(args.batch * pool, generator=g) < 0.3).float() for t in tasks}
     lo, hi = dist_lib.shard_bounds(args.batch, rank, world)
     archs = QUICK_ARCHS if args.quick else ARCHS
-    results: dict[str, dict[str, float]] = {}
-    for arch in args.archs.split(","):
-        for method in args.methods.split(","):
-            torch.manual_seed(0)
-            model = nn_lib.build_model(arch, args.input, tasks, **archs[arch]).to(device)
-            spec = METHODS[method]
-            balancer = None if spec is None else balance.get(spec[0], **spec[1]).to(device)
-            task_features = isinstance(balancer, GradientBalancer) and hasattr(model, "expose_task_features")
-            if task_features:
-                model.expose_task_features()
-            step_model = model if world == 1 else DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-            opt = torch.optim.Adam(list(model.parameters()) + ([] if balancer is None else
-                                                               [p for p in balancer.parameters() if p.requires_grad]))
-            params = [p for p in model.parameters() if p.requires_grad]
-            shared = list(model.shared_parameters())
+    torch.manual_seed(0)
+    model = nn_lib.build_model(arch, args.input, tasks, **archs[arch]).to(device)
+    spec = METHODS[method]
+    balancer = None if spec is None else balance.get(spec[0], **spec[1]).to(device)
+    task_features = isinstance(balancer, GradientBalancer) and hasattr(model, "expose_task_features")
+    if task_features:
+        model.expose_task_features()
+    step_model = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(list(model.parameters()) + ([] if balancer is None else
+                                                       [p for p in balancer.parameters() if p.requires_grad]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    shared = list(model.shared_parameters())
 
-            def step(i: int) -> None:
-                start = i * args.batch
-                xb = x[start + lo:start + hi].to(device)
-                yb = {k: v[start + lo:start + hi].to(device) for k, v in y.items()}
-                opt.zero_grad(set_to_none=True)
-                if balancer is None:  # plain DDP: its reducer all-reduces during backward
-                    out = step_model(xb)
-                    sum(t.loss(out[t.name], yb[t.name]) for t in tasks).backward()
-                    opt.step()
-                    return
-                sync = step_model.no_sync() if world > 1 else _null()
-                with sync:
-                    out = step_model(xb)
-                    losses = {t.name: t.loss(out[t.name], yb[t.name]) for t in tasks}
-                    extra = {"task_features": model.task_features} if task_features else {}
-                    kw = {"process_group": ctx.group, "counts": [float(hi - lo)] * len(tasks),
-                          "parameters": params} if world > 1 else {}
-                    balancer.backward(losses, shared=shared, features=getattr(model, "shared_features", None),
-                                      **extra, **kw)
-                opt.step()
-                if balancer.needs_post_step_losses:
-                    with torch.no_grad():
-                        out = model(xb)
-                        after = {t.name: t.loss(out[t.name], yb[t.name]) for t in tasks}
-                    balancer.post_step(after, **({"process_group": ctx.group, "counts": kw["counts"]}
-                                                 if world > 1 else {}))
+    def step(i: int) -> None:
+        start = (i % pool) * args.batch
+        xb = x[start + lo:start + hi].to(device)
+        yb = {k: v[start + lo:start + hi].to(device) for k, v in y.items()}
+        opt.zero_grad(set_to_none=True)
+        if balancer is None:  # plain DDP: its reducer all-reduces during backward
+            out = step_model(xb)
+            sum(t.loss(out[t.name], yb[t.name]) for t in tasks).backward()
+            opt.step()
+            return
+        sync = step_model.no_sync() if world > 1 else _null()
+        with sync:
+            out = step_model(xb)
+            losses = {t.name: t.loss(out[t.name], yb[t.name]) for t in tasks}
+            extra = {"task_features": model.task_features} if task_features else {}
+            kw = {"process_group": ctx.group, "counts": [float(hi - lo)] * len(tasks),
+                  "parameters": params} if world > 1 else {}
+            balancer.backward(losses, shared=shared, features=getattr(model, "shared_features", None),
+                              **extra, **kw)
+        opt.step()
+        if balancer.needs_post_step_losses:
+            with torch.no_grad():
+                out = model(xb)
+                after = {t.name: t.loss(out[t.name], yb[t.name]) for t in tasks}
+            balancer.post_step(after, **({"process_group": ctx.group, "counts": kw["counts"]}
+                                         if world > 1 else {}))
 
-            for i in range(args.warmup):
-                step(i)
-            with _Counter() as counter:
-                step(args.warmup)
-            comm = counter.bytes
-            if balancer is None and world > 1:
-                comm = sum(p.numel() * p.element_size() for p in params)  # DDP's reducer (C++, not hooked)
-            times = []
-            for i in range(args.warmup + 1, args.warmup + 1 + args.steps):
-                if world > 1:
-                    dist.barrier()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                step(i)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - t0)
-            t = torch.tensor(times, dtype=torch.float64)
-            if world > 1:  # the step takes as long as its slowest rank
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            med = statistics.median(t.tolist())
-            results[f"{arch}|{method}"] = {"step_ms": med * 1e3, "samples_s": args.batch / med, "comm_bytes": comm}
-    ctx.close()
-    return results
+    return step, balancer, params
 
 
 class _null:
@@ -220,16 +243,17 @@ def launch(world: int, argv: list[str], out: Path) -> dict[str, dict[str, float]
 
 
 def table(results: dict[int, dict[str, dict[str, float]]], args: argparse.Namespace) -> str:
-    lines = [f"global batch {args.batch}, {args.tasks} tasks, input {args.input}, {args.steps} timed steps, "
-             f"device {args.device}",
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    lines = [f"global batch {args.batch}, {args.tasks} tasks, input {args.input}, {args.rounds} interleaved rounds x "
+             f"{args.steps} timed steps (median of round medians; vs ddp-ew: median of per-round paired ratios), "
+             f"device {args.device}, 1 thread per process, load average at the end {load}",
              "| arch | method | world | samples/s | step ms | comm bytes/step | vs ddp-ew |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for key in next(iter(results.values())):
         arch, method = key.split("|")
         for world, res in results.items():
             r = res[key]
-            base = res.get(f"{arch}|ddp-ew")
-            ratio = f"{r['step_ms'] / base['step_ms']:.2f}x" if base else "-"
+            ratio = f"{r['vs_ddp_ew']:.2f}x" if r["vs_ddp_ew"] == r["vs_ddp_ew"] else "-"
             lines.append(f"| {arch} | {method} | {world} | {r['samples_s']:.0f} | {r['step_ms']:.2f} | "
                          f"{int(r['comm_bytes'])} | {ratio} |")
     return "\n".join(lines)
