@@ -131,7 +131,7 @@ def test_torchrun_two_nodes_over_localhost(reference, tmp_path):
             "--local-addr", "127.0.0.1", "--max-restarts", "0", "-m", "polytask", "train", str(config)]
     procs = [subprocess.Popen(base, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
-    outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    outs = _communicate(procs)
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert sum(o[0].count("best epoch") for o in outs) == 1  # only global rank 0 prints
     _assert_same_run(reference, tmp_path / "nodes")
@@ -146,7 +146,7 @@ def test_mismatched_configs_across_ranks_name_the_rank(tmp_path):
     # the two "nodes" start with different overrides: whichever becomes rank 1 differs from rank 0
     procs = [subprocess.Popen(cmd + ["--set", f"optim.lr={lr}"], env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for lr in (0.05, 0.01)]
-    outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    outs = _communicate(procs)
     assert all(p.returncode != 0 for p in procs)
     errors = [line for o in outs for line in o[1].splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "rank 1" in errors[0] and "differs from rank 0" in errors[0], errors
@@ -393,12 +393,14 @@ def test_bf16_run_whose_rank_dies_stops_with_one_line_and_keeps_the_checkpoint(t
                                 env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     latest = tmp_path / "dies" / "checkpoints" / "latest.json"
     deadline = time.time() + TIMEOUT
-    while not latest.exists() and time.time() < deadline and launcher.poll() is None:
-        time.sleep(0.2)
-    assert latest.exists(), launcher.communicate()[1][-2000:]
-    victim = next(pid for pid in _children(launcher.pid) if _environ(pid).get("RANK") == "1")
-    os.kill(victim, signal.SIGKILL)
-    _, err = launcher.communicate(timeout=TIMEOUT)
+    try:
+        while not latest.exists() and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.2)
+        assert latest.exists() and launcher.poll() is None, "no checkpoint before the deadline"
+        victim = next(pid for pid in _children(launcher.pid) if _environ(pid).get("RANK") == "1")
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        (_, err), = _communicate([launcher])
     assert launcher.returncode == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: rank 1 was killed by SIGKILL"), err[-2000:]
@@ -409,11 +411,29 @@ def test_bf16_run_whose_rank_dies_stops_with_one_line_and_keeps_the_checkpoint(t
     assert values and all(v is not None and v == v for v in values)  # bf16: no NaN anywhere
 
 
+def _communicate(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
+    """Wait for every process; on a timeout (or any failure here) kill them and their workers."""
+    try:
+        return [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                for child in _children(p.pid):
+                    try:
+                        os.kill(child, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                p.kill()
+                p.wait()
+
+
 def _children(pid: int) -> list[int]:
     out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        out.extend(int(c) for c in text)
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out.extend(int(c) for c in (task / "children").read_text().split())
+    except OSError:  # the process (or one of its threads) is gone
+        pass
     return out
 
 
