@@ -500,3 +500,17 @@ def test_fp16_grad_scaler_mechanics_on_cpu(tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     saved = load_checkpoint(tmp_path / "fp16" / "checkpoints")[1]["trainer"]["grad_scaler"]
     assert saved["scale"] == scale
+
+
+def test_a_lost_peer_becomes_one_line_and_other_errors_propagate():
+    def fail(message):
+        def fn():
+            raise RuntimeError(message)
+        return fn
+
+    lost = "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1745: Connection reset by peer. GLHF!"
+    with pytest.raises(dist_lib.PeerFailure, match=r"^another rank stopped while this one waited for it \(.*reset by peer"):
+        dist_lib.collective(fail(lost))
+    with pytest.raises(RuntimeError, match="^size mismatch$"):  # a programming error keeps its traceback
+        dist_lib.collective(fail("size mismatch"))
+    assert dist_lib.as_peer_failure(ValueError("Connection reset by peer")) is None

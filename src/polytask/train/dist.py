@@ -183,13 +183,14 @@ def check_same_config(ctx: DistContext, text: str, device: torch.device) -> None
 
 def collective(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run one torch.distributed collective; a peer that died or timed out becomes
-    :class:`PeerFailure` (one line) instead of a backend traceback."""
+    :class:`PeerFailure` (one line) instead of a backend traceback. Other errors propagate."""
     try:
         return fn(*args, **kwargs)
-    except (RuntimeError, dist.DistBackendError, dist.DistNetworkError) as exc:  # gloo/nccl peer errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PeerFailure(f"another rank stopped or timed out during {getattr(fn, '__name__', 'a collective')} "
-                          f"({first[:160]}); this rank stops too") from None
+    except RuntimeError as exc:  # gloo/nccl report a lost peer as RuntimeError (or its Dist* subclasses)
+        failure = as_peer_failure(exc)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 # ---------------------------------------------------------------------------- data shards
