@@ -10,7 +10,11 @@ balanced backward under ``no_sync``, ``balancer.backward(..., process_group=, co
 - ``ddp-ew``: plain DDP with EW -- one ``backward()`` of the summed loss, DDP's own bucketed
   all-reduce (no balancer): the reference of the ``vs ddp-ew`` column;
 - ``ew``, ``famo`` (loss-based; FAMO with its post-step pass), ``mgda`` and ``nash_mtl`` at
-  feature level (``:feat``) and parameter level (``:par``), through polytask's balancers.
+  feature level (``:feat``) and parameter level (``:par``), through polytask's balancers, which
+  reduce the gradients themselves (forward and backward under DDP's ``no_sync``);
+- ``...@ddp``: the same balancer, but DDP's own bucketed all-reduce reduces the gradients (outside
+  ``no_sync``, ``reduce_gradients=False``; only balancers with ``supports_external_reduction``, and
+  feature level only on models without task gates below the features).
 
 Columns: samples/s (global rows per second), step time (ms, median over steps of the slowest
 rank, median over interleaved rounds), communication volume per step (bytes through ``torch.distributed`` collectives, counted on
@@ -43,11 +47,18 @@ METHODS = {
     "mgda:par": ("mgda", {"mode": "parameters"}),
     "nash_mtl:feat": ("nash_mtl", {"mode": "features"}),
     "nash_mtl:par": ("nash_mtl", {"mode": "parameters"}),
+    # "@ddp": DDP's own bucketed all-reduce does the gradient reduction (forward and backward outside
+    # no_sync, ``reduce_gradients=False``), for the balancers with ``supports_external_reduction``
+    "ew@ddp": ("ew", {}),
+    "famo@ddp": ("famo", {}),
+    "mgda:feat@ddp": ("mgda", {"mode": "features"}),
+    "nash_mtl:feat@ddp": ("nash_mtl", {"mode": "features"}),
 }
 ARCHS = {
     "shared_bottom": {"bottom": [256, 128], "tower": [64]},
     "mmoe": {"num_experts": 4, "expert": [128], "tower": [64]},
 }
+ROUTED = {"mmoe"}  # task gates below the shared features
 QUICK_ARCHS = {"shared_bottom": {"bottom": [16], "tower": [8]}, "mmoe": {"num_experts": 2, "expert": [16], "tower": [8]}}
 
 
@@ -117,7 +128,8 @@ def run_rank(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     device = torch.device(args.device)
     ctx, device = dist_lib.setup(device)
     setups = {f"{arch}|{method}": _setup(args, ctx, device, arch, method)
-              for arch in args.archs.split(",") for method in args.methods.split(",")}
+              for arch in args.archs.split(",") for method in args.methods.split(",")
+              if not (arch in ROUTED and ":feat@ddp" in method)}  # refused: gates below the features
     comm: dict[str, float] = {}
     for key, (step, balancer, params) in setups.items():
         for i in range(args.warmup):
@@ -181,6 +193,7 @@ def _setup(args: argparse.Namespace, ctx, device, arch: str, method: str):
     model = nn_lib.build_model(arch, args.input, tasks, **archs[arch]).to(device)
     spec = METHODS[method]
     balancer = None if spec is None else balance.get(spec[0], **spec[1]).to(device)
+    ddp_reduces = method.endswith("@ddp") and world > 1
     task_features = isinstance(balancer, GradientBalancer) and hasattr(model, "expose_task_features")
     if task_features:
         model.expose_task_features()
@@ -201,13 +214,15 @@ def _setup(args: argparse.Namespace, ctx, device, arch: str, method: str):
             sum(t.loss(out[t.name], yb[t.name]) for t in tasks).backward()
             opt.step()
             return
-        sync = step_model.no_sync() if world > 1 else _null()
+        sync = step_model.no_sync() if world > 1 and not ddp_reduces else _null()
         with sync:
             out = step_model(xb)
             losses = {t.name: t.loss(out[t.name], yb[t.name]) for t in tasks}
             extra = {"task_features": model.task_features} if task_features else {}
             kw = {"process_group": ctx.group, "counts": [float(hi - lo)] * len(tasks),
                   "parameters": params} if world > 1 else {}
+            if ddp_reduces:
+                kw["reduce_gradients"] = False
             balancer.backward(losses, shared=shared, features=getattr(model, "shared_features", None),
                               **extra, **kw)
         opt.step()
@@ -252,6 +267,8 @@ def table(results: dict[int, dict[str, dict[str, float]]], args: argparse.Namesp
     for key in next(iter(results.values())):
         arch, method = key.split("|")
         for world, res in results.items():
+            if key not in res:
+                continue
             r = res[key]
             ratio = f"{r['vs_ddp_ew']:.2f}x" if r["vs_ddp_ew"] == r["vs_ddp_ew"] else "-"
             lines.append(f"| {arch} | {method} | {world} | {r['samples_s']:.0f} | {r['step_ms']:.2f} | "
