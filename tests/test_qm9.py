@@ -725,3 +725,25 @@ def test_shared_parameters_reach_only_methods_that_name_them():
     assert params_accepted_by("famo", {"mode": "features", "gamma": 0.1}) == {"gamma": 0.1}
     if "nash_mtl" in balance.BALANCERS:
         assert params_accepted_by("nash_mtl", {"mode": "features", "gamma": 0.1}) == {"mode": "features"}
+
+
+def test_bench_checkpoint_full_disk_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
+    """The per-epoch QM9 checkpoint goes through the one atomic writer: on a full disk the previous
+    checkpoint stays byte for byte, the error names the file, and no temporary file is left."""
+    import errno
+
+    from polytask.bench import qm9 as bench_qm9
+    from polytask.errors import CheckpointError
+
+    path = tmp_path / "qm9_ls_seed0.ckpt"
+    bench_qm9._save_checkpoint(path, {"epoch": 1})
+    before = path.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bench_qm9.torch, "save", full)
+    with pytest.raises(CheckpointError, match="qm9_ls_seed0.ckpt.*No space left.*previous epoch's checkpoint is kept"):
+        bench_qm9._save_checkpoint(path, {"epoch": 2})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qm9_ls_seed0.ckpt"]

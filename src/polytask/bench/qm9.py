@@ -378,10 +378,12 @@ def train_once(
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Through the one atomic writer (``train.checkpoint.atomic_write``): a kill mid-write leaves the
+    previous epoch's checkpoint, a full disk is one line naming the file, no temporary file stays."""
+    from polytask.train.checkpoint import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a kill mid-write leaves the previous epoch's checkpoint
+    atomic_write(path, lambda tmp: torch.save(state, tmp), kept="the previous epoch's checkpoint is kept")
 
 
 def _load_checkpoint(path: Path, identity: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
