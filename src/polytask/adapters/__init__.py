@@ -1,0 +1,148 @@
+"""Multi-task adapters for pretrained models: wrap the ``nn.Linear`` layers of any module in place.
+
+Methods (one class each in :mod:`polytask.adapters.layers`, paper in its docstring):
+``lora`` (one LoRA per task), ``mtlora`` (shared + per-task LoRA), ``hydralora`` (shared A,
+routed B heads), ``molora`` (top-k mixture of LoRA experts with a load-balancing loss)::
+
+    from polytask import adapters, balance
+    adapters.apply(model, "molora", tasks=["a", "b"], target_modules=["query", "value"], rank=8,
+                   alpha=16, num_experts=4, top_k=2)
+    adapters.set_task(model, "a")                  # or a (B,) tensor of task ids, one per sample
+    out = model(x)
+    losses = {...}
+    balance.get("nash_mtl").backward(losses, shared=adapters.shared_parameters(model))
+    adapters.save(model, "run/adapters")           # safetensors + adapter_config.json
+    adapters.save_peft(model, "run/peft_a", task="a")   # method "lora": PEFT's format for one task
+
+``target_modules`` follows PEFT: a string is a regular expression matched in full against
+module names, a list matches a name equal to an entry or ending in ``"." + entry``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from polytask.adapters.layers import (ALIASES, METHODS, AdapterLinear, HydraLoRALinear, LoRALinear, MoLoRALinear,
+                                      MTLoRALinear, TaskContext, load_balancing_loss, topk_gates)
+from polytask.errors import ConfigError
+
+__all__ = [
+    "apply", "set_task", "task_context", "shared_parameters", "task_parameters", "aux_loss", "adapter_layers",
+    "save", "load", "save_peft", "load_peft", "AdapterLinear", "LoRALinear", "MTLoRALinear", "HydraLoRALinear", "MoLoRALinear",
+    "TaskContext", "topk_gates", "load_balancing_loss",
+]
+
+_ATTR = "_polytask_adapters"
+
+
+def _matches(name: str, target: str | Sequence[str]) -> bool:
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def apply(model: nn.Module, method: str, tasks: Sequence[str], target_modules: str | Sequence[str],
+          rank: int = 8, alpha: float | None = None, **params: Any) -> nn.Module:
+    """Wrap every matching ``nn.Linear`` of ``model`` in place, freeze all its other parameters.
+
+    ``alpha`` defaults to ``rank`` (scaling 1). ``params`` go to the method's layer
+    (``num_experts``, ``top_k``). Returns ``model``. ConfigError for an unknown method or task
+    list, ``rank <= 0`` or larger than a layer, a ``top_k`` outside ``1..num_experts``, target
+    modules that match no ``nn.Linear``, or a model already wrapped.
+    """
+    key = ALIASES.get(method, method)
+    if key not in METHODS:
+        raise ConfigError(f"adapters.method: unknown method {method!r}; known: {', '.join(METHODS)}")
+    tasks = list(tasks)
+    if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) for t in tasks):
+        raise ConfigError(f"adapters.tasks: need distinct task names, got {tasks!r}")
+    if not isinstance(rank, int) or rank <= 0:
+        raise ConfigError(f"adapters.rank: must be a positive integer, got {rank!r}")
+    if hasattr(model, _ATTR):
+        raise ConfigError("adapters.apply: the model already has adapters")
+    cls = METHODS[key]
+    if "num_experts" in params and (not isinstance(params["num_experts"], int) or params["num_experts"] < 1):
+        raise ConfigError(f"adapters.num_experts: must be a positive integer, got {params['num_experts']!r}")
+    if "top_k" in params:
+        e = params.get("num_experts", 4)
+        if not isinstance(params["top_k"], int) or not 1 <= params["top_k"] <= e:
+            raise ConfigError(f"adapters.top_k: must be between 1 and num_experts={e}, got {params['top_k']!r}")
+    alpha = float(rank if alpha is None else alpha)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and _matches(n, target_modules)]
+    if not names:
+        raise ConfigError(f"adapters.target_modules: {target_modules!r} matches no nn.Linear of the model")
+    for n in names:
+        lin = model.get_submodule(n)
+        if rank > min(lin.in_features, lin.out_features):
+            raise ConfigError(f"adapters.rank: {rank} is larger than module {n!r} "
+                              f"({lin.in_features} -> {lin.out_features}), got rank={rank}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    context = TaskContext(tasks)
+    try:
+        for n in names:
+            parent_name, _, child = n.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, cls(getattr(parent, child), context, rank, alpha, **params))
+    except TypeError as exc:
+        raise ConfigError(f"adapters: method {key!r} does not take these parameters: {exc}") from None
+    object.__setattr__(model, _ATTR, {"method": key, "tasks": tasks, "rank": rank, "alpha": alpha,
+                                      "target_modules": target_modules, "modules": names, "params": dict(params),
+                                      "context": context})
+    return model
+
+
+def _state(model: nn.Module) -> dict[str, Any]:
+    state = getattr(model, _ATTR, None)
+    if state is None:
+        raise ConfigError("adapters: the model has no adapters; call polytask.adapters.apply first")
+    return state
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
+    """The wrapped layers, by module name."""
+    _state(model)
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
+
+
+def set_task(model: nn.Module, task: str | int | Tensor | None) -> None:
+    """Select the task(s) the next forward passes serve: a name, an index, or a ``(B,)`` id tensor."""
+    context: TaskContext = _state(model)["context"]
+    context.task = context.resolve(task)
+
+
+@contextmanager
+def task_context(model: nn.Module, task: str | int | Tensor) -> Iterator[None]:
+    """``with task_context(model, "a"): out = model(x)``; restores the previous task afterwards."""
+    context: TaskContext = _state(model)["context"]
+    before = context.task
+    context.task = context.resolve(task)
+    try:
+        yield
+    finally:
+        context.task = before
+
+
+def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable adapter parameters every task uses (the ``shared=`` of a gradient balancer)."""
+    return [p for m in adapter_layers(model).values() for p in m.shared_parameters()]
+
+
+def task_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable adapter parameters stacked per task (leading dimension = task index)."""
+    return [p for m in adapter_layers(model).values() for p in m.task_parameters()]
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the load-balancing losses of the last forward pass (0 for methods without routing loss)."""
+    losses = [m.aux_loss for m in adapter_layers(model).values() if getattr(m, "aux_loss", None) is not None]
+    return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+from polytask.adapters.io import load, load_peft, save, save_peft  # noqa: E402  (io needs apply)

@@ -1,0 +1,157 @@
+"""Saving and loading adapters alone: safetensors + ``adapter_config.json``; PEFT's LoRA format per task.
+
+``save``/``load``: every trainable adapter tensor, keyed ``<module name>.<parameter>``, and a JSON
+config (method, tasks, rank, alpha, wrapped module names, method parameters) from which ``load``
+re-applies the same adapters to a fresh copy of the base model. ``save_peft``/``load_peft``: one
+task's LoRA of a ``lora`` (or ``mtlora``, task-specific part) model as a PEFT ``LoraConfig``
+adapter directory (``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight``
+keys), which ``peft.PeftModel.from_pretrained`` loads onto the unwrapped base model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from polytask import adapters as _api
+from polytask.errors import CheckpointError, ConfigError
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapters.safetensors"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+FORMAT = 1
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, layer in _api.adapter_layers(model).items():
+        for pname, p in layer.named_parameters(recurse=False):
+            out[f"{name}.{pname}"] = p.detach().contiguous()
+    return out
+
+
+def save(model: nn.Module, path: str | Path) -> Path:
+    """Write the adapters of ``model`` (not the base) into the directory ``path``; returns it."""
+    state = _api._state(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.cpu() for k, v in _adapter_tensors(model).items()}, str(path / WEIGHTS))
+    config = {"format": FORMAT, "method": state["method"], "tasks": state["tasks"], "rank": state["rank"],
+              "alpha": state["alpha"], "modules": state["modules"], "params": state["params"]}
+    (path / CONFIG).write_text(json.dumps(config, indent=1))
+    return path
+
+
+def load(model: nn.Module, path: str | Path) -> nn.Module:
+    """Apply the adapters saved in ``path`` to ``model`` (the unwrapped base) and load their weights.
+
+    CheckpointError naming the file for a missing or unreadable one, naming the tensor for a
+    missing tensor or a shape mismatch (an adapter saved for a different base).
+    """
+    path = Path(path)
+    try:
+        config = json.loads((path / CONFIG).read_text())
+        tensors = load_file(str(path / WEIGHTS))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"adapters.load: cannot read {path}: {exc}") from None
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"adapters.load: {path / CONFIG} is not a polytask adapter config "
+                              f"(format {config.get('format')!r}, expected {FORMAT})")
+    missing = [m for m in config["modules"] if not isinstance(_get(model, m), nn.Linear)]
+    if missing:
+        raise CheckpointError(f"adapters.load: module {missing[0]!r} of {path} is not an nn.Linear of the model")
+    _api.apply(model, config["method"], config["tasks"], [m for m in config["modules"]], config["rank"],
+               config["alpha"], **config["params"])
+    _copy_into(model, tensors, path / WEIGHTS)
+    return model
+
+
+def _get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    own = dict(_api.adapter_layers(model))
+    expected = {f"{n}.{p}": t for n, layer in own.items() for p, t in layer.named_parameters(recurse=False)}
+    for key, param in expected.items():
+        if key not in tensors:
+            raise CheckpointError(f"adapters.load: tensor {key!r} missing from {file}")
+        if tensors[key].shape != param.shape:
+            raise CheckpointError(f"adapters.load: tensor {key!r} of {file} has shape {tuple(tensors[key].shape)}, "
+                                  f"the model expects {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensors[key])
+
+
+def _lora_layers(model: nn.Module, what: str) -> dict[str, nn.Module]:
+    state = _api._state(model)
+    if state["method"] not in ("lora", "mtlora"):
+        raise ConfigError(f"adapters.{what}: PEFT's LoRA format holds per-task LoRA ('lora', 'mtlora'), "
+                          f"got method {state['method']!r}")
+    return _api.adapter_layers(model)
+
+
+def save_peft(model: nn.Module, path: str | Path, task: str) -> Path:
+    """Write task ``task``'s LoRA in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    For ``mtlora`` only the task-specific LoRA is written (PEFT has no shared part).
+    """
+    layers = _lora_layers(model, "save_peft")
+    state = _api._state(model)
+    t = state["context"].resolve(task)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[t].detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[t].detach().cpu().contiguous()
+    save_file(tensors, str(path / PEFT_WEIGHTS), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+              "r": state["rank"], "lora_alpha": state["alpha"], "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "target_modules": list(layers), "modules_to_save": None}
+    (path / CONFIG).write_text(json.dumps(config, indent=1))
+    return path
+
+
+def load_peft(model: nn.Module, path: str | Path, task: str) -> nn.Module:
+    """Load a PEFT LoRA adapter directory into task ``task``'s LoRA of a wrapped ``lora``/``mtlora`` model.
+
+    CheckpointError naming the tensor for a shape mismatch (a PEFT adapter for a different base)
+    or a wrapped module the adapter lacks; ConfigError if its ``lora_alpha / r`` scaling or rank
+    differs from the model's.
+    """
+    layers = _lora_layers(model, "load_peft")
+    state = _api._state(model)
+    t = state["context"].resolve(task)
+    path = Path(path)
+    try:
+        config = json.loads((path / CONFIG).read_text())
+        tensors = load_file(str(path / PEFT_WEIGHTS))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"adapters.load_peft: cannot read {path}: {exc}") from None
+    if config.get("r") != state["rank"] or float(config.get("lora_alpha", 8)) != state["alpha"]:
+        raise ConfigError(f"adapters.load_peft: {path / CONFIG} has r={config.get('r')}, "
+                          f"lora_alpha={config.get('lora_alpha')}; the model has rank={state['rank']}, "
+                          f"alpha={state['alpha']}")
+    for name, layer in layers.items():
+        for part in ("lora_A", "lora_B"):
+            key = next((k for k in (f"base_model.model.{name}.{part}.weight",
+                                    f"base_model.model.{name}.{part}.default.weight") if k in tensors), None)
+            if key is None:
+                raise CheckpointError(f"adapters.load_peft: tensor for module {name!r} ({part}) missing from "
+                                      f"{path / PEFT_WEIGHTS}")
+            dest = getattr(layer, part)
+            if tensors[key].shape != dest.shape[1:]:
+                raise CheckpointError(f"adapters.load_peft: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
+                                      f"module {name!r} expects {tuple(dest.shape[1:])}")
+            with torch.no_grad():
+                dest[t].copy_(tensors[key])
+    return model

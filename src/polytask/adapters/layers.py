@@ -1,0 +1,254 @@
+"""Adapter layers: a frozen ``nn.Linear`` plus trainable low-rank modules, one class per method.
+
+Every layer computes ``y = base(x) + scaling * delta(x)`` with ``scaling = alpha / rank`` and its
+``B`` factors initialised to zero, so a freshly wrapped model gives exactly the base model's
+outputs. Per-task and per-expert factors are stacked along a leading dimension and run with
+``einsum``/``bmm``: no Python loop over tasks or experts in a forward pass.
+
+Which task a batch belongs to is read from a :class:`TaskContext` shared by all layers of one
+model (``polytask.adapters.set_task``): either one task index for the whole batch or a ``(B,)``
+tensor of task indices, one per sample (the first dimension of the input).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from polytask.errors import ConfigError
+
+
+class TaskContext:
+    """The task serving the current batch: ``None``, an ``int`` index or a ``(B,)`` long tensor."""
+
+    def __init__(self, tasks: list[str]) -> None:
+        self.tasks = list(tasks)
+        self.task: int | Tensor | None = None
+
+    def resolve(self, task: str | int | Tensor | None) -> int | Tensor | None:
+        """Task name / index / per-sample index tensor -> what layers read; ConfigError naming an unknown task."""
+        if task is None or isinstance(task, Tensor):
+            if isinstance(task, Tensor) and (task.ndim != 1 or task.dtype not in (torch.long, torch.int)):
+                raise ConfigError(f"adapters.set_task: a task-id tensor must be 1-d integer (one id per sample), "
+                                  f"got shape {tuple(task.shape)} dtype {task.dtype}")
+            return task
+        if isinstance(task, str):
+            if task not in self.tasks:
+                raise ConfigError(f"adapters: unknown task {task!r}; known: {', '.join(self.tasks)}")
+            return self.tasks.index(task)
+        if isinstance(task, int) and 0 <= task < len(self.tasks):
+            return task
+        raise ConfigError(f"adapters: unknown task {task!r}; known: {', '.join(self.tasks)}")
+
+
+def _kaiming(shape: tuple[int, ...], fan_in: int) -> Tensor:
+    # nn.Linear's / PEFT's default init of lora_A: kaiming_uniform_(a=sqrt(5)) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty(shape).uniform_(-bound, bound)
+
+
+def topk_gates(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k token routing: ``(N, E)`` router logits -> ``(gates, probs)``.
+
+    ``probs = softmax(logits)``; ``gates`` keeps each token's ``k`` largest probabilities,
+    renormalised to sum to one, and zeros elsewhere (Shazeer et al. 2017; Fedus et al. 2022).
+    """
+    probs = torch.softmax(logits, dim=-1)
+    top, idx = probs.topk(k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+    return gates, probs
+
+
+def load_balancing_loss(gates: Tensor, probs: Tensor) -> Tensor:
+    """Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` (Fedus et al., JMLR 2022, eq. 4).
+
+    ``f_e``: the fraction of the ``N * k`` token-to-expert assignments that went to expert ``e``
+    (from ``gates != 0``); ``P_e``: the mean router probability of ``e``. Equals 1 for perfectly
+    uniform routing, ``E`` when every token goes to one expert with probability 1. Only ``P``
+    carries a gradient, as in the paper.
+    """
+    e = probs.shape[-1]
+    assigned = (gates != 0).to(probs.dtype)
+    f = assigned.sum(0) / assigned.sum()
+    return e * (f * probs.mean(0)).sum()
+
+
+class AdapterLinear(nn.Module):
+    """Base class: holds the frozen ``base`` linear, ``rank``, ``alpha`` and the shared task context."""
+
+    method: str = ""
+
+    def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.context = context
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.scaling * self.delta(x)
+
+    def delta(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters every task uses."""
+        return []
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters stacked per task (row ``t`` serves task ``t``)."""
+        return []
+
+    def _task(self, x: Tensor) -> int | Tensor:
+        task = self.context.task
+        if task is None:
+            raise ConfigError(f"adapters: no task set for a {self.method} layer; call "
+                              f"polytask.adapters.set_task(model, task) first")
+        if isinstance(task, Tensor) and task.shape[0] != x.shape[0]:
+            raise ConfigError(f"adapters: task-id tensor has {task.shape[0]} ids for a batch of {x.shape[0]}")
+        return task
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def _per_task_lora(x: Tensor, a: Tensor, b: Tensor, task: int | Tensor) -> Tensor:
+    """``B_t A_t x`` with stacked ``a: (T, r, in)``, ``b: (T, out, r)``; ``task`` an index or ``(B,)`` ids."""
+    if not isinstance(task, Tensor):
+        return (x @ a[task].T) @ b[task].T
+    xs = x.reshape(x.shape[0], -1, x.shape[-1])              # (B, L, in)
+    h = torch.bmm(xs, a[task].transpose(1, 2))               # (B, L, r): one gathered factor per sample
+    out = torch.bmm(h, b[task].transpose(1, 2))              # (B, L, out)
+    return out.reshape(*x.shape[:-1], b.shape[1])
+
+
+class LoRALinear(AdapterLinear):
+    """One LoRA per task; the task context picks which one serves each sample.
+
+    Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, eq. 3:
+    ``h = W0 x + (alpha / r) B A x`` with ``A`` Kaiming-uniform and ``B = 0`` at init. Here the
+    ``T`` tasks' factors are stacked, ``A: (T, r, in)``, ``B: (T, out, r)``; row ``t`` is exactly
+    the ``lora_A.weight`` / ``lora_B.weight`` PEFT would hold for task ``t`` (no dropout, no bias).
+    """
+
+    method = "lora"
+
+    def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float) -> None:
+        super().__init__(base, context, rank, alpha)
+        t = len(context.tasks)
+        self.lora_A = nn.Parameter(_kaiming((t, rank, self.in_features), self.in_features).to(base.weight))
+        self.lora_B = nn.Parameter(torch.zeros(t, self.out_features, rank).to(base.weight))
+
+    def delta(self, x: Tensor) -> Tensor:
+        return _per_task_lora(x, self.lora_A, self.lora_B, self._task(x))
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B]
+
+
+class MTLoRALinear(LoRALinear):
+    """A task-agnostic LoRA every task uses plus one task-specific LoRA per task.
+
+    Agiza et al., "MTLoRA: Low-Rank Adaptation Approach for Efficient Multi-Task Learning",
+    CVPR 2024: task-agnostic TA-LoRA modules in the shared backbone and task-specific TS-LoRA
+    modules, ``h = W0 x + s B_sh A_sh x + s B_t A_t x``. Departure from the paper: both modules sit
+    in every wrapped layer and are summed there; the paper places TS-LoRA only at the end of each
+    backbone stage, fed by the shared features, to build task-specific multi-scale features for a
+    dense-prediction decoder, which needs a hierarchical backbone this generic wrapper does not assume.
+    """
+
+    method = "mtlora"
+
+    def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float) -> None:
+        super().__init__(base, context, rank, alpha)
+        self.shared_A = nn.Parameter(_kaiming((rank, self.in_features), self.in_features).to(base.weight))
+        self.shared_B = nn.Parameter(torch.zeros(self.out_features, rank).to(base.weight))
+
+    def delta(self, x: Tensor) -> Tensor:
+        return (x @ self.shared_A.T) @ self.shared_B.T + super().delta(x)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.shared_A, self.shared_B]
+
+
+class HydraLoRALinear(AdapterLinear):
+    """One shared ``A``, ``E`` ``B`` heads, and a token-level softmax router over the heads.
+
+    Tian et al., "HydraLoRA: An Asymmetric LoRA Architecture for Efficient Fine-Tuning",
+    NeurIPS 2024, eq. 6: ``y = W0 x + sum_i w_i B_i A x`` with ``w = softmax(W_g x)``. All heads are
+    computed together (``einsum`` over the stacked ``B: (E, out, r)``). Like the paper, the router
+    needs no task label, so every parameter is shared by all tasks; the scaling ``alpha / r`` is
+    PEFT's, which the authors' code also uses.
+    """
+
+    method = "hydralora"
+
+    def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float,
+                 num_experts: int = 4) -> None:
+        super().__init__(base, context, rank, alpha)
+        self.num_experts = num_experts
+        self.lora_A = nn.Parameter(_kaiming((rank, self.in_features), self.in_features).to(base.weight))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank).to(base.weight))
+        self.router = nn.Parameter(_kaiming((num_experts, self.in_features), self.in_features).to(base.weight))
+
+    def delta(self, x: Tensor) -> Tensor:
+        w = torch.softmax(x @ self.router.T, dim=-1)           # (..., E)
+        h = x @ self.lora_A.T                                   # (..., r): the shared A, once
+        return torch.einsum("...e,...r,eor->...o", w, h, self.lora_B)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B, self.router]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_experts={self.num_experts}"
+
+
+class MoLoRALinear(AdapterLinear):
+    """A mixture of ``E`` LoRA experts with top-k token routing and a load-balancing loss.
+
+    Zadouri et al., "Pushing Mixture of Experts to the Limit: Extremely Parameter Efficient MoE
+    for Instruction Tuning" (MoLoRA), arXiv 2023; Dou et al., "LoRAMoE: Alleviating World
+    Knowledge Forgetting in Large Language Models via MoE-Style Plugin", ACL 2024, eq. 5-6:
+    ``y = W0 x + s * sum_e g_e(x) B_e A_e x`` with ``g = topk(softmax(W_g x))``, renormalised.
+    Experts are stacked, ``A: (E, r, in)``, ``B: (E, out, r)``, and run densely in two ``einsum``
+    calls (the unselected experts' gates are 0). Departures: MoLoRA routes softly (``top_k=E``
+    gives that); LoRAMoE's localized balancing constraint (expert groups weighted by a task-type
+    label) is replaced by the Switch-Transformer load-balancing loss (:func:`load_balancing_loss`),
+    kept after each forward in ``aux_loss`` (sum them with ``polytask.adapters.aux_loss``).
+    """
+
+    method = "molora"
+
+    def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float,
+                 num_experts: int = 4, top_k: int = 2) -> None:
+        super().__init__(base, context, rank, alpha)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.lora_A = nn.Parameter(_kaiming((num_experts, rank, self.in_features), self.in_features).to(base.weight))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank).to(base.weight))
+        self.router = nn.Parameter(_kaiming((num_experts, self.in_features), self.in_features).to(base.weight))
+        self.aux_loss: Tensor | None = None
+
+    def delta(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])                           # (N, in)
+        gates, probs = topk_gates(flat @ self.router.T, self.top_k)  # (N, E)
+        self.aux_loss = load_balancing_loss(gates, probs)
+        h = torch.einsum("ni,eri->ner", flat, self.lora_A) * gates.unsqueeze(-1)   # (N, E, r)
+        out = torch.einsum("ner,eor->no", h, self.lora_B)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B, self.router]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_experts={self.num_experts}, top_k={self.top_k}"
+
+
+METHODS: dict[str, type[AdapterLinear]] = {
+    "lora": LoRALinear, "mtlora": MTLoRALinear, "hydralora": HydraLoRALinear, "molora": MoLoRALinear,
+}
+ALIASES = {"hydra_lora": "hydralora", "mo_lora": "molora", "loramoe": "molora", "mt_lora": "mtlora"}

@@ -1,0 +1,196 @@
+"""polytask.adapters: exact init, hand-checked routing, batched experts vs loops, PEFT equality, training."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from polytask import adapters, balance
+from polytask.errors import CheckpointError, ConfigError
+
+METHODS = [("lora", {}), ("mtlora", {}), ("hydralora", {"num_experts": 3}),
+           ("molora", {"num_experts": 4, "top_k": 2})]
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 5)).double()
+
+
+def tiny_bert(seed: int = 0, hidden: int = 16):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    return transformers.BertModel(cfg).double().eval()
+
+
+def tiny_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+def randomize(model: nn.Module, seed: int = 1) -> None:
+    """Give every adapter parameter (B factors included) random values, so deltas are non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapters.shared_parameters(model) + adapters.task_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+
+
+# ------------------------------------------------------------------------------------ init = base
+@pytest.mark.parametrize("method,kw", METHODS)
+def test_wrapped_bert_equals_base_at_init_and_base_is_frozen(method, kw):
+    base = tiny_bert()
+    model = adapters.apply(copy.deepcopy(base), method, ["a", "b"], ["query", "value"], rank=4, alpha=8, **kw)
+    layers = adapters.adapter_layers(model)
+    assert len(layers) == 4 and all(n.endswith(("query", "value")) for n in layers)   # 2 layers x (query, value)
+    ids = torch.randint(0, 40, (3, 7))
+    adapters.set_task(model, "b")
+    ref = base(ids).last_hidden_state
+    assert torch.equal(model(ids).last_hidden_state, ref)                # B = 0: exactly the base model
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in adapters.shared_parameters(model) + adapters.task_parameters(model)}
+    randomize(model)                                                     # the check can fail: now it differs
+    assert not torch.allclose(model(ids).last_hidden_state, ref)
+
+
+# ------------------------------------------------------------------------------------ per-task LoRA
+def test_lora_selects_each_task_and_per_sample_ids_match_single_task_batches():
+    base = mlp()
+    model = adapters.apply(copy.deepcopy(base), "lora", ["a", "b", "c"], ["0"], rank=2, alpha=6)
+    randomize(model)
+    lay = model[0]
+    x = torch.randn(5, 6, dtype=torch.double)
+    for t, name in enumerate(["a", "b", "c"]):
+        with adapters.task_context(model, name):
+            got = model(x)
+        # Hu et al. eq. 3 by hand: W0 x + (alpha / r) B A x, alpha / r = 3
+        h = base[0](x) + 3.0 * x @ lay.lora_A[t].T @ lay.lora_B[t].T
+        assert torch.allclose(got, base[2](torch.tanh(h)), atol=1e-12)
+    ids = torch.tensor([2, 0, 1, 1, 0])
+    adapters.set_task(model, ids)
+    mixed = model(x)
+    for i, t in enumerate(ids):
+        adapters.set_task(model, int(t))
+        assert torch.allclose(mixed[i], model(x[i:i + 1])[0], atol=1e-12)
+    # a 3-d input (batch, tokens, features) with per-sample ids
+    x3 = torch.randn(2, 4, 6, dtype=torch.double)
+    adapters.set_task(model, torch.tensor([1, 2]))
+    out3 = lay(x3)
+    adapters.set_task(model, 2)
+    assert torch.allclose(out3[1], lay(x3[1]), atol=1e-12)
+
+
+def test_mtlora_is_shared_plus_task_lora():
+    model = adapters.apply(mlp(), "mtlora", ["a", "b"], ["0"], rank=2, alpha=2)
+    randomize(model)
+    lay = model[0]
+    x = torch.randn(4, 6, dtype=torch.double)
+    adapters.set_task(model, "b")
+    want = lay.base(x) + x @ lay.shared_A.T @ lay.shared_B.T + x @ lay.lora_A[1].T @ lay.lora_B[1].T
+    assert torch.allclose(lay(x), want, atol=1e-12)
+    assert len(adapters.shared_parameters(model)) == 2 and len(adapters.task_parameters(model)) == 2
+
+
+# ------------------------------------------------------------------------------------ routing by hand
+def test_topk_gates_and_load_balancing_loss_by_hand():
+    # 2 tokens, 3 experts. token 0 logits log([0.5, 0.3, 0.2]) -> probs (0.5, 0.3, 0.2), top-2 = {0, 1},
+    # renormalised gates (0.625, 0.375, 0). token 1 logits log([0.1, 0.2, 0.7]) -> top-2 = {2, 1},
+    # gates (0, 0.2/0.9, 0.7/0.9).
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]], dtype=torch.double))
+    gates, probs = adapters.topk_gates(logits, 2)
+    assert torch.allclose(gates, torch.tensor([[0.625, 0.375, 0.0], [0.0, 2 / 9, 7 / 9]], dtype=torch.double))
+    # f = assignments per expert / 4 = (1, 2, 1) / 4; P = mean probs = (0.3, 0.25, 0.45)
+    # loss = E * sum f P = 3 * (0.25*0.3 + 0.5*0.25 + 0.25*0.45) = 3 * 0.3125 = 0.9375
+    loss = adapters.load_balancing_loss(gates, probs)
+    assert loss.item() == pytest.approx(0.9375, abs=1e-12)
+    # perfectly uniform routing gives 1; everything on one expert with probability ~1 gives ~E
+    uni = torch.zeros(6, 3, dtype=torch.double)
+    g, p = adapters.topk_gates(uni + torch.eye(3, dtype=torch.double).repeat(2, 1) * 1e-9, 1)
+    assert adapters.load_balancing_loss(g, p).item() == pytest.approx(1.0, abs=1e-6)
+    g, p = adapters.topk_gates(torch.tensor([[50.0, 0, 0]] * 4, dtype=torch.double), 1)
+    assert adapters.load_balancing_loss(g, p).item() == pytest.approx(3.0, abs=1e-9)
+
+
+def test_molora_batched_experts_equal_a_per_expert_loop():
+    model = adapters.apply(mlp(), "molora", ["a", "b"], ["0", "2"], rank=3, alpha=6, num_experts=4, top_k=2)
+    randomize(model, seed=3)
+    lay = model[0]
+    x = torch.randn(2, 5, 6, dtype=torch.double)
+    got = lay(x)
+    flat = x.reshape(-1, 6)
+    probs = torch.softmax(flat @ lay.router.T, -1)
+    ref = lay.base(flat).clone()
+    for n in range(flat.shape[0]):                            # reference: loops over tokens and experts
+        top = sorted(range(4), key=lambda e: -probs[n, e].item())[:2]
+        z = sum(probs[n, e] for e in top)
+        for e in top:
+            ref[n] += 2.0 * probs[n, e] / z * (lay.lora_B[e] @ (lay.lora_A[e] @ flat[n]))
+    assert torch.allclose(got.reshape(-1, 10), ref, atol=1e-12)
+    # the stored aux loss is the Switch loss of exactly these gates (recomputed from the loop's top-k)
+    gates = torch.zeros_like(probs)
+    for n in range(flat.shape[0]):
+        top = probs[n].topk(2).indices
+        gates[n, top] = probs[n, top] / probs[n, top].sum()
+    assert torch.allclose(lay.aux_loss, adapters.load_balancing_loss(gates, probs), atol=1e-12)
+    model(x.reshape(-1, 6))
+    assert torch.allclose(adapters.aux_loss(model), model[0].aux_loss + model[2].aux_loss)
+
+
+def test_hydralora_shares_one_A_and_equals_a_loop_over_heads():
+    model = adapters.apply(mlp(), "hydralora", ["a", "b"], ["0"], rank=2, alpha=4, num_experts=3)
+    randomize(model, seed=4)
+    lay = model[0]
+    assert tuple(lay.lora_A.shape) == (2, 6) and tuple(lay.lora_B.shape) == (3, 10, 2)
+    x = torch.randn(7, 6, dtype=torch.double)
+    w = torch.softmax(x @ lay.router.T, -1)
+    ref = lay.base(x) + 2.0 * sum(w[:, e:e + 1] * (x @ lay.lora_A.T @ lay.lora_B[e].T) for e in range(3))
+    assert torch.allclose(lay(x), ref, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_bad_input_names_the_problem():
+    with pytest.raises(ConfigError, match="matches no nn.Linear"):
+        adapters.apply(mlp(), "lora", ["a"], ["query"], rank=2)
+    with pytest.raises(ConfigError, match="adapters.rank.*got 0"):
+        adapters.apply(mlp(), "lora", ["a"], ["0"], rank=0)
+    with pytest.raises(ConfigError, match="larger than module '2'"):
+        adapters.apply(mlp(), "lora", ["a"], ["0", "2"], rank=6)       # layer 2 is 10 -> 5
+    with pytest.raises(ConfigError, match="unknown method 'lorra'"):
+        adapters.apply(mlp(), "lorra", ["a"], ["0"], rank=2)
+    with pytest.raises(ConfigError, match="top_k.*num_experts=2, got 3"):
+        adapters.apply(mlp(), "molora", ["a"], ["0"], rank=2, num_experts=2, top_k=3)
+    model = adapters.apply(mlp(), "lora", ["a", "b"], ["0"], rank=2)
+    with pytest.raises(ConfigError, match="no task set"):
+        model(torch.randn(2, 6, dtype=torch.double))
+    with pytest.raises(ConfigError, match="unknown task 'c'"):
+        adapters.set_task(model, "c")
+    with pytest.raises(ConfigError, match="unknown task 5"):
+        adapters.set_task(model, 5)
+    adapters.set_task(model, torch.tensor([0, 1, 1]))
+    with pytest.raises(ConfigError, match="3 ids for a batch of 2"):
+        model(torch.randn(2, 6, dtype=torch.double))
+    with pytest.raises(ConfigError, match="already has adapters"):
+        adapters.apply(model, "lora", ["a"], ["2"], rank=2)
+
+
+def test_molora_forward_backward_makes_no_host_sync(monkeypatch):
+    model = adapters.apply(mlp(), "molora", ["a", "b"], ["0", "2"], rank=2, num_experts=4, top_k=2)
+    x = torch.randn(3, 6, dtype=torch.double)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation inside a training step")
+
+    for attr in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, attr, refuse)
+    adapters.set_task(model, torch.tensor([0, 1, 0]))
+    (model(x).sum() + adapters.aux_loss(model)).backward()
