@@ -116,6 +116,26 @@ def merge(
     typer.echo(f"merged checkpoint: {out}")
 
 
+@app.command("extract-lora")
+def extract_lora(
+    base: Annotated[Path, typer.Argument(help="Base model (safetensors file or directory).")],
+    finetuned: Annotated[Path, typer.Argument(help="Fully fine-tuned model of the same architecture.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output PEFT adapter folder (appears only when complete).")],
+    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank (capped by each weight's full rank).")] = 16,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists (never an input).")] = False,
+) -> None:
+    """Extract a LoRA adapter from a full fine-tune: a truncated SVD of W_ft - W_base on every
+    Linear weight that changed, written as a PEFT adapter (adapter_config.json +
+    adapter_model.safetensors); prints each module's relative reconstruction error."""
+    from polytask.merge.lora import extract_lora as run_extract
+
+    out, errors = run_extract(base, finetuned, out_dir, rank, overwrite=overwrite)
+    width = max(len(m) for m in errors)
+    for module, err in errors.items():
+        typer.echo(f"{module:<{width}}  relative error {err:.3e}")
+    typer.echo(f"LoRA adapter: {out}")
+
+
 @app.command()
 def analyze(
     target: Annotated[Path, typer.Argument(help="YAML run config (trained with monitors) or a run directory.")],

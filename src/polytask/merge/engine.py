@@ -27,6 +27,7 @@ from torch import Tensor
 from polytask.errors import ConfigError, MergeError
 from polytask.merge import checks
 from polytask.merge.io import Checkpoint, CheckpointWriter, TensorSpec, parse_dtype, parse_size
+from polytask.merge.lora import AdapterCheckpoint, is_adapter
 from polytask.merge.methods import MERGE_METHODS, MergeMethod, TensorContext
 
 __all__ = [
@@ -417,7 +418,9 @@ def merge_checkpoints(
     """Merge checkpoints on disk into ``out_dir``, streaming tensor by tensor.
 
     ``models`` and ``base`` are safetensors files or directories (HF-style shards included);
-    pickled ``.bin`` files only with ``allow_pickle``. Tensors are merged in ``compute_dtype``
+    pickled ``.bin`` files only with ``allow_pickle``. A model may be a PEFT LoRA adapter folder
+    (``adapter_config.json``) of ``base``: it is read as ``base + dW`` tensor by tensor
+    (:mod:`polytask.merge.lora`). Tensors are merged in ``compute_dtype``
     (default float32; ``None``/``"auto"``: the inputs' dtype, as mergekit) and written as
     safetensors shards of at most ``max_shard_size`` in ``dtype`` (default: the base's dtype), with the
     non-weight files (config, tokenizer) of ``copy_files_from`` (default: the base, else the
@@ -492,13 +495,22 @@ def merge_planned(
     if copy_role is not None and copy_files_from is not None:
         checked.append((copy_role, str(copy_files_from), copy_files_from))
     check_output_apart(out_dir, checked)
-    opened: list[Checkpoint] = []
+    opened: list[Any] = []
     try:
-        sources: list[_CheckpointSource] = []
-        for p, label in zip(paths, labels):
-            ckpt = Checkpoint(p, allow_pickle=allow_pickle)
-            opened.append(ckpt)
-            sources.append(_CheckpointSource(ckpt, label))
+        ckpts: list[Any] = [None] * len(paths)
+        for k, p in enumerate(paths):
+            if not is_adapter(p):
+                ckpts[k] = Checkpoint(p, allow_pickle=allow_pickle)
+                opened.append(ckpts[k])
+        base_k = roles.index("base model") if "base model" in roles else None
+        for k, p in enumerate(paths):
+            if ckpts[k] is None:  # a LoRA adapter: read as base + dW, the base being the merge's
+                if base_k is None or ckpts[base_k] is None:
+                    raise ConfigError(f"model {labels[k]}: a LoRA adapter needs the merge's base_model (a full "
+                                      "model) to be its base")
+                ckpts[k] = AdapterCheckpoint(p, ckpts[base_k], labels[base_k])
+                opened.append(ckpts[k])
+        sources = [_CheckpointSource(c, label) for c, label in zip(ckpts, labels)]
         jobs = plan_jobs(sources)
         out_dtype = parse_dtype(dtype) if dtype is not None else None
         if compute_dtype is not None and compute_dtype != "auto":

@@ -1,0 +1,466 @@
+"""LoRA adapters as task vectors: merge inputs, merged adapters, and extraction from fine-tunes.
+
+A PEFT LoRA adapter (a folder with ``adapter_config.json`` and ``adapter_model.safetensors``) of a
+base model ``W0`` is the fine-tuned model ``W0 + dW`` with ``dW = s * B @ A`` per target module,
+``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``; ``rank_pattern`` / ``alpha_pattern`` per module)
+(Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022; Kalajdzievski,
+"A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023).
+
+- :class:`AdapterCheckpoint` shows an adapter as the full model it stands for, tensor by tensor
+  (base tensor + its ``dW``, computed when read), so every merge method and the streaming engine
+  take adapters as inputs (:func:`~polytask.merge.engine.merge_checkpoints`, merge configs).
+- :func:`merge_adapters` merges adapters into an adapter: exactly for ``linear`` and
+  ``task_arithmetic`` (the factors concatenated, each model's coefficient and sign folded into
+  its ``B``), otherwise through the merged ``dW`` and a truncated SVD to ``rank``, with the
+  relative reconstruction error per module.
+- :func:`extract_lora` makes an adapter from a full fine-tune by a truncated SVD of
+  ``W_ft - W_base`` on the Linear weights (as ``mergekit-extract-lora``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polytask.errors import CheckpointError, ConfigError
+from polytask.merge.io import Checkpoint, TensorSpec
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "is_adapter", "LoraAdapter", "AdapterCheckpoint",
+           "merge_adapters", "extract_lora"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+def is_adapter(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a PEFT adapter folder (it holds ``adapter_config.json``)."""
+    p = Path(path)
+    return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key matching the module name's end."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+@dataclass
+class _Module:
+    name: str  # module name in the base model, e.g. model.layers.0.self_attn.q_proj
+    a_key: str
+    b_key: str
+    rank: int
+    scaling: float
+    embedding: bool
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter read from its folder; factors are read from disk when asked for.
+
+    ``modules`` maps each target module to its factors and scaling. Bad adapters (missing files,
+    another PEFT type, DoRA, trained biases or saved modules, inconsistent ranks) raise
+    :class:`~polytask.errors.CheckpointError` naming the file or tensor.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        cfg_path = self.path / ADAPTER_CONFIG
+        weights = self.path / ADAPTER_WEIGHTS
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{cfg_path}: adapter config is missing")
+        if not weights.is_file():
+            raise CheckpointError(f"{weights}: adapter weights are missing")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{cfg_path}: not a JSON object")
+        self.config = cfg
+        if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+            raise CheckpointError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+        if cfg.get("use_dora"):
+            raise CheckpointError(f"{cfg_path}: DoRA adapters (use_dora: true) are not supported")
+        if cfg.get("bias", "none") != "none":
+            raise CheckpointError(f"{cfg_path}: bias {cfg.get('bias')!r} is not supported (only 'none')")
+        self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+        self.ckpt = Checkpoint(weights)
+        try:
+            self.modules = self._read_modules(cfg, cfg_path)
+        except BaseException:
+            self.ckpt.close()
+            raise
+
+    def _read_modules(self, cfg: dict[str, Any], cfg_path: Path) -> dict[str, _Module]:
+        r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        rslora = bool(cfg.get("use_rslora", False))
+        found: dict[str, dict[str, str]] = {}
+        self.replaced: dict[str, str] = {}  # base tensor -> saved copy (PEFT's save_embedding_layers)
+        for key in self.ckpt.names():
+            name = key.removeprefix(_PREFIX)
+            if name.endswith(".base_layer.weight"):
+                self.replaced[name.removesuffix(".base_layer.weight") + ".weight"] = key
+                continue
+            m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?", name)
+            if m is None:
+                raise CheckpointError(f"{self.path / ADAPTER_WEIGHTS}: tensor {key!r} is not a LoRA factor "
+                                      "(saved modules and trained biases are not supported)")
+            module, part = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            found.setdefault(module, {})[part] = key
+        modules: dict[str, _Module] = {}
+        for module, parts in found.items():
+            emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+            a, b = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+            if a not in parts or b not in parts:
+                missing = a if a not in parts else b
+                raise CheckpointError(f"{self.path / ADAPTER_WEIGHTS}: module {module!r} has no {missing}")
+            sa, sb = self.ckpt.spec(parts[a]), self.ckpt.spec(parts[b])
+            if len(sa.shape) != 2 or len(sb.shape) != 2 or sa.shape[0] != sb.shape[1]:
+                raise CheckpointError(f"{self.path / ADAPTER_WEIGHTS}: module {module!r}: {a} {list(sa.shape)} "
+                                      f"and {b} {list(sb.shape)} are not LoRA factors of one rank")
+            rank = sa.shape[0]
+            r = _pattern_value(rank_pattern, module, r0)
+            if int(r) != rank:
+                raise CheckpointError(f"{cfg_path}: module {module!r} has rank {rank} in the weights but r {r} in "
+                                      "the config")
+            alpha = float(_pattern_value(alpha_pattern, module, alpha0))
+            scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+            modules[module] = _Module(module, parts[a], parts[b], rank, scaling, emb)
+        if not modules:
+            raise CheckpointError(f"{self.path / ADAPTER_WEIGHTS}: holds no LoRA factors")
+        return modules
+
+    def target(self, module: str) -> str:
+        """The base tensor a module changes."""
+        return f"{module}.weight"
+
+    def factors(self, module: str) -> tuple[Tensor, Tensor]:
+        """``(B * scaling, A)`` in float32: ``B @ A`` is the module's update in PEFT's factor layout."""
+        m = self.modules[module]
+        return self.ckpt.load(m.b_key).float() * m.scaling, self.ckpt.load(m.a_key).float()
+
+    def transposed(self, module: str) -> bool:
+        """Whether the weight is ``(B @ A).T`` (embeddings, fan_in_fan_out Conv1D)."""
+        return self.modules[module].embedding or self.fan_in_fan_out
+
+    def delta(self, module: str) -> Tensor:
+        """The module's weight update ``dW`` (float32, the base weight's layout), as PEFT merges it."""
+        m = self.modules[module]
+        b, a = self.ckpt.load(m.b_key).float(), self.ckpt.load(m.a_key).float()
+        d = b @ a
+        return (d.T if self.transposed(module) else d) * m.scaling
+
+    def check_base(self, base: Any, base_label: str) -> None:
+        """Refuse an adapter whose modules are not in ``base`` or do not fit its shapes."""
+        for t, key in self.replaced.items():
+            if t not in base or tuple(base.spec(t).shape) != tuple(self.ckpt.spec(key).shape):
+                raise CheckpointError(f"adapter {self.path}: saved layer {key!r} does not fit tensor {t!r} of base "
+                                      f"{base_label}; is the adapter for another base?")
+        for module, m in self.modules.items():
+            t = self.target(module)
+            if t not in base:
+                raise CheckpointError(f"adapter {self.path}: module {module!r} is not in base {base_label} "
+                                      f"(no tensor {t!r}); is the adapter for another base?")
+            shape = tuple(base.spec(t).shape)
+            b_rows = self.ckpt.spec(m.b_key).shape[0]
+            a_cols = self.ckpt.spec(m.a_key).shape[1]
+            want = (a_cols, b_rows) if self.transposed(module) else (b_rows, a_cols)
+            if shape != want:
+                raise CheckpointError(f"adapter {self.path}: module {module!r} updates a {list(want)} weight but "
+                                      f"{t!r} is {list(shape)} in base {base_label}; is the adapter for another base?")
+
+    def close(self) -> None:
+        """Close the weights file."""
+        self.ckpt.close()
+
+
+class AdapterCheckpoint:
+    """An adapter seen as the full model it stands for: the base's tensors, each target weight
+    read as ``W0 + dW`` (computed in float32, returned in the base tensor's dtype).
+
+    It has :class:`~polytask.merge.io.Checkpoint`'s reading interface, so the merge engine streams
+    it like any checkpoint; the base's file handles stay owned by the caller.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], base: Checkpoint, base_label: str) -> None:
+        self.path = Path(path)
+        self.adapter = LoraAdapter(path)
+        try:
+            self.adapter.check_base(base, base_label)
+        except BaseException:
+            self.adapter.close()
+            raise
+        self.base = base
+        self._by_target = {self.adapter.target(m): m for m in self.adapter.modules}
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base
+
+    def spec(self, name: str) -> TensorSpec:
+        return self.base.spec(name)
+
+    def load(self, name: str) -> Tensor:
+        saved = self.adapter.replaced.get(name)
+        w = self.base.load(name) if saved is None else self.adapter.ckpt.load(saved).to(self.base.spec(name).dtype)
+        module = self._by_target.get(name)
+        if module is None:
+            return w
+        return (w.float() + self.adapter.delta(module)).to(w.dtype)
+
+    def read_into(self, name: str, out: Tensor) -> None:
+        out.copy_(self.load(name))
+
+    def close(self) -> None:
+        self.adapter.close()
+
+    def __repr__(self) -> str:
+        return f"AdapterCheckpoint({str(self.path)!r})"
+
+
+# -- writing adapters ----------------------------------------------------------------------------
+def _adapter_config(r: int, modules: Sequence[str], *, base: str, fan_in_fan_out: bool,
+                    task_type: str | None) -> dict[str, Any]:
+    return {
+        "peft_type": "LORA", "r": r, "lora_alpha": r, "use_rslora": False, "target_modules": sorted(modules),
+        "rank_pattern": {}, "alpha_pattern": {}, "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out, "base_model_name_or_path": base, "task_type": task_type,
+        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+    }
+
+
+def _pad(b: Tensor, a: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Zero-pad factors to rank ``r`` (a zero row/column adds nothing to ``B @ A``)."""
+    k = a.shape[0]
+    if k == r:
+        return b, a
+    return (torch.cat([b, b.new_zeros(b.shape[0], r - k)], 1), torch.cat([a, a.new_zeros(r - k, a.shape[1])], 0))
+
+
+def _write_adapter(out_dir: str | os.PathLike[str], factors: Mapping[str, tuple[Tensor, Tensor, bool]],
+                   config: dict[str, Any], overwrite: bool) -> Path:
+    """Write ``module -> (B, A, embedding)`` (already of rank ``config['r']``) as a PEFT adapter
+    folder; it appears at ``out_dir`` only when complete."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output {str(out_dir)!r} exists; pass overwrite (--overwrite) to replace it")
+    tensors: dict[str, Tensor] = {}
+    for module, (b, a, emb) in factors.items():
+        if emb:
+            tensors[f"{_PREFIX}{module}.lora_embedding_A"] = a.contiguous()
+            tensors[f"{_PREFIX}{module}.lora_embedding_B"] = b.contiguous()
+        else:
+            tensors[f"{_PREFIX}{module}.lora_A.weight"] = a.contiguous()
+            tensors[f"{_PREFIX}{module}.lora_B.weight"] = b.contiguous()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _svd_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """``B``, ``A`` of rank ``min(rank, full)`` with ``B @ A`` the best approximation of ``delta``
+    (singular values split evenly), and the relative Frobenius error of that approximation."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    k = min(rank, s.numel())
+    root = s[:k].sqrt()
+    total = float(s.square().sum())
+    err = math.sqrt(float(s[k:].square().sum()) / total) if total > 0 else 0.0
+    return (u[:, :k] * root).float(), (root[:, None] * vh[:k]).float(), err
+
+
+def _check_rank(rank: int | None) -> None:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ConfigError(f"rank: must be a positive integer, got {rank!r}")
+
+
+# -- merging adapters into an adapter ------------------------------------------------------------
+def merge_adapters(
+    method: str | Any,
+    adapters: Sequence[str | os.PathLike[str]],
+    base: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    model_params: Sequence[Mapping[str, Any] | None] | None = None,
+    method_params: Mapping[str, Any] | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> tuple[Path, dict[str, float]]:
+    """Merge LoRA adapters of ``base`` into one PEFT adapter at ``out_dir``.
+
+    The result stands for the same model as :func:`~polytask.merge.engine.merge_checkpoints` with
+    the adapters as models and ``base`` as base. ``linear`` and ``task_arithmetic`` (without
+    ``rescale``) are exact with ``rank=None``: the factors are concatenated (rank = the sum of the
+    ranks), each model's coefficient (``lambda * w_i``, divided by the summed weights with
+    ``normalize``) folded into its ``B`` with its sign. Every other method (TIES, DARE...) merges
+    the ``dW`` of each module (an adapter without the module counts as zero) and factors the
+    result by a truncated SVD to ``rank`` (default: the sum of the ranks). Returns the output path
+    and the relative Frobenius reconstruction error per module (0 where exact).
+    """
+    from polytask.merge.engine import _merge_tensor, build_method, check_output_apart, resolve_model_params
+    from polytask.merge.methods import Linear, TaskArithmetic
+
+    _check_rank(rank)
+    if not adapters:
+        raise ConfigError("no adapters to merge")
+    instance = build_method(method, method_params)
+    labels = [str(a) for a in adapters]
+    check_output_apart(out_dir, [*(("input adapter", l, a) for l, a in zip(labels, adapters)),
+                                 ("base model", str(base), base)])
+    params = resolve_model_params(instance, model_params or [None] * len(adapters), labels)
+    opened: list[Any] = []
+    try:
+        base_ckpt = Checkpoint(base)
+        opened.append(base_ckpt)
+        loras: list[LoraAdapter] = []
+        for a in adapters:
+            lora = LoraAdapter(a)
+            opened.append(lora)
+            lora.check_base(base_ckpt, str(base))
+            loras.append(lora)
+        for lo in loras:
+            for t, key in lo.replaced.items():
+                if not torch.equal(lo.ckpt.load(key), base_ckpt.load(t)):
+                    raise ConfigError(f"adapter {lo.path}: its saved layer {key!r} differs from the base's {t!r}; "
+                                      "merge it into a full model instead (merge_checkpoints)")
+        ff = {lo.fan_in_fan_out for lo in loras}
+        if len(ff) > 1:
+            raise ConfigError("the adapters disagree on fan_in_fan_out; merge adapters of one layout")
+        modules = sorted({m for lo in loras for m in lo.modules})
+        for m in modules:
+            kinds = {lo.modules[m].embedding for lo in loras if m in lo.modules}
+            if len(kinds) > 1:
+                raise ConfigError(f"module {m!r} is an embedding LoRA in some adapters and not in others")
+        exact = rank is None and (type(instance) is Linear or (type(instance) is TaskArithmetic
+                                                               and not getattr(instance, "rescale", False)))
+        weights = params["weight"]
+        coef = weights * getattr(instance, "lambda_", 1.0)
+        if getattr(instance, "normalize", False):
+            coef = coef / weights.sum()
+        factors: dict[str, tuple[Tensor, Tensor, bool]] = {}
+        errors: dict[str, float] = {}
+        for m in modules:
+            have = [(i, lo) for i, lo in enumerate(loras) if m in lo.modules]
+            emb = have[0][1].modules[m].embedding
+            if exact:
+                bs, as_ = [], []
+                for i, lo in have:
+                    b, a = lo.factors(m)
+                    bs.append(b * float(coef[i]))
+                    as_.append(a)
+                factors[m] = (torch.cat(bs, 1), torch.cat(as_, 0), emb)
+                errors[m] = 0.0
+                continue
+            deltas = []
+            for i, lo in enumerate(loras):
+                if m in lo.modules:
+                    b, a = lo.factors(m)
+                    deltas.append(b @ a)
+                else:
+                    deltas.append(None)
+            ref = next(d for d in deltas if d is not None)
+            stacked = torch.stack([d if d is not None else torch.zeros_like(ref) for d in deltas])
+            merged = _merge_tensor(instance, have[0][1].target(m), stacked, torch.zeros_like(ref), params, seed)
+            want = rank if rank is not None else sum(lo.modules[m].rank for _, lo in have)
+            b, a, err = _svd_factors(merged.float(), want)
+            factors[m] = (b, a, emb)
+            errors[m] = err
+        r = max(a.shape[0] for _, a, _ in factors.values())
+        factors = {m: (*_pad(b, a, r), emb) for m, (b, a, emb) in factors.items()}
+        tasks = {lo.config.get("task_type") for lo in loras}
+        cfg = _adapter_config(r, modules, base=str(loras[0].config.get("base_model_name_or_path") or base),
+                              fan_in_fan_out=ff.pop(), task_type=tasks.pop() if len(tasks) == 1 else None)
+        return _write_adapter(out_dir, factors, cfg, overwrite), errors
+    finally:
+        for o in opened:
+            o.close()
+
+
+# -- extraction ----------------------------------------------------------------------------------
+_NOT_LINEAR = re.compile(r"(^|\.)(embed_tokens|embed_positions|embeddings?|wte|wpe|word_embeddings|"
+                         r"position_embeddings|token_type_embeddings)\.weight$")
+
+
+def extract_lora(
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    rank: int,
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> tuple[Path, dict[str, float]]:
+    """A PEFT LoRA adapter of ``base`` approximating the full fine-tune ``finetuned``.
+
+    For each 2-D weight of a Linear layer (embeddings are left out) that differs between the two,
+    ``W_ft - W_base`` is factored by a truncated SVD to ``rank`` (capped by the matrix's full
+    rank, so a large enough ``rank`` reconstructs exactly); one weight is in memory at a time.
+    Returns the output path and the relative Frobenius error per module (as
+    ``mergekit-extract-lora``; Hu et al. 2022 for LoRA).
+    """
+    from polytask.merge.engine import check_output_apart
+
+    _check_rank(rank)
+    if rank is None:
+        raise ConfigError("rank: must be a positive integer, got None")
+    check_output_apart(out_dir, [("base model", str(base), base), ("fine-tuned model", str(finetuned), finetuned)])
+    with Checkpoint(base, allow_pickle=allow_pickle) as b_ckpt, Checkpoint(finetuned, allow_pickle=allow_pickle) as f_ckpt:
+        names = []
+        for name in b_ckpt.names():
+            spec = b_ckpt.spec(name)
+            if not (name.endswith(".weight") and len(spec.shape) == 2 and spec.dtype.is_floating_point):
+                continue
+            if _NOT_LINEAR.search(name):
+                continue
+            if name not in f_ckpt:
+                raise CheckpointError(f"tensor {name!r} is in base {base} but missing from fine-tuned {finetuned}")
+            if tuple(f_ckpt.spec(name).shape) != tuple(spec.shape):
+                raise CheckpointError(f"tensor {name!r} is {list(spec.shape)} in base {base} but "
+                                      f"{list(f_ckpt.spec(name).shape)} in fine-tuned {finetuned}")
+            names.append(name)
+        factors: dict[str, tuple[Tensor, Tensor, bool]] = {}
+        errors: dict[str, float] = {}
+        for name in names:
+            delta = f_ckpt.load(name).double() - b_ckpt.load(name).double()
+            if not bool(delta.any()):
+                continue
+            b, a, err = _svd_factors(delta, rank)
+            module = name.removesuffix(".weight")
+            factors[module] = (b, a, False)
+            errors[module] = err
+        if not factors:
+            raise CheckpointError(f"no Linear weight of {finetuned} differs from base {base}; nothing to extract")
+        r = max(a.shape[0] for _, a, _ in factors.values())
+        factors = {m: (*_pad(b, a, r), emb) for m, (b, a, emb) in factors.items()}
+        cfg = _adapter_config(r, list(factors), base=str(base), fan_in_fan_out=False, task_type=None)
+        return _write_adapter(out_dir, factors, cfg, overwrite), errors

@@ -1,0 +1,258 @@
+"""LoRA adapters as merge inputs and outputs, and LoRA extraction, checked through PEFT on a tiny
+random Llama built from a config (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from polytask.errors import CheckpointError, ConfigError  # noqa: E402
+from polytask.merge import load_state_dict, merge_checkpoints  # noqa: E402
+from polytask.merge.lora import extract_lora, merge_adapters  # noqa: E402
+
+
+def _config(hidden: int = 16) -> "transformers.LlamaConfig":
+    return transformers.LlamaConfig(vocab_size=48, hidden_size=hidden, intermediate_size=2 * hidden,
+                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                    max_position_embeddings=32, tie_word_embeddings=False)
+
+
+def _model(seed: int, hidden: int = 16) -> "transformers.LlamaForCausalLM":
+    torch.manual_seed(seed)
+    m = transformers.LlamaForCausalLM(_config(hidden)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m
+
+
+def _save_adapter(base_dir: Path, out: Path, seed: int, **lora_kwargs) -> Path:
+    """A PEFT adapter of the saved base with random (non-zero) A and B."""
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    pm = peft.get_peft_model(model, peft.LoraConfig(**lora_kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(out)
+    return out
+
+
+def _peft_full(base_dir: Path, adapter: Path, out: Path) -> Path:
+    """The full model PEFT makes of an adapter (merge_and_unload), saved."""
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora")
+    base = root / "base"
+    _model(0).save_pretrained(base)
+    a1 = _save_adapter(base, root / "a1", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    # rsLoRA, per-module ranks and alphas, an embedding LoRA, other targets
+    a2 = _save_adapter(base, root / "a2", 2, r=2, lora_alpha=3, use_rslora=True,
+                       target_modules=["q_proj", "o_proj", "embed_tokens", "up_proj"],
+                       rank_pattern={"layers.1.self_attn.q_proj": 5}, alpha_pattern={"o_proj": 7})
+    cfg2 = json.loads((a2 / "adapter_config.json").read_text())
+    assert cfg2["use_rslora"] and cfg2["rank_pattern"]
+    f1, f2 = _peft_full(base, a1, root / "f1"), _peft_full(base, a2, root / "f2")
+    return {"root": root, "base": base, "a1": a1, "a2": a2, "f1": f1, "f2": f2}
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.arange(0, 40, 3).reshape(1, -1) % 48
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+CASES = [
+    ("task_arithmetic", [{"weight": 0.7}, {"weight": -0.4}], {"lambda_": 0.9}),
+    ("ties", [{"weight": 1.0, "density": 0.5}, {"weight": -0.6, "density": 0.7}], {"normalize": False}),
+    ("linear", [{"weight": 2.0}, {"weight": 1.0}], {}),
+]
+
+
+@pytest.mark.parametrize("method,per_model,params", CASES, ids=[c[0] for c in CASES])
+def test_adapters_merge_like_peft_merged_full_models(setup, tmp_path, method, per_model, params) -> None:
+    s = setup
+    out_a = merge_checkpoints(method, [s["a1"], s["a2"]], s["base"], tmp_path / "from_adapters",
+                              model_params=per_model, method_params=params)
+    out_f = merge_checkpoints(method, [s["f1"], s["f2"]], s["base"], tmp_path / "from_full",
+                              model_params=per_model, method_params=params)
+    got, want = load_state_dict(out_a), load_state_dict(out_f)
+    base = load_state_dict(s["base"])
+    assert got.keys() == want.keys()
+    changed = 0
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+        changed += int(not torch.equal(got[k], base[k]))
+    # the adapters' modules moved: q, v, down (a1), o, up, embed (a2) in both layers
+    assert changed >= 11
+
+
+def test_adapter_merge_from_a_config(setup, tmp_path) -> None:
+    from polytask.merge import run_merge
+
+    s = setup
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {s['base']}\nmodels:\n"
+                   f"  - model: {s['a1']}\n    parameters: {{weight: 0.5}}\n"
+                   f"  - model: {s['a2']}\n    parameters: {{weight: -1.0}}\n")
+    out = run_merge(cfg, tmp_path / "out")
+    want = merge_checkpoints("task_arithmetic", [s["f1"], s["f2"]], s["base"], tmp_path / "ref",
+                             model_params=[{"weight": 0.5}, {"weight": -1.0}])
+    got, ref = load_state_dict(out), load_state_dict(want)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6, msg=k)
+    # transformers loads the merged model
+    transformers.LlamaForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize("method,per_model,params", [CASES[0], CASES[2]], ids=["task_arithmetic", "linear"])
+def test_merged_adapter_is_exact_for_linear_methods(setup, tmp_path, method, per_model, params) -> None:
+    s = setup
+    out, errors = merge_adapters(method, [s["a1"], s["a2"]], s["base"], tmp_path / "ad",
+                                 model_params=per_model, method_params=params)
+    assert set(errors.values()) == {0.0}
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 + 5  # concatenated: a1's 4 + a2's largest (rank_pattern 5), zero-padded elsewhere
+    full = merge_checkpoints(method, [s["f1"], s["f2"]], s["base"], tmp_path / "full",
+                             model_params=per_model, method_params=params)
+    model = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(s["base"]), out).eval()
+    ref = transformers.LlamaForCausalLM.from_pretrained(full).eval()
+    torch.testing.assert_close(_logits(model), _logits(ref), rtol=1e-4, atol=1e-4)
+    # and the weights PEFT merges equal the full-model merge
+    merged = model.merge_and_unload().state_dict()
+    want = load_state_dict(full)
+    for k, v in want.items():
+        torch.testing.assert_close(merged[k], v, rtol=0, atol=1e-5, msg=k)
+
+
+def test_merged_adapter_through_svd_for_ties(setup, tmp_path) -> None:
+    s = setup
+    method, per_model, params = CASES[1]
+    full = load_state_dict(merge_checkpoints(method, [s["f1"], s["f2"]], s["base"], tmp_path / "full",
+                                             model_params=per_model, method_params=params))
+    base = load_state_dict(s["base"])
+
+    def adapter_weights(rank: int | None, name: str) -> tuple[dict, dict]:
+        out, errors = merge_adapters(method, [s["a1"], s["a2"]], s["base"], tmp_path / name,
+                                     model_params=per_model, method_params=params, rank=rank)
+        model = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(s["base"]), out)
+        return model.merge_and_unload().state_dict(), errors
+
+    # full rank (16 = min dimension of every target here): exact up to rounding
+    exact, errors = adapter_weights(16, "r16")
+    assert max(errors.values()) < 1e-5
+    for k, v in full.items():
+        torch.testing.assert_close(exact[k], v, rtol=0, atol=1e-5, msg=k)
+    # rank 2: the reported error is the true relative error of dW
+    low, errors = adapter_weights(2, "r2")
+    assert min(errors.values()) > 0.05
+    for module, err in errors.items():
+        k = f"{module}.weight"
+        true_dw, got_dw = full[k] - base[k], low[k] - base[k]
+        actual = float((got_dw - true_dw).norm() / true_dw.norm())
+        assert actual == pytest.approx(err, rel=1e-3, abs=1e-5), module
+
+
+def test_extract_lora_round_trip(setup, tmp_path) -> None:
+    s = setup
+    ft = _model(0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in ft.named_parameters():
+            if n.endswith("proj.weight") and "layers.0" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    ft.save_pretrained(tmp_path / "ft")
+    want, base = load_state_dict(tmp_path / "ft"), load_state_dict(s["base"])
+
+    out, errors = extract_lora(s["base"], tmp_path / "ft", tmp_path / "full_rank", rank=64)
+    assert set(errors) == {n.removesuffix(".weight") for n in want if "layers.0" in n and n.endswith("proj.weight")}
+    assert max(errors.values()) < 1e-6
+    model = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(s["base"]), out)
+    got = model.merge_and_unload().state_dict()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-5, msg=k)
+
+    out, errors = extract_lora(s["base"], tmp_path / "ft", tmp_path / "r3", rank=3)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
+    got = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(s["base"]), out) \
+        .merge_and_unload().state_dict()
+    for module, err in errors.items():
+        k = f"{module}.weight"
+        actual = float((got[k] - want[k]).norm() / (want[k] - base[k]).norm())
+        assert actual == pytest.approx(err, rel=1e-3), module
+        assert 0.1 < err < 1
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "polytask.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_extract_lora_cli(setup, tmp_path) -> None:
+    s = setup
+    r = _cli("extract-lora", str(s["base"]), str(s["f1"]), str(tmp_path / "out"), "--rank", "4")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any("layers.1.self_attn.q_proj" in ln and "relative error" in ln for ln in lines)
+    # a1 is rank 4: rank 4 recovers it exactly
+    errs = [float(ln.rsplit(" ", 1)[1]) for ln in lines if "relative error" in ln]
+    assert len(errs) == 6 and max(errs) < 1e-5
+    bad = _cli("extract-lora", str(s["base"]), str(s["f1"]), str(tmp_path / "bad"), "--rank", "0")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "rank" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bad_adapters(setup, tmp_path) -> None:
+    s = setup
+    # an adapter of another base (hidden 8 instead of 16)
+    other = tmp_path / "other_base"
+    _model(3, hidden=8).save_pretrained(other)
+    wrong = _save_adapter(other, tmp_path / "wrong", 4, r=2, target_modules=["q_proj"])
+    with pytest.raises(CheckpointError, match=r"q_proj.*another base"):
+        merge_checkpoints("task_arithmetic", [s["a1"], wrong], s["base"], tmp_path / "o1")
+    assert not (tmp_path / "o1").exists()
+    # a module the base lacks
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(s["a1"] / "adapter_model.safetensors")
+    save_file({k.replace("q_proj", "qkv_proj"): v for k, v in t.items()}, renamed / "adapter_model.safetensors")
+    (renamed / "adapter_config.json").write_text((s["a1"] / "adapter_config.json").read_text())
+    with pytest.raises(CheckpointError, match=r"qkv_proj.*not in base"):
+        merge_adapters("ties", [s["a1"], renamed], s["base"], tmp_path / "o2", rank=2)
+    assert not (tmp_path / "o2").exists()
+    # missing weights file: named
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors"):
+        merge_checkpoints("task_arithmetic", [empty], s["base"], tmp_path / "o3")
+    # an adapter without a base model
+    with pytest.raises(ConfigError, match="base_model"):
+        merge_checkpoints("linear", [s["a1"], s["f1"]], None, tmp_path / "o4")
+    with pytest.raises(ConfigError, match="rank"):
+        merge_adapters("ties", [s["a1"]], s["base"], tmp_path / "o5", rank=0)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("o", ".o")) and p.name[-1].isdigit()]
+    # through the CLI: one line, exit 2
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {s['base']}\nmodels:\n  - model: {wrong}\n")
+    r = _cli("merge", str(cfg), str(tmp_path / "o6"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "q_proj" in r.stderr, r.stderr
+    assert not (tmp_path / "o6").exists()
