@@ -194,3 +194,85 @@ def test_molora_forward_backward_makes_no_host_sync(monkeypatch):
         monkeypatch.setattr(torch.Tensor, attr, refuse)
     adapters.set_task(model, torch.tensor([0, 1, 0]))
     (model(x).sum() + adapters.aux_loss(model)).backward()
+
+
+# ------------------------------------------------------------------------------------ training with a balancer
+@pytest.mark.parametrize("method,kw", [("hydralora", {"num_experts": 2}), ("mtlora", {})])
+def test_two_task_training_with_nash_mtl_trains_adapters_only(method, kw):
+    model = adapters.apply(tiny_bert(seed=2), method, ["a", "b"], ["query", "value", "dense"], rank=4, alpha=8, **kw)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    ours = {id(p) for p in adapters.shared_parameters(model) + adapters.task_parameters(model)}
+    assert {n for n, p in model.named_parameters() if id(p) not in ours} == set(frozen)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (8, 6))
+    y = {"a": torch.randn(8, dtype=torch.double), "b": torch.randn(8, dtype=torch.double)}
+    heads = nn.ModuleDict({t: nn.Linear(16, 1) for t in y}).double()
+    params = adapters.shared_parameters(model) + adapters.task_parameters(model) + list(heads.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    balancer = balance.get("nash_mtl")
+
+    def losses():
+        out = {}
+        for t in y:                         # one forward per task: the task picks its task-specific LoRA
+            adapters.set_task(model, t)
+            pooled = model(ids).last_hidden_state[:, 0]
+            out[t] = ((heads[t](pooled).squeeze(-1) - y[t]) ** 2).mean()
+        return out
+
+    first = {t: v.item() for t, v in losses().items()}
+    for _ in range(25):
+        opt.zero_grad()
+        balancer.backward(losses(), shared=adapters.shared_parameters(model))
+        opt.step()
+    last = {t: v.item() for t, v in losses().items()}
+    assert all(last[t] < 0.7 * first[t] for t in y), (first, last)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters.shared_parameters(model))
+
+
+# ------------------------------------------------------------------------------------ save / load
+@pytest.mark.parametrize("method,kw", METHODS)
+def test_save_load_round_trip_gives_the_same_outputs(method, kw, tmp_path):
+    base = tiny_bert()
+    model = adapters.apply(copy.deepcopy(base), method, ["a", "b"], ["query", "value"], rank=4, alpha=8, **kw)
+    randomize(model)
+    adapters.save(model, tmp_path / "ad")
+    loaded = adapters.load(copy.deepcopy(base), tmp_path / "ad")
+    ids = torch.randint(0, 40, (3, 5))
+    for task in ("a", torch.tensor([1, 0, 1])):
+        adapters.set_task(model, task)
+        adapters.set_task(loaded, task)
+        assert torch.equal(loaded(ids).last_hidden_state, model(ids).last_hidden_state)
+    with pytest.raises(CheckpointError, match=r"tensor 'encoder\.layer\.0\.attention\.self\.query\.lora_A'.*shape"):
+        adapters.load(tiny_bert(hidden=24), tmp_path / "ad")       # a different base: shape mismatch
+    with pytest.raises(CheckpointError, match="cannot read"):
+        adapters.load(copy.deepcopy(base), tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------ PEFT equality
+@pytest.mark.parametrize("build,targets", [(tiny_bert, ["query", "value"]), (tiny_llama, ["q_proj", "v_proj"])])
+def test_per_task_lora_saved_in_peft_format_loads_in_peft_with_equal_outputs(build, targets, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = build()
+    model = adapters.apply(copy.deepcopy(base), "lora", ["a", "b"], targets, rank=4, alpha=12)
+    randomize(model)
+    ids = torch.randint(0, 40, (2, 6))
+    out = (lambda m: m(ids).last_hidden_state) if build is tiny_bert else (lambda m: m(ids).logits)
+    for task in ("a", "b"):
+        adapters.save_peft(model, tmp_path / task, task=task)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / task)).eval()
+        adapters.set_task(model, task)
+        assert torch.allclose(out(theirs), out(model), atol=1e-10)
+    assert not torch.allclose(out(base), out(model))                  # the adapters matter
+    # and back: PEFT's directory loaded into a fresh polytask model gives the same task outputs
+    fresh = adapters.apply(copy.deepcopy(base), "lora", ["x", "b"], targets, rank=4, alpha=12)
+    adapters.load_peft(fresh, tmp_path / "b", task="b")
+    adapters.set_task(fresh, "b")
+    assert torch.allclose(out(fresh), out(model), atol=1e-12)
+    with pytest.raises(ConfigError, match="r=4, lora_alpha=12"):
+        adapters.load_peft(adapters.apply(copy.deepcopy(base), "lora", ["b"], targets, rank=2, alpha=12),
+                           tmp_path / "b", task="b")
+    with pytest.raises(ConfigError, match="PEFT's LoRA format"):
+        adapters.save_peft(adapters.apply(copy.deepcopy(base), "hydralora", ["b"], targets, rank=4), tmp_path / "h",
+                           task="b")
