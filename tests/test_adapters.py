@@ -144,6 +144,8 @@ def test_molora_batched_experts_equal_a_per_expert_loop():
     assert torch.allclose(lay.aux_loss, adapters.load_balancing_loss(gates, probs), atol=1e-12)
     model(x.reshape(-1, 6))
     assert torch.allclose(adapters.aux_loss(model), model[0].aux_loss + model[2].aux_loss)
+    twin = copy.deepcopy(model)                 # a graph-holding aux loss does not block deepcopy
+    assert twin[0].aux_loss is None and torch.equal(twin[0].lora_B, lay.lora_B)
 
 
 def test_hydralora_shares_one_A_and_equals_a_loop_over_heads():
@@ -169,6 +171,8 @@ def test_bad_input_names_the_problem():
         adapters.apply(mlp(), "lorra", ["a"], ["0"], rank=2)
     with pytest.raises(ConfigError, match="top_k.*num_experts=2, got 3"):
         adapters.apply(mlp(), "molora", ["a"], ["0"], rank=2, num_experts=2, top_k=3)
+    with pytest.raises(ConfigError, match="adapters.top_kk: method 'molora' takes no such parameter"):
+        adapters.apply(mlp(), "molora", ["a"], ["0"], rank=2, top_kk=1)
     model = adapters.apply(mlp(), "lora", ["a", "b"], ["0"], rank=2)
     with pytest.raises(ConfigError, match="no task set"):
         model(torch.randn(2, 6, dtype=torch.double))

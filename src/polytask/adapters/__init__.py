@@ -14,12 +14,14 @@ routed B heads), ``molora`` (top-k mixture of LoRA experts with a load-balancing
     adapters.save(model, "run/adapters")           # safetensors + adapter_config.json
     adapters.save_peft(model, "run/peft_a", task="a")   # method "lora": PEFT's format for one task
 
-``target_modules`` follows PEFT: a string is a regular expression matched in full against
+A ``(B,)`` task-id tensor is not range-checked (that would synchronise with the device): an id
+outside ``0..T-1`` fails in indexing. ``target_modules`` follows PEFT: a string is a regular expression matched in full against
 module names, a list matches a name equal to an entry or ending in ``"." + entry``.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -67,6 +69,11 @@ def apply(model: nn.Module, method: str, tasks: Sequence[str], target_modules: s
     if hasattr(model, _ATTR):
         raise ConfigError("adapters.apply: the model already has adapters")
     cls = METHODS[key]
+    takes = set(inspect.signature(cls.__init__).parameters) - {"self", "base", "context", "rank", "alpha"}
+    unknown = sorted(set(params) - takes)
+    if unknown:
+        raise ConfigError(f"adapters.{unknown[0]}: method {key!r} takes no such parameter "
+                          f"(it takes: {', '.join(sorted(takes)) or 'none'}), got {params[unknown[0]]!r}")
     if "num_experts" in params and (not isinstance(params["num_experts"], int) or params["num_experts"] < 1):
         raise ConfigError(f"adapters.num_experts: must be a positive integer, got {params['num_experts']!r}")
     if "top_k" in params:
@@ -85,13 +92,10 @@ def apply(model: nn.Module, method: str, tasks: Sequence[str], target_modules: s
     for p in model.parameters():
         p.requires_grad_(False)
     context = TaskContext(tasks)
-    try:
-        for n in names:
-            parent_name, _, child = n.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, cls(getattr(parent, child), context, rank, alpha, **params))
-    except TypeError as exc:
-        raise ConfigError(f"adapters: method {key!r} does not take these parameters: {exc}") from None
+    for n in names:
+        parent_name, _, child = n.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, cls(getattr(parent, child), context, rank, alpha, **params))
     object.__setattr__(model, _ATTR, {"method": key, "tasks": tasks, "rank": rank, "alpha": alpha,
                                       "target_modules": target_modules, "modules": names, "params": dict(params),
                                       "context": context})
@@ -141,8 +145,11 @@ def task_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def aux_loss(model: nn.Module) -> Tensor:
     """Sum of the load-balancing losses of the last forward pass (0 for methods without routing loss)."""
-    losses = [m.aux_loss for m in adapter_layers(model).values() if getattr(m, "aux_loss", None) is not None]
-    return torch.stack(losses).sum() if losses else torch.zeros(())
+    layers = adapter_layers(model).values()
+    losses = [m.aux_loss for m in layers if getattr(m, "aux_loss", None) is not None]
+    if losses:
+        return torch.stack(losses).sum()
+    return torch.zeros((), device=next(iter(layers)).base.weight.device)
 
 
 from polytask.adapters.io import load, load_peft, save, save_peft  # noqa: E402  (io needs apply)

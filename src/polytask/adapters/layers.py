@@ -244,6 +244,12 @@ class MoLoRALinear(AdapterLinear):
     def shared_parameters(self) -> list[nn.Parameter]:
         return [self.lora_A, self.lora_B, self.router]
 
+    def __getstate__(self) -> dict:
+        # the last forward's aux loss is a graph node: deepcopy/pickle of the model would refuse it
+        state = self.__dict__.copy()
+        state["aux_loss"] = None
+        return state
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_experts={self.num_experts}, top_k={self.top_k}"
 
