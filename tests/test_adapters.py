@@ -13,7 +13,7 @@ from polytask import adapters, balance
 from polytask.errors import CheckpointError, ConfigError
 
 METHODS = [("lora", {}), ("mtlora", {}), ("hydralora", {"num_experts": 3}),
-           ("molora", {"num_experts": 4, "top_k": 2})]
+           ("molora", {"num_experts": 4, "top_k": 2}), ("smora", {"top_k": 2})]
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -157,6 +157,36 @@ def test_hydralora_shares_one_A_and_equals_a_loop_over_heads():
     w = torch.softmax(x @ lay.router.T, -1)
     ref = lay.base(x) + 2.0 * sum(w[:, e:e + 1] * (x @ lay.lora_A.T @ lay.lora_B[e].T) for e in range(3))
     assert torch.allclose(lay(x), ref, atol=1e-12)
+
+
+def test_smora_routes_ranks_by_hand_and_equals_a_loop():
+    model = adapters.apply(mlp(), "smora", ["a"], ["0"], rank=3, alpha=3, top_k=2)
+    lay = model[0]
+    with torch.no_grad():
+        lay.lora_A.copy_(torch.tensor([[1.0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0, 0]]))
+        lay.lora_B.zero_()
+        lay.lora_B[:3, :3] = torch.eye(3)
+        lay.router.zero_()
+        lay.router[:3, :3] = torch.eye(3) * math.log(2.0)
+    # x = (1, 2, 3, 0, 0, 0): A x = (1, 2, 3); router logits = log2 * (1, 2, 3) -> probs ∝ (2, 4, 8),
+    # top-2 = ranks {1, 2} with renormalised gates (4/12, 8/12); delta = B (g * A x) = (0, 2/3, 2), scaling 1
+    x = torch.tensor([[1.0, 2.0, 3.0, 0, 0, 0]], dtype=torch.double)
+    want = torch.zeros(1, 10, dtype=torch.double)
+    want[0, 1], want[0, 2] = 2 / 3, 2.0
+    assert torch.allclose(lay(x) - lay.base(x), want, atol=1e-12)
+    randomize(model, seed=5)
+    xs = torch.randn(9, 6, dtype=torch.double)
+    probs = torch.softmax(xs @ lay.router.T, -1)
+    ref = lay.base(xs).clone()
+    for n in range(9):                                      # reference: a loop over tokens and active ranks
+        top = probs[n].topk(2).indices
+        for r in top:
+            ref[n] += probs[n, r] / probs[n, top].sum() * (lay.lora_A[r] @ xs[n]) * lay.lora_B[:, r]
+    assert torch.allclose(lay(xs), ref, atol=1e-12)
+    with pytest.raises(ConfigError, match="top_k: must be between 1 and rank=2, got 3"):
+        adapters.apply(mlp(), "smora", ["a"], ["0"], rank=2, top_k=3)
+    with pytest.raises(ConfigError, match="top_k: must be between 1 and rank=1, got 2"):
+        adapters.apply(mlp(), "smora", ["a"], ["0"], rank=1)         # the default top_k=2 is checked too
 
 
 # ------------------------------------------------------------------------------------ bad input

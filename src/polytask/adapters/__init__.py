@@ -2,7 +2,8 @@
 
 Methods (one class each in :mod:`polytask.adapters.layers`, paper in its docstring):
 ``lora`` (one LoRA per task), ``mtlora`` (shared + per-task LoRA), ``hydralora`` (shared A,
-routed B heads), ``molora`` (top-k mixture of LoRA experts with a load-balancing loss)::
+routed B heads), ``molora`` (top-k mixture of LoRA experts with a load-balancing loss), ``smora``
+(each rank an expert, top-k rank-wise routing)::
 
     from polytask import adapters, balance
     adapters.apply(model, "molora", tasks=["a", "b"], target_modules=["query", "value"], rank=8,
@@ -31,12 +32,13 @@ import torch
 from torch import Tensor, nn
 
 from polytask.adapters.layers import (ALIASES, METHODS, AdapterLinear, HydraLoRALinear, LoRALinear, MoLoRALinear,
-                                      MTLoRALinear, TaskContext, load_balancing_loss, topk_gates)
+                                      MTLoRALinear, SMoRALinear, TaskContext, load_balancing_loss, topk_gates)
 from polytask.errors import ConfigError
 
 __all__ = [
     "apply", "set_task", "task_context", "shared_parameters", "task_parameters", "aux_loss", "adapter_layers",
     "save", "load", "save_peft", "load_peft", "AdapterLinear", "LoRALinear", "MTLoRALinear", "HydraLoRALinear", "MoLoRALinear",
+    "SMoRALinear",
     "TaskContext", "topk_gates", "load_balancing_loss",
 ]
 
@@ -74,12 +76,15 @@ def apply(model: nn.Module, method: str, tasks: Sequence[str], target_modules: s
     if unknown:
         raise ConfigError(f"adapters.{unknown[0]}: method {key!r} takes no such parameter "
                           f"(it takes: {', '.join(sorted(takes)) or 'none'}), got {params[unknown[0]]!r}")
-    if "num_experts" in params and (not isinstance(params["num_experts"], int) or params["num_experts"] < 1):
-        raise ConfigError(f"adapters.num_experts: must be a positive integer, got {params['num_experts']!r}")
-    if "top_k" in params:
-        e = params.get("num_experts", 4)
-        if not isinstance(params["top_k"], int) or not 1 <= params["top_k"] <= e:
-            raise ConfigError(f"adapters.top_k: must be between 1 and num_experts={e}, got {params['top_k']!r}")
+    defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items() if k in takes}
+    effective = {**defaults, **params}
+    if "num_experts" in effective and (not isinstance(effective["num_experts"], int) or effective["num_experts"] < 1):
+        raise ConfigError(f"adapters.num_experts: must be a positive integer, got {effective['num_experts']!r}")
+    if "top_k" in effective:
+        # SMoRA routes over the ranks: its experts are the rank's R rows
+        e, what = (rank, "rank") if key == "smora" else (effective["num_experts"], "num_experts")
+        if not isinstance(effective["top_k"], int) or not 1 <= effective["top_k"] <= e:
+            raise ConfigError(f"adapters.top_k: must be between 1 and {what}={e}, got {effective['top_k']!r}")
     alpha = float(rank if alpha is None else alpha)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and _matches(n, target_modules)]
     if not names:

@@ -254,7 +254,46 @@ class MoLoRALinear(AdapterLinear):
         return super().extra_repr() + f", num_experts={self.num_experts}, top_k={self.top_k}"
 
 
+class SMoRALinear(AdapterLinear):
+    """Each rank an expert: one rank-``R`` LoRA whose ranks are gated per token, top-k of ``R`` active.
+
+    Zhao et al., "Each Rank Could be an Expert: Single-Ranked Mixture of Experts LoRA for
+    Multi-Task Learning" (SMoRA), arXiv 2025: ``y = W0 x + s B (g(x) * A x)`` with
+    ``g = topk(softmax(W_g x))`` over the ``R`` ranks (renormalised), ``A: (R, in)``,
+    ``B: (out, R)``, ``W_g: (R, in)``. The ranks are computed densely in one matmul and the
+    unselected ones gated to 0 (a rank is one multiply-add per feature: gathering would cost more).
+    Departure: balancing uses the Switch loss of :class:`MoLoRALinear` (``aux_loss``), not the
+    paper's own balancing scheme; scaling is ``alpha / R`` as for a LoRA of rank ``R``.
+    """
+
+    method = "smora"
+
+    def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float, top_k: int = 2) -> None:
+        super().__init__(base, context, rank, alpha)
+        self.top_k = top_k
+        self.lora_A = nn.Parameter(_kaiming((rank, self.in_features), self.in_features).to(base.weight))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank).to(base.weight))
+        self.router = nn.Parameter(_kaiming((rank, self.in_features), self.in_features).to(base.weight))
+        self.aux_loss: Tensor | None = None
+
+    def delta(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        gates, probs = topk_gates(flat @ self.router.T, self.top_k)   # (N, R): one gate per rank
+        self.aux_loss = load_balancing_loss(gates, probs)
+        out = ((flat @ self.lora_A.T) * gates) @ self.lora_B.T
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B, self.router]
+
+    __getstate__ = MoLoRALinear.__getstate__
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", top_k={self.top_k}"
+
+
 METHODS: dict[str, type[AdapterLinear]] = {
     "lora": LoRALinear, "mtlora": MTLoRALinear, "hydralora": HydraLoRALinear, "molora": MoLoRALinear,
+    "smora": SMoRALinear,
 }
 ALIASES = {"hydra_lora": "hydralora", "mo_lora": "molora", "loramoe": "molora", "mt_lora": "mtlora"}
