@@ -256,3 +256,32 @@ def test_bad_adapters(setup, tmp_path) -> None:
     r = _cli("merge", str(cfg), str(tmp_path / "o6"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "q_proj" in r.stderr, r.stderr
     assert not (tmp_path / "o6").exists()
+
+
+def test_mergekit_model_plus_lora_syntax(setup, tmp_path) -> None:
+    """``model+adapter`` in a config (mergekit's syntax), relative to the config's folder, also
+    as the base; the adapter may belong to a model other than the merge's base."""
+    from polytask.merge import run_merge
+
+    s = setup
+    root = s["root"]
+    cfg = root / "plus.yaml"
+    cfg.write_text("merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
+                   "  - model: base+a1\n    parameters: {weight: 0.5}\n"
+                   "  - model: f1+a2\n    parameters: {weight: -1.0}\n")
+    out = run_merge(cfg, tmp_path / "out")
+    f1_a2 = _peft_full(s["f1"], s["a2"], tmp_path / "f1_a2")
+    want = load_state_dict(merge_checkpoints("task_arithmetic", [s["f1"], f1_a2], s["base"], tmp_path / "ref",
+                                             model_params=[{"weight": 0.5}, {"weight": -1.0}]))
+    got = load_state_dict(out)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    assert (out / "config.json").is_file()
+    # the base itself written as model+adapter: its config is copied from the model
+    cfg.write_text("merge_method: linear\nbase_model: base+a1\nmodels:\n  - model: f2\n  - model: base+a1\n")
+    out = run_merge(cfg, tmp_path / "out2")
+    assert (out / "config.json").is_file()
+    f1, f2 = load_state_dict(s["f1"]), load_state_dict(s["f2"])
+    got = load_state_dict(out)
+    for k in f1:
+        torch.testing.assert_close(got[k], (f1[k] + f2[k]) / 2, rtol=0, atol=1e-6, msg=k)

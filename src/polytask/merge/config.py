@@ -169,6 +169,10 @@ class MergeConfig(BaseModel):
         they exist there; the others stay as given (relative to the working directory)."""
 
         def resolve(path: str) -> str:
+            if "+" in path and not (Path(folder) / path).exists() and not Path(path).exists():
+                model, _, adapter = path.rpartition("+")  # mergekit's model+lora
+                if model:
+                    return f"{resolve(model)}+{resolve(adapter)}"
             p = Path(path).expanduser()
             if p.is_absolute():
                 return str(p)
@@ -398,6 +402,11 @@ def _run_one(
             except MergeError as exc:
                 raise ConfigError(f"{config_path}: {key}: {exc}") from None
     reference = paths[base_i] if base_i is not None else paths[0]
+    if "+" in reference:
+        from polytask.merge.lora import split_lora_path
+
+        split = split_lora_path(reference)  # mergekit's model+adapter: config and tokenizer of the model
+        reference = split[0] if split is not None else reference
     extra = {"polytask_merge.yaml": text}
 
     def plan_jobs(sources):  # type: ignore[no-untyped-def]

@@ -27,7 +27,7 @@ from torch import Tensor
 from polytask.errors import ConfigError, MergeError
 from polytask.merge import checks
 from polytask.merge.io import Checkpoint, CheckpointWriter, TensorSpec, parse_dtype, parse_size
-from polytask.merge.lora import AdapterCheckpoint, is_adapter
+from polytask.merge.lora import AdapterCheckpoint, is_adapter, split_lora_path
 from polytask.merge.methods import MERGE_METHODS, MergeMethod, TensorContext
 
 __all__ = [
@@ -499,8 +499,9 @@ def merge_planned(
     try:
         ckpts: list[Any] = [None] * len(paths)
         for k, p in enumerate(paths):
-            if not is_adapter(p):
-                ckpts[k] = Checkpoint(p, allow_pickle=allow_pickle)
+            if not is_adapter(p):  # a checkpoint, or mergekit's model+adapter
+                ckpts[k] = AdapterCheckpoint.open_plus(p, allow_pickle=allow_pickle) or Checkpoint(
+                    p, allow_pickle=allow_pickle)
                 opened.append(ckpts[k])
         base_k = roles.index("base model") if "base model" in roles else None
         for k, p in enumerate(paths):
@@ -526,6 +527,8 @@ def merge_planned(
             _stream(jobs, sources, writer, compute_dtype, seed, io_threads, parse_size(prefetch_bytes),
                     progress, on_tensor, allow_nonfinite, nonfinite)
             src_path = Path(copy_files_from) if copy_files_from is not None else None
+            if src_path is not None and split_lora_path(src_path) is not None:  # model+adapter: the model's files
+                src_path = Path(split_lora_path(src_path)[0])  # type: ignore[index]
             writer.copy_extras(src_path if src_path is not None and src_path.is_dir() else None, out_dtype)
             for fname, text in (extra_files or {}).items():
                 writer.add_file(fname, text)

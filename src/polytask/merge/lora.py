@@ -35,7 +35,7 @@ from torch import Tensor
 from polytask.errors import CheckpointError, ConfigError
 from polytask.merge.io import Checkpoint, TensorSpec
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "is_adapter", "LoraAdapter", "AdapterCheckpoint",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "is_adapter", "split_lora_path", "LoraAdapter", "AdapterCheckpoint",
            "merge_adapters", "extract_lora"]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -44,9 +44,20 @@ _PREFIX = "base_model.model."
 
 
 def is_adapter(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a PEFT adapter folder (it holds ``adapter_config.json``)."""
+    """Whether ``path`` is a PEFT adapter folder (it holds ``adapter_config.json`` or
+    ``adapter_model.safetensors``; a missing one is named when it is opened)."""
     p = Path(path)
-    return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
+    return p.is_dir() and ((p / ADAPTER_CONFIG).is_file() or (p / ADAPTER_WEIGHTS).is_file())
+
+
+def split_lora_path(path: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """mergekit's ``model+adapter`` syntax: ``(model, adapter)`` when ``path`` does not exist as
+    written and its part after the last ``+`` is an adapter folder, else None."""
+    text = str(path)
+    if "+" not in text or Path(text).exists():
+        return None
+    model, adapter = text.rsplit("+", 1)
+    return (model, adapter) if model and is_adapter(adapter) else None
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -196,13 +207,20 @@ class AdapterCheckpoint:
     it like any checkpoint; the base's file handles stay owned by the caller.
     """
 
-    def __init__(self, path: str | os.PathLike[str], base: Checkpoint, base_label: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], base: Checkpoint, base_label: str,
+                 *, owns_base: bool = False) -> None:
         self.path = Path(path)
-        self.adapter = LoraAdapter(path)
+        self.owns_base = owns_base
+        try:
+            self.adapter = LoraAdapter(path)
+        except BaseException:
+            if owns_base:
+                base.close()
+            raise
         try:
             self.adapter.check_base(base, base_label)
         except BaseException:
-            self.adapter.close()
+            self.close_all(base)
             raise
         self.base = base
         self._by_target = {self.adapter.target(m): m for m in self.adapter.modules}
@@ -227,8 +245,23 @@ class AdapterCheckpoint:
     def read_into(self, name: str, out: Tensor) -> None:
         out.copy_(self.load(name))
 
-    def close(self) -> None:
+    def close_all(self, base: Checkpoint) -> None:
         self.adapter.close()
+        if self.owns_base:
+            base.close()
+
+    def close(self) -> None:
+        """Close the adapter's file (and the base's, when this object opened it)."""
+        self.close_all(self.base)
+
+    @classmethod
+    def open_plus(cls, path: str | os.PathLike[str], *, allow_pickle: bool = False) -> AdapterCheckpoint | None:
+        """``model+adapter`` (mergekit's syntax) opened as that model with the adapter applied;
+        None when ``path`` is not written so."""
+        split = split_lora_path(path)
+        if split is None:
+            return None
+        return cls(split[1], Checkpoint(split[0], allow_pickle=allow_pickle), split[0], owns_base=True)
 
     def __repr__(self) -> str:
         return f"AdapterCheckpoint({str(self.path)!r})"
