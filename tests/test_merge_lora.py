@@ -285,3 +285,21 @@ def test_mergekit_model_plus_lora_syntax(setup, tmp_path) -> None:
     got = load_state_dict(out)
     for k in f1:
         torch.testing.assert_close(got[k], (f1[k] + f2[k]) / 2, rtol=0, atol=1e-6, msg=k)
+
+
+def test_adapter_missing_config_or_mismatched_rank_is_named(setup, tmp_path) -> None:
+    s = setup
+    only_weights = tmp_path / "only_weights"
+    only_weights.mkdir()
+    (only_weights / "adapter_model.safetensors").write_bytes((s["a1"] / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="adapter_config.json"):
+        merge_checkpoints("task_arithmetic", [only_weights], s["base"], tmp_path / "o1")
+    # a config whose r disagrees with the weights (scaling would be wrong): refused, not guessed
+    lying = tmp_path / "lying"
+    lying.mkdir()
+    (lying / "adapter_model.safetensors").write_bytes((s["a1"] / "adapter_model.safetensors").read_bytes())
+    cfg = json.loads((s["a1"] / "adapter_config.json").read_text())
+    (lying / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
+    with pytest.raises(CheckpointError, match=r"rank 4 in the weights but r 8"):
+        merge_adapters("task_arithmetic", [lying], s["base"], tmp_path / "o2")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

@@ -11,6 +11,9 @@
 - mergekit YAML configs run unchanged: ``dtype`` as the compute dtype, ``slices``, per-layer
   gradients and filters (:mod:`~polytask.merge.plan`), multi-document files (mergekit-multi);
   see :mod:`polytask.merge.config` for the few differences;
+- PEFT LoRA adapters are inputs of every method (a folder with ``adapter_config.json``, or
+  mergekit's ``model+adapter``), read as base + dW; :func:`merge_adapters` merges adapters into an
+  adapter and :func:`extract_lora` makes one from a full fine-tune (:mod:`~polytask.merge.lora`);
 - :mod:`polytask.merge.data_driven` has the methods that need the model and data: Fisher
   merging, RegMean, AdaMerging (task- and layer-wise) and WEMoE.
 """
@@ -32,6 +35,7 @@ from polytask.merge.io import (
     load_state_dict,
     save_state_dict,
 )
+from polytask.merge.lora import AdapterCheckpoint, LoraAdapter, extract_lora, merge_adapters
 from polytask.merge.methods import MERGE_METHODS, MergeMethod, TensorContext, tall_masks
 from polytask.merge import selection as _selection  # noqa: F401  (registers its methods)
 from polytask.merge import spherical as _spherical  # noqa: F401  (registers its methods)
@@ -60,4 +64,8 @@ __all__ = [
     "adamerging",
     "wemoe",
     "WeightEnsemblingMoE",
+    "merge_adapters",
+    "extract_lora",
+    "LoraAdapter",
+    "AdapterCheckpoint",
 ]
