@@ -13,7 +13,8 @@ from polytask import adapters, balance
 from polytask.errors import CheckpointError, ConfigError
 
 METHODS = [("lora", {}), ("mtlora", {}), ("hydralora", {"num_experts": 3}),
-           ("molora", {"num_experts": 4, "top_k": 2}), ("smora", {"top_k": 2})]
+           ("molora", {"num_experts": 4, "top_k": 2}), ("smora", {"top_k": 2}),
+           ("mhr", {"n_skills": 3, "n_splits": 2})]
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -307,6 +308,54 @@ def test_per_task_lora_saved_in_peft_format_loads_in_peft_with_equal_outputs(bui
     with pytest.raises(ConfigError, match="r=4, lora_alpha=12"):
         adapters.load_peft(adapters.apply(copy.deepcopy(base), "lora", ["b"], targets, rank=2, alpha=12),
                            tmp_path / "b", task="b")
-    with pytest.raises(ConfigError, match="PEFT's LoRA format"):
+    with pytest.raises(ConfigError, match="PEFT's format"):
         adapters.save_peft(adapters.apply(copy.deepcopy(base), "hydralora", ["b"], targets, rank=4), tmp_path / "h",
                            task="b")
+
+
+@pytest.mark.parametrize("n_splits", [1, 2])                     # Poly, and MHR with 2 heads
+def test_poly_and_mhr_equal_peft_with_copied_weights_and_via_peft_format(n_splits, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_bert()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PolyConfig(
+        r=2, target_modules=["query", "value"], n_tasks=3, n_skills=4, n_splits=n_splits, init_weights=False))
+    theirs = theirs.double().eval()
+    ours = adapters.apply(copy.deepcopy(base), "poly", ["a", "b", "c"], ["query", "value"], rank=2, alpha=1,
+                          n_skills=4, n_splits=n_splits)
+    g = torch.Generator().manual_seed(7)
+    sd = theirs.state_dict()
+    with torch.no_grad():
+        for name, lay in adapters.adapter_layers(ours).items():
+            pre = f"base_model.model.{name}."
+            sd[pre + "poly_router.default.module_logits"].copy_(torch.randn(3, n_splits * 4, generator=g))
+            lay.lora_A.copy_(sd[pre + "poly_lora_A.default"])
+            lay.lora_B.copy_(sd[pre + "poly_lora_B.default"])
+            lay.router.copy_(sd[pre + "poly_router.default.module_logits"])
+    ids = torch.randint(0, 40, (3, 6))
+    tids = torch.tensor([2, 0, 1])
+    adapters.set_task(ours, tids)
+    want = theirs.base_model(input_ids=ids, task_ids=tids).last_hidden_state   # PeftModel.forward drops task_ids
+    assert torch.allclose(ours(ids).last_hidden_state, want, atol=1e-10)
+    assert not torch.allclose(base(ids).last_hidden_state, want)
+    adapters.set_task(ours, "c")                                # one task for the batch = ids all 2
+    assert torch.allclose(ours(ids).last_hidden_state,
+                          theirs.base_model(input_ids=ids, task_ids=torch.full((3,), 2)).last_hidden_state, atol=1e-10)
+    # training mode: the same RelaxedBernoulli draws given the same seed
+    ours.train(), theirs.train()
+    adapters.set_task(ours, tids)
+    torch.manual_seed(11)
+    got = ours(ids).last_hidden_state
+    torch.manual_seed(11)
+    assert torch.allclose(got, theirs.base_model(input_ids=ids, task_ids=tids).last_hidden_state, atol=1e-10)
+    ours.eval()
+    # PEFT format: PEFT loads our directory onto the base and gives the same outputs
+    adapters.save_peft(ours, tmp_path / "poly")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "poly")).double().eval()
+    adapters.set_task(ours, tids)
+    assert torch.allclose(loaded.base_model(input_ids=ids, task_ids=tids).last_hidden_state,
+                          ours(ids).last_hidden_state, atol=1e-10)
+
+
+def test_poly_splits_must_divide_the_layer():
+    with pytest.raises(ConfigError, match="n_splits: must divide the features of module '2' \\(10 -> 5\\), got 2"):
+        adapters.apply(mlp(), "mhr", ["a"], ["0", "2"], rank=2, n_splits=2)

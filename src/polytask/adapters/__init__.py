@@ -3,7 +3,8 @@
 Methods (one class each in :mod:`polytask.adapters.layers`, paper in its docstring):
 ``lora`` (one LoRA per task), ``mtlora`` (shared + per-task LoRA), ``hydralora`` (shared A,
 routed B heads), ``molora`` (top-k mixture of LoRA experts with a load-balancing loss), ``smora``
-(each rank an expert, top-k rank-wise routing)::
+(each rank an expert, top-k rank-wise routing), ``poly`` / ``mhr`` (skill LoRAs mixed by a learned
+task-to-skill allocation, ``n_splits`` heads for MHR; PEFT's layout)::
 
     from polytask import adapters, balance
     adapters.apply(model, "molora", tasks=["a", "b"], target_modules=["query", "value"], rank=8,
@@ -32,13 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from polytask.adapters.layers import (ALIASES, METHODS, AdapterLinear, HydraLoRALinear, LoRALinear, MoLoRALinear,
-                                      MTLoRALinear, SMoRALinear, TaskContext, load_balancing_loss, topk_gates)
+                                      MTLoRALinear, PolyLinear, SMoRALinear, TaskContext, load_balancing_loss, topk_gates)
 from polytask.errors import ConfigError
 
 __all__ = [
     "apply", "set_task", "task_context", "shared_parameters", "task_parameters", "aux_loss", "adapter_layers",
     "save", "load", "save_peft", "load_peft", "AdapterLinear", "LoRALinear", "MTLoRALinear", "HydraLoRALinear", "MoLoRALinear",
-    "SMoRALinear",
+    "SMoRALinear", "PolyLinear",
     "TaskContext", "topk_gates", "load_balancing_loss",
 ]
 
@@ -94,13 +95,17 @@ def apply(model: nn.Module, method: str, tasks: Sequence[str], target_modules: s
         if rank > min(lin.in_features, lin.out_features):
             raise ConfigError(f"adapters.rank: {rank} is larger than module {n!r} "
                               f"({lin.in_features} -> {lin.out_features}), got rank={rank}")
+        cls.check(n, lin, rank, **params)
     for p in model.parameters():
         p.requires_grad_(False)
     context = TaskContext(tasks)
     for n in names:
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls(getattr(parent, child), context, rank, alpha, **params))
+        lin = getattr(parent, child)
+        layer = cls(lin, context, rank, alpha, **params)
+        layer.train(lin.training)                    # an eval()-mode model stays in eval mode (Poly samples in train)
+        setattr(parent, child, layer)
     object.__setattr__(model, _ATTR, {"method": key, "tasks": tasks, "rank": rank, "alpha": alpha,
                                       "target_modules": target_modules, "modules": names, "params": dict(params),
                                       "context": context})

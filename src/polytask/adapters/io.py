@@ -90,24 +90,49 @@ def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -
             param.copy_(tensors[key])
 
 
-def _lora_layers(model: nn.Module, what: str) -> dict[str, nn.Module]:
+def _lora_layers(model: nn.Module, what: str, methods: tuple[str, ...] = ("lora", "mtlora")) -> dict[str, nn.Module]:
     state = _api._state(model)
-    if state["method"] not in ("lora", "mtlora"):
-        raise ConfigError(f"adapters.{what}: PEFT's LoRA format holds per-task LoRA ('lora', 'mtlora'), "
-                          f"got method {state['method']!r}")
+    if state["method"] not in methods:
+        raise ConfigError(f"adapters.{what}: PEFT's format holds per-task LoRA ('lora', 'mtlora') or Poly "
+                          f"('poly', 'mhr'), got method {state['method']!r}")
     return _api.adapter_layers(model)
 
 
-def save_peft(model: nn.Module, path: str | Path, task: str) -> Path:
-    """Write task ``task``'s LoRA in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``).
-
-    For ``mtlora`` only the task-specific LoRA is written (PEFT has no shared part).
-    """
-    layers = _lora_layers(model, "save_peft")
+def _save_peft_poly(model: nn.Module, path: Path) -> Path:
+    layers = _api.adapter_layers(model)
     state = _api._state(model)
-    t = state["context"].resolve(task)
+    first = next(iter(layers.values()))
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"base_model.model.{name}.poly_lora_A"] = layer.lora_A.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.poly_lora_B"] = layer.lora_B.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.poly_router.module_logits"] = layer.router.detach().cpu().contiguous()
+    save_file(tensors, str(path / PEFT_WEIGHTS), metadata={"format": "pt"})
+    config = {"peft_type": "POLY", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+              "r": state["rank"], "poly_type": "poly", "n_tasks": len(state["tasks"]), "n_skills": first.n_skills,
+              "n_splits": first.n_splits, "init_weights": True, "target_modules": list(layers),
+              "modules_to_save": None}
+    (path / CONFIG).write_text(json.dumps(config, indent=1))
+    return path
+
+
+def save_peft(model: nn.Module, path: str | Path, task: str | None = None) -> Path:
+    """Write adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``lora``/``mtlora``: task ``task``'s LoRA (for ``mtlora`` only the task-specific part: PEFT
+    has no shared one). ``poly``/``mhr``: the whole model, all tasks (PEFT's ``PolyConfig``, task
+    ids in the order of ``tasks``); ``task`` is not used. PEFT's Poly scales by ``1/r``: the
+    same outputs need ``alpha=1`` here.
+    """
+    layers = _lora_layers(model, "save_peft", ("lora", "mtlora", "poly", "mhr"))
+    state = _api._state(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if state["method"] in ("poly", "mhr"):
+        return _save_peft_poly(model, path)
+    if task is None:
+        raise ConfigError(f"adapters.save_peft: method {state['method']!r} needs task= (one task per PEFT adapter)")
+    t = state["context"].resolve(task)
     tensors = {}
     for name, layer in layers.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[t].detach().cpu().contiguous()

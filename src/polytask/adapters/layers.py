@@ -19,6 +19,9 @@ from torch import Tensor, nn
 
 from polytask.errors import ConfigError
 
+#: added to Poly's allocation sum before normalising (PEFT's and mttl's EPS)
+POLY_EPS = 1e-12
+
 
 class TaskContext:
     """The task serving the current batch: ``None``, an ``int`` index or a ``(B,)`` long tensor."""
@@ -89,6 +92,10 @@ class AdapterLinear(nn.Module):
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
         self.in_features, self.out_features = base.in_features, base.out_features
+
+    @classmethod
+    def check(cls, name: str, base: nn.Linear, rank: int, **params: object) -> None:
+        """ConfigError naming module ``name`` if the method cannot wrap it with these parameters."""
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.scaling * self.delta(x)
@@ -292,8 +299,74 @@ class SMoRALinear(AdapterLinear):
         return super().extra_repr() + f", top_k={self.top_k}"
 
 
+class PolyLinear(AdapterLinear):
+    """A library of skill LoRAs mixed per task by a learned task-to-skill allocation (Poly; MHR with splits).
+
+    Ponti et al., "Combining Parameter-efficient Modules for Task-level Generalisation", EACL 2023
+    (Poly): task ``t`` uses ``A_t = sum_j w_tj A_j``, ``B_t = sum_j w_tj B_j`` with
+    ``w_t = z_t / sum_j z_tj``, ``z_t ~ RelaxedBernoulli(logits_t)`` in training and
+    ``sigmoid(logits_t)`` at evaluation. Caccia et al., "Multi-Head Adapter Routing for
+    Cross-Task Generalization", NeurIPS 2023 (MHR): ``n_splits`` blocks of the input/output
+    features, each with its own allocation. Layout and arithmetic follow PEFT's ``PolyModel``
+    (``A: (splits, skills, in/splits, r)``, ``B: (splits, skills, r, out/splits)``, router logits
+    ``(tasks, splits*skills)``), so PEFT weights copy over unchanged; PEFT scales by ``1/r``,
+    which ``alpha=1`` reproduces. Unlike PEFT, a task id out of range is not checked on the host.
+    The skills are shared by all tasks, the allocation logits are per task.
+    """
+
+    method = "poly"
+
+    def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float,
+                 n_skills: int = 4, n_splits: int = 1) -> None:
+        super().__init__(base, context, rank, alpha)
+        self.n_skills, self.n_splits = n_skills, n_splits
+        q, d_in, d_out = n_splits, self.in_features // n_splits, self.out_features // n_splits
+        a = _kaiming((q, n_skills, rank, d_in), d_in).transpose(-1, -2)    # PEFT: kaiming on (r, d), stored .T
+        self.lora_A = nn.Parameter(a.contiguous().to(base.weight))
+        self.lora_B = nn.Parameter(torch.zeros(q, n_skills, rank, d_out).to(base.weight))
+        self.router = nn.Parameter(torch.empty(len(context.tasks), q * n_skills).uniform_(-1e-3, 1e-3)
+                                   .to(base.weight))
+
+    @classmethod
+    def check(cls, name: str, base: nn.Linear, rank: int, **params: object) -> None:
+        q = params.get("n_splits", 1)
+        if not isinstance(q, int) or q < 1 or base.in_features % q or base.out_features % q:
+            raise ConfigError(f"adapters.n_splits: must divide the features of module {name!r} "
+                              f"({base.in_features} -> {base.out_features}), got {q!r}")
+
+    def allocation(self, task: int | Tensor) -> Tensor:
+        """The normalised task-to-skill weights ``(B or 1, splits, skills)`` of ``task``."""
+        logits = self.router[task].reshape(-1, self.n_splits, self.n_skills)
+        if self.training:
+            z = torch.distributions.RelaxedBernoulli(torch.tensor(1.0, dtype=logits.dtype, device=logits.device),
+                                                     logits=logits).rsample()
+        else:
+            z = torch.sigmoid(logits)
+        return z / (z.sum(-1, keepdim=True) + POLY_EPS)
+
+    def delta(self, x: Tensor) -> Tensor:
+        task = self._task(x)
+        w = self.allocation(task)
+        n, r = w.shape[0], self.rank
+        a = torch.einsum("bqs,qsdr->bqdr", w, self.lora_A).reshape(n, self.in_features, r)
+        b = torch.einsum("bqs,qsrd->bqrd", w, self.lora_B).transpose(1, 2).reshape(n, r, self.out_features)
+        if not isinstance(task, Tensor):
+            return x @ a[0] @ b[0]
+        xs = x.reshape(x.shape[0], -1, x.shape[-1])
+        return xs.bmm(a).bmm(b).reshape(*x.shape[:-1], self.out_features)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B]
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        return [self.router]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", n_skills={self.n_skills}, n_splits={self.n_splits}"
+
+
 METHODS: dict[str, type[AdapterLinear]] = {
     "lora": LoRALinear, "mtlora": MTLoRALinear, "hydralora": HydraLoRALinear, "molora": MoLoRALinear,
-    "smora": SMoRALinear,
+    "smora": SMoRALinear, "poly": PolyLinear, "mhr": PolyLinear,
 }
 ALIASES = {"hydra_lora": "hydralora", "mo_lora": "molora", "loramoe": "molora", "mt_lora": "mtlora"}
