@@ -303,3 +303,38 @@ def test_adapter_missing_config_or_mismatched_rank_is_named(setup, tmp_path) -> 
     with pytest.raises(CheckpointError, match=r"rank 4 in the weights but r 8"):
         merge_adapters("task_arithmetic", [lying], s["base"], tmp_path / "o2")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_merge_cli_writes_an_adapter(setup, tmp_path) -> None:
+    """``polytask merge CONFIG OUT --adapter``: the adapter stands for the full-model merge of the
+    same config (exactly for task arithmetic; at full rank for TIES)."""
+    from polytask.merge import run_merge
+
+    s = setup
+    for method, extra, rank in (("task_arithmetic", "parameters: {lambda: 0.8}\n", None),
+                                ("ties", "parameters: {normalize: false, density: 0.6}\n", 16)):
+        cfg = tmp_path / f"{method}.yaml"
+        cfg.write_text(f"merge_method: {method}\nbase_model: {s['base']}\n{extra}models:\n"
+                       f"  - model: {s['a1']}\n    parameters: {{weight: 0.5}}\n"
+                       f"  - model: {s['a2']}\n    parameters: {{weight: -1.0}}\n")
+        args = ["merge", str(cfg), str(tmp_path / f"{method}_ad"), "--adapter"]
+        r = _cli(*args, *(["--rank", str(rank)] if rank else []))
+        assert r.returncode == 0, r.stderr
+        assert "merged LoRA adapter" in r.stdout
+        full = load_state_dict(run_merge(cfg, tmp_path / f"{method}_full"))
+        model = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(s["base"]),
+                                               tmp_path / f"{method}_ad")
+        got = model.merge_and_unload().state_dict()
+        for k, v in full.items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=1e-5, msg=k)
+    # a full model among the inputs, or a method that does not merge around the base: one line, exit 2
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"merge_method: ties\nbase_model: {s['base']}\nmodels:\n  - model: {s['a1']}\n"
+                   f"  - model: {s['f2']}\n")
+    r = _cli("merge", str(cfg), str(tmp_path / "bad_out"), "--adapter")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "f2" in r.stderr, r.stderr
+    cfg.write_text(f"merge_method: slerp\nbase_model: {s['base']}\nparameters: {{t: 0.5}}\nmodels:\n"
+                   f"  - model: {s['a1']}\n  - model: {s['a2']}\n")
+    r = _cli("merge", str(cfg), str(tmp_path / "bad_out"), "--adapter")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "slerp" in r.stderr, r.stderr
+    assert not (tmp_path / "bad_out").exists()

@@ -61,6 +61,10 @@ def train(
     if device is not None:
         overrides.append(f"device={device}")
     cfg = load_config(config, overrides)
+    if nproc != 1 and cfg.data.name == "table":
+        from polytask.train.tables import ONE_PROCESS
+
+        raise ConfigError(ONE_PROCESS)
     if nproc != 1:
         from polytask.train import dist
         from polytask.train.trainer import resolve_device
@@ -85,6 +89,44 @@ def train(
 
 
 @app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory of a run trained on table data (data.name: table).")],
+    data: Annotated[str, typer.Argument(help="Parquet/CSV file, folder or glob to score.")],
+    out: Annotated[Path, typer.Argument(help="Output Parquet file (appears only when complete).")],
+    keep: Annotated[str, typer.Option(help="Comma list of input columns copied to OUT (e.g. ids).")] = "",
+    batch_size: Annotated[int, typer.Option(help="Rows per record batch.")] = 65536,
+) -> None:
+    """Score a Parquet/CSV input with the run's best model: one probability column per task (and
+    the --keep columns) in a Parquet file, streamed; ids the run's vocabularies never saw go to the
+    out-of-vocabulary bucket and are counted."""
+    from polytask.train.tables import predict_table
+
+    cols = [c.strip() for c in keep.split(",") if c.strip()]
+    rows, oov = predict_table(run_dir, data, out, cols, batch_size, progress=sys.stderr.isatty())
+    typer.echo(f"scored {rows} rows: {out}")
+    if oov:
+        typer.echo("unseen ids (out-of-vocabulary bucket): " + ", ".join(f"{c} {n}" for c, n in oov.items()))
+
+
+data_app = typer.Typer(help="Data helpers (needs polytask[tables]).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder that receives train/val/test.parquet.")],
+    rows: Annotated[int, typer.Option(help="Rows of the whole log (split 80/10/10 in row order).")] = 100_000,
+    seed: Annotated[int, typer.Option(help="Seed of the generator (ids, signal, labels).")] = 0,
+) -> None:
+    """Write a synthetic click/conversion log (raw string ids, Zipf-distributed, a known signal,
+    missing labels) as train/val/test Parquet files, for examples/parquet_mmoe.yaml."""
+    from polytask.train.tables import write_synthetic_splits
+
+    for path in write_synthetic_splits(out_dir, rows, seed=seed):
+        typer.echo(str(path))
+
+
+@app.command()
 def merge(
     config: Annotated[Path, typer.Argument(help="YAML merge config (mergekit-style; see examples/merge_*.yaml).")],
     out_dir: Annotated[Path, typer.Argument(help="Output directory (appears only when the merge is complete).")],
@@ -98,12 +140,28 @@ def merge(
     intermediate_dir: Annotated[Optional[Path], typer.Option(
         "--intermediate-dir", "-I", help="Where the named merges of a multi-document CONFIG go (mergekit-multi; "
         "default: OUT_DIR.parts beside OUT_DIR, or OUT_DIR itself when every merge is named).")] = None,
+    adapter: Annotated[bool, typer.Option(
+        "--adapter", help="Write a PEFT LoRA adapter, not a full model (every model a LoRA adapter of "
+        "base_model; exact for task_arithmetic, else a truncated SVD to --rank).")] = False,
+    rank: Annotated[Optional[int], typer.Option(
+        "--rank", help="With --adapter: the output rank (default: the sum of the inputs' ranks).")] = None,
 ) -> None:
     """Merge fine-tuned checkpoints (safetensors files, directories or shards) tensor by tensor
     into one sharded safetensors checkpoint with the base's config and tokenizer files. Relative
     paths in CONFIG are read from its folder when they exist there, else from the working
     directory."""
     import warnings
+
+    if adapter or rank is not None:
+        from polytask.merge.lora import merge_config_to_adapter
+
+        if not adapter:
+            raise ConfigError("--rank: only with --adapter (the rank of the merged adapter)")
+        done, errors = merge_config_to_adapter(config, out_dir, rank=rank, overwrite=overwrite)
+        worst = max(errors, key=errors.__getitem__)
+        typer.echo(f"largest relative reconstruction error: {errors[worst]:.3e} ({worst})")
+        typer.echo(f"merged LoRA adapter: {done}")
+        return
 
     from polytask.merge import run_merge
 
@@ -322,7 +380,29 @@ def bench_qm9(
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line on stderr and exit status 2."""
+    """Entry point: run the app, turning user errors into one line on stderr and exit status 2.
+
+    A worker of a multi-process run that finished cleanly leaves with ``os._exit(0)`` once its
+    output is flushed: gloo's C++ threads can abort the interpreter's own teardown ("terminate
+    called without an active exception", pytorch/pytorch#190489) even after
+    ``destroy_process_group``, which the launcher would report as a failed rank."""
+    try:
+        _main()
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            _leave_if_worker()
+        raise
+    _leave_if_worker()
+
+
+def _leave_if_worker() -> None:
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _main() -> None:
     try:
         app()
     except PolytaskError as exc:

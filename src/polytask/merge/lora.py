@@ -36,7 +36,7 @@ from polytask.errors import CheckpointError, ConfigError
 from polytask.merge.io import Checkpoint, TensorSpec
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "is_adapter", "split_lora_path", "LoraAdapter", "AdapterCheckpoint",
-           "merge_adapters", "extract_lora"]
+           "merge_adapters", "merge_config_to_adapter", "extract_lora"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -337,6 +337,15 @@ def _check_rank(rank: int | None) -> None:
 
 
 # -- merging adapters into an adapter ------------------------------------------------------------
+def _is_task_vector_method(cls: type) -> bool:
+    """Methods whose result is ``base + f(models - base)`` with ``f`` elementwise-weighted sums of
+    the deltas (so merging the ``dW`` alone around a zero base is the same merge): linear and the
+    task-arithmetic family."""
+    from polytask.merge.methods import _WeightedSum
+
+    return issubclass(cls, _WeightedSum)
+
+
 def merge_adapters(
     method: str | Any,
     adapters: Sequence[str | os.PathLike[str]],
@@ -367,6 +376,10 @@ def merge_adapters(
     if not adapters:
         raise ConfigError("no adapters to merge")
     instance = build_method(method, method_params)
+    if not _is_task_vector_method(type(instance)):
+        raise ConfigError(f"merge method {type(instance).__name__}: adapters merge into an adapter only by linear "
+                          "and the task-vector methods (task_arithmetic, ties, dare_*, breadcrumbs*, della*); "
+                          "merge them into a full model instead")
     labels = [str(a) for a in adapters]
     check_output_apart(out_dir, [*(("input adapter", l, a) for l, a in zip(labels, adapters)),
                                  ("base model", str(base), base)])
@@ -497,3 +510,61 @@ def extract_lora(
         factors = {m: (*_pad(b, a, r), emb) for m, (b, a, emb) in factors.items()}
         cfg = _adapter_config(r, list(factors), base=str(base), fan_in_fan_out=False, task_type=None)
         return _write_adapter(out_dir, factors, cfg, overwrite), errors
+
+
+def merge_config_to_adapter(
+    config_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, dict[str, float]]:
+    """Run a merge config whose models are all LoRA adapters of its ``base_model`` into an adapter
+    (:func:`merge_adapters`) instead of a full model: ``polytask merge CONFIG OUT --adapter``.
+
+    Takes a one-document ``models:`` config of a task-vector method (one that merges around the
+    base: task_arithmetic, ties, dare_*, breadcrumbs*, della*...) with plain numbers as
+    parameters; anything else is a one-line ConfigError naming the key or model.
+    """
+    from polytask.merge.config import load_merge_config
+    from polytask.merge.methods import MERGE_METHODS
+    from polytask.merge.plan import IGNORED, RENAMED
+
+    written = load_merge_config(config_path)
+    cfg = written.with_paths_from(Path(config_path).parent)
+    if cfg.models is None:
+        raise ConfigError(f"{config_path}: adapter output takes a models: config (not slices)")
+    if cfg.base_model is None:
+        raise ConfigError(f"{config_path}: adapter output needs base_model (the adapters' base)")
+    method_cls = MERGE_METHODS.lookup(cfg.merge_method)
+    if not (_is_task_vector_method(method_cls) and method_cls.requires_base):
+        raise ConfigError(f"{config_path}: merge_method: adapter output needs a method that merges around the "
+                          f"base (task_arithmetic, ties, dare_ties...), got {cfg.merge_method!r}")
+
+    def plain(where: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in params.items():
+            if key in IGNORED:
+                continue
+            if isinstance(value, (list, dict)):
+                raise ConfigError(f"{config_path}: {where}{key}: per-layer values (gradients, filters) are not "
+                                  "supported for adapter output; give one number")
+            out[RENAMED.get(key, key)] = value
+        return out
+
+    entries = [(e, w) for e, w in zip(cfg.models, written.models or [])
+               if os.path.normpath(e.model) != os.path.normpath(cfg.base_model)]
+    for e, w in entries:
+        if not is_adapter(e.model):
+            raise ConfigError(f"{config_path}: model {w.model}: adapter output needs every model to be a LoRA "
+                              "adapter folder of base_model")
+    if not entries:
+        raise ConfigError(f"{config_path}: models: no adapters to merge")
+    glob = plain("parameters.", cfg.parameters)
+    per_model_keys = set(getattr(method_cls, "model_params", {}))
+    defaults = {k: v for k, v in glob.items() if k in per_model_keys}  # mergekit: top-level per-model defaults
+    glob = {k: v for k, v in glob.items() if k not in per_model_keys}
+    return merge_adapters(
+        cfg.merge_method, [e.model for e, _ in entries], cfg.base_model, out_dir,
+        model_params=[{**defaults, **plain(f"model {w.model}: parameters.", e.parameters)} for e, w in entries],
+        method_params=glob, rank=rank, seed=cfg.seed, overwrite=overwrite)
