@@ -14,7 +14,7 @@ from polytask.errors import CheckpointError, ConfigError
 
 METHODS = [("lora", {}), ("mtlora", {}), ("hydralora", {"num_experts": 3}),
            ("molora", {"num_experts": 4, "top_k": 2}), ("smora", {"top_k": 2}),
-           ("mhr", {"n_skills": 3, "n_splits": 2})]
+           ("mhr", {"n_skills": 3, "n_splits": 2}), ("arrow", {"top_k": 1})]
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -308,7 +308,7 @@ def test_per_task_lora_saved_in_peft_format_loads_in_peft_with_equal_outputs(bui
     with pytest.raises(ConfigError, match="r=4, lora_alpha=12"):
         adapters.load_peft(adapters.apply(copy.deepcopy(base), "lora", ["b"], targets, rank=2, alpha=12),
                            tmp_path / "b", task="b")
-    with pytest.raises(ConfigError, match="PEFT's format"):
+    with pytest.raises(ConfigError, match="save_peft: takes methods .* got method 'hydralora'"):
         adapters.save_peft(adapters.apply(copy.deepcopy(base), "hydralora", ["b"], targets, rank=4), tmp_path / "h",
                            task="b")
 
@@ -359,3 +359,51 @@ def test_poly_and_mhr_equal_peft_with_copied_weights_and_via_peft_format(n_split
 def test_poly_splits_must_divide_the_layer():
     with pytest.raises(ConfigError, match="n_splits: must divide the features of module '2' \\(10 -> 5\\), got 2"):
         adapters.apply(mlp(), "mhr", ["a"], ["0", "2"], rank=2, n_splits=2)
+
+
+def test_arrow_prototypes_and_routing_by_hand():
+    model = adapters.apply(mlp(), "arrow", ["u", "v"], ["0"], rank=1, alpha=1, top_k=1)
+    lay = model[0].eval()
+    a = torch.tensor([[3.0, 4.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0, 0]], dtype=torch.double)
+    b = torch.zeros(2, 10, dtype=torch.double)
+    b[0, 0], b[1, 1] = 1.0, 2.0
+    with torch.no_grad():
+        lay.lora_A.copy_(a[:, None, :])
+        lay.lora_B.copy_(b[:, :, None])
+    # rank 1: ΔW_e = b_e a_e^T, its top right singular vector is ±a_e/|a_e| = ±(0.6, 0.8, 0...), ±e_3
+    protos = lay.refresh()
+    assert torch.allclose(protos.abs(), (a / a.norm(dim=1, keepdim=True)).abs(), atol=1e-12)
+    # x = (1, 0, 2, 0...): scores |0.6| and |2| -> expert v alone (top-1, coefficient 1): delta = b_v (a_v . x) = 4 e_2
+    x = torch.tensor([[1.0, 0, 2.0, 0, 0, 0]], dtype=torch.double)
+    want = torch.zeros(1, 10, dtype=torch.double)
+    want[0, 1] = 4.0
+    assert torch.allclose(lay(x) - lay.base(x), want, atol=1e-12)
+    # top-2, temperature 1: coefficients softmax(0.6, 2) -> delta = c_u * 3 e_1 + c_v * 4 e_2
+    lay.top_k = 2
+    c = torch.softmax(torch.tensor([0.6, 2.0], dtype=torch.double), 0)
+    want[0, 0], want[0, 1] = c[0] * 3.0, c[1] * 4.0
+    assert torch.allclose(lay(x) - lay.base(x), want, atol=1e-12)
+    with pytest.raises(ConfigError, match="top_k: must be between 1 and the number of tasks \\(LoRAs\\)=2, got 3"):
+        adapters.apply(mlp(), "arrow", ["u", "v"], ["0"], rank=1)
+
+
+def test_arrow_over_a_peft_lora_library_equals_peft_arrow(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_bert()
+    lib = adapters.apply(copy.deepcopy(base), "lora", ["t0", "t1", "t2"], ["query", "value"], rank=2, alpha=4)
+    randomize(lib, seed=8)
+    with torch.no_grad():                      # a clear top singular value, so PEFT's 15 power iterations converge
+        for lay in adapters.adapter_layers(lib).values():
+            lay.lora_A[:, 0] *= 6.0
+            lay.lora_B[:, :, 0] *= 6.0
+    dirs = [str(adapters.save_peft(lib, tmp_path / t, task=t)) for t in ("t0", "t1", "t2")]
+    theirs = peft.create_arrow_model(copy.deepcopy(base), dirs, peft.ArrowConfig(top_k=2, router_temperature=0.5,
+                                                                                   rng_seed=0)).double().eval()
+    ours = adapters.apply(copy.deepcopy(base), "arrow", ["t0", "t1", "t2"], ["query", "value"], rank=2, alpha=4,
+                          top_k=2, temperature=0.5)
+    for t, d in zip(("t0", "t1", "t2"), dirs):
+        adapters.load_peft(ours, d, task=t)
+    ids = torch.randint(0, 40, (2, 6))
+    want = theirs(input_ids=ids).last_hidden_state
+    assert torch.allclose(ours(ids).last_hidden_state, want, atol=1e-8)
+    assert not torch.allclose(base(ids).last_hidden_state, want, atol=1e-3)

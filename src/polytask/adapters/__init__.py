@@ -4,7 +4,8 @@ Methods (one class each in :mod:`polytask.adapters.layers`, paper in its docstri
 ``lora`` (one LoRA per task), ``mtlora`` (shared + per-task LoRA), ``hydralora`` (shared A,
 routed B heads), ``molora`` (top-k mixture of LoRA experts with a load-balancing loss), ``smora``
 (each rank an expert, top-k rank-wise routing), ``poly`` / ``mhr`` (skill LoRAs mixed by a learned
-task-to-skill allocation, ``n_splits`` heads for MHR; PEFT's layout)::
+task-to-skill allocation, ``n_splits`` heads for MHR; PEFT's layout), ``arrow`` (zero-shot per-token
+routing over a library of LoRAs by their top singular vectors; fill it with ``load_peft``)::
 
     from polytask import adapters, balance
     adapters.apply(model, "molora", tasks=["a", "b"], target_modules=["query", "value"], rank=8,
@@ -32,14 +33,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polytask.adapters.layers import (ALIASES, METHODS, AdapterLinear, HydraLoRALinear, LoRALinear, MoLoRALinear,
-                                      MTLoRALinear, PolyLinear, SMoRALinear, TaskContext, load_balancing_loss, topk_gates)
+from polytask.adapters.layers import (ALIASES, METHODS, AdapterLinear, ArrowLinear, HydraLoRALinear, LoRALinear,
+                                      MoLoRALinear, MTLoRALinear, PolyLinear, SMoRALinear, TaskContext,
+                                      load_balancing_loss, topk_gates)
 from polytask.errors import ConfigError
 
 __all__ = [
     "apply", "set_task", "task_context", "shared_parameters", "task_parameters", "aux_loss", "adapter_layers",
     "save", "load", "save_peft", "load_peft", "AdapterLinear", "LoRALinear", "MTLoRALinear", "HydraLoRALinear", "MoLoRALinear",
-    "SMoRALinear", "PolyLinear",
+    "SMoRALinear", "PolyLinear", "ArrowLinear",
     "TaskContext", "topk_gates", "load_balancing_loss",
 ]
 
@@ -83,7 +85,8 @@ def apply(model: nn.Module, method: str, tasks: Sequence[str], target_modules: s
         raise ConfigError(f"adapters.num_experts: must be a positive integer, got {effective['num_experts']!r}")
     if "top_k" in effective:
         # SMoRA routes over the ranks: its experts are the rank's R rows
-        e, what = (rank, "rank") if key == "smora" else (effective["num_experts"], "num_experts")
+        e, what = ((rank, "rank") if key == "smora" else (len(tasks), "the number of tasks (LoRAs)")
+                   if key == "arrow" else (effective["num_experts"], "num_experts"))
         if not isinstance(effective["top_k"], int) or not 1 <= effective["top_k"] <= e:
             raise ConfigError(f"adapters.top_k: must be between 1 and {what}={e}, got {effective['top_k']!r}")
     alpha = float(rank if alpha is None else alpha)

@@ -93,8 +93,8 @@ def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -
 def _lora_layers(model: nn.Module, what: str, methods: tuple[str, ...] = ("lora", "mtlora")) -> dict[str, nn.Module]:
     state = _api._state(model)
     if state["method"] not in methods:
-        raise ConfigError(f"adapters.{what}: PEFT's format holds per-task LoRA ('lora', 'mtlora') or Poly "
-                          f"('poly', 'mhr'), got method {state['method']!r}")
+        raise ConfigError(f"adapters.{what}: takes methods {', '.join(map(repr, methods))} (PEFT's LoRA or "
+                          f"Poly format), got method {state['method']!r}")
     return _api.adapter_layers(model)
 
 
@@ -147,13 +147,13 @@ def save_peft(model: nn.Module, path: str | Path, task: str | None = None) -> Pa
 
 
 def load_peft(model: nn.Module, path: str | Path, task: str) -> nn.Module:
-    """Load a PEFT LoRA adapter directory into task ``task``'s LoRA of a wrapped ``lora``/``mtlora`` model.
+    """Load a PEFT LoRA adapter directory into task ``task``'s LoRA of a ``lora``/``mtlora``/``arrow`` model.
 
     CheckpointError naming the tensor for a shape mismatch (a PEFT adapter for a different base)
     or a wrapped module the adapter lacks; ConfigError if its ``lora_alpha / r`` scaling or rank
     differs from the model's.
     """
-    layers = _lora_layers(model, "load_peft")
+    layers = _lora_layers(model, "load_peft", ("lora", "mtlora", "arrow"))
     state = _api._state(model)
     t = state["context"].resolve(task)
     path = Path(path)
@@ -179,4 +179,6 @@ def load_peft(model: nn.Module, path: str | Path, task: str) -> nn.Module:
                                       f"module {name!r} expects {tuple(dest.shape[1:])}")
             with torch.no_grad():
                 dest[t].copy_(tensors[key])
+        if hasattr(layer, "refresh"):
+            layer.refresh()                          # Arrow: the library changed, so do its prototypes
     return model

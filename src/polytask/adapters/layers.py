@@ -365,8 +365,50 @@ class PolyLinear(AdapterLinear):
         return super().extra_repr() + f", n_skills={self.n_skills}, n_splits={self.n_splits}"
 
 
+class ArrowLinear(LoRALinear):
+    """Zero-shot per-token routing over a library of LoRAs (one per ``tasks`` entry) by their prototypes.
+
+    Ostapenko et al., "Towards Modular LLMs by Building and Reusing a Library of LoRAs", ICML 2024,
+    sec. 4 (Arrow): each expert's prototype ``v_e`` is the top right singular vector of
+    ``ΔW_e = B_e A_e``; token ``x`` scores ``|<x, v_e>|`` (sign-free), keeps the top-k experts and
+    mixes them with ``softmax(score / temperature)``: ``y = W0 x + s sum_e c_e(x) B_e A_e x``. The
+    library has the stacked layout of :class:`LoRALinear`, so ``load_peft(model, dir, task=name)``
+    fills one expert from a PEFT LoRA. The prototypes come from an exact SVD (PEFT's ``ArrowConfig``
+    runs 15 power iterations from a random start, the same vector when the top singular value is
+    well separated), computed once and cached: call :meth:`refresh` after changing the weights
+    (``load_peft`` does). No task context is read.
+    """
+
+    method = "arrow"
+
+    def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float,
+                 top_k: int = 3, temperature: float = 1.0) -> None:
+        super().__init__(base, context, rank, alpha)
+        self.top_k, self.temperature = top_k, temperature
+        self.register_buffer("prototypes", None, persistent=False)
+
+    @torch.no_grad()
+    def refresh(self) -> Tensor:
+        """Recompute the ``(E, in)`` prototypes from the current library (one batched SVD)."""
+        delta_w = (self.lora_B @ self.lora_A).to(torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32)
+        self.prototypes = torch.linalg.svd(delta_w, full_matrices=False).Vh[:, 0, :].to(self.lora_A.dtype)
+        return self.prototypes
+
+    def delta(self, x: Tensor) -> Tensor:
+        protos = self.prototypes if self.prototypes is not None else self.refresh()
+        flat = x.reshape(-1, x.shape[-1])
+        score = (flat @ protos.T).abs()                                     # (N, E)
+        top, idx = score.topk(min(self.top_k, score.shape[-1]), dim=-1)
+        coeff = torch.softmax(torch.full_like(score, float("-inf")).scatter(-1, idx, top) / self.temperature, -1)
+        h = torch.einsum("ni,eri->ner", flat, self.lora_A) * coeff.unsqueeze(-1)
+        return torch.einsum("ner,eor->no", h, self.lora_B).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", top_k={self.top_k}, temperature={self.temperature}"
+
+
 METHODS: dict[str, type[AdapterLinear]] = {
     "lora": LoRALinear, "mtlora": MTLoRALinear, "hydralora": HydraLoRALinear, "molora": MoLoRALinear,
-    "smora": SMoRALinear, "poly": PolyLinear, "mhr": PolyLinear,
+    "smora": SMoRALinear, "poly": PolyLinear, "mhr": PolyLinear, "arrow": ArrowLinear,
 }
 ALIASES = {"hydra_lora": "hydralora", "mo_lora": "molora", "loramoe": "molora", "mt_lora": "mtlora"}
