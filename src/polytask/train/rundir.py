@@ -51,7 +51,7 @@ LOCK_NAME = ".lock"
 #: what a polytask run directory may hold (train, analyze, report); anything else means the folder
 #: is not ours and is never moved or deleted
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "best", "checkpoints", "summary.md", "plots", "analysis",
-                         "runs", "report.html", "done.json", LOCK_NAME})
+                         "runs", "report.html", "done.json", "vocab.json", LOCK_NAME})
 #: environment variable through which a process holding run-directory locks tells its child
 #: processes (e.g. the workers of a multi-process run) that the lock is already held for them
 HELD_ENV = "POLYTASK_HELD_RUN_DIRS"

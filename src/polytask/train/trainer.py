@@ -32,6 +32,7 @@ from polytask.train import rundir
 from polytask.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_model_file
 from polytask.train.checkpoint import describe_mismatch, kept_checkpoint
 from polytask.train.config import RunConfig, dump_config
+from polytask.train.tables import ONE_PROCESS
 
 Metrics = dict[str, dict[str, float]]  # task -> metric -> value
 
@@ -108,16 +109,25 @@ class Trainer:
         dist_lib.check_config(config, self.dist.world_size, self.device)
         dist_lib.check_same_config(self.dist, dump_config(config), self.device)
         torch.manual_seed(config.seed)
-        if splits is None:
+        streaming = splits is None and config.data.name == "table"
+        if streaming:  # Parquet/CSV read in record batches (train/tables.py); tasks chosen there
+            if self.dist.world_size > 1:
+                raise ConfigError(ONE_PROCESS)
+            from polytask.train.tables import table_splits
+
+            splits = table_splits(config)
+        elif splits is None:
             splits = data_lib.load(config.data.name, **config.data.params)
-        if config.data.tasks is not None:
+        if config.data.tasks is not None and not streaming:
             unknown = [t for t in config.data.tasks if t not in {x.name for x in splits.tasks}]
             if unknown:
                 raise ConfigError(f"data.tasks: unknown task(s) {', '.join(map(repr, unknown))}; "
                                   f"{splits.name} has {', '.join(t.name for t in splits.tasks)}")
             splits = splits.select_tasks(config.data.tasks)
-        splits.validate()
-        check_labelled_rows(splits)
+        if not streaming:  # streamed rows are checked as they are read
+            splits.validate()
+            check_labelled_rows(splits)
+        self.streaming = streaming
         self.splits = splits
         self.tasks = splits.tasks
         self.train_set = splits.train.to(self.device)
@@ -204,6 +214,8 @@ class Trainer:
         batches = 0
         shared = list(shared_parameters_of(self.model))
         step = dist_lib.StepContext(self, cfg)
+        if self.streaming:
+            self.train_set.set_epoch(self.epoch)  # the shuffle is seeded by (seed, epoch): resumable
         for batch in self.train_set.batches(cfg.batch_size, shuffle=True, generator=self.generator,
                                             shard=step.shard):
             first, last = step.begin()  # train.accumulate: this batch's place in the optimizer step
@@ -255,6 +267,12 @@ class Trainer:
 
     def _evaluate(self) -> tuple[Metrics, Metrics]:
         bs = self.config.train.eval_batch_size
+        if self.streaming:
+            from polytask.train.tables import evaluate_stream
+
+            autocast = self.precision.autocast if self.precision.enabled else None
+            return tuple(evaluate_stream(self.model, split, self.tasks, bs, autocast)
+                         for split in (self.val_set, self.test_set))
         if self.dist.enabled or self.precision.enabled:  # each rank one shard; metrics on the gathered outputs
             return tuple(dist_lib.sharded_evaluate(self.model, split, self.tasks, bs, self.dist, self.precision)
                          for split in (self.val_set, self.test_set))
@@ -336,6 +354,8 @@ class Trainer:
             torch.manual_seed(self.config.seed)  # dropout & co. draw from the global RNG: restart it
         if main:
             atomic_write_text(run_dir / "config.yaml", dump_config(self.config))
+            if self.streaming:
+                self.splits.save(run_dir)  # the vocabularies, for resume and `polytask predict`
         history = dist_lib.broadcast_object(_read_history(metrics_path) if main else None, self.dist, self.device)
         if self.reference_losses is None:  # epoch 0: the untrained model, the reference for selection
             val, test = self._evaluate()

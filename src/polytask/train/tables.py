@@ -1,0 +1,463 @@
+"""Streaming table data in a training run, and batch scoring with a trained run.
+
+A run config names the table source with ``data: {name: table, params: ...}``::
+
+    data:
+      name: table
+      params:
+        train: data/train/        # a file, a glob or a folder of .parquet/.csv files (or a list)
+        val: data/val.parquet
+        test: data/test.parquet
+        # or one source cut by a seeded hash of a key column:
+        # path: data/log/, split: {key: request_id, fractions: [0.8, 0.1, 0.1], seed: 0}
+        dense: [price, hour]
+        ids: {user_id: {min_count: 2}, item_id: {hash: 1000000}, category: {}}
+        labels: {click: click, conversion: conversion}    # task: label column (binary tasks)
+        group: user_id                                      # optional: adds GAUC per task
+        embed_dim: 16
+        shuffle_rows: 65536                                 # the shuffle buffer bounds memory
+        workers: 0                                          # DataLoader workers
+
+Training streams the train split through :class:`~polytask.data.tables.TableSource` (shuffled
+per epoch with ``(seed, epoch)``, so a resumed run repeats the uninterrupted one); val and test
+are read in file order and every task is evaluated on the whole split (outputs, labels and group
+keys are kept, 4-12 bytes per row and task: the metrics are exact). Vocabularies are built in one
+streaming pass over the train files (with a fraction split: over the whole source; ids seen only in
+val/test then get an untrained row instead of the OOV one) and saved as ``vocab.json`` in the run
+directory; a run that finds a ``vocab.json`` made for the same id columns reuses it (resume).
+
+Multi-process training is refused with table data: the source's rank shards can differ by one
+row group, and the trainer's ranks must run the same number of steps.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import Tensor
+
+from polytask.data.dataset import Batch, Splits
+from polytask.errors import CheckpointError, ConfigError, DataError
+from polytask.tasks import Task
+
+VOCAB_FILE = "vocab.json"
+ONE_PROCESS = ("data.name: table trains in one process for now (--nproc 1): the table source's rank shards "
+               "can differ by a row group, and the trainer's ranks must run the same number of steps")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IdColumn(_Strict):
+    """One categorical column: a vocabulary (ids seen ``min_count`` times) or ``hash`` buckets."""
+
+    min_count: int = Field(1, ge=1)
+    hash: int | None = Field(None, ge=1)
+
+
+class FractionSplit(_Strict):
+    key: str
+    fractions: tuple[float, float, float]
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sum(self) -> FractionSplit:
+        if min(self.fractions) < 0 or abs(sum(self.fractions) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must be >= 0 and sum to 1, got {list(self.fractions)}")
+        return self
+
+
+Paths = str | list[str]
+
+
+class TableParams(_Strict):
+    """``data.params`` of ``data.name: table`` (see the module docstring)."""
+
+    train: Paths | None = None
+    val: Paths | None = None
+    test: Paths | None = None
+    path: Paths | None = None
+    split: FractionSplit | None = None
+    dense: list[str] = Field(default_factory=list)
+    ids: dict[str, IdColumn] = Field(default_factory=dict)
+    labels: dict[str, str]
+    group: str | None = None
+    embed_dim: int = Field(16, ge=1)
+    shuffle_rows: int = Field(65536, ge=0)
+    workers: int = Field(0, ge=0)
+    read_rows: int = Field(65536, ge=1)
+
+    @model_validator(mode="after")
+    def _source(self) -> TableParams:
+        by_file = [self.train, self.val, self.test]
+        if self.path is not None:
+            if any(p is not None for p in by_file) or self.split is None:
+                raise ValueError("give either train/val/test, or path with split")
+        elif any(p is None for p in by_file) or self.split is not None:
+            raise ValueError("needs train, val and test (or path with split)")
+        if not self.labels:
+            raise ValueError("labels needs at least one task: column")
+        return self
+
+
+def parse_params(params: dict[str, Any]) -> TableParams:
+    try:
+        return TableParams.model_validate(params)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        where = f"data.params.{key}" if key else "data.params"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{where}: {msg}") from None
+
+
+def expand(paths: Paths) -> list[str]:
+    """Files and folders, with globs expanded (a glob matching nothing is a DataError)."""
+    out = []
+    for p in [paths] if isinstance(paths, str) else paths:
+        if glob.has_magic(p):
+            hits = sorted(glob.glob(p, recursive=True))
+            if not hits:
+                raise DataError(f"{p}: no file matches")
+            out += hits
+        else:
+            out.append(p)
+    return out
+
+
+def feature_spec(dense: Sequence[str], encoders: dict[str, Any], embed_dim: int) -> Any:
+    from polytask.data.features import DenseFeature, FeatureSpec, SparseFeature
+
+    head = (DenseFeature("dense", len(dense)),) if dense else ()
+    return FeatureSpec(head + tuple(SparseFeature(c, enc.size, embed_dim) for c, enc in encoders.items()))
+
+
+def build_encoders(p: TableParams, run_dir: Path) -> dict[str, Any]:
+    """Hash buckets and vocabularies per id column; vocabularies reused from ``run_dir/vocab.json``
+    when it holds the same columns with the same ``min_count``, else built and kept for :meth:`save`."""
+    from polytask.data.tables import HashBuckets, build_vocabularies, load_vocabularies
+
+    vocab_cols = {c: spec.min_count for c, spec in p.ids.items() if spec.hash is None}
+    saved = run_dir / VOCAB_FILE
+    vocabs = {}
+    if vocab_cols and saved.is_file():
+        old = load_vocabularies(saved)
+        if {c: v.min_count for c, v in old.items()} == vocab_cols:
+            vocabs = old
+    if vocab_cols and not vocabs:
+        files = expand(p.train if p.path is None else p.path)
+        for k in sorted(set(vocab_cols.values())):
+            vocabs.update(build_vocabularies(files, [c for c, m in vocab_cols.items() if m == k], k,
+                                             batch_rows=p.read_rows))
+    return {c: HashBuckets(spec.hash) if spec.hash is not None else vocabs[c] for c, spec in p.ids.items()}
+
+
+class StreamSplit:
+    """One split of a table source, in the trainer's dataset interface: ``batches()`` streams
+    :class:`~polytask.data.dataset.Batch` es (train: shuffled by ``(seed, epoch)``), ``to()``
+    picks the device they go to."""
+
+    def __init__(self, paths: Paths, schema: Any, p: TableParams, seed: int, split: Any = None,
+                 train: bool = False, device: torch.device | str = "cpu") -> None:
+        from polytask.data.tables import TableSource
+
+        self.p, self.seed, self.train, self.device = p, seed, train, torch.device(device)
+        self.source = TableSource(expand(paths), schema, batch_size=1, shuffle_rows=p.shuffle_rows if train else 0,
+                                  seed=seed, split=split, read_rows=p.read_rows)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        """An upper bound on the rows (Parquet footers, before a split's filter; a CSV's size in
+        bytes): the trainer only needs one with ``train.accumulate: 1``."""
+        import pyarrow.parquet as pq
+
+        files = self.source.files
+        return sum(f.stat().st_size if f.suffix.lower() == ".csv" else pq.ParquetFile(f).metadata.num_rows
+                   for f in files)
+
+    def to(self, device: torch.device | str) -> StreamSplit:
+        self.device = torch.device(device)
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _move(self, inputs: dict, targets: dict, mask: dict) -> Batch:
+        d = self.device
+        return Batch({k: v.to(d) for k, v in inputs.items()}, {k: v.to(d) for k, v in targets.items()},
+                     {k: v.to(d) for k, v in mask.items()})
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: Any = None, drop_last: bool = False,
+                shard: Any = None) -> Iterator[Batch]:
+        from polytask.data.tables import TableLoader
+
+        self.source.batch_size = batch_size
+        loader = TableLoader(self.source, num_workers=self.p.workers if self.train else 0)
+        loader.epoch = self.epoch
+        for inputs, targets, mask in loader:
+            yield self._move(inputs, targets, mask)
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[Batch, np.ndarray | None]]:
+        """Batches in file order with the stable 64-bit hash of each row's group key (or None)."""
+        from polytask.data.tables import stable_hash
+
+        src, group = self.source, self.p.group
+        for unit in src.units:
+            for rb in src._read_unit(unit):
+                for start in range(0, rb.num_rows, batch_size):
+                    part = rb.slice(start, batch_size)
+                    g = stable_hash(part.column(group)) if group else None
+                    yield self._move(*src._to_batch(part)), g
+
+
+class TableSplits(Splits):
+    """Splits of a table source; ``save(run_dir)`` writes the vocabularies."""
+
+    encoders: dict[str, Any]
+
+    def save(self, run_dir: Path) -> None:
+        from polytask.data.tables import Vocabulary, save_vocabularies
+
+        vocabs = {c: e for c, e in self.encoders.items() if isinstance(e, Vocabulary)}
+        if vocabs:
+            save_vocabularies(vocabs, Path(run_dir) / VOCAB_FILE)
+
+
+def table_splits(config: Any) -> TableSplits:
+    """The train/val/test :class:`StreamSplit` s of ``config.data`` (``name: table``)."""
+    from polytask.data.tables import Split, TableSchema
+
+    p = parse_params(dict(config.data.params))
+    if config.train.accumulate != 1:
+        raise ConfigError("train.accumulate: table data trains with 1 (the batches of a streamed epoch are "
+                          "not counted ahead)")
+    labels = dict(p.labels)
+    if config.data.tasks is not None:
+        unknown = [t for t in config.data.tasks if t not in labels]
+        if unknown:
+            raise ConfigError(f"data.tasks: unknown task(s) {', '.join(map(repr, unknown))}; "
+                              f"the table has {', '.join(labels)}")
+        labels = {t: c for t, c in labels.items() if t in config.data.tasks}
+    encoders = build_encoders(p, config.run_dir)
+    keep = tuple(c for c in (p.group, p.split.key if p.split else None) if c)
+    schema = TableSchema(dense=tuple(p.dense), categorical=encoders, labels=labels, keep=keep)
+    if p.path is None:
+        parts = [(p.train, None), (p.val, None), (p.test, None)]
+    else:
+        edges = np.cumsum([0.0, *p.split.fractions])
+        edges[-1] = 1.0
+        parts = [(p.path, Split(key=p.split.key, fraction=(float(edges[i]), float(edges[i + 1])), seed=p.split.seed))
+                 for i in range(3)]
+    train, val, test = (StreamSplit(paths, schema, p, config.seed, split, train=i == 0)
+                        for i, (paths, split) in enumerate(parts))
+    tasks = [Task(t, "binary", metrics=("auc", "logloss")) for t in labels]
+    out = TableSplits("table", tasks, train, val, test, feature_spec(p.dense, encoders, p.embed_dim))
+    out.encoders = encoders
+    return out
+
+
+@torch.no_grad()
+def evaluate_stream(model: torch.nn.Module, split: StreamSplit, tasks: Sequence[Task], batch_size: int,
+                    autocast: Any = None) -> dict[str, dict[str, float]]:
+    """Every metric of every task over the whole split, plus ``gauc`` when a group column is set."""
+    from contextlib import nullcontext
+
+    from polytask.metrics import gauc
+
+    was = model.training
+    model.eval()
+    outs: dict[str, list[Tensor]] = {t.name: [] for t in tasks}
+    tgts: dict[str, list[Tensor]] = {t.name: [] for t in tasks}
+    masks: dict[str, list[Tensor]] = {t.name: [] for t in tasks}
+    groups: list[np.ndarray] = []
+    for batch, g in split.eval_batches(batch_size):
+        with (autocast() if autocast else nullcontext()):
+            out = model(batch.inputs)
+        for t in tasks:
+            outs[t.name].append(out[t.name].float().reshape(-1).cpu())
+            tgts[t.name].append(batch.targets[t.name].cpu())
+            masks[t.name].append(batch.mask[t.name].cpu())
+        if g is not None:
+            groups.append(g)
+    model.train(was)
+    result = {}
+    for t in tasks:
+        o, y, m = torch.cat(outs[t.name]), torch.cat(tgts[t.name]), torch.cat(masks[t.name])
+        result[t.name] = t.evaluate(o, y, m)
+        if groups:
+            result[t.name]["gauc"] = gauc(o.numpy(), y.numpy(), np.concatenate(groups), m.numpy())
+    return result
+
+
+# ----------------------------------------------------------------------------- batch scoring
+def _encoders_for_run(run_dir: Path, p: TableParams) -> dict[str, Any]:
+    from polytask.data.tables import HashBuckets, load_vocabularies
+
+    path = run_dir / VOCAB_FILE
+    need = [c for c, s in p.ids.items() if s.hash is None]
+    vocabs = load_vocabularies(path) if need else {}
+    missing = [c for c in need if c not in vocabs]
+    if missing:
+        raise DataError(f"{path}: no vocabulary for column {missing[0]!r}")
+    return {c: HashBuckets(s.hash) if s.hash is not None else vocabs[c] for c, s in p.ids.items()}
+
+
+def load_run_model(run_dir: Path) -> tuple[Any, TableParams, dict[str, Any], list[Task], torch.nn.Module]:
+    """The run's config, table parameters, encoders, tasks and best model (eval mode, CPU)."""
+    from polytask.nn import build_model
+    from polytask.train.checkpoint import load_model_file
+    from polytask.train.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.data.name != "table":
+        raise ConfigError(f"{run_dir}: predict needs a run trained on table data (data.name is {cfg.data.name!r})")
+    p = parse_params(dict(cfg.data.params))
+    encoders = _encoders_for_run(run_dir, p)
+    labels = [t for t in p.labels if cfg.data.tasks is None or t in cfg.data.tasks]
+    tasks = [Task(t, "binary", metrics=("auc", "logloss")) for t in labels]
+    model = build_model(cfg.model.arch, feature_spec(p.dense, encoders, p.embed_dim), tasks, **cfg.model.params)
+    weights = run_dir / "best" / "model.safetensors"
+    state = load_model_file(weights)
+    expected = model.state_dict()
+    for c, enc in encoders.items():  # a vocabulary that does not fit the checkpoint: name the column
+        key = f"input.tables.{c}.weight"
+        if key in state and key in expected and state[key].shape[0] != enc.size:
+            src = run_dir / VOCAB_FILE if c in p.ids and p.ids[c].hash is None else "data.params.ids"
+            raise CheckpointError(f"{src}: column {c!r} has {enc.size} ids, the embedding in {weights} "
+                                  f"has {state[key].shape[0]} rows")
+    from polytask.train.checkpoint import load_state_checked
+
+    load_state_checked(model, state, weights)
+    model.eval()
+    return cfg, p, encoders, tasks, model
+
+
+def _dense_matrix(f: Path, rb: Any, dense: Sequence[str]) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cols = []
+    for c in dense:
+        col = rb.column(c)
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
+            raise DataError(f"{f}: dense column {c!r} holds {col.type}, not numbers")
+        if col.null_count or (pa.types.is_floating(col.type) and not pc.all(pc.is_finite(col)).as_py()):
+            raise DataError(f"{f}: dense column {c!r} has missing, NaN or infinite values")
+        cols.append(col.to_numpy(zero_copy_only=False).astype(np.float32))
+    return np.stack(cols, axis=1)
+
+
+def predict_table(run_dir: str | Path, data: Paths, out: str | Path, keep: Sequence[str] = (),
+                  batch_size: int = 65536, progress: bool = False) -> tuple[int, dict[str, int]]:
+    """Score ``data`` with the run's best model into a Parquet file ``out``: the ``keep`` columns,
+    then one probability column per task. Streams record batches; ``out`` appears only when
+    complete (a temporary file, then a rename). Returns (rows, unseen ids per vocabulary column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from polytask.data.tables import Vocabulary, _check_columns, _file_schema, _iter_file, _list_files
+
+    _, p, encoders, tasks, model = load_run_model(Path(run_dir))
+    clash = [c for c in keep if c in {t.name for t in tasks}]
+    if clash:
+        raise ConfigError(f"--keep: column {clash[0]!r} has the name of a task's score column")
+    files = _list_files(expand(data))
+    columns = list(dict.fromkeys([*p.dense, *p.ids, *keep]))
+    for f in files:  # every file's columns before writing anything
+        _check_columns(f, _file_schema(f), columns)
+    for e in encoders.values():
+        if isinstance(e, Vocabulary):
+            e.oov_count = 0
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    writer, rows = None, 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(unit="rows", desc="predict", leave=False)
+    try:
+        with torch.no_grad():
+            for f in files:
+                for rb in _iter_file(f, columns, batch_size):
+                    inputs = {c: torch.from_numpy(enc.encode(rb.column(c))) for c, enc in encoders.items()}
+                    if p.dense:
+                        inputs = {"dense": torch.from_numpy(_dense_matrix(f, rb, p.dense)), **inputs}
+                    scores = model(inputs)
+                    cols = {c: rb.column(c) for c in keep}
+                    cols.update({t.name: pa.array(torch.sigmoid(scores[t.name].float().reshape(-1)).numpy())
+                                 for t in tasks})
+                    table = pa.table(cols)
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, table.schema)
+                    writer.write_table(table)
+                    rows += rb.num_rows
+                    if bar is not None:
+                        bar.update(rb.num_rows)
+        if writer is None:
+            raise DataError(f"{', '.join(map(str, files))}: no rows to score")
+        writer.close()
+        writer = None
+        tmp.replace(out)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        if bar is not None:
+            bar.close()
+    oov = {c: e.oov_count for c, e in encoders.items() if isinstance(e, Vocabulary)}
+    return rows, oov
+
+
+def write_synthetic_splits(out_dir: str | Path, rows: int, seed: int = 0,
+                           fractions: Sequence[float] = (0.8, 0.1, 0.1), row_group_rows: int = 65536) -> list[Path]:
+    """One synthetic log (:func:`~polytask.data.tables.write_synthetic_log`, one known signal) cut
+    into ``train``/``val``/``test.parquet`` in ``out_dir`` by row position, streamed by row group."""
+    import pyarrow.parquet as pq
+
+    from polytask.data.tables import write_synthetic_log
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = write_synthetic_log(out_dir / "log.parquet.part", rows, row_group_rows=row_group_rows, seed=seed)
+    names = ("train", "val", "test")
+    edges = np.round(np.cumsum([0.0, *fractions]) * rows).astype(int)
+    paths = [out_dir / f"{n}.parquet" for n in names]
+    writers: list[Any] = [None, None, None]
+    try:
+        start = 0
+        for rb in pq.ParquetFile(log).iter_batches(batch_size=row_group_rows):
+            for i in range(3):
+                lo, hi = max(edges[i], start), min(edges[i + 1], start + rb.num_rows)
+                if hi > lo:
+                    if writers[i] is None:
+                        writers[i] = pq.ParquetWriter(paths[i].with_suffix(".tmp"), rb.schema)
+                    writers[i].write_batch(rb.slice(lo - start, hi - lo), row_group_size=row_group_rows)
+            start += rb.num_rows
+        for i, w in enumerate(writers):
+            if w is None:
+                raise ConfigError(f"data synth: --rows {rows} leaves the {names[i]} split empty")
+            w.close()
+            writers[i] = None
+            paths[i].with_suffix(".tmp").replace(paths[i])
+    finally:
+        for i, w in enumerate(writers):
+            if w is not None:
+                w.close()
+            paths[i].with_suffix(".tmp").unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
+    return paths
+
+
+__all__ = ["StreamSplit", "TableParams", "TableSplits", "evaluate_stream", "load_run_model", "predict_table",
+           "table_splits", "write_synthetic_splits"]

@@ -1,0 +1,229 @@
+"""Training and batch scoring on streamed Parquet tables (data.name: table; polytask.train.tables)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from polytask.cli import app  # noqa: E402
+from polytask.errors import ConfigError, DataError  # noqa: E402
+from polytask.metrics import gauc  # noqa: E402
+from polytask.tasks import Task  # noqa: E402
+from polytask.train import Trainer  # noqa: E402
+from polytask.train.config import parse_config  # noqa: E402
+from polytask.train.tables import evaluate_stream, table_splits, write_synthetic_splits  # noqa: E402
+
+
+def _config(paths, out, epochs=1, **params):
+    p = {"train": str(paths[0]), "val": str(paths[1]), "test": str(paths[2]), "dense": ["price", "hour"],
+         "ids": {"user_id": {"min_count": 2}, "item_id": {"hash": 256}, "category": {}},
+         "labels": {"click": "click", "conversion": "conversion"}, "group": "user_id", "embed_dim": 4,
+         "shuffle_rows": 700}
+    p.update(params)
+    return {"name": "t", "out_dir": str(out), "device": "cpu", "seed": 3, "data": {"name": "table", "params": p},
+            "model": {"arch": "mmoe", "params": {"num_experts": 2}},
+            "train": {"epochs": epochs, "batch_size": 128, "eval_batch_size": 250, "early_stopping": None}}
+
+
+def _cfg(paths, out, epochs=1, **params):
+    return parse_config(_config(paths, out, epochs, **params))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_synthetic_splits(tmp_path_factory.mktemp("log"), 4000, row_group_rows=500)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "r"
+    trainer = Trainer(_cfg(data, out, epochs=1), progress=False)
+    result = trainer.fit()
+    return trainer, result, out
+
+
+def _rows(path, columns):
+    return pq.read_table(path, columns=columns)
+
+
+def test_train_evaluates_whole_splits_with_gauc_and_saves_vocab(data, run):
+    trainer, result, out = run
+    from polytask.data.tables import build_vocabularies, load_vocabularies
+
+    # vocabularies: one streaming pass over the train file, saved in the run directory
+    saved = load_vocabularies(out / "vocab.json")
+    assert set(saved) == {"user_id", "category"}  # item_id is hashed
+    want = build_vocabularies(data[0], ["user_id"], min_count=2)["user_id"]
+    assert saved["user_id"].values == want.values and saved["user_id"].min_count == 2
+    # the reported test metrics are those of the whole test file, computed by hand
+    t = _rows(data[2], None)
+    model = trainer.model.eval()
+    enc = trainer.splits.encoders
+    inputs = {"dense": torch.from_numpy(np.stack([t["price"].to_numpy(), t["hour"].to_numpy()], 1).astype(np.float32)),
+              **{c: torch.from_numpy(e.encode(t[c])) for c, e in enc.items()}}
+    with torch.no_grad():
+        outs = model(inputs)
+    from polytask.data.tables import stable_hash
+
+    groups = stable_hash(t["user_id"])
+    assert len(t) == 400
+    for task in ("click", "conversion"):
+        y = t[task].to_numpy(zero_copy_only=False)
+        mask = ~np.isnan(y)
+        assert 0 < mask.sum() < len(y)  # missing labels are unlabelled rows
+        target = torch.from_numpy(np.nan_to_num(y).astype(np.float32))
+        want = Task(task, "binary", metrics=("auc", "logloss")).evaluate(outs[task], target, torch.from_numpy(mask))
+        got = result.test[task]
+        assert got["auc"] == pytest.approx(want["auc"], abs=1e-6)
+        assert got["logloss"] == pytest.approx(want["logloss"], rel=1e-5)
+        assert got["gauc"] == pytest.approx(gauc(outs[task].numpy(), y, groups, mask), abs=1e-6)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["split"] == "test" and r["task"] == "click" and "gauc" in r for r in lines)
+
+
+def test_trains_on_the_known_signal(data, tmp_path):
+    trainer = Trainer(_cfg(data, tmp_path / "r", epochs=3), progress=False)
+    result = trainer.fit()
+    assert result.test["click"]["auc"] > 0.6  # user and item biases drive clicks
+    assert result.test["click"]["logloss"] < result.history[0].test["click"]["logloss"]
+
+
+def test_resume_reuses_vocabularies_and_repeats_the_uninterrupted_run(data, tmp_path, monkeypatch):
+    full = Trainer(_cfg(data, tmp_path / "full", epochs=2), progress=False).fit()
+    Trainer(_cfg(data, tmp_path / "part", epochs=1), progress=False).fit()
+    import polytask.data.tables as tables
+
+    def refuse(*a, **k):
+        raise AssertionError("vocabularies rebuilt on resume")
+
+    monkeypatch.setattr(tables, "build_vocabularies", refuse)
+    resumed = Trainer(_cfg(data, tmp_path / "part", epochs=2), progress=False).fit(resume=True)
+    assert resumed.history[-1].epoch == 2
+    for task in ("click", "conversion"):
+        assert resumed.history[-1].test[task]["auc"] == pytest.approx(full.history[-1].test[task]["auc"], abs=1e-6)
+
+
+def test_predict_scores_equal_the_trained_model(data, run, tmp_path):
+    trainer, _, out = run
+    # an input with an id the vocabulary never saw, and a row order unlike the test file's
+    t = _rows(data[2], None).slice(0, 300)
+    users = t["user_id"].to_pylist()
+    users[5] = "never-seen"
+    t = t.set_column(t.schema.get_field_index("user_id"), "user_id", pa.array(users)).drop(["click", "conversion"])
+    src = tmp_path / "in.parquet"
+    pq.write_table(t, src, row_group_size=70)
+    res = CliRunner().invoke(app, ["predict", str(out), str(src), str(tmp_path / "p.parquet"), "--keep",
+                                   "user_id,item_id", "--batch-size", "64"])
+    assert res.exit_code == 0, res.output
+    known = set(trainer.splits.encoders["user_id"].values)
+    unseen = sum(u not in known for u in users)
+    assert "never-seen" not in known and unseen >= 1
+    assert f"user_id {unseen}," in res.output  # unseen (and rarer than min_count) ids, counted
+    got = pq.read_table(tmp_path / "p.parquet")
+    assert got.column_names == ["user_id", "item_id", "click", "conversion"]
+    assert got["user_id"].to_pylist() == users and got["item_id"].to_pylist() == t["item_id"].to_pylist()
+    # the trainer's own streamed batches of the same rows, through the trained model
+    from polytask.train.tables import StreamSplit
+
+    split = StreamSplit(str(src), trainer.splits.test.source.schema.__class__(
+        dense=("price", "hour"), categorical=trainer.splits.encoders, labels={"x": "price"}, binary=()),
+        trainer.splits.test.p.model_copy(update={"group": None}), seed=0)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        outs = [model(b.inputs) for b, _ in split.eval_batches(1000)]
+    for task in ("click", "conversion"):
+        want = torch.sigmoid(torch.cat([o[task].reshape(-1) for o in outs])).numpy()
+        np.testing.assert_allclose(got[task].to_numpy(), want, rtol=1e-5, atol=1e-6)
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_predict_bad_input_one_line_exit_2_nothing_written(data, run, tmp_path):
+    _, _, out = run
+    runner = CliRunner()
+    t = _rows(data[2], None).drop(["category"])
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(t, bad)
+    res = runner.invoke(app, ["predict", str(out), str(bad), str(tmp_path / "o.parquet")])
+    assert res.exit_code != 0 and isinstance(res.exception, DataError)
+    assert "bad.parquet" in str(res.exception) and "'category'" in str(res.exception)
+    # a vocabulary that no longer fits the checkpoint (one id dropped): names the file and column
+    import shutil
+
+    run2 = tmp_path / "run2"
+    shutil.copytree(out, run2)
+    vocab = json.loads((run2 / "vocab.json").read_text())
+    vocab["user_id"]["values"] = vocab["user_id"]["values"][:-1]
+    (run2 / "vocab.json").write_text(json.dumps(vocab))
+    res = runner.invoke(app, ["predict", str(run2), str(data[2]), str(tmp_path / "o.parquet")])
+    msg = str(res.exception)
+    assert res.exit_code != 0 and "vocab.json" in msg and "'user_id'" in msg and "\n" not in msg
+    assert not list(tmp_path.glob("o.parquet*"))
+    # the real entry point: one line, exit 2
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "from polytask.cli import main; main()", "predict", str(run2),
+                           str(data[2]), str(tmp_path / "o.parquet")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "'user_id'" in proc.stderr
+
+
+def test_fraction_split_is_disjoint_and_complete(data, tmp_path):
+    cfg = _config(data, tmp_path / "r")
+    p = cfg["data"]["params"]
+    for k in ("train", "val", "test"):
+        p.pop(k)
+    p.update(path=str(data[0]), split={"key": "user_id", "fractions": [0.6, 0.2, 0.2], "seed": 1})
+    splits = table_splits(parse_config(cfg))
+    seen = []
+    for part in (splits.train, splits.val, splits.test):
+        users = set()
+        for unit in part.source.units:
+            for rb in part.source._read_unit(unit):
+                users.update(rb.column("user_id").to_pylist())
+        seen.append(users)
+    everyone = set(_rows(data[0], ["user_id"])["user_id"].to_pylist())
+    assert seen[0] | seen[1] | seen[2] == everyone
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    assert all(seen)
+
+
+def test_bad_configs_and_multiprocess_refused(data, tmp_path):
+    base = _config(data, tmp_path / "r")
+    both = json.loads(json.dumps(base))
+    both["data"]["params"]["path"] = str(data[0])
+    with pytest.raises(ConfigError, match="data.params: give either train/val/test"):
+        table_splits(parse_config(both))
+    typo = json.loads(json.dumps(base))
+    typo["data"]["params"]["ids"]["user_id"] = {"min_cnt": 2}
+    with pytest.raises(ConfigError, match="data.params.ids.user_id.min_cnt: unknown key"):
+        table_splits(parse_config(typo))
+    missing = json.loads(json.dumps(base))
+    missing["data"]["params"]["dense"] = ["price", "weight"]
+    with pytest.raises(DataError, match=r"train\.parquet: no column 'weight'"):
+        table_splits(parse_config(missing))
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base))
+    res = CliRunner().invoke(app, ["train", str(path), "--nproc", "2"])
+    assert isinstance(res.exception, ConfigError) and "--nproc 1" in str(res.exception)
+    assert not (tmp_path / "r").exists()
+
+
+def test_example_config_parses():
+    from pathlib import Path
+
+    from polytask.train.config import load_config
+    from polytask.train.tables import parse_params
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "parquet_mmoe.yaml")
+    assert cfg.data.name == "table" and cfg.model.arch == "mmoe"
+    assert parse_params(cfg.data.params).group == "user_id"
