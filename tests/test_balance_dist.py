@@ -13,6 +13,7 @@ one-pass ``task_features`` path; a model wrapped in ``DistributedDataParallel`` 
 from __future__ import annotations
 
 import os
+import sys
 import socket
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -281,6 +282,9 @@ def _worker(rank: int, port: int, out_dir: str, cases) -> None:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # done: leave before the interpreter's teardown, which gloo's threads can abort (SIGABRT)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:

@@ -11,6 +11,7 @@ feature-level path), and be bit-identical on the two ranks. Parameter level is r
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -162,6 +163,9 @@ def _worker(rank: int, port: int, out_dir: str, cases) -> None:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # done: leave before the interpreter's teardown, which gloo's threads can abort (SIGABRT)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
