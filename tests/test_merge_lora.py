@@ -169,6 +169,23 @@ def test_merged_adapter_through_svd_for_ties(setup, tmp_path) -> None:
         assert actual == pytest.approx(err, rel=1e-3, abs=1e-5), module
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "breadcrumbs_ties"])
+def test_merged_adapter_random_and_pruning_methods_at_full_rank(setup, tmp_path, method) -> None:
+    """At full rank the SVD path reproduces the full-model merge, DARE's random masks included
+    (drawn per tensor from the seed, in the weight's layout, the embedding LoRA's too)."""
+    s = setup
+    per_model = [{"weight": 1.0, "density": 0.6}, {"weight": -0.5, "density": 0.8}]
+    full = load_state_dict(merge_checkpoints(method, [s["f1"], s["f2"]], s["base"], tmp_path / "full",
+                                             model_params=per_model, seed=3))
+    out, errors = merge_adapters(method, [s["a1"], s["a2"]], s["base"], tmp_path / "ad", model_params=per_model,
+                                 rank=48, seed=3)
+    assert max(errors.values()) < 1e-5
+    got = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(s["base"]), out) \
+        .merge_and_unload().state_dict()
+    for k, v in full.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-5, msg=k)
+
+
 def test_extract_lora_round_trip(setup, tmp_path) -> None:
     s = setup
     ft = _model(0)

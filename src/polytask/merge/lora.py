@@ -427,18 +427,18 @@ def merge_adapters(
                 factors[m] = (torch.cat(bs, 1), torch.cat(as_, 0), emb)
                 errors[m] = 0.0
                 continue
-            deltas = []
+            deltas = []  # in the weight's layout, so random masks are drawn as in the full-model merge
             for i, lo in enumerate(loras):
                 if m in lo.modules:
-                    b, a = lo.factors(m)
-                    deltas.append(b @ a)
+                    deltas.append(lo.delta(m))
                 else:
                     deltas.append(None)
             ref = next(d for d in deltas if d is not None)
             stacked = torch.stack([d if d is not None else torch.zeros_like(ref) for d in deltas])
             merged = _merge_tensor(instance, have[0][1].target(m), stacked, torch.zeros_like(ref), params, seed)
             want = rank if rank is not None else sum(lo.modules[m].rank for _, lo in have)
-            b, a, err = _svd_factors(merged.float(), want)
+            flip = have[0][1].transposed(m)
+            b, a, err = _svd_factors(merged.float().T if flip else merged.float(), want)
             factors[m] = (b, a, emb)
             errors[m] = err
         r = max(a.shape[0] for _, a, _ in factors.values())
