@@ -89,8 +89,11 @@ def test_train_evaluates_whole_splits_with_gauc_and_saves_vocab(data, run):
     assert any(r["split"] == "test" and r["task"] == "click" and "gauc" in r for r in lines)
 
 
-def test_trains_on_the_known_signal(data, tmp_path):
-    trainer = Trainer(_cfg(data, tmp_path / "r", epochs=3), progress=False)
+@pytest.mark.parametrize("arch", ["mmoe", "ple"])
+def test_trains_on_the_known_signal(data, tmp_path, arch):
+    cfg = _config(data, tmp_path / "r", epochs=3)
+    cfg["model"] = {"arch": arch, "params": {}}
+    trainer = Trainer(parse_config(cfg), progress=False)
     result = trainer.fit()
     assert result.test["click"]["auc"] > 0.6  # user and item biases drive clicks
     assert result.test["click"]["logloss"] < result.history[0].test["click"]["logloss"]
