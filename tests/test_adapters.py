@@ -122,6 +122,25 @@ def test_topk_gates_and_load_balancing_loss_by_hand():
     assert adapters.load_balancing_loss(g, p).item() == pytest.approx(3.0, abs=1e-9)
 
 
+def test_padding_tokens_are_left_out_of_the_load_balancing_loss():
+    # the hand case above plus a padding token routed to expert 0 with probability ~1: masked, the loss is 0.9375
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [1.0, 1e-9, 1e-9]], dtype=torch.double))
+    gates, probs = adapters.topk_gates(logits, 2)
+    mask = torch.tensor([1, 1, 0])
+    assert adapters.load_balancing_loss(gates, probs, mask).item() == pytest.approx(0.9375, abs=1e-9)
+    assert adapters.load_balancing_loss(gates, probs).item() != pytest.approx(0.9375, abs=1e-3)
+    # through a model: the layer's aux loss with a (B, L) mask equals the loss of the unpadded tokens alone
+    model = adapters.apply(mlp(), "molora", ["a"], ["0"], rank=2, num_experts=3, top_k=1)
+    x = torch.randn(2, 4, 6, dtype=torch.double)
+    pad = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    adapters.set_token_mask(model, pad)
+    model(x)
+    masked = model[0].aux_loss
+    adapters.set_token_mask(model, None)
+    model(x[pad.bool()])
+    assert torch.allclose(masked, model[0].aux_loss, atol=1e-12)
+
+
 def test_molora_batched_experts_equal_a_per_expert_loop():
     model = adapters.apply(mlp(), "molora", ["a", "b"], ["0", "2"], rank=3, alpha=6, num_experts=4, top_k=2)
     randomize(model, seed=3)
@@ -283,6 +302,26 @@ def test_save_load_round_trip_gives_the_same_outputs(method, kw, tmp_path):
         adapters.load(tiny_bert(hidden=24), tmp_path / "ad")       # a different base: shape mismatch
     with pytest.raises(CheckpointError, match="cannot read"):
         adapters.load(copy.deepcopy(base), tmp_path / "missing")
+
+
+def test_save_on_a_full_disk_keeps_the_previous_files(tmp_path, monkeypatch):
+    import errno
+
+    import polytask.adapters.io as aio
+
+    model = adapters.apply(mlp(), "molora", ["a"], ["0"], rank=2)
+    adapters.save(model, tmp_path)
+    before = (tmp_path / aio.WEIGHTS).read_bytes()
+    randomize(model)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(aio, "save_file", full)
+    with pytest.raises(CheckpointError, match="adapters.safetensors"):
+        adapters.save(model, tmp_path)
+    assert (tmp_path / aio.WEIGHTS).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [aio.CONFIG, aio.WEIGHTS]      # no partial file left
 
 
 # ------------------------------------------------------------------------------------ PEFT equality

@@ -39,7 +39,7 @@ from polytask.adapters.layers import (ALIASES, METHODS, AdapterLinear, ArrowLine
 from polytask.errors import ConfigError
 
 __all__ = [
-    "apply", "set_task", "task_context", "shared_parameters", "task_parameters", "aux_loss", "adapter_layers",
+    "apply", "set_task", "task_context", "set_token_mask", "shared_parameters", "task_parameters", "aux_loss", "adapter_layers",
     "save", "load", "save_peft", "load_peft", "AdapterLinear", "LoRALinear", "MTLoRALinear", "HydraLoRALinear", "MoLoRALinear",
     "SMoRALinear", "PolyLinear", "ArrowLinear",
     "TaskContext", "topk_gates", "load_balancing_loss",
@@ -144,6 +144,16 @@ def task_context(model: nn.Module, task: str | int | Tensor) -> Iterator[None]:
         yield
     finally:
         context.task = before
+
+
+def set_token_mask(model: nn.Module, mask: Tensor | None) -> None:
+    """Padding mask ``(B, L)`` (1 = token, 0 = padding) for the routers' load-balancing losses; None clears.
+
+    Used by every routed layer whose input has ``B * L`` tokens (layers fed pooled ``(B, H)``
+    features keep all their rows). Routing itself is per token and needs no mask.
+    """
+    context: TaskContext = _state(model)["context"]
+    context.token_mask = mask
 
 
 def shared_parameters(model: nn.Module) -> list[nn.Parameter]:

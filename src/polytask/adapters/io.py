@@ -6,6 +6,9 @@ re-applies the same adapters to a fresh copy of the base model. ``save_peft``/``
 task's LoRA of a ``lora`` (or ``mtlora``, task-specific part) model as a PEFT ``LoraConfig``
 adapter directory (``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight``
 keys), which ``peft.PeftModel.from_pretrained`` loads onto the unwrapped base model.
+
+Files are written atomically (a full disk leaves the previous files, and raises CheckpointError
+naming the file), the weights before the config.
 """
 
 from __future__ import annotations
@@ -19,11 +22,18 @@ from torch import nn
 
 from polytask import adapters as _api
 from polytask.errors import CheckpointError, ConfigError
+from polytask.train.checkpoint import atomic_write, atomic_write_text
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapters.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 FORMAT = 1
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], config: dict, weights: str) -> Path:
+    atomic_write(path / weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_text(path / CONFIG, json.dumps(config, indent=1))
+    return path
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -39,11 +49,9 @@ def save(model: nn.Module, path: str | Path) -> Path:
     state = _api._state(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.cpu() for k, v in _adapter_tensors(model).items()}, str(path / WEIGHTS))
     config = {"format": FORMAT, "method": state["method"], "tasks": state["tasks"], "rank": state["rank"],
               "alpha": state["alpha"], "modules": state["modules"], "params": state["params"]}
-    (path / CONFIG).write_text(json.dumps(config, indent=1))
-    return path
+    return _write(path, {k: v.cpu() for k, v in _adapter_tensors(model).items()}, config, WEIGHTS)
 
 
 def load(model: nn.Module, path: str | Path) -> nn.Module:
@@ -107,13 +115,11 @@ def _save_peft_poly(model: nn.Module, path: Path) -> Path:
         tensors[f"base_model.model.{name}.poly_lora_A"] = layer.lora_A.detach().cpu().contiguous()
         tensors[f"base_model.model.{name}.poly_lora_B"] = layer.lora_B.detach().cpu().contiguous()
         tensors[f"base_model.model.{name}.poly_router.module_logits"] = layer.router.detach().cpu().contiguous()
-    save_file(tensors, str(path / PEFT_WEIGHTS), metadata={"format": "pt"})
     config = {"peft_type": "POLY", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
               "r": state["rank"], "poly_type": "poly", "n_tasks": len(state["tasks"]), "n_skills": first.n_skills,
               "n_splits": first.n_splits, "init_weights": True, "target_modules": list(layers),
               "modules_to_save": None}
-    (path / CONFIG).write_text(json.dumps(config, indent=1))
-    return path
+    return _write(path, tensors, config, PEFT_WEIGHTS)
 
 
 def save_peft(model: nn.Module, path: str | Path, task: str | None = None) -> Path:
@@ -137,13 +143,11 @@ def save_peft(model: nn.Module, path: str | Path, task: str | None = None) -> Pa
     for name, layer in layers.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[t].detach().cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[t].detach().cpu().contiguous()
-    save_file(tensors, str(path / PEFT_WEIGHTS), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
               "r": state["rank"], "lora_alpha": state["alpha"], "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "target_modules": list(layers), "modules_to_save": None}
-    (path / CONFIG).write_text(json.dumps(config, indent=1))
-    return path
+    return _write(path, tensors, config, PEFT_WEIGHTS)
 
 
 def load_peft(model: nn.Module, path: str | Path, task: str) -> nn.Module:

@@ -29,6 +29,13 @@ class TaskContext:
     def __init__(self, tasks: list[str]) -> None:
         self.tasks = list(tasks)
         self.task: int | Tensor | None = None
+        #: ``(B, L)`` 1 = real token, 0 = padding: left out of the routers' load-balancing losses
+        self.token_mask: Tensor | None = None
+
+    def mask_for(self, n: int) -> Tensor | None:
+        """The token mask flattened to ``(n,)`` if it has ``n`` entries (a layer fed every token), else None."""
+        m = self.token_mask
+        return m.reshape(-1) if m is not None and m.numel() == n else None
 
     def resolve(self, task: str | int | Tensor | None) -> int | Tensor | None:
         """Task name / index / per-sample index tensor -> what layers read; ConfigError naming an unknown task."""
@@ -64,18 +71,21 @@ def topk_gates(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return gates, probs
 
 
-def load_balancing_loss(gates: Tensor, probs: Tensor) -> Tensor:
+def load_balancing_loss(gates: Tensor, probs: Tensor, mask: Tensor | None = None) -> Tensor:
     """Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` (Fedus et al., JMLR 2022, eq. 4).
 
     ``f_e``: the fraction of the ``N * k`` token-to-expert assignments that went to expert ``e``
     (from ``gates != 0``); ``P_e``: the mean router probability of ``e``. Equals 1 for perfectly
     uniform routing, ``E`` when every token goes to one expert with probability 1. Only ``P``
-    carries a gradient, as in the paper.
+    carries a gradient, as in the paper. ``mask`` (``(N,)``, 0 for padding) leaves tokens out of
+    both means.
     """
     e = probs.shape[-1]
-    assigned = (gates != 0).to(probs.dtype)
+    m = torch.ones_like(probs[:, 0]) if mask is None else mask.to(probs.dtype)
+    assigned = (gates != 0).to(probs.dtype) * m[:, None]
     f = assigned.sum(0) / assigned.sum()
-    return e * (f * probs.mean(0)).sum()
+    p = (probs * m[:, None]).sum(0) / m.sum()
+    return e * (f * p).sum()
 
 
 class AdapterLinear(nn.Module):
@@ -243,7 +253,7 @@ class MoLoRALinear(AdapterLinear):
     def delta(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])                           # (N, in)
         gates, probs = topk_gates(flat @ self.router.T, self.top_k)  # (N, E)
-        self.aux_loss = load_balancing_loss(gates, probs)
+        self.aux_loss = load_balancing_loss(gates, probs, self.context.mask_for(flat.shape[0]))
         h = torch.einsum("ni,eri->ner", flat, self.lora_A) * gates.unsqueeze(-1)   # (N, E, r)
         out = torch.einsum("ner,eor->no", h, self.lora_B)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -286,7 +296,7 @@ class SMoRALinear(AdapterLinear):
     def delta(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
         gates, probs = topk_gates(flat @ self.router.T, self.top_k)   # (N, R): one gate per rank
-        self.aux_loss = load_balancing_loss(gates, probs)
+        self.aux_loss = load_balancing_loss(gates, probs, self.context.mask_for(flat.shape[0]))
         out = ((flat @ self.lora_A.T) * gates) @ self.lora_B.T
         return out.reshape(*x.shape[:-1], self.out_features)
 
