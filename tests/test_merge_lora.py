@@ -355,3 +355,45 @@ def test_merge_cli_writes_an_adapter(setup, tmp_path) -> None:
     r = _cli("merge", str(cfg), str(tmp_path / "bad_out"), "--adapter")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "slerp" in r.stderr, r.stderr
     assert not (tmp_path / "bad_out").exists()
+
+
+def test_knots(setup, tmp_path) -> None:
+    """KnOTS: task arithmetic in the aligned basis is plain task arithmetic; TIES on the aligned
+    V_i is what a by-hand construction gives, and differs from TIES on dW."""
+    from polytask.merge import merge_state_dicts
+
+    s = setup
+    per_model = [{"weight": 0.7, "density": 0.5}, {"weight": -0.4, "density": 0.5}]
+    base = load_state_dict(s["base"])
+
+    def weights(method: str, knots: bool, name: str) -> dict:
+        out, errors = merge_adapters(method, [s["a1"], s["a2"]], s["base"], tmp_path / name,
+                                     model_params=per_model if method == "ties" else [{"weight": 0.7}, {"weight": -0.4}],
+                                     method_params={"normalize": False} if method == "ties" else None, knots=knots)
+        assert set(errors.values()) == {0.0} or not knots
+        return peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(s["base"]), out) \
+            .merge_and_unload().state_dict()
+
+    plain, aligned = weights("task_arithmetic", False, "ta"), weights("task_arithmetic", True, "ta_k")
+    for k, v in plain.items():
+        torch.testing.assert_close(aligned[k], v, rtol=0, atol=1e-5, msg=k)
+
+    ties_k = weights("ties", True, "ties_k")
+    # by hand for one module both adapters target: q_proj of layer 1 (a2 has rank 5 there)
+    from safetensors.torch import load_file
+
+    a1w, a2w = load_file(s["a1"] / "adapter_model.safetensors"), load_file(s["a2"] / "adapter_model.safetensors")
+    mod = "base_model.model.model.layers.1.self_attn.q_proj"
+    d1 = a1w[f"{mod}.lora_B.weight"] @ a1w[f"{mod}.lora_A.weight"] * (8 / 4)
+    d2 = a2w[f"{mod}.lora_B.weight"] @ a2w[f"{mod}.lora_A.weight"] * (3 / 5 ** 0.5)
+    u, sv, vh = torch.linalg.svd(torch.cat([d1, d2], 1).double(), full_matrices=False)
+    k = 9
+    v1, v2 = vh[:k, :16].float(), vh[:k, 16:].float()
+    mv = merge_state_dicts("ties", [{"v": v1}, {"v": v2}], {"v": torch.zeros_like(v1)}, model_params=per_model,
+                           normalize=False)["v"]
+    want = (u[:, :k] * sv[:k]).float() @ mv
+    got = ties_k["model.layers.1.self_attn.q_proj.weight"] - base["model.layers.1.self_attn.q_proj.weight"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    plain_ties = weights("ties", False, "ties")
+    assert not torch.allclose(plain_ties["model.layers.1.self_attn.q_proj.weight"],
+                              ties_k["model.layers.1.self_attn.q_proj.weight"], atol=1e-3)

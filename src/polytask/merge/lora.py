@@ -357,6 +357,7 @@ def merge_adapters(
     rank: int | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    knots: bool = False,
 ) -> tuple[Path, dict[str, float]]:
     """Merge LoRA adapters of ``base`` into one PEFT adapter at ``out_dir``.
 
@@ -368,6 +369,12 @@ def merge_adapters(
     the ``dW`` of each module (an adapter without the module counts as zero) and factors the
     result by a truncated SVD to ``rank`` (default: the sum of the ranks). Returns the output path
     and the relative Frobenius reconstruction error per module (0 where exact).
+
+    ``knots``: KnOTS (Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025): per
+    module, the updates side by side ``[dW_1 ... dW_n] = U S [V_1 ... V_n]^T`` (computed from the
+    factors: a QR of the stacked ``B`` and an SVD of a ``sum(r) x n*d_in`` matrix), the method
+    merges the aligned ``V_i^T`` and the result is ``U S V^T``: exact at rank ``sum(r)``, no SVD
+    truncation. Task arithmetic with KnOTS equals plain task arithmetic.
     """
     from polytask.merge.engine import _merge_tensor, build_method, check_output_apart, resolve_model_params
     from polytask.merge.methods import Linear, TaskArithmetic
@@ -407,6 +414,8 @@ def merge_adapters(
             kinds = {lo.modules[m].embedding for lo in loras if m in lo.modules}
             if len(kinds) > 1:
                 raise ConfigError(f"module {m!r} is an embedding LoRA in some adapters and not in others")
+        if knots and rank is not None:
+            raise ConfigError("rank: KnOTS merges are exact at the summed rank of the inputs; give no rank")
         exact = rank is None and (type(instance) is Linear or (type(instance) is TaskArithmetic
                                                                and not getattr(instance, "rescale", False)))
         weights = params["weight"]
@@ -418,6 +427,11 @@ def merge_adapters(
         for m in modules:
             have = [(i, lo) for i, lo in enumerate(loras) if m in lo.modules]
             emb = have[0][1].modules[m].embedding
+            if knots:
+                b, a = _knots_merge(instance, m, have, len(loras), params, seed)
+                factors[m] = (b, a, emb)
+                errors[m] = 0.0
+                continue
             if exact:
                 bs, as_ = [], []
                 for i, lo in have:
@@ -450,6 +464,32 @@ def merge_adapters(
     finally:
         for o in opened:
             o.close()
+
+
+def _knots_merge(instance: Any, module: str, have: list[tuple[int, LoraAdapter]], n: int,
+                 params: dict[str, Tensor], seed: int) -> tuple[Tensor, Tensor]:
+    """KnOTS for one module: ``(B, A)`` of ``U S merge(V_i^T)`` (B @ A layout)."""
+    from polytask.merge.engine import _merge_tensor
+
+    parts = {i: lo.factors(module) for i, lo in have}
+    bs = torch.cat([parts[i][0] for i, _ in have], 1).double()
+    q, r = torch.linalg.qr(bs)  # [B_1..B_n] = Q R
+    d_in = parts[have[0][0]][1].shape[1]
+    blocks, col = [], 0
+    for i in range(n):
+        if i in parts:
+            k = parts[i][1].shape[0]
+            blocks.append(r[:, col:col + k] @ parts[i][1].double())
+            col += k
+        else:
+            blocks.append(r.new_zeros(r.shape[0], d_in))
+    u, s, vh = torch.linalg.svd(torch.cat(blocks, 1), full_matrices=False)
+    keep = int((s > s[0] * 1e-10).sum()) if s.numel() and float(s[0]) > 0 else 0
+    keep = max(keep, 1)
+    v = vh[:keep].reshape(keep, n, d_in).transpose(0, 1)  # (n, k, d_in): each model's aligned V_i^T
+    merged = _merge_tensor(instance, f"{module}.knots", v.float().contiguous(), torch.zeros_like(v[0]).float(),
+                           params, seed)
+    return ((q @ u[:, :keep]) * s[:keep]).float(), merged.float()
 
 
 # -- extraction ----------------------------------------------------------------------------------
