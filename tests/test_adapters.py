@@ -446,3 +446,24 @@ def test_arrow_over_a_peft_lora_library_equals_peft_arrow(tmp_path):
     want = theirs(input_ids=ids).last_hidden_state
     assert torch.allclose(ours(ids).last_hidden_state, want, atol=1e-8)
     assert not torch.allclose(base(ids).last_hidden_state, want, atol=1e-3)
+
+
+def test_expert_usage_per_task_by_hand():
+    model = adapters.apply(mlp(), "molora", ["a", "b", "c"], ["0"], rank=2, num_experts=2, top_k=1)
+    lay = model[0]
+    with torch.no_grad():
+        lay.router.zero_()
+        lay.router[0, 0], lay.router[1, 0] = 5.0, -5.0       # expert 0 iff feature 0 > 0 (top-1: gate 1)
+    # 3 samples x 2 tokens, sample tasks (a, b, a); feature 0 signs: s0 (+, +), s1 (-, -), s2 (-, -)
+    # task a: s0's 2 tokens -> expert 0, s2's 2 -> expert 1: (0.5, 0.5); b: both tokens -> expert 1: (0, 1);
+    # c: no token -> zeros
+    x = torch.zeros(3, 2, 6, dtype=torch.double)
+    x[..., 0] = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [-1.0, -1.0]])
+    adapters.set_task(model, torch.tensor([0, 1, 0]))
+    model(x)
+    usage = adapters.expert_usage(model)["0"]
+    assert torch.allclose(usage, torch.tensor([[0.5, 0.5], [0.0, 1.0], [0.0, 0.0]], dtype=torch.double))
+    adapters.set_task(model, "c")                          # one task for the batch: all 6 tokens, 2 to expert 0
+    model(x)
+    assert torch.allclose(adapters.expert_usage(model)["0"],
+                          torch.tensor([[0.0, 0.0], [0.0, 0.0], [1 / 3, 2 / 3]], dtype=torch.double))

@@ -39,7 +39,7 @@ from polytask.adapters.layers import (ALIASES, METHODS, AdapterLinear, ArrowLine
 from polytask.errors import ConfigError
 
 __all__ = [
-    "apply", "set_task", "task_context", "set_token_mask", "shared_parameters", "task_parameters", "aux_loss", "adapter_layers",
+    "apply", "set_task", "task_context", "set_token_mask", "shared_parameters", "task_parameters", "aux_loss", "expert_usage", "adapter_layers",
     "save", "load", "save_peft", "load_peft", "AdapterLinear", "LoRALinear", "MTLoRALinear", "HydraLoRALinear", "MoLoRALinear",
     "SMoRALinear", "PolyLinear", "ArrowLinear",
     "TaskContext", "topk_gates", "load_balancing_loss",
@@ -164,6 +164,36 @@ def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
 def task_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Trainable adapter parameters stacked per task (leading dimension = task index)."""
     return [p for m in adapter_layers(model).values() for p in m.task_parameters()]
+
+
+def expert_usage(model: nn.Module) -> dict[str, Tensor]:
+    """Mean gate weight per task and expert of the last forward, per routed layer: ``{module: (T, E)}``.
+
+    Tokens belong to the task of their sample: the context's ``(B,)`` task ids (every token of
+    sample ``b`` to ``ids[b]``), or the single task set for the batch. A task with no token in the
+    batch gets a row of zeros. Runs on the device (``index_add``), no host synchronisation.
+    """
+    state = _state(model)
+    context: TaskContext = state["context"]
+    t = len(state["tasks"])
+    out = {}
+    for name, layer in adapter_layers(model).items():
+        g = layer.gate_weights
+        if g is None:
+            continue
+        task = context.task
+        if isinstance(task, Tensor):
+            if g.shape[0] % task.shape[0]:
+                continue                      # a layer whose rows are not whole samples' tokens
+            owner = task.to(g.device).repeat_interleave(g.shape[0] // task.shape[0])
+        elif task is None:
+            continue
+        else:
+            owner = torch.full((g.shape[0],), task, device=g.device, dtype=torch.long)
+        sums = torch.zeros(t, g.shape[1], dtype=g.dtype, device=g.device).index_add_(0, owner, g)
+        counts = torch.zeros(t, dtype=g.dtype, device=g.device).index_add_(0, owner, torch.ones_like(g[:, 0]))
+        out[name] = sums / counts.clamp_min(1)[:, None]
+    return out
 
 
 def aux_loss(model: nn.Module) -> Tensor:

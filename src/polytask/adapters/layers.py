@@ -92,6 +92,8 @@ class AdapterLinear(nn.Module):
     """Base class: holds the frozen ``base`` linear, ``rank``, ``alpha`` and the shared task context."""
 
     method: str = ""
+    #: routed methods: the ``(N, E)`` gate weights of the last forward's ``N`` tokens (detached)
+    gate_weights: Tensor | None = None
 
     def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float) -> None:
         super().__init__()
@@ -215,6 +217,7 @@ class HydraLoRALinear(AdapterLinear):
 
     def delta(self, x: Tensor) -> Tensor:
         w = torch.softmax(x @ self.router.T, dim=-1)           # (..., E)
+        self.gate_weights = w.detach().reshape(-1, self.num_experts)
         h = x @ self.lora_A.T                                   # (..., r): the shared A, once
         return torch.einsum("...e,...r,eor->...o", w, h, self.lora_B)
 
@@ -254,6 +257,7 @@ class MoLoRALinear(AdapterLinear):
         flat = x.reshape(-1, x.shape[-1])                           # (N, in)
         gates, probs = topk_gates(flat @ self.router.T, self.top_k)  # (N, E)
         self.aux_loss = load_balancing_loss(gates, probs, self.context.mask_for(flat.shape[0]))
+        self.gate_weights = gates.detach()
         h = torch.einsum("ni,eri->ner", flat, self.lora_A) * gates.unsqueeze(-1)   # (N, E, r)
         out = torch.einsum("ner,eor->no", h, self.lora_B)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -297,6 +301,7 @@ class SMoRALinear(AdapterLinear):
         flat = x.reshape(-1, x.shape[-1])
         gates, probs = topk_gates(flat @ self.router.T, self.top_k)   # (N, R): one gate per rank
         self.aux_loss = load_balancing_loss(gates, probs, self.context.mask_for(flat.shape[0]))
+        self.gate_weights = gates.detach()
         out = ((flat @ self.lora_A.T) * gates) @ self.lora_B.T
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -410,6 +415,7 @@ class ArrowLinear(LoRALinear):
         score = (flat @ protos.T).abs()                                     # (N, E)
         top, idx = score.topk(min(self.top_k, score.shape[-1]), dim=-1)
         coeff = torch.softmax(torch.full_like(score, float("-inf")).scatter(-1, idx, top) / self.temperature, -1)
+        self.gate_weights = coeff.detach()
         h = torch.einsum("ni,eri->ner", flat, self.lora_A) * coeff.unsqueeze(-1)
         return torch.einsum("ner,eor->no", h, self.lora_B).reshape(*x.shape[:-1], self.out_features)
 
