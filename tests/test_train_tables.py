@@ -112,6 +112,12 @@ def test_resume_reuses_vocabularies_and_repeats_the_uninterrupted_run(data, tmp_
     assert resumed.history[-1].epoch == 2
     for task in ("click", "conversion"):
         assert resumed.history[-1].test[task]["auc"] == pytest.approx(full.history[-1].test[task]["auc"], abs=1e-6)
+    monkeypatch.undo()
+    # a run with other data in the same directory builds its own (min_count 1: more ids)
+    other = Trainer(_cfg(data, tmp_path / "part", epochs=1, train=str(data[1])), progress=False)
+    assert other.splits.encoders["user_id"].min_count == 2
+    assert other.splits.encoders["user_id"].values == tables.build_vocabularies(
+        data[1], ["user_id"], min_count=2)["user_id"].values
 
 
 def test_predict_scores_equal_the_trained_model(data, run, tmp_path):

@@ -139,15 +139,27 @@ def feature_spec(dense: Sequence[str], encoders: dict[str, Any], embed_dim: int)
     return FeatureSpec(head + tuple(SparseFeature(c, enc.size, embed_dim) for c, enc in encoders.items()))
 
 
-def build_encoders(p: TableParams, run_dir: Path) -> dict[str, Any]:
+def _same_data(run_dir: Path, data: dict[str, Any]) -> bool:
+    """Whether ``run_dir/config.yaml`` names the same ``data`` section (then its vocab.json is reusable)."""
+    import yaml
+
+    try:
+        old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(old, dict) and old.get("data") == data
+
+
+def build_encoders(p: TableParams, run_dir: Path, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Hash buckets and vocabularies per id column; vocabularies reused from ``run_dir/vocab.json``
-    when it holds the same columns with the same ``min_count``, else built and kept for :meth:`save`."""
+    when the run there had the same ``data`` section and the file holds the same columns with the
+    same ``min_count`` (resume), else built in one pass over the train files."""
     from polytask.data.tables import HashBuckets, build_vocabularies, load_vocabularies
 
     vocab_cols = {c: spec.min_count for c, spec in p.ids.items() if spec.hash is None}
     saved = run_dir / VOCAB_FILE
     vocabs = {}
-    if vocab_cols and saved.is_file():
+    if vocab_cols and saved.is_file() and (data is None or _same_data(run_dir, data)):
         old = load_vocabularies(saved)
         if {c: v.min_count for c, v in old.items()} == vocab_cols:
             vocabs = old
@@ -245,7 +257,7 @@ def table_splits(config: Any) -> TableSplits:
             raise ConfigError(f"data.tasks: unknown task(s) {', '.join(map(repr, unknown))}; "
                               f"the table has {', '.join(labels)}")
         labels = {t: c for t, c in labels.items() if t in config.data.tasks}
-    encoders = build_encoders(p, config.run_dir)
+    encoders = build_encoders(p, config.run_dir, config.data.model_dump(mode="json"))
     keep = tuple(c for c in (p.group, p.split.key if p.split else None) if c)
     schema = TableSchema(dense=tuple(p.dense), categorical=encoders, labels=labels, keep=keep)
     if p.path is None:
