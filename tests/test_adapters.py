@@ -467,3 +467,22 @@ def test_expert_usage_per_task_by_hand():
     model(x)
     assert torch.allclose(adapters.expert_usage(model)["0"],
                           torch.tensor([[0.0, 0.0], [0.0, 0.0], [1 / 3, 2 / 3]], dtype=torch.double))
+
+
+def test_mbc_clusters_tasks_by_their_lora_parameters():
+    model = adapters.apply(mlp(), "lora", ["a", "b", "c", "d", "e"], ["0", "2"], rank=2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():                  # two families: (a, c, e) near one direction, (b, d) near another
+        for lay in adapters.adapter_layers(model).values():
+            for p in (lay.lora_A, lay.lora_B):
+                u, w = torch.randn(p.shape[1:], generator=g), torch.randn(p.shape[1:], generator=g)
+                for t, centre in enumerate([u, w, u, w, u]):
+                    p[t] = centre + 0.05 * torch.randn(p.shape[1:], generator=g)
+    sim = adapters.lora_similarity(model)
+    assert torch.allclose(sim.diagonal(), torch.ones(5, dtype=torch.double))
+    assert sim[0, 2] > 0.9 and sim[1, 3] > 0.9 and sim[0, 1].abs() < 0.5
+    assert adapters.mbc_clusters(model, 2) == [["a", "c", "e"], ["b", "d"]]
+    assert adapters.mbc_clusters(model, 1) == [["a", "b", "c", "d", "e"]]
+    assert len(adapters.mbc_clusters(model, 5)) == 5
+    with pytest.raises(ConfigError, match="mbc.k: must be between 1 and the number of tasks \\(5\\), got 6"):
+        adapters.mbc_clusters(model, 6)

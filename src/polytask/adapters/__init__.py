@@ -40,7 +40,7 @@ from polytask.errors import ConfigError
 
 __all__ = [
     "apply", "set_task", "task_context", "set_token_mask", "shared_parameters", "task_parameters", "aux_loss", "expert_usage", "adapter_layers",
-    "save", "load", "save_peft", "load_peft", "AdapterLinear", "LoRALinear", "MTLoRALinear", "HydraLoRALinear", "MoLoRALinear",
+    "save", "load", "save_peft", "load_peft", "lora_similarity", "mbc_clusters", "task_vectors", "AdapterLinear", "LoRALinear", "MTLoRALinear", "HydraLoRALinear", "MoLoRALinear",
     "SMoRALinear", "PolyLinear", "ArrowLinear",
     "TaskContext", "topk_gates", "load_balancing_loss",
 ]
@@ -206,3 +206,4 @@ def aux_loss(model: nn.Module) -> Tensor:
 
 
 from polytask.adapters.io import load, load_peft, save, save_peft  # noqa: E402  (io needs apply)
+from polytask.adapters.library import lora_similarity, mbc_clusters, task_vectors  # noqa: E402
