@@ -221,6 +221,9 @@ def test_bad_input_names_the_problem():
         adapters.apply(mlp(), "lorra", ["a"], ["0"], rank=2)
     with pytest.raises(ConfigError, match="top_k.*num_experts=2, got 3"):
         adapters.apply(mlp(), "molora", ["a"], ["0"], rank=2, num_experts=2, top_k=3)
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+    with pytest.raises(ConfigError, match="module '0.out_proj' is the output projection of an nn.MultiheadAttention"):
+        adapters.apply(mha, "lora", ["a"], ["out_proj"], rank=2)
     with pytest.raises(ConfigError, match="adapters.top_kk: method 'molora' takes no such parameter"):
         adapters.apply(mlp(), "molora", ["a"], ["0"], rank=2, top_kk=1)
     model = adapters.apply(mlp(), "lora", ["a", "b"], ["0"], rank=2)

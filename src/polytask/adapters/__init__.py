@@ -18,8 +18,10 @@ routing over a library of LoRAs by their top singular vectors; fill it with ``lo
     adapters.save_peft(model, "run/peft_a", task="a")   # method "lora": PEFT's format for one task
 
 A ``(B,)`` task-id tensor is not range-checked (that would synchronise with the device): an id
-outside ``0..T-1`` fails in indexing. ``target_modules`` follows PEFT: a string is a regular expression matched in full against
-module names, a list matches a name equal to an entry or ending in ``"." + entry``.
+outside ``0..T-1`` fails in indexing. ``target_modules`` follows PEFT: a string is a regular
+expression matched in full against module names, a list matches a name equal to an entry or
+ending in ``"." + entry``. After ``apply`` a wrapped layer's weights live under ``<name>.base.``:
+save the adapters with :func:`save`, not the model's ``state_dict``.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ from polytask.adapters.layers import (ALIASES, METHODS, AdapterLinear, ArrowLine
 from polytask.errors import ConfigError
 
 __all__ = [
-    "apply", "set_task", "task_context", "set_token_mask", "shared_parameters", "task_parameters", "aux_loss", "expert_usage", "adapter_layers",
-    "save", "load", "save_peft", "load_peft", "lora_similarity", "mbc_clusters", "task_vectors", "AdapterLinear", "LoRALinear", "MTLoRALinear", "HydraLoRALinear", "MoLoRALinear",
-    "SMoRALinear", "PolyLinear", "ArrowLinear",
-    "TaskContext", "topk_gates", "load_balancing_loss",
+    "apply", "set_task", "task_context", "set_token_mask", "shared_parameters", "task_parameters", "aux_loss",
+    "expert_usage", "adapter_layers", "save", "load", "save_peft", "load_peft", "lora_similarity", "mbc_clusters",
+    "task_vectors", "AdapterLinear", "LoRALinear", "MTLoRALinear", "HydraLoRALinear", "MoLoRALinear", "SMoRALinear",
+    "PolyLinear", "ArrowLinear", "TaskContext", "topk_gates", "load_balancing_loss",
 ]
 
 _ATTR = "_polytask_adapters"
@@ -95,6 +97,11 @@ def apply(model: nn.Module, method: str, tasks: Sequence[str], target_modules: s
         raise ConfigError(f"adapters.target_modules: {target_modules!r} matches no nn.Linear of the model")
     for n in names:
         lin = model.get_submodule(n)
+        parent = model.get_submodule(n.rpartition(".")[0])
+        if isinstance(parent, nn.MultiheadAttention):
+            # MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward): a wrapper is bypassed
+            raise ConfigError(f"adapters.target_modules: module {n!r} is the output projection of an "
+                              f"nn.MultiheadAttention, which cannot be wrapped")
         if rank > min(lin.in_features, lin.out_features):
             raise ConfigError(f"adapters.rank: {rank} is larger than module {n!r} "
                               f"({lin.in_features} -> {lin.out_features}), got rank={rank}")
