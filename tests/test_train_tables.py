@@ -236,3 +236,18 @@ def test_example_config_parses():
     cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "parquet_mmoe.yaml")
     assert cfg.data.name == "table" and cfg.model.arch == "mmoe"
     assert parse_params(cfg.data.params).group == "user_id"
+
+
+def test_data_synth_cuts_one_log_in_row_order(tmp_path):
+    from polytask.data.tables import write_synthetic_log
+
+    res = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "s"), "--rows", "1000", "--seed", "4"])
+    assert res.exit_code == 0, res.output
+    parts = [pq.read_table(tmp_path / "s" / f"{n}.parquet") for n in ("train", "val", "test")]
+    assert [len(t) for t in parts] == [800, 100, 100]
+    whole = pq.read_table(write_synthetic_log(tmp_path / "w.parquet", 1000, seed=4))
+    assert pa.concat_tables(parts).equals(whole)  # the same log, cut by row position
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["test.parquet", "train.parquet", "val.parquet"]
+    res = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "t"), "--rows", "5"])
+    assert isinstance(res.exception, ConfigError) and "split empty" in str(res.exception)
+    assert not (tmp_path / "t").exists()  # refused before writing anything

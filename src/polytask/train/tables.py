@@ -439,11 +439,14 @@ def write_synthetic_splits(out_dir: str | Path, rows: int, seed: int = 0,
 
     from polytask.data.tables import write_synthetic_log
 
+    names = ("train", "val", "test")
+    edges = np.round(np.cumsum([0.0, *fractions]) * rows).astype(int)
+    empty = [n for n, lo, hi in zip(names, edges[:-1], edges[1:]) if hi <= lo]
+    if empty:
+        raise ConfigError(f"data synth: --rows {rows} leaves the {empty[0]} split empty")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = write_synthetic_log(out_dir / "log.parquet.part", rows, row_group_rows=row_group_rows, seed=seed)
-    names = ("train", "val", "test")
-    edges = np.round(np.cumsum([0.0, *fractions]) * rows).astype(int)
     paths = [out_dir / f"{n}.parquet" for n in names]
     writers: list[Any] = [None, None, None]
     try:
@@ -456,12 +459,11 @@ def write_synthetic_splits(out_dir: str | Path, rows: int, seed: int = 0,
                         writers[i] = pq.ParquetWriter(paths[i].with_suffix(".tmp"), rb.schema)
                     writers[i].write_batch(rb.slice(lo - start, hi - lo), row_group_size=row_group_rows)
             start += rb.num_rows
-        for i, w in enumerate(writers):
-            if w is None:
-                raise ConfigError(f"data synth: --rows {rows} leaves the {names[i]} split empty")
+        for i, w in enumerate(writers):  # not None: every split has rows (checked above)
             w.close()
             writers[i] = None
-            paths[i].with_suffix(".tmp").replace(paths[i])
+        for path in paths:
+            path.with_suffix(".tmp").replace(path)
     finally:
         for i, w in enumerate(writers):
             if w is not None:
