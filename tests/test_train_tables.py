@@ -142,9 +142,11 @@ def test_predict_scores_equal_the_trained_model(data, run, tmp_path):
     # the trainer's own streamed batches of the same rows, through the trained model
     from polytask.train.tables import StreamSplit
 
-    split = StreamSplit(str(src), trainer.splits.test.source.schema.__class__(
-        dense=("price", "hour"), categorical=trainer.splits.encoders, labels={"x": "price"}, binary=()),
-        trainer.splits.test.p.model_copy(update={"group": None}), seed=0)
+    from polytask.data.tables import TableSchema
+
+    schema = TableSchema(dense=("price", "hour"), categorical=trainer.splits.encoders, labels={"x": "price"},
+                         binary=())  # no label columns in the input: any numeric column stands in
+    split = StreamSplit(str(src), schema, trainer.splits.test.p.model_copy(update={"group": None}), seed=0)
     model = trainer.model.eval()
     with torch.no_grad():
         outs = [model(b.inputs) for b, _ in split.eval_batches(1000)]
@@ -163,6 +165,19 @@ def test_predict_bad_input_one_line_exit_2_nothing_written(data, run, tmp_path):
     res = runner.invoke(app, ["predict", str(out), str(bad), str(tmp_path / "o.parquet")])
     assert res.exit_code != 0 and isinstance(res.exception, DataError)
     assert "bad.parquet" in str(res.exception) and "'category'" in str(res.exception)
+    # a bad value in the second file, after the first was scored: no OUT, no temporary file left
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = _rows(data[2], None)
+    pq.write_table(good, folder / "a.parquet")
+    price = good["price"].to_pylist()
+    price[7] = None
+    pq.write_table(good.set_column(good.schema.get_field_index("price"), "price", pa.array(price, pa.float32())),
+                   folder / "b.parquet")
+    res = runner.invoke(app, ["predict", str(out), str(folder), str(tmp_path / "o.parquet"), "--batch-size", "100"])
+    assert isinstance(res.exception, DataError) and "b.parquet" in str(res.exception)
+    assert "'price'" in str(res.exception)
+    assert not list(tmp_path.glob("o.parquet*"))
     # a vocabulary that no longer fits the checkpoint (one id dropped): names the file and column
     import shutil
 
