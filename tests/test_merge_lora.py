@@ -42,7 +42,7 @@ def _save_adapter(base_dir: Path, out: Path, seed: int, **lora_kwargs) -> Path:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in pm.named_parameters():
-            if "lora_" in n:
+            if "lora_" in n or "modules_to_save" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     pm.save_pretrained(out)
     return out
@@ -397,3 +397,22 @@ def test_knots(setup, tmp_path) -> None:
     plain_ties = weights("ties", False, "ties")
     assert not torch.allclose(plain_ties["model.layers.1.self_attn.q_proj.weight"],
                               ties_k["model.layers.1.self_attn.q_proj.weight"], atol=1e-3)
+
+
+def test_adapter_with_modules_to_save(setup, tmp_path) -> None:
+    """A trained saved module (modules_to_save: lm_head) replaces the base's tensor in the full-model
+    merge, as PEFT's merge_and_unload does; adapter output refuses it (it is not a LoRA)."""
+    s = setup
+    a3 = _save_adapter(s["base"], tmp_path / "a3", 7, r=2, target_modules=["k_proj"], modules_to_save=["lm_head"])
+    f3 = _peft_full(s["base"], a3, tmp_path / "f3")
+    assert not torch.equal(load_state_dict(f3)["lm_head.weight"], load_state_dict(s["base"])["lm_head.weight"])
+    per_model = [{"weight": 0.6}, {"weight": -0.3}]
+    got = load_state_dict(merge_checkpoints("task_arithmetic", [s["a1"], a3], s["base"], tmp_path / "m1",
+                                            model_params=per_model))
+    want = load_state_dict(merge_checkpoints("task_arithmetic", [s["f1"], f3], s["base"], tmp_path / "m2",
+                                             model_params=per_model))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    with pytest.raises(ConfigError, match="lm_head"):
+        merge_adapters("task_arithmetic", [s["a1"], a3], s["base"], tmp_path / "m3")
+    assert not (tmp_path / "m3").exists()

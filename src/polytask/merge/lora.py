@@ -81,8 +81,9 @@ class _Module:
 class LoraAdapter:
     """A PEFT LoRA adapter read from its folder; factors are read from disk when asked for.
 
-    ``modules`` maps each target module to its factors and scaling. Bad adapters (missing files,
-    another PEFT type, DoRA, trained biases or saved modules, inconsistent ranks) raise
+    ``modules`` maps each target module to its factors and scaling; ``replaced`` maps base tensors
+    to the trained copies the adapter saves (``modules_to_save``, embedding layers). Bad adapters
+    (missing files, another PEFT type, DoRA, trained biases, inconsistent ranks) raise
     :class:`~polytask.errors.CheckpointError` naming the file or tensor.
     """
 
@@ -120,16 +121,14 @@ class LoraAdapter:
         rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
         rslora = bool(cfg.get("use_rslora", False))
         found: dict[str, dict[str, str]] = {}
-        self.replaced: dict[str, str] = {}  # base tensor -> saved copy (PEFT's save_embedding_layers)
+        # base tensor -> its saved, trained copy (modules_to_save, PEFT's save_embedding_layers)
+        self.replaced: dict[str, str] = {}
         for key in self.ckpt.names():
             name = key.removeprefix(_PREFIX)
-            if name.endswith(".base_layer.weight"):
-                self.replaced[name.removesuffix(".base_layer.weight") + ".weight"] = key
-                continue
             m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?", name)
-            if m is None:
-                raise CheckpointError(f"{self.path / ADAPTER_WEIGHTS}: tensor {key!r} is not a LoRA factor "
-                                      "(saved modules and trained biases are not supported)")
+            if m is None:  # checked against the base in check_base
+                self.replaced[name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = key
+                continue
             module, part = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
             found.setdefault(module, {})[part] = key
         modules: dict[str, _Module] = {}
