@@ -1,0 +1,171 @@
+"""Routed adapters: token-level routers over LoRA heads, experts, ranks or a library of LoRAs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from polytask.adapters._base import AdapterLinear, TaskContext, _kaiming, load_balancing_loss, topk_gates
+from polytask.adapters.lora import LoRALinear
+
+
+class HydraLoRALinear(AdapterLinear):
+    """One shared ``A``, ``E`` ``B`` heads, and a token-level softmax router over the heads.
+
+    Tian et al., "HydraLoRA: An Asymmetric LoRA Architecture for Efficient Fine-Tuning",
+    NeurIPS 2024, eq. 6: ``y = W0 x + sum_i w_i B_i A x`` with ``w = softmax(W_g x)``. All heads are
+    computed together (``einsum`` over the stacked ``B: (E, out, r)``). Like the paper, the router
+    needs no task label, so every parameter is shared by all tasks; the scaling ``alpha / r`` is
+    PEFT's, which the authors' code also uses.
+    """
+
+    method = "hydralora"
+
+    def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float,
+                 num_experts: int = 4) -> None:
+        super().__init__(base, context, rank, alpha)
+        self.num_experts = num_experts
+        self.lora_A = nn.Parameter(_kaiming((rank, self.in_features), self.in_features).to(base.weight))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank).to(base.weight))
+        self.router = nn.Parameter(_kaiming((num_experts, self.in_features), self.in_features).to(base.weight))
+
+    def delta(self, x: Tensor) -> Tensor:
+        w = torch.softmax(x @ self.router.T, dim=-1)           # (..., E)
+        self.gate_weights = w.detach().reshape(-1, self.num_experts)
+        h = x @ self.lora_A.T                                   # (..., r): the shared A, once
+        return torch.einsum("...e,...r,eor->...o", w, h, self.lora_B)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B, self.router]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_experts={self.num_experts}"
+
+
+class MoLoRALinear(AdapterLinear):
+    """A mixture of ``E`` LoRA experts with top-k token routing and a load-balancing loss.
+
+    Zadouri et al., "Pushing Mixture of Experts to the Limit: Extremely Parameter Efficient MoE
+    for Instruction Tuning" (MoLoRA), arXiv 2023; Dou et al., "LoRAMoE: Alleviating World
+    Knowledge Forgetting in Large Language Models via MoE-Style Plugin", ACL 2024, eq. 5-6:
+    ``y = W0 x + s * sum_e g_e(x) B_e A_e x`` with ``g = topk(softmax(W_g x))``, renormalised.
+    Experts are stacked, ``A: (E, r, in)``, ``B: (E, out, r)``, and run densely in two ``einsum``
+    calls (the unselected experts' gates are 0). Departures: MoLoRA routes softly (``top_k=E``
+    gives that); LoRAMoE's localized balancing constraint (expert groups weighted by a task-type
+    label) is replaced by the Switch-Transformer load-balancing loss (:func:`load_balancing_loss`),
+    kept after each forward in ``aux_loss`` (sum them with ``polytask.adapters.aux_loss``).
+    """
+
+    method = "molora"
+
+    def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float,
+                 num_experts: int = 4, top_k: int = 2) -> None:
+        super().__init__(base, context, rank, alpha)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.lora_A = nn.Parameter(_kaiming((num_experts, rank, self.in_features), self.in_features).to(base.weight))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank).to(base.weight))
+        self.router = nn.Parameter(_kaiming((num_experts, self.in_features), self.in_features).to(base.weight))
+        self.aux_loss: Tensor | None = None
+
+    def delta(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])                           # (N, in)
+        gates, probs = topk_gates(flat @ self.router.T, self.top_k)  # (N, E)
+        self.aux_loss = load_balancing_loss(gates, probs, self.context.mask_for(flat.shape[0]))
+        self.gate_weights = gates.detach()
+        h = torch.einsum("ni,eri->ner", flat, self.lora_A) * gates.unsqueeze(-1)   # (N, E, r)
+        out = torch.einsum("ner,eor->no", h, self.lora_B)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B, self.router]
+
+    def __getstate__(self) -> dict:
+        # the last forward's aux loss is a graph node: deepcopy/pickle of the model would refuse it
+        state = self.__dict__.copy()
+        state["aux_loss"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_experts={self.num_experts}, top_k={self.top_k}"
+
+
+class SMoRALinear(AdapterLinear):
+    """Each rank an expert: one rank-``R`` LoRA whose ranks are gated per token, top-k of ``R`` active.
+
+    Zhao et al., "Each Rank Could be an Expert: Single-Ranked Mixture of Experts LoRA for
+    Multi-Task Learning" (SMoRA), arXiv 2025: ``y = W0 x + s B (g(x) * A x)`` with
+    ``g = topk(softmax(W_g x))`` over the ``R`` ranks (renormalised), ``A: (R, in)``,
+    ``B: (out, R)``, ``W_g: (R, in)``. The ranks are computed densely in one matmul and the
+    unselected ones gated to 0 (a rank is one multiply-add per feature: gathering would cost more).
+    Departure: balancing uses the Switch loss of :class:`MoLoRALinear` (``aux_loss``), not the
+    paper's own balancing scheme; scaling is ``alpha / R`` as for a LoRA of rank ``R``.
+    """
+
+    method = "smora"
+
+    def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float, top_k: int = 2) -> None:
+        super().__init__(base, context, rank, alpha)
+        self.top_k = top_k
+        self.lora_A = nn.Parameter(_kaiming((rank, self.in_features), self.in_features).to(base.weight))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank).to(base.weight))
+        self.router = nn.Parameter(_kaiming((rank, self.in_features), self.in_features).to(base.weight))
+        self.aux_loss: Tensor | None = None
+
+    def delta(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        gates, probs = topk_gates(flat @ self.router.T, self.top_k)   # (N, R): one gate per rank
+        self.aux_loss = load_balancing_loss(gates, probs, self.context.mask_for(flat.shape[0]))
+        self.gate_weights = gates.detach()
+        out = ((flat @ self.lora_A.T) * gates) @ self.lora_B.T
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B, self.router]
+
+    __getstate__ = MoLoRALinear.__getstate__
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", top_k={self.top_k}"
+
+
+class ArrowLinear(LoRALinear):
+    """Zero-shot per-token routing over a library of LoRAs (one per ``tasks`` entry) by their prototypes.
+
+    Ostapenko et al., "Towards Modular LLMs by Building and Reusing a Library of LoRAs", ICML 2024,
+    sec. 4 (Arrow): each expert's prototype ``v_e`` is the top right singular vector of
+    ``ΔW_e = B_e A_e``; token ``x`` scores ``|<x, v_e>|`` (sign-free), keeps the top-k experts and
+    mixes them with ``softmax(score / temperature)``: ``y = W0 x + s sum_e c_e(x) B_e A_e x``. The
+    library has the stacked layout of :class:`LoRALinear`, so ``load_peft(model, dir, task=name)``
+    fills one expert from a PEFT LoRA. The prototypes come from an exact SVD (PEFT's ``ArrowConfig``
+    runs 15 power iterations from a random start, the same vector when the top singular value is
+    well separated), computed once and cached: call :meth:`refresh` after changing the weights
+    (``load_peft`` does). No task context is read.
+    """
+
+    method = "arrow"
+
+    def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float,
+                 top_k: int = 3, temperature: float = 1.0) -> None:
+        super().__init__(base, context, rank, alpha)
+        self.top_k, self.temperature = top_k, temperature
+        self.register_buffer("prototypes", None, persistent=False)
+
+    @torch.no_grad()
+    def refresh(self) -> Tensor:
+        """Recompute the ``(E, in)`` prototypes from the current library (one batched SVD)."""
+        delta_w = (self.lora_B @ self.lora_A).to(torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32)
+        self.prototypes = torch.linalg.svd(delta_w, full_matrices=False).Vh[:, 0, :].to(self.lora_A.dtype)
+        return self.prototypes
+
+    def delta(self, x: Tensor) -> Tensor:
+        protos = self.prototypes if self.prototypes is not None else self.refresh()
+        flat = x.reshape(-1, x.shape[-1])
+        score = (flat @ protos.T).abs()                                     # (N, E)
+        top, idx = score.topk(min(self.top_k, score.shape[-1]), dim=-1)
+        coeff = torch.softmax(torch.full_like(score, float("-inf")).scatter(-1, idx, top) / self.temperature, -1)
+        self.gate_weights = coeff.detach()
+        h = torch.einsum("ni,eri->ner", flat, self.lora_A) * coeff.unsqueeze(-1)
+        return torch.einsum("ner,eor->no", h, self.lora_B).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", top_k={self.top_k}, temperature={self.temperature}"
