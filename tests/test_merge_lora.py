@@ -366,9 +366,11 @@ def test_knots(setup, tmp_path) -> None:
     per_model = [{"weight": 0.7, "density": 0.5}, {"weight": -0.4, "density": 0.5}]
     base = load_state_dict(s["base"])
 
+    ta_weights = [{"weight": 0.7}, {"weight": -0.4}]
+
     def weights(method: str, knots: bool, name: str) -> dict:
         out, errors = merge_adapters(method, [s["a1"], s["a2"]], s["base"], tmp_path / name,
-                                     model_params=per_model if method == "ties" else [{"weight": 0.7}, {"weight": -0.4}],
+                                     model_params=per_model if method == "ties" else ta_weights,
                                      method_params={"normalize": False} if method == "ties" else None, knots=knots)
         assert set(errors.values()) == {0.0} or not knots
         return peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(s["base"]), out) \

@@ -41,6 +41,8 @@ __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "is_adapter", "split_lora_path",
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+# a factor's name: module.lora_A[.adapter].weight, or module.lora_embedding_A[.adapter]
+_FACTOR = re.compile(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?")
 
 
 def is_adapter(path: str | os.PathLike[str]) -> bool:
@@ -125,7 +127,7 @@ class LoraAdapter:
         self.replaced: dict[str, str] = {}
         for key in self.ckpt.names():
             name = key.removeprefix(_PREFIX)
-            m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?", name)
+            m = _FACTOR.fullmatch(name)
             if m is None:  # checked against the base in check_base
                 self.replaced[name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = key
                 continue
@@ -519,7 +521,8 @@ def extract_lora(
     if rank is None:
         raise ConfigError("rank: must be a positive integer, got None")
     check_output_apart(out_dir, [("base model", str(base), base), ("fine-tuned model", str(finetuned), finetuned)])
-    with Checkpoint(base, allow_pickle=allow_pickle) as b_ckpt, Checkpoint(finetuned, allow_pickle=allow_pickle) as f_ckpt:
+    with Checkpoint(base, allow_pickle=allow_pickle) as b_ckpt, \
+            Checkpoint(finetuned, allow_pickle=allow_pickle) as f_ckpt:
         names = []
         for name in b_ckpt.names():
             spec = b_ckpt.spec(name)
