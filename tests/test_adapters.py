@@ -254,7 +254,8 @@ def test_molora_forward_backward_makes_no_host_sync(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ training with a balancer
-@pytest.mark.parametrize("method,kw", [("hydralora", {"num_experts": 2}), ("mtlora", {})])
+@pytest.mark.parametrize("method,kw", [("hydralora", {"num_experts": 2}), ("mtlora", {}),
+                                       ("molora", {"num_experts": 3, "top_k": 2})])
 def test_two_task_training_with_nash_mtl_trains_adapters_only(method, kw):
     model = adapters.apply(tiny_bert(seed=2), method, ["a", "b"], ["query", "value", "dense"], rank=4, alpha=8, **kw)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -273,7 +274,7 @@ def test_two_task_training_with_nash_mtl_trains_adapters_only(method, kw):
         for t in y:                         # one forward per task: the task picks its task-specific LoRA
             adapters.set_task(model, t)
             pooled = model(ids).last_hidden_state[:, 0]
-            out[t] = ((heads[t](pooled).squeeze(-1) - y[t]) ** 2).mean()
+            out[t] = ((heads[t](pooled).squeeze(-1) - y[t]) ** 2).mean() + 0.01 * adapters.aux_loss(model)
         return out
 
     first = {t: v.item() for t, v in losses().items()}
@@ -489,3 +490,10 @@ def test_mbc_clusters_tasks_by_their_lora_parameters():
     assert len(adapters.mbc_clusters(model, 5)) == 5
     with pytest.raises(ConfigError, match="mbc.k: must be between 1 and the number of tasks \\(5\\), got 6"):
         adapters.mbc_clusters(model, 6)
+
+
+def test_repr_shows_the_hyperparameters():
+    model = adapters.apply(mlp(), "molora", ["a"], ["0"], rank=2, alpha=4, num_experts=3, top_k=1)
+    assert "MoLoRALinear(\n    in_features=6, out_features=10, rank=2, alpha=4.0, num_experts=3, top_k=1\n" in repr(model)
+    model = adapters.apply(mlp(), "mhr", ["a"], ["0"], rank=2, n_skills=5, n_splits=2)
+    assert "rank=2, alpha=2.0, n_skills=5, n_splits=2" in repr(model[0])
