@@ -497,3 +497,22 @@ def test_repr_shows_the_hyperparameters():
     assert "MoLoRALinear(\n    in_features=6, out_features=10, rank=2, alpha=4.0, num_experts=3, top_k=1\n" in repr(model)
     model = adapters.apply(mlp(), "mhr", ["a"], ["0"], rank=2, n_skills=5, n_splits=2)
     assert "rank=2, alpha=2.0, n_skills=5, n_splits=2" in repr(model[0])
+
+
+@pytest.mark.parametrize("method", ["lora", "mtlora"])
+def test_unwrap_restores_the_base_or_folds_one_task_in(method):
+    base = tiny_bert()
+    ids = torch.randint(0, 40, (2, 5))
+    model = adapters.apply(copy.deepcopy(base), method, ["a", "b"], ["query", "value", "dense"], rank=2, alpha=6)
+    randomize(model)
+    adapters.set_task(model, "b")
+    adapted = model(ids).last_hidden_state
+    merged = adapters.unwrap(copy.deepcopy(model), merge_task="b")
+    assert not any(isinstance(m, adapters.AdapterLinear) for m in merged.modules())
+    assert torch.allclose(merged(ids).last_hidden_state, adapted, atol=1e-10)
+    plain = adapters.unwrap(model)
+    assert torch.equal(plain(ids).last_hidden_state, base(ids).last_hidden_state)
+    assert set(dict(plain.named_parameters())) == set(dict(base.named_parameters()))
+    adapters.apply(plain, "lora", ["z"], ["query"], rank=2)            # unwrapped: can be wrapped again
+    with pytest.raises(ConfigError, match="merge_task needs a per-task LoRA"):
+        adapters.unwrap(adapters.apply(copy.deepcopy(base), "molora", ["a"], ["query"], rank=2), merge_task="a")

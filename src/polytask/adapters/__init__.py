@@ -41,7 +41,7 @@ from polytask.adapters.layers import (ALIASES, METHODS, AdapterLinear, ArrowLine
 from polytask.errors import ConfigError
 
 __all__ = [
-    "apply", "set_task", "task_context", "set_token_mask", "shared_parameters", "task_parameters", "aux_loss",
+    "apply", "unwrap", "set_task", "task_context", "set_token_mask", "shared_parameters", "task_parameters", "aux_loss",
     "expert_usage", "adapter_layers", "save", "load", "save_peft", "load_peft", "lora_similarity", "mbc_clusters",
     "task_vectors", "AdapterLinear", "LoRALinear", "MTLoRALinear", "HydraLoRALinear", "MoLoRALinear", "SMoRALinear",
     "PolyLinear", "ArrowLinear", "TaskContext", "topk_gates", "load_balancing_loss",
@@ -119,6 +119,35 @@ def apply(model: nn.Module, method: str, tasks: Sequence[str], target_modules: s
     object.__setattr__(model, _ATTR, {"method": key, "tasks": tasks, "rank": rank, "alpha": alpha,
                                       "target_modules": target_modules, "modules": names, "params": dict(params),
                                       "context": context})
+    return model
+
+
+def unwrap(model: nn.Module, merge_task: str | None = None) -> nn.Module:
+    """Put the original ``nn.Linear`` layers back, in place; with ``merge_task``, fold that task's LoRA in.
+
+    ``merge_task`` (methods ``lora``/``mtlora``): ``W <- W0 + (alpha / r) B_t A_t`` (plus the shared
+    ``B A`` for MTLoRA), so the plain model computes what the adapted one did for that task. The
+    base's ``requires_grad`` flags stay off (``apply`` froze them). ConfigError for an unknown task
+    or a routed method (its update depends on the input: nothing to fold).
+    """
+    state = _state(model)
+    layers = adapter_layers(model)
+    t = None
+    if merge_task is not None:
+        if state["method"] not in ("lora", "mtlora"):
+            raise ConfigError(f"adapters.unwrap: merge_task needs a per-task LoRA ('lora', 'mtlora'), "
+                              f"method {state['method']!r} routes per input")
+        t = state["context"].resolve(merge_task)
+    for name, layer in layers.items():
+        if t is not None:
+            with torch.no_grad():
+                update = layer.lora_B[t] @ layer.lora_A[t]
+                if isinstance(layer, MTLoRALinear):
+                    update = update + layer.shared_B @ layer.shared_A
+                layer.base.weight += layer.scaling * update
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+    object.__delattr__(model, _ATTR)
     return model
 
 
