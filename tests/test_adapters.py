@@ -240,9 +240,14 @@ def test_bad_input_names_the_problem():
         adapters.apply(model, "lora", ["a"], ["2"], rank=2)
 
 
-def test_molora_forward_backward_makes_no_host_sync(monkeypatch):
-    model = adapters.apply(mlp(), "molora", ["a", "b"], ["0", "2"], rank=2, num_experts=4, top_k=2)
+@pytest.mark.parametrize("method,kw", METHODS)
+def test_training_forward_backward_makes_no_host_sync(method, kw, monkeypatch):
+    kw = {**kw, "top_k": 1} if method in ("molora", "smora", "arrow") else kw
+    targets = ["0"] if method == "mhr" else ["0", "2"]             # MHR's 2 splits do not divide layer 2's 5 outputs
+    model = adapters.apply(mlp(), method, ["a", "b"], targets, rank=2, **kw).train()
     x = torch.randn(3, 6, dtype=torch.double)
+    adapters.set_task(model, torch.tensor([0, 1, 0]))
+    model(x)                                          # first call: Arrow's prototypes (one SVD, cached)
 
     def refuse(*args, **kwargs):
         raise AssertionError("host synchronisation inside a training step")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.distributions.utils import clamp_probs
 
 from polytask.adapters._base import AdapterLinear, TaskContext, _kaiming
 from polytask.errors import ConfigError
@@ -71,6 +72,18 @@ class MTLoRALinear(LoRALinear):
         return [self.shared_A, self.shared_B]
 
 
+def relaxed_bernoulli(logits: Tensor) -> Tensor:
+    """One draw of ``RelaxedBernoulli(temperature=1, logits=logits)`` (Maddison et al.; Jang et al., ICLR 2017).
+
+    The same arithmetic and the same ``torch.rand`` draw as ``torch.distributions.RelaxedBernoulli``
+    (so PEFT's Poly draws the same under the same seed), without its argument validation, which
+    reads the device (a host synchronisation) and cannot be switched off for the inner distribution.
+    """
+    p = clamp_probs(torch.sigmoid(logits))
+    u = clamp_probs(torch.rand(logits.shape, dtype=logits.dtype, device=logits.device))
+    return torch.sigmoid(u.log() - (-u).log1p() + p.log() - (-p).log1p())
+
+
 class PolyLinear(AdapterLinear):
     """A library of skill LoRAs mixed per task by a learned task-to-skill allocation (Poly; MHR with splits).
 
@@ -110,8 +123,7 @@ class PolyLinear(AdapterLinear):
         """The normalised task-to-skill weights ``(B or 1, splits, skills)`` of ``task``."""
         logits = self.router[task].reshape(-1, self.n_splits, self.n_skills)
         if self.training:
-            z = torch.distributions.RelaxedBernoulli(torch.tensor(1.0, dtype=logits.dtype, device=logits.device),
-                                                     logits=logits).rsample()
+            z = relaxed_bernoulli(logits)
         else:
             z = torch.sigmoid(logits)
         return z / (z.sum(-1, keepdim=True) + POLY_EPS)
