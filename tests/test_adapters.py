@@ -521,3 +521,21 @@ def test_unwrap_restores_the_base_or_folds_one_task_in(method):
     adapters.apply(plain, "lora", ["z"], ["query"], rank=2)            # unwrapped: can be wrapped again
     with pytest.raises(ConfigError, match="merge_task needs a per-task LoRA"):
         adapters.unwrap(adapters.apply(copy.deepcopy(base), "molora", ["a"], ["query"], rank=2), merge_task="a")
+
+
+def test_mixed_task_batch_gradients_reach_only_each_samples_task():
+    model = adapters.apply(tiny_bert(), "mtlora", ["a", "b"], ["query", "value"], rank=2, alpha=4)
+    randomize(model)
+    ids = torch.randint(0, 40, (4, 5))
+    tids = torch.tensor([1, 0, 1, 1])
+    adapters.set_task(model, tids)
+    out = model(ids).last_hidden_state
+    loss_b = out[tids == 1].pow(2).sum()                 # the task-b samples' loss, from the mixed batch
+    layer = adapters.adapter_layers(model)["encoder.layer.1.attention.self.value"]
+    grads = torch.autograd.grad(loss_b, [layer.lora_A, layer.lora_B, layer.shared_A])
+    assert grads[0][0].abs().max() == 0 and grads[0][1].abs().max() > 0     # task a's row: no gradient
+    adapters.set_task(model, "b")                         # the same samples alone, one task for the batch
+    alone = model(ids[tids == 1]).last_hidden_state.pow(2).sum()
+    want = torch.autograd.grad(alone, [layer.lora_A, layer.lora_B, layer.shared_A])
+    for g, w in zip(grads, want):
+        assert torch.allclose(g, w, atol=1e-10)
