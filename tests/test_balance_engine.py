@@ -396,3 +396,24 @@ def test_task_features_are_not_copied_or_pickled():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert loaded.task_features is None and set(loaded.state_dict()) == set(model.state_dict())
+
+
+def test_routed_feature_mode_takes_the_block_diagonal_gramian(monkeypatch):
+    # per-task representations: a Gramian-only method gets G = diag(|slice_t|^2) without the dense
+    # T x (T m) rows; the equality with the per-task path is test_routed_per_task_features_equal_per_task_path
+    from polytask.balance.engine import GradientBalancer
+
+    calls = []
+    original = GradientBalancer._backward_block_diagonal
+
+    def spy(self, *args, **kwargs):
+        calls.append(type(self.aggregator).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GradientBalancer, "_backward_block_diagonal", spy)
+    model, x, y = _routed()
+    for name, mode in [("mgda", "features"), ("upgrad", "features"), ("mgda", "parameters")]:
+        losses = _losses(model, x, y)
+        balance.get(name, mode=mode).backward(losses, shared=list(model.shared_parameters()),
+                                              features=model.shared_features, task_features=model.shared_features)
+    assert calls == ["MGDA", "UPGrad"]
