@@ -56,6 +56,7 @@ def _cases() -> list[tuple[str, str | None, str, tuple]]:
                     cases.append((name, mode, variant, ()))
                 if mode == "features" and _gramian_only(b.aggregator):
                     cases.append((name, mode, "linear_heads", ()))  # the engine's Gramian-only source
+                    cases.append((name, mode, "routed", ()))  # per-task representations: diagonal Gramian
         else:
             for variant in ("plain", "masked", "nosync"):
                 cases.append((name, None, variant, ()))
@@ -200,11 +201,45 @@ def train_linear_heads(case, rank: int | None, group=None):
     return params, {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
+def train_routed(case, rank: int | None, group=None):
+    """``train`` for MMoE, whose per-task mixtures are per-task representations (``task_features`` is
+    ``shared_features``; the gates are task-specific parameters below them): the feature Jacobian is
+    block-diagonal, so the engine sums diagonal Gramians over the ranks (spied: that path must run)."""
+    tasks = [Task(f"t{t}", "regression") for t in range(TASKS)]
+    torch.manual_seed(0)
+    model = build_model("mmoe", 4, tasks, num_experts=3, expert=(6,), tower=(3,)).double()
+    b = build(case)
+    calls = []
+    path = "_backward_block_diagonal" if group is None else "_features_step"
+    original = getattr(b, path)
+    setattr(b, path, lambda *args, **kwargs: (calls.append(kwargs.get("gramian") is not None or group is None),
+                                               original(*args, **kwargs))[1])
+    for step in range(STEPS):
+        x, y, mask = global_batch(step, True)
+        part = rows_of(rank, True)
+        x, y, mask = x[part], y[part], mask[part]
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        losses = losses_of([out[t.name] for t in tasks], y, mask)
+        kwargs = {} if group is None else {"process_group": group, "counts": mask.sum(0)}
+        b.backward(losses, shared=list(model.shared_parameters()), features=model.shared_features,
+                   task_features=model.shared_features, **kwargs)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.1 * p.grad
+    assert calls == [True] * STEPS, f"the diagonal-Gramian path ran {calls} in {STEPS} steps"
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return params, {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
 def train(case, rank: int | None, group=None):
     """3 SGD steps of ``case`` on this rank's rows (all rows when ``rank`` is None); parameters and state."""
     name, mode, variant, _ = case
     if variant == "linear_heads":
         return train_linear_heads(case, rank, group)
+    if variant == "routed":
+        return train_routed(case, rank, group)
     masked = variant in ("masked", "accumulate", "nosync")
     copies = variant == "task_features"
     model = Problem()

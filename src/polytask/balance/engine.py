@@ -704,7 +704,11 @@ class GradientBalancer(Balancer):
                                     materialize_grads=True)
         slices, head_grads = grads[0].reshape(n, -1), list(grads[1:])  # slices[t] = dL_t/d(task t's copy)
         source = features if copies else task_features  # what the trunk's backward starts from
-        if (self.mode == "features" and not copies and self._ctx is None and _gramian_only(self.aggregator)):
+        if self.mode == "features" and not copies and _gramian_only(self.aggregator):
+            if self._ctx is not None:  # the same diagonal Gramian, summed over ranks
+                return self._features_step(slices, task_features, 1, shared, heads, head_grads, list(losses),
+                                           gramian=torch.diag((slices * slices).sum(1)),
+                                           combine=lambda w: (w.unsqueeze(1) * slices.detach()).reshape(-1))
             return self._backward_block_diagonal(losses, vec, shared, task_features, slices, heads, head_grads)
         if copies:
             rows = slices  # (T, m): the feature Jacobian at z itself
