@@ -433,7 +433,7 @@ class GradientBalancer(Balancer):
             finally:
                 handle.remove()
             ok = external_grads_ok(params, ok, group)
-            self._check_finite(ok, torch.cat([rows.detach(), self._ctx.global_losses[:, None].to(rows.dtype)], dim=1),
+            self._check_finite(ok, lambda: torch.cat([rows.detach(), self._ctx.global_losses[:, None].to(rows.dtype)], dim=1),
                                names)
             self._commit(ok, before)
             gate_local_grads(params, ok, self._ctx.fill)
@@ -470,7 +470,7 @@ class GradientBalancer(Balancer):
         weights = self.aggregator.weights(gramian.to(agg._SOLVE_DTYPE)).to(jac.dtype)
         update = weights @ jac
         ok = all_finite(vec.detach(), gramian, weights, update, *head_grads)
-        self._check_finite(ok, torch.cat([jac, vec.detach()[:, None]], dim=1), list(surrogates))
+        self._check_finite(ok, lambda: torch.cat([jac, vec.detach()[:, None]], dim=1), list(surrogates))
         self._commit(ok, before)
         fill = 0.0 if loss_scale is None else float("nan")
         if loss_scale is not None:
@@ -575,7 +575,7 @@ class GradientBalancer(Balancer):
             [torch.zeros_like(p) for p in shared]
         grads = ctx.reduce([*trunk, *head_grads])
         ok = ok & all_finite(*grads)
-        self._check_finite(ok, torch.cat([rows.detach().reshape(n, -1), ctx.global_losses[:, None]], dim=1), names)
+        self._check_finite(ok, lambda: torch.cat([rows.detach().reshape(n, -1), ctx.global_losses[:, None]], dim=1), names)
         self._commit(ok, before)
         for p, g in zip([*shared, *heads], grads):
             _accumulate(p, _gate(ok, g, ctx.fill))
@@ -862,7 +862,7 @@ class GradientBalancer(Balancer):
         ok = all_finite(update, check, *head_grads)
         if ok.device.type == "cpu" and bool(ok):  # no sync on the CPU: the common case needs none of the masking below
             return update, weights.detach(), ok
-        self._check_finite(ok, torch.cat([rows.detach().reshape(rows.shape[0], -1), check[:, None].to(rows.dtype)], dim=1),
+        self._check_finite(ok, lambda: torch.cat([rows.detach().reshape(rows.shape[0], -1), check[:, None].to(rows.dtype)], dim=1),
                            names)
         self._commit(ok, before)
         weights = torch.where(ok, weights, torch.zeros_like(weights))

@@ -225,7 +225,7 @@ class DBMTL(TaskStateBalancer):
             alpha = norms.max() / (norms + self.eps)
             shared_update = alpha @ self.grad_ema
         ok = all_finite(global_vec, jac, *head_grads)
-        self._check_finite(ok, torch.cat([global_vec[:, None], jac], dim=1), list(losses))
+        self._check_finite(ok, lambda: torch.cat([global_vec[:, None], jac], dim=1), list(losses))
         self._commit(ok, before)
         if loss_scale is not None:  # .grad as a GradScaler expects (scaled); the statistics stay unscaled
             shared_update = shared_update * loss_scale
