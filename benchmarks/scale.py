@@ -162,11 +162,14 @@ def run_rank(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     for key, meds in blocks.items():
         arch = key.split("|")[0]
-        base = blocks.get(f"{arch}|ddp-ew")
         med = statistics.median(meds)
-        ratio = statistics.median(m / b for m, b in zip(meds, base)) if base else float("nan")
+
+        def paired(ref: str) -> float:
+            base = blocks.get(f"{arch}|{ref}")
+            return statistics.median(m / b for m, b in zip(meds, base)) if base else float("nan")
+
         results[key] = {"step_ms": med * 1e3, "samples_s": args.batch / med, "comm_bytes": comm[key],
-                        "vs_ddp_ew": ratio}
+                        "vs_ddp_ew": paired("ddp-ew"), "vs_ew": paired("ew")}
     ctx.close()
     return results
 
@@ -260,10 +263,10 @@ def launch(world: int, argv: list[str], out: Path) -> dict[str, dict[str, float]
 def table(results: dict[int, dict[str, dict[str, float]]], args: argparse.Namespace) -> str:
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     lines = [f"global batch {args.batch}, {args.tasks} tasks, input {args.input}, {args.rounds} interleaved rounds x "
-             f"{args.steps} timed steps (median of round medians; vs ddp-ew: median of per-round paired ratios), "
+             f"{args.steps} timed steps (median of round medians; vs ddp-ew, vs ew: medians of per-round paired ratios), "
              f"device {args.device}, 1 thread per process, load average at the end {load}",
-             "| arch | method | world | samples/s | step ms | comm bytes/step | vs ddp-ew |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| arch | method | world | samples/s | step ms | comm bytes/step | vs ddp-ew | vs ew |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for key in next(iter(results.values())):
         arch, method = key.split("|")
         for world, res in results.items():
@@ -271,8 +274,9 @@ def table(results: dict[int, dict[str, dict[str, float]]], args: argparse.Namesp
                 continue
             r = res[key]
             ratio = f"{r['vs_ddp_ew']:.2f}x" if r["vs_ddp_ew"] == r["vs_ddp_ew"] else "-"
+            ratio_ew = f"{r['vs_ew']:.2f}x" if r["vs_ew"] == r["vs_ew"] else "-"
             lines.append(f"| {arch} | {method} | {world} | {r['samples_s']:.0f} | {r['step_ms']:.2f} | "
-                         f"{int(r['comm_bytes'])} | {ratio} |")
+                         f"{int(r['comm_bytes'])} | {ratio} | {ratio_ew} |")
     return "\n".join(lines)
 
 
