@@ -3,7 +3,7 @@
 Each aggregator is a small ``nn.Module``. ``aggregator(J)`` returns the aggregated ``D``-vector;
 ``aggregator.aggregate(J)`` returns ``(vector, weights)``. Most methods only need the Gramian
 ``G = J J^T`` (:class:`GramianWeighting`: ``weights(G)``, update ``J^T w``); the others read the
-Jacobian itself (:class:`GradDrop`, :class:`ExcessMTL`, :class:`MoCo`).
+Jacobian itself (:class:`GradDrop`, :class:`ExcessMTL`, :class:`MoCo`, :class:`MetaBalance`).
 
 All solvers run in torch on the Jacobian's device with fixed iteration counts (no scipy, no host
 synchronisation), in float64 on the ``T x T`` problem for accuracy; on CUDA their loops (and PCGrad's
@@ -11,7 +11,7 @@ and GradVac's) replay CUDA graphs (:func:`~polytask.balance.solvers.cuda_graphed
 class: :class:`IMTLG`, :class:`AlignedMTL` and :class:`ConFIG` need an eigendecomposition or
 pseudo-inverse, which synchronises on CUDA.
 
-State (GradVac's targets, Nash-MTL's warm start, MoCo's tracking, ExcessMTL's statistics) lives in
+State (GradVac's targets, Nash-MTL's warm start, MoCo's tracking, ExcessMTL's statistics, MetaBalance's norms) lives in
 buffers only, step counters included, so ``state_dict()`` saves and restores it and the engine's
 guard can undo a skipped step (:class:`_LazyStateMixin`).
 
@@ -54,6 +54,7 @@ __all__ = [
     "GramianWeighting",
     "IMTLG",
     "MGDA",
+    "MetaBalance",
     "MoCo",
     "NashMTL",
     "PCGrad",
@@ -72,11 +73,14 @@ class Aggregator(nn.Module):
     """Base class: aggregate a ``(T, D)`` Jacobian (one row per task) into a ``(D,)`` update.
 
     ``parameter_space_only`` is True for methods whose state is indexed by the coordinates of the
-    Jacobian (MoCo, ExcessMTL): they need the same ``D`` coordinates at every step, i.e.
+    Jacobian (MoCo, ExcessMTL, MetaBalance): they need the same ``D`` coordinates at every step, i.e.
     gradients w.r.t. parameters, not w.r.t. a batch of features.
     """
 
     parameter_space_only: ClassVar[bool] = False
+    #: Numbers of elements of the shared parameter tensors whose flattened gradients make up the
+    #: Jacobian's columns, in order; set by the engine in parameter mode (``None``: unknown).
+    parameter_sizes: list[int] | None = None
 
     def extra_repr(self) -> str:
         """The constructor's keywords and their values (a printed balancer shows its hyperparameters)."""
@@ -762,3 +766,52 @@ class MoCo(_LazyStateMixin, Aggregator):
         self.task_weights = project_simplex(weights - self.gamma * gram @ weights)
         self._advance(fresh, n)
         return self.task_weights @ self.tracked, self.task_weights
+
+
+class MetaBalance(_LazyStateMixin, Aggregator):
+    """MetaBalance: rescale the auxiliary tasks' gradients toward the target task's magnitude.
+
+    He et al., "MetaBalance: Improving Multi-Task Recommendations via Adapting Gradient Magnitudes
+    of Auxiliary Tasks", WWW 2022, Algorithm 1: the first task is the target, the others auxiliary.
+    Per shared parameter tensor ``p`` and task ``t``, a moving average of the gradient norm
+    ``m_tp <- beta m_tp + (1 - beta) ||g_tp||`` (from 0, no bias correction), and each task's
+    gradient is rescaled as ``g_tp (r m_0p / (m_tp + 1e-5) + 1 - r)`` (the relax factor ``r``
+    interpolates between the target's magnitude and the task's own; the target itself gets the
+    factor up to the ``1e-5``); the update is the sum. As torch-rechub 0.9.0's ``MetaBalance``
+    optimizer. The norms are per parameter tensor (the engine sets :attr:`parameter_sizes`; without
+    them the whole Jacobian row is one tensor), so this method runs in parameter mode. Logged
+    weights are the factors when there is one tensor, else a least-squares fit.
+
+    Args:
+        relax_factor: ``r`` in ``[0, 1)`` (0: plain sum of the gradients).
+        beta: moving-average coefficient in ``[0, 1)``.
+    """
+
+    parameter_space_only = True
+
+    def __init__(self, relax_factor: float = 0.7, beta: float = 0.9) -> None:
+        super().__init__()
+        _check(0 <= relax_factor < 1, f"metabalance: relax_factor must be in [0, 1), got {relax_factor}")
+        _check(0 <= beta < 1, f"metabalance: beta must be in [0, 1), got {beta}")
+        self.relax_factor, self.beta = relax_factor, beta
+        self.register_buffer("norms", torch.zeros(0, 0))
+        self._init_steps()
+
+    def _sizes(self, dim: int) -> list[int]:
+        sizes = self.parameter_sizes
+        return list(sizes) if sizes and sum(sizes) == dim else [dim]
+
+    def aggregate(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
+        n, sizes = jacobian.shape[0], self._sizes(jacobian.shape[1])
+        resized = self.norms.shape != (n, len(sizes))
+        if resized:
+            self.norms = torch.zeros(n, len(sizes), dtype=jacobian.dtype, device=jacobian.device)
+        fresh, jac = self._fresh(n, resized), jacobian.detach()
+        blocks = jac.split(sizes, dim=1)
+        current = torch.stack([b.norm(dim=1) for b in blocks], dim=1)  # (T, P)
+        self.norms = torch.where(fresh, 0.0, self.norms) * self.beta + (1.0 - self.beta) * current
+        factors = self.relax_factor * self.norms[:1] / (self.norms + 1e-5) + (1.0 - self.relax_factor)  # (T, P)
+        update = torch.cat([(f.unsqueeze(1) * b).sum(0) for f, b in zip(factors.T, blocks)])
+        self._advance(fresh, n)
+        weights = factors[:, 0] if len(sizes) == 1 else _least_squares_weights(jac, update)
+        return update, weights

@@ -644,6 +644,7 @@ class GradientBalancer(Balancer):
                     if g is not None:
                         acc.add_(g)
         jac, head_grads = self._reduce_rows(jac, head_grads)
+        self.aggregator.parameter_sizes = [p.numel() for p in shared]
         update, weights, ok = self._aggregate(jac, head_grads, vec, list(losses))
         _accumulate_flat(shared, self._scaled_update(update), ok, self._fill())
         for p, g in zip(heads, head_grads):
@@ -723,6 +724,7 @@ class GradientBalancer(Balancer):
         else:
             jac = self._trunk_jacobian(source, shared, rows.view(n, *source.shape))
             jac, head_grads = self._reduce_rows(jac, head_grads)
+            self.aggregator.parameter_sizes = [p.numel() for p in shared]
             update, weights, ok = self._aggregate(jac, head_grads, vec, list(losses))
             _accumulate_flat(shared, self._scaled_update(update), ok, self._fill())
         for p, g in zip(heads, head_grads):
@@ -912,3 +914,4 @@ _register("config", agg.ConFIG)
 _register("fairgrad", agg.FairGrad)
 _register("moco", agg.MoCo)
 _register("excess_mtl", agg.ExcessMTL, "excessmtl")
+_register("metabalance", agg.MetaBalance, "meta_balance")
