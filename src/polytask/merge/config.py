@@ -72,13 +72,11 @@ _UNSUPPORTED = {
 }
 
 
-
-class ModelEntry(BaseModel):
-    """One input model and its per-model parameters (``weight``, ``density``, ``gamma``...)."""
+class _WithParameters(BaseModel):
+    """A config node with a ``parameters:`` mapping (``parameters:`` left empty in YAML means none)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("parameters", mode="before")
@@ -87,34 +85,24 @@ class ModelEntry(BaseModel):
         return {} if value is None else value
 
 
-class SliceSource(BaseModel):
-    """One source of an output slice: the layers ``[start, end)`` of a model."""
+class ModelEntry(_WithParameters):
+    """One input model and its per-model parameters (``weight``, ``density``, ``gamma``...)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model: str
+
+
+class SliceSource(_WithParameters):
+    """One source of an output slice: the layers ``[start, end)`` of a model."""
 
     model: str
     layer_range: tuple[int, int]
-    parameters: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _none_is_empty(cls, value: Any) -> Any:
-        return {} if value is None else value
 
 
-class SliceDef(BaseModel):
+class SliceDef(_WithParameters):
     """An output slice: its sources (same number of layers each), base and parameters."""
-
-    model_config = ConfigDict(extra="forbid")
 
     sources: list[SliceSource] = Field(min_length=1)
     base_model: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _none_is_empty(cls, value: Any) -> Any:
-        return {} if value is None else value
 
 
 class MergeConfig(BaseModel):
