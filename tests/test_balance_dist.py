@@ -172,33 +172,41 @@ def no_host_sync():
             setattr(torch.Tensor, n, f)
 
 
-def train_linear_heads(case, rank: int | None, group=None):
-    """``train`` for a polytask shared-bottom model whose heads read per-task copies (``task_features``): the
-    feature Gramian comes from the heads' linear layer without the feature Jacobian (spied: it must run)."""
-    tasks = [Task(f"t{t}", "regression") for t in range(TASKS)]
-    torch.manual_seed(0)
-    model = build_model("shared_bottom", 4, tasks, bottom=(9, 20), tower=()).double().expose_task_features()
+def _train_polytask_model(case, rank: int | None, group, model, task_features_of, spied: str, took_path) -> tuple:
+    """``train`` for a polytask model: 3 SGD steps on masked rows; ``spied`` (a GradientBalancer method)
+    must run at every step, each call judged by ``took_path(kwargs)``."""
     b = build(case)
     calls = []
-    original = b._backward_linear_heads
-    b._backward_linear_heads = lambda *args, **kwargs: (calls.append(1), original(*args, **kwargs))[1]
+    original = getattr(b, spied)
+    setattr(b, spied, lambda *args, **kwargs: (calls.append(took_path(kwargs)), original(*args, **kwargs))[1])
+    names = list(model.task_names)
     for step in range(STEPS):
         x, y, mask = global_batch(step, True)
         part = rows_of(rank, True)
         x, y, mask = x[part], y[part], mask[part]
         model.zero_grad(set_to_none=True)
         out = model(x)
-        losses = losses_of([out[t.name] for t in tasks], y, mask)
+        losses = losses_of([out[t] for t in names], y, mask)
         kwargs = {} if group is None else {"process_group": group, "counts": mask.sum(0)}
         b.backward(losses, shared=list(model.shared_parameters()), features=model.shared_features,
-                   task_features=model.task_features, **kwargs)
+                   task_features=task_features_of(model), **kwargs)
         with torch.no_grad():
             for p in model.parameters():
                 if p.grad is not None:
                     p -= 0.1 * p.grad
-    assert len(calls) == STEPS, f"the linear-head path ran {len(calls)} times in {STEPS} steps"
+    assert calls == [True] * STEPS, f"{spied} ran {calls} in {STEPS} steps"
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return params, {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def train_linear_heads(case, rank: int | None, group=None):
+    """``train`` for a polytask shared-bottom model whose heads read per-task copies (``task_features``): the
+    feature Gramian comes from the heads' linear layer without the feature Jacobian (spied: it must run)."""
+    tasks = [Task(f"t{t}", "regression") for t in range(TASKS)]
+    torch.manual_seed(0)
+    model = build_model("shared_bottom", 4, tasks, bottom=(9, 20), tower=()).double().expose_task_features()
+    return _train_polytask_model(case, rank, group, model, lambda m: m.task_features, "_backward_linear_heads",
+                                 lambda kwargs: True)
 
 
 def train_routed(case, rank: int | None, group=None):
@@ -208,29 +216,9 @@ def train_routed(case, rank: int | None, group=None):
     tasks = [Task(f"t{t}", "regression") for t in range(TASKS)]
     torch.manual_seed(0)
     model = build_model("mmoe", 4, tasks, num_experts=3, expert=(6,), tower=(3,)).double()
-    b = build(case)
-    calls = []
-    path = "_backward_block_diagonal" if group is None else "_features_step"
-    original = getattr(b, path)
-    setattr(b, path, lambda *args, **kwargs: (calls.append(kwargs.get("gramian") is not None or group is None),
-                                               original(*args, **kwargs))[1])
-    for step in range(STEPS):
-        x, y, mask = global_batch(step, True)
-        part = rows_of(rank, True)
-        x, y, mask = x[part], y[part], mask[part]
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        losses = losses_of([out[t.name] for t in tasks], y, mask)
-        kwargs = {} if group is None else {"process_group": group, "counts": mask.sum(0)}
-        b.backward(losses, shared=list(model.shared_parameters()), features=model.shared_features,
-                   task_features=model.shared_features, **kwargs)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p -= 0.1 * p.grad
-    assert calls == [True] * STEPS, f"the diagonal-Gramian path ran {calls} in {STEPS} steps"
-    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return params, {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
+    spied = "_backward_block_diagonal" if group is None else "_features_step"
+    return _train_polytask_model(case, rank, group, model, lambda m: m.shared_features, spied,
+                                 lambda kwargs: group is None or kwargs.get("gramian") is not None)
 
 
 def train(case, rank: int | None, group=None):
