@@ -326,14 +326,14 @@ def two_ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
-def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks, case):
-    key = _ids(case)
+def check_two_ranks_equal_one_process(two_ranks, key, case, train_fn, skipped_variants=("nan", "gradnan", "fsdp_nan")):
+    """Both ranks bit-identical (no divergence), and rank 0 equal to ``train_fn(case, None)``: one process
+    on the concatenated batch (parameters and balancer state). Also used by test_balance_fsdp."""
     got0, got1 = two_ranks[0][key], two_ranks[1][key]
     assert not isinstance(got0, str), got0
     assert not isinstance(got1, str), got1
     (p0, s0), (p1, s1) = got0, got1
-    if case[2] in ("nan", "gradnan", "fsdp_nan"):  # every rank skipped the step together, and counted it once
+    if case[2] in skipped_variants:  # every rank skipped the step together, and counted it once
         assert int(s0["skipped_steps"]) == 1 and int(s1["skipped_steps"]) == 1
     # no divergence: the ranks hold the same parameters and state, to the bit
     assert torch.equal(p0, p1)
@@ -343,7 +343,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks, case):
         return
     # one process on the concatenated batch
     torch.manual_seed(0)
-    ref_params, ref_state = train(case, None)
+    ref_params, ref_state = train_fn(case, None)
     torch.testing.assert_close(p0, ref_params, rtol=1e-9, atol=1e-11)
     assert s0.keys() == ref_state.keys()
     for k in s0:
@@ -351,6 +351,11 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks, case):
             torch.testing.assert_close(s0[k], ref_state[k], rtol=1e-9, atol=1e-11, equal_nan=True, msg=k)
         elif k != "rng_state":
             assert torch.equal(s0[k], ref_state[k]), k
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks, case):
+    check_two_ranks_equal_one_process(two_ranks, _ids(case), case, train)
 
 
 def test_the_comparison_can_fail_each_rank_alone_is_not_the_global_step(two_ranks):

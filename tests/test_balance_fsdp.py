@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_balance_dist import STEPS, Problem, _free_port, global_batch, losses_of, no_host_sync, rows_of
+from test_balance_dist import (STEPS, Problem, _free_port, check_two_ranks_equal_one_process, global_batch, losses_of,
+                               no_host_sync, rows_of)
 
 from polytask import balance
 from polytask.balance import GradientBalancer
@@ -190,26 +191,7 @@ def test_every_feature_level_gradient_method_is_covered():
 
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
 def test_fully_shard_at_two_ranks_equals_one_process_on_the_concatenated_batch(two_ranks, case):
-    key = _ids(case)
-    got0, got1 = two_ranks[0][key], two_ranks[1][key]
-    assert not isinstance(got0, str), got0
-    assert not isinstance(got1, str), got1
-    (p0, s0), (p1, s1) = got0, got1
-    if case[2] == "nan":  # every rank skipped the step together, and counted it once
-        assert int(s0["skipped_steps"]) == 1 and int(s1["skipped_steps"]) == 1
-    assert torch.equal(p0, p1)
-    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
-    assert torch.isfinite(p0).all()
-    torch.manual_seed(0)
-    ref_params, ref_state = train(case, None)
-    torch.testing.assert_close(p0, ref_params, rtol=1e-9, atol=1e-11)
-    assert s0.keys() == ref_state.keys()
-    for k in s0:
-        if s0[k].dtype.is_floating_point:
-            torch.testing.assert_close(s0[k], ref_state[k], rtol=1e-9, atol=1e-11, equal_nan=True, msg=k)
-        elif k != "rng_state":
-            assert torch.equal(s0[k], ref_state[k]), k
-
+    check_two_ranks_equal_one_process(two_ranks, _ids(case), case, train, skipped_variants=("nan",))
 
 def test_the_comparison_can_fail_weights_of_the_local_gramian_are_not_the_global_step(two_ranks):
     """Each rank balancing its own rows alone differs from the global step (MGDA), so equality above means something."""
