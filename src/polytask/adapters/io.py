@@ -61,11 +61,7 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
     missing tensor or a shape mismatch (an adapter saved for a different base).
     """
     path = Path(path)
-    try:
-        config = json.loads((path / CONFIG).read_text())
-        tensors = load_file(str(path / WEIGHTS))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"adapters.load: cannot read {path}: {exc}") from None
+    config, tensors = _read(path, WEIGHTS, "adapters.load")
     if config.get("format") != FORMAT:
         raise CheckpointError(f"adapters.load: {path / CONFIG} is not a polytask adapter config "
                               f"(format {config.get('format')!r}, expected {FORMAT})")
@@ -161,11 +157,7 @@ def load_peft(model: nn.Module, path: str | Path, task: str) -> nn.Module:
     state = _api._state(model)
     t = state["context"].resolve(task)
     path = Path(path)
-    try:
-        config = json.loads((path / CONFIG).read_text())
-        tensors = load_file(str(path / PEFT_WEIGHTS))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"adapters.load_peft: cannot read {path}: {exc}") from None
+    config, tensors = _read(path, PEFT_WEIGHTS, "adapters.load_peft")
     if config.get("r") != state["rank"] or float(config.get("lora_alpha", 8)) != state["alpha"]:
         raise ConfigError(f"adapters.load_peft: {path / CONFIG} has r={config.get('r')}, "
                           f"lora_alpha={config.get('lora_alpha')}; the model has rank={state['rank']}, "
@@ -186,3 +178,11 @@ def load_peft(model: nn.Module, path: str | Path, task: str) -> nn.Module:
         if hasattr(layer, "refresh"):
             layer.refresh()                          # Arrow: the library changed, so do its prototypes
     return model
+
+
+def _read(path: Path, weights: str, who: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config, tensors)`` of the adapter folder ``path``; CheckpointError naming it if either is unreadable."""
+    try:
+        return json.loads((path / CONFIG).read_text()), load_file(str(path / weights))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{who}: cannot read {path}: {exc}") from None
