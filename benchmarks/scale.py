@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 
 METHODS = {
@@ -217,7 +218,7 @@ def _setup(args: argparse.Namespace, ctx, device, arch: str, method: str):
             sum(t.loss(out[t.name], yb[t.name]) for t in tasks).backward()
             opt.step()
             return
-        sync = step_model.no_sync() if world > 1 and not ddp_reduces else _null()
+        sync = step_model.no_sync() if world > 1 and not ddp_reduces else nullcontext()
         with sync:
             out = step_model(xb)
             losses = {t.name: t.loss(out[t.name], yb[t.name]) for t in tasks}
@@ -237,14 +238,6 @@ def _setup(args: argparse.Namespace, ctx, device, arch: str, method: str):
                                          if world > 1 else {}))
 
     return step, balancer, params
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # ---------------------------------------------------------------------------- launcher and table
@@ -288,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         res = run_rank(args)
         if int(os.environ.get("RANK", "0")) == 0:
             Path(args.worker).write_text(json.dumps(res))
-        return
+        # leave before the interpreter's teardown, which gloo's threads can abort (as polytask.cli.main does)
+        sys.stdout.flush()
+        os._exit(0)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for world in (int(w) for w in args.world.split(",")):

@@ -41,6 +41,7 @@ import os
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -253,7 +254,7 @@ def sharded_predict(model: nn.Module, dataset: Any, batch_size: int, ctx: DistCo
     chunks: dict[str, list[Tensor]] = {}
     for s in range(0, per, batch_size):
         batch = dataset.batch(idx[s:s + batch_size])
-        with autocast() if autocast is not None else _nullcontext():
+        with autocast() if autocast is not None else nullcontext():
             outputs = model(batch.inputs)
         for name, out in outputs.items():
             chunks.setdefault(name, []).append(out.float())
@@ -270,14 +271,6 @@ def sharded_predict(model: nn.Module, dataset: Any, batch_size: int, ctx: DistCo
         collective(dist.all_gather, parts, local, group=ctx.group)
         result[name] = torch.cat(parts)[:n]
     return result
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def all_reduce_sum(tensor: Tensor, ctx: DistContext) -> Tensor:
@@ -417,7 +410,7 @@ class Precision:
 
     def autocast(self) -> Any:
         """A fresh autocast context (or a no-op one for fp32)."""
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else _nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
 
     def loss_scale(self) -> Tensor | None:
         """The scaler's current scale as a device tensor (the balancer's ``loss_scale=``)."""
@@ -536,7 +529,7 @@ class StepContext:
     def no_sync(self) -> Any:
         """DDP's ``no_sync()``: the balancer reduces the gradients itself (once per step)."""
         fn = getattr(self.step_model, "no_sync", None)
-        return fn() if self.ctx.enabled and callable(fn) else _nullcontext()
+        return fn() if self.ctx.enabled and callable(fn) else nullcontext()
 
     def balancer_kwargs(self, batch: Any) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
