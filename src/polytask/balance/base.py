@@ -160,9 +160,10 @@ class Balancer(nn.Module):
         if feats and features is None:
             raise ConfigError("balancer.accumulate: mode 'features' needs features= (the model's shared_features)")
         scaled = vec if loss_scale is None else vec * loss_scale.to(vec)
-        rows = [torch.autograd.grad(scaled[t], [*feats, *leaves], retain_graph=True, allow_unused=True,
-                                    materialize_grads=True)
-                for t in range(vec.shape[0])]
+        from polytask.balance.engine import task_jacobian  # engine imports this module
+
+        # (T, *shape) per input: one backward per task (the per-task cost accumulation documents)
+        rows = task_jacobian(list(scaled.unbind()), [*feats, *leaves], batched=False)
         unscale = 1.0 if loss_scale is None else 1.0 / loss_scale.to(vec)
         acc = self.__dict__.get("_pending")
         if acc is None:
@@ -174,14 +175,14 @@ class Balancer(nn.Module):
         acc["loss"] += n * vec.detach()
         acc["count"] += n
         for i, p in enumerate(leaves):
-            g = torch.stack([r[len(feats) + i] for r in rows]).detach() * unscale
+            g = rows[len(feats) + i].detach() * unscale
             g = g * n.view(-1, *([1] * p.ndim)).to(g.dtype)
             if id(p) in acc["grads"]:
                 acc["grads"][id(p)][1].add_(g)
             else:
                 acc["grads"][id(p)] = (p, g)
         if feats:
-            z = torch.stack([r[0].reshape(-1) for r in rows]).detach() * unscale * n[:, None]
+            z = rows[0].reshape(rows[0].shape[0], -1).detach() * unscale * n[:, None]
             gram = z @ z.T
             acc["gramian"] = gram if acc["gramian"] is None else acc["gramian"] + gram
 
