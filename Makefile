@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]" torch==2.13.0
+	# LibMTL (a peer in the balancer tests) without its torchvision requirement: its weighting
+	# classes need only torch, and a torchvision wheel for another torch build breaks on import
+	$(PY) -m pip install -q --no-deps LibMTL==1.1.5
 	touch $(STAMP)
 
 demo: $(STAMP)
