@@ -135,27 +135,58 @@ class Vocabulary:
     """Ids of one column: index 0 is the out-of-vocabulary bucket, known values are 1..n.
 
     ``values`` are in a deterministic order (count descending, then value). ``oov_count`` counts
-    values encoded to the OOV bucket since the vocabulary was made (scoring-time unknowns).
+    values encoded to the OOV bucket since the vocabulary was made (scoring-time unknowns); a null
+    is OOV too.
+
+    Lookup is by the values' 64-bit :func:`stable_hash`, sorted once: ``np.searchsorted`` per
+    batch costs O(batch log n), where pyarrow's ``index_in`` would rebuild a hash table of all n
+    values for every batch. The same two tensors (:meth:`lookup_table`) make the lookup of an
+    exported model. A value outside the vocabulary whose hash equals a known value's is taken for
+    it: with n known values that happens with probability n / 2^64 per unseen value (5e-14 for a
+    million ids); two known values with one hash are refused when the table is made.
     """
 
     column: str
     values: list
     min_count: int = 1
     oov_count: int = 0
-    _set: Any = field(default=None, repr=False, compare=False)
+    _table: Any = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> int:
         return len(self.values) + 1
 
+    def lookup_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(keys, ids)``: the known values' stable hashes as int64 (the uint64 bits), sorted, and the
+        id of each (1..n); a hash ``h`` encodes to ``ids[i]`` where ``keys[i] == h``, else to 0."""
+        if self._table is None:
+            h = stable_hash(self.values).view(np.int64) if self.values else np.zeros(0, np.int64)
+            order = np.argsort(h, kind="stable")
+            keys = h[order]
+            if len(keys) > 1 and (keys[1:] == keys[:-1]).any():
+                j = int(np.flatnonzero(keys[1:] == keys[:-1])[0])
+                raise DataError(f"vocabulary of column {self.column!r}: values {self.values[order[j]]!r} and "
+                                f"{self.values[order[j + 1]]!r} have the same 64-bit hash")
+            self._table = (keys, (order + 1).astype(np.int64))
+        return self._table
+
+    def encode_hashes(self, hashes: np.ndarray) -> np.ndarray:
+        """Ids of values given by their stable hashes (int64 or uint64); unknown hashes give 0."""
+        keys, ids = self.lookup_table()
+        h = np.asarray(hashes).view(np.int64)
+        if not len(keys):
+            return np.zeros(len(h), np.int64)
+        pos = np.minimum(np.searchsorted(keys, h), len(keys) - 1)
+        return np.where(keys[pos] == h, ids[pos], 0)
+
     def encode(self, values: Any) -> np.ndarray:
         pa, pc, _, _ = _pa()
         arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
-        if self._set is None or self._set.type != arr.type:
-            self._set = pa.array(self.values, type=arr.type) if self.values else pa.array([], type=arr.type)
-        idx = pc.index_in(arr, value_set=self._set)
-        self.oov_count += idx.null_count
-        return pc.fill_null(pc.add(idx, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        out = self.encode_hashes(stable_hash(arr))
+        if arr.null_count:
+            out[~pc.is_valid(arr).to_numpy(zero_copy_only=False)] = 0
+        self.oov_count += int((out == 0).sum())
+        return out
 
     def to_dict(self) -> dict:
         return {"column": self.column, "min_count": self.min_count, "values": self.values}
@@ -462,9 +493,8 @@ class TableSource(torch.utils.data.IterableDataset):
             targets[task] = torch.from_numpy(pc.fill_null(col, 0.0).to_numpy(zero_copy_only=False).copy())
         return inputs, targets, mask
 
-    def _windows(self, units: list, start: int) -> Iterator[tuple[int, Any]]:
-        """(index of the window's first unit, its rows as one table), from unit ``start`` on."""
-        pa, _, _, _ = _pa()
+    def _windows(self, units: list, start: int) -> Iterator[tuple[int, list]]:
+        """(index of the window's first unit, its record batches), from unit ``start`` on."""
         i = start
         while i < len(units):
             first, held, rows = i, [], 0
@@ -476,26 +506,47 @@ class TableSource(torch.utils.data.IterableDataset):
                 if self.shuffle_rows <= 0:
                     break
             if held:
-                yield first, pa.Table.from_batches(held)
+                yield first, held
 
     def iter_positioned(self) -> Iterator[tuple[tuple, tuple[int, int, int, int]]]:
-        """Batches with their position ``(shard, epoch, window start, batches of the window done)``."""
+        """Batches with their position ``(shard, epoch, window start, batches of the window done)``.
+
+        A window is encoded once, as whole columns (one ``_to_batch`` per record batch read, then
+        one concatenation and one permutation per tensor); batches are slices of those tensors, so
+        the per-batch cost is a few views, not a pyarrow round trip.
+        """
         shard, shards = self._shard()
         units = self.shard_units(shard, shards)
         start, skip = self.resume.get(shard, (0, 0))
-        for first, table in self._windows(units, start):
-            n = table.num_rows
+        in_worker = torch.utils.data.get_worker_info() is not None
+        for first, held in self._windows(units, start):
+            window = _cat_batches([self._to_batch(rb) for rb in held])
+            n = len(next(iter(window[1].values())))
             if self.shuffle_rows > 0:
-                perm = np.random.default_rng([self.seed, self.epoch, shard, first]).permutation(n)
-                table = table.take(perm)
+                perm = torch.from_numpy(np.random.default_rng([self.seed, self.epoch, shard, first]).permutation(n))
+                window = _map_batch(window, lambda v: v[perm])
             done = skip if first == start else 0
             for k in range(done, math.ceil(n / self.batch_size)):
-                rb = table.slice(k * self.batch_size, self.batch_size).combine_chunks().to_batches()[0]
-                yield self._to_batch(rb), (shard, self.epoch, first, k + 1)
+                lo = k * self.batch_size
+                # a worker sends its batch to the main process: a copy, so the window is not shared
+                batch = _map_batch(window, (lambda v: v[lo:lo + self.batch_size].clone()) if in_worker
+                                   else (lambda v: v[lo:lo + self.batch_size]))
+                yield batch, (shard, self.epoch, first, k + 1)
 
     def __iter__(self) -> Iterator[tuple]:
         for batch, _ in self.iter_positioned():
             yield batch
+
+
+def _map_batch(batch: tuple[dict, dict, dict], fn: Any) -> tuple[dict, dict, dict]:
+    return tuple({k: fn(v) for k, v in part.items()} for part in batch)  # type: ignore[return-value]
+
+
+def _cat_batches(batches: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
+    if len(batches) == 1:
+        return batches[0]
+    return tuple({k: torch.cat([b[i][k] for b in batches]) for k in batches[0][i]}  # type: ignore[return-value]
+                 for i in range(3))
 
 
 def _labels(col: Any) -> Any:
