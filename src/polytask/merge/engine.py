@@ -410,7 +410,7 @@ def merge_checkpoints(
     overwrite: bool = False,
     strict_dtypes: bool = True,
     copy_files_from: str | os.PathLike[str] | None = None,
-    extra_files: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, str | None] | None = None,
     progress: bool | None = None,
     on_tensor: Callable[[str], None] | None = None,
     labels: Sequence[str] | None = None,
@@ -481,15 +481,18 @@ def merge_planned(
     overwrite: bool = False,
     copy_files_from: str | os.PathLike[str] | None = None,
     copy_role: str | None = None,
-    extra_files: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, str | None] | None = None,
     progress: bool | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    wrap_sources: Callable[[list[Any]], list[Any]] | None = None,
 ) -> Path:
     """Open the checkpoints ``paths`` (named ``labels`` in errors, with their ``roles``), let
     ``plan_jobs`` turn them into :class:`TensorJob` s (it validates everything: nothing is written
     before it returns), and stream the jobs into ``out_dir`` as :func:`merge_checkpoints` does.
     ``dtype`` is the output dtype of floating tensors (default: the job's reference input, the
-    base if any, else the first input)."""
+    base if any, else the first input). ``wrap_sources`` may replace the opened sources before
+    planning (vocabulary alignment: :mod:`polytask.merge.tokenizer`); nothing is written before
+    it returns either."""
     checked = sorted(((role, label, p) for role, label, p in zip(roles, labels, paths)),
                      key=lambda r: r[0] != "input model")  # stable: inputs are named first
     if copy_role is not None and copy_files_from is not None:
@@ -512,6 +515,8 @@ def merge_planned(
                 ckpts[k] = AdapterCheckpoint(p, ckpts[base_k], labels[base_k])
                 opened.append(ckpts[k])
         sources = [_CheckpointSource(c, label) for c, label in zip(ckpts, labels)]
+        if wrap_sources is not None:
+            sources = wrap_sources(sources)
         jobs = plan_jobs(sources)
         out_dtype = parse_dtype(dtype) if dtype is not None else None
         if compute_dtype is not None and compute_dtype != "auto":

@@ -698,9 +698,13 @@ class CheckpointWriter:
             except (OSError, json.JSONDecodeError) as exc:
                 raise MergeError(f"cannot copy {item} into the output: {exc}") from None
 
-    def add_file(self, name: str, text: str) -> None:
-        """Write a small text file (e.g. the merge config) into the output."""
+    def add_file(self, name: str, text: str | None) -> None:
+        """Write a small text file (e.g. the merge config) into the output; ``None`` removes a
+        copied one (e.g. a base tokenizer file the merged tokenizer does not have)."""
         try:
+            if text is None:
+                (self.tmp_dir / name).unlink(missing_ok=True)
+                return
             (self.tmp_dir / name).write_text(text)
         except OSError as exc:
             raise MergeError(f"cannot write {name} in {self.tmp_dir}: {exc.strerror}") from None
