@@ -13,6 +13,7 @@ from typing import Any
 from polytask.balance import loss_weighting as _loss_weighting  # noqa: F401  (registers)
 from polytask.balance import loss_adaptive as _loss_adaptive  # noqa: F401  (registers)
 from polytask.balance import engine as _engine  # noqa: F401  (registers gradient balancers)
+from polytask.balance import robust, scalarizers, stateful_weightings  # noqa: F401  (register torchjd 0.18's remaining methods)
 from polytask.balance import recent as _recent  # noqa: F401  (registers GO4Align, NTKMTL, Auto-Lambda)
 from polytask.balance import dist
 from polytask.balance.base import Balancer, LossWeighting, stack_losses
