@@ -3,7 +3,8 @@
 Methods (one class each in :mod:`polytask.adapters.layers`, paper in its docstring):
 ``lora`` (one LoRA per task), ``mtlora`` (shared + per-task LoRA), ``hydralora`` (shared A,
 routed B heads), ``molora`` (top-k mixture of LoRA experts with a load-balancing loss), ``smora``
-(each rank an expert, top-k rank-wise routing), ``poly`` / ``mhr`` (skill LoRAs mixed by a learned
+(each rank an expert, top-k rank-wise routing), ``loramoe`` (dense mixture of LoRA experts with
+LoRAMoE's localized balancing constraint over expert groups and task types), ``poly`` / ``mhr`` (skill LoRAs mixed by a learned
 task-to-skill allocation, ``n_splits`` heads for MHR; PEFT's layout), ``arrow`` (zero-shot per-token
 routing over a library of LoRAs by their top singular vectors; fill it with ``load_peft``)::
 
@@ -36,15 +37,16 @@ import torch
 from torch import Tensor, nn
 
 from polytask.adapters.layers import (ALIASES, METHODS, AdapterLinear, ArrowLinear, HydraLoRALinear, LoRALinear,
-                                      MoLoRALinear, MTLoRALinear, PolyLinear, SMoRALinear, TaskContext,
-                                      load_balancing_loss, topk_gates)
+                                      LoRAMoELinear, MoLoRALinear, MTLoRALinear, PolyLinear, SMoRALinear, TaskContext,
+                                      load_balancing_loss, localized_balancing_loss, topk_gates)
 from polytask.errors import ConfigError
 
 __all__ = [
     "apply", "unwrap", "set_task", "task_context", "set_token_mask", "shared_parameters", "task_parameters", "aux_loss",
     "expert_usage", "adapter_layers", "save", "load", "save_peft", "load_peft", "lora_similarity", "mbc_clusters",
     "task_vectors", "AdapterLinear", "LoRALinear", "MTLoRALinear", "HydraLoRALinear", "MoLoRALinear", "SMoRALinear",
-    "PolyLinear", "ArrowLinear", "TaskContext", "topk_gates", "load_balancing_loss",
+    "PolyLinear", "ArrowLinear", "LoRAMoELinear", "TaskContext", "topk_gates", "load_balancing_loss",
+    "localized_balancing_loss", "canonical_method", "is_routed_method", "method_of", "token_mask",
 ]
 
 _ATTR = "_polytask_adapters"
@@ -56,6 +58,29 @@ def _matches(name: str, target: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target)
 
 
+def canonical_method(method: str) -> str:
+    """The registered name of ``method`` (aliases resolved); ConfigError naming an unknown method."""
+    key = ALIASES.get(method, method) if isinstance(method, str) else method
+    if key not in METHODS:
+        raise ConfigError(f"adapters.method: unknown method {method!r}; known: {', '.join(METHODS)}")
+    return key
+
+
+def is_routed_method(method: str) -> bool:
+    """Whether the method's layers route tokens over experts (they expose ``gate_weights``)."""
+    return METHODS[canonical_method(method)].routed
+
+
+def method_of(model: nn.Module) -> str:
+    """The method ``apply`` wrapped ``model`` with."""
+    return _state(model)["method"]
+
+
+def token_mask(model: nn.Module) -> Tensor | None:
+    """The padding mask set by :func:`set_token_mask` (None if none)."""
+    return _state(model)["context"].token_mask
+
+
 def apply(model: nn.Module, method: str, tasks: Sequence[str], target_modules: str | Sequence[str],
           rank: int = 8, alpha: float | None = None, **params: Any) -> nn.Module:
     """Wrap every matching ``nn.Linear`` of ``model`` in place, freeze all its other parameters.
@@ -65,9 +90,7 @@ def apply(model: nn.Module, method: str, tasks: Sequence[str], target_modules: s
     list, ``rank <= 0`` or larger than a layer, a ``top_k`` outside ``1..num_experts``, target
     modules that match no ``nn.Linear``, or a model already wrapped.
     """
-    key = ALIASES.get(method, method)
-    if key not in METHODS:
-        raise ConfigError(f"adapters.method: unknown method {method!r}; known: {', '.join(METHODS)}")
+    key = canonical_method(method)
     tasks = list(tasks)
     if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) for t in tasks):
         raise ConfigError(f"adapters.tasks: need distinct task names, got {tasks!r}")

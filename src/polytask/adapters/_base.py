@@ -85,6 +85,8 @@ class AdapterLinear(nn.Module):
     """Base class: holds the frozen ``base`` linear, ``rank``, ``alpha`` and the shared task context."""
 
     method: str = ""
+    #: whether the layer routes tokens over experts (its ``gate_weights`` are set by each forward)
+    routed: bool = False
     #: routed methods: the ``(N, E)`` gate weights of the last forward's ``N`` tokens (detached)
     gate_weights: Tensor | None = None
 

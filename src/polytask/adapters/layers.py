@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from polytask.adapters._base import AdapterLinear, TaskContext, load_balancing_loss, topk_gates
 from polytask.adapters.lora import POLY_EPS, LoRALinear, MTLoRALinear, PolyLinear
-from polytask.adapters.routed import ArrowLinear, HydraLoRALinear, MoLoRALinear, SMoRALinear
+from polytask.adapters.routed import (ArrowLinear, HydraLoRALinear, LoRAMoELinear, MoLoRALinear, SMoRALinear,
+                                     localized_balancing_loss)
 
 __all__ = ["AdapterLinear", "TaskContext", "load_balancing_loss", "topk_gates", "POLY_EPS", "LoRALinear",
-           "MTLoRALinear", "PolyLinear", "ArrowLinear", "HydraLoRALinear", "MoLoRALinear", "SMoRALinear",
+           "MTLoRALinear", "PolyLinear", "ArrowLinear", "HydraLoRALinear", "MoLoRALinear", "SMoRALinear", "LoRAMoELinear",
+           "localized_balancing_loss",
            "METHODS", "ALIASES"]
 
 METHODS: dict[str, type[AdapterLinear]] = {
     "lora": LoRALinear, "mtlora": MTLoRALinear, "hydralora": HydraLoRALinear, "molora": MoLoRALinear,
-    "smora": SMoRALinear, "poly": PolyLinear, "mhr": PolyLinear, "arrow": ArrowLinear,
+    "smora": SMoRALinear, "loramoe": LoRAMoELinear, "poly": PolyLinear, "mhr": PolyLinear, "arrow": ArrowLinear,
 }
-ALIASES = {"hydra_lora": "hydralora", "mo_lora": "molora", "loramoe": "molora", "mt_lora": "mtlora"}
+ALIASES = {"hydra_lora": "hydralora", "mo_lora": "molora", "lora_moe": "loramoe", "mt_lora": "mtlora"}

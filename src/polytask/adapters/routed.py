@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from polytask.adapters._base import AdapterLinear, TaskContext, _kaiming, load_balancing_loss, topk_gates
 from polytask.adapters.lora import LoRALinear
+from polytask.errors import ConfigError
 
 
 class HydraLoRALinear(AdapterLinear):
@@ -20,6 +21,7 @@ class HydraLoRALinear(AdapterLinear):
     """
 
     method = "hydralora"
+    routed = True
 
     def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float,
                  num_experts: int = 4) -> None:
@@ -52,11 +54,12 @@ class MoLoRALinear(AdapterLinear):
     Experts are stacked, ``A: (E, r, in)``, ``B: (E, out, r)``, and run densely in two ``einsum``
     calls (the unselected experts' gates are 0). Departures: MoLoRA routes softly (``top_k=E``
     gives that); LoRAMoE's localized balancing constraint (expert groups weighted by a task-type
-    label) is replaced by the Switch-Transformer load-balancing loss (:func:`load_balancing_loss`),
+    label, :class:`LoRAMoELinear`) is replaced by the Switch-Transformer load-balancing loss (:func:`load_balancing_loss`),
     kept after each forward in ``aux_loss`` (sum them with ``polytask.adapters.aux_loss``).
     """
 
     method = "molora"
+    routed = True
 
     def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float,
                  num_experts: int = 4, top_k: int = 2) -> None:
@@ -89,6 +92,108 @@ class MoLoRALinear(AdapterLinear):
         return super().extra_repr() + f", num_experts={self.num_experts}, top_k={self.top_k}"
 
 
+def localized_balancing_loss(gates: Tensor, sample_group: Tensor, expert_group: Tensor, delta: float,
+                             mask: Tensor | None = None) -> Tensor:
+    """LoRAMoE's localized balancing constraint ``L_lbc = sigma^2(Z) / mu(Z)``, ``Z = I o Q`` (Dou et al., ACL 2024, eq. 7-9).
+
+    ``gates``: ``(B, L, E)`` router weights of ``B`` samples' ``L`` tokens (``(B, E)`` for one
+    vector per sample); ``Q[n, m] = sum_j G(x_j)_n`` over the real tokens ``j`` of sample ``m``
+    (``mask`` ``(B, L)``, 0 = padding); ``I[n, m] = 1 + delta`` where expert ``n``'s group
+    (``expert_group``, ``(E,)``) is sample ``m``'s type (``sample_group``, ``(B,)``), else
+    ``1 - delta``. ``sigma^2`` is the population variance over all ``E * B`` entries.
+    """
+    g = gates if gates.ndim == 3 else gates[:, None, :]
+    if mask is not None:
+        g = g * mask.reshape(g.shape[0], g.shape[1], 1).to(g.dtype)
+    q = g.sum(1).T                                                          # (E, B)
+    same = expert_group[:, None].to(sample_group.device) == sample_group[None, :]
+    z = torch.where(same, 1.0 + delta, 1.0 - delta).to(q.dtype) * q
+    return z.var(unbiased=False) / z.mean()
+
+
+class LoRAMoELinear(AdapterLinear):
+    """LoRA experts mixed by a dense softmax router, with LoRAMoE's localized balancing constraint.
+
+    Dou et al., "LoRAMoE: Alleviating World Knowledge Forgetting in Large Language Models via
+    MoE-Style Plugin", ACL 2024. Eq. 5-6: ``o = W0 x + s sum_i G(x)_i B_i A_i x`` with
+    ``G(x) = softmax(x W_g)`` over all ``E`` experts (no top-k). Sec. 3.2, eq. 7-9: the experts
+    form groups, each sample has a type, ``Q[n, m]`` is expert ``n``'s summed router weight over
+    sample ``m``'s tokens, ``I[n, m] = 1 + delta`` if expert ``n`` belongs to sample ``m``'s type
+    and ``1 - delta`` otherwise, and ``L_lbc = sigma^2(I o Q) / mu(I o Q)`` (kept in ``aux_loss``
+    after each forward; the training loss adds ``beta * L_lbc``). Here a sample's type is the group
+    of its task (``task_groups[t]``, default: every task in group 0); the experts are split into
+    consecutive equal groups unless ``expert_groups`` gives each expert's group. The paper has two
+    groups (world knowledge and downstream tasks) and ``delta = 0.1``. Experts are stacked and run
+    in two ``einsum`` calls as in :class:`MoLoRALinear`. With no task set the loss is not formed
+    (``aux_loss = None``, e.g. at inference). The scaling ``alpha / r`` is PEFT's.
+
+    Args:
+        num_experts: ``E``.
+        delta: the paper's ``delta`` in ``[0, 1)``.
+        task_groups: the group (sample type) of each task, ``len(tasks)`` integers.
+        expert_groups: the group of each expert, ``E`` integers covering ``0..G-1``.
+    """
+
+    method = "loramoe"
+    routed = True
+
+    def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float, num_experts: int = 6,
+                 delta: float = 0.1, task_groups: list[int] | None = None,
+                 expert_groups: list[int] | None = None) -> None:
+        super().__init__(base, context, rank, alpha)
+        t = len(context.tasks)
+        task_groups = [0] * t if task_groups is None else list(task_groups)
+        if len(task_groups) != t or not all(isinstance(g, int) and g >= 0 for g in task_groups):
+            raise ConfigError(f"adapters.task_groups: need one group index >= 0 per task ({t}), got {task_groups!r}")
+        groups = max(task_groups) + 1 if expert_groups is None else max(expert_groups, default=-1) + 1
+        if expert_groups is None:
+            if groups > num_experts:
+                raise ConfigError(f"adapters.task_groups: {groups} groups need at least as many experts, "
+                                  f"got num_experts={num_experts}")
+            expert_groups = [e * groups // num_experts for e in range(num_experts)]
+        expert_groups = list(expert_groups)
+        if (len(expert_groups) != num_experts or set(expert_groups) != set(range(groups))
+                or max(task_groups) >= groups):
+            raise ConfigError(f"adapters.expert_groups: need {num_experts} group indices covering 0..G-1 and every "
+                              f"task group, got {expert_groups!r} (task_groups {task_groups!r})")
+        if not 0.0 <= delta < 1.0:
+            raise ConfigError(f"adapters.delta: must be in [0, 1), got {delta!r}")
+        self.num_experts, self.lbc_delta = num_experts, float(delta)   # not self.delta: the method
+        self.register_buffer("task_group", torch.tensor(task_groups), persistent=False)
+        self.register_buffer("expert_group", torch.tensor(expert_groups), persistent=False)
+        self.lora_A = nn.Parameter(_kaiming((num_experts, rank, self.in_features), self.in_features).to(base.weight))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank).to(base.weight))
+        self.router = nn.Parameter(_kaiming((num_experts, self.in_features), self.in_features).to(base.weight))
+        self.aux_loss: Tensor | None = None
+
+    def delta_w(self, flat: Tensor, gates: Tensor) -> Tensor:
+        h = torch.einsum("ni,eri->ner", flat, self.lora_A) * gates.unsqueeze(-1)   # (N, E, r)
+        return torch.einsum("ner,eor->no", h, self.lora_B)
+
+    def delta(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        gates = torch.softmax(flat @ self.router.T, dim=-1)                       # (N, E), dense
+        self.gate_weights = gates.detach()
+        task = self.context.task
+        self.aux_loss = None
+        if task is not None:
+            rows = x.shape[0]
+            sample = (self.task_group[task] if isinstance(task, Tensor)
+                      else self.task_group[task].expand(rows))
+            self.aux_loss = localized_balancing_loss(gates.reshape(rows, -1, self.num_experts), sample,
+                                                     self.expert_group, self.lbc_delta, self.context.mask_for(flat.shape[0]))
+        return self.delta_w(flat, gates).reshape(*x.shape[:-1], self.out_features)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B, self.router]
+
+    __getstate__ = MoLoRALinear.__getstate__
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", num_experts={self.num_experts}, delta={self.lbc_delta}, "
+                f"expert_groups={self.expert_group.tolist()}, task_groups={self.task_group.tolist()}")
+
+
 class SMoRALinear(AdapterLinear):
     """Each rank an expert: one rank-``R`` LoRA whose ranks are gated per token, top-k of ``R`` active.
 
@@ -102,6 +207,7 @@ class SMoRALinear(AdapterLinear):
     """
 
     method = "smora"
+    routed = True
 
     def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float, top_k: int = 2) -> None:
         super().__init__(base, context, rank, alpha)
@@ -143,6 +249,7 @@ class ArrowLinear(LoRALinear):
     """
 
     method = "arrow"
+    routed = True
 
     def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float,
                  top_k: int = 3, temperature: float = 1.0) -> None:

@@ -28,6 +28,7 @@ from polytask.data.dataset import MultiTaskDataset, Splits
 from polytask.errors import CheckpointError, ConfigError, DataError, TrainingError
 from polytask.tasks import Task
 from polytask.train import dist as dist_lib
+from polytask.train import backbone as _backbone  # noqa: F401  (registers model.arch 'adapters')
 from polytask.train import rundir
 from polytask.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_model_file
 from polytask.train.checkpoint import describe_mismatch, kept_checkpoint

@@ -1,0 +1,235 @@
+"""``model.arch: adapters``: a Hugging Face ``transformers`` backbone wrapped with multi-task adapters.
+
+The backbone is frozen and wrapped in place by :func:`polytask.adapters.apply`; one tower per
+task (:class:`~polytask.nn.base.TaskHeads`) reads a pooled token representation (``cls``: the
+first token, ``mean``: the mean over real tokens, ``last``: the last real token, for decoder
+models with right padding). The run config names the backbone by a local path or an inline
+config (a tiny random model in tests; nothing is downloaded)::
+
+    model:
+      arch: adapters
+      params:
+        backbone: {config: {model_type: bert, hidden_size: 32, num_hidden_layers: 2, ...}}   # or {path: ./my-model}
+        method: molora          # any name of polytask.adapters (lora, mtlora, hydralora, molora, loramoe, ...)
+        target_modules: [query, value]
+        rank: 4
+        method_params: {num_experts: 4, top_k: 2}
+        pooling: cls
+
+How a batch runs (inputs from :mod:`polytask.data.sequences`):
+
+- with ``task_ids`` in the inputs (a mixed-task batch, each row labelled for one task): one
+  forward, each row under its own task;
+- else, for a method whose layers read the task (``lora``, ``mtlora``, ``poly``/``mhr``,
+  ``loramoe``'s balancing loss): the batch repeated once per task, ``T * B`` rows in one forward,
+  block ``t`` under task ``t``; the towers read their own block (``task_features``, ``(T, B, H)``);
+- else (token routers: ``hydralora``, ``molora``, ``smora``, ``arrow``): one forward of ``B`` rows,
+  the pooled ``(B, H)`` representation shared by the towers (``shared_features``).
+
+``shared_parameters()`` are the adapter parameters every task uses (what a gradient balancer
+balances); the per-task adapter rows and the towers are task-specific. Checkpoints hold the
+adapters, the towers and a digest of the frozen backbone, not the backbone itself: the backbone
+is rebuilt from the config, and a checkpoint taken on a different backbone is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from polytask import adapters
+from polytask.errors import CheckpointError, ConfigError
+from polytask.nn.base import MultiTaskModel, TaskHeads
+from polytask.nn.registry import ARCHITECTURES
+from polytask.tasks import Task
+
+#: methods whose layers read the task of each row (the rest route tokens without it)
+TASK_CONDITIONED = frozenset({"lora", "mtlora", "poly", "mhr", "loramoe"})
+
+
+def load_backbone(spec: dict[str, Any]) -> nn.Module:
+    """A ``transformers`` base model (``AutoModel``) from ``{path: dir}`` or ``{config: {model_type: ..., ...}}``."""
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec), None) not in ("path", "config"):
+        raise ConfigError(f"model.params.backbone: give exactly one of 'path' (a local model folder) or 'config' "
+                          f"(an inline transformers config with model_type), got {spec!r}")
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("model.params.backbone: needs the transformers package (pip install polytask[adapters])") \
+            from None
+    transformers.logging.set_verbosity_error()
+    if "path" in spec:
+        try:
+            return transformers.AutoModel.from_pretrained(str(spec["path"]), local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"model.params.backbone.path: cannot load a model from {str(spec['path'])!r}: {line}") \
+                from None
+    cfg = dict(spec["config"] or {})
+    model_type = cfg.pop("model_type", None)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **cfg)
+        return transformers.AutoModel.from_config(config)
+    except (ValueError, TypeError, KeyError) as exc:
+        line = str(exc).strip().splitlines()[0][:200]
+        raise ConfigError(f"model.params.backbone.config: cannot build model_type {model_type!r}: {line}") from None
+
+
+def _digest(params: Sequence[Tensor]) -> Tensor:
+    """Sum and sum of squares of the frozen backbone's weights (float64): tells one backbone from another."""
+    flat = [p.detach().double().reshape(-1) for p in params]
+    if not flat:
+        return torch.zeros(2, dtype=torch.float64)
+    return torch.stack([sum(f.sum() for f in flat), sum(f.square().sum() for f in flat)])
+
+
+class AdapterModel(MultiTaskModel):
+    """A frozen transformers backbone with multi-task adapters and one tower per task (see the module docstring).
+
+    Args:
+        input_dim: the data's input spec (unused: the backbone reads token ids).
+        tasks: the tasks, one tower each.
+        backbone: ``{path: ...}`` or ``{config: {...}}`` (:func:`load_backbone`).
+        method, target_modules, rank, alpha, method_params: passed to :func:`polytask.adapters.apply`.
+        pooling: ``cls``, ``mean`` or ``last`` (see the module docstring).
+        head_hidden: hidden widths of each task's tower (empty: a linear head).
+        aux_weight: weight of the routers' balancing loss (``aux_loss``; methods without one: unused).
+    """
+
+    def __init__(self, input_dim: Any, tasks: Sequence[Task], backbone: dict[str, Any], method: str = "lora",
+                 target_modules: str | list[str] = ("query", "value"), rank: int = 8, alpha: float | None = None,
+                 method_params: dict[str, Any] | None = None, pooling: Literal["cls", "mean", "last"] = "cls",
+                 head_hidden: Sequence[int] = (), aux_weight: float = 0.01) -> None:
+        super().__init__(tasks)
+        if pooling not in ("cls", "mean", "last"):
+            raise ConfigError(f"model.params.pooling must be cls, mean or last, got {pooling!r}")
+        if not isinstance(aux_weight, (int, float)) or aux_weight < 0:
+            raise ConfigError(f"model.params.aux_weight must be a number >= 0, got {aux_weight!r}")
+        self.backbone = load_backbone(backbone)
+        targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+        adapters.apply(self.backbone, method, self.task_names, targets, rank=rank, alpha=alpha,
+                       **(method_params or {}))
+        self.method = adapters.method_of(self.backbone)
+        self.task_conditioned = self.method in TASK_CONDITIONED
+        self.pooling, self.aux_weight = pooling, float(aux_weight)
+        self.heads = TaskHeads(tasks, self.backbone.config.hidden_size, hidden=tuple(head_hidden))
+        trainable = {id(p) for p in self.parameters() if p.requires_grad}
+        frozen = [p for p in self.backbone.parameters() if id(p) not in trainable]
+        self.register_buffer("backbone_digest", _digest(frozen))
+        self._frozen_keys = self._backbone_keys()
+        self._owner: Tensor | None = None      # task of each row of the last forward (None: every task)
+
+    def _backbone_keys(self) -> frozenset[str]:
+        """State-dict keys of the frozen backbone (left out of checkpoints)."""
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        for name, layer in adapters.adapter_layers(self.backbone).items():
+            prefix = f"backbone.{name}."
+            keep |= {prefix + k for k in layer.state_dict() if not k.startswith("base.")}
+        return frozenset(k for k in super().state_dict() if k.startswith("backbone.") and k not in keep)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not isinstance(inputs, dict) or "input_ids" not in inputs:
+            raise ConfigError("model.arch adapters: inputs must be a dict with 'input_ids' (a token-sequence data "
+                              "set: sequence_tasks or token_file)")
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        rows, t = ids.shape[0], len(self.task_names)
+        task_ids = inputs.get("task_ids")
+        expand = task_ids is None and self.task_conditioned
+        if expand:  # every row once per task, in one forward: block t serves task t
+            ids, mask = ids.repeat(t, 1), mask.repeat(t, 1)
+            task_ids = torch.arange(t, device=ids.device).repeat_interleave(rows)
+        self._owner = task_ids
+        adapters.set_task(self.backbone, task_ids)
+        adapters.set_token_mask(self.backbone, mask)
+        hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = self._pool(hidden, mask)
+        if expand:
+            pooled = pooled.reshape(t, rows, -1)
+        self.shared_features = pooled
+        return self.read_heads(pooled)
+
+    def _pool(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        m = mask.to(hidden.dtype)
+        if self.pooling == "mean":
+            return (hidden * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+        last = (mask.long().sum(1) - 1).clamp_min(0)          # right padding: the last real token
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    @property
+    def aux_loss(self) -> Tensor | None:
+        """``aux_weight`` times the routers' balancing losses of the last forward (None without a router loss)."""
+        layers = adapters.adapter_layers(self.backbone).values()
+        if self.aux_weight == 0 or not any(getattr(m, "aux_loss", None) is not None for m in layers):
+            return None
+        return self.aux_weight * adapters.aux_loss(self.backbone)
+
+    # ------------------------------------------------------------------ parameters
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The adapter parameters every task uses (empty for one LoRA per task: nothing to balance)."""
+        return adapters.shared_parameters(self.backbone)
+
+    def task_specific_parameters(self) -> list[nn.Parameter]:
+        return adapters.task_parameters(self.backbone) + list(self.heads.parameters())
+
+    # ------------------------------------------------------------------ state: adapters and towers only
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for key in self._frozen_keys:
+            state.pop(prefix + key, None)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        saved = state.get("backbone_digest")
+        if saved is not None and not torch.allclose(saved.double().cpu(), self.backbone_digest.cpu(),
+                                                    rtol=1e-9, atol=1e-6):
+            raise CheckpointError("backbone_digest: the checkpoint's adapters were trained on a different backbone "
+                                  f"(digest {saved.tolist()} vs this model's {self.backbone_digest.tolist()})")
+        full = super().state_dict()
+        merged = {**{k: full[k] for k in self._frozen_keys}, **state}
+        return super().load_state_dict(merged, strict=strict, assign=assign)
+
+
+class RoutedAdapterModel(AdapterModel):
+    """An :class:`AdapterModel` whose adapters route tokens: exposes ``gate_weights`` for expert usage."""
+
+    @property
+    def gate_weights(self) -> dict[str, Tensor] | None:
+        """``{task: (tokens, E)}``: the routers' gates of the last forward, mean over the routed layers,
+        for the real tokens of the rows serving each task (every row serves every task when the
+        batch ran once for all). For analysis (boolean indexing synchronises with the device)."""
+        context = adapters.adapter_layers(self.backbone)
+        gates = [m.gate_weights for m in context.values() if m.gate_weights is not None]
+        mask = adapters.token_mask(self.backbone)
+        if not gates or mask is None:
+            return None
+        n = mask.numel()
+        gates = [g for g in gates if g.shape[0] == n and g.shape[1] == gates[0].shape[1]]
+        if not gates:
+            return None
+        g = torch.stack(gates).mean(0)                       # (rows * L, E)
+        real = mask.reshape(-1) != 0
+        if self._owner is None:
+            return {name: g[real] for name in self.task_names}
+        owner = self._owner.repeat_interleave(mask.shape[1])
+        return {name: g[real & (owner == i)] for i, name in enumerate(self.task_names)}
+
+
+@ARCHITECTURES.register("adapters", "transformer_adapters")
+def build_adapter_model(input_dim: Any, tasks: Sequence[Task], backbone: dict[str, Any], method: str = "lora",
+                        target_modules: str | list[str] = ("query", "value"), rank: int = 8,
+                        alpha: float | None = None, method_params: dict[str, Any] | None = None,
+                        pooling: str = "cls", head_hidden: Sequence[int] = (), aux_weight: float = 0.01) -> AdapterModel:
+    """Build an :class:`AdapterModel` (a :class:`RoutedAdapterModel` for a method whose layers route tokens)."""
+    key = adapters.canonical_method(method)
+    cls = RoutedAdapterModel if adapters.is_routed_method(key) else AdapterModel
+    return cls(input_dim, tasks, backbone, method, target_modules, rank, alpha, method_params, pooling,
+               head_hidden, aux_weight)
