@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from polytask.balance import aggregators as agg
-from polytask.balance._loss_state import TaskStateBalancer, present_tasks
+from polytask.balance._loss_state import BufferOptimizer, TaskStateBalancer, present_tasks
+from polytask.balance.base import accumulate_grads, all_finite, graph_leaves, stack_losses
 from polytask.balance.engine import _register
 from polytask.balance.loss_weighting import _positive
 from polytask.balance.registry import BALANCERS
@@ -182,3 +183,142 @@ class NTKMTL(agg.GramianWeighting):
 
 
 _register("ntkmtl", NTKMTL, "ntk_mtl")
+
+
+# ------------------------------------------------------------------------------------- Auto-Lambda
+class HeldOut(NamedTuple):
+    """What Auto-Lambda needs besides the step's losses (set ``balancer.heldout`` before each ``backward``).
+
+    ``parameters``: the model's trainable parameters (the virtual step moves them, then puts them back
+    exactly); ``train_losses()``: this step's training batch evaluated again at the parameters' current
+    values, ``{task: loss}``; ``heldout_losses()``: a held-out batch evaluated likewise (called once per
+    step: it may draw the next batch); ``lr``: the model optimizer's current learning rate.
+    """
+
+    parameters: list[Tensor]
+    train_losses: Callable[[], Mapping[str, Tensor]]
+    heldout_losses: Callable[[], Mapping[str, Tensor]]
+    lr: float
+
+
+@BALANCERS.register("auto_lambda", "autolambda", "autol")
+class AutoLambda(TaskStateBalancer):
+    """Auto-Lambda: task weights meta-learned by a one-step lookahead on held-out data.
+
+    Liu, Johns, Davison, "Auto-Lambda: Disentangling Dynamic Task Relationships", TMLR 2022.
+
+    The weights ``λ`` (start ``weight_init``) minimise the primary tasks' held-out loss after one
+    training step (the paper's Eq. 3-5): with ``θ' = θ − α ∇_θ Σ_t λ_t L_t(θ)`` (``α`` the model's
+    learning rate),
+
+        ``∇_λ L_val(θ') = −α ∇²_{λ,θ} L_λ(θ) · ∇_θ' L_val(θ')``,
+
+    whose ``t``-th entry ``−α ∇_θ L_t(θ) · v`` (``v = ∇_θ' L_val(θ')``) is taken by central finite
+    differences (as in DARTS and the authors' code): ``−α (L_t(θ + ε v) − L_t(θ − ε v)) / (2ε)``,
+    ``ε = 0.01 / ‖v‖``. ``λ`` takes one Adam step (``meta_lr``) on it, then the model's gradient is
+    ``Σ_t λ_t ∇L_t`` with the updated ``λ`` (the authors' order). ``L_val = Σ_{t ∈ primary} L_t`` on
+    the held-out batch (``primary=None``: every task, the paper's multi-task setting).
+
+    Cost per step: two backward passes through the step's graph, a forward and backward on the held-out
+    batch, two forwards of the training batch. Differences: the virtual step is plain SGD (the authors'
+    code also adds the optimizer's momentum buffer and weight decay, which a balancer does not see);
+    ``λ`` is not clipped, as in the paper. Not available under a process group, with micro-batch
+    accumulation, or with ``reduce_gradients=False`` (ConfigError).
+
+    Where the held-out batch comes from: set ``balancer.heldout`` (a :class:`HeldOut`) before each
+    ``backward``; polytask's Trainer does this from the validation split (``needs_heldout``); without
+    it ``backward`` raises a one-line ConfigError.
+
+    Args:
+        weight_init: the initial ``λ_t`` (the authors' 0.1).
+        meta_lr: Adam step size of ``λ`` (the authors' 1e-4 for dense prediction).
+        primary: names of the primary tasks (None: all).
+    """
+
+    needs_heldout = True
+    supports_external_reduction = False
+    _state_buffer = "meta_weights"
+
+    def __init__(self, weight_init: float = 0.1, meta_lr: float = 1e-4, primary: list[str] | None = None,
+                 nan_policy: Literal["skip", "raise"] = "skip") -> None:
+        super().__init__(nan_policy)
+        self.weight_init = _positive(weight_init, "weight_init", "auto_lambda")
+        self.meta_lr = _positive(meta_lr, "meta_lr", "auto_lambda")
+        self.primary = None if primary is None else list(primary)
+        self.register_buffer("meta_weights", torch.zeros(0))
+        self.opt = BufferOptimizer("adam", lr=self.meta_lr)
+        self.heldout: HeldOut | None = None
+
+    def extra_repr(self) -> str:
+        return f"weight_init={self.weight_init}, meta_lr={self.meta_lr}, primary={self.primary!r}"
+
+    def _init_state(self, losses: Tensor) -> None:
+        self.meta_weights = torch.full_like(losses, self.weight_init)
+
+    def _check_accumulable(self) -> None:
+        raise ConfigError("balancer 'auto_lambda': cannot accumulate micro-batches (train.accumulate must be 1)")
+
+    def _primary_mask(self, names: list[str], like: Tensor) -> Tensor:
+        if self.primary is None:
+            return torch.ones_like(like)
+        unknown = [p for p in self.primary if p not in names]
+        if unknown:
+            raise ConfigError(f"balancer.params.primary: unknown task(s) {', '.join(map(repr, unknown))}; "
+                              f"the losses name {', '.join(names)}")
+        return torch.tensor([float(n in self.primary) for n in names], dtype=like.dtype, device=like.device)
+
+    def meta_gradient(self, vec: Tensor, held: HeldOut, names: list[str]) -> tuple[Tensor, Tensor]:
+        """``(∇_λ L_val(θ'), finite)`` by the finite-difference rule above; the parameters are left exactly as found."""
+        params = list(held.parameters)
+        saved = [p.data for p in params]  # never written: the step's graph still reads these tensors
+        grads = torch.autograd.grad((self.meta_weights.to(vec) * vec).sum(), params, retain_graph=True,
+                                    allow_unused=True, materialize_grads=True)
+
+        def move_to(values: Iterable[Tensor]) -> None:  # new tensors, not in-place writes (autograd's versions)
+            for p, value in zip(params, values):
+                p.data = value
+
+        try:
+            move_to([s - held.lr * g.detach() for s, g in zip(saved, grads)])  # θ' = θ − α g
+            val = stack_losses(dict(held.heldout_losses()))
+            v = torch.autograd.grad((self._primary_mask(names, val) * val).sum(), params, allow_unused=True,
+                                    materialize_grads=True)
+            norm = torch.sqrt(sum((d.double() ** 2).sum() for d in v)).to(vec.dtype)
+            eps = 0.01 / torch.where(norm > 0, norm, torch.ones_like(norm))
+            with torch.no_grad():
+                move_to([s + eps.to(s.dtype) * d for s, d in zip(saved, v)])  # θ + ε v
+                plus = stack_losses(dict(held.train_losses())).to(vec)
+                move_to([s - eps.to(s.dtype) * d for s, d in zip(saved, v)])  # θ − ε v
+                minus = stack_losses(dict(held.train_losses())).to(vec)
+        finally:
+            move_to(saved)  # θ exactly
+        meta = -held.lr * (plus - minus) / (2 * eps)
+        meta = torch.where(norm > 0, meta, torch.zeros_like(meta))  # no held-out signal: λ stays
+        return meta, all_finite(val, plus, minus, *grads, *v)
+
+    def backward(self, losses, shared=None, features=None, *, task_features=None, process_group=None,
+                 counts=None, loss_scale=None, parameters=None, reduce_gradients=True) -> Tensor:
+        if process_group is not None or not reduce_gradients or self.accumulating:
+            raise ConfigError("balancer 'auto_lambda' runs in one process only (no process_group=, "
+                              "reduce_gradients=False or micro-batch accumulation)")
+        held, self.heldout = self.heldout, None  # one held-out batch per step
+        if held is None:
+            raise ConfigError("balancer 'auto_lambda' needs a held-out batch: set balancer.heldout "
+                              "(polytask.balance.recent.HeldOut) before backward, or train with a validation split")
+        vec = stack_losses(losses)
+        self._bind(losses, vec)
+        names = list(losses)
+        before = self._snapshot()
+        meta, ok = self.meta_gradient(vec, held, names)
+        self.opt.step(self.meta_weights, meta)
+        w = self.meta_weights.detach().clone().to(vec.dtype)
+        objective = (w * vec).sum()
+        if loss_scale is not None:
+            objective = objective * loss_scale
+        leaves = [p for p in parameters if p.requires_grad] if parameters is not None else graph_leaves(list(losses.values()))
+        grads = list(torch.autograd.grad(objective, leaves, allow_unused=True))
+        ok = ok & all_finite(vec.detach(), w, *(g for g in grads if g is not None))
+        self._check_finite(ok, vec.detach(), names)
+        self._commit(ok, before)
+        accumulate_grads(leaves, grads, ok, fill=0.0 if loss_scale is None else float("nan"))
+        return torch.where(ok, w, torch.zeros_like(w)).detach()

@@ -153,6 +153,12 @@ class Trainer:
         # reduces the gradients itself) or the model sharded in place by FSDP2; self.model stays the
         # plain module (FSDP: the same object) for evaluation and state
         dist_lib.check_balancer(config, self.balancer, self.dist)
+        if getattr(self.balancer, "needs_heldout", False):  # before anything is written (CLI: exit 2)
+            rows = len(self.val_set) if isinstance(self.val_set, MultiTaskDataset) else 0
+            if self.dist.world_size > 1 or rows == 0:
+                raise ConfigError(f"balancer.name: {config.balancer.name!r} needs held-out batches from an in-memory "
+                                  f"validation split in one process, got {rows} validation rows and "
+                                  f"{self.dist.world_size} process(es)")
         self._step_model = dist_lib.wrap_model(self.model, self.dist, config.train.strategy, self.device)
         self.precision = dist_lib.Precision(config.train.precision, self.device)
         self.optimizer = self._build_optimizer()
@@ -199,6 +205,32 @@ class Trainer:
         return None
 
     # ------------------------------------------------------------------ steps
+    def _heldout(self, batch: Any) -> Any:
+        """What a balancer with ``needs_heldout`` (Auto-Lambda) reads besides the step's losses
+        (:class:`polytask.balance.recent.HeldOut`): the next batch of the validation split (reshuffled
+        pass after pass, from its own generator), this batch's losses again, the optimizer's lr."""
+        from polytask.balance.recent import HeldOut
+
+        if getattr(self, "_heldout_batches", None) is None:
+            self._heldout_generator = torch.Generator().manual_seed(self.config.seed + 1)
+            self._heldout_batches = iter(())
+
+        def heldout_losses() -> dict[str, Tensor]:
+            held = next(self._heldout_batches, None)
+            if held is None:  # a new pass over the validation split
+                self._heldout_batches = self.val_set.batches(self.config.train.batch_size, shuffle=True,
+                                                             generator=self._heldout_generator)
+                held = next(self._heldout_batches)
+            with self.precision.autocast():
+                return self._losses(self._step_model(held.inputs), held.targets, held.mask)
+
+        def train_losses() -> dict[str, Tensor]:
+            with self.precision.autocast():
+                return self._losses(self._step_model(batch.inputs), batch.targets, batch.mask)
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return HeldOut(params, train_losses, heldout_losses, float(self.optimizer.param_groups[0]["lr"]))
+
     def _losses(self, outputs: dict[str, Tensor], targets: dict[str, Tensor],
                 mask: dict[str, Tensor] | None) -> dict[str, Tensor]:
         return {t.name: t.loss(outputs[t.name], targets[t.name], None if mask is None else mask.get(t.name))
@@ -234,6 +266,8 @@ class Trainer:
             if isinstance(aux, Tensor) and aux.requires_grad:
                 step.aux_backward(aux)
             extra = {"task_features": self.model.task_features} if self._pass_task_features else {}
+            if getattr(self.balancer, "needs_heldout", False):  # Auto-Lambda: a validation batch per step
+                self.balancer.heldout = self._heldout(batch)
             with step.no_sync():
                 if not last:  # an earlier micro-batch: the balancer keeps its per-task quantities
                     self.balancer.accumulate(losses, shared=shared, features=getattr(self.model, "shared_features", None),
