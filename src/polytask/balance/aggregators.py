@@ -212,6 +212,8 @@ class MGDA(GramianWeighting):
         solver: ``"active_set"`` (default): the exact minimiser by
             :func:`~polytask.balance.solvers.min_norm_simplex` (few iterations);
             ``"frank_wolfe"``: Algorithm 2 of Sener & Koltun (approximate; what torchjd runs).
+            LibMTL 1.1.5 also runs Frank-Wolfe (stop at a 1e-5 change) and, with representation
+            gradients, sums them over the batch before the Gramian (``tests/test_balance_peer_libmtl.py``).
         epsilon: Frank-Wolfe stops once its step falls below this value.
         max_iters: at most this many Frank-Wolfe iterations (fixed unrolled loop).
     """
@@ -237,7 +239,9 @@ class PCGrad(GramianWeighting):
     ``i``, visit the other tasks ``j`` in a random order; if ``g_i^PC . g_j < 0`` set
     ``g_i^PC -= (g_i^PC . g_j / ||g_j||^2) g_j``. The update is ``sum_i g_i^PC``. Tracked as
     coefficients ``g_i^PC = sum_k C_ik g_k`` so only the Gramian is needed; all tasks ``i`` are
-    processed in parallel (one step per position in the random order).
+    processed in parallel (one step per position in the random order). LibMTL 1.1.5's loop also
+    visits ``j = i`` (projecting ``g_i^PC`` on its own ``g_i`` if they conflict after earlier
+    projections); the paper and we skip it.
     """
 
     def __init__(self, generator: torch.Generator | None = None) -> None:
@@ -280,6 +284,8 @@ class GradVac(_LazyStateMixin, GramianWeighting):
     ``phi_ij = cos(g_i, g_j) < phi_hat_ij``, add
     ``||g_i|| (phi_hat sqrt(1-phi^2) - phi sqrt(1-phi_hat^2)) / (||g_j|| sqrt(1-phi_hat^2)) g_j``
     to ``g_i``; then ``phi_hat_ij <- (1-beta) phi_hat_ij + beta phi_ij``. ``phi_hat`` is a buffer.
+    The EMA moves every visited pair's target, as in the paper; LibMTL 1.1.5 moves only the targets
+    of the pairs it corrected (``tests/test_balance_peer_libmtl.py`` pins both).
 
     Args:
         beta: EMA rate of the similarity targets, in [0, 1].
@@ -357,6 +363,9 @@ class CAGrad(GramianWeighting):
     ``g0 + c ||g0|| g_w / (||g_w|| + 1e-8)`` for whatever tiny ``g_w`` its SLSQP stops at.
     torchjd also returns 0 whenever ``||J||_F^2 < norm_eps`` (small gradients, late in training);
     here ``J`` is normalised at every scale, so the update of ``s J`` is ``s`` times that of ``J``.
+    LibMTL 1.1.5 solves the dual with SLSQP (its objective is written for three tasks only; ~1e-3
+    off in ``w`` at scipy's default tolerance) and by default divides the update by ``1 + c^2``
+    (``rescale=1``, as the authors' code does).
 
     Args:
         c: radius of the ball, relative to ``||g0||`` (the paper uses 0.4-0.5).
@@ -640,6 +649,9 @@ class GradDrop(Aggregator):
     |g_i|)`` per coordinate, a uniform draw ``U``; task ``i`` keeps its coordinate if
     ``P > U`` and ``g_i > 0`` or ``P < U`` and ``g_i < 0``. ``leak`` (per task) lets a fraction
     through. The paper applies it to the gradients at the shared features (``mode="features"``).
+    We take the purity per coordinate of the feature Jacobian (per sample and feature); the paper's
+    batch-reduced form, which LibMTL 1.1.5 runs, first sums ``sign(z) * ∂L_i/∂z`` over the batch
+    and draws one mask per feature for the whole batch (equal for a batch of one, ``z > 0``).
     Logged weights are a least-squares fit (the update is not in the span of the gradients).
     """
 

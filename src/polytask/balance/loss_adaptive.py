@@ -268,6 +268,11 @@ class GradNorm(TaskStateBalancer):
     Training of ``w``: owned by the balancer (a buffer) and stepped by its own optimizer inside
     :meth:`backward`; ``balancer.parameters()`` is empty.
 
+    LibMTL 1.1.5 departs from the paper: ``w = T softmax(s)`` instead of renormalised weights,
+    ``G_t`` over all shared parameters, ``L_t(0)`` the first epoch's mean loss and plain EW during
+    that epoch. torch-rechub 0.9.0's ``gradnorm`` gives every task one target ``Ḡ mean(L̃)^α``
+    instead of ``Ḡ r_t^α``; equal at ``α = 0`` (``tests/test_balance_peer_rechub.py``).
+
     Args:
         alpha: asymmetry ``α`` (paper: 0.12 to 3; 1.5 is a common choice).
         lr: step size of the optimizer of ``w``.
