@@ -32,8 +32,11 @@ Differences from mergekit (everything else means the same):
   written ``rescale: l1`` here. Random masks come from ``seed`` (same seed, same output).
 - TIES/Breadcrumbs: among exactly equal magnitudes at the trim threshold, the lowest indices
   are kept (mergekit: whatever an unstable sort gives).
-- ``modules:``, ``tokenizer:``, ``chat_template`` and ``tokenizer_source`` other than ``base``
-  are not supported (ConfigError).
+- ``tokenizer_source`` (``base``, ``union`` or a model), the ``tokenizer:`` block and
+  ``chat_template`` write a merged tokenizer and align the embedding/LM-head rows of models whose
+  vocabularies differ, as mergekit; see :mod:`polytask.merge.tokenizer`.
+- ``modules:`` (mergekit's modular form) takes the one module of a decoder-only model,
+  ``default``; its ``parameters`` sit between the slice's and the top level's.
 - A file of several YAML documents runs as ``mergekit-multi`` (``name:``; mega.yml's
   ``out_path:``); see :func:`run_merge`. A single document's ``name``/``out_path`` has no effect.
 - Unknown keys are all named at once, as written. A global parameter given per model (``lambda``
@@ -55,7 +58,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -65,11 +68,7 @@ from polytask.errors import ConfigError, MergeError
 __all__ = ["MergeConfig", "ModelEntry", "SliceDef", "SliceSource", "load_merge_config", "load_merge_configs", "run_merge"]
 
 # mergekit keys polytask does not implement yet, with what to do instead.
-_UNSUPPORTED = {
-    "modules": "mergekit's multi-module form is not supported; use models or slices",
-    "tokenizer": "not supported yet; the base's tokenizer files are copied",
-    "chat_template": "not supported yet; the base's tokenizer files are copied",
-}
+_UNSUPPORTED: dict[str, str] = {}
 
 
 class _WithParameters(BaseModel):
@@ -105,6 +104,74 @@ class SliceDef(_WithParameters):
     base_model: str | None = None
 
 
+class ModelToken(BaseModel):
+    """A token's row taken from a model's token (``token``) or row (``token_id``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of_token_or_id(self) -> ModelToken:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token and token_id")
+        return self
+
+
+class ZeroToken(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["zero"]
+
+
+class TokenSettings(BaseModel):
+    """Where one token's embedding comes from (``force``: in every model, even those that have it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: ModelToken | ZeroToken | str | None = None
+    force: bool = False
+
+
+class TokenizerBlock(BaseModel):
+    """mergekit's ``tokenizer:`` block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = "union"
+    tokens: dict[str, TokenSettings] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
+class ModuleDef(_WithParameters):
+    """One module of mergekit's ``modules:`` form: its models or slices and parameters."""
+
+    models: list[ModelEntry] | None = None
+    slices: list[SliceDef] | None = Field(default=None, min_length=1)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_as_entries(cls, value: Any) -> Any:
+        return [{"model": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> ModuleDef:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of models and slices")
+        return self
+
+
+def _condition_list(setting: Any) -> list[Any]:
+    if isinstance(setting, dict):
+        return [setting]
+    if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting):
+        return list(setting)
+    return [{"value": setting}]
+
+
 class MergeConfig(BaseModel):
     """A merge: the method, the base, the models (or slices) and their parameters, the output format."""
 
@@ -122,6 +189,9 @@ class MergeConfig(BaseModel):
     out_path: str | None = None  # mergekit-mega (mega.yml): this merge's folder, from the config's folder
     seed: int = 0
     tokenizer_source: str | None = None
+    tokenizer: TokenizerBlock | None = None
+    chat_template: str | None = None
+    modules: dict[str, ModuleDef] | None = None
     max_shard_size: int | str = "5GB"
     allow_pickle: bool = False
     strict_dtypes: bool = True
@@ -136,21 +206,31 @@ class MergeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> MergeConfig:
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of models and slices")
+        if [self.models, self.slices, self.modules].count(None) != 2:
+            raise ValueError("give exactly one of models, slices and modules")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either tokenizer_source or tokenizer, not both")
+        if self.modules is not None and list(self.modules) != ["default"]:
+            bad = next(iter(k for k in self.modules if k != "default"), "default")
+            raise ValueError(f"modules.{bad}: polytask merges decoder-only models, whose one module is 'default'")
         return self
+
+    def without_modules(self) -> MergeConfig:
+        """The same merge written with ``models``/``slices``: the ``default`` module's, its
+        parameters before the top level's (a condition list that matches nothing falls through)."""
+        if self.modules is None:
+            return self
+        module = self.modules["default"]
+        params = dict(self.parameters)
+        for key, setting in module.parameters.items():
+            params[key] = _condition_list(setting) + (_condition_list(params[key]) if key in params else [])
+        return self.model_copy(update={"modules": None, "models": module.models, "slices": module.slices,
+                                       "parameters": params})
 
     @field_validator("parameters", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         return {} if value is None else value
-
-    @field_validator("tokenizer_source")
-    @classmethod
-    def _only_base_tokenizer(cls, value: str | None) -> str | None:
-        if value not in (None, "base"):
-            raise ValueError("only 'base' is supported (tokenizer and config are copied from the base)")
-        return value
 
     def with_paths_from(self, folder: str | os.PathLike[str]) -> MergeConfig:
         """A copy whose relative model paths are read from ``folder`` (the config file's) where
@@ -167,7 +247,22 @@ class MergeConfig(BaseModel):
             beside = Path(folder) / p
             return str(beside) if beside.exists() else str(p)
 
+        def resolve_source(source: Any) -> Any:
+            if isinstance(source, str):
+                return source if source in ("base", "union") else resolve(source)
+            if isinstance(source, ModelToken):
+                return source.model_copy(update={"model": resolve(source.model)})
+            return source
+
+        tokenizer = self.tokenizer
+        if tokenizer is not None:
+            tokenizer = tokenizer.model_copy(update={
+                "source": resolve_source(tokenizer.source),
+                "tokens": None if tokenizer.tokens is None else {
+                    t: v.model_copy(update={"source": resolve_source(v.source)}) for t, v in tokenizer.tokens.items()}})
         return self.model_copy(update={
+            "tokenizer_source": resolve_source(self.tokenizer_source),
+            "tokenizer": tokenizer,
             "base_model": None if self.base_model is None else resolve(self.base_model),
             "models": None if self.models is None else
             [e.model_copy(update={"model": resolve(e.model)}) for e in self.models],
@@ -231,7 +326,7 @@ def _validate(p: Path, raw: Any, where: str) -> MergeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: {where}a merge config must be a mapping with merge_method and models")
     try:
-        return MergeConfig.model_validate(raw)
+        return MergeConfig.model_validate(raw).without_modules()
     except ValidationError as exc:
         raise ConfigError(f"{p}: {where}{_all_errors(exc)}") from None
 
@@ -397,11 +492,29 @@ def _run_one(
         reference = split[0] if split is not None else reference
     extra = {"polytask_merge.yaml": text}
 
+    vocab: dict[str, int] = {}
+
+    def wrap_sources(sources):  # type: ignore[no-untyped-def]
+        from polytask.merge.tokenizer import prepare
+
+        wrapped, files, rows = prepare(config, written, sources, paths, labels, source_of, base_i)
+        extra.update(files)
+        if rows is not None:
+            vocab["rows"] = rows
+        return wrapped
+
     def plan_jobs(sources):  # type: ignore[no-untyped-def]
         planned = plan_config(config, sources, source_of, labels)
-        changed = output_config(reference, planned.num_layers, None if out_dtype is None else parse_dtype(out_dtype))
+        dtype_out = None if out_dtype is None else parse_dtype(out_dtype)
+        changed = output_config(reference, planned.num_layers, dtype_out)
         if changed is not None:
             extra["config.json"] = changed
+        if "rows" in vocab:
+            from polytask.merge.tokenizer import with_vocab_size
+
+            resized = with_vocab_size(extra.get("config.json"), reference, vocab["rows"], dtype_out)
+            if resized is not None:
+                extra["config.json"] = resized
         return planned.jobs
 
     return merge_planned(
@@ -417,6 +530,8 @@ def _run_one(
         copy_files_from=reference,
         extra_files=extra,
         progress=progress,
+        wrap_sources=wrap_sources if (config.tokenizer_source, config.tokenizer, config.chat_template) != (
+            None, None, None) else None,
     )
 
 

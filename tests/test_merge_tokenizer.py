@@ -1,0 +1,427 @@
+"""Merged tokenizers and token-aligned embeddings: the same tensors (bit for bit) and the same
+tokenizer files as mergekit 0.1.5 on small Llama-shaped models with different WordLevel
+vocabularies written here (mergekit is skipped inside each test that runs it)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from polytask.cli import main
+from polytask.merge import load_state_dict, run_merge
+from polytask.merge.tokenizer import VocabPlan, align_rows
+
+SPECIAL = ["<unk>", "<s>", "</s>"]
+WORDS = [f"w{i}" for i in range(20)]
+# base: 23 tokens; a: the base's + xa, xb (the only new tokens, so the union's order is the same
+# whatever order mergekit walks its models in); b: lacks w0-w4, the rest reordered; c: w0-w9 and xa
+VOCABS = {
+    "base": SPECIAL + WORDS,
+    "a": SPECIAL + WORDS + ["xa", "xb"],
+    "b": SPECIAL + WORDS[:4:-1],
+    "c": SPECIAL + WORDS[:10] + ["xa"],
+}
+
+
+def _tokenizer(words: list[str], path: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(path)
+
+
+def _model(path: Path, words: list[str], seed: int, dtype: torch.dtype, tied: bool = False,
+           tokenizer: bool = True) -> None:
+    """A 2-layer Llama-shaped checkpoint (hidden 16) whose rows are ``words``."""
+    g = torch.Generator().manual_seed(seed)
+    h, inter, vocab = 16, 32, len(words)
+    sd = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=g)}
+    for i in range(2):
+        pre = f"model.layers.{i}."
+        sd[pre + "input_layernorm.weight"] = torch.randn(h, generator=g)
+        sd[pre + "post_attention_layernorm.weight"] = torch.randn(h, generator=g)
+        for n in "qkvo":
+            sd[pre + f"self_attn.{n}_proj.weight"] = torch.randn(h, h, generator=g)
+        sd[pre + "mlp.gate_proj.weight"] = torch.randn(inter, h, generator=g)
+        sd[pre + "mlp.up_proj.weight"] = torch.randn(inter, h, generator=g)
+        sd[pre + "mlp.down_proj.weight"] = torch.randn(h, inter, generator=g)
+    sd["model.norm.weight"] = torch.randn(h, generator=g)
+    if not tied:
+        sd["lm_head.weight"] = torch.randn(vocab, h, generator=g)
+    path.mkdir(parents=True)
+    save_file({k: v.to(dtype) for k, v in sd.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+        "intermediate_size": inter, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+        "torch_dtype": str(dtype).removeprefix("torch."), "tie_word_embeddings": tied}))
+    if tokenizer:
+        _tokenizer(words, path)
+
+
+def _models(root: Path, dtype: torch.dtype = torch.float32, tied: bool = False, **extra: list[str]) -> Path:
+    for seed, (name, words) in enumerate({**VOCABS, **extra}.items()):
+        _model(root / name, words, seed, dtype, tied)
+    return root
+
+
+@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def models(request, tmp_path: Path) -> Path:
+    return _models(tmp_path / "m", request.param)
+
+
+def _mergekit(text: str, folder: Path, out: Path, monkeypatch) -> Path:
+    """Run mergekit itself on ``text`` (model names relative to ``folder``)."""
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge as mergekit_run
+    from mergekit.options import MergeOptions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = re.sub(r"((?:model|base_model|source|tokenizer_source): )(base|a|b|c|d)\b",
+                  lambda m: m.group(1) + str(folder / m.group(2)), text)
+    mergekit_run(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
+                 MergeOptions(copy_tokenizer=True, quiet=True, write_model_card=False, random_seed=0))
+    return out
+
+
+def _ours(text: str, folder: Path, out: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as for mergekit: transformers notes it in tokenizer_config.json
+    cfg = folder / f"{out.name}.yaml"
+    cfg.write_text(text)
+    return run_merge(cfg, out)
+
+
+def _same_tensors(theirs: Path, ours: Path) -> None:
+    a, b = load_state_dict(theirs), load_state_dict(ours)
+    assert a.keys() == b.keys()
+    bad = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not bad, f"{len(bad)} of {len(a)} tensors differ, e.g. {bad[:3]}"
+
+
+def _same_files(theirs: Path, ours: Path, names=("tokenizer.json", "tokenizer_config.json")) -> None:
+    for name in names:
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
+    assert {p.name for p in ours.iterdir()} & tokenizer_files == {p.name for p in theirs.iterdir()} & tokenizer_files
+    assert json.loads((ours / "config.json").read_text())["vocab_size"] == \
+        json.loads((theirs / "config.json").read_text())["vocab_size"]
+
+
+CONFIGS = {
+    "union_linear": """
+merge_method: linear
+base_model: base
+models:
+  - model: a
+    parameters: {weight: 0.5}
+  - model: b
+    parameters: {weight: 0.3}
+  - model: c
+    parameters: {weight: 0.4}
+parameters: {weight: 0.2}
+tokenizer_source: union
+""",
+    "union_task_arithmetic_bf16": """
+merge_method: task_arithmetic
+base_model: base
+models:
+  - model: a
+    parameters: {weight: 0.7}
+  - model: c
+    parameters: {weight: 0.4}
+  - model: b
+    parameters: {weight: 0.3}
+tokenizer_source: union
+dtype: bfloat16
+""",
+    "base_ties": """
+merge_method: ties
+base_model: base
+models:
+  - model: a
+    parameters: {weight: 0.7, density: 0.5}
+  - model: b
+    parameters: {weight: 0.5, density: 0.5}
+tokenizer_source: base
+""",
+    "model_source_slerp": """
+merge_method: slerp
+base_model: a
+models:
+  - model: a
+  - model: c
+parameters: {t: 0.3}
+tokenizer_source: a
+""",
+    "block_tokens_force_pad": """
+merge_method: linear
+base_model: base
+models:
+  - model: a
+    parameters: {weight: 0.5}
+  - model: b
+    parameters: {weight: 0.5}
+parameters: {weight: 1.0}
+tokenizer:
+  source: union
+  pad_to_multiple_of: 8
+  tokens:
+    "<|im_start|>":
+      source: {kind: zero}
+    w3:
+      source: a
+      force: true
+    xb:
+      source: {kind: model_token, model: b, token: w9}
+    w1:
+      source: {kind: model_token, model: base, token_id: 7}
+""",
+    "slices_union": """
+slices:
+  - sources:
+      - model: a
+        layer_range: [0, 2]
+      - model: c
+        layer_range: [0, 2]
+merge_method: slerp
+base_model: a
+parameters: {t: [0, 1]}
+tokenizer_source: union
+""",
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_same_tensors_and_tokenizer_as_mergekit(models, name, tmp_path, monkeypatch):
+    text = CONFIGS[name]
+    theirs = _mergekit(text, models, tmp_path / "theirs", monkeypatch)
+    ours = _ours(text, models, tmp_path / "ours", monkeypatch)
+    _same_tensors(theirs, ours)
+    _same_files(theirs, ours)
+
+
+def test_rows_really_move(tmp_path, monkeypatch):
+    """The aligned rows are the models' own rows of the same token (not a copy by position)."""
+    root = _models(tmp_path / "m")
+    text = "merge_method: linear\nmodels:\n  - model: b\n    parameters: {weight: 1.0}\ntokenizer_source: base\n" \
+           "base_model: base\nparameters: {weight: 0.0}\n"
+    out = load_state_dict(_ours(text, root, tmp_path / "ours", monkeypatch))
+    b = load_state_dict(root / "b")
+    base = load_state_dict(root / "base")
+    # w7 is row 10 of the base (3 specials + 7) and row 3 + (19 - 7) = 15 of b
+    torch.testing.assert_close(out["model.embed_tokens.weight"][10], b["model.embed_tokens.weight"][15], rtol=0, atol=0)
+    # w0 is missing from b: the base's row (the base is an input of the tensor)
+    torch.testing.assert_close(out["lm_head.weight"][3], base["lm_head.weight"][3], rtol=0, atol=0)
+
+
+def test_default_rows_by_hand():
+    """mergekit's rules for a token some inputs lack, on a 4-token vocabulary, models (m0, m1, base)."""
+    vocab = {"all": 0, "one": 1, "two": 2, "none": 3}
+    perms = {0: torch.tensor([0, -1, 1, -1]), 1: torch.tensor([0, 1, 1, -1]), 2: torch.tensor([1, -1, -1, -1])}
+    plan = VocabPlan(tokenizer=None, vocab=vocab, rows=4, perms=perms, base=2)
+    x = [torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0], [4.0]]), torch.tensor([[5.0], [6.0]])]
+    with pytest.warns(RuntimeWarning, match="'none' is in no model"):
+        out = align_rows(plan, [0, 1, 2], x, torch.float32, "lm_head.weight", ["m0", "m1", "base"])
+    # "all": own rows (1, 3, 6); "one": only m1 has it -> 4 everywhere; "two": m0 and m1, not the
+    # base -> mean (2 + 4) / 2 = 3 in the base, own rows elsewhere; "none": zeros
+    assert out[0].flatten().tolist() == [1.0, 4.0, 2.0, 0.0]
+    assert out[1].flatten().tolist() == [3.0, 4.0, 4.0, 0.0]
+    assert out[2].flatten().tolist() == [6.0, 4.0, 3.0, 0.0]
+
+
+def test_union_with_new_tokens_in_several_models_matches_by_token(tmp_path, monkeypatch):
+    """With new tokens in two models, mergekit's union order follows a set (it may change between
+    runs); polytask's follows the config. Each token's rows are the same."""
+    root = _models(tmp_path / "m", d=SPECIAL + WORDS[:5] + ["yd", "xa"])
+    text = """
+merge_method: linear
+base_model: base
+models:
+  - model: a
+    parameters: {weight: 0.5}
+  - model: d
+    parameters: {weight: 0.3}
+parameters: {weight: 0.2}
+tokenizer_source: union
+"""
+    theirs = _mergekit(text, root, tmp_path / "theirs", monkeypatch)
+    ours = _ours(text, root, tmp_path / "ours", monkeypatch)
+    vt = json.loads((theirs / "tokenizer.json").read_text())
+    vo = json.loads((ours / "tokenizer.json").read_text())
+
+    def ids(spec):
+        v = dict(spec["model"]["vocab"])
+        v.update({e["content"]: e["id"] for e in spec["added_tokens"]})
+        return v
+
+    it, io = ids(vt), ids(vo)
+    assert it.keys() == io.keys()
+    assert [t for t, _ in sorted(io.items(), key=lambda kv: kv[1])][-3:] == ["xa", "xb", "yd"]  # config order
+    a, b = load_state_dict(theirs), load_state_dict(ours)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        order = sorted(it)
+        assert torch.equal(a[name][[it[t] for t in order]], b[name][[io[t] for t in order]])
+
+
+def test_tied_embeddings(tmp_path, monkeypatch):
+    root = _models(tmp_path / "m", tied=True)
+    text = CONFIGS["union_linear"]
+    theirs = _mergekit(text, root, tmp_path / "theirs", monkeypatch)
+    ours = _ours(text, root, tmp_path / "ours", monkeypatch)
+    assert "lm_head.weight" not in load_state_dict(ours)
+    _same_tensors(theirs, ours)
+    _same_files(theirs, ours)
+
+
+def test_chat_template_literal_and_builtin(models, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    literal = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    text = CONFIGS["base_ties"] + f"chat_template: {json.dumps(literal)}\n"
+    theirs = _mergekit(text, models, tmp_path / "theirs", monkeypatch)
+    ours = _ours(text, models, tmp_path / "ours", monkeypatch)
+    _same_files(theirs, ours, names=("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"))
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": " hi "},
+            {"role": "assistant", "content": "w1"}, {"role": "user", "content": "w2"}]
+    for name in ("chatml", "llama3"):
+        t = CONFIGS["union_linear"] + f"chat_template: {name}\n"
+        th = _mergekit(t, models, tmp_path / f"theirs_{name}", monkeypatch)
+        ou = _ours(t, models, tmp_path / f"ours_{name}", monkeypatch)
+        for gen in (False, True):
+            want = AutoTokenizer.from_pretrained(th).apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+            got = AutoTokenizer.from_pretrained(ou).apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+            assert got == want
+    # a chat template alone: the base's tokenizer re-saved with it, as mergekit does
+    t = "merge_method: linear\nmodels:\n  - model: base\n    parameters: {weight: 1.0}\n" \
+        f"chat_template: {json.dumps(literal)}\n"
+    _same_files(_mergekit(t, models, tmp_path / "theirs_alone", monkeypatch),
+                _ours(t, models, tmp_path / "ours_alone", monkeypatch),
+                names=("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"))
+
+
+def test_mistral_template_renders_as_mergekit(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    root = _models(tmp_path / "m")
+    chat = [{"role": "system", "content": "sys"}, {"role": "user", "content": "w1"},
+            {"role": "assistant", "content": "w2"}]
+    t = CONFIGS["base_ties"] + "chat_template: mistral\n"
+    th = _mergekit(t, root, tmp_path / "theirs", monkeypatch)
+    ou = _ours(t, root, tmp_path / "ours", monkeypatch)
+    assert AutoTokenizer.from_pretrained(ou).apply_chat_template(chat, tokenize=False) == \
+        AutoTokenizer.from_pretrained(th).apply_chat_template(chat, tokenize=False)
+
+
+MODULES = """
+merge_method: linear
+base_model: base
+modules:
+  default:
+    models:
+      - model: a
+        parameters: {weight: 0.6}
+      - model: c
+        parameters: {weight: 0.2}
+    parameters:
+      weight:
+        - filter: mlp
+          value: 0.5
+parameters: {weight: 0.1}
+tokenizer_source: union
+"""
+
+
+def test_modules_form_same_as_mergekit(models, tmp_path, monkeypatch):
+    theirs = _mergekit(MODULES, models, tmp_path / "theirs", monkeypatch)
+    ours = _ours(MODULES, models, tmp_path / "ours", monkeypatch)
+    _same_tensors(theirs, ours)
+
+
+def test_cli_end_to_end_loads_in_transformers(tmp_path, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+
+    root = _models(tmp_path / "m")
+    cfg = root / "merge.yaml"
+    cfg.write_text(CONFIGS["union_linear"] + "chat_template: chatml\n")
+    out = tmp_path / "out"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["merge", str(cfg), str(out)]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids(["xa", "xb", "w0"]) == [23, 24, 3]
+    assert load_state_dict(out)["model.embed_tokens.weight"].shape == (25, 16)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 25
+    assert "<|im_start|>" in (out / "chat_template.jinja").read_text()
+
+
+BAD = {
+    "unknown tokenizer model": ("tokenizer_source: nowhere\n", ["tokenizer_source", "nowhere"]),
+    "unknown token source": ("tokenizer:\n  tokens:\n    xa:\n      source: nowhere\n",
+                             ["tokenizer.tokens['xa'].source", "nowhere"]),
+    "unknown source token": ("tokenizer:\n  tokens:\n    xa:\n      source: {kind: model_token, model: a, token: qq}\n",
+                             ["tokenizer.tokens['xa'].source", "qq"]),
+    "both keys": ("tokenizer_source: base\ntokenizer: {source: union}\n", ["tokenizer_source or tokenizer"]),
+    "unknown built-in template": ("tokenizer_source: base\nchat_template: vicuna\n", ["chat_template", "vicuna"]),
+    "two modules": (None, ["modules.vision"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_exit_2_no_output(case, tmp_path, capsys, monkeypatch):
+    root = _models(tmp_path / "m")
+    tail, must = BAD[case]
+    if tail is None:
+        text = MODULES.replace("modules:\n", "modules:\n  vision:\n    models: [a]\n")
+    else:
+        text = "merge_method: linear\nbase_model: base\nmodels:\n  - model: a\n    parameters: {weight: 1.0}\n" \
+               "  - model: b\n    parameters: {weight: 1.0}\nparameters: {weight: 1.0}\n" + tail
+    _expect_refused(root, text, must, tmp_path, capsys, monkeypatch)
+
+
+def _expect_refused(root, text, must, tmp_path, capsys, monkeypatch):
+    cfg = root / "bad.yaml"
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["merge", str(cfg), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for m in must:
+        assert m in err, err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
+
+
+def test_model_without_tokenizer_files_is_refused_or_assumed(tmp_path, capsys, monkeypatch):
+    root = _models(tmp_path / "m")
+    _model(root / "e", SPECIAL + WORDS[:10], 9, torch.float32, tokenizer=False)  # 13 rows, no tokenizer
+    text = CONFIGS["base_ties"].replace("model: b", "model: e")
+    _expect_refused(root, text, ["tokenizer_source", "model e", "no tokenizer files"], tmp_path, capsys, monkeypatch)
+    # the same vocabulary size as the base: assumed to share its tokenizer (mergekit's rule), with a warning
+    _model(root / "f", VOCABS["base"], 10, torch.float32, tokenizer=False)
+    with pytest.warns(RuntimeWarning, match="no tokenizer files; assuming"):
+        _ours(CONFIGS["base_ties"].replace("model: b", "model: f"), root, tmp_path / "ours_f", monkeypatch)
+
+
+def test_vocab_rows_that_cannot_be_aligned(tmp_path, capsys, monkeypatch):
+    root = _models(tmp_path / "m")
+    cfg = json.loads((root / "b" / "config.json").read_text())
+    cfg["vocab_size"] = 40  # more tokens than the 18 rows of its embeddings
+    (root / "b" / "config.json").write_text(json.dumps(cfg))
+    _expect_refused(root, CONFIGS["base_ties"], ["tokenizer_source", "model b", "vocab_size 40"],
+                    tmp_path, capsys, monkeypatch)
+
+
+def test_different_vocabularies_without_tokenizer_source_are_refused(tmp_path, capsys, monkeypatch):
+    root = _models(tmp_path / "m")
+    text = CONFIGS["base_ties"].replace("tokenizer_source: base\n", "")
+    _expect_refused(root, text, ["embed_tokens", "model"], tmp_path, capsys, monkeypatch)
