@@ -131,3 +131,16 @@ def test_import_needs_no_scipy() -> None:
             "print(s.paired_t_test([1, 2, 3], [2, 2, 5]).p_value)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert float(out) == pytest.approx(stats.ttest_rel([1, 2, 3], [2, 2, 5]).pvalue, rel=1e-9)
+
+
+def test_seed_table_marks_the_best_group_per_column() -> None:
+    columns = {
+        "Δm%": {"a": [1.0, 1.1, 0.9, 1.05, 0.95], "b": [2.0, 2.2, 1.9, 2.1, 2.05]},
+        "acc": {"a": [0.5, 0.6, 0.55, 0.52, 0.58], "b": [0.51, 0.59, 0.56, 0.52, 0.57]},  # higher is better
+    }
+    table = sig.seed_table(columns, {"Δm%": True, "acc": False}, ["a", "b", "c"])
+    rows = {line.split()[0]: line for line in table.splitlines()[1:]}
+    # Δm%: a is best, b significantly worse; acc: a and b not separable (both marked).
+    assert "1 ± 0.079*" in rows["a"] and "2.05 ± 0.11 " in rows["b"]
+    assert rows["a"].endswith("*") and rows["b"].endswith("*")
+    assert rows["c"].split()[1:] == ["—", "—"]

@@ -39,7 +39,8 @@ from polytask.errors import ConfigError
 Test = Literal["t", "wilcoxon"]
 
 __all__ = ["Comparison", "TestResult", "holm", "mean_std", "not_worse_than_best", "paired_t_test", "pairwise",
-           "pairwise_matrix", "student_t_two_sided", "wilcoxon_signed_rank"]
+           "pairwise_matrix", "seed_table", "student_t_two_sided",
+           "wilcoxon_signed_rank"]
 
 
 @dataclass(frozen=True)
@@ -241,4 +242,30 @@ def pairwise_matrix(comparisons: Sequence[Comparison], methods: Sequence[str], l
     lines = [" " * width + "".join(f"{s:>7}" for s in short)]
     for m in methods:
         lines.append(f"{m:<{width}}" + "".join(f"{'' if m == n else mark.get((m, n), '.'):>7}" for n in methods))
+    return "\n".join(lines)
+
+
+def seed_table(columns: Mapping[str, Mapping[str, Sequence[float]]], lower_is_better: Mapping[str, bool],
+               methods: Sequence[str], test: Test = "t", alpha: float = 0.05, digits: int = 4) -> str:
+    """A text table of ``mean ± std`` over seeds, one row per method, one column per metric
+    (``columns[metric][method]``: the per-seed values, paired by position). A ``*`` follows the
+    methods that are the best by mean or not significantly different from it in that column
+    (:func:`not_worse_than_best`, Holm over that column's comparisons)."""
+    marks = {name: not_worse_than_best({m: col[m] for m in methods if m in col}, lower_is_better[name], test, alpha)
+             for name, col in columns.items()}
+    cells: dict[str, list[str]] = {}
+    for m in methods:
+        row = []
+        for name, col in columns.items():
+            if m not in col:
+                row.append("—")
+                continue
+            mean, std = mean_std(col[m])
+            star = "*" if marks[name].get(m) else " "
+            row.append("—" if math.isnan(mean) else f"{mean:.{digits}g} ± {std:.2g}{star}")
+        cells[m] = row
+    widths = [max([len(name)] + [len(cells[m][i]) for m in methods]) + 2 for i, name in enumerate(columns)]
+    first = max(len("method"), *(len(m) for m in methods)) + 1
+    lines = [f"{'method':<{first}}" + "".join(f"{name:>{w}}" for name, w in zip(columns, widths))]
+    lines += [f"{m:<{first}}" + "".join(f"{c:>{w}}" for c, w in zip(cells[m], widths)) for m in methods]
     return "\n".join(lines)
