@@ -379,6 +379,31 @@ def bench_qm9(
     typer.echo(bench.format_result(result))
 
 
+@app.command()
+def prune(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory of a finished run (config.yaml, best/model.safetensors).")],
+    target: Annotated[str, typer.Option(help="FLOPs left, as a fraction of the model's: flops=0.5.")] = "flops=0.5",
+    method: Annotated[str, typer.Option(help="pagcp (task-aware), taylor, l1 or random.")] = "pagcp",
+    keep_task_floor: Annotated[Optional[float], typer.Option(help="No task's main validation metric may get worse "
+                                                                   "by more than this many percent.")] = None,
+    finetune_epochs: Annotated[int, typer.Option(help="Epochs of fine-tuning with the run's balancer (0: none).")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="New run directory (default: RUN_DIR-METHOD-flopsX).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random method and of fine-tuning's draws.")] = 0,
+) -> None:
+    """Prune a trained run's shared trunk (shared-bottom layers, MMoE/OMoE experts) to a FLOPs budget
+    and write a new run directory with the pruned weights, per-layer keep ratios and a table of
+    parameters, FLOPs, latency, metrics and Δm% against the unpruned model (prune.md)."""
+    key, _, value = target.partition("=")
+    if key.strip() != "flops" or not value:
+        raise ConfigError(f"--target: expected flops=<fraction in (0, 1)>, got {target!r}")
+    from polytask.prune.run import PruneOptions, prune_run
+
+    result = prune_run(run_dir, PruneOptions(method, value.strip(), keep_task_floor, finetune_epochs, out, seed),
+                       progress=sys.stderr.isatty())
+    typer.echo((result.out_dir / "prune.md").read_text().rstrip())
+    typer.echo(f"pruned run directory: {result.out_dir}")
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit status 2.
 

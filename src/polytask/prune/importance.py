@@ -1,0 +1,123 @@
+"""Channel importance for pruning: per-task first-order Taylor, Taylor of the summed loss, L1, random.
+
+Every function returns, for each prunable layer, a score per output channel (higher = keep);
+per-task Taylor returns ``(T, C)``.
+
+- **Taylor** (Molchanov, Tyree, Karras, Aila, Kautz, "Pruning Convolutional Neural Networks for
+  Resource Efficient Inference", ICLR 2017, eq. 7): removing channel ``c`` changes the loss by about
+  ``|a_c · ∂L/∂a_c|``, the activation times its gradient, summed over the channel's spatial
+  positions (and, for an expert bank, over the experts, which lose the unit together), its absolute
+  value averaged over the rows. Per task, ``L = L_t``; task-agnostic, ``L = Σ_t L_t``, whose
+  gradient is the sum of the tasks' ones, so both come from the same per-task products.
+- **L1** (Li, Kadav, Durdanovic, Samet, Graf, "Pruning Filters for Efficient ConvNets", ICLR 2017):
+  the L1 norm of the channel's incoming weights.
+- **random**: uniform scores from a seeded generator.
+
+The per-task gradients take one backward per task (a loop over tasks): this runs once per pruning
+decision, outside any training step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from polytask.data.dataset import MultiTaskDataset
+from polytask.nn.layers import BatchedLinear
+from polytask.tasks import Task
+
+
+def _channel_last(activation: Tensor, module: nn.Module) -> Tensor:
+    """``(B, C)`` per-row sums over everything but rows and channels (spatial positions, experts)."""
+    if isinstance(module, BatchedLinear):  # (n, B, C): a unit is removed from all n maps
+        return activation.sum(0)
+    if activation.ndim > 2:  # (B, C, *spatial)
+        return activation.flatten(2).sum(-1)
+    return activation
+
+
+def taylor_per_task(model: nn.Module, modules: Sequence[nn.Module], data: MultiTaskDataset, tasks: Sequence[Task],
+                    rows: int = 1024, batch_size: int = 256) -> list[Tensor]:
+    """Per-task Taylor scores ``(T, C)`` of each module's output channels, on the first ``rows`` rows."""
+    captured: dict[int, Tensor] = {}
+
+    def keep(module, _inputs, output):
+        captured[id(module)] = output
+
+    hooks = [m.register_forward_hook(keep) for m in modules]
+    sums = [torch.zeros(len(tasks), _width(m)) for m in modules]
+    seen = 0
+    was_training = model.training
+    model.eval()  # dropout off: the scores of the model as it predicts
+    try:
+        for batch in data.subset(torch.arange(min(rows, len(data)))).batches(batch_size):
+            outputs = model(batch.inputs)
+            acts = [captured[id(m)] for m in modules]
+            for t, task in enumerate(tasks):  # one backward per task (see the module docstring)
+                mask = None if batch.mask is None else batch.mask.get(task.name)
+                loss = task.loss(outputs[task.name], batch.targets[task.name], mask)
+                grads = torch.autograd.grad(loss, acts, retain_graph=True, allow_unused=True)
+                for i, (a, g, m) in enumerate(zip(acts, grads, modules)):
+                    if g is not None:  # a task whose loss does not reach the layer scores 0 there
+                        sums[i][t] += _channel_last(a.detach() * g, m).abs().sum(0).cpu()
+            seen += _rows(batch.inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [s / max(seen, 1) for s in sums]
+
+
+def taylor_summed(model: nn.Module, modules: Sequence[nn.Module], data: MultiTaskDataset, tasks: Sequence[Task],
+                  rows: int = 1024, batch_size: int = 256) -> list[Tensor]:
+    """Taylor scores ``(C,)`` for the summed loss ``Σ_t L_t`` (task-agnostic)."""
+    captured: dict[int, Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, _i, out: captured.__setitem__(id(mod), out)) for m in modules]
+    sums = [torch.zeros(_width(m)) for m in modules]
+    seen = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in data.subset(torch.arange(min(rows, len(data)))).batches(batch_size):
+            outputs = model(batch.inputs)
+            total = sum(t.loss(outputs[t.name], batch.targets[t.name],
+                               None if batch.mask is None else batch.mask.get(t.name)) for t in tasks)
+            acts = [captured[id(m)] for m in modules]
+            grads = torch.autograd.grad(total, acts, allow_unused=True)
+            for i, (a, g, m) in enumerate(zip(acts, grads, modules)):
+                if g is not None:
+                    sums[i] += _channel_last(a.detach() * g, m).abs().sum(0).cpu()
+            seen += _rows(batch.inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [s / max(seen, 1) for s in sums]
+
+
+def l1(modules: Sequence[nn.Module]) -> list[Tensor]:
+    """L1 norm of each output channel's incoming weights."""
+    out = []
+    for m in modules:
+        w = m.weight.detach()
+        if isinstance(m, BatchedLinear):  # (n, in, out)
+            out.append(w.abs().sum((0, 1)).cpu())
+        else:  # (out, in, ...)
+            out.append(w.abs().flatten(1).sum(1).cpu())
+    return out
+
+
+def random(modules: Sequence[nn.Module], seed: int = 0) -> list[Tensor]:
+    """Uniform random scores (a seeded draw)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(_width(m), generator=g) for m in modules]
+
+
+def _width(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, (nn.Linear, BatchedLinear)) else m.out_channels
+
+
+def _rows(inputs) -> int:
+    return inputs.shape[0] if isinstance(inputs, Tensor) else next(iter(inputs.values())).shape[0]

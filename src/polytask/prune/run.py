@@ -1,0 +1,210 @@
+"""``polytask prune``: prune a finished run directory's model into a new run directory.
+
+The new run directory is an ordinary polytask run: ``config.yaml`` whose ``model.params`` widths
+(``bottom`` for shared-bottom, ``expert`` for MMoE/OMoE) are the pruned ones, so the config alone
+rebuilds the pruned shapes and every tool that reads runs (``--resume`` of the fine-tuning, analyse,
+report) loads it; ``best/model.safetensors`` holds the pruned weights. Recording widths rather than
+pickling the whole module keeps the weights in safetensors (no code executed on load) and the model
+class the one of the config. Besides, ``prune.json`` holds the method, the per-layer keep ratios and
+the table, and ``prune.md`` the table: parameters, FLOPs, measured latency, each task's metrics and
+Δm% against the unpruned model.
+
+The directory is built under a temporary name next to it and renamed into place when complete:
+it exists whole or not at all. The original run is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from polytask.errors import CheckpointError, ConfigError
+from polytask.prune import flops as flops_lib
+from polytask.prune.core import PruneContext
+from polytask.prune.graph import SUPPORTED, prunable_layers
+from polytask.prune.methods import PRUNERS, check_target, prune_model
+from polytask.tasks import delta_m
+from polytask.train.checkpoint import PARTIAL, atomic_write_text, load_model_file, load_state_checked, save_model_file
+
+#: model.params key that holds the prunable layers' widths, per architecture
+WIDTH_KEY = {"shared_bottom": "bottom", "hps": "bottom", "single_task": "bottom", "mmoe": "expert", "omoe": "expert"}
+
+
+@dataclass
+class PruneOptions:
+    """What ``polytask prune`` does: ``method`` to ``flops`` (fraction of the FLOPs left), no task's
+    main validation metric worse by more than ``floor`` percent, ``finetune_epochs`` epochs of
+    fine-tuning with the run's balancer, into ``out`` (default: next to the run)."""
+
+    method: str = "pagcp"
+    flops: float = 0.5
+    floor: float | None = None
+    finetune_epochs: int = 0
+    out: Path | None = None
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PruneResult:
+    out_dir: Path
+    table: list[dict[str, Any]]
+    keep_ratios: dict[str, float]
+
+
+def load_run(run_dir: Path):
+    """``(config, splits, model)`` of a finished run: the best weights loaded. CheckpointError when
+    the run has no finished model."""
+    from polytask import data as data_lib
+    from polytask import nn as nn_lib
+    from polytask.train.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory: {run_dir / 'config.yaml'} does not exist")
+    weights = run_dir / "best" / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"run directory {run_dir} has no finished model: {weights} does not exist")
+    config = load_config(run_dir / "config.yaml")
+    if config.data.name == "table":
+        raise ConfigError("data.name: pruning needs the data in memory; a run on streamed table data cannot be pruned")
+    check_arch(config.model.arch)
+    splits = data_lib.load(config.data.name, **config.data.params)
+    if config.data.tasks is not None:
+        splits = splits.select_tasks(config.data.tasks)
+    model = nn_lib.build_model(config.model.arch, splits.input_spec, splits.tasks, **config.model.params)
+    load_state_checked(model, load_model_file(weights), weights)
+    model.eval()
+    return config, splits, model
+
+
+def check_arch(arch: str) -> None:
+    """ConfigError naming the architecture unless pruning supports it."""
+    key = arch.lower()
+    if key not in SUPPORTED:
+        prunable_layers(nn.Module(), key)  # raises the architecture's refusal
+
+
+def example_rows(data, rows: int) -> tuple:
+    """The forward arguments for the first ``rows`` rows of a split."""
+    return (data.subset(torch.arange(min(rows, len(data)))).inputs,)
+
+
+def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> PruneResult:
+    """Prune the run in ``run_dir`` (see the module docstring); returns where it went and the table."""
+    target = check_target(options.flops)
+    PRUNERS.lookup(options.method)
+    if options.finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs must be >= 0, got {options.finetune_epochs}")
+    run_dir = Path(run_dir)
+    out = Path(options.out) if options.out is not None else run_dir.parent / (
+        f"{run_dir.name}-{options.method}-flops{target:g}")
+    if out.exists():
+        raise ConfigError(f"--out: {out} already exists; choose another directory")
+    config, splits, model = load_run(run_dir)
+    torch.manual_seed(options.seed)
+    layers = prunable_layers(model, config.model.arch.lower())
+    ctx = PruneContext(model, [layer.name for layer in layers], example_rows(splits.train, 4), splits.tasks,
+                       splits.train, splits.val, options.floor)
+    params = dict(options.params)
+    if options.method.lower() in ("random", "l1", "magnitude", "taylor"):
+        params.setdefault("seed", options.seed)
+    pruned = prune_model(ctx, options.method, target, **params)
+    widths = ctx.widths(pruned)
+    keep = {n: widths[n] / w for n, w in ctx.widths(model).items()}
+    key = WIDTH_KEY[config.model.arch.lower()]
+    new_params = {**config.model.params, key: [widths[n] for n in ctx.layers]}
+    data = config.model_dump(mode="json")
+    data["model"]["params"] = new_params
+    data["name"] = f"{config.name}-pruned"
+    data["out_dir"] = str(out).replace("{", "{{").replace("}", "}}")
+    if options.finetune_epochs:
+        data["train"]["epochs"] = options.finetune_epochs
+    from polytask.train.config import dump_config, parse_config
+
+    final_config = parse_config(data, "pruned config")
+    tmp = out.parent / f".{out.name}.{os.getpid()}{PARTIAL}"
+    try:
+        _write(tmp, data, options.finetune_epochs, splits, pruned, progress)
+        pruned = _reload(final_config, splits, tmp / "best" / "model.safetensors")
+        table = _table(ctx, model, pruned, splits)
+        summary = {"method": options.method, "target_flops": target, "keep_task_floor": options.floor,
+                   "finetune_epochs": options.finetune_epochs, "source": str(run_dir),
+                   "widths": {n: widths[n] for n in ctx.layers}, "keep_ratios": keep, "table": table}
+        atomic_write_text(tmp / "prune.json", json.dumps(summary, indent=1))
+        atomic_write_text(tmp / "prune.md", markdown(table, splits.tasks))
+        atomic_write_text(tmp / "config.yaml", dump_config(final_config))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PruneResult(out, table, keep)
+
+
+def _write(tmp: Path, data: dict, finetune_epochs: int, splits, pruned: nn.Module, progress: bool) -> None:
+    """The run directory under its temporary name: fine-tuned by the Trainer (the run's balancer,
+    optimizer and schedule), or the pruned weights as they are."""
+    from polytask.train import rundir
+    from polytask.train.config import dump_config, parse_config
+    from polytask.train.trainer import Trainer, evaluate
+
+    config = parse_config(dict(data, out_dir=str(tmp).replace("{", "{{").replace("}", "}}")), "pruned config")
+    with rundir.claim_run_dir(tmp, config, "new"):
+        if finetune_epochs:
+            Trainer(config, splits=splits, model=pruned, progress=progress).fit()
+            return
+        (tmp / "best").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(tmp / "config.yaml", dump_config(config))
+        save_model_file(pruned.state_dict(), tmp / "best" / "model.safetensors")
+        val = evaluate(pruned, splits.val, splits.tasks)
+        test = evaluate(pruned, splits.test, splits.tasks)
+        atomic_write_text(tmp / "best" / "metrics.json",
+                          json.dumps({"epoch": 0, "val": val, "test": test}, indent=1))
+
+
+def _reload(config, splits, weights: Path) -> nn.Module:
+    """The pruned model rebuilt from the new config and its saved weights (proves the run loads)."""
+    from polytask import nn as nn_lib
+
+    model = nn_lib.build_model(config.model.arch, splits.input_spec, splits.tasks, **config.model.params)
+    load_state_checked(model, load_model_file(weights), weights)
+    return model.eval()
+
+
+def _table(ctx: PruneContext, original: nn.Module, pruned: nn.Module, splits) -> list[dict[str, Any]]:
+    """Parameters, FLOPs, latency, metrics and Δm% (against the unpruned model) of both models."""
+    from polytask.train.trainer import evaluate
+
+    example = example_rows(splits.val, 256)
+    rows = []
+    base = {s: evaluate(original, getattr(splits, s), splits.tasks) for s in ("val", "test")}
+    for name, model in (("unpruned", original), ("pruned", pruned)):
+        cost = ctx.cost(model)
+        metrics = {s: evaluate(model, getattr(splits, s), splits.tasks) for s in ("val", "test")}
+        rows.append({
+            "model": name, "params": cost.params, "flops": cost.flops,
+            "latency_ms": flops_lib.latency_ms(model, example),
+            "val": metrics["val"], "test": metrics["test"],
+            "delta_m_val": delta_m(metrics["val"], base["val"], splits.tasks),
+            "delta_m_test": delta_m(metrics["test"], base["test"], splits.tasks),
+        })
+    return rows
+
+
+def markdown(table: list[dict[str, Any]], tasks) -> str:
+    """The table as Markdown: one row per model, test metrics per task."""
+    cols = [f"{t.name} {m}" for t in tasks for m in t.metrics]
+    head = ["model", "params", "FLOPs/row", "latency ms", *cols, "Δm% test", "Δm% val"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        vals = [f"{r['test'][t.name][m]:.4f}" for t in tasks for m in t.metrics]
+        lines.append("| " + " | ".join([r["model"], str(r["params"]), f"{r['flops']:.0f}", f"{r['latency_ms']:.3f}",
+                                        *vals, f"{r['delta_m_test']:+.2f}", f"{r['delta_m_val']:+.2f}"]) + " |")
+    return "\n".join(lines) + "\n"
