@@ -459,3 +459,14 @@ def test_wrong_task_counts_are_config_errors():
         balance.get("pbi", preference=[1.0, 1.0, 1.0]).weights(torch.ones(2, dtype=DT))
     with pytest.raises(ConfigError, match=r"^balancer.params.tau: pcd needs one tau per secondary task \(2\), got 1$"):
         sw.PCD(tau=[0.1])(_random(3, 4, 1))
+
+
+def test_trimmed_mean_does_not_hide_a_non_finite_entry():
+    # torchjd's sort puts NaN last and trims it away; here the column becomes NaN so the engine skips the step.
+    jac = _random(5, 4, 3)
+    jac[2, 1] = float("nan")
+    jac[4, 3] = float("inf")
+    update = robust.TrimmedMean(trim_number=1)(jac)
+    assert torch.isnan(update[1]) and torch.isnan(update[3])
+    clean = jac[:, [0, 2]]
+    _close(update[[0, 2]], tja.TrimmedMean(trim_number=1)(clean) if tja else clean.sort(0)[0][1:4].mean(0), 1e-15)

@@ -138,7 +138,7 @@ def test_non_finite_step_is_skipped_exactly_in_feature_mode_one_pass(name, bad, 
     assert (len(calls) > 0) == gramian_only  # the path named above did run
 
 
-@pytest.mark.parametrize("name", GRADIENT_BALANCERS)
+@pytest.mark.parametrize("name", [n for n in GRADIENT_BALANCERS if n not in ("krum", "trimmed_mean")])  # these need >= 3 tasks
 def test_non_finite_first_step_of_a_new_task_set_is_skipped_exactly(name):
     """From step 2 on one task has no labels (its loss is absent): the state restarts for two tasks,
     and a NaN in that first two-task step must not leak into the next ones either."""

@@ -79,7 +79,9 @@ class TrimmedMean(Aggregator):
     coordinate, so it needs the Jacobian, not only the Gramian; at feature level the coordinates
     are those of the feature gradients. The update is generally not in the span of the rows; the
     weights reported are the least-squares fit (for logging). Same as torchjd 0.18's
-    ``TrimmedMean``. No host synchronisation (one sort per step).
+    ``TrimmedMean``, except that a column with a NaN or inf entry gives NaN (torchjd trims it away
+    silently; here the engine then skips the step, as for every method). No host synchronisation
+    (one sort per step).
 
     Args:
         trim_number: ``b``, the values removed at each end of every coordinate; needs ``T >= 2b + 1``.
@@ -98,6 +100,9 @@ class TrimmedMean(Aggregator):
                               f"at least {2 * self.trim_number + 1} tasks, got {n}")
         ordered, _ = torch.sort(jacobian, dim=0)
         update = ordered[self.trim_number: n - self.trim_number].mean(dim=0)
+        # A NaN sorts last and an inf first or last, so the trim would hide them; the engine must see
+        # them to skip the step (the module's contract: non-finite in, non-finite out).
+        update = torch.where(torch.isfinite(jacobian).all(dim=0), update, float("nan"))
         return update, _least_squares_weights(jacobian, update)
 
 

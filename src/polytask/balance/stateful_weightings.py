@@ -186,8 +186,11 @@ class CRMOGM(_WeightState, GramianWeighting):
 
     @property
     def generator(self) -> torch.Generator | None:
-        """The base method's generator (random bases such as PCGrad); the engine seeds it."""
-        return getattr(self.inner, "generator", None)
+        """The base method's generator (random bases such as PCGrad); the engine seeds it. A deterministic
+        base has none, and then neither has this (AttributeError: the engine keeps no generator state)."""
+        if not hasattr(self.inner, "generator"):
+            raise AttributeError("generator")
+        return self.inner.generator
 
     @generator.setter
     def generator(self, value: torch.Generator | None) -> None:
