@@ -1,15 +1,36 @@
-"""Quality of every registered balancer on the built-in synthetic data at low task correlation.
+"""Quality of every registered balancer on the built-in synthetic data, with significance over seeds.
 
 For each seed: single-task baselines (the same shared-bottom network with one task, trained with
-the same budget), then one multi-task run per balancer. Printed: per-task test MSE at the epoch
-chosen on validation (mean over seeds), Δm% against the single-task baselines (Maninis et al.,
-CVPR 2019; over each task's metrics, mse and mae; mean ± std over seeds; lower is better), the
-mean task weights of the last epoch, the seconds per run, and a status: ``ok``, ``nan`` (a
-non-finite loss or metric), ``diverged`` (a task's test loss above the untrained model's) or the
-error. Runs are spread over ``--jobs`` processes with one torch thread each.
+the same budget), then one multi-task run per balancer. Printed:
 
-    .venv/bin/python benchmarks/balance_quality.py                # all balancers, 3 seeds
-    .venv/bin/python benchmarks/balance_quality.py --methods ew,famo --seeds 1
+- per method: Δm% against the single-task baselines (Maninis et al., CVPR 2019; over each task's
+  metrics, mse and mae; lower is better) as mean ± std over seeds, a ``*`` when the method is the
+  best or not significantly worse than it, the mean task weights of the last epoch, the seconds
+  per run, and a status: ``ok``, ``nan`` (a non-finite loss or metric), ``diverged`` (a task's
+  test loss above the untrained model's) or the error;
+- every test metric (per task mse and mae) as mean ± std over seeds, with the same ``*``;
+- the pairwise matrix of Δm%: ``<`` the row method significantly better than the column method,
+  ``>`` worse, ``=`` not significantly different.
+
+Significance (``polytask.report.significance``): runs are paired by seed (same data, same split,
+same initialisation); two-sided paired t-test on the per-seed differences, Holm-corrected over the
+family (the comparisons with the best in a column; all pairs in the matrix), alpha 0.05. With 3-5
+seeds the t-test leans on normal differences it cannot check, and the exact Wilcoxon signed-rank
+test (printed against the best, for reference) cannot go below p = 0.0625 with 5 seeds: read
+``=`` as "these seeds cannot tell them apart", not "equal".
+
+Settings (``--setting``; any flag given overrides it):
+
+- ``default``: 4 tasks, correlation 0.1, 6000 rows, 15 epochs, 3 seeds, every registered balancer.
+- ``separating``: a setting where methods differ on a CPU: 12 tasks at correlation 0 (no shared
+  direction: the 32-unit bottleneck must be shared between unrelated tasks), each task's targets
+  scaled by a factor from 0.1 to 10 (losses spread over four orders of magnitude: what loss-scale
+  invariance is for), 4000 rows, 30 epochs, 5 seeds, the 12 main methods (``MAIN_METHODS``).
+  Sized to run in about 15 minutes with 2 processes on 2 cores.
+
+    .venv/bin/python benchmarks/balance_quality.py                       # all balancers, 3 seeds
+    .venv/bin/python benchmarks/balance_quality.py --setting separating  # 12 methods, 5 seeds
+    .venv/bin/python benchmarks/balance_quality.py --methods ew,famo --seeds 2 --epochs 2   # a smoke check
 """
 
 from __future__ import annotations
@@ -24,8 +45,48 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 
+#: The methods most tables compare (loss-based, then gradient-based).
+MAIN_METHODS = ("ew", "uw", "dwa", "rlw", "gls", "famo", "gradnorm", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl")
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "default": dict(methods="all", seeds=3, epochs=15, tasks=4, correlation=0.1, rows=6000, scale_spread=1.0),
+    "separating": dict(methods=",".join(MAIN_METHODS), seeds=5, epochs=30, tasks=12, correlation=0.0, rows=4000,
+                       scale_spread=100.0),
+}
+
+
 def data_params(args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    return {"num_tasks": args.tasks, "correlation": args.correlation, "num_rows": args.rows, "seed": seed}
+    params = {"num_tasks": args.tasks, "correlation": args.correlation, "num_rows": args.rows, "seed": seed}
+    if args.scale_spread != 1.0:
+        params["target_scales"] = target_scales(args.tasks, args.scale_spread)
+    return params
+
+
+def target_scales(n_tasks: int, spread: float) -> list[float]:
+    """Per-task target factors from ``spread^-1/2`` to ``spread^1/2``, geometrically spaced."""
+    if n_tasks == 1:
+        return [1.0]
+    return [spread ** (t / (n_tasks - 1) - 0.5) for t in range(n_tasks)]
+
+
+def scaled_synthetic(target_scales: list[float] | None = None, **params: Any) -> Any:
+    """The built-in synthetic data with task ``t``'s targets multiplied by ``target_scales[t]``."""
+    from polytask.data import synthetic
+
+    splits = synthetic(**params)
+    for part in (splits.train, splits.val, splits.test):
+        for t, task in enumerate(splits.tasks):
+            part.targets[task.name] = part.targets[task.name] * (target_scales or [1.0] * len(splits.tasks))[t]
+    return splits
+
+
+def _register_scaled_data() -> str:
+    """Register :func:`scaled_synthetic` in this process (once) and return its data set name."""
+    from polytask.data import DATASETS
+
+    if "synthetic_scaled" not in DATASETS.names():
+        DATASETS.register("synthetic_scaled")(scaled_synthetic)
+    return "synthetic_scaled"
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +114,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         cfg = parse_config({
             "name": "q", "out_dir": out, "seed": job["seed"], "device": "cpu",
-            "data": {"name": "synthetic", "params": job["data"], "tasks": job.get("tasks")},
+            "data": {"name": _register_scaled_data() if "target_scales" in job["data"] else "synthetic",
+                     "params": job["data"], "tasks": job.get("tasks")},
             "model": {"arch": "shared_bottom", "params": {"bottom": [64, 32], "tower": [16]}},
             "balancer": {"name": job["balancer"], "params": params},
             "optim": {"name": "adam", "lr": 1e-3},
@@ -97,18 +159,29 @@ def canonical_balancers() -> list[str]:
     return [name for _, name in sorted(first.items(), key=group)]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="all", help="comma-separated balancer names (default: all registered)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--correlation", type=float, default=0.1)
-    parser.add_argument("--rows", type=int, default=6000)
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="default")
+    parser.add_argument("--methods", default=None, help="comma-separated balancer names ('all': every registered one)")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--tasks", type=int, default=None)
+    parser.add_argument("--correlation", type=float, default=None)
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--scale-spread", type=float, default=None,
+                        help="ratio of the largest to the smallest task's target scale (1: unscaled)")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--alpha", type=float, default=0.05, help="family-wise significance level")
     parser.add_argument("--json", default=None, help="also write every run's result to this JSON file")
     args = parser.parse_args()
+    for key, value in SETTINGS[args.setting].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     methods = canonical_balancers() if args.methods == "all" else args.methods.split(",")
     task_names = [f"task{t}" for t in range(args.tasks)]
     jobs = []
@@ -125,43 +198,75 @@ def main() -> None:
 
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    print_tables(args, methods, task_names, results)
+    print(f"{len(jobs)} runs in {wall:.0f} s with {args.jobs} processes")
 
+
+def print_tables(args: argparse.Namespace, methods: list[str], task_names: list[str], results: list[dict[str, Any]]) -> None:
+    """The Δm% table, the per-metric table and the pairwise Δm% matrix, all over seeds with significance."""
+    from polytask.report import significance as sig
     from polytask.tasks import Task, delta_m
 
     tasks = [Task(t, "regression", metrics=("mse", "mae")) for t in task_names]
-    single = {seed: {} for seed in range(args.seeds)}
+    single: dict[int, dict[str, Any]] = {seed: {} for seed in range(args.seeds)}
     for r in results:
         if r["kind"] == "single":
             if r["status"] != "ok":
                 raise SystemExit(f"single-task baseline {r['tasks'][0]} seed {r['seed']} failed: {r['status']}")
             single[r["seed"]].update(r["test"])
 
-    print(f"synthetic data: {args.tasks} tasks, correlation {args.correlation}, {args.rows} rows; "
+    # Per method, one value per seed (nan where the run failed): paired by position = seed.
+    runs = {m: {r["seed"]: r for r in results if r["kind"] == "mtl" and r["balancer"] == m} for m in methods}
+
+    def per_seed(m: str, value) -> list[float]:  # noqa: ANN001
+        return [value(runs[m][s]) if "test" in runs[m].get(s, {}) else math.nan for s in range(args.seeds)]
+
+    deltas = {m: per_seed(m, lambda r: delta_m(r["test"], single[r["seed"]], tasks)) for m in methods}
+    best_group = sig.not_worse_than_best(deltas, alpha=args.alpha)
+    means = {m: sig.mean_std(deltas[m])[0] for m in methods}
+    best = min((m for m in methods if math.isfinite(means[m])), key=means.__getitem__, default=None)
+
+    scales = "" if args.scale_spread == 1.0 else f", target scales x{args.scale_spread ** -0.5:.3g}..x{args.scale_spread ** 0.5:.3g}"
+    print(f"synthetic data: {args.tasks} tasks, correlation {args.correlation}, {args.rows} rows{scales}; "
           f"shared-bottom (64,32)+tower(16); Adam 1e-3, batch 128, {args.epochs} epochs; "
           f"{args.seeds} seeds; test metrics at the epoch chosen on validation")
-    header = (f"{'method':<12}" + "".join(f"{t + ' mse':>12}" for t in task_names)
-              + f"{'Δm% mean':>10}{'± std':>8}  {'last-epoch weights':<28}{'s/run':>7}  status")
+    print(f"* = best or not significantly worse than the best (paired t-test over seeds, Holm over the "
+          f"comparisons with the best, alpha {args.alpha}); p(W): exact Wilcoxon signed-rank against the best, "
+          f"uncorrected (>= {2 / 2 ** args.seeds:.3g} with {args.seeds} seeds)\n")
+    weights_shown = min(args.tasks, 6)
+    header = (f"{'method':<12}{'Δm% mean':>10}{'± std':>8}{'':2}{'p(t)':>8}{'p(W)':>8}  "
+              f"{'last-epoch weights' + (' (first 6)' if args.tasks > 6 else ''):<34}{'s/run':>7}  status")
     print(header)
     print("-" * len(header))
-    single_mse = [statistics.mean(single[s][t]["mse"] for s in single) for t in task_names]
-    print(f"{'single-task':<12}" + "".join(f"{v:>12.4f}" for v in single_mse) + f"{0.0:>10.2f}{'':>8}")
     for m in methods:
-        runs = [r for r in results if r["kind"] == "mtl" and r["balancer"] == m]
-        ok = [r for r in runs if "test" in r]
-        statuses = sorted({r["status"] for r in runs})
-        secs = statistics.mean(r["seconds"] for r in runs)
-        if not ok:
-            print(f"{m:<12}" + f"{'—':>12}" * len(task_names) + f"{'—':>10}{'':>8}  {'':<28}{secs:>7.1f}  "
-                  + ",".join(statuses))
+        statuses = ",".join(sorted({r["status"] for r in runs[m].values()}))
+        secs = statistics.mean(r["seconds"] for r in runs[m].values())
+        mean, std = sig.mean_std(deltas[m])
+        if math.isnan(mean):
+            print(f"{m:<12}{'—':>10}{'':>8}{'':2}{'':>8}{'':>8}  {'':<34}{secs:>7.1f}  {statuses}")
             continue
-        mse = [statistics.mean(r["test"][t]["mse"] for r in ok) for t in task_names]
-        deltas = [delta_m(r["test"], single[r["seed"]], tasks) for r in ok]
-        std = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
-        w = [statistics.mean(r["weights"][t] for r in ok) for t in task_names]
-        weights = " ".join(f"{x:.2f}" for x in w)
-        print(f"{m:<12}" + "".join(f"{v:>12.4f}" for v in mse)
-              + f"{statistics.mean(deltas):>10.2f}{std:>8.2f}  {weights:<28}{secs:>7.1f}  " + ",".join(statuses))
-    print(f"{len(jobs)} runs in {wall:.0f} s with {args.jobs} processes")
+        if m == best or best is None:
+            p_t = p_w = "best"
+        else:
+            p_t = f"{sig.paired_t_test(deltas[m], deltas[best]).p_value:.3g}"
+            p_w = f"{sig.wilcoxon_signed_rank(deltas[m], deltas[best]).p_value:.3g}"
+        ok = [r for r in runs[m].values() if "test" in r]
+        w = [statistics.mean(r["weights"][t] for r in ok) for t in task_names[:weights_shown]]
+        print(f"{m:<12}{mean:>10.2f}{std:>8.2f}{'*' if best_group[m] else '':2}{p_t:>8}{p_w:>8}  "
+              f"{' '.join(f'{x:.2f}' for x in w):<34}{secs:>7.1f}  {statuses}")
+
+    print("\nTest metrics, mean ± std over seeds (* as above, per column; lower is better):")
+    single_row = {f"{t} {k}": statistics.mean(single[s][t][k] for s in single) for t in task_names for k in ("mse", "mae")}
+    for metric in ("mse", "mae"):
+        columns = {f"{t} {metric}": {m: per_seed(m, lambda r, t=t: r["test"][t][metric]) for m in methods}
+                   for t in task_names}
+        print(sig.seed_table(columns, {c: True for c in columns}, methods, alpha=args.alpha))
+        print("single-task " + " ".join(f"{single_row[c]:.4g}" for c in columns) + "\n")
+
+    print("Pairwise Δm% (row vs column; paired t-test, Holm over all pairs): "
+          "< better, > worse, = not significantly different")
+    finite = [m for m in methods if math.isfinite(means[m])]
+    print(sig.pairwise_matrix(sig.pairwise({m: deltas[m] for m in finite}, alpha=args.alpha), finite))
 
 
 if __name__ == "__main__":
