@@ -13,6 +13,7 @@ import torch
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 pcsv = pytest.importorskip("pyarrow.csv")
+pc = pytest.importorskip("pyarrow.compute")
 
 from polytask.data.tables import (  # noqa: E402
     HashBuckets, Split, TableLoader, TableSchema, TableSource, Vocabulary, build_vocabularies, load_vocabularies,
@@ -205,6 +206,27 @@ def test_vocabulary_one_pass_min_count_oov_saved(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DataError, match="bad.json"):
         load_vocabularies(tmp_path / "bad.json")
+
+
+def test_vocabulary_lookup_equals_pyarrow_index_in_and_dictionary_reads():
+    # peer: pyarrow's index_in (what the hashed searchsorted lookup replaced), on ids with OOV and nulls
+    rng = np.random.default_rng(0)
+    known = [f"id{j}" for j in rng.permutation(5000)]
+    v = Vocabulary("c", known)
+    raw = pa.array([f"id{j}" if j < 6000 else None for j in rng.integers(0, 6500, 20000)])
+    idx = pc.index_in(raw, value_set=pa.array(known))
+    expected = pc.fill_null(pc.add(idx, 1), 0).to_numpy(zero_copy_only=False)
+    assert (v.encode(raw) == expected).all() and v.oov_count == int((expected == 0).sum()) > 0
+    # the same column read as a dictionary array (as Parquet stores it) encodes the same, nulls too
+    dict_arr = pc.dictionary_encode(raw)
+    assert (Vocabulary("c", known).encode(dict_arr) == expected).all()
+    assert (HashBuckets(97).encode(dict_arr) == HashBuckets(97).encode(raw)).all()
+    assert (stable_hash(dict_arr) == stable_hash(raw)).all()
+    # an exported model looks hashes up in the same sorted table
+    keys, ids = v.lookup_table()
+    assert (np.diff(keys) > 0).all() and sorted(ids.tolist()) == list(range(1, 5001))
+    assert (v.encode_hashes(stable_hash(raw)) == np.where(raw.is_null().to_numpy(zero_copy_only=False), 0,
+                                                             expected)).all()
 
 
 def test_synthetic_log_has_zipf_ids_missing_labels_and_signal(tmp_path):

@@ -73,25 +73,48 @@ def stable_hash(values: Any, seed: int = 0) -> np.ndarray:
     Vectorised: the distinct values of the array are hashed with one numpy pass per byte
     position, then taken back to the rows. Nulls hash like the empty string.
     """
+    uniq, idx = _distinct_hashes(values, seed)
+    return uniq[idx]
+
+
+def _distinct_hashes(values: Any, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(hashes of the distinct values, index of each row's value)``: encoders work on the distinct
+    values (a few thousand per batch for Zipf ids) and take the result back to the rows."""
     pa, pc, _, _ = _pa()
     arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):  # read as Parquet stores it: its dictionary holds distinct values
+        words = arr.dictionary
+        if not (pa.types.is_string(words.type) or pa.types.is_large_string(words.type)):
+            words = pc.cast(words, pa.string())
+        h = np.append(_fnv1a(pc.fill_null(words, ""), seed), _fnv1a(pa.array([""]), seed))  # last: null
+        return h, pc.fill_null(arr.indices, len(arr.dictionary)).to_numpy(zero_copy_only=False)
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = pc.cast(arr, pa.string())
     enc = pc.dictionary_encode(pc.fill_null(arr, ""))
-    uniq = enc.dictionary.cast(pa.large_binary())
+    return _fnv1a(enc.dictionary, seed), enc.indices.to_numpy(zero_copy_only=False)
+
+
+def _fnv1a(words: Any, seed: int) -> np.ndarray:
+    """FNV-1a (64-bit) of each string's UTF-8 bytes, vectorised over the strings: one numpy pass per
+    byte position."""
+    pa, _, _, _ = _pa()
+    uniq = words.cast(pa.large_binary())
     offsets = np.frombuffer(uniq.buffers()[1], dtype=np.int64)[uniq.offset:uniq.offset + len(uniq) + 1]
     data = np.frombuffer(uniq.buffers()[2], dtype=np.uint8) if len(uniq) else np.zeros(0, np.uint8)
     starts, lengths = offsets[:-1], np.diff(offsets)
     h = np.full(len(uniq), _FNV_OFFSET ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+    shortest = int(lengths.min(initial=0))
     with np.errstate(over="ignore"):
-        for pos in range(int(lengths.max(initial=0))):
+        for pos in range(shortest):  # every value has this byte: in place, no mask (ids often share a length)
+            h ^= data[starts + pos]
+            h *= _FNV_PRIME
+        for pos in range(shortest, int(lengths.max(initial=0))):
             live = lengths > pos
             byte = data[starts[live] + pos].astype(np.uint64)
             h[live] = (h[live] ^ byte) * _FNV_PRIME
-    idx = enc.indices.to_numpy(zero_copy_only=False)
-    return h[idx]
+    return h
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -127,7 +150,8 @@ class HashBuckets:
         return self.buckets
 
     def encode(self, values: Any) -> np.ndarray:
-        return (_mix(stable_hash(values, self.seed)) % np.uint64(self.buckets)).astype(np.int64)
+        uniq, idx = _distinct_hashes(values, self.seed)
+        return (_mix(uniq) % np.uint64(self.buckets)).astype(np.int64)[idx]
 
 
 @dataclass
@@ -182,7 +206,8 @@ class Vocabulary:
     def encode(self, values: Any) -> np.ndarray:
         pa, pc, _, _ = _pa()
         arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
-        out = self.encode_hashes(stable_hash(arr))
+        uniq, idx = _distinct_hashes(arr)
+        out = self.encode_hashes(uniq)[idx]
         if arr.null_count:
             out[~pc.is_valid(arr).to_numpy(zero_copy_only=False)] = 0
         self.oov_count += int((out == 0).sum())
@@ -347,16 +372,22 @@ def _check_columns(f: Path, schema: Any, columns: Sequence[str]) -> None:
         raise DataError(f"{f}: no column {', '.join(map(repr, missing))} (columns: {', '.join(schema.names)})")
 
 
-def _iter_file(f: Path, columns: Sequence[str], batch_rows: int, row_group: int | None = None) -> Iterator[Any]:
-    """Record batches of ``columns`` (one row group, or the whole file); DataError naming the file."""
+def _iter_file(f: Path, columns: Sequence[str], batch_rows: int, row_group: int | None = None,
+               dictionary: Sequence[str] = ()) -> Iterator[Any]:
+    """Record batches of ``columns`` (one row group, or the whole file); DataError naming the file.
+
+    ``dictionary``: Parquet string columns read as dictionary arrays (as Parquet stores them), so
+    encoders see each distinct value once instead of decoding and re-hashing every row's string.
+    A CSV file's blocks are joined into batches of about ``batch_rows`` rows.
+    """
     pa, _, pcsv, pq = _pa()
     try:
         if _is_csv(f):
             reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=1 << 20),
                                    convert_options=pcsv.ConvertOptions(include_columns=list(columns)))
-            yield from reader
+            yield from _coalesce(reader, batch_rows)
         else:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, read_dictionary=list(dictionary) or None)
             groups = None if row_group is None else [row_group]
             yield from pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=list(columns))
     except (pa.ArrowException, OSError) as exc:
@@ -367,6 +398,20 @@ def _iter_file(f: Path, columns: Sequence[str], batch_rows: int, row_group: int 
             j = int(m.group(1))
             msg = f"column {names[j]!r}: {msg}" if j < len(names) else msg
         raise DataError(f"{f}: cannot read ({msg})") from None
+
+
+def _coalesce(batches: Iterator[Any], rows: int) -> Iterator[Any]:
+    """Record batches joined into batches of at least ``rows`` rows (the last may be shorter)."""
+    pa, _, _, _ = _pa()
+    held, n = [], 0
+    for rb in batches:
+        held.append(rb)
+        n += rb.num_rows
+        if n >= rows:
+            yield pa.Table.from_batches(held).combine_chunks().to_batches()[0]
+            held, n = [], 0
+    if n:
+        yield pa.Table.from_batches(held).combine_chunks().to_batches()[0]
 
 
 # ----------------------------------------------------------------------------- the source
@@ -403,9 +448,13 @@ class TableSource(torch.utils.data.IterableDataset):
         self.files = _list_files(paths)
         self._columns = list(dict.fromkeys([*schema.columns, *(split.columns if split else ())]))
         self.units: list[tuple[int, int | None]] = []
+        self._dictionary: list[list[str]] = []  # per file: the string id columns read as dictionaries
+        plain = set(split.columns) if split else set()
         for i, f in enumerate(self.files):
             sch = _file_schema(f)
             _check_columns(f, sch, self._columns)
+            self._dictionary.append([c for c in schema.categorical if c not in plain and (
+                pa.types.is_string(sch.field(c).type) or pa.types.is_large_string(sch.field(c).type))])
             for c in schema.dense:
                 t = sch.field(c).type
                 if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
@@ -449,7 +498,7 @@ class TableSource(torch.utils.data.IterableDataset):
     def _read_unit(self, unit: tuple[int, int | None]) -> Iterator[Any]:
         _, pc, _, _ = _pa()
         f = self.files[unit[0]]
-        for rb in _iter_file(f, self._columns, self.read_rows, unit[1]):
+        for rb in _iter_file(f, self._columns, self.read_rows, unit[1], self._dictionary[unit[0]]):
             if self.split is not None:
                 rb = rb.filter(self.split.mask(rb))
             if rb.num_rows:
@@ -511,9 +560,10 @@ class TableSource(torch.utils.data.IterableDataset):
     def iter_positioned(self) -> Iterator[tuple[tuple, tuple[int, int, int, int]]]:
         """Batches with their position ``(shard, epoch, window start, batches of the window done)``.
 
-        A window is encoded once, as whole columns (one ``_to_batch`` per record batch read, then
-        one concatenation and one permutation per tensor); batches are slices of those tensors, so
-        the per-batch cost is a few views, not a pyarrow round trip.
+        A window is encoded once, as whole columns (each record batch read, of ``read_rows`` rows,
+        encoded through its distinct values, then one concatenation and one permutation per
+        tensor); batches are slices of those tensors, so the per-batch cost is a few views, not a
+        pyarrow round trip.
         """
         shard, shards = self._shard()
         units = self.shard_units(shard, shards)
