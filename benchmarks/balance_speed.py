@@ -25,6 +25,9 @@ so that load changes on a shared machine hit all of them alike; the median per v
 and ``feat/EW paired``, ``par/loop:m paired``, ``par-old/loop:m paired``: the median over rounds of
 the ratio within one round.
 
+The methods: MGDA, PCGrad, CAGrad, Nash-MTL, UPGrad and torchjd 0.18's later ones (``RECENT``:
+SDMGrad, MoDo, CR-MOGM over MGDA, PCD, Krum, TrimmedMean; Krum and TrimmedMean from T = 3).
+
 Then the aggregation alone at T=16 (given the ``T x D`` Jacobian): ours vs torchjd for CAGrad,
 Nash-MTL and UPGrad (torchjd solves them with cvxpy / quadprog on the CPU).
 
@@ -53,7 +56,19 @@ from polytask.nn import mlp
 from polytask.nn.base import TaskHeads
 from polytask.tasks import Task
 
-METHODS = ["mgda", "pcgrad", "cagrad", "nash_mtl", "upgrad"]
+# torchjd 0.18's later methods (issue 16): SDMGrad, MoDo, CR-MOGM (over MGDA), PCD, Krum, TrimmedMean
+RECENT = ["sdmgrad", "modo", "cr_mogm", "pcd", "krum", "trimmed_mean"]
+METHODS = ["mgda", "pcgrad", "cagrad", "nash_mtl", "upgrad"] + RECENT
+MIN_TASKS = {"krum": 3, "trimmed_mean": 3}  # Krum needs T >= n_byzantine + 3, the trimmed mean T >= 2 trim + 1
+
+
+def runs_at(name: str, n_tasks: int) -> bool:
+    return n_tasks >= MIN_TASKS.get(name, 1)
+
+
+def gramian_methods(n_tasks: int) -> list[str]:
+    """The methods of METHODS that have ``weights(G)`` (the trimmed mean works per coordinate) and run at T."""
+    return [m for m in METHODS if runs_at(m, n_tasks) and isinstance(balance.get(m).aggregator, agg.GramianWeighting)]
 SLOW_TJD = ("nash_mtl", "cagrad")  # torchjd's cvxpy-based solvers: fewer rounds at large T
 
 
@@ -110,7 +125,12 @@ def torchjd_aggregator(name: str, n_tasks: int):
     import torchjd.aggregation as tja
 
     return {"mgda": lambda: tja.MGDA(), "pcgrad": lambda: tja.PCGrad(), "cagrad": lambda: tja.CAGrad(c=0.4),
-            "nash_mtl": lambda: tja.NashMTL(n_tasks=n_tasks), "upgrad": lambda: tja.UPGrad()}[name]()
+            "nash_mtl": lambda: tja.NashMTL(n_tasks=n_tasks), "upgrad": lambda: tja.UPGrad(),
+            "sdmgrad": lambda: tja.GramianWeightedAggregator(tja.SDMGradWeighting()),
+            "modo": lambda: tja.GramianWeightedAggregator(tja.MoDoWeighting()),
+            "cr_mogm": lambda: tja.GramianWeightedAggregator(tja.CRMOGMWeighting(tja.MGDAWeighting())),
+            "pcd": lambda: tja.PCD(), "krum": lambda: tja.Krum(n_byzantine=0),
+            "trimmed_mean": lambda: tja.TrimmedMean(trim_number=1)}[name]()
 
 
 class SeparateHeads(nn.Module):
@@ -221,7 +241,8 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
             model.heads.copies = False
         return step
 
-    for name in METHODS:
+    methods = [m for m in METHODS if runs_at(m, n_tasks)]
+    for name in methods:
         method = balance.get(name).aggregator
         fns[f"loop:{name}"] = lambda method=method: loop(method)
         fns[f"par:{name}"] = ours(balance.get(name, mode="parameters").to(DEVICE), True)
@@ -243,7 +264,7 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
             fns[f"tjd:{name}"] = tjd
             if name in SLOW_TJD and n_tasks >= 16:
                 sparse[f"tjd:{name}"] = max(3, args.repeats // 3)
-    pairs = [(f"{v}:{m}", f"loop:{m}") for m in METHODS for v in ("par", "par-old")]
+    pairs = [(f"{v}:{m}", f"loop:{m}") for m in methods for v in ("par", "par-old")]
     return round_robin_ms(fns, args.repeats, sparse, paired_with="ew", pairs=pairs)
 
 
@@ -283,7 +304,7 @@ def breakdown_benchmarks(args: argparse.Namespace) -> list[tuple[str, float, flo
     t_gram = median_ms(lambda: jac @ jac.T, args.repeats * 4)
     gram64 = (jac @ jac.T).double()
     rows = []
-    for name in METHODS:
+    for name in gramian_methods(n):
         method = balance.get(name).aggregator
         w = method.weights(gram64).float()
         rows.append((name, t_gram, median_ms(lambda: method.weights(gram64), args.repeats * 4),
@@ -305,7 +326,7 @@ def solver_benchmarks(args: argparse.Namespace) -> list[tuple[str, int, float, f
         torch.manual_seed(0)
         jac = torch.randn(n, 4096, dtype=torch.float64).to(DEVICE)
         gram = jac @ jac.T
-        for name in METHODS + ["dualproj", "fairgrad"]:
+        for name in gramian_methods(n) + ["dualproj", "fairgrad"]:
             times = {}
             for graphs in (False, True):
                 solvers.CUDA_GRAPHS = graphs
@@ -366,7 +387,7 @@ def main() -> None:
         print("| method | " + " | ".join(cols) + " | feat/EW | feat/EW paired | feat/EW-copies | feat-old/EW | par/loop:m "
               "| par/loop:m paired | par-old/loop:m | par-old/loop:m paired | tjd/par |")
         print("|---|" + "---|" * (len(cols) + 9))
-        for m in METHODS:
+        for m in (m for m in METHODS if runs_at(m, t)):
             vals = [row.get(f"loop:{m}"), row.get(f"tjd:{m}"), row[f"par:{m}"], row[f"par-vb:{m}"], row[f"par-old:{m}"],
                     row[f"feat:{m}"], row[f"feat-old:{m}"]]
             tjd = row.get(f"tjd:{m}")
