@@ -24,8 +24,9 @@ The tokenizer files are written as ``transformers``' ``save_pretrained`` writes 
 files as mergekit), the base's other tokenizer files are dropped, and ``config.json`` gets the
 output ``vocab_size``.
 
-Where polytask differs from mergekit: inputs are taken in config order (mergekit walks a set,
-so its union's token order can change between runs); a model without tokenizer files is
+Where polytask differs from mergekit: inputs are taken in config order and each model's tokens
+by id (mergekit walks a set of models and each fast tokenizer's ``get_vocab()`` order, so its
+union's order of new tokens can change from run to run); a model without tokenizer files is
 assumed to share the base's only when its vocabulary size equals the base's (else ConfigError,
 mergekit assumes it silently); a token past a model's ``vocab_size`` counts as missing there
 (mergekit fails on it later with a KeyError); unknown models and tokens are ConfigErrors naming
@@ -69,7 +70,7 @@ _CHAT_TEMPLATES = {
                "{% endif %}"),
     "llama3": ("{% for message in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
                "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim "
-               "+ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+               "+ '<|eot_id|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
                "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
     "mistral": ("{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
                 "{%- set turns = messages[1:] %}{%- else %}{%- set turns = messages %}{%- endif %}{{- bos_token }}"
@@ -188,7 +189,8 @@ def _union(base: Any, others: Sequence[tuple[Any, int]]) -> Any:
     for tok, size in others:
         decoder = tok.added_tokens_decoder
         added_names = {info.content for info in decoder.values()}
-        for t, i in tok.get_vocab().items():
+        # by id (mergekit walks get_vocab()'s order, which a fast tokenizer does not fix)
+        for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
             if i < size and t not in added_names:
                 plain.setdefault(t, None)
         for i, info in decoder.items():
