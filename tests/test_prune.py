@@ -1,0 +1,342 @@
+"""polytask.prune: FLOPs counts against hand counts, torch-pruning surgery that changes nothing it
+should not, Taylor scores against their formula, PAGCP's schedule and task-aware choice on a
+hand-built model, the task floor, and ``polytask prune``'s run directories and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from polytask import nn as pnn
+from polytask.data.dataset import MultiTaskDataset
+from polytask.errors import ConfigError, PolytaskError
+from polytask.prune import PruneContext, PruneOptions, UnreachableBudget, apply_plan, count, prune_model, prune_run
+from polytask.prune import importance
+from polytask.prune.pagcp import task_aware_saliency, threshold_growth
+from polytask.tasks import Task
+
+TASKS = [Task("a", "regression"), Task("b", "regression")]
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def test_flops_and_params_of_an_mlp_match_a_hand_count():
+    model = pnn.build_model("shared_bottom", 7, TASKS, bottom=(16, 8), tower=(4,))
+    cost = count(model, (torch.randn(3, 7),))
+    # Linear 7->16: 7*16 MACs + 16 bias; ReLU 16; Linear 16->8: 128 + 8; ReLU 8;
+    # towers (2 maps) 8->4: 2*8*4 + 2*4 bias; ReLU 2*4; 4->1: 2*4 + 2 bias  => 376 per row
+    assert cost.flops == 112 + 16 + 16 + 128 + 8 + 8 + 64 + 8 + 8 + 8 + 2
+    assert cost.params == (7 * 16 + 16) + (16 * 8 + 8) + (2 * 8 * 4 + 2 * 4) + (2 * 4 + 2)
+
+
+def test_flops_of_a_small_cnn_match_a_hand_count():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 3))
+    cost = count(model, (torch.randn(2, 1, 8, 8),))
+    conv1 = 9 * 1 * 4 * 64 + 4 * 64  # k*k*Cin*Cout per position over 8x8 outputs, bias per output
+    bn, relu1, pool = 2 * 4 * 64, 4 * 64, 4 * 64  # affine BN: 2 per element; pool: per input element
+    conv2, relu2 = 9 * 4 * 6 * 16, 6 * 16  # no bias, 4x4 outputs
+    linear = 96 * 3 + 3
+    assert cost.flops == conv1 + bn + relu1 + pool + conv2 + relu2 + linear
+    assert cost.params == (9 * 4 + 4) + 8 + 9 * 4 * 6 + (96 * 3 + 3)
+
+
+def test_pruned_model_has_the_counts_of_the_model_built_at_its_widths():
+    torch.manual_seed(0)
+    model = pnn.build_model("mmoe", 7, TASKS, num_experts=3, expert=(6, 5), tower=(4,))
+    x = torch.randn(4, 7)
+    pruned = apply_plan(model, ["experts.layers.0", "experts.layers.2"],
+                        {"experts.layers.0": [1, 3, 4], "experts.layers.2": [0, 2]}, (x,))
+    fresh = pnn.build_model("mmoe", 7, TASKS, num_experts=3, expert=(3, 2), tower=(4,))
+    assert count(pruned, (x,)) == count(fresh, (x,))
+    fresh.load_state_dict(pruned.state_dict())  # same shapes: the config's widths rebuild it
+    torch.testing.assert_close(fresh(x)["a"], pruned(x)["a"])
+
+
+# ----------------------------------------------------------------------------- surgery
+@pytest.mark.parametrize("arch,params,layers", [
+    ("shared_bottom", dict(bottom=(16, 8), tower=(4,)), ["bottom.0", "bottom.2"]),
+    ("mmoe", dict(num_experts=3, expert=(6, 5), tower=(4,)), ["experts.layers.0", "experts.layers.2"]),
+])
+def test_keep_ratio_one_changes_nothing(arch, params, layers):
+    torch.manual_seed(0)
+    model = pnn.build_model(arch, 7, TASKS, **params).eval()
+    x = torch.randn(9, 7)
+    widths = {n: m.weight.shape[-1] if m.weight.ndim == 3 else m.weight.shape[0]
+              for n, m in model.named_modules() if n in layers}
+    pruned = apply_plan(model, layers, {n: list(range(w)) for n, w in widths.items()}, (x,))
+    out, ref = pruned(x), model(x)
+    assert all(torch.equal(out[t], ref[t]) for t in ref)
+    assert count(pruned, (x,)) == count(model, (x,))
+
+
+def test_removing_dead_expert_units_keeps_the_outputs():
+    """Units whose outgoing weights are zero in every expert carry nothing: removing them through the
+    dependency graph (next expert layer's inputs, towers' inputs) must leave the outputs as they were;
+    a wrong index mapping in the BatchedLinear pruner changes them."""
+    torch.manual_seed(1)
+    model = pnn.build_model("mmoe", 7, TASKS, num_experts=3, expert=(6, 5), tower=(4,)).eval()
+    with torch.no_grad():
+        model.experts.layers[2].weight[:, [0, 4], :] = 0  # hidden units 0, 4 of layer 0 feed nothing
+        model.heads.towers.layers[0].weight[:, [1], :] = 0  # mixture channel 1 feeds no tower
+    x = torch.randn(9, 7)
+    pruned = apply_plan(model, ["experts.layers.0", "experts.layers.2"],
+                        {"experts.layers.0": [1, 2, 3, 5], "experts.layers.2": [0, 2, 3, 4]}, (x,))
+    assert pruned.experts.layers[0].weight.shape == (3, 7, 4)
+    assert pruned.experts.layers[2].weight.shape == (3, 4, 4)
+    assert pruned.heads.towers.layers[0].weight.shape == (2, 4, 4)
+    assert pruned.gates.weight.shape == (2, 7, 3)  # the gates keep one output per expert
+    ref = model(x)
+    for t in ref:
+        torch.testing.assert_close(pruned(x)[t], ref[t], rtol=1e-6, atol=1e-6)
+    wrong = apply_plan(model, ["experts.layers.0"], {"experts.layers.0": [0, 1, 2, 3]}, (x,))  # unit 5 is live
+    assert not torch.allclose(wrong(x)["a"], ref["a"], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- importance
+def test_taylor_per_task_matches_its_formula():
+    """score_t[c] = Σ_rows |z_c · relu'(z_c) · w_tc · 2 (y_t - target_t) / B| / rows for a linear head."""
+    torch.manual_seed(2)
+    model = pnn.build_model("shared_bottom", 5, TASKS, bottom=(6,), tower=())
+    x, ya, yb = torch.randn(10, 5), torch.randn(10), torch.randn(10)
+    data = MultiTaskDataset(x, {"a": ya, "b": yb})
+    scores = importance.taylor_per_task(model, [model.bottom[0]], data, TASKS, rows=10, batch_size=10)[0]
+    z = model.bottom[0](x).detach()
+    h = z.clamp_min(0)
+    w = model.heads.towers.layers[0].weight.detach()  # (2, 6, 1)
+    b = model.heads.towers.layers[0].bias.detach()
+    for t, y in enumerate((ya, yb)):
+        pred = h @ w[t, :, 0] + b[t, 0, 0]
+        g = (z > 0) * w[t, :, 0] * (2 * (pred - y) / 10).unsqueeze(1)
+        torch.testing.assert_close(scores[t], (z * g).abs().sum(0) / 10)
+    summed = importance.taylor_summed(model, [model.bottom[0]], data, TASKS, rows=10, batch_size=10)[0]
+    preds = [h @ w[t, :, 0] + b[t, 0, 0] for t in range(2)]
+    g_sum = sum((z > 0) * w[t, :, 0] * (2 * (preds[t] - y) / 10).unsqueeze(1) for t, y in enumerate((ya, yb)))
+    torch.testing.assert_close(summed, (z * g_sum).abs().sum(0) / 10)
+
+
+def test_l1_scores_sum_each_channels_incoming_weights():
+    lin = nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.25, -0.25]]))
+    bl = pnn.BatchedLinear(2, 3, 2)
+    with torch.no_grad():
+        bl.weight.copy_(torch.tensor([[[1.0, 0.0], [-1.0, 2.0], [0.0, 0.0]], [[0.5, 0.0], [0.0, -1.0], [1.0, 0.0]]]))
+    assert importance.l1([lin])[0].tolist() == [3.5, 0.5]
+    assert importance.l1([bl])[0].tolist() == [3.5, 3.0]  # both maps: |1|+|-1|+|.5|+|1| and |2|+|-1|
+
+
+# ----------------------------------------------------------------------------- PAGCP pieces
+def test_threshold_growth_solves_the_product_constraint():
+    # two layers: (1 + 0.06)(1 + 0.06 λ) = 6  =>  λ = (6 / 1.06 - 1) / 0.06
+    assert threshold_growth(0.06, 2, 6.0) == pytest.approx((6 / 1.06 - 1) / 0.06, rel=1e-9)
+    lam = threshold_growth(0.06, 40, 6.0)  # many layers: growth below 1 (the code's YOLO regime)
+    prod = 1.0
+    for i in range(40):
+        prod *= 1 + 0.06 * lam ** i
+    assert prod == pytest.approx(6.0, rel=1e-9) and lam < 1
+    assert threshold_growth(0.06, 1, 6.0) == 1.0
+
+
+def test_task_aware_saliency_keeps_what_any_task_needs():
+    per_task = torch.tensor([[10.0, 10.0, 0.0, 0.0],   # task 0: channels 0, 1 (large scale)
+                             [0.0, 0.0, 0.01, 0.0]])   # task 1: channel 2 only (tiny scale)
+    # shares: task 0 [.5, .5, 0, 0], task 1 [0, 0, 1, 0]; max over tasks
+    assert task_aware_saliency(per_task).tolist() == [0.5, 0.5, 1.0, 0.0]
+    assert task_aware_saliency(torch.zeros(2, 3)).tolist() == [0.0, 0.0, 0.0]  # no task reaches: no NaN
+
+
+def _hand_model():
+    """bottom: 8 units of 4 inputs. Units 0, 1 have small weights (L1 0.1) and are all task b reads
+    (head weight 10); task a reads units 2, 3; units 4..7 have large weights and feed no task."""
+    torch.manual_seed(3)
+    model = pnn.build_model("shared_bottom", 4, TASKS, bottom=(8,), tower=()).eval()
+    with torch.no_grad():
+        w = torch.zeros(8, 4)
+        for c in range(8):
+            w[c, c % 4] = 0.1 if c < 2 else 1.0
+        model.bottom[0].weight.copy_(w)
+        model.bottom[0].bias.zero_()
+        head = torch.zeros(2, 8, 1)
+        head[0, [2, 3], 0] = 1.0
+        head[1, [0, 1], 0] = 10.0
+        model.heads.towers.layers[0].weight.copy_(head)
+        model.heads.towers.layers[0].bias.zero_()
+    x = torch.randn(400, 4)
+    with torch.no_grad():
+        out = model(x)
+    noise = 0.01 * torch.randn(400, 2)
+    data = MultiTaskDataset(x, {"a": out["a"][:, 0] + noise[:, 0], "b": out["b"][:, 0] + noise[:, 1]})
+    return model, data
+
+
+def _context(model, data, floor=None):
+    return PruneContext(model, ["bottom.0"], (data.inputs[:4],), TASKS, data, data, floor)
+
+
+def test_pagcp_keeps_the_channels_one_task_needs_where_l1_drops_them():
+    model, data = _hand_model()
+    # FLOPs per row with k units: 4k + k + k (linear, bias, relu) + 2k + 2 (heads) = 8k + 2: 66 at k = 8,
+    # 34 at k = 4 (ratio .515), 42 at k = 5 (.636): target .55 keeps exactly 4
+    kept = {}
+    for method in ("pagcp", "l1"):
+        ctx = _context(model, data)
+        pruned = prune_model(ctx, method, 0.55)
+        rows = pruned.bottom[0].weight.detach()
+        assert rows.shape == (4, 4)
+        kept[method] = sorted(int(torch.nonzero(r).flatten()[0]) + (0 if float(r.abs().max()) < 0.5 else 10)
+                              for r in rows)
+        kept[method + "_drop_b"] = ctx.drops(ctx.metrics(pruned))["b"]
+    # rows with weight 0.1 are units 0, 1 (coded 0, 1); weight-1 rows coded 10 + input index
+    assert kept["pagcp"] == [0, 1, 12, 13]  # units 0, 1 (task b) and 2, 3 (task a)
+    assert 0 not in kept["l1"] and 1 not in kept["l1"]  # L1 keeps four weight-1 units
+    assert kept["pagcp_drop_b"] < 1.0 < kept["l1_drop_b"]
+
+
+def test_floor_is_respected_on_validation_or_the_best_reachable_is_named():
+    model, data = _hand_model()
+    ctx = _context(model, data, floor=5.0)
+    with pytest.raises(UnreachableBudget, match=r"unreachable with --keep-task-floor 5: the best reachable is "
+                                               r"flops=1\.000") as err:
+        prune_model(ctx, "l1", 0.55)  # L1's first unit to go is one of task b's (weight 0.1)
+    assert err.value.best == 1.0
+    pruned = prune_model(ctx, "pagcp", 0.55)
+    assert max(ctx.drops(ctx.metrics(pruned)).values()) <= 5.0
+    assert ctx.flops_ratio(pruned) <= 0.55
+
+
+# ----------------------------------------------------------------------------- run directories and CLI
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from polytask.train import Trainer
+    from polytask.train.config import parse_config
+
+    root = tmp_path_factory.mktemp("prune")
+    out = {}
+    for arch, params in (("shared_bottom", {"bottom": [24, 12], "tower": [8]}),
+                         ("mmoe", {"num_experts": 3, "expert": [12, 8], "tower": [8]})):
+        cfg = parse_config({"name": arch, "out_dir": str(root / arch), "device": "cpu", "seed": 0,
+                            "data": {"name": "synthetic", "params": {"num_rows": 500, "input_dim": 10}},
+                            "model": {"arch": arch, "params": params}, "train": {"epochs": 2, "batch_size": 64}})
+        Trainer(cfg, progress=False).fit()
+        out[arch] = root / arch
+    return out
+
+
+def _tree(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("arch", ["shared_bottom", "mmoe"])
+def test_pruned_run_loads_from_its_config_and_reports_its_counts(runs, tmp_path, arch):
+    from polytask.prune.run import load_run
+
+    before = _tree(runs[arch])
+    result = prune_run(runs[arch], PruneOptions("taylor", 0.5, out=tmp_path / "p"))
+    assert _tree(runs[arch]) == before
+    config, splits, model = load_run(result.out_dir)  # rebuilt from the pruned widths in model.params
+    pruned_row = result.table[1]
+    x = (splits.val.inputs[:1],)
+    assert count(model, x).params == pruned_row["params"] == sum(p.numel() for p in model.parameters())
+    assert count(model, x).flops == pruned_row["flops"] <= 0.5 * result.table[0]["flops"]
+    assert result.table[0]["delta_m_val"] == 0.0
+    assert set(result.keep_ratios) and all(0 < r <= 1 for r in result.keep_ratios.values())
+    assert (result.out_dir / "prune.md").read_text().count("\n") == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial left
+
+
+def test_pruning_then_resuming_fine_tuning(runs, tmp_path):
+    from polytask.train import Trainer
+    from polytask.train.config import load_config
+
+    result = prune_run(runs["mmoe"], PruneOptions("pagcp", 0.6, finetune_epochs=1, out=tmp_path / "p"))
+    cfg = load_config(result.out_dir / "config.yaml", ["train.epochs=2"])
+    assert Path(cfg.run_dir) == result.out_dir
+    resumed = Trainer(cfg, progress=False).fit(resume=True)
+    assert [r.epoch for r in resumed.history] == [0, 1, 2]  # epoch 1 from the prune run, 2 resumed
+
+
+def test_a_failure_leaves_no_output_directory(runs, tmp_path, monkeypatch):
+    import polytask.prune.run as run_mod
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(run_mod, "_table", boom)
+    with pytest.raises(RuntimeError):
+        prune_run(runs["shared_bottom"], PruneOptions("l1", 0.5, out=tmp_path / "p"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    from polytask import cli
+
+    monkeypatch.setattr(sys, "argv", ["polytask", "prune", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    return exc.value.code, capsys.readouterr().err
+
+
+def _esmm_run(tmp_path: Path) -> Path:
+    run = tmp_path / "esmm"
+    (run / "best").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: e\nmodel: {arch: esmm}\n")
+    (run / "best" / "model.safetensors").write_bytes(b"x")
+    return run
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("target", ["--target", "flops=1.5"], "--target: flops must be in (0, 1)"),
+    ("target0", ["--target", "flops=0"], "--target: flops must be in (0, 1)"),
+    ("key", ["--target", "params=0.5"], "--target: expected flops="),
+    ("floor", ["--target", "flops=0.2", "--keep-task-floor", "0", "--method", "l1"],
+     "unreachable with --keep-task-floor 0: the best reachable is flops="),
+    ("method", ["--method", "obs"], "unknown pruning method 'obs'"),
+])
+def test_cli_bad_input_exits_2_and_leaves_the_run_untouched(runs, tmp_path, monkeypatch, capsys, case, args, message):
+    before = _tree(runs["shared_bottom"])
+    code, err = _cli(monkeypatch, capsys, runs["shared_bottom"], *args, "--out", tmp_path / "p")
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert _tree(runs["shared_bottom"]) == before
+    assert not (tmp_path / "p").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_runs_without_a_model_and_unprunable_architectures(runs, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((runs["mmoe"] / "config.yaml").read_text())
+    code, err = _cli(monkeypatch, capsys, empty)
+    assert code == 2 and "has no finished model" in err and "best/model.safetensors" in err
+    esmm = _esmm_run(tmp_path)
+    before = _tree(esmm)
+    code, err = _cli(monkeypatch, capsys, esmm)
+    assert code == 2 and "cannot prune architecture 'esmm'" in err and err.count("\n") == 1
+    assert _tree(esmm) == before
+
+
+def test_cli_writes_the_pruned_run(runs, tmp_path, monkeypatch, capsys):
+    from polytask import cli
+
+    monkeypatch.setattr(sys, "argv", ["polytask", "prune", str(runs["mmoe"]), "--target", "flops=0.5",
+                                      "--method", "random", "--out", str(tmp_path / "p")])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "| pruned |" in out and f"pruned run directory: {tmp_path / 'p'}" in out
+    assert (tmp_path / "p" / "best" / "model.safetensors").is_file()
+
+
+def test_unknown_layer_and_refused_architecture_are_config_errors():
+    from polytask.prune import prunable_layers
+
+    model = pnn.build_model("shared_bottom", 4, TASKS, bottom=(8,), tower=())
+    with pytest.raises(ConfigError, match="no module named 'trunk.0'"):
+        prunable_layers(model, names=["trunk.0"])
+    with pytest.raises(PolytaskError, match="cannot prune architecture 'mtan'"):
+        prunable_layers(model, "mtan")
