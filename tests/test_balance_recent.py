@@ -426,3 +426,31 @@ def test_trainer_feeds_a_validation_batch_each_step(tmp_path):
     trainer.fit()
     assert len(drawn) == trainer.step and trainer.step > 0
     assert not torch.allclose(trainer.balancer.meta_weights, torch.full((2,), 0.1))  # λ was learned
+
+
+def test_cli_auto_lambda_without_heldout_batches_is_exit_2_one_line(tmp_path):
+    # streamed table data has no in-memory validation split to draw held-out batches from
+    pytest.importorskip("pyarrow")
+    import subprocess
+    import sys
+
+    import yaml
+
+    from polytask.train.tables import write_synthetic_splits
+
+    paths = write_synthetic_splits(tmp_path / "log", 600, row_group_rows=200)
+    cfg = {"name": "t", "out_dir": str(tmp_path / "r"), "device": "cpu", "seed": 3,
+           "data": {"name": "table", "params": {"train": str(paths[0]), "val": str(paths[1]), "test": str(paths[2]),
+                                                "dense": ["price", "hour"], "ids": {"item_id": {"hash": 64}},
+                                                "labels": {"click": "click"}, "embed_dim": 4}},
+           "balancer": {"name": "auto_lambda"}, "model": {"arch": "mmoe", "params": {"num_experts": 2}},
+           "train": {"epochs": 1, "batch_size": 128, "early_stopping": None}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "polytask.cli", "train", str(path)], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "balancer.name: 'auto_lambda' needs held-out batches" in lines[0], res.stderr
+    # nothing written but the run directory's lock, as for every ConfigError of the Trainer's construction
+    assert not (tmp_path / "r").exists() or sorted(p.name for p in (tmp_path / "r").iterdir()) == [".lock"]
