@@ -1,0 +1,146 @@
+"""Multi-task pruning: Δm% and worst-task drop against the unpruned model at 30/50/70% FLOPs.
+
+Two settings, each trained from scratch per seed with polytask's Trainer (equal weights):
+
+- ``digits-cnn``: a small CNN trunk (three 3x3 conv-BN-ReLU blocks) on scikit-learn's 8x8 digits
+  as four tasks (digit, odd, ge5, value; ``polytask.data`` "digits"), linear heads per task; the
+  conv filters are pruned;
+- ``synthetic-mmoe``: MMoE (8 experts, hidden 64-32) on the synthetic generator of Ma et al. (KDD
+  2018; 3 tasks, correlation 0.5); the experts' hidden units are pruned.
+
+For each FLOPs target and method (pagcp, taylor, l1, random) the table prints, as mean ± std over
+seeds, the test Δm% against the unpruned model (all metrics of all tasks, positive = worse), the
+worst task's drop of its main metric (percent), the FLOPs ratio reached and the latency ratio
+(median CPU forward time of a 256-row batch, pruned / unpruned). ``--finetune-epochs`` fine-tunes
+every pruned model with the Trainer before it is measured (0: one-shot).
+
+    .venv/bin/python benchmarks/prune.py [--quick] [--seeds 3] [--finetune-epochs 0] [--device cpu]
+
+The expectation to check (issue 15): PAGCP has the lowest worst-task drop at each budget. Timings
+taken on a shared machine mean nothing; read the latency column from a quiet one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from polytask.data import load
+from polytask.nn import TaskHeads, build_model
+from polytask.prune import PruneContext, count, latency_ms, prune_model
+from polytask.prune.core import task_drop
+from polytask.prune.graph import prunable_layers
+from polytask.tasks import delta_m
+from polytask.train import Trainer
+from polytask.train.config import parse_config
+from polytask.train.trainer import evaluate
+
+METHODS = ("pagcp", "taylor", "l1", "random")
+TARGETS = (0.3, 0.5, 0.7)
+
+
+class DigitsCNN(nn.Module):
+    """Shared CNN trunk on 8x8 digit images (the flat 64 pixels reshaped), one linear head per task."""
+
+    def __init__(self, tasks, channels=(16, 32, 32)) -> None:
+        super().__init__()
+        layers, cin = [], 1
+        for i, c in enumerate(channels):
+            layers += [nn.Conv2d(cin, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
+            if i == 1:
+                layers.append(nn.MaxPool2d(2))
+            cin = c
+        self.trunk = nn.Sequential(*layers)
+        self.heads = TaskHeads(tasks, cin)
+        self.task_names = [t.name for t in tasks]
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        z = self.trunk(x.reshape(-1, 1, 8, 8)).mean(dim=(2, 3))
+        return self.heads(z)
+
+    def conv_names(self) -> list[str]:
+        return [f"trunk.{i}" for i, m in enumerate(self.trunk) if isinstance(m, nn.Conv2d)]
+
+
+def train(model: nn.Module, splits, out: Path, seed: int, epochs: int, device: str, name: str) -> nn.Module:
+    cfg = parse_config({"name": name, "out_dir": str(out / name), "seed": seed, "device": device,
+                        "data": {"name": splits.name}, "optim": {"name": "adam", "lr": 3e-3},
+                        "train": {"epochs": epochs, "batch_size": 128, "early_stopping": None}})
+    trainer = Trainer(cfg, splits=splits, model=model, progress=False)
+    trainer.fit()
+    return trainer.model.eval()
+
+
+def setting(name: str, seed: int, quick: bool, device: str):
+    torch.manual_seed(seed)
+    if name == "digits-cnn":
+        splits = load("digits", seed=seed)
+        model = DigitsCNN(splits.tasks, (8, 16, 16) if quick else (16, 32, 32))
+        return splits, model, model.conv_names(), 4 if quick else 15
+    splits = load("synthetic", num_tasks=3, correlation=0.5, num_rows=2000 if quick else 8000, input_dim=32,
+                  seed=seed)
+    model = build_model("mmoe", 32, splits.tasks, num_experts=4 if quick else 8, expert=[32, 16] if quick else [64, 32],
+                        tower=[16])
+    return splits, model, [layer.name for layer in prunable_layers(model, "mmoe")], 4 if quick else 15
+
+
+def measure(splits, base: nn.Module, pruned: nn.Module, base_test) -> dict[str, float]:
+    test = evaluate(pruned, splits.test, splits.tasks)
+    x = (splits.test.subset(torch.arange(min(256, len(splits.test)))).inputs,)
+    one = (splits.test.subset(torch.arange(1)).inputs,)
+    return {
+        "dm": delta_m(test, base_test, splits.tasks),
+        "worst": max(task_drop(t, test[t.name], base_test[t.name]) for t in splits.tasks),
+        "flops": count(pruned, one).flops / count(base, one).flops,
+        "latency": latency_ms(pruned, x) / latency_ms(base, x),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, small models, few epochs, one target")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--settings", default="digits-cnn,synthetic-mmoe")
+    args = parser.parse_args()
+    seeds = range(1 if args.quick else args.seeds)
+    targets = (0.5,) if args.quick else TARGETS
+    results: dict[tuple, list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.settings.split(","):
+            for seed in seeds:
+                splits, model, layers, epochs = setting(name, seed, args.quick, args.device)
+                base = train(model, splits, Path(tmp), seed, epochs, args.device, f"{name}-{seed}")
+                base_test = evaluate(base, splits.test, splits.tasks)
+                ctx = PruneContext(base, layers, (splits.train.subset(torch.arange(4)).inputs,), splits.tasks,
+                                   splits.train, splits.val)
+                for target in targets:
+                    for method in METHODS:
+                        params = {"seed": seed} if method != "pagcp" else {}
+                        pruned = prune_model(ctx, method, target, **params)
+                        if args.finetune_epochs:
+                            pruned = train(pruned, splits, Path(tmp), seed, args.finetune_epochs, args.device,
+                                           f"{name}-{seed}-{method}-{target}")
+                        results.setdefault((name, target, method), []).append(
+                            measure(splits, base, pruned, base_test))
+    print(f"| setting | FLOPs target | method | Δm% test | worst-task drop % | FLOPs ratio | latency ratio |"
+          f"  ({len(list(seeds))} seed(s), fine-tune {args.finetune_epochs} epochs)")
+    print("|---|---|---|---|---|---|---|")
+    for (name, target, method), rows in results.items():
+        cells = []
+        for key in ("dm", "worst", "flops", "latency"):
+            vals = [r[key] for r in rows]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}" if key in ("flops", "latency")
+                         else f"{statistics.mean(vals):+.2f} ± {sd:.2f}")
+        print(f"| {name} | {target:g} | {method} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
