@@ -22,5 +22,5 @@ from polytask.prune.methods import PRUNERS, check_target, prune_model
 from polytask.prune.pagcp import PAGCP
 from polytask.prune.run import PruneOptions, PruneResult, load_run, prune_run
 
-__all__ = ["PAGCP", "PRUNERS", "SUPPORTED", "Cost", "PruneContext", "PruneOptions", "PruneResult", "UnreachableBudget",
-           "apply_plan", "check_target", "count", "latency_ms", "load_run", "prunable_layers", "prune_model", "prune_run"]
+__all__ = ["PAGCP", "PRUNERS", "SUPPORTED", "Cost", "PruneContext", "PruneOptions", "PruneResult",
+           "UnreachableBudget", "apply_plan", "check_target", "count", "latency_ms", "load_run", "prunable_layers", "prune_model", "prune_run"]

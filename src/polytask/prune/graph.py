@@ -12,11 +12,11 @@ A *prunable layer* is a layer whose output channels (hidden units, filters) may 
 - ``mmoe`` / ``omoe``: every layer of the expert bank; a hidden unit of the bank is removed from
   every expert at once (the experts are one stacked tensor, and the last width is the width of the
   mixture every tower reads), which keeps the config's ``expert`` widths the pruned shape;
-- ``ple`` / ``cgc``: every layer of the specific and shared expert banks of every level (one
-  width per level and layer: ``expert`` is shared by the levels, so the widths of all levels are
-  cut by the same indices' count... see :func:`prunable_layers`);
 - a plain module (e.g. a CNN built in Python): the layers the caller names.
 
+Other architectures are refused with the reason (:data:`REFUSED`): PLE/CGC share one ``expert``
+width list between levels and banks, MTAN's attention reads the trunk through grouped convolutions,
+ESMM/AITM have no shared trunk whose channels could go without changing what a task predicts.
 Task towers and gates are not pruned: they are task-specific and small.
 """
 
@@ -116,7 +116,7 @@ def prunable_layers(model: nn.Module, arch: str | None = None, names: Sequence[s
     return [Layer(n, m) for n, m in modules.items() if n.startswith(prefix) and isinstance(m, kinds)]
 
 
-def dependency_graph(model: nn.Module, example_inputs) -> "object":
+def dependency_graph(model: nn.Module, example_inputs):
     """torch-pruning's DependencyGraph of ``model`` traced on ``example_inputs``, with the
     batched-layer pruner registered."""
     import torch_pruning as tp

@@ -158,7 +158,8 @@ class PAGCP:
         lo, hi = low + 1, high - 1
         while lo <= hi:
             mid = (lo + hi) // 2
-            if ctx.flops_ratio(apply_plan(model, ctx.layers, {name: top_channels(saliency, mid)}, ctx.example)) <= target:
+            trial = apply_plan(model, ctx.layers, {name: top_channels(saliency, mid)}, ctx.example)
+            if ctx.flops_ratio(trial) <= target:
                 best, lo = mid, mid + 1
             else:
                 hi = mid - 1

@@ -27,7 +27,7 @@ from torch import nn
 
 from polytask.errors import CheckpointError, ConfigError
 from polytask.prune import flops as flops_lib
-from polytask.prune.core import PruneContext
+from polytask.prune.core import PruneContext, task_drop
 from polytask.prune.graph import SUPPORTED, prunable_layers
 from polytask.prune.methods import PRUNERS, check_target, prune_model
 from polytask.tasks import delta_m
@@ -44,7 +44,7 @@ class PruneOptions:
     fine-tuning with the run's balancer, into ``out`` (default: next to the run)."""
 
     method: str = "pagcp"
-    flops: float = 0.5
+    flops: float | str = 0.5
     floor: float | None = None
     finetune_epochs: int = 0
     out: Path | None = None
@@ -194,6 +194,8 @@ def _table(ctx: PruneContext, original: nn.Module, pruned: nn.Module, splits) ->
             "val": metrics["val"], "test": metrics["test"],
             "delta_m_val": delta_m(metrics["val"], base["val"], splits.tasks),
             "delta_m_test": delta_m(metrics["test"], base["test"], splits.tasks),
+            "task_drop_test": {t.name: task_drop(t, metrics["test"][t.name], base["test"][t.name])
+                               for t in splits.tasks},
         })
     return rows
 
