@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
@@ -93,21 +95,29 @@ class MoLoRALinear(AdapterLinear):
 
 
 def localized_balancing_loss(gates: Tensor, sample_group: Tensor, expert_group: Tensor, delta: float,
-                             mask: Tensor | None = None) -> Tensor:
+                             mask: Tensor | None = None, form: str = "paper") -> Tensor:
     """LoRAMoE's localized balancing constraint ``L_lbc = sigma^2(Z) / mu(Z)``, ``Z = I o Q`` (Dou et al., ACL 2024, eq. 7-9).
 
     ``gates``: ``(B, L, E)`` router weights of ``B`` samples' ``L`` tokens (``(B, E)`` for one
     vector per sample); ``Q[n, m] = sum_j G(x_j)_n`` over the real tokens ``j`` of sample ``m``
     (``mask`` ``(B, L)``, 0 = padding); ``I[n, m] = 1 + delta`` where expert ``n``'s group
     (``expert_group``, ``(E,)``) is sample ``m``'s type (``sample_group``, ``(B,)``), else
-    ``1 - delta``. ``sigma^2`` is the population variance over all ``E * B`` entries.
+    ``1 - delta``. ``form="paper"``: ``sigma^2`` is the population variance over all ``E * B``
+    entries, divided by the mean as in eq. 9; ``form="authors"``: the authors' code
+    (Ablustrund/LoRAMoE, ``peft/tuners/lora.py``), the squared coefficient of variation
+    ``var(Z) / (mean(Z)^2 + 1e-10)`` with the unbiased variance, and padding tokens counted in ``Q``
+    (pass no ``mask`` to match it). Either form is 0 exactly when ``Z`` is uniform, i.e. when
+    ``Q`` is proportional to ``1 / I``.
     """
     g = gates if gates.ndim == 3 else gates[:, None, :]
     if mask is not None:
         g = g * mask.reshape(g.shape[0], g.shape[1], 1).to(g.dtype)
     q = g.sum(1).T                                                          # (E, B)
     same = expert_group[:, None].to(sample_group.device) == sample_group[None, :]
-    z = torch.where(same, 1.0 + delta, 1.0 - delta).to(q.dtype) * q
+    coeff = torch.tensor([1.0 - delta, 1.0 + delta], dtype=q.dtype, device=q.device)   # in q's precision
+    z = coeff[same.long()] * q
+    if form == "authors":
+        return z.var() / (z.mean().square() + 1e-10)
     return z.var(unbiased=False) / z.mean()
 
 
@@ -125,13 +135,18 @@ class LoRAMoELinear(AdapterLinear):
     consecutive equal groups unless ``expert_groups`` gives each expert's group. The paper has two
     groups (world knowledge and downstream tasks) and ``delta = 0.1``. Experts are stacked and run
     in two ``einsum`` calls as in :class:`MoLoRALinear`. With no task set the loss is not formed
-    (``aux_loss = None``, e.g. at inference). The scaling ``alpha / r`` is PEFT's.
+    (``aux_loss = None``, e.g. at inference). The scaling ``alpha / r`` is PEFT's. The authors' code
+    (Ablustrund/LoRAMoE) has two groups (first half of the experts for task type 1), sums the
+    router weights over padding tokens too, and uses ``var / mean^2`` (``form="authors"``); the
+    loss is minimal when ``I o Q`` is uniform, as both the paper's and the code's formulas read.
 
     Args:
         num_experts: ``E``.
         delta: the paper's ``delta`` in ``[0, 1)``.
         task_groups: the group (sample type) of each task, ``len(tasks)`` integers.
         expert_groups: the group of each expert, ``E`` integers covering ``0..G-1``.
+        form: ``paper`` (eq. 9) or ``authors`` (their code's squared coefficient of variation),
+            see :func:`localized_balancing_loss`.
     """
 
     method = "loramoe"
@@ -139,7 +154,7 @@ class LoRAMoELinear(AdapterLinear):
 
     def __init__(self, base: nn.Linear, context: TaskContext, rank: int, alpha: float, num_experts: int = 6,
                  delta: float = 0.1, task_groups: list[int] | None = None,
-                 expert_groups: list[int] | None = None) -> None:
+                 expert_groups: list[int] | None = None, form: Literal["paper", "authors"] = "paper") -> None:
         super().__init__(base, context, rank, alpha)
         t = len(context.tasks)
         task_groups = [0] * t if task_groups is None else list(task_groups)
@@ -158,6 +173,9 @@ class LoRAMoELinear(AdapterLinear):
                               f"task group, got {expert_groups!r} (task_groups {task_groups!r})")
         if not 0.0 <= delta < 1.0:
             raise ConfigError(f"adapters.delta: must be in [0, 1), got {delta!r}")
+        if form not in ("paper", "authors"):
+            raise ConfigError(f"adapters.form: must be 'paper' or 'authors', got {form!r}")
+        self.form = form
         self.num_experts, self.lbc_delta = num_experts, float(delta)   # not self.delta: the method
         self.register_buffer("task_group", torch.tensor(task_groups), persistent=False)
         self.register_buffer("expert_group", torch.tensor(expert_groups), persistent=False)
@@ -181,7 +199,8 @@ class LoRAMoELinear(AdapterLinear):
             sample = (self.task_group[task] if isinstance(task, Tensor)
                       else self.task_group[task].expand(rows))
             self.aux_loss = localized_balancing_loss(gates.reshape(rows, -1, self.num_experts), sample,
-                                                     self.expert_group, self.lbc_delta, self.context.mask_for(flat.shape[0]))
+                                                     self.expert_group, self.lbc_delta,
+                                                     self.context.mask_for(flat.shape[0]), self.form)
         return self.delta_w(flat, gates).reshape(*x.shape[:-1], self.out_features)
 
     def shared_parameters(self) -> list[nn.Parameter]:
