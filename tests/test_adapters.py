@@ -14,7 +14,8 @@ from polytask.errors import CheckpointError, ConfigError
 
 METHODS = [("lora", {}), ("mtlora", {}), ("hydralora", {"num_experts": 3}),
            ("molora", {"num_experts": 4, "top_k": 2}), ("smora", {"top_k": 2}),
-           ("mhr", {"n_skills": 3, "n_splits": 2}), ("arrow", {"top_k": 1})]
+           ("mhr", {"n_skills": 3, "n_splits": 2}), ("arrow", {"top_k": 1}),
+           ("loramoe", {"num_experts": 4, "task_groups": [0, 1]})]
 
 
 def mlp(seed: int = 0) -> nn.Module:
