@@ -108,6 +108,19 @@ def predict(
         typer.echo("unseen ids (out-of-vocabulary bucket): " + ", ".join(f"{c} {n}" for c, n in oov.items()))
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory of a run trained on table data (data.name: table).")],
+    out: Annotated[Path, typer.Argument(help="Output .pt2 file (torch.export; appears only when complete).")],
+) -> None:
+    """Export the run's best model with its id lookups (vocabularies, hashing) as one torch.export
+    program: inputs dense float32 (N, n_dense) and the 64-bit FNV-1a hashes of the raw ids (N, n_ids);
+    outputs each task's probability, equal to `polytask predict`'s (see polytask.export)."""
+    from polytask.export import export_run
+
+    typer.echo(f"exported: {export_run(run_dir, out)}")
+
+
 data_app = typer.Typer(help="Data helpers (needs polytask[tables]).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -257,7 +270,10 @@ def bench_qm9(
     train_size: Annotated[Optional[int], typer.Option(help="Training molecules (default: all ~110k).")] = None,
     val_size: Annotated[int, typer.Option(help="Validation molecules.")] = 10_000,
     test_size: Annotated[int, typer.Option(help="Test molecules.")] = 10_000,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 120,
+    protocol: Annotated[str, typer.Option(help="nash_mtl (Navon et al. 2022: batch 120, LR patience 5, published STL) "
+                                          "or ntkmtl (batch 60, LR patience 10, single-task runs retrained: --stl).")
+                        ] = "nash_mtl",
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: the protocol's).")] = None,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     seeds: Annotated[Optional[list[int]], typer.Option(help="Seeds: --seeds 0 1 2 (default 0).")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Comma list of targets (default: all 11).")] = None,
@@ -269,8 +285,9 @@ def bench_qm9(
     out: Annotated[Path, typer.Option(help="Directory for result JSON, Markdown and PNG.")] = Path("runs/qm9"),
     cache_dir: Annotated[Optional[Path], typer.Option(help="Processed-data cache (default: user cache dir).")] = None,
 ) -> None:
-    """QM9 (11 targets, MPNN) with the protocol of Nash-MTL / FAMO; prints per-target test MAE and
-    Δm% next to the published table. Reduced budget: e.g. --train-size 20000 --epochs 30."""
+    """QM9 (11 targets, MPNN) with the protocol of Nash-MTL / FAMO (or NTKMTL's, --protocol ntkmtl); prints
+    per-target test MAE and Δm% next to the published table, and with several seeds which differences
+    the seeds support. Reduced budget: e.g. --train-size 20000 --epochs 30."""
     import json
 
     import yaml
@@ -293,6 +310,11 @@ def bench_qm9(
     seed_list = [*(seeds or [0] if not extra_seeds else seeds or []), *extra_seeds]
     if features not in ("rdkit", "pyg"):
         raise ConfigError(f"bench qm9: --features must be rdkit or pyg, got {features!r}")
+    from polytask.bench.qm9 import protocol as qm9_protocol
+
+    schedule = qm9_protocol(protocol)
+    batch_size = schedule.batch_size if batch_size is None else batch_size
+    stl = stl or schedule.retrained_stl
     params = {}
     for item in param or []:
         key, sep, value = item.partition("=")
@@ -318,7 +340,8 @@ def bench_qm9(
     for name in todo:
         bench.make_balancer(name, bench.params_accepted_by(name, params) if all_ else params)
     budget = dict(epochs=epochs, train_size=train_size, val_size=val_size, test_size=test_size,
-                  batch_size=batch_size, lr=lr, device=device, targets=names, seeds=seed_list)
+                  batch_size=batch_size, lr=lr, lr_patience=schedule.lr_patience, device=device, targets=names,
+                  seeds=seed_list)
 
     def load_graphs():
         graphs = load_qm9(cache_dir)
@@ -334,7 +357,8 @@ def bench_qm9(
             raise ConfigError("bench qm9: --workers needs --all and a count of at least 1 "
                               f"(got {workers}{'' if all_ else ', no --all'})")
         child = [f"--epochs={epochs}", f"--val-size={val_size}", f"--test-size={test_size}",
-                 f"--batch-size={batch_size}", f"--lr={lr}", f"--features={features}", f"--device={device}",
+                 f"--batch-size={batch_size}", f"--lr={lr}", f"--protocol={protocol}", f"--features={features}",
+                 f"--device={device}",
                  *(f"--param={item}" for item in param or []), "--seeds", *map(str, seed_list)]
         for flag, value in (("--train-size", train_size), ("--targets", targets), ("--threads", threads),
                             ("--cache-dir", cache_dir)):
@@ -389,6 +413,7 @@ def prune(
     finetune_epochs: Annotated[int, typer.Option(help="Epochs of fine-tuning with the run's balancer (0: none).")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="New run directory (default: RUN_DIR-METHOD-flopsX).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random method and of fine-tuning's draws.")] = 0,
+    latency_device: Annotated[str, typer.Option(help="Where latency is measured: cpu, cuda, auto.")] = "cpu",
 ) -> None:
     """Prune a trained run's shared trunk (shared-bottom layers, MMoE/OMoE experts) to a FLOPs budget
     and write a new run directory with the pruned weights, per-layer keep ratios and a table of
@@ -398,7 +423,8 @@ def prune(
         raise ConfigError(f"--target: expected flops=<fraction in (0, 1)>, got {target!r}")
     from polytask.prune.run import PruneOptions, prune_run
 
-    result = prune_run(run_dir, PruneOptions(method, value.strip(), keep_task_floor, finetune_epochs, out, seed),
+    result = prune_run(run_dir, PruneOptions(method, value.strip(), keep_task_floor, finetune_epochs, out, seed,
+                                             latency_device),
                        progress=sys.stderr.isatty())
     typer.echo((result.out_dir / "prune.md").read_text().rstrip())
     typer.echo(f"pruned run directory: {result.out_dir}")

@@ -15,6 +15,7 @@ it exists whole or not at all. The original run is only read.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ class PruneOptions:
     finetune_epochs: int = 0
     out: Path | None = None
     seed: int = 0
+    latency_device: str = "cpu"
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,6 +103,12 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
     """Prune the run in ``run_dir`` (see the module docstring); returns where it went and the table."""
     target = check_target(options.flops)
     PRUNERS.lookup(options.method)
+    from polytask.train.trainer import resolve_device
+
+    try:  # an unknown or absent device is refused before any work
+        resolve_device(options.latency_device)
+    except ConfigError as exc:
+        raise ConfigError(f"--latency-device: {str(exc).split(': ', 1)[-1]}") from None
     if options.finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs must be >= 0, got {options.finetune_epochs}")
     run_dir = Path(run_dir)
@@ -134,7 +142,7 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
     try:
         _write(tmp, data, options.finetune_epochs, splits, pruned, progress)
         pruned = _reload(final_config, splits, tmp / "best" / "model.safetensors")
-        table = _table(ctx, model, pruned, splits)
+        table = _table(ctx, model, pruned, splits, options.latency_device)
         summary = {"method": options.method, "target_flops": target, "keep_task_floor": options.floor,
                    "finetune_epochs": options.finetune_epochs, "source": str(run_dir),
                    "widths": {n: widths[n] for n in ctx.layers}, "keep_ratios": keep, "table": table}
@@ -178,11 +186,14 @@ def _reload(config, splits, weights: Path) -> nn.Module:
     return model.eval()
 
 
-def _table(ctx: PruneContext, original: nn.Module, pruned: nn.Module, splits) -> list[dict[str, Any]]:
-    """Parameters, FLOPs, latency, metrics and Δm% (against the unpruned model) of both models."""
-    from polytask.train.trainer import evaluate
+def _table(ctx: PruneContext, original: nn.Module, pruned: nn.Module, splits,
+           latency_device: str = "cpu") -> list[dict[str, Any]]:
+    """Parameters, FLOPs, latency (a 256-row forward on ``latency_device``), metrics and Δm% (against
+    the unpruned model) of both models."""
+    from polytask.train.trainer import evaluate, resolve_device
 
-    example = example_rows(splits.val, 256)
+    device = resolve_device(latency_device)
+    example = example_rows(splits.val.to(device), 256)
     rows = []
     base = {s: evaluate(original, getattr(splits, s), splits.tasks) for s in ("val", "test")}
     for name, model in (("unpruned", original), ("pruned", pruned)):
@@ -190,7 +201,8 @@ def _table(ctx: PruneContext, original: nn.Module, pruned: nn.Module, splits) ->
         metrics = {s: evaluate(model, getattr(splits, s), splits.tasks) for s in ("val", "test")}
         rows.append({
             "model": name, "params": cost.params, "flops": cost.flops,
-            "latency_ms": flops_lib.latency_ms(model, example),
+            "latency_ms": flops_lib.latency_ms(copy.deepcopy(model).to(device), example),
+            "latency_device": str(device),
             "val": metrics["val"], "test": metrics["test"],
             "delta_m_val": delta_m(metrics["val"], base["val"], splits.tasks),
             "delta_m_test": delta_m(metrics["test"], base["test"], splits.tasks),
@@ -203,7 +215,8 @@ def _table(ctx: PruneContext, original: nn.Module, pruned: nn.Module, splits) ->
 def markdown(table: list[dict[str, Any]], tasks) -> str:
     """The table as Markdown: one row per model, test metrics per task."""
     cols = [f"{t.name} {m}" for t in tasks for m in t.metrics]
-    head = ["model", "params", "FLOPs/row", "latency ms", *cols, "Δm% test", "Δm% val"]
+    device = table[0].get("latency_device", "cpu")
+    head = ["model", "params", "FLOPs/row", f"latency ms ({device})", *cols, "Δm% test", "Δm% val"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         vals = [f"{r['test'][t.name][m]:.4f}" for t in tasks for m in t.metrics]
