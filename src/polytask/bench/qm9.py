@@ -11,6 +11,13 @@ Sec. 6.2, reused by Liu et al., "FAMO: Fast Adaptive Multitask Optimization" (Ne
 - reported: test MAE per target at the epoch of best validation Δm%, and its Δm% (Maninis et
   al., CVPR 2019) against single-task MAEs.
 
+Protocols (:data:`PROTOCOLS`, ``protocol=`` / ``bench qm9 --protocol``): ``nash_mtl`` is the
+schedule above; ``ntkmtl`` is the revised schedule that recent papers use (NTKMTL, NeurIPS 2025):
+batch 60, plateau patience 10, and single-task baselines retrained with that same schedule as the
+Δm% reference instead of the published STL row. Both z-score the targets with the training
+split's mean and std (:func:`scale_targets`) and report MAE in the original units; FAMO's public
+QM9 script dropped that scaling, which changes every loss's scale and so every balancer's input.
+
 The default single-task reference is the published one (:data:`PUBLISHED_STL_MAE`);
 :func:`run_stl` trains our own single-task baselines with the same budget instead. The
 reduced budget (``train_size``, ``epochs``, ``val_size``, ``test_size``) is the same protocol on
@@ -72,6 +79,43 @@ PUBLISHED_LABELS: dict[str, str] = {
     "ls": "LS", "uw": "UW", "mgda": "MGDA", "pcgrad": "PCGrad", "cagrad": "CAGrad",
     "imtl_g": "IMTL-G", "nash_mtl": "Nash-MTL", "famo": "FAMO",
 }
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A QM9 training schedule: batch size, ``ReduceLROnPlateau`` patience, and whether the Δm%
+    reference must be single-task runs retrained with the same schedule."""
+
+    batch_size: int
+    lr_patience: int
+    retrained_stl: bool
+    source: str
+
+
+#: The published QM9 schedules (both: Adam 1e-3, 300 epochs, plateau factor 0.7, min lr 1e-5,
+#: z-scored targets). The NTKMTL row's patience is the plateau scheduler's, the only patience of
+#: the Nash-MTL schedule it revises.
+PROTOCOLS: dict[str, Protocol] = {
+    "nash_mtl": Protocol(batch_size=120, lr_patience=5, retrained_stl=False,
+                         source="Navon et al., ICML 2022, Sec. 6.2 (also FAMO, NeurIPS 2023)"),
+    "ntkmtl": Protocol(batch_size=60, lr_patience=10, retrained_stl=True,
+                       source="NTKMTL (NeurIPS 2025): revised schedule, single-task baselines retrained"),
+}
+
+
+def protocol(name: str) -> Protocol:
+    """The schedule ``name`` of :data:`PROTOCOLS`; ConfigError naming the known ones otherwise."""
+    if name not in PROTOCOLS:
+        raise ConfigError(f"qm9: unknown protocol {name!r} (known: {', '.join(PROTOCOLS)})")
+    return PROTOCOLS[name]
+
+
+def scale_targets(y: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y_z, mean, std)``: every column of ``y`` z-scored with the mean and (unbiased) std of the
+    training rows ``train`` only, as both protocols do; predictions go back to the original units
+    as ``y_z * std + mean`` (errors: ``|Δy_z| * std``)."""
+    mean, std = y[train].mean(0), y[train].std(0)
+    return ((y - mean) / std).float(), mean, std
 
 
 # ----------------------------------------------------------------------------- results
@@ -235,6 +279,7 @@ def train_once(
     test_size: int = 10_000,
     batch_size: int = 120,
     lr: float = 1e-3,
+    lr_patience: int = 5,
     device: str | torch.device | None = "auto",
     reference: Mapping[str, float] | None = None,
     balancer_params: Mapping[str, Any] | None = None,
@@ -271,9 +316,7 @@ def train_once(
     gen = torch.Generator().manual_seed(seed)
 
     cols = [TARGETS.index(t) for t in names]
-    y = graphs.y[:, cols]
-    mean, std = y[split["train"]].mean(0), y[split["train"]].std(0)
-    y_z = ((y - mean) / std).float()
+    y_z, _, std = scale_targets(graphs.y[:, cols], split["train"])
     std_dev = std.to(dev)
     tasks = [Task(t, "regression") for t in names]
 
@@ -287,7 +330,7 @@ def train_once(
     # per training step of 120 molecules)
     by_size = model.conv_kind == "factorised" and dev.type == "cpu"
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.7, patience=5,
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.7, patience=lr_patience,
                                                            min_lr=1e-5)
 
     def criterion(val_mae: dict[str, float]) -> float:
@@ -300,7 +343,7 @@ def train_once(
     epoch_seconds: list[float] = []
     epoch_cpu: list[float] = []  # CPU time of all threads: the machine is shared, wall time is not ours
     identity = dict(balancer=balancer, seed=seed, targets=list(names), epochs=epochs, train_size=train_size,
-                    val_size=val_size, test_size=test_size, batch_size=batch_size, lr=lr,
+                    val_size=val_size, test_size=test_size, batch_size=batch_size, lr=lr, lr_patience=lr_patience,
                     balancer_params=dict(balancer_params or {}), reference=reference, num_molecules=len(graphs))
     first_epoch = 0
     if checkpoint is not None and Path(checkpoint).is_file():
@@ -393,7 +436,7 @@ def _load_checkpoint(path: Path, identity: Mapping[str, Any], device: torch.devi
         saved = state["identity"]
     except Exception as exc:  # noqa: BLE001  (any unreadable file: say which)
         raise ConfigError(f"qm9: checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
-    diff = [k for k in identity if saved.get(k) != identity[k]]
+    diff = [k for k in identity if saved.get(k, _BEFORE_PROTOCOLS.get(k)) != identity[k]]
     if diff:
         what = ", ".join(f"{k} {saved.get(k)!r} vs {identity[k]!r}" for k in diff)
         raise ConfigError(f"qm9: checkpoint {path} is from other settings ({what}); delete it or use another --out")
@@ -413,6 +456,7 @@ def run(
     test_size: int = 10_000,
     batch_size: int = 120,
     lr: float = 1e-3,
+    lr_patience: int = 5,
     device: str | torch.device | None = "auto",
     targets: Sequence[str] | None = None,
     reference: Mapping[str, float] | None = None,
@@ -442,13 +486,14 @@ def run(
     graphs = graphs if graphs is not None else load_qm9(cache, progress=progress)
     runs = [
         train_once(graphs, balancer, seed=s, targets=names, epochs=epochs, train_size=train_size,
-                   val_size=val_size, test_size=test_size, batch_size=batch_size, lr=lr, device=device,
-                   reference=reference, balancer_params=balancer_params, progress=progress, log=log,
+                   val_size=val_size, test_size=test_size, batch_size=batch_size, lr=lr, lr_patience=lr_patience,
+                   device=device, reference=reference, balancer_params=balancer_params, progress=progress, log=log,
                    checkpoint=checkpoint_path(checkpoint_dir, balancer, s) if checkpoint_dir is not None else None)
         for s in seeds
     ]
     settings = dict(epochs=epochs, train_size=train_size, val_size=val_size, test_size=test_size,
-                    batch_size=batch_size, lr=lr, device=str(resolve_device(device)), seeds=list(seeds),
+                    batch_size=batch_size, lr=lr, lr_patience=lr_patience, device=str(resolve_device(device)),
+                    seeds=list(seeds),
                     balancer_params=dict(balancer_params or {}), num_molecules=len(graphs))
     return QM9Result(method=balancer, targets=names, runs=runs, reference=dict(reference or PUBLISHED_STL_MAE),
                      reference_name=reference_name if reference is not None else
@@ -612,7 +657,38 @@ def comparison_markdown(results: Sequence[QM9Result]) -> str:
             f"{s.get('device')}. Δm% against {results[0].reference_name}; published Δm% are for "
             "300 epochs on the full training set (Navon et al. 2022; Liu et al. 2023). "
             "MR: mean rank over the targets' test MAE (1 = best).\n")
-    return "\n".join(rows) + "\n" + note + (f"\n{ordering}\n" if ordering else "")
+    significance = significance_markdown(results)
+    return ("\n".join(rows) + "\n" + note + (f"\n{ordering}\n" if ordering else "")
+            + (f"\n{significance}\n" if significance else ""))
+
+
+def significance_markdown(results: Sequence[QM9Result], alpha: float = 0.05) -> str:
+    """Over the seeds every method ran (paired by seed): Δm% and each target's test MAE as mean ± std,
+    ``*`` on the methods not significantly worse than the best of each column, and the pairwise
+    Δm% matrix (paired t-test, Holm; :mod:`polytask.report.significance`). '' with fewer than two
+    common seeds or methods."""
+    from polytask.report import significance as sig
+
+    seeds = sorted(set.intersection(*({run.seed for run in r.runs} for r in results))) if results else []
+    if len(seeds) < 2 or len(results) < 2:
+        return ""
+    labels = [r.method for r in results]
+    if len(set(labels)) < len(labels):  # the same method with other parameters: tell the rows apart
+        labels = [f"{r.method}#{i}" for i, r in enumerate(results)]
+    by_seed = [{run.seed: run for run in r.runs} for r in results]
+    targets = results[0].targets
+    columns = {"Δm%": {lab: [_delta_m(runs[s].test_mae, r.reference, targets) for s in seeds]
+                       for lab, r, runs in zip(labels, results, by_seed)}}
+    for t in targets:
+        columns[f"{t} MAE"] = {lab: [runs[s].test_mae[t] for s in seeds] for lab, runs in zip(labels, by_seed)}
+    table = sig.seed_table(columns, {c: True for c in columns}, labels, alpha=alpha)
+    matrix = sig.pairwise_matrix(sig.pairwise(columns["Δm%"], alpha=alpha), labels)
+    return (f"Significance over seeds {seeds} (paired by seed; mean ± std; * = best or not significantly "
+            f"worse than the best, two-sided paired t-test, Holm over the comparisons with the best, "
+            f"alpha {alpha}; with {len(seeds)} seeds the t-test assumes normal differences and an exact "
+            f"Wilcoxon test could not go below p = {2 / 2 ** len(seeds):.3g}):\n\n```\n{table}\n```\n\n"
+            f"Pairwise Δm% (row vs column; paired t-test, Holm over all pairs): < better, > worse, "
+            f"= not significantly different:\n\n```\n{matrix}\n```")
 
 
 def ordering_against_published(results: Sequence[QM9Result]) -> str:
@@ -738,7 +814,7 @@ def _done_with(done: QM9Result, run_kwargs: Mapping[str, Any], balancer_params: 
     defaults = {k: p.default for k, p in inspect.signature(run).parameters.items() if k in BUDGET_KEYS}
     wanted = {k: run_kwargs.get(k, defaults[k]) for k in BUDGET_KEYS}
     wanted["seeds"] = list(wanted["seeds"])
-    saved = {k: done.settings.get(k) for k in BUDGET_KEYS}
+    saved = {k: done.settings.get(k, _BEFORE_PROTOCOLS.get(k)) for k in BUDGET_KEYS}
     return saved == wanted and dict(done.settings.get("balancer_params") or {}) == dict(balancer_params)
 
 
@@ -794,7 +870,10 @@ def run_in_processes(out_dir: Path | str, names: Sequence[str], workers: int, ch
 
 
 #: Settings that must agree for results to share one comparison table.
-BUDGET_KEYS = ("epochs", "train_size", "val_size", "test_size", "batch_size", "lr", "seeds")
+BUDGET_KEYS = ("epochs", "train_size", "val_size", "test_size", "batch_size", "lr", "lr_patience", "seeds")
+
+#: What result files and checkpoints written before ``lr_patience`` existed ran with.
+_BEFORE_PROTOCOLS: dict[str, Any] = {"lr_patience": 5}
 
 
 def load_results(out_dir: Path | str) -> list[QM9Result]:
@@ -815,7 +894,7 @@ def load_results(out_dir: Path | str) -> list[QM9Result]:
             result = QM9Result.from_json(json.loads(f.read_text()))
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"qm9: {f} is not a QM9 result file ({exc})") from exc
-        budget = {k: result.settings.get(k) for k in BUDGET_KEYS}
+        budget = {k: result.settings.get(k, _BEFORE_PROTOCOLS.get(k)) for k in BUDGET_KEYS}
         if first is None:
             first = (f, budget)
         elif budget != first[1]:
