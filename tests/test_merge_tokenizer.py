@@ -20,13 +20,14 @@ from polytask.merge.tokenizer import VocabPlan, align_rows
 
 SPECIAL = ["<unk>", "<s>", "</s>"]
 WORDS = [f"w{i}" for i in range(20)]
-# base: 23 tokens; a: the base's + xa, xb (the only new tokens, so the union's order is the same
-# whatever order mergekit walks its models in); b: lacks w0-w4, the rest reordered; c: w0-w9 and xa
+# base: 23 tokens; a: the base's + xa, xb, zz (the only new tokens); b: lacks w0-w4, the rest
+# reordered, and zz; c: w0-w9, xa and zz. With base, a, b, c: w0-w4 and w10-w19 take the base's
+# row where missing, xb a's, xa the mean of 2 rows, zz the mean of 3
 VOCABS = {
     "base": SPECIAL + WORDS,
-    "a": SPECIAL + WORDS + ["xa", "xb"],
-    "b": SPECIAL + WORDS[:4:-1],
-    "c": SPECIAL + WORDS[:10] + ["xa"],
+    "a": SPECIAL + WORDS + ["xa", "xb", "zz"],
+    "b": SPECIAL + WORDS[:4:-1] + ["zz"],
+    "c": SPECIAL + WORDS[:10] + ["xa", "zz"],
 }
 
 
@@ -290,7 +291,7 @@ tokenizer_source: union
     ours = _ours(text, root, tmp_path / "ours", monkeypatch)
     _same_by_token(theirs, ours)
     io = _token_ids(ours)
-    assert [t for t, _ in sorted(io.items(), key=lambda kv: kv[1])][-3:] == ["xa", "xb", "yd"]  # config order
+    assert [t for t, _ in sorted(io.items(), key=lambda kv: kv[1])][-4:] == ["xa", "xb", "zz", "yd"]  # config order
 
 
 def test_tied_embeddings(tmp_path, monkeypatch):
@@ -376,9 +377,9 @@ def test_cli_end_to_end_loads_in_transformers(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert _cli(["merge", cfg, out], capsys, monkeypatch)[0] == 0
     tok = AutoTokenizer.from_pretrained(out)
-    assert tok.convert_tokens_to_ids(["xa", "xb", "w0"]) == [23, 24, 3]
-    assert load_state_dict(out)["model.embed_tokens.weight"].shape == (25, 16)
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == 25
+    assert tok.convert_tokens_to_ids(["xa", "xb", "zz", "w0"]) == [23, 24, 25, 3]
+    assert load_state_dict(out)["model.embed_tokens.weight"].shape == (26, 16)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 26
     assert "<|im_start|>" in (out / "chat_template.jinja").read_text()
 
 
