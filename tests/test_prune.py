@@ -5,6 +5,7 @@ hand-built model, the task floor, and ``polytask prune``'s run directories and b
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -255,6 +256,10 @@ def test_pruning_then_resuming_fine_tuning(runs, tmp_path):
     from polytask.train.config import load_config
 
     result = prune_run(runs["mmoe"], PruneOptions("pagcp", 0.6, finetune_epochs=1, out=tmp_path / "p"))
+    decisions = json.loads((result.out_dir / "prune.json").read_text())["decisions"]
+    assert any(d["kept"] < d["width"] for d in decisions)
+    for d in decisions:  # the oracle criterion: no task's validation loss above (1 + θ) x its loss before the layer
+        assert max(d["loss_ratio"]) <= 1 + d["theta"] + 1e-6
     cfg = load_config(result.out_dir / "config.yaml", ["train.epochs=2"])
     assert Path(cfg.run_dir) == result.out_dir
     resumed = Trainer(cfg, progress=False).fit(resume=True)
@@ -297,6 +302,8 @@ def _esmm_run(tmp_path: Path) -> Path:
     ("floor", ["--target", "flops=0.2", "--keep-task-floor", "0", "--method", "l1"],
      "unreachable with --keep-task-floor 0: the best reachable is flops="),
     ("method", ["--method", "obs"], "unknown pruning method 'obs'"),
+    ("device", ["--latency-device", "tpu"], "--latency-device: unknown device 'tpu'"),
+    ("epochs", ["--finetune-epochs", "-1"], "--finetune-epochs must be >= 0"),
 ])
 def test_cli_bad_input_exits_2_and_leaves_the_run_untouched(runs, tmp_path, monkeypatch, capsys, case, args, message):
     before = _tree(runs["shared_bottom"])

@@ -20,7 +20,11 @@ from polytask.data.dataset import MultiTaskDataset
 from polytask.errors import ConfigError
 from polytask.prune import flops as flops_lib
 from polytask.prune.graph import Layer, dependency_graph, out_pruning_fn, prunable_layers
+from polytask.registry import Registry
 from polytask.tasks import HIGHER_IS_BETTER, Task
+
+#: pruning methods by name; each class has ``prune(ctx, target) -> pruned copy`` (see methods.py)
+PRUNERS: Registry = Registry("pruning method", prefix="prune")
 
 Plan = dict[str, list[int]]  # layer name -> kept output channels
 Metrics = dict[str, dict[str, float]]

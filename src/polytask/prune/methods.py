@@ -17,11 +17,8 @@ from torch import nn
 
 from polytask.errors import ConfigError
 from polytask.prune import importance
-from polytask.prune.core import PruneContext, uniform_search
-from polytask.prune.pagcp import PAGCP
-from polytask.registry import Registry
-
-PRUNERS: Registry = Registry("pruning method", prefix="prune")
+from polytask.prune.core import PRUNERS, PruneContext, uniform_search
+from polytask.prune.pagcp import PAGCP  # noqa: F401  (registers "pagcp")
 
 
 @dataclass
@@ -65,9 +62,6 @@ class Random(_Uniform):
         return importance.random(ctx.modules(ctx.model), self.seed)
 
 
-PRUNERS.register("pagcp")(PAGCP)
-
-
 def check_target(target: float) -> float:
     """ConfigError unless the FLOPs target is a ratio in (0, 1)."""
     try:
@@ -80,12 +74,13 @@ def check_target(target: float) -> float:
     return value
 
 
-def prune_model(ctx: PruneContext, method: str, target: float, **params) -> nn.Module:
-    """A pruned copy of ``ctx.model`` with at most ``target`` of its FLOPs (``ctx.model`` is untouched)."""
+def prune_model(ctx: PruneContext, method, target: float, **params) -> nn.Module:
+    """A pruned copy of ``ctx.model`` with at most ``target`` of its FLOPs (``ctx.model`` is untouched).
+    ``method``: a name of :data:`PRUNERS` (built with ``params``) or a pruner object."""
     target = check_target(target)
     if ctx.floor is not None and not ctx.floor >= 0:
         raise ConfigError(f"--keep-task-floor must be a percentage >= 0, got {ctx.floor!r}")
-    pruner = PRUNERS.build(method, **params)
+    pruner = PRUNERS.build(method, **params) if isinstance(method, str) else method
     return pruner.prune(ctx, target)
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.prune import importance
-from polytask.prune.core import PruneContext, UnreachableBudget, apply_plan, top_channels
+from polytask.prune.core import PRUNERS, PruneContext, UnreachableBudget, apply_plan, top_channels
 
 
 def threshold_growth(initial_rate: float, layers: int, initial_thres: float) -> float:
@@ -72,6 +72,7 @@ def task_aware_saliency(per_task: Tensor) -> Tensor:
     return share.amax(0)
 
 
+@PRUNERS.register("pagcp")
 @dataclass
 class PAGCP:
     """PAGCP (Ye et al., TPAMI 2023); see the module docstring.
@@ -129,7 +130,7 @@ class PAGCP:
             per_task = importance.taylor_per_task(model, [module], ctx.score_data, ctx.tasks, self.rows)[0]
             saliency = task_aware_saliency(per_task)
             width = saliency.numel()
-            accepted, accepted_keep, losses = None, width, None
+            accepted, accepted_keep, losses = None, width, base
             for ratio in self.ratios:
                 keep = width - int(round(ratio * width))
                 if keep < 1 or keep >= accepted_keep:
@@ -143,7 +144,8 @@ class PAGCP:
                     accepted, accepted_keep = self._just_enough(ctx, model, name, saliency, keep, width, target)
                     losses = ctx.losses(accepted)
                     break
-            self.log.append({"round": round_, "layer": name, "theta": theta, "width": width, "kept": accepted_keep})
+            self.log.append({"round": round_, "layer": name, "theta": theta, "width": width, "kept": accepted_keep,
+                             "loss_ratio": (losses / base.clamp_min(1e-30)).tolist()})
             if accepted is not None:
                 model = accepted
                 base = torch.maximum(base, losses)

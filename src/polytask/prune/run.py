@@ -124,7 +124,8 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
     params = dict(options.params)
     if options.method.lower() in ("random", "l1", "magnitude", "taylor"):
         params.setdefault("seed", options.seed)
-    pruned = prune_model(ctx, options.method, target, **params)
+    pruner = PRUNERS.build(options.method, **params)
+    pruned = prune_model(ctx, pruner, target)
     widths = ctx.widths(pruned)
     keep = {n: widths[n] / w for n, w in ctx.widths(model).items()}
     key = WIDTH_KEY[config.model.arch.lower()]
@@ -145,7 +146,8 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
         table = _table(ctx, model, pruned, splits, options.latency_device)
         summary = {"method": options.method, "target_flops": target, "keep_task_floor": options.floor,
                    "finetune_epochs": options.finetune_epochs, "source": str(run_dir),
-                   "widths": {n: widths[n] for n in ctx.layers}, "keep_ratios": keep, "table": table}
+                   "widths": {n: widths[n] for n in ctx.layers}, "keep_ratios": keep, "table": table,
+                   "decisions": getattr(pruner, "log", [])}  # PAGCP: each layer's θ, kept width, loss ratios
         atomic_write_text(tmp / "prune.json", json.dumps(summary, indent=1))
         atomic_write_text(tmp / "prune.md", markdown(table, splits.tasks))
         atomic_write_text(tmp / "config.yaml", dump_config(final_config))
