@@ -327,3 +327,19 @@ def test_backbone_from_a_local_folder(tmp_path):
     with pytest.raises(ConfigError, match="give exactly one of 'path'"):
         build_adapter_model(None, seq_splits().tasks, {"path": "a", "config": {}}, "lora", ["query"], rank=2)
     assert isinstance(model, AdapterModel)
+
+
+def test_one_adapter_serves_every_task_with_all_its_parameters_shared():
+    model = build("lora", one_adapter=True).eval()
+    randomize(model)
+    lay = next(iter(adapters.adapter_layers(model.backbone).values()))
+    assert lay.lora_A.shape[0] == 1                                # one LoRA, not one per task
+    assert {id(p) for p in model.shared_parameters()} == {id(p) for p in adapters.task_parameters(model.backbone)}
+    x = seq_splits().train.batch(torch.arange(4)).inputs
+    out = model(x)
+    assert model.shared_features.shape == (4, 16)                  # one forward, shared by the towers
+    with adapters.task_context(model.backbone, 0):
+        h = model.backbone(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state[:, 0]
+    w, b = model.heads.towers.layers[0].weight, model.heads.towers.layers[0].bias
+    for t, name in enumerate(model.task_names):
+        assert torch.allclose(out[name], h @ w[t] + b[t], atol=1e-5)

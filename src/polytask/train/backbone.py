@@ -97,12 +97,15 @@ class AdapterModel(MultiTaskModel):
         pooling: ``cls``, ``mean`` or ``last`` (see the module docstring).
         head_hidden: hidden widths of each task's tower (empty: a linear head).
         aux_weight: weight of the routers' balancing loss (``aux_loss``; methods without one: unused).
+        one_adapter: one set of adapters for all tasks (the "one shared LoRA" baseline): the
+            adapters are built for a single task that every row runs under, and all their
+            parameters are shared.
     """
 
     def __init__(self, input_dim: Any, tasks: Sequence[Task], backbone: dict[str, Any], method: str = "lora",
                  target_modules: str | list[str] = ("query", "value"), rank: int = 8, alpha: float | None = None,
                  method_params: dict[str, Any] | None = None, pooling: Literal["cls", "mean", "last"] = "cls",
-                 head_hidden: Sequence[int] = (), aux_weight: float = 0.01) -> None:
+                 head_hidden: Sequence[int] = (), aux_weight: float = 0.01, one_adapter: bool = False) -> None:
         super().__init__(tasks)
         if pooling not in ("cls", "mean", "last"):
             raise ConfigError(f"model.params.pooling must be cls, mean or last, got {pooling!r}")
@@ -110,10 +113,11 @@ class AdapterModel(MultiTaskModel):
             raise ConfigError(f"model.params.aux_weight must be a number >= 0, got {aux_weight!r}")
         self.backbone = load_backbone(backbone)
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
-        adapters.apply(self.backbone, method, self.task_names, targets, rank=rank, alpha=alpha,
-                       **(method_params or {}))
+        self.one_adapter = bool(one_adapter)
+        adapters.apply(self.backbone, method, ["all"] if self.one_adapter else self.task_names, targets, rank=rank,
+                       alpha=alpha, **(method_params or {}))
         self.method = adapters.method_of(self.backbone)
-        self.task_conditioned = self.method in TASK_CONDITIONED
+        self.task_conditioned = self.method in TASK_CONDITIONED and not self.one_adapter
         self.pooling, self.aux_weight = pooling, float(aux_weight)
         self.heads = TaskHeads(tasks, self.backbone.config.hidden_size, hidden=tuple(head_hidden))
         trainable = {id(p) for p in self.parameters() if p.requires_grad}
@@ -139,13 +143,13 @@ class AdapterModel(MultiTaskModel):
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         rows, t = ids.shape[0], len(self.task_names)
-        task_ids = inputs.get("task_ids")
+        task_ids = None if self.one_adapter else inputs.get("task_ids")
         expand = task_ids is None and self.task_conditioned
         if expand:  # every row once per task, in one forward: block t serves task t
             ids, mask = ids.repeat(t, 1), mask.repeat(t, 1)
             task_ids = torch.arange(t, device=ids.device).repeat_interleave(rows)
         self._owner = task_ids
-        adapters.set_task(self.backbone, task_ids)
+        adapters.set_task(self.backbone, 0 if self.one_adapter else task_ids)
         adapters.set_token_mask(self.backbone, mask)
         hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
         pooled = self._pool(hidden, mask)
@@ -174,10 +178,12 @@ class AdapterModel(MultiTaskModel):
     # ------------------------------------------------------------------ parameters
     def shared_parameters(self) -> list[nn.Parameter]:
         """The adapter parameters every task uses (empty for one LoRA per task: nothing to balance)."""
-        return adapters.shared_parameters(self.backbone)
+        shared = adapters.shared_parameters(self.backbone)
+        return shared + adapters.task_parameters(self.backbone) if self.one_adapter else shared
 
     def task_specific_parameters(self) -> list[nn.Parameter]:
-        return adapters.task_parameters(self.backbone) + list(self.heads.parameters())
+        own = [] if self.one_adapter else adapters.task_parameters(self.backbone)
+        return own + list(self.heads.parameters())
 
     # ------------------------------------------------------------------ state: adapters and towers only
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -227,9 +233,10 @@ class RoutedAdapterModel(AdapterModel):
 def build_adapter_model(input_dim: Any, tasks: Sequence[Task], backbone: dict[str, Any], method: str = "lora",
                         target_modules: str | list[str] = ("query", "value"), rank: int = 8,
                         alpha: float | None = None, method_params: dict[str, Any] | None = None,
-                        pooling: str = "cls", head_hidden: Sequence[int] = (), aux_weight: float = 0.01) -> AdapterModel:
+                        pooling: str = "cls", head_hidden: Sequence[int] = (), aux_weight: float = 0.01,
+                        one_adapter: bool = False) -> AdapterModel:
     """Build an :class:`AdapterModel` (a :class:`RoutedAdapterModel` for a method whose layers route tokens)."""
     key = adapters.canonical_method(method)
     cls = RoutedAdapterModel if adapters.is_routed_method(key) else AdapterModel
     return cls(input_dim, tasks, backbone, method, target_modules, rank, alpha, method_params, pooling,
-               head_hidden, aux_weight)
+               head_hidden, aux_weight, one_adapter)
