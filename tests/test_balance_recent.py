@@ -295,6 +295,66 @@ def test_ntkmtl_is_not_imtl_or_equal_weighting():
     assert "ntk_exp=0.5" in repr(balance.get("ntkmtl"))
 
 
+def ntkmtl_sr_by_hand(model, x, y, mask, exp=0.5):
+    """The authors' NTKMTL-SR: one backward per sample and task to the representation, the largest eigenvalue
+    of each task's B x B kernel (eigvalsh), w_t = (Σ λ / λ_t)^n."""
+    outputs = model(x)
+    lams = []
+    for t, out in enumerate(outputs):
+        rows = [torch.autograd.grad((out[b] - y[b, t]) ** 2, model.z, retain_graph=True)[0].reshape(-1)
+                for b in range(x.shape[0]) if mask[b, t]]
+        J = torch.stack(rows)
+        lams.append(torch.linalg.eigvalsh(J @ J.T)[-1])
+    lam = torch.stack(lams)
+    return (lam.sum() / lam) ** exp
+
+
+def masked_losses(model, x, y, mask):
+    return {f"t{t}": (((out - y[:, t]) ** 2) * mask[:, t]).sum() / mask[:, t].sum().clamp_min(1)
+            for t, out in enumerate(model(x))}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_ntkmtl_sr_equals_the_authors_per_sample_kernels(masked):
+    model, b = Problem(), balance.get("ntkmtl_sr")
+    for step in range(2):
+        x, y = batch(step, scales=(1.0, 1e-3, 1e3))  # badly scaled tasks
+        mask = torch.ones(8, 3, dtype=torch.bool)
+        if masked:
+            mask[1:5, 2] = False
+            mask[6, 0] = False
+        mask = mask.to(D64)
+        w_hand = ntkmtl_sr_by_hand(model, x, y, mask.bool())
+        losses = masked_losses(model, x, y, mask)
+        expected_grad = weighted_grad(model, losses, w_hand.tolist())
+        model.zero_grad()
+        losses = masked_losses(model, x, y, mask)
+        w = b.backward(losses, shared=list(model.trunk.parameters()), features=model.z)
+        torch.testing.assert_close(w, w_hand, rtol=1e-9, atol=1e-12)
+        for g, e in zip(grads_of(model), expected_grad):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.01 * p.grad
+
+
+def test_ntkmtl_sr_absent_task_nan_and_missing_features():
+    model, b = Problem(), balance.get("ntkmtl_sr")
+    x, y = batch(0)
+    mask = torch.ones(8, 3, dtype=D64)
+    mask[:, 1] = 0.0  # task t1 has no labelled row: loss exactly 0, weight 0
+    w = b.backward(masked_losses(model, x, y, mask), features=model.z)
+    assert w[1] == 0 and torch.isfinite(w).all() and (w[[0, 2]] > 0).all()
+    model.zero_grad()
+    losses = losses_of(model, x, y)
+    losses["t2"] = losses["t2"] * float("nan")
+    w = b.backward(losses, features=model.z)
+    assert int(b.skipped_steps) == 1 and torch.equal(w, torch.zeros(3, dtype=D64))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads_of(model))
+    with pytest.raises(ConfigError, match="'ntkmtl_sr' needs features="):
+        b.backward(losses_of(model, x, y))
+
+
 # ----------------------------------------------------------------------------------- Auto-Lambda
 def heldout_for(model, x, y, xv, yv):
     params = [p for p in model.parameters() if p.requires_grad]
@@ -454,3 +514,28 @@ def test_cli_auto_lambda_without_heldout_batches_is_exit_2_one_line(tmp_path):
     assert len(lines) == 1 and "balancer.name: 'auto_lambda' needs held-out batches" in lines[0], res.stderr
     # nothing written but the run directory's lock, as for every ConfigError of the Trainer's construction
     assert not (tmp_path / "r").exists() or sorted(p.name for p in (tmp_path / "r").iterdir()) == [".lock"]
+
+
+@pytest.mark.parametrize("name", ["go4align", "ntkmtl_sr", "auto_lambda"])
+def test_the_step_makes_no_host_sync(name, monkeypatch):
+    """After the first step (which binds the tasks), ``backward`` reads no tensor on the host."""
+    model, b = Problem(), balance.get(name)
+
+    def step(i):
+        x, y = batch(i)
+        if name == "auto_lambda":
+            xv, yv = batch(50 + i)
+            b.heldout = heldout_for(model, x, y, xv, yv)
+        model.zero_grad()
+        return b.backward(losses_of(model, x, y), shared=list(model.trunk.parameters()), features=model.z)
+
+    step(0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation inside a training step")
+
+    for attr in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, attr, refuse)
+    w = step(1)
+    monkeypatch.undo()
+    assert torch.isfinite(w).all()

@@ -36,24 +36,29 @@ gradient of the scaled local losses ``c_rt L_rt``, whose SUM over the ranks is t
    ===============================  ===========================================================  =====================
    ew, uw, dwa, rlw, gls, imtl_l,   the gradients of ``Σ_t w_t c_rt L_rt`` (what DDP reduces      ``P``
    famo, stch, constant, mean,      anyway); the weights come from the global losses
-   pbi, cosmos
+   pbi, cosmos, go4align
    famo's ``post_step``             the post-step losses (as step 1)                              ``2T + R``
    gradnorm, ``last_shared``        ``c_rt ∇_W L_rt``, then the gradients                         ``T |W|``, then ``P``
    gradnorm, ``features``           ``c_rt^2 ‖∇_z L_rt‖^2`` (disjoint rows add up), then ``P``    ``T``, then ``P``
+   ntkmtl_sr                        the largest squared row of ``c_rt ∇_z L_rt`` (MAX) and its    ``2T``, then ``P``
+                                    non-zero rows (SUM) per task, then the gradients
    db_mtl                           ``c_rt ∇_θ L_rt / (L_t + eps)`` and the heads' gradients;     ``T D + P - D``
                                     the update is then identical on every rank
    gradient methods, parameter      the ``T x D`` Jacobian of the scaled losses and the heads'    ``T D + P - D``
    level (``mode="parameters"``)    gradients; the update is then identical on every rank
    Gramian methods, feature level   the ``T x T`` Gramian of the feature Jacobian (rank rows are   ``T^2``, then ``P``
-   (also sdmgrad, modo, cr_mogm,    disjoint: it is the sum of the ranks'); then the trunk's
-   pcd, krum: their state is        and heads' gradients
-   updated from the global
-   Gramian, alike on every rank)
+   (also ntkmtl, sdmgrad, modo,     disjoint: it is the sum of the ranks'); then the trunk's
+   cr_mogm, pcd, krum: their        and heads' gradients
+   state is updated from the
+   global Gramian, alike on every
+   rank)
    the same, ``reduce_gradients=    the ``T x T`` Gramian, then the wrapper reduces the           ``T^2`` + 1, then
    False`` (FSDP2)                  gradients of one backward (FSDP2: reduce-scatter); a flag     FSDP's ``P``
    graddrop, trimmed_mean,          an all-gather of the ``T x b x d`` feature Jacobian (its      ``T B d`` gathered,
    feature level                    draws / trims are per coordinate), each rank keeps its own    then ``P``
                                     rows (the ranks' row counts are read on the host: a sync)
+   auto_lambda                      not available: one process only (its held-out lookahead       --
+                                    moves the parameters; ConfigError under a process group)
    ===============================  ===========================================================  =====================
 
    ``T`` tasks, ``D`` shared parameter entries, ``P`` all parameter entries the losses reach,

@@ -20,14 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from polytask.balance import aggregators as agg
-from polytask.balance._loss_state import BufferOptimizer, TaskStateBalancer, present_tasks
-from polytask.balance.base import accumulate_grads, all_finite, graph_leaves, stack_losses
+from polytask.balance._loss_state import BufferOptimizer, TaskStateBalancer, flat_jacobian, present_tasks
+from polytask.balance.base import LossWeighting, accumulate_grads, all_finite, graph_leaves, stack_losses
 from polytask.balance.engine import _register
 from polytask.balance.loss_weighting import _positive
 from polytask.balance.registry import BALANCERS
 from polytask.errors import ConfigError
 
-__all__ = ["AutoLambda", "GO4Align", "NTKMTL", "kmeans_1d"]
+__all__ = ["AutoLambda", "GO4Align", "HeldOut", "NTKMTL", "NTKMTLSR", "kmeans_1d", "ntk_weights"]
 
 
 # ------------------------------------------------------------------------------- 1-D k-means
@@ -175,14 +175,111 @@ class NTKMTL(agg.GramianWeighting):
         self.ntk_exp = float(ntk_exp)
 
     def weights(self, gramian: Tensor) -> Tensor:
-        diag = gramian.diagonal()
-        live = diag > 0
-        ratio = diag.sum() / torch.where(live, diag, torch.ones_like(diag))
-        w = torch.where(live, ratio.pow(self.ntk_exp), torch.zeros_like(diag))
+        w = ntk_weights(gramian.diagonal(), self.ntk_exp)
         return torch.where(torch.isfinite(gramian).all(), w, torch.full_like(w, float("nan")))
 
 
+def ntk_weights(eigenvalues: Tensor, exponent: float) -> Tensor:
+    """NTKMTL's weights ``w_t = (Σ_i λ_i / λ_t)^n`` from each task's largest NTK eigenvalue ``λ_t``;
+    0 for a task with ``λ_t = 0`` (no gradient), NaN in, NaN out."""
+    live = eigenvalues > 0
+    ratio = eigenvalues.sum() / torch.where(live, eigenvalues, torch.ones_like(eigenvalues))
+    w = torch.where(live, ratio.pow(exponent), torch.zeros_like(eigenvalues))
+    return torch.where(torch.isfinite(eigenvalues), w, torch.full_like(w, float("nan")))
+
+
 _register("ntkmtl", NTKMTL, "ntk_mtl")
+
+
+@BALANCERS.register("ntkmtl_sr", "ntk_mtl_sr")
+class NTKMTLSR(LossWeighting):
+    """NTKMTL-SR: NTKMTL's weights from per-sample kernels at the shared representation (loss weighting).
+
+    Qin, Wang, Liao, Yan, NeurIPS 2025 (see :class:`NTKMTL`), the paper's efficient variant: the kernel
+    of task ``t`` is taken w.r.t. the shared representation ``z`` over the ``B`` samples of the batch,
+    ``K_t = J_t J_t^T`` with row ``b`` of ``J_t`` the gradient of sample ``b``'s loss ``ℓ_{t,b}`` w.r.t.
+    ``z``; ``λ_t`` is its largest eigenvalue and the model minimises ``Σ_t w_t L_t`` with
+    ``w_t = (Σ_i λ_i / λ_t)^{n}`` (detached), ``n = 1/2``.
+
+    How it is computed: when each sample's prediction reads only its own row of ``z`` (heads applied
+    row by row, as polytask's towers are), the rows of ``J_t`` are orthogonal and ``K_t`` is diagonal,
+    so ``λ_t = max_b ‖∂ℓ_{t,b}/∂z_b‖^2``. The gradient of the masked mean loss ``L_t`` w.r.t. ``z`` has
+    rows ``∂ℓ_{t,b}/∂z_b / N_t`` (``N_t`` labelled samples), so ONE backward per task to ``z`` gives
+    ``λ_t = (N_t max_b ‖∂L_t/∂z_b‖)^2``, with ``N_t`` counted as the rows whose gradient is not exactly
+    0 (the unlabelled ones). The authors' code instead runs ``B`` backward passes per task and an
+    eigendecomposition of each ``B x B`` kernel; the two agree on such heads (tested), not on heads
+    that mix samples (batch norm in a head). Under a process group: the maxima and the counts are
+    reduced (one MAX and one SUM all-reduce of ``T`` numbers each), then the loss-weighting exchange.
+    Micro-batch accumulation keeps each task's largest per-sample norm over the micro-batches (exact).
+
+    Args:
+        ntk_exp: the exponent ``n`` (the paper's 0.5).
+    """
+
+    supports_external_reduction = False  # its per-task feature gradients are taken before the wrapper's backward
+
+    def __init__(self, ntk_exp: float = 0.5, nan_policy: Literal["skip", "raise"] = "skip") -> None:
+        super().__init__(nan_policy)
+        if not ntk_exp >= 0:
+            raise ConfigError(f"balancer.params.ntk_exp: must be >= 0, got {ntk_exp!r}")
+        self.ntk_exp = float(ntk_exp)
+        self._eigenvalues: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"ntk_exp={self.ntk_exp}"
+
+    @staticmethod
+    def _row_norms(vec: Tensor, features: Tensor | None) -> Tensor:
+        """``(T, b)``: squared norms of the rows of ``∂vec_t/∂z`` (one backward per task, graph kept)."""
+        if features is None or not features.requires_grad:
+            raise ConfigError("balancer 'ntkmtl_sr' needs features=model.shared_features (the shared representation)")
+        rows = flat_jacobian(vec, [features]).detach().view(vec.shape[0], features.shape[0], -1)
+        return (rows * rows).sum(2)
+
+    def accumulate(self, losses, shared=None, features=None, *, task_features=None, counts=None, loss_scale=None,
+                   parameters=None) -> None:
+        """As :meth:`Balancer.accumulate`, keeping each task's largest per-sample squared gradient norm: a micro-batch's
+        rows are ``∂ℓ_b/∂z_b / n`` with ``n`` its labelled rows, so ``n^2 max_b ‖row_b‖^2`` is exact per micro-batch."""
+        norms = self._row_norms(stack_losses(losses), features)
+        count = (norms > 0).sum(1).to(norms.dtype)
+        largest = count * count * norms.max(1).values
+        kept = self.__dict__.get("_largest")
+        self.__dict__["_largest"] = largest if kept is None else torch.maximum(kept, largest)
+        super().accumulate(losses, shared, features, task_features=task_features, counts=counts, loss_scale=loss_scale,
+                           parameters=parameters)
+
+    def _backward_accumulated(self, losses, shared, features, *, process_group, **kwargs) -> Tensor:
+        self.__dict__["_group"] = process_group  # the maxima are reduced in prepare, after the surrogates' step
+        try:
+            return super()._backward_accumulated(losses, shared, features, process_group=process_group, **kwargs)
+        finally:
+            self.__dict__["_group"] = None
+            self.__dict__["_largest"] = None
+
+    def prepare(self, losses: Mapping[str, Tensor], vec: Tensor, sync: Any, shared: Iterable[nn.Parameter] | None,
+                features: Tensor | None) -> None:
+        import torch.distributed as tdist
+
+        from polytask.balance import dist
+
+        largest = self.__dict__.get("_largest")
+        if largest is not None:  # the last micro-batch of an accumulated step: the kept maxima
+            group = self.__dict__.get("_group")
+            if group is not None:
+                tdist.all_reduce(largest, op=tdist.ReduceOp.MAX, group=group)
+            self._eigenvalues = largest
+            return
+        scaled = vec if sync is None else vec * sync.scale  # rows ∂ℓ_b/∂z_b / N_t on every rank
+        norms = self._row_norms(scaled, features)
+        largest = norms.max(1).values
+        count = (norms > 0).sum(1).to(norms.dtype)
+        if sync is not None:
+            tdist.all_reduce(largest, op=tdist.ReduceOp.MAX, group=sync.group)
+            (count,) = dist.all_reduce_sum([count], sync.group)
+        self._eigenvalues = count * count * largest
+
+    def weights(self, losses: Tensor) -> Tensor:
+        return ntk_weights(self._eigenvalues, self.ntk_exp).to(losses.dtype)
 
 
 # ------------------------------------------------------------------------------------- Auto-Lambda
