@@ -329,27 +329,30 @@ def _explicit_choices(tokens: Mapping[str, Any], index_of: Mapping[str, int], to
     return out
 
 
-def _auto_choices(plan: VocabPlan, group: Sequence[int]) -> tuple[dict[str, TokenChoice], Tensor]:
-    """mergekit's default source of each output token missing from some input of ``group``."""
-    present = torch.stack([plan.perms[k] >= 0 for k in group])  # (models, tokens)
+def _auto_choices(plan: VocabPlan, group: Sequence[int], present: Tensor) -> tuple[dict[str, TokenChoice], Tensor]:
+    """mergekit's default source of each output token missing from some input of ``group``
+    (``present``: (models, tokens), whether each model has each token): the explicit choices plus
+    one per such token, and the mask of the tokens whose rows are the mean of the models'."""
     count = present.sum(0)
     base_pos = group.index(plan.base) if plan.base in group else None
     choices = dict(plan.choices)
     mean = torch.zeros(len(plan.vocab), dtype=torch.bool)
-    partial = ((count < len(group)) | (count == 0)).nonzero().flatten().tolist()
+    partial = (count < len(group)).nonzero().flatten()
     names = _names_by_id(plan.vocab)
-    for i in partial:
+    counts = count[partial].tolist()
+    donors = present[:, partial].to(torch.uint8).argmax(0).tolist()  # the first model that has it
+    in_base = present[base_pos, partial].tolist() if base_pos is not None else [False] * len(counts)
+    for i, c, donor, base_has in zip(partial.tolist(), counts, donors, in_base):
         token = names[i]
         if token in choices:
             continue
-        c = int(count[i])
         if c == 1:
-            choices[token] = TokenChoice("model", model=group[int(present[:, i].nonzero()[0])])
+            choices[token] = TokenChoice("model", model=group[donor])
         elif c == 0:
             warnings.warn(f"tokenizer: token {token!r} is in no model; its rows are zeros", RuntimeWarning,
                           stacklevel=4)
             choices[token] = TokenChoice("zero")
-        elif base_pos is not None and bool(present[base_pos, i]):
+        elif base_has:
             choices[token] = TokenChoice("model", model=plan.base)
         else:
             mean[i] = True
@@ -370,12 +373,13 @@ def align_rows(plan: VocabPlan, group: Sequence[int], tensors: Sequence[Tensor],
             raise ConfigError(f"tokenizer: tensor {name!r} has shape {list(t.shape)} in model {labels[k]} but "
                               f"{list(tensors[0].shape)} in model {labels[group[0]]}; the rows cannot be aligned")
     x = {k: t.to(dtype) for k, t in zip(group, tensors)}
-    choices, mean = _auto_choices(plan, group)
-    n = len(plan.vocab)
     perm = {k: plan.perms[k] for k in group}
+    present = torch.stack([perm[k] >= 0 for k in group])
+    all_present = present.all(0).tolist()
+    choices, mean = _auto_choices(plan, group, present)
+    n = len(plan.vocab)
     default = torch.zeros((n, *shape), dtype=dtype)
-    has_default = torch.zeros(n, dtype=torch.bool)
-    all_present = torch.stack([perm[k] >= 0 for k in group]).all(0)
+    has_default = mean.clone()
     forced = torch.zeros(n, dtype=torch.bool)
     # the mean: zeros + each model's row in input order, then / count (mergekit's arithmetic)
     if bool(mean.any()):
@@ -387,13 +391,14 @@ def align_rows(plan: VocabPlan, group: Sequence[int], tensors: Sequence[Tensor],
         for c in counts[mean].unique().tolist():
             rows = (mean & (counts == c)).nonzero().flatten()
             default[rows] = default[rows] / c
-        has_default |= mean
+    copies: dict[int, tuple[list[int], list[int]]] = {k: ([], []) for k in group}  # model -> (tokens, rows)
     for token, choice in choices.items():
         i = plan.vocab.get(token)
         if i is None:
             continue
-        forced[i] = choice.force
-        if not choice.force and bool(all_present[i]):
+        if choice.force:
+            forced[i] = True
+        elif all_present[i]:
             continue  # every input has it: its own rows
         if choice.kind == "zero":
             has_default[i] = True
@@ -406,10 +411,15 @@ def align_rows(plan: VocabPlan, group: Sequence[int], tensors: Sequence[Tensor],
             if row < 0 or row >= x[k].shape[0]:
                 raise ConfigError(f"tokenizer.tokens[{token!r}].source: token {token!r} has no row in model "
                                   f"{labels[k]} (tensor {name!r} has {x[k].shape[0]} rows)")
-            default[i] = x[k][row]
-            has_default[i] = True
-        elif choice.kind == "none" and not bool(all_present[i]):
-            raise ConfigError(f"tokenizer.tokens[{token!r}]: some models lack this token; give its source")
+            copies[k][0].append(i)
+            copies[k][1].append(row)
+        elif choice.kind == "none":
+            raise ConfigError(f"tokenizer.tokens[{token!r}]: some models lack this token (or it is forced); "
+                              "give its source")
+    for k, (ids, rows) in copies.items():
+        if ids:
+            default[ids] = x[k][rows]
+            has_default[ids] = True
     out = []
     for k in group:
         new = torch.zeros((plan.rows, *shape), dtype=dtype)
