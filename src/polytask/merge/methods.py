@@ -23,6 +23,7 @@ from torch import Tensor
 
 from polytask.errors import ConfigError
 from polytask.merge import checks
+from polytask.merge.sortselect import argsort_head_mask
 from polytask.registry import Registry
 
 __all__ = [
@@ -98,8 +99,9 @@ def _select_k(values: Tensor, counts: list[int], largest: bool) -> Tensor:
 
     Entries are taken by value (largest or smallest first). O(M) per row (an exact selection, no
     sort), except where exactly equal values straddle the threshold (common in bfloat16): then
-    the row is ordered by ``torch.argsort`` as mergekit orders it, so the same entries are kept
-    as there (bit-identical merges).
+    :func:`~polytask.merge.sortselect.argsort_head_mask` replays the steps of ``torch.argsort``
+    that decide which tied entries come first (expected O(M), no sort), so the same entries are
+    kept as by mergekit's argsort (bit-identical merges).
     """
     n, m = values.shape
     mask = torch.zeros_like(values, dtype=torch.bool)
@@ -115,8 +117,10 @@ def _select_k(values: Tensor, counts: list[int], largest: bool) -> Tensor:
         need = count - int(torch.count_nonzero(keep))
         tied = (row == threshold).nonzero().squeeze(1)
         if need < tied.numel():  # which tied entries are kept: mergekit's sort decides
-            keep = torch.zeros_like(keep)
-            keep[torch.argsort(row, descending=largest)[:count]] = True
+            keep = argsort_head_mask(row, count, descending=largest)
+            if keep is None:  # NaN or libstdc++'s heapsort fallback: sort as mergekit does
+                keep = torch.zeros_like(row, dtype=torch.bool)
+                keep[torch.argsort(row, descending=largest)[:count]] = True
         else:
             keep[tied[:need]] = True
         mask[i] = keep

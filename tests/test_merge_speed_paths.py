@@ -1,0 +1,95 @@
+"""Fast paths of the merge engine against the reference operations they replace.
+
+``argsort_head_mask`` replays torch's CPU sort (libstdc++ introsort) to pick the first ``k``
+entries of ``torch.argsort`` without sorting; it must pick exactly those entries, ties included
+(mergekit's TIES trim keeps ``torch.argsort(|tau|, descending=True)[:k]``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polytask.merge import sortselect
+from polytask.merge.methods import topk_mask
+from polytask.merge.sortselect import argsort_head_mask
+
+
+def _reference(values: torch.Tensor, k: int, descending: bool) -> torch.Tensor:
+    mask = torch.zeros(values.numel(), dtype=torch.bool)
+    mask[torch.argsort(values, descending=descending)[:k]] = True
+    return mask
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    yield "bf16 magnitudes", (torch.randn(50_000, generator=g) * 1e-2).to(torch.bfloat16).abs().float()
+    yield "fp16 magnitudes", (torch.randn(30_001, generator=g) * 1e-3).to(torch.float16).abs().float()
+    yield "float32, few ties", torch.randn(20_000, generator=g).abs()
+    yield "all equal", torch.full((40_000,), 0.5)
+    third_zero = (torch.randn(60_000, generator=g) * 1e-2).to(torch.bfloat16).abs().float()
+    third_zero[::3] = 0
+    yield "a third zeros", third_zero
+    yield "two values", (torch.rand(25_000, generator=g) < 0.3).float()
+    yield "badly scaled", (torch.randn(30_000, generator=g) * torch.logspace(-10, 10, 30_000)).to(
+        torch.bfloat16).abs().float()
+    yield "signed values", (torch.randn(20_000, generator=g)).to(torch.bfloat16).float()
+    yield "tiny", torch.tensor([0.5, 0.5, 0.25, 0.5, 0.0, 0.5, 0.25])
+    yield "leaf size", (torch.randn(17, generator=g)).to(torch.bfloat16).abs().float()
+
+
+@pytest.mark.parametrize("descending", [True, False])
+@pytest.mark.parametrize("name, values", list(_cases()), ids=[c[0] for c in _cases()])
+def test_argsort_head_mask_equals_torch_argsort(name, values, descending):
+    n = values.numel()
+    for k in sorted({0, 1, n // 7, n // 3, n // 2, n - 1, n}):
+        got = argsort_head_mask(values, k, descending=descending)
+        assert got is not None, (name, k)
+        assert torch.equal(got, _reference(values, k, descending)), (name, k)
+
+
+def test_ties_at_the_threshold_follow_the_sort_not_the_index_order():
+    # 40 000 equal magnitudes, keep 10 000: the lowest indices would be 0..9999; torch's
+    # unstable sort keeps another set, and the replay must keep that one
+    values = torch.full((40_000,), 0.5)
+    got = argsort_head_mask(values, 10_000, descending=True)
+    lowest = torch.zeros(40_000, dtype=torch.bool)
+    lowest[:10_000] = True
+    assert int(got.sum()) == 10_000
+    assert not torch.equal(got, lowest)
+    assert torch.equal(got, _reference(values, 10_000, True))
+
+
+def test_large_bf16_row_several_steps():
+    # large enough for many partition levels and several count blocks
+    g = torch.Generator().manual_seed(3)
+    values = (torch.randn(600_000, generator=g) * 1e-2).to(torch.bfloat16).abs().float()
+    for k in (1, 123_457, 300_000, 599_999):
+        assert torch.equal(argsort_head_mask(values, k, descending=True), _reference(values, k, True))
+
+
+def test_nan_is_left_to_the_sort():
+    values = torch.tensor([0.5, float("nan"), 0.25] * 10)
+    assert argsort_head_mask(values, 5, descending=True) is None
+
+
+def test_topk_mask_uses_the_replay_and_matches_argsort(monkeypatch):
+    calls = []
+    real = sortselect.argsort_head_mask
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    import polytask.merge.methods as methods
+
+    monkeypatch.setattr(methods, "argsort_head_mask", spy)
+    g = torch.Generator().manual_seed(5)
+    deltas = (torch.randn(3, 300, 200, generator=g) * 1e-2).to(torch.bfloat16)
+    density = torch.tensor([0.3, 0.5, 1.0], dtype=torch.float64)
+    mask = topk_mask(deltas, density)
+    assert len(calls) == 2  # rows 0 and 1 (ties straddle the cut); density 1 keeps all
+    for i, d in enumerate(density.tolist()):
+        k = max(1, int(d * 60_000))
+        ref = _reference(deltas[i].reshape(-1).abs().float(), k, True).reshape(300, 200)
+        assert torch.equal(mask[i], ref)
