@@ -120,6 +120,37 @@ def test_taylor_per_task_matches_its_formula():
     torch.testing.assert_close(summed, (z * g_sum).abs().sum(0) / 10)
 
 
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU())
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        z = self.trunk(x).mean(dim=(2, 3))
+        y = self.head(z)
+        return {"a": y[:, 0], "b": y[:, 1]}
+
+
+def test_taylor_of_a_conv_is_taken_after_its_batch_norm():
+    """Removing a filter removes its normalised channel, shift β included: the score is
+    |Σ_positions y · ∂L/∂y| on the BN output y (on the conv output it would differ, β ≠ 0)."""
+    torch.manual_seed(4)
+    model = _ConvNet().eval()
+    with torch.no_grad():
+        model.trunk[1].bias.copy_(torch.tensor([0.5, -0.3, 0.2]))
+        model.trunk[1].running_mean.copy_(torch.tensor([0.1, 0.0, -0.2]))
+    x, ya, yb = torch.randn(6, 1, 5, 5), torch.randn(6), torch.randn(6)
+    data = MultiTaskDataset(x, {"a": ya, "b": yb})
+    assert importance.activation_site(model, model.trunk[0]) is model.trunk[1]
+    scores = importance.taylor_per_task(model, [model.trunk[0]], data, TASKS, rows=6, batch_size=6)[0]
+    y = model.trunk[1](model.trunk[0](x)).detach().requires_grad_(True)
+    out = model.head(torch.relu(y).mean(dim=(2, 3)))
+    for t, target in enumerate((ya, yb)):
+        (g,) = torch.autograd.grad(((out[:, t] - target) ** 2).mean(), y, retain_graph=True)
+        torch.testing.assert_close(scores[t], (y * g).sum((2, 3)).abs().sum(0).detach() / 6)
+
+
 def test_l1_scores_sum_each_channels_incoming_weights():
     lin = nn.Linear(3, 2)
     with torch.no_grad():

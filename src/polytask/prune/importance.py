@@ -5,7 +5,8 @@ per-task Taylor returns ``(T, C)``.
 
 - **Taylor** (Molchanov, Tyree, Karras, Aila, Kautz, "Pruning Convolutional Neural Networks for
   Resource Efficient Inference", ICLR 2017, eq. 7): removing channel ``c`` changes the loss by about
-  ``|a_c · ∂L/∂a_c|``, the activation times its gradient, summed over the channel's spatial
+  ``|a_c · ∂L/∂a_c|``, the activation (after the layer's batch norm, if any) times its gradient,
+  summed over the channel's spatial
   positions (and, for an expert bank, over the experts, which lose the unit together), its absolute
   value averaged over the rows. Per task, ``L = L_t``; task-agnostic, ``L = Σ_t L_t``, whose
   gradient is the sum of the tasks' ones, so both come from the same per-task products.
@@ -38,15 +39,38 @@ def _channel_last(activation: Tensor, module: nn.Module) -> Tensor:
     return activation
 
 
+def activation_site(model: nn.Module, layer: nn.Module) -> nn.Module:
+    """The module whose output holds ``layer``'s channels as removing them leaves them: the batch
+    norm right after the layer when there is one (a removed filter takes its normalised channel,
+    shift included, with it: setting the conv output to 0 would leave the shift), else the layer
+    (a linear unit's output includes its bias; a following ReLU maps 0 to 0)."""
+    entries = list(model.named_modules())
+    names = [n for n, m in entries if m is layer]
+    if not names:
+        return layer
+    index = [m for _, m in entries].index(layer)
+    for name, module in entries[index + 1:]:
+        if name.startswith(names[0] + "."):
+            continue  # a submodule of the layer itself
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_features == _width(layer):
+            return module
+        return layer
+    return layer
+
+
+def _hook_sites(model: nn.Module, modules: Sequence[nn.Module], captured: dict[int, Tensor]) -> list:
+    """Forward hooks keeping, under ``id(layer)``, each layer's activation (see :func:`activation_site`)."""
+    def keeper(key: int):
+        return lambda _m, _i, out: captured.__setitem__(key, out)
+
+    return [activation_site(model, m).register_forward_hook(keeper(id(m))) for m in modules]
+
+
 def taylor_per_task(model: nn.Module, modules: Sequence[nn.Module], data: MultiTaskDataset, tasks: Sequence[Task],
                     rows: int = 1024, batch_size: int = 256) -> list[Tensor]:
     """Per-task Taylor scores ``(T, C)`` of each module's output channels, on the first ``rows`` rows."""
     captured: dict[int, Tensor] = {}
-
-    def keep(module, _inputs, output):
-        captured[id(module)] = output
-
-    hooks = [m.register_forward_hook(keep) for m in modules]
+    hooks = _hook_sites(model, modules, captured)
     sums = [torch.zeros(len(tasks), _width(m)) for m in modules]
     seen = 0
     was_training = model.training
@@ -74,7 +98,7 @@ def taylor_summed(model: nn.Module, modules: Sequence[nn.Module], data: MultiTas
                   rows: int = 1024, batch_size: int = 256) -> list[Tensor]:
     """Taylor scores ``(C,)`` for the summed loss ``Σ_t L_t`` (task-agnostic)."""
     captured: dict[int, Tensor] = {}
-    hooks = [m.register_forward_hook(lambda mod, _i, out: captured.__setitem__(id(mod), out)) for m in modules]
+    hooks = _hook_sites(model, modules, captured)
     sums = [torch.zeros(_width(m)) for m in modules]
     seen = 0
     was_training = model.training
