@@ -225,8 +225,8 @@ def test_ntkmtl_hand_case():
 
 
 @pytest.mark.parametrize("scales", [(1.0, 1.0, 1.0), (1e-6, 1.0, 1e6), (1e-10, 1e-10, 1e10)])
-def test_ntkmtl_equalises_the_kernel_eigenvalues(scales):
-    # n = 1/2: w_t^2 G_tt = tr G for every task -- the weighted tasks' NTKs have equal eigenvalues
+def test_ntkmtl_weighted_gradients_have_equal_norms(scales):
+    # n = 1/2: w_t^2 G_tt = tr G for every task -- every weighted gradient has norm sqrt(tr G)
     g = torch.Generator().manual_seed(0)
     J = torch.randn(3, 7, generator=g, dtype=D64) * torch.tensor(scales, dtype=D64)[:, None]
     _, w = NTKMTL().aggregate(J)

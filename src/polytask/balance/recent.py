@@ -80,8 +80,7 @@ def kmeans_1d(values: Tensor, k: int, mask: Tensor | None = None) -> tuple[Tenso
 class GO4Align(TaskStateBalancer):
     """GO4Align: group risk minimisation with risk-guided group indicators (loss-based).
 
-    Shen, Wang, Zhen, Snoek, Worring, "GO4Align: Group Optimization for Multi-Task Alignment",
-    NeurIPS 2024.
+    Shen et al., "GO4Align: Group Optimization for Multi-Task Alignment", NeurIPS 2024.
 
     At step ``k`` with losses ``L_t`` (detached):
 
@@ -90,15 +89,17 @@ class GO4Align(TaskStateBalancer):
     2. dynamical group assignment: k-means of the ``γ_t`` into ``K`` groups; each task's weight is its
        group's centroid, and the model minimises ``Σ_t w_t L_t``.
 
-    The paper writes the update as adaptive group risk minimisation (its Eqs. 4-6); the numbers above
-    are those of the authors' public ``GO4ALIGN`` weight method (``robust_step_size`` ``η = 1e-4``).
+    The paper writes this as adaptive group risk minimisation (dynamical group assignment, risk-guided
+    group indicators); the numbers above are those of the authors' public ``GO4ALIGN`` weight method
+    (``robust_step_size`` ``η = 1e-4``).
     Differences: the authors cluster with ``kmeans_pytorch`` (random initial centroids, iterated to a
     tolerance); here the clustering is exact (:func:`kmeans_1d`: the best partition of the sorted
     ``γ``), deterministic and without host sync. ``K = 1`` gives every task the mean ``γ`` (the
     authors' special case); ``K >= T`` gives ``w = γ``. A task absent from the batch (loss exactly 0)
     gets weight 0, keeps its ``p_t`` (factor 1) and takes no part in the sums or the clustering.
-    ``num_groups`` has no single default in the paper (it is searched per benchmark; the authors'
-    scripts default to 5 on 40-task CelebA); 2 here.
+    ``num_groups`` is a per-benchmark choice (the shared experiment parser that NTKMTL's public code
+    uses for GO4Align defaults to 5, for up to 40 tasks); 2 here, for the few-task problems polytask's
+    examples train.
 
     Args:
         num_groups: ``K``, the number of groups (>= 1).
@@ -149,13 +150,15 @@ class NTKMTL(agg.GramianWeighting):
     Qin, Wang, Liao, Yan, "NTKMTL: Mitigating Task Imbalance in Multi-Task Learning from Neural Tangent
     Kernel Perspective", NeurIPS 2025.
 
-    Under gradient flow the residual of task ``t`` decays at rates given by the eigenvalues of its NTK
-    ``K_t = J_t J_t^T``; scaling task ``t``'s loss by ``w_t`` scales its kernel by ``w_t``, so the paper
-    equalises the largest eigenvalues ``λ_t``: ``w_t = (Σ_i λ_i / λ_t)^{n}`` with exponent ``n = 1/2``.
-    With one kernel sample per task (the setting of the paper's experiments, "NTKMTL (n=1)" in the
-    authors' code) ``λ_t = ‖g_t‖^2 = G_tt`` and the update is ``J^T w`` with ``w_t = (tr G / G_tt)^{1/2}``:
-    a function of the Gramian only, so it runs at parameter level (the method) or at feature level
-    (gradients w.r.t. the shared representation; the engine's Gramian-only paths).
+    Under gradient flow the residual of task ``t`` decays at rates set by the eigenvalues of its NTK
+    ``K_t = J_t J_t^T``, and weighting task ``t``'s loss by ``w_t`` scales its kernel by ``w_t``; the
+    paper balances the tasks' speeds with ``w_t = (Σ_i λ_i / λ_t)^{n}``, ``λ_t`` the largest eigenvalue
+    of ``K_t``, exponent ``n = 1/2`` (``n = 1`` would make every ``w_t λ_t`` equal). With one kernel
+    sample per task (the setting of the paper's experiments, "NTKMTL (n=1)" in the authors' code)
+    ``λ_t = ‖g_t‖^2 = G_tt`` and the update is ``J^T w`` with ``w_t = (tr G / G_tt)^{1/2}``, so every
+    weighted gradient ``w_t g_t`` has norm ``sqrt(tr G)``. A function of the Gramian only: it runs at
+    parameter level (the method) or at feature level (gradients w.r.t. the shared representation,
+    including the engine's Gramian-only linear-head path).
 
     Differences: the authors' code multiplies the update by ``T`` ("to match the sum loss") and clips
     the shared gradient to norm 1 (``max_norm``); neither is part of the method's weights, and
@@ -302,10 +305,10 @@ class HeldOut(NamedTuple):
 class AutoLambda(TaskStateBalancer):
     """Auto-Lambda: task weights meta-learned by a one-step lookahead on held-out data.
 
-    Liu, Johns, Davison, "Auto-Lambda: Disentangling Dynamic Task Relationships", TMLR 2022.
+    Liu, James, Davison, Johns, "Auto-Lambda: Disentangling Dynamic Task Relationships", TMLR 2022.
 
     The weights ``λ`` (start ``weight_init``) minimise the primary tasks' held-out loss after one
-    training step (the paper's Eq. 3-5): with ``θ' = θ − α ∇_θ Σ_t λ_t L_t(θ)`` (``α`` the model's
+    training step (a bi-level problem, solved with a one-step lookahead): with ``θ' = θ − α ∇_θ Σ_t λ_t L_t(θ)`` (``α`` the model's
     learning rate),
 
         ``∇_λ L_val(θ') = −α ∇²_{λ,θ} L_λ(θ) · ∇_θ' L_val(θ')``,
