@@ -470,3 +470,24 @@ def test_trimmed_mean_does_not_hide_a_non_finite_entry():
     assert torch.isnan(update[1]) and torch.isnan(update[3])
     clean = jac[:, [0, 2]]
     _close(update[[0, 2]], tja.TrimmedMean(trim_number=1)(clean) if tja else clean.sort(0)[0][1:4].mean(0), 1e-15)
+
+
+@pytest.mark.parametrize("name,params", [("sdmgrad", {"n_iter": 2, "lr": 0.1}), ("modo", {}),
+                                         ("cr_mogm", {"base": "nash_mtl"}), ("pcd", {})])
+def test_reset_starts_afresh(name, params):
+    steps = _steps(_random(3, 15, 8), 3)
+    used = balance.get(name, **params).aggregator
+    for j in steps[:2]:
+        used(j)
+    used.reset()
+    fresh = balance.get(name, **params).aggregator
+    assert torch.equal(used(steps[2]), fresh(steps[2]))
+
+
+def test_the_new_methods_are_registered_and_the_gramian_ones_run_at_feature_level():
+    gramian_only = {"sdmgrad", "modo", "cr_mogm", "pcd", "krum"}
+    assert gramian_only | {"trimmed_mean", "constant", "mean", "pbi", "cosmos"} <= set(balance.names())
+    for name in gramian_only:
+        assert _gramian_only(balance.get(name).aggregator), name
+    assert not _gramian_only(balance.get("trimmed_mean").aggregator)
+    assert "stateful_weightings.SDMGrad" in balance.BALANCERS.lookup("sdmgrad").__doc__

@@ -895,7 +895,7 @@ def _register(name: str, cls: type[agg.Aggregator], *aliases: str, default_mode:
         parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params] + extra,
         return_annotation=GradientBalancer)
     factory.__name__ = f"{name}_balancer"
-    factory.__doc__ = f"``{name}``: :class:`GradientBalancer` with :class:`~polytask.balance.aggregators.{cls.__name__}` (mode {default_mode!r} by default).\n\n{cls.__doc__}"
+    factory.__doc__ = f"``{name}``: :class:`GradientBalancer` with :class:`~{cls.__module__}.{cls.__name__}` (mode {default_mode!r} by default).\n\n{cls.__doc__}"
     BALANCERS.register(name, *aliases)(factory)
 
 

@@ -44,6 +44,10 @@ class _WeightState(_LazyStateMixin):
         self.register_buffer("task_weights", torch.zeros(0, dtype=_SOLVE_DTYPE))  # type: ignore[attr-defined]
         self._init_steps()
 
+    def reset(self) -> None:
+        """Forget the state: the next step starts afresh, as torchjd's ``reset()``."""
+        self.tasks = torch.zeros_like(self.tasks)  # type: ignore[has-type]
+
     def _previous(self, like: Tensor) -> Tensor:
         """Last step's weights, or ``1/T`` where fresh; counts this step."""
         n = like.shape[0]
@@ -197,6 +201,12 @@ class CRMOGM(_WeightState, GramianWeighting):
         if hasattr(self.inner, "generator"):
             self.inner.generator = value
 
+    def reset(self) -> None:
+        """Forget the average, and the base method's state if it keeps one (as torchjd's ``reset()``)."""
+        super().reset()
+        if isinstance(getattr(self.inner, "tasks", None), Tensor):
+            self.inner.tasks = torch.zeros_like(self.inner.tasks)
+
     def weights(self, gramian: Tensor) -> Tensor:
         current = self.inner.weights(gramian)
         n = gramian.shape[0]
@@ -274,6 +284,10 @@ class PCD(_LazyStateMixin, GramianWeighting):
         self.tau, self.beta, self.eps = tau, beta, eps
         self.register_buffer("sq_norm_avg", torch.zeros(0, dtype=_SOLVE_DTYPE))
         self._init_steps()
+
+    def reset(self) -> None:
+        """Forget the moving average: the next step starts afresh, as torchjd's ``reset()``."""
+        self.tasks = torch.zeros_like(self.tasks)
 
     def _taus(self, n: int, like: Tensor) -> Tensor:
         if isinstance(self.tau, (int, float)):
