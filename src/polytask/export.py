@@ -1,0 +1,176 @@
+"""Export a run trained on table data for serving: the model with its id preprocessing, as one
+``torch.export`` program (``.pt2``).
+
+Strings cannot enter a traced program, so the serving contract starts one step after the raw
+value: each id column is given as the 64-bit FNV-1a hash of the value's UTF-8 text
+(:func:`polytask.data.tables.stable_hash`, its uint64 bits read as int64; an integer id hashes
+like its decimal string, a missing one like ``""``). Everything after that is inside the
+program, as tensor ops:
+
+* a vocabulary column: ``torch.searchsorted`` in the vocabulary's sorted hashes
+  (:meth:`~polytask.data.tables.Vocabulary.lookup_table`, stored as buffers), the id where the
+  hash is found, else 0 (the out-of-vocabulary row) - the same lookup ``polytask predict`` does;
+* a hashed column: MurmurHash3's fmix64 finaliser and the modulo, written with int64 ops (logical
+  shifts by masking; the unsigned modulo from the two 32-bit halves), equal to
+  :class:`~polytask.data.tables.HashBuckets`.
+
+The program takes ``dense`` float32 ``(N, n_dense)`` (columns in the run's ``data.params.dense``
+order; ``(N, 0)`` when there are none) and ``ids`` int64 ``(N, n_ids)`` (the hashes, in the
+order of ``data.params.ids``), with a dynamic ``N`` (up to the bound export records in
+``program.range_constraints``, set by the model's widest activation: 2**31 / width), and returns ``{task: probability (N,)}``:
+the probabilities ``polytask predict`` writes. The column and task names travel inside the file
+(``extra_files["serving.json"]``); :func:`load_serving` reads both back.
+
+ONNX is not written: torch's ONNX exporter needs the ``onnx``/``onnxscript`` packages, which
+polytask does not depend on; an ExportedProgram can be lowered to it (or AOTInductor) later.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from polytask.errors import ConfigError
+
+SERVING_JSON = "serving.json"
+HASH = "fnv1a64(utf8 text) as int64; integers as decimal text, missing as ''"
+_U32 = 0xFFFFFFFF
+
+
+def _signed(c: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_FMIX1, _FMIX2 = _signed(0xFF51AFD7ED558CCD), _signed(0xC4CEB9FE1A85EC53)
+
+
+def _shr(h: Tensor, k: int) -> Tensor:
+    """Logical (unsigned) right shift of int64 bits: torch's ``>>`` on int64 is arithmetic."""
+    return (h >> k) & ((1 << (64 - k)) - 1)
+
+
+def fmix64(h: Tensor) -> Tensor:
+    """MurmurHash3's 64-bit finaliser on int64 tensors (products wrap like uint64's)."""
+    h = h ^ _shr(h, 33)
+    h = h * _FMIX1
+    h = h ^ _shr(h, 33)
+    h = h * _FMIX2
+    return h ^ _shr(h, 33)
+
+
+def unsigned_mod(h: Tensor, m: int) -> Tensor:
+    """``uint64(h) % m`` for int64 ``h`` and ``1 <= m < 2**31``: ``(hi * 2**32 + lo) % m`` from the
+    32-bit halves, every product below 2**62."""
+    hi, lo = _shr(h, 32), h & _U32
+    return ((hi % m) * ((1 << 32) % m) + lo % m) % m
+
+
+class VocabularyLookup(nn.Module):
+    """Hash -> vocabulary id (0 when unknown), by binary search in the sorted hashes."""
+
+    def __init__(self, keys: np.ndarray, ids: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("keys", torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int64)))
+        self.register_buffer("ids", torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)))
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.keys.numel() == 0:  # decided when exporting: an empty vocabulary sends all to OOV
+            return torch.zeros_like(h)
+        pos = torch.searchsorted(self.keys, h).clamp_max(self.keys.numel() - 1)
+        return torch.where(self.keys[pos] == h, self.ids[pos], torch.zeros_like(h))
+
+    def extra_repr(self) -> str:
+        return f"size={self.keys.numel() + 1}"
+
+
+class BucketLookup(nn.Module):
+    """Hash -> bucket, as :class:`~polytask.data.tables.HashBuckets` (seed 0)."""
+
+    def __init__(self, buckets: int) -> None:
+        super().__init__()
+        self.buckets = buckets
+
+    def forward(self, h: Tensor) -> Tensor:
+        return unsigned_mod(fmix64(h), self.buckets)
+
+    def extra_repr(self) -> str:
+        return f"buckets={self.buckets}"
+
+
+class ServingModel(nn.Module):
+    """A trained table model behind its id lookups: ``(dense, id hashes) -> {task: probability}``."""
+
+    def __init__(self, model: nn.Module, encoders: dict[str, Any], dense: list[str], tasks: list[str]) -> None:
+        from polytask.data.tables import HashBuckets
+
+        super().__init__()
+        self.model, self.dense, self.columns, self.tasks = model, list(dense), list(encoders), list(tasks)
+        lookups = {}
+        for c, enc in encoders.items():
+            if isinstance(enc, HashBuckets):
+                if enc.seed != 0 or not 1 <= enc.buckets < 1 << 31:
+                    raise ConfigError(f"data.params.ids.{c}: export needs hash seed 0 and fewer than 2**31 "
+                                      f"buckets, got seed {enc.seed}, {enc.buckets} buckets")
+                lookups[c] = BucketLookup(enc.buckets)
+            else:
+                lookups[c] = VocabularyLookup(*enc.lookup_table())
+        self.lookups = nn.ModuleDict(lookups)
+
+    def forward(self, dense: Tensor, ids: Tensor) -> dict[str, Tensor]:
+        inputs = {c: self.lookups[c](ids[:, j].contiguous()) for j, c in enumerate(self.columns)}
+        if self.dense:
+            inputs["dense"] = dense
+        out = self.model(inputs)
+        return {t: torch.sigmoid(out[t].float().reshape(-1)) for t in self.tasks}
+
+
+def serving_inputs(table: Any, dense: list[str], columns: list[str]) -> tuple[Tensor, Tensor]:
+    """``(dense, ids)`` for the exported program from a pyarrow table or record batch of raw rows."""
+    from polytask.data.tables import stable_hash
+
+    n = table.num_rows
+    d = np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in dense], axis=1) \
+        if dense else np.zeros((n, 0), np.float32)
+    h = np.stack([stable_hash(table.column(c)).view(np.int64) for c in columns], axis=1) \
+        if columns else np.zeros((n, 0), np.int64)
+    return torch.from_numpy(d), torch.from_numpy(h)
+
+
+def export_run(run_dir: str | Path, out: str | Path, example_rows: int = 8) -> Path:
+    """Write the run's best model with its preprocessing to ``out`` (a ``.pt2`` file, atomically)."""
+    from polytask.train.tables import load_run_model
+
+    _, p, encoders, tasks, model = load_run_model(Path(run_dir))
+    serving = ServingModel(model, encoders, list(p.dense), [t.name for t in tasks]).eval().requires_grad_(False)
+    dense = torch.zeros(example_rows, len(p.dense))
+    ids = torch.arange(example_rows * len(encoders), dtype=torch.int64).reshape(example_rows, len(encoders))
+    batch = torch.export.Dim.DYNAMIC  # the batch size; export records the range it supports
+    with torch.no_grad():
+        program = torch.export.export(serving, (dense, ids), dynamic_shapes=({0: batch}, {0: batch}))
+    meta = {"dense": list(p.dense), "ids": list(encoders), "tasks": [t.name for t in tasks], "hash": HASH,
+            "sizes": {c: e.size for c, e in encoders.items()}}
+    out = Path(out)
+    tmp = out.with_name(out.stem + ".tmp.pt2")  # torch.export.save warns about other suffixes
+    try:
+        torch.export.save(program, tmp, extra_files={SERVING_JSON: json.dumps(meta)})
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def load_serving(path: str | Path) -> tuple[Any, dict]:
+    """``(the exported program, its serving.json)``; call ``program.module()(dense, ids)``."""
+    extra = {SERVING_JSON: ""}
+    program = torch.export.load(path, extra_files=extra)
+    return program, json.loads(extra[SERVING_JSON])
+
+
+__all__ = ["BucketLookup", "ServingModel", "VocabularyLookup", "export_run", "fmix64", "load_serving",
+           "serving_inputs", "unsigned_mod"]
