@@ -173,7 +173,7 @@ def test_go4align_absent_task_gets_zero_and_keeps_its_history():
     losses["t1"] = losses["t1"] * 0.0  # no labelled row: exactly 0
     w = b.backward(losses, shared=list(model.trunk.parameters()))
     assert w[1] == 0 and torch.isfinite(w).all()
-    L = [float(losses["t0"]), float(losses["t2"])]
+    L = [float(losses["t0"].detach()), float(losses["t2"].detach())]
     q = [math.exp(-0.5 * L[0]) / 3, 1 / 3, math.exp(-0.5 * L[1]) / 3]
     torch.testing.assert_close(b.adv_probs, torch.tensor(q, dtype=D64) / sum(q))
 
@@ -192,7 +192,7 @@ def test_go4align_nan_at_step_one_skips_and_keeps_fresh_state_then_continues():
     model.zero_grad()
     losses = losses_of(model, x, y)
     w = b.backward(losses, shared=list(model.trunk.parameters()))
-    expected = go4align_by_hand([[float(v) for v in losses.values()]], 2, 0.3)[0]
+    expected = go4align_by_hand([[float(v.detach()) for v in losses.values()]], 2, 0.3)[0]
     torch.testing.assert_close(w, torch.tensor(expected, dtype=D64), rtol=1e-10, atol=1e-12)
 
 
