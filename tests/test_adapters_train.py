@@ -343,3 +343,36 @@ def test_one_adapter_serves_every_task_with_all_its_parameters_shared():
     w, b = model.heads.towers.layers[0].weight, model.heads.towers.layers[0].bias
     for t, name in enumerate(model.task_names):
         assert torch.allclose(out[name], h @ w[t] + b[t], atol=1e-5)
+
+
+def _peft_adapter(folder, hidden):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(3)
+    cfg = {k: v for k, v in {**BERT, "hidden_size": hidden}.items() if k != "model_type"}
+    model = peft.get_peft_model(transformers.BertModel(transformers.BertConfig(**cfg)),
+                                peft.LoraConfig(r=2, lora_alpha=2, target_modules=["query", "value"],
+                                                init_lora_weights=False))
+    model.save_pretrained(folder)
+    return model
+
+
+def test_peft_adapters_start_the_named_tasks_lora_and_a_different_base_is_refused(tmp_path):
+    theirs = _peft_adapter(tmp_path / "a16", hidden=16)
+    model = build("arrow", tasks=seq_splits().tasks, peft_adapters={"task1": str(tmp_path / "a16")},
+                  method_params={"top_k": 1})
+    lay = adapters.adapter_layers(model.backbone)["encoder.layer.1.attention.self.value"]
+    want = theirs.base_model.model.encoder.layer[1].attention.self.value.lora_B["default"].weight
+    assert torch.equal(lay.lora_B[1], want) and lay.lora_B[0].abs().max() == 0   # task1's row only
+    _peft_adapter(tmp_path / "a24", hidden=24)
+    with pytest.raises(CheckpointError, match="adapters.load_peft: tensor .*query.lora_A.* has shape \\(2, 24\\)"):
+        build("lora", peft_adapters={"task0": str(tmp_path / "a24")})
+    with pytest.raises(ConfigError, match="model.params.peft_adapters: unknown task 'nope'"):
+        build("lora", peft_adapters={"nope": str(tmp_path / "a16")})
+
+
+def test_token_file_task_ids_out_of_range_is_a_data_error(tmp_path):
+    ids = torch.randint(1, 30, (20, 4))
+    torch.save({"input_ids": ids, "labels.a": torch.zeros(20), "labels.b": torch.ones(20),
+                "task_ids": torch.full((20,), 2)}, tmp_path / "t.pt")
+    with pytest.raises(DataError, match="t.pt: tensor 'task_ids' must hold one task index in 0..1 per row"):
+        data.load("token_file", path=str(tmp_path / "t.pt"))

@@ -157,7 +157,12 @@ def token_file(path: str, tasks: dict[str, str] | None = None, split: Sequence[f
             masks[name] = labelled
     inputs = {"input_ids": ids.long(), "attention_mask": mask.long()}
     if "task_ids" in tensors:
-        inputs["task_ids"] = tensors["task_ids"].long()
+        owner = tensors["task_ids"]
+        if tuple(owner.shape) != (n,) or owner.is_floating_point() or bool(((owner < 0) | (owner >= len(wanted))).any()):
+            raise DataError(f"{file}: tensor 'task_ids' must hold one task index in 0..{len(wanted) - 1} per row "
+                            f"(the order of the tasks: {', '.join(wanted)}), got {owner.dtype} {tuple(owner.shape)} "
+                            f"with values {int(owner.min())}..{int(owner.max())}")
+        inputs["task_ids"] = owner.long()
     full = MultiTaskDataset(inputs, targets, masks)
     tr, va, te = split_indices(n, split, seed)
     spec = {"vocab_size": int(ids.max()) + 1, "max_length": length}

@@ -100,12 +100,16 @@ class AdapterModel(MultiTaskModel):
         one_adapter: one set of adapters for all tasks (the "one shared LoRA" baseline): the
             adapters are built for a single task that every row runs under, and all their
             parameters are shared.
+        peft_adapters: ``{task: folder}``: start each named task's LoRA from a PEFT LoRA adapter
+            (:func:`polytask.adapters.load_peft`; e.g. an Arrow library). CheckpointError naming the
+            tensor when an adapter was trained on a different base (shape mismatch).
     """
 
     def __init__(self, input_dim: Any, tasks: Sequence[Task], backbone: dict[str, Any], method: str = "lora",
                  target_modules: str | list[str] = ("query", "value"), rank: int = 8, alpha: float | None = None,
                  method_params: dict[str, Any] | None = None, pooling: Literal["cls", "mean", "last"] = "cls",
-                 head_hidden: Sequence[int] = (), aux_weight: float = 0.01, one_adapter: bool = False) -> None:
+                 head_hidden: Sequence[int] = (), aux_weight: float = 0.01, one_adapter: bool = False,
+                 peft_adapters: dict[str, str] | None = None) -> None:
         super().__init__(tasks)
         if pooling not in ("cls", "mean", "last"):
             raise ConfigError(f"model.params.pooling must be cls, mean or last, got {pooling!r}")
@@ -117,6 +121,11 @@ class AdapterModel(MultiTaskModel):
         adapters.apply(self.backbone, method, ["all"] if self.one_adapter else self.task_names, targets, rank=rank,
                        alpha=alpha, **(method_params or {}))
         self.method = adapters.method_of(self.backbone)
+        for task, folder in (peft_adapters or {}).items():
+            if task not in self.task_names:
+                raise ConfigError(f"model.params.peft_adapters: unknown task {task!r}; "
+                                  f"known: {', '.join(self.task_names)}")
+            adapters.load_peft(self.backbone, folder, task=task)
         self.task_conditioned = self.method in TASK_CONDITIONED and not self.one_adapter
         self.pooling, self.aux_weight = pooling, float(aux_weight)
         self.heads = TaskHeads(tasks, self.backbone.config.hidden_size, hidden=tuple(head_hidden))
@@ -234,9 +243,9 @@ def build_adapter_model(input_dim: Any, tasks: Sequence[Task], backbone: dict[st
                         target_modules: str | list[str] = ("query", "value"), rank: int = 8,
                         alpha: float | None = None, method_params: dict[str, Any] | None = None,
                         pooling: str = "cls", head_hidden: Sequence[int] = (), aux_weight: float = 0.01,
-                        one_adapter: bool = False) -> AdapterModel:
+                        one_adapter: bool = False, peft_adapters: dict[str, str] | None = None) -> AdapterModel:
     """Build an :class:`AdapterModel` (a :class:`RoutedAdapterModel` for a method whose layers route tokens)."""
     key = adapters.canonical_method(method)
     cls = RoutedAdapterModel if adapters.is_routed_method(key) else AdapterModel
     return cls(input_dim, tasks, backbone, method, target_modules, rank, alpha, method_params, pooling,
-               head_hidden, aux_weight, one_adapter)
+               head_hidden, aux_weight, one_adapter, peft_adapters)
