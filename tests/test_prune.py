@@ -62,6 +62,7 @@ def test_pruned_model_has_the_counts_of_the_model_built_at_its_widths():
 @pytest.mark.parametrize("arch,params,layers", [
     ("shared_bottom", dict(bottom=(16, 8), tower=(4,)), ["bottom.0", "bottom.2"]),
     ("mmoe", dict(num_experts=3, expert=(6, 5), tower=(4,)), ["experts.layers.0", "experts.layers.2"]),
+    ("omoe", dict(num_experts=3, expert=(6, 5), tower=(4,)), ["experts.layers.0", "experts.layers.2"]),
 ])
 def test_keep_ratio_one_changes_nothing(arch, params, layers):
     torch.manual_seed(0)
@@ -73,6 +74,10 @@ def test_keep_ratio_one_changes_nothing(arch, params, layers):
     out, ref = pruned(x), model(x)
     assert all(torch.equal(out[t], ref[t]) for t in ref)
     assert count(pruned, (x,)) == count(model, (x,))
+    half = apply_plan(model, layers, {n: list(range(0, w, 2)) for n, w in widths.items()}, (x,))
+    assert [p.shape for n, p in half.named_parameters() if "gate" in n] == \
+        [p.shape for n, p in model.named_parameters() if "gate" in n]  # gates keep one output per expert
+    assert all(half(x)[t].shape == ref[t].shape for t in ref)
 
 
 def test_removing_dead_expert_units_keeps_the_outputs():
