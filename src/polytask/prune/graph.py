@@ -41,8 +41,9 @@ REFUSED = {
     "aitm": "its information-transfer attention couples the towers, which have no shared trunk to prune",
     "mtan": "its attention modules read the trunk channels through per-task grouped convolutions and reshapes "
             "that torch-pruning's dependency graph cannot follow",
-    "ple": "its levels stack the task and shared streams along the stream dimension, which torch-pruning's graph "
-           "reads as a channel concatenation, and one 'expert' width list serves every level and expert bank",
+    "ple": "its expert outputs reach the next level through stream slices and gate products that torch-pruning's "
+           "graph maps to the wrong channels (it would cut the gates), and one 'expert' width list serves every "
+           "level and expert bank",
     "cgc": "its specific and shared expert banks share one 'expert' width list, so widths pruned per bank could "
            "not be recorded in the config",
 }
