@@ -228,8 +228,10 @@ def test_cr_mogm_refuses_a_base_that_needs_the_jacobian():
         sw.CRMOGM(base="graddrop")
     with pytest.raises(ConfigError, match=r"^balancer.params.base: cr_mogm needs .*got 'ew'$"):
         sw.CRMOGM(base="ew")
-    with pytest.raises(ConfigError, match=r"unknown parameter|balancer.params.eps"):
+    with pytest.raises(ConfigError, match=r"^balancer.params.base_params.eps: balancer 'mgda' has no parameter 'eps'"):
         sw.CRMOGM(base="mgda", base_params={"eps": 1.0})
+    with pytest.raises(ConfigError, match=r"^balancer.params.base: unknown balancer 'mgdaa' \(did you mean mgda"):
+        sw.CRMOGM(base="mgdaa")
     with pytest.raises(ConfigError, match=r"^balancer.params.base_params.mode: cr_mogm"):
         sw.CRMOGM(base="mgda", base_params={"mode": "features"})
 

@@ -178,7 +178,13 @@ class CRMOGM(_WeightState, GramianWeighting):
         for key in ("mode", "nan_policy", "seed"):
             _in_range(key not in params, f"base_params.{key}", "cr_mogm", "it set on cr_mogm itself, not on its base",
                       params.get(key))
-        built = BALANCERS.build(base, **params)
+        try:
+            built = BALANCERS.build(base, **params)
+        except ConfigError as err:  # name the key as the user typed it: base, or base_params.<key>
+            message = str(err)
+            nested = message.startswith("balancer.params.")
+            raise ConfigError(message.replace("balancer.params.", "balancer.params.base_params.", 1) if nested
+                              else f"balancer.params.base: {message}") from None
         inner = getattr(built, "aggregator", None)
         _in_range(inner is not None and _gramian_only(inner), "base", "cr_mogm",
                   "a gradient balancer that needs only the Gramian", base)
