@@ -16,6 +16,7 @@ it exists whole or not at all. The original run is only read.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import shutil
@@ -122,7 +123,7 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
     ctx = PruneContext(model, [layer.name for layer in layers], example_rows(splits.train, 4), splits.tasks,
                        splits.train, splits.val, options.floor)
     params = dict(options.params)
-    if options.method.lower() in ("random", "l1", "magnitude", "taylor"):
+    if "seed" in inspect.signature(PRUNERS.lookup(options.method)).parameters:  # the random draws
         params.setdefault("seed", options.seed)
     pruner = PRUNERS.build(options.method, **params)
     pruned = prune_model(ctx, pruner, target)
@@ -147,11 +148,15 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
         summary = {"method": options.method, "target_flops": target, "keep_task_floor": options.floor,
                    "finetune_epochs": options.finetune_epochs, "source": str(run_dir),
                    "widths": {n: widths[n] for n in ctx.layers}, "keep_ratios": keep, "table": table,
+                   "val_drops": ctx.drops(table[1]["val"]),  # after fine-tuning: the floor held at pruning time
                    "decisions": getattr(pruner, "log", [])}  # PAGCP: each layer's θ, kept width, loss ratios
         atomic_write_text(tmp / "prune.json", json.dumps(summary, indent=1))
         atomic_write_text(tmp / "prune.md", markdown(table, splits.tasks))
         atomic_write_text(tmp / "config.yaml", dump_config(final_config))
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError as exc:
+            raise ConfigError(f"--out: cannot create {out} ({exc.strerror})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
