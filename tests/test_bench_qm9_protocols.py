@@ -120,7 +120,12 @@ def test_significance_section_marks_only_what_the_seeds_support() -> None:
     assert {line.split()[0]: line.split()[1:] for line in matrix[1:]} == {
         "ew": ["=", "<"], "uw": ["=", "<"], "mgda": [">", ">"]}
     assert "seeds [0, 1, 2, 3, 4]" in text
-    assert "significance over seeds" in comparison_markdown(results).lower()
+    main = comparison_markdown(results)
+    assert "significance over seeds" in main.lower()
+    cells = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in main.splitlines()
+             if line.startswith("| ") and line.split("|")[1].strip() in ("ew", "uw", "mgda")}
+    # std of uw: deviations (-.56, .54, .24, -.76, .54), squares sum 1.532, /4 -> 0.62
+    assert cells == {"ew": "+11.0 ± 0.8*", "uw": "+11.1 ± 0.6*", "mgda": "+31.0 ± 1.6"}
     # One seed: nothing to test, no section.
     assert significance_markdown([_result("ew", [1.0]), _result("uw", [2.0])]) == ""
     # Paired by seed value: a method without seed 4 is compared on seeds 0-3 only.

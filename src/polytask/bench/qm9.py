@@ -640,6 +640,7 @@ def comparison_markdown(results: Sequence[QM9Result]) -> str:
     ref = results[0].reference
     rows.append("| single-task ref. | " + " | ".join(_fmt(ref[t]) for t in targets) + " | 0 | 0 | |")
     order = sorted(range(len(results)), key=lambda i: results[i].delta_m()[0])
+    tied = best_group(results)
     for i in order:
         r = results[i]
         mae = r.test_mae()
@@ -649,17 +650,38 @@ def comparison_markdown(results: Sequence[QM9Result]) -> str:
         params = r.settings.get("balancer_params") or {}
         label = r.method + (f" ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else "")
         rows.append(f"| {label} | " + " | ".join(_fmt(mae[t][0]) for t in targets) +
-                    f" | {dm:+.1f} ± {ds:.1f} | {pub} | {ranks[i]:.2f} |")
+                    f" | {dm:+.1f} ± {ds:.1f}{'*' if tied and tied[i] else ''} | {pub} | {ranks[i]:.2f} |")
     s = results[0].settings
     ordering = ordering_against_published(results)
     note = (f"\nBudget: {s.get('epochs')} epochs, train size {s.get('train_size') or 'all'}, "
             f"val {s.get('val_size')}, test {s.get('test_size')}, seeds {s.get('seeds')}, device "
             f"{s.get('device')}. Δm% against {results[0].reference_name}; published Δm% are for "
             "300 epochs on the full training set (Navon et al. 2022; Liu et al. 2023). "
-            "MR: mean rank over the targets' test MAE (1 = best).\n")
+            "MR: mean rank over the targets' test MAE (1 = best)."
+            + (" *: best Δm% or not significantly worse than it over the seeds (see below)." if tied else "") + "\n")
     significance = significance_markdown(results)
     return ("\n".join(rows) + "\n" + note + (f"\n{ordering}\n" if ordering else "")
             + (f"\n{significance}\n" if significance else ""))
+
+
+def _paired_seeds(results: Sequence[QM9Result]) -> list[int]:
+    """The seeds every result ran (sorted): what the paired tests use."""
+    return sorted(set.intersection(*({run.seed for run in r.runs} for r in results))) if results else []
+
+
+def best_group(results: Sequence[QM9Result], alpha: float = 0.05) -> list[bool] | None:
+    """Per result: best Δm% or not significantly worse than it over the common seeds (paired t-test,
+    Holm; :func:`polytask.report.significance.not_worse_than_best`); None with fewer than two seeds."""
+    from polytask.report import significance as sig
+
+    seeds = _paired_seeds(results)
+    if len(seeds) < 2:
+        return None
+    by_seed = [{run.seed: run for run in r.runs} for r in results]
+    deltas = {i: [_delta_m(runs[s].test_mae, r.reference, r.targets) for s in seeds]
+              for i, (r, runs) in enumerate(zip(results, by_seed))}
+    marks = sig.not_worse_than_best(deltas, alpha=alpha)
+    return [marks[i] for i in range(len(results))]
 
 
 def significance_markdown(results: Sequence[QM9Result], alpha: float = 0.05) -> str:
@@ -669,7 +691,7 @@ def significance_markdown(results: Sequence[QM9Result], alpha: float = 0.05) -> 
     common seeds or methods."""
     from polytask.report import significance as sig
 
-    seeds = sorted(set.intersection(*({run.seed for run in r.runs} for r in results))) if results else []
+    seeds = _paired_seeds(results)
     if len(seeds) < 2 or len(results) < 2:
         return ""
     labels = [r.method for r in results]
