@@ -57,6 +57,19 @@ def test_kmeans_1d_is_the_optimum_over_every_assignment(seed):
             torch.testing.assert_close(centroids[groups == grp], values[groups == grp].mean().expand((groups == grp).sum()))
 
 
+def test_kmeans_1d_values_over_sixteen_orders_of_magnitude():
+    # with prefix sums of x^2 the large pair's cost (~1e16 - 1e16) cancels to noise; here K = 3 must split it
+    values = torch.tensor([1e-8, 1e8, 2e-8, 1e8 + 1], dtype=D64)
+    centroids, groups = kmeans_1d(values, 3)
+    assert groups[1] != groups[3] and groups[0] == groups[2]
+    torch.testing.assert_close(centroids, torch.tensor([1.5e-8, 1e8, 1.5e-8, 1e8 + 1], dtype=D64), rtol=1e-15, atol=0)
+    g = torch.Generator().manual_seed(9)
+    spread = torch.randn(7, generator=g, dtype=D64).mul(8).exp()
+    for k in (2, 4):
+        _, groups = kmeans_1d(spread, k)
+        assert _sse(spread, groups) == pytest.approx(_best_partition_brute_force(spread.tolist(), k), rel=1e-9, abs=1e-300)
+
+
 def test_kmeans_1d_mask_and_more_groups_than_values():
     values = torch.tensor([1.0, 50.0, 2.0, 10.0], dtype=D64)
     centroids, groups = kmeans_1d(values, 2, torch.tensor([True, False, True, True]))

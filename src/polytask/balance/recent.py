@@ -12,7 +12,6 @@ the docstrings say where the code follows the paper and where the authors' publi
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -31,48 +30,55 @@ __all__ = ["AutoLambda", "GO4Align", "HeldOut", "NTKMTL", "NTKMTLSR", "kmeans_1d
 
 
 # ------------------------------------------------------------------------------- 1-D k-means
-_CUTS: dict[tuple[int, int, torch.device], Tensor] = {}
-
-
-def _cut_points(n: int, k: int, device: torch.device) -> Tensor:
-    """``(C, k + 1)``: every way to cut ``n`` sorted values into ``k`` contiguous (possibly empty) runs,
-    as boundaries ``0 = c_0 <= c_1 <= ... <= c_k = n`` (built once per ``(n, k)``)."""
-    key = (n, k, device)
-    if key not in _CUTS:
-        inner = list(itertools.combinations_with_replacement(range(n + 1), k - 1))
-        _CUTS[key] = torch.tensor([[0, *c, n] for c in inner], dtype=torch.long, device=device).reshape(len(inner), k + 1)
-    return _CUTS[key]
+def _run_costs(xs: Tensor, ms: Tensor) -> Tensor:
+    """``(n + 1, n + 1)``: within-run sum of squares of the sorted values ``xs[i:j]`` (entries with ``ms`` 0 take
+    no part), ``inf`` where ``i > j``. Summed directly around each run's mean, not from prefix sums of ``x^2``,
+    which cancel when the values span many orders of magnitude."""
+    n = xs.shape[0]
+    bounds = torch.arange(n + 1, device=xs.device)
+    pos = torch.arange(n, device=xs.device)
+    inside = (pos >= bounds[:, None, None]) & (pos < bounds[None, :, None]) & (ms > 0)  # (i, j, m)
+    weight = inside.to(xs.dtype)
+    mean = (weight * xs).sum(-1) / weight.sum(-1).clamp_min(1)
+    cost = (weight * (xs - mean[..., None]) ** 2).sum(-1)
+    return torch.where(bounds[:, None] <= bounds[None, :], cost, torch.full_like(cost, float("inf")))
 
 
 def kmeans_1d(values: Tensor, k: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact k-means of the scalars ``values`` (``(n,)``) into at most ``k`` groups: ``(centroid_of_each, group)``.
 
-    In one dimension an optimal clustering is a partition of the SORTED values into contiguous runs,
-    so every partition is scored at once (prefix sums of ``x`` and ``x^2``; ``C(n + k - 1, k - 1)``
-    candidates, 17 for ``n = 16, k = 2``) and the first one of least within-group sum of squares is kept:
-    deterministic, no random start, no host sync. Entries outside ``mask`` take no part (centroid 0,
-    group -1). Runs may be empty, so fewer values than ``k`` give each value its own group.
+    In one dimension an optimal clustering is a partition of the SORTED values into contiguous runs, found
+    exactly by dynamic programming over the run boundaries (``D_g(j) = min_i D_{g-1}(i) + cost(i, j)``,
+    ``O(k n^2)``, the first minimum on ties): deterministic, no random start, no host sync. Entries outside
+    ``mask`` take no part (centroid 0, group -1). Runs may be empty, so fewer values than ``k`` give each
+    value its own group.
     """
     n = values.shape[0]
+    k = max(1, min(k, n))
     mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask
-    x = torch.where(mask, values, torch.zeros_like(values))
     # the values taking part first, in increasing order; the others (sort key +inf) last
     order = torch.argsort(torch.where(mask, values, torch.full_like(values, float("inf"))), stable=True)
-    xs, ms = x[order], mask[order].to(values.dtype)
-    zero = values.new_zeros(1)
-    s1, s2, cnt = (torch.cat([zero, c.cumsum(0)]) for c in (xs * ms, xs * xs * ms, ms))
-    cuts = _cut_points(n, max(1, min(k, n)), values.device)  # (C, k+1)
-    lo, hi = cuts[:, :-1], cuts[:, 1:]
-    size, total, square = cnt[hi] - cnt[lo], s1[hi] - s1[lo], s2[hi] - s2[lo]
-    safe = size.clamp_min(1)
-    sse = (square - total * total / safe).sum(1)  # (C,)
-    best = torch.argmin(sse)  # the first minimum: ties resolve alike on every rank
-    centroids = total[best] / safe[best]  # (k,)
-    # the group of sorted position i: how many inner boundaries are <= i
+    xs = torch.where(mask, values, torch.zeros_like(values))[order]
+    ms = mask[order].to(values.dtype)
+    cost = _run_costs(xs, ms)
+    best, choices = cost[0], []  # best[j]: least cost of xs[:j] in the groups so far
+    for _ in range(k - 1):  # one more group per pass: sequential by construction
+        total = best[:, None] + cost  # (i, j): the new group is xs[i:j]
+        choices.append(total.argmin(0))
+        best = total.gather(0, choices[-1][None]).squeeze(0)
+    end, inner = torch.tensor(n, device=values.device), []
+    for choice in reversed(choices):  # walk the boundaries back from the end
+        end = choice[end]
+        inner.append(end)
     positions = torch.arange(n, device=values.device)
-    group_sorted = (cuts[best, 1:-1].unsqueeze(0) <= positions.unsqueeze(1)).sum(1)
+    cuts = torch.stack(inner) if inner else positions.new_zeros(0)
+    group_sorted = (cuts[None, :] <= positions[:, None]).sum(1)  # inner boundaries at or before each position
+    sums = torch.zeros(k, dtype=values.dtype, device=values.device).scatter_add_(0, group_sorted, xs * ms)
+    sizes = torch.zeros(k, dtype=values.dtype, device=values.device).scatter_add_(0, group_sorted, ms)
+    centroids = (sums / sizes.clamp_min(1))[group_sorted]
     group = torch.empty_like(group_sorted).scatter_(0, order, group_sorted)
-    return torch.where(mask, centroids[group], torch.zeros_like(values)), torch.where(mask, group, -1)
+    centre = torch.empty_like(centroids).scatter_(0, order, centroids)
+    return torch.where(mask, centre, torch.zeros_like(values)), torch.where(mask, group, -1)
 
 
 # ---------------------------------------------------------------------------------------- GO4Align
