@@ -2,25 +2,28 @@
 
 Generates a random Llama-shaped HF checkpoint with transformers (``LlamaConfig`` +
 ``from_config``, bf16, no download) and three "fine-tuned" variants (base + small seeded noise,
-rounded to bf16), saved as HF-style shards with an index. Then merges them with mergekit's CLI
-(``mergekit-yaml``) and polytask's CLI (``polytask merge``) - task arithmetic, TIES, DARE-TIES -
-each run in a fresh process under ``/usr/bin/time -v`` (wall time, peak RSS of the process tree
-leader), and compares the outputs tensor by tensor: exact equality for the deterministic methods,
-kept-entry density and L1 mass for DARE's random masks.
+rounded to bf16), saved as HF-style shards with an index (cached in the work directory). Then
+merges them with mergekit's CLI (``mergekit-yaml``) and polytask's CLI (``polytask merge``) - task
+arithmetic, TIES, DARE-TIES - each run in a fresh process, and compares the outputs tensor by
+tensor: exact equality for the deterministic methods, kept-entry fraction and L1 mass for DARE's
+random masks.
 
-Both tools compute in float32 and write bf16 (mergekit: ``dtype: float32``, ``out_dtype:
-bfloat16``), so deterministic outputs can be compared bit for bit. For DARE-TIES polytask uses
-``rescale: l1`` (mergekit's rescaling) so that the two draw from the same distribution.
+The configs are the plain ones a user writes: no ``dtype:``, so both tools compute in the
+inputs' bfloat16 and write bfloat16. The only difference: polytask's DARE-TIES config says
+``rescale: l1`` (mergekit's ``rescale: true`` is L1-norm matching; polytask's ``true`` is the
+paper's ``1/density``), so that both draw from the same distribution.
 
-Measured 2026-11-23 on the 2-core / 24 GB development box, 1.10 B parameters (TinyLlama shape),
-while other jobs kept the load average at 10-17 (so absolute times are inflated; runs of the two
-tools were interleaved). Task arithmetic: median of 2 runs; TIES and DARE-TIES: 1 run each.
+Method: for each method, ``--repeats`` rounds, each running mergekit then polytask (the order
+alternates from round to round), so slow drifts of the machine hit both. Reported: the median
+wall time of each tool, the median of the per-round ratios polytask / mergekit, and the peak
+memory of each process tree, split into anonymous (``RssAnon``: what the merge allocates) and
+file-backed (``RssFile``: page-cache pages of memory-mapped inputs, which the kernel can drop),
+sampled from ``/proc/PID/status`` of the process and all its descendants every
+``--sample-ms`` (``VmHWM`` alone does not split them). Take figures on a quiet machine only
+(no other jobs: check the load average), with the inputs already in the page cache (the first
+round of each tool warms it; ``--warmup`` adds an untimed round).
 
-| method | mergekit wall (s) | polytask wall (s) | wall ratio | mergekit peak RSS (GiB) | polytask peak RSS (GiB) | RSS ratio | output agreement |
-|---|---:|---:|---:|---:|---:|---:|---|
-| task_arithmetic | 203.0 | 64.6 | 0.32 | 4.24 | 3.26 | 0.77 | bit-identical (100 % of 1.10 B) |
-| ties | 1332.8 | 282.7 | 0.21 | 4.62 | 4.38 | 0.95 | 98.21 % identical; the rest are magnitude ties at the trim threshold |
-| dare_ties | 560.3 | 245.3 | 0.44 | 4.62 | 4.29 | 0.93 | random masks: changed entries 78.19 % vs 78.19 %, L1(out - base) ratio 1.0001 |
+Figures (quiet machine, 1.1 B TinyLlama shape): to be filled in by the lead.
 
 Usage::
 
@@ -33,12 +36,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -98,8 +102,7 @@ def write_configs(workdir: Path, base: Path, models: list[Path], method: str) ->
     entries = [
         {"model": str(m), "parameters": {k: v[i] for k, v in per_model.items()}} for i, m in enumerate(models)
     ]
-    cfg = {"merge_method": method, "base_model": str(base), "models": entries,
-           "dtype": "float32", "out_dtype": "bfloat16"}
+    cfg = {"merge_method": method, "base_model": str(base), "models": entries}
     if shared:
         cfg["parameters"] = dict(shared)
     import yaml
@@ -114,26 +117,80 @@ def write_configs(workdir: Path, base: Path, models: list[Path], method: str) ->
     return mk, pt
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Run ``cmd`` under /usr/bin/time -v; return (wall seconds, peak RSS in GiB)."""
+@dataclass
+class Run:
+    wall: float
+    anon_gib: float  # peak summed RssAnon of the process tree
+    file_gib: float  # peak summed RssFile of the process tree
+    total_gib: float  # peak summed RssAnon + RssFile (+ RssShmem) of the process tree
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc/PID/task/TID/children."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return out
+
+
+def _rss_kib(pid: int) -> tuple[int, int, int]:
+    """(RssAnon, RssFile, RssShmem) of one process in KiB (zeros if it is gone)."""
+    vals = {"RssAnon:": 0, "RssFile:": 0, "RssShmem:": 0}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = line.split(maxsplit=1)[0]
+                if key in vals:
+                    vals[key] = int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return vals["RssAnon:"], vals["RssFile:"], vals["RssShmem:"]
+
+
+def timed(cmd: list[str], sample_s: float) -> Run:
+    """Run ``cmd``; wall time and the peak anonymous / file-backed RSS of its process tree."""
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks = [0, 0, 0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            anon = file = shm = 0
+            for p in _tree(proc.pid):
+                a, f, s = _rss_kib(p)
+                anon, file, shm = anon + a, file + f, shm + s
+            peaks[0], peaks[1] = max(peaks[0], anon), max(peaks[1], file)
+            peaks[2] = max(peaks[2], anon + file + shm)
+            stop.wait(sample_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
     wall = time.perf_counter() - start
+    stop.set()
+    sampler.join()
     if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        sys.stderr.write(out[-3000:] + err[-3000:])
         raise SystemExit(f"command failed: {' '.join(cmd)}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return wall, rss_kb / 2**20
+    return Run(wall, peaks[0] / 2**20, peaks[1] / 2**20, peaks[2] / 2**20)
 
 
-def run_tool(tool: str, config: Path, out: Path) -> tuple[float, float]:
+def run_tool(tool: str, config: Path, out: Path, sample_s: float) -> Run:
     shutil.rmtree(out, ignore_errors=True)
     if tool == "mergekit":
         cmd = [str(VENV_BIN / "mergekit-yaml"), str(config), str(out), "--quiet", "--no-write-model-card",
                "--random-seed", "0"]
     else:
         cmd = [str(VENV_BIN / "polytask"), "merge", str(config), str(out)]
-    return timed(cmd)
+    return timed(cmd, sample_s)
 
 
 def compare(method: str, base: Path, ours: Path, theirs: Path) -> str:
@@ -162,7 +219,7 @@ def compare(method: str, base: Path, ours: Path, theirs: Path) -> str:
             l1_b += float((y.float() - z).abs().sum())
     for ck in (a, b, c):
         ck.close()
-    text = f"equal {100 * equal / total:.4f}% of {total / 1e9:.2f}B, max|diff| {max_diff:.3g}"
+    text = f"equal {100 * equal / total:.4f}% of {total / 1e6:.1f}M, max|diff| {max_diff:.3g}"
     if method.startswith("dare"):
         text += (f"; changed entries {100 * kept_a / total:.2f}% vs {100 * kept_b / total:.2f}%, "
                  f"L1(out-base) ratio {l1_a / l1_b:.4f}")
@@ -173,45 +230,57 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", action="store_true", help="one untimed round per method first")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/polytask_merge_bench"))
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    parser.add_argument("--sample-ms", type=float, default=50.0, help="RSS sampling period")
+    parser.add_argument("--clean", action="store_true", help="remove the generated checkpoints at the end")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     base, models, n_params = generate(args.workdir, args.size)
     print(f"checkpoints: {n_params / 1e9:.3f}B params, bf16, base + 3 variants in {args.workdir} "
           f"(ready after {time.perf_counter() - t0:.0f}s); {os.cpu_count()} CPU cores, "
-          f"torch {torch.__version__}", flush=True)
+          f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}", flush=True)
+    sample_s = args.sample_ms / 1000
     rows = []
     for method in args.methods.split(","):
         mk_cfg, pt_cfg = write_configs(args.workdir, base, models, method)
-        results: dict[str, list[tuple[float, float]]] = {"mergekit": [], "polytask": []}
+        tools = {"mergekit": mk_cfg, "polytask": pt_cfg}
+        if args.warmup:
+            for tool, cfg in tools.items():
+                run_tool(tool, cfg, args.workdir / f"out_{tool}", sample_s)
+        runs: dict[str, list[Run]] = {"mergekit": [], "polytask": []}
         for r in range(args.repeats):
-            for tool, cfg in (("mergekit", mk_cfg), ("polytask", pt_cfg)):  # interleaved runs
-                wall, rss = run_tool(tool, cfg, args.workdir / f"out_{tool}")
-                results[tool].append((wall, rss))
-                print(f"  {method:16s} {tool:9s} run {r + 1}: {wall:7.1f} s  {rss:6.2f} GiB", flush=True)
+            order = list(tools) if r % 2 == 0 else list(tools)[::-1]  # interleaved, alternating
+            for tool in order:
+                run = run_tool(tool, tools[tool], args.workdir / f"out_{tool}", sample_s)
+                runs[tool].append(run)
+                print(f"  {method:16s} {tool:9s} round {r + 1}: {run.wall:7.1f} s  anon {run.anon_gib:5.2f} GiB  "
+                      f"file {run.file_gib:5.2f} GiB  (load {os.getloadavg()[0]:.1f})", flush=True)
         agreement = compare(method, base, args.workdir / "out_polytask", args.workdir / "out_mergekit")
         print(f"  {method:16s} agreement: {agreement}", flush=True)
-        mk_wall = statistics.median(w for w, _ in results["mergekit"])
-        pt_wall = statistics.median(w for w, _ in results["polytask"])
-        mk_rss = statistics.median(m for _, m in results["mergekit"])
-        pt_rss = statistics.median(m for _, m in results["polytask"])
-        rows.append((method, mk_wall, pt_wall, mk_rss, pt_rss, agreement))
+        med = {tool: Run(*(statistics.median(getattr(x, f) for x in rs) for f in ("wall", "anon_gib", "file_gib",
+                                                                                  "total_gib")))
+               for tool, rs in runs.items()}
+        ratios = [p.wall / m.wall for m, p in zip(runs["mergekit"], runs["polytask"])]
+        rows.append((method, med["mergekit"], med["polytask"], statistics.median(ratios), min(ratios),
+                     max(ratios), agreement))
     for tool in ("mergekit", "polytask"):
         shutil.rmtree(args.workdir / f"out_{tool}", ignore_errors=True)
-    if not args.keep:
+    if args.clean:
         shutil.rmtree(args.workdir / f"ckpt-{args.size}", ignore_errors=True)
 
     print()
-    print(f"| method | mergekit wall (s) | polytask wall (s) | wall ratio | mergekit peak RSS (GiB) | "
-          f"polytask peak RSS (GiB) | RSS ratio | output agreement |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
-    for method, mk_wall, pt_wall, mk_rss, pt_rss, agreement in rows:
-        print(f"| {method} | {mk_wall:.1f} | {pt_wall:.1f} | {pt_wall / mk_wall:.2f} | {mk_rss:.2f} | "
-              f"{pt_rss:.2f} | {pt_rss / mk_rss:.2f} | {agreement} |")
-    print(f"\nmedians of {args.repeats} runs each; ratio = polytask / mergekit (targets: wall <= 0.5, RSS <= 1.0)")
+    print("| method | mergekit wall (s) | polytask wall (s) | speed-up (median of paired) | "
+          "mergekit peak anon / file (GiB) | polytask peak anon / file (GiB) | output agreement |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for method, mk, pt, ratio, lo, hi, agreement in rows:
+        print(f"| {method} | {mk.wall:.1f} | {pt.wall:.1f} | {1 / ratio:.2f}x ({1 / hi:.2f}-{1 / lo:.2f}) | "
+              f"{mk.anon_gib:.2f} / {mk.file_gib:.2f} | {pt.anon_gib:.2f} / {pt.file_gib:.2f} | {agreement} |")
+    print(f"\nmedians of {args.repeats} interleaved rounds; speed-up = mergekit wall / polytask wall per round "
+          f"(range over rounds in brackets); targets: TIES and DARE-TIES >= 5x, task arithmetic >= 2x, "
+          f"polytask peak anon < 1 GiB. Load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
