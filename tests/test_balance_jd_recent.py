@@ -530,3 +530,26 @@ def test_the_balancer_trains_as_torchjd_over_steps(name, params):
         with torch.no_grad():
             for p in shared:
                 p -= 0.05 * p.grad
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("host synchronisation inside a training step")
+
+
+@pytest.mark.parametrize("name", ["constant", "mean", "pbi", "cosmos"])
+def test_scalarizers_make_no_host_sync(name, monkeypatch):
+    theta = torch.tensor([0.3, -1.2, 2.0], dtype=DT, requires_grad=True)
+    b = balance.get(name)
+
+    def step() -> torch.Tensor:
+        theta.grad = None
+        b.backward({"a": (theta ** 2).sum(), "b": (theta - 1).abs().sum(), "c": theta.exp().sum()}, parameters=[theta])
+        return theta.grad
+
+    step()
+    for attr in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, attr, _refuse)
+    for _ in range(2):
+        step()
+    monkeypatch.undo()
+    assert torch.isfinite(step()).all()

@@ -12,9 +12,10 @@ torchjd 0.18 ships all four (``SDMGradWeighting``, ``MoDoWeighting``, ``CRMOGMWe
 
 One batch, not two. SDMGrad's and MoDo's analyses (and torchjd's examples) feed the weight update
 ``A = J_1 J_2^T`` from two independent mini-batches, so that it is an unbiased estimate of
-``J J^T``. The engine sees one batch per step and passes ``G = J J^T`` (a biased estimate; the
-double-sampling variant of the papers' experiments that LibMTL also runs with one batch). Where
-two batches are at hand, call ``weights(J_1 @ J_2.T)`` directly: it takes any ``T x T`` matrix.
+``J J^T``. The engine sees one batch per step and passes ``G = J J^T`` (a biased estimate of it,
+so the papers' convergence guarantees do not carry over as stated). Where two batches are at hand,
+call ``weights(J_1 @ J_2.T)`` directly: it takes any ``T x T`` matrix, as torchjd's weightings do
+(``tests/test_balance_jd_recent.py`` checks that case too).
 """
 
 from __future__ import annotations
