@@ -89,7 +89,7 @@ def _mergekit(text: str, folder: Path, out: Path, monkeypatch) -> Path:
     from mergekit.options import MergeOptions
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    text = re.sub(r"((?:model|base_model|source|tokenizer_source): )(base|a|b|c|d)\b",
+    text = re.sub(r"((?:model|base_model|source|tokenizer_source): )(base|a|b|c|d|t|u)\b",
                   lambda m: m.group(1) + str(folder / m.group(2)), text)
     mergekit_run(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
                  MergeOptions(copy_tokenizer=True, quiet=True, write_model_card=False, random_seed=0))
@@ -303,6 +303,21 @@ def test_tied_embeddings(tmp_path, monkeypatch):
     _same_by_token(theirs, ours)
 
 
+def test_tied_model_among_untied_ones(tmp_path, monkeypatch):
+    """A model with tied embeddings (no lm_head) among untied ones: its embedding is read as its
+    head, as mergekit does; with the same vocabulary (no tokenizer key) and with a union."""
+    root = _models(tmp_path / "m")
+    _model(root / "t", VOCABS["base"], 7, torch.float32, tied=True)
+    _model(root / "u", VOCABS["c"], 8, torch.float32, tied=True)
+    same = "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: a\n    parameters: {weight: 0.5}\n" \
+           "  - model: t\n    parameters: {weight: 0.7}\n"
+    _same_tensors(_mergekit(same.replace("model: a", "model: base"), root, tmp_path / "theirs_same", monkeypatch),
+                  _ours(same.replace("model: a", "model: base"), root, tmp_path / "ours_same", monkeypatch))
+    union = CONFIGS["union_linear"].replace("model: c", "model: u")
+    _same_by_token(_mergekit(union, root, tmp_path / "theirs", monkeypatch),
+                   _ours(union, root, tmp_path / "ours", monkeypatch))
+
+
 def test_chat_template_literal_and_builtin(models, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
@@ -318,8 +333,8 @@ def test_chat_template_literal_and_builtin(models, tmp_path, monkeypatch):
         th = _mergekit(t, models, tmp_path / f"theirs_{name}", monkeypatch)
         _same_by_token(th, ou := _ours(t, models, tmp_path / f"ours_{name}", monkeypatch))
         for gen in (False, True):
-            want = AutoTokenizer.from_pretrained(th).apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
-            got = AutoTokenizer.from_pretrained(ou).apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+            want, got = (AutoTokenizer.from_pretrained(p).apply_chat_template(chat, tokenize=False,
+                                                                               add_generation_prompt=gen) for p in (th, ou))
             assert got == want
     # a chat template alone: the base's tokenizer re-saved with it, as mergekit does
     t = "merge_method: linear\nmodels:\n  - model: base\n    parameters: {weight: 1.0}\n" \

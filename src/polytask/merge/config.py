@@ -530,8 +530,7 @@ def _run_one(
         copy_files_from=reference,
         extra_files=extra,
         progress=progress,
-        wrap_sources=wrap_sources if (config.tokenizer_source, config.tokenizer, config.chat_template) != (
-            None, None, None) else None,
+        wrap_sources=wrap_sources,
     )
 
 

@@ -121,7 +121,16 @@ class VocabPlan:
 
 
 # -- loading ----------------------------------------------------------------------------------------
+def _folder(path: str) -> str:
+    """A model's folder (mergekit's ``model+adapter``: the model's)."""
+    from polytask.merge.lora import split_lora_path
+
+    split = split_lora_path(path)
+    return split[0] if split is not None else path
+
+
 def _has_tokenizer(path: Path) -> bool:
+    path = Path(_folder(str(path)))
     return (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file() or (
         path / "vocab.json").is_file()
 
@@ -130,7 +139,7 @@ def _load_tokenizer(path: str, label: str, where: str, **kwargs: Any) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, **kwargs)  # a local folder (checked): nothing is downloaded
+        return AutoTokenizer.from_pretrained(_folder(path), **kwargs)  # a local folder: no download
     except (OSError, ValueError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{where}: cannot read the tokenizer of model {label}: {first}") from None
@@ -139,7 +148,7 @@ def _load_tokenizer(path: str, label: str, where: str, **kwargs: Any) -> Any:
 def _vocab_size(path: str, rows: int | None, tokenizer: Any | None) -> int:
     """A model's vocabulary size: its config's ``vocab_size`` (as mergekit), else its embedding rows."""
     try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
+        cfg = json.loads((Path(_folder(path)) / "config.json").read_text())
         size = cfg.get("vocab_size") if isinstance(cfg, dict) else None
         if size is None and isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict):
             size = cfg["text_config"].get("vocab_size")
@@ -435,54 +444,73 @@ def align_rows(plan: VocabPlan, group: Sequence[int], tensors: Sequence[Tensor],
 
 
 # -- the engine's view ------------------------------------------------------------------------------
+_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.weight$")
+_EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in)\.weight$")
+
+
+def tied_aliases(sources: Sequence[Any]) -> list[dict[str, str]]:
+    """Per source, the LM head it lacks -> its input embedding, where another source has that head
+    (a model with tied embeddings among untied ones: mergekit reads its embedding as its head)."""
+    heads = {n for s in sources for n in s.names() if _HEAD.search(n)}
+    out: list[dict[str, str]] = []
+    for s in sources:
+        embedding = next((n for n in s.names() if _EMBEDDING.search(n)), None)
+        out.append({h: embedding for h in sorted(heads) if h not in s and embedding is not None})
+    return out
+
+
 class AlignedSource:
-    """An input checkpoint whose token-indexed tensors are read re-indexed to the output vocabulary.
+    """An input checkpoint seen with its token-indexed tensors re-indexed to the output vocabulary
+    (when there is a plan) and, if its embeddings are tied, its embedding read as its LM head.
 
     The tensors of all the models of a group are aligned together (a missing token's row may come
     from another model) on the first read, and each model's share is handed out once.
     """
 
-    def __init__(self, inner: Any, k: int, shared: _Aligner) -> None:
+    def __init__(self, inner: Any, k: int, shared: _Aligner, aliases: Mapping[str, str]) -> None:
         self.inner = inner
         self.k = k
         self.shared = shared
+        self.aliases = dict(aliases)
         self.label = inner.label
 
     def names(self) -> list[str]:
-        return self.inner.names()
+        return [*self.inner.names(), *self.aliases]
 
     def __contains__(self, name: str) -> bool:
-        return name in self.inner
+        return name in self.aliases or name in self.inner
 
     def spec(self, name: str) -> TensorSpec:
-        spec = self.inner.spec(name)
+        spec = self.inner.spec(self.aliases.get(name, name))
         if not self.shared.aligns(name, self.k):
             return spec
-        return TensorSpec((self.shared.plan.rows, *spec.shape[1:]), spec.dtype)
+        return TensorSpec((self.shared.plan.rows, *spec.shape[1:]), spec.dtype)  # type: ignore[union-attr]
+
+    def raw(self, name: str) -> Tensor:
+        """The tensor as stored (a tied head: the embedding)."""
+        return self.inner.load(self.aliases.get(name, name))
 
     def load(self, name: str) -> Tensor:
-        if not self.shared.aligns(name, self.k):
-            return self.inner.load(name)
-        return self.shared.take(name, self.k)
+        return self.shared.take(name, self.k) if self.shared.aligns(name, self.k) else self.raw(name)
 
     def read_into(self, name: str, out: Tensor) -> None:
-        if not self.shared.aligns(name, self.k):
-            reader = getattr(self.inner, "read_into", None)
-            if reader is not None:
-                reader(name, out)
-            else:
-                out.copy_(self.inner.load(name))
+        if self.shared.aligns(name, self.k):
+            out.copy_(self.shared.take(name, self.k))
             return
-        out.copy_(self.shared.take(name, self.k))
+        reader = getattr(self.inner, "read_into", None)
+        if reader is not None:
+            reader(self.aliases.get(name, name), out)
+        else:
+            out.copy_(self.raw(name))
 
 
 class _Aligner:
     """Aligned token-indexed tensors, computed once per tensor for its group of models."""
 
-    def __init__(self, plan: VocabPlan, sources: Sequence[Any], groups: Mapping[str, Sequence[int]],
-                 dtype: torch.dtype | None, labels: Sequence[str]) -> None:
+    def __init__(self, plan: VocabPlan | None, groups: Mapping[str, Sequence[int]], dtype: torch.dtype | None,
+                 labels: Sequence[str]) -> None:
         self.plan = plan
-        self.sources = sources
+        self.sources: list[AlignedSource] = []
         self.groups = groups
         self.dtype = dtype
         self.labels = labels
@@ -490,19 +518,17 @@ class _Aligner:
         self.ready: dict[str, dict[int, Tensor]] = {}
 
     def aligns(self, name: str, k: int) -> bool:
-        return is_vocab_tensor(name) and k in self.groups.get(name, ())
+        return self.plan is not None and is_vocab_tensor(name) and k in self.groups.get(name, ())
 
     def take(self, name: str, k: int) -> Tensor:
+        assert self.plan is not None
         with self.lock:  # readers run in threads: one computes, the others wait for its result
             if name not in self.ready:
                 group = list(self.groups[name])
-                tensors = [self.sources[j].load(name) for j in group]
+                tensors = [self.sources[j].raw(name) for j in group]
                 dtype = self.dtype or _promoted([t.dtype for t in tensors])
                 self.ready[name] = dict(zip(group, align_rows(self.plan, group, tensors, dtype, name, self.labels)))
-            share = self.ready[name].pop(k)
-            if not self.ready[name]:
-                self.ready[name] = {}
-            return share
+            return self.ready[name].pop(k)
 
 
 def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
@@ -512,13 +538,16 @@ def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     return out
 
 
-def align_sources(plan: VocabPlan, sources: Sequence[Any], groups: Mapping[str, Sequence[int]],
-                  dtype: torch.dtype | None, labels: Sequence[str]) -> list[AlignedSource]:
+def align_sources(plan: VocabPlan | None, sources: Sequence[Any], groups: Mapping[str, Sequence[int]],
+                  dtype: torch.dtype | None, labels: Sequence[str],
+                  aliases: Sequence[Mapping[str, str]] | None = None) -> list[AlignedSource]:
     """The engine's sources with each token-indexed tensor ``name`` aligned over ``groups[name]``
-    (the models merged into it, in mergekit's input order); ``dtype``: the merge's ``dtype`` (None:
-    the inputs' promoted dtype)."""
-    shared = _Aligner(plan, sources, groups, dtype, labels)
-    return [AlignedSource(s, k, shared) for k, s in enumerate(sources)]
+    (the models merged into it, in mergekit's input order) when ``plan`` is given, and tied heads
+    read from the embedding (``aliases``, from :func:`tied_aliases`); ``dtype``: the merge's
+    ``dtype`` (None: the inputs' promoted dtype)."""
+    shared = _Aligner(plan, groups, dtype, labels)
+    shared.sources = [AlignedSource(s, k, shared, (aliases or [{}] * len(sources))[k]) for k, s in enumerate(sources)]
+    return shared.sources
 
 
 # -- output files -----------------------------------------------------------------------------------
@@ -588,17 +617,20 @@ def prepare(config: Any, written: Any, sources: Sequence[Any], paths: Sequence[s
                   if _has_tokenizer(Path(p))]
     template = None if config.chat_template is None else chat_template_text(config.chat_template, loaded)
     ref = 0 if base is None else base
+    aliases = tied_aliases(sources)
+    if source is None and template is None:  # only tied heads to read from the embeddings (if any)
+        return (align_sources(None, sources, {}, None, labels, aliases) if any(aliases) else list(sources)), {}, None
     if source is None:  # only a chat template: mergekit re-saves the donor's tokenizer with it
         if not _has_tokenizer(Path(paths[ref])):
             raise ConfigError(f"chat_template: model {labels[ref]} has no tokenizer files to add the template to")
         tok = _load_tokenizer(paths[ref], labels[ref], "chat_template")
-        return list(sources), tokenizer_files(tok, template), None
+        return align_sources(None, sources, {}, None, labels, aliases), tokenizer_files(tok, template), None
     where = "tokenizer.source" if block is not None else "tokenizer_source"
-    vocab_names = [n for n in sources[ref].names() if is_vocab_tensor(n)]
     rows: list[int | None] = []
     for s in sources:
-        names = [n for n in vocab_names if n in s] or [n for n in s.names() if is_vocab_tensor(n)]
-        rows.append(s.spec(names[0]).shape[0] if names else None)
+        embedding = next((n for n in s.names() if _EMBEDDING.search(n)), None) or next(
+            (n for n in s.names() if is_vocab_tensor(n)), None)
+        rows.append(s.spec(embedding).shape[0] if embedding is not None else None)
     written_block = written.tokenizer
     source_label = (written_block.source if written_block is not None else written.tokenizer_source)
     plan = build_vocab_plan(
@@ -616,7 +648,8 @@ def prepare(config: Any, written: Any, sources: Sequence[Any], paths: Sequence[s
         from polytask.merge.io import parse_dtype
 
         dtype = parse_dtype(config.dtype)
-    return align_sources(plan, sources, groups, dtype, labels), tokenizer_files(plan.tokenizer, template), plan.rows
+    aligned = align_sources(plan, sources, groups, dtype, labels, aliases)
+    return aligned, tokenizer_files(plan.tokenizer, template), plan.rows
 
 
 def with_vocab_size(text: str | None, reference: str | os.PathLike[str], rows: int,
