@@ -234,6 +234,18 @@ def test_pagcp_keeps_the_channels_one_task_needs_where_l1_drops_them():
     assert kept["pagcp_drop_b"] < 1.0 < kept["l1_drop_b"]
 
 
+def test_pagcp_counts_a_nan_loss_as_breaking_the_constraint():
+    from polytask.prune import PAGCP
+
+    model, data = _hand_model()
+    ctx = _context(model, data)
+    real = ctx.losses
+    ctx.losses = lambda m: real(m) if m is model else torch.full((2,), float("nan"))  # every pruned copy
+    with pytest.raises(UnreachableBudget, match=r"PAGCP's loss constraint in 2 rounds: the best reachable is "
+                                               r"flops=1\.000"):
+        prune_model(ctx, PAGCP(rounds=2), 0.55)
+
+
 def test_floor_is_respected_on_validation_or_the_best_reachable_is_named():
     model, data = _hand_model()
     ctx = _context(model, data, floor=5.0)

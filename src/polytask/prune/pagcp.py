@@ -137,7 +137,8 @@ class PAGCP:
                     continue
                 candidate = apply_plan(model, ctx.layers, {name: top_channels(saliency, keep)}, ctx.example)
                 cand_losses = ctx.losses(candidate)
-                if bool((cand_losses > (1 + theta) * base).any()) or not ctx.within_floor(candidate):
+                within = bool((cand_losses <= (1 + theta) * base).all())  # a NaN loss is outside
+                if not within or not ctx.within_floor(candidate):
                     break  # the oracle criterion: the previous ratio is this layer's
                 accepted, accepted_keep, losses = candidate, keep, cand_losses
                 if ctx.flops_ratio(candidate) <= target:
