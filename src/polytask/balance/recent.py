@@ -107,6 +107,8 @@ class GO4Align(TaskStateBalancer):
     uses for GO4Align defaults to 5, for up to 40 tasks); 2 here, for the few-task problems polytask's
     examples train.
 
+    No host synchronisation (the clustering is tensor ops, its one loop runs over the ``K - 1`` groups).
+
     Args:
         num_groups: ``K``, the number of groups (>= 1).
         robust_step_size: ``η``, step of the risk history (>= 0).
@@ -171,7 +173,7 @@ class NTKMTL(agg.GramianWeighting):
     polytask's Trainer has its own clipping option. Their NTKMTL-SR (per-sample kernels at the
     representation, largest eigenvalue of a ``B x B`` matrix per task) is not implemented here.
     A task whose gradient is exactly 0 (``G_tt = 0``: no labelled row) gets weight 0 instead of
-    ``inf``; a zero Gramian gives zero weights.
+    ``inf``; a zero Gramian gives zero weights. No eigendecomposition, no host synchronisation.
 
     Args:
         ntk_exp: the exponent ``n`` (the paper's 0.5).
@@ -220,6 +222,7 @@ class NTKMTLSR(LossWeighting):
     that mix samples (batch norm in a head). Under a process group: the maxima and the counts are
     reduced (one MAX and one SUM all-reduce of ``T`` numbers each), then the loss-weighting exchange.
     Micro-batch accumulation keeps each task's largest per-sample norm over the micro-batches (exact).
+    No host synchronisation.
 
     Args:
         ntk_exp: the exponent ``n`` (the paper's 0.5).
@@ -333,7 +336,8 @@ class AutoLambda(TaskStateBalancer):
 
     Where the held-out batch comes from: set ``balancer.heldout`` (a :class:`HeldOut`) before each
     ``backward``; polytask's Trainer does this from the validation split (``needs_heldout``); without
-    it ``backward`` raises a one-line ConfigError.
+    it ``backward`` raises a one-line ConfigError. No host synchronisation in the balancer (the held-out
+    batch's loading is the Trainer's).
 
     Args:
         weight_init: the initial ``λ_t`` (the authors' 0.1).

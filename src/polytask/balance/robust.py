@@ -40,9 +40,9 @@ class Krum(GramianWeighting):
     """Krum / Multi-Krum: average the ``n_selected`` rows closest to their neighbours.
 
     Blanchard, El Mhamdi, Guerraoui & Stainer, "Machine Learning with Adversaries: Byzantine
-    Tolerant Gradient Descent", NeurIPS 2017, Section 4: with ``f`` Byzantine rows out of ``T``,
+    Tolerant Gradient Descent", NeurIPS 2017: with ``f`` Byzantine rows out of ``T``,
     the score ``s(i) = sum_{i -> j} ||g_i - g_j||^2`` sums over the ``T - f - 2`` nearest other rows
-    and Krum returns the row of lowest score; Multi-Krum (Section 5) averages the ``m`` rows of
+    and Krum returns the row of lowest score; Multi-Krum (same paper) averages the ``m`` rows of
     lowest score. The paper sums squared distances; torchjd 0.18 (``Krum``) sums the distances
     themselves, and we follow torchjd, so the choice of rows matches the peer exactly (the two
     scores select different rows only in rare near-ties). Only the Gramian is needed, so the method
@@ -74,7 +74,7 @@ class TrimmedMean(Aggregator):
     """Coordinate-wise trimmed mean: per coordinate, drop the ``b`` largest and ``b`` smallest values.
 
     Yin, Chen, Ramchandran & Bartlett, "Byzantine-Robust Distributed Learning: Towards Optimal
-    Statistical Rates", ICML 2018, Definition 2 (with ``beta = b / T``): coordinate ``k`` of the
+    Statistical Rates", ICML 2018 (the trimmed mean with ``beta = b / T``): coordinate ``k`` of the
     update is the mean of the ``T - 2b`` middle values of ``{g_1k, ..., g_Tk}``. It works per
     coordinate, so it needs the Jacobian, not only the Gramian; at feature level the coordinates
     are those of the feature gradients. The update is generally not in the span of the rows; the

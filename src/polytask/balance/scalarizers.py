@@ -73,7 +73,7 @@ class PBI(LossWeighting):
     """Penalty-based boundary intersection (PBI): distance along a preference plus a penalty off it.
 
     Zhang & Li, "MOEA/D: A Multiobjective Evolutionary Algorithm Based on Decomposition", IEEE
-    Transactions on Evolutionary Computation 11(6), 2007, Section II-C:
+    Transactions on Evolutionary Computation 11(6), 2007 (the PBI decomposition):
     ``f(L) = d_1 + theta d_2`` with ``d_1 = (L - z*)^T w^``, ``d_2 = ||(L - z*) - d_1 w^||`` and
     ``w^ = w / ||w||``. Its gradient weights are ``w^ + theta (I - w^ w^^T) p / d_2`` with
     ``p = (L - z*) - d_1 w^``; they may be negative (the penalty pulls the losses towards the
@@ -121,7 +121,7 @@ class COSMOS(LossWeighting):
     """COSMOS: linear scalarisation rewarded for the losses' alignment with the preference.
 
     Ruchte & Grabocka, "Scalable Pareto Front Approximation for Deep Multi-Objective Learning",
-    ICDM 2021, Eq. 4: ``f(L) = r^T L - lambda cos(r, L)``. Its gradient weights are
+    ICDM 2021: ``f(L) = r^T L - lambda cos(r, L)``. Its gradient weights are
     ``r - lambda (r / (||r|| ||L||) - (r^T L) L / (||r|| ||L||^3))``. The paper also draws ``r``
     from a Dirichlet distribution per batch and feeds it to the model as an input; that is the
     model's business (set ``preference`` between steps), this balancer is the objective, as in

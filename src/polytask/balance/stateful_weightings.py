@@ -120,7 +120,8 @@ class MoDo(_WeightState, GramianWeighting):
     """MoDo: one projected stochastic gradient step on the MGDA weights per training step.
 
     Chen, Fernando, Ying & Chen, "Three-Way Trade-Off in Multi-Objective Learning: Optimization,
-    Generalization and Conflict-Avoidance", NeurIPS 2023 (JMLR 2024), Eq. 2.9a:
+    Generalization and Conflict-Avoidance", NeurIPS 2023 (JMLR 2024), the weight update (Eq. 2.9a
+    in torchjd's reference to the JMLR version):
     ``lambda <- Pi_simplex(lambda - gamma (J_1 J_2^T + rho I) lambda)``, starting from ``1/T``;
     the update is ``J^T lambda`` with the new ``lambda`` (Eq. 2.9b). Same as torchjd 0.18's
     ``MoDoWeighting``, which takes ``J_1 J_2^T`` from two independent batches; the engine passes
@@ -150,7 +151,7 @@ class CRMOGM(_WeightState, GramianWeighting):
     """CR-MOGM: the weights of another Gramian method, smoothed by a moving average across steps.
 
     Zhou, Zhang, Jiang, Zhong, Gu & Zhu, "On the Convergence of Stochastic Multi-Objective Gradient
-    Manipulation and Beyond", NeurIPS 2022, Algorithm 2 (correlation-reduced MOGM):
+    Manipulation and Beyond", NeurIPS 2022 (the correlation-reduced, "CR", weights):
     ``lambda_k = alpha lambda_{k-1} + (1 - alpha) lambda^_k`` with ``lambda^_k`` the base method's
     weights at step ``k``; the update is ``J^T lambda_k``. ``lambda_0`` is ``initial_weights``, else
     ``lambda^_1`` (the first step returns the base's weights). The paper's Corollary 1 lets
@@ -259,12 +260,13 @@ def pcd_weights(normalized: Tensor, taus: Tensor, reg: float = 1e-12) -> Tensor:
 class PCD(_LazyStateMixin, GramianWeighting):
     """PCD (Priority-Constrained Descent): follow the first task, guarantee progress to the others.
 
-    Varam et al., "Not All Objectives Are Born Equal: Priority-Constrained Descent for Hierarchical
-    Multi-Objective Optimization", TMLR 2026 (arXiv:2606.29521), as torchjd 0.18 (``PCD``) states
-    it: with normalised gradients ``g~_i = g_i / sqrt(v^_i + eps)`` (``v^_i`` the bias-corrected
+    Varam & AlHajri, "Not All Objectives Are Born Equal: Priority-Constrained Descent for
+    Hierarchical Multi-Objective Optimization", TMLR 2026 (arXiv:2606.29521), as torchjd 0.18
+    (``PCD``) states it: with normalised gradients ``g~_i = g_i / sqrt(v^_i + eps)`` (``v^_i`` the bias-corrected
     moving average of ``||g_i||^2``, decay ``beta``),
     ``d~ = argmin_d 1/2 ||d - g~_1||^2`` s.t. ``g~_j^T d >= tau_j ||g~_j||^2`` for ``j >= 2``, and
-    the update is ``d~`` rescaled to ``||g_1||``. The first task (the first loss given to the
+    the update is ``d~`` rescaled to ``||g_1||``. (The paper gives closed forms for two and three
+    objectives; any ``T`` is solved here as in torchjd.) The first task (the first loss given to the
     balancer) is the primary one. ``g_1 = 0`` or ``d~ = 0`` (up to rounding) give a zero update;
     infeasible constraints (e.g. two opposite secondary gradients) are dropped and the update is
     ``g_1``. torchjd solves the QP exactly with Goldfarb & Idnani's active-set method on the host
