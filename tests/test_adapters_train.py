@@ -376,3 +376,28 @@ def test_token_file_task_ids_out_of_range_is_a_data_error(tmp_path):
                 "task_ids": torch.full((20,), 2)}, tmp_path / "t.pt")
     with pytest.raises(DataError, match="t.pt: tensor 'task_ids' must hold one task index in 0..1 per row"):
         data.load("token_file", path=str(tmp_path / "t.pt"))
+
+
+@pytest.mark.parametrize("method,kw", [("lora", {"pooling": "mean"}), ("loramoe", {"method_params": {"num_experts": 2}}),
+                                       ("molora", {"method_params": {"num_experts": 2, "top_k": 1}, "pooling": "last"})])
+def test_training_step_makes_no_host_sync_in_polytask_code(method, kw, monkeypatch):
+    # transformers' own mask code synchronises (padding_mask.all()); only a sync called from polytask fails
+    model = build(method, **kw).train()
+    x = seq_splits().train.batch(torch.arange(4)).inputs
+    model(x)
+    calls = []
+    for attr in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, attr)
+
+        def spy(self, *args, _original=original, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if "/polytask/" in caller.replace("\\", "/"):
+                calls.append(caller)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, attr, spy)
+    out = model(x)
+    aux = model.aux_loss
+    (sum(v.sum() for v in out.values()) + (0 if aux is None else aux)).backward()
+    monkeypatch.undo()
+    assert calls == []                     # fails with a float(mask.sum()) put into AdapterModel._pool (checked)
