@@ -5,8 +5,8 @@ the same budget), then one multi-task run per balancer. Printed:
 
 - per method: Δm% against the single-task baselines (Maninis et al., CVPR 2019; over each task's
   metrics, mse and mae; lower is better) as mean ± std over seeds, a ``*`` when the method is the
-  best or not significantly worse than it, the mean task weights of the last epoch, the seconds
-  per run, and a status: ``ok``, ``nan`` (a non-finite loss or metric), ``diverged`` (a task's
+  best or not significantly worse than it, the mean task weights of the last epoch, the mean epoch
+  chosen on validation (close to the last: not converged), the seconds per run, and a status: ``ok``, ``nan`` (a non-finite loss or metric), ``diverged`` (a task's
   test loss above the untrained model's) or the error;
 - every test metric (per task mse and mae) as mean ± std over seeds, with the same ``*``;
 - the pairwise matrix of Δm%: ``<`` the row method significantly better than the column method,
@@ -137,7 +137,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     elif any(result.test[t]["loss"] > untrained[t]["loss"] for t in result.test):
         status = "diverged"
     last = result.history[-1].train
-    return {**job, "status": status, "seconds": seconds, "test": result.test,
+    return {**job, "status": status, "seconds": seconds, "test": result.test, "best_epoch": result.best_epoch,
             "weights": {t: last[t]["weight"] for t in last}}
 
 
@@ -235,7 +235,7 @@ def print_tables(args: argparse.Namespace, methods: list[str], task_names: list[
           f"uncorrected (>= {2 / 2 ** args.seeds:.3g} with {args.seeds} seeds)\n")
     weights_shown = min(args.tasks, 6)
     header = (f"{'method':<12}{'Δm% mean':>10}{'± std':>8}{'':2}{'p(t)':>8}{'p(W)':>8}  "
-              f"{'last-epoch weights' + (' (first 6)' if args.tasks > 6 else ''):<34}{'s/run':>7}  status")
+              f"{'last-epoch weights' + (' (first 6)' if args.tasks > 6 else ''):<34}{'best ep':>8}{'s/run':>7}  status")
     print(header)
     print("-" * len(header))
     for m in methods:
@@ -243,7 +243,7 @@ def print_tables(args: argparse.Namespace, methods: list[str], task_names: list[
         secs = statistics.mean(r["seconds"] for r in runs[m].values())
         mean, std = sig.mean_std(deltas[m])
         if math.isnan(mean):
-            print(f"{m:<12}{'—':>10}{'':>8}{'':2}{'':>8}{'':>8}  {'':<34}{secs:>7.1f}  {statuses}")
+            print(f"{m:<12}{'—':>10}{'':>8}{'':2}{'':>8}{'':>8}  {'':<34}{'':>8}{secs:>7.1f}  {statuses}")
             continue
         if m == best or best is None:
             p_t = p_w = "best"
@@ -252,16 +252,17 @@ def print_tables(args: argparse.Namespace, methods: list[str], task_names: list[
             p_w = f"{sig.wilcoxon_signed_rank(deltas[m], deltas[best]).p_value:.3g}"
         ok = [r for r in runs[m].values() if "test" in r]
         w = [statistics.mean(r["weights"][t] for r in ok) for t in task_names[:weights_shown]]
+        best_epoch = statistics.mean(r["best_epoch"] for r in ok)  # near the last epoch: not converged
         print(f"{m:<12}{mean:>10.2f}{std:>8.2f}{'*' if best_group[m] else '':2}{p_t:>8}{p_w:>8}  "
-              f"{' '.join(f'{x:.2f}' for x in w):<34}{secs:>7.1f}  {statuses}")
+              f"{' '.join(f'{x:.2f}' for x in w):<34}{best_epoch:>8.1f}{secs:>7.1f}  {statuses}")
 
     print("\nTest metrics, mean ± std over seeds (* as above, per column; lower is better):")
     single_row = {f"{t} {k}": statistics.mean(single[s][t][k] for s in single) for t in task_names for k in ("mse", "mae")}
     for metric in ("mse", "mae"):
         columns = {f"{t} {metric}": {m: per_seed(m, lambda r, t=t: r["test"][t][metric]) for m in methods}
                    for t in task_names}
-        print(sig.seed_table(columns, {c: True for c in columns}, methods, alpha=args.alpha))
-        print("single-task " + " ".join(f"{single_row[c]:.4g}" for c in columns) + "\n")
+        print(sig.seed_table(columns, {c: True for c in columns}, methods, alpha=args.alpha,
+                             reference=("single-task", single_row)) + "\n")
 
     print("Pairwise Δm% (row vs column; paired t-test, Holm over all pairs): "
           "< better, > worse, = not significantly different")

@@ -144,3 +144,5 @@ def test_seed_table_marks_the_best_group_per_column() -> None:
     assert "1 ± 0.079*" in rows["a"] and "2.05 ± 0.11 " in rows["b"]
     assert rows["a"].endswith("*") and rows["b"].endswith("*")
     assert rows["c"].split()[1:] == ["—", "—"]
+    with_reference = sig.seed_table(columns, {"Δm%": True, "acc": False}, ["a", "b"], reference=("stl", {"acc": 0.61}))
+    assert with_reference.splitlines()[1].split() == ["stl", "—", "0.61"]  # a plain row, first, no mark

@@ -246,11 +246,13 @@ def pairwise_matrix(comparisons: Sequence[Comparison], methods: Sequence[str], l
 
 
 def seed_table(columns: Mapping[str, Mapping[str, Sequence[float]]], lower_is_better: Mapping[str, bool],
-               methods: Sequence[str], test: Test = "t", alpha: float = 0.05, digits: int = 4) -> str:
+               methods: Sequence[str], test: Test = "t", alpha: float = 0.05, digits: int = 4,
+               reference: tuple[str, Mapping[str, float]] | None = None) -> str:
     """A text table of ``mean ± std`` over seeds, one row per method, one column per metric
     (``columns[metric][method]``: the per-seed values, paired by position). A ``*`` follows the
     methods that are the best by mean or not significantly different from it in that column
-    (:func:`not_worse_than_best`, Holm over that column's comparisons)."""
+    (:func:`not_worse_than_best`, Holm over that column's comparisons). ``reference``: ``(label,
+    {metric: value})``, a first row of plain values that takes no part in the tests (e.g. single-task)."""
     marks = {name: not_worse_than_best({m: col[m] for m in methods if m in col}, lower_is_better[name], test, alpha)
              for name, col in columns.items()}
     cells: dict[str, list[str]] = {}
@@ -264,8 +266,13 @@ def seed_table(columns: Mapping[str, Mapping[str, Sequence[float]]], lower_is_be
             star = "*" if marks[name].get(m) else " "
             row.append("—" if math.isnan(mean) else f"{mean:.{digits}g} ± {std:.2g}{star}")
         cells[m] = row
-    widths = [max([len(name)] + [len(cells[m][i]) for m in methods]) + 2 for i, name in enumerate(columns)]
-    first = max(len("method"), *(len(m) for m in methods)) + 1
+    rows = list(methods)
+    if reference is not None:
+        label, values = reference
+        cells = {label: [f"{values[name]:.{digits}g}  " if name in values else "—" for name in columns], **cells}
+        rows = [label, *rows]
+    widths = [max([len(name)] + [len(cells[m][i]) for m in rows]) + 2 for i, name in enumerate(columns)]
+    first = max(len("method"), *(len(m) for m in rows)) + 1
     lines = [f"{'method':<{first}}" + "".join(f"{name:>{w}}" for name, w in zip(columns, widths))]
-    lines += [f"{m:<{first}}" + "".join(f"{c:>{w}}" for c, w in zip(cells[m], widths)) for m in methods]
+    lines += [f"{m:<{first}}" + "".join(f"{c:>{w}}" for c, w in zip(cells[m], widths)) for m in rows]
     return "\n".join(lines)
