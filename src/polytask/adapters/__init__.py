@@ -18,6 +18,10 @@ routing over a library of LoRAs by their top singular vectors; fill it with ``lo
     adapters.save(model, "run/adapters")           # safetensors + adapter_config.json
     adapters.save_peft(model, "run/peft_a", task="a")   # method "lora": PEFT's format for one task
 
+``polytask train`` runs these methods on a Hugging Face backbone (a local folder or an inline
+config) with ``model.arch: adapters`` (:mod:`polytask.train.backbone`; data from
+:mod:`polytask.data.sequences`; examples/adapters_*.yaml).
+
 A ``(B,)`` task-id tensor is not range-checked (that would synchronise with the device): an id
 outside ``0..T-1`` fails in indexing. ``target_modules`` follows PEFT: a string is a regular
 expression matched in full against module names, a list matches a name equal to an entry or
