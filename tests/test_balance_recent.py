@@ -552,3 +552,26 @@ def test_the_step_makes_no_host_sync(name, monkeypatch):
     w = step(1)
     monkeypatch.undo()
     assert torch.isfinite(w).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["go4align", "ntkmtl", "ntkmtl_sr", "auto_lambda"])
+def test_same_steps_on_gpu(name):
+    runs = []
+    for device in ("cpu", "cuda"):
+        model, b = Problem().to(device), balance.get(name).to(device)
+        grads = []
+        for step in range(3):
+            x, y = (t.to(device) for t in batch(step))
+            if name == "auto_lambda":
+                xv, yv = (t.to(device) for t in batch(50 + step))
+                b.heldout = heldout_for(model, x, y, xv, yv)
+            model.zero_grad()
+            b.backward(losses_of(model, x, y), shared=list(model.trunk.parameters()), features=model.z)
+            grads.append(torch.cat([g.reshape(-1) for g in grads_of(model)]).cpu())
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.01 * p.grad
+        runs.append(grads)
+    for cpu, gpu in zip(*runs):
+        torch.testing.assert_close(gpu, cpu, rtol=1e-7, atol=1e-9)
