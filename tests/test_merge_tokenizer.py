@@ -459,7 +459,7 @@ def test_model_without_tokenizer_files_is_refused_or_assumed(tmp_path, capsys, m
 def test_vocab_rows_that_cannot_be_aligned(tmp_path, capsys, monkeypatch):
     root = _models(tmp_path / "m")
     cfg = json.loads((root / "b" / "config.json").read_text())
-    cfg["vocab_size"] = 40  # more tokens than the 18 rows of its embeddings
+    cfg["vocab_size"] = 40  # more tokens than the 19 rows of its embeddings
     (root / "b" / "config.json").write_text(json.dumps(cfg))
     _expect_refused(root, CONFIGS["base_ties"], ["tokenizer_source", "model b", "vocab_size 40"],
                     tmp_path, capsys, monkeypatch)
@@ -468,4 +468,5 @@ def test_vocab_rows_that_cannot_be_aligned(tmp_path, capsys, monkeypatch):
 def test_different_vocabularies_without_tokenizer_source_are_refused(tmp_path, capsys, monkeypatch):
     root = _models(tmp_path / "m")
     text = CONFIGS["base_ties"].replace("tokenizer_source: base\n", "")
-    _expect_refused(root, text, ["embed_tokens", "model"], tmp_path, capsys, monkeypatch)
+    _expect_refused(root, text, ["tokenizer_source", "model b has 19 token rows", "model a has 26"], tmp_path, capsys,
+                    monkeypatch)

@@ -618,6 +618,9 @@ def prepare(config: Any, written: Any, sources: Sequence[Any], paths: Sequence[s
     template = None if config.chat_template is None else chat_template_text(config.chat_template, loaded)
     ref = 0 if base is None else base
     aliases = tied_aliases(sources)
+    if source is None:
+        for pre in (True, False):
+            _check_same_vocabulary(sources, labels, _group(config, source_of, base, pre))
     if source is None and template is None:  # only tied heads to read from the embeddings (if any)
         return (align_sources(None, sources, {}, None, labels, aliases) if any(aliases) else list(sources)), {}, None
     if source is None:  # only a chat template: mergekit re-saves the donor's tokenizer with it
@@ -650,6 +653,23 @@ def prepare(config: Any, written: Any, sources: Sequence[Any], paths: Sequence[s
         dtype = parse_dtype(config.dtype)
     aligned = align_sources(plan, sources, groups, dtype, labels, aliases)
     return aligned, tokenizer_files(plan.tokenizer, template), plan.rows
+
+
+def _check_same_vocabulary(sources: Sequence[Any], labels: Sequence[str], group: Sequence[int]) -> None:
+    """Without a tokenizer key, the embeddings merged together (``group``) must have the same
+    number of rows (mergekit refuses them too unless told to truncate): say which key fixes it."""
+    def rows(s: Any) -> tuple[str, int] | None:
+        name = next((n for n in s.names() if _EMBEDDING.search(n)), None)
+        return None if name is None else (name, s.spec(name).shape[0])
+
+    ref = group[0]
+    want = rows(sources[ref])
+    for k in group:
+        got = rows(sources[k])
+        if want is not None and got is not None and got[1] != want[1]:
+            raise ConfigError(f"tokenizer_source: model {labels[k]} has {got[1]} token rows ({got[0]}) but model "
+                              f"{labels[ref]} has {want[1]}; their vocabularies differ: set tokenizer_source "
+                              "(base, union or a model) to align the rows by token")
 
 
 def with_vocab_size(text: str | None, reference: str | os.PathLike[str], rows: int,
