@@ -329,7 +329,9 @@ class AutoLambda(TaskStateBalancer):
     the held-out batch (``primary=None``: every task, the paper's multi-task setting).
 
     Cost per step: two backward passes through the step's graph, a forward and backward on the held-out
-    batch, two forwards of the training batch. Differences: the virtual step is plain SGD (the authors'
+    batch, two forwards of the training batch. Neither Gramian-only nor feature-level: the lookahead moves
+    every trainable parameter (heads included) and the hypergradient needs the losses at ``θ ± ε v``, which
+    no ``T x T`` Gramian or feature gradient determines. Differences: the virtual step is plain SGD (the authors'
     code also adds the optimizer's momentum buffer and weight decay, which a balancer does not see);
     ``λ`` is not clipped, as in the paper. Not available under a process group, with micro-batch
     accumulation, or with ``reduce_gradients=False`` (ConfigError).
