@@ -46,6 +46,21 @@ def test_flops_of_a_small_cnn_match_a_hand_count():
     assert cost.params == (9 * 4 + 4) + 8 + 9 * 4 * 6 + (96 * 3 + 3)
 
 
+class _DictInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(torch.cat([x["u"], x["v"], x["w"]], dim=1))
+
+
+def test_flops_of_a_model_fed_a_dict_of_features_are_per_row():
+    # torch-pruning takes len(first argument) as the batch: 3 for this dict; Linear 3->2 is 6 + 2 per row
+    cost = count(_DictInput(), ({"u": torch.randn(5, 1), "v": torch.randn(5, 1), "w": torch.randn(5, 1)},))
+    assert cost.flops == 8 and cost.params == 8
+
+
 def test_pruned_model_has_the_counts_of_the_model_built_at_its_widths():
     torch.manual_seed(0)
     model = pnn.build_model("mmoe", 7, TASKS, num_experts=3, expert=(6, 5), tower=(4,))

@@ -45,6 +45,10 @@ def count(model: nn.Module, example: tuple) -> Cost:
     settle(model, example)
     op_counter.CUSTOM_MODULES_MAPPING = {BatchedLinear: _batched_linear_hook}  # reset by the counter itself
     flops, params = tp.utils.count_ops_and_params(model, example)
+    # the counter divides by len() of the first argument, its batch size; for a dict of features
+    # that is the number of features, not the one row passed
+    if isinstance(example[0], dict):
+        flops *= len(example[0])
     return Cost(float(flops), int(params))
 
 
