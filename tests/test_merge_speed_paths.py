@@ -93,3 +93,35 @@ def test_topk_mask_uses_the_replay_and_matches_argsort(monkeypatch):
         k = max(1, int(d * 60_000))
         ref = _reference(deltas[i].reshape(-1).abs().float(), k, True).reshape(300, 200)
         assert torch.equal(mask[i], ref)
+
+
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+def test_sign_mask_equals_the_select_form(consensus):
+    from polytask.merge.methods import _sign_mask
+
+    g = torch.Generator().manual_seed(7)
+    deltas = torch.randn(3, 4000, generator=g).to(torch.bfloat16)
+    deltas[:, :500] = 0  # zeros agree with neither sign
+    deltas[0, 500:700] = float("nan")
+    deltas[1, 700:900] = -deltas[0, 700:900]  # exactly opposite: sum 0 elects +
+    positive, negative = deltas > 0, deltas < 0
+    if consensus == "sum":
+        elected = deltas.sum(0) >= 0
+    else:
+        elected = positive.sum(0) >= negative.sum(0)
+    assert torch.equal(_sign_mask(deltas, consensus), torch.where(elected, positive, negative))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_agreeing_weight_sum_equals_mergekits_product_sum(dtype):
+    from polytask.merge.methods import _agreeing_weight_sum
+
+    g = torch.Generator().manual_seed(8)
+    agree = torch.rand(3, 5000, generator=g) < 0.5
+    agree[:, :100] = False  # no model agrees: the divisor is 1
+    w = torch.tensor([1.0, 0.6, 0.8], dtype=torch.float64).to(dtype).reshape(3, 1)
+    reference = (w * agree.to(dtype)).sum(dim=0)  # mergekit: (weights * mask).sum(dim=0), divisor[== 0] = 1
+    reference[reference == 0] = 1
+    got = _agreeing_weight_sum(agree, w)
+    assert got.dtype == dtype
+    assert torch.equal(got, reference)

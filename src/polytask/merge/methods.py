@@ -15,6 +15,7 @@ Notation: ``tau_i = theta_i - theta_0`` is the task vector of model ``i`` (Ilhar
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -94,37 +95,60 @@ def _per_model(values: Tensor, ndim: int, dtype: torch.dtype | None = None) -> T
     return values.reshape(-1, *([1] * ndim))
 
 
-def _select_k(values: Tensor, counts: list[int], largest: bool) -> Tensor:
+def _select_k(values: Tensor, counts: list[int], largest: bool, *, ties_likely: bool = False) -> Tensor:
     """Boolean mask of ``counts[i]`` entries of row ``i`` of ``values`` ``(N, M)``.
 
-    Entries are taken by value (largest or smallest first). O(M) per row (an exact selection, no
-    sort), except where exactly equal values straddle the threshold (common in bfloat16): then
+    Entries are taken by value (largest or smallest first), the same entries as mergekit's
+    ``torch.argsort(row, descending=largest)[:count]``. O(M) per row (an exact selection, no
+    sort): a threshold from :func:`_kth_smallest`, then, where exactly equal values straddle it
+    (in bfloat16 nearly always: ``ties_likely`` goes there at once),
     :func:`~polytask.merge.sortselect.argsort_head_mask` replays the steps of ``torch.argsort``
-    that decide which tied entries come first (expected O(M), no sort), so the same entries are
-    kept as by mergekit's argsort (bit-identical merges).
+    that decide which tied entries come first, so the same entries are kept as by mergekit
+    (bit-identical merges). Large rows run on two threads (the steps are single-threaded torch
+    ops that release the GIL; mergekit's sort uses one core).
     """
     n, m = values.shape
     mask = torch.zeros_like(values, dtype=torch.bool)
+    rows = [i for i, c in enumerate(counts) if 0 < c < m]
     for i, count in enumerate(counts):
-        if count <= 0:
-            continue
         if count >= m:
             mask[i] = True
-            continue
-        row = values[i]
-        threshold = _kth_smallest(row, m - count + 1 if largest else count)
-        keep = row > threshold if largest else row < threshold
-        need = count - int(torch.count_nonzero(keep))
-        tied = (row == threshold).nonzero().squeeze(1)
-        if need < tied.numel():  # which tied entries are kept: mergekit's sort decides
-            keep = argsort_head_mask(row, count, descending=largest)
-            if keep is None:  # NaN or libstdc++'s heapsort fallback: sort as mergekit does
-                keep = torch.zeros_like(row, dtype=torch.bool)
-                keep[torch.argsort(row, descending=largest)[:count]] = True
-        else:
-            keep[tied[:need]] = True
-        mask[i] = keep
+
+    def select(i: int) -> None:
+        mask[i] = _select_row(values[i], counts[i], largest, ties_likely)
+
+    if len(rows) > 1 and m >= _PARALLEL_ROW:
+        with ThreadPoolExecutor(2, thread_name_prefix="polytask-select") as pool:
+            list(pool.map(select, rows))
+    else:
+        for i in rows:
+            select(i)
     return mask
+
+
+#: Rows at least this long are selected two at a time.
+_PARALLEL_ROW = 1 << 18
+
+
+def _select_row(row: Tensor, count: int, largest: bool, ties_likely: bool) -> Tensor:
+    if ties_likely:
+        keep = argsort_head_mask(row, count, descending=largest)
+        if keep is not None:
+            return keep
+    m = row.numel()
+    threshold = _kth_smallest(row, m - count + 1 if largest else count)
+    keep = row > threshold if largest else row < threshold
+    need = count - int(torch.count_nonzero(keep))
+    tied = (row == threshold).nonzero().squeeze(1)
+    if need < tied.numel():  # which tied entries are kept: mergekit's sort decides
+        replayed = argsort_head_mask(row, count, descending=largest)
+        if replayed is not None:
+            return replayed
+        keep = torch.zeros_like(row, dtype=torch.bool)  # NaN or the heapsort case: sort as mergekit
+        keep[torch.argsort(row, descending=largest)[:count]] = True
+        return keep
+    keep[tied[:need]] = True
+    return keep
 
 
 _SAMPLE = 1 << 16
@@ -161,7 +185,12 @@ def topk_mask(x: Tensor, density: Tensor) -> Tensor:
     flat = x.reshape(x.shape[0], -1)
     m = flat.shape[1]
     counts = [m if d >= 1 else (0 if d <= 0 else max(1, int(d * m))) for d in density.tolist()]
-    return _select_k(_magnitudes(flat), counts, largest=True).reshape(x.shape)
+    return _select_k(_magnitudes(flat), counts, largest=True, ties_likely=_half(x)).reshape(x.shape)
+
+
+def _half(x: Tensor) -> bool:
+    """Half-precision values: 2^15 magnitudes, so a cut between exactly equal ones is the rule."""
+    return x.dtype in (torch.bfloat16, torch.float16)
 
 
 def _magnitudes(flat: Tensor) -> Tensor:
@@ -173,7 +202,7 @@ def _magnitudes(flat: Tensor) -> Tensor:
 def bottomk_mask(x: Tensor, counts: list[int]) -> Tensor:
     """Mask of the ``counts[i]`` smallest-magnitude entries of each ``x[i]``."""
     flat = x.reshape(x.shape[0], -1)
-    return _select_k(_magnitudes(flat), counts, largest=False).reshape(x.shape)
+    return _select_k(_magnitudes(flat), counts, largest=False, ties_likely=_half(x)).reshape(x.shape)
 
 
 def _norms(x: Tensor, how: bool | str) -> Tensor | None:
@@ -247,7 +276,22 @@ def _sign_mask(deltas: Tensor, consensus: str) -> Tensor:
         elected_positive = deltas.sum(dim=0) >= 0
     else:
         elected_positive = positive.sum(dim=0) >= negative.sum(dim=0)
-    return torch.where(elected_positive, positive, negative)
+    # where(elected_positive, positive, negative) as byte-wise logic (one pass each, no select kernel):
+    # an entry agrees iff it is non-zero and "is positive" equals "+ was elected"
+    nonzero = positive.logical_or(negative)
+    return positive.eq_(elected_positive).logical_and_(nonzero)
+
+
+def _agreeing_weight_sum(agree: Tensor, w: Tensor) -> Tensor:
+    """mergekit's ``(w * mask).sum(0)`` with 0 replaced by 1, without an ``(N, *shape)`` temporary:
+    the same additions in the same order, accumulated as torch's sum accumulates (float32 for
+    half-precision inputs), then rounded once to the compute dtype."""
+    acc = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
+    divisor = torch.zeros(agree.shape[1:], dtype=acc)
+    for agree_i, w_i in zip(agree, w.reshape(-1).to(acc).tolist()):  # over models: N is small
+        divisor.add_(agree_i, alpha=w_i)
+    divisor = divisor.to(w.dtype)
+    return divisor.masked_fill_(divisor == 0, 1)
 
 
 def _combine(
@@ -263,14 +307,7 @@ def _combine(
     weighted = deltas.mul_(w)
     if consensus is not None:
         agree = _sign_mask(weighted, consensus)
-        # mergekit's (w * mask).sum(0) without an (N, *shape) temporary: the same additions in the same
-        # order, accumulated as torch's sum accumulates (float32 for half-precision inputs)
-        acc = torch.float32 if weighted.dtype in (torch.bfloat16, torch.float16) else weighted.dtype
-        divisor = torch.zeros(weighted.shape[1:], dtype=acc)
-        for i in range(weighted.shape[0]):  # over models: N is small
-            divisor.add_(agree[i] * w[i].to(acc))
-        divisor = divisor.to(weighted.dtype)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        divisor = _agreeing_weight_sum(agree, w) if normalize else None  # unused otherwise
         mixed = weighted.mul_(agree).sum(dim=0)
         del agree
     else:
