@@ -412,7 +412,7 @@ def prune(
                                                                    "by more than this many percent.")] = None,
     finetune_epochs: Annotated[int, typer.Option(help="Epochs of fine-tuning with the run's balancer (0: none).")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="New run directory (default: RUN_DIR-METHOD-flopsX).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random method and of fine-tuning's draws.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random method's draws (fine-tuning uses the run's seed).")] = 0,
     latency_device: Annotated[str, typer.Option(help="Where latency is measured: cpu, cuda, auto.")] = "cpu",
 ) -> None:
     """Prune a trained run's shared trunk (shared-bottom layers, MMoE/OMoE experts) to a FLOPs budget
