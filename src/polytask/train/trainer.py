@@ -154,10 +154,12 @@ class Trainer:
         # plain module (FSDP: the same object) for evaluation and state
         dist_lib.check_balancer(config, self.balancer, self.dist)
         if getattr(self.balancer, "needs_heldout", False):  # before anything is written (CLI: exit 2)
-            rows = len(self.val_set) if isinstance(self.val_set, MultiTaskDataset) else 0
+            split = self._heldout_split()
+            source = getattr(self, f"{split}_set")
+            rows = len(source) if isinstance(source, MultiTaskDataset) else 0
             if self.dist.world_size > 1 or rows == 0:
                 raise ConfigError(f"balancer.name: {config.balancer.name!r} needs held-out batches from an in-memory "
-                                  f"validation split in one process, got {rows} validation rows and "
+                                  f"{split} split in one process, got {rows} in-memory {split} rows and "
                                   f"{self.dist.world_size} process(es)")
         self._step_model = dist_lib.wrap_model(self.model, self.dist, config.train.strategy, self.device)
         self.precision = dist_lib.Precision(config.train.precision, self.device)
@@ -205,10 +207,15 @@ class Trainer:
         return None
 
     # ------------------------------------------------------------------ steps
+    def _heldout_split(self) -> str:
+        """Where a ``needs_heldout`` balancer's batches come from: its ``heldout_split`` ("train" or "val")."""
+        return getattr(self.balancer, "heldout_split", "val")
+
     def _heldout(self, batch: Any) -> Any:
         """What a balancer with ``needs_heldout`` (Auto-Lambda) reads besides the step's losses
-        (:class:`polytask.balance.recent.HeldOut`): the next batch of the validation split (reshuffled
-        pass after pass, from its own generator), this batch's losses again, the optimizer's lr."""
+        (:class:`polytask.balance.recent.HeldOut`): the next batch of its ``heldout_split`` (the train split:
+        a second pass in its own shuffled order, as the Auto-Lambda authors do; or the validation split),
+        reshuffled pass after pass from its own generator; this batch's losses again; the optimizer's lr."""
         from polytask.balance.recent import HeldOut
 
         if getattr(self, "_heldout_batches", None) is None:
@@ -218,8 +225,9 @@ class Trainer:
         def heldout_losses() -> dict[str, Tensor]:
             held = next(self._heldout_batches, None)
             if held is None:  # a new pass over the validation split
-                self._heldout_batches = self.val_set.batches(self.config.train.batch_size, shuffle=True,
-                                                             generator=self._heldout_generator)
+                source = getattr(self, f"{self._heldout_split()}_set")
+                self._heldout_batches = source.batches(self.config.train.batch_size, shuffle=True,
+                                                       generator=self._heldout_generator)
                 held = next(self._heldout_batches)
             with self.precision.autocast():
                 return self._losses(self._step_model(held.inputs), held.targets, held.mask)
@@ -266,7 +274,7 @@ class Trainer:
             if isinstance(aux, Tensor) and aux.requires_grad:
                 step.aux_backward(aux)
             extra = {"task_features": self.model.task_features} if self._pass_task_features else {}
-            if getattr(self.balancer, "needs_heldout", False):  # Auto-Lambda: a validation batch per step
+            if getattr(self.balancer, "needs_heldout", False):  # Auto-Lambda: a held-out batch per step
                 self.balancer.heldout = self._heldout(batch)
             with step.no_sync():
                 if not last:  # an earlier micro-batch: the balancer keeps its per-task quantities
