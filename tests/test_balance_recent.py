@@ -493,12 +493,29 @@ def test_trainer_feeds_a_validation_batch_each_step(tmp_path):
                         "model": {"arch": "shared_bottom"},
                         "train": {"epochs": 2, "batch_size": 20, "early_stopping": None}})
     trainer = Trainer(cfg, progress=False)
-    drawn = []
+    drawn, rows = [], []
     original = trainer.balancer.meta_gradient
-    trainer.balancer.meta_gradient = lambda vec, held, names: (drawn.append(held), original(vec, held, names))[1]
+
+    def spy(vec, held, names):
+        drawn.append(held)
+        return original(vec, held, names)
+
+    trainer.balancer.meta_gradient = spy
+    sources = {"train": trainer.train_set, "val": trainer.val_set}
+    batches = {name: data.batches for name, data in sources.items()}
+    for name, data in sources.items():  # which split the held-out batches come from (the Trainer's own pass too)
+        data.batches = lambda *a, _n=name, **k: (rows.append(_n), batches[_n](*a, **k))[1]
     trainer.fit()
     assert len(drawn) == trainer.step and trainer.step > 0
+    assert rows.count("train") > trainer.epoch  # the Trainer's passes over train, and the held-out passes
     assert not torch.allclose(trainer.balancer.meta_weights, torch.full((2,), 0.1))  # λ was learned
+
+
+def test_auto_lambda_heldout_split_train_is_the_authors_and_val_is_an_option():
+    assert balance.get("auto_lambda").heldout_split == "train"
+    assert "heldout_split='val'" in repr(balance.get("auto_lambda", heldout_split="val"))
+    with pytest.raises(ConfigError, match="heldout_split"):
+        balance.get("auto_lambda", heldout_split="test")
 
 
 def test_cli_auto_lambda_without_heldout_batches_is_exit_2_one_line(tmp_path):

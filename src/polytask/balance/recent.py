@@ -337,14 +337,18 @@ class AutoLambda(TaskStateBalancer):
     accumulation, or with ``reduce_gradients=False`` (ConfigError).
 
     Where the held-out batch comes from: set ``balancer.heldout`` (a :class:`HeldOut`) before each
-    ``backward``; polytask's Trainer does this from the validation split (``needs_heldout``); without
-    it ``backward`` raises a one-line ConfigError. No host synchronisation in the balancer (the held-out
+    ``backward``; polytask's Trainer does this (``needs_heldout``) from ``heldout_split``: ``"train"``
+    (default) is the authors' choice, a second pass over the training split in its own shuffled order
+    (their ``val_loader`` is "a copy of train_loader with different data order"), which leaves the
+    validation split to model selection alone; ``"val"`` draws from the validation split. Without it
+    ``backward`` raises a one-line ConfigError. No host synchronisation in the balancer (the held-out
     batch's loading is the Trainer's).
 
     Args:
         weight_init: the initial ``λ_t`` (the authors' 0.1).
         meta_lr: Adam step size of ``λ`` (the authors' 1e-4 for dense prediction).
         primary: names of the primary tasks (None: all).
+        heldout_split: where the Trainer draws the held-out batches: ``"train"`` or ``"val"``.
     """
 
     needs_heldout = True
@@ -352,8 +356,11 @@ class AutoLambda(TaskStateBalancer):
     _state_buffer = "meta_weights"
 
     def __init__(self, weight_init: float = 0.1, meta_lr: float = 1e-4, primary: list[str] | None = None,
-                 nan_policy: Literal["skip", "raise"] = "skip") -> None:
+                 heldout_split: Literal["train", "val"] = "train", nan_policy: Literal["skip", "raise"] = "skip") -> None:
         super().__init__(nan_policy)
+        if heldout_split not in ("train", "val"):
+            raise ConfigError(f"balancer.params.heldout_split: must be 'train' or 'val', got {heldout_split!r}")
+        self.heldout_split = heldout_split
         self.weight_init = _positive(weight_init, "weight_init", "auto_lambda")
         self.meta_lr = _positive(meta_lr, "meta_lr", "auto_lambda")
         self.primary = None if primary is None else list(primary)
@@ -362,7 +369,8 @@ class AutoLambda(TaskStateBalancer):
         self.heldout: HeldOut | None = None
 
     def extra_repr(self) -> str:
-        return f"weight_init={self.weight_init}, meta_lr={self.meta_lr}, primary={self.primary!r}"
+        return (f"weight_init={self.weight_init}, meta_lr={self.meta_lr}, primary={self.primary!r}, "
+                f"heldout_split={self.heldout_split!r}")
 
     def _init_state(self, losses: Tensor) -> None:
         self.meta_weights = torch.full_like(losses, self.weight_init)
