@@ -470,3 +470,30 @@ def test_different_vocabularies_without_tokenizer_source_are_refused(tmp_path, c
     text = CONFIGS["base_ties"].replace("tokenizer_source: base\n", "")
     _expect_refused(root, text, ["tokenizer_source", "model b has 19 token rows", "model a has 26"], tmp_path, capsys,
                     monkeypatch)
+
+
+def test_multi_document_tokenizer_from_an_earlier_merge(tmp_path, monkeypatch):
+    """mergekit-multi: a tokenizer_source naming an earlier merge runs after it and takes its tokenizer."""
+    root = _models(tmp_path / "m")
+    text = """
+merge_method: linear
+base_model: base
+models:
+  - model: base
+  - model: ab
+    parameters: {weight: 0.5}
+parameters: {weight: 0.5}
+tokenizer_source: ab
+---
+name: ab
+merge_method: linear
+base_model: base
+models:
+  - model: a
+    parameters: {weight: 0.5}
+parameters: {weight: 0.5}
+tokenizer_source: union
+"""
+    out = _ours(text, root, tmp_path / "out", monkeypatch)
+    assert _token_ids(out) == _token_ids(tmp_path / "out.parts" / "ab")
+    assert load_state_dict(out)["lm_head.weight"].shape == (26, 16)

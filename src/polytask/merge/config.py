@@ -273,6 +273,11 @@ class MergeConfig(BaseModel):
                 }) for sl in self.slices],
         })
 
+    def tokenizer_model(self) -> str | None:
+        """The model whose tokenizer is the output's (``tokenizer_source: <model>``), if one is named."""
+        source = self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+        return None if source in (None, "base", "union") else source
+
     def model_paths(self) -> list[str]:
         """Every model the config names (base first), once each, as written."""
         paths = [] if self.base_model is None else [self.base_model]
@@ -415,8 +420,9 @@ def _multi_order(configs: list[MergeConfig], config_path: Any, out: Path,
     parts = Path(intermediate_dir) if intermediate_dir is not None else (
         out.with_name(out.name + ".parts") if unnamed else out)
     outs = {os.path.normpath(c.out_path): i for i, c in enumerate(configs) if c.out_path is not None}
-    uses = {i: {names.index(m) for m in c.model_paths() if m in names}
-            | {outs[os.path.normpath(m)] for m in c.model_paths() if os.path.normpath(m) in outs}
+    used = [[*c.model_paths(), *([c.tokenizer_model()] if c.tokenizer_model() else [])] for c in configs]
+    uses = {i: {names.index(m) for m in used[i] if m in names}
+            | {outs[os.path.normpath(m)] for m in used[i] if os.path.normpath(m) in outs}
             for i, c in enumerate(configs)}
     order: list[int] = []
     state: dict[int, int] = {}
@@ -445,7 +451,12 @@ def _with_merge_names(cfg: MergeConfig, configs: list[MergeConfig], parts: Path)
     def sub(path: str | None) -> str | None:
         return str(parts / path) if path in names else path
 
+    tokenizer = cfg.tokenizer
+    if tokenizer is not None:
+        tokenizer = tokenizer.model_copy(update={"source": sub(tokenizer.source)})
     return cfg.model_copy(update={
+        "tokenizer_source": sub(cfg.tokenizer_source),
+        "tokenizer": tokenizer,
         "base_model": sub(cfg.base_model),
         "models": None if cfg.models is None else [e.model_copy(update={"model": sub(e.model)}) for e in cfg.models],
         "slices": None if cfg.slices is None else [
