@@ -553,3 +553,27 @@ def test_scalarizers_make_no_host_sync(name, monkeypatch):
         step()
     monkeypatch.undo()
     assert torch.isfinite(step()).all()
+
+
+@pytest.mark.parametrize("name", ["sdmgrad", "pcd", "cr_mogm"])
+def test_steps_with_cuda_graphs_match_eager(monkeypatch, name):
+    """SDMGrad's inner loop and PCD's dual QP replay as CUDA graphs: on the CPU through the fake graph of
+    tests/test_balance_cuda_graphs.py (everything but the capture), several steps equal the eager run."""
+    from test_balance_cuda_graphs import FakeGraphs
+
+    from polytask.balance import solvers
+
+    graphs = FakeGraphs()
+    monkeypatch.setattr(solvers, "_GRAPH_DEVICE", "cpu")
+    monkeypatch.setattr(solvers, "_capture", graphs)
+    monkeypatch.setattr(solvers, "_GRAPHS", {})
+    steps = _steps(_random(4, 12, 5), 4)
+    results = {}
+    for on in (True, False):
+        monkeypatch.setattr(solvers, "CUDA_GRAPHS", on)
+        method = balance.get(name).aggregator
+        with torch.no_grad():
+            results[on] = [method(j) for j in steps]
+    assert len(graphs.captured) >= 1 and graphs.replays >= len(steps)
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a, b)
