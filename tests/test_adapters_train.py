@@ -401,3 +401,18 @@ def test_training_step_makes_no_host_sync_in_polytask_code(method, kw, monkeypat
     (sum(v.sum() for v in out.values()) + (0 if aux is None else aux)).backward()
     monkeypatch.undo()
     assert calls == []                     # fails with a float(mask.sum()) put into AdapterModel._pool (checked)
+
+
+def test_arrow_library_stays_frozen_and_the_digest_ignores_it(tmp_path):
+    _peft_adapter(tmp_path / "a16", hidden=16)
+    model = build("arrow", peft_adapters={"task1": str(tmp_path / "a16")}, method_params={"top_k": 1})
+    assert not any(p.requires_grad for p in adapters.task_parameters(model.backbone))
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.heads.parameters()}
+    plain = build("arrow", method_params={"top_k": 1})              # same backbone, empty library
+    assert torch.equal(plain.backbone_digest, model.backbone_digest)
+    x = seq_splits().train.batch(torch.arange(4)).inputs
+    plain.eval()(x)                                               # prototypes cached for the empty library
+    plain.load_state_dict(model.state_dict())                     # the library travels in the checkpoint
+    assert torch.allclose(plain(x)["task0"], model.eval()(x)["task0"])   # and the prototypes follow it
+    lay = adapters.adapter_layers(plain.backbone)["encoder.layer.0.attention.self.query"]
+    assert torch.equal(lay.lora_A, adapters.adapter_layers(model.backbone)["encoder.layer.0.attention.self.query"].lora_A)

@@ -26,6 +26,9 @@ How a batch runs (inputs from :mod:`polytask.data.sequences`):
 - else (token routers: ``hydralora``, ``molora``, ``smora``, ``arrow``): one forward of ``B`` rows,
   the pooled ``(B, H)`` representation shared by the towers (``shared_features``).
 
+``arrow`` routes zero-shot over a given library (``peft_adapters``): its LoRAs stay frozen and
+only the towers train.
+
 ``shared_parameters()`` are the adapter parameters every task uses (what a gradient balancer
 balances); the per-task adapter rows and the towers are task-specific. Checkpoints hold the
 adapters, the towers and a digest of the frozen backbone, not the backbone itself: the backbone
@@ -126,17 +129,20 @@ class AdapterModel(MultiTaskModel):
                 raise ConfigError(f"model.params.peft_adapters: unknown task {task!r}; "
                                   f"known: {', '.join(self.task_names)}")
             adapters.load_peft(self.backbone, folder, task=task)
+        if self.method == "arrow":  # zero-shot routing over a given library: training it would stale the prototypes
+            for p in adapters.task_parameters(self.backbone):
+                p.requires_grad_(False)
         self.task_conditioned = self.method in TASK_CONDITIONED and not self.one_adapter
         self.pooling, self.aux_weight = pooling, float(aux_weight)
         self.heads = TaskHeads(tasks, self.backbone.config.hidden_size, hidden=tuple(head_hidden))
-        trainable = {id(p) for p in self.parameters() if p.requires_grad}
-        frozen = [p for p in self.backbone.parameters() if id(p) not in trainable]
-        self.register_buffer("backbone_digest", _digest(frozen))
         self._frozen_keys = self._backbone_keys()
+        state = super().state_dict()
+        self.register_buffer("backbone_digest", _digest([state[k] for k in sorted(self._frozen_keys)
+                                                         if state[k].is_floating_point()]))
         self._owner: Tensor | None = None      # task of each row of the last forward (None: every task)
 
     def _backbone_keys(self) -> frozenset[str]:
-        """State-dict keys of the frozen backbone (left out of checkpoints)."""
+        """State-dict keys of the frozen backbone (left out of checkpoints): not an adapter's, not trainable."""
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         for name, layer in adapters.adapter_layers(self.backbone).items():
             prefix = f"backbone.{name}."
@@ -210,7 +216,11 @@ class AdapterModel(MultiTaskModel):
                                   f"(digest {saved.tolist()} vs this model's {self.backbone_digest.tolist()})")
         full = super().state_dict()
         merged = {**{k: full[k] for k in self._frozen_keys}, **state}
-        return super().load_state_dict(merged, strict=strict, assign=assign)
+        result = super().load_state_dict(merged, strict=strict, assign=assign)
+        for layer in adapters.adapter_layers(self.backbone).values():
+            if hasattr(layer, "refresh"):
+                layer.refresh()                  # Arrow: prototypes of the loaded library
+        return result
 
 
 class RoutedAdapterModel(AdapterModel):
