@@ -2,7 +2,7 @@
 
 Three measurements over one generated click/conversion log with 20 categorical columns (raw
 string ids: 4 high-cardinality columns hashed into buckets, 16 with vocabularies of 10 to 50 000
-ids, Zipf-distributed) and 10 dense columns, written as Parquet by row group (bounded memory for
+ids, Zipf-distributed) and 32 dense float64 columns, written as Parquet by row group (bounded memory for
 any size):
 
 (a) loader rows/s over the same ``--loader-rows`` rows, each path reading and turning the rows into
@@ -47,7 +47,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import torch
 
-N_DENSE = 10
+N_DENSE = 32  # float64 on disk, as numerical features often are: ~330 bytes a row, ~15M rows in 5 GB
 HASHED = {f"c{j}": 2_000_000 for j in range(4)}  # cardinality of the raw ids; embedded via hash buckets
 VOCAB = {f"c{j}": int(c) for j, c in zip(range(4, 20), np.geomspace(10, 50_000, 16))}
 HASH_BUCKETS = 1 << 18
@@ -61,7 +61,7 @@ def _chunk(rng: np.random.Generator, n: int, bias: dict[str, np.ndarray]) -> tup
     """``n`` rows: raw string ids (and their integer codes, for the CSV paths), dense, labels."""
     codes = {c: rng.integers(0, card, n) for c, card in HASHED.items()}  # uniform, as request/user ids
     codes.update({c: (rng.zipf(1.2, n) - 1) % card for c, card in VOCAB.items()})
-    dense = rng.random((n, N_DENSE), dtype=np.float32)
+    dense = rng.random((n, N_DENSE))
     logit = sum(bias[c][codes[c]] for c in list(VOCAB)[:4]) + dense[:, 0] - 1.0
     click = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
     conv = click * (rng.random(n) < 0.3)

@@ -61,10 +61,10 @@ def train(
     if device is not None:
         overrides.append(f"device={device}")
     cfg = load_config(config, overrides)
-    if nproc != 1 and cfg.data.name == "table":
-        from polytask.train.tables import ONE_PROCESS
+    if nproc != 1 and cfg.data.name == "table":  # refused before any process starts
+        from polytask.train.tables import check_multiprocess
 
-        raise ConfigError(ONE_PROCESS)
+        check_multiprocess(cfg)
     if nproc != 1:
         from polytask.train import dist
         from polytask.train.trainer import resolve_device

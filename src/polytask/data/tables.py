@@ -448,6 +448,7 @@ class TableSource(torch.utils.data.IterableDataset):
         self.files = _list_files(paths)
         self._columns = list(dict.fromkeys([*schema.columns, *(split.columns if split else ())]))
         self.units: list[tuple[int, int | None]] = []
+        self.unit_rows: list[int | None] = []  # from the Parquet footers (before a split's filter); None for CSV
         self._dictionary: list[list[str]] = []  # per file: the string id columns read as dictionaries
         plain = set(split.columns) if split else set()
         for i, f in enumerate(self.files):
@@ -462,9 +463,12 @@ class TableSource(torch.utils.data.IterableDataset):
                     raise DataError(f"{f}: dense column {c!r} holds {t}, not numbers")
             if _is_csv(f):
                 self.units.append((i, None))
+                self.unit_rows.append(None)
             else:
                 md = pq.ParquetFile(f).metadata
-                self.units += [(i, g) for g in range(md.num_row_groups) if md.row_group(g).num_rows > 0]
+                groups = [g for g in range(md.num_row_groups) if md.row_group(g).num_rows > 0]
+                self.units += [(i, g) for g in groups]
+                self.unit_rows += [md.row_group(g).num_rows for g in groups]
         if not self.units:
             raise DataError(f"{', '.join(map(str, self.files))}: no rows")
 
@@ -493,6 +497,28 @@ class TableSource(torch.utils.data.IterableDataset):
         if self.shuffle_rows > 0:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
         return [self.units[j] for j in order[shard::shards]]
+
+    def rank_batches(self, num_workers: int = 0, epoch: int | None = None) -> list[int] | None:
+        """Batches each rank gets in ``epoch`` (all its workers together), from the footers' row
+        counts and the same window rule as reading; None when rows are known only by reading them
+        (a CSV file, or a split's filter). Ranks use it to run the same number of steps."""
+        if self.split is not None or any(r is None for r in self.unit_rows):
+            return None
+        rows_of = dict(zip(self.units, self.unit_rows))
+        workers = max(num_workers, 1)
+        out = []
+        for rank in range(self.world_size):
+            n = 0
+            for w in range(workers):
+                window = 0
+                for unit in self.shard_units(rank * workers + w, self.world_size * workers, epoch):
+                    window += rows_of[unit]
+                    if window >= self.shuffle_rows:  # the window is full (every unit alone without shuffle)
+                        n += math.ceil(window / self.batch_size)
+                        window = 0
+                n += math.ceil(window / self.batch_size)
+            out.append(n)
+        return out
 
     # -- reading
     def _read_unit(self, unit: tuple[int, int | None]) -> Iterator[Any]:

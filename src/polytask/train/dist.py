@@ -659,6 +659,21 @@ def read_checkpoint(loader: Any, ckpt_dir: Any, ctx: DistContext, device: torch.
     return got[1]
 
 
+def on_main(fn: Any, ctx: DistContext, device: torch.device) -> Any:
+    """``fn()`` on rank 0 alone, its result (or its user error) broadcast to every rank (table data:
+    the vocabularies are built once)."""
+    return read_checkpoint(lambda _: fn(), None, ctx, device)
+
+
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``obj``, in rank order (pickled; for evaluation outputs, once per epoch)."""
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    collective(dist.all_gather_object, out, obj, group=ctx.group)
+    return out
+
+
 # ---------------------------------------------------------------------------- launch
 def report_error(exc: PolytaskError) -> bool:
     """In a worker, hand a user error to the launcher; returns True when this process should

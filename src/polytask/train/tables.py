@@ -26,8 +26,16 @@ streaming pass over the train files (with a fraction split: over the whole sourc
 val/test then get an untrained row instead of the OOV one) and saved as ``vocab.json`` in the run
 directory; a run that finds a ``vocab.json`` made for the same id columns reuses it (resume).
 
-Multi-process training is refused with table data: the source's rank shards can differ by one
-row group, and the trainer's ranks must run the same number of steps.
+More than one process (``--nproc N``): the vocabularies are built once, on rank 0, and broadcast;
+each rank reads its own units (row groups) of the train files, ``train.batch_size / N`` rows a
+batch; the ranks' shards differ by up to a row group, so a rank that runs out first takes empty
+batches (a masked mean over no rows is 0: it adds nothing to the step's global loss) until every
+rank has read its last row - each row is trained on once per epoch, and every rank runs the same
+number of steps. The step count comes from the Parquet footers (:meth:`TableSource.rank_batches`),
+so this needs Parquet files split by file (CSV files, or a fraction split, are refused).
+Evaluation: each rank scores its own units of val/test, and the outputs, labels and group keys
+are gathered to every rank, where the metrics are computed over the whole split: exactly one
+process's numbers.
 """
 
 from __future__ import annotations
@@ -47,8 +55,8 @@ from polytask.errors import CheckpointError, ConfigError, DataError
 from polytask.tasks import Task
 
 VOCAB_FILE = "vocab.json"
-ONE_PROCESS = ("data.name: table trains in one process for now (--nproc 1): the table source's rank shards "
-               "can differ by a row group, and the trainer's ranks must run the same number of steps")
+ONE_PROCESS = ("data.params: --nproc > 1 with table data needs Parquet files split by file (train/val/test): "
+               "each rank's step count is read from the Parquet footers, which CSV files and a fraction split lack")
 
 
 class _Strict(BaseModel):
@@ -177,12 +185,17 @@ class StreamSplit:
     picks the device they go to."""
 
     def __init__(self, paths: Paths, schema: Any, p: TableParams, seed: int, split: Any = None,
-                 train: bool = False, device: torch.device | str = "cpu") -> None:
+                 train: bool = False, device: torch.device | str = "cpu", ctx: Any = None) -> None:
         from polytask.data.tables import TableSource
+        from polytask.train.dist import DistContext
 
         self.p, self.seed, self.train, self.device = p, seed, train, torch.device(device)
+        self.ctx = ctx or DistContext()
         self.source = TableSource(expand(paths), schema, batch_size=1, shuffle_rows=p.shuffle_rows if train else 0,
-                                  seed=seed, split=split, read_rows=p.read_rows)
+                                  seed=seed, split=split, read_rows=p.read_rows, rank=self.ctx.rank,
+                                  world_size=self.ctx.world_size)
+        if train and self.ctx.world_size > 1 and self.source.rank_batches() is None:
+            raise ConfigError(ONE_PROCESS)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -210,18 +223,32 @@ class StreamSplit:
                 shard: Any = None) -> Iterator[Batch]:
         from polytask.data.tables import TableLoader
 
-        self.source.batch_size = batch_size
-        loader = TableLoader(self.source, num_workers=self.p.workers if self.train else 0)
+        world = self.ctx.world_size
+        self.source.batch_size = batch_size // world if shard is not None else batch_size
+        workers = self.p.workers if self.train else 0
+        loader = TableLoader(self.source, num_workers=workers)
         loader.epoch = self.epoch
+        steps = max(self.source.rank_batches(workers, self.epoch)) if world > 1 else None
+        done = 0
         for inputs, targets, mask in loader:
+            done += 1
             yield self._move(inputs, targets, mask)
+        for _ in range(steps - done if steps is not None else 0):  # this rank ran out first: empty batches
+            yield self._move(*self._empty())
+
+    def _empty(self) -> tuple[dict, dict, dict]:
+        """A batch of no rows (the shapes and dtypes of the source's batches)."""
+        sch = self.source.schema
+        inputs = {"dense": torch.zeros(0, len(sch.dense))} if sch.dense else {}
+        inputs.update({c: torch.zeros(0, dtype=torch.int64) for c in sch.categorical})
+        return (inputs, {t: torch.zeros(0) for t in sch.labels}, {t: torch.zeros(0, dtype=torch.bool) for t in sch.labels})
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[Batch, np.ndarray | None]]:
         """Batches in file order with the stable 64-bit hash of each row's group key (or None)."""
         from polytask.data.tables import stable_hash
 
         src, group = self.source, self.p.group
-        for unit in src.units:
+        for unit in src.shard_units(self.ctx.rank, self.ctx.world_size):  # file order, dealt to the ranks
             for rb in src._read_unit(unit):
                 for start in range(0, rb.num_rows, batch_size):
                     part = rb.slice(start, batch_size)
@@ -242,8 +269,21 @@ class TableSplits(Splits):
             save_vocabularies(vocabs, Path(run_dir) / VOCAB_FILE)
 
 
-def table_splits(config: Any) -> TableSplits:
-    """The train/val/test :class:`StreamSplit` s of ``config.data`` (``name: table``)."""
+def check_multiprocess(config: Any) -> None:
+    """ConfigError (before any process starts) when table data cannot train on several ranks:
+    a fraction split or CSV train files (no footer tells each rank's step count)."""
+    p = parse_params(dict(config.data.params))
+    if p.path is not None:
+        raise ConfigError(ONE_PROCESS)
+    from polytask.data.tables import _list_files
+
+    if any(f.suffix.lower() == ".csv" for f in _list_files(expand(p.train))):
+        raise ConfigError(ONE_PROCESS)
+
+
+def table_splits(config: Any, ctx: Any = None, device: torch.device | str = "cpu") -> TableSplits:
+    """The train/val/test :class:`StreamSplit` s of ``config.data`` (``name: table``); with a
+    process group (``ctx``), each rank's shards and vocabularies built on rank 0."""
     from polytask.data.tables import Split, TableSchema
 
     p = parse_params(dict(config.data.params))
@@ -257,7 +297,13 @@ def table_splits(config: Any) -> TableSplits:
             raise ConfigError(f"data.tasks: unknown task(s) {', '.join(map(repr, unknown))}; "
                               f"the table has {', '.join(labels)}")
         labels = {t: c for t, c in labels.items() if t in config.data.tasks}
-    encoders = build_encoders(p, config.run_dir, config.data.model_dump(mode="json"))
+    data = config.data.model_dump(mode="json")
+    if ctx is not None and ctx.world_size > 1:
+        from polytask.train.dist import on_main
+
+        encoders = on_main(lambda: build_encoders(p, config.run_dir, data), ctx, torch.device(device))
+    else:
+        encoders = build_encoders(p, config.run_dir, data)
     keep = tuple(c for c in (p.group, p.split.key if p.split else None) if c)
     schema = TableSchema(dense=tuple(p.dense), categorical=encoders, labels=labels, keep=keep)
     if p.path is None:
@@ -267,7 +313,7 @@ def table_splits(config: Any) -> TableSplits:
         edges[-1] = 1.0
         parts = [(p.path, Split(key=p.split.key, fraction=(float(edges[i]), float(edges[i + 1])), seed=p.split.seed))
                  for i in range(3)]
-    train, val, test = (StreamSplit(paths, schema, p, config.seed, split, train=i == 0)
+    train, val, test = (StreamSplit(paths, schema, p, config.seed, split, train=i == 0, ctx=ctx)
                         for i, (paths, split) in enumerate(parts))
     tasks = [Task(t, "binary", metrics=("auc", "logloss")) for t in labels]
     out = TableSplits("table", tasks, train, val, test, feature_spec(p.dense, encoders, p.embed_dim))
@@ -299,6 +345,17 @@ def evaluate_stream(model: torch.nn.Module, split: StreamSplit, tasks: Sequence[
         if g is not None:
             groups.append(g)
     model.train(was)
+    if split.ctx.world_size > 1:  # every rank's rows, gathered: the metrics are one process's
+        from polytask.train.dist import gather_objects
+
+        def cat(v: list[Tensor], dtype: torch.dtype) -> Tensor:  # a rank may hold no unit of a small split
+            return torch.cat(v) if v else torch.zeros(0, dtype=dtype)
+
+        mine = ({k: cat(v, torch.float32) for k, v in outs.items()}, {k: cat(v, torch.float32) for k, v in tgts.items()},
+                {k: cat(v, torch.bool) for k, v in masks.items()}, np.concatenate(groups) if groups else None)
+        parts = gather_objects(mine, split.ctx)
+        outs, tgts, masks = ({t.name: [q[i][t.name] for q in parts] for t in tasks} for i in range(3))
+        groups = [q[3] for q in parts if q[3] is not None]
     result = {}
     for t in tasks:
         o, y, m = torch.cat(outs[t.name]), torch.cat(tgts[t.name]), torch.cat(masks[t.name])

@@ -33,7 +33,6 @@ from polytask.train import rundir
 from polytask.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_model_file
 from polytask.train.checkpoint import describe_mismatch, kept_checkpoint
 from polytask.train.config import RunConfig, dump_config
-from polytask.train.tables import ONE_PROCESS
 
 Metrics = dict[str, dict[str, float]]  # task -> metric -> value
 
@@ -112,11 +111,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         streaming = splits is None and config.data.name == "table"
         if streaming:  # Parquet/CSV read in record batches (train/tables.py); tasks chosen there
-            if self.dist.world_size > 1:
-                raise ConfigError(ONE_PROCESS)
             from polytask.train.tables import table_splits
 
-            splits = table_splits(config)
+            splits = table_splits(config, self.dist, self.device)
         elif splits is None:
             splits = data_lib.load(config.data.name, **config.data.params)
         if config.data.tasks is not None and not streaming:
@@ -237,7 +234,12 @@ class Trainer:
                 return self._losses(self._step_model(batch.inputs), batch.targets, batch.mask)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return HeldOut(params, train_losses, heldout_losses, float(self.optimizer.param_groups[0]["lr"]))
+        group = self.optimizer.param_groups[0]
+        momentum = group.get("momentum", 0.0)  # SGD's term of the virtual step: buffer x coefficient (Adam: none)
+        buffers = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in params] if momentum else []
+        terms = [None if buf is None else buf * momentum for buf in buffers] or None
+        return HeldOut(params, train_losses, heldout_losses, float(group["lr"]), float(group.get("weight_decay", 0.0)),
+                       terms)
 
     def _losses(self, outputs: dict[str, Tensor], targets: dict[str, Tensor],
                 mask: dict[str, Tensor] | None) -> dict[str, Tensor]:
