@@ -290,7 +290,8 @@ BAD = [({"target_modules": ["nope"]}, "adapters.target_modules: ['nope'] matches
        ({"method": "molora", "method_params": {"num_experts": 2, "top_k": 3}}, "adapters.top_k: must be between 1 and"),
        ({"method": "lorra"}, "unknown method 'lorra'"),
        ({"pooling": "max"}, "model.params.pooling"),
-       ({"backbone": {"config": {"model_type": "nosuchmodel"}}}, "model.params.backbone.config: cannot build model_type"),
+       ({"backbone": {"config": {"model_type": "nosuchmodel"}}},
+        "model.params.backbone.config: cannot build model_type"),
        ({"method_params": {"top_k": 1}}, "adapters.top_k: method 'lora' takes no such parameter")]
 
 
@@ -378,8 +379,9 @@ def test_token_file_task_ids_out_of_range_is_a_data_error(tmp_path):
         data.load("token_file", path=str(tmp_path / "t.pt"))
 
 
-@pytest.mark.parametrize("method,kw", [("lora", {"pooling": "mean"}), ("loramoe", {"method_params": {"num_experts": 2}}),
-                                       ("molora", {"method_params": {"num_experts": 2, "top_k": 1}, "pooling": "last"})])
+@pytest.mark.parametrize("method,kw", [
+    ("lora", {"pooling": "mean"}), ("loramoe", {"method_params": {"num_experts": 2}}),
+    ("molora", {"method_params": {"num_experts": 2, "top_k": 1}, "pooling": "last"})])
 def test_training_step_makes_no_host_sync_in_polytask_code(method, kw, monkeypatch):
     # transformers' own mask code synchronises (padding_mask.all()); only a sync called from polytask fails
     model = build(method, **kw).train()
@@ -415,4 +417,5 @@ def test_arrow_library_stays_frozen_and_the_digest_ignores_it(tmp_path):
     plain.load_state_dict(model.state_dict())                     # the library travels in the checkpoint
     assert torch.allclose(plain(x)["task0"], model.eval()(x)["task0"])   # and the prototypes follow it
     lay = adapters.adapter_layers(plain.backbone)["encoder.layer.0.attention.self.query"]
-    assert torch.equal(lay.lora_A, adapters.adapter_layers(model.backbone)["encoder.layer.0.attention.self.query"].lora_A)
+    theirs = adapters.adapter_layers(model.backbone)["encoder.layer.0.attention.self.query"]
+    assert torch.equal(lay.lora_A, theirs.lora_A)

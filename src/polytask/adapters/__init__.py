@@ -4,8 +4,8 @@ Methods (one class each in :mod:`polytask.adapters.layers`, paper in its docstri
 ``lora`` (one LoRA per task), ``mtlora`` (shared + per-task LoRA), ``hydralora`` (shared A,
 routed B heads), ``molora`` (top-k mixture of LoRA experts with a load-balancing loss), ``smora``
 (each rank an expert, top-k rank-wise routing), ``loramoe`` (dense mixture of LoRA experts with
-LoRAMoE's localized balancing constraint over expert groups and task types), ``poly`` / ``mhr`` (skill LoRAs mixed by a learned
-task-to-skill allocation, ``n_splits`` heads for MHR; PEFT's layout), ``arrow`` (zero-shot per-token
+LoRAMoE's localized balancing constraint over expert groups and task types), ``poly`` / ``mhr``
+(skill LoRAs mixed by a learned task-to-skill allocation, ``n_splits`` heads for MHR; PEFT's layout), ``arrow`` (zero-shot per-token
 routing over a library of LoRAs by their top singular vectors; fill it with ``load_peft``)::
 
     from polytask import adapters, balance

@@ -16,8 +16,8 @@ from polytask.adapters.routed import (ArrowLinear, HydraLoRALinear, LoRAMoELinea
                                      localized_balancing_loss)
 
 __all__ = ["AdapterLinear", "TaskContext", "load_balancing_loss", "topk_gates", "POLY_EPS", "LoRALinear",
-           "MTLoRALinear", "PolyLinear", "ArrowLinear", "HydraLoRALinear", "MoLoRALinear", "SMoRALinear", "LoRAMoELinear",
-           "localized_balancing_loss",
+           "MTLoRALinear", "PolyLinear", "ArrowLinear", "HydraLoRALinear", "MoLoRALinear", "SMoRALinear",
+           "LoRAMoELinear", "localized_balancing_loss",
            "METHODS", "ALIASES"]
 
 METHODS: dict[str, type[AdapterLinear]] = {

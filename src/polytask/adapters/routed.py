@@ -56,7 +56,8 @@ class MoLoRALinear(AdapterLinear):
     Experts are stacked, ``A: (E, r, in)``, ``B: (E, out, r)``, and run densely in two ``einsum``
     calls (the unselected experts' gates are 0). Departures: MoLoRA routes softly (``top_k=E``
     gives that); LoRAMoE's localized balancing constraint (expert groups weighted by a task-type
-    label, :class:`LoRAMoELinear`) is replaced by the Switch-Transformer load-balancing loss (:func:`load_balancing_loss`),
+    label, :class:`LoRAMoELinear`) is replaced by the Switch-Transformer load-balancing loss
+    (:func:`load_balancing_loss`),
     kept after each forward in ``aux_loss`` (sum them with ``polytask.adapters.aux_loss``).
     """
 
@@ -96,7 +97,9 @@ class MoLoRALinear(AdapterLinear):
 
 def localized_balancing_loss(gates: Tensor, sample_group: Tensor, expert_group: Tensor, delta: float,
                              mask: Tensor | None = None, form: str = "paper") -> Tensor:
-    """LoRAMoE's localized balancing constraint ``L_lbc = sigma^2(Z) / mu(Z)``, ``Z = I o Q`` (Dou et al., ACL 2024, eq. 7-9).
+    """LoRAMoE's localized balancing constraint ``L_lbc = sigma^2(Z) / mu(Z)``, ``Z = I o Q``.
+
+    Dou et al., ACL 2024, eq. 7-9.
 
     ``gates``: ``(B, L, E)`` router weights of ``B`` samples' ``L`` tokens (``(B, E)`` for one
     vector per sample); ``Q[n, m] = sum_j G(x_j)_n`` over the real tokens ``j`` of sample ``m``

@@ -158,7 +158,8 @@ def token_file(path: str, tasks: dict[str, str] | None = None, split: Sequence[f
     inputs = {"input_ids": ids.long(), "attention_mask": mask.long()}
     if "task_ids" in tensors:
         owner = tensors["task_ids"]
-        if tuple(owner.shape) != (n,) or owner.is_floating_point() or bool(((owner < 0) | (owner >= len(wanted))).any()):
+        outside = bool(((owner < 0) | (owner >= len(wanted))).any())
+        if tuple(owner.shape) != (n,) or owner.is_floating_point() or outside:
             raise DataError(f"{file}: tensor 'task_ids' must hold one task index in 0..{len(wanted) - 1} per row "
                             f"(the order of the tasks: {', '.join(wanted)}), got {owner.dtype} {tuple(owner.shape)} "
                             f"with values {int(owner.min())}..{int(owner.max())}")
