@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from polytask.cli import main
 from polytask.merge import load_state_dict, run_merge
-from polytask.merge.tokenizer import VocabPlan, align_rows
+from polytask.merge.vocab import VocabPlan, align_rows
 
 SPECIAL = ["<unk>", "<s>", "</s>"]
 WORDS = [f"w{i}" for i in range(20)]
