@@ -374,8 +374,9 @@ def heldout_for(model, x, y, xv, yv):
     return HeldOut(params, lambda: losses_of(model, x, y), lambda: losses_of(model, xv, yv), 0.1)
 
 
-def auto_lambda_by_hand(model, x, y, xv, yv, lam, lr, primary=None):
-    """The meta-gradient of Auto-Lambda at the model's parameters, on a functional copy (nothing in place)."""
+def auto_lambda_by_hand(model, x, y, xv, yv, lam, lr, primary=None, weight_decay=0.0, momentum=None):
+    """The meta-gradient of Auto-Lambda at the model's parameters, on a functional copy (nothing in place);
+    the virtual step θ' = θ − α (m + g + wd θ) as the authors' ``virtual_step``."""
     names = [f"t{t}" for t in range(len(lam))]
     params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
 
@@ -386,7 +387,9 @@ def auto_lambda_by_hand(model, x, y, xv, yv, lam, lr, primary=None):
     keys = list(params)
     train = losses(params, x, y)
     g = torch.autograd.grad((lam * train).sum(), [params[k] for k in keys], retain_graph=True)
-    virtual = {k: (params[k] - lr * gi).detach().requires_grad_(True) for k, gi in zip(keys, g)}
+    m = momentum or [0.0] * len(keys)
+    virtual = {k: (params[k] - lr * (gi + weight_decay * params[k] + mi)).detach().requires_grad_(True)
+               for k, gi, mi in zip(keys, g, m)}
     mask = torch.tensor([1.0 if primary is None or n in primary else 0.0 for n in names], dtype=D64)
     v = torch.autograd.grad((mask * losses(virtual, xv, yv)).sum(), [virtual[k] for k in keys])
     eps = 0.01 / torch.sqrt(sum((d * d).sum() for d in v))
@@ -426,6 +429,46 @@ def test_auto_lambda_two_steps_against_the_rule_by_hand():
             for p in model.parameters():
                 p -= 0.1 * p.grad
     assert b.heldout is None  # one held-out batch per step
+
+
+def test_auto_lambda_virtual_step_takes_the_optimizers_momentum_and_weight_decay():
+    model = Problem()
+    x, y = batch(0)
+    xv, yv = batch(50)
+    g = torch.Generator().manual_seed(3)
+    momentum = [torch.randn(p.shape, generator=g, dtype=D64) * 0.3 for p in model.parameters()]
+    lam = torch.full((3,), 0.1, dtype=D64)
+    fd, exact = auto_lambda_by_hand(model, x, y, xv, yv, lam, 0.1, weight_decay=0.05, momentum=momentum)
+    plain, _ = auto_lambda_by_hand(model, x, y, xv, yv, lam, 0.1)
+    assert not torch.allclose(fd, plain, rtol=1e-3)  # the terms matter: a plain SGD lookahead is another step
+    torch.testing.assert_close(fd, exact, rtol=2e-3, atol=1e-8)
+    b = balance.get("auto_lambda")
+    b.heldout = HeldOut(list(model.parameters()), lambda: losses_of(model, x, y), lambda: losses_of(model, xv, yv),
+                        0.1, 0.05, momentum)
+    b.backward(losses_of(model, x, y))
+    torch.testing.assert_close(b.opt.exp_avg / (1 - 0.9), fd, rtol=1e-10, atol=1e-14)
+
+
+def test_trainer_passes_sgd_momentum_and_weight_decay(tmp_path):
+    from polytask.train import Trainer, parse_config
+
+    cfg = parse_config({"name": "al", "seed": 0, "device": "cpu", "out_dir": str(tmp_path / "{name}"),
+                        "data": {"name": "synthetic", "params": {"num_tasks": 2, "num_rows": 100, "input_dim": 4}},
+                        "balancer": {"name": "auto_lambda"}, "model": {"arch": "shared_bottom"},
+                        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01},
+                        "train": {"epochs": 1, "batch_size": 20, "early_stopping": None}})
+    trainer = Trainer(cfg, progress=False)
+    seen = []
+    original = trainer.balancer.meta_gradient
+    trainer.balancer.meta_gradient = lambda vec, held, names: (seen.append(held), original(vec, held, names))[1]
+    trainer.fit()
+    first, second = seen[0], seen[1]
+    assert first.lr == 0.05 and first.weight_decay == 0.01
+    assert first.momentum is None or all(m is None for m in first.momentum)  # no buffer before the first step
+    state = trainer.optimizer.state
+    assert second.momentum is not None and any(m is not None for m in second.momentum)
+    assert all(m is None or m.shape == p.shape for m, p in zip(second.momentum, second.parameters))
+    assert len(state) > 0
 
 
 def test_auto_lambda_primary_tasks_change_the_meta_objective():

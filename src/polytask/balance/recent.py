@@ -301,13 +301,18 @@ class HeldOut(NamedTuple):
     ``parameters``: the model's trainable parameters (the virtual step moves them, then puts them back
     exactly); ``train_losses()``: this step's training batch evaluated again at the parameters' current
     values, ``{task: loss}``; ``heldout_losses()``: a held-out batch evaluated likewise (called once per
-    step: it may draw the next batch); ``lr``: the model optimizer's current learning rate.
+    step: it may draw the next batch); ``lr``: the model optimizer's current learning rate;
+    ``weight_decay`` and ``momentum`` (per parameter, the optimizer's momentum buffer times its momentum
+    coefficient, ``None`` entries for none): what the optimizer adds to the gradient, so that the virtual
+    step is the optimizer's (the authors' ``virtual_step``).
     """
 
     parameters: list[Tensor]
     train_losses: Callable[[], Mapping[str, Tensor]]
     heldout_losses: Callable[[], Mapping[str, Tensor]]
     lr: float
+    weight_decay: float = 0.0
+    momentum: list[Tensor | None] | None = None
 
 
 @BALANCERS.register("auto_lambda", "autolambda", "autol")
@@ -331,9 +336,9 @@ class AutoLambda(TaskStateBalancer):
     Cost per step: two backward passes through the step's graph, a forward and backward on the held-out
     batch, two forwards of the training batch. Neither Gramian-only nor feature-level: the lookahead moves
     every trainable parameter (heads included) and the hypergradient needs the losses at ``θ ± ε v``, which
-    no ``T x T`` Gramian or feature gradient determines. Differences: the virtual step is plain SGD (the authors'
-    code also adds the optimizer's momentum buffer and weight decay, which a balancer does not see);
-    ``λ`` is not clipped, as in the paper. Not available under a process group, with micro-batch
+    no ``T x T`` Gramian or feature gradient determines. The virtual step is the model optimizer's as the
+    authors write it (:meth:`virtual_step`: SGD's momentum term and L2 weight decay, passed in
+    :class:`HeldOut`; Adam's moments are not used, as in their code). ``λ`` is not clipped, as in the paper. Not available under a process group, with micro-batch
     accumulation, or with ``reduce_gradients=False`` (ConfigError).
 
     Where the held-out batch comes from: set ``balancer.heldout`` (a :class:`HeldOut`) before each
@@ -399,7 +404,7 @@ class AutoLambda(TaskStateBalancer):
                 p.data = value
 
         try:
-            move_to([s - held.lr * g.detach() for s, g in zip(saved, grads)])  # θ' = θ − α g
+            move_to(self.virtual_step(held, saved, grads))
             val = stack_losses(dict(held.heldout_losses()))
             v = torch.autograd.grad((self._primary_mask(names, val) * val).sum(), params, allow_unused=True,
                                     materialize_grads=True)
@@ -415,6 +420,14 @@ class AutoLambda(TaskStateBalancer):
         meta = -held.lr * (plus - minus) / (2 * eps)
         meta = torch.where(norm > 0, meta, torch.zeros_like(meta))  # no held-out signal: λ stays
         return meta, all_finite(val, plus, minus, *grads, *v)
+
+    @staticmethod
+    def virtual_step(held: HeldOut, values: list[Tensor], grads: Iterable[Tensor]) -> list[Tensor]:
+        """``θ' = θ − α (m + g + wd θ)``: one step of the model's optimizer as the authors write it (SGD with its
+        momentum term ``m`` and L2 weight decay; for Adam they, and this, use ``m = 0``)."""
+        momentum = held.momentum or [None] * len(values)
+        return [s - held.lr * (g.detach() + held.weight_decay * s + (0 if m is None else m.to(s)))
+                for s, g, m in zip(values, grads, momentum)]
 
     def backward(self, losses, shared=None, features=None, *, task_features=None, process_group=None,
                  counts=None, loss_scale=None, parameters=None, reduce_gradients=True) -> Tensor:
