@@ -247,9 +247,10 @@ def test_loramoe_layer_is_a_dense_mixture_and_forms_its_loss_from_task_groups():
     adapters.set_task(model, None)
     model(x)
     assert lay.aux_loss is None                                   # no task: no sample types, no constraint
+    untouched = torch.nn.Sequential(torch.nn.Linear(6, 8))
     with pytest.raises(ConfigError, match="adapters.task_groups: need one group index >= 0 per task \\(3\\)"):
-        adapters.apply(torch.nn.Sequential(torch.nn.Linear(6, 8)), "loramoe", ["a", "b", "c"], ["0"], rank=2,
-                       task_groups=[0, 1])
+        adapters.apply(untouched, "loramoe", ["a", "b", "c"], ["0"], rank=2, task_groups=[0, 1])
+    assert all(p.requires_grad for p in untouched.parameters())    # refused before anything was frozen
     with pytest.raises(ConfigError, match="adapters.expert_groups"):
         adapters.apply(torch.nn.Sequential(torch.nn.Linear(6, 8)), "loramoe", ["a"], ["0"], rank=2, num_experts=3,
                        expert_groups=[0, 0, 2])

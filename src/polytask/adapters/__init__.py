@@ -119,6 +119,7 @@ def apply(model: nn.Module, method: str, tasks: Sequence[str], target_modules: s
         if not isinstance(effective["top_k"], int) or not 1 <= effective["top_k"] <= e:
             raise ConfigError(f"adapters.top_k: must be between 1 and {what}={e}, got {effective['top_k']!r}")
     alpha = float(rank if alpha is None else alpha)
+    cls.check_tasks(tasks, **params)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and _matches(n, target_modules)]
     if not names:
         raise ConfigError(f"adapters.target_modules: {target_modules!r} matches no nn.Linear of the model")

@@ -104,6 +104,10 @@ class AdapterLinear(nn.Module):
     def check(cls, name: str, base: nn.Linear, rank: int, **params: object) -> None:
         """ConfigError naming module ``name`` if the method cannot wrap it with these parameters."""
 
+    @classmethod
+    def check_tasks(cls, tasks: list[str], **params: object) -> None:
+        """ConfigError naming the parameter if it does not fit the task list (checked before any change)."""
+
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.scaling * self.delta(x)
 

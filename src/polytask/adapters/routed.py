@@ -159,7 +159,24 @@ class LoRAMoELinear(AdapterLinear):
                  delta: float = 0.1, task_groups: list[int] | None = None,
                  expert_groups: list[int] | None = None, form: Literal["paper", "authors"] = "paper") -> None:
         super().__init__(base, context, rank, alpha)
-        t = len(context.tasks)
+        task_groups, expert_groups = self.groups(len(context.tasks), num_experts, task_groups, expert_groups)
+        if not 0.0 <= delta < 1.0:
+            raise ConfigError(f"adapters.delta: must be in [0, 1), got {delta!r}")
+        if form not in ("paper", "authors"):
+            raise ConfigError(f"adapters.form: must be 'paper' or 'authors', got {form!r}")
+        self.form = form
+        self.num_experts, self.lbc_delta = num_experts, float(delta)   # not self.delta: the method
+        self.register_buffer("task_group", torch.tensor(task_groups), persistent=False)
+        self.register_buffer("expert_group", torch.tensor(expert_groups), persistent=False)
+        self.lora_A = nn.Parameter(_kaiming((num_experts, rank, self.in_features), self.in_features).to(base.weight))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank).to(base.weight))
+        self.router = nn.Parameter(_kaiming((num_experts, self.in_features), self.in_features).to(base.weight))
+        self.aux_loss: Tensor | None = None
+
+    @staticmethod
+    def groups(t: int, num_experts: int, task_groups: list[int] | None,
+               expert_groups: list[int] | None) -> tuple[list[int], list[int]]:
+        """Each task's and each expert's group, checked (default: every task in group 0, experts split evenly)."""
         task_groups = [0] * t if task_groups is None else list(task_groups)
         if len(task_groups) != t or not all(isinstance(g, int) and g >= 0 for g in task_groups):
             raise ConfigError(f"adapters.task_groups: need one group index >= 0 per task ({t}), got {task_groups!r}")
@@ -174,18 +191,11 @@ class LoRAMoELinear(AdapterLinear):
                 or max(task_groups) >= groups):
             raise ConfigError(f"adapters.expert_groups: need {num_experts} group indices covering 0..G-1 and every "
                               f"task group, got {expert_groups!r} (task_groups {task_groups!r})")
-        if not 0.0 <= delta < 1.0:
-            raise ConfigError(f"adapters.delta: must be in [0, 1), got {delta!r}")
-        if form not in ("paper", "authors"):
-            raise ConfigError(f"adapters.form: must be 'paper' or 'authors', got {form!r}")
-        self.form = form
-        self.num_experts, self.lbc_delta = num_experts, float(delta)   # not self.delta: the method
-        self.register_buffer("task_group", torch.tensor(task_groups), persistent=False)
-        self.register_buffer("expert_group", torch.tensor(expert_groups), persistent=False)
-        self.lora_A = nn.Parameter(_kaiming((num_experts, rank, self.in_features), self.in_features).to(base.weight))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank).to(base.weight))
-        self.router = nn.Parameter(_kaiming((num_experts, self.in_features), self.in_features).to(base.weight))
-        self.aux_loss: Tensor | None = None
+        return task_groups, expert_groups
+
+    @classmethod
+    def check_tasks(cls, tasks: list[str], **params: object) -> None:
+        cls.groups(len(tasks), params.get("num_experts", 6), params.get("task_groups"), params.get("expert_groups"))
 
     def delta_w(self, flat: Tensor, gates: Tensor) -> Tensor:
         h = torch.einsum("ni,eri->ner", flat, self.lora_A) * gates.unsqueeze(-1)   # (N, E, r)
