@@ -322,8 +322,8 @@ class AutoLambda(TaskStateBalancer):
     Liu, James, Davison, Johns, "Auto-Lambda: Disentangling Dynamic Task Relationships", TMLR 2022.
 
     The weights ``λ`` (start ``weight_init``) minimise the primary tasks' held-out loss after one
-    training step (a bi-level problem, solved with a one-step lookahead): with ``θ' = θ − α ∇_θ Σ_t λ_t L_t(θ)`` (``α`` the model's
-    learning rate),
+    training step (a bi-level problem, solved with a one-step lookahead): with
+    ``θ' = θ − α ∇_θ Σ_t λ_t L_t(θ)`` (``α`` the model's learning rate),
 
         ``∇_λ L_val(θ') = −α ∇²_{λ,θ} L_λ(θ) · ∇_θ' L_val(θ')``,
 
@@ -338,8 +338,9 @@ class AutoLambda(TaskStateBalancer):
     every trainable parameter (heads included) and the hypergradient needs the losses at ``θ ± ε v``, which
     no ``T x T`` Gramian or feature gradient determines. The virtual step is the model optimizer's as the
     authors write it (:meth:`virtual_step`: SGD's momentum term and L2 weight decay, passed in
-    :class:`HeldOut`; Adam's moments are not used, as in their code). ``λ`` is not clipped, as in the paper. Not available under a process group, with micro-batch
-    accumulation, or with ``reduce_gradients=False`` (ConfigError).
+    :class:`HeldOut`; Adam's moments are not used, as in their code). ``λ`` is not clipped, as in the
+    paper. Not available under a process group, with micro-batch accumulation, or with
+    ``reduce_gradients=False`` (ConfigError).
 
     Where the held-out batch comes from: set ``balancer.heldout`` (a :class:`HeldOut`) before each
     ``backward``; polytask's Trainer does this (``needs_heldout``) from ``heldout_split``: ``"train"``
@@ -437,7 +438,7 @@ class AutoLambda(TaskStateBalancer):
         held, self.heldout = self.heldout, None  # one held-out batch per step
         if held is None:
             raise ConfigError("balancer 'auto_lambda' needs a held-out batch: set balancer.heldout "
-                              "(polytask.balance.recent.HeldOut) before backward, or train with a validation split")
+                              "(polytask.balance.recent.HeldOut) before backward, or train with polytask's Trainer")
         vec = stack_losses(losses)
         self._bind(losses, vec)
         names = list(losses)
