@@ -159,8 +159,11 @@ class CRMOGM(_WeightState, GramianWeighting):
     attribute between steps for a schedule), as in torchjd 0.18's ``CRMOGMWeighting``, which we
     match. The base is any polytask balancer that needs only the Gramian (``mgda``, ``pcgrad``,
     ``cagrad``, ``upgrad``, ...), built from ``base`` and ``base_params``; its own state, if any, is
-    a submodule's buffers. Differences from torchjd: a new number of tasks restarts the average
-    (torchjd raises). No host synchronisation beyond the base method's.
+    a submodule's buffers; a random base (``pcgrad``, ``gradvac``) draws from the generator the
+    engine seeds with ``seed``, as that base does alone, so against torchjd's random bases the
+    smoothed weights agree in distribution, not draw for draw. Differences from torchjd: a new
+    number of tasks restarts the average (torchjd raises). No host synchronisation beyond the base
+    method's.
 
     Args:
         base: the balancer whose weights are smoothed (a Gramian method).
