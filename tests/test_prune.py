@@ -261,6 +261,14 @@ def test_pagcp_counts_a_nan_loss_as_breaking_the_constraint():
         prune_model(ctx, PAGCP(rounds=2), 0.55)
 
 
+def test_random_method_is_seeded():
+    model, data = _hand_model()
+    ctx = _context(model, data)
+    rows = {seed: prune_model(ctx, "random", 0.55, seed=seed).bottom[0].weight.detach() for seed in (0, 0, 1, 2, 3)}
+    assert torch.equal(prune_model(ctx, "random", 0.55, seed=0).bottom[0].weight, rows[0])
+    assert any(not torch.equal(rows[s], rows[0]) for s in (1, 2, 3))  # 70 possible choices of 4 units in 8
+
+
 def test_floor_is_respected_on_validation_or_the_best_reachable_is_named():
     model, data = _hand_model()
     ctx = _context(model, data, floor=5.0)
