@@ -287,6 +287,7 @@ def test_trainer_with_a_router_loss_and_analyze_on_the_run_dir(tmp_path):
 
 
 BAD = [({"target_modules": ["nope"]}, "adapters.target_modules: ['nope'] matches no nn.Linear"),
+       ({"balancer": "mgda"}, "balancer.name: a gradient balancer needs adapter parameters shared by the tasks"),
        ({"rank": 64}, "adapters.rank: 64 is larger than module"),
        ({"method": "molora", "method_params": {"num_experts": 2, "top_k": 3}}, "adapters.top_k: must be between 1 and"),
        ({"method": "lorra"}, "unknown method 'lorra'"),
@@ -298,8 +299,10 @@ BAD = [({"target_modules": ["nope"]}, "adapters.target_modules: ['nope'] matches
 
 @pytest.mark.parametrize("params,message", BAD)
 def test_bad_adapter_config_is_one_config_error(tmp_path, params, message):
+    params = dict(params)
+    balancer = params.pop("balancer", "ew")
     with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace("[", "\\[")):
-        Trainer(config(tmp_path, **params), progress=False)
+        Trainer(config(tmp_path, balancer=balancer, **params), progress=False)
 
 
 def test_cli_bad_adapter_config_exits_2_with_one_line_and_writes_nothing(tmp_path):

@@ -196,6 +196,16 @@ class AdapterModel(MultiTaskModel):
         shared = adapters.shared_parameters(self.backbone)
         return shared + adapters.task_parameters(self.backbone) if self.one_adapter else shared
 
+    def expose_task_features(self, enabled: bool = True) -> AdapterModel:
+        """As :meth:`MultiTaskModel.expose_task_features` (the Trainer calls it for a gradient balancer);
+        ConfigError when no trainable parameter is shared: such a balancer would have nothing to balance."""
+        if enabled and not self.shared_parameters():
+            raise ConfigError(f"balancer.name: a gradient balancer needs adapter parameters shared by the tasks; "
+                              f"method {self.method!r} has none here (use a loss balancer such as ew, or a method "
+                              f"with shared parameters: mtlora, hydralora, molora, loramoe, smora, poly)")
+        super().expose_task_features(enabled)
+        return self
+
     def task_specific_parameters(self) -> list[nn.Parameter]:
         own = [] if self.one_adapter else adapters.task_parameters(self.backbone)
         return own + list(self.heads.parameters())
