@@ -27,8 +27,8 @@ Settings (``--setting``; any flag given overrides it):
   scaled by a factor from 0.1 to 10 (losses spread over four orders of magnitude: what loss-scale
   invariance is for), 2000 rows, Adam 3e-3 for 60 epochs (the epoch chosen on validation falls
   before the last for most runs: with 4000 rows and 30 epochs at 1e-3 it was always the last), 5
-  seeds, the 12 main methods (``MAIN_METHODS``). Sized from 1-seed runs on a loaded 2-core machine
-  (about 11 s per single-task run, 13-27 s per multi-task run) to about 15 minutes with 2 processes.
+  seeds, the 12 main methods (``MAIN_METHODS``). Sized from 1-seed runs on a shared 2-core machine to
+  stay under about 15 minutes with 2 processes (the lead's quiet-machine run gives the real figure).
 
     .venv/bin/python benchmarks/balance_quality.py                       # all balancers, 3 seeds
     .venv/bin/python benchmarks/balance_quality.py --setting separating  # 12 methods, 5 seeds
