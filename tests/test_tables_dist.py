@@ -1,4 +1,4 @@
-"""Table data on two gloo processes (127.0.0.1) against one process: every row once, same step
+"""Table data on two gloo processes (one machine, a file rendezvous) against one process: every row once, same step
 counts, vocabularies built on rank 0 only, and evaluation metrics (AUC, log-loss, GAUC) equal to
 one process's over the whole split."""
 
@@ -8,7 +8,6 @@ import collections
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ tables.build_vocabularies = lambda *a, **k: calls.append(1) or real(*a, **k)
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 ctx = DistContext()
 if world > 1:
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method="file://" + os.environ["STORE"], rank=rank, world_size=world)
     ctx = DistContext(rank=rank, world_size=world, group=dist.group.WORLD, backend="gloo")
 cfg = parse_config(cfg_dict)
 splits = table_splits(cfg, ctx)
@@ -63,12 +62,6 @@ if world > 1:
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     # small row groups: about 9 train units, dealt unevenly to 2 ranks (their shards differ)
@@ -89,11 +82,11 @@ def _run(tmp_path: Path, cfg: dict, world: int) -> list[dict]:
     script, conf = tmp_path / "worker.py", tmp_path / f"cfg{world}.pkl"
     script.write_text(WORKER)
     conf.write_bytes(pickle.dumps(cfg))
-    port = str(_free_port())
+    store = tmp_path / f"store{world}"  # a file rendezvous: no port to race other tests for
+    store.unlink(missing_ok=True)
     procs = []
     for rank in range(world):
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world), STORE=str(store))
         out = tmp_path / f"out{world}_{rank}.pkl"
         procs.append((subprocess.Popen([sys.executable, str(script), str(conf), str(out)], env=env,
                                        stderr=subprocess.PIPE, text=True), out))
