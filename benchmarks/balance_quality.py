@@ -175,7 +175,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=0.05, help="family-wise significance level")
-    parser.add_argument("--json", default=None, help="also write every run's result to this JSON file")
+    parser.add_argument("--json", default=None, help="also write every run's result and the pairwise tests of Δm%% "
+                        "and of every metric (paired t, Holm over all pairs) to this JSON file")
+    parser.add_argument("--pairwise-metrics", action="store_true",
+                        help="also print the pairwise matrix of every test metric, not only of Δm%%")
     args = parser.parse_args()
     for key, value in SETTINGS[args.setting].items():
         if getattr(args, key) is None:
@@ -196,17 +199,21 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(run_one, jobs))
     wall = time.perf_counter() - wall
+    comparisons = print_tables(args, methods, task_names, results)
     if args.json:
+        import dataclasses
         import json
 
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    print_tables(args, methods, task_names, results)
+            json.dump({"runs": results, "pairwise": {name: [dataclasses.asdict(c) for c in found]
+                                                     for name, found in comparisons.items()}}, f, indent=1)
     print(f"{len(jobs)} runs in {wall:.0f} s with {args.jobs} processes")
 
 
-def print_tables(args: argparse.Namespace, methods: list[str], task_names: list[str], results: list[dict[str, Any]]) -> None:
-    """The Δm% table, the per-metric table and the pairwise Δm% matrix, all over seeds with significance."""
+def print_tables(args: argparse.Namespace, methods: list[str], task_names: list[str],
+                 results: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Print the Δm% table, the per-metric tables and the pairwise Δm% matrix, all over seeds with
+    significance; return the pairwise comparisons of Δm% and of every metric (Holm over all pairs)."""
     from polytask.report import significance as sig
     from polytask.tasks import Task, delta_m
 
@@ -262,6 +269,8 @@ def print_tables(args: argparse.Namespace, methods: list[str], task_names: list[
         print(f"{m:<12}{mean:>10.2f}{std:>8.2f}{'*' if best_group[m] else '':2}{p_t:>8}{p_w:>8}  "
               f"{' '.join(f'{x:.2f}' for x in w):<34}{best_epoch:>8.1f}{secs:>7.1f}  {statuses}")
 
+    finite = [m for m in methods if math.isfinite(means[m])]
+    comparisons = {"Δm%": sig.pairwise({m: deltas[m] for m in finite}, alpha=args.alpha)}
     print("\nTest metrics, mean ± std over seeds (* as above, per column; lower is better):")
     single_row = {f"{t} {k}": statistics.mean(single[s][t][k] for s in single) for t in task_names for k in ("mse", "mae")}
     for metric in ("mse", "mae"):
@@ -269,11 +278,17 @@ def print_tables(args: argparse.Namespace, methods: list[str], task_names: list[
                    for t in task_names}
         print(sig.seed_table(columns, {c: True for c in columns}, methods, alpha=args.alpha,
                              reference=("single-task", single_row)) + "\n")
+        for name, col in columns.items():
+            comparisons[name] = sig.pairwise({m: col[m] for m in finite}, alpha=args.alpha)
 
     print("Pairwise Δm% (row vs column; paired t-test, Holm over all pairs): "
           "< better, > worse, = not significantly different")
-    finite = [m for m in methods if math.isfinite(means[m])]
-    print(sig.pairwise_matrix(sig.pairwise({m: deltas[m] for m in finite}, alpha=args.alpha), finite))
+    print(sig.pairwise_matrix(comparisons["Δm%"], finite))
+    if args.pairwise_metrics:
+        for name, found in comparisons.items():
+            if name != "Δm%":
+                print(f"\nPairwise {name} (as above):\n" + sig.pairwise_matrix(found, finite))
+    return comparisons
 
 
 if __name__ == "__main__":
