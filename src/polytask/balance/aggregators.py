@@ -241,7 +241,7 @@ class PCGrad(GramianWeighting):
     coefficients ``g_i^PC = sum_k C_ik g_k`` so only the Gramian is needed; all tasks ``i`` are
     processed in parallel (one step per position in the random order). LibMTL 1.1.5's loop also
     visits ``j = i`` (projecting ``g_i^PC`` on its own ``g_i`` if they conflict after earlier
-    projections); the paper and we skip it.
+    projections); torchjd 0.18 and we skip it.
     """
 
     def __init__(self, generator: torch.Generator | None = None) -> None:
