@@ -55,7 +55,8 @@ class UncertaintyWeighting(TaskStateBalancer):
     Training of ``s``: the balancer owns it (a buffer) and its optimizer (Adam by default): each
     :meth:`backward` uses the current ``s``, back-propagates ``Σ w_t L_t`` into the model and then
     takes one step on ``s`` along the gradient above. ``balancer.parameters()`` is empty; do not
-    give ``s`` to the model's optimizer. LibMTL 1.1.5 starts ``s`` at -0.5 (weights ~0.82), not 0.
+    give ``s`` to the model's optimizer. LibMTL 1.1.5 starts ``s`` at -0.5 (weights ~0.82), not 0;
+    torch-rechub 0.9.0's ``uwl`` minimises ``Σ_t 2 e^{-w_t} L_t + w_t`` with ``w_t`` clamped at 0.
 
     Args:
         lr: step size of the optimizer of ``s``.
