@@ -89,8 +89,9 @@ def _mergekit(text: str, folder: Path, out: Path, monkeypatch) -> Path:
     from mergekit.options import MergeOptions
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    text = re.sub(r"((?:model|base_model|source|tokenizer_source): )(base|a|b|c|d|t|u)\b",
-                  lambda m: m.group(1) + str(folder / m.group(2)), text)
+    text = re.sub(r"((?:model|base_model): )(base|a|b|c|d|t|u)\b", lambda m: m.group(1) + str(folder / m.group(2)), text)
+    text = re.sub(r"((?:source|tokenizer_source): )(a|b|c|d|t|u)\b", lambda m: m.group(1) + str(folder / m.group(2)),
+                  text)  # "base" there is the keyword
     mergekit_run(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
                  MergeOptions(copy_tokenizer=True, quiet=True, write_model_card=False, random_seed=0))
     return out
@@ -210,13 +211,13 @@ def _token_ids(out: Path) -> dict[str, int]:
     return ids
 
 
-def _same_by_token(theirs: Path, ours: Path) -> None:
+def _same_by_token(theirs: Path, ours: Path, base_tokens: list[str] = VOCABS["base"]) -> None:
     """The same tensors and tokenizer up to the order of the union's new tokens, which mergekit
     takes from a set and a hash map (it may change from run to run): each token's rows are equal
     bit for bit; padding rows (a mean over the rows, summed in another order) to rounding."""
     it, io = _token_ids(theirs), _token_ids(ours)
     assert it.keys() == io.keys()
-    assert {t: i for t, i in io.items() if t in VOCABS["base"]} == {t: i for t, i in it.items() if t in VOCABS["base"]}
+    assert {t: i for t, i in io.items() if t in base_tokens} == {t: i for t, i in it.items() if t in base_tokens}
     assert (ours / "tokenizer_config.json").read_bytes() == (theirs / "tokenizer_config.json").read_bytes()
     a, b = load_state_dict(theirs), load_state_dict(ours)
     assert a.keys() == b.keys()
@@ -497,3 +498,89 @@ tokenizer_source: union
     out = _ours(text, root, tmp_path / "out", monkeypatch)
     assert _token_ids(out) == _token_ids(tmp_path / "out.parts" / "ab")
     assert load_state_dict(out)["lm_head.weight"].shape == (26, 16)
+
+
+def _bpe(corpus: list[str], size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=size, special_tokens=SPECIAL, show_progress=False))
+    return t
+
+
+def _bpe_model(path: Path, tok, rows: int, vocab_size: int, seed: int) -> None:
+    """A model whose tokenizer is the BPE ``tok``, with ``rows`` embedding rows and ``vocab_size``."""
+    from transformers import PreTrainedTokenizerFast
+
+    _model(path, ["?"] * rows, seed, torch.float32, tokenizer=False)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "vocab_size": vocab_size}))
+
+
+def test_bpe_tokenizers_stripped_and_padded(tmp_path, monkeypatch):
+    """BPE tokenizers: the base's has 2 added tokens past its vocab_size (stripped from the output,
+    as mergekit), the other model's embeddings have 3 padding rows past its tokenizer."""
+    from tokenizers import AddedToken
+
+    base_tok = _bpe(["the cat sat on the mat", "the dog ran far away"] * 3, 40)
+    n_base = base_tok.get_vocab_size()
+    base_tok.add_special_tokens([AddedToken("<extra_0>", special=True), AddedToken("<extra_1>", special=True)])
+    other_tok = _bpe(["a bird flew over the hill", "the cat ran to the hill"] * 3, 44)
+    n_other = other_tok.get_vocab_size()
+    root = tmp_path / "m"
+    _bpe_model(root / "base", base_tok, n_base, n_base, 0)
+    _bpe_model(root / "a", other_tok, n_other + 3, n_other + 3, 1)
+    base_tokens = [t for t, i in base_tok.get_vocab().items() if i < n_base]
+    for source in ("base", "union"):
+        text = f"""
+merge_method: linear
+base_model: base
+models:
+  - model: a
+    parameters: {{weight: 0.6}}
+parameters: {{weight: 0.4}}
+tokenizer_source: {source}
+"""
+        theirs = _mergekit(text, root, tmp_path / f"theirs_{source}", monkeypatch)
+        ours = _ours(text, root, tmp_path / f"ours_{source}", monkeypatch)
+        assert "<extra_0>" not in _token_ids(ours)
+        if source == "base":
+            _same_tensors(theirs, ours)
+            _same_files(theirs, ours)
+            assert len(_token_ids(ours)) == n_base
+        else:
+            _same_by_token(theirs, ours, base_tokens)
+
+
+def test_bpe_strip_drops_the_merges_that_make_a_stripped_token(tmp_path, monkeypatch):
+    """The base's last 2 BPE tokens (merge results) are past its vocab_size: the output tokenizer
+    lacks them and their merges, so it loads and splits those words into the kept pieces
+    (mergekit keeps those merges and its output cannot be loaded)."""
+    from transformers import AutoTokenizer
+
+    base_tok = _bpe(["the cat sat on the mat", "the dog ran far away"] * 3, 40)
+    n = base_tok.get_vocab_size()
+    dropped = sorted(base_tok.get_vocab(), key=base_tok.get_vocab().get)[-2:]
+    root = tmp_path / "m"
+    _bpe_model(root / "base", base_tok, n - 2, n - 2, 0)
+    _bpe_model(root / "a", base_tok, n - 2, n - 2, 1)
+    text = "merge_method: linear\nbase_model: base\nmodels:\n  - model: a\n    parameters: {weight: 0.5}\n" \
+           "parameters: {weight: 0.5}\ntokenizer_source: base\n"
+    out = _ours(text, root, tmp_path / "ours", monkeypatch)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == n - 2 and not set(dropped) & set(tok.get_vocab())
+    for word in dropped:
+        pieces = tok.tokenize(word)
+        assert len(pieces) > 1 and "".join(pieces) == word and "<unk>" not in pieces
+
+
+def test_wordlevel_tokens_past_vocab_size_cannot_be_stripped(tmp_path, capsys, monkeypatch):
+    """mergekit strips only BPE tokenizers of the tokens past vocab_size; a WordLevel one is refused."""
+    root = _models(tmp_path / "m")
+    cfg = json.loads((root / "base" / "config.json").read_text())
+    (root / "base" / "config.json").write_text(json.dumps({**cfg, "vocab_size": 20}))
+    _expect_refused(root, CONFIGS["base_ties"], ["tokenizer_source", "model base", "WordLevel", "only BPE"],
+                    tmp_path, capsys, monkeypatch)

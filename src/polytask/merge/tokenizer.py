@@ -28,7 +28,8 @@ by id (mergekit walks a set of models and each fast tokenizer's ``get_vocab()`` 
 union's order of new tokens can change from run to run); a model without tokenizer files is
 assumed to share the base's only when its vocabulary size equals the base's (else ConfigError,
 mergekit assumes it silently); a token past a model's ``vocab_size`` counts as missing there
-(mergekit fails on it later with a KeyError); a model's ``vocab_size`` above its embedding rows,
+(mergekit fails on it later with a KeyError); stripping a BPE tokenizer also drops the merges
+that make a stripped token (mergekit keeps them and then cannot load its own output); a model's ``vocab_size`` above its embedding rows,
 unknown models and unknown tokens are ConfigErrors naming the key and model.
 """
 
@@ -140,9 +141,14 @@ def _stripped(tokenizer: Any, vocab_size: int, label: str, where: str) -> Any:
     for tok in unused:
         spec["model"]["vocab"].pop(tok, None)
 
+    prefix = spec["model"].get("continuing_subword_prefix") or ""
+
     def keep(merge: Any) -> bool:
+        # mergekit drops the merges of an unused token, not those that make one; the tokenizers
+        # library then refuses the file (a merge result out of the vocabulary), so drop both
         parts = merge.split(" ") if isinstance(merge, str) else merge
-        return not any(p in unused for p in parts)
+        made = parts[0] + (parts[1][len(prefix):] if prefix and parts[1].startswith(prefix) else parts[1])
+        return not any(p in unused for p in parts) and made not in unused
 
     spec["model"]["merges"] = [m for m in spec["model"]["merges"] if keep(m)]
     tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(spec))
