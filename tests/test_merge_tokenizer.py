@@ -345,6 +345,21 @@ def test_chat_template_literal_and_builtin(models, tmp_path, monkeypatch):
                 names=("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"))
 
 
+def test_chat_template_auto_takes_the_most_common(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    root = _models(tmp_path / "m")
+    common = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    for name, template in (("base", common), ("a", common), ("c", "{% for m in messages %}{{ m['content'] }}{% endfor %}")):
+        tok = AutoTokenizer.from_pretrained(root / name)
+        tok.chat_template = template
+        tok.save_pretrained(root / name)
+    text = CONFIGS["union_linear"] + "chat_template: auto\n"
+    theirs = _mergekit(text, root, tmp_path / "theirs", monkeypatch)
+    ours = _ours(text, root, tmp_path / "ours", monkeypatch)
+    assert (ours / "chat_template.jinja").read_text() == (theirs / "chat_template.jinja").read_text() == common
+
+
 def test_mistral_template_renders_as_mergekit(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 

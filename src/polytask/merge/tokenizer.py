@@ -151,7 +151,11 @@ def _stripped(tokenizer: Any, vocab_size: int, label: str, where: str) -> Any:
         return not any(p in unused for p in parts) and made not in unused
 
     spec["model"]["merges"] = [m for m in spec["model"]["merges"] if keep(m)]
-    tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    try:
+        tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    except Exception as exc:  # the tokenizers library raises a bare Exception on a bad file
+        raise ConfigError(f"{where}: model {label}: its tokenizer without the tokens past vocab_size {vocab_size} "
+                          f"does not load: {str(exc).splitlines()[0]}") from None
     return tokenizer
 
 
