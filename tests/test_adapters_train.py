@@ -423,3 +423,32 @@ def test_arrow_library_stays_frozen_and_the_digest_ignores_it(tmp_path):
     lay = adapters.adapter_layers(plain.backbone)["encoder.layer.0.attention.self.query"]
     theirs = adapters.adapter_layers(model.backbone)["encoder.layer.0.attention.self.query"]
     assert torch.equal(lay.lora_A, theirs.lora_A)
+
+
+def test_export_adapters_writes_a_peft_lora_that_peft_loads_onto_the_backbone(tmp_path):
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from polytask.train.backbone import export_adapters
+
+    trainer = Trainer(config(tmp_path, "lora", epochs=1), progress=False)
+    trainer.fit()
+    res = subprocess.run([sys.executable, "-m", "polytask.cli", "export-adapters", str(tmp_path / "run"),
+                          str(tmp_path / "peft1"), "--peft", "--task", "task1"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    model = trainer.model.eval()
+    x = seq_splits().train.batch(torch.arange(3)).inputs
+    ids, mask = x["input_ids"], x["attention_mask"]
+    with adapters.task_context(model.backbone, "task1"):
+        ours = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    base = adapters.unwrap(copy.deepcopy(model.backbone))
+    plain = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert not torch.allclose(plain, ours, atol=1e-5)                        # the trained LoRA changes it
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "peft1")(input_ids=ids, attention_mask=mask)
+    assert torch.allclose(theirs.last_hidden_state, ours, atol=1e-5)
+    out = export_adapters(tmp_path / "run", tmp_path / "ours")                  # polytask's format + towers
+    assert (out / "adapters.safetensors").exists() and (out / "heads.safetensors").exists()
+    with pytest.raises(ConfigError, match="exists; give a new folder"):
+        export_adapters(tmp_path / "run", tmp_path / "ours")
+    with pytest.raises(ConfigError, match="unknown task 'nope'"):
+        export_adapters(tmp_path / "run", tmp_path / "x", peft_task="nope")

@@ -121,6 +121,20 @@ def export_cmd(
     typer.echo(f"exported: {export_run(run_dir, out)}")
 
 
+@app.command("export-adapters")
+def export_adapters_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory of a run with model.arch: adapters.")],
+    out: Annotated[Path, typer.Argument(help="New output folder.")],
+    peft: Annotated[bool, typer.Option(help="PEFT's format (LoRA: one task, --task; Poly/MHR: all tasks).")] = False,
+    task: Annotated[Optional[str], typer.Option(help="With --peft: the task whose LoRA is written.")] = None,
+) -> None:
+    """Write the run's best adapters alone (not the backbone): polytask's format plus the towers, or
+    with --peft an adapter that peft.PeftModel.from_pretrained loads onto the backbone."""
+    from polytask.train.backbone import export_adapters
+
+    typer.echo(f"adapters: {export_adapters(run_dir, out, peft_task=task, peft=peft)}")
+
+
 data_app = typer.Typer(help="Data helpers (needs polytask[tables]).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

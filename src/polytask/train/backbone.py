@@ -38,6 +38,7 @@ is rebuilt from the config, and a checkpoint taken on a different backbone is re
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -269,3 +270,38 @@ def build_adapter_model(input_dim: Any, tasks: Sequence[Task], backbone: dict[st
     cls = RoutedAdapterModel if adapters.is_routed_method(key) else AdapterModel
     return cls(input_dim, tasks, backbone, method, target_modules, rank, alpha, method_params, pooling,
                head_hidden, aux_weight, one_adapter, peft_adapters)
+
+
+def export_adapters(run_dir: str | Path, out: str | Path, peft_task: str | None = None, peft: bool = False) -> Path:
+    """Write a run's best adapters alone into the new folder ``out``; returns it.
+
+    Default: polytask's format (:func:`polytask.adapters.save`: every adapter tensor and the
+    method's config) plus the towers (``heads.safetensors``). ``peft=True``: PEFT's format
+    (:func:`polytask.adapters.save_peft`), which ``peft.PeftModel.from_pretrained`` loads onto the
+    backbone: one task's LoRA (``peft_task``) for ``lora``/``mtlora``, all tasks for ``poly``/``mhr``.
+    ConfigError for a run that is not ``model.arch: adapters``, an existing ``out`` or an unknown
+    task; CheckpointError when the run has no best checkpoint or it does not fit.
+    """
+    from safetensors.torch import save_file
+
+    from polytask.train.checkpoint import atomic_write, load_model_file, load_state_checked
+    from polytask.train.config import load_config
+    from polytask.train.trainer import Trainer
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists():
+        raise ConfigError(f"export-adapters: {str(out)!r} exists; give a new folder")
+    config = load_config(run_dir / "config.yaml")
+    if ARCHITECTURES.lookup(config.model.arch) is not build_adapter_model:
+        raise ConfigError(f"export-adapters: {str(run_dir)!r} is a {config.model.arch!r} run, not model.arch adapters")
+    best = run_dir / "best" / "model.safetensors"
+    if not best.exists():
+        raise CheckpointError(f"export-adapters: {str(best)!r} not found (train the run first)")
+    model = Trainer(config, progress=False).model
+    load_state_checked(model, load_model_file(best), best)
+    if peft or peft_task is not None:
+        return adapters.save_peft(model.backbone, out, task=peft_task)
+    adapters.save(model.backbone, out)
+    heads = {k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}
+    atomic_write(out / "heads.safetensors", lambda tmp: save_file(heads, tmp))
+    return out
