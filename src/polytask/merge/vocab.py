@@ -50,7 +50,8 @@ class TokenChoice:
     """Where an output token's row comes from where a model lacks it (or everywhere, if ``force``).
 
     ``kind``: ``"model"`` (the token's row in model ``model``), ``"row"`` (row ``row`` of model
-    ``model``), ``"zero"``, ``"mean"`` (mean over the models that have it) or ``"none"``.
+    ``model``), ``"zero"`` or ``"none"`` (a ``tokenizer.tokens`` entry without a source: valid only
+    where every model has the token). The mean over the models is not a choice but the fallback.
     """
 
     kind: str
@@ -63,7 +64,9 @@ class TokenChoice:
 class VocabPlan:
     """The output tokenizer and, per input model (by source index), where each output token's row is.
 
-    ``perms[k][i]`` is the row of output token ``i`` in model ``k`` (-1: the model lacks it).
+    ``perms[k][i]`` is the row of output token ``i`` in model ``k`` (-1: the model lacks it);
+    ``rows`` is the output's row count (the vocabulary, padded); ``choices`` the
+    ``tokenizer.tokens`` settings; ``base`` the base's source index.
     """
 
     tokenizer: Any
@@ -72,7 +75,6 @@ class VocabPlan:
     perms: dict[int, Tensor]
     choices: dict[str, TokenChoice] = field(default_factory=dict)
     base: int | None = None
-
 
 
 def permutation(vocab: Mapping[str, int], model_vocab: Mapping[str, int], size: int, rows: int | None) -> Tensor:
@@ -84,7 +86,6 @@ def permutation(vocab: Mapping[str, int], model_vocab: Mapping[str, int], size: 
         new, old = zip(*ids)
         perm[list(new)] = torch.tensor(old, dtype=torch.long)
     return perm
-
 
 
 def _auto_choices(plan: VocabPlan, group: Sequence[int], present: Tensor) -> tuple[dict[str, TokenChoice], Tensor]:
@@ -190,7 +191,6 @@ def align_rows(plan: VocabPlan, group: Sequence[int], tensors: Sequence[Tensor],
             new[n:] = torch.mean(new[:n], dim=0)
         out.append(new)
     return out
-
 
 
 # -- the engine's view ------------------------------------------------------------------------------
