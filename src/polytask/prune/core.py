@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from polytask.data.dataset import MultiTaskDataset
 from polytask.errors import ConfigError
 from polytask.prune import flops as flops_lib
-from polytask.prune.graph import Layer, dependency_graph, out_pruning_fn, prunable_layers
+from polytask.prune.graph import dependency_graph, out_pruning_fn, prunable_layers, prune_bank_units
 from polytask.registry import Registry
 from polytask.tasks import HIGHER_IS_BETTER, Task
 
@@ -64,9 +64,9 @@ class PruneContext:
         self.base_flops = self.cost(self.model).flops
         self.base_metrics = self.metrics(self.model)
 
-    def modules(self, model: nn.Module) -> list[nn.Module]:
-        found = dict(model.named_modules())
-        return [found[n] for n in self.layers]
+    def modules(self, model: nn.Module) -> list[nn.Module | list[nn.Module]]:
+        """What the importance functions score, per layer: the module, or a tied layer's members."""
+        return [layer.target for layer in prunable_layers(model, names=self.layers)]
 
     def widths(self, model: nn.Module) -> dict[str, int]:
         return {layer.name: layer.width for layer in prunable_layers(model, names=self.layers)}
@@ -118,21 +118,23 @@ def copy_model(model: nn.Module, example: tuple) -> nn.Module:
 
 
 def apply_plan(model: nn.Module, layers: Sequence[str], plan: Plan, example: tuple) -> nn.Module:
-    """A pruned copy of ``model``: each layer in ``plan`` keeps only the listed output channels."""
+    """A pruned copy of ``model``: each layer in ``plan`` keeps only the listed output channels (every
+    member of a tied layer the same ones, each cut within its own expert bank)."""
     pruned = copy_model(model, example)
-    graph = dependency_graph(pruned, example)
-    found = dict(pruned.named_modules())
-    for name in layers:
-        if name not in plan:
-            continue
-        module = found[name]
-        width = Layer(name, module).width
-        keep = set(plan[name])
-        removed = [i for i in range(width) if i not in keep]
+    graph = None  # the whole model's, traced only when a layer needs it (PLE's never do)
+    for layer in prunable_layers(pruned, names=[n for n in layers if n in plan]):
+        keep = set(plan[layer.name])
+        removed = [i for i in range(layer.width) if i not in keep]
         if not keep:
-            raise ConfigError(f"prune: layer {name} would keep no channel")
-        if removed:
-            graph.get_pruning_group(module, out_pruning_fn(graph, module), idxs=removed).prune()
+            raise ConfigError(f"prune: layer {layer.name} would keep no channel")
+        if not removed:
+            continue
+        if layer.tied:
+            for member, _ in layer.members:
+                prune_bank_units(pruned, member, removed)
+            continue
+        graph = graph if graph is not None else dependency_graph(pruned, example)
+        graph.get_pruning_group(layer.module, out_pruning_fn(graph, layer.module), idxs=removed).prune()
     flops_lib.settle(pruned, example)
     return pruned
 

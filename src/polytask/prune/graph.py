@@ -12,16 +12,26 @@ A *prunable layer* is a layer whose output channels (hidden units, filters) may 
 - ``mmoe`` / ``omoe``: every layer of the expert bank; a hidden unit of the bank is removed from
   every expert at once (the experts are one stacked tensor, and the last width is the width of the
   mixture every tower reads), which keeps the config's ``expert`` widths the pruned shape;
+- ``ple`` / ``cgc``: the *hidden* layers of the experts (every ``expert`` width but the last). One
+  ``expert`` list serves every level and both banks (task-specific and shared), so depth ``k`` is
+  one *tied* layer named by a pattern, ``levels.*.*_experts.layers.K``, whose members are that
+  layer in every bank of every level. A plan keeps one list of unit indices per layer, so a unit
+  index goes from every member at once, as MMoE removes it from every expert; its importance is
+  the sum over the members (:mod:`polytask.prune.importance`). The experts' output width stays: it is what the gates mix, what the next level reads and what the towers
+  read. Each member is cut by a graph traced on its own expert bank
+  (:func:`prune_bank_units`), so the group holds the layer's outputs and the next expert layer's
+  inputs and nothing else: a graph of the whole model follows PLE's stream slices and gate
+  products onto the wrong channels (it would cut the gates);
 - a plain module (e.g. a CNN built in Python): the layers the caller names.
 
-Other architectures are refused with the reason (:data:`REFUSED`): PLE/CGC share one ``expert``
-width list between levels and banks, MTAN's attention reads the trunk through grouped convolutions,
-ESMM/AITM have no shared trunk whose channels could go without changing what a task predicts.
-Task towers and gates are not pruned: they are task-specific and small.
+Other architectures are refused with the reason (:data:`REFUSED`): MTAN ties every tensor of a
+block to one ``channels`` width, ESMM/AITM have no shared trunk whose channels could go without
+changing what a task predicts. Task towers and gates are not pruned: they are task-specific and small.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,20 +42,17 @@ from polytask.errors import ConfigError
 from polytask.nn.layers import BatchedLinear
 
 #: architectures whose pruned widths map back to their config (``model.params``)
-SUPPORTED = ("shared_bottom", "hps", "single_task", "mmoe", "omoe")
+SUPPORTED = ("shared_bottom", "hps", "single_task", "mmoe", "omoe", "ple", "cgc")
 
 #: why the others are refused (one line each); architectures not listed get the generic line
 REFUSED = {
     "esmm": "its CTCVR output is the product of two towers' probabilities, so there is no trunk of channels to "
             "prune without changing what each task predicts",
     "aitm": "its information-transfer attention couples the towers, which have no shared trunk to prune",
-    "mtan": "its attention modules read the trunk channels through per-task grouped convolutions and reshapes "
-            "that torch-pruning's dependency graph cannot follow",
-    "ple": "its expert outputs reach the next level through stream slices and gate products that torch-pruning's "
-           "graph maps to the wrong channels (it would cut the gates), and one 'expert' width list serves every "
-           "level and expert bank",
-    "cgc": "its specific and shared expert banks share one 'expert' width list, so widths pruned per bank could "
-           "not be recorded in the config",
+    "mtan": "one 'channels' width per block sets u_j, p_j, every task's attention hidden layer and mask, and "
+            "the previous block's attended features, which the attention reshapes with u_j's width: removing a "
+            "trunk channel would force removing unrelated channels of every task's attention path, and "
+            "torch-pruning's graph cannot follow the per-task grouped convolutions through p_j.repeat",
 }
 
 
@@ -90,33 +97,94 @@ def _kept(width: int, removed: Sequence[int], device: torch.device) -> torch.Ten
 
 @dataclass
 class Layer:
-    """One prunable layer: its dotted name in the model and its current output width."""
+    """One prunable layer: its name in the model and its member modules (one, or the tied layers a
+    pattern name covers: see the module docstring), which share one output width."""
 
     name: str
-    module: nn.Module
+    members: list[tuple[str, nn.Module]]
+
+    @property
+    def module(self) -> nn.Module:
+        return self.members[0][1]
+
+    @property
+    def tied(self) -> bool:
+        return is_pattern(self.name)
+
+    @property
+    def target(self) -> nn.Module | list[nn.Module]:
+        """What importance functions score: the module, or the list of tied members."""
+        return [m for _, m in self.members] if self.tied else self.module
 
     @property
     def width(self) -> int:
-        m = self.module
-        return m.out_features if isinstance(m, (nn.Linear, BatchedLinear)) else m.out_channels
+        return _out_width(self.module)
+
+
+def _out_width(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, (nn.Linear, BatchedLinear)) else m.out_channels
+
+
+def is_pattern(name: str) -> bool:
+    """Whether a layer name is a pattern covering tied layers (PLE/CGC expert depths)."""
+    return "*" in name
+
+
+def resolve(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs a layer name covers (fnmatch for a pattern); ConfigError if none."""
+    if is_pattern(name):
+        found = [(n, m) for n, m in model.named_modules() if fnmatch.fnmatchcase(n, name)]
+    else:
+        module = dict(model.named_modules()).get(name)
+        found = [] if module is None else [(name, module)]
+    if not found:
+        raise ConfigError(f"prune layers: no module named {name!r} in the model")
+    widths = {_out_width(m) for _, m in found}
+    if len(widths) > 1:
+        raise ConfigError(f"prune layers: the modules {name!r} covers have different widths {sorted(widths)}")
+    return found
 
 
 def prunable_layers(model: nn.Module, arch: str | None = None, names: Sequence[str] | None = None) -> list[Layer]:
     """The prunable layers of ``model`` (see the module docstring); ``names`` picks them in a plain
-    module. ConfigError naming ``arch`` when the architecture cannot be pruned."""
-    modules = dict(model.named_modules())
+    module (a name with ``*`` ties the modules it matches). ConfigError naming ``arch`` when the
+    architecture cannot be pruned."""
     if names is not None:
-        missing = [n for n in names if n not in modules]
-        if missing:
-            raise ConfigError(f"prune layers: no module named {missing[0]!r} in the model")
-        return [Layer(n, modules[n]) for n in names]
+        return [Layer(n, resolve(model, n)) for n in names]
     if arch not in SUPPORTED:
         why = REFUSED.get(arch or "", "it is not one of the architectures pruning supports "
                                         f"({', '.join(SUPPORTED)})")
         raise ConfigError(f"model.arch: cannot prune architecture {arch!r}: {why}")
+    if arch in ("ple", "cgc"):
+        return [Layer(n, resolve(model, n)) for n in _expert_hidden_patterns(model, arch)]
     prefix = "bottom." if arch in ("shared_bottom", "hps", "single_task") else "experts."
     kinds = (nn.Linear, BatchedLinear)
-    return [Layer(n, m) for n, m in modules.items() if n.startswith(prefix) and isinstance(m, kinds)]
+    return [Layer(n, [(n, m)]) for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, kinds)]
+
+
+def _expert_hidden_patterns(model: nn.Module, arch: str) -> list[str]:
+    """``levels.*.*_experts.layers.K`` for every expert layer but the last (the output width stays).
+    Every bank of every level is built from the same ``expert`` widths, so the indices are the same."""
+    level = model.levels[0]
+    bank = level.specific_experts if level.specific_experts is not None else level.shared_experts
+    linear = [i for i, m in enumerate(bank.layers) if isinstance(m, BatchedLinear)]
+    if len(linear) < 2:
+        raise ConfigError(f"model.params.expert: {arch} experts have one layer (width {bank.out_features}); only "
+                          f"hidden units inside the experts are pruned (the output width is what the gates mix and "
+                          f"the next level and the towers read), so expert needs at least two widths")
+    return [f"levels.*.*_experts.layers.{i}" for i in linear[:-1]]
+
+
+def prune_bank_units(model: nn.Module, member: str, removed: Sequence[int]) -> None:
+    """Remove output units ``removed`` of the expert-bank layer ``member`` (``...experts.layers.K``) in
+    place, through a dependency graph traced on its bank alone: the group is the layer's outputs and
+    the next layer's inputs, and cannot reach gates, other banks or the next level."""
+    bank = model.get_submodule(member.rsplit(".layers.", 1)[0])
+    layer = model.get_submodule(member)
+    first = next(m for m in bank.modules() if isinstance(m, BatchedLinear))
+    example = first.weight.new_zeros(2, first.in_features)
+    graph = dependency_graph(bank, (example,))
+    graph.get_pruning_group(layer, out_pruning_fn(graph, layer), idxs=list(removed)).prune()
 
 
 def dependency_graph(model: nn.Module, example_inputs):

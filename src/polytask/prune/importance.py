@@ -1,7 +1,11 @@
 """Channel importance for pruning: per-task first-order Taylor, Taylor of the summed loss, L1, random.
 
 Every function returns, for each prunable layer, a score per output channel (higher = keep);
-per-task Taylor returns ``(T, C)``.
+per-task Taylor returns ``(T, C)``. A layer is a module or, for a tied layer (PLE/CGC: the same
+expert depth in every bank and level, which lose a unit index together), the list of its members;
+a tied unit's Taylor term is the sum of its members' terms before the absolute value, as an
+expert bank's sums over its experts (removing the unit removes it from all of them at once, and
+first-order terms add); its L1 norm is the sum over the members.
 
 - **Taylor** (Molchanov, Tyree, Karras, Aila, Kautz, "Pruning Convolutional Neural Networks for
   Resource Efficient Inference", ICLR 2017, eq. 7): removing channel ``c`` changes the loss by about
@@ -70,7 +74,8 @@ def taylor_per_task(model: nn.Module, modules: Sequence[nn.Module], data: MultiT
                     rows: int = 1024, batch_size: int = 256) -> list[Tensor]:
     """Per-task Taylor scores ``(T, C)`` of each module's output channels, on the first ``rows`` rows."""
     captured: dict[int, Tensor] = {}
-    hooks = _hook_sites(model, modules, captured)
+    parts = [_parts(m) for m in modules]
+    hooks = _hook_sites(model, [p for ps in parts for p in ps], captured)
     sums = [torch.zeros(len(tasks), _width(m)) for m in modules]
     seen = 0
     was_training = model.training
@@ -78,14 +83,13 @@ def taylor_per_task(model: nn.Module, modules: Sequence[nn.Module], data: MultiT
     try:
         for batch in data.subset(torch.arange(min(rows, len(data)))).batches(batch_size):
             outputs = model(batch.inputs)
-            acts = [captured[id(m)] for m in modules]
+            acts = [captured[id(p)] for ps in parts for p in ps]
             for t, task in enumerate(tasks):  # one backward per task (see the module docstring)
                 mask = None if batch.mask is None else batch.mask.get(task.name)
                 loss = task.loss(outputs[task.name], batch.targets[task.name], mask)
                 grads = torch.autograd.grad(loss, acts, retain_graph=True, allow_unused=True)
-                for i, (a, g, m) in enumerate(zip(acts, grads, modules)):
-                    if g is not None:  # a task whose loss does not reach the layer scores 0 there
-                        sums[i][t] += _channel_last(a.detach() * g, m).abs().sum(0).cpu()
+                for i, score in enumerate(_layer_scores(parts, acts, grads)):
+                    sums[i][t] += score
             seen += _rows(batch.inputs)
     finally:
         for h in hooks:
@@ -98,7 +102,8 @@ def taylor_summed(model: nn.Module, modules: Sequence[nn.Module], data: MultiTas
                   rows: int = 1024, batch_size: int = 256) -> list[Tensor]:
     """Taylor scores ``(C,)`` for the summed loss ``Σ_t L_t`` (task-agnostic)."""
     captured: dict[int, Tensor] = {}
-    hooks = _hook_sites(model, modules, captured)
+    parts = [_parts(m) for m in modules]
+    hooks = _hook_sites(model, [p for ps in parts for p in ps], captured)
     sums = [torch.zeros(_width(m)) for m in modules]
     seen = 0
     was_training = model.training
@@ -108,11 +113,10 @@ def taylor_summed(model: nn.Module, modules: Sequence[nn.Module], data: MultiTas
             outputs = model(batch.inputs)
             total = sum(t.loss(outputs[t.name], batch.targets[t.name],
                                None if batch.mask is None else batch.mask.get(t.name)) for t in tasks)
-            acts = [captured[id(m)] for m in modules]
+            acts = [captured[id(p)] for ps in parts for p in ps]
             grads = torch.autograd.grad(total, acts, allow_unused=True)
-            for i, (a, g, m) in enumerate(zip(acts, grads, modules)):
-                if g is not None:
-                    sums[i] += _channel_last(a.detach() * g, m).abs().sum(0).cpu()
+            for i, score in enumerate(_layer_scores(parts, acts, grads)):
+                sums[i] += score
             seen += _rows(batch.inputs)
     finally:
         for h in hooks:
@@ -121,16 +125,38 @@ def taylor_summed(model: nn.Module, modules: Sequence[nn.Module], data: MultiTas
     return [s / max(seen, 1) for s in sums]
 
 
-def l1(modules: Sequence[nn.Module]) -> list[Tensor]:
-    """L1 norm of each output channel's incoming weights."""
-    out = []
-    for m in modules:
-        w = m.weight.detach()
-        if isinstance(m, BatchedLinear):  # (n, in, out)
-            out.append(w.abs().sum((0, 1)).cpu())
-        else:  # (out, in, ...)
-            out.append(w.abs().flatten(1).sum(1).cpu())
-    return out
+def l1(modules: Sequence[nn.Module | Sequence[nn.Module]]) -> list[Tensor]:
+    """L1 norm of each output channel's incoming weights (over every member of a tied layer)."""
+    return [sum(_l1_of(p) for p in _parts(m)) for m in modules]
+
+
+def _l1_of(m: nn.Module) -> Tensor:
+    w = m.weight.detach()
+    if isinstance(m, BatchedLinear):  # (n, in, out)
+        return w.abs().sum((0, 1)).cpu()
+    return w.abs().flatten(1).sum(1).cpu()  # (out, in, ...)
+
+
+def _parts(layer: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    return [layer] if isinstance(layer, nn.Module) else list(layer)
+
+
+def _layer_scores(parts: list[list[nn.Module]], acts: list[Tensor], grads) -> list[Tensor]:
+    """Per layer ``(C,)``: Σ_rows |Σ_members a · ∂L/∂a| (summed over channel positions and experts):
+    removing a tied unit removes it from every member at once, so the first-order terms of the
+    members add before the absolute value, as those of the experts of one bank do. A member the
+    loss does not reach (``None`` gradient) adds 0."""
+    scores, i = [], 0
+    for ps in parts:
+        per_row = None
+        for p in ps:
+            a, g = acts[i], grads[i]
+            i += 1
+            if g is not None:
+                term = _channel_last(a.detach() * g, p)
+                per_row = term if per_row is None else per_row + term
+        scores.append(torch.zeros(_width(ps[0])) if per_row is None else per_row.abs().sum(0).cpu())
+    return scores
 
 
 def random(modules: Sequence[nn.Module], seed: int = 0) -> list[Tensor]:
@@ -139,7 +165,8 @@ def random(modules: Sequence[nn.Module], seed: int = 0) -> list[Tensor]:
     return [torch.rand(_width(m), generator=g) for m in modules]
 
 
-def _width(m: nn.Module) -> int:
+def _width(m: nn.Module | Sequence[nn.Module]) -> int:
+    m = _parts(m)[0]
     return m.out_features if isinstance(m, (nn.Linear, BatchedLinear)) else m.out_channels
 
 

@@ -126,8 +126,8 @@ class PAGCP:
         for name in self.order(ctx, model, lam):
             if ctx.flops_ratio(model) <= target:
                 break
-            module = dict(model.named_modules())[name]
-            per_task = importance.taylor_per_task(model, [module], ctx.score_data, ctx.tasks, self.rows)[0]
+            layer = ctx.modules(model)[ctx.layers.index(name)]  # a module, or a tied layer's members
+            per_task = importance.taylor_per_task(model, [layer], ctx.score_data, ctx.tasks, self.rows)[0]
             saliency = task_aware_saliency(per_task)
             width = saliency.numel()
             accepted, accepted_keep, losses = None, width, base

@@ -1,7 +1,7 @@
 """``polytask prune``: prune a finished run directory's model into a new run directory.
 
 The new run directory is an ordinary polytask run: ``config.yaml`` whose ``model.params`` widths
-(``bottom`` for shared-bottom, ``expert`` for MMoE/OMoE) are the pruned ones, so the config alone
+(``bottom`` for shared-bottom, ``expert`` for MMoE/OMoE/PLE/CGC) are the pruned ones, so the config alone
 rebuilds the pruned shapes and every tool that reads runs (``--resume`` of the fine-tuning, analyse,
 report) loads it; ``best/model.safetensors`` holds the pruned weights. Recording widths rather than
 pickling the whole module keeps the weights in safetensors (no code executed on load) and the model
@@ -36,7 +36,8 @@ from polytask.tasks import delta_m
 from polytask.train.checkpoint import PARTIAL, atomic_write_text, load_model_file, load_state_checked, save_model_file
 
 #: model.params key that holds the prunable layers' widths, per architecture
-WIDTH_KEY = {"shared_bottom": "bottom", "hps": "bottom", "single_task": "bottom", "mmoe": "expert", "omoe": "expert"}
+WIDTH_KEY = {"shared_bottom": "bottom", "hps": "bottom", "single_task": "bottom", "mmoe": "expert", "omoe": "expert",
+             "ple": "expert", "cgc": "expert"}
 
 
 @dataclass
@@ -129,8 +130,7 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
     pruned = prune_model(ctx, pruner, target)
     widths = ctx.widths(pruned)
     keep = {n: widths[n] / w for n, w in ctx.widths(model).items()}
-    key = WIDTH_KEY[config.model.arch.lower()]
-    new_params = {**config.model.params, key: [widths[n] for n in ctx.layers]}
+    new_params = pruned_params(config.model.arch.lower(), config.model.params, [widths[n] for n in ctx.layers])
     data = config.model_dump(mode="json")
     data["model"]["params"] = new_params
     data["name"] = f"{config.name}-pruned"
@@ -161,6 +161,15 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PruneResult(out, table, keep)
+
+
+def pruned_params(arch: str, params: dict[str, Any], widths: list[int]) -> dict[str, Any]:
+    """``model.params`` with the pruned widths: every prunable layer's, in order; PLE/CGC prune the
+    experts' hidden layers only, so the last ``expert`` width (the experts' output) is kept."""
+    key = WIDTH_KEY[arch]
+    if arch in ("ple", "cgc"):
+        widths = [*widths, params[key][-1]]  # expert has >= 2 widths, else no layer was prunable
+    return {**params, key: widths}
 
 
 def _write(tmp: Path, data: dict, finetune_epochs: int, splits, pruned: nn.Module, progress: bool) -> None:
