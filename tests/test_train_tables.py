@@ -316,3 +316,84 @@ def test_data_synth_cuts_one_log_in_row_order(tmp_path):
     res = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "t"), "--rows", "5"])
     assert isinstance(res.exception, ConfigError) and "split empty" in str(res.exception)
     assert not (tmp_path / "t").exists()  # refused before writing anything
+
+
+# ----------------------------------------------------------------------------- sparse embeddings
+def _sparse_pair(data, tmp_path, name: str):
+    """The same model twice (same seed): dense tables, and user_id/item_id with sparse gradients."""
+    from polytask.nn import build_model
+    from polytask.train.config import OptimConfig
+    from polytask.train.tables import SparseDenseOptimizer
+
+    cfg = _cfg(data, tmp_path / "r", ids={"user_id": {"min_count": 2, "sparse": True},
+                                           "item_id": {"hash": 256, "sparse": True}, "category": {}})
+    splits = table_splits(cfg)
+    assert splits.sparse == ("user_id", "item_id")
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_model("mmoe", splits.input_spec, splits.tasks, num_experts=2).double())
+    o = OptimConfig(name=name, lr=0.05, momentum=0.9)
+    dense_opt = (torch.optim.SGD(models[0].parameters(), lr=o.lr, momentum=o.momentum) if name == "sgd"
+                 else torch.optim.Adam(models[0].parameters(), lr=o.lr))
+    tables = models[1].input.tables
+    for c in splits.sparse:
+        tables[c].sparse = True
+    sparse_opt = SparseDenseOptimizer([{"params": list(models[1].parameters())}],
+                                      [tables[c].weight for c in splits.sparse], o)
+    batches = [b for _, b in zip(range(2), splits.train.batches(64))]
+    return splits, models, (dense_opt, sparse_opt), batches
+
+
+def _step(model, opt, batch, tasks):
+    x = {k: v.double() if v.is_floating_point() else v for k, v in batch.inputs.items()}
+    out = model(x)
+    loss = sum(t.loss(out[t.name], batch.targets[t.name].double(), batch.mask[t.name]) for t in tasks)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def test_sparse_and_dense_embeddings_take_the_same_first_sgd_step(data, tmp_path):
+    splits, models, opts, batches = _sparse_pair(data, tmp_path, "sgd")
+    for m, opt in zip(models, opts):
+        _step(m, opt, batches[0], splits.tasks)
+    assert models[1].input.tables["user_id"].weight.grad.is_sparse
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_sparse_adam_moves_only_the_rows_of_the_batch(data, tmp_path):
+    splits, models, opts, batches = _sparse_pair(data, tmp_path, "adam")
+    for m, opt in zip(models, opts):
+        _step(m, opt, batches[0], splits.tasks)
+    before = [m.input.tables["item_id"].weight.detach().clone() for m in models]
+    for m, opt in zip(models, opts):
+        _step(m, opt, batches[1], splits.tasks)
+    second = torch.zeros(256, dtype=torch.bool)
+    second[batches[1].inputs["item_id"]] = True
+    first_only = torch.zeros(256, dtype=torch.bool)
+    first_only[batches[0].inputs["item_id"]] = True
+    first_only &= ~second
+    assert first_only.any() and second.any()
+    moved = [(m.input.tables["item_id"].weight.detach() != b).any(1) for m, b in zip(models, before)]
+    # sparse: exactly the rows of the second batch moved; dense Adam also moves the first batch's
+    # rows through its moments (the variant the row-wise optimiser must differ from)
+    assert torch.equal(moved[1], second)
+    assert moved[0][first_only].all()
+
+
+def test_sparse_columns_train_and_refuse_what_cannot_take_sparse_gradients(data, tmp_path, capsys):
+    ids = {"user_id": {"min_count": 2, "sparse": True}, "item_id": {"hash": 256}, "category": {}}
+    result = Trainer(_cfg(data, tmp_path / "ok", ids=ids), progress=False).fit()
+    assert np.isfinite(result.test["click"]["auc"])
+    err = capsys.readouterr().err
+    assert "embedding tables: 3," in err and "with sparse gradients" in err
+    bad = _config(data, tmp_path / "mgda", ids=ids)
+    bad["balancer"] = {"name": "mgda"}
+    with pytest.raises(ConfigError, match="ids.user_id.sparse: needs a loss balancer"):
+        Trainer(parse_config(bad), progress=False)
+    clip = _config(data, tmp_path / "clip", ids=ids)
+    clip["train"]["grad_clip"] = 1.0
+    with pytest.raises(ConfigError, match="grad_clip"):
+        Trainer(parse_config(clip), progress=False)

@@ -316,7 +316,8 @@ def all_finite(*tensors: Tensor) -> Tensor:
     ``t . 0`` is exactly 0 unless an entry is inf/NaN (``0 * inf = NaN``): one BLAS dot per tensor,
     several times cheaper than ``isfinite(t).all()`` on a large gradient; the dots' sum is 0 or NaN.
     """
-    dots = [torch.dot(flat, torch.zeros_like(flat)) for flat in (t.reshape(-1) for t in tensors)
+    dense = (t.coalesce().values() if t.is_sparse else t for t in tensors)  # sparse embedding gradients: their rows
+    dots = [torch.dot(flat, torch.zeros_like(flat)) for flat in (t.reshape(-1) for t in dense)
             if flat.is_floating_point() and flat.numel()]
     if not dots:
         return torch.ones((), dtype=torch.bool, device=tensors[0].device)
@@ -331,7 +332,10 @@ def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None], o
         if g is None:
             continue
         g = g.detach().to(p.dtype)
-        if ok is not None:
+        if ok is not None and g.is_sparse:  # a sparse embedding gradient: scale its rows (where is dense-only)
+            g = g * torch.where(ok, torch.ones((), dtype=g.dtype, device=g.device),
+                                torch.full((), fill, dtype=g.dtype, device=g.device))
+        elif ok is not None:
             g = torch.where(ok, g, torch.full((), fill, dtype=g.dtype, device=g.device))
         if p.grad is None:
             p.grad = g if g is not p else g.clone()

@@ -64,10 +64,12 @@ class _Strict(BaseModel):
 
 
 class IdColumn(_Strict):
-    """One categorical column: a vocabulary (ids seen ``min_count`` times) or ``hash`` buckets."""
+    """One categorical column: a vocabulary (ids seen ``min_count`` times) or ``hash`` buckets;
+    ``sparse``: its embedding gets sparse gradients and a row-wise optimiser (see :func:`sparse_optimizer`)."""
 
     min_count: int = Field(1, ge=1)
     hash: int | None = Field(None, ge=1)
+    sparse: bool = False
 
 
 class FractionSplit(_Strict):
@@ -260,6 +262,7 @@ class TableSplits(Splits):
     """Splits of a table source; ``save(run_dir)`` writes the vocabularies."""
 
     encoders: dict[str, Any]
+    sparse: tuple[str, ...] = ()
 
     def save(self, run_dir: Path) -> None:
         from polytask.data.tables import Vocabulary, save_vocabularies
@@ -318,6 +321,7 @@ def table_splits(config: Any, ctx: Any = None, device: torch.device | str = "cpu
     tasks = [Task(t, "binary", metrics=("auc", "logloss")) for t in labels]
     out = TableSplits("table", tasks, train, val, test, feature_spec(p.dense, encoders, p.embed_dim))
     out.encoders = encoders
+    out.sparse = tuple(c for c, spec in p.ids.items() if spec.sparse)
     return out
 
 
@@ -363,6 +367,81 @@ def evaluate_stream(model: torch.nn.Module, split: StreamSplit, tasks: Sequence[
         if groups:
             result[t.name]["gauc"] = gauc(o.numpy(), y.numpy(), np.concatenate(groups), m.numpy())
     return result
+
+
+# ----------------------------------------------------------------------------- large embeddings
+def embedding_report(model: torch.nn.Module) -> str:
+    """One line on the embedding tables' memory (parameters only; Adam keeps two more copies)."""
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    rows = sum(t.num_embeddings for t in tables)
+    size = sum(t.weight.numel() * t.weight.element_size() for t in tables)
+    sparse = sum(t.weight.numel() * t.weight.element_size() for t in tables if t.sparse)
+    return (f"embedding tables: {len(tables)}, {rows:,} rows, {size / 2**20:,.1f} MiB of parameters"
+            + (f" ({sparse / 2**20:,.1f} MiB with sparse gradients)" if sparse else ""))
+
+
+def use_sparse_embeddings(model: torch.nn.Module, columns: Sequence[str], config: Any, balancer: Any,
+                          world_size: int) -> list[torch.nn.Parameter]:
+    """Switch the embedding tables of ``columns`` to sparse gradients; their weights. Refused where
+    the step cannot take sparse gradients: gradient balancers (they form per-task gradients of the
+    shared parameters, the tables included), ``train.grad_clip``, several processes."""
+    from polytask.balance.engine import GradientBalancer
+
+    if isinstance(balancer, GradientBalancer):
+        raise ConfigError(f"data.params.ids.{columns[0]}.sparse: needs a loss balancer (ew, uw, dwa, ...), "
+                          f"got the gradient balancer {config.balancer.name!r}")
+    if config.train.grad_clip is not None:
+        raise ConfigError(f"data.params.ids.{columns[0]}.sparse: train.grad_clip does not take sparse gradients")
+    if world_size > 1:
+        raise ConfigError(f"data.params.ids.{columns[0]}.sparse: one process only (--nproc 1) for now")
+    tables = getattr(getattr(model, "input", None), "tables", None)
+    if tables is None or any(c not in tables for c in columns):
+        raise ConfigError(f"data.params.ids: model {config.model.arch!r} has no embedding table for a sparse column")
+    for c in columns:
+        tables[c].sparse = True
+    return [tables[c].weight for c in columns]
+
+
+class SparseDenseOptimizer(torch.optim.Optimizer):
+    """Two optimisers behind one: a row-wise one for the sparse embedding tables and the run's
+    optimiser for every other parameter. They share the param-group dicts, so an lr scheduler
+    moves both; the state dict holds both (``{"dense": ..., "sparse": ...}``).
+
+    The row-wise rule: with ``optim.name: sgd``, plain SGD (torch's SGD takes sparse gradients;
+    momentum and weight decay are not applied to the sparse rows, so untouched rows stay as they
+    are); with ``adam``/``adamw``, ``torch.optim.SparseAdam`` (Adam's moments updated only on the
+    rows of the batch, the lazy Adam of TensorFlow's ``LazyAdamOptimizer``).
+    """
+
+    def __init__(self, groups: list[dict], sparse: list[torch.nn.Parameter], o: Any) -> None:
+        ids = {id(p) for p in sparse}
+        dense_groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
+        dense_groups = [g for g in dense_groups if g["params"]]
+        super().__init__([*dense_groups, {"params": list(sparse)}], {"lr": o.lr})
+        dense, rows = self.param_groups[:-1], self.param_groups[-1:]
+        if o.name == "sgd":
+            self.dense = torch.optim.SGD(dense, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+            self.sparse = torch.optim.SGD(rows, lr=o.lr)
+        else:
+            cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+            self.dense = cls(dense, lr=o.lr, weight_decay=o.weight_decay)
+            self.sparse = torch.optim.SparseAdam(rows, lr=o.lr)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = self.dense.step(closure)
+        self.sparse.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dense": self.dense.state_dict(), "sparse": self.sparse.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"dense", "sparse"}:
+            raise CheckpointError("optimizer: the checkpoint was saved without sparse embeddings "
+                                  "(data.params.ids.*.sparse changed)")
+        self.dense.load_state_dict(state["dense"])
+        self.sparse.load_state_dict(state["sparse"])
 
 
 # ----------------------------------------------------------------------------- batch scoring

@@ -138,6 +138,15 @@ class Trainer:
         if missing:
             raise ConfigError(f"model has no head for task(s) {', '.join(map(repr, missing))}")
         self.balancer = balance_lib.get(config.balancer.name, **config.balancer.params).to(self.device)
+        self._sparse: list[nn.Parameter] = []  # table data: embeddings with sparse gradients (train/tables.py)
+        if streaming:
+            from polytask.train.tables import embedding_report, use_sparse_embeddings
+
+            if splits.sparse:
+                self._sparse = use_sparse_embeddings(self.model, splits.sparse, config, self.balancer,
+                                                     self.dist.world_size)
+            if self.dist.is_main:
+                print(embedding_report(self.model), file=sys.stderr)
         # gradient balancers get every task's feature gradient from one backward when the model
         # exposes per-task copies of its shared features (see nn.base.MultiTaskModel)
         from polytask.balance.engine import GradientBalancer
@@ -187,6 +196,10 @@ class Trainer:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.config.optim
+        if self._sparse:  # a row-wise optimiser for the sparse embedding tables, o for the rest
+            from polytask.train.tables import SparseDenseOptimizer
+
+            return SparseDenseOptimizer(self._trainable(), self._sparse, o)
         if o.name == "sgd":
             return torch.optim.SGD(self._trainable(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
