@@ -1,10 +1,12 @@
 """The merge engine: validate the inputs, then walk tensor by tensor.
 
 :func:`merge_state_dicts` merges in-memory state dicts; :func:`merge_checkpoints` streams
-checkpoints on disk: a thread pool reads the next tensors of every model (converted to float32 in
-the reading thread) while the current one is merged, and a second pool writes finished tensors
-into the pre-laid-out output shards. At most ``prefetch_bytes`` of float32 inputs are in flight,
-so peak memory is a few tensors per model plus the output buffers, whatever the model size.
+checkpoints on disk: a thread pool reads the next tensors of every model (straight into the
+merge's buffers when no dtype conversion is needed, else converted to the compute dtype in the
+reading thread) while the current one is merged, and a second pool writes finished tensors into
+the pre-laid-out output shards. At most ``prefetch_bytes`` (default 128 MB) of inputs are read
+ahead and as much again of free buffers is kept for reuse, and at most three merged tensors wait
+to be written, so peak memory is a few tensors per model, whatever the model size.
 """
 
 from __future__ import annotations
@@ -370,6 +372,10 @@ class _BufferPool:
             return t
         return torch.empty(shape, dtype=dtype)
 
+    def clear(self) -> None:
+        self.free.clear()
+        self.held = 0
+
     def give(self, t: Tensor | None, *, unless_aliased_by: Tensor) -> None:
         if t is None or t.untyped_storage().data_ptr() == unless_aliased_by.untyped_storage().data_ptr():
             return
@@ -404,7 +410,7 @@ def merge_checkpoints(
     seed: int = 0,
     max_shard_size: int | str = "5GB",
     io_threads: int = 4,
-    prefetch_bytes: int | str = "1GB",
+    prefetch_bytes: int | str = "128MB",
     allow_pickle: bool = False,
     allow_nonfinite: bool = False,
     overwrite: bool = False,
@@ -475,7 +481,7 @@ def merge_planned(
     seed: int = 0,
     max_shard_size: int | str = "5GB",
     io_threads: int = 4,
-    prefetch_bytes: int | str = "1GB",
+    prefetch_bytes: int | str = "128MB",
     allow_pickle: bool = False,
     allow_nonfinite: bool = False,
     overwrite: bool = False,
@@ -569,6 +575,15 @@ def _stream(
         else:
             dst.copy_(src.load(name))
 
+    def cost(job: TensorJob) -> int:
+        """Bytes of the buffers that reading ``job`` takes."""
+        if job.method is None:
+            i, n = job.inputs[0]
+            return sources[i].spec(n).nbytes
+        specs = [sources[i].spec(n) for i, n in job.reads()]
+        size = torch.empty((), dtype=compute_dtype_of(compute_dtype, specs)).element_size()
+        return len(job.reads()) * specs[0].numel * size
+
     def submit(job: TensorJob) -> tuple[TensorJob, Tensor | None, Tensor | None, list[Future[Any]], int, Any]:
         if job.method is None:
             i, n = job.inputs[0]
@@ -577,23 +592,26 @@ def _stream(
         specs = [sources[i].spec(n) for i, n in job.reads()]
         cd = compute_dtype_of(compute_dtype, specs)
         shape = tuple(specs[0].shape)
+        if cost(job) > prefetch_bytes:
+            pool.clear()  # a tensor larger than the budget (embeddings): the pool's buffers cannot serve it
         stacked = pool.take((len(job.inputs), *shape), cd)
         futs = [readers.submit(fill, stacked[k], sources[i], n) for k, (i, n) in enumerate(job.inputs)]
         base_t = None
         if job.base is not None:
             base_t = pool.take(shape, cd)
             futs.append(readers.submit(fill, base_t, sources[job.base[0]], job.base[1]))
-        size = torch.empty((), dtype=cd).element_size()
-        return job, stacked, base_t, futs, (len(job.inputs) + 1) * specs[0].numel * size, cd
+        return job, stacked, base_t, futs, cost(job), cd
 
-    pool = _BufferPool(max(prefetch_bytes, 2**28))
+    pool = _BufferPool(prefetch_bytes)  # free buffers count against the same budget as reads ahead
     inflight: deque[tuple[TensorJob, Tensor | None, Tensor | None, list[Future[Any]], int, Any]] = deque()
     inflight_bytes = 0
     pending_writes: deque[Future[Any]] = deque()
     next_i = 0
     try:
         for _ in jobs:
-            while next_i < len(jobs) and (not inflight or inflight_bytes < prefetch_bytes):
+            # read ahead within the budget; a job larger than what is left waits until it is the next
+            # one to merge (else a large embedding read ahead doubles the peak)
+            while next_i < len(jobs) and (not inflight or inflight_bytes + cost(jobs[next_i]) <= prefetch_bytes):
                 item = submit(jobs[next_i])
                 inflight.append(item)
                 inflight_bytes += item[4]
@@ -618,7 +636,7 @@ def _stream(
                 _check_finite(job.name, out, allow_nonfinite, nonfinite)
             pending_writes.append(writers.submit(writer.write, job.name, out))
             del out
-            while len(pending_writes) > 4 or (pending_writes and pending_writes[0].done()):
+            while len(pending_writes) > 2 or (pending_writes and pending_writes[0].done()):
                 pending_writes.popleft().result()
             if bar is not None:
                 bar.update(1)

@@ -363,7 +363,12 @@ class Checkpoint:
         if self._pickled is not None:
             out.copy_(self._pickled[name])
             return
-        nbytes = self.spec(name).nbytes
+        spec = self.spec(name)
+        if out.dtype == spec.dtype and out.is_contiguous() and out.numel() == spec.numel:
+            # no conversion: the bytes go straight into ``out`` (no scratch copy, no scratch memory)
+            self._where[name].read(name, out.view(-1).view(torch.uint8))
+            return
+        nbytes = spec.nbytes
         scratch = getattr(_scratch, "buf", None)
         if scratch is None or scratch.numel() < nbytes:
             scratch = _scratch.buf = torch.empty(nbytes, dtype=torch.uint8)
