@@ -118,6 +118,124 @@ def test_removing_dead_expert_units_keeps_the_outputs():
     assert not torch.allclose(wrong(x)["a"], ref["a"], atol=1e-4)
 
 
+# ----------------------------------------------------------------------------- PLE / CGC experts
+PLE_PARAMS = {"ple": dict(num_levels=2, specific_experts=2, shared_experts=1, expert=(6, 5, 4), tower=(3,)),
+              "cgc": dict(specific_experts=2, shared_experts=2, expert=(6, 4), tower=(3,))}
+
+
+def _ple(arch: str, seed: int = 0, **override) -> nn.Module:
+    torch.manual_seed(seed)
+    return pnn.build_model(arch, 7, TASKS, **{**PLE_PARAMS[arch], **override}).eval()
+
+
+def _untouched(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything but the experts' hidden layers and the layer after each: gates, towers, and the
+    expert output layers' outputs (their weights lose input rows, so only their bias is compared)."""
+    last = str(len(model.levels[0].specific_experts.layers) - 2)  # the last linear (a ReLU follows it)
+    return {n: p for n, p in model.state_dict().items()
+            if "experts" not in n or n.endswith(".bias") and n.split(".")[-2] == last}
+
+
+@pytest.mark.parametrize("arch", ["cgc", "ple"])
+def test_ple_expert_layers_are_the_hidden_ones_tied_over_banks_and_levels(arch):
+    from polytask.prune import prunable_layers
+
+    model = _ple(arch)
+    layers = prunable_layers(model, arch)
+    depths = [0, 2] if arch == "ple" else [0]  # expert (6, 5, 4): hidden 6 and 5; (6, 4): hidden 6
+    assert [layer.name for layer in layers] == [f"levels.*.*_experts.layers.{d}" for d in depths]
+    banks = 4 if arch == "ple" else 2  # (specific, shared) per level
+    assert all(len(layer.members) == banks for layer in layers)
+    with pytest.raises(ConfigError, match=r"model.params.expert: ple experts have one layer \(width 8\)"):
+        prunable_layers(_ple("ple", expert=(8,)), "ple")
+
+
+@pytest.mark.parametrize("arch", ["cgc", "ple"])
+def test_ple_keep_ratio_one_changes_nothing_and_halving_leaves_gates_towers_and_outputs(arch):
+    from polytask.prune import prunable_layers
+
+    model = _ple(arch)
+    x = torch.randn(9, 7)
+    layers = prunable_layers(model, arch)
+    names = [layer.name for layer in layers]
+    same = apply_plan(model, names, {layer.name: list(range(layer.width)) for layer in layers}, (x,))
+    ref = model(x)
+    assert all(torch.equal(same(x)[t], ref[t]) for t in ref)
+    assert count(same, (x,)) == count(model, (x,))
+    half = apply_plan(model, names, {layer.name: list(range(0, layer.width, 2)) for layer in layers}, (x,))
+    kept = _untouched(half)
+    assert kept.keys() == _untouched(model).keys()
+    assert all(torch.equal(kept[n], p) for n, p in _untouched(model).items())  # gates, towers, output biases
+    for level in half.levels:  # the expert output width and the next level's input width stay
+        for bank in (level.specific_experts, level.shared_experts):
+            assert bank.layers[-2].out_features == 4 and bank.layers[0].in_features in (7, 4)
+    assert count(half, (x,)).flops < count(model, (x,)).flops
+
+
+@pytest.mark.parametrize("arch", ["cgc", "ple"])
+def test_removing_dead_ple_units_keeps_the_outputs(arch):
+    """Hidden units whose outgoing weights are zero in every expert of every bank and level feed
+    nothing: removing them must leave every output as it was; a group that reached the gates or the
+    next level's inputs, or a wrong index mapping, would change the outputs or the shapes."""
+    model = _ple(arch, seed=3)
+    with torch.no_grad():
+        for level in model.levels:
+            for bank in (level.specific_experts, level.shared_experts):
+                bank.layers[2].weight[:, [0, 4], :] = 0  # units 0 and 4 of the first hidden layer
+    x = torch.randn(11, 7)
+    name = "levels.*.*_experts.layers.0"
+    pruned = apply_plan(model, [name], {name: [1, 2, 3, 5]}, (x,))
+    ref = model(x)
+    for t in ref:
+        torch.testing.assert_close(pruned(x)[t], ref[t], rtol=1e-6, atol=1e-6)
+    for level in pruned.levels:
+        for bank in (level.specific_experts, level.shared_experts):
+            assert bank.layers[0].out_features == 4 and bank.layers[2].in_features == 4
+    wrong = apply_plan(model, [name], {name: [0, 1, 2, 3]}, (x,))  # drops live unit 5, keeps dead 0
+    assert not torch.allclose(wrong(x)["a"], ref["a"], atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["cgc", "ple"])
+def test_pruned_ple_has_the_counts_of_the_model_built_at_its_widths(arch):
+    from polytask.prune import prunable_layers
+
+    model = _ple(arch)
+    x = torch.randn(4, 7)
+    names = [layer.name for layer in prunable_layers(model, arch)]
+    plan = dict(zip(names, ([1, 3, 4], [0, 2])))  # ple: 6 -> 3, 5 -> 2; cgc: 6 -> 3
+    pruned = apply_plan(model, names, plan, (x,))
+    fresh = _ple(arch, expert=(3, 2, 4) if arch == "ple" else (3, 4))
+    assert count(pruned, (x,)) == count(fresh, (x,))
+    fresh.load_state_dict(pruned.state_dict())  # same shapes: the config's widths rebuild it
+    torch.testing.assert_close(fresh(x)["b"], pruned(x)["b"])
+
+
+def test_tied_layer_scores_sum_their_members():
+    """L1: Σ over members and experts of |incoming weights|. Taylor: Σ_rows |Σ_members Σ_experts a·∂L/∂a| / rows
+    (hand-computed with hooks and autograd here); a unit that feeds nothing anywhere scores exactly 0."""
+    model = _ple("cgc", seed=4)
+    with torch.no_grad():
+        for bank in (model.levels[0].specific_experts, model.levels[0].shared_experts):
+            bank.layers[2].weight[:, 3, :] = 0  # unit 3 feeds nothing
+    members = [model.levels[0].specific_experts.layers[0], model.levels[0].shared_experts.layers[0]]
+    l1 = importance.l1([members])[0]
+    expected = sum(m.weight.detach().abs().sum((0, 1)) for m in members)
+    torch.testing.assert_close(l1, expected)
+    x, ya, yb = torch.randn(10, 7), torch.randn(10), torch.randn(10)
+    data = MultiTaskDataset(x, {"a": ya, "b": yb})
+    scores = importance.taylor_per_task(model, [members], data, TASKS, rows=10, batch_size=10)[0]
+    acts = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: acts.append(out)) for m in members]
+    out = model(x)
+    for h in hooks:
+        h.remove()
+    for t, (task, y) in enumerate(zip(TASKS, (ya, yb))):
+        grads = torch.autograd.grad(task.loss(out[task.name], y, None), acts, retain_graph=True)
+        per_row = sum((a * g).sum(0) for a, g in zip(acts, grads))  # (B, C): over members and experts
+        torch.testing.assert_close(scores[t], per_row.abs().sum(0).detach() / 10)
+    assert (scores[:, 3] == 0).all() and (scores[:, [0, 1, 2, 4, 5]] > 0).all()
+
+
 # ----------------------------------------------------------------------------- importance
 def test_taylor_per_task_matches_its_formula():
     """score_t[c] = Σ_rows |z_c · relu'(z_c) · w_tc · 2 (y_t - target_t) / B| / rows for a linear head."""
@@ -290,7 +408,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune")
     out = {}
     for arch, params in (("shared_bottom", {"bottom": [24, 12], "tower": [8]}),
-                         ("mmoe", {"num_experts": 3, "expert": [12, 8], "tower": [8]})):
+                         ("mmoe", {"num_experts": 3, "expert": [12, 8], "tower": [8]}),
+                         ("ple", {"num_levels": 2, "expert": [12, 8], "tower": [8]})):
         cfg = parse_config({"name": arch, "out_dir": str(root / arch), "device": "cpu", "seed": 0,
                             "data": {"name": "synthetic", "params": {"num_rows": 500, "input_dim": 10}},
                             "model": {"arch": arch, "params": params}, "train": {"epochs": 2, "batch_size": 64}})
@@ -304,7 +423,7 @@ def _tree(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("arch", ["shared_bottom", "mmoe"])
+@pytest.mark.parametrize("arch", ["shared_bottom", "mmoe", "ple"])
 def test_pruned_run_loads_from_its_config_and_reports_its_counts(runs, tmp_path, arch):
     from polytask.prune.run import load_run
 
@@ -318,6 +437,8 @@ def test_pruned_run_loads_from_its_config_and_reports_its_counts(runs, tmp_path,
     assert count(model, x).flops == pruned_row["flops"] <= 0.5 * result.table[0]["flops"]
     assert result.table[0]["delta_m_val"] == 0.0
     assert set(result.keep_ratios) and all(0 < r <= 1 for r in result.keep_ratios.values())
+    if arch == "ple":  # the hidden width is pruned, the experts' output width (8) stays
+        assert config.model.params["expert"][-1] == 8 and config.model.params["expert"][0] < 12
     assert (result.out_dir / "prune.md").read_text().count("\n") == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial left
 
@@ -416,5 +537,5 @@ def test_unknown_layer_and_refused_architecture_are_config_errors():
     model = pnn.build_model("shared_bottom", 4, TASKS, bottom=(8,), tower=())
     with pytest.raises(ConfigError, match="no module named 'trunk.0'"):
         prunable_layers(model, names=["trunk.0"])
-    with pytest.raises(PolytaskError, match="cannot prune architecture 'mtan'"):
+    with pytest.raises(PolytaskError, match="cannot prune architecture 'mtan': one 'channels' width per block"):
         prunable_layers(model, "mtan")

@@ -20,8 +20,10 @@ A *prunable layer* is a layer whose output channels (hidden units, filters) may 
   the sum over the members (:mod:`polytask.prune.importance`). The experts' output width stays: it is what the gates mix, what the next level reads and what the towers
   read. Each member is cut by a graph traced on its own expert bank
   (:func:`prune_bank_units`), so the group holds the layer's outputs and the next expert layer's
-  inputs and nothing else: a graph of the whole model follows PLE's stream slices and gate
-  products onto the wrong channels (it would cut the gates);
+  inputs and nothing else by construction. (A graph of the whole PLE groups a hidden unit the same
+  way, but it follows an expert *output* channel through the stream slices and gate products onto
+  the gates' outputs, as torch-pruning 1.6 reads the ``(T, B, E) x (E, B, H)`` broadcast product as
+  element-wise; the bank graph is also much smaller to trace.)
 - a plain module (e.g. a CNN built in Python): the layers the caller names.
 
 Other architectures are refused with the reason (:data:`REFUSED`): MTAN ties every tensor of a
