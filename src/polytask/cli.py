@@ -33,9 +33,21 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed of every run.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
     epochs_scale: Annotated[float, typer.Option(help="Multiply every run's epochs (e.g. 0.2 for a smoke run).")] = 1.0,
+    merge: Annotated[bool, typer.Option(
+        "--merge", help="Instead: fine-tune one model per digits task from a shared base, merge them "
+        "(task_arithmetic, ties, dare_ties) with `polytask merge`'s code, and print every model's per-task "
+        "accuracy (on the CPU; seconds). Writes OUT/merge (refused if it exists, unless --overwrite).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="With --merge: replace OUT/merge if it exists.")] = False,
 ) -> None:
     """Train shared-bottom and single-task baselines on the built-in data (digits, synthetic) and
     print the per-task test table with Δm%. About a minute on 2 CPU cores."""
+    if merge:
+        from polytask.merge.demo import merge_demo_main
+
+        typer.echo(merge_demo_main(out / "merge", seed, overwrite=overwrite, epochs_scale=epochs_scale))
+        return
+    if overwrite:
+        raise ConfigError("--overwrite: only with --merge (the plain demo replaces its own runs)")
     from polytask.train.demo import demo_main
 
     typer.echo(demo_main(out, seed, device, epochs_scale))

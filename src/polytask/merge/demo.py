@@ -245,10 +245,17 @@ def merge_demo(out: str | os.PathLike[str], seed: int = 0, *, overwrite: bool = 
     return result
 
 
-def merge_demo_main(out: str | os.PathLike[str], seed: int = 0, overwrite: bool = False) -> str:
-    """Run :func:`merge_demo` and return the text ``polytask demo --merge`` prints."""
+def merge_demo_main(out: str | os.PathLike[str], seed: int = 0, overwrite: bool = False,
+                    epochs_scale: float = 1.0) -> str:
+    """Run :func:`merge_demo` (epochs multiplied by ``epochs_scale``, at least one) and return the
+    text ``polytask demo --merge`` prints."""
+    if not (math.isfinite(epochs_scale) and epochs_scale > 0):
+        raise ConfigError(f"--epochs-scale must be a positive number, got {epochs_scale}")
+    d = MergeDemoSettings()
+    settings = MergeDemoSettings(base_epochs=max(1, round(d.base_epochs * epochs_scale)),
+                                 finetune_epochs=max(1, round(d.finetune_epochs * epochs_scale)))
     start = time.perf_counter()
-    result = merge_demo(out, seed, overwrite=overwrite)
+    result = merge_demo(out, seed, overwrite=overwrite, settings=settings)
     return "\n".join([
         "## digits: base, per-task fine-tunes (trunk only) and their merges; test accuracy", "",
         result.table(), "",
