@@ -1,7 +1,8 @@
 """Task-aware structural pruning of multi-task models: PAGCP and task-agnostic baselines.
 
 ``polytask prune RUN_DIR --target flops=0.5 --method pagcp`` (or :func:`prune_run`) prunes a
-finished run's shared trunk (shared-bottom MLP layers, MMoE/OMoE expert hidden units) to a FLOPs
+finished run's shared trunk (shared-bottom MLP layers, MMoE/OMoE expert units, PLE/CGC expert
+hidden units) to a FLOPs
 budget, optionally fine-tunes it with the run's balancer, and writes a new run directory with a
 table of parameters, FLOPs, latency, metrics and Δm%. Methods (:data:`PRUNERS`):
 
