@@ -386,3 +386,41 @@ def test_batches_train_an_mmoe(folder):
     loss.backward()
     assert torch.isfinite(loss) and set(out) == {"click", "conversion"} and out["click"].shape[0] == 64
 
+
+
+def test_sequence_ids_pad_truncate_shift_and_count_oov():
+    from polytask.data.tables import SequenceIds
+
+    v = Vocabulary("h", ["a", "b", "c"])  # ids a=1, b=2, c=3; in a sequence +1 (0 = padding, 1 = OOV)
+    seq = SequenceIds(v, max_len=3)
+    lists = pa.array([["a", "b"], None, ["z", "a", "b", "c"], [], ["c", None]])
+    got = seq.encode(lists)
+    # by hand: [a, b] -> 2 3 pad; null list -> all pad; [z, a, b, c] -> OOV a b (c cut at max_len 3);
+    # [] -> pad; [c, null] -> 4, OOV
+    assert got.tolist() == [[2, 3, 0], [0, 0, 0], [1, 2, 3], [0, 0, 0], [4, 1, 0]]
+    assert seq.size == 5 and v.oov_count == 2
+    # a sliced array (offsets not at 0) and a hashed inner encoder
+    h = SequenceIds(HashBuckets(11), max_len=2)
+    part = lists.slice(2, 3)
+    want = [[b + 1 for b in HashBuckets(11).encode(pa.array(r))[:2].tolist()] + [0] * (2 - min(len(r), 2))
+            for r in part.to_pylist()]
+    assert h.encode(part).tolist() == want
+    with pytest.raises(DataError, match="lists of ids"):
+        seq.encode(pa.array(["a"]))
+
+
+def test_sequence_column_in_a_source_and_its_vocabulary(tmp_path):
+    from polytask.data.tables import SequenceIds
+
+    t = pa.table({"x": [0.5, 1.0, 2.0], "hist": pa.array([["i1", "i2"], ["i2"], None]), "y": [1.0, 0.0, 1.0]})
+    pq.write_table(t, tmp_path / "s.parquet")
+    vocab = build_vocabularies(tmp_path / "s.parquet", ["hist"])["hist"]
+    assert vocab.values == ["i2", "i1"]  # i2 twice, i1 once: counted over the flattened lists
+    schema = TableSchema(dense=("x",), categorical={"hist": SequenceIds(vocab, max_len=2)}, labels={"y": "y"})
+    (x, _, _), = list(TableSource(tmp_path / "s.parquet", schema, batch_size=10))
+    assert x["hist"].tolist() == [[3, 2], [2, 0], [0, 0]]
+    spec = TableSource(tmp_path / "s.parquet", schema).feature_spec(4)
+    assert spec.features[1].vocab_size == 4 and spec.features[1].padding_idx == 0
+    bad = TableSchema(dense=("x",), categorical={"y": SequenceIds(vocab)}, labels={"t": "x"}, binary=())
+    with pytest.raises(DataError, match="sequence column 'y' holds double, not lists"):
+        TableSource(tmp_path / "s.parquet", bad)

@@ -397,3 +397,35 @@ def test_sparse_columns_train_and_refuse_what_cannot_take_sparse_gradients(data,
     clip["train"]["grad_clip"] = 1.0
     with pytest.raises(ConfigError, match="grad_clip"):
         Trainer(parse_config(clip), progress=False)
+
+
+def test_sequence_column_trains_predicts_and_saves_its_vocabulary(data, tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for src in data:  # the log plus a list column: each row's recent items (0-6 ids, some unseen later)
+        t = pq.read_table(src)
+        items = t["item_id"].to_pylist()
+        hist = [None if k == 0 else [items[j] for j in rng.integers(0, len(items), k)]
+                for k in rng.integers(0, 7, t.num_rows)]
+        out = tmp_path / src.name
+        pq.write_table(t.append_column("history", pa.array(hist, pa.list_(pa.string()))), out, row_group_size=500)
+        paths.append(out)
+    ids = {"user_id": {"min_count": 2}, "item_id": {"hash": 256}, "category": {},
+           "history": {"min_count": 2, "sequence": {"max_len": 4, "pooling": "sum"}}}
+    trainer = Trainer(_cfg(paths, tmp_path / "r", ids=ids), progress=False)
+    result = trainer.fit()
+    assert np.isfinite(result.test["click"]["auc"])
+    hist_vocab = trainer.splits.encoders["history"].inner
+    saved = json.loads((tmp_path / "r" / "vocab.json").read_text())
+    assert saved["history"]["values"] == hist_vocab.values and len(hist_vocab.values) > 10
+    assert trainer.model.input.tables["history"].num_embeddings == len(hist_vocab.values) + 2
+    t = pq.read_table(paths[2]).slice(0, 50)
+    h = t["history"].to_pylist()
+    h[0] = ["never-seen", "never-seen"]
+    t = t.set_column(t.schema.get_field_index("history"), "history", pa.array(h, pa.list_(pa.string())))
+    pq.write_table(t, tmp_path / "in.parquet")
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "r"), str(tmp_path / "in.parquet"),
+                                   str(tmp_path / "p.parquet")])
+    assert res.exit_code == 0, res.output
+    assert "history " in res.output  # its unseen ids counted
+    assert pq.read_table(tmp_path / "p.parquet").num_rows == 50

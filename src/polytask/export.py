@@ -107,12 +107,14 @@ class ServingModel(nn.Module):
     """A trained table model behind its id lookups: ``(dense, id hashes) -> {task: probability}``."""
 
     def __init__(self, model: nn.Module, encoders: dict[str, Any], dense: list[str], tasks: list[str]) -> None:
-        from polytask.data.tables import HashBuckets
+        from polytask.data.tables import HashBuckets, SequenceIds
 
         super().__init__()
         self.model, self.dense, self.columns, self.tasks = model, list(dense), list(encoders), list(tasks)
         lookups = {}
         for c, enc in encoders.items():
+            if isinstance(enc, SequenceIds):
+                raise ConfigError(f"data.params.ids.{c}.sequence: export does not take sequence columns yet")
             if isinstance(enc, HashBuckets):
                 if enc.seed != 0 or not 1 <= enc.buckets < 1 << 31:
                     raise ConfigError(f"data.params.ids.{c}: export needs hash seed 0 and fewer than 2**31 "

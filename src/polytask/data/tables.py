@@ -221,6 +221,48 @@ class Vocabulary:
         return cls(d["column"], list(d["values"]), int(d.get("min_count", 1)))
 
 
+@dataclass
+class SequenceIds:
+    """A column of id lists (e.g. a user's recent items) through ``inner`` (a :class:`Vocabulary` or
+    :class:`HashBuckets`): ``(N, max_len)`` int64, the first ``max_len`` ids of each list, each
+    ``inner`` id + 1, padded with 0 (so 0 is padding, 1 the out-of-vocabulary id). The model pools
+    the embeddings of the non-padding positions (``pooling``: mean, sum or max), what
+    ``nn.EmbeddingBag`` computes for mean and sum. A null list is all padding; a null id is OOV.
+    Vectorised: one encoding of the flattened ids, one scatter into the padded matrix."""
+
+    inner: Vocabulary | HashBuckets
+    max_len: int = 50
+    pooling: str = "mean"
+
+    @property
+    def size(self) -> int:
+        return self.inner.size + 1
+
+    @property
+    def oov_count(self) -> int:
+        return getattr(self.inner, "oov_count", 0)
+
+    @oov_count.setter
+    def oov_count(self, value: int) -> None:
+        if isinstance(self.inner, Vocabulary):
+            self.inner.oov_count = value
+
+    def encode(self, values: Any) -> np.ndarray:
+        pa, pc, _, _ = _pa()
+        arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+            raise DataError(f"sequence column: expected lists of ids, got {arr.type}")
+        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = pc.list_flatten(arr)
+        ids = self.inner.encode(flat) + 1 if len(flat) else np.zeros(0, np.int64)
+        out = np.zeros((len(arr), self.max_len), np.int64)
+        row = np.repeat(np.arange(len(arr)), lengths)
+        pos = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        keep = pos < self.max_len
+        out[row[keep], pos[keep]] = ids[keep]
+        return out
+
+
 def save_vocabularies(vocabs: Mapping[str, Vocabulary], path: str | Path) -> None:
     """Write vocabularies to one JSON file (atomically: a temporary file, then a rename)."""
     path = Path(path)
@@ -249,7 +291,10 @@ def build_vocabularies(paths: Any, columns: Sequence[str], min_count: int = 1,
         _check_columns(f, _file_schema(f), columns)
         for rb in _iter_file(f, columns, batch_rows):
             for c in columns:
-                vc = pc.value_counts(rb.column(c).drop_null())
+                col = rb.column(c)
+                if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):  # a sequence column
+                    col = pc.list_flatten(col)
+                vc = pc.value_counts(col.drop_null())
                 t = pa.table({"v": vc.field("values"), "n": vc.field("counts")})
                 if counts[c] is not None:
                     g = pa.concat_tables([counts[c], t]).group_by("v").aggregate([("n", "sum")])
@@ -275,7 +320,7 @@ class TableSchema:
     ``binary`` lists the tasks whose labels must be 0 or 1 (default: every task)."""
 
     dense: tuple[str, ...] = ()
-    categorical: Mapping[str, Vocabulary | HashBuckets] = field(default_factory=dict)
+    categorical: Mapping[str, Vocabulary | HashBuckets | SequenceIds] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
     binary: tuple[str, ...] | None = None
     keep: tuple[str, ...] = ()  # extra columns only read (split keys)
@@ -461,6 +506,10 @@ class TableSource(torch.utils.data.IterableDataset):
                 if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
                         or pa.types.is_null(t)):
                     raise DataError(f"{f}: dense column {c!r} holds {t}, not numbers")
+            for c, enc in schema.categorical.items():
+                t = sch.field(c).type
+                if isinstance(enc, SequenceIds) and not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+                    raise DataError(f"{f}: sequence column {c!r} holds {t}, not lists of ids")
             if _is_csv(f):
                 self.units.append((i, None))
                 self.unit_rows.append(None)
@@ -475,11 +524,10 @@ class TableSource(torch.utils.data.IterableDataset):
     def feature_spec(self, embed_dim: int = 16) -> Any:
         """The :class:`~polytask.data.features.FeatureSpec` of the batches (``dense`` first, then one
         sparse feature per id column sized by its encoder), for ``build_model(arch, spec, tasks)``."""
-        from polytask.data.features import DenseFeature, FeatureSpec, SparseFeature
+        from polytask.data.features import DenseFeature, FeatureSpec
 
         dense = (DenseFeature("dense", len(self.schema.dense)),) if self.schema.dense else ()
-        return FeatureSpec(dense + tuple(SparseFeature(c, enc.size, embed_dim)
-                                         for c, enc in self.schema.categorical.items()))
+        return FeatureSpec(dense + tuple(id_feature(c, enc, embed_dim) for c, enc in self.schema.categorical.items()))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -625,6 +673,15 @@ def _cat_batches(batches: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, di
                  for i in range(3))
 
 
+def id_feature(name: str, enc: Any, embed_dim: int) -> Any:
+    """The model feature of an id column: a sparse feature, or a pooled sequence for :class:`SequenceIds`."""
+    from polytask.data.features import SequenceFeature, SparseFeature
+
+    if isinstance(enc, SequenceIds):
+        return SequenceFeature(name, enc.size, embed_dim, pooling=enc.pooling, padding_idx=0)
+    return SparseFeature(name, enc.size, embed_dim)
+
+
 def _labels(col: Any) -> Any:
     """A label column as float32 with NaN turned into null (both mean 'unlabelled')."""
     pa, pc, _, _ = _pa()
@@ -738,5 +795,5 @@ def write_synthetic_log(path: str | Path, rows: int, *, users: int = 1000, items
     return path
 
 
-__all__ = ["HashBuckets", "Split", "TableLoader", "TableSchema", "TableSource", "Vocabulary", "build_vocabularies",
+__all__ = ["HashBuckets", "SequenceIds", "Split", "TableLoader", "TableSchema", "TableSource", "Vocabulary", "build_vocabularies",
            "load_vocabularies", "save_vocabularies", "stable_hash", "write_synthetic_log"]

@@ -43,7 +43,7 @@ from __future__ import annotations
 import glob
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -63,12 +63,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SequenceSpec(_Strict):
+    """A column of id lists: the first ``max_len`` ids, embedded and pooled (mean, sum or max)."""
+
+    max_len: int = Field(50, ge=1)
+    pooling: Literal["mean", "sum", "max"] = "mean"
+
+
 class IdColumn(_Strict):
     """One categorical column: a vocabulary (ids seen ``min_count`` times) or ``hash`` buckets;
-    ``sparse``: its embedding gets sparse gradients and a row-wise optimiser (see :func:`sparse_optimizer`)."""
+    ``sequence``: the column holds lists of ids (:class:`~polytask.data.tables.SequenceIds`);
+    ``sparse``: its embedding gets sparse gradients and a row-wise optimiser (:class:`SparseDenseOptimizer`)."""
 
     min_count: int = Field(1, ge=1)
     hash: int | None = Field(None, ge=1)
+    sequence: SequenceSpec | None = None
     sparse: bool = False
 
 
@@ -143,10 +152,19 @@ def expand(paths: Paths) -> list[str]:
 
 
 def feature_spec(dense: Sequence[str], encoders: dict[str, Any], embed_dim: int) -> Any:
-    from polytask.data.features import DenseFeature, FeatureSpec, SparseFeature
+    from polytask.data.features import DenseFeature, FeatureSpec
+    from polytask.data.tables import id_feature
 
     head = (DenseFeature("dense", len(dense)),) if dense else ()
-    return FeatureSpec(head + tuple(SparseFeature(c, enc.size, embed_dim) for c, enc in encoders.items()))
+    return FeatureSpec(head + tuple(id_feature(c, enc, embed_dim) for c, enc in encoders.items()))
+
+
+def _encoder(spec: IdColumn, vocab: Any) -> Any:
+    """The column's encoder: hash buckets or its vocabulary, inside SequenceIds for a list column."""
+    from polytask.data.tables import HashBuckets, SequenceIds
+
+    enc = HashBuckets(spec.hash) if spec.hash is not None else vocab
+    return enc if spec.sequence is None else SequenceIds(enc, spec.sequence.max_len, spec.sequence.pooling)
 
 
 def _same_data(run_dir: Path, data: dict[str, Any]) -> bool:
@@ -164,7 +182,7 @@ def build_encoders(p: TableParams, run_dir: Path, data: dict[str, Any] | None = 
     """Hash buckets and vocabularies per id column; vocabularies reused from ``run_dir/vocab.json``
     when the run there had the same ``data`` section and the file holds the same columns with the
     same ``min_count`` (resume), else built in one pass over the train files."""
-    from polytask.data.tables import HashBuckets, build_vocabularies, load_vocabularies
+    from polytask.data.tables import build_vocabularies, load_vocabularies
 
     vocab_cols = {c: spec.min_count for c, spec in p.ids.items() if spec.hash is None}
     saved = run_dir / VOCAB_FILE
@@ -178,7 +196,7 @@ def build_encoders(p: TableParams, run_dir: Path, data: dict[str, Any] | None = 
         for k in sorted(set(vocab_cols.values())):
             vocabs.update(build_vocabularies(files, [c for c, m in vocab_cols.items() if m == k], k,
                                              batch_rows=p.read_rows))
-    return {c: HashBuckets(spec.hash) if spec.hash is not None else vocabs[c] for c, spec in p.ids.items()}
+    return {c: _encoder(spec, vocabs.get(c)) for c, spec in p.ids.items()}
 
 
 class StreamSplit:
@@ -242,7 +260,8 @@ class StreamSplit:
         """A batch of no rows (the shapes and dtypes of the source's batches)."""
         sch = self.source.schema
         inputs = {"dense": torch.zeros(0, len(sch.dense))} if sch.dense else {}
-        inputs.update({c: torch.zeros(0, dtype=torch.int64) for c in sch.categorical})
+        inputs.update({c: torch.zeros((0, e.max_len) if hasattr(e, "max_len") else 0, dtype=torch.int64)
+                       for c, e in sch.categorical.items()})
         return (inputs, {t: torch.zeros(0) for t in sch.labels}, {t: torch.zeros(0, dtype=torch.bool) for t in sch.labels})
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[Batch, np.ndarray | None]]:
@@ -267,7 +286,8 @@ class TableSplits(Splits):
     def save(self, run_dir: Path) -> None:
         from polytask.data.tables import Vocabulary, save_vocabularies
 
-        vocabs = {c: e for c, e in self.encoders.items() if isinstance(e, Vocabulary)}
+        inner = {c: getattr(e, "inner", e) for c, e in self.encoders.items()}  # a sequence column's vocabulary
+        vocabs = {c: e for c, e in inner.items() if isinstance(e, Vocabulary)}
         if vocabs:
             save_vocabularies(vocabs, Path(run_dir) / VOCAB_FILE)
 
@@ -446,7 +466,7 @@ class SparseDenseOptimizer(torch.optim.Optimizer):
 
 # ----------------------------------------------------------------------------- batch scoring
 def _encoders_for_run(run_dir: Path, p: TableParams) -> dict[str, Any]:
-    from polytask.data.tables import HashBuckets, load_vocabularies
+    from polytask.data.tables import load_vocabularies
 
     path = run_dir / VOCAB_FILE
     need = [c for c, s in p.ids.items() if s.hash is None]
@@ -454,7 +474,7 @@ def _encoders_for_run(run_dir: Path, p: TableParams) -> dict[str, Any]:
     missing = [c for c in need if c not in vocabs]
     if missing:
         raise DataError(f"{path}: no vocabulary for column {missing[0]!r}")
-    return {c: HashBuckets(s.hash) if s.hash is not None else vocabs[c] for c, s in p.ids.items()}
+    return {c: _encoder(s, vocabs.get(c)) for c, s in p.ids.items()}
 
 
 def load_run_model(run_dir: Path) -> tuple[Any, TableParams, dict[str, Any], list[Task], torch.nn.Module]:
@@ -523,9 +543,9 @@ def predict_table(run_dir: str | Path, data: Paths, out: str | Path, keep: Seque
     columns = list(dict.fromkeys([*p.dense, *p.ids, *keep]))
     for f in files:  # every file's columns before writing anything
         _check_columns(f, _file_schema(f), columns)
-    for e in encoders.values():
-        if isinstance(e, Vocabulary):
-            e.oov_count = 0
+    counted = {c: e for c, e in encoders.items() if isinstance(getattr(e, "inner", e), Vocabulary)}
+    for e in counted.values():
+        e.oov_count = 0
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     writer, rows = None, 0
@@ -563,7 +583,7 @@ def predict_table(run_dir: str | Path, data: Paths, out: str | Path, keep: Seque
         tmp.unlink(missing_ok=True)
         if bar is not None:
             bar.close()
-    oov = {c: e.oov_count for c, e in encoders.items() if isinstance(e, Vocabulary)}
+    oov = {c: e.oov_count for c, e in counted.items()}
     return rows, oov
 
 
