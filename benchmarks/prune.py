@@ -6,7 +6,10 @@ Two settings, each trained from scratch per seed with polytask's Trainer (equal 
   as four tasks (digit, odd, ge5, value; ``polytask.data`` "digits"), linear heads per task; the
   conv filters are pruned;
 - ``synthetic-mmoe``: MMoE (8 experts, hidden 64-32) on the synthetic generator of Ma et al. (KDD
-  2018; 3 tasks, correlation 0.5); the experts' hidden units are pruned.
+  2018; 3 tasks, correlation 0.5); the experts' hidden units are pruned;
+- ``synthetic-ple``: PLE (Tang et al., RecSys 2020; 2 levels, 1 specific expert per task and 1
+  shared expert per level, hidden 64-32) on the same data; the experts' hidden layer (64) is pruned,
+  tied over every bank and level, while their output width (32), the gates and the towers stay.
 
 For each FLOPs target and method (pagcp, taylor, l1, random) the table prints, as mean ± std over
 seeds, the test Δm% against the unpruned model (all metrics of all tasks, positive = worse), the
@@ -85,8 +88,12 @@ def setting(name: str, seed: int, quick: bool, device: str):
         return splits, model, model.conv_names(), 4 if quick else 15
     splits = load("synthetic", num_tasks=3, correlation=0.5, num_rows=2000 if quick else 8000, input_dim=32,
                   seed=seed)
-    model = build_model("mmoe", 32, splits.tasks, num_experts=4 if quick else 8, expert=[32, 16] if quick else [64, 32],
-                        tower=[16])
+    expert = [32, 16] if quick else [64, 32]
+    if name == "synthetic-ple":
+        model = build_model("ple", 32, splits.tasks, num_levels=2, specific_experts=1, shared_experts=1,
+                            expert=expert, tower=[16])
+        return splits, model, [layer.name for layer in prunable_layers(model, "ple")], 4 if quick else 15
+    model = build_model("mmoe", 32, splits.tasks, num_experts=4 if quick else 8, expert=expert, tower=[16])
     return splits, model, [layer.name for layer in prunable_layers(model, "mmoe")], 4 if quick else 15
 
 
@@ -109,7 +116,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=None,
                         help="fine-tuning epochs after pruning (default: 3, --quick: 0)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--settings", default="digits-cnn,synthetic-mmoe")
+    parser.add_argument("--settings", default="digits-cnn,synthetic-mmoe,synthetic-ple")
     args = parser.parse_args()
     seeds = range(1 if args.quick else args.seeds)
     if args.finetune_epochs is None:
