@@ -429,3 +429,15 @@ def test_sequence_column_trains_predicts_and_saves_its_vocabulary(data, tmp_path
     assert res.exit_code == 0, res.output
     assert "history " in res.output  # its unseen ids counted
     assert pq.read_table(tmp_path / "p.parquet").num_rows == 50
+
+
+def test_summary_table_shows_gauc_when_a_group_column_is_declared(run):
+    from polytask.report.summary import fmt, metrics_table
+
+    trainer, result, _ = run
+    table = metrics_table(trainer.tasks, {"val (best)": result.val, "test (best)": result.test})
+    for t in ("click", "conversion"):
+        assert f"| {t} | gauc ↑ | {fmt(result.val[t]['gauc'])} | {fmt(result.test[t]['gauc'])} |" in table
+    no_group = {k: {t: {m: v for m, v in ms.items() if m != "gauc"} for t, ms in d.items()}
+                for k, d in {"test": result.test}.items()}
+    assert "gauc" not in metrics_table(trainer.tasks, no_group)

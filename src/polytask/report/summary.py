@@ -22,8 +22,10 @@ def metrics_table(tasks: Sequence[Task], columns: dict[str, dict[str, dict[str, 
     sep = "|" + "---|" * (2 + len(columns))
     rows = [head, sep]
     for t in tasks:
-        for m in t.metrics:
-            arrow = "↑" if HIGHER_IS_BETTER[m] else "↓"
+        # gauc: added by table data with a group column (polytask.train.tables), not a Task metric
+        extra = [m for m in ("gauc",) if columns and all(m in c.get(t.name, {}) for c in columns.values())]
+        for m in (*t.metrics, *extra):
+            arrow = "↑" if HIGHER_IS_BETTER.get(m, True) else "↓"
             rows.append(f"| {t.name} | {m} {arrow} | " + " | ".join(fmt(c[t.name][m]) for c in columns.values()) + " |")
     return "\n".join(rows)
 
