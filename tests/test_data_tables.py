@@ -424,3 +424,6 @@ def test_sequence_column_in_a_source_and_its_vocabulary(tmp_path):
     bad = TableSchema(dense=("x",), categorical={"y": SequenceIds(vocab)}, labels={"t": "x"}, binary=())
     with pytest.raises(DataError, match="sequence column 'y' holds double, not lists"):
         TableSource(tmp_path / "s.parquet", bad)
+    lists_as_ids = TableSchema(dense=("x",), categorical={"hist": HashBuckets(8)}, labels={"y": "y"})
+    with pytest.raises(DataError, match=r"s.parquet: id column 'hist' holds list<.*ids.hist.sequence"):
+        TableSource(tmp_path / "s.parquet", lists_as_ids)

@@ -95,3 +95,5 @@ def test_export_refuses_a_non_table_run_and_writes_nothing(tmp_path):
     res = CliRunner().invoke(app, ["export", str(tmp_path), str(tmp_path / "m.pt2")])
     assert isinstance(res.exception, ConfigError) and "data.name is 'synthetic'" in str(res.exception)
     assert not (tmp_path / "m.pt2").exists()
+    res = CliRunner().invoke(app, ["export", str(tmp_path), str(tmp_path / "no" / "m.pt2")])
+    assert isinstance(res.exception, ConfigError) and "no folder" in str(res.exception)

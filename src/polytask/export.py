@@ -148,6 +148,8 @@ def export_run(run_dir: str | Path, out: str | Path, example_rows: int = 8) -> P
     """Write the run's best model with its preprocessing to ``out`` (a ``.pt2`` file, atomically)."""
     from polytask.train.tables import load_run_model
 
+    if not Path(out).parent.is_dir():
+        raise ConfigError(f"{out}: no folder {Path(out).parent} to write the exported program in")
     _, p, encoders, tasks, model = load_run_model(Path(run_dir))
     serving = ServingModel(model, encoders, list(p.dense), [t.name for t in tasks]).eval().requires_grad_(False)
     dense = torch.zeros(example_rows, len(p.dense))

@@ -510,6 +510,9 @@ class TableSource(torch.utils.data.IterableDataset):
                 t = sch.field(c).type
                 if isinstance(enc, SequenceIds) and not (pa.types.is_list(t) or pa.types.is_large_list(t)):
                     raise DataError(f"{f}: sequence column {c!r} holds {t}, not lists of ids")
+                if not isinstance(enc, SequenceIds) and pa.types.is_nested(t):
+                    raise DataError(f"{f}: id column {c!r} holds {t}; a column of id lists needs "
+                                    f"data.params.ids.{c}.sequence")
             if _is_csv(f):
                 self.units.append((i, None))
                 self.unit_rows.append(None)
