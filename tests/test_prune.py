@@ -211,8 +211,8 @@ def test_pruned_ple_has_the_counts_of_the_model_built_at_its_widths(arch):
 
 
 def test_tied_layer_scores_sum_their_members():
-    """L1: Σ over members and experts of |incoming weights|. Taylor: Σ_rows |Σ_members Σ_experts a·∂L/∂a| / rows
-    (hand-computed with hooks and autograd here); a unit that feeds nothing anywhere scores exactly 0."""
+    """L1: Σ over members and experts of |incoming weights|. Taylor: Σ_rows |Σ_members Σ_experts a·∂L/∂a|
+    / rows (hand-computed with hooks and autograd here); a unit that feeds nothing anywhere scores exactly 0."""
     model = _ple("cgc", seed=4)
     with torch.no_grad():
         for bank in (model.levels[0].specific_experts, model.levels[0].shared_experts):

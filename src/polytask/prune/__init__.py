@@ -24,4 +24,5 @@ from polytask.prune.pagcp import PAGCP
 from polytask.prune.run import PruneOptions, PruneResult, load_run, prune_run
 
 __all__ = ["PAGCP", "PRUNERS", "SUPPORTED", "Cost", "PruneContext", "PruneOptions", "PruneResult",
-           "UnreachableBudget", "apply_plan", "check_target", "count", "latency_ms", "load_run", "prunable_layers", "prune_model", "prune_run"]
+           "UnreachableBudget", "apply_plan", "check_target", "count", "latency_ms", "load_run", "prunable_layers",
+           "prune_model", "prune_run"]

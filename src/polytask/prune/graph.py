@@ -17,17 +17,19 @@ A *prunable layer* is a layer whose output channels (hidden units, filters) may 
   one *tied* layer named by a pattern, ``levels.*.*_experts.layers.K``, whose members are that
   layer in every bank of every level. A plan keeps one list of unit indices per layer, so a unit
   index goes from every member at once, as MMoE removes it from every expert; its importance is
-  the sum over the members (:mod:`polytask.prune.importance`). The experts' output width stays: it is what the gates mix, what the next level reads and what the towers
-  read. Each member is cut by a graph traced on its own expert bank
-  (:func:`prune_bank_units`), so the group holds the layer's outputs and the next expert layer's
-  inputs and nothing else by construction. (A graph of the whole PLE groups a hidden unit the same
-  way, but it follows an expert *output* channel through the stream slices and gate products onto
-  the gates' outputs, as torch-pruning 1.6 reads the ``(T, B, E) x (E, B, H)`` broadcast product as
-  element-wise; the bank graph is also much smaller to trace.)
+  the sum over the members (:mod:`polytask.prune.importance`). The experts' output width stays:
+  it is what the gates mix, what the next level reads and what the towers read. Each member is
+  cut by a graph traced on its own expert bank (:func:`prune_bank_units`), so the group is the
+  layer's outputs and the next expert layer's inputs, nothing else, by construction. (A graph of
+  the whole PLE groups a hidden unit the same way, but it follows an expert *output* channel
+  through the stream slices and gate products onto the gates' outputs, as torch-pruning 1.6 reads
+  the ``(T, B, E) x (E, B, H)`` broadcast product as element-wise; a bank is also faster to trace.)
 - a plain module (e.g. a CNN built in Python): the layers the caller names.
 
-Other architectures are refused with the reason (:data:`REFUSED`): MTAN ties every tensor of a
-block to one ``channels`` width, ESMM/AITM have no shared trunk whose channels could go without
+Other architectures are refused with the reason (:data:`REFUSED`): in MTAN one ``channels`` width
+per block sets the trunk's two conv widths and every task's attention widths, and the attention
+reshapes the previous block's attended features with the trunk's width, so a trunk channel cannot
+go alone (it would take unrelated channels of every task's attention path with it); ESMM/AITM have no shared trunk whose channels could go without
 changing what a task predicts. Task towers and gates are not pruned: they are task-specific and small.
 """
 
