@@ -30,7 +30,8 @@ Other architectures are refused with the reason (:data:`REFUSED`): in MTAN one `
 per block sets the trunk's two conv widths and every task's attention widths, and the attention
 reshapes the previous block's attended features with the trunk's width, so a trunk channel cannot
 go alone (it would take unrelated channels of every task's attention path with it); ESMM/AITM
-have no shared trunk whose channels could go without changing what a task predicts. Task towers and gates are not pruned: they are task-specific and small.
+have no shared trunk whose channels could go without changing what a task predicts. Task towers
+and gates are not pruned: they are task-specific and small.
 """
 
 from __future__ import annotations
