@@ -461,13 +461,13 @@ def test_pruning_then_resuming_fine_tuning(runs, tmp_path):
 def test_pagcp_prunes_ple_hidden_units_under_its_constraint(runs, tmp_path):
     from polytask.prune.run import load_run
 
-    result = prune_run(runs["ple"], PruneOptions("pagcp", 0.7, out=tmp_path / "p"))
+    result = prune_run(runs["ple"], PruneOptions("pagcp", 0.7, finetune_epochs=1, out=tmp_path / "p"))
     summary = json.loads((result.out_dir / "prune.json").read_text())
     assert list(summary["widths"]) == ["levels.*.*_experts.layers.0"]
     assert any(d["kept"] < d["width"] for d in summary["decisions"])
     for d in summary["decisions"]:  # the oracle criterion, on a tied layer too
         assert max(d["loss_ratio"]) <= 1 + d["theta"] + 1e-6
-    config, _, model = load_run(result.out_dir)
+    config, _, model = load_run(result.out_dir)  # the fine-tuned weights load into the pruned widths
     assert config.model.params["expert"] == [summary["widths"]["levels.*.*_experts.layers.0"], 8]
     assert result.table[1]["flops"] <= 0.7 * result.table[0]["flops"]
 
