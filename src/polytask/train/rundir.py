@@ -239,6 +239,8 @@ class RunClaim:
     aside: Path | None = None
     notes: list[str] = field(default_factory=list)
     depth: int = 1
+    #: the topmost folder this claim created (the run directory or an ancestor), None if it existed
+    created: Path | None = None
 
     def checkpoint_written(self) -> None:
         """The new run has a checkpoint: the previous run moved aside is deleted."""
@@ -313,8 +315,9 @@ def _lock(run_dir: Path) -> int:
     return fd
 
 
-def _prepare(run_dir: Path, mode: Mode) -> None:
-    """Path checks before anything is created: a file, a resume without a checkpoint."""
+def _prepare(run_dir: Path, mode: Mode) -> Path | None:
+    """Path checks before anything is created: a file, a resume without a checkpoint. Creates the
+    run directory; returns the topmost folder it created (None when the run directory existed)."""
     for p in (run_dir, *run_dir.parents):
         if p.exists() and not p.is_dir():
             raise ConfigError(f"run directory {run_dir}: {p} is a file, not a folder (see out_dir)")
@@ -323,13 +326,18 @@ def _prepare(run_dir: Path, mode: Mode) -> None:
     if mode == "resume" and not has_checkpoint(run_dir) and not aside_path(run_dir).is_dir():
         raise CheckpointError(f"no checkpoint to resume from: {run_dir / 'checkpoints' / 'latest.json'} "
                               "does not exist")
+    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True, mode=dir_mode() | 0o700)
     except OSError as exc:
         raise ConfigError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
+    created = missing[-1] if missing else None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         why = os.strerror(errno.EROFS if os.statvfs(run_dir).f_flag & os.ST_RDONLY else errno.EACCES)
+        if created is not None:
+            _remove_empty(run_dir, created)
         raise ConfigError(f"run directory {run_dir} is not writable ({why})")
+    return created
 
 
 def _recover(claim: RunClaim) -> None:
@@ -397,7 +405,43 @@ def _move_aside(claim: RunClaim) -> None:
             os.close(old_fd)
 
 
-def _release(claim: RunClaim) -> None:
+def _started(run_dir: Path) -> bool:
+    """Whether a run directory holds anything of a run that started: a checkpoint, an epoch's
+    metrics, or any file besides those a start writes before its first epoch (the config, the
+    vocabularies, an empty metrics.jsonl)."""
+    if has_checkpoint(run_dir):
+        return True
+    entries = {e.name for e in run_dir.iterdir()} - {LOCK_NAME}
+    if entries - {"config.yaml", "metrics.jsonl", "vocab.json"}:
+        return True
+    try:
+        return bool(read_jsonl(run_dir / "metrics.jsonl"))
+    except DataError:
+        return True
+
+
+def _remove_created(run_dir: Path, created: Path) -> None:
+    """Remove a run directory that a failed start created, and the folders above it up to
+    ``created`` while they are empty. The lock file goes last; the caller still holds its flock."""
+    for entry in run_dir.iterdir():
+        if entry.name != LOCK_NAME:
+            _remove(entry)
+    (run_dir / LOCK_NAME).unlink(missing_ok=True)
+    _remove_empty(run_dir, created)
+
+
+def _remove_empty(run_dir: Path, created: Path) -> None:
+    """Remove ``run_dir`` and the folders above it up to ``created``, while they are empty."""
+    for folder in (run_dir, *run_dir.parents):
+        try:
+            folder.rmdir()  # only while empty: a folder another command has just entered stays
+        except OSError:
+            return
+        if folder == created:
+            return
+
+
+def _release(claim: RunClaim, failed: bool = False) -> None:
     claim.depth -= 1
     if claim.depth > 0:
         return
@@ -409,6 +453,11 @@ def _release(claim: RunClaim) -> None:
                 _restore(claim)
                 log.warning("polytask: the previous run in %s is kept (the new run stopped before its first "
                             "checkpoint)", claim.run_dir)
+        # a start that failed before its first epoch (a refused config, data that does not load)
+        # leaves no new folder behind; nor does a command that wrote nothing in the folder it made
+        if claim.created is not None and claim.run_dir.is_dir() and not _started(claim.run_dir):
+            if failed or not any(e.name != LOCK_NAME for e in claim.run_dir.iterdir()):
+                _remove_created(claim.run_dir, claim.created)
     finally:
         if claim.fd is not None:
             os.close(claim.fd)  # releases the flock
@@ -442,10 +491,16 @@ def claim_run_dir(run_dir: Path, config: Any = None, mode: Mode = "new", advice:
         finally:
             _release(claim)
         return
-    _prepare(run_dir, mode)
-    claim = RunClaim(run_dir, mode, fd=_lock(run_dir))
+    created = _prepare(run_dir, mode)
+    try:
+        claim = RunClaim(run_dir, mode, fd=_lock(run_dir), created=created)
+    except BaseException:
+        if created is not None:  # empty folders only: another command may have entered meanwhile
+            _remove_empty(run_dir, created)
+        raise
     _HELD[key] = claim
     _set_env(key, True)
+    failed = False
     try:
         _recover(claim)
         if mode == "resume":
@@ -465,8 +520,11 @@ def claim_run_dir(run_dir: Path, config: Any = None, mode: Mode = "new", advice:
         for note in claim.notes:
             log.warning("polytask: %s", note)
         yield claim
+    except BaseException:
+        failed = True
+        raise
     finally:
-        _release(claim)
+        _release(claim, failed)
 
 
 def checkpoint_written(run_dir: Path) -> None:
