@@ -228,17 +228,8 @@ class Trainer:
         reshuffled pass after pass from its own generator; this batch's losses again; the optimizer's lr."""
         from polytask.balance.recent import HeldOut
 
-        if getattr(self, "_heldout_batches", None) is None:
-            self._heldout_generator = torch.Generator().manual_seed(self.config.seed + 1)
-            self._heldout_batches = iter(())
-
         def heldout_losses() -> dict[str, Tensor]:
-            held = next(self._heldout_batches, None)
-            if held is None:  # a new pass over the validation split
-                source = getattr(self, f"{self._heldout_split()}_set")
-                self._heldout_batches = source.batches(self.config.train.batch_size, shuffle=True,
-                                                       generator=self._heldout_generator)
-                held = next(self._heldout_batches)
+            held = self._next_heldout_batch()
             with self.precision.autocast():
                 return self._losses(self._step_model(held.inputs), held.targets, held.mask)
 
@@ -253,6 +244,31 @@ class Trainer:
         terms = [None if buf is None else buf * momentum for buf in buffers] or None
         return HeldOut(params, train_losses, heldout_losses, float(group["lr"]), float(group.get("weight_decay", 0.0)),
                        terms)
+
+    def _next_heldout_batch(self) -> Any:
+        """The next held-out batch; a new shuffled pass when one ends. Its position (the generator's
+        state at the pass's start, batches drawn since) goes in the checkpoint: a resumed run draws the
+        batches the uninterrupted one does."""
+        if getattr(self, "_heldout_batches", None) is None:
+            self._heldout_at = [torch.Generator().manual_seed(self.config.seed + 1).get_state(), 0]
+            self._heldout_batches = self._heldout_pass(*self._heldout_at)
+        held = next(self._heldout_batches, None)
+        if held is None:  # a new pass over the held-out split
+            self._heldout_at = [self._heldout_generator.get_state(), 0]
+            self._heldout_batches = self._heldout_pass(*self._heldout_at)
+            held = next(self._heldout_batches)
+        self._heldout_at[1] += 1
+        return held
+
+    def _heldout_pass(self, state: Tensor, drawn: int) -> Any:
+        """The held-out pass shuffled from generator ``state``, its first ``drawn`` batches skipped."""
+        self._heldout_generator = torch.Generator()
+        self._heldout_generator.set_state(state)
+        source = getattr(self, f"{self._heldout_split()}_set")
+        batches = source.batches(self.config.train.batch_size, shuffle=True, generator=self._heldout_generator)
+        for _ in range(drawn):
+            next(batches, None)
+        return batches
 
     def _losses(self, outputs: dict[str, Tensor], targets: dict[str, Tensor],
                 mask: dict[str, Tensor] | None) -> dict[str, Tensor]:
@@ -357,6 +373,7 @@ class Trainer:
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
                 "grad_scaler": self.precision.state_dict(),  # fp16: the loss scale and its growth tracker
+                "heldout": getattr(self, "_heldout_at", None),  # Auto-Lambda's held-out position
             },
         }
 
@@ -382,6 +399,9 @@ class Trainer:
         if t["cuda_rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(t["cuda_rng"])
         self.precision.load_state_dict(t.get("grad_scaler"))
+        if t.get("heldout") is not None:  # the held-out pass resumes where the checkpoint was taken
+            self._heldout_at = [t["heldout"][0], int(t["heldout"][1])]
+            self._heldout_batches = self._heldout_pass(*self._heldout_at)
 
     # ------------------------------------------------------------------ run
     def fit(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
