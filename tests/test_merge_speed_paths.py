@@ -125,3 +125,66 @@ def test_agreeing_weight_sum_equals_mergekits_product_sum(dtype):
     got = _agreeing_weight_sum(agree, w)
     assert got.dtype == dtype
     assert torch.equal(got, reference)
+
+
+def _save_models(tmp_path, dtype=torch.bfloat16):
+    from polytask.merge.io import save_state_dict
+
+    g = torch.Generator().manual_seed(11)
+    base = {"embed.weight": torch.randn(37, 24, generator=g).to(dtype), "norm.weight": torch.ones(24, dtype=dtype),
+            "step": torch.tensor([3], dtype=torch.int64)}
+    models = []
+    for i in range(3):
+        m = {k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else v
+             for k, v in base.items()}
+        models.append(m)
+        save_state_dict(m, tmp_path / f"m{i}")
+    save_state_dict(base, tmp_path / "base")
+    return base, models
+
+
+@pytest.mark.parametrize("method, params, chunked", [
+    ("task_arithmetic", {"lambda_": 0.7}, True),
+    ("ties", {}, False),  # the trim ranks the whole tensor: never split
+])
+def test_large_tensors_of_elementwise_methods_go_in_row_chunks(tmp_path, monkeypatch, method, params, chunked):
+    from polytask.merge.engine import merge_checkpoints, merge_state_dicts
+    from polytask.merge.io import CheckpointWriter, load_state_dict
+
+    base, models = _save_models(tmp_path)
+    weights = (1.0, 0.6, 0.3) if method == "ties" else (1.0, 0.6, -0.3)
+    per_model = [{"weight": w, **({"density": 0.4} if method == "ties" else {})} for w in weights]
+    expected = merge_state_dicts(method, models, base, model_params=per_model, compute_dtype=None, **params)
+    chunks = []
+    real = CheckpointWriter.write_rows
+
+    def spy(self, name, start, tensor):
+        chunks.append((name, start, tensor.shape[0]))
+        return real(self, name, start, tensor)
+
+    monkeypatch.setattr(CheckpointWriter, "write_rows", spy)
+    # a 600-byte budget: the (37, 24) embedding of 4 models (7 KB) goes in chunks of 1 row
+    out = merge_checkpoints(method, [tmp_path / f"m{i}" for i in range(3)], tmp_path / "base", tmp_path / "out",
+                            model_params=per_model, method_params=params, compute_dtype=None, prefetch_bytes=600)
+    got = load_state_dict(out)
+    assert set(got) == set(expected)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    if chunked:
+        embed_rows = sorted((s, n) for name, s, n in chunks if name == "embed.weight")
+        assert sum(n for _, n in embed_rows) == 37 and len(embed_rows) > 1
+        assert [s for s, _ in embed_rows] == sorted({s for s, _ in embed_rows})  # each row once
+    else:
+        assert chunks == []
+
+
+def test_write_rows_refuses_rows_outside_the_tensor(tmp_path):
+    from polytask.errors import MergeError
+    from polytask.merge.io import CheckpointWriter, TensorSpec
+
+    with CheckpointWriter(tmp_path / "o", {"w": TensorSpec((4, 2), torch.float32)}) as writer:
+        with pytest.raises(MergeError, match="rows 3:5"):
+            writer.write_rows("w", 3, torch.zeros(2, 2))
+        writer.write_rows("w", 2, torch.ones(2, 2))
+        with pytest.raises(MergeError, match="never written"):
+            writer.commit()  # rows 0:2 missing

@@ -57,6 +57,8 @@ class TensorJob:
     base: tuple[int, str] | None
     method: MergeMethod | None
     params: dict[str, Tensor] = field(default_factory=dict)
+    #: Only rows ``start:stop`` (dim 0) of the tensor: a chunk of an elementwise method's job.
+    rows: tuple[int, int] | None = None
 
     def reads(self) -> list[tuple[int, str]]:
         return [*self.inputs, *([self.base] if self.base is not None else [])]
@@ -111,6 +113,27 @@ class _DictSource:
         return self.state[name].detach()
 
 
+def _split_rows(jobs: Sequence[TensorJob], sources: Sequence[_Source], budget: int) -> list[TensorJob]:
+    """Jobs of elementwise methods (each output entry depends only on the same entry of the
+    inputs: task arithmetic, linear) on tensors larger than ``budget`` split into row chunks of
+    about ``budget`` each, so that an embedding is never held whole: read, merged and written
+    rows ``start:stop`` at a time (contiguous bytes in safetensors)."""
+    out: list[TensorJob] = []
+    for job in jobs:
+        spec = sources[job.reads()[0][0]].spec(job.reads()[0][1])
+        nbytes = len(job.reads()) * spec.numel * 4  # float32 at most
+        chunkable = (job.method is not None and type(job.method).elementwise and len(spec.shape) >= 1
+                     and spec.shape[0] > 1 and all(hasattr(sources[i], "read_rows_into") for i, _ in job.reads()))
+        if not chunkable or nbytes <= budget:
+            out.append(job)
+            continue
+        step = max(1, spec.shape[0] * budget // nbytes)
+        for start in range(0, spec.shape[0], step):
+            stop = min(start + step, spec.shape[0])
+            out.append(TensorJob(job.name, job.inputs, job.base, job.method, job.params, rows=(start, stop)))
+    return out
+
+
 class _CheckpointSource:
     def __init__(self, ckpt: Checkpoint, label: str) -> None:
         self.ckpt = ckpt
@@ -130,6 +153,11 @@ class _CheckpointSource:
 
     def read_into(self, name: str, out: Tensor) -> None:
         self.ckpt.read_into(name, out)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr == "read_rows_into" and hasattr(self.ckpt, "read_rows_into"):  # plain checkpoints only
+            return self.ckpt.read_rows_into
+        raise AttributeError(attr)
 
 
 def build_method(method: str | MergeMethod, params: Mapping[str, Any] | None = None) -> MergeMethod:
@@ -565,10 +593,14 @@ def _stream(
     nonfinite: list[str],
 ) -> None:
     bar = _progress(len(jobs), progress)
+    jobs = _split_rows(jobs, sources, prefetch_bytes)
     readers = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="polytask-read")
     writers = ThreadPoolExecutor(2, thread_name_prefix="polytask-write")
 
-    def fill(dst: Tensor, src: _Source, name: str) -> None:
+    def fill(dst: Tensor, src: _Source, name: str, rows: tuple[int, int] | None = None) -> None:
+        if rows is not None:
+            src.read_rows_into(name, dst, *rows)  # type: ignore[attr-defined]
+            return
         reader = getattr(src, "read_into", None)
         if reader is not None:
             reader(name, dst)
@@ -582,7 +614,10 @@ def _stream(
             return sources[i].spec(n).nbytes
         specs = [sources[i].spec(n) for i, n in job.reads()]
         size = torch.empty((), dtype=compute_dtype_of(compute_dtype, specs)).element_size()
-        return len(job.reads()) * specs[0].numel * size
+        numel = specs[0].numel
+        if job.rows is not None:
+            numel = numel // specs[0].shape[0] * (job.rows[1] - job.rows[0])
+        return len(job.reads()) * numel * size
 
     def submit(job: TensorJob) -> tuple[TensorJob, Tensor | None, Tensor | None, list[Future[Any]], int, Any]:
         if job.method is None:
@@ -592,14 +627,16 @@ def _stream(
         specs = [sources[i].spec(n) for i, n in job.reads()]
         cd = compute_dtype_of(compute_dtype, specs)
         shape = tuple(specs[0].shape)
+        if job.rows is not None:
+            shape = (job.rows[1] - job.rows[0], *shape[1:])
         if cost(job) > prefetch_bytes:
             pool.clear()  # a tensor larger than the budget (embeddings): the pool's buffers cannot serve it
         stacked = pool.take((len(job.inputs), *shape), cd)
-        futs = [readers.submit(fill, stacked[k], sources[i], n) for k, (i, n) in enumerate(job.inputs)]
+        futs = [readers.submit(fill, stacked[k], sources[i], n, job.rows) for k, (i, n) in enumerate(job.inputs)]
         base_t = None
         if job.base is not None:
             base_t = pool.take(shape, cd)
-            futs.append(readers.submit(fill, base_t, sources[job.base[0]], job.base[1]))
+            futs.append(readers.submit(fill, base_t, sources[job.base[0]], job.base[1], job.rows))
         return job, stacked, base_t, futs, cost(job), cd
 
     pool = _BufferPool(prefetch_bytes)  # free buffers count against the same budget as reads ahead
@@ -634,10 +671,15 @@ def _stream(
                 out = merged.to(cd).to(writer.specs[job.name].dtype)
                 del merged
                 _check_finite(job.name, out, allow_nonfinite, nonfinite)
-            pending_writes.append(writers.submit(writer.write, job.name, out))
+            if job.rows is None:
+                pending_writes.append(writers.submit(writer.write, job.name, out))
+            else:
+                pending_writes.append(writers.submit(writer.write_rows, job.name, job.rows[0], out))
             del out
             while len(pending_writes) > 2 or (pending_writes and pending_writes[0].done()):
                 pending_writes.popleft().result()
+            if job.rows is not None and job.rows[1] < writer.specs[job.name].shape[0]:
+                continue  # more chunks of this tensor follow
             if bar is not None:
                 bar.update(1)
             if on_tensor is not None:

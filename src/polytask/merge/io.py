@@ -197,21 +197,29 @@ class _SafetensorsFile:
                 )
             self.entries[name] = (spec, data_start + begin)
 
-    def read(self, name: str, buf: torch.Tensor | None = None) -> torch.Tensor:
-        """Tensor ``name``, read into ``buf`` (a uint8 tensor of at least its size) if given."""
+    def read(self, name: str, buf: torch.Tensor | None = None,
+             rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``name`` (only its rows ``start:stop`` along dim 0 with ``rows``: contiguous
+        bytes), read into ``buf`` (a uint8 tensor of at least its size) if given."""
         spec, offset = self.entries[name]
+        shape, nbytes = spec.shape, spec.nbytes
+        if rows is not None:
+            row_bytes = spec.nbytes // max(spec.shape[0], 1)
+            offset += rows[0] * row_bytes
+            shape = (rows[1] - rows[0], *spec.shape[1:])
+            nbytes = shape[0] * row_bytes
         if buf is None:
-            buf = torch.empty(spec.nbytes, dtype=torch.uint8)
-        buf = buf[: spec.nbytes]
-        if spec.nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = buf[:nbytes]
+        if nbytes:
             view = memoryview(buf.numpy())
             done = 0
-            while done < spec.nbytes:
+            while done < nbytes:
                 got = os.preadv(self.fd, [view[done:]], offset + done)
                 if got <= 0:
                     raise CheckpointError(f"{self.path}: unexpected end of file in {name!r}")
                 done += got
-        return buf.view(spec.dtype).reshape(spec.shape)
+        return buf.view(spec.dtype).reshape(shape)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -351,6 +359,19 @@ class Checkpoint:
         if self._pickled is not None:
             return self._pickled[name].clone()
         return self._where[name].read(name)
+
+    def read_rows_into(self, name: str, out: torch.Tensor, start: int, stop: int) -> None:
+        """Read rows ``start:stop`` (dim 0) of tensor ``name`` into ``out`` (converting the dtype)."""
+        if name not in self:
+            raise MergeError(f"tensor {name!r} is missing from {self.path}")
+        if self._pickled is not None:
+            out.copy_(self._pickled[name][start:stop])
+            return
+        spec = self.spec(name)
+        if out.dtype == spec.dtype and out.is_contiguous():
+            self._where[name].read(name, out.view(-1).view(torch.uint8), rows=(start, stop))
+        else:
+            out.copy_(self._where[name].read(name, rows=(start, stop)))
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Read tensor ``name`` and copy it (converting the dtype) into ``out`` (thread-safe).
@@ -557,6 +578,7 @@ class CheckpointWriter:
             raise
         self._lock = threading.Lock()
         self._pending = set(specs)
+        self._rows_done: dict[str, int] = {}  # rows stored so far by write_rows
         self._specs = dict(specs)
         self._fds: list[int] = []
         self._slot: dict[str, tuple[int, int]] = {}
@@ -672,6 +694,27 @@ class CheckpointWriter:
         self._checked_write(fd, memoryview(data), offset, self.tmp_dir / self.weight_map[name])
         with self._lock:
             self._pending.discard(name)
+
+    def write_rows(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """Store ``tensor`` as rows ``start:start + len(tensor)`` (dim 0) of ``name``; the tensor
+        counts as written once all its rows are (any order, any thread)."""
+        spec = self._specs.get(name)
+        if spec is None:
+            raise MergeError(f"tensor {name!r} was not planned for this output")
+        stop = start + tensor.shape[0] if tensor.dim() else -1
+        if (tensor.dim() != len(spec.shape) or tuple(tensor.shape[1:]) != spec.shape[1:] or tensor.dtype != spec.dtype
+                or start < 0 or not 0 <= stop <= spec.shape[0]):
+            raise MergeError(f"tensor {name!r}: got rows {start}:{stop} {tuple(tensor.shape)} {tensor.dtype}, "
+                             f"planned {spec.shape} {spec.dtype}")
+        fd, offset = self._slot[name]
+        row_bytes = spec.nbytes // max(spec.shape[0], 1)
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._checked_write(fd, memoryview(data), offset + start * row_bytes, self.tmp_dir / self.weight_map[name])
+        with self._lock:
+            done = self._rows_done.get(name, 0) + tensor.shape[0]
+            self._rows_done[name] = done
+            if done == spec.shape[0]:
+                self._pending.discard(name)
 
     def copy_extras(self, source_dir: str | os.PathLike[str] | None, dtype: torch.dtype | None) -> None:
         """Copy config/tokenizer files (every small non-weight top-level file) from ``source_dir``.

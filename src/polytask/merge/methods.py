@@ -64,6 +64,9 @@ class MergeMethod:
     #: True: ``merge`` gets its tensors in the compute dtype (bfloat16 arithmetic for a bfloat16
     #: config, as mergekit); False: in float32 (values rounded to the compute dtype first).
     native_dtype: ClassVar[bool] = False
+    #: True: each output entry depends only on the same entry of the inputs (no norms, ranks or
+    #: randomness over the tensor), so the engine may merge a large tensor a block of rows at a time.
+    elementwise: ClassVar[bool] = False
 
     def merge(
         self, tensors: Tensor, base: Tensor | None, params: dict[str, Tensor], ctx: TensorContext
@@ -355,6 +358,7 @@ class Linear(_WeightedSum):
     """
 
     requires_base = False
+    elementwise = True
 
     def __init__(self, normalize: bool = True) -> None:
         self.normalize = _check_normalize(normalize)
@@ -379,6 +383,7 @@ class TaskArithmetic(_WeightedSum):
     """
 
     native_dtype = True
+    elementwise = True
 
     def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool = False) -> None:
         self.normalize = _check_normalize(normalize)
