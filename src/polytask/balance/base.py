@@ -224,6 +224,21 @@ class Balancer(nn.Module):
                       for t, name in enumerate(acc["names"])}
         return self._combine_accumulated(surrogates, shared, features, params, gramian, loss_scale)
 
+    def _begin_backward(self, losses: Mapping[str, Tensor], shared: Iterable[nn.Parameter] | None,
+                        features: Tensor | None, *, task_features: Tensor | None, process_group: Any, counts: Any,
+                        loss_scale: Tensor | None, parameters: Iterable[Tensor] | None,
+                        reduce_gradients: bool) -> Tensor | None:
+        """The prologue every :meth:`backward` shares: refuse ``reduce_gradients=False`` where it is not available,
+        and end accumulated micro-batches (:meth:`accumulate`). Returns that step's weights when it did the step,
+        None when the caller's own step follows."""
+        if not reduce_gradients:
+            check_external_reduction(self, parameters)
+        if not self.accumulating:
+            return None
+        return self._backward_accumulated(losses, shared, features, task_features=task_features,
+                                          process_group=process_group, counts=counts, loss_scale=loss_scale,
+                                          parameters=parameters)
+
     def _combine_accumulated(self, surrogates: Mapping[str, Tensor], shared: list[Tensor] | None, features: Tensor | None,
                              params: list[Tensor], gramian: Tensor | None, loss_scale: Tensor | None) -> Tensor:
         """The update from the whole batch's surrogate losses (default: this balancer's own ``backward``)."""
@@ -390,12 +405,11 @@ class LossWeighting(Balancer):
                  counts=None, loss_scale=None, parameters=None, reduce_gradients=True) -> Tensor:
         from polytask.balance import dist  # the collectives: only with a process group
 
-        if not reduce_gradients:
-            check_external_reduction(self, parameters)
-        if self.accumulating:
-            return self._backward_accumulated(losses, shared, features, task_features=task_features,
-                                              process_group=process_group, counts=counts, loss_scale=loss_scale,
-                                              parameters=parameters)
+        done = self._begin_backward(losses, shared, features, task_features=task_features, process_group=process_group,
+                                    counts=counts, loss_scale=loss_scale, parameters=parameters,
+                                    reduce_gradients=reduce_gradients)
+        if done is not None:
+            return done
         vec = stack_losses(losses)
         self.before_weights(losses, vec)
         sync = None

@@ -331,14 +331,15 @@ class GradientBalancer(Balancer):
         if not reduce_gradients:
             self._check_external(parameters, features, shared)
         vec = stack_losses(losses)
-        self._seed_generator(vec.device, process_group)
+        self._seed_generator(vec.device, process_group)  # before the accumulated step: a collective under a group
+        done = self._begin_backward(losses, shared, features, task_features=task_features, process_group=process_group,
+                                    counts=counts, loss_scale=loss_scale, parameters=parameters,
+                                    reduce_gradients=reduce_gradients)
+        if done is not None:
+            return done
         if not reduce_gradients:
             return self._backward_external(losses, vec, features, task_features, process_group, counts, loss_scale,
                                            list(parameters), [p for p in shared if p.requires_grad])
-        if self.accumulating:
-            return self._backward_accumulated(losses, shared, features, task_features=task_features,
-                                              process_group=process_group, counts=counts, loss_scale=loss_scale,
-                                              parameters=parameters)
         shared_list = [p for p in shared if p.requires_grad] if shared is not None else []
         if task_features is None and self.mode == "features" and features is None:
             raise ConfigError("balancer mode 'features' needs features= (the model's shared_features)")

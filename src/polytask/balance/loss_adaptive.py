@@ -25,7 +25,7 @@ from polytask.balance._loss_state import (
     present_tasks,
     require_grad_fn,
 )
-from polytask.balance.base import accumulate_grads, all_finite, check_external_reduction, stack_losses
+from polytask.balance.base import accumulate_grads, all_finite, stack_losses
 from polytask.balance.engine import find_task_parameters, task_jacobian
 from polytask.balance.loss_weighting import _positive
 from polytask.balance.registry import BALANCERS
@@ -177,12 +177,11 @@ class DBMTL(TaskStateBalancer):
                  features: Tensor | None = None, *, task_features: Tensor | None = None, process_group: Any = None,
                  counts: Any = None, loss_scale: Tensor | None = None, parameters: Any = None,
                  reduce_gradients: bool = True) -> Tensor:
-        if not reduce_gradients:
-            check_external_reduction(self, parameters)
-        if self.accumulating:
-            return self._backward_accumulated(losses, shared, features, task_features=task_features,
-                                              process_group=process_group, counts=counts, loss_scale=loss_scale,
-                                              parameters=parameters)
+        done = self._begin_backward(losses, shared, features, task_features=task_features, process_group=process_group,
+                                    counts=counts, loss_scale=loss_scale, parameters=parameters,
+                                    reduce_gradients=reduce_gradients)
+        if done is not None:
+            return done
         vec = stack_losses(losses)
         self._bind(losses, vec)
         require_grad_fn(losses, "balancer 'db_mtl'")
