@@ -157,9 +157,18 @@ def test_table_scores_equal_a_reevaluation_of_the_saved_checkpoints(demo):
 
 def test_each_finetune_beats_the_base_on_its_own_task(demo):
     for t in DEMO_TASKS:
-        # a property of the set-up (base trained 2 epochs, fine-tunes 8 more on one task) at this seed;
-        # the margins here are 5 to 22 points, far from flaky
-        assert demo.scores[f"finetuned-{t}"][t] > demo.scores["base"][t] + 0.03, t
+        # a property of the set-up (base trained 3 epochs, fine-tunes 10 more on one task at a lower
+        # learning rate); at seeds 0-4 the smallest margin was 3.6 points
+        assert demo.scores[f"finetuned-{t}"][t] > demo.scores["base"][t] + 0.02, t
+
+
+def test_every_merge_has_a_higher_mean_accuracy_than_the_base(demo):
+    # the demo's point, a property of the set-up: at seeds 0-4 the smallest margin was 1.6 points
+    def mean(row):
+        return sum(demo.scores[row].values()) / len(DEMO_TASKS)
+
+    for method in ("task_arithmetic", "ties", "dare_ties"):
+        assert mean(f"merged-{method}") > mean("base") + 0.01, method
 
 
 # -- the output appears whole or not at all -----------------------------------------------------------------

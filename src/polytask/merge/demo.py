@@ -66,12 +66,20 @@ DEFAULT_METHODS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 @dataclass(frozen=True)
 class MergeDemoSettings:
-    """Sizes and budgets of the demo (the defaults take a few seconds on 2 CPU cores)."""
+    """Sizes and budgets of the demo (the defaults take a few seconds on 2 CPU cores).
+
+    The fine-tunes take smaller steps than the base (``finetune_lr``) so that they stay near it,
+    where task vectors add up. At seeds 0-4, these defaults gave every fine-tune at least 3.6
+    points over the base on its own task and every merge a higher mean accuracy than the base;
+    with ``finetune_lr = 1e-3`` (and the base trained 2 epochs) the merges fell below the base at
+    seed 2.
+    """
 
     bottom: tuple[int, ...] = (128, 64)
-    base_epochs: int = 2
-    finetune_epochs: int = 8
+    base_epochs: int = 3
+    finetune_epochs: int = 10
     lr: float = 1e-3
+    finetune_lr: float = 3e-4
     batch_size: int = 64
     methods: Mapping[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=lambda: DEFAULT_METHODS)
 
@@ -127,13 +135,13 @@ def evaluate(model: Any, split: Any, tasks: Sequence[Any]) -> dict[str, float]:
 
 
 def train(model: Any, split: Any, tasks: Sequence[Any], params: Sequence[torch.nn.Parameter], epochs: int,
-          settings: MergeDemoSettings, generator: torch.Generator) -> None:
+          lr: float, batch_size: int, generator: torch.Generator) -> None:
     """Adam on the summed losses of ``tasks``, updating ``params`` only (the others stay frozen)."""
-    opt = torch.optim.Adam(params, lr=settings.lr)
+    opt = torch.optim.Adam(params, lr=lr)
     model.train()
     n = len(split)
     for _ in range(epochs):  # epochs and batches are sequential by construction
-        for rows in torch.randperm(n, generator=generator).split(settings.batch_size):
+        for rows in torch.randperm(n, generator=generator).split(batch_size):
             out = model(split.inputs[rows])
             loss = sum(t.loss(out[t.name], split.targets[t.name][rows]) for t in tasks)
             opt.zero_grad(set_to_none=True)
@@ -222,14 +230,15 @@ def merge_demo(out: str | os.PathLike[str], seed: int = 0, *, overwrite: bool = 
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         base = build_demo_model(spec)
-        train(base, splits.train, tasks, list(base.parameters()), settings.base_epochs, settings, generator)
+        train(base, splits.train, tasks, list(base.parameters()), settings.base_epochs, settings.lr,
+              settings.batch_size, generator)
         _save(base, work / "base", spec)
         scores["base"] = evaluate(base, splits.test, tasks)
         finetuned = []
         for task in tasks:  # one independent fine-tune per task
             model = load_demo_model(work / "base")
-            train(model, splits.train, [task], list(model.shared_parameters()), settings.finetune_epochs, settings,
-                  generator)
+            train(model, splits.train, [task], list(model.shared_parameters()), settings.finetune_epochs,
+                  settings.finetune_lr, settings.batch_size, generator)
             name = f"finetuned-{task.name}"
             _save(model, work / name, spec)
             scores[name] = evaluate(model, splits.test, tasks)
