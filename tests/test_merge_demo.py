@@ -209,10 +209,11 @@ def test_a_failed_merge_leaves_no_output_and_keeps_the_previous_one(tmp_path, mo
         return real(*args, **kwargs)
 
     monkeypatch.setattr(merge_config, "run_merge", second_merge_fails)
-    out = tmp_path / "out"
+    out = tmp_path / "made" / "by" / "out"
     with pytest.raises(MergeError, match="disk full"):
         merge_demo(out, SEED, settings=TINY)
-    assert len(calls) == 2 and not out.exists() and _siblings(out) == []
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []  # the folders it made are gone too
+    out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
     calls.clear()
@@ -238,7 +239,30 @@ def test_cli_demo_merge_prints_the_table_and_refuses_a_second_run(tmp_path):
     assert isinstance(res.exception, ConfigError) and "--overwrite: only with --merge" in str(res.exception)
 
 
-def test_epochs_scale_must_be_positive(tmp_path):
+def test_bad_options_are_one_line_config_errors_before_any_output(tmp_path):
     with pytest.raises(ConfigError, match="--epochs-scale must be a positive number, got 0"):
         merge_demo_module.merge_demo_main(tmp_path / "out", epochs_scale=0.0)
-    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="--device: --merge runs on the CPU .*got 'cuda'"):
+        merge_demo_module.merge_demo_main(tmp_path / "out", device="cuda")
+    with pytest.raises(ConfigError, match="finetune_lr: a positive number, got nan"):
+        MergeDemoSettings(finetune_lr=float("nan"))
+    with pytest.raises(ConfigError, match=r"bottom: positive layer widths, got \[16, 0\]"):
+        MergeDemoSettings(bottom=(16, 0))
+    with pytest.raises(ConfigError, match="base_epochs: a positive integer, got 0"):
+        MergeDemoSettings(base_epochs=0)
+    bad_method = MergeDemoSettings(bottom=(16,), base_epochs=1, finetune_epochs=1, methods={"tiez": ({}, {})})
+    with pytest.raises(ConfigError, match="tiez"):  # refused by the merge config's own check
+        merge_demo(tmp_path / "out", SEED, settings=bad_method)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_same_seed_same_scores_and_the_callers_rng_is_left_alone(tmp_path):
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    first = merge_demo(tmp_path / "a", 5, settings=TINY)
+    assert torch.equal(torch.rand(3), expected_draw)
+    second = merge_demo(tmp_path / "b", 5, settings=TINY)
+    assert first.scores == second.scores
+    a, b = _weights(tmp_path / "a" / "merged-dare_ties"), _weights(tmp_path / "b" / "merged-dare_ties")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -44,7 +44,7 @@ def demo(
     if merge:
         from polytask.merge.demo import merge_demo_main
 
-        typer.echo(merge_demo_main(out / "merge", seed, overwrite=overwrite, epochs_scale=epochs_scale))
+        typer.echo(merge_demo_main(out / "merge", seed, overwrite=overwrite, epochs_scale=epochs_scale, device=device))
         return
     if overwrite:
         raise ConfigError("--overwrite: only with --merge (the plain demo replaces its own runs)")

@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +53,18 @@ MODEL_FILE = "polytask_demo_model.json"
 DEMO_TASKS: tuple[str, ...] = ("digit", "odd", "ge5")
 SCORE = "accuracy"
 
-#: method -> (top-level parameters, per-model parameters) of its mergekit config. TIES trims to the
-#: paper's 20 % (Yadav et al., §5); DARE keeps half the entries (Yu et al. show p up to 0.9 works on
-#: LLMs; this trunk is small); the summed methods are scaled by lambda as Ilharco et al. scale the
-#: task vectors (chosen there on validation data; fixed here).
+#: method -> (top-level parameters, per-model parameters) of its mergekit config:
+#:
+#: - task arithmetic (Ilharco et al., ICLR 2023): ``theta_0 + lambda sum_t tau_t``; the paper picks
+#:   lambda on validation data, fixed at 0.5 here;
+#: - TIES (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023):
+#:   trimmed to the paper's 20 % (its §5), then sign election and the mean of the agreeing values;
+#: - DARE-TIES (Yu et al., "Language Models are Super Mario", ICML 2024, with TIES' election): half
+#:   the entries dropped at random (seeded by the config's ``seed``) and the rest doubled; the paper
+#:   drops up to 90 % of an LLM's delta, this trunk is small. lambda 0.5 as for task arithmetic.
+#:
+#: The configs are mergekit's format, but mergekit itself cannot run them: it needs a Hugging Face
+#: architecture, and this model is polytask's.
 DEFAULT_METHODS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "task_arithmetic": ({"lambda": 0.5}, {"weight": 1.0}),
     "ties": ({"lambda": 1.0, "normalize": True}, {"weight": 1.0, "density": 0.2}),
@@ -82,6 +90,18 @@ class MergeDemoSettings:
     finetune_lr: float = 3e-4
     batch_size: int = 64
     methods: Mapping[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=lambda: DEFAULT_METHODS)
+
+    def __post_init__(self) -> None:
+        if not self.bottom or any(not isinstance(w, int) or w < 1 for w in self.bottom):
+            raise ConfigError(f"bottom: positive layer widths, got {list(self.bottom)}")
+        for key in ("base_epochs", "finetune_epochs", "batch_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"{key}: a positive integer, got {getattr(self, key)!r}")
+        for key in ("lr", "finetune_lr"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise ConfigError(f"{key}: a positive number, got {getattr(self, key)!r}")
+        if not self.methods:
+            raise ConfigError("methods: at least one merge method, got none")
 
 
 @dataclass
@@ -167,10 +187,12 @@ def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
 
     refuse_existing()
     target = Path(os.path.abspath(out))
+    created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]  # innermost first
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = _OutputLock(target, shown=str(out))
-    lock.acquire()
+    done = False
     try:
+        lock.acquire()
         refuse_existing()  # another writer may have finished into it meanwhile
         _remove_stale_partials(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -188,10 +210,16 @@ def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
             else:
                 os.rename(tmp, target)
             (target / _PARTIAL_MARKER).unlink(missing_ok=True)
+            done = True
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place
     finally:
         lock.release()
+        for parent in created if not done else []:  # the folders this call made, if it failed
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 def _save(model: Any, directory: Path, spec: Mapping[str, Any]) -> None:
@@ -226,8 +254,8 @@ def merge_demo(out: str | os.PathLike[str], seed: int = 0, *, overwrite: bool = 
     splits = load("digits", seed=seed).select_tasks(DEMO_TASKS)
     tasks = splits.tasks
     scores: dict[str, dict[str, float]] = {}
-    with _atomic_dir(out, overwrite) as work:
-        torch.manual_seed(seed)
+    with _atomic_dir(out, overwrite) as work, torch.random.fork_rng(devices=[]):  # leave the caller's RNG be
+        torch.manual_seed(seed)  # the models' initial weights
         generator = torch.Generator().manual_seed(seed)
         base = build_demo_model(spec)
         train(base, splits.train, tasks, list(base.parameters()), settings.base_epochs, settings.lr,
@@ -255,14 +283,17 @@ def merge_demo(out: str | os.PathLike[str], seed: int = 0, *, overwrite: bool = 
 
 
 def merge_demo_main(out: str | os.PathLike[str], seed: int = 0, overwrite: bool = False,
-                    epochs_scale: float = 1.0) -> str:
+                    epochs_scale: float = 1.0, device: str = "auto") -> str:
     """Run :func:`merge_demo` (epochs multiplied by ``epochs_scale``, at least one) and return the
-    text ``polytask demo --merge`` prints."""
+    text ``polytask demo --merge`` prints. It runs on the CPU: ``device`` other than auto/cpu is
+    refused rather than ignored."""
     if not (math.isfinite(epochs_scale) and epochs_scale > 0):
         raise ConfigError(f"--epochs-scale must be a positive number, got {epochs_scale}")
+    if device not in ("auto", "cpu"):
+        raise ConfigError(f"--device: --merge runs on the CPU (a few seconds), got {device!r}")
     d = MergeDemoSettings()
-    settings = MergeDemoSettings(base_epochs=max(1, round(d.base_epochs * epochs_scale)),
-                                 finetune_epochs=max(1, round(d.finetune_epochs * epochs_scale)))
+    settings = replace(d, base_epochs=max(1, round(d.base_epochs * epochs_scale)),
+                       finetune_epochs=max(1, round(d.finetune_epochs * epochs_scale)))
     start = time.perf_counter()
     result = merge_demo(out, seed, overwrite=overwrite, settings=settings)
     return "\n".join([
