@@ -266,3 +266,23 @@ def test_same_seed_same_scores_and_the_callers_rng_is_left_alone(tmp_path):
     assert first.scores == second.scores
     a, b = _weights(tmp_path / "a" / "merged-dare_ties"), _weights(tmp_path / "b" / "merged-dare_ties")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_merges_equal_mergekit_on_the_saved_checkpoints_with_the_saved_config(demo, method):
+    """mergekit 0.1.5 (the peer) merging the saved tensors with the parameters the saved YAML gives."""
+    import yaml
+
+    api = pytest.importorskip("mergekit.merge_methods.api")
+    config = yaml.safe_load((demo.out_dir / f"merge-{method}.yaml").read_text())
+    assert config["base_model"] == "base" and [m["model"] for m in config["models"]] == [
+        f"finetuned-{t}" for t in DEMO_TASKS]
+    params = {**config["parameters"], **config["models"][0]["parameters"]}  # the same for every model
+    assert all(m["parameters"] == config["models"][0]["parameters"] for m in config["models"])
+    base = load_file(demo.out_dir / "base" / "model.safetensors")
+    fts = [load_file(demo.out_dir / f"finetuned-{t}" / "model.safetensors") for t in DEMO_TASKS]
+    merged = load_file(demo.out_dir / f"merged-{method}" / "model.safetensors")
+    for name in base:
+        expected = api.merge_tensors([base[name], *(ft[name] for ft in fts)], method, parameters=params,
+                                     base_index=0)
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6, msg=name)
