@@ -180,3 +180,47 @@ def test_auto_lambda_killed_and_resumed_repeats_the_uninterrupted_run(tmp_path, 
         balancer = ckpt.load_checkpoint(tmp_path / name / "checkpoints")[1]["balancer"]
         flat = ckpt.split_state(balancer)[1]
         assert flat and all(torch.equal(v, ckpt.split_state(full_balancer)[1][k]) for k, v in flat.items()), name
+
+
+# ----------------------------------------------------------------------------- 3. commands of this session
+def _fork(fn):
+    """Run ``fn`` in a forked child; its exit status (77: killed by the test's os._exit)."""
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn()
+        except BaseException:
+            code = 3
+        os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_prune_killed_mid_write_leaves_nothing_after_the_next_prune(tmp_path, monkeypatch, capsys):
+    """A prune killed before its rename leaves its temporary run directory (.OUT.<pid>.partial); the
+    next prune into the same --out removes it (its process is gone), and leaves a live one's alone."""
+    from polytask.prune import run as prune_run_mod
+
+    Trainer(parse_config(_dict(tmp_path, **{"train.epochs": 1})), progress=False).fit()
+    run, out = tmp_path / "runs" / "run", tmp_path / "runs" / "pruned"
+    real = prune_run_mod.atomic_write_text
+
+    def killed_at_prune_md(path, text):
+        if str(path).endswith("prune.md"):
+            os._exit(77)
+        return real(path, text)
+
+    def killed():
+        monkeypatch.setattr(prune_run_mod, "atomic_write_text", killed_at_prune_md)
+        prune_run_mod.prune_run(run, prune_run_mod.PruneOptions(method="l1", out=out))
+
+    assert _fork(killed) == 77
+    left = [p.name for p in out.parent.iterdir() if p.name.endswith(".partial")]
+    assert len(left) == 1 and left[0].startswith(".pruned.")
+    live = out.parent / f".pruned.{os.getppid()}.partial"  # a prune still running (a live process)
+    live.mkdir()
+    code, _, err = cli(monkeypatch, capsys, "prune", run, "--method", "l1", "--out", out)
+    assert code == 0, err
+    assert sorted(p.name for p in out.parent.iterdir()) == [live.name, "pruned", "run"]
+    assert (out / "prune.md").is_file() and (out / "best" / "model.safetensors").is_file()

@@ -140,6 +140,9 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
     from polytask.train.config import dump_config, parse_config
 
     final_config = parse_config(data, "pruned config")
+    from polytask.train.rundir import remove_stale_builds
+
+    remove_stale_builds(out)  # what a killed prune into the same --out left
     tmp = out.parent / f".{out.name}.{os.getpid()}{PARTIAL}"
     try:
         _write(tmp, data, options.finetune_epochs, splits, pruned, progress)

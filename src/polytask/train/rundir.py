@@ -161,6 +161,47 @@ def clean_partials(run_dir: Path) -> list[Path]:
     return removed
 
 
+def remove_stale_builds(target: Path) -> list[Path]:
+    """Remove what killed commands building ``target`` under a temporary sibling name left: folders
+    ``.NAME.<pid>.partial`` (``polytask prune`` builds its run directory so) whose process is gone and
+    whose lock no one holds. Returns what was removed."""
+    target = Path(target)
+    removed = []
+    for entry in target.parent.glob(f".{target.name}.*{PARTIAL}") if target.parent.is_dir() else ():
+        pid = entry.name[len(target.name) + 2:-len(PARTIAL)]
+        if not pid.isdigit() or not entry.is_dir() or _alive(int(pid)) or _locked(entry):
+            continue
+        _remove(entry)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _locked(run_dir: Path) -> bool:
+    """Whether a process holds ``RUN_DIR/.lock``."""
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
