@@ -608,8 +608,10 @@ class TableSource(torch.utils.data.IterableDataset):
         pa, pc, _, _ = _pa()
         inputs: dict[str, torch.Tensor] = {}
         if self.schema.dense:
-            cols = [rb.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in self.schema.dense]
-            inputs["dense"] = torch.from_numpy(np.stack(cols, axis=1))
+            dense = np.empty((rb.num_rows, len(self.schema.dense)), np.float32)
+            for j, c in enumerate(self.schema.dense):  # cast while copied into place (no per-column temporaries)
+                dense[:, j] = rb.column(c).to_numpy(zero_copy_only=False)
+            inputs["dense"] = torch.from_numpy(dense)
         for c, enc in self.schema.categorical.items():
             inputs[c] = torch.from_numpy(enc.encode(rb.column(c)))
         targets, mask = {}, {}
