@@ -1,7 +1,7 @@
 """``polytask demo --merge``: a first model merge without checkpoints of one's own.
 
 The set-up follows the task-vector experiments of Ilharco et al. ("Editing Models with Task
-Arithmetic", ICLR 2023, §2-3), shrunk to a CPU-minute on scikit-learn's shipped digits:
+Arithmetic", ICLR 2023, §2-3), shrunk to a few CPU seconds on scikit-learn's shipped digits:
 
 1. **base**: a shared-bottom MLP (:class:`~polytask.nn.SharedBottom`: a shared trunk, one linear
    head per task) trained briefly on every task at once: the digit (10 classes), whether it is odd,
@@ -17,8 +17,9 @@ Arithmetic", ICLR 2023, §2-3), shrunk to a CPU-minute on scikit-learn's shipped
    seeded), run by :func:`polytask.merge.run_merge`, the code behind ``polytask merge``, on the
    safetensors checkpoints written in step 2;
 4. **table**: test accuracy of each task and their mean, for the base, each fine-tune and each
-   merge. A fine-tune is best on its own task and loses on the others; a merge recovers most
-   tasks at once with one model.
+   merge. A fine-tune gains on its own task and loses on the others; a merge is one model for
+   every task (at seeds 0-4 each merge's mean accuracy was above the base's and, at most seeds,
+   above every fine-tune's).
 
 The output directory holds ``base/``, ``finetuned-TASK/``, ``merged-METHOD/`` (safetensors plus
 ``polytask_demo_model.json``, which rebuilds the model: :func:`load_demo_model`), the configs
