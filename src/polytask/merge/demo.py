@@ -90,7 +90,7 @@ class MergeDemoSettings:
     lr: float = 1e-3
     finetune_lr: float = 3e-4
     batch_size: int = 64
-    methods: Mapping[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=lambda: DEFAULT_METHODS)
+    methods: Mapping[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=lambda: dict(DEFAULT_METHODS))
 
     def __post_init__(self) -> None:
         if not self.bottom or any(not isinstance(w, int) or w < 1 for w in self.bottom):
