@@ -39,6 +39,7 @@ from polytask.balance.solvers import (
     power_fair_weights,
     project_simplex,
 )
+from polytask.balance.registry import register_aggregator
 from polytask.errors import ConfigError
 
 __all__ = [
@@ -201,6 +202,8 @@ class _LazyStateMixin:
 # ---------------------------------------------------------------------------------------------
 
 
+@register_aggregator("mgda_ub", default_mode="features")
+@register_aggregator("mgda")
 class MGDA(GramianWeighting):
     """MGDA: the minimum-norm point of the convex hull of the task gradients.
 
@@ -232,6 +235,7 @@ class MGDA(GramianWeighting):
         return min_norm_simplex(gramian)
 
 
+@register_aggregator("pcgrad")
 class PCGrad(GramianWeighting):
     """PCGrad: project each task gradient on the normal plane of every gradient it conflicts with.
 
@@ -275,6 +279,7 @@ def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> Tensor:
     return coef
 
 
+@register_aggregator("gradvac")
 class GradVac(_LazyStateMixin, GramianWeighting):
     """Gradient Vaccine: raise each pair's cosine similarity towards an EMA target.
 
@@ -342,6 +347,7 @@ def gradvac_coefficients(gramian: Tensor, phi_hat: Tensor, orders: Tensor, beta:
     return coef, phi_hat
 
 
+@register_aggregator("cagrad")
 class CAGrad(GramianWeighting):
     """CAGrad: maximise the worst task improvement within a ball around the mean gradient.
 
@@ -402,6 +408,7 @@ class CAGrad(GramianWeighting):
         return mean + nonneg_qp(g + torch.diag_embed(reg), mean @ g)
 
 
+@register_aggregator("imtl_g", "imtlg")
 class IMTLG(GramianWeighting):
     """IMTL-G: the update has equal projections on every task's unit gradient.
 
@@ -422,6 +429,7 @@ class IMTLG(GramianWeighting):
         return _nan_unless(finite, torch.where(total.abs() < 1e-12, torch.zeros_like(v), v / torch.where(total == 0, 1.0, total)))
 
 
+@register_aggregator("aligned_mtl", "alignedmtl")
 class AlignedMTL(GramianWeighting):
     """Aligned-MTL: align the principal components of the gradient matrix before summing.
 
@@ -467,6 +475,7 @@ def _preference(pref: list[float] | None, n: int, like: Tensor, who: str) -> Ten
     return torch.tensor(pref, dtype=like.dtype, device=like.device)
 
 
+@register_aggregator("upgrad")
 class UPGrad(GramianWeighting):
     """UPGrad: project each task gradient onto the dual cone of all gradients, then average.
 
@@ -499,6 +508,7 @@ class UPGrad(GramianWeighting):
         return (u + nonneg_qp(g, u @ g)).sum(0)
 
 
+@register_aggregator("dualproj")
 class DualProj(GramianWeighting):
     """DualProj: project the mean gradient onto the dual cone of the task gradients.
 
@@ -521,6 +531,7 @@ class DualProj(GramianWeighting):
         return u + nonneg_qp(g, u @ g)
 
 
+@register_aggregator("config")
 class ConFIG(GramianWeighting):
     """ConFIG: the conflict-free direction with equal cosine to every task gradient.
 
@@ -549,6 +560,7 @@ class ConFIG(GramianWeighting):
         return _nan_unless(finite, coef)
 
 
+@register_aggregator("nash_mtl", "nashmtl")
 class NashMTL(_LazyStateMixin, GramianWeighting):
     """Nash-MTL: the Nash bargaining solution, weights with ``G w = 1 / w``.
 
@@ -604,6 +616,7 @@ class NashMTL(_LazyStateMixin, GramianWeighting):
         return w
 
 
+@register_aggregator("fairgrad")
 class FairGrad(GramianWeighting):
     """FairGrad: alpha-fair resource allocation among tasks, weights with ``G w = w^(-1/alpha)``.
 
@@ -641,6 +654,7 @@ def _least_squares_weights(jacobian: Tensor, update: Tensor) -> Tensor:
     return _nan_unless(finite, w).to(jacobian.dtype)
 
 
+@register_aggregator("graddrop", default_mode="features")
 class GradDrop(Aggregator):
     """GradDrop: keep, per coordinate, only the gradients of one randomly chosen sign.
 
@@ -670,6 +684,7 @@ class GradDrop(Aggregator):
         return update, _least_squares_weights(jacobian, update)
 
 
+@register_aggregator("excess_mtl", "excessmtl")
 class ExcessMTL(_LazyStateMixin, Aggregator):
     """ExcessMTL: up-weight tasks with a large estimated excess risk.
 
@@ -736,6 +751,7 @@ class ExcessMTL(_LazyStateMixin, Aggregator):
         return self.task_weights @ jacobian, self.task_weights
 
 
+@register_aggregator("moco")
 class MoCo(_LazyStateMixin, Aggregator):
     """MoCo: stochastic MGDA with a tracked (bias-corrected) gradient estimate.
 
@@ -780,6 +796,7 @@ class MoCo(_LazyStateMixin, Aggregator):
         return self.task_weights @ self.tracked, self.task_weights
 
 
+@register_aggregator("metabalance", "meta_balance")
 class MetaBalance(_LazyStateMixin, Aggregator):
     """MetaBalance: rescale the auxiliary tasks' gradients toward the target task's magnitude.
 

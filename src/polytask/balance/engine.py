@@ -58,7 +58,6 @@ gradients while ``.grad`` stays scaled.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -69,10 +68,9 @@ from polytask.balance import aggregators as agg
 from polytask.balance import dist
 from polytask.balance.base import (Balancer, accumulate_grads, all_finite, check_external_reduction, external_grads_ok,
                                    gate_local_grads, graph_leaves, stack_losses)
-from polytask.balance.registry import BALANCERS
+from polytask.balance.registry import Mode
 from polytask.errors import ConfigError
 
-Mode = Literal["parameters", "features"]
 
 #: ``autograd.grad`` to a graph edge (the gradient at a node's output) -- what the Gramian-only source needs.
 _HAS_GRADIENT_EDGE = hasattr(torch.autograd.graph, "GradientEdge")
@@ -870,49 +868,3 @@ class GradientBalancer(Balancer):
         self._commit(ok, before)
         weights = torch.where(ok, weights, torch.zeros_like(weights))
         return update, weights.detach(), ok
-
-
-# ---------------------------------------------------------------------------------------------
-# Registration: one factory per method, whose signature is the aggregator's plus mode/nan_policy.
-# ---------------------------------------------------------------------------------------------
-
-
-def _register(name: str, cls: type[agg.Aggregator], *aliases: str, default_mode: Mode = "parameters") -> None:
-    sig = inspect.signature(cls.__init__)
-    params = [p for p in list(sig.parameters.values())[1:] if p.name != "generator"]
-    extra = [
-        inspect.Parameter("mode", inspect.Parameter.KEYWORD_ONLY, default=default_mode, annotation="Mode"),
-        inspect.Parameter("nan_policy", inspect.Parameter.KEYWORD_ONLY, default="skip", annotation="str"),
-    ]
-
-    if "generator" in sig.parameters:  # a random method: its draws come from a generator seeded with ``seed``
-        extra.append(inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None"))
-
-    def factory(*, mode: Mode = default_mode, nan_policy: Literal["skip", "raise"] = "skip", seed: int | None = None,
-                **method_params: Any) -> GradientBalancer:
-        return GradientBalancer(cls(**method_params), mode=mode, nan_policy=nan_policy, seed=seed)
-
-    factory.__signature__ = sig.replace(  # type: ignore[attr-defined]
-        parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params] + extra,
-        return_annotation=GradientBalancer)
-    factory.__name__ = f"{name}_balancer"
-    factory.__doc__ = f"``{name}``: :class:`GradientBalancer` with :class:`~{cls.__module__}.{cls.__name__}` (mode {default_mode!r} by default).\n\n{cls.__doc__}"
-    BALANCERS.register(name, *aliases)(factory)
-
-
-_register("mgda", agg.MGDA)
-_register("mgda_ub", agg.MGDA, default_mode="features")
-_register("pcgrad", agg.PCGrad)
-_register("gradvac", agg.GradVac)
-_register("graddrop", agg.GradDrop, default_mode="features")
-_register("cagrad", agg.CAGrad)
-_register("imtl_g", agg.IMTLG, "imtlg")
-_register("nash_mtl", agg.NashMTL, "nashmtl")
-_register("aligned_mtl", agg.AlignedMTL, "alignedmtl")
-_register("upgrad", agg.UPGrad)
-_register("dualproj", agg.DualProj)
-_register("config", agg.ConFIG)
-_register("fairgrad", agg.FairGrad)
-_register("moco", agg.MoCo)
-_register("excess_mtl", agg.ExcessMTL, "excessmtl")
-_register("metabalance", agg.MetaBalance, "meta_balance")

@@ -21,9 +21,8 @@ from torch import Tensor, nn
 from polytask.balance import aggregators as agg
 from polytask.balance._loss_state import BufferOptimizer, TaskStateBalancer, flat_jacobian, present_tasks
 from polytask.balance.base import LossWeighting, accumulate_grads, all_finite, graph_leaves, stack_losses
-from polytask.balance.engine import _register
 from polytask.balance.loss_weighting import _positive
-from polytask.balance.registry import BALANCERS
+from polytask.balance.registry import BALANCERS, register_aggregator
 from polytask.errors import ConfigError
 
 __all__ = ["AutoLambda", "GO4Align", "HeldOut", "NTKMTL", "NTKMTLSR", "kmeans_1d", "ntk_weights"]
@@ -152,6 +151,7 @@ class GO4Align(TaskStateBalancer):
 
 
 # ------------------------------------------------------------------------------------------ NTKMTL
+@register_aggregator("ntkmtl", "ntk_mtl")
 class NTKMTL(agg.GramianWeighting):
     """NTKMTL: balance the tasks' convergence speeds by the eigenvalues of their neural tangent kernels.
 
@@ -199,7 +199,6 @@ def ntk_weights(eigenvalues: Tensor, exponent: float) -> Tensor:
     return torch.where(torch.isfinite(eigenvalues), w, torch.full_like(w, float("nan")))
 
 
-_register("ntkmtl", NTKMTL, "ntk_mtl")
 
 
 @BALANCERS.register("ntkmtl_sr", "ntk_mtl_sr")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from polytask.balance.aggregators import Aggregator, GramianWeighting, _least_squares_weights
-from polytask.balance.engine import _register
+from polytask.balance.registry import register_aggregator
 from polytask.errors import ConfigError
 
 __all__ = ["Krum", "TrimmedMean", "krum_weights"]
@@ -36,6 +36,7 @@ def krum_weights(gramian: Tensor, n_byzantine: int, n_selected: int = 1) -> Tens
     return weights.index_fill(0, selected, 1.0 / n_selected)
 
 
+@register_aggregator("krum", "multi_krum")
 class Krum(GramianWeighting):
     """Krum / Multi-Krum: average the ``n_selected`` rows closest to their neighbours.
 
@@ -70,6 +71,7 @@ class Krum(GramianWeighting):
         return krum_weights(gramian, self.n_byzantine, self.n_selected)
 
 
+@register_aggregator("trimmed_mean", "trimmedmean")
 class TrimmedMean(Aggregator):
     """Coordinate-wise trimmed mean: per coordinate, drop the ``b`` largest and ``b`` smallest values.
 
@@ -104,7 +106,3 @@ class TrimmedMean(Aggregator):
         # them to skip the step (the module's contract: non-finite in, non-finite out).
         update = torch.where(torch.isfinite(jacobian).all(dim=0), update, float("nan"))
         return update, _least_squares_weights(jacobian, update)
-
-
-_register("krum", Krum, "multi_krum")
-_register("trimmed_mean", TrimmedMean, "trimmedmean")

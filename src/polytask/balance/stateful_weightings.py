@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from polytask.balance.aggregators import _SOLVE_DTYPE, GramianWeighting, _LazyStateMixin, _preference
-from polytask.balance.engine import _gramian_only, _register
+from polytask.balance.engine import _gramian_only
+from polytask.balance.registry import register_aggregator
 from polytask.balance.solvers import cuda_graphed, nonneg_qp, project_simplex
 from polytask.errors import ConfigError
 
@@ -75,6 +76,7 @@ def sdmgrad_inner(matrix: Tensor, w: Tensor, w_tilde: Tensor, lr: float, momentu
     return w
 
 
+@register_aggregator("sdmgrad")
 class SDMGrad(_WeightState, GramianWeighting):
     """SDMGrad: a direction close to MGDA's, pulled towards a preferred direction (the mean).
 
@@ -116,6 +118,7 @@ class SDMGrad(_WeightState, GramianWeighting):
         return (w + self.lambda_ * w_tilde) / (1.0 + self.lambda_)
 
 
+@register_aggregator("modo")
 class MoDo(_WeightState, GramianWeighting):
     """MoDo: one projected stochastic gradient step on the MGDA weights per training step.
 
@@ -147,6 +150,7 @@ class MoDo(_WeightState, GramianWeighting):
         return lam
 
 
+@register_aggregator("cr_mogm", "crmogm")
 class CRMOGM(_WeightState, GramianWeighting):
     """CR-MOGM: the weights of another Gramian method, smoothed by a moving average across steps.
 
@@ -260,6 +264,7 @@ def pcd_weights(normalized: Tensor, taus: Tensor, reg: float = 1e-12) -> Tensor:
     return torch.cat([ones, torch.where(feasible, mu, 0.0)])
 
 
+@register_aggregator("pcd")
 class PCD(_LazyStateMixin, GramianWeighting):
     """PCD (Priority-Constrained Descent): follow the first task, guarantee progress to the others.
 
@@ -335,9 +340,3 @@ class PCD(_LazyStateMixin, GramianWeighting):
         keep = (sq_norms[0] > 0) & (direction_sq_norm > precision * magnitude)
         rescale = (sq_norms[0] / direction_sq_norm.clamp_min(torch.finfo(gramian.dtype).tiny)).sqrt()
         return torch.where(keep, w * scales * rescale, 0.0)
-
-
-_register("sdmgrad", SDMGrad)
-_register("modo", MoDo)
-_register("cr_mogm", CRMOGM, "crmogm")
-_register("pcd", PCD)
