@@ -262,7 +262,7 @@ def train_rate(arch: str, folder: Path, schema, batch: int, steps: int) -> float
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--loader-rows", type=int, default=2_000_000)
+    ap.add_argument("--loader-rows", type=int, default=1_000_000)
     ap.add_argument("--rechub-rows", type=int, default=200_000)
     ap.add_argument("--gb", type=float, default=5.0, help="size of the log on disk for (b) and (c)")
     ap.add_argument("--batch", type=int, default=4096)

@@ -11,7 +11,8 @@ A run config names the table source with ``data: {name: table, params: ...}``::
         # or one source cut by a seeded hash of a key column:
         # path: data/log/, split: {key: request_id, fractions: [0.8, 0.1, 0.1], seed: 0}
         dense: [price, hour]
-        ids: {user_id: {min_count: 2}, item_id: {hash: 1000000}, category: {}}
+        ids: {user_id: {min_count: 2}, item_id: {hash: 1000000, sparse: true}, category: {},
+              recent_items: {hash: 1000000, sequence: {max_len: 50, pooling: mean}}}
         labels: {click: click, conversion: conversion}    # task: label column (binary tasks)
         group: user_id                                      # optional: adds GAUC per task
         embed_dim: 16
@@ -25,6 +26,13 @@ keys are kept, 4-12 bytes per row and task: the metrics are exact). Vocabularies
 streaming pass over the train files (with a fraction split: over the whole source; ids seen only in
 val/test then get an untrained row instead of the OOV one) and saved as ``vocab.json`` in the run
 directory; a run that finds a ``vocab.json`` made for the same id columns reuses it (resume).
+
+An id column may hold lists of ids (``sequence``: padded to ``max_len``, embedded and pooled,
+:class:`~polytask.data.tables.SequenceIds`), and may train its embedding with sparse gradients
+(``sparse: true``: :class:`SparseDenseOptimizer`, SparseAdam or SGD on the touched rows only; with
+loss balancers, one process). The embedding tables' memory is printed before training.
+``polytask export`` writes the trained model with its id lookups as a ``torch.export`` program
+(:mod:`polytask.export`).
 
 More than one process (``--nproc N``): the vocabularies are built once, on rank 0, and broadcast;
 each rank reads its own units (row groups) of the train files, ``train.batch_size / N`` rows a
