@@ -441,3 +441,20 @@ def test_summary_table_shows_gauc_when_a_group_column_is_declared(run):
     no_group = {k: {t: {m: v for m, v in ms.items() if m != "gauc"} for t, ms in d.items()}
                 for k, d in {"test": result.test}.items()}
     assert "gauc" not in metrics_table(trainer.tasks, no_group)
+
+
+def test_sparse_run_resumes_like_the_uninterrupted_run(data, tmp_path):
+    # both optimisers' states (SparseAdam's row moments included) go through the checkpoint
+    ids = {"user_id": {"min_count": 2, "sparse": True}, "item_id": {"hash": 256, "sparse": True}, "category": {}}
+    full = Trainer(_cfg(data, tmp_path / "full", epochs=2, ids=ids), progress=False).fit()
+    Trainer(_cfg(data, tmp_path / "part", epochs=1, ids=ids), progress=False).fit()
+    resumed = Trainer(_cfg(data, tmp_path / "part", epochs=2, ids=ids), progress=False).fit(resume=True)
+    for task in ("click", "conversion"):
+        assert resumed.history[-1].test[task]["auc"] == pytest.approx(full.history[-1].test[task]["auc"], abs=1e-6)
+    # a checkpoint saved without sparse tables does not load into the sparse optimiser: one line
+    dense_ids = {**ids, "user_id": {"min_count": 2}, "item_id": {"hash": 256}}
+    Trainer(_cfg(data, tmp_path / "dense", epochs=1, ids=dense_ids), progress=False).fit()
+    from polytask.errors import CheckpointError
+
+    with pytest.raises((CheckpointError, ConfigError)):
+        Trainer(_cfg(data, tmp_path / "dense", epochs=2, ids=ids), progress=False).fit(resume=True)
