@@ -27,8 +27,16 @@ How it reads, and what it guarantees:
   shard and needs the same ``world_size`` and ``num_workers``.
 * **Ids** (:class:`Vocabulary`, :class:`HashBuckets`): a vocabulary is built in one streaming pass
   (:func:`build_vocabularies`; min count, index 0 is the out-of-vocabulary bucket, order by count
-  then value, saved as JSON); hashing maps ids to a fixed number of buckets. Both work on whole
-  arrays with ``pyarrow.compute`` (``value_counts``, ``index_in``, ``dictionary_encode``).
+  then value, saved as JSON); hashing maps ids to a fixed number of buckets. Both work on the
+  distinct values of a batch: Parquet string columns are read as dictionary arrays (as Parquet
+  stores them), other columns are ``dictionary_encode``-d; each distinct value gets its 64-bit
+  FNV-1a hash (:func:`stable_hash`), then a bucket, or its id by binary search in the vocabulary's
+  sorted hashes; a ``take`` brings the ids back to the rows. Lists of ids
+  (:class:`SequenceIds`) become a padded ``(N, max_len)`` matrix.
+* **Cost per batch.** A shuffle window is encoded once, column by column, and permuted once;
+  batches are slices of its tensors (no Python step per row or per batch beyond a few views).
+* **Ranks.** :meth:`TableSource.rank_batches` gives every rank's batch count from the Parquet
+  footers, so that ranks whose shards differ can still run the same number of steps.
 
 Bad input (missing column, a non-numeric or null dense value, a binary label outside {0, 1}, an
 empty or corrupt file) is one :class:`~polytask.errors.DataError` naming the file and the column.
