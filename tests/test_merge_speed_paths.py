@@ -17,7 +17,7 @@ from polytask.merge.sortselect import argsort_head_mask
 
 def _reference(values: torch.Tensor, k: int, descending: bool) -> torch.Tensor:
     mask = torch.zeros(values.numel(), dtype=torch.bool)
-    mask[torch.argsort(values, descending=descending)[:k]] = True
+    mask[torch.argsort(values.float(), descending=descending)[:k]] = True  # mergekit sorts float32
     return mask
 
 
@@ -34,6 +34,7 @@ def _cases():
     yield "badly scaled", (torch.randn(30_000, generator=g) * torch.logspace(-10, 10, 30_000)).to(
         torch.bfloat16).abs().float()
     yield "signed values", (torch.randn(20_000, generator=g)).to(torch.bfloat16).float()
+    yield "bf16 kept in bf16", (torch.randn(45_000, generator=g) * 1e-2).to(torch.bfloat16).abs()
     yield "tiny", torch.tensor([0.5, 0.5, 0.25, 0.5, 0.0, 0.5, 0.25])
     yield "leaf size", (torch.randn(17, generator=g)).to(torch.bfloat16).abs().float()
 

@@ -120,7 +120,7 @@ def _select_k(values: Tensor, counts: list[int], largest: bool, *, ties_likely: 
     def select(i: int) -> None:
         mask[i] = _select_row(values[i], counts[i], largest, ties_likely)
 
-    if len(rows) > 1 and m >= _PARALLEL_ROW:
+    if len(rows) > 1 and _PARALLEL_ROW <= m <= _SERIAL_ROW:
         with ThreadPoolExecutor(2, thread_name_prefix="polytask-select") as pool:
             list(pool.map(select, rows))
     else:
@@ -129,8 +129,9 @@ def _select_k(values: Tensor, counts: list[int], largest: bool, *, ties_likely: 
     return mask
 
 
-#: Rows at least this long are selected two at a time.
-_PARALLEL_ROW = 1 << 18
+#: Rows of this many entries are selected two at a time; longer ones (embeddings) one at a time,
+#: as each selection holds a few bytes per entry.
+_PARALLEL_ROW, _SERIAL_ROW = 1 << 18, 1 << 24
 
 
 def _select_row(row: Tensor, count: int, largest: bool, ties_likely: bool) -> Tensor:
@@ -197,9 +198,10 @@ def _half(x: Tensor) -> bool:
 
 
 def _magnitudes(flat: Tensor) -> Tensor:
-    """``|flat|``, in float32 for half-precision inputs (exact; selection kernels want it)."""
-    mags = flat.abs()
-    return mags.float() if mags.dtype in (torch.bfloat16, torch.float16) else mags
+    """``|flat|`` (exact in every dtype). Half-precision magnitudes stay half: comparisons order
+    them as their float32 values, so selections and torch's sort pick the same entries, in half
+    the memory."""
+    return flat.abs()
 
 
 def bottomk_mask(x: Tensor, counts: list[int]) -> Tensor:

@@ -110,9 +110,10 @@ def _partition(vals: Tensor, descending: bool) -> tuple[int, int, Tensor, Tensor
     return cut, swaps, stop_left, stop_right
 
 
-def _sides(vals: Tensor | None, idx: Tensor, cut: int, swaps: int, stop_left: Tensor, stop_right: Tensor,
-           side: str) -> tuple[Tensor | None, Tensor]:
-    """Values (if ``vals`` is given) and original positions of one side of the cut after the swaps.
+def _sides(vals: Tensor | None, idx: Tensor | None, cut: int, swaps: int, stop_left: Tensor, stop_right: Tensor,
+           side: str, median: int) -> tuple[Tensor | None, Tensor]:
+    """Values (if ``vals`` is given) and original positions of one side of the cut after the swaps
+    (``idx`` None: the positions are the identity but for the median swap of 0 and ``median``).
 
     The swapped left stops are exactly the left stops before ``cut``; the swapped right stops are
     the last ``swaps`` right stops, all at or after ``cut`` (one more right stop may lie there,
@@ -131,13 +132,22 @@ def _sides(vals: Tensor | None, idx: Tensor, cut: int, swaps: int, stop_left: Te
             where = where.clone()
             where[int(torch.argmax(where.view(torch.uint8)))] = False  # argmax: the first maximum
 
-    def take(t: Tensor) -> Tensor:
-        incoming = t[other].masked_select(src)
+    def take(t: Tensor | None) -> Tensor:
+        if t is None:  # the identity (first step): positions, without an arange of the whole row
+            incoming = torch.nonzero(src).squeeze(1).add_(other.start or 0).to(torch.int32)
+            out = torch.arange(part.start or 0, part.stop if part.stop is not None else n, dtype=torch.int32)
+        else:
+            incoming = t[other].masked_select(src)
+            out = t[part].clone()
         if side == "left":
             incoming = incoming[incoming.numel() - swaps:]  # the last `swaps` right stops
-        out = t[part].clone()
-        return out.masked_scatter_(where, incoming.flip(0))
+        out = out.masked_scatter_(where, incoming.flip(0))
+        if t is None and median != 0:  # positions 0 and `median` hold each other's entries
+            at_zero = out == 0
+            out.masked_fill_(out == median, 0).masked_fill_(at_zero, median)
+        return out
 
+    n = stop_left.numel()
     return (take(vals) if vals is not None else None), take(idx)
 
 
@@ -160,8 +170,10 @@ def argsort_head_mask(values: Tensor, k: int, *, descending: bool) -> Tensor | N
     def before(a, b):
         return a > b if descending else a < b
 
+    if n >= 2**31:
+        return None  # positions are int32
     vals = values.reshape(-1).clone()
-    idx = torch.arange(n, dtype=torch.int32 if n < 2**31 else torch.int64)
+    idx: Tensor | None = None  # original positions of vals; None: the identity
     lo = 0
     depth = 2 * (n.bit_length() - 1)  # libstdc++: 2 * __lg(n)
     while vals.numel() > _LEAF:
@@ -170,18 +182,19 @@ def argsort_head_mask(values: Tensor, k: int, *, descending: bool) -> Tensor | N
         depth -= 1
         s = _median_to_first(vals, before)
         vals[[0, s]] = vals[[s, 0]]
-        idx[[0, s]] = idx[[s, 0]]
+        if idx is not None:
+            idx[[0, s]] = idx[[s, 0]]
         cut, swaps, stop_left, stop_right = _partition(vals, descending)
         if k - lo < cut:  # position k lies in the left part: the right part is dropped
-            vals, idx = _sides(vals, idx, cut, swaps, stop_left, stop_right, "left")
+            vals, idx = _sides(vals, idx, cut, swaps, stop_left, stop_right, "left", s)
             continue
-        _, left_i = _sides(None, idx, cut, swaps, stop_left, stop_right, "left")
-        mask[left_i.long()] = True  # the left part is kept whole
+        _, left_i = _sides(None, idx, cut, swaps, stop_left, stop_right, "left", s)
+        mask[left_i] = True  # the left part is kept whole
         lo += cut
         if lo == k:
             return mask
-        vals, idx = _sides(vals, idx, cut, swaps, stop_left, stop_right, "right")
+        vals, idx = _sides(vals, idx, cut, swaps, stop_left, stop_right, "right", s)
     # a leaf: the final insertion sort orders it stably
     order = torch.sort(vals, descending=descending, stable=True).indices
-    mask[idx[order[: k - lo]].long()] = True
+    mask[order[: k - lo] if idx is None else idx[order[: k - lo]]] = True
     return mask
