@@ -139,14 +139,11 @@ class Trainer:
             raise ConfigError(f"model has no head for task(s) {', '.join(map(repr, missing))}")
         self.balancer = balance_lib.get(config.balancer.name, **config.balancer.params).to(self.device)
         self._sparse: list[nn.Parameter] = []  # table data: embeddings with sparse gradients (train/tables.py)
-        if streaming:
-            from polytask.train.tables import embedding_report, use_sparse_embeddings
+        if streaming and splits.sparse:
+            from polytask.train.tables import use_sparse_embeddings
 
-            if splits.sparse:
-                self._sparse = use_sparse_embeddings(self.model, splits.sparse, config, self.balancer,
-                                                     self.dist.world_size)
-            if self.dist.is_main:
-                print(embedding_report(self.model), file=sys.stderr)
+            self._sparse = use_sparse_embeddings(self.model, splits.sparse, config, self.balancer,
+                                                 self.dist.world_size)
         # gradient balancers get every task's feature gradient from one backward when the model
         # exposes per-task copies of its shared features (see nn.base.MultiTaskModel)
         from polytask.balance.engine import GradientBalancer
@@ -167,6 +164,10 @@ class Trainer:
                 raise ConfigError(f"balancer.name: {config.balancer.name!r} needs held-out batches from an in-memory "
                                   f"{split} split in one process, got {rows} in-memory {split} rows and "
                                   f"{self.dist.world_size} process(es)")
+        if streaming and self.dist.is_main:  # after every refusal: a refused config prints one line
+            from polytask.train.tables import embedding_report
+
+            print(embedding_report(self.model), file=sys.stderr)
         self._step_model = dist_lib.wrap_model(self.model, self.dist, config.train.strategy, self.device)
         self.precision = dist_lib.Precision(config.train.precision, self.device)
         self.optimizer = self._build_optimizer()
