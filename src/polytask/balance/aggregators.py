@@ -164,6 +164,10 @@ class _LazyStateMixin:
     """
 
     _legacy_counter: ClassVar[str | None] = None
+    #: None: these methods replace their buffers at each step (``self.x = f(...)``), never change them in place,
+    #: so the engine's non-finite guard keeps a reference to the old tensors instead of copies (a ``T x D``
+    #: buffer, MoCo's or ExcessMTL's, is not copied every step).
+    _state_updated_in_place: ClassVar[tuple[str, ...]] = ()
 
     def _init_steps(self) -> None:
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ starts) travels with ``state_dict()`` into checkpoints. It is usable in any trai
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,15 @@ def stack_losses(losses: Mapping[str, Tensor]) -> Tensor:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ConfigError(f"balancer.backward: loss of task {name!r} must be a scalar tensor, got {shape}")
     return torch.stack([v if v.ndim == 0 else v.reshape(()) for v in losses.values()])
+
+
+class _Saved(NamedTuple):
+    """One buffer as :meth:`Balancer._snapshot` left it: the tensor, its version counter then, and a copy
+    (None where the step replaces the tensor rather than changing it in place)."""
+
+    tensor: Tensor
+    version: int
+    copy: Tensor | None
 
 
 class Balancer(nn.Module):
@@ -62,6 +71,10 @@ class Balancer(nn.Module):
     #: but the losses and for gradient methods at feature level (``GradientBalancer``: per-task gradients
     #: w.r.t. the features only); methods that take per-task gradients w.r.t. the parameters cannot.
     supports_external_reduction: bool = False
+    #: The buffers of this module that a step changes in place: the non-finite guard copies only these before a
+    #: step (:meth:`_snapshot`). None (the default): every buffer. A module whose steps replace their buffers
+    #: (``self.x = new``) says ``()``; the guard raises if a buffer it did not copy was changed in place.
+    _state_updated_in_place: tuple[str, ...] | None = None
     #: Buffers a checkpoint of an older version may lack; loading it keeps their current value.
     _optional_state: tuple[str, ...] = ("skipped_steps",)
 
@@ -80,23 +93,40 @@ class Balancer(nn.Module):
 
     # -- the non-finite guard, shared by every balancer -----------------------------------------
 
-    def _snapshot(self) -> dict[str, Tensor]:
-        """Copies of the balancer's buffers before a step (see :meth:`_commit`)."""
-        return {name: buf.clone() for name, buf in self.named_buffers() if name != "skipped_steps"}
+    def _snapshot(self) -> dict[tuple[str, str], _Saved]:
+        """What :meth:`_commit` needs to restore the balancer's buffers: a reference to each, its version
+        counter, and a copy of those a step changes in place (a module's ``_state_updated_in_place``; every
+        buffer of a module that does not say). A buffer that a step replaces (``self.x = new``) or leaves
+        alone keeps its old value in the old tensor: no copy."""
+        saved: dict[tuple[str, str], _Saved] = {}
+        for mod_name, mod in self.named_modules():
+            in_place = getattr(mod, "_state_updated_in_place", None)
+            for buf_name, buf in mod._buffers.items():
+                if buf is None or (mod is self and buf_name == "skipped_steps"):
+                    continue
+                copy = buf.clone() if in_place is None or buf_name in in_place else None
+                saved[mod_name, buf_name] = _Saved(buf, buf._version, copy)
+        return saved
 
-    def _commit(self, ok: Tensor, before: Mapping[str, Tensor]) -> None:
+    def _commit(self, ok: Tensor, before: Mapping[tuple[str, str], _Saved]) -> None:
         """Keep this step's state where ``ok`` (a 0-d bool tensor), else restore ``before``; count a skip.
 
         A buffer that the step resized (lazily sized state, created at a method's first step) is
         put back as it was if the step is skipped, which reads ``ok`` on the host: once per buffer
-        and run, at that first step, never in the steady state.
+        and run, at that first step, never in the steady state. A buffer the step did not touch is
+        left as it is (no ``torch.where``).
         """
-        for name, old in before.items():
-            mod_name, _, buf_name = name.rpartition(".")
+        for (mod_name, buf_name), (tensor, version, copy) in before.items():
             mod = self.get_submodule(mod_name) if mod_name else self
             new = mod._buffers.get(buf_name)
             if new is None:
                 continue
+            if copy is None and tensor._version != version:  # our bug: its value before the step is gone
+                raise RuntimeError(f"{type(mod).__name__}.{buf_name} was changed in place by a step, but is not in "
+                                   "its _state_updated_in_place: the non-finite guard could not restore it")
+            if new is tensor and new._version == version:
+                continue
+            old = tensor if copy is None else copy
             if new.shape != old.shape:
                 if not bool(ok):
                     mod._buffers[buf_name] = old

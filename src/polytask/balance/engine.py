@@ -305,6 +305,10 @@ class GradientBalancer(Balancer):
     model's promise and is not checked.
     """
 
+    #: Its one buffer, ``rng_state``, is written when a state dict is saved, never by a step (the aggregator's
+    #: own buffers are its own module's: see ``_LazyStateMixin``).
+    _state_updated_in_place = ()
+
     def __init__(self, aggregator: agg.Aggregator, mode: Mode = "parameters", nan_policy: Literal["skip", "raise"] = "skip",
                  batched: bool = False, trunk_batched: bool = False, seed: int | None = None) -> None:
         super().__init__(nan_policy)

@@ -155,6 +155,9 @@ class DBMTL(TaskStateBalancer):
     _state_buffer = "grad_ema"
     supports_external_reduction = False  # per-task gradients w.r.t. the shared parameters
 
+    #: ``grad_ema`` and ``steps`` are replaced at each step, never changed in place (no copy for the guard).
+    _state_updated_in_place = ()
+
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8,
                  nan_policy: Literal["skip", "raise"] = "skip") -> None:
         super().__init__(nan_policy)
@@ -218,8 +221,9 @@ class DBMTL(TaskStateBalancer):
             beta_k = torch.where(k > 0, self.beta / k.clamp_min(1) ** self.beta_sigma, torch.zeros_like(k))
             # a task absent from the batch keeps its average (a non-finite step is skipped whole)
             rows = (torch.isfinite(jac).all(dim=1) & present_tasks(global_vec))[:, None]
-            self.grad_ema.copy_(torch.where(rows, beta_k * self.grad_ema + (1 - beta_k) * jac, self.grad_ema))
-            self.steps.add_(rows.any().to(self.steps.dtype))
+            # replaced, not changed in place: the guard then restores them without a copy of the (T, D) average
+            self.grad_ema = torch.where(rows, beta_k * self.grad_ema + (1 - beta_k) * jac, self.grad_ema)
+            self.steps = self.steps + rows.any().to(self.steps.dtype)
             norms = self.grad_ema.norm(dim=1)
             alpha = norms.max() / (norms + self.eps)
             shared_update = alpha @ self.grad_ema
