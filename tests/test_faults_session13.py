@@ -223,3 +223,22 @@ def test_prune_killed_mid_write_leaves_nothing_after_the_next_prune(tmp_path, mo
     assert code == 0, err
     assert sorted(p.name for p in out.parent.iterdir()) == [live.name, "pruned", "run"]
     assert (out / "prune.md").is_file() and (out / "best" / "model.safetensors").is_file()
+
+
+def test_prune_that_fails_leaves_no_new_folder(tmp_path, monkeypatch, capsys):
+    """--out in folders that do not exist yet: a prune failing after its build started (here the
+    table step) removes its build and the folders it created for --out."""
+    from polytask.prune import run as prune_run_mod
+
+    Trainer(parse_config(_dict(tmp_path, **{"train.epochs": 1})), progress=False).fit()
+    before = _tree(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("--latency-device: refused")
+
+    monkeypatch.setattr(prune_run_mod, "_table", refuse)
+    for finetune in ("0", "1"):
+        assert_one_line_exit_2(cli(monkeypatch, capsys, "prune", tmp_path / "runs" / "run", "--method", "l1",
+                                   "--finetune-epochs", finetune, "--out", tmp_path / "new" / "sub" / "p"),
+                               "refused")
+        assert _tree(tmp_path) == before, finetune

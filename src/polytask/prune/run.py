@@ -143,6 +143,7 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
     from polytask.train.rundir import remove_stale_builds
 
     remove_stale_builds(out)  # what a killed prune into the same --out left
+    created = [p for p in out.parents if not p.exists()]  # innermost first; removed again on failure
     tmp = out.parent / f".{out.name}.{os.getpid()}{PARTIAL}"
     try:
         _write(tmp, data, options.finetune_epochs, splits, pruned, progress)
@@ -162,6 +163,11 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
             raise ConfigError(f"--out: cannot create {out} ({exc.strerror})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:
+            try:
+                folder.rmdir()  # only while empty
+            except OSError:
+                break
         raise
     return PruneResult(out, table, keep)
 
