@@ -15,6 +15,7 @@ Notation: ``tau_i = theta_i - theta_0`` is the task vector of model ``i`` (Ilhar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
@@ -98,10 +99,12 @@ def _per_model(values: Tensor, ndim: int, dtype: torch.dtype | None = None) -> T
     return values.reshape(-1, *([1] * ndim))
 
 
-def _select_k(values: Tensor, counts: list[int], largest: bool, *, ties_likely: bool = False) -> Tensor:
+def _select_k(values: Tensor, counts: list[int], largest: bool, *, ties_likely: bool = False,
+              key: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Boolean mask of ``counts[i]`` entries of row ``i`` of ``values`` ``(N, M)``.
 
-    Entries are taken by value (largest or smallest first), the same entries as mergekit's
+    Entries are taken by value (of ``key(row)`` if given, made one row at a time: an ``(N, M)``
+    magnitude copy is never held), largest or smallest first, the same entries as mergekit's
     ``torch.argsort(row, descending=largest)[:count]``. O(M) per row (an exact selection, no
     sort): a threshold from :func:`_kth_smallest`, then, where exactly equal values straddle it
     (in bfloat16 nearly always: ``ties_likely`` goes there at once),
@@ -118,7 +121,8 @@ def _select_k(values: Tensor, counts: list[int], largest: bool, *, ties_likely: 
             mask[i] = True
 
     def select(i: int) -> None:
-        mask[i] = _select_row(values[i], counts[i], largest, ties_likely)
+        row = values[i] if key is None else key(values[i])
+        mask[i] = _select_row(row, counts[i], largest, ties_likely)
 
     if len(rows) > 1 and _PARALLEL_ROW <= m <= _SERIAL_ROW:
         with ThreadPoolExecutor(2, thread_name_prefix="polytask-select") as pool:
@@ -189,7 +193,7 @@ def topk_mask(x: Tensor, density: Tensor) -> Tensor:
     flat = x.reshape(x.shape[0], -1)
     m = flat.shape[1]
     counts = [m if d >= 1 else (0 if d <= 0 else max(1, int(d * m))) for d in density.tolist()]
-    return _select_k(_magnitudes(flat), counts, largest=True, ties_likely=_half(x)).reshape(x.shape)
+    return _select_k(flat, counts, largest=True, ties_likely=_half(x), key=_magnitudes).reshape(x.shape)
 
 
 def _half(x: Tensor) -> bool:
@@ -207,7 +211,7 @@ def _magnitudes(flat: Tensor) -> Tensor:
 def bottomk_mask(x: Tensor, counts: list[int]) -> Tensor:
     """Mask of the ``counts[i]`` smallest-magnitude entries of each ``x[i]``."""
     flat = x.reshape(x.shape[0], -1)
-    return _select_k(_magnitudes(flat), counts, largest=False, ties_likely=_half(x)).reshape(x.shape)
+    return _select_k(flat, counts, largest=False, ties_likely=_half(x), key=_magnitudes).reshape(x.shape)
 
 
 def _norms(x: Tensor, how: bool | str) -> Tensor | None:
@@ -313,7 +317,9 @@ def _combine(
     if consensus is not None:
         agree = _sign_mask(weighted, consensus)
         divisor = _agreeing_weight_sum(agree, w) if normalize else None  # unused otherwise
-        mixed = weighted.mul_(agree).sum(dim=0)
+        for weighted_i, agree_i in zip(weighted, agree):  # per model: a mask cast to the dtype is (M,), not (N, M)
+            weighted_i.mul_(agree_i)
+        mixed = weighted.sum(dim=0)
         del agree
     else:
         mixed = weighted.sum(dim=0)
@@ -433,7 +439,8 @@ class Ties(_WeightedSum):
     def merge(self, tensors, base, params, ctx):
         deltas = tensors.sub_(base)
         before = _norms(deltas, self.rescale)
-        deltas = deltas.mul_(topk_mask(deltas, params["density"]))
+        for delta_i, keep_i in zip(deltas, topk_mask(deltas, params["density"])):  # per model: (M,) casts
+            delta_i.mul_(keep_i)
         if self.rescale:  # back to each task vector's norm before the trim (mergekit's rescale)
             deltas = _rescale(deltas, before, params["density"], self.rescale)
         return _combine(deltas, params["weight"], base, consensus=self.consensus,
