@@ -18,7 +18,10 @@
   run's meaning are refused, every changed key named in one line; the safe ones
   (:data:`SAFE_ON_RESUME`) are applied and said;
 - removes the partial files that a killed write of ours left (names ending in
-  :data:`polytask.train.checkpoint.PARTIAL`), never anything else.
+  :data:`polytask.train.checkpoint.PARTIAL`), never anything else;
+- leaves no new folder after a start that failed before its first epoch (a config refused while
+  the Trainer is built, data refused at epoch 0): the run directory and the parent folders that the
+  claim created are removed; a run that recorded an epoch is kept as it stopped.
 
 ``metrics.jsonl`` is appended one whole record per ``write`` (``O_APPEND``, fsync) and read with a
 torn last line treated as absent (:func:`append_jsonl`, :func:`read_jsonl`).
