@@ -189,3 +189,22 @@ def test_write_rows_refuses_rows_outside_the_tensor(tmp_path):
         writer.write_rows("w", 2, torch.ones(2, 2))
         with pytest.raises(MergeError, match="never written"):
             writer.commit()  # rows 0:2 missing
+
+
+def test_dare_masks_per_model_equal_one_float64_comparison():
+    # the former form: one (N, M) draw compared with float64 densities
+    from polytask.merge.methods import _float32_threshold, dare_drop
+
+    density = torch.tensor([0.3, 1 / 3, 0.1 + 1e-9, 1.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(9)
+    deltas = torch.randn(4, 300, 70, generator=g).to(torch.bfloat16)
+    draws = torch.rand(deltas.shape, generator=torch.Generator().manual_seed(4))
+    expected = deltas * (draws < density.reshape(-1, 1, 1))
+    got = dare_drop(deltas.clone(), density, False, torch.Generator().manual_seed(4))
+    assert torch.equal(got, expected)
+    # the threshold decides as float64 does right at the boundary
+    p = 1 / 3
+    t = _float32_threshold(p)
+    below = torch.tensor(p, dtype=torch.float32)  # p rounded to nearest float32
+    for x in (below, torch.nextafter(below, torch.tensor(0.0)), torch.nextafter(below, torch.tensor(1.0))):
+        assert bool(x < t) == (float(x) < p)

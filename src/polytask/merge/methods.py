@@ -487,9 +487,20 @@ def dare_drop(deltas: Tensor, density: Tensor, rescale: bool | str, generator: t
     density = density.clamp(0, 1)
     before = _norms(deltas, rescale)
     # rand is in [0, 1): density 1 keeps everything
-    # float32 draws whatever the compute dtype (bfloat16 draws would round the keep probability)
-    mask = torch.rand(deltas.shape, generator=generator) < _per_model(density, deltas.dim() - 1)
-    return _rescale(deltas.mul_(mask), before, density, rescale)
+    # float32 draws whatever the compute dtype (bfloat16 draws would round the keep probability);
+    # one model at a time, in order: the same stream as one (N, *shape) draw, in 1/N of the memory
+    for delta_i, p in zip(deltas, density.tolist()):
+        delta_i.mul_(torch.rand(delta_i.shape, generator=generator) < _float32_threshold(p))
+    return _rescale(deltas, before, density, rescale)
+
+
+def _float32_threshold(p: float) -> float:
+    """The float32 ``t`` with ``x < t`` iff ``x < p`` for every float32 ``x`` (so that the test
+    runs in float32 yet decides as in float64): ``p`` rounded up to float32."""
+    t = torch.tensor(p, dtype=torch.float32)
+    if float(t) < p:
+        t = torch.nextafter(t, torch.tensor(float("inf")))
+    return float(t)
 
 
 @MERGE_METHODS.register("dare_ties")
