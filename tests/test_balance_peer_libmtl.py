@@ -262,13 +262,13 @@ def _same_orders(exclude_self: bool, seed_base: int):
 
 def test_pcgrad_same_orders(libmtl, monkeypatch) -> None:
     before, fake = _same_orders(False, 10)
-    monkeypatch.setattr(agg, "_random_orders", fake)
+    monkeypatch.setattr(agg.conflict, "_random_orders", fake)
     _run(libmtl, "PCGrad", balance.get("pcgrad"), before_step=before)
 
 
 def test_gradvac_same_orders_and_targets(libmtl, monkeypatch) -> None:
     before_orders, fake = _same_orders(True, 20)
-    monkeypatch.setattr(agg, "_random_orders", fake)
+    monkeypatch.setattr(agg.conflict, "_random_orders", fake)
     beta = 0.5
     ours = balance.get("gradvac", beta=beta, eps=0.0)
     seen: dict[str, torch.Tensor] = {}

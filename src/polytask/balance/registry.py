@@ -4,7 +4,6 @@ decorator that registers a gradient aggregator as a balancer where the aggregato
 from __future__ import annotations
 
 import inspect
-import typing
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 

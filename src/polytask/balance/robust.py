@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from polytask.balance.aggregators import Aggregator, GramianWeighting, _least_squares_weights
+from polytask.balance.aggregators._base import Aggregator, GramianWeighting, _least_squares_weights
 from polytask.balance.registry import register_aggregator
 from polytask.errors import ConfigError
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polytask.balance.aggregators import _SOLVE_DTYPE, GramianWeighting, _LazyStateMixin, _preference
+from polytask.balance.aggregators._base import _SOLVE_DTYPE, GramianWeighting, _LazyStateMixin, _preference
 from polytask.balance.engine import _gramian_only
 from polytask.balance.registry import register_aggregator
 from polytask.balance.solvers import cuda_graphed, nonneg_qp, project_simplex
