@@ -55,10 +55,11 @@ torch.manual_seed(0)
 model = build_model("mmoe", splits.input_spec, splits.tasks, num_experts=2)
 metrics = [evaluate_stream(model, s, splits.tasks, 97) for s in (splits.val, splits.test)]
 vocab = splits.encoders["user_id"].values
-pickle.dump({"rows": rows, "steps": steps, "metrics": metrics, "vocab_builds": len(calls), "vocab": vocab},
-            open(out, "wb"))
+with open(out, "wb") as fh:
+    pickle.dump({"rows": rows, "steps": steps, "metrics": metrics, "vocab_builds": len(calls), "vocab": vocab}, fh)
 if world > 1:
-    dist.destroy_process_group()
+    dist.barrier()
+    os._exit(0)  # as polytask's own workers: gloo's teardown at interpreter exit can abort (SIGABRT)
 '''
 
 

@@ -107,7 +107,7 @@ class ServingModel(nn.Module):
     """A trained table model behind its id lookups: ``(dense, id hashes) -> {task: probability}``."""
 
     def __init__(self, model: nn.Module, encoders: dict[str, Any], dense: list[str], tasks: list[str]) -> None:
-        from polytask.data.tables import HashBuckets, SequenceIds
+        from polytask.data.encoders import HashBuckets, SequenceIds
 
         super().__init__()
         self.model, self.dense, self.columns, self.tasks = model, list(dense), list(encoders), list(tasks)
@@ -134,7 +134,7 @@ class ServingModel(nn.Module):
 
 def serving_inputs(table: Any, dense: list[str], columns: list[str]) -> tuple[Tensor, Tensor]:
     """``(dense, ids)`` for the exported program from a pyarrow table or record batch of raw rows."""
-    from polytask.data.tables import stable_hash
+    from polytask.data.encoders import stable_hash
 
     n = table.num_rows
     d = np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in dense], axis=1) \

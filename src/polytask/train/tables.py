@@ -161,7 +161,7 @@ def expand(paths: Paths) -> list[str]:
 
 def feature_spec(dense: Sequence[str], encoders: dict[str, Any], embed_dim: int) -> Any:
     from polytask.data.features import DenseFeature, FeatureSpec
-    from polytask.data.tables import id_feature
+    from polytask.data.encoders import id_feature
 
     head = (DenseFeature("dense", len(dense)),) if dense else ()
     return FeatureSpec(head + tuple(id_feature(c, enc, embed_dim) for c, enc in encoders.items()))
@@ -169,7 +169,7 @@ def feature_spec(dense: Sequence[str], encoders: dict[str, Any], embed_dim: int)
 
 def _encoder(spec: IdColumn, vocab: Any) -> Any:
     """The column's encoder: hash buckets or its vocabulary, inside SequenceIds for a list column."""
-    from polytask.data.tables import HashBuckets, SequenceIds
+    from polytask.data.encoders import HashBuckets, SequenceIds
 
     enc = HashBuckets(spec.hash) if spec.hash is not None else vocab
     return enc if spec.sequence is None else SequenceIds(enc, spec.sequence.max_len, spec.sequence.pooling)
@@ -274,7 +274,7 @@ class StreamSplit:
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[Batch, np.ndarray | None]]:
         """Batches in file order with the stable 64-bit hash of each row's group key (or None)."""
-        from polytask.data.tables import stable_hash
+        from polytask.data.encoders import stable_hash
 
         src, group = self.source, self.p.group
         for unit in src.shard_units(self.ctx.rank, self.ctx.world_size):  # file order, dealt to the ranks
@@ -292,7 +292,7 @@ class TableSplits(Splits):
     sparse: tuple[str, ...] = ()
 
     def save(self, run_dir: Path) -> None:
-        from polytask.data.tables import Vocabulary, save_vocabularies
+        from polytask.data.encoders import Vocabulary, save_vocabularies
 
         inner = {c: getattr(e, "inner", e) for c, e in self.encoders.items()}  # a sequence column's vocabulary
         vocabs = {c: e for c, e in inner.items() if isinstance(e, Vocabulary)}
@@ -474,7 +474,7 @@ class SparseDenseOptimizer(torch.optim.Optimizer):
 
 # ----------------------------------------------------------------------------- batch scoring
 def _encoders_for_run(run_dir: Path, p: TableParams) -> dict[str, Any]:
-    from polytask.data.tables import load_vocabularies
+    from polytask.data.encoders import load_vocabularies
 
     path = run_dir / VOCAB_FILE
     need = [c for c, s in p.ids.items() if s.hash is None]
