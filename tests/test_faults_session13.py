@@ -242,3 +242,24 @@ def test_prune_that_fails_leaves_no_new_folder(tmp_path, monkeypatch, capsys):
                                    "--finetune-epochs", finetune, "--out", tmp_path / "new" / "sub" / "p"),
                                "refused")
         assert _tree(tmp_path) == before, finetune
+
+
+def test_adapters_run_killed_and_resumed_repeats_the_uninterrupted_run(tmp_path):
+    """model.arch adapters (MoLoRA: top-k routing and its load-balancing loss, PCGrad on the shared
+    adapter parameters): the kill-and-resume promise of test_faults_train holds."""
+    from test_faults_train import KILL_DRIVER
+
+    base = yaml.safe_load((Path(__file__).parents[1] / "examples" / "adapters_molora.yaml").read_text())
+    base.pop("name")
+    base["data"]["params"]["num_rows"] = 160
+    base["model"]["params"]["backbone"]["config"].update(hidden_size=16, num_hidden_layers=1, intermediate_size=32)
+    base["train"] = {"epochs": 2, "batch_size": 32, "early_stopping": None}
+    plan = [{"name": "full", "kind": "fit"}, {"name": "k", "kind": "kill", "point": "metrics", "nth": 3}]
+    res = subprocess.run([sys.executable, "-c", KILL_DRIVER, str(tmp_path), json.dumps(base), json.dumps(plan)],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["full"] == 0 and out["k"]["killed"] == 77 and out["k"]["next"] == 0, res.stderr[-2000:]
+    assert rundir.read_jsonl(tmp_path / "k" / "metrics.jsonl") == rundir.read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    full, resumed = model_weights(tmp_path / "full"), model_weights(tmp_path / "k")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
