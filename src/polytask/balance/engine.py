@@ -548,6 +548,22 @@ class GradientBalancer(Balancer):
             jac = jac / ctx.loss_scale.to(jac)
         return jac, head_grads
 
+    def _step_on_jacobian(self, jac: Tensor, head_grads: list[Tensor], shared: list[Tensor], vec: Tensor,
+                          names: list[str]) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Parameter level, with the ``T x D`` Jacobian of the shared parameters in hand (from per-task passes or
+        through the trunk): reduce it over the ranks, aggregate, add the update to the shared ``.grad``. Returns
+        ``(weights, ok, head_grads)``, the heads' gradients reduced (for :meth:`_add_head_grads`)."""
+        jac, head_grads = self._reduce_rows(jac, head_grads)
+        self.aggregator.parameter_sizes = [p.numel() for p in shared]
+        update, weights, ok = self._aggregate(jac, head_grads, vec, names)
+        _accumulate_flat(shared, self._scaled_update(update), ok, self._fill())
+        return weights, ok, head_grads
+
+    def _add_head_grads(self, heads: list[Tensor], head_grads: list[Tensor], ok: Tensor) -> None:
+        """Each task-specific parameter its own task's gradient; on a skipped step zero (NaN under a loss scale)."""
+        for p, g in zip(heads, head_grads):
+            _accumulate(p, _gate(ok, g, self._fill()))
+
     def _scaled_update(self, update: Tensor) -> Tensor:
         """The aggregated (unscaled) update as ``.grad`` wants it: times the loss scale, if any."""
         ctx = self._ctx
@@ -646,12 +662,8 @@ class GradientBalancer(Balancer):
                 for acc, g in zip(head_grads, grads[len(shared):]):
                     if g is not None:
                         acc.add_(g)
-        jac, head_grads = self._reduce_rows(jac, head_grads)
-        self.aggregator.parameter_sizes = [p.numel() for p in shared]
-        update, weights, ok = self._aggregate(jac, head_grads, vec, list(losses))
-        _accumulate_flat(shared, self._scaled_update(update), ok, self._fill())
-        for p, g in zip(heads, head_grads):
-            _accumulate(p, _gate(ok, g, self._fill()))
+        weights, ok, head_grads = self._step_on_jacobian(jac, head_grads, shared, vec, list(losses))
+        self._add_head_grads(heads, head_grads, ok)
         return weights
 
     def _backward_features(self, losses: Mapping[str, Tensor], vec: Tensor, shared: list[Tensor], features: Tensor) -> Tensor:
@@ -726,12 +738,8 @@ class GradientBalancer(Balancer):
             self._fill_trunk(source, shared, combined, ok)
         else:
             jac = self._trunk_jacobian(source, shared, rows.view(n, *source.shape))
-            jac, head_grads = self._reduce_rows(jac, head_grads)
-            self.aggregator.parameter_sizes = [p.numel() for p in shared]
-            update, weights, ok = self._aggregate(jac, head_grads, vec, list(losses))
-            _accumulate_flat(shared, self._scaled_update(update), ok, self._fill())
-        for p, g in zip(heads, head_grads):
-            _accumulate(p, _gate(ok, g, self._fill()))
+            weights, ok, head_grads = self._step_on_jacobian(jac, head_grads, shared, vec, list(losses))
+        self._add_head_grads(heads, head_grads, ok)
         return weights
 
     def _backward_block_diagonal(self, losses: Mapping[str, Tensor], vec: Tensor, shared: list[Tensor],
@@ -750,8 +758,7 @@ class GradientBalancer(Balancer):
 
         update, weights, ok = self._guarded(solve, slices, head_grads, vec, list(losses))
         self._fill_trunk(task_features, shared, _gate(ok, update).view_as(task_features), ok)
-        for p, g in zip(heads, head_grads):
-            _accumulate(p, _gate(ok, g, self._fill()))
+        self._add_head_grads(heads, head_grads, ok)
         return weights
 
     def _linear_head_layer(self, losses: Mapping[str, Tensor], features: Tensor, task_features: Tensor,

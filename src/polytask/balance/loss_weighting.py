@@ -39,9 +39,38 @@ def _positive(value: float, name: str, who: str) -> float:
     return float(value)
 
 
+class _LearnedLogScale(TaskStateBalancer):
+    """A per-task log-scale ``s`` learned beside the model (UW, IMTL-L): a buffer of the balancer (``_state_buffer``),
+    stepped by the balancer's own optimizer after each backward along :meth:`state_grad` (tasks absent from the
+    batch keep theirs). Subclasses give :meth:`weights`, :meth:`objective` and :meth:`state_grad`; ``_name`` is the
+    method's name in messages."""
+
+    _name: str = ""
+
+    def __init__(self, lr: float = 1e-2, optimizer: Literal["adam", "sgd"] = "adam",
+                 nan_policy: Literal["skip", "raise"] = "skip") -> None:
+        super().__init__(nan_policy)
+        self.register_buffer(self._state_buffer, torch.zeros(0))
+        self.opt = BufferOptimizer(optimizer, lr=_positive(lr, "lr", self._name))
+
+    def _init_state(self, losses: Tensor) -> None:
+        setattr(self, self._state_buffer, torch.zeros_like(losses))
+
+    def objective(self, losses: Tensor) -> Tensor:
+        """The method's objective in ``s`` for a ``(T,)`` loss vector (its gradient is :meth:`state_grad`)."""
+        raise NotImplementedError
+
+    def state_grad(self, losses: Tensor, weights: Tensor) -> Tensor:
+        """``∂ objective / ∂ s`` at this step's detached ``(T,)`` losses and ``weights``."""
+        raise NotImplementedError
+
+    def after_backward(self, losses: Tensor, weights: Tensor) -> None:
+        self.opt.step(getattr(self, self._state_buffer), self.state_grad(losses, weights), mask=present_tasks(losses))
+
+
 # ------------------------------------------------------------------------------------------- UW
 @BALANCERS.register("uw", "uncertainty")
-class UncertaintyWeighting(TaskStateBalancer):
+class UncertaintyWeighting(_LearnedLogScale):
     """Uncertainty weighting (UW), Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to
     Weigh Losses for Scene Geometry and Semantics", CVPR 2018.
 
@@ -63,16 +92,7 @@ class UncertaintyWeighting(TaskStateBalancer):
         optimizer: ``"adam"`` or ``"sgd"``.
     """
 
-    _state_buffer = "log_var"
-
-    def __init__(self, lr: float = 1e-2, optimizer: Literal["adam", "sgd"] = "adam",
-                 nan_policy: Literal["skip", "raise"] = "skip") -> None:
-        super().__init__(nan_policy)
-        self.register_buffer("log_var", torch.zeros(0))
-        self.opt = BufferOptimizer(optimizer, lr=_positive(lr, "lr", "uw"))
-
-    def _init_state(self, losses: Tensor) -> None:
-        self.log_var = torch.zeros_like(losses)
+    _state_buffer, _name = "log_var", "uw"
 
     def objective(self, losses: Tensor) -> Tensor:
         """The UW objective ``Σ_t ½ exp(-s_t) L_t + ½ s_t`` for a ``(T,)`` loss vector."""
@@ -81,9 +101,8 @@ class UncertaintyWeighting(TaskStateBalancer):
     def weights(self, losses: Tensor) -> Tensor:
         return 0.5 * torch.exp(-self.log_var)
 
-    def after_backward(self, losses: Tensor, weights: Tensor) -> None:
-        grad_s = 0.5 * (1 - torch.exp(-self.log_var) * losses)
-        self.opt.step(self.log_var, grad_s, mask=present_tasks(losses))
+    def state_grad(self, losses: Tensor, weights: Tensor) -> Tensor:
+        return 0.5 * (1 - torch.exp(-self.log_var) * losses)
 
 
 # ------------------------------------------------------------------------------------------ DWA
@@ -258,7 +277,7 @@ class GeometricLossStrategy(LossWeighting):
 
 # --------------------------------------------------------------------------------------- IMTL-L
 @BALANCERS.register("imtl_l", "imtll")
-class IMTLL(TaskStateBalancer):
+class IMTLL(_LearnedLogScale):
     """Loss balance of Impartial Multi-Task Learning (IMTL-L), Liu, Li, Kuang, Xue, Chen, Yang,
     Liao & Zhang, "Towards Impartial Multi-task Learning", ICLR 2021.
 
@@ -275,16 +294,7 @@ class IMTLL(TaskStateBalancer):
         optimizer: ``"adam"`` (default) or ``"sgd"``.
     """
 
-    _state_buffer = "log_scale"
-
-    def __init__(self, lr: float = 1e-2, optimizer: Literal["adam", "sgd"] = "adam",
-                 nan_policy: Literal["skip", "raise"] = "skip") -> None:
-        super().__init__(nan_policy)
-        self.register_buffer("log_scale", torch.zeros(0))
-        self.opt = BufferOptimizer(optimizer, lr=_positive(lr, "lr", "imtl_l"))
-
-    def _init_state(self, losses: Tensor) -> None:
-        self.log_scale = torch.zeros_like(losses)
+    _state_buffer, _name = "log_scale", "imtl_l"
 
     def objective(self, losses: Tensor) -> Tensor:
         """``Σ_t e^{s_t} L_t − s_t`` for a ``(T,)`` loss vector."""
@@ -293,8 +303,8 @@ class IMTLL(TaskStateBalancer):
     def weights(self, losses: Tensor) -> Tensor:
         return torch.exp(self.log_scale)
 
-    def after_backward(self, losses: Tensor, weights: Tensor) -> None:
-        self.opt.step(self.log_scale, weights * losses - 1, mask=present_tasks(losses))
+    def state_grad(self, losses: Tensor, weights: Tensor) -> Tensor:
+        return weights * losses - 1
 
 
 # ----------------------------------------------------------------------------------------- STCH

@@ -13,12 +13,12 @@ pseudo-inverse, which synchronises on CUDA.
 
 State (GradVac's targets, Nash-MTL's warm start, MoCo's tracking, ExcessMTL's statistics, MetaBalance's norms) lives in
 buffers only, step counters included, so ``state_dict()`` saves and restores it and the engine's
-guard can undo a skipped step (:class:`_LazyStateMixin`).
+guard can undo a skipped step (:class:`~polytask.balance.aggregators._base._LazyStateMixin`).
 
 Non-finite input: every aggregator returns a non-finite update (NaN/inf in, NaN/inf out), without
 raising and without a host synchronisation, so the engine skips the step. The methods that
 decompose the Gramian (eigh, pinv would raise) solve on the identity instead and return NaN
-weights (:func:`_finite_or_identity`).
+weights (:func:`~polytask.balance.aggregators._base._finite_or_identity`).
 
 The methods live in family modules (re-exported here, the names users and configs know):
 :mod:`~polytask.balance.aggregators.mgda` (MGDA, CAGrad, UPGrad, DualProj),

@@ -108,8 +108,25 @@ class CAGrad(GramianWeighting):
         return mean + nonneg_qp(g + torch.diag_embed(reg), mean @ g)
 
 
+class _DualCone(GramianWeighting):
+    """What UPGrad and DualProj share (torchjd's two projections onto the dual cone): their keywords, checked,
+    and the Gramian they project on, normalised by its trace and regularised by ``reg_eps I``."""
+
+    _name: str = ""
+
+    def __init__(self, norm_eps: float = 0.0, reg_eps: float = 1e-4, pref_vector: list[float] | None = None) -> None:
+        super().__init__()
+        _check(norm_eps >= 0 and reg_eps >= 0, f"{self._name}: norm_eps and reg_eps must be >= 0")
+        self.norm_eps, self.reg_eps = norm_eps, reg_eps
+        self.pref_vector = None if pref_vector is None else list(pref_vector)
+
+    def _regularized(self, gramian: Tensor) -> Tensor:
+        n = gramian.shape[0]
+        return _normalize(gramian, self.norm_eps) + self.reg_eps * torch.eye(n, dtype=gramian.dtype, device=gramian.device)
+
+
 @register_aggregator("upgrad")
-class UPGrad(GramianWeighting):
+class UPGrad(_DualCone):
     """UPGrad: project each task gradient onto the dual cone of all gradients, then average.
 
     Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024 (arXiv:2406.16232):
@@ -128,21 +145,17 @@ class UPGrad(GramianWeighting):
         pref_vector: ``u`` (default ``1/T`` each).
     """
 
-    def __init__(self, norm_eps: float = 0.0, reg_eps: float = 1e-4, pref_vector: list[float] | None = None) -> None:
-        super().__init__()
-        _check(norm_eps >= 0 and reg_eps >= 0, "upgrad: norm_eps and reg_eps must be >= 0")
-        self.norm_eps, self.reg_eps = norm_eps, reg_eps
-        self.pref_vector = None if pref_vector is None else list(pref_vector)
+    _name = "upgrad"
 
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
-        g = _normalize(gramian, self.norm_eps) + self.reg_eps * torch.eye(n, dtype=gramian.dtype, device=gramian.device)
+        g = self._regularized(gramian)
         u = torch.diag(_preference(self.pref_vector, n, gramian, "upgrad"))
         return (u + nonneg_qp(g, u @ g)).sum(0)
 
 
 @register_aggregator("dualproj")
-class DualProj(GramianWeighting):
+class DualProj(_DualCone):
     """DualProj: project the mean gradient onto the dual cone of the task gradients.
 
     The projection of Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning",
@@ -151,14 +164,10 @@ class DualProj(GramianWeighting):
     Same normalisation/regularisation as :class:`UPGrad`, and the same ``Args``.
     """
 
-    def __init__(self, norm_eps: float = 0.0, reg_eps: float = 1e-4, pref_vector: list[float] | None = None) -> None:
-        super().__init__()
-        _check(norm_eps >= 0 and reg_eps >= 0, "dualproj: norm_eps and reg_eps must be >= 0")
-        self.norm_eps, self.reg_eps = norm_eps, reg_eps
-        self.pref_vector = None if pref_vector is None else list(pref_vector)
+    _name = "dualproj"
 
     def weights(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
-        g = _normalize(gramian, self.norm_eps) + self.reg_eps * torch.eye(n, dtype=gramian.dtype, device=gramian.device)
+        g = self._regularized(gramian)
         u = _preference(self.pref_vector, n, gramian, "dualproj")
         return u + nonneg_qp(g, u @ g)
