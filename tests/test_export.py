@@ -97,3 +97,39 @@ def test_export_refuses_a_non_table_run_and_writes_nothing(tmp_path):
     assert not (tmp_path / "m.pt2").exists()
     res = CliRunner().invoke(app, ["export", str(tmp_path), str(tmp_path / "no" / "m.pt2")])
     assert isinstance(res.exception, ConfigError) and "no folder" in str(res.exception)
+
+
+def test_exported_sequence_columns_equal_predict(tmp_path):
+    # a run with a list column (hashed and vocabulary-encoded lists), exported and compared with predict
+    paths = write_synthetic_splits(tmp_path / "log", 1500, row_group_rows=500)
+    rng = np.random.default_rng(1)
+    for path in paths:
+        t = pq.read_table(path)
+        items = t["item_id"].to_pylist()
+        hist = [None if k == 0 else [items[j] for j in rng.integers(0, len(items), k)]
+                for k in rng.integers(0, 8, t.num_rows)]
+        t = t.append_column("hist", pa.array(hist, pa.list_(pa.string())))
+        pq.write_table(t.append_column("hist_h", t["hist"]), path)
+    p = {"train": str(paths[0]), "val": str(paths[1]), "test": str(paths[2]), "dense": ["price"],
+         "ids": {"user_id": {"min_count": 2}, "hist": {"min_count": 2, "sequence": {"max_len": 5}},
+                 "hist_h": {"hash": 97, "sequence": {"max_len": 3, "pooling": "sum"}}},
+         "labels": {"click": "click"}, "embed_dim": 4, "shuffle_rows": 500}
+    cfg = parse_config({"name": "s", "out_dir": str(tmp_path / "r"), "device": "cpu", "seed": 2,
+                        "data": {"name": "table", "params": p}, "model": {"arch": "mmoe", "params": {}},
+                        "train": {"epochs": 1, "batch_size": 128, "early_stopping": None}})
+    Trainer(cfg, progress=False).fit()
+    t = pq.read_table(paths[2]).slice(0, 90)
+    h = t["hist"].to_pylist()
+    h[0], h[1] = ["never-seen", None, h[2][0] if h[2] else "x"], []
+    t = t.set_column(t.schema.get_field_index("hist"), "hist", pa.array(h, pa.list_(pa.string())))
+    pq.write_table(t, tmp_path / "in.parquet")
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", str(tmp_path / "r"), str(tmp_path / "in.parquet"), str(tmp_path / "p.parquet")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export", str(tmp_path / "r"), str(tmp_path / "m.pt2")])
+    assert res.exit_code == 0, res.output
+    program, meta = load_serving(tmp_path / "m.pt2")
+    assert meta["ids"] == ["user_id"] and meta["sequences"] == {"hist": 5, "hist_h": 3}
+    got = program.module()(*serving_inputs(t, meta["dense"], meta["ids"], meta["sequences"]))
+    want = pq.read_table(tmp_path / "p.parquet")["click"].to_numpy()
+    np.testing.assert_allclose(got["click"].numpy(), want, rtol=1e-6, atol=1e-7)

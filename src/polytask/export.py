@@ -16,7 +16,9 @@ program, as tensor ops:
 
 The program takes ``dense`` float32 ``(N, n_dense)`` (columns in the run's ``data.params.dense``
 order; ``(N, 0)`` when there are none) and ``ids`` int64 ``(N, n_ids)`` (the hashes, in the
-order of ``data.params.ids``), with a dynamic ``N`` (up to the bound export records in
+order of ``data.params.ids``, sequence columns left out); with sequence columns also ``lists``
+int64 ``(N, n_seq, L)`` (each list's first ``max_len`` element hashes) and ``lengths`` int64
+``(N, n_seq)`` (:func:`serving_inputs` builds all of them from raw rows); with a dynamic ``N`` (up to the bound export records in
 ``program.range_constraints``, set by the model's widest activation: 2**31 / width), and returns ``{task: probability (N,)}``:
 the probabilities ``polytask predict`` writes. The column and task names travel inside the file
 (``extra_files["serving.json"]``); :func:`load_serving` reads both back.
@@ -104,17 +106,19 @@ class BucketLookup(nn.Module):
 
 
 class ServingModel(nn.Module):
-    """A trained table model behind its id lookups: ``(dense, id hashes) -> {task: probability}``."""
+    """A trained table model behind its id lookups: ``(dense, id hashes[, list hashes, list lengths])
+    -> {task: probability}``."""
 
     def __init__(self, model: nn.Module, encoders: dict[str, Any], dense: list[str], tasks: list[str]) -> None:
         from polytask.data.encoders import HashBuckets, SequenceIds
 
         super().__init__()
-        self.model, self.dense, self.columns, self.tasks = model, list(dense), list(encoders), list(tasks)
+        self.model, self.dense, self.tasks = model, list(dense), list(tasks)
+        self.columns = [c for c, e in encoders.items() if not isinstance(e, SequenceIds)]
+        self.sequences = {c: e.max_len for c, e in encoders.items() if isinstance(e, SequenceIds)}
         lookups = {}
         for c, enc in encoders.items():
-            if isinstance(enc, SequenceIds):
-                raise ConfigError(f"data.params.ids.{c}.sequence: export does not take sequence columns yet")
+            enc = getattr(enc, "inner", enc)  # a sequence column looks its ids up like a plain one
             if isinstance(enc, HashBuckets):
                 if enc.seed != 0 or not 1 <= enc.buckets < 1 << 31:
                     raise ConfigError(f"data.params.ids.{c}: export needs hash seed 0 and fewer than 2**31 "
@@ -124,16 +128,27 @@ class ServingModel(nn.Module):
                 lookups[c] = VocabularyLookup(*enc.lookup_table())
         self.lookups = nn.ModuleDict(lookups)
 
-    def forward(self, dense: Tensor, ids: Tensor) -> dict[str, Tensor]:
+    def forward(self, dense: Tensor, ids: Tensor, lists: Tensor | None = None,
+                lengths: Tensor | None = None) -> dict[str, Tensor]:
         inputs = {c: self.lookups[c](ids[:, j].contiguous()) for j, c in enumerate(self.columns)}
+        for j, (c, max_len) in enumerate(self.sequences.items()):  # as SequenceIds: id + 1, 0 past the list's end
+            h = lists[:, j, :max_len]
+            ids_c = self.lookups[c](h.reshape(-1)).reshape(h.shape) + 1
+            inside = torch.arange(max_len, device=h.device) < lengths[:, j:j + 1]
+            inputs[c] = torch.where(inside, ids_c, torch.zeros_like(ids_c))
         if self.dense:
             inputs["dense"] = dense
         out = self.model(inputs)
         return {t: torch.sigmoid(out[t].float().reshape(-1)) for t in self.tasks}
 
 
-def serving_inputs(table: Any, dense: list[str], columns: list[str]) -> tuple[Tensor, Tensor]:
-    """``(dense, ids)`` for the exported program from a pyarrow table or record batch of raw rows."""
+def serving_inputs(table: Any, dense: list[str], columns: list[str],
+                   sequences: dict[str, int] | None = None) -> tuple[Tensor, ...]:
+    """The exported program's inputs from a pyarrow table of raw rows: ``(dense, ids)``, and with
+    ``sequences`` (column: max_len) ``lists`` (N, n_seq, max max_len) of the list elements' hashes
+    and ``lengths`` (N, n_seq) (a null list has length 0)."""
+    import pyarrow.compute as pc
+
     from polytask.data.encoders import stable_hash
 
     n = table.num_rows
@@ -141,7 +156,21 @@ def serving_inputs(table: Any, dense: list[str], columns: list[str]) -> tuple[Te
         if dense else np.zeros((n, 0), np.float32)
     h = np.stack([stable_hash(table.column(c)).view(np.int64) for c in columns], axis=1) \
         if columns else np.zeros((n, 0), np.int64)
-    return torch.from_numpy(d), torch.from_numpy(h)
+    if not sequences:
+        return torch.from_numpy(d), torch.from_numpy(h)
+    width = max(sequences.values())
+    lists = np.zeros((n, len(sequences), width), np.int64)
+    lengths = np.zeros((n, len(sequences)), np.int64)
+    for j, (c, max_len) in enumerate(sequences.items()):
+        arr = table.column(c)
+        lens = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = stable_hash(pc.list_flatten(arr)).view(np.int64)
+        row = np.repeat(np.arange(n), lens)
+        pos = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+        keep = pos < max_len
+        lists[row[keep], j, pos[keep]] = flat[keep]
+        lengths[:, j] = np.minimum(lens, max_len)
+    return torch.from_numpy(d), torch.from_numpy(h), torch.from_numpy(lists), torch.from_numpy(lengths)
 
 
 def export_run(run_dir: str | Path, out: str | Path, example_rows: int = 8) -> Path:
@@ -152,13 +181,16 @@ def export_run(run_dir: str | Path, out: str | Path, example_rows: int = 8) -> P
         raise ConfigError(f"{out}: no folder {Path(out).parent} to write the exported program in")
     _, p, encoders, tasks, model = load_run_model(Path(run_dir))
     serving = ServingModel(model, encoders, list(p.dense), [t.name for t in tasks]).eval().requires_grad_(False)
-    dense = torch.zeros(example_rows, len(p.dense))
-    ids = torch.arange(example_rows * len(encoders), dtype=torch.int64).reshape(example_rows, len(encoders))
+    n, k, seq = example_rows, len(serving.columns), serving.sequences
+    args: tuple[Tensor, ...] = (torch.zeros(n, len(p.dense)), torch.arange(n * k, dtype=torch.int64).reshape(n, k))
+    if seq:
+        args += (torch.arange(n * len(seq) * max(seq.values())).reshape(n, len(seq), -1),
+                 torch.ones(n, len(seq), dtype=torch.int64))
     batch = torch.export.Dim.DYNAMIC  # the batch size; export records the range it supports
     with torch.no_grad():
-        program = torch.export.export(serving, (dense, ids), dynamic_shapes=({0: batch}, {0: batch}))
-    meta = {"dense": list(p.dense), "ids": list(encoders), "tasks": [t.name for t in tasks], "hash": HASH,
-            "sizes": {c: e.size for c, e in encoders.items()}}
+        program = torch.export.export(serving, args, dynamic_shapes=tuple({0: batch} for _ in args))
+    meta = {"dense": list(p.dense), "ids": serving.columns, "sequences": seq, "tasks": [t.name for t in tasks],
+            "hash": HASH, "sizes": {c: e.size for c, e in encoders.items()}}
     out = Path(out)
     tmp = out.with_name(out.stem + ".tmp.pt2")  # torch.export.save warns about other suffixes
     try:
