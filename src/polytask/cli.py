@@ -126,8 +126,9 @@ def export_cmd(
     out: Annotated[Path, typer.Argument(help="Output .pt2 file (torch.export; appears only when complete).")],
 ) -> None:
     """Export the run's best model with its id lookups (vocabularies, hashing) as one torch.export
-    program: inputs dense float32 (N, n_dense) and the 64-bit FNV-1a hashes of the raw ids (N, n_ids);
-    outputs each task's probability, equal to `polytask predict`'s (see polytask.export)."""
+    program: inputs dense float32 (N, n_dense) and the 64-bit FNV-1a hashes of the raw ids (N, n_ids)
+    (and of list columns' elements, with their lengths); outputs each task's probability, equal to
+    `polytask predict`'s (see polytask.export)."""
     from polytask.export import export_run
 
     typer.echo(f"exported: {export_run(run_dir, out)}")
