@@ -26,7 +26,7 @@ from torch import nn
 
 from polytask import balance
 from polytask.balance import GradientBalancer
-from polytask.balance.engine import _gramian_only
+from polytask.balance.aggregators import gramian_only as _gramian_only
 from polytask.balance.registry import BALANCERS
 from polytask.nn import build_model
 from polytask.tasks import Task

@@ -16,7 +16,7 @@ import torch
 
 from polytask import balance
 from polytask.balance import robust, scalarizers, stateful_weightings as sw
-from polytask.balance.engine import _gramian_only
+from polytask.balance.aggregators import gramian_only as _gramian_only
 from polytask.balance.solvers import project_simplex
 from polytask.errors import ConfigError
 

@@ -18,7 +18,7 @@ from polytask.balance import recent as _recent  # noqa: F401  (registers GO4Alig
 from polytask.balance import dist
 from polytask.balance.base import Balancer, LossWeighting, stack_losses
 from polytask.balance.engine import GradientBalancer
-from polytask.balance.registry import BALANCERS
+from polytask.balance.registry import BALANCERS, register_aggregator
 
 
 def get(name: str, **params: Any) -> Balancer:
@@ -31,4 +31,4 @@ def names() -> list[str]:
     return BALANCERS.names()
 
 
-__all__ = ["BALANCERS", "Balancer", "dist", "GradientBalancer", "LossWeighting", "get", "names", "stack_losses"]
+__all__ = ["BALANCERS", "Balancer", "dist", "GradientBalancer", "LossWeighting", "get", "names", "register_aggregator", "stack_losses"]

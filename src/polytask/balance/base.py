@@ -73,7 +73,8 @@ class Balancer(nn.Module):
     supports_external_reduction: bool = False
     #: The buffers of this module that a step changes in place: the non-finite guard copies only these before a
     #: step (:meth:`_snapshot`). None (the default): every buffer. A module whose steps replace their buffers
-    #: (``self.x = new``) says ``()``; the guard raises if a buffer it did not copy was changed in place.
+    #: (``self.x = new``) says ``()``; the guard raises (our bug) if a buffer it did not copy was changed in place,
+    #: checked whenever it commits (every step, but for the gradient engine's finite steps on the CPU).
     _state_updated_in_place: tuple[str, ...] | None = None
     #: Buffers a checkpoint of an older version may lack; loading it keeps their current value.
     _optional_state: tuple[str, ...] = ("skipped_steps",)

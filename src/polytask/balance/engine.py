@@ -93,11 +93,6 @@ def linear_head_gramian(head_grads: Tensor, weights: Tensor, n_tasks: int) -> Te
     return blocks.view(n_tasks, width, n_tasks, width).sum((1, 3))
 
 
-def _gramian_only(aggregator: agg.Aggregator) -> bool:
-    """Whether the aggregator's update is ``J^T weights(J J^T)`` (it keeps GramianWeighting's aggregate)."""
-    return isinstance(aggregator, agg.GramianWeighting) and type(aggregator).aggregate is agg.GramianWeighting.aggregate
-
-
 def _linear_head_path(losses: Sequence[Tensor], task_features: Tensor) -> tuple[type, tuple[int, ...], set[int]] | None:
     """Where the losses' graph reads ``task_features`` through one :class:`~polytask.nn.base.TaskHeads`
     first linear layer (``_CopiesLinear``) and nothing else: ``(node class, path, leaves)`` with ``path``
@@ -447,7 +442,7 @@ class GradientBalancer(Balancer):
     # -- gradient accumulation (Balancer.accumulate) ---------------------------------------------
 
     def _check_accumulable(self) -> None:
-        if self.mode == "features" and not _gramian_only(self.aggregator):
+        if self.mode == "features" and not agg.gramian_only(self.aggregator):
             raise ConfigError(f"balancer {type(self.aggregator).__name__} at feature level cannot accumulate "
                               "micro-batches (it works per feature coordinate); use mode='parameters'")
 
@@ -608,7 +603,7 @@ class GradientBalancer(Balancer):
         n = rows.shape[0]
         before = self._snapshot()
         scale = None if ctx.loss_scale is None else ctx.loss_scale.to(rows)
-        if _gramian_only(self.aggregator):
+        if agg.gramian_only(self.aggregator):
             (gramian,) = ctx.reduce([rows.detach() @ rows.detach().T if gramian is None else gramian.detach()])
             if scale is not None:
                 gramian = gramian / (scale * scale)
@@ -711,7 +706,7 @@ class GradientBalancer(Balancer):
                            task_features: Tensor) -> Tensor:
         """Both modes from one backward of ``Σ_t L_t`` to ``task_features`` and the heads (module docstring)."""
         copies, heads = self._check_task_features(losses, shared, features, task_features)
-        if self.mode == "features" and copies and _gramian_only(self.aggregator):
+        if self.mode == "features" and copies and agg.gramian_only(self.aggregator):
             layer = self._linear_head_layer(losses, features, task_features, heads)
             if layer is not None:
                 return self._backward_linear_heads(losses, vec, shared, features, heads, layer)
@@ -720,7 +715,7 @@ class GradientBalancer(Balancer):
                                     materialize_grads=True)
         slices, head_grads = grads[0].reshape(n, -1), list(grads[1:])  # slices[t] = dL_t/d(task t's copy)
         source = features if copies else task_features  # what the trunk's backward starts from
-        if self.mode == "features" and not copies and _gramian_only(self.aggregator):
+        if self.mode == "features" and not copies and agg.gramian_only(self.aggregator):
             if self._ctx is not None:  # the same diagonal Gramian, summed over ranks
                 return self._features_step(slices, task_features, 1, shared, heads, head_grads, list(losses),
                                            gramian=torch.diag((slices * slices).sum(1)),

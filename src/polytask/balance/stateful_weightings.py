@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polytask.balance.aggregators._base import _SOLVE_DTYPE, GramianWeighting, _LazyStateMixin, _preference
-from polytask.balance.engine import _gramian_only
+from polytask.balance.aggregators._base import _SOLVE_DTYPE, GramianWeighting, _LazyStateMixin, _preference, gramian_only
 from polytask.balance.registry import register_aggregator
 from polytask.balance.solvers import cuda_graphed, nonneg_qp, project_simplex
 from polytask.errors import ConfigError
@@ -195,7 +194,7 @@ class CRMOGM(_WeightState, GramianWeighting):
             raise ConfigError(message.replace("balancer.params.", "balancer.params.base_params.", 1) if nested
                               else f"balancer.params.base: {message}") from None
         inner = getattr(built, "aggregator", None)
-        _in_range(inner is not None and _gramian_only(inner), "base", "cr_mogm",
+        _in_range(inner is not None and gramian_only(inner), "base", "cr_mogm",
                   "a gradient balancer that needs only the Gramian", base)
         self.base, self.alpha, self.base_params = base, alpha, params
         self.initial_weights = None if initial_weights is None else list(initial_weights)

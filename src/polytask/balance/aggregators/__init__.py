@@ -29,7 +29,7 @@ The methods live in family modules (re-exported here, the names users and config
 
 from __future__ import annotations
 
-from polytask.balance.aggregators._base import _SOLVE_DTYPE, Aggregator, GramianWeighting
+from polytask.balance.aggregators._base import _SOLVE_DTYPE, Aggregator, GramianWeighting, gramian_only
 from polytask.balance.aggregators.conflict import GradDrop, GradVac, PCGrad, gradvac_coefficients, pcgrad_coefficients
 from polytask.balance.aggregators.fairness import AlignedMTL, ConFIG, FairGrad, IMTLG, NashMTL
 from polytask.balance.aggregators.jacobian import ExcessMTL, MetaBalance, MoCo
@@ -47,6 +47,7 @@ __all__ = [
     "GradVac",
     "gradvac_coefficients",
     "GramianWeighting",
+    "gramian_only",
     "IMTLG",
     "MetaBalance",
     "MGDA",

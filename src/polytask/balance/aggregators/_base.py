@@ -69,6 +69,13 @@ class GramianWeighting(Aggregator):
         return w @ jacobian, w
 
 
+def gramian_only(aggregator: Aggregator) -> bool:
+    """Whether ``aggregator``'s update is ``J^T weights(J J^T)``: a :class:`GramianWeighting` that keeps the base
+    ``aggregate``. Such a method needs the Gramian only, which the engine can form without the Jacobian
+    (feature level, linear heads, micro-batches, one exchange under a process group)."""
+    return isinstance(aggregator, GramianWeighting) and type(aggregator).aggregate is GramianWeighting.aggregate
+
+
 def _normalize(gramian: Tensor, eps: float) -> Tensor:
     """``G / trace(G)`` (the Gramian of the Frobenius-normalised Jacobian); 0 if the trace < eps."""
     trace = gramian.diagonal().sum()
