@@ -263,3 +263,15 @@ def test_adapters_run_killed_and_resumed_repeats_the_uninterrupted_run(tmp_path)
     assert rundir.read_jsonl(tmp_path / "k" / "metrics.jsonl") == rundir.read_jsonl(tmp_path / "full" / "metrics.jsonl")
     full, resumed = model_weights(tmp_path / "full"), model_weights(tmp_path / "k")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_failed_start_never_removes_a_previous_run_it_restored(tmp_path, monkeypatch, capsys):
+    """A killed --overwrite left the previous run aside and no run directory; the next command puts
+    the previous run back first. If that command then fails, the restored run is not its new folder."""
+    run = tmp_path / "runs" / "run"
+    aside = rundir.aside_path(run)
+    aside.mkdir(parents=True)
+    (aside / "config.yaml").write_text("seed: 1\n")  # a previous run with nothing but its config
+    assert_one_line_exit_2(cli(monkeypatch, capsys, "train", _yaml(tmp_path, **BAD_STARTS["unknown task"])),
+                           "data.tasks")
+    assert (run / "config.yaml").read_text() == "seed: 1\n" and not aside.exists()

@@ -344,7 +344,7 @@ def _lock(run_dir: Path) -> int:
         try:
             owner = os.pread(fd, 32, 0).decode().strip()
         except (OSError, UnicodeDecodeError):
-            pass
+            claim.created = None  # the run directory is the previous run now, never removed as new
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             who = f" (pid {owner})" if owner.isdigit() else ""
@@ -394,6 +394,7 @@ def _recover(claim: RunClaim) -> None:
         else:
             claim.aside = aside
             _restore(claim)
+            claim.created = None  # the run directory is the previous run now, never removed as new
             log.warning("polytask: restored the previous run in %s (a start-over had stopped before its "
                         "first checkpoint)", run_dir)
     if discard.exists():
