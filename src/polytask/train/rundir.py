@@ -344,7 +344,7 @@ def _lock(run_dir: Path) -> int:
         try:
             owner = os.pread(fd, 32, 0).decode().strip()
         except (OSError, UnicodeDecodeError):
-            claim.created = None  # the run directory is the previous run now, never removed as new
+            pass
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             who = f" (pid {owner})" if owner.isdigit() else ""
