@@ -31,4 +31,5 @@ def names() -> list[str]:
     return BALANCERS.names()
 
 
-__all__ = ["BALANCERS", "Balancer", "dist", "GradientBalancer", "LossWeighting", "get", "names", "register_aggregator", "stack_losses"]
+__all__ = ["BALANCERS", "Balancer", "dist", "GradientBalancer", "LossWeighting", "get", "names", "register_aggregator",
+           "stack_losses"]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.balance.base import LossWeighting
-from polytask.balance.engine import find_task_parameters, task_jacobian
+from polytask.balance.graph import find_task_parameters, task_jacobian
 from polytask.errors import ConfigError
 
 

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from polytask.balance.graph import task_jacobian
 from polytask.errors import ConfigError, TrainingError
 
 
@@ -191,8 +192,6 @@ class Balancer(nn.Module):
         if feats and features is None:
             raise ConfigError("balancer.accumulate: mode 'features' needs features= (the model's shared_features)")
         scaled = vec if loss_scale is None else vec * loss_scale.to(vec)
-        from polytask.balance.engine import task_jacobian  # engine imports this module
-
         # (T, *shape) per input: one backward per task (the per-task cost accumulation documents)
         rows = task_jacobian(list(scaled.unbind()), [*feats, *leaves], batched=False)
         unscale = 1.0 if loss_scale is None else 1.0 / loss_scale.to(vec)

@@ -26,7 +26,7 @@ from polytask.balance._loss_state import (
     require_grad_fn,
 )
 from polytask.balance.base import accumulate_grads, all_finite, stack_losses
-from polytask.balance.engine import find_task_parameters, task_jacobian
+from polytask.balance.graph import find_task_parameters, task_jacobian
 from polytask.balance.loss_weighting import _positive
 from polytask.balance.registry import BALANCERS
 from polytask.errors import ConfigError

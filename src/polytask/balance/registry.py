@@ -50,7 +50,8 @@ def _balancer_factory(name: str, cls: type, default_mode: Mode) -> Callable[...,
 
         return GradientBalancer(cls(**method_params), mode=mode, nan_policy=nan_policy, seed=seed)
 
-    factory.__signature__ = sig.replace(parameters=own + extra, return_annotation="GradientBalancer")  # type: ignore[attr-defined]
+    factory.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=own + extra, return_annotation="GradientBalancer")
     factory.__name__ = f"{name}_balancer"
     factory.__doc__ = (f"``{name}``: :class:`GradientBalancer` with :class:`~{cls.__module__}.{cls.__name__}` "
                        f"(mode {default_mode!r} by default).\n\n{cls.__doc__}")
