@@ -76,8 +76,22 @@ def write_log(folder: Path, *, rows: int | None = None, gb: float | None = None,
               group_rows: int = 131_072, seed: int = 0, csv: Path | None = None) -> int:
     """Parquet files ``part-*.parquet`` in ``folder`` until ``rows`` rows or ``gb`` GB on disk (one row
     group in memory at a time); with ``csv`` (a folder), the same rows with integer ids as
-    ``csv/bench_train.csv``. Returns the rows written."""
+    ``csv/bench_train.csv``. Returns the rows written. A folder already written with the same
+    arguments (``done.json``) is reused: with ``--keep`` the long generation happens once."""
+    import json
+
+    marker = folder / "done.json"
+    args = {"rows": rows, "gb": gb, "file_rows": file_rows, "group_rows": group_rows, "seed": seed, "csv": str(csv)}
+    if marker.is_file() and json.loads(marker.read_text())["args"] == args:
+        return json.loads(marker.read_text())["written"]
     folder.mkdir(parents=True, exist_ok=True)
+    written = _write_log(folder, rows=rows, gb=gb, file_rows=file_rows, group_rows=group_rows, seed=seed, csv=csv)
+    marker.write_text(json.dumps({"args": args, "written": written}))
+    return written
+
+
+def _write_log(folder: Path, *, rows: int | None, gb: float | None, file_rows: int, group_rows: int, seed: int,
+               csv: Path | None) -> int:
     rng = np.random.default_rng(seed)
     bias = {c: np.random.default_rng([seed, j]).normal(0, 1, card) for j, (c, card) in enumerate(VOCAB.items())}
     limit = None if gb is None else gb * 1e9
@@ -269,63 +283,83 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--keep", action="store_true", help="keep the generated files (a later run reuses them)")
     ap.add_argument("--skip-memory", action="store_true", help="skip (b), the long epoch")
+    ap.add_argument("--parts", default="a,b,c",
+                    help="which measurements: (b) is a peak memory and may run beside other jobs; "
+                         "(a) and (c) are timings and need a quiet machine")
     ap.add_argument("--toy", action="store_true", help="tiny sizes: checks that the script runs")
     a = ap.parse_args(argv)
     if a.toy:
         a.loader_rows, a.rechub_rows, a.gb, a.train_steps = 60_000, 5_000, 0.02, 5
+    parts = set(a.parts.split(",")) - ({"b"} if a.skip_memory else set())
     torch.set_num_threads(a.threads)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="recsys_scale_"))
     work.mkdir(parents=True, exist_ok=True)
-    rows_table = []
+    rows_table: list[tuple[str, str, str, str]] = []
     try:
-        small = work / "loader"
-        csv_dir = work / "loader_csv"
-        write_log(small, rows=a.loader_rows, csv=csv_dir, group_rows=65_536, seed=1)
-        schema = _schema(small)
-        raw, n = rate(lambda: load_pyarrow_raw(small, a.batch))
-        ours, _ = rate(lambda: load_polytask(small, a.batch, schema))
-        csv_rate, _ = rate(lambda: load_polytask_csv(csv_dir, a.batch))
-        rechub, n_rechub = rate(lambda: load_rechub(csv_dir, a.batch, a.rechub_rows))
-        rows_table += [
-            ("(a) pyarrow raw read", f"{raw:,.0f} rows/s", f"{n:,} rows", ""),
-            ("(a) polytask tables", f"{ours:,.0f} rows/s", f"{ours / raw:.2f}x raw", ">= 0.5x raw"),
-            ("(a) polytask csv (recsys.py)", f"{csv_rate:,.0f} rows/s", f"tables {ours / csv_rate:.1f}x",
-             "tables >= 5x"),
-            ("(a) torch-rechub pandas", f"{rechub:,.0f} rows/s", f"{n_rechub:,} rows; tables {ours / rechub:.1f}x", ""),
-        ]
+        if "a" in parts:
+            rows_table += loader_rows(work, a)
         big = work / "log"
         t0 = time.perf_counter()
         n_big = write_log(big, gb=a.gb, seed=2)
         size = sum(f.stat().st_size for f in big.glob("*.parquet")) / 1e9
-        rows_table.append(("log written", f"{size:.2f} GB", f"{n_big:,} rows in {time.perf_counter() - t0:.0f} s", ""))
-        if not a.skip_memory:
-            evals = work / "eval"
-            evals.mkdir(exist_ok=True)
-            for name, seed in (("val", 3), ("test", 4)):
-                write_log(evals / name, rows=50_000, seed=seed)
-                (evals / name / "part-00000.parquet").replace(evals / f"{name}.parquet")
-            cfg = work / "scale.yaml"
-            cfg.write_text(train_config(big, evals, a.batch))
-            cmd = [sys.executable, "-m", "polytask.cli", "train", str(cfg)]
-            t0 = time.perf_counter()
-            hwm, rss, rc = peak_rss_of(cmd, work)
-            note = f"one epoch, {time.perf_counter() - t0:.0f} s" + ("" if rc == 0 else f", EXIT {rc}")
-            rows_table.append(("(b) peak RSS, MMoE epoch", f"{hwm:.2f} GB", f"{note}; with children {rss:.2f} GB",
-                               "< 3 GB"))
-        schema_big = _schema(big)
-        for arch in ("mmoe", "ple"):
-            r = train_rate(arch, big, schema_big, a.batch, a.train_steps)
-            rows_table.append((f"(c) train {arch}, 20 cat cols", f"{r:,.0f} samples/s",
-                               f"batch {a.batch}, {a.threads} thread(s)", ""))
+        rows_table.append(("log on disk", f"{size:.2f} GB",
+                           f"{n_big:,} rows (written or reused in {time.perf_counter() - t0:.0f} s)", ""))
+        if "b" in parts:
+            rows_table.append(memory_row(work, big, a.batch))
+        if "c" in parts:
+            schema_big = _schema(big)
+            for arch in ("mmoe", "ple"):
+                r = train_rate(arch, big, schema_big, a.batch, a.train_steps)
+                rows_table.append((f"(c) train {arch}, 20 cat cols", f"{r:,.0f} samples/s",
+                                   f"batch {a.batch}, {a.threads} thread(s)", ""))
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    widths = [max(len(r[i]) for r in rows_table) for i in range(4)]
+    print_table(rows_table)
+
+
+def loader_rows(work: Path, a: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    """(a): the four loaders over the same ``--loader-rows`` rows."""
+    small, csv_dir = work / "loader", work / "loader_csv"
+    write_log(small, rows=a.loader_rows, csv=csv_dir, group_rows=65_536, seed=1)
+    schema = _schema(small)
+    raw, n = rate(lambda: load_pyarrow_raw(small, a.batch))
+    ours, _ = rate(lambda: load_polytask(small, a.batch, schema))
+    csv_rate, _ = rate(lambda: load_polytask_csv(csv_dir, a.batch))
+    rechub, n_rechub = rate(lambda: load_rechub(csv_dir, a.batch, a.rechub_rows))
+    return [
+        ("(a) pyarrow raw read", f"{raw:,.0f} rows/s", f"{n:,} rows", ""),
+        ("(a) polytask tables", f"{ours:,.0f} rows/s", f"{ours / raw:.2f}x raw", ">= 0.5x raw"),
+        ("(a) polytask csv (recsys.py)", f"{csv_rate:,.0f} rows/s", f"tables {ours / csv_rate:.1f}x",
+         "tables >= 5x"),
+        ("(a) torch-rechub pandas", f"{rechub:,.0f} rows/s", f"{n_rechub:,} rows; tables {ours / rechub:.1f}x", ""),
+    ]
+
+
+def memory_row(work: Path, big: Path, batch: int) -> tuple[str, str, str, str]:
+    """(b): peak resident memory of a one-epoch ``polytask train`` (MMoE) over the big log."""
+    evals = work / "eval"
+    evals.mkdir(exist_ok=True)
+    for name, seed in (("val", 3), ("test", 4)):
+        if not (evals / f"{name}.parquet").is_file():
+            write_log(evals / name, rows=50_000, seed=seed)
+            (evals / name / "part-00000.parquet").replace(evals / f"{name}.parquet")
+    cfg = work / "scale.yaml"
+    cfg.write_text(train_config(big, evals, batch))
+    shutil.rmtree(work / "runs", ignore_errors=True)  # a kept workdir: the previous epoch's run
+    cmd = [sys.executable, "-m", "polytask.cli", "train", str(cfg)]
+    t0 = time.perf_counter()
+    hwm, rss, rc = peak_rss_of(cmd, work)
+    note = f"one epoch, {time.perf_counter() - t0:.0f} s" + ("" if rc == 0 else f", EXIT {rc}")
+    return ("(b) peak RSS, MMoE epoch", f"{hwm:.2f} GB", f"{note}; with children {rss:.2f} GB", "< 3 GB")
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
     head = ("measurement", "value", "detail", "target")
-    widths = [max(w, len(h)) for w, h in zip(widths, head)]
-    for r in (head, *rows_table):
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(4)]
+    for r in (head, *rows):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
