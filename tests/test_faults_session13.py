@@ -3,7 +3,9 @@ Auto-Lambda's held-out position across a kill and resume, and the commands added
 (prune, predict, export, merge tokenizers, bench qm9 --protocol, adapters) under bad input and
 kills mid-write.
 
-Each test fails without its fix (checked by running it against the code before the fix).
+The tests of a fix fail on the code before it (checked); four are guards of behaviour that already
+held when checked (a failed start in an existing folder, a failed run after its first epoch, the
+--overwrite restore on a refused config, an adapters run's kill and resume).
 """
 
 from __future__ import annotations
