@@ -170,9 +170,11 @@ def remove_stale_builds(target: Path) -> list[Path]:
     whose lock no one holds. Returns what was removed."""
     target = Path(target)
     removed = []
-    for entry in target.parent.glob(f".{target.name}.*{PARTIAL}") if target.parent.is_dir() else ():
-        pid = entry.name[len(target.name) + 2:-len(PARTIAL)]
-        if not pid.isdigit() or not entry.is_dir() or _alive(int(pid)) or _locked(entry):
+    prefix = f".{target.name}."
+    for entry in target.parent.iterdir() if target.parent.is_dir() else ():
+        pid = entry.name[len(prefix):-len(PARTIAL)]  # not a glob: the name may hold [ or *
+        if (not entry.name.startswith(prefix) or not entry.name.endswith(PARTIAL) or not pid.isdigit()
+                or not entry.is_dir() or _alive(int(pid)) or _locked(entry)):
             continue
         _remove(entry)
         removed.append(entry)
