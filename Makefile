@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/polytask demo
+	$(VENV)/bin/polytask demo --merge --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest
