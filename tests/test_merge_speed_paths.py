@@ -208,3 +208,12 @@ def test_dare_masks_per_model_equal_one_float64_comparison():
     below = torch.tensor(p, dtype=torch.float32)  # p rounded to nearest float32
     for x in (below, torch.nextafter(below, torch.tensor(0.0)), torch.nextafter(below, torch.tensor(1.0))):
         assert bool(x < t) == (float(x) < p)
+
+
+def test_replay_is_checked_against_this_torch_and_steps_aside(monkeypatch):
+    assert sortselect.replay_matches_torch()  # torch's CPU sort is the replayed introsort
+    values = torch.full((1000,), 0.5)
+    monkeypatch.setattr(sortselect, "replay_matches_torch", lambda: False)  # as if torch's sort changed
+    assert argsort_head_mask(values, 10, descending=True) is None
+    mask = topk_mask(values.reshape(1, -1).to(torch.bfloat16), torch.tensor([0.01], dtype=torch.float64))
+    assert torch.equal(mask[0], _reference(values, 10, True))  # the argsort fallback

@@ -21,10 +21,12 @@ returns ``None`` and the caller sorts. tests/test_merge_speed_paths.py checks th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-__all__ = ["argsort_head_mask"]
+__all__ = ["argsort_head_mask", "replay_matches_torch"]
 
 #: libstdc++'s ``_S_threshold``: ranges this small are left to the final insertion sort.
 _LEAF = 16
@@ -151,6 +153,22 @@ def _sides(vals: Tensor | None, idx: Tensor | None, cut: int, swaps: int, stop_l
     return (take(vals) if vals is not None else None), take(idx)
 
 
+@functools.cache
+def replay_matches_torch() -> bool:
+    """Whether this torch's CPU sort is the one replayed (checked once, on a tie-heavy probe of
+    a few thousand entries, both directions): a torch whose sort changed gets ``argsort`` back."""
+    g = torch.Generator().manual_seed(0)
+    probe = (torch.randn(5000, generator=g) * 1e-2).to(torch.bfloat16).abs()
+    for descending in (True, False):
+        for k in (1, 1234, 2500, 4999):
+            expected = torch.zeros(probe.numel(), dtype=torch.bool)
+            expected[torch.argsort(probe.float(), descending=descending)[:k]] = True
+            got = _replay(probe, k, descending)
+            if got is None or not torch.equal(got, expected):
+                return False
+    return True
+
+
 def argsort_head_mask(values: Tensor, k: int, *, descending: bool) -> Tensor | None:
     """Boolean mask of the entries ``torch.argsort(values, descending=descending)[:k]`` picks.
 
@@ -164,14 +182,21 @@ def argsort_head_mask(values: Tensor, k: int, *, descending: bool) -> Tensor | N
         return mask
     if k >= n:
         return mask.fill_(True)
-    if not values.is_floating_point() or bool(torch.isnan(values).any()):
+    if not values.is_floating_point() or bool(torch.isnan(values).any()) or n >= 2**31:
+        return None  # (positions are int32)
+    if not replay_matches_torch():
         return None
+    return _replay(values, k, descending)
+
+
+def _replay(values: Tensor, k: int, descending: bool) -> Tensor | None:
+    """The quickselect along libstdc++'s introsort steps (``0 < k < n``; None: heapsort reached)."""
+    n = values.numel()
+    mask = torch.zeros(n, dtype=torch.bool)
 
     def before(a, b):
         return a > b if descending else a < b
 
-    if n >= 2**31:
-        return None  # positions are int32
     vals = values.reshape(-1).clone()
     idx: Tensor | None = None  # original positions of vals; None: the identity
     lo = 0
