@@ -374,9 +374,50 @@ def test_pagcp_counts_a_nan_loss_as_breaking_the_constraint():
     ctx = _context(model, data)
     real = ctx.losses
     ctx.losses = lambda m: real(m) if m is model else torch.full((2,), float("nan"))  # every pruned copy
-    with pytest.raises(UnreachableBudget, match=r"PAGCP's loss constraint in 2 rounds: the best reachable is "
-                                               r"flops=1\.000"):
-        prune_model(ctx, PAGCP(rounds=2), 0.55)
+    with pytest.raises(UnreachableBudget, match=r"PAGCP's loss constraint in 2 rounds and 3 relaxed ones \(limits "
+                                               r"up to x8\): the best reachable is flops=1\.000"):
+        prune_model(ctx, PAGCP(rounds=2, relax_rounds=3), 0.55)  # no limit lets a NaN through
+
+
+def _loss_one_per_removed_unit(ctx, model):
+    """Every task's validation loss is 1 + the number of hidden units removed from ``model``'s 8."""
+    ctx.losses = lambda m: torch.full((2,), 1.0 + 8 - m.bottom[0].weight.shape[0])
+
+
+def test_pagcp_relaxes_its_limits_geometrically_when_the_authors_rounds_stall():
+    from polytask.prune import PAGCP
+
+    model, data = _hand_model()
+    ctx = _context(model, data)
+    _loss_one_per_removed_unit(ctx, model)
+    # One layer (λ = 1). Removing one unit doubles the loss: θ_0 = .06, .12 (the two authors' rounds) and
+    # .12 x 2, 4, 8 (.24, .48, .96) refuse it; x16 (θ 1.92) keeps 7 (loss 2 <= 2.92, 6 units: 3 > 2.92);
+    # x32 (θ 3.84, base 2): 6, 5, 4 units give 3, 4, 5 <= 9.68 and 4 units meet .55 (FLOPs 8k + 2 of 66).
+    with pytest.raises(UnreachableBudget, match=r"in 2 rounds and 0 relaxed ones \(limits up to x1\): the best "
+                                               r"reachable is flops=1\.000"):
+        prune_model(ctx, PAGCP(rounds=2, relax_rounds=0), 0.55)  # the authors' schedule alone: nothing goes
+    pagcp = PAGCP(rounds=2)
+    pruned = prune_model(ctx, pagcp, 0.55)
+    assert pruned.bottom[0].weight.shape == (4, 4)
+    assert pagcp.limit == {"round": 6, "theta0": pytest.approx(0.12), "scale": 32.0}
+    kept = [(d["round"], d["scale"], d["kept"]) for d in pagcp.log]
+    assert kept == [(0, 1.0, 8), (1, 1.0, 8), (2, 2.0, 8), (3, 4.0, 8), (4, 8.0, 8), (5, 16.0, 7), (6, 32.0, 4)]
+    for d in pagcp.log:  # the (relaxed) oracle criterion held in every decision
+        assert max(d["loss_ratio"]) <= 1 + d["theta"] + 1e-9
+        assert d["theta"] == pytest.approx(0.12 * d["scale"] if d["round"] else 0.06)
+
+
+def test_pagcp_never_relaxes_the_task_floor():
+    from polytask.prune import PAGCP
+
+    model, data = _hand_model()
+    ctx = _context(model, data, floor=5.0)
+    _loss_one_per_removed_unit(ctx, model)
+    ctx.within_floor = lambda m: m is model  # any pruned copy breaks the floor
+    with pytest.raises(UnreachableBudget, match=r"unreachable under --keep-task-floor 5: the best reachable is "
+                                               r"flops=1\.000") as err:
+        prune_model(ctx, PAGCP(rounds=2, relax_rounds=4), 0.55)
+    assert err.value.best == 1.0
 
 
 def test_random_method_is_seeded():

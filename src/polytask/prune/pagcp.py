@@ -31,6 +31,16 @@ to meet it) and, while it is above the target, another round starts with θ_0 ra
 so it is not applied. The code ranks channels within a layer by their L1/L2 norm; the paper's
 per-task sensitivity is followed instead (step 2). With ``--keep-task-floor`` the floor is a second
 constraint on each step, on the main validation metrics.
+
+**Relaxed rounds (ours).** A relative loss limit can stall a pass: θ grows only after a layer was
+pruned (as in the code), so when the first layer of a pass cannot lose even 5% of its channels
+within ``1 + θ_0`` (a task whose validation loss is near zero, where one channel multiplies it),
+every layer of the pass is held to θ_0 and ``rounds`` rounds of ``+rate_slope`` may end far above
+the target. To keep PAGCP comparable at a FLOPs budget, after the ``rounds`` rounds of the
+authors' schedule every per-layer limit of the last round is multiplied by ``relax`` (2), then 4,
+8, ... (``θ_l = relax^k · θ_0 · λ^l``, θ_0 and λ of the last round) for at most ``relax_rounds``
+(10) more rounds; ``limit`` records the scale and θ_0 finally used (scale 1: the authors' schedule
+met the target). The task floor is never relaxed; a target still unmet raises UnreachableBudget.
 """
 
 from __future__ import annotations
@@ -83,7 +93,9 @@ class PAGCP:
         ratios: the pruning ratios tried in each layer, in increasing order.
         probe: the fraction masked to measure a layer's FLOPs contribution.
         rate_slope: θ_0 grows by this each further round (until the FLOPs target is met).
-        rounds: most rounds before the budget is declared unreachable.
+        rounds: rounds of the authors' schedule (θ_0 raised by ``rate_slope`` each).
+        relax: factor on every per-layer limit in each relaxed round after those (2: x2, x4, ...).
+        relax_rounds: most relaxed rounds before the budget is declared unreachable (0: none).
         rows: rows of the train split the saliency is computed on.
     """
 
@@ -93,20 +105,34 @@ class PAGCP:
     probe: float = 0.3
     rate_slope: float = 0.06
     rounds: int = 20
+    relax: float = 2.0
+    relax_rounds: int = 10
     rows: int = 1024
     log: list[dict] = field(default_factory=list, repr=False)
+    limit: dict | None = field(default=None, repr=False)
 
     def prune(self, ctx: PruneContext, target: float) -> nn.Module:
-        model = ctx.model
-        for round_ in range(self.rounds):
-            model = self._pass(ctx, model, target, self.initial_rate + self.rate_slope * round_, round_)
+        model, self.limit = ctx.model, None
+        for round_, theta0, scale in self.schedule():
+            lam = threshold_growth(theta0, len(ctx.layers), self.initial_thres)
+            model = self._pass(ctx, model, target, theta0 * scale, lam, round_, scale)
+            self.limit = {"round": round_, "theta0": theta0, "scale": scale}
             if ctx.flops_ratio(model) <= target:
                 return model
         reached = ctx.flops_ratio(model)
         why = (f"under --keep-task-floor {ctx.floor:g}" if ctx.floor is not None
-               else f"under PAGCP's loss constraint in {self.rounds} rounds")
+               else f"under PAGCP's loss constraint in {self.rounds} rounds and {self.relax_rounds} relaxed ones "
+                    f"(limits up to x{self.relax ** self.relax_rounds:g})")
         raise UnreachableBudget(f"--target flops={target:g} is unreachable {why}: the best reachable is "
                                 f"flops={reached:.3f}", reached)
+
+    def schedule(self) -> list[tuple[int, float, float]]:
+        """``(round, θ_0, scale)`` of every round: the authors' ``θ_0 = initial_rate + rate_slope · round``,
+        then the last θ_0 with its limits scaled by ``relax^k`` (the module docstring's relaxed rounds)."""
+        rates = [self.initial_rate + self.rate_slope * r for r in range(self.rounds)]
+        last = rates[-1] if rates else self.initial_rate
+        relaxed = [(self.rounds + k - 1, last, self.relax ** k) for k in range(1, self.relax_rounds + 1)]
+        return [(r, rate, 1.0) for r, rate in enumerate(rates)] + relaxed
 
     def order(self, ctx: PruneContext, model: nn.Module, lam: float) -> list[str]:
         """Layers by FLOPs contribution (largest first; smallest first when λ > 1)."""
@@ -119,8 +145,8 @@ class PAGCP:
             gain[name] = base - ctx.cost(probe).flops
         return sorted(ctx.layers, key=lambda n: gain[n], reverse=lam <= 1)
 
-    def _pass(self, ctx: PruneContext, model: nn.Module, target: float, theta0: float, round_: int) -> nn.Module:
-        lam = threshold_growth(theta0, len(ctx.layers), self.initial_thres)
+    def _pass(self, ctx: PruneContext, model: nn.Module, target: float, theta0: float, lam: float,
+              round_: int, scale: float = 1.0) -> nn.Module:
         theta = theta0
         base = ctx.losses(model)
         for name in self.order(ctx, model, lam):
@@ -145,8 +171,8 @@ class PAGCP:
                     accepted, accepted_keep = self._just_enough(ctx, model, name, saliency, keep, width, target)
                     losses = ctx.losses(accepted)
                     break
-            self.log.append({"round": round_, "layer": name, "theta": theta, "width": width, "kept": accepted_keep,
-                             "loss_ratio": (losses / base.clamp_min(1e-30)).tolist()})
+            self.log.append({"round": round_, "scale": scale, "layer": name, "theta": theta, "width": width,
+                             "kept": accepted_keep, "loss_ratio": (losses / base.clamp_min(1e-30)).tolist()})
             if accepted is not None:
                 model = accepted
                 base = torch.maximum(base, losses)

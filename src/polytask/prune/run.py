@@ -153,7 +153,8 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
                    "finetune_epochs": options.finetune_epochs, "source": str(run_dir),
                    "widths": {n: widths[n] for n in ctx.layers}, "keep_ratios": keep, "table": table,
                    "val_drops": ctx.drops(table[1]["val"]),  # after fine-tuning: the floor held at pruning time
-                   "decisions": getattr(pruner, "log", [])}  # PAGCP: each layer's θ, kept width, loss ratios
+                   "decisions": getattr(pruner, "log", []),  # PAGCP: each layer's θ, kept width, loss ratios
+                   "limit": getattr(pruner, "limit", None)}  # PAGCP: the round, θ_0 and limit scale that met it
         atomic_write_text(tmp / "prune.json", json.dumps(summary, indent=1))
         atomic_write_text(tmp / "prune.md", markdown(table, splits.tasks))
         atomic_write_text(tmp / "config.yaml", dump_config(final_config))
