@@ -419,8 +419,9 @@ class Ties(_WeightedSum):
     could divide by zero (mergekit divides by 1 there instead).
     ``rescale`` (mergekit's key): ``true``/``"l1"`` rescales each trimmed task vector back to
     its L1 norm (``"l2"``/``"linf"``: that norm); the paper does not rescale (default false).
-    mergekit: same as its ``ties``, except which of several exactly equal magnitudes at the trim
-    threshold are kept (we keep the lowest indices; mergekit leaves it to an unstable sort).
+    mergekit: same as its ``ties``, bit for bit in the same dtype: of several exactly equal
+    magnitudes at the trim threshold, the ones its ``torch.argsort`` puts first are kept, found
+    without the sort (:mod:`polytask.merge.sortselect`).
     """
 
     model_params = {"weight": 1.0, "density": 1.0}
