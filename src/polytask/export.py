@@ -175,6 +175,8 @@ def serving_inputs(table: Any, dense: list[str], columns: list[str],
 
 def export_run(run_dir: str | Path, out: str | Path, example_rows: int = 8) -> Path:
     """Write the run's best model with its preprocessing to ``out`` (a ``.pt2`` file, atomically)."""
+    from polytask.train.checkpoint import atomic_write
+    from polytask.train.rundir import remove_stale_builds
     from polytask.train.tables import load_run_model
 
     if not Path(out).parent.is_dir():
@@ -192,13 +194,13 @@ def export_run(run_dir: str | Path, out: str | Path, example_rows: int = 8) -> P
     meta = {"dense": list(p.dense), "ids": serving.columns, "sequences": seq, "tasks": [t.name for t in tasks],
             "hash": HASH, "sizes": {c: e.size for c, e in encoders.items()}}
     out = Path(out)
-    tmp = out.with_name(out.stem + ".tmp.pt2")  # torch.export.save warns about other suffixes
-    try:
-        torch.export.save(program, tmp, extra_files={SERVING_JSON: json.dumps(meta)})
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: torch.export.save warns about a path without .pt2
+            torch.export.save(program, f, extra_files={SERVING_JSON: json.dumps(meta)})
+
+    remove_stale_builds(out)  # the temporary files of a killed export into the same OUT
+    return atomic_write(out, fill, error=ConfigError)  # a unique temporary name, renamed when complete
 
 
 def load_serving(path: str | Path) -> tuple[Any, dict]:

@@ -159,14 +159,16 @@ def _fsync_file(path: str | Path) -> None:
 def atomic_write(path: Path, fill: Callable[[str], None], kept: str = "",
                  error: type[PolytaskError] = CheckpointError) -> Path:
     """Write ``path`` atomically: ``fill(tmp)`` writes the content into a temporary file of the
-    same folder (named ``.NAME.XXXX.partial``, mode ``0o666 & ~umask``), which is then renamed onto
+    same folder (named ``.NAME.<pid>.XXXXXXXX.partial``, mode ``0o666 & ~umask``; the process id
+    lets :func:`polytask.train.rundir.remove_stale_builds` tell a killed write's file from a live
+    one's), which is then renamed onto
     ``path``. On a disk error (full, read-only, no permission, missing folder) the temporary file is
     removed, ``path`` keeps its previous content and ``error`` is raised naming ``path`` (``kept``
     appended, e.g. which checkpoint is still there)."""
     path = Path(path)
     tmp: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=PARTIAL)
         try:
             os.fchmod(fd, file_mode())
         finally:

