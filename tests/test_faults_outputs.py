@@ -163,3 +163,56 @@ def test_killed_export_leaves_no_visible_file_and_the_next_export_cleans_up(tabl
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
     _, meta = load_serving(out)
     assert meta["tasks"] == ["click", "conversion"]
+
+
+# ----------------------------------------------------------------------------- 3. export-adapters
+@pytest.fixture(scope="module")
+def adapters_run(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from test_adapters_train import config
+
+    root = tmp_path_factory.mktemp("adapters")
+    Trainer(config(root, "lora", epochs=1), progress=False).fit()
+    return root / "run"
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_export_adapters_killed_leaves_no_out_and_the_rerun_succeeds(adapters_run, tmp_path, monkeypatch, capsys,
+                                                                      peft):
+    """Killed before the towers (polytask's format) or mid-way through PEFT's files: no OUT (before:
+    OUT without heads.safetensors, and every rerun refused with "'OUT' exists"); the rerun removes
+    the killed build and writes OUT whole."""
+    from polytask import adapters as adapters_mod
+    from polytask.train import checkpoint
+
+    out = tmp_path / "exported"
+    args = ["--peft", "--task", "task1"] if peft else []
+
+    def go():
+        if peft:
+            real = adapters_mod.save_peft
+
+            def save_then_die(model, path, task=None):
+                real(model, path, task=task)
+                os._exit(KILLED)  # the adapter files are written, the command not finished
+
+            adapters_mod.save_peft = save_then_die
+        else:
+            def die(path, *a, **k):
+                os._exit(KILLED)  # before heads.safetensors
+
+            checkpoint.atomic_write = die
+        from polytask.train.backbone import export_adapters
+
+        export_adapters(adapters_run, out, peft_task="task1" if peft else None, peft=peft)
+
+    assert _fork(go) == KILLED
+    assert not out.exists()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".exported.") and left[0].endswith(".partial"), left
+    code, _, err = cli(monkeypatch, capsys, "export-adapters", adapters_run, out, *args)
+    assert code == 0, err
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]
+    want = {"adapter_config.json", "adapter_model.safetensors"} if peft else {"heads.safetensors"}
+    assert want <= {p.name for p in out.iterdir()}
+    assert_one_line_exit_2(cli(monkeypatch, capsys, "export-adapters", adapters_run, out, *args), "exists")

@@ -37,6 +37,8 @@ is rebuilt from the config, and a checkpoint taken on a different backbone is re
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -284,8 +286,9 @@ def export_adapters(run_dir: str | Path, out: str | Path, peft_task: str | None 
     """
     from safetensors.torch import save_file
 
-    from polytask.train.checkpoint import atomic_write, load_model_file, load_state_checked
+    from polytask.train.checkpoint import PARTIAL, atomic_write, load_model_file, load_state_checked
     from polytask.train.config import load_config
+    from polytask.train.rundir import remove_stale_builds
     from polytask.train.trainer import Trainer
 
     run_dir, out = Path(run_dir), Path(out)
@@ -299,9 +302,21 @@ def export_adapters(run_dir: str | Path, out: str | Path, peft_task: str | None 
         raise CheckpointError(f"export-adapters: {str(best)!r} not found (train the run first)")
     model = Trainer(config, progress=False).model
     load_state_checked(model, load_model_file(best), best)
-    if peft or peft_task is not None:
-        return adapters.save_peft(model.backbone, out, task=peft_task)
-    adapters.save(model.backbone, out)
-    heads = {k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}
-    atomic_write(out / "heads.safetensors", lambda tmp: save_file(heads, tmp))
+    # built whole in a hidden sibling, renamed at the end: a kill leaves no OUT (which would refuse
+    # every rerun) but .OUT.<pid>.partial, which the next export into OUT removes
+    remove_stale_builds(out)
+    tmp = out.parent / f".{out.name}.{os.getpid()}{PARTIAL}"
+    try:
+        if peft or peft_task is not None:
+            adapters.save_peft(model.backbone, tmp, task=peft_task)
+        else:
+            adapters.save(model.backbone, tmp)
+            heads = {k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}
+            atomic_write(tmp / "heads.safetensors", lambda f: save_file(heads, f))
+        if out.exists():  # another command created it meanwhile (a rename would replace an empty folder)
+            raise ConfigError(f"export-adapters: {str(out)!r} exists; give a new folder")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
