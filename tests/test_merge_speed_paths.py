@@ -217,3 +217,20 @@ def test_replay_is_checked_against_this_torch_and_steps_aside(monkeypatch):
     assert argsort_head_mask(values, 10, descending=True) is None
     mask = topk_mask(values.reshape(1, -1).to(torch.bfloat16), torch.tensor([0.01], dtype=torch.float64))
     assert torch.equal(mask[0], _reference(values, 10, True))  # the argsort fallback
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_sign_election_in_blocks_gives_the_same_bits(monkeypatch, method):
+    import polytask.merge.methods as methods
+    from polytask.merge.engine import merge_state_dicts
+
+    g = torch.Generator().manual_seed(12)
+    base = {"w": torch.randn(50, 37, generator=g).to(torch.bfloat16)}
+    models = [{"w": (base["w"].float() + 0.05 * torch.randn(50, 37, generator=g)).to(torch.bfloat16)} for _ in range(3)]
+    models[1]["w"][:5] = base["w"][:5]  # zero task vectors
+    per_model = [{"weight": w, "density": d} for w, d in ((1.0, 0.3), (0.6, 0.5), (0.8, 0.4))]
+    whole = merge_state_dicts(method, models, base, model_params=per_model, compute_dtype=None, normalize=True)
+    monkeypatch.setattr(methods, "_COMBINE_BLOCK", 64)  # 29 blocks of 64 entries (the last shorter)
+    blocks = merge_state_dicts(method, models, base, model_params=per_model, compute_dtype=None, normalize=True)
+    assert torch.equal(whole["w"], blocks["w"])
+    assert not torch.equal(whole["w"], base["w"])

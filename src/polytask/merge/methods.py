@@ -291,6 +291,10 @@ def _sign_mask(deltas: Tensor, consensus: str) -> Tensor:
     return positive.eq_(elected_positive).logical_and_(nonzero)
 
 
+#: Entries per block of the sign election and disjoint mean (see :func:`_combine`).
+_COMBINE_BLOCK = 1 << 22
+
+
 def _agreeing_weight_sum(agree: Tensor, w: Tensor) -> Tensor:
     """mergekit's ``(w * mask).sum(0)`` with 0 replaced by 1, without an ``(N, *shape)`` temporary:
     the same additions in the same order, accumulated as torch's sum accumulates (float32 for
@@ -312,6 +316,16 @@ def _combine(
     dtype of ``deltas`` with the weights rounded to it, so a bfloat16 merge gives its bits.
     ``deltas`` is scratch: it is overwritten.
     """
+    if consensus is not None and deltas[0].numel() > _COMBINE_BLOCK:
+        # each entry is merged on its own from here: blocks of entries bound the (N, block) masks of
+        # the sign election (an embedding's would take gigabytes); the same operations per entry
+        flat, base_flat = deltas.reshape(deltas.shape[0], -1), base.reshape(-1)
+        out = torch.empty_like(base_flat)
+        for start in range(0, flat.shape[1], _COMBINE_BLOCK):
+            block = slice(start, start + _COMBINE_BLOCK)
+            out[block] = _combine(flat[:, block], weights, base_flat[block], consensus=consensus,
+                                  normalize=normalize, scale=scale)
+        return out.reshape(base.shape)
     w = _per_model(weights, deltas.dim() - 1, deltas.dtype)
     weighted = deltas.mul_(w)
     if consensus is not None:
