@@ -216,3 +216,43 @@ def test_export_adapters_killed_leaves_no_out_and_the_rerun_succeeds(adapters_ru
     want = {"adapter_config.json", "adapter_model.safetensors"} if peft else {"heads.safetensors"}
     assert want <= {p.name for p in out.iterdir()}
     assert_one_line_exit_2(cli(monkeypatch, capsys, "export-adapters", adapters_run, out, *args), "exists")
+
+
+# ----------------------------------------------------------------------------- 4. LoRA adapters replaced
+def test_extract_lora_overwrite_killed_before_the_new_adapter_is_in_place_keeps_the_old(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """``extract-lora OUT --overwrite`` killed as it puts the new adapter in place: the old adapter
+    is still OUT, byte for byte (before: deleted first, then a kill left no OUT and a
+    ``.OUT.partial-<pid>`` that nothing removes); the next run replaces it and leaves nothing else."""
+    pytest.importorskip("transformers")
+    from test_merge_lora import _model
+
+    from polytask.merge.lora import extract_lora
+
+    _model(0).save_pretrained(tmp_path / "base")
+    _model(1).save_pretrained(tmp_path / "ft")
+    out = tmp_path / "out"
+    extract_lora(tmp_path / "base", tmp_path / "ft", out, rank=2)
+    before = {p.name: _digest(p) for p in out.iterdir() if not p.name.startswith(".")}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(before)
+
+    def go():
+        real_replace, real_rename = os.replace, os.rename
+
+        def guarded(fn):
+            def call(src, dst, *a, **k):
+                if Path(src) == out or Path(dst) == out:
+                    os._exit(KILLED)  # the new adapter is complete; OUT is about to change
+                return fn(src, dst, *a, **k)
+            return call
+
+        os.replace, os.rename = guarded(real_replace), guarded(real_rename)
+        extract_lora(tmp_path / "base", tmp_path / "ft", out, rank=3, overwrite=True)
+
+    assert _fork(go) == KILLED
+    assert {p.name: _digest(p) for p in out.iterdir() if not p.name.startswith(".")} == before  # the writer's marker aside
+    code, _, err = cli(monkeypatch, capsys, "extract-lora", tmp_path / "base", tmp_path / "ft", out, "--rank", "3",
+                       "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "out"]
+    assert yaml.safe_load((out / "adapter_config.json").read_text())["r"] == 3

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,8 +289,11 @@ def _pad(b: Tensor, a: Tensor, r: int) -> tuple[Tensor, Tensor]:
 def _write_adapter(out_dir: str | os.PathLike[str], factors: Mapping[str, tuple[Tensor, Tensor, bool]],
                    config: dict[str, Any], overwrite: bool) -> Path:
     """Write ``module -> (B, A, embedding)`` (already of rank ``config['r']``) as a PEFT adapter
-    folder; it appears at ``out_dir`` only when complete."""
-    from safetensors.torch import save_file
+    folder through :class:`~polytask.merge.io.CheckpointWriter`: built in ``.OUT.partial-XXXXXXXX``
+    under OUT's lock, it appears at ``out_dir`` only when complete, an existing OUT (``overwrite``)
+    is renamed aside only then (so a kill before never loses it), and what a killed write left is
+    removed by the next writer into OUT."""
+    from polytask.merge.io import CheckpointWriter, TensorSpec
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -304,20 +306,16 @@ def _write_adapter(out_dir: str | os.PathLike[str], factors: Mapping[str, tuple[
         else:
             tensors[f"{_PREFIX}{module}.lora_A.weight"] = a.contiguous()
             tensors[f"{_PREFIX}{module}.lora_B.weight"] = b.contiguous()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    specs = {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    one_shard = sum(spec.nbytes for spec in specs.values()) + 1  # PEFT reads one file
+    with CheckpointWriter(out, specs, max_shard_bytes=one_shard, overwrite=overwrite,
+                          metadata={"format": "pt"}, preallocate=False) as writer:
+        for name, t in tensors.items():
+            writer.write(name, t)
+        writer.add_file(ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+        (shard,) = writer.shard_names
+        os.rename(writer.tmp_dir / shard, writer.tmp_dir / ADAPTER_WEIGHTS)  # PEFT's name; the open fd follows
+        writer.commit()
     return out
 
 
