@@ -594,3 +594,17 @@ def test_unknown_layer_and_refused_architecture_are_config_errors():
         prunable_layers(model, names=["trunk.0"])
     with pytest.raises(PolytaskError, match="cannot prune architecture 'mtan': one 'channels' width per block"):
         prunable_layers(model, "mtan")
+
+
+def test_benchmark_table_names_an_unreachable_budget_instead_of_averaging_it():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prune.py"
+    spec = importlib.util.spec_from_file_location("_prune_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    met = {"dm": 1.0, "worst": 2.0, "flops": 0.29, "latency": 0.5, "scale": 1.0}
+    cells = bench.table_cells([met, {"unreachable": 0.913}, {"unreachable": 0.5}])
+    assert cells == ["unreachable (best 0.913) in 2/3 seeds", "", "", "", ""]  # the worst seed's best
+    cells = bench.table_cells([met, dict(met, dm=3.0, scale=4.0)])
+    assert cells == ["+2.00 ± 1.41", "+2.00 ± 0.00", "0.290 ± 0.000", "0.500 ± 0.000", "2.5"]
