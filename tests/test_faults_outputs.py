@@ -42,7 +42,7 @@ def _fork(fn):
         except BaseException:
             import traceback
 
-            traceback.print_exc()
+            traceback.print_exc(file=sys.__stderr__)
             code = 3
         os._exit(code)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
@@ -256,3 +256,70 @@ def test_extract_lora_overwrite_killed_before_the_new_adapter_is_in_place_keeps_
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "out"]
     assert yaml.safe_load((out / "adapter_config.json").read_text())["r"] == 3
+
+
+# ----------------------------------------------------------------------------- 5. multi-document merges
+MULTI = """
+name: ab
+merge_method: linear
+models:
+  - {model: a, parameters: {weight: WA}}
+  - {model: b, parameters: {weight: 1.0}}
+dtype: float32
+---
+merge_method: linear
+models:
+  - {model: ab, parameters: {weight: 1.0}}
+  - {model: c, parameters: {weight: 1.0}}
+dtype: float32
+"""
+
+
+def test_multi_document_merge_rebuilds_an_intermediate_made_from_another_config(tmp_path, monkeypatch, capsys):
+    """The final merge killed, document 1 edited, the same command again: the intermediate is
+    rebuilt from the edited document (before: the stale one was reused silently), checked against
+    the linear merge by hand, ``(wa * a + b) / (wa + 1)`` then ``(ab + c) / 2``. An unchanged
+    document's intermediate is still kept (mergekit-multi --lazy)."""
+    pytest.importorskip("transformers")
+    from test_merge_lora import _model
+
+    from polytask.merge import config as merge_config
+    from polytask.merge.io import load_state_dict
+
+    models = {}
+    for seed, name in enumerate("abc"):
+        _model(seed).save_pretrained(tmp_path / name)
+        models[name] = load_state_dict(tmp_path / name)
+    spec, out, parts = tmp_path / "multi.yaml", tmp_path / "final", tmp_path / "final.parts"
+    spec.write_text(MULTI.replace("WA", "1.0"))
+    real = merge_config._run_one
+
+    def go():
+        def die_at_final(cfg, config_path, text, target, **kw):
+            if Path(target) == out:
+                os._exit(KILLED)
+            return real(cfg, config_path, text, target, **kw)
+
+        merge_config._run_one = die_at_final
+        merge_config.run_merge(spec, out)
+
+    assert _fork(go) == KILLED
+    assert (parts / "ab" / "model.safetensors").is_file() and not out.exists()
+    spec.write_text(MULTI.replace("WA", "3.0"))  # document 1 edited
+    code, _, err = cli(monkeypatch, capsys, "merge", spec, out)
+    assert code == 0, err
+    ab, final = load_state_dict(parts / "ab"), load_state_dict(out)
+    a, b, c = models["a"], models["b"], models["c"]
+    for k in a:
+        torch.testing.assert_close(ab[k], (3 * a[k] + b[k]) / 4, rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(final[k], (ab[k] + c[k]) / 2, rtol=0, atol=1e-6, msg=k)
+    # unchanged: kept as it is (not rewritten)
+    stamp = (parts / "ab" / "model.safetensors").stat().st_mtime_ns
+    code, _, err = cli(monkeypatch, capsys, "merge", spec, tmp_path / "final2", "-I", parts)
+    assert code == 0, err
+    assert (parts / "ab" / "model.safetensors").stat().st_mtime_ns == stamp
+    # an intermediate without its record is refused, in one line, rather than trusted
+    (parts / "ab" / "polytask_merge.yaml").unlink()
+    assert_one_line_exit_2(cli(monkeypatch, capsys, "merge", spec, tmp_path / "final3", "-I", parts),
+                           "polytask_merge.yaml", "document 1")
+    assert not (tmp_path / "final3").exists()

@@ -367,7 +367,9 @@ def run_merge(
     ``<out_dir>.parts`` beside ``out_dir`` when one document has no name, else ``out_dir``
     itself) and later documents may use that name as a model; the one without a name is written
     to ``out_dir``. Merges run in dependency order; a named merge whose output exists is kept
-    (mergekit's ``--lazy``) unless ``overwrite``. Every document is validated before any runs.
+    (mergekit's ``--lazy``) unless ``overwrite``, and only when its ``polytask_merge.yaml`` equals
+    the document and none of the merges it uses was rebuilt in this run; otherwise it is rebuilt
+    (ConfigError for one without that record). Every document is validated before any runs.
 
     The output directory holds the merged safetensors (sharded with an index when large), the
     base's config/tokenizer files and ``polytask_merge.yaml`` (a copy of the config). Relative
@@ -382,19 +384,35 @@ def run_merge(
         return _run_one(configs[0], config_path, Path(config_path).read_text(), out_dir, overwrite=overwrite,
                         progress=progress, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     out = Path(out_dir)
-    order, parts = _multi_order(configs, config_path, out, intermediate_dir)
+    order, parts, uses = _multi_order(configs, config_path, out, intermediate_dir)
     result = out
+    rebuilt: set[int] = set()
     for k in order:
-        cfg = configs[k]
-        target = _target(cfg, config_path, parts, out)
-        if target != out and not overwrite and target.is_dir() and any(target.glob("*.safetensors")):
-            continue  # mergekit-multi --lazy: an intermediate merge that exists is kept
-        cfg = _with_merge_names(cfg, configs, parts)
+        target = _target(configs[k], config_path, parts, out)
+        cfg = _with_merge_names(configs[k], configs, parts)
         text = yaml.safe_dump(cfg.model_dump(exclude_defaults=True), sort_keys=False)
-        done = _run_one(cfg, config_path, text, target, overwrite=overwrite, progress=progress,
+        replace = overwrite
+        if target != out and not overwrite and target.is_dir() and any(target.glob("*.safetensors")):
+            # mergekit-multi --lazy: an intermediate merge that exists is kept, but only when it was
+            # made from this very document and from inputs that this run did not rebuild
+            if _recorded_config(target, k, config_path) == text and not uses[k] & rebuilt:
+                continue
+            replace = True  # ours (it holds our record), made from another config: rebuilt
+        done = _run_one(cfg, config_path, text, target, overwrite=replace, progress=progress,
                         allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+        rebuilt.add(k)
         result = done
     return result
+
+
+def _recorded_config(target: Path, k: int, config_path: Any) -> str:
+    """The config an existing intermediate merge was made from (its ``polytask_merge.yaml``).
+    ConfigError when it has none: without it, whether it fits document ``k + 1`` is unknown."""
+    try:
+        return (target / "polytask_merge.yaml").read_text()
+    except OSError:
+        raise ConfigError(f"{config_path}: document {k + 1}'s output {str(target)!r} exists without the "
+                          "polytask_merge.yaml it was made from; remove it or pass --overwrite") from None
 
 
 def _target(cfg: MergeConfig, config_path: Any, parts: Path, out: Path) -> Path:
@@ -406,9 +424,9 @@ def _target(cfg: MergeConfig, config_path: Any, parts: Path, out: Path) -> Path:
 
 
 def _multi_order(configs: list[MergeConfig], config_path: Any, out: Path,
-                 intermediate_dir: Any) -> tuple[list[int], Path]:
-    """The order in which the documents run (each after the merges it uses) and the folder of
-    the named ones."""
+                 intermediate_dir: Any) -> tuple[list[int], Path, dict[int, set[int]]]:
+    """The order in which the documents run (each after the merges it uses), the folder of the
+    named ones, and the merges each document uses (directly)."""
     names = [c.name for c in configs]
     unnamed = [i + 1 for i, c in enumerate(configs) if c.name is None and c.out_path is None]
     if len(unnamed) > 1:
@@ -441,7 +459,7 @@ def _multi_order(configs: list[MergeConfig], config_path: Any, out: Path,
 
     for i in range(len(configs)):
         visit(i, [])
-    return order, parts
+    return order, parts, uses
 
 
 def _with_merge_names(cfg: MergeConfig, configs: list[MergeConfig], parts: Path) -> MergeConfig:
