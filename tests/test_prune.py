@@ -548,6 +548,8 @@ def _esmm_run(tmp_path: Path) -> Path:
     ("key", ["--target", "params=0.5"], "--target: expected flops="),
     ("floor", ["--target", "flops=0.2", "--keep-task-floor", "0", "--method", "l1"],
      "unreachable with --keep-task-floor 0: the best reachable is flops="),
+    ("pagcp_floor", ["--target", "flops=0.05", "--keep-task-floor", "0", "--method", "pagcp"],
+     "unreachable under --keep-task-floor 0: the best reachable is flops="),  # relaxed limits, floor kept
     ("method", ["--method", "obs"], "unknown pruning method 'obs'"),
     ("device", ["--latency-device", "tpu"], "--latency-device: unknown device 'tpu'"),
     ("epochs", ["--finetune-epochs", "-1"], "--finetune-epochs must be >= 0"),
