@@ -489,10 +489,13 @@ def test_pruning_then_resuming_fine_tuning(runs, tmp_path):
     from polytask.train.config import load_config
 
     result = prune_run(runs["mmoe"], PruneOptions("pagcp", 0.6, finetune_epochs=1, out=tmp_path / "p"))
-    decisions = json.loads((result.out_dir / "prune.json").read_text())["decisions"]
+    summary = json.loads((result.out_dir / "prune.json").read_text())
+    decisions = summary["decisions"]
     assert any(d["kept"] < d["width"] for d in decisions)
     for d in decisions:  # the oracle criterion: no task's validation loss above (1 + θ) x its loss before the layer
         assert max(d["loss_ratio"]) <= 1 + d["theta"] + 1e-6
+    last = decisions[-1]  # the limit recorded is the last round's
+    assert (summary["limit"]["round"], summary["limit"]["scale"]) == (last["round"], last["scale"])
     cfg = load_config(result.out_dir / "config.yaml", ["train.epochs=2"])
     assert Path(cfg.run_dir) == result.out_dir
     resumed = Trainer(cfg, progress=False).fit(resume=True)
