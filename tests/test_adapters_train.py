@@ -286,15 +286,15 @@ def test_trainer_with_a_router_loss_and_analyze_on_the_run_dir(tmp_path):
     assert (tmp_path / "run" / "analysis" / "conflict.json").exists()
 
 
-BAD = [({"target_modules": ["nope"]}, "adapters.target_modules: ['nope'] matches no nn.Linear"),
+BAD = [({"target_modules": ["nope"]}, "model.params.target_modules: ['nope'] matches no nn.Linear"),
        ({"balancer": "mgda"}, "balancer.name: a gradient balancer needs adapter parameters shared by the tasks"),
-       ({"rank": 64}, "adapters.rank: 64 is larger than module"),
-       ({"method": "molora", "method_params": {"num_experts": 2, "top_k": 3}}, "adapters.top_k: must be between 1 and"),
+       ({"rank": 64}, "model.params.rank: 64 is larger than module"),
+       ({"method": "molora", "method_params": {"num_experts": 2, "top_k": 3}}, "model.params.method_params.top_k: must be between 1 and"),
        ({"method": "lorra"}, "unknown method 'lorra'"),
        ({"pooling": "max"}, "model.params.pooling"),
        ({"backbone": {"config": {"model_type": "nosuchmodel"}}},
         "model.params.backbone.config: cannot build model_type"),
-       ({"method_params": {"top_k": 1}}, "adapters.top_k: method 'lora' takes no such parameter")]
+       ({"method_params": {"top_k": 1}}, "model.params.method_params.top_k: method 'lora' takes no such parameter")]
 
 
 @pytest.mark.parametrize("params,message", BAD)
@@ -314,7 +314,7 @@ def test_cli_bad_adapter_config_exits_2_with_one_line_and_writes_nothing(tmp_pat
     res = subprocess.run([sys.executable, "-m", "polytask.cli", "train", str(cfg), "--set",
                           f"out_dir={tmp_path}/run", "--device", "cpu"], capture_output=True, text=True)
     assert res.returncode == 2, res.stderr
-    assert "adapters.target_modules: ['nope'] matches no nn.Linear" in res.stderr
+    assert "model.params.target_modules: ['nope'] matches no nn.Linear" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -327,7 +327,7 @@ def test_backbone_from_a_local_folder(tmp_path):
     model = build_adapter_model(None, seq_splits().tasks, {"path": str(tmp_path / "m")}, "lora", ["query"], rank=2)
     ref = transformers.BertModel.from_pretrained(tmp_path / "m")
     assert torch.equal(model.backbone.embeddings.word_embeddings.weight, ref.embeddings.word_embeddings.weight)
-    with pytest.raises(ConfigError, match="model.params.backbone.path: cannot load a model from"):
+    with pytest.raises(ConfigError, match="model.params.backbone.path: no such folder"):
         build_adapter_model(None, seq_splits().tasks, {"path": str(tmp_path / "none")}, "lora", ["query"], rank=2)
     with pytest.raises(ConfigError, match="give exactly one of 'path'"):
         build_adapter_model(None, seq_splits().tasks, {"path": "a", "config": {}}, "lora", ["query"], rank=2)

@@ -323,3 +323,40 @@ def test_multi_document_merge_rebuilds_an_intermediate_made_from_another_config(
     assert_one_line_exit_2(cli(monkeypatch, capsys, "merge", spec, tmp_path / "final3", "-I", parts),
                            "polytask_merge.yaml", "document 1")
     assert not (tmp_path / "final3").exists()
+
+
+# ----------------------------------------------------------------------------- 6. adapters config errors
+ADAPTER_ERRORS = [
+    ({"method": "lorra"}, "model.params.method: unknown method 'lorra'"),
+    ({"method": "molora", "method_params": {"num_experts": 2, "top_k": 3}},
+     "model.params.method_params.top_k: must be between 1 and num_experts=2"),
+    ({"method_params": {"top_k": 1}}, "model.params.method_params.top_k: method 'lora' takes no such parameter"),
+    ({"rank": 64}, "model.params.rank: 64 is larger than module"),
+    ({"target_modules": ["nope"]}, "model.params.target_modules: ['nope'] matches no nn.Linear"),
+    ({"backbone": {"path": "./nope"}}, "model.params.backbone.path: no such folder: './nope'"),
+]
+
+
+@pytest.mark.parametrize("params,message", ADAPTER_ERRORS)
+def test_adapters_config_errors_name_the_key_the_user_wrote(tmp_path, monkeypatch, capsys, params, message):
+    """A bad adapters setting: one line, exit 2, naming the run config's key (before: the adapters
+    API's ``adapters.method``, and for a missing backbone folder transformers' Hub repo-id rule)."""
+    pytest.importorskip("transformers")
+    from test_adapters_train import BERT
+
+    monkeypatch.chdir(tmp_path)
+    model = {"backbone": {"config": BERT}, "method": "lora", "target_modules": ["query", "value"], "rank": 2}
+    cfg = {"name": "t", "seed": 0, "device": "cpu", "out_dir": str(tmp_path / "run"),
+           "data": {"name": "sequence_tasks", "params": {"num_tasks": 2, "num_rows": 60, "vocab_size": 40,
+                                                         "max_length": 8}},
+           "model": {"arch": "adapters", "params": {**model, **params}}, "train": {"epochs": 1, "batch_size": 32}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    line = assert_one_line_exit_2(cli(monkeypatch, capsys, "train", tmp_path / "c.yaml"), message)
+    assert "adapters." not in line.replace("model.params.", "") and "repo" not in line.lower(), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+    if "backbone" in params:
+        (tmp_path / "file").write_text("x")  # a file where the folder should be
+        cfg["model"]["params"]["backbone"] = {"path": "file"}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        assert_one_line_exit_2(cli(monkeypatch, capsys, "train", tmp_path / "c.yaml"),
+                               "model.params.backbone.path: is not a folder: 'file'")

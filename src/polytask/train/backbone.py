@@ -68,6 +68,10 @@ def load_backbone(spec: dict[str, Any]) -> nn.Module:
             from None
     transformers.logging.set_verbosity_error()
     if "path" in spec:
+        folder = Path(str(spec["path"])).expanduser()
+        if not folder.is_dir():  # before transformers, which reads a missing folder as a Hub repo id
+            what = "is not a folder" if folder.exists() else "no such folder"
+            raise ConfigError(f"model.params.backbone.path: {what}: {str(spec['path'])!r}")
         try:
             return transformers.AutoModel.from_pretrained(str(spec["path"]), local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
@@ -82,6 +86,24 @@ def load_backbone(spec: dict[str, Any]) -> nn.Module:
     except (ValueError, TypeError, KeyError) as exc:
         line = str(exc).strip().splitlines()[0][:200]
         raise ConfigError(f"model.params.backbone.config: cannot build model_type {model_type!r}: {line}") from None
+
+
+#: the run config key of each argument of :func:`polytask.adapters.apply` (the rest are method_params)
+_CONFIG_KEYS = {"method": "model.params.method", "rank": "model.params.rank", "alpha": "model.params.alpha",
+                "target_modules": "model.params.target_modules", "tasks": "data.tasks"}
+
+
+def config_key_message(message: str) -> str:
+    """An error of :func:`polytask.adapters.apply` (``adapters.KEY: ...``, its Python API's names)
+    worded with the key of the run config that the user wrote (``model.params.method``,
+    ``model.params.method_params.top_k``, ...)."""
+    head, sep, rest = message.partition(":")
+    if not sep or not head.startswith("adapters.") or not head[len("adapters."):].isidentifier():
+        return message
+    key = head[len("adapters."):]
+    if key == "apply":  # not a key: "the model already has adapters"
+        return message
+    return f"{_CONFIG_KEYS.get(key, f'model.params.method_params.{key}')}:{rest}"
 
 
 def _digest(params: Sequence[Tensor]) -> Tensor:
@@ -124,8 +146,11 @@ class AdapterModel(MultiTaskModel):
         self.backbone = load_backbone(backbone)
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
         self.one_adapter = bool(one_adapter)
-        adapters.apply(self.backbone, method, ["all"] if self.one_adapter else self.task_names, targets, rank=rank,
-                       alpha=alpha, **(method_params or {}))
+        try:
+            adapters.apply(self.backbone, method, ["all"] if self.one_adapter else self.task_names, targets,
+                           rank=rank, alpha=alpha, **(method_params or {}))
+        except ConfigError as exc:
+            raise ConfigError(config_key_message(str(exc))) from None
         self.method = adapters.method_of(self.backbone)
         for task, folder in (peft_adapters or {}).items():
             if task not in self.task_names:
@@ -268,7 +293,10 @@ def build_adapter_model(input_dim: Any, tasks: Sequence[Task], backbone: dict[st
                         pooling: str = "cls", head_hidden: Sequence[int] = (), aux_weight: float = 0.01,
                         one_adapter: bool = False, peft_adapters: dict[str, str] | None = None) -> AdapterModel:
     """Build an :class:`AdapterModel` (a :class:`RoutedAdapterModel` for a method whose layers route tokens)."""
-    key = adapters.canonical_method(method)
+    try:
+        key = adapters.canonical_method(method)
+    except ConfigError as exc:
+        raise ConfigError(config_key_message(str(exc))) from None
     cls = RoutedAdapterModel if adapters.is_routed_method(key) else AdapterModel
     return cls(input_dim, tasks, backbone, method, target_modules, rank, alpha, method_params, pooling,
                head_hidden, aux_weight, one_adapter, peft_adapters)
