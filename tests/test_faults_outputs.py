@@ -360,3 +360,45 @@ def test_adapters_config_errors_name_the_key_the_user_wrote(tmp_path, monkeypatc
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
         assert_one_line_exit_2(cli(monkeypatch, capsys, "train", tmp_path / "c.yaml"),
                                "model.params.backbone.path: is not a folder: 'file'")
+
+
+def test_adapter_killed_between_its_two_renames_is_put_back_by_the_next_writer(tmp_path, monkeypatch, capsys):
+    """The old adapter renamed aside (``.out.old-*``), killed before the new one took its place: the
+    next writer into OUT puts the old one back before it starts (before: deleted it as stale), so a
+    second failure still leaves the old adapter; a writer without --overwrite is then refused."""
+    pytest.importorskip("transformers")
+    from test_merge_lora import _model
+
+    from polytask.merge.lora import extract_lora
+
+    _model(0).save_pretrained(tmp_path / "base")
+    _model(1).save_pretrained(tmp_path / "ft")
+    out = tmp_path / "out"
+    extract_lora(tmp_path / "base", tmp_path / "ft", out, rank=2)
+    before = {p.name: _digest(p) for p in out.iterdir() if not p.name.startswith(".")}
+
+    def killed(when):
+        def go():
+            real = os.rename
+
+            def rename(src, dst, *a, **k):
+                if when(Path(src), Path(dst)):
+                    os._exit(KILLED)
+                return real(src, dst, *a, **k)
+
+            os.rename = rename
+            extract_lora(tmp_path / "base", tmp_path / "ft", out, rank=3, overwrite=True)
+        return go
+
+    # the new adapter onto OUT, after OUT went aside
+    assert _fork(killed(lambda src, dst: dst == out and src.name.startswith(".out.partial-"))) == KILLED
+    assert not out.exists() and any(p.name.startswith(".out.old-") for p in tmp_path.iterdir())
+    # the rerun killed before it replaces anything: the old adapter is OUT again
+    assert _fork(killed(lambda src, dst: src == out)) == KILLED
+    assert {p.name: _digest(p) for p in out.iterdir() if not p.name.startswith(".")} == before
+    code, _, err = cli(monkeypatch, capsys, "extract-lora", tmp_path / "base", tmp_path / "ft", out, "--rank", "3")
+    assert code == 2 and "exists" in err
+    code, _, err = cli(monkeypatch, capsys, "extract-lora", tmp_path / "base", tmp_path / "ft", out, "--rank", "3",
+                       "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "out"]

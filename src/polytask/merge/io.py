@@ -496,7 +496,7 @@ class _OutputLock:
 
 #: Names of a writer's temporary directories: ``.OUT.partial-XXXXXXXX`` (mkdtemp's suffix) and
 #: ``.OUT.old-XXXXXXXX`` (a replaced output on its way out).
-_PARTIAL_NAME = re.compile(r"\.(?P<output>.+)\.(?:partial|old)-[A-Za-z0-9_]{8}")
+_PARTIAL_NAME = re.compile(r"\.(?P<output>.+)\.(?P<kind>partial|old)-[A-Za-z0-9_]{8}")
 
 
 def _remove_stale_partials(target: Path) -> None:
@@ -505,6 +505,8 @@ def _remove_stale_partials(target: Path) -> None:
     Call while holding ``target``'s lock. A directory is removed only if it has one of our names
     (:data:`_PARTIAL_NAME`), holds our marker file, and no live process holds the lock of the
     output it was for: ``target``'s is ours; another output's is tried, and skipped if held.
+    ``target``'s previous output that a writer killed between its two renames left aside
+    (``.NAME.old-*`` and no ``target``) is put back instead (:func:`_restore_replaced`).
     """
     stale: dict[str, list[Path]] = {}
     try:
@@ -520,11 +522,26 @@ def _remove_stale_partials(target: Path) -> None:
         if lock is not None and not lock.try_acquire():
             continue  # a live writer of that output
         try:
-            for d in dirs:
-                shutil.rmtree(d, ignore_errors=True)
+            for d in sorted(dirs, key=lambda d: _PARTIAL_NAME.fullmatch(d.name)["kind"] != "old"):
+                if output != target.name or not _restore_replaced(d, target):
+                    shutil.rmtree(d, ignore_errors=True)
         finally:
             if lock is not None:
                 lock.release()
+
+
+def _restore_replaced(old: Path, output: Path) -> bool:
+    """Put back an output that a writer killed between its two renames (``OUT`` aside to
+    ``.OUT.old-*``, the new one onto ``OUT``) had moved aside: the old output is kept rather than
+    lost. True when restored."""
+    if _PARTIAL_NAME.fullmatch(old.name)["kind"] != "old" or os.path.lexists(output):
+        return False
+    try:
+        os.rename(old, output)
+    except OSError:
+        return False
+    (output / _PARTIAL_MARKER).unlink(missing_ok=True)
+    return True
 
 
 def _is_weight_file(path: Path) -> bool:
@@ -567,8 +584,8 @@ class CheckpointWriter:
         self._out_lock = _OutputLock(target, shown=str(self.out_dir))
         try:
             self._out_lock.acquire()
+            _remove_stale_partials(target)  # may put back an output that a killed writer had moved aside
             self._check_target()  # another writer may have finished into it meanwhile
-            _remove_stale_partials(target)
             self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
         except BaseException as exc:
             self._out_lock.release()
