@@ -21,7 +21,6 @@ import yaml
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from polytask.errors import ConfigError  # noqa: E402
 from polytask.train import Trainer, parse_config  # noqa: E402
 from polytask.train.tables import write_synthetic_splits  # noqa: E402
 
@@ -54,7 +53,8 @@ def _digest(path):
 
 def _partials(folder, name):
     """Our temporary files for output ``name`` in ``folder`` (hidden, ``.partial``)."""
-    return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith(f".{name}.") and p.name.endswith(".partial"))
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if p.name.startswith(f".{name}.") and p.name.endswith(".partial"))
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +250,8 @@ def test_extract_lora_overwrite_killed_before_the_new_adapter_is_in_place_keeps_
         extract_lora(tmp_path / "base", tmp_path / "ft", out, rank=3, overwrite=True)
 
     assert _fork(go) == KILLED
-    assert {p.name: _digest(p) for p in out.iterdir() if not p.name.startswith(".")} == before  # the writer's marker aside
+    # the writer's hidden marker aside, OUT holds the old adapter's files
+    assert {p.name: _digest(p) for p in out.iterdir() if not p.name.startswith(".")} == before
     code, _, err = cli(monkeypatch, capsys, "extract-lora", tmp_path / "base", tmp_path / "ft", out, "--rank", "3",
                        "--overwrite")
     assert code == 0, err
