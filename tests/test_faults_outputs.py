@@ -403,3 +403,52 @@ def test_adapter_killed_between_its_two_renames_is_put_back_by_the_next_writer(t
                        "--overwrite")
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "out"]
+
+
+CHAIN = MULTI.replace("""merge_method: linear
+models:
+  - {model: ab""", """name: abc
+merge_method: linear
+models:
+  - {model: ab""") + """---
+merge_method: linear
+models:
+  - {model: abc, parameters: {weight: 1.0}}
+  - {model: a, parameters: {weight: 1.0}}
+dtype: float32
+"""
+
+
+def test_multi_document_merge_rebuilds_what_uses_a_rebuilt_intermediate(tmp_path, monkeypatch, capsys):
+    """ab <- abc <- final: document 1 edited after a killed final merge; abc's own document is
+    unchanged, but it was made from the old ab, so it is rebuilt too: abc = (ab + c) / 2 with the new
+    ab = (3a + b) / 4, final = (abc + a) / 2."""
+    pytest.importorskip("transformers")
+    from test_merge_lora import _model
+
+    from polytask.merge import config as merge_config
+    from polytask.merge.io import load_state_dict
+
+    m = {}
+    for seed, name in enumerate("abc"):
+        _model(seed).save_pretrained(tmp_path / name)
+        m[name] = load_state_dict(tmp_path / name)
+    spec, out, parts = tmp_path / "chain.yaml", tmp_path / "final", tmp_path / "final.parts"
+    spec.write_text(CHAIN.replace("WA", "1.0"))
+    real = merge_config._run_one
+
+    def go():
+        merge_config._run_one = lambda cfg, path, text, target, **kw: (
+            os._exit(KILLED) if Path(target) == out else real(cfg, path, text, target, **kw))
+        merge_config.run_merge(spec, out)
+
+    assert _fork(go) == KILLED
+    assert (parts / "abc" / "model.safetensors").is_file() and not out.exists()
+    spec.write_text(CHAIN.replace("WA", "3.0"))
+    code, _, err = cli(monkeypatch, capsys, "merge", spec, out)
+    assert code == 0, err
+    abc, final = load_state_dict(parts / "abc"), load_state_dict(out)
+    for k in m["a"]:
+        ab = (3 * m["a"][k] + m["b"][k]) / 4
+        torch.testing.assert_close(abc[k], (ab + m["c"][k]) / 2, rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(final[k], (abc[k] + m["a"][k]) / 2, rtol=0, atol=1e-6, msg=k)
