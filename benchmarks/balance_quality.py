@@ -39,8 +39,9 @@ Settings (``--setting``; any flag given overrides it):
   (seed 0's, not chosen for any method's sake: the first seed, with moderate frequencies) with fresh
   samples, split and initialisation per seed keeps what a replicate should vary and nothing else.
   Runs are paired: in one seed every method sees the same rows, split, batch order and initial
-  weights. Sized to stay under about 15 minutes with 2 processes on 2 quiet cores (1500 s with 1
-  process on a loaded shared 2-core machine; the lead's quiet-machine run gives the real figure).
+  weights. Sized to stay under about 15 minutes with 2 processes on 2 quiet cores: the same runs,
+  networks and rows per run as the first version, which took 1509 s with 1 process on the shared
+  2-core machine (the lead's quiet-machine run gives the real figure).
 
     .venv/bin/python benchmarks/balance_quality.py                       # all balancers, 3 seeds
     .venv/bin/python benchmarks/balance_quality.py --setting separating  # 12 methods, 5 seeds
