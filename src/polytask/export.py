@@ -30,6 +30,7 @@ polytask does not depend on; an ExportedProgram can be lowered to it (or AOTIndu
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,10 @@ def export_run(run_dir: str | Path, out: str | Path, example_rows: int = 8) -> P
         args += (torch.arange(n * len(seq) * max(seq.values())).reshape(n, len(seq), -1),
                  torch.ones(n, len(seq), dtype=torch.int64))
     batch = torch.export.Dim.DYNAMIC  # the batch size; export records the range it supports
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the models keep their last shared representation as an attribute (for feature-level
+        # balancing in training); in the exported program it is a dead store, not state
+        warnings.filterwarnings("ignore", message=r".*shared_features was assigned during export")
         program = torch.export.export(serving, args, dynamic_shapes=tuple({0: batch} for _ in args))
     meta = {"dense": list(p.dense), "ids": serving.columns, "sequences": seq, "tasks": [t.name for t in tasks],
             "hash": HASH, "sizes": {c: e.size for c, e in encoders.items()}}
