@@ -41,7 +41,10 @@ Settings (``--setting``; any flag given overrides it):
   Runs are paired: in one seed every method sees the same rows, split, batch order and initial
   weights. Sized to stay under about 15 minutes with 2 processes on 2 quiet cores: the same runs,
   networks and rows per run as the first version, which took 1509 s with 1 process on the shared
-  2-core machine (the lead's quiet-machine run gives the real figure).
+  2-core machine (the lead's quiet-machine run gives the real figure). Most multi-task runs still
+  choose one of the last epochs; at 120 epochs (run once) the loss-weighting ones still chose epochs
+  96-119, the order barely moved (IMTL-G and Nash-MTL best; EW, DWA, RLW worst) and fewer pairs
+  were significant, for twice the time: 60 stays.
 
     .venv/bin/python benchmarks/balance_quality.py                       # all balancers, 3 seeds
     .venv/bin/python benchmarks/balance_quality.py --setting separating  # 12 methods, 5 seeds
