@@ -23,7 +23,18 @@ sampled from ``/proc/PID/status`` of the process and all its descendants every
 (no other jobs: check the load average), with the inputs already in the page cache (the first
 round of each tool warms it; ``--warmup`` adds an untimed round).
 
-Figures (quiet machine, 1.1 B TinyLlama shape): to be filled in by the lead.
+Figures, 2026-12-05, after every other job had stopped (load average 0.2-1.1 before; the two
+tools' own processes brought it to 1-2), 2 CPU cores, 1.10 B TinyLlama shape, bf16, plain configs,
+``--repeats 2`` (medians of 2 interleaved rounds; speed-up = median of the per-round ratios):
+
+| method | mergekit wall (s) | polytask wall (s) | speed-up | mergekit peak anon / file (GiB) | polytask peak anon / file (GiB) | agreement |
+|---|---:|---:|---:|---:|---:|---|
+| task_arithmetic | 10.3 | 9.5 | 1.06x | 2.88 / 1.70 | 0.41 / 0.09 | bit-identical |
+| ties | 171.7 | 114.4 | 1.50x | 3.20 / 1.76 | 2.55 / 0.09 | bit-identical |
+| dare_ties | 65.6 | 40.6 | 1.61x | 3.00 / 1.75 | 1.11 / 0.09 | random masks: changed 78.19 % vs 78.23 %, L1 ratio 1.0002 |
+
+The issue's targets (TIES/DARE-TIES >= 5x, task arithmetic >= 2x, anonymous peak < 1 GiB) are not
+met except task arithmetic's memory.
 
 Usage::
 
