@@ -57,7 +57,7 @@ from polytask.nn.base import TaskHeads
 from polytask.tasks import Task
 
 # torchjd 0.18's later methods (issue 16): SDMGrad, MoDo, CR-MOGM (over MGDA), PCD, Krum, TrimmedMean
-RECENT = ["sdmgrad", "modo", "cr_mogm", "pcd", "krum", "trimmed_mean"]
+RECENT = ["sdmgrad", "modo", "cr_mogm", "pcd", "krum", "trimmed_mean", "ntkmtl"]  # ntkmtl: no torchjd column
 METHODS = ["mgda", "pcgrad", "cagrad", "nash_mtl", "upgrad"] + RECENT
 MIN_TASKS = {"krum": 3, "trimmed_mean": 3}  # Krum needs T >= n_byzantine + 3, the trimmed mean T >= 2 trim + 1
 
@@ -130,7 +130,7 @@ def torchjd_aggregator(name: str, n_tasks: int):
             "modo": lambda: tja.GramianWeightedAggregator(tja.MoDoWeighting()),
             "cr_mogm": lambda: tja.GramianWeightedAggregator(tja.CRMOGMWeighting(tja.MGDAWeighting())),
             "pcd": lambda: tja.PCD(), "krum": lambda: tja.Krum(n_byzantine=0),
-            "trimmed_mean": lambda: tja.TrimmedMean(trim_number=1)}[name]()
+            "trimmed_mean": lambda: tja.TrimmedMean(trim_number=1)}.get(name, lambda: None)()
 
 
 class SeparateHeads(nn.Module):
@@ -252,7 +252,7 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
         fns[f"feat:{name}"] = ours(balance.get(name, mode="features").to(DEVICE), True)
         fns[f"par-old:{name}"] = ours(balance.get(name, mode="parameters").to(DEVICE), False)
         fns[f"feat-old:{name}"] = ours(balance.get(name, mode="features").to(DEVICE), False)
-        if not args.no_torchjd:
+        if not args.no_torchjd and torchjd_aggregator(name, n_tasks) is not None:
             from torchjd.autojac import jac_to_grad, mtl_backward
 
             def tjd(a=torchjd_aggregator(name, n_tasks)) -> None:
