@@ -24,7 +24,8 @@ decision, outside any training step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -70,58 +71,57 @@ def _hook_sites(model: nn.Module, modules: Sequence[nn.Module], captured: dict[i
     return [activation_site(model, m).register_forward_hook(keeper(id(m))) for m in modules]
 
 
-def taylor_per_task(model: nn.Module, modules: Sequence[nn.Module], data: MultiTaskDataset, tasks: Sequence[Task],
-                    rows: int = 1024, batch_size: int = 256) -> list[Tensor]:
-    """Per-task Taylor scores ``(T, C)`` of each module's output channels, on the first ``rows`` rows."""
+def _scored_batches(model: nn.Module, modules: Sequence[nn.Module], data: MultiTaskDataset, rows: int,
+                    batch_size: int) -> Iterator[tuple[Any, dict[str, Tensor], list[Tensor]]]:
+    """For each batch of the first ``rows`` rows: the batch, the model's outputs and the hooked
+    activations (every member of every layer, in order), with the model in eval mode (dropout off:
+    the scores of the model as it predicts); hooks and mode are restored at the end."""
     captured: dict[int, Tensor] = {}
-    parts = [_parts(m) for m in modules]
-    hooks = _hook_sites(model, [p for ps in parts for p in ps], captured)
-    sums = [torch.zeros(len(tasks), _width(m)) for m in modules]
-    seen = 0
+    members = [p for m in modules for p in _parts(m)]
+    hooks = _hook_sites(model, members, captured)
     was_training = model.training
-    model.eval()  # dropout off: the scores of the model as it predicts
+    model.eval()
     try:
         for batch in data.subset(torch.arange(min(rows, len(data)))).batches(batch_size):
             outputs = model(batch.inputs)
-            acts = [captured[id(p)] for ps in parts for p in ps]
-            for t, task in enumerate(tasks):  # one backward per task (see the module docstring)
-                mask = None if batch.mask is None else batch.mask.get(task.name)
-                loss = task.loss(outputs[task.name], batch.targets[task.name], mask)
-                grads = torch.autograd.grad(loss, acts, retain_graph=True, allow_unused=True)
-                for i, score in enumerate(_layer_scores(parts, acts, grads)):
-                    sums[i][t] += score
-            seen += _rows(batch.inputs)
+            yield batch, outputs, [captured[id(p)] for p in members]
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+
+
+def _task_loss(task: Task, outputs: dict[str, Tensor], batch: Any) -> Tensor:
+    return task.loss(outputs[task.name], batch.targets[task.name], None if batch.mask is None else batch.mask.get(task.name))
+
+
+def taylor_per_task(model: nn.Module, modules: Sequence[nn.Module], data: MultiTaskDataset, tasks: Sequence[Task],
+                    rows: int = 1024, batch_size: int = 256) -> list[Tensor]:
+    """Per-task Taylor scores ``(T, C)`` of each module's output channels, on the first ``rows`` rows."""
+    parts = [_parts(m) for m in modules]
+    sums = [torch.zeros(len(tasks), _width(m)) for m in modules]
+    seen = 0
+    for batch, outputs, acts in _scored_batches(model, modules, data, rows, batch_size):
+        for t, task in enumerate(tasks):  # one backward per task (see the module docstring)
+            grads = torch.autograd.grad(_task_loss(task, outputs, batch), acts, retain_graph=True, allow_unused=True)
+            for i, score in enumerate(_layer_scores(parts, acts, grads)):
+                sums[i][t] += score
+        seen += _rows(batch.inputs)
     return [s / max(seen, 1) for s in sums]
 
 
 def taylor_summed(model: nn.Module, modules: Sequence[nn.Module], data: MultiTaskDataset, tasks: Sequence[Task],
                   rows: int = 1024, batch_size: int = 256) -> list[Tensor]:
     """Taylor scores ``(C,)`` for the summed loss ``Σ_t L_t`` (task-agnostic)."""
-    captured: dict[int, Tensor] = {}
     parts = [_parts(m) for m in modules]
-    hooks = _hook_sites(model, [p for ps in parts for p in ps], captured)
     sums = [torch.zeros(_width(m)) for m in modules]
     seen = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in data.subset(torch.arange(min(rows, len(data)))).batches(batch_size):
-            outputs = model(batch.inputs)
-            total = sum(t.loss(outputs[t.name], batch.targets[t.name],
-                               None if batch.mask is None else batch.mask.get(t.name)) for t in tasks)
-            acts = [captured[id(p)] for ps in parts for p in ps]
-            grads = torch.autograd.grad(total, acts, allow_unused=True)
-            for i, score in enumerate(_layer_scores(parts, acts, grads)):
-                sums[i] += score
-            seen += _rows(batch.inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    for batch, outputs, acts in _scored_batches(model, modules, data, rows, batch_size):
+        total = sum(_task_loss(t, outputs, batch) for t in tasks)
+        grads = torch.autograd.grad(total, acts, allow_unused=True)
+        for i, score in enumerate(_layer_scores(parts, acts, grads)):
+            sums[i] += score
+        seen += _rows(batch.inputs)
     return [s / max(seen, 1) for s in sums]
 
 
