@@ -276,21 +276,29 @@ dtype: float32
 """
 
 
-def test_multi_document_merge_rebuilds_an_intermediate_made_from_another_config(tmp_path, monkeypatch, capsys):
-    """The final merge killed, document 1 edited, the same command again: the intermediate is
-    rebuilt from the edited document (before: the stale one was reused silently), checked against
-    the linear merge by hand, ``(wa * a + b) / (wa + 1)`` then ``(ab + c) / 2``. An unchanged
-    document's intermediate is still kept (mergekit-multi --lazy)."""
+def _three_models(tmp_path):
+    """Tiny random transformers a, b, c saved under ``tmp_path``; their state dicts by name."""
     pytest.importorskip("transformers")
     from test_merge_lora import _model
 
-    from polytask.merge import config as merge_config
     from polytask.merge.io import load_state_dict
 
     models = {}
     for seed, name in enumerate("abc"):
         _model(seed).save_pretrained(tmp_path / name)
         models[name] = load_state_dict(tmp_path / name)
+    return models
+
+
+def test_multi_document_merge_rebuilds_an_intermediate_made_from_another_config(tmp_path, monkeypatch, capsys):
+    """The final merge killed, document 1 edited, the same command again: the intermediate is
+    rebuilt from the edited document (before: the stale one was reused silently), checked against
+    the linear merge by hand, ``(wa * a + b) / (wa + 1)`` then ``(ab + c) / 2``. An unchanged
+    document's intermediate is still kept (mergekit-multi --lazy)."""
+    from polytask.merge import config as merge_config
+    from polytask.merge.io import load_state_dict
+
+    models = _three_models(tmp_path)
     spec, out, parts = tmp_path / "multi.yaml", tmp_path / "final", tmp_path / "final.parts"
     spec.write_text(MULTI.replace("WA", "1.0"))
     real = merge_config._run_one
@@ -423,16 +431,10 @@ def test_multi_document_merge_rebuilds_what_uses_a_rebuilt_intermediate(tmp_path
     """ab <- abc <- final: document 1 edited after a killed final merge; abc's own document is
     unchanged, but it was made from the old ab, so it is rebuilt too: abc = (ab + c) / 2 with the new
     ab = (3a + b) / 4, final = (abc + a) / 2."""
-    pytest.importorskip("transformers")
-    from test_merge_lora import _model
-
     from polytask.merge import config as merge_config
     from polytask.merge.io import load_state_dict
 
-    m = {}
-    for seed, name in enumerate("abc"):
-        _model(seed).save_pretrained(tmp_path / name)
-        m[name] = load_state_dict(tmp_path / name)
+    m = _three_models(tmp_path)
     spec, out, parts = tmp_path / "chain.yaml", tmp_path / "final", tmp_path / "final.parts"
     spec.write_text(CHAIN.replace("WA", "1.0"))
     real = merge_config._run_one
