@@ -293,7 +293,10 @@ def train(case, rank: int | None, group=None):
     return params, state
 
 
-def _worker(rank: int, port: int, out_dir: str, cases) -> None:
+def _worker(rank: int, port: int, out_dir: str, cases, train_fn=None, ids_fn=None, extras=()) -> None:
+    """One rank: every case through ``train_fn`` (default :func:`train`), then each ``(key, fn)`` of
+    ``extras`` as ``fn(group)``; the results saved as ``out_dir/rank{rank}.pt``."""
+    train_fn, ids_fn = train_fn or train, ids_fn or _ids
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -301,9 +304,11 @@ def _worker(rank: int, port: int, out_dir: str, cases) -> None:
         results = {}
         for case in cases:
             try:
-                results[_ids(case)] = train(case, rank, dist.group.WORLD)
+                results[ids_fn(case)] = train_fn(case, rank, dist.group.WORLD)
             except Exception as exc:  # reported by the test of that case, the other cases still run
-                results[_ids(case)] = repr(exc)
+                results[ids_fn(case)] = repr(exc)
+        for key, fn in extras:
+            results[key] = fn(dist.group.WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

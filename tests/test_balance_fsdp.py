@@ -10,15 +10,12 @@ feature-level path), and be bit-identical on the two ranks. Parameter level is r
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_balance_dist import (STEPS, Problem, _free_port, check_two_ranks_equal_one_process, global_batch, losses_of,
-                               no_host_sync, rows_of)
+from test_balance_dist import (STEPS, Problem, _free_port, _worker, check_two_ranks_equal_one_process, global_batch,
+                               losses_of, no_host_sync, rows_of)
 
 from polytask import balance
 from polytask.balance import GradientBalancer
@@ -148,27 +145,6 @@ def _gated_refusal(group) -> str:
     return "no error"
 
 
-def _worker(rank: int, port: int, out_dir: str, cases) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        results = {}
-        for case in cases:
-            try:
-                results[_ids(case)] = train(case, rank, dist.group.WORLD)
-            except Exception as exc:  # reported by the test of that case, the other cases still run
-                results[_ids(case)] = repr(exc)
-        results["refusal"] = _refusal(dist.group.WORLD)
-        results["gated"] = _gated_refusal(dist.group.WORLD)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-    # done: leave before the interpreter's teardown, which gloo's threads can abort (SIGABRT)
-    sys.stdout.flush()
-    os._exit(0)
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
@@ -178,7 +154,8 @@ def two_ranks(tmp_path_factory):
     except ImportError:
         pytest.skip("FSDP2 (fully_shard) is not available")
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out), CASES), nprocs=2, join=True)
+    extras = (("refusal", _refusal), ("gated", _gated_refusal))
+    mp.spawn(_worker, args=(_free_port(), str(out), CASES, train, _ids, extras), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
