@@ -25,18 +25,11 @@ from polytask.train import Trainer, parse_config
 from polytask.train import rundir
 
 from test_faults_train import TINY, assert_one_line_exit_2, cli, model_weights, partials, snapshot
+from test_faults_train import _dict as train_dict
 
 
 def _dict(tmp_path, out="runs/{name}", **over):
-    cfg = json.loads(json.dumps(TINY))
-    cfg["out_dir"] = str(tmp_path / out)
-    for key, value in over.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return cfg
+    return train_dict(tmp_path, TINY["name"], out, **over)
 
 
 def _yaml(tmp_path, out="runs/{name}", **over):

@@ -38,9 +38,10 @@ TINY = {
 }
 
 
-def _dict(tmp_path, name="run", **over):
+def _dict(tmp_path, name="run", out="{name}", **over):
+    """TINY named ``name``, its runs under ``tmp_path / out``, with dotted keys overridden."""
     cfg = json.loads(json.dumps(TINY))
-    cfg["name"], cfg["out_dir"] = name, str(tmp_path / "{name}")
+    cfg["name"], cfg["out_dir"] = name, str(tmp_path / out)
     for key, value in over.items():
         node = cfg
         *parents, last = key.split(".")
