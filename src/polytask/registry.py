@@ -47,6 +47,14 @@ class Registry(Generic[T]):
         self.kind = kind
         self.prefix = prefix
         self._entries: dict[str, Callable[..., T]] = {}
+        self._lazy: dict[str, str] = {}  # name -> module that registers it when imported
+
+    def register_lazy(self, module: str, name: str, *aliases: str) -> None:
+        """Say that importing ``module`` registers ``name`` (and ``aliases``): the module is imported
+        on the first lookup of one of them, so that a name whose module is heavy (or imports this
+        registry's own package) is known from the start without being imported at start-up."""
+        for key in (name, *aliases):
+            self._lazy[key.lower()] = module
 
     def register(self, name: str, *aliases: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator: register ``obj`` under ``name`` and ``aliases``."""
@@ -63,21 +71,35 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         """All registered names, aliases included, sorted."""
-        return sorted(self._entries)
+        return sorted({*self._entries, *self._lazy})
 
     def __contains__(self, name: str) -> bool:
-        return name.lower() in self._entries
+        return name.lower() in self._entries or name.lower() in self._lazy
 
     def lookup(self, name: str) -> Callable[..., T]:
         """The class registered under ``name``; ConfigError naming close matches if unknown."""
         key = str(name).lower().replace("-", "_")
+        if key not in self._entries and key in self._lazy:
+            self._import_lazy(name, self._lazy[key])
         if key not in self._entries:
-            close = difflib.get_close_matches(key, self._entries, n=3)
+            close = difflib.get_close_matches(key, self.names(), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(
                 f"unknown {self.kind} {name!r}{hint}; known: {', '.join(self.names())}"
             )
         return self._entries[key]
+
+    def _import_lazy(self, name: str, module: str) -> None:
+        """Import the module that registers ``name``; ConfigError naming it when that fails (a missing
+        optional dependency) or when the module does not register it."""
+        import importlib
+
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"{self.kind} {name!r} needs {module}, which cannot be imported: {exc}") from None
+        if str(name).lower().replace("-", "_") not in self._entries:
+            raise ConfigError(f"{self.kind} {name!r}: importing {module} did not register it")
 
     def build(self, name: str, /, **params: Any) -> T:
         """Instantiate ``name`` with ``params``, after :func:`check_params` (names and types)."""
