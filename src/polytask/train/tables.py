@@ -56,7 +56,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import Tensor
 
 from polytask.data.dataset import Batch, Splits
@@ -79,15 +79,27 @@ class SequenceSpec(_Strict):
     pooling: Literal["mean", "sum", "max"] = "mean"
 
 
+#: ``ids.<column>.sparse`` values naming a row-wise rule (``true``: the rule that follows ``optim.name``).
+SPARSE_RULES = ("adam", "sgd", "rowwise_adagrad")
+
+
 class IdColumn(_Strict):
     """One categorical column: a vocabulary (ids seen ``min_count`` times) or ``hash`` buckets;
     ``sequence``: the column holds lists of ids (:class:`~polytask.data.tables.SequenceIds`);
-    ``sparse``: its embedding gets sparse gradients and a row-wise optimiser (:class:`SparseDenseOptimizer`)."""
+    ``sparse``: its embedding gets sparse gradients and a row-wise optimiser (:class:`SparseDenseOptimizer`):
+    ``true`` (SparseAdam, or SGD with ``optim.name: sgd``) or a rule by name (:data:`SPARSE_RULES`)."""
 
     min_count: int = Field(1, ge=1)
     hash: int | None = Field(None, ge=1)
     sequence: SequenceSpec | None = None
-    sparse: bool = False
+    sparse: bool | str = False
+
+    @field_validator("sparse", mode="before")
+    @classmethod
+    def _sparse_rule(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v in SPARSE_RULES:
+            return v
+        raise ValueError(f"must be true, false or one of {', '.join(map(repr, SPARSE_RULES))}, got {v!r}")
 
 
 class FractionSplit(_Strict):
@@ -291,6 +303,7 @@ class TableSplits(Splits):
 
     encoders: dict[str, Any]
     sparse: tuple[str, ...] = ()
+    sparse_rules: tuple = ()  # per sparse column: True (from optim.name) or a rule of SPARSE_RULES
 
     def save(self, run_dir: Path) -> None:
         from polytask.data.encoders import Vocabulary, save_vocabularies
@@ -351,6 +364,7 @@ def table_splits(config: Any, ctx: Any = None, device: torch.device | str = "cpu
     out = TableSplits("table", tasks, train, val, test, feature_spec(p.dense, encoders, p.embed_dim))
     out.encoders = encoders
     out.sparse = tuple(c for c, spec in p.ids.items() if spec.sparse)
+    out.sparse_rules = tuple(p.ids[c].sparse for c in out.sparse)
     return out
 
 
@@ -432,45 +446,70 @@ def use_sparse_embeddings(model: torch.nn.Module, columns: Sequence[str], config
 
 
 class SparseDenseOptimizer(torch.optim.Optimizer):
-    """Two optimisers behind one: a row-wise one for the sparse embedding tables and the run's
+    """Two kinds of optimiser behind one: row-wise ones for the sparse embedding tables and the run's
     optimiser for every other parameter. They share the param-group dicts, so an lr scheduler
-    moves both; the state dict holds both (``{"dense": ..., "sparse": ...}``).
+    moves them all; the state dict holds both (``{"dense": ..., "sparse": ...}``).
 
-    The row-wise rule: with ``optim.name: sgd``, plain SGD (torch's SGD takes sparse gradients;
-    momentum and weight decay are not applied to the sparse rows, so untouched rows stay as they
-    are); with ``adam``/``adamw``, ``torch.optim.SparseAdam`` (Adam's moments updated only on the
-    rows of the batch, the lazy Adam of TensorFlow's ``LazyAdamOptimizer``).
+    The row-wise rule of each table (``rules``, one per table; ``None``/``True``: from ``o.name``):
+    ``sgd``, plain SGD (torch's SGD takes sparse gradients; momentum and weight decay are not
+    applied to the sparse rows, so untouched rows stay as they are); ``adam`` (also for
+    ``optim.name: adamw``), ``torch.optim.SparseAdam`` (Adam's moments updated only on the rows of
+    the batch, the lazy Adam of TensorFlow's ``LazyAdamOptimizer``); ``rowwise_adagrad``,
+    :class:`~polytask.train.rowwise.RowWiseAdagrad` (one accumulator per row). Tables that share a
+    rule share one optimiser (one param group per rule, in the order of :data:`SPARSE_RULES`).
     """
 
-    def __init__(self, groups: list[dict], sparse: list[torch.nn.Parameter], o: Any) -> None:
+    def __init__(self, groups: list[dict], sparse: list[torch.nn.Parameter], o: Any,
+                 rules: Sequence[Any] | None = None) -> None:
+        from polytask.train.rowwise import RowWiseAdagrad
+
+        default = "sgd" if o.name == "sgd" else "adam"
+        named = [default if r is None or r is True else r for r in (rules or [None] * len(sparse))]
+        by_rule = {r: [p for p, q in zip(sparse, named) if q == r] for r in SPARSE_RULES if r in named}
         ids = {id(p) for p in sparse}
         dense_groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
         dense_groups = [g for g in dense_groups if g["params"]]
-        super().__init__([*dense_groups, {"params": list(sparse)}], {"lr": o.lr})
-        dense, rows = self.param_groups[:-1], self.param_groups[-1:]
+        super().__init__([*dense_groups, *({"params": ps} for ps in by_rule.values())], {"lr": o.lr})
+        dense, rows = self.param_groups[:len(dense_groups)], self.param_groups[len(dense_groups):]
         if o.name == "sgd":
             self.dense = torch.optim.SGD(dense, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-            self.sparse = torch.optim.SGD(rows, lr=o.lr)
         else:
             cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
             self.dense = cls(dense, lr=o.lr, weight_decay=o.weight_decay)
-            self.sparse = torch.optim.SparseAdam(rows, lr=o.lr)
+        make = {"sgd": lambda g: torch.optim.SGD(g, lr=o.lr), "adam": lambda g: torch.optim.SparseAdam(g, lr=o.lr),
+                "rowwise_adagrad": lambda g: RowWiseAdagrad(g, lr=o.lr)}
+        self.rules = list(by_rule)
+        self.row_optimizers = [make[r]([g]) for r, g in zip(self.rules, rows)]
+
+    @property
+    def sparse(self) -> torch.optim.Optimizer:
+        """The row-wise optimiser when there is one rule (all sparse tables alike)."""
+        return self.row_optimizers[0]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = self.dense.step(closure)
-        self.sparse.step()
+        for opt in self.row_optimizers:  # one per rule (at most three)
+            opt.step()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"dense": self.dense.state_dict(), "sparse": self.sparse.state_dict()}
+        rows = [opt.state_dict() for opt in self.row_optimizers]
+        return {"dense": self.dense.state_dict(), "sparse": rows[0] if len(rows) == 1 else {"rules": self.rules, "states": rows}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != {"dense", "sparse"}:
             raise CheckpointError("optimizer: the checkpoint was saved without sparse embeddings "
                                   "(data.params.ids.*.sparse changed)")
+        rows = state["sparse"]
+        states = rows["states"] if "rules" in rows else [rows]
+        saved_rules = rows["rules"] if "rules" in rows else self.rules[:1]
+        if list(saved_rules) != self.rules or len(states) != len(self.row_optimizers):
+            raise CheckpointError(f"optimizer: the checkpoint's row-wise rules {list(saved_rules)} differ from the "
+                                  f"run's {self.rules} (data.params.ids.*.sparse changed)")
         self.dense.load_state_dict(state["dense"])
-        self.sparse.load_state_dict(state["sparse"])
+        for opt, s in zip(self.row_optimizers, states):
+            opt.load_state_dict(s)
 
 
 # ----------------------------------------------------------------------------- batch scoring

@@ -200,7 +200,7 @@ class Trainer:
         if self._sparse:  # a row-wise optimiser for the sparse embedding tables, o for the rest
             from polytask.train.tables import SparseDenseOptimizer
 
-            return SparseDenseOptimizer(self._trainable(), self._sparse, o)
+            return SparseDenseOptimizer(self._trainable(), self._sparse, o, getattr(self.splits, "sparse_rules", None))
         if o.name == "sgd":
             return torch.optim.SGD(self._trainable(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
