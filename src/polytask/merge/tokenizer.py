@@ -14,8 +14,14 @@ A config with ``tokenizer_source: base | union | <model>`` (or the ``tokenizer:`
   ``{kind: zero}``) and ``force: true`` uses that row in every model, even where it has the token.
   ``pad_to_multiple_of`` pads the rows.
 - ``chat_template``: a literal Jinja template, ``auto`` (the template most of the inputs use),
-  or a built-in name (``chatml``, ``llama3``, ``mistral``: polytask's own text, rendering as
-  mergekit's templates of those names). Alone, it re-saves the base's tokenizer with it.
+  or a built-in name: every template mergekit 0.1.5 ships (``alpaca``, ``chatml``, ``exaone``,
+  ``llama3``, ``mistral``), in polytask's own text that renders every conversation as mergekit's
+  file of that name does under ``apply_chat_template``. Two of them depart from the published
+  format because mergekit's files do: ``alpaca`` (Taori et al., Stanford Alpaca, 2023) puts the
+  last system message where Alpaca has its fixed preamble and no blank line before the
+  generation prompt; ``exaone`` (LG AI Research, EXAONE 3.0, 2024) carries the indentation of
+  mergekit's file into the prompt (4 spaces before each turn, 8 and a blank line after it),
+  which LG's own template does not. Alone, ``chat_template`` re-saves the base's tokenizer with it.
 
 The tokenizer files are written as ``transformers``' ``save_pretrained`` writes them (the same
 files as mergekit), the base's other tokenizer files are dropped, and ``config.json`` gets the
@@ -78,6 +84,30 @@ _CHAT_TEMPLATES = {
                 "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
                 "{%- else %}{{- raise_exception('only user and assistant roles after an optional system message') }}"
                 "{%- endif %}{%- endfor %}"),
+    # Stanford Alpaca's sections (Taori et al. 2023: "### Instruction:", "### Input:", "### Response:"),
+    # the last system message in place of its fixed preamble, as mergekit's alpaca.jinja renders:
+    # sections joined by a blank line, none before a generation prompt, which follows unless the
+    # assistant spoke last
+    "alpaca": (r"{%- set system = messages | selectattr('role', 'equalto', 'system') | list -%}"
+               r"{{- (system[-1]['content'] | trim if system else '') + '\n\n' -}}"
+               r"{%- set headers = {'user': '### Instruction:', 'user_context': '### Input:', "
+               r"'assistant': '### Response:'} -%}"
+               r"{%- for message in messages -%}{%- if message['role'] in headers -%}"
+               r"{{- headers[message['role']] + '\n' + message['content'] | trim -}}"
+               r"{%- if not loop.last %}{{- '\n\n' -}}{%- endif -%}"
+               r"{%- endif -%}{%- endfor -%}"
+               r"{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}"
+               r"{{- '### Response:\n' -}}{%- endif -%}"),
+    # LG's EXAONE 3 turns ("[|role|]content", "[|endofturn|]" after every turn but a user's, an
+    # empty system turn first), with the indentation and blank lines mergekit's exaone.jinja
+    # renders into the prompt (4 spaces before a turn, 8 before its end): the same text as mergekit
+    "exaone": (r"{%- for message in messages -%}"
+               r"{%- if loop.first and message['role'] != 'system' -%}"
+               r"{{- '        [|system|][|endofturn|]\n\n' -}}{%- endif -%}"
+               r"{{- '    [|' + message['role'] + '|]' + message['content'] + '\n        ' -}}"
+               r"{{- ('\n' if message['role'] == 'user' else '[|endofturn|]\n') + '\n' -}}"
+               r"{%- endfor -%}"
+               r"{%- if add_generation_prompt -%}{{- '    [|assistant|]\n' -}}{%- endif -%}"),
 }
 
 
