@@ -24,6 +24,7 @@ KINDS: tuple[str, ...] = ("binary", "multiclass", "multilabel", "regression")
 HIGHER_IS_BETTER: dict[str, bool] = {
     "auc": True,
     "accuracy": True,
+    "macro_f1": True,
     "logloss": False,
     "mae": False,
     "rmse": False,
@@ -39,8 +40,8 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 ALLOWED_METRICS: dict[str, frozenset[str]] = {
-    "binary": frozenset({"auc", "logloss", "accuracy"}),
-    "multiclass": frozenset({"accuracy", "logloss"}),
+    "binary": frozenset({"auc", "logloss", "accuracy", "macro_f1"}),
+    "multiclass": frozenset({"accuracy", "logloss", "macro_f1"}),
     "multilabel": frozenset({"auc", "logloss", "accuracy"}),
     "regression": frozenset({"mae", "rmse", "mse"}),
 }
@@ -219,10 +220,29 @@ def _accuracy(task: Task, out: Tensor, tgt: Tensor) -> Tensor:
     return ((out > 0) == (tgt > 0.5)).double().mean()
 
 
+def macro_f1(pred: Tensor, target: Tensor) -> Tensor:
+    """Macro-averaged F1 of integer class predictions: the mean over the classes that occur in
+    ``target`` or ``pred`` of ``2 TP / (2 TP + FP + FN)`` (scikit-learn's ``f1_score(average="macro")``,
+    whose labels are the union of both; a class that occurs nowhere is left out, not counted as 0)."""
+    pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+    n = int(torch.maximum(pred.max(), target.max())) + 1 if pred.numel() else 1
+    true_pos = torch.bincount(target[pred == target], minlength=n).double()
+    support = torch.bincount(pred, minlength=n).double() + torch.bincount(target, minlength=n).double()
+    present = support > 0  # = 2 TP + FP + FN > 0
+    return (2 * true_pos[present] / support[present]).mean()
+
+
+def _macro_f1(task: Task, out: Tensor, tgt: Tensor) -> Tensor:
+    if task.kind == "multiclass":
+        return macro_f1(out.argmax(dim=1), tgt)
+    return macro_f1((out > 0).long(), (tgt > 0.5).long())
+
+
 _METRIC_FNS = {
     "auc": _auc,
     "logloss": _logloss,
     "accuracy": _accuracy,
+    "macro_f1": _macro_f1,
     "mae": lambda task, out, tgt: (out - tgt).abs().mean(),
     "mse": lambda task, out, tgt: (out - tgt).square().mean(),
     "rmse": lambda task, out, tgt: (out - tgt).square().mean().sqrt(),

@@ -26,10 +26,13 @@ from polytask.nn.task_token import TaskTokenAttention
 from polytask.nn.mpnn import MPNN, EdgeNetworkConv  # needs torch_geometric only when built
 from polytask.nn.diagnostics import ExpertUsage, expert_usage
 from polytask.tasks import Task
+from polytask.token_tasks import check_token_outputs
 
 
 def build_model(arch: str, input_dim: int | FeatureSpec, tasks: Sequence[Task], **params: Any) -> MultiTaskModel:
-    """Build the architecture registered as ``arch`` for ``tasks`` (params are checked by name)."""
+    """Build the architecture registered as ``arch`` for ``tasks`` (params are checked by name); ConfigError
+    for a token-level task on an architecture with pooled outputs only."""
+    check_token_outputs(arch, ARCHITECTURES.lookup(arch), tasks)
     return ARCHITECTURES.build(arch, input_dim=input_dim, tasks=list(tasks), **params)
 
 
