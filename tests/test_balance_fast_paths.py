@@ -1,0 +1,99 @@
+"""The cheaper paths of issue 16 (feature level at T = 16) against the plain computation they replace.
+
+- the coordinate-wise trimmed mean without a sort (``b = 1``) against a sort, with ties, huge outliers
+  and non-finite entries; and why feature level needs its Jacobian (it is not rotation-equivariant);
+- the solvers that stop early on the CPU (or skip work there) against the same solvers run for their
+  full iteration count, over several consecutive steps, on hard Gramians.
+
+Every reference here is either a sort (the definition of the trimmed mean) or the same algorithm
+without the shortcut; the peer comparisons (torchjd) stay in ``tests/test_balance_jd_recent.py`` and
+``tests/test_balance_aggregators.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polytask.balance import robust
+
+DT = torch.float64
+
+
+def _random(t: int, d: int, seed: int, dtype: torch.dtype = DT) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(t, 1, generator=g, dtype=DT) * 3 + 0.1
+    return (torch.randn(t, d, generator=g, dtype=DT) * scale).to(dtype)
+
+
+def _sorted_trim(jac: torch.Tensor, b: int) -> torch.Tensor:
+    """The definition: sort each column, drop b at each end, average the rest (in float64)."""
+    ordered = jac.double().sort(dim=0)[0]
+    return ordered[b: jac.shape[0] - b].mean(dim=0)
+
+
+# --- trimmed mean -----------------------------------------------------------------------------------
+
+
+def _trim_cases() -> list[tuple[str, torch.Tensor]]:
+    base = _random(16, 300, 1)
+    ties = base.clone()
+    ties[:, :50] = 2.5  # every value equal: the answer is that value
+    ties[:3, 50:100] = ties[:, 50:100].max(dim=0).values + 1.0  # the max three times: two of them are middle values
+    ties[3:5, 100:150] = ties[:, 100:150].min(dim=0).values - 1.0  # the min twice
+    small = _random(3, 40, 2)  # T = 3: the median
+    outlier = _random(5, 60, 3)
+    outlier[0] = 1e300  # one huge row: Σ g - max - min would lose every digit of the middle
+    outlier[1, :30] = -1e300
+    scaled = _random(4, 30, 7) * torch.tensor([[1e-6], [1e-2], [1e2], [1e6]], dtype=DT)
+    return [("rand16", base), ("ties", ties), ("t3", small), ("outlier1e300", outlier), ("rows1e-6to1e6", scaled),
+            ("float32", _random(16, 500, 4, torch.float32))]
+
+
+TRIM_CASES = _trim_cases()
+
+
+@pytest.mark.parametrize("b", [0, 1, 2])
+@pytest.mark.parametrize("name,jac", TRIM_CASES, ids=[c[0] for c in TRIM_CASES])
+def test_trimmed_mean_equals_the_sorted_definition(name, jac, b):
+    if jac.shape[0] < 2 * b + 1:
+        pytest.skip("needs T >= 2b + 1")
+    ours = robust.trimmed_mean(jac, b)
+    ref = _sorted_trim(jac, b).to(jac.dtype)
+    # elementwise, relative to each column's own middle values (not to the whole vector's norm)
+    tol = 1e-6 if jac.dtype == torch.float32 else 1e-14
+    scale = jac.double().abs().sort(dim=0)[0][: jac.shape[0] - 2 * b].amax(dim=0).clamp_min(1e-300)
+    assert ((ours.double() - ref.double()).abs() / scale).max() <= tol
+
+
+def test_trimmed_mean_by_hand_ties_and_a_huge_outlier():
+    # column 0: {5, 5, 5, 1, 0} -> drop one 5 and the 0 -> mean(5, 5, 1) = 11/3
+    # column 1: {4, 4, 4, 4, 4} -> 4
+    # column 2: {1e300, 1, 2, 3, -1e300} -> mean(1, 2, 3) = 2 (exactly; Σ - max - min gives 0 in float64)
+    jac = torch.tensor([[5.0, 4.0, 1e300], [5.0, 4.0, 1.0], [5.0, 4.0, 2.0], [1.0, 4.0, 3.0], [0.0, 4.0, -1e300]],
+                       dtype=DT)
+    expected = torch.tensor([11.0 / 3.0, 4.0, 2.0], dtype=DT)
+    assert torch.allclose(robust.trimmed_mean(jac, 1), expected, rtol=1e-15, atol=0)
+    naive = (jac.sum(0) - jac.amax(0) - jac.amin(0)) / 3  # the shortcut this avoids: wrong on column 2
+    assert naive[2] != 2.0
+
+
+def test_trimmed_mean_marks_non_finite_columns_only():
+    jac = _random(6, 5, 9)
+    jac[2, 1] = float("nan")
+    jac[4, 3] = float("inf")
+    jac[0, 4] = -float("inf")
+    out = robust.trimmed_mean(jac, 1)
+    assert torch.isnan(out[[1, 3, 4]]).all()
+    assert torch.allclose(out[[0, 2]], _sorted_trim(jac[:, [0, 2]], 1), rtol=1e-15, atol=0)
+
+
+def test_trimmed_mean_is_not_rotation_equivariant_so_feature_level_needs_the_jacobian():
+    # A Gramian-only update J^T w(J J^T) rotates with the coordinates: f(J Q) = Q^T f(J). J = I_3, b = 1:
+    # each column is {1, 0, 0}, middle 0, f(I) = 0; J Q = Q (rows of a rotation) has nonzero middles.
+    q, _ = torch.linalg.qr(torch.tensor([[2.0, 1.0, 0.5], [0.3, 1.5, -1.0], [1.0, -0.7, 2.0]], dtype=DT))
+    eye = torch.eye(3, dtype=DT)
+    assert torch.equal(robust.trimmed_mean(eye, 1), torch.zeros(3, dtype=DT))
+    rotated = robust.trimmed_mean(eye @ q, 1)
+    assert rotated.abs().max() > 0.1  # while Q^T f(I) = 0: same Gramian, an update no weights w(G) can give
+    assert torch.allclose((eye @ q) @ (eye @ q).T, eye, atol=1e-15)
