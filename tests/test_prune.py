@@ -597,8 +597,8 @@ def test_unknown_layer_and_refused_architecture_are_config_errors():
     model = pnn.build_model("shared_bottom", 4, TASKS, bottom=(8,), tower=())
     with pytest.raises(ConfigError, match="no module named 'trunk.0'"):
         prunable_layers(model, names=["trunk.0"])
-    with pytest.raises(PolytaskError, match="cannot prune architecture 'mtan': one 'channels' width per block"):
-        prunable_layers(model, "mtan")
+    with pytest.raises(PolytaskError, match="cannot prune architecture 'esmm': its CTCVR output is the product"):
+        prunable_layers(model, "esmm")
 
 
 def test_benchmark_table_names_an_unreachable_budget_instead_of_averaging_it():

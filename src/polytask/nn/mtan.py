@@ -23,6 +23,16 @@ def _conv(cin: int, cout: int, kernel: int, groups: int = 1, act: nn.Module | No
     return nn.Sequential(*layers, act if act is not None else nn.ReLU())
 
 
+def _stage_widths(name: str, widths: Sequence[int] | None, default: Sequence[int]) -> tuple[int, ...]:
+    """One width per block for ``model.params.<name>`` (``default`` when left out)."""
+    if widths is None:
+        return tuple(default)
+    widths = check_widths(name, widths)
+    if len(widths) != len(default):
+        raise ConfigError(f"model.params.{name} needs one width per block ({len(default)}), got {list(widths)!r}")
+    return widths
+
+
 @ARCHITECTURES.register("mtan")
 class MTAN(MultiTaskModel):
     """A shared convolutional trunk of blocks, with one soft-attention module per task and block.
@@ -39,33 +49,44 @@ class MTAN(MultiTaskModel):
     ``shared_features``: the trunk's last feature map ``p_L`` ``(N, C_L, H_L, W_L)``.
 
     Args:
-        input_dim: input channels; channels: width of each trunk block (one block per entry);
-        tower: hidden widths of each task tower.
+        input_dim: input channels; channels: width of each trunk block's output ``p_j`` (one block
+        per entry), which is also the width of every task's mask ``a_j^t`` (they multiply channel by
+        channel); tower: hidden widths of each task tower.
+        u_channels: width of each block's first conv ``u_j`` (default: ``channels``).
+        attention_channels: width of each block's attention hidden layer ``g_j``, per task
+        (default: ``channels``).
+        transfer_channels: width of each block's attended features ``â_j`` (the output of ``f_j``;
+        default: the next block's ``channels``, the last block's own); the towers read the last one.
+        The three exist so that a pruned trunk (``polytask prune``: ``u_j`` and ``p_j`` channels)
+        is described by its config; left out, the model is the paper's, one width per block.
     """
 
     def __init__(self, input_dim: int, tasks: Sequence[Task], channels: Sequence[int] = (16, 32, 64),
-                 tower: Sequence[int] = ()) -> None:
+                 tower: Sequence[int] = (), u_channels: Sequence[int] | None = None,
+                 attention_channels: Sequence[int] | None = None,
+                 transfer_channels: Sequence[int] | None = None) -> None:
         super().__init__(tasks)
         if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
             raise ConfigError(f"input_dim: mtan needs the number of image channels (int), got {input_dim!r}")
         channels = check_widths("channels", channels)
+        u_w = _stage_widths("u_channels", u_channels, channels)
+        hidden = _stage_widths("attention_channels", attention_channels, channels)
+        moved = _stage_widths("transfer_channels", transfer_channels, (*channels[1:], channels[-1]))
         t = self.num_tasks = len(self.tasks)
         self.in_channels = input_dim
-        widths = [input_dim, *channels]
-        self.trunk_u = nn.ModuleList(_conv(widths[j], widths[j + 1], 3) for j in range(len(channels)))
-        self.trunk_p = nn.ModuleList(_conv(widths[j + 1], widths[j + 1], 3) for j in range(len(channels)))
+        ins = [input_dim, *channels[:-1]]  # block j reads p_{j-1} (pooled)
+        self.trunk_u = nn.ModuleList(_conv(ins[j], u_w[j], 3) for j in range(len(channels)))
+        self.trunk_p = nn.ModuleList(_conv(u_w[j], c, 3) for j, c in enumerate(channels))
         self.pool = nn.MaxPool2d(2, ceil_mode=True)
-        attn_in = [c + (c if j > 0 else 0) for j, c in enumerate(channels)]  # [u_j ; â_{j-1}] widths
+        attn_in = [u_w[j] + (moved[j - 1] if j > 0 else 0) for j in range(len(channels))]  # [u_j ; â_{j-1}]
         self.attention = nn.ModuleList(
-            nn.Sequential(_conv(t * attn_in[j], t * c, 1, groups=t), _conv(t * c, t * c, 1, groups=t, act=nn.Sigmoid()))
+            nn.Sequential(_conv(t * attn_in[j], t * hidden[j], 1, groups=t),
+                          _conv(t * hidden[j], t * c, 1, groups=t, act=nn.Sigmoid()))
             for j, c in enumerate(channels)
         )
-        # f_j maps block j's attended features to block j+1's width (the last one keeps its width)
-        self.transfer = nn.ModuleList(
-            _conv(t * c, t * (channels[j + 1] if j + 1 < len(channels) else c), 3, groups=t)
-            for j, c in enumerate(channels)
-        )
-        self.heads = TaskHeads(self.tasks, channels[-1], check_widths("tower", tower, True))
+        # f_j maps block j's attended features to â_j (by default the next block's width)
+        self.transfer = nn.ModuleList(_conv(t * c, t * moved[j], 3, groups=t) for j, c in enumerate(channels))
+        self.heads = TaskHeads(self.tasks, moved[-1], check_widths("tower", tower, True))
 
     def task_specific_parameters(self) -> Iterator[nn.Parameter]:
         return chain(self.heads.parameters(), self.attention.parameters(), self.transfer.parameters())
@@ -79,9 +100,8 @@ class MTAN(MultiTaskModel):
         for j, (conv_u, conv_p) in enumerate(zip(self.trunk_u, self.trunk_p)):
             u = conv_u(h)
             p = conv_p(u)
-            c = u.shape[1]
             u_t = u.unsqueeze(1).expand(n, t, *u.shape[1:])
-            inp = u_t if att is None else torch.cat([u_t, att.reshape(n, t, c, *att.shape[2:])], dim=2)
+            inp = u_t if att is None else torch.cat([u_t, att.reshape(n, t, -1, *att.shape[2:])], dim=2)
             mask = self.attention[j](inp.reshape(n, -1, *u.shape[2:]))  # (N, T*C, H, W)
             selected = mask * p.repeat(1, t, 1, 1)
             att = self.pool(self.transfer[j](selected))

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from polytask.data.dataset import MultiTaskDataset
 from polytask.errors import ConfigError
+from polytask.nn.mtan import MTAN
 from polytask.prune import flops as flops_lib
+from polytask.prune import mtan
 from polytask.prune.graph import dependency_graph, out_pruning_fn, prunable_layers, prune_bank_units
 from polytask.registry import Registry
 from polytask.tasks import HIGHER_IS_BETTER, Task
@@ -132,6 +134,9 @@ def apply_plan(model: nn.Module, layers: Sequence[str], plan: Plan, example: tup
         if layer.tied:
             for member, _ in layer.members:
                 prune_bank_units(pruned, member, removed)
+            continue
+        if isinstance(pruned, MTAN):  # a group written from the architecture (see prune/mtan.py)
+            mtan.prune_trunk_channels(pruned, layer.name, removed)
             continue
         graph = graph if graph is not None else dependency_graph(pruned, example)
         graph.get_pruning_group(layer.module, out_pruning_fn(graph, layer.module), idxs=removed).prune()

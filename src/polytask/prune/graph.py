@@ -26,38 +26,41 @@ A *prunable layer* is a layer whose output channels (hidden units, filters) may 
   the ``(T, B, E) x (E, B, H)`` broadcast product as element-wise; a bank is also faster to trace.)
 - a plain module (e.g. a CNN built in Python): the layers the caller names.
 
-Other architectures are refused with the reason (:data:`REFUSED`): in MTAN one ``channels`` width
-per block sets the trunk's two conv widths and every task's attention widths, and the attention
-reshapes the previous block's attended features with the trunk's width, so a trunk channel cannot
-go alone (it would take unrelated channels of every task's attention path with it); ESMM/AITM
-have no shared trunk whose channels could go without changing what a task predicts. Task towers
-and gates are not pruned: they are task-specific and small.
+- ``mtan``: both convs of every trunk block (``trunk_u.J.0``, ``trunk_p.J.0``); a channel goes
+  with its batch norm, the next convs' inputs and the same channel of every task's attention
+  input, mask and attended features (:mod:`polytask.prune.mtan`, a group written from the
+  architecture, as torch-pruning cannot follow the task stack), and the config records the
+  per-block widths (``channels``, ``u_channels`` and the kept task-specific widths);
+- a plain module (e.g. a CNN built in Python): the layers the caller names.
+
+Other architectures are refused with the reason (:data:`REFUSED`): ESMM/AITM have no shared trunk
+whose channels could go without changing what a task predicts. Task towers and gates are not
+pruned: they are task-specific and small.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from polytask.errors import ConfigError
 from polytask.nn.layers import BatchedLinear
+from polytask.nn.mtan import MTAN
+from polytask.prune import mtan
+from polytask.prune.importance import Coupled
 
 #: architectures whose pruned widths map back to their config (``model.params``)
-SUPPORTED = ("shared_bottom", "hps", "single_task", "mmoe", "omoe", "ple", "cgc")
+SUPPORTED = ("shared_bottom", "hps", "single_task", "mmoe", "omoe", "ple", "cgc", "mtan")
 
 #: why the others are refused (one line each); architectures not listed get the generic line
 REFUSED = {
     "esmm": "its CTCVR output is the product of two towers' probabilities, so there is no trunk of channels to "
             "prune without changing what each task predicts",
     "aitm": "its information-transfer attention couples the towers, which have no shared trunk to prune",
-    "mtan": "one 'channels' width per block sets u_j, p_j, every task's attention hidden layer and mask, and "
-            "the previous block's attended features, which the attention reshapes with u_j's width: removing a "
-            "trunk channel would force removing unrelated channels of every task's attention path, and "
-            "torch-pruning's graph cannot follow the per-task grouped convolutions through p_j.repeat",
 }
 
 
@@ -116,9 +119,14 @@ class Layer:
     def tied(self) -> bool:
         return is_pattern(self.name)
 
+    coupled: list[nn.Module] = field(default_factory=list)
+
     @property
-    def target(self) -> nn.Module | list[nn.Module]:
-        """What importance functions score: the module, or the list of tied members."""
+    def target(self) -> nn.Module | list[nn.Module] | Coupled:
+        """What importance functions score: the module, the list of tied members, or the module
+        with the task-stacked layers whose outputs lose its channels (MTAN)."""
+        if self.coupled:
+            return Coupled(self.module, self.coupled)
         return [m for _, m in self.members] if self.tied else self.module
 
     @property
@@ -155,16 +163,24 @@ def prunable_layers(model: nn.Module, arch: str | None = None, names: Sequence[s
     module (a name with ``*`` ties the modules it matches). ConfigError naming ``arch`` when the
     architecture cannot be pruned."""
     if names is not None:
-        return [Layer(n, resolve(model, n)) for n in names]
+        return [_layer(model, n) for n in names]
     if arch not in SUPPORTED:
         why = REFUSED.get(arch or "", "it is not one of the architectures pruning supports "
                                         f"({', '.join(SUPPORTED)})")
         raise ConfigError(f"model.arch: cannot prune architecture {arch!r}: {why}")
     if arch in ("ple", "cgc"):
         return [Layer(n, resolve(model, n)) for n in _expert_hidden_patterns(model, arch)]
+    if arch == "mtan":
+        return [_layer(model, n) for n in mtan.trunk_layer_names(model)]
     prefix = "bottom." if arch in ("shared_bottom", "hps", "single_task") else "experts."
     kinds = (nn.Linear, BatchedLinear)
     return [Layer(n, [(n, m)]) for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, kinds)]
+
+
+def _layer(model: nn.Module, name: str) -> Layer:
+    members = resolve(model, name)
+    coupled = mtan.coupled_outputs(model, name) if isinstance(model, MTAN) else []
+    return Layer(name, members, coupled)
 
 
 def _expert_hidden_patterns(model: nn.Module, arch: str) -> list[str]:

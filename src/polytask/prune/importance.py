@@ -5,7 +5,10 @@ per-task Taylor returns ``(T, C)``. A layer is a module or, for a tied layer (PL
 expert depth in every bank and level, which lose a unit index together), the list of its members;
 a tied unit's Taylor term is the sum of its members' terms before the absolute value, as an
 expert bank's sums over its experts (removing the unit removes it from all of them at once, and
-first-order terms add); its L1 norm is the sum over the members.
+first-order terms add); its L1 norm is the sum over the members. A *coupled* layer (MTAN's block
+output ``p_j``, whose channel goes with the same channel of every task's mask) is scored on its own
+activation for Taylor (the channel's whole first-order effect passes through it: the masks only
+multiply it) and, for L1, with the coupled filters added (its own plus every task's mask filter).
 
 - **Taylor** (Molchanov, Tyree, Karras, Aila, Kautz, "Pruning Convolutional Neural Networks for
   Resource Efficient Inference", ICLR 2017, eq. 7): removing channel ``c`` changes the loss by about
@@ -25,6 +28,7 @@ decision, outside any training step.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +37,15 @@ from torch import Tensor, nn
 from polytask.data.dataset import MultiTaskDataset
 from polytask.nn.layers import BatchedLinear
 from polytask.tasks import Task
+
+
+@dataclass
+class Coupled:
+    """A layer with the task-stacked layers whose outputs lose its channels: ``stacked`` modules
+    have ``T · C`` outputs, task-major, channel ``c`` of the layer being ``t · C + c`` in each."""
+
+    module: nn.Module
+    stacked: list[nn.Module] = field(default_factory=list)
 
 
 def _channel_last(activation: Tensor, module: nn.Module) -> Tensor:
@@ -125,9 +138,17 @@ def taylor_summed(model: nn.Module, modules: Sequence[nn.Module], data: MultiTas
     return [s / max(seen, 1) for s in sums]
 
 
-def l1(modules: Sequence[nn.Module | Sequence[nn.Module]]) -> list[Tensor]:
-    """L1 norm of each output channel's incoming weights (over every member of a tied layer)."""
-    return [sum(_l1_of(p) for p in _parts(m)) for m in modules]
+def l1(modules: Sequence[nn.Module | Sequence[nn.Module] | Coupled]) -> list[Tensor]:
+    """L1 norm of each output channel's incoming weights (over every member of a tied layer, and
+    every task's coupled filter of a coupled layer)."""
+    return [sum(_l1_of(p) for p in _parts(m)) + _coupled_l1(m) for m in modules]
+
+
+def _coupled_l1(layer) -> Tensor | float:
+    if not isinstance(layer, Coupled):
+        return 0.0
+    width = _width(layer)
+    return sum(_l1_of(s).reshape(-1, width).sum(0) for s in layer.stacked)
 
 
 def _l1_of(m: nn.Module) -> Tensor:
@@ -137,7 +158,9 @@ def _l1_of(m: nn.Module) -> Tensor:
     return w.abs().flatten(1).sum(1).cpu()  # (out, in, ...)
 
 
-def _parts(layer: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+def _parts(layer: nn.Module | Sequence[nn.Module] | Coupled) -> list[nn.Module]:
+    if isinstance(layer, Coupled):
+        return [layer.module]
     return [layer] if isinstance(layer, nn.Module) else list(layer)
 
 

@@ -1,7 +1,8 @@
 """``polytask prune``: prune a finished run directory's model into a new run directory.
 
 The new run directory is an ordinary polytask run: ``config.yaml`` whose ``model.params`` widths
-(``bottom`` for shared-bottom, ``expert`` for MMoE/OMoE/PLE/CGC) are the pruned ones, so the config alone
+(``bottom`` for shared-bottom, ``expert`` for MMoE/OMoE/PLE/CGC, the per-block widths for MTAN) are
+the pruned ones, so the config alone
 rebuilds the pruned shapes and every tool that reads runs (``--resume`` of the fine-tuning, analyse,
 report) loads it; ``best/model.safetensors`` holds the pruned weights. Recording widths rather than
 pickling the whole module keeps the weights in safetensors (no code executed on load) and the model
@@ -130,7 +131,7 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
     pruned = prune_model(ctx, pruner, target)
     widths = ctx.widths(pruned)
     keep = {n: widths[n] / w for n, w in ctx.widths(model).items()}
-    new_params = pruned_params(config.model.arch.lower(), config.model.params, [widths[n] for n in ctx.layers])
+    new_params = pruned_params(config.model.arch.lower(), config.model.params, [widths[n] for n in ctx.layers], pruned)
     data = config.model_dump(mode="json")
     data["model"]["params"] = new_params
     data["name"] = f"{config.name}-pruned"
@@ -173,9 +174,15 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
     return PruneResult(out, table, keep)
 
 
-def pruned_params(arch: str, params: dict[str, Any], widths: list[int]) -> dict[str, Any]:
+def pruned_params(arch: str, params: dict[str, Any], widths: list[int], pruned: nn.Module | None = None
+                  ) -> dict[str, Any]:
     """``model.params`` with the pruned widths: every prunable layer's, in order; PLE/CGC prune the
-    experts' hidden layers only, so the last ``expert`` width (the experts' output) is kept."""
+    experts' hidden layers only, so the last ``expert`` width (the experts' output) is kept; MTAN's
+    per-block widths are read from the ``pruned`` model (:func:`polytask.prune.mtan.widths`)."""
+    if arch == "mtan":
+        from polytask.prune import mtan
+
+        return {**params, **mtan.widths(pruned)}
     key = WIDTH_KEY[arch]
     if arch in ("ple", "cgc"):
         widths = [*widths, params[key][-1]]  # expert has >= 2 widths, else no layer was prunable
