@@ -9,14 +9,25 @@ per task). Two sources:
 - ``token_file``: a user's tokenised data in one ``.safetensors`` or ``.pt`` file holding
   ``input_ids`` (and optionally ``attention_mask``, ``task_ids``) and one ``labels.<task>``
   tensor per task; a float label NaN or an integer label ``-100`` (Hugging Face's ignore index)
-  marks a row unlabelled for that task.
+  marks a row unlabelled for that task. Or a table (``.jsonl``, ``.parquet``) with the same
+  columns, one row per sequence: ``input_ids`` a list of token ids per row, ``labels.<task>`` a
+  value per row or, for a token-level task, a list of per-token labels aligned to the tokenisation
+  (one per id of ``input_ids``; ``-100`` or null: no label); a list of another length is a
+  DataError naming the file, the row (0-based) and the column.
+
+Token-level tasks (:class:`~polytask.token_tasks.TokenTask`, one label per token: tagging, per-token
+regression) are ``labels.<task>`` tensors of shape ``(N, L)`` like ``input_ids`` (found from the
+shape, or declared ``level: token``); padding tokens (``attention_mask`` 0) get no label, whatever
+the file holds there, and a row without a labelled token is unlabelled for the task.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,6 +35,7 @@ from polytask.data.builtin import DATASETS, split_indices
 from polytask.data.dataset import MultiTaskDataset, Splits
 from polytask.errors import ConfigError, DataError
 from polytask.tasks import Task
+from polytask.token_tasks import IGNORE_INDEX, LEVELS, TokenTask
 
 #: id of the padding token in generated data (real tokens are 1..vocab_size-1)
 PAD_ID = 0
@@ -36,7 +48,7 @@ def _check(name: str, value: object, minimum: int) -> None:
 
 @DATASETS.register("sequence_tasks", "sequences")
 def sequence_tasks(num_tasks: int = 3, relatedness: float = 0.5, num_rows: int = 2000, vocab_size: int = 64,
-                   max_length: int = 16, key_tokens: int = 8, mixed: bool = False,
+                   max_length: int = 16, key_tokens: int = 8, mixed: bool = False, token_tasks: int = 0,
                    split: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> Splits:
     """Related binary sequence-classification tasks with a known signal.
 
@@ -48,15 +60,27 @@ def sequence_tasks(num_tasks: int = 3, relatedness: float = 0.5, num_rows: int =
     all tasks, the rest are the task's own: ``relatedness=1`` makes the tasks one task,
     ``0`` unrelated ones. ``mixed=True`` labels each row for one task only (drawn uniformly,
     given in ``task_ids``), as in an instruction-tuning mixture.
+
+    ``token_tasks`` adds that many token-level tagging tasks ``tag0, tag1, ...`` (multiclass, 3
+    classes, every row labelled): token ``i``'s class is the number of ``S_j`` tokens among the
+    first ``i + 1`` tokens, capped at 2 (it needs the tokens before it: a task for the context, not
+    for the token alone); padding tokens have no label (``-100``). Tag task ``j`` has the key set
+    of binary task ``j`` (more key sets are drawn when ``token_tasks > num_tasks``). Not with
+    ``mixed``. The binary tasks are the same with or without them.
     """
     _check("num_tasks", num_tasks, 1)
+    _check("token_tasks", token_tasks, 0)
+    if token_tasks and mixed:
+        raise ConfigError(f"data.params.token_tasks: token-level tasks are labelled on every row; they cannot be "
+                          f"mixed (mixed: true labels each row for one task), got token_tasks={token_tasks}")
     _check("num_rows", num_rows, 20)
     _check("max_length", max_length, 2)
     _check("key_tokens", key_tokens, 1)
     if not 0.0 <= float(relatedness) <= 1.0:
         raise ConfigError(f"data.params.relatedness must be in [0, 1], got {relatedness!r}")
     shared = round(relatedness * key_tokens)
-    needed = shared + num_tasks * (key_tokens - shared) + 1
+    sets = max(num_tasks, token_tasks)
+    needed = shared + sets * (key_tokens - shared) + 1
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < needed:
         raise ConfigError(f"data.params.vocab_size must be at least {needed} (padding + the tasks' key tokens), "
                           f"got {vocab_size!r}")
@@ -68,8 +92,9 @@ def sequence_tasks(num_tasks: int = 3, relatedness: float = 0.5, num_rows: int =
     perm = torch.randperm(vocab_size - 1, generator=g) + 1         # key tokens drawn among the real ids
     own = key_tokens - shared
     key_sets = torch.stack([torch.cat([perm[:shared], perm[shared + t * own: shared + (t + 1) * own]])
-                            for t in range(num_tasks)])            # (T, k)
-    counts = (ids[:, :, None, None] == key_sets[None, None]).any(-1).sum(1)   # (N, T): key tokens per row
+                            for t in range(sets)])                 # (max(T, token_tasks), k)
+    is_key = (ids[:, :, None, None] == key_sets[None, None]).any(-1)          # (N, L, sets)
+    counts = is_key[..., :num_tasks].sum(1)                        # (N, T): key tokens per row
     score = counts.double() + 0.5 * (ids.gather(1, (lengths - 1)[:, None]) % 2).double()
     labels = (score > score.median(0).values).float()              # (N, T)
     tasks = [Task(f"task{t}", "binary", metrics=("auc", "accuracy", "logloss")) for t in range(num_tasks)]
@@ -79,7 +104,12 @@ def sequence_tasks(num_tasks: int = 3, relatedness: float = 0.5, num_rows: int =
         owner = torch.randint(0, num_tasks, (num_rows,), generator=g)
         inputs["task_ids"] = owner
         masks = {t.name: owner == i for i, t in enumerate(tasks)}
-    full = MultiTaskDataset(inputs, {t.name: labels[:, i] for i, t in enumerate(tasks)}, masks)
+    targets = {t.name: labels[:, i] for i, t in enumerate(tasks)}
+    for j in range(token_tasks):  # running count of S_j tokens, capped at 2; padding: no label
+        tags = is_key[..., j].long().cumsum(1).clamp_max(2)
+        targets[f"tag{j}"] = tags.where(mask.bool(), torch.full_like(tags, IGNORE_INDEX))
+        tasks.append(TokenTask(f"tag{j}", "multiclass", num_classes=3))
+    full = MultiTaskDataset(inputs, targets, masks)
     tr, va, te = split_indices(num_rows, split, seed)
     spec = {"vocab_size": vocab_size, "max_length": max_length}
     return Splits("sequence_tasks", tasks, full.subset(tr), full.subset(va), full.subset(te), spec)
@@ -88,6 +118,8 @@ def sequence_tasks(num_tasks: int = 3, relatedness: float = 0.5, num_rows: int =
 def _read_tensors(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise DataError(f"data.params.path: {str(path)!r} is not a file")
+    if path.suffix in TABLE_SUFFIXES:
+        return _read_table(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -100,6 +132,123 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
     if not isinstance(data, Mapping) or not all(isinstance(v, Tensor) for v in data.values()):
         raise DataError(f"{path}: expected a mapping of names to tensors")
     return dict(data)
+
+
+#: table files ``token_file`` reads (one row per sequence, list columns)
+TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _read_table(path: Path) -> dict[str, Tensor]:
+    """The tensors of the module docstring from a JSON-lines or Parquet table: list columns padded to
+    the longest ``input_ids`` (``attention_mask`` from the lengths unless given), per-token label
+    lists checked against ``input_ids`` row by row (vectorised), nulls as "no label"."""
+    import pyarrow as pa
+
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        else:
+            import pyarrow.json as pj
+
+            table = pj.read_json(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: cannot read the table ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") \
+            from None
+    if "input_ids" not in table.column_names or not pa.types.is_list(table.schema.field("input_ids").type):
+        raise DataError(f"{path}: needs a column 'input_ids' holding a list of token ids per row, got columns "
+                        f"{', '.join(table.column_names)}")
+    ids_col = table.column("input_ids").combine_chunks()
+    if ids_col.null_count:
+        raise DataError(f"{path}: column 'input_ids', row {_first(ids_col.is_null())}: no token ids (null)")
+    lengths = _lengths(ids_col)
+    out = {"input_ids": _pad(ids_col, lengths, 0, path, "input_ids")}
+    if "attention_mask" not in table.column_names:
+        out["attention_mask"] = torch.from_numpy(np.arange(out["input_ids"].shape[1]) < lengths[:, None]).long()
+    for name in table.column_names:
+        if name == "input_ids" or not (name.startswith("labels.") or name in ("attention_mask", "task_ids")):
+            continue
+        col = table.column(name).combine_chunks()
+        if pa.types.is_list(col.type):
+            got = _lengths(col)
+            bad = (got != lengths) & ~col.is_null().to_numpy(zero_copy_only=False)
+            if bad.any():
+                r = int(bad.argmax())
+                what = "labels" if name.startswith("labels.") else "values"
+                raise DataError(f"{path}: column {name!r}, row {r}: {int(got[r])} {what} for {int(lengths[r])} tokens "
+                                f"(input_ids); give one per token ({IGNORE_INDEX} or null where a token has none)")
+            out[name] = _pad(col, lengths, 0 if name == "attention_mask" else None, path, name)
+        else:
+            out[name] = _scalars(col, path, name)
+    return out
+
+
+def _first(flags) -> int:
+    return int(np.asarray(flags.to_numpy(zero_copy_only=False)).argmax())
+
+
+def _lengths(col) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _fill_value(values, fill: int | None) -> float | int:
+    """Padding and null entries: ``fill`` if given, else no label (-100 for integers, NaN for floats)."""
+    import pyarrow as pa
+
+    if fill is not None:
+        return fill
+    return IGNORE_INDEX if pa.types.is_integer(values.type) or pa.types.is_boolean(values.type) else float("nan")
+
+
+def _pad(col, lengths: np.ndarray, fill: int | None, path: Path, name: str) -> Tensor:
+    """A list column as one ``(N, max length of input_ids)`` tensor (rows' values left-aligned)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = col.flatten()                       # the non-null rows' values, in row order
+    if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type) or pa.types.is_boolean(values.type)
+            or pa.types.is_null(values.type)):
+        raise DataError(f"{path}: column {name!r} must hold lists of numbers, got {col.type}")
+    if pa.types.is_boolean(values.type):
+        values = values.cast(pa.int64())
+    if pa.types.is_null(values.type):            # only nulls (or empty lists): no label anywhere
+        values = values.cast(pa.int64())
+    pad = _fill_value(values, fill)
+    flat = pc.fill_null(values, pad).to_numpy(zero_copy_only=False)
+    width = int(lengths.max()) if len(lengths) else 0
+    dense = np.full((len(lengths), width), pad, dtype=flat.dtype if flat.dtype.kind == "f" else np.int64)
+    own = _lengths(col)                          # a null row has length 0: all padding
+    dense[np.arange(width) < own[:, None]] = flat
+    return torch.from_numpy(dense)
+
+
+def _scalars(col, path: Path, name: str) -> Tensor:
+    """A column of one number per row (a row-level label, ``task_ids``); null: no label."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_boolean(col.type):
+        col = col.cast(pa.int64())
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        raise DataError(f"{path}: column {name!r} must hold a number per row (or a list per row for a "
+                        f"token-level label), got {col.type}")
+    return torch.from_numpy(pc.fill_null(col, _fill_value(col, None)).to_numpy(zero_copy_only=False).copy())
+
+
+def _task_spec(name: str, spec: str | Mapping[str, Any] | None) -> tuple[str | None, str | None]:
+    """``(kind, level)`` from ``data.params.tasks.<name>``: a kind, or ``{kind: ..., level: row | token}``."""
+    if spec is None or isinstance(spec, str):
+        return spec, None
+    unknown = sorted(set(spec) - {"kind", "level"})
+    if unknown:
+        raise ConfigError(f"data.params.tasks.{name}: unknown key(s) {', '.join(unknown)}; known: kind, level")
+    level = spec.get("level")
+    if level is not None and level not in LEVELS:
+        raise ConfigError(f"data.params.tasks.{name}.level must be row or token, got {level!r}")
+    return spec.get("kind"), level
 
 
 def _task_from_labels(name: str, labels: Tensor, kind: str | None, path: Path) -> tuple[Task, Tensor, Tensor]:
@@ -120,15 +269,49 @@ def _task_from_labels(name: str, labels: Tensor, kind: str | None, path: Path) -
     return Task(name, kind), values.float(), labelled
 
 
+def _token_task_from_labels(name: str, labels: Tensor, kind: str | None, attention: Tensor,
+                            path: Path) -> tuple[TokenTask, Tensor, Tensor]:
+    """The token-level task, its ``(N, L)`` targets (no label: -100 or NaN, padding included) and its
+    row mask (rows with a labelled token) from one ``labels.<task>`` tensor shaped like ``input_ids``."""
+    real = attention.bool()
+    if labels.is_floating_point() and kind in (None, "regression"):
+        targets = labels.float().where(real, torch.full_like(labels.float(), float("nan")))
+        task = TokenTask(name, "regression")
+    else:
+        if labels.is_floating_point():  # a class label stored as a float: NaN is no label
+            labels = torch.nan_to_num(labels, nan=IGNORE_INDEX).long()
+        targets = labels.long().where(real, torch.full_like(labels.long(), IGNORE_INDEX))
+        valid = targets != IGNORE_INDEX
+        if bool((valid & (targets < 0)).any()):
+            r = int((valid & (targets < 0)).any(1).long().argmax())
+            raise DataError(f"{path}: tensor 'labels.{name}', row {r}: negative class label "
+                            f"{int(targets[r][valid[r] & (targets[r] < 0)][0])} (classes are 0..C-1, "
+                            f"{IGNORE_INDEX}: no label)")
+        top = int(targets[valid].max()) if bool(valid.any()) else 0
+        kind = kind or ("binary" if top <= 1 else "multiclass")
+        if kind == "regression":
+            targets = targets.float().where(valid, torch.full_like(targets.float(), float("nan")))
+            task = TokenTask(name, "regression")
+        elif kind == "multiclass":
+            task = TokenTask(name, kind, num_classes=max(top + 1, 2))
+        elif kind == "binary":
+            task = TokenTask(name, kind)
+        else:
+            raise ConfigError(f"data.params.tasks.{name}: kind must be binary, multiclass or regression, "
+                              f"got {kind!r}")
+    return task, targets, task.valid_tokens(targets).any(1)
+
+
 @DATASETS.register("token_file", "tokens")
-def token_file(path: str, tasks: dict[str, str] | None = None, split: Sequence[float] = (0.8, 0.1, 0.1),
-               seed: int = 0) -> Splits:
+def token_file(path: str, tasks: dict[str, str | dict[str, Any]] | None = None,
+               split: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> Splits:
     """A user's tokenised multi-task data from one file (see the module docstring for its layout).
 
-    ``tasks`` maps a task name to its kind (``binary``, ``multiclass``, ``regression``); by
-    default every ``labels.<task>`` tensor is a task, a float tensor a regression, an integer one
-    binary when its labels are 0/1 and multiclass otherwise. DataError naming the file and tensor
-    for a missing or misshapen tensor.
+    ``tasks`` maps a task name to its kind (``binary``, ``multiclass``, ``regression``) or to
+    ``{kind: ..., level: row | token}``; by default every ``labels.<task>`` tensor is a task, a
+    float tensor a regression, an integer one binary when its labels are 0/1 and multiclass
+    otherwise, and token-level when it has one label per token (the shape of ``input_ids``).
+    DataError naming the file and tensor for a missing or misshapen tensor.
     """
     file = Path(path)
     tensors = _read_tensors(file)
@@ -151,7 +334,15 @@ def token_file(path: str, tasks: dict[str, str] | None = None, split: Sequence[f
         labels = tensors[f"labels.{name}"]
         if labels.shape[0] != n:
             raise DataError(f"{file}: tensor 'labels.{name}' has {labels.shape[0]} rows, input_ids {n}")
-        task, targets[name], labelled = _task_from_labels(name, labels, (tasks or {}).get(name), file)
+        kind, level = _task_spec(name, (tasks or {}).get(name))
+        per_token = level == "token" or (level is None and labels.ndim == 2 and labels.shape[1] == length)
+        if per_token and tuple(labels.shape[:2]) != (n, length):
+            raise DataError(f"{file}: tensor 'labels.{name}' has shape {tuple(labels.shape)}, input_ids {(n, length)}: "
+                            f"a token-level task needs one label per token")
+        if per_token:
+            task, targets[name], labelled = _token_task_from_labels(name, labels, kind, mask, file)
+        else:
+            task, targets[name], labelled = _task_from_labels(name, labels, kind, file)
         task_list.append(task)
         if not bool(labelled.all()):
             masks[name] = labelled

@@ -3,7 +3,10 @@
 The backbone is frozen and wrapped in place by :func:`polytask.adapters.apply`; one tower per
 task (:class:`~polytask.nn.base.TaskHeads`) reads a pooled token representation (``cls``: the
 first token, ``mean``: the mean over real tokens, ``last``: the last real token, for decoder
-models with right padding). The run config names the backbone by a local path or an inline
+models with right padding). A token-level task (:class:`~polytask.token_tasks.TokenTask`:
+tagging, per-token regression) has its tower applied to every token's last hidden state instead
+(its output ``(B, L, width)``; the loss averages over the labelled real tokens, see
+:mod:`polytask.token_tasks`). The run config names the backbone by a local path or an inline
 config (a tiny random model in tests; nothing is downloaded)::
 
     model:
@@ -25,6 +28,15 @@ How a batch runs (inputs from :mod:`polytask.data.sequences`):
   block ``t`` under task ``t``; the towers read their own block (``task_features``, ``(T, B, H)``);
 - else (token routers: ``hydralora``, ``molora``, ``smora``, ``arrow``): one forward of ``B`` rows,
   the pooled ``(B, H)`` representation shared by the towers (``shared_features``).
+
+With a token-level task the representation the towers read is the last hidden state itself:
+``shared_features`` is ``(B, L, H)`` (``(T, B, L, H)`` when the batch ran once per task), pooled
+towers pool it and token towers read every token. For a gradient balancer
+(:meth:`AdapterModel.expose_task_features`) ``task_features`` is ``(T, B, L, H)``, slice ``t`` read by
+task ``t``'s tower only (a stride-0 copy per task when the batch ran once for all).
+Padding tokens are left out of the routers' balancing losses and expert usage
+(:func:`polytask.adapters.set_token_mask`) and of the token tasks' losses and metrics (they carry
+no label).
 
 ``arrow`` routes zero-shot over a given library (``peft_adapters``): its LoRAs stay frozen and
 only the towers train.
@@ -51,6 +63,7 @@ from polytask.errors import CheckpointError, ConfigError
 from polytask.nn.base import MultiTaskModel, TaskHeads
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
+from polytask.token_tasks import level_of
 
 #: methods whose layers read the task of each row (the rest route tokens without it)
 TASK_CONDITIONED = frozenset({"lora", "mtlora", "poly", "mhr", "loramoe"})
@@ -162,7 +175,15 @@ class AdapterModel(MultiTaskModel):
                 p.requires_grad_(False)
         self.task_conditioned = self.method in TASK_CONDITIONED and not self.one_adapter
         self.pooling, self.aux_weight = pooling, float(aux_weight)
-        self.heads = TaskHeads(tasks, self.backbone.config.hidden_size, hidden=tuple(head_hidden))
+        width = self.backbone.config.hidden_size
+        token = [i for i, t in enumerate(tasks) if level_of(t) == "token"]
+        pooled = [i for i in range(len(tasks)) if i not in token]
+        # all pooled (the usual case): one TaskHeads named ``heads``, as before token towers existed
+        self.heads = TaskHeads([tasks[i] for i in pooled], width, hidden=tuple(head_hidden)) if pooled else None
+        self.token_heads = TaskHeads([tasks[i] for i in token], width, hidden=tuple(head_hidden)) if token else None
+        self.register_buffer("_pooled_index", torch.tensor(pooled, dtype=torch.long), persistent=False)
+        self.register_buffer("_token_index", torch.tensor(token, dtype=torch.long), persistent=False)
+        self._copies = False  # expose_task_features: per-task copies of the hidden states (token towers)
         self._frozen_keys = self._backbone_keys()
         state = super().state_dict()
         self.register_buffer("backbone_digest", _digest([state[k] for k in sorted(self._frozen_keys)
@@ -195,6 +216,8 @@ class AdapterModel(MultiTaskModel):
         adapters.set_task(self.backbone, 0 if self.one_adapter else task_ids)
         adapters.set_token_mask(self.backbone, mask)
         hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.token_heads is not None:
+            return self._read_tokens(hidden, mask, t if expand else 0)
         pooled = self._pool(hidden, mask)
         if expand:
             pooled = pooled.reshape(t, rows, -1)
@@ -202,13 +225,41 @@ class AdapterModel(MultiTaskModel):
         return self.read_heads(pooled)
 
     def _pool(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """``(..., B, L, H)`` hidden states, ``(B, L)`` mask -> ``(..., B, H)`` (leading per-task dims kept)."""
         if self.pooling == "cls":
-            return hidden[:, 0]
+            return hidden[..., 0, :]
         m = mask.to(hidden.dtype)
         if self.pooling == "mean":
-            return (hidden * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+            return (hidden * m[..., None]).sum(-2) / m.sum(-1, keepdim=True).clamp_min(1)
         last = (mask.long().sum(1) - 1).clamp_min(0)          # right padding: the last real token
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        index = last.view(-1, 1, 1).expand(*hidden.shape[:-2], 1, hidden.shape[-1])
+        return hidden.gather(-2, index).squeeze(-2)
+
+    def _read_tokens(self, hidden: Tensor, mask: Tensor, blocks: int) -> dict[str, Tensor]:
+        """Pooled and token towers on the hidden states (``blocks``: the batch ran once per task, block
+        ``t`` of the rows under task ``t``; 0: once for all). Token tower ``t`` maps each of the ``B * L``
+        tokens (padding too: it carries no label) to ``(B, L, width)``."""
+        t = len(self.task_names)
+        if blocks:  # (T*B, L, H) -> per-task blocks, read by their own task only
+            rows = hidden.shape[0] // t
+            per_task, mask = hidden.reshape(t, rows, *hidden.shape[1:]), mask[:rows]
+            self.shared_features = self.task_features = per_task
+        elif self._copies:  # one stride-0 copy per task: one backward gives each task's feature gradient
+            per_task = hidden.unsqueeze(0).expand(t, *hidden.shape)
+            self.shared_features, self.task_features = hidden, per_task
+        else:
+            per_task = None
+            self.shared_features, self.task_features = hidden, None
+        out: dict[str, Tensor] = {}
+        if self.heads is not None:
+            pooled = self._pool(hidden, mask) if per_task is None else \
+                self._pool(per_task.index_select(0, self._pooled_index), mask)
+            out.update(self.heads(pooled))
+        source = hidden if per_task is None else per_task.index_select(0, self._token_index)
+        tokens = self.token_heads(source.flatten(-3, -2))      # (B * L, H) or (T_token, B * L, H) rows
+        shape = hidden.shape[-3:-1] if per_task is None else per_task.shape[1:3]
+        out.update({name: y.reshape(*shape, y.shape[-1]) for name, y in tokens.items()})
+        return {name: out[name] for name in self.task_names}
 
     @property
     def aux_loss(self) -> Tensor | None:
@@ -232,11 +283,13 @@ class AdapterModel(MultiTaskModel):
                               f"method {self.method!r} has none here (use a loss balancer such as ew, or a method "
                               f"with shared parameters: mtlora, hydralora, molora, loramoe, smora, poly)")
         super().expose_task_features(enabled)
+        self._copies = enabled
         return self
 
     def task_specific_parameters(self) -> list[nn.Parameter]:
         own = [] if self.one_adapter else adapters.task_parameters(self.backbone)
-        return own + list(self.heads.parameters())
+        towers = [h for h in (self.heads, self.token_heads) if h is not None]
+        return own + [p for h in towers for p in h.parameters()]
 
     # ------------------------------------------------------------------ state: adapters and towers only
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -302,11 +355,14 @@ def build_adapter_model(input_dim: Any, tasks: Sequence[Task], backbone: dict[st
                head_hidden, aux_weight, one_adapter, peft_adapters)
 
 
+build_adapter_model.token_outputs = True  # towers for token-level tasks (polytask.token_tasks.check_token_outputs)
+
+
 def export_adapters(run_dir: str | Path, out: str | Path, peft_task: str | None = None, peft: bool = False) -> Path:
     """Write a run's best adapters alone into the new folder ``out``; returns it.
 
     Default: polytask's format (:func:`polytask.adapters.save`: every adapter tensor and the
-    method's config) plus the towers (``heads.safetensors``). ``peft=True``: PEFT's format
+    method's config) plus the towers (``heads.safetensors``; token-level towers under ``token_heads.``). ``peft=True``: PEFT's format
     (:func:`polytask.adapters.save_peft`), which ``peft.PeftModel.from_pretrained`` loads onto the
     backbone: one task's LoRA (``peft_task``) for ``lora``/``mtlora``, all tasks for ``poly``/``mhr``.
     ConfigError for a run that is not ``model.arch: adapters``, an existing ``out`` or an unknown
@@ -339,7 +395,10 @@ def export_adapters(run_dir: str | Path, out: str | Path, peft_task: str | None 
             adapters.save_peft(model.backbone, tmp, task=peft_task)
         else:
             adapters.save(model.backbone, tmp)
-            heads = {k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}
+            towers = {**({} if model.heads is None else model.heads.state_dict()),
+                      **({} if model.token_heads is None else
+                         {f"token_heads.{k}": v for k, v in model.token_heads.state_dict().items()})}
+            heads = {k: v.detach().cpu().contiguous() for k, v in towers.items()}
             atomic_write(tmp / "heads.safetensors", lambda f: save_file(heads, f))
         if out.exists():  # another command created it meanwhile (a rename would replace an empty folder)
             raise ConfigError(f"export-adapters: {str(out)!r} exists; give a new folder")
