@@ -214,6 +214,9 @@ def all_reduce_sum(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
     """
     if not tensors:
         return []
+    if any(t.is_sparse for t in tensors):  # sparse embedding gradients: reduced apart, the rest as before
+        dense = all_reduce_sum([t for t in tensors if not t.is_sparse], group)[::-1]
+        return [_all_reduce_sparse(t, group) if t.is_sparse else dense.pop() for t in tensors]
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -221,6 +224,24 @@ def all_reduce_sum(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
     if group is not None:
         torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM, group=group)
     return [piece.view(t.shape).to(t.dtype) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _all_reduce_sparse(t: Tensor, group: Any) -> Tensor:
+    """A sparse COO tensor (an embedding table's gradient: the rows of this rank's batch) summed over the ranks.
+
+    gloo reduces sparse tensors natively (it exchanges the indices and values, never the dense table, as
+    DDP does for sparse gradients); other backends (nccl has no sparse all-reduce) get the dense sum,
+    made sparse again: exact, at the cost of the table's size."""
+    t = t.coalesce()
+    if group is None:
+        return t
+    if torch_dist.get_backend(group) == "gloo":
+        out = t.clone()
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM, group=group)
+        return out.coalesce()
+    dense = t.to_dense()
+    torch_dist.all_reduce(dense, op=torch_dist.ReduceOp.SUM, group=group)
+    return dense.to_sparse(t.sparse_dim())
 
 
 def sync_losses(losses: Tensor, counts: Tensor | None, group: Any, rows: int = 0) -> StepSync:

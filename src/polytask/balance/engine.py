@@ -82,6 +82,9 @@ __all__ = ["GradientBalancer", "find_task_parameters", "linear_head_gramian", "t
 def _gate(ok: Tensor, grad: Tensor, fill: float = 0.0) -> Tensor:
     """``grad`` where the step is ``ok``, else ``fill`` (0; NaN under a loss scaler). On the CPU reading
     ``ok`` costs no sync, and skips a full ``where`` pass; on an accelerator it stays a ``where``."""
+    if grad.is_sparse:  # a sparse embedding gradient (where/full_like are dense-only): scale its rows
+        return grad * torch.where(ok, torch.ones((), dtype=grad.dtype, device=grad.device),
+                                  torch.full((), fill, dtype=grad.dtype, device=grad.device))
     if ok.device.type == "cpu":
         return grad if bool(ok) else torch.full_like(grad, fill)
     return torch.where(ok, grad, fill)

@@ -29,8 +29,9 @@ directory; a run that finds a ``vocab.json`` made for the same id columns reuses
 
 An id column may hold lists of ids (``sequence``: padded to ``max_len``, embedded and pooled,
 :class:`~polytask.data.tables.SequenceIds`), and may train its embedding with sparse gradients
-(``sparse: true``: :class:`SparseDenseOptimizer`, SparseAdam or SGD on the touched rows only; with
-loss balancers, one process). The embedding tables' memory is printed before training.
+(``sparse: true``: :class:`SparseDenseOptimizer`, SparseAdam or SGD on the touched rows only, or
+``sparse: rowwise_adagrad``; with loss balancers or gradient balancers at feature level, on one
+process or several: :func:`use_sparse_embeddings`). The embedding tables' memory is printed before training.
 ``polytask export`` writes the trained model with its id lookups as a ``torch.export`` program
 (:mod:`polytask.export`).
 
@@ -425,18 +426,36 @@ def embedding_report(model: torch.nn.Module) -> str:
 
 def use_sparse_embeddings(model: torch.nn.Module, columns: Sequence[str], config: Any, balancer: Any,
                           world_size: int) -> list[torch.nn.Parameter]:
-    """Switch the embedding tables of ``columns`` to sparse gradients; their weights. Refused where
-    the step cannot take sparse gradients: gradient balancers (they form per-task gradients of the
-    shared parameters, the tables included), ``train.grad_clip``, several processes."""
+    """Switch the embedding tables of ``columns`` to sparse gradients; their weights.
+
+    How sparse tables take part in a balanced step:
+
+    - loss balancers (ew, uw, dwa, ...): the tables get the gradient of ``Σ_t w_t L_t``, as every
+      parameter does (one backward; the gradient holds only the batch's rows);
+    - gradient balancers at feature level (``balancer.params.mode: features``): the tables are part
+      of the trunk below the shared features and get the backward of the aggregated feature
+      gradient, the same rule as every trunk parameter (MGDA-UB's); identical to dense tables;
+    - gradient balancers at parameter level: refused. Their ``T x D`` Jacobian would hold a dense
+      copy of every table per task (the tables are most of ``D``), which is what sparse gradients
+      exist to avoid.
+
+    Several processes (``--nproc N``): the balancer reduces every gradient itself under DDP's
+    ``no_sync`` (:mod:`polytask.balance.dist`); a sparse gradient is all-reduced as indices and
+    values (gloo's sparse all-reduce; the dense sum on other backends), so the step equals one
+    process's on the global batch. Refused: ``train.grad_clip`` (clipping needs the dense norm of
+    every gradient) and ``train.strategy: fsdp`` (FSDP2 shards dense parameters only).
+    """
     from polytask.balance.engine import GradientBalancer
 
-    if isinstance(balancer, GradientBalancer):
-        raise ConfigError(f"data.params.ids.{columns[0]}.sparse: needs a loss balancer (ew, uw, dwa, ...), "
-                          f"got the gradient balancer {config.balancer.name!r}")
+    key = f"data.params.ids.{columns[0]}.sparse"
+    if isinstance(balancer, GradientBalancer) and balancer.mode != "features":
+        raise ConfigError(f"{key}: the gradient balancer {config.balancer.name!r} at parameter level would hold a "
+                          "dense copy of each table per task; use balancer.params.mode: features or a loss balancer "
+                          "(ew, uw, dwa, ...)")
     if config.train.grad_clip is not None:
-        raise ConfigError(f"data.params.ids.{columns[0]}.sparse: train.grad_clip does not take sparse gradients")
-    if world_size > 1:
-        raise ConfigError(f"data.params.ids.{columns[0]}.sparse: one process only (--nproc 1) for now")
+        raise ConfigError(f"{key}: train.grad_clip does not take sparse gradients")
+    if world_size > 1 and config.train.strategy == "fsdp":
+        raise ConfigError(f"{key}: train.strategy: fsdp shards dense parameters only; use strategy: ddp")
     tables = getattr(getattr(model, "input", None), "tables", None)
     if tables is None or any(c not in tables for c in columns):
         raise ConfigError(f"data.params.ids: model {config.model.arch!r} has no embedding table for a sparse column")

@@ -1,0 +1,195 @@
+"""Sparse embedding tables with balancers, on one process and on two gloo processes.
+
+Two ranks, each with its slice of a global batch, under DDP's ``no_sync`` with the balancer reducing (what
+``polytask train --nproc 2`` runs), must reach the parameters of one process on the whole batch: loss
+balancers and a gradient balancer at feature level, row-wise Adagrad and SparseAdam on the tables. On one
+process, sparse tables must get exactly the dense tables' gradients under a feature-level gradient balancer.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from polytask.errors import ConfigError
+
+WORKER = r'''
+import os, pickle, sys
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import polytask.balance as balance_lib
+from polytask.data.dataset import Batch
+from polytask.train.config import OptimConfig
+from polytask.train.dist import labelled_counts, shard_bounds
+from polytask.train.tables import SparseDenseOptimizer
+
+sys.path.insert(0, os.environ["TESTS"])
+from test_tables_sparse_dist import build, global_batches
+
+balancer_name, params = pickle.loads(bytes.fromhex(sys.argv[1]))
+out = sys.argv[2]
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+group = None
+if world > 1:
+    dist.init_process_group("gloo", init_method="file://" + os.environ["STORE"], rank=rank, world_size=world)
+    group = dist.group.WORLD
+model, tasks = build(sparse=True)
+balancer = balance_lib.get(balancer_name, **params)
+if hasattr(model, "expose_task_features") and getattr(balancer, "mode", None) == "features":
+    model.expose_task_features()
+step_model = DistributedDataParallel(model, process_group=group) if world > 1 else model
+tables = [model.input.tables[c].weight for c in ("user", "item")]
+opt = SparseDenseOptimizer([{"params": list(model.parameters())}], tables, OptimConfig(name="adam", lr=0.05),
+                           ["rowwise_adagrad", True])
+names = [t.name for t in tasks]
+params_all = [p for p in model.parameters() if p.requires_grad]
+for batch in global_batches():
+    lo, hi = shard_bounds(len(batch.targets["a"]), rank, world)
+    part = Batch({k: v[lo:hi] for k, v in batch.inputs.items()}, {k: v[lo:hi] for k, v in batch.targets.items()},
+                 {k: v[lo:hi] for k, v in batch.mask.items()})
+    opt.zero_grad(set_to_none=True)
+    ctx = step_model.no_sync() if world > 1 else __import__("contextlib").nullcontext()
+    with ctx:
+        outputs = step_model(part.inputs)
+        losses = {t.name: t.loss(outputs[t.name], part.targets[t.name], part.mask[t.name]) for t in tasks}
+        kwargs = {"process_group": group, "counts": labelled_counts(part, names, torch.device("cpu")),
+                  "parameters": params_all} if world > 1 else {}
+        extra = {"task_features": model.task_features} if getattr(model, "task_features", None) is not None else {}
+        balancer.backward(losses, shared=list(model.shared_parameters()), features=model.shared_features, **extra,
+                          **kwargs)
+    assert all(t.grad is not None and t.grad.is_sparse for t in tables)
+    opt.step()
+with open(out, "wb") as fh:
+    pickle.dump({k: v.detach().clone() for k, v in model.state_dict().items()}, fh)
+if world > 1:
+    dist.barrier()
+    os._exit(0)  # gloo's teardown at interpreter exit can abort (SIGABRT)
+'''
+
+
+def build(sparse: bool):
+    """MMoE over a dense block and two id columns (float64), the same weights for every call."""
+    from polytask.data.features import DenseFeature, FeatureSpec, SparseFeature
+    from polytask.nn import build_model
+    from polytask.tasks import Task
+
+    spec = FeatureSpec((DenseFeature("dense", 3), SparseFeature("user", 40, 4), SparseFeature("item", 25, 4)))
+    tasks = [Task("a", "binary"), Task("b", "binary")]
+    torch.manual_seed(0)
+    model = build_model("mmoe", spec, tasks, num_experts=2).double()
+    if sparse:
+        for c in ("user", "item"):
+            model.input.tables[c].sparse = True
+    return model, tasks
+
+
+def global_batches(steps: int = 3, rows: int = 24):
+    """Global batches with repeated ids, ids absent from the batch, and missing labels."""
+    from polytask.data.dataset import Batch
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        inputs = {"dense": torch.randn(rows, 3, generator=g, dtype=torch.float64),
+                  "user": torch.randint(0, 12, (rows,), generator=g), "item": torch.randint(0, 25, (rows,), generator=g)}
+        targets = {t: torch.randint(0, 2, (rows,), generator=g).double() for t in ("a", "b")}
+        mask = {t: torch.rand(rows, generator=g) > 0.2 for t in ("a", "b")}
+        yield Batch(inputs, targets, mask)
+
+
+def _run(tmp_path: Path, balancer: str, params: dict, world: int) -> list[dict]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    store = tmp_path / f"store{world}"
+    store.unlink(missing_ok=True)
+    arg = pickle.dumps((balancer, params)).hex()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world), STORE=str(store),
+                   TESTS=str(Path(__file__).parent))
+        out = tmp_path / f"out{world}_{rank}.pkl"
+        procs.append((subprocess.Popen([sys.executable, str(script), arg, str(out)], env=env, stderr=subprocess.PIPE,
+                                       text=True), out))
+    results = []
+    for proc, out in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(pickle.loads(out.read_bytes()))
+    return results
+
+
+@pytest.mark.parametrize("balancer,params", [("uw", {}), ("mgda", {"mode": "features"})])
+def test_two_ranks_with_sparse_tables_equal_one_process_on_the_global_batch(tmp_path, balancer, params):
+    (one,) = _run(tmp_path, balancer, params, 1)
+    two = _run(tmp_path, balancer, params, 2)
+    model, _ = build(sparse=True)
+    start = model.state_dict()
+    for key, want in one.items():
+        for r, got in enumerate(two):
+            torch.testing.assert_close(got[key], want, rtol=1e-9, atol=1e-11, msg=f"rank {r}: {key}")
+    # the tables moved (only on rows some batch used): the comparison is not between untouched tensors
+    user = "input.tables.user.weight"
+    moved = (one[user] != start[user]).any(1)
+    assert moved[:12].any() and not moved[12:].any()
+
+
+def test_feature_level_gradient_balancer_gives_sparse_tables_the_dense_tables_gradient():
+    import polytask.balance as balance_lib
+
+    grads = []
+    for sparse in (False, True):
+        model, tasks = build(sparse)
+        model.expose_task_features()
+        batch = next(global_batches(1))
+        out = model(batch.inputs)
+        losses = {t.name: t.loss(out[t.name], batch.targets[t.name], batch.mask[t.name]) for t in tasks}
+        balance_lib.get("mgda", mode="features").backward(losses, shared=list(model.shared_parameters()),
+                                                          features=model.shared_features,
+                                                          task_features=model.task_features)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[1].items():
+        want = grads[0][name]
+        if "tables" in name:
+            assert g.is_sparse
+            g = g.to_dense()
+        torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-14, msg=name)
+    assert grads[0]["input.tables.user.weight"].abs().sum() > 0
+
+
+def test_sparse_all_reduce_sum_alone_and_gated():
+    from polytask.balance.dist import all_reduce_sum
+    from polytask.balance.engine import _gate
+
+    s = torch.sparse_coo_tensor(torch.tensor([[2, 0, 2]]), torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), (4, 2))
+    dense = torch.arange(3.0)
+    got_dense, got_sparse = all_reduce_sum([dense, s], None)
+    assert torch.equal(got_dense, dense) and got_sparse.is_sparse
+    torch.testing.assert_close(got_sparse.to_dense(), s.to_dense())
+    assert torch.equal(_gate(torch.tensor(False), s).to_dense(), torch.zeros(4, 2))
+    assert torch.isnan(_gate(torch.tensor(False), s, float("nan")).coalesce().values()).all()
+    assert torch.equal(_gate(torch.tensor(True), s).to_dense(), s.to_dense())
+
+
+def test_parameter_level_gradient_balancer_is_refused_for_sparse_tables(tmp_path):
+    pytest.importorskip("pyarrow")
+    from polytask.train import Trainer
+    from polytask.train.config import parse_config
+    from polytask.train.tables import write_synthetic_splits
+
+    paths = write_synthetic_splits(tmp_path / "log", 600, row_group_rows=300)
+    p = {"train": str(paths[0]), "val": str(paths[1]), "test": str(paths[2]), "dense": ["price"],
+         "ids": {"user_id": {"sparse": True}}, "labels": {"click": "click"}, "embed_dim": 4}
+    cfg = {"name": "t", "out_dir": str(tmp_path / "r"), "device": "cpu", "data": {"name": "table", "params": p},
+           "model": {"arch": "mmoe", "params": {"num_experts": 2}}, "balancer": {"name": "mgda"},
+           "train": {"epochs": 1, "batch_size": 64, "early_stopping": None}}
+    with pytest.raises(ConfigError, match=r"^data\.params\.ids\.user_id\.sparse: .*parameter level.*mode: features"):
+        Trainer(parse_config(cfg), progress=False)
+    cfg["balancer"] = {"name": "mgda", "params": {"mode": "features"}}
+    trainer = Trainer(parse_config(cfg), progress=False)
+    trainer.fit()
+    assert trainer.model.input.tables["user_id"].sparse
