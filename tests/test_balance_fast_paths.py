@@ -97,3 +97,62 @@ def test_trimmed_mean_is_not_rotation_equivariant_so_feature_level_needs_the_jac
     rotated = robust.trimmed_mean(eye @ q, 1)
     assert rotated.abs().max() > 0.1  # while Q^T f(I) = 0: same Gramian, an update no weights w(G) can give
     assert torch.allclose((eye @ q) @ (eye @ q).T, eye, atol=1e-15)
+
+
+# --- Nash-MTL / FairGrad: the CPU's early stop against the fixed iteration count -------------------
+
+
+def _nash_steps() -> list[torch.Tensor]:
+    """Consecutive Gramians (each solve warm-starts from the last): T = 16 drifting slowly, then hard ones."""
+    base = _random(16, 64, 11)
+    drift = [base + 0.05 * k * _random(16, 64, 20 + k) for k in range(4)]
+    few = _random(4, 12, 77)
+    opposite = torch.stack([few[0], -few[0] + 1e-3 * few[1], few[2], few[3]])  # cos = -1 + 5e-7
+    zero = few.clone()
+    zero[1] = 0.0
+    scaled = few * torch.tensor([[1e-6], [1e6], [1.0], [1e3]], dtype=DT)
+    hard = [opposite, few, scaled, zero, opposite, few * 1e-6, scaled, few + 0.1 * _random(4, 12, 78)]
+    return [j @ j.T for j in drift + [drift[-1]] + hard]
+
+
+def _condition(gram: torch.Tensor) -> float:
+    present = gram.diagonal() > 0
+    g = gram[present][:, present]
+    d = g.diagonal().sqrt()
+    eig = torch.linalg.eigvalsh(g / d.outer(d))
+    return (eig[-1] / eig[0]).item()
+
+
+@pytest.mark.parametrize("method", ["nash_mtl", "fairgrad"])
+def test_early_stop_gives_the_fixed_iteration_solution_over_steps(method, monkeypatch):
+    from polytask import balance
+    from polytask.balance import solvers
+
+    def run(early: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(solvers, "_early_exit", (lambda t: t.device.type == "cpu") if early else (lambda t: False))
+        params = {"max_norm": 0.0} if method == "nash_mtl" else {"alpha": 2.0}
+        agg = balance.get(method, **params).aggregator
+        return [agg.weights(g) for g in _nash_steps()]
+
+    for g, fast, full in zip(_nash_steps(), run(True), run(False)):
+        tol = 1e-15 * _condition(g) + 1e-11
+        assert ((fast - full).abs() / full.abs().clamp_min(1e-300)).max() <= tol
+
+
+def test_early_stop_takes_fewer_newton_steps_from_a_warm_start(monkeypatch):
+    # proof that the shortcut runs: a warm start at the solution ends after one Newton step (one solve),
+    # where the fixed count runs all of them; the cold start beside it is discarded
+    from polytask.balance import solvers
+
+    gram = _nash_steps()[0]
+    solution = solvers.power_fair_weights(gram)
+    calls = []
+    solve_ex = torch.linalg.solve_ex
+    monkeypatch.setattr(torch.linalg, "solve_ex", lambda *a, **k: calls.append(1) or solve_ex(*a, **k))
+    warm = solvers.power_fair_weights(gram, init=solution, iters=30)
+    assert len(calls) == 1
+    assert torch.allclose(warm, solution, rtol=1e-13, atol=0)
+    monkeypatch.setattr(solvers, "_early_exit", lambda t: False)
+    calls.clear()
+    assert torch.allclose(solvers.power_fair_weights(gram, init=solution, iters=30), solution, rtol=1e-13, atol=0)
+    assert len(calls) == 30

@@ -353,7 +353,13 @@ def power_fair_weights(gramian: Tensor, alpha: float = 1.0, init: Tensor | None 
     ``init`` (e.g. the previous step's solution) warm-starts the iteration; a cold start (exact when
     the gradients are orthogonal: ``w_i = G_ii^(-alpha/(1+alpha))``) runs beside it in the same
     batched solve and the one with the smaller :func:`fair_residual` is returned, so a stale,
-    far-off or non-finite ``init`` never costs accuracy. A task whose gradient is 0 has no solution
+    far-off or non-finite ``init`` never costs accuracy. On the CPU (where reading a flag costs no
+    synchronisation) the iteration stops as soon as either start has converged (Newton decrement
+    below 1e-9, after taking that step) and skips the line search once every decrement is below
+    1/4 (it would take the full step): a warm start from last step's solution then usually ends the
+    solve in one or two Newton steps, the cold start unfinished and discarded by the residual test.
+    Same solution to rounding (``tests/test_balance_fast_paths.py`` checks it against the full
+    fixed iteration count); on accelerators the fixed count runs, as before. A task whose gradient is 0 has no solution
     (``(G w)_i = 0``: its weight would be infinite, and does not change ``J^T w``): it gets weight 0
     and the others are solved without it.
     """
@@ -409,13 +415,19 @@ def _fair_newton(gramian: Tensor, alpha: float, w: Tensor, iters: int) -> Tensor
         # solve_ex on an accelerator: linalg.solve checks for singularity on the host (a sync)
         step = torch.linalg.solve_ex(hess, grad.unsqueeze(-1))[0].squeeze(-1)
         decrement = (grad * step).sum(-1).clamp_min(0.0).sqrt()
-        cand = torch.where(first, (1.0 / (1.0 + decrement)).unsqueeze(-1), steps)  # (B, K)
-        potential = _fair_potential(gramian, w.unsqueeze(1) - cand.unsqueeze(-1) * step.unsqueeze(1), alpha)
-        t = cand.gather(-1, potential.argmin(-1, keepdim=True)).squeeze(-1)
-        t = torch.where(decrement < 0.25, torch.ones_like(t), t)
+        quadratic = decrement < 0.25
+        if early and bool(quadratic.all()):  # CPU: the line search below would pick the full step for every row
+            t = torch.ones_like(decrement)
+        else:
+            cand = torch.where(first, (1.0 / (1.0 + decrement)).unsqueeze(-1), steps)  # (B, K)
+            potential = _fair_potential(gramian, w.unsqueeze(1) - cand.unsqueeze(-1) * step.unsqueeze(1), alpha)
+            t = cand.gather(-1, potential.argmin(-1, keepdim=True)).squeeze(-1)
+            t = torch.where(quadratic, torch.ones_like(t), t)
         # Never move more than 90% of the way to the boundary w = 0.
         ratio = torch.where(step > 0, 0.9 * w / step.clamp_min(tiny), torch.full_like(w, float("inf"))).amin(-1)
         w = (w - torch.minimum(t, ratio).unsqueeze(-1) * step).clamp_min(tiny)
-        if early and bool((decrement < 1e-9).all()):  # quadratic convergence: the next step is ~1e-18
+        # CPU: stop once one start has converged (quadratic convergence: its next step is ~1e-18 relative);
+        # the caller keeps the start with the smaller residual, so the other one need not converge too
+        if early and bool((decrement < 1e-9).any()):
             break
     return w
