@@ -236,15 +236,16 @@ def test_bad_configs_and_multiprocess_refused(data, tmp_path):
         table_splits(parse_config(missing))
     import yaml
 
-    # several processes need each rank's step count from Parquet footers: a fraction split is refused up front
+    # several processes: a bad data.params is refused before any process starts (a fraction split, or CSV
+    # files, are accepted: tests/test_tables_csv_dist.py)
     split = json.loads(json.dumps(base))
     for k in ("train", "val", "test"):
         del split["data"]["params"][k]
-    split["data"]["params"].update(path=str(data[0]), split={"key": "user_id", "fractions": [0.8, 0.1, 0.1]})
+    split["data"]["params"].update(path=str(data[0]), split={"key": "user_id", "fractions": [0.8, 0.1, 0.3]})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(split))
     res = CliRunner().invoke(app, ["train", str(path), "--nproc", "2"])
-    assert isinstance(res.exception, ConfigError) and "Parquet files split by file" in str(res.exception)
+    assert isinstance(res.exception, ConfigError) and "data.params.split: fractions must be" in str(res.exception)
     assert not (tmp_path / "r").exists()
 
 

@@ -279,6 +279,7 @@ class TableSource(torch.utils.data.IterableDataset):
         self._columns = list(dict.fromkeys([*schema.columns, *(split.columns if split else ())]))
         self.units: list[tuple[int, int | None]] = []
         self.unit_rows: list[int | None] = []  # from the Parquet footers (before a split's filter); None for CSV
+        self.counted_rows: list[int] | None = None  # by count_rows(): after the split's filter, CSV too
         self._dictionary: list[list[str]] = []  # per file: the string id columns read as dictionaries
         plain = set(split.columns) if split else set()
         for i, f in enumerate(self.files):
@@ -334,13 +335,31 @@ class TableSource(torch.utils.data.IterableDataset):
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
         return [self.units[j] for j in order[shard::shards]]
 
+    def count_rows(self) -> list[int]:
+        """Rows of each unit (after the split's filter), counted by reading them: what the footers
+        cannot tell (a CSV file has none; a split filters rows). Reads only the split's columns, or
+        one column; pyarrow parses every row, so this costs a pass over those columns, once per
+        run. Kept in ``counted_rows`` for :meth:`rank_batches`."""
+        _, pc, _, _ = _pa()
+        columns = list(self.split.columns) if self.split is not None else self._columns[:1]
+        out = []
+        for unit in self.units:
+            n = 0
+            for rb in _iter_file(self.files[unit[0]], columns, self.read_rows, unit[1]):
+                n += rb.num_rows if self.split is None else int(pc.sum(self.split.mask(rb)).as_py() or 0)
+            out.append(n)
+        self.counted_rows = out
+        return out
+
     def rank_batches(self, num_workers: int = 0, epoch: int | None = None) -> list[int] | None:
-        """Batches each rank gets in ``epoch`` (all its workers together), from the footers' row
-        counts and the same window rule as reading; None when rows are known only by reading them
-        (a CSV file, or a split's filter). Ranks use it to run the same number of steps."""
-        if self.split is not None or any(r is None for r in self.unit_rows):
+        """Batches each rank gets in ``epoch`` (all its workers together), from the units' row
+        counts (the Parquet footers, or :meth:`count_rows`) and the same window rule as reading;
+        None when rows are known only by reading them (a CSV file, or a split's filter) and
+        :meth:`count_rows` has not run. Ranks use it to run the same number of steps."""
+        rows = self.counted_rows
+        if rows is None and (self.split is not None or any(r is None for r in self.unit_rows)):
             return None
-        rows_of = dict(zip(self.units, self.unit_rows))
+        rows_of = dict(zip(self.units, self.unit_rows if rows is None else rows))
         workers = max(num_workers, 1)
         out = []
         for rank in range(self.world_size):

@@ -40,8 +40,10 @@ each rank reads its own units (row groups) of the train files, ``train.batch_siz
 batch; the ranks' shards differ by up to a row group, so a rank that runs out first takes empty
 batches (a masked mean over no rows is 0: it adds nothing to the step's global loss) until every
 rank has read its last row - each row is trained on once per epoch, and every rank runs the same
-number of steps. The step count comes from the Parquet footers (:meth:`TableSource.rank_batches`),
-so this needs Parquet files split by file (CSV files, or a fraction split, are refused).
+number of steps. The step count comes from the Parquet footers (:meth:`TableSource.rank_batches`);
+for CSV files (no footer) and fraction splits (a filter) the rows of each unit are counted once, on
+rank 0, by reading one column (the split's key), and broadcast. A CSV file is one unit (pyarrow's
+CSV reader cannot seek into it): write at least as many CSV files as ranks, or ranks sit idle.
 Evaluation: each rank scores its own units of val/test, and the outputs, labels and group keys
 are gathered to every rank, where the metrics are computed over the whole split: exactly one
 process's numbers.
@@ -65,8 +67,6 @@ from polytask.errors import CheckpointError, ConfigError, DataError
 from polytask.tasks import Task
 
 VOCAB_FILE = "vocab.json"
-ONE_PROCESS = ("data.params: --nproc > 1 with table data needs Parquet files split by file (train/val/test): "
-               "each rank's step count is read from the Parquet footers, which CSV files and a fraction split lack")
 
 
 class _Strict(BaseModel):
@@ -229,7 +229,7 @@ class StreamSplit:
     def __init__(self, paths: Paths, schema: Any, p: TableParams, seed: int, split: Any = None,
                  train: bool = False, device: torch.device | str = "cpu", ctx: Any = None) -> None:
         from polytask.data.tables import TableSource
-        from polytask.train.dist import DistContext
+        from polytask.train.dist import DistContext, on_main
 
         self.p, self.seed, self.train, self.device = p, seed, train, torch.device(device)
         self.ctx = ctx or DistContext()
@@ -237,7 +237,8 @@ class StreamSplit:
                                   seed=seed, split=split, read_rows=p.read_rows, rank=self.ctx.rank,
                                   world_size=self.ctx.world_size)
         if train and self.ctx.world_size > 1 and self.source.rank_batches() is None:
-            raise ConfigError(ONE_PROCESS)
+            # CSV files or a split's filter: the rows of each unit counted on rank 0 (one pass), broadcast
+            self.source.counted_rows = on_main(self.source.count_rows, self.ctx, self.device)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -316,15 +317,10 @@ class TableSplits(Splits):
 
 
 def check_multiprocess(config: Any) -> None:
-    """ConfigError (before any process starts) when table data cannot train on several ranks:
-    a fraction split or CSV train files (no footer tells each rank's step count)."""
-    p = parse_params(dict(config.data.params))
-    if p.path is not None:
-        raise ConfigError(ONE_PROCESS)
-    from polytask.data.tables import _list_files
-
-    if any(f.suffix.lower() == ".csv" for f in _list_files(expand(p.train))):
-        raise ConfigError(ONE_PROCESS)
+    """ConfigError (before any process starts) when ``data.params`` is not valid. Every table source
+    trains on several ranks: Parquet files by their footers, CSV files and fraction splits by one
+    counting pass on rank 0 (:meth:`~polytask.data.tables.TableSource.count_rows`)."""
+    parse_params(dict(config.data.params))
 
 
 def table_splits(config: Any, ctx: Any = None, device: torch.device | str = "cpu") -> TableSplits:
@@ -359,7 +355,7 @@ def table_splits(config: Any, ctx: Any = None, device: torch.device | str = "cpu
         edges[-1] = 1.0
         parts = [(p.path, Split(key=p.split.key, fraction=(float(edges[i]), float(edges[i + 1])), seed=p.split.seed))
                  for i in range(3)]
-    train, val, test = (StreamSplit(paths, schema, p, config.seed, split, train=i == 0, ctx=ctx)
+    train, val, test = (StreamSplit(paths, schema, p, config.seed, split, train=i == 0, device=device, ctx=ctx)
                         for i, (paths, split) in enumerate(parts))
     tasks = [Task(t, "binary", metrics=("auc", "logloss")) for t in labels]
     out = TableSplits("table", tasks, train, val, test, feature_spec(p.dense, encoders, p.embed_dim))

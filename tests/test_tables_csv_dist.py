@@ -1,0 +1,95 @@
+"""``--nproc N`` with CSV files and with a fraction split: two gloo ranks against one process (as the
+Parquet case of test_tables_dist.py): every row of an epoch once over the ranks, the same step count on
+every rank, the rows of each unit counted on rank 0 and broadcast, metrics equal to one process's."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+pcsv = pytest.importorskip("pyarrow.csv")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from polytask.train.tables import write_synthetic_splits  # noqa: E402
+from test_tables_dist import _config, _run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory):
+    """The synthetic log as CSV: train in 5 files of uneven sizes (a CSV file is one unit), val and test one each."""
+    root = tmp_path_factory.mktemp("csv")
+    parquet = write_synthetic_splits(root / "pq", 1500, row_group_rows=500)
+    train = pq.read_table(parquet[0])
+    (root / "train").mkdir()
+    edges = [0, 100, 380, 500, 900, train.num_rows]
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        pcsv.write_csv(train.slice(lo, hi - lo), root / "train" / f"part{i}.csv")
+    out = [root / "train"]
+    for name, src in (("val", parquet[1]), ("test", parquet[2])):
+        pcsv.write_csv(pq.read_table(src), root / f"{name}.csv")
+        out.append(root / f"{name}.csv")
+    return out, train.num_rows
+
+
+def _same_rows_and_steps(one, two, rows_per_epoch):
+    assert collections.Counter(two[0]["rows"] + two[1]["rows"]) == collections.Counter(one["rows"])
+    assert len(one["rows"]) == 2 * rows_per_epoch  # two epochs
+    assert two[0]["steps"] == two[1]["steps"]
+    per_rank = [collections.Counter(r[0] for r in res["rows"]) for res in two]
+    assert per_rank[0] != per_rank[1]  # the shards differ: the shorter rank was padded to the same steps
+    assert all(len(res["rows"]) > 0 for res in two)
+
+
+def _same_metrics(one, two):
+    for got in (two[0]["metrics"], two[1]["metrics"]):
+        for split_one, split_two in zip(one["metrics"], got):
+            for task, m in split_one.items():
+                for key, value in m.items():
+                    assert split_two[task][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (task, key)
+
+
+def test_two_ranks_on_csv_files_see_every_row_once_in_the_same_steps(csv_data, tmp_path):
+    paths, rows = csv_data
+    cfg = _config(paths, tmp_path / "r")
+    (one,) = _run(tmp_path, cfg, 1)
+    two = _run(tmp_path, cfg, 2)
+    _same_rows_and_steps(one, two, rows)
+    assert two[1]["vocab"] == one["vocab"] and two[1]["vocab_builds"] == 0
+    _same_metrics(one, two)
+
+
+def test_two_ranks_on_a_fraction_split_see_every_row_of_their_part_once(csv_data, tmp_path):
+    paths, _ = csv_data
+    cfg = _config(paths, tmp_path / "r")
+    params = cfg["data"]["params"]
+    for k in ("train", "val", "test"):
+        del params[k]
+    params.update(path=str(paths[0]), split={"key": "user_id", "fractions": [0.7, 0.15, 0.15], "seed": 4})
+    (one,) = _run(tmp_path, cfg, 1)
+    two = _run(tmp_path, cfg, 2)
+    from polytask.data.tables import Split, TableSchema, TableSource
+
+    # the train part's size, counted independently of the loader (the split's mask over the whole file set)
+    src = TableSource(paths[0], TableSchema(dense=("price",), labels={"click": "click"}),
+                      split=Split(key="user_id", fraction=(0.0, 0.7), seed=4))
+    counted = src.count_rows()
+    assert 0 < sum(counted) < sum(pcsv.read_csv(f).num_rows for f in sorted(paths[0].iterdir()))
+    _same_rows_and_steps(one, two, sum(counted))
+    _same_metrics(one, two)
+
+
+def test_count_rows_gives_rank_batches_for_csv(csv_data):
+    from polytask.data.tables import TableSchema, TableSource
+
+    paths, rows = csv_data
+    src = TableSource(paths[0], TableSchema(dense=("price",), labels={"click": "click"}), batch_size=64,
+                      shuffle_rows=300, world_size=2)
+    assert src.rank_batches() is None  # no footer: unknown until counted
+    assert src.count_rows() == [100, 280, 120, 400, rows - 900]
+    want = []
+    for rank in range(2):  # what the loader yields on each rank
+        src.rank = rank
+        want.append(sum(1 for _ in src))
+    assert src.rank_batches() == want and want[0] != want[1]
