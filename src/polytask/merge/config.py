@@ -35,8 +35,10 @@ Differences from mergekit (everything else means the same):
 - ``tokenizer_source`` (``base``, ``union`` or a model), the ``tokenizer:`` block and
   ``chat_template`` write a merged tokenizer and align the embedding/LM-head rows of models whose
   vocabularies differ, as mergekit; see :mod:`polytask.merge.tokenizer`.
-- ``modules:`` (mergekit's modular form) takes the one module of a decoder-only model,
-  ``default``; its ``parameters`` sit between the slice's and the top level's.
+- ``modules:`` (mergekit's modular form): ``default`` for a one-module model; each module of a
+  vision-language or encoder-decoder model (``text_decoder``, ``vision_tower``, ``encoder``...
+  as mergekit names them) with its own ``models``/``slices``; a module's ``parameters`` sit
+  between the slice's and the top level's. See :mod:`polytask.merge.modules`.
 - A file of several YAML documents runs as ``mergekit-multi`` (``name:``; mega.yml's
   ``out_path:``); see :func:`run_merge`. A single document's ``name``/``out_path`` has no effect.
 - Unknown keys are all named at once, as written. A global parameter given per model (``lambda``
@@ -61,7 +63,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from polytask.errors import ConfigError, MergeError
 
@@ -192,6 +194,7 @@ class MergeConfig(BaseModel):
     tokenizer: TokenizerBlock | None = None
     chat_template: str | None = None
     modules: dict[str, ModuleDef] | None = None
+    _from_default_module: bool = PrivateAttr(default=False)
     max_shard_size: int | str = "5GB"
     allow_pickle: bool = False
     strict_dtypes: bool = True
@@ -210,17 +213,22 @@ class MergeConfig(BaseModel):
             raise ValueError("give exactly one of models, slices and modules")
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give either tokenizer_source or tokenizer, not both")
-        if self.modules is not None and list(self.modules) != ["default"]:
-            bad = next(iter(k for k in self.modules if k != "default"), "default")
-            raise ValueError(f"modules.{bad}: polytask merges decoder-only models, whose one module is 'default'")
         return self
 
     def without_modules(self) -> MergeConfig:
-        """The same merge written with ``models``/``slices``: the ``default`` module's, its
-        parameters before the top level's (a condition list that matches nothing falls through)."""
-        if self.modules is None:
+        """A config whose only module is ``default`` written with ``models``/``slices``
+        (:meth:`module_config`); a config of several modules as it is (planned per module by
+        :mod:`polytask.merge.modules`)."""
+        if self.modules is None or list(self.modules) != ["default"]:
             return self
-        module = self.modules["default"]
+        out = self.module_config("default")
+        out._from_default_module = True  # a multi-module model has no module 'default': refused when planned
+        return out
+
+    def module_config(self, name: str) -> MergeConfig:
+        """Module ``name`` as a merge of its own: its ``models``/``slices``, its parameters before
+        the top level's (a condition list that matches nothing falls through, as in mergekit)."""
+        module = self.modules[name]
         params = dict(self.parameters)
         for key, setting in module.parameters.items():
             params[key] = _condition_list(setting) + (_condition_list(params[key]) if key in params else [])
@@ -260,17 +268,29 @@ class MergeConfig(BaseModel):
                 "source": resolve_source(tokenizer.source),
                 "tokens": None if tokenizer.tokens is None else {
                     t: v.model_copy(update={"source": resolve_source(v.source)}) for t, v in tokenizer.tokens.items()}})
-        return self.model_copy(update={
-            "tokenizer_source": resolve_source(self.tokenizer_source),
-            "tokenizer": tokenizer,
-            "base_model": None if self.base_model is None else resolve(self.base_model),
-            "models": None if self.models is None else
-            [e.model_copy(update={"model": resolve(e.model)}) for e in self.models],
-            "slices": None if self.slices is None else [
+        return self.with_models_mapped(resolve).model_copy(update={
+            "tokenizer_source": resolve_source(self.tokenizer_source), "tokenizer": tokenizer})
+
+    def with_models_mapped(self, fn: Any) -> MergeConfig:
+        """A copy with ``fn`` applied to every model path (base, models, slices, in every module)."""
+
+        def models(entries: list[ModelEntry] | None) -> list[ModelEntry] | None:
+            return None if entries is None else [e.model_copy(update={"model": fn(e.model)}) for e in entries]
+
+        def slices(defs: list[SliceDef] | None) -> list[SliceDef] | None:
+            return None if defs is None else [
                 sl.model_copy(update={
-                    "base_model": None if sl.base_model is None else resolve(sl.base_model),
-                    "sources": [src.model_copy(update={"model": resolve(src.model)}) for src in sl.sources],
-                }) for sl in self.slices],
+                    "base_model": None if sl.base_model is None else fn(sl.base_model),
+                    "sources": [src.model_copy(update={"model": fn(src.model)}) for src in sl.sources],
+                }) for sl in defs]
+
+        return self.model_copy(update={
+            "base_model": None if self.base_model is None else fn(self.base_model),
+            "models": models(self.models),
+            "slices": slices(self.slices),
+            "modules": None if self.modules is None else {
+                name: m.model_copy(update={"models": models(m.models), "slices": slices(m.slices)})
+                for name, m in self.modules.items()},
         })
 
     def tokenizer_model(self) -> str | None:
@@ -281,10 +301,12 @@ class MergeConfig(BaseModel):
     def model_paths(self) -> list[str]:
         """Every model the config names (base first), once each, as written."""
         paths = [] if self.base_model is None else [self.base_model]
-        for e in self.models or []:
-            paths.append(e.model)
-        for sl in self.slices or []:
-            paths.extend([*([sl.base_model] if sl.base_model else []), *(src.model for src in sl.sources)])
+        groups = [(self.models, self.slices)] + [(m.models, m.slices) for m in (self.modules or {}).values()]
+        for models, slices in groups:
+            for e in models or []:
+                paths.append(e.model)
+            for sl in slices or []:
+                paths.extend([*([sl.base_model] if sl.base_model else []), *(src.model for src in sl.sources)])
         seen: dict[str, str] = {}
         for p in paths:
             seen.setdefault(os.path.normpath(p), p)
@@ -472,16 +494,8 @@ def _with_merge_names(cfg: MergeConfig, configs: list[MergeConfig], parts: Path)
     tokenizer = cfg.tokenizer
     if tokenizer is not None:
         tokenizer = tokenizer.model_copy(update={"source": sub(tokenizer.source)})
-    return cfg.model_copy(update={
-        "tokenizer_source": sub(cfg.tokenizer_source),
-        "tokenizer": tokenizer,
-        "base_model": sub(cfg.base_model),
-        "models": None if cfg.models is None else [e.model_copy(update={"model": sub(e.model)}) for e in cfg.models],
-        "slices": None if cfg.slices is None else [
-            sl.model_copy(update={"base_model": sub(sl.base_model),
-                                  "sources": [x.model_copy(update={"model": sub(x.model)}) for x in sl.sources]})
-            for sl in cfg.slices],
-    })
+    return cfg.with_models_mapped(sub).model_copy(update={"tokenizer_source": sub(cfg.tokenizer_source),
+                                                          "tokenizer": tokenizer})
 
 
 def _run_one(
@@ -520,6 +534,7 @@ def _run_one(
         split = split_lora_path(reference)  # mergekit's model+adapter: config and tokenizer of the model
         reference = split[0] if split is not None else reference
     extra = {"polytask_merge.yaml": text}
+    layout = _modules_of(config, reference, config_path)
 
     vocab: dict[str, int] = {}
 
@@ -533,9 +548,17 @@ def _run_one(
         return wrapped
 
     def plan_jobs(sources):  # type: ignore[no-untyped-def]
-        planned = plan_config(config, sources, source_of, labels)
         dtype_out = None if out_dtype is None else parse_dtype(out_dtype)
-        changed = output_config(reference, planned.num_layers, dtype_out)
+        if layout is not None:  # several modules: one plan each, one output
+            from polytask.merge.modules import modules_output_config, plan_modules
+
+            plans = plan_modules(config, *layout, sources, source_of, labels)
+            jobs = plans.jobs
+            changed = modules_output_config(reference, plans.num_layers, layout[1], dtype_out)
+        else:
+            planned = plan_config(config, sources, source_of, labels)
+            jobs = planned.jobs
+            changed = output_config(reference, planned.num_layers, dtype_out)
         if changed is not None:
             extra["config.json"] = changed
         if "rows" in vocab:
@@ -544,7 +567,7 @@ def _run_one(
             resized = with_vocab_size(extra.get("config.json"), reference, vocab["rows"], dtype_out)
             if resized is not None:
                 extra["config.json"] = resized
-        return planned.jobs
+        return jobs
 
     return merge_planned(
         paths, labels, roles, plan_jobs, out_dir,
@@ -561,6 +584,22 @@ def _run_one(
         progress=progress,
         wrap_sources=wrap_sources,
     )
+
+
+def _modules_of(config: MergeConfig, reference: str, config_path: Any) -> Any:
+    """The reference model's modules (:func:`~polytask.merge.modules.architecture_of`) when it
+    has several, else None; ConfigError for module names the model does not have."""
+    from polytask.merge.modules import architecture_of
+
+    layout = architecture_of(reference)
+    if layout is None and config.modules is not None:
+        bad = next(k for k in config.modules if k != "default")
+        raise ConfigError(f"{config_path}: modules.{bad}: the model has one module, 'default' (several modules: "
+                          "vision-language and encoder-decoder models that mergekit defines so)")
+    if layout is not None and config._from_default_module:
+        raise ConfigError(f"{config_path}: modules.default: {layout[0]} has no module 'default'; its modules are "
+                          f"{', '.join(sorted(layout[1]))}")
+    return layout
 
 
 class _PathIndex(dict):  # type: ignore[type-arg]

@@ -32,7 +32,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,13 +143,15 @@ class Structure:
         return len(self.layers)
 
 
-def layer_structure(names: Sequence[str], label: str) -> Structure:
-    """Group tensor names into numbered layers (``model.layers.3.mlp.up_proj.weight``)."""
+def layer_structure(names: Sequence[str], label: str, stack: str | None = None) -> Structure:
+    """Group tensor names into numbered layers (``model.layers.3.mlp.up_proj.weight``); with
+    ``stack``, the layers are the tensors named ``<stack><i>.<rest>`` (one module's stack)."""
+    pattern = _LAYER if stack is None else re.compile(rf"^({re.escape(stack)})(\d+)\.(.+)$")
     layers: dict[int, dict[str, str]] = {}
     prefixes: set[str] = set()
     others: list[str] = []
     for name in names:
-        m = _LAYER.match(name)
+        m = pattern.match(name)
         if m is None:
             others.append(name)
             continue
@@ -197,16 +199,20 @@ def _same(a: str, b: str) -> bool:
 
 
 def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int],
-                labels: Sequence[str]) -> PlannedMerge:
+                labels: Sequence[str], *, layer_stack: str | None = None, pre: re.Pattern[str] | None = None,
+                filter_names: Collection[str] | None = None) -> PlannedMerge:
     """Jobs for ``config`` (a :class:`~polytask.merge.config.MergeConfig` with resolved paths).
 
     ``sources`` are the opened checkpoints, ``source_of`` maps a model path (as in ``config``) to
-    its index there, ``labels`` name them as the config writes them.
+    its index there, ``labels`` name them as the config writes them. One module of a
+    multi-module model (:mod:`polytask.merge.modules`) passes its views of the sources, its layer
+    stack, the names of the tensors before its layers (``pre``) and the names ``filter``
+    conditions are matched against to warn (every module's).
     """
     method_cls = MERGE_METHODS.lookup(config.merge_method)
     per_model_keys = set(getattr(method_cls, "model_params", {}))
     global_keys = _init_keys(method_cls)
-    structures = [layer_structure(s.names(), labels[i]) for i, s in enumerate(sources)]
+    structures = [layer_structure(s.names(), labels[i], layer_stack) for i, s in enumerate(sources)]
     slices = _slices(config, method_cls, source_of, structures)
     top = dict(config.parameters)
     _check_keys(config, method_cls, slices)
@@ -224,7 +230,7 @@ def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int
     jobs: list[TensorJob] = []
     methods: dict[tuple[Any, ...], MergeMethod] = {}
     params_cache: dict[tuple[Any, ...], dict[str, Tensor]] = {}
-    all_names = {n for s in sources for n in s.names()}
+    all_names = set(filter_names) if filter_names is not None else {n for s in sources for n in s.names()}
     # mixed input dtypes are refused only when no dtype says what to compute in (then all are rounded to it)
     strict_dtypes = config.strict_dtypes and config.dtype is None and config.compute_dtype is None
 
@@ -286,9 +292,8 @@ def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int
             params_cache[pkey] = resolve_model_params(method, per_model, in_labels)
         jobs.append(TensorJob(out_name, inputs, base, method, params_cache[pkey]))
 
-    pre = [n for n in ref.others if _PRE.search(n)]
-    post = [n for n in ref.others if not _PRE.search(n)]
-    for name in pre:
+    before = _PRE if pre is None else pre
+    for name in [n for n in ref.others if before.search(n)]:
         job(name, {k: name for k in range(len(slices[0].entries))}, slices[0], 0.0)
     out_layer = 0
     for sl in slices:
@@ -301,7 +306,7 @@ def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int
                     rest_of[k] = st.layers.get(e.start + offset, {}).get(rest, f"{st.prefix}{e.start + offset}.{rest}")
                 job(f"{ref.prefix}{out_layer}.{rest}", rest_of, sl, t)
             out_layer += 1
-    for name in post:
+    for name in [n for n in ref.others if not before.search(n)]:
         job(name, {k: name for k in range(len(slices[-1].entries))}, slices[-1], 0.0)
     filters = [f for where, scope in _scopes(config, slices) for key, s in scope.items()
                for f in _filters(f"{where}.{key}", s)]

@@ -395,9 +395,13 @@ def prepare(config: Any, written: Any, sources: Sequence[Any], paths: Sequence[s
     template = None if config.chat_template is None else chat_template_text(config.chat_template, loaded)
     ref = 0 if base is None else base
     aliases = tied_aliases(sources)
+    config_of = _module_configs(config, paths[ref])
     if source is None:
+        embedding = next((n for n in sources[ref].names() if EMBEDDING.search(n)), None)
+        owner = config_of(embedding) if embedding is not None else config
         for pre in (True, False):
-            _check_same_vocabulary(sources, labels, _group(config, source_of, base, pre))
+            if owner is not None:
+                _check_same_vocabulary(sources, labels, _group(owner, source_of, base, pre))
     if source is None and template is None:  # only tied heads to read from the embeddings (if any)
         return (align_sources(None, sources, {}, None, labels, aliases) if any(aliases) else list(sources)), {}, None
     if source is None:  # only a chat template: mergekit re-saves the donor's tokenizer with it
@@ -421,8 +425,9 @@ def prepare(config: Any, written: Any, sources: Sequence[Any], paths: Sequence[s
         index_of={os.path.normpath(p): i for i, p in enumerate(paths)},
         where=where,
     )
-    groups = {n: _group(config, source_of, base, bool(_PRE_TENSOR.search(n)))
-              for n in {n for s in sources for n in s.names() if is_vocab_tensor(n)}}
+    groups = {n: _group(owner, source_of, base, bool(_PRE_TENSOR.search(n)))
+              for n in {n for s in sources for n in s.names() if is_vocab_tensor(n)}
+              if (owner := config_of(n)) is not None}
     dtype = None
     if config.dtype is not None:
         from polytask.merge.io import parse_dtype
@@ -430,6 +435,23 @@ def prepare(config: Any, written: Any, sources: Sequence[Any], paths: Sequence[s
         dtype = parse_dtype(config.dtype)
     aligned = align_sources(plan, sources, groups, dtype, labels, aliases)
     return aligned, tokenizer_files(plan.tokenizer, template), plan.rows
+
+
+def _module_configs(config: Any, reference: str) -> Any:
+    """Tensor name -> the config that merges it: ``config`` itself, or for a ``modules:`` config
+    the one-module form of the module holding the tensor (None: its module is not merged)."""
+    if config.modules is None:
+        return lambda name: config
+    from polytask.merge.modules import architecture_of, module_of
+
+    layout = architecture_of(_folder(reference))
+    modules = {} if layout is None else layout[1]
+
+    def config_of(name: str) -> Any:
+        module = module_of(name, modules)
+        return config.module_config(module) if module in config.modules else None
+
+    return config_of
 
 
 def _check_same_vocabulary(sources: Sequence[Any], labels: Sequence[str], group: Sequence[int]) -> None:

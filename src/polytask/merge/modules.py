@@ -1,0 +1,256 @@
+"""Models made of several modules (mergekit's ``modules:``): vision-language and encoder-decoder.
+
+mergekit 0.1.5 defines nine architectures as "modular" (its ``_data/architectures/*.json`` of
+``kind: modular``); every other architecture is one module, ``default``. A config may then give
+each module its own ``models`` or ``slices`` and ``parameters``::
+
+    modules:
+      text_decoder:
+        slices: [{sources: [{model: a, layer_range: [0, 24]}, {model: b, layer_range: [0, 24]}]}]
+        parameters: {t: [0, 0.5, 1]}
+      vision_tower:
+        models: [{model: a}, {model: b}]
+
+A top-level ``models:`` list is every module's; a top-level ``slices:`` list is refused (as
+mergekit refuses it). Each module is planned as a merge of its own (:func:`plan_config` on the
+module's tensors, its layers numbered from 0, its ``parameters`` between the slice's and the
+top level's, as mergekit's ``ConfigReader``) and the jobs of all modules form one output.
+
+Module names and their tensors (polytask's table below, checked against mergekit's definitions
+in the tests): a tensor belongs to the module whose name prefix is the longest one matching it;
+a module's layers are the tensors ``<stack><i>.<rest>``; the tensors before its layers (the
+embeddings) come from the sources of its first slice, the others from its last.
+
+Where polytask differs from mergekit: a module is its tensors by prefix, so tensors mergekit's
+definition does not list (none in these architectures' checkpoints) are merged too, and a
+checkpoint tensor outside every module is dropped with a warning (mergekit drops it silently);
+a module left out of ``modules:`` is dropped too, as in mergekit, but with a warning; Whisper's
+decoder is ``model.decoder.`` (mergekit's definition lacks the dot and finds no tensor); Qwen2-VL's
+projector has no layers here (mergekit reads its two MLP matrices as two "layers" holding the
+same tensors, so a gradient there gives the value at ``t = 1`` in mergekit, at ``t = 0`` here).
+The names are the checkpoints' as mergekit defines them (Gemma 3, Llama 4 and Mistral 3 in the
+``language_model.model.*`` layout of their published checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from polytask.errors import ConfigError, MergeError, PolytaskError
+
+__all__ = ["Module", "ARCHITECTURES", "architecture_of", "module_of", "plan_modules", "modules_output_config"]
+
+_EMBED = r"embed|\bwte\b|\bwpe\b"
+
+
+@dataclass(frozen=True)
+class Module:
+    """One module: the name prefixes of its tensors, its stack of numbered layers, the
+    ``config.json`` keys that may hold its number of layers (the first present is set), and the
+    pattern of the tensors before its layers."""
+
+    prefixes: tuple[str, ...]
+    stack: str | None = None
+    layers_keys: tuple[str, ...] = ()
+    pre: str = _EMBED
+
+
+def _vision_language(text: str, stack: str, vision: tuple[str, str, str, str], projector: str = "multi_modal_projector.",
+                     vision_name: str = "vision_tower") -> dict[str, Module]:
+    """A ``language_model.`` text decoder, a projector and a vision encoder (LLaVA-style layout)."""
+    prefix, v_stack, v_key, v_pre = vision
+    return {"text_decoder": Module((text,), stack, ("text_config.num_hidden_layers",)),
+            "multi_modal_projector": Module((projector,)),
+            vision_name: Module((prefix,), v_stack, (v_key,), v_pre)}
+
+
+def _qwen_vl(new_layout: bool, text_keys: tuple[str, ...]) -> dict[str, Module]:
+    """Qwen2-VL/2.5-VL (``model.layers``, ``visual.``) or Qwen3-VL (``model.language_model``, ``model.visual.``)."""
+    if new_layout:
+        text, visual = "model.language_model.", "model.visual."
+        projector = Module((visual + "merger.", visual + "deepstack_merger_list."), visual + "deepstack_merger_list.",
+                           pre=r"\.merger\.")
+    else:
+        text, visual = "model.", "visual."
+        projector = Module((visual + "merger.",), pre=r"\.merger\.ln_q\.")
+    return {"text_decoder": Module((text, "lm_head."), text + "layers.", text_keys),
+            "multi_modal_projector": projector,
+            "vision_tower": Module((visual,), visual + "blocks.", ("vision_config.depth",))}
+
+
+#: mergekit 0.1.5's multi-module architectures (``config.json``'s ``architectures[0]``) -> modules.
+ARCHITECTURES: dict[str, dict[str, Module]] = {
+    "Qwen2VLForConditionalGeneration": _qwen_vl(False, ("num_hidden_layers", "text_config.num_hidden_layers")),
+    "Qwen2_5_VLForConditionalGeneration": _qwen_vl(False, ("text_config.num_hidden_layers", "num_hidden_layers")),
+    "Qwen3VLForConditionalGeneration": _qwen_vl(True, ("text_config.num_hidden_layers",)),
+    "Qwen3VLMoeForConditionalGeneration": _qwen_vl(True, ("text_config.num_hidden_layers",)),
+    "Gemma3ForConditionalGeneration": _vision_language(
+        "language_model.", "language_model.model.layers.",
+        ("vision_tower.vision_model.", "vision_tower.vision_model.encoder.layers.", "vision_config.num_hidden_layers",
+         _EMBED)),
+    "Llama4ForConditionalGeneration": _vision_language(
+        "language_model.", "language_model.model.layers.",
+        ("vision_model.", "vision_model.model.layers.", "vision_config.num_hidden_layers",
+         r"class_embedding|patch_embedding|positional_embedding|layernorm_pre"), vision_name="vision_model"),
+    "Mistral3ForConditionalGeneration": _vision_language(
+        "language_model.", "language_model.model.layers.",
+        ("vision_tower.", "vision_tower.transformer.layers.", "vision_config.num_hidden_layers",
+         r"patch_conv|ln_pre")),
+    "T5ForConditionalGeneration": {
+        "encoder": Module(("encoder.",), "encoder.block.", ("num_layers", "num_hidden_layers")),
+        "decoder": Module(("decoder.",), "decoder.block.", ("num_decoder_layers",)),
+        "shared": Module(("shared.", "lm_head."), pre=r"^shared\."),
+    },
+    "WhisperForConditionalGeneration": {
+        "encoder": Module(("model.encoder.",), "model.encoder.layers.", ("encoder_layers",),
+                          r"embed_positions|\.conv[12]\."),
+        "decoder": Module(("model.decoder.",), "model.decoder.layers.", ("decoder_layers",)),
+    },
+}
+
+
+def architecture_of(folder: str | Path | None) -> tuple[str, dict[str, Module]] | None:
+    """The multi-module architecture of the model in ``folder`` (its ``config.json``), or None
+    for a one-module model (or no readable config)."""
+    if folder is None:
+        return None
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    names = cfg.get("architectures") if isinstance(cfg, dict) else None
+    if isinstance(names, list) and len(names) == 1 and names[0] in ARCHITECTURES:
+        return names[0], ARCHITECTURES[names[0]]
+    return None
+
+
+def module_of(name: str, modules: Mapping[str, Module]) -> str | None:
+    """The module holding tensor ``name`` (its longest matching prefix), or None."""
+    best, length = None, -1
+    for module, spec in modules.items():
+        for prefix in spec.prefixes:
+            if name.startswith(prefix) and len(prefix) > length:
+                best, length = module, len(prefix)
+    return best
+
+
+class _ModuleView:
+    """One module's tensors of a checkpoint (names filtered; reads go to the checkpoint)."""
+
+    def __init__(self, source: Any, names: list[str]) -> None:
+        self._source = source
+        self._names = names
+        self._set = set(names)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._set
+
+    def spec(self, name: str) -> Any:
+        return self._source.spec(name)
+
+
+@dataclass
+class ModulePlans:
+    """The jobs of every module and each planned module's number of output layers."""
+
+    jobs: list[Any]
+    num_layers: dict[str, int]
+
+
+def plan_modules(config: Any, arch: str, modules: Mapping[str, Module], sources: Sequence[Any],
+                 source_of: Mapping[str, int], labels: Sequence[str]) -> ModulePlans:
+    """Plan ``config`` (paths resolved) over the modules of architecture ``arch``: each module of
+    ``config.modules`` (or every module, for top-level ``models:``) as its own merge of the
+    module's tensors. ConfigError/MergeError naming the module for unknown modules, a module a
+    model lacks, and everything :func:`plan_config` refuses."""
+    from polytask.merge.plan import plan_config
+
+    wanted = _module_configs(config, arch, modules)
+    owner = [{n: module_of(n, modules) for n in s.names()} for s in sources]
+    ref = source_of[config.base_model] if config.base_model is not None else source_of[config.model_paths()[0]]
+    _warn_dropped(arch, owner[ref], wanted, labels[ref])
+    every_name = {n for s in sources for n in s.names()}
+    jobs: list[Any] = []
+    layers: dict[str, int] = {}
+    for name, sub in wanted.items():
+        spec = modules[name]
+        views = [_ModuleView(s, [n for n, m in owner[i].items() if m == name]) for i, s in enumerate(sources)]
+        for path in sub.model_paths():
+            i = source_of[path]
+            if not views[i].names():
+                raise MergeError(f"modules.{name}: model {labels[i]} has no tensor of module {name} (names starting "
+                                 f"{' or '.join(spec.prefixes)})")
+        try:
+            planned = plan_config(sub, views, source_of, labels, layer_stack=spec.stack, pre=re.compile(spec.pre),
+                                  filter_names=every_name)
+        except PolytaskError as exc:
+            raise type(exc)(f"modules.{name}: {exc}") from None
+        jobs.extend(planned.jobs)
+        layers[name] = planned.num_layers
+    return ModulePlans(jobs, layers)
+
+
+def _module_configs(config: Any, arch: str, modules: Mapping[str, Module]) -> dict[str, Any]:
+    """Each planned module's config in the one-module form (models/slices, parameters merged)."""
+    have = ", ".join(sorted(modules))
+    if config.slices is not None:
+        raise ConfigError(f"slices: {arch} has several modules ({have}); give the slices of each under "
+                          "modules: {<module>: {slices: ...}} (mergekit refuses top-level slices here too)")
+    if config.modules is None:
+        return {name: config for name in modules}
+    unknown = [name for name in config.modules if name not in modules]
+    if unknown:
+        raise ConfigError(f"modules.{unknown[0]}: {arch} has no module {unknown[0]!r}; its modules are {have}")
+    return {name: config.module_config(name) for name in config.modules}
+
+
+def _warn_dropped(arch: str, owner: Mapping[str, str | None], wanted: Mapping[str, Any], label: str) -> None:
+    outside = sorted(n for n, m in owner.items() if m is None)
+    if outside:
+        warnings.warn(f"{len(outside)} tensor(s) of model {label} belong to no module of {arch} and are not "
+                      f"written (as in mergekit), e.g. {outside[0]!r}", RuntimeWarning, stacklevel=3)
+    left_out = sorted({m for m in owner.values() if m is not None} - set(wanted))
+    if left_out:
+        warnings.warn(f"modules: {', '.join(left_out)} of {arch} not listed; the output has no tensor of "
+                      f"{'it' if len(left_out) == 1 else 'them'} (as in mergekit)", RuntimeWarning, stacklevel=3)
+
+
+def modules_output_config(reference: str | Path | None, num_layers: Mapping[str, int], modules: Mapping[str, Module],
+                          dtype: Any) -> str | None:
+    """The reference's ``config.json`` with each planned module's number of layers set (at the
+    first of its keys that the file has), or None if there is no such file or nothing changes."""
+    if reference is None:
+        return None
+    try:
+        cfg = json.loads((Path(reference) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    changed = False
+    for name, count in num_layers.items():
+        for key in modules[name].layers_keys:
+            *parents, leaf = key.split(".")
+            node: Any = cfg
+            for p in parents:
+                node = node.get(p) if isinstance(node, dict) else None
+            if isinstance(node, dict) and leaf in node:
+                changed |= node[leaf] != count
+                node[leaf] = count
+                break
+    if not changed:
+        return None
+    if dtype is not None:
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        if "dtype" in cfg:
+            cfg["dtype"] = cfg["torch_dtype"]
+    return json.dumps(cfg, indent=2) + "\n"
