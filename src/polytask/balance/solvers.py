@@ -179,15 +179,20 @@ def project_simplex(y: Tensor) -> Tensor:
 
     Sort-based algorithm (Held, Wolfe & Crowder 1974; Duchi et al., ICML 2008): with ``u`` sorted
     in decreasing order, ``rho = max{j : u_j - (sum_{k<=j} u_k - 1)/j > 0}`` and the projection
-    is ``max(y - theta, 0)`` with ``theta = (sum_{k<=rho} u_k - 1)/rho``.
+    is ``max(y - theta, 0)`` with ``theta = (sum_{k<=rho} u_k - 1)/rho``. The threshold is also
+    the largest of the means ``f_j = (sum_{k<=j} u_k - 1)/j``: ``f_{j+1} - f_j = (u_{j+1} - f_j)/(j+1)``
+    is positive exactly while the condition holds (``j < rho``), so ``f`` rises to ``f_rho`` and
+    does not rise after it. That form takes half the operations (it runs in SDMGrad's inner loop).
     """
     u, _ = torch.sort(y, dim=-1, descending=True)
-    css = u.cumsum(-1) - 1.0
-    ks = torch.arange(1, y.shape[-1] + 1, device=y.device, dtype=y.dtype)
-    cond = u - css / ks > 0
-    rho = cond.to(y.dtype).cumsum(-1).argmax(-1, keepdim=True)  # last index where cond holds
-    theta = css.gather(-1, rho) / (rho + 1).to(y.dtype)
+    inv_ks = 1.0 / torch.arange(1, y.shape[-1] + 1, device=y.device, dtype=y.dtype)
+    theta = _simplex_threshold(u, inv_ks)
     return (y - theta).clamp_min(0.0)
+
+
+def _simplex_threshold(u: Tensor, inv_ks: Tensor) -> Tensor:
+    """``max_j (sum_{k<=j} u_k - 1) / j`` over the last dimension of ``u`` (sorted decreasing), kept as a dimension."""
+    return torch.addcmul(-inv_ks, u.cumsum(-1), inv_ks).amax(-1, keepdim=True)
 
 
 @cuda_graphed

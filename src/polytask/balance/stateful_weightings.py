@@ -65,13 +65,27 @@ def sdmgrad_inner(matrix: Tensor, w: Tensor, w_tilde: Tensor, lr: float, momentu
                   n_iter: int) -> Tensor:
     """SDMGrad's inner solver: ``n_iter`` steps of projected SGD with heavy-ball momentum on
     ``1/2 ||J^T (w + lambda w_tilde)||^2`` over the simplex, ``A`` scaled by the mean gradient norm
-    (``mean_i sqrt(A_ii)``; authors' code and torchjd) so that ``lr`` does not depend on the scale."""
+    (``mean_i sqrt(A_ii)``; authors' code and torchjd) so that ``lr`` does not depend on the scale.
+
+    Every step is needed (the iterate is the method, not an approximation of a fixed point: with the
+    default ``lr`` it moves between faces of the simplex at almost every step, so no early stop and
+    no closed form over a fixed face), so each step is kept to eight small operations: the constant
+    pull ``A lambda w_tilde`` is formed once (one ``addmv`` per step, where the product was formed
+    from ``w + lambda w_tilde``), and the projection reads its threshold as the largest running
+    mean of the sorted values (:func:`~polytask.balance.solvers.project_simplex`), all means in
+    one ``addmv`` with a triangular matrix."""
     scale = matrix.diagonal().clamp_min(0.0).sqrt().mean()
     a = matrix / (scale * scale + 1e-8)
+    pull = a @ (lambda_ * w_tilde)
+    n = w.shape[-1]
+    inv_ks = 1.0 / torch.arange(1, n + 1, dtype=w.dtype, device=w.device)
+    running_means = torch.ones(n, n, dtype=w.dtype, device=w.device).tril() * inv_ks.unsqueeze(1)  # row j: 1/j (k <= j)
     velocity = torch.zeros_like(w)
     for _ in range(n_iter):  # sequential by construction: each step starts where the last ended
-        velocity = momentum * velocity + a @ (w + lambda_ * w_tilde)
-        w = project_simplex(w - lr * velocity)
+        velocity = torch.add(torch.addmv(pull, a, w), velocity, alpha=momentum)  # A (w + lambda w~) + m v
+        y = torch.add(w, velocity, alpha=-lr)
+        theta = torch.addmv(-inv_ks, running_means, torch.sort(y, descending=True)[0]).max()
+        w = (y - theta).clamp_min(0.0)
     return w
 
 
