@@ -10,9 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polytask.merge import sortselect
+from polytask.merge import kernels, sortselect
 from polytask.merge.methods import topk_mask
 from polytask.merge.sortselect import argsort_head_mask
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """The torch operations, as without numba (the fused kernels have their own tests)."""
+    monkeypatch.setattr(kernels, "can_trim", lambda x: False)
+    monkeypatch.setattr(kernels, "available", lambda *tensors: False)
 
 
 def _reference(values: torch.Tensor, k: int, descending: bool) -> torch.Tensor:
@@ -74,7 +81,7 @@ def test_nan_is_left_to_the_sort():
     assert argsort_head_mask(values, 5, descending=True) is None
 
 
-def test_topk_mask_uses_the_replay_and_matches_argsort(monkeypatch):
+def test_topk_mask_uses_the_replay_and_matches_argsort(monkeypatch, torch_path):
     calls = []
     real = sortselect.argsort_head_mask
 
@@ -191,26 +198,24 @@ def test_write_rows_refuses_rows_outside_the_tensor(tmp_path):
             writer.commit()  # rows 0:2 missing
 
 
-def test_dare_masks_per_model_equal_one_float64_comparison():
-    # the former form: one (N, M) draw compared with float64 densities
-    from polytask.merge.methods import _float32_threshold, dare_drop
+def test_dare_keeps_an_entry_iff_its_draw_is_below_the_threshold(torch_path):
+    from polytask.merge.methods import _dare_streams, dare_drop
 
     density = torch.tensor([0.3, 1 / 3, 0.1 + 1e-9, 1.0], dtype=torch.float64)
     g = torch.Generator().manual_seed(9)
     deltas = torch.randn(4, 300, 70, generator=g).to(torch.bfloat16)
-    draws = torch.rand(deltas.shape, generator=torch.Generator().manual_seed(4))
-    expected = deltas * (draws < density.reshape(-1, 1, 1))
     got = dare_drop(deltas.clone(), density, False, torch.Generator().manual_seed(4))
-    assert torch.equal(got, expected)
-    # the threshold decides as float64 does right at the boundary
-    p = 1 / 3
-    t = _float32_threshold(p)
-    below = torch.tensor(p, dtype=torch.float32)  # p rounded to nearest float32
-    for x in (below, torch.nextafter(below, torch.tensor(0.0)), torch.nextafter(below, torch.tensor(1.0))):
-        assert bool(x < t) == (float(x) < p)
+    seeds = _dare_streams(torch.Generator().manual_seed(4), 4)
+    for i, p in enumerate(density.tolist()):
+        draws = kernels.uniform24(seeds[i], 0, 21_000).reshape(300, 70)
+        threshold = -(-int(p * 2**24 * 2**30) // 2**30)  # ceil(p 2^24), p*2^24 exact in float64
+        assert torch.equal(got[i], deltas[i] * (draws < threshold))
+    # a draw exactly at the threshold is dropped: keep probability ceil(p 2^24) / 2^24
+    assert kernels.dare_threshold(0.5) == 2**23 and kernels.dare_threshold(1 / 3) == 5592406
+    assert kernels.dare_threshold(0.0) == 0 and kernels.dare_threshold(1.0) == 2**24
 
 
-def test_replay_is_checked_against_this_torch_and_steps_aside(monkeypatch):
+def test_replay_is_checked_against_this_torch_and_steps_aside(monkeypatch, torch_path):
     assert sortselect.replay_matches_torch()  # torch's CPU sort is the replayed introsort
     values = torch.full((1000,), 0.5)
     monkeypatch.setattr(sortselect, "replay_matches_torch", lambda: False)  # as if torch's sort changed
@@ -220,7 +225,7 @@ def test_replay_is_checked_against_this_torch_and_steps_aside(monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
-def test_sign_election_in_blocks_gives_the_same_bits(monkeypatch, method):
+def test_sign_election_in_blocks_gives_the_same_bits(monkeypatch, method, torch_path):
     import polytask.merge.methods as methods
     from polytask.merge.engine import merge_state_dicts
 

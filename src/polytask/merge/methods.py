@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from polytask.errors import ConfigError
-from polytask.merge import checks
+from polytask.merge import checks, kernels
 from polytask.merge.sortselect import argsort_head_mask
 from polytask.registry import Registry
 
@@ -193,7 +193,17 @@ def topk_mask(x: Tensor, density: Tensor) -> Tensor:
     flat = x.reshape(x.shape[0], -1)
     m = flat.shape[1]
     counts = [m if d >= 1 else (0 if d <= 0 else max(1, int(d * m))) for d in density.tolist()]
-    return _select_k(flat, counts, largest=True, ties_likely=_half(x), key=_magnitudes).reshape(x.shape)
+    return _magnitude_select(flat, counts, largest=True).reshape(x.shape)
+
+
+def _magnitude_select(flat: Tensor, counts: list[int], largest: bool) -> Tensor:
+    """:func:`_select_k` by magnitude; half precision through the compiled selection when numba
+    is installed (the same entries: :func:`polytask.merge.kernels.trim_masks`)."""
+    if kernels.can_trim(flat):
+        masks = kernels.trim_masks(flat, counts, largest=largest)
+        if masks is not None:
+            return masks
+    return _select_k(flat, counts, largest=largest, ties_likely=_half(flat), key=_magnitudes)
 
 
 def _half(x: Tensor) -> bool:
@@ -211,7 +221,7 @@ def _magnitudes(flat: Tensor) -> Tensor:
 def bottomk_mask(x: Tensor, counts: list[int]) -> Tensor:
     """Mask of the ``counts[i]`` smallest-magnitude entries of each ``x[i]``."""
     flat = x.reshape(x.shape[0], -1)
-    return _select_k(flat, counts, largest=False, ties_likely=_half(x), key=_magnitudes).reshape(x.shape)
+    return _magnitude_select(flat, counts, largest=False).reshape(x.shape)
 
 
 def _norms(x: Tensor, how: bool | str) -> Tensor | None:
@@ -414,6 +424,9 @@ class TaskArithmetic(_WeightedSum):
         self.rescale = checks.flag(checks.key("rescale"), rescale)
 
     def merge(self, tensors, base, params, ctx):
+        if kernels.available(tensors, base):
+            return kernels.combine(tensors, base, params["weight"], subtract=True, consensus=None,
+                                   normalize=self.normalize, scale=self.lambda_)
         return _combine(tensors.sub_(base), params["weight"], base, consensus=None,
                         normalize=self.normalize, scale=self.lambda_)
 
@@ -454,7 +467,11 @@ class Ties(_WeightedSum):
     def merge(self, tensors, base, params, ctx):
         deltas = tensors.sub_(base)
         before = _norms(deltas, self.rescale)
-        for delta_i, keep_i in zip(deltas, topk_mask(deltas, params["density"])):  # per model: (M,) casts
+        keep = topk_mask(deltas, params["density"])
+        if not self.rescale and kernels.available(deltas, base):  # trim, elect and merge in one pass
+            return kernels.combine(deltas, base, params["weight"], subtract=False, keep=keep,
+                                   consensus=self.consensus, normalize=self.normalize, scale=self.lambda_)
+        for delta_i, keep_i in zip(deltas, keep):  # per model: (M,) casts
             delta_i.mul_(keep_i)
         if self.rescale:  # back to each task vector's norm before the trim (mergekit's rescale)
             deltas = _rescale(deltas, before, params["density"], self.rescale)
@@ -474,8 +491,8 @@ class DareLinear(_WeightedSum):
     ``rescale``: ``true``/``"inverse_density"`` is the paper's ``1/(1-p)``; ``"l1"``, ``"l2"``,
     ``"linf"`` rescale to keep that norm of ``tau_i``. mergekit: its ``rescale: true`` means L1 norm
     matching, not ``1/density``; write ``rescale: l1`` for its exact behaviour (both agree in
-    expectation). Masks come from our own seeded generator, so the result equals mergekit's only
-    in distribution.
+    expectation). Masks come from our own seeded counter-based generator (:func:`dare_drop`), so
+    the result equals mergekit's only in distribution.
     """
 
     model_params = {"weight": 1.0, "density": 1.0}
@@ -489,6 +506,10 @@ class DareLinear(_WeightedSum):
         self.rescale = _check_rescale(rescale)
 
     def merge(self, tensors, base, params, ctx):
+        fused = _fused_dare(tensors, base, params, self.rescale, ctx.generator, consensus=self.consensus,
+                            normalize=self.normalize, scale=self.lambda_)
+        if fused is not None:
+            return fused
         deltas = dare_drop(tensors.sub_(base), params["density"], self.rescale, ctx.generator)
         return _combine(deltas, params["weight"], base, consensus=self.consensus,
                         normalize=self.normalize, scale=self.lambda_)
@@ -496,26 +517,52 @@ class DareLinear(_WeightedSum):
 
 def dare_drop(deltas: Tensor, density: Tensor, rescale: bool | str, generator: torch.Generator | None) -> Tensor:
     """DARE's drop-and-rescale of task vectors ``(N, *shape)`` with keep probability ``density``
-    (in place). Models with ``density >= 1`` are left as they are."""
+    (in place). Models with ``density >= 1`` are left as they are.
+
+    Entry ``j`` of model ``i`` is kept iff draw ``j`` of stream ``i`` (:func:`_dare_streams`) is
+    below ``ceil(density_i * 2^24)``: the keep probability is ``density_i`` to 2^-24, the same
+    draws in the fused bfloat16 path (:mod:`polytask.merge.kernels`), in any chunking.
+    """
     if bool((density >= 1).all()):
         return deltas
     density = density.clamp(0, 1)
     before = _norms(deltas, rescale)
-    # rand is in [0, 1): density 1 keeps everything
-    # float32 draws whatever the compute dtype (bfloat16 draws would round the keep probability);
-    # one model at a time, in order: the same stream as one (N, *shape) draw, in 1/N of the memory
-    for delta_i, p in zip(deltas, density.tolist()):
-        delta_i.mul_(torch.rand(delta_i.shape, generator=generator) < _float32_threshold(p))
+    flat = deltas.reshape(deltas.shape[0], -1)
+    m = flat.shape[1]
+    for delta_i, p, seed in zip(flat, density.tolist(), _dare_streams(generator, len(flat))):
+        threshold = kernels.dare_threshold(p)
+        for start in range(0, m, _DRAW_CHUNK):  # bounded int64 temporaries
+            part = delta_i[start:start + _DRAW_CHUNK]
+            part.mul_(kernels.uniform24(seed, start, part.numel()) < threshold)
     return _rescale(deltas, before, density, rescale)
 
 
-def _float32_threshold(p: float) -> float:
-    """The float32 ``t`` with ``x < t`` iff ``x < p`` for every float32 ``x`` (so that the test
-    runs in float32 yet decides as in float64): ``p`` rounded up to float32."""
-    t = torch.tensor(p, dtype=torch.float32)
-    if float(t) < p:
-        t = torch.nextafter(t, torch.tensor(float("inf")))
-    return float(t)
+#: Draws made at once by :func:`dare_drop`'s torch path.
+_DRAW_CHUNK = 1 << 22
+
+
+def _dare_streams(generator: torch.Generator | None, n: int) -> list[int]:
+    """Per-model stream seeds of one tensor: from the tensor's seeded generator (the engine's), or
+    from torch's global generator when none is given."""
+    seed = generator.initial_seed() if generator is not None else int(torch.randint(2**62, ()))
+    return [kernels.stream_seed(seed, i) for i in range(n)]
+
+
+def _fused_dare(tensors: Tensor, base: Tensor, params: dict[str, Tensor], rescale: bool | str,
+                generator: torch.Generator | None, **combine) -> Tensor | None:
+    """DARE's drop, its ``1/density`` rescale and the (TIES) combination in one pass per entry
+    (bfloat16 with numba; None otherwise: the torch path)."""
+    if rescale not in (True, False, "inverse_density") or not kernels.available(tensors, base):
+        return None
+    density = params["density"]
+    n = tensors.shape[0]
+    if bool((density >= 1).all()):
+        dare = None
+    else:
+        ps = density.clamp(0, 1).tolist()
+        dare = ([kernels.dare_threshold(p) for p in ps], _dare_streams(generator, n),
+                [(p if p > 0 else 1.0) if rescale else 0.0 for p in ps])
+    return kernels.combine(tensors, base, params["weight"], subtract=True, dare=dare, **combine)
 
 
 @MERGE_METHODS.register("dare_ties")

@@ -1,0 +1,337 @@
+"""Compiled loops (numba) behind :mod:`polytask.merge.kernels`: bfloat16 task-vector merges in one
+pass per entry, and the magnitude trim's selection in linear time.
+
+Imported only when numba is installed (the ``fast`` extra). Arrays are numpy views of torch
+tensors: bfloat16 as ``uint16`` bit patterns. Every bfloat16 operation is done as torch does it on
+the CPU: widen both operands to float32 (exact), compute in float32, round to nearest even back to
+bfloat16 -- so a sequence of these steps gives torch's (and mergekit's) bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+_FLAG = np.uint32(0x80000000)  # a work entry holding a position (a tie at the threshold), not a key
+_BLOCK = 64  # entries per block of the branch-free partition
+_LEAF = 16  # libstdc++'s _S_threshold: ranges this small are left to the final insertion sort
+
+
+@intrinsic
+def _u32_as_f32(typingctx, x):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_as_u32(typingctx, x):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def widen(b):
+    """bfloat16 bits -> float32 (exact)."""
+    return _u32_as_f32(np.uint32(b) << np.uint32(16))
+
+
+@njit(inline="always")
+def round_bf16(f):
+    """float32 -> bfloat16 bits, round to nearest even (c10::BFloat16); NaN -> 0x7FC0."""
+    u = _f32_as_u32(f)
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16(0x7FC0)
+    bias = ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+    return np.uint16((u + bias) >> np.uint32(16))
+
+
+@njit(inline="always")
+def uniform24(seed, j):
+    """24 uniform bits for entry ``j`` of a stream ``seed``: SplitMix64's output function (Steele,
+    Lea & Flood, OOPSLA 2014) of the ``j+1``-th Weyl step, counter-based, so any chunk of a tensor
+    draws its own entries without the others."""
+    z = seed + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return z >> np.uint64(40)
+
+
+@njit(nogil=True, cache=True)
+def fill_uniform24(seed, start, out):
+    """``out[t] = uniform24(seed, start + t)`` (int32): the same draws for the torch fallback's
+    tests."""
+    for t in range(out.size):
+        out[t] = np.int32(uniform24(seed, start + t))
+
+
+# ---------------------------------------------------------------------------------------------
+# the magnitude trim: which entries torch.argsort(|tau|, descending)[:k] picks, ties included
+
+
+@njit(inline="always")
+def _key(e, v):
+    return e if e < _FLAG else v
+
+
+@njit(nogil=True, cache=True)
+def _partition(work, f, last, pivot, v, off_left, off_right):
+    """Hoare's unguarded partition of ``work[f:last]`` around ``pivot`` (libstdc++'s
+    ``__unguarded_partition``, descending), returning the cut; the same swaps in the same order.
+
+    The left scan stops at keys not above the pivot, the right scan at keys not below it, and the
+    s-th stops of the two swap while the left one lies before the right one. While the unscanned
+    range is long, the stops of a block at each end are found without branches (BlockQuicksort,
+    Edelkamp & Weiss, ESA 2016) and swapped pairwise in scan order; the last stretch runs the
+    scans themselves from where the blocks left them.
+    """
+    n_left = 0
+    n_right = 0
+    i_left = 0
+    i_right = 0
+    while last - f >= 2 * _BLOCK:
+        if i_left == n_left:
+            n_left = 0
+            i_left = 0
+            for t in range(_BLOCK):
+                off_left[n_left] = t
+                n_left += _key(work[f + t], v) <= pivot
+        if i_right == n_right:
+            n_right = 0
+            i_right = 0
+            for t in range(_BLOCK):
+                off_right[n_right] = t
+                n_right += _key(work[last - 1 - t], v) >= pivot
+        swaps = min(n_left - i_left, n_right - i_right)
+        for s in range(swaps):
+            a = f + off_left[i_left + s]
+            b = last - 1 - off_right[i_right + s]
+            tmp = work[a]
+            work[a] = work[b]
+            work[b] = tmp
+        i_left += swaps
+        i_right += swaps
+        if i_left == n_left:
+            f += _BLOCK
+        if i_right == n_right:
+            last -= _BLOCK
+    if i_left < n_left:  # resume the scalar scans at the next stop a block had found
+        f += off_left[i_left]
+    if i_right < n_right:
+        last -= off_right[i_right]
+    while True:
+        while _key(work[f], v) > pivot:
+            f += 1
+        last -= 1
+        while pivot > _key(work[last], v):
+            last -= 1
+        if f >= last:
+            return f
+        tmp = work[f]
+        work[f] = work[last]
+        work[last] = tmp
+        f += 1
+
+
+@njit(nogil=True, cache=True)
+def _replay(work, k, v):
+    """Replay libstdc++'s introsort (descending by key) on the path to position ``k``.
+
+    The steps (Musser 1997, as libstdc++'s ``std::sort``): median of entries 1, mid and last-1
+    moved to the first, Hoare's unguarded partition around it, ranges of at most 16 left to the
+    final insertion sort, heapsort past a depth of 2 floor(log2 n). Only the range holding
+    position ``k`` is followed: the other one lies wholly before or after ``k``. Returns 0, or 2
+    where the heapsort fallback is reached (the caller sorts instead).
+    """
+    off_left = np.empty(_BLOCK, np.int64)
+    off_right = np.empty(_BLOCK, np.int64)
+    lo = 0
+    hi = work.size
+    depth = 0
+    n = hi
+    while n > 1:
+        n >>= 1
+        depth += 1
+    depth *= 2
+    while hi - lo > _LEAF:
+        if depth == 0:
+            return 2
+        depth -= 1
+        a = lo + 1
+        b = lo + (hi - lo) // 2
+        c = hi - 1
+        ka = _key(work[a], v)
+        kb = _key(work[b], v)
+        kc = _key(work[c], v)
+        if ka > kb:
+            if kb > kc:
+                m = b
+            elif ka > kc:
+                m = c
+            else:
+                m = a
+        elif ka > kc:
+            m = a
+        elif kb > kc:
+            m = c
+        else:
+            m = b
+        t = work[lo]
+        work[lo] = work[m]
+        work[m] = t
+        f = _partition(work, lo + 1, hi, _key(work[lo], v), v, off_left, off_right)
+        if f == k:
+            return 0
+        if k < f:
+            hi = f
+        else:
+            lo = f
+    for i in range(lo + 1, hi):  # the leaf: the final insertion sort is stable within it
+        e = work[i]
+        ke = _key(e, v)
+        j = i
+        while j > lo and ke > _key(work[j - 1], v):
+            work[j] = work[j - 1]
+            j -= 1
+        work[j] = e
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def head_keep(bits, k, descending, nan_above, keep, work):
+    """``keep[i]`` = entry ``i`` is among ``torch.argsort(|x|, descending)[:k]`` (``0 < k < n``).
+
+    ``bits`` are the half-precision bit patterns of ``x``; with the sign dropped they order as the
+    magnitudes do (exact, no float copy). ``work`` is ``uint32`` scratch of ``n`` entries. A
+    histogram of the 2^15 magnitudes gives the threshold ``v`` (the ``k``-th) at once; entries
+    not equal to ``v`` are decided by it. Only where entries equal to ``v`` straddle the cut does
+    the sort's order matter: then the sort is replayed on the keys, tied entries carrying their
+    position. Ascending order runs as descending on ``0x7FFF - key``. Returns 0, 1 (a NaN:
+    ``nan_above`` is the largest magnitude pattern that is not NaN) or 2 (heapsort fallback).
+    """
+    n = bits.size
+    hist = np.zeros(32768, np.int64)
+    for i in range(n):
+        hist[bits[i] & 0x7FFF] += 1
+    for a in range(nan_above + 1, 32768):
+        if hist[a] != 0:
+            return 1
+    above = 0
+    if descending:
+        v = 32767
+        while above + hist[v] < k:
+            above += hist[v]
+            v -= 1
+    else:
+        v = 0
+        while above + hist[v] < k:
+            above += hist[v]
+            v += 1
+    if above + hist[v] == k:  # no tie straddles the cut
+        for i in range(n):
+            a = bits[i] & 0x7FFF
+            keep[i] = a >= v if descending else a <= v
+        return 0
+    for i in range(n):
+        a = bits[i] & 0x7FFF
+        if a == v:
+            work[i] = _FLAG | np.uint32(i)
+            keep[i] = False
+        else:
+            keep[i] = a > v if descending else a < v
+            work[i] = np.uint32(a) if descending else np.uint32(0x7FFF - a)
+    status = _replay(work, k, np.uint32(v) if descending else np.uint32(0x7FFF - v))
+    if status != 0:
+        return status
+    for p in range(k):
+        e = work[p]
+        if e >= _FLAG:
+            keep[e & np.uint32(0x7FFFFFFF)] = True
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the weighted sum of task vectors, with TIES' sign election and DARE's drop, one pass per entry
+
+
+@njit(nogil=True, cache=True)
+def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_by, weights,
+            consensus, normalize, weight_sum, scale, out, lo, hi):
+    """``out[j] = base[j] + scale * sum_i w_i tau_ij [/ divisor]`` for ``lo <= j < hi``, in
+    bfloat16 with torch's rounding after every step of :func:`polytask.merge.methods._combine`
+    and the drops before it.
+
+    ``x`` ``(N, M)``: task vectors, or fine-tuned weights if ``subtract`` (``tau = x - base``).
+    ``keep`` ``(N, M)`` bool trims (TIES) or ``(0, 0)``; ``dare_threshold[i] >= 0`` drops entry
+    ``j`` unless ``uniform24(dare_seed[i], offset + j) < dare_threshold[i]``; ``divide_by[i] > 0``
+    then divides by it (DARE's rescale). ``consensus``: 0 none, 1 sum, 2 count (TIES' election).
+    """
+    n = x.shape[0]
+    trimmed = keep.shape[0] == n
+    weighted = np.empty(n, np.float32)
+    for j in range(lo, hi):
+        fb = widen(base[j])
+        for i in range(n):
+            d = widen(x[i, j])
+            if subtract:
+                d = widen(round_bf16(d - fb))
+            if trimmed and not keep[i, j]:
+                d = widen(round_bf16(d * np.float32(0.0)))
+            if dare_threshold[i] >= 0:
+                if not uniform24(dare_seed[i], offset + j) < dare_threshold[i]:
+                    d = widen(round_bf16(d * np.float32(0.0)))
+                if divide_by[i] > 0:
+                    d = widen(round_bf16(d / divide_by[i]))
+            weighted[i] = widen(round_bf16(d * weights[i]))
+        if consensus == 0:
+            acc = np.float32(0.0)
+            for i in range(n):
+                acc += weighted[i]
+            mixed = widen(round_bf16(acc))
+            if normalize:
+                mixed = widen(round_bf16(mixed / weight_sum))
+        else:
+            if consensus == 1:
+                acc = np.float32(0.0)
+                for i in range(n):
+                    acc += weighted[i]
+                r = round_bf16(acc)
+                positive = r == 0x8000 or (r < 0x8000 and r <= 0x7F80)
+            else:
+                up = 0
+                down = 0
+                for i in range(n):
+                    if weighted[i] > 0:
+                        up += 1
+                    elif weighted[i] < 0:
+                        down += 1
+                positive = up >= down
+            acc = np.float32(0.0)
+            div = np.float32(0.0)
+            for i in range(n):
+                w = weighted[i]
+                agree = (w > 0 and positive) or (w < 0 and not positive)
+                if agree:
+                    acc += w
+                    div += weights[i]
+                else:
+                    acc += w * np.float32(0.0)
+            mixed = widen(round_bf16(acc))
+            if normalize:
+                dv = widen(round_bf16(div))
+                if dv == 0:
+                    dv = np.float32(1.0)
+                mixed = widen(round_bf16(mixed / dv))
+        if scale != 1:
+            mixed = widen(round_bf16(mixed * scale))
+        out[j] = round_bf16(mixed + fb)

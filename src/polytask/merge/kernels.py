@@ -1,0 +1,177 @@
+"""Fused bfloat16 task-vector merges: the same bits as the torch path, several times faster.
+
+A bfloat16 merge done with torch ops (as mergekit does it) makes one pass over memory per step
+(subtract, trim, multiply, sign election, sum, divide, add), each widening to float32 and
+rounding back; TIES also sorts every task vector. Here each entry goes through all of its steps
+at once, in compiled loops (:mod:`polytask.merge._bf16_numba`, numba), rounding after each step
+exactly where torch rounds, so the output is bit-identical to :func:`polytask.merge.methods._combine`
+(and to mergekit). The trim's selection is linear: a histogram of the 2^15 magnitudes gives the
+threshold, and only where equal magnitudes straddle it is torch's sort replayed to pick the same
+ones (:func:`trim_masks`).
+
+Used when numba is installed (``pip install 'polytask[fast]'``) and the inputs are bfloat16;
+everything else takes the torch path, which gives the same results (tests compare the two).
+DARE's drop draws from a counter-based generator (:func:`uniform24`), the same in both paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["available", "can_trim", "trim_masks", "combine", "uniform24", "stream_seed"]
+
+#: Entries per chunk of :func:`combine` handed to a thread.
+_CHUNK = 1 << 20
+#: Trims of rows at least this long run one at a time (their scratch is 4 bytes per entry).
+_SERIAL_TRIM = 1 << 24
+_MASK64 = (1 << 64) - 1
+
+
+@functools.cache
+def _compiled():
+    try:
+        from polytask.merge import _bf16_numba
+    except ImportError:  # numba is not installed: the torch path
+        return None
+    return _bf16_numba
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, min(2, torch.get_num_threads())), thread_name_prefix="polytask-kernel")
+
+
+def available(*tensors: Tensor | None) -> bool:
+    """Whether the fused kernels take these tensors: numba installed, all bfloat16 CPU tensors."""
+    if any(t is not None and (t.dtype != torch.bfloat16 or t.device.type != "cpu") for t in tensors):
+        return False
+    return _compiled() is not None
+
+
+def _bits(t: Tensor) -> np.ndarray:
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def _splitmix(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def stream_seed(seed: int, model: int) -> int:
+    """The seed of model ``model``'s random stream in a tensor whose generator seed is ``seed``."""
+    return _splitmix(_splitmix(seed & _MASK64) ^ (model + 1))
+
+
+def uniform24(seed: int, start: int, count: int) -> Tensor:
+    """Draws ``start .. start+count-1`` of the stream ``seed``: int32 in [0, 2^24), uniform.
+
+    SplitMix64's output function (Steele, Lea & Flood, OOPSLA 2014) of the ``(j+1)``-th Weyl step,
+    top 24 bits: counter-based, so a chunk of a tensor draws its entries without the others.
+    Computed with int64 torch ops (two's-complement wrap-around; logical shifts by masking) when
+    numba is absent.
+    """
+    compiled = _compiled()
+    if compiled is not None:
+        out = np.empty(count, np.int32)
+        compiled.fill_uniform24(np.uint64(seed), start, out)
+        return torch.from_numpy(out)
+
+    def signed(c: int) -> int:
+        return c - (1 << 64) if c >= 1 << 63 else c
+
+    def shr(z: Tensor, s: int) -> Tensor:
+        return (z >> s) & ((1 << (64 - s)) - 1)
+
+    j = torch.arange(start + 1, start + count + 1, dtype=torch.int64)
+    z = j.mul_(signed(0x9E3779B97F4A7C15)).add_(signed(seed))
+    z = (z ^ shr(z, 30)).mul_(signed(0xBF58476D1CE4E5B9))
+    z = (z ^ shr(z, 27)).mul_(signed(0x94D049BB133111EB))
+    z = z ^ shr(z, 31)
+    return shr(z, 40).to(torch.int32)
+
+
+def dare_threshold(density: float) -> int:
+    """Keep an entry iff its draw is below this: ``ceil(density * 2^24)`` (exact probability)."""
+    return math.ceil(min(max(density, 0.0), 1.0) * (1 << 24))  # exact: a power-of-two scaling
+
+
+#: The largest magnitude bit pattern that is not NaN, per half-precision dtype.
+_NAN_ABOVE = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def can_trim(x: Tensor) -> bool:
+    """Whether :func:`trim_masks` takes ``x``: numba installed, a half-precision CPU tensor."""
+    return x.dtype in _NAN_ABOVE and x.device.type == "cpu" and _compiled() is not None
+
+
+def trim_masks(deltas: Tensor, counts: list[int], *, largest: bool) -> Tensor | None:
+    """Masks of the entries ``torch.argsort(|deltas[i]|, descending=largest)[:counts[i]]`` picks,
+    tie for tie, for half-precision ``deltas`` ``(N, M)`` (see :func:`can_trim`); None where a row
+    has a NaN or reaches the sort's heapsort fallback (the caller sorts)."""
+    compiled = _compiled()
+    n, m = deltas.shape
+    nan_above = _NAN_ABOVE[deltas.dtype]
+    masks = torch.zeros((n, m), dtype=torch.bool)
+    bits = _bits(deltas)
+    keep = masks.numpy()
+    rows = [i for i in range(n) if 0 < counts[i] < m]
+    for i in range(n):
+        if counts[i] >= m:
+            keep[i] = True
+
+    def one(i: int) -> int:
+        work = np.empty(m, np.uint32)
+        return compiled.head_keep(bits[i], counts[i], largest, nan_above, keep[i], work)
+
+    if m < _SERIAL_TRIM and len(rows) > 1:
+        status = list(_pool().map(one, rows))
+    else:
+        status = [one(i) for i in rows]
+    return None if any(status) else masks
+
+
+def combine(x: Tensor, base: Tensor, weights: Tensor, *, subtract: bool, keep: Tensor | None = None,
+            dare: tuple[list[int], list[int], list[float]] | None = None, offset: int = 0,
+            consensus: str | None, normalize: bool, scale: float) -> Tensor:
+    """``base + scale * sum_i w_i tau_i [/ divisor]`` in bfloat16, bit for bit as
+    :func:`polytask.merge.methods._combine` after the same trims and drops.
+
+    ``x`` ``(N, *shape)``: task vectors, or fine-tuned weights if ``subtract``; ``keep``: TIES'
+    trim masks; ``dare``: per model (threshold, stream seed, rescale divisor or 0) as from
+    :func:`dare_threshold`, :func:`stream_seed`; ``offset``: index of ``x``'s first entry in the
+    tensor (for the draws of a chunk).
+    """
+    compiled = _compiled()
+    n = x.shape[0]
+    xs = _bits(x.reshape(n, -1))
+    b = _bits(base.reshape(-1))
+    m = b.size
+    out = torch.empty_like(base)
+    o = _bits(out.reshape(-1))
+    w = weights.to(torch.bfloat16).float().numpy()
+    ks = keep.reshape(n, -1).numpy() if keep is not None else np.zeros((0, 0), np.bool_)
+    thresholds, seeds, divisors = dare if dare is not None else ([-1] * n, [0] * n, [0.0] * n)
+    thresholds = np.asarray(thresholds, np.int64)
+    seeds = np.asarray(seeds, np.uint64)
+    divisors = torch.tensor(divisors).to(torch.bfloat16).float().numpy()
+    code = {None: 0, "sum": 1, "count": 2}[consensus]
+    weight_sum = np.float32(weights.to(torch.bfloat16).sum(dim=0).float()) if code == 0 else np.float32(1)
+
+    def run(lo: int) -> None:
+        compiled.combine(xs, b, subtract, ks, thresholds, seeds, offset, divisors, w, code, normalize,
+                         weight_sum, np.float32(scale), o, lo, min(lo + _CHUNK, m))
+
+    starts = range(0, m, _CHUNK)
+    if len(starts) > 1:
+        list(_pool().map(run, starts))
+    else:
+        run(0)
+    return out
