@@ -478,8 +478,10 @@ def test_pruned_run_loads_from_its_config_and_reports_its_counts(runs, tmp_path,
     assert count(model, x).flops == pruned_row["flops"] <= 0.5 * result.table[0]["flops"]
     assert result.table[0]["delta_m_val"] == 0.0
     assert set(result.keep_ratios) and all(0 < r <= 1 for r in result.keep_ratios.values())
-    if arch == "ple":  # the hidden width is pruned, the experts' output width (8) stays
-        assert config.model.params["expert"][-1] == 8 and config.model.params["expert"][0] < 12
+    if arch == "ple":  # each bank's hidden width is pruned, the experts' output width (8) stays
+        banks = config.model.params["bank_widths"]
+        assert config.model.params["expert"] == [12, 8] and sorted(banks) == ["shared", "task0", "task1"]
+        assert all(len(w) == 1 and w[0] <= 12 for w in banks.values()) and min(w[0] for w in banks.values()) < 12
     assert (result.out_dir / "prune.md").read_text().count("\n") == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial left
 
@@ -507,12 +509,16 @@ def test_pagcp_prunes_ple_hidden_units_under_its_constraint(runs, tmp_path):
 
     result = prune_run(runs["ple"], PruneOptions("pagcp", 0.7, finetune_epochs=1, out=tmp_path / "p"))
     summary = json.loads((result.out_dir / "prune.json").read_text())
-    assert list(summary["widths"]) == ["levels.*.*_experts.layers.0"]
+    assert list(summary["widths"]) == ["levels.*.task_experts.0.layers.0", "levels.*.task_experts.1.layers.0",
+                                       "levels.*.shared_experts.layers.0"]  # one tied layer per bank
     assert any(d["kept"] < d["width"] for d in summary["decisions"])
     for d in summary["decisions"]:  # the oracle criterion, on a tied layer too
         assert max(d["loss_ratio"]) <= 1 + d["theta"] + 1e-6
     config, _, model = load_run(result.out_dir)  # the fine-tuned weights load into the pruned widths
-    assert config.model.params["expert"] == [summary["widths"]["levels.*.*_experts.layers.0"], 8]
+    assert config.model.params["bank_widths"] == {
+        "task0": [summary["widths"]["levels.*.task_experts.0.layers.0"]],
+        "task1": [summary["widths"]["levels.*.task_experts.1.layers.0"]],
+        "shared": [summary["widths"]["levels.*.shared_experts.layers.0"]]}
     assert result.table[1]["flops"] <= 0.7 * result.table[0]["flops"]
 
 

@@ -27,6 +27,7 @@ from itertools import chain
 import torch
 from torch import Tensor, nn
 
+from polytask.errors import ConfigError
 from polytask.nn.base import MultiTaskModel, TaskHeads, check_positive, check_widths  # noqa: F401  (re-exported)
 from polytask.nn.embedding import FeatureSpec, input_layer
 from polytask.nn.layers import BatchedLinear, BatchedMLP, mix_experts
@@ -145,19 +146,33 @@ class ExtractionLevel(nn.Module):
     it the level returns ``T`` streams, and a ``(T, B, d)`` input (no shared stream) is accepted
     when there are no shared experts.
     ``native`` adds AdaTT's learnable linear combination of the task's own experts.
+    ``task_hidden`` (one list per task) and ``shared_hidden`` give a bank its own hidden widths (the
+    widths before the output width ``hidden[-1]``, which every bank keeps: the gates mix it): each
+    task's specific experts are then a bank of their own, ``task_experts[t]``, run one task after
+    the other (banks of different widths cannot be one stacked tensor), instead of one stacked
+    ``specific_experts`` bank. This is how a pruned PLE (``polytask prune``) is described.
 
     Returns ``(outputs (T[+1], B, H), task gates (T, B, width))``.
     """
 
     def __init__(self, num_tasks: int, specific: int, shared: int, in_dim: int, hidden: Sequence[int],
                  activation: str = "relu", dropout: float = 0.0, shared_output: bool = False,
-                 scope: str = "own", native: bool = False) -> None:
+                 scope: str = "own", native: bool = False, task_hidden: Sequence[Sequence[int]] | None = None,
+                 shared_hidden: Sequence[int] | None = None) -> None:
         super().__init__()
         t, s, k = num_tasks, specific, shared
         self.num_tasks, self.specific, self.shared, self.scope = t, s, k, scope
         self.num_experts = t * s + k
-        self.specific_experts = BatchedMLP(t * s, in_dim, hidden, act=activation, dropout=dropout) if s else None
-        self.shared_experts = BatchedMLP(k, in_dim, hidden, act=activation, dropout=dropout) if k else None
+        out = tuple(hidden)[-1]
+        if task_hidden is None:
+            self.specific_experts = BatchedMLP(t * s, in_dim, hidden, act=activation, dropout=dropout) if s else None
+            self.task_experts = None
+        else:
+            self.specific_experts = None
+            self.task_experts = nn.ModuleList(BatchedMLP(s, in_dim, [*widths, out], act=activation, dropout=dropout)
+                                              for widths in task_hidden)
+        shared_widths = hidden if shared_hidden is None else [*shared_hidden, out]
+        self.shared_experts = BatchedMLP(k, in_dim, shared_widths, act=activation, dropout=dropout) if k else None
         self.out_dim = tuple(hidden)[-1]
         width = s + k if scope == "own" else self.num_experts
         self.task_gates = BatchedLinear(t, in_dim, width)
@@ -169,6 +184,8 @@ class ExtractionLevel(nn.Module):
         parts = [self.task_gates.parameters()]
         if self.specific_experts is not None:
             parts.append(self.specific_experts.parameters())
+        if self.task_experts is not None:
+            parts.append(self.task_experts.parameters())
         if self.native is not None:
             parts.append(iter([self.native]))
         return chain(*parts)
@@ -183,6 +200,8 @@ class ExtractionLevel(nn.Module):
             else:  # task i's experts read stream i: (T, B, d) -> (T*S, B, d)
                 streams = x[:t].unsqueeze(1).expand(-1, s, -1, -1).reshape(t * s, *x.shape[1:])
                 specific = self.specific_experts(streams)
+        elif self.task_experts is not None:  # banks of their own widths: one call per task
+            specific = torch.cat([bank(x if x.ndim == 2 else x[i]) for i, bank in enumerate(self.task_experts)])
         if self.shared_experts is not None:
             shared = self.shared_experts(x if x.ndim == 2 else x[t])
         return specific, shared
@@ -225,6 +244,26 @@ class ExtractionLevel(nn.Module):
         return torch.cat([own, own.new_zeros(t, self.shared)], dim=1)
 
 
+def _bank_widths(banks: dict[str, Sequence[int]] | None, task_names: Sequence[str], shared: int,
+                 expert: Sequence[int]) -> dict[str, tuple[int, ...]] | None:
+    """``model.params.bank_widths`` checked: one list of ``len(expert) - 1`` widths per task (and
+    ``shared`` when there are shared experts), nothing else."""
+    if banks is None:
+        return None
+    if not isinstance(banks, dict):
+        raise ConfigError(f"model.params.bank_widths must map each bank (shared, a task) to widths, got {banks!r}")
+    names = [*task_names, *(["shared"] if shared else [])]
+    if sorted(banks) != sorted(names):
+        raise ConfigError(f"model.params.bank_widths needs exactly the banks {names}, got {sorted(banks)}")
+    out = {}
+    for name in names:
+        out[name] = check_widths(f"bank_widths.{name}", banks[name], allow_empty=True)
+        if len(out[name]) != len(expert) - 1:
+            raise ConfigError(f"model.params.bank_widths.{name} needs one width per hidden expert layer "
+                              f"({len(expert) - 1}: every expert width but the output's), got {list(banks[name])!r}")
+    return out
+
+
 @ARCHITECTURES.register("ple")
 class PLE(RoutedModel):
     """Progressive Layered Extraction.
@@ -243,6 +282,11 @@ class PLE(RoutedModel):
         shared_experts: shared experts in each level (>= 0; with 0, CGC is single-task towers).
         expert: hidden widths of each expert MLP; every level uses them.
         tower, activation, dropout: as in :class:`MMoE`.
+        bank_widths: the hidden widths (every ``expert`` width but the last) of one bank of experts
+        in every level, by bank: ``shared`` and each task's name (all of them, when given). Left
+        out, every bank has ``expert``'s; ``polytask prune`` writes it so that each bank keeps its
+        own pruned widths (a task's specific experts then run as a bank of their own, see
+        :class:`ExtractionLevel`).
 
     ``gate_weights[task]`` is the last level's gate ``(B, specific + shared)``, own experts first;
     ``level_gate_weights`` holds every level's ``(T, B, width)`` gates.
@@ -250,17 +294,21 @@ class PLE(RoutedModel):
 
     def __init__(self, input_dim: int | FeatureSpec, tasks: Sequence[Task], num_levels: int = 2,
                  specific_experts: int = 1, shared_experts: int = 1, expert: Sequence[int] = (64,),
-                 tower: Sequence[int] = (32,), activation: str = "relu", dropout: float = 0.0) -> None:
+                 tower: Sequence[int] = (32,), activation: str = "relu", dropout: float = 0.0,
+                 bank_widths: dict[str, Sequence[int]] | None = None) -> None:
         super().__init__(tasks)
         check_positive("num_levels", num_levels)
         check_positive("specific_experts", specific_experts)
         check_positive("shared_experts", shared_experts, minimum=0)
         expert = check_widths("expert", expert)
+        banks = _bank_widths(bank_widths, self.task_names, shared_experts, expert)
         self.input = input_layer(input_dim)
         widths = [self.input.output_dim] + [expert[-1]] * num_levels
         self.levels = nn.ModuleList(
             ExtractionLevel(len(self.tasks), specific_experts, shared_experts, widths[i], expert, activation,
-                            dropout, shared_output=i < num_levels - 1, scope="own")
+                            dropout, shared_output=i < num_levels - 1, scope="own",
+                            task_hidden=None if banks is None else [banks[n] for n in self.task_names],
+                            shared_hidden=None if banks is None else banks.get("shared"))
             for i in range(num_levels)
         )
         self.heads = TaskHeads(self.tasks, expert[-1], check_widths("tower", tower, True), activation, dropout)
@@ -292,5 +340,7 @@ class CGC(PLE):
 
     def __init__(self, input_dim: int | FeatureSpec, tasks: Sequence[Task], specific_experts: int = 1,
                  shared_experts: int = 1, expert: Sequence[int] = (64,), tower: Sequence[int] = (32,),
-                 activation: str = "relu", dropout: float = 0.0) -> None:
-        super().__init__(input_dim, tasks, 1, specific_experts, shared_experts, expert, tower, activation, dropout)
+                 activation: str = "relu", dropout: float = 0.0, bank_widths: dict[str, Sequence[int]] | None = None
+                 ) -> None:
+        super().__init__(input_dim, tasks, 1, specific_experts, shared_experts, expert, tower, activation, dropout,
+                         bank_widths)

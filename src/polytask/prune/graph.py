@@ -24,6 +24,9 @@ A *prunable layer* is a layer whose output channels (hidden units, filters) may 
   the whole PLE groups a hidden unit the same way, but it follows an expert *output* channel
   through the stream slices and gate products onto the gates' outputs, as torch-pruning 1.6 reads
   the ``(T, B, E) x (E, B, H)`` broadcast product as element-wise; a bank is also faster to trace.)
+  A PLE built with ``bank_widths`` (what ``polytask prune`` prunes: :mod:`polytask.prune.banks`)
+  has one such tied layer per bank (each task's, the shared one) and depth, tied over the levels
+  only, so each bank keeps its own width;
 - a plain module (e.g. a CNN built in Python): the layers the caller names.
 
 - ``mtan``: both convs of every trunk block (``trunk_u.J.0``, ``trunk_p.J.0``); a channel goes
@@ -50,7 +53,7 @@ from torch import nn
 from polytask.errors import ConfigError
 from polytask.nn.layers import BatchedLinear
 from polytask.nn.mtan import MTAN
-from polytask.prune import mtan
+from polytask.prune import banks, mtan
 from polytask.prune.importance import Coupled
 
 #: architectures whose pruned widths map back to their config (``model.params``)
@@ -187,12 +190,17 @@ def _expert_hidden_patterns(model: nn.Module, arch: str) -> list[str]:
     """``levels.*.*_experts.layers.K`` for every expert layer but the last (the output width stays).
     Every bank of every level is built from the same ``expert`` widths, so the indices are the same."""
     level = model.levels[0]
-    bank = level.specific_experts if level.specific_experts is not None else level.shared_experts
+    if banks.is_banked(model):
+        bank = level.task_experts[0]
+    else:
+        bank = level.specific_experts if level.specific_experts is not None else level.shared_experts
     linear = [i for i, m in enumerate(bank.layers) if isinstance(m, BatchedLinear)]
     if len(linear) < 2:
         raise ConfigError(f"model.params.expert: {arch} experts have one layer (width {bank.out_features}); only "
                           f"hidden units inside the experts are pruned (the output width is what the gates mix and "
                           f"the next level and the towers read), so expert needs at least two widths")
+    if banks.is_banked(model):  # one tied layer per bank and depth (see prune/banks.py)
+        return banks.hidden_patterns(model, linear[:-1])
     return [f"levels.*.*_experts.layers.{i}" for i in linear[:-1]]
 
 

@@ -1,8 +1,8 @@
 """``polytask prune``: prune a finished run directory's model into a new run directory.
 
 The new run directory is an ordinary polytask run: ``config.yaml`` whose ``model.params`` widths
-(``bottom`` for shared-bottom, ``expert`` for MMoE/OMoE/PLE/CGC, the per-block widths for MTAN) are
-the pruned ones, so the config alone
+(``bottom`` for shared-bottom, ``expert`` for MMoE/OMoE, each bank's ``bank_widths`` for PLE/CGC,
+the per-block widths for MTAN) are the pruned ones, so the config alone
 rebuilds the pruned shapes and every tool that reads runs (``--resume`` of the fine-tuning, analyse,
 report) loads it; ``best/model.safetensors`` holds the pruned weights. Recording widths rather than
 pickling the whole module keeps the weights in safetensors (no code executed on load) and the model
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from polytask.errors import CheckpointError, ConfigError
+from polytask.prune import banks
 from polytask.prune import flops as flops_lib
 from polytask.prune.core import PruneContext, task_drop
 from polytask.prune.graph import SUPPORTED, prunable_layers
@@ -119,7 +120,8 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
         f"{run_dir.name}-{options.method}-flops{target:g}")
     if out.exists():
         raise ConfigError(f"--out: {out} already exists; choose another directory")
-    config, splits, model = load_run(run_dir)
+    config, splits, original = load_run(run_dir)
+    model = prunable_form(config, splits, original)
     torch.manual_seed(options.seed)
     layers = prunable_layers(model, config.model.arch.lower())
     ctx = PruneContext(model, [layer.name for layer in layers], example_rows(splits.train, 4), splits.tasks,
@@ -149,7 +151,7 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
     try:
         _write(tmp, data, options.finetune_epochs, splits, pruned, progress)
         pruned = _reload(final_config, splits, tmp / "best" / "model.safetensors")
-        table = _table(ctx, model, pruned, splits, options.latency_device)
+        table = _table(ctx, original, pruned, splits, options.latency_device)  # the run's own form
         summary = {"method": options.method, "target_flops": target, "keep_task_floor": options.floor,
                    "finetune_epochs": options.finetune_epochs, "source": str(run_dir),
                    "widths": {n: widths[n] for n in ctx.layers}, "keep_ratios": keep, "table": table,
@@ -177,16 +179,35 @@ def prune_run(run_dir: Path, options: PruneOptions, progress: bool = False) -> P
 def pruned_params(arch: str, params: dict[str, Any], widths: list[int], pruned: nn.Module | None = None
                   ) -> dict[str, Any]:
     """``model.params`` with the pruned widths: every prunable layer's, in order; PLE/CGC prune the
-    experts' hidden layers only, so the last ``expert`` width (the experts' output) is kept; MTAN's
+    experts' hidden layers only, so the last ``expert`` width (the experts' output) is kept, and a
+    banked PLE/CGC records each bank's hidden widths (``bank_widths``); MTAN's
     per-block widths are read from the ``pruned`` model (:func:`polytask.prune.mtan.widths`)."""
     if arch == "mtan":
         from polytask.prune import mtan
 
         return {**params, **mtan.widths(pruned)}
+    if arch in ("ple", "cgc") and pruned is not None and banks.is_banked(pruned):
+        return {**params, "bank_widths": banks.bank_widths(pruned)}
     key = WIDTH_KEY[arch]
     if arch in ("ple", "cgc"):
         widths = [*widths, params[key][-1]]  # expert has >= 2 widths, else no layer was prunable
     return {**params, key: widths}
+
+
+def prunable_form(config, splits, model: nn.Module) -> nn.Module:
+    """The model in the form that is pruned: a PLE/CGC with one stacked bank of every task's
+    specific experts is rebuilt with one bank per task (:func:`polytask.prune.banks.banked_copy`),
+    so that each bank keeps its own widths; other models as they are."""
+    arch = config.model.arch.lower()
+    if arch not in ("ple", "cgc") or banks.is_banked(model):
+        return model
+    from polytask import nn as nn_lib
+
+    def build(widths):
+        params = {**config.model.params, "bank_widths": widths}
+        return nn_lib.build_model(config.model.arch, splits.input_spec, splits.tasks, **params)
+
+    return banks.banked_copy(model, build).eval()
 
 
 def _write(tmp: Path, data: dict, finetune_epochs: int, splits, pruned: nn.Module, progress: bool) -> None:
