@@ -156,3 +156,35 @@ def test_early_stop_takes_fewer_newton_steps_from_a_warm_start(monkeypatch):
     calls.clear()
     assert torch.allclose(solvers.power_fair_weights(gram, init=solution, iters=30), solution, rtol=1e-13, atol=0)
     assert len(calls) == 30
+
+
+# --- the simplex projection's threshold as the largest running mean -------------------------------
+
+
+def _duchi_projection(y: torch.Tensor) -> torch.Tensor:
+    """Duchi et al. (ICML 2008), Fig. 1, for one vector: rho = max{j : u_j - (sum_{k<=j} u_k - 1)/j > 0}."""
+    u = sorted(y.tolist(), reverse=True)
+    css, rho, total = 0.0, 0, 0.0
+    for j, uj in enumerate(u, start=1):
+        css += uj
+        if uj - (css - 1.0) / j > 0:
+            rho, total = j, css
+    theta = (total - 1.0) / rho
+    return (y - theta).clamp_min(0.0)
+
+
+def test_project_simplex_equals_duchi_on_ties_scales_and_batches():
+    from polytask.balance.solvers import project_simplex
+
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randn(16, generator=gen, dtype=DT) * s for s in (1e-8, 1.0, 10.0, 1e6)]
+    rows += [torch.full((5,), 0.3, dtype=DT), torch.tensor([2.0, 2.0, -1.0, 0.5], dtype=DT),  # ties at the top
+             torch.tensor([0.7], dtype=DT), torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2], dtype=DT)]  # T = 1; on the simplex
+    for y in rows:
+        ref = _duchi_projection(y)
+        out = project_simplex(y)
+        assert torch.allclose(out, ref, rtol=1e-12, atol=1e-15 * max(1.0, y.abs().max().item())), y
+    batch = torch.randn(3, 4, 7, generator=gen, dtype=DT)
+    out = project_simplex(batch)
+    ref = torch.stack([_duchi_projection(r) for r in batch.reshape(-1, 7)]).reshape(3, 4, 7)
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-15)
