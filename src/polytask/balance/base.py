@@ -376,7 +376,10 @@ def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None], o
     for p, g in zip(params, grads):
         if g is None:
             continue
-        g = g.detach().to(p.dtype)
+        if g.requires_grad:
+            g = g.detach()
+        if g.dtype != p.dtype:  # (checked here: even a no-op .to() is a dispatched call per parameter and step)
+            g = g.to(p.dtype)
         if ok is not None and g.is_sparse:  # a sparse embedding gradient: scale its rows (where is dense-only)
             g = g * torch.where(ok, torch.ones((), dtype=g.dtype, device=g.device),
                                 torch.full((), fill, dtype=g.dtype, device=g.device))

@@ -417,6 +417,9 @@ class GradientBalancer(Balancer):
 
     def _add_head_grads(self, heads: list[Tensor], head_grads: list[Tensor], ok: Tensor) -> None:
         """Each task-specific parameter its own task's gradient; on a skipped step zero (NaN under a loss scale)."""
+        if ok.device.type == "cpu" and bool(ok):  # the common case read once (no sync on the CPU), not per parameter
+            accumulate_grads(heads, head_grads)
+            return
         for p, g in zip(heads, head_grads):
             _accumulate(p, _gate(ok, g, self._fill()))
 
@@ -661,7 +664,8 @@ class GradientBalancer(Balancer):
         z = features.detach().reshape(batch, d).to(weight.dtype)
         head_grads = dict(zip(map(id, others), grads[1:]))
         weight_param, bias_param = (child.variable if child is not None else None for child, _ in layer.next_functions[1:3])
-        head_grads[id(weight_param)] = (z.T @ u_wide).reshape(d, n, width).transpose(0, 1)  # as _CopiesLinear's backward
+        # as _CopiesLinear's backward, in its orientation ((T o, B) @ (B, d): CPU BLAS runs it faster for small T o)
+        head_grads[id(weight_param)] = (u_wide.T @ z).reshape(n, width, d).transpose(1, 2)
         if bias_param is not None:
             head_grads[id(bias_param)] = u.sum(1, keepdim=True)
 
@@ -675,11 +679,11 @@ class GradientBalancer(Balancer):
         def solve() -> tuple[Tensor, Tensor]:
             gramian = linear_head_gramian(u_wide, w_wide, n)
             w = self.aggregator.weights(gramian.to(agg._SOLVE_DTYPE)).to(u.dtype)
-            return (u_wide * w.repeat_interleave(width)) @ w_wide, w  # Σ_t w_t U_t W_t^T
+            per_column = w if width == 1 else w.repeat_interleave(width)
+            return (u_wide * per_column) @ w_wide, w  # Σ_t w_t U_t W_t^T
 
         update, weights, ok = self._guarded(solve, u.reshape(n, -1), ordered, vec, list(losses))
-        for p, g in zip(heads, ordered):
-            _accumulate(p, _gate(ok, g))
+        self._add_head_grads(heads, ordered, ok)
         self._fill_trunk(features, shared, _gate(ok, update).view_as(features).to(features.dtype), ok)
         return weights
 
@@ -708,6 +712,9 @@ class GradientBalancer(Balancer):
         """ONE backward of the combined feature gradient through the trunk."""
         if source.grad_fn is not None and shared:
             trunk = torch.autograd.grad(source, shared, grad_outputs=combined, allow_unused=True, materialize_grads=True)
+            if ok.device.type == "cpu" and bool(ok):  # the common case read once (no sync on the CPU), not per parameter
+                accumulate_grads(shared, trunk)
+                return
             for p, g in zip(shared, trunk):
                 _accumulate(p, _gate(ok, g))
         elif source.requires_grad:  # shared parameters not given: fill whatever the features depend on
