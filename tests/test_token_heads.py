@@ -440,3 +440,50 @@ def test_checkpoint_round_trip_keeps_token_towers(tmp_path):
     fresh.load_state_dict(state)
     batch = s.train.batch(torch.arange(4))
     torch.testing.assert_close(fresh.eval()(batch.inputs)["tag0"], model.eval()(batch.inputs)["tag0"])
+
+
+@pytest.mark.parametrize("method, copies", [("molora", True), ("molora", False), ("mtlora", False)])
+def test_token_towers_and_loss_make_no_host_sync(method, copies, monkeypatch):
+    """Our part of a step (towers, token losses, a loss balancer's backward) never synchronises; the
+    transformers backbone itself does (its mask helpers test ``padding_mask.all()``), so it runs
+    unguarded, and so does the gradient engine (which reads ``bool(ok)`` on the CPU on purpose):
+    with per-task copies (a gradient balancer's path) only the forward and the losses are guarded."""
+    from polytask import balance
+
+    s = splits()
+    model = build(s.tasks, method)
+    bal = balance.get("ew")
+    if copies:
+        model.expose_task_features()
+    batch = s.train.batch(torch.arange(8))
+
+    def step():
+        out = model(batch.inputs)
+        losses = {t.name: t.loss(out[t.name], batch.targets[t.name], None) for t in s.tasks}
+        if copies:
+            assert model.task_features.shape[0] == 3
+        else:
+            bal.backward(losses, shared=model.shared_parameters())
+
+    step()
+    allowed = {"on": False}
+    backbone_forward = model.backbone.forward
+
+    def unguarded(*args, **kwargs):
+        allowed["on"] = True
+        try:
+            return backbone_forward(*args, **kwargs)
+        finally:
+            allowed["on"] = False
+
+    monkeypatch.setattr(model.backbone, "forward", unguarded)
+    for attr in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, attr)
+
+        def guarded(self, *args, _original=original, **kwargs):
+            if not allowed["on"]:
+                raise AssertionError("host synchronisation inside a training step")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, attr, guarded)
+    step()
