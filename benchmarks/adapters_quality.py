@@ -1,7 +1,9 @@
 """Quality of the multi-task adapters on related synthetic sequence tasks: Δm% against two baselines.
 
 Data: ``sequence_tasks`` (``polytask.data.sequences``): ``T`` binary tasks whose labels count a
-task's key tokens, the key sets sharing ``relatedness`` of their tokens. Backbone: a small random
+task's key tokens, the key sets sharing ``relatedness`` of their tokens, and one token-level
+tagging task ``tag0`` (each token's running count of task 0's key tokens, capped at 2; a tower on
+every token, scored by token accuracy and macro-F1). Backbone: a small random
 BERT-shaped model (frozen, the same for every run of a seed); adapters in the query/value
 projections; towers on the mean-pooled output. Every run: the same epochs, batch, optimizer and
 early stopping on the validation split (``polytask.train.Trainer``), test metrics at the best
@@ -12,7 +14,9 @@ Baselines (Maninis et al. 2019's Δm%, lower is better, over every task's metric
 - ``vs single``: one LoRA per task, each trained alone on its task (``T`` runs);
 - ``vs shared``: one LoRA shared by all tasks (``one_adapter: true``), trained on all tasks.
 
-Table: mean ± std over seeds of Δm% against each baseline, and the mean test AUC.
+Table: mean ± std over seeds of Δm% against each baseline (AUC and accuracy of the binary tasks,
+token accuracy and macro-F1 of the tagging task), the mean test AUC and the tag task's test
+token accuracy.
 Run: ``.venv/bin/python benchmarks/adapters_quality.py [--seeds 0 1 2] [--toy]``. ``--toy`` only
 checks that the script works (seconds, meaningless numbers); the default size runs in minutes on
 2 CPU cores.
@@ -50,7 +54,8 @@ def run_config(name: str, out: Path, seed: int, size: dict, method: str, params:
         "name": name, "seed": seed, "device": "cpu", "out_dir": str(out / name),
         "data": {"name": "sequence_tasks", "tasks": tasks,
                  "params": {"num_tasks": size["tasks"], "relatedness": size["relatedness"], "num_rows": size["rows"],
-                            "vocab_size": size["vocab"], "max_length": size["length"], "seed": seed}},
+                            "vocab_size": size["vocab"], "max_length": size["length"],
+                            "token_tasks": size["token_tasks"], "seed": seed}},
         "model": {"arch": "adapters", "params": {
             "backbone": {"config": bert}, "method": method, "target_modules": ["query", "value"],
             "rank": size["rank"], "alpha": 2 * size["rank"], "method_params": params, "pooling": "mean",
@@ -75,15 +80,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    size = dict(tasks=3, relatedness=0.5, rows=2000, vocab=64, length=16, hidden=64, layers=2, rank=4, lr=3e-3,
+    size = dict(tasks=3, token_tasks=1, relatedness=0.5, rows=2000, vocab=64, length=16, hidden=64, layers=2, rank=4, lr=3e-3,
                 epochs=6)
     if args.toy:
         size.update(rows=200, hidden=16, epochs=1)
-    tasks = [f"task{t}" for t in range(size["tasks"])]
+    pooled = [f"task{t}" for t in range(size["tasks"])]
+    tags = [f"tag{j}" for j in range(size["token_tasks"])]
+    tasks = pooled + tags
+    metrics = {**{t: ["auc", "accuracy"] for t in pooled}, **{t: ["accuracy", "macro_f1"] for t in tags}}
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         dm: dict[str, dict[str, list[float]]] = {}
         auc: dict[str, list[float]] = {}
+        tag_acc: dict[str, list[float]] = {}
         for seed in args.seeds:
             single = {}
             for t in tasks:  # one LoRA per task, each trained alone
@@ -95,21 +104,25 @@ def main() -> None:
             results["one lora per task (single)"] = single
             for name, res in results.items():
                 row = dm.setdefault(name, {"single": [], "shared": []})
-                row["single"].append(delta_m(res, single, metrics={t: ["auc", "accuracy"] for t in tasks}))
-                row["shared"].append(delta_m(res, shared, metrics={t: ["auc", "accuracy"] for t in tasks}))
-                auc.setdefault(name, []).append(statistics.mean(res[t]["auc"] for t in tasks))
+                row["single"].append(delta_m(res, single, metrics=metrics))
+                row["shared"].append(delta_m(res, shared, metrics=metrics))
+                auc.setdefault(name, []).append(statistics.mean(res[t]["auc"] for t in pooled))
+                if tags:
+                    tag_acc.setdefault(name, []).append(statistics.mean(res[t]["accuracy"] for t in tags))
             print(f"seed {seed} done", flush=True)
 
     def ms(v: list[float]) -> str:
         return f"{statistics.mean(v):+.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:+.2f}"
 
-    print(f"\n{size['tasks']} sequence tasks (relatedness {size['relatedness']}), {size['rows']} rows, BERT-shaped "
-          f"hidden {size['hidden']} x {size['layers']} layers, rank {size['rank']}, seeds {args.seeds}; "
-          "Δm% over AUC and accuracy (lower is better)")
-    print("| method | Δm% vs single | Δm% vs shared | mean test AUC |")
-    print("|---|---:|---:|---:|")
+    print(f"\n{size['tasks']} sequence tasks + {size['token_tasks']} tagging task (relatedness {size['relatedness']}), "
+          f"{size['rows']} rows, BERT-shaped hidden {size['hidden']} x {size['layers']} layers, rank {size['rank']}, "
+          f"seeds {args.seeds}; Δm% over AUC and accuracy (tags: token accuracy and macro-F1; lower is better)")
+    print("| method | Δm% vs single | Δm% vs shared | mean test AUC | tag token accuracy |")
+    print("|---|---:|---:|---:|---:|")
     for name in dm:
-        print(f"| {name} | {ms(dm[name]['single'])} | {ms(dm[name]['shared'])} | {statistics.mean(auc[name]):.4f} |")
+        tag = f"{statistics.mean(tag_acc[name]):.4f}" if tag_acc else "-"
+        print(f"| {name} | {ms(dm[name]['single'])} | {ms(dm[name]['shared'])} | {statistics.mean(auc[name]):.4f} "
+              f"| {tag} |")
 
 
 if __name__ == "__main__":
