@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import save_file
 
 from polytask.cli import main
+from polytask.errors import MergeError
 from polytask.merge import load_state_dict, run_merge
 from polytask.merge.modules import ARCHITECTURES, architecture_of, module_of
 
@@ -58,16 +59,16 @@ def models(request, shapes, tmp_path) -> Path:
     return tmp_path / "m"
 
 
-def _mergekit(text: str, folder: Path, out: Path, monkeypatch) -> Path:
+def _mergekit(text: str, folder: Path, out: Path, monkeypatch, copy_tokenizer: bool = False) -> Path:
     pytest.importorskip("mergekit")
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge as mergekit_run
     from mergekit.options import MergeOptions
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    text = re.sub(r"((?:model|base_model): )(base|a|b)\b", lambda m: m.group(1) + str(folder / m.group(2)), text)
+    text = re.sub(r"((?:model|base_model): )(base|a|b|c)\b", lambda m: m.group(1) + str(folder / m.group(2)), text)
     mergekit_run(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
-                 MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False, random_seed=0))
+                 MergeOptions(copy_tokenizer=copy_tokenizer, quiet=True, write_model_card=False, random_seed=0))
     return out
 
 
@@ -170,6 +171,128 @@ def test_same_tensors_as_mergekit(models, name, tmp_path, monkeypatch):
     for key in ("num_hidden_layers",):
         assert cfg_o["text_config"][key] == cfg_t["text_config"][key]
     assert cfg_o["vision_config"]["depth"] == cfg_t["vision_config"]["depth"]
+
+
+@pytest.fixture(scope="module")
+def t5_shapes() -> tuple[dict[str, tuple[int, ...]], dict]:
+    """A tiny T5 v1.1 (gated FFN, as mergekit's definition; 2 encoder, 3 decoder blocks, untied head)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=3,
+                                num_heads=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    cfg.architectures = ["T5ForConditionalGeneration"]
+    with torch.device("meta"):
+        model = transformers.T5ForConditionalGeneration(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, cfg.to_dict()
+
+
+T5_CONFIGS = {
+    # the encoder whole, 2 of the 3 decoder blocks with a gradient, the shared embedding and head
+    "linear_modules": """
+merge_method: linear
+base_model: base
+modules:
+  encoder:
+    models:
+      - model: a
+        parameters: {weight: 0.3}
+      - model: b
+        parameters: {weight: 0.7}
+  decoder:
+    slices:
+      - sources:
+          - model: a
+            layer_range: [0, 2]
+          - model: b
+            layer_range: [0, 2]
+        parameters: {weight: [0.2, 0.8]}
+  shared:
+    models:
+      - model: a
+      - model: b
+parameters: {weight: 1.0}
+""",
+    # every module; relative_attention_bias exists in block 0 only
+    "task_arithmetic_models": """
+merge_method: task_arithmetic
+base_model: base
+models:
+  - model: a
+    parameters: {weight: [0.5, 1.0]}
+  - model: b
+    parameters: {weight: 0.4}
+""",
+}
+
+
+@pytest.mark.parametrize("name", list(T5_CONFIGS))
+def test_encoder_decoder_same_tensors_as_mergekit(t5_shapes, name, tmp_path, monkeypatch):
+    for seed, model in enumerate(["base", "a", "b"]):
+        _write(tmp_path / "m" / model, t5_shapes, seed)
+    text = T5_CONFIGS[name]
+    theirs = load_state_dict(_mergekit(text, tmp_path / "m", tmp_path / "theirs", monkeypatch))
+    cfg = tmp_path / "m" / "ours.yaml"
+    cfg.write_text(text)
+    ours_dir = run_merge(cfg, tmp_path / "ours")
+    ours = load_state_dict(ours_dir)
+    assert ours.keys() == theirs.keys()
+    assert not [k for k in theirs if not torch.equal(ours[k], theirs[k])]
+    for key in ("num_layers", "num_decoder_layers"):
+        assert json.loads((ours_dir / "config.json").read_text())[key] == \
+            json.loads((tmp_path / "theirs" / "config.json").read_text())[key]
+
+
+def test_decoder_blocks_with_different_tensors_are_refused(t5_shapes, tmp_path):
+    # decoder block 0 has relative_attention_bias, block 1 not: merging a's block 0 with b's
+    # block 1 is refused naming the tensor and model (mergekit merges a's tensor alone)
+    for seed, model in enumerate(["a", "b"]):
+        _write(tmp_path / "m" / model, t5_shapes, seed)
+    cfg = tmp_path / "m" / "x.yaml"
+    cfg.write_text("merge_method: linear\nmodules:\n  decoder:\n    slices:\n      - sources:\n"
+                   "          - {model: a, layer_range: [0, 2]}\n          - {model: b, layer_range: [1, 3]}\n"
+                   "parameters: {weight: 1.0}\n")
+    with pytest.raises(MergeError, match=r"modules\.decoder: .*relative_attention_bias.* missing from model b"):
+        run_merge(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_union_tokenizer_in_the_text_module_as_mergekit(shapes, tmp_path, monkeypatch):
+    # different vocabularies (23, 26 and 15 words): the text decoder's embedding and head rows are
+    # aligned by token over the text module's models, as mergekit does, and the config's
+    # text_config.vocab_size is the union's
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_merge_tokenizer import VOCABS, _same_by_token, _tokenizer
+
+    names, cfg = shapes
+    vocab_rows = ("lm_head.weight", "model.language_model.embed_tokens.weight")
+    for seed, model in enumerate(["base", "a", "c"]):
+        words = VOCABS[model]
+        sized = {k: (len(words), *v[1:]) if k in vocab_rows else v for k, v in names.items()}
+        _write(tmp_path / "m" / model, (sized, {**cfg, "text_config": {**cfg["text_config"], "vocab_size": len(words)}}),
+               seed)
+        _tokenizer(words, tmp_path / "m" / model)
+    text = """
+merge_method: linear
+base_model: base
+modules:
+  text_decoder:
+    models:
+      - model: a
+        parameters: {weight: 0.5}
+      - model: c
+        parameters: {weight: 0.3}
+  vision_tower:
+    models:
+      - model: a
+        parameters: {weight: 0.5}
+      - model: c
+        parameters: {weight: 0.5}
+parameters: {weight: 0.2}
+tokenizer_source: union
+"""
+    theirs = _mergekit(text, tmp_path / "m", tmp_path / "theirs", monkeypatch, copy_tokenizer=True)
+    ours = _ours(text, tmp_path / "m", tmp_path / "ours")
+    _same_by_token(theirs, ours)
+    assert json.loads((ours / "config.json").read_text())["text_config"]["vocab_size"] == 26
 
 
 def test_frankenmerge_by_hand(shapes, tmp_path):
@@ -288,6 +411,8 @@ BAD = {
         TEXT_ONLY.replace("models: [a, b]", "slices:\n      - sources:\n          - {model: a, layer_range: [0, 2]}\n"
                                             "          - {model: b, layer_range: [2, 4]}"),
         ["modules.text_decoder", "slices[0].sources[1].layer_range", "3 layers"]),
+    "module gradient longer than its layers": (TEXT_ONLY + "    parameters: {weight: [1, 2, 3, 4]}\n",
+                                               ["modules.text_decoder.parameters.weight", "4 values", "at most 3"]),
     "unknown parameter in a module": (TEXT_ONLY + "    parameters: {wieght: 1}\n",
                                       ["modules.text_decoder", "wieght", "weight"]),
 }

@@ -181,6 +181,7 @@ def plan_modules(config: Any, arch: str, modules: Mapping[str, Module], sources:
     every_name = {n for s in sources for n in s.names()}
     jobs: list[Any] = []
     layers: dict[str, int] = {}
+    lengths: dict[str, list[int]] = {}
     for name, sub in wanted.items():
         spec = modules[name]
         views = [_ModuleView(s, [n for n, m in owner[i].items() if m == name]) for i, s in enumerate(sources)]
@@ -191,12 +192,44 @@ def plan_modules(config: Any, arch: str, modules: Mapping[str, Module], sources:
                                  f"{' or '.join(spec.prefixes)})")
         try:
             planned = plan_config(sub, views, source_of, labels, layer_stack=spec.stack, pre=re.compile(spec.pre),
-                                  filter_names=every_name)
+                                  filter_names=every_name, check_gradient_fit=False)
         except PolytaskError as exc:
             raise type(exc)(f"modules.{name}: {exc}") from None
         jobs.extend(planned.jobs)
         layers[name] = planned.num_layers
+        lengths[name] = planned.slice_lengths
+    _check_gradient_fit(config, lengths)
     return ModulePlans(jobs, layers)
+
+
+def _check_gradient_fit(config: Any, lengths: Mapping[str, list[int]]) -> None:
+    """Every gradient fits the layers of some slice it applies to: a top-level one those of any
+    module (a projector of 3 layers does not refuse a gradient over 36 text layers), a module's
+    those of its slices, a slice's its own."""
+    from polytask.merge.plan import gradient_lengths
+
+    def check(where: str, scope: Mapping[str, Any], sizes: Mapping[str, int]) -> None:
+        most = max(sizes.values(), default=0)
+        for w, n in gradient_lengths(where, scope):
+            if n > max(most, 1):
+                shown = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+                raise ConfigError(f"{w}: a gradient of {n} values does not fit the layers it applies to ({shown}); "
+                                  f"give at most {max(most, 1)} values, got {n}")
+
+    every = {f"modules.{m}": max(ls, default=0) for m, ls in lengths.items()}
+    check("parameters", config.parameters, every)
+    for k, e in enumerate(config.models or []):
+        check(f"models[{k}].parameters", e.parameters, every)
+    for m, module in (config.modules or {}).items():
+        own = {f"modules.{m}": every[f"modules.{m}"]}
+        check(f"modules.{m}.parameters", module.parameters, own)
+        for k, e in enumerate(module.models or []):
+            check(f"modules.{m}.models[{k}].parameters", e.parameters, own)
+        for i, sl in enumerate(module.slices or []):
+            where = f"modules.{m}.slices[{i}]"
+            check(f"{where}.parameters", sl.parameters, {where: lengths[m][i]})
+            for k, src in enumerate(sl.sources):
+                check(f"{where}.sources[{k}].parameters", src.parameters, {where: lengths[m][i]})
 
 
 def _module_configs(config: Any, arch: str, modules: Mapping[str, Module]) -> dict[str, Any]:

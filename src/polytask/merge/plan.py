@@ -45,7 +45,7 @@ from polytask.merge import checks
 from polytask.merge.engine import TensorJob, _check_counts, build_method, resolve_model_params
 from polytask.merge.methods import MERGE_METHODS, MergeMethod
 
-__all__ = ["evaluate_setting", "plan_config", "PlannedMerge", "layer_structure"]
+__all__ = ["evaluate_setting", "plan_config", "PlannedMerge", "layer_structure", "gradient_lengths"]
 
 _LAYER = re.compile(r"^(.*?\b(?:layers|h|blocks)\.)(\d+)\.(.+)$")
 _PRE = re.compile(r"embed|\bwte\b|\bwpe\b")
@@ -124,6 +124,11 @@ def _gradients(where: str, setting: Any) -> list[tuple[str, int]]:
     return []
 
 
+def gradient_lengths(where: str, scope: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """``(where.key, length)`` of every gradient (list of values) in a ``parameters`` mapping."""
+    return [g for key, setting in scope.items() for g in _gradients(f"{where}.{key}", setting)]
+
+
 def _filters(where: str, setting: Any) -> list[tuple[str, str]]:
     conds = _conditions(where, setting)
     return [(where, c["filter"]) for c in conds or [] if c.get("filter") not in (None, "*")]
@@ -192,6 +197,7 @@ class PlannedMerge:
     jobs: list[TensorJob]
     num_layers: int
     unmatched_filters: list[tuple[str, str]] = field(default_factory=list)
+    slice_lengths: list[int] = field(default_factory=list)
 
 
 def _same(a: str, b: str) -> bool:
@@ -200,26 +206,27 @@ def _same(a: str, b: str) -> bool:
 
 def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int],
                 labels: Sequence[str], *, layer_stack: str | None = None, pre: re.Pattern[str] | None = None,
-                filter_names: Collection[str] | None = None) -> PlannedMerge:
+                filter_names: Collection[str] | None = None, check_gradient_fit: bool = True) -> PlannedMerge:
     """Jobs for ``config`` (a :class:`~polytask.merge.config.MergeConfig` with resolved paths).
 
     ``sources`` are the opened checkpoints, ``source_of`` maps a model path (as in ``config``) to
     its index there, ``labels`` name them as the config writes them. One module of a
     multi-module model (:mod:`polytask.merge.modules`) passes its views of the sources, its layer
     stack, the names of the tensors before its layers (``pre``) and the names ``filter``
-    conditions are matched against to warn (every module's).
+    conditions are matched against to warn (every module's), and checks the gradients' lengths
+    itself (``check_gradient_fit=False``: a gradient must fit some module it applies to).
     """
     method_cls = MERGE_METHODS.lookup(config.merge_method)
     per_model_keys = set(getattr(method_cls, "model_params", {}))
     global_keys = _init_keys(method_cls)
     structures = [layer_structure(s.names(), labels[i], layer_stack) for i, s in enumerate(sources)]
-    slices = _slices(config, method_cls, source_of, structures)
+    slices = _slices(config, method_cls, source_of, structures, check_gradient_fit)
     top = dict(config.parameters)
     _check_keys(config, method_cls, slices)
-    _check_gradients(top, "parameters", slices)
+    if check_gradient_fit:
+        _check_gradients(top, "parameters", slices)
     ref_i = source_of[config.base_model] if config.base_model is not None else slices[0].entries[0].source
     ref = structures[ref_i]
-    layer_rests = list(ref.layers[0]) if ref.layers else []
     if config.slices is None:  # whole models: the same tensors in each (slices take what they need)
         ref_names = set(sources[ref_i].names())
         for e in slices[0].entries:
@@ -299,7 +306,10 @@ def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int
     for sl in slices:
         for offset in range(sl.length):
             t = offset / (sl.length - 1) if sl.length > 1 else 1.0
-            for rest in layer_rests:
+            # this layer's tensors in its sources (not layer 0's: T5 has relative_attention_bias in
+            # block 0 only); a tensor that some source lacks is refused in job()
+            rests = dict.fromkeys(r for e in sl.entries for r in structures[e.source].layers.get(e.start + offset, {}))
+            for rest in rests:
                 rest_of = {}
                 for k, e in enumerate(sl.entries):
                     st = structures[e.source]
@@ -313,7 +323,7 @@ def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int
     unmatched = [(w, f) for w, f in dict.fromkeys(filters) if not any(f in n for n in all_names)]
     for where, f in unmatched:
         warnings.warn(f"{where}: filter {f!r} matches no tensor of the models", RuntimeWarning, stacklevel=2)
-    return PlannedMerge(jobs, out_layer, unmatched)
+    return PlannedMerge(jobs, out_layer, unmatched, [sl.length for sl in slices])
 
 
 def _check_keys(config: Any, method_cls: Any, slices: list[_Slice]) -> None:
@@ -401,7 +411,8 @@ def _check_gradients(scope: Mapping[str, Any], where: str, slices: list[_Slice])
                         f"{max(sl.length, 1)} values, got {n}")
 
 
-def _slices(config: Any, method_cls: Any, source_of: Mapping[str, int], structures: list[Structure]) -> list[_Slice]:
+def _slices(config: Any, method_cls: Any, source_of: Mapping[str, int], structures: list[Structure],
+            check_gradient_fit: bool = True) -> list[_Slice]:
     requires_base = method_cls.requires_base or method_cls.optional_base
     base = config.base_model
     out: list[_Slice] = []
@@ -463,6 +474,8 @@ def _slices(config: Any, method_cls: Any, source_of: Mapping[str, int], structur
             _check_counts(method_cls, n_inputs, any(e.is_base for e in sl.entries))
         except ConfigError as exc:
             raise ConfigError(f"{sl.where}: {exc}") from None
+        if not check_gradient_fit:
+            continue
         for e in sl.entries:
             _check_gradients(e.parameters, f"{e.where}.parameters", [sl])
         _check_gradients(sl.parameters, f"{sl.where}.parameters", [sl])
