@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from itertools import chain
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytask.errors import ConfigError
@@ -62,17 +63,71 @@ class FeatureTokenizer(nn.Module):
         return torch.cat(tokens, dim=1)
 
 
+class HeadAttention(nn.Module):
+    """Multi-head attention (Vaswani et al., "Attention Is All You Need", NeurIPS 2017) whose heads
+    can be fewer than ``d_model / head_dim``: ``heads`` heads of width ``head_dim`` read and write
+    ``d_model``-wide tokens. Removing a head (Michel, Levy, Neubig, "Are Sixteen Heads Really
+    Better than One?", NeurIPS 2019) removes its rows of the q/k/v projections and its columns of
+    the output projection; the token width stays.
+
+    The computation and parameter names are ``nn.MultiheadAttention``'s (batch first, no
+    ``bias_k``/``bias_v``): ``in_proj_weight`` ``(3 · heads · head_dim, d_model)``, ``in_proj_bias``,
+    ``out_proj``; with every head it computes what ``nn.MultiheadAttention(d_model, heads)`` does
+    with the same state dict (tests/test_prune_heads.py). The heads' outputs ``(B, heads, L,
+    head_dim)`` pass through ``head_output`` (an identity), where a head's importance is read.
+    Returns ``(output, attention averaged over heads (B, Lq, Lk) or None)``.
+    """
+
+    def __init__(self, d_model: int, head_dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embed_dim, self.head_dim, self.num_heads, self.dropout = d_model, head_dim, heads, dropout
+        inner = heads * head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner))
+        self.out_proj = nn.Linear(inner, d_model)
+        self.head_output = nn.Identity()
+        nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's initialisation
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = True
+                ) -> tuple[Tensor, Tensor | None]:
+        b, lq, h, dh = query.shape[0], query.shape[1], self.num_heads, self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+
+        def split(x: Tensor, w: Tensor, bias: Tensor) -> Tensor:  # (B, L, d) -> (B, heads, L, head_dim)
+            return F.linear(x, w, bias).reshape(b, x.shape[1], h, dh).transpose(1, 2)
+
+        q, k, v = split(query, w_q, b_q), split(key, w_k, b_k), split(value, w_v, b_v)
+        attn = torch.softmax((q * dh ** -0.5) @ k.transpose(-2, -1), dim=-1)  # (B, heads, Lq, Lk)
+        attn = F.dropout(attn, self.dropout, self.training)
+        heads = self.head_output(attn @ v)
+        # F.linear, not self.out_proj(...): the FLOPs hook counts the whole attention once
+        out = F.linear(heads.transpose(1, 2).reshape(b, lq, h * dh), self.out_proj.weight, self.out_proj.bias)
+        return out, attn.mean(1) if need_weights else None
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.embed_dim}, heads={self.num_heads}, head_dim={self.head_dim}"
+
+
 class TaskTokenLayer(nn.Module):
     """Feature tokens: self-attention + FFN (pre-norm). Task tokens: cross-attention to the
     updated feature tokens + FFN (pre-norm). Task tokens do not attend to each other, so each stays its
-    task's own. Returns ``(features, tasks, attention of tasks over features (B, T, F))``."""
+    task's own. Returns ``(features, tasks, attention of tasks over features (B, T, F))``.
+    ``heads``: the (self, cross) attentions' head counts, of width ``d_model / num_heads`` each, as
+    :class:`HeadAttention` (a pruned layer); None: ``nn.MultiheadAttention`` with ``num_heads``."""
 
-    def __init__(self, d_model: int, num_heads: int, ffn: int, dropout: float) -> None:
+    def __init__(self, d_model: int, num_heads: int, ffn: int, dropout: float,
+                 heads: Sequence[int] | None = None) -> None:
         super().__init__()
         self.norm_f1, self.norm_f2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.norm_t1, self.norm_t2, self.norm_kv = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        if heads is None:
+            self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+            self.cross_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        else:
+            self.self_attn = HeadAttention(d_model, d_model // num_heads, heads[0], dropout)
+            self.cross_attn = HeadAttention(d_model, d_model // num_heads, heads[1], dropout)
         self.ffn_f = nn.Sequential(nn.Linear(d_model, ffn), nn.GELU(), nn.Linear(ffn, d_model), nn.Dropout(dropout))
         self.ffn_t = nn.Sequential(nn.Linear(d_model, ffn), nn.GELU(), nn.Linear(ffn, d_model), nn.Dropout(dropout))
 
@@ -85,6 +140,18 @@ class TaskTokenLayer(nn.Module):
         tasks = tasks + read
         tasks = tasks + self.ffn_t(self.norm_t2(tasks))
         return feats, tasks, attn
+
+
+def _check_heads(heads: Sequence[Sequence[int]] | None, layers: int, num_heads: int) -> list[tuple[int, int]] | None:
+    """``model.params.attention_heads``: one (self, cross) pair per layer, each in 1..num_heads."""
+    if heads is None:
+        return None
+    pairs = [tuple(p) if isinstance(p, (list, tuple)) else p for p in heads]
+    if len(pairs) != layers or any(not isinstance(p, tuple) or len(p) != 2 or any(
+            isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= num_heads for h in p) for p in pairs):
+        raise ConfigError(f"model.params.attention_heads needs one [self, cross] pair of head counts in "
+                          f"1..{num_heads} per layer ({layers}), got {list(heads)!r}")
+    return pairs
 
 
 @ARCHITECTURES.register("task_token", "task_token_attention")
@@ -105,10 +172,14 @@ class TaskTokenAttention(MultiTaskModel):
         input_dim: dense width or a FeatureSpec; d_model: token width; num_heads: attention heads
         (must divide d_model); num_layers: layers (>= 1); ffn: hidden width of the feed-forward
         blocks; tower: hidden widths of each task tower; dropout.
+        attention_heads: per layer, the heads kept in its (self, cross) attention, each of width
+        ``d_model / num_heads`` (:class:`HeadAttention`); ``polytask prune`` writes it. Left out,
+        every attention is ``nn.MultiheadAttention`` with ``num_heads`` heads.
     """
 
     def __init__(self, input_dim: int | FeatureSpec, tasks: Sequence[Task], d_model: int = 32, num_heads: int = 4,
-                 num_layers: int = 2, ffn: int = 64, tower: Sequence[int] = (32,), dropout: float = 0.0) -> None:
+                 num_layers: int = 2, ffn: int = 64, tower: Sequence[int] = (32,), dropout: float = 0.0,
+                 attention_heads: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__(tasks)
         check_positive("d_model", d_model)
         check_positive("num_heads", num_heads)
@@ -118,7 +189,9 @@ class TaskTokenAttention(MultiTaskModel):
             raise ConfigError(f"model.params.num_heads ({num_heads}) must divide model.params.d_model ({d_model})")
         self.tokenizer = FeatureTokenizer(input_dim, d_model)
         self.task_tokens = nn.Parameter(torch.randn(len(self.tasks), d_model) * 0.02)
-        self.layers = nn.ModuleList(TaskTokenLayer(d_model, num_heads, ffn, dropout) for _ in range(num_layers))
+        heads = _check_heads(attention_heads, num_layers, num_heads)
+        self.layers = nn.ModuleList(TaskTokenLayer(d_model, num_heads, ffn, dropout, None if heads is None else heads[i])
+                                    for i in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
         self.heads = TaskHeads(self.tasks, d_model, check_widths("tower", tower, True), "relu", dropout)
 

@@ -20,7 +20,8 @@ from polytask.data.dataset import MultiTaskDataset
 from polytask.errors import ConfigError
 from polytask.nn.mtan import MTAN
 from polytask.prune import flops as flops_lib
-from polytask.prune import mtan
+from polytask.nn.task_token import HeadAttention
+from polytask.prune import heads, mtan
 from polytask.prune.graph import dependency_graph, out_pruning_fn, prunable_layers, prune_bank_units
 from polytask.registry import Registry
 from polytask.tasks import HIGHER_IS_BETTER, Task
@@ -134,6 +135,9 @@ def apply_plan(model: nn.Module, layers: Sequence[str], plan: Plan, example: tup
         if layer.tied:
             for member, _ in layer.members:
                 prune_bank_units(pruned, member, removed)
+            continue
+        if isinstance(layer.module, HeadAttention):  # whole heads (see prune/heads.py)
+            heads.prune_heads(layer.module, removed)
             continue
         if isinstance(pruned, MTAN):  # a group written from the architecture (see prune/mtan.py)
             mtan.prune_trunk_channels(pruned, layer.name, removed)

@@ -5,7 +5,10 @@ of linear and convolution layers (plus their bias adds), one op per element of a
 normalisations and pooling, per input row. polytask's :class:`~polytask.nn.layers.BatchedLinear` is
 unknown to that counter; :func:`count` registers it as ``n`` linear maps (``n · in · out`` MACs and
 ``n · out`` bias adds per row). Products and sums written in the forward (the expert mixture) are
-not counted, as the counter counts modules only.
+not counted, as the counter counts modules only. Attention: torch-pruning's count for
+``nn.MultiheadAttention``, and the same formula with the inner width apart from ``d_model`` for
+:class:`~polytask.nn.task_token.HeadAttention` (:func:`polytask.prune.heads.attention_flops`).
+Sigmoid and GELU are not counted (the counter knows the ReLU family only).
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ def count(model: nn.Module, example: tuple) -> Cost:
 
     example = tuple(first_row(x) for x in example)
     settle(model, example)
-    op_counter.CUSTOM_MODULES_MAPPING = {BatchedLinear: _batched_linear_hook}  # reset by the counter itself
+    from polytask.nn.task_token import HeadAttention
+    from polytask.prune.heads import attention_flops
+
+    # reset by the counter itself
+    op_counter.CUSTOM_MODULES_MAPPING = {BatchedLinear: _batched_linear_hook, HeadAttention: attention_flops}
     flops, params = tp.utils.count_ops_and_params(model, example)
     # the counter divides by len() of the first argument, its batch size; for a dict of features
     # that is the number of features, not the one row passed

@@ -27,13 +27,14 @@ A *prunable layer* is a layer whose output channels (hidden units, filters) may 
   A PLE built with ``bank_widths`` (what ``polytask prune`` prunes: :mod:`polytask.prune.banks`)
   has one such tied layer per bank (each task's, the shared one) and depth, tied over the levels
   only, so each bank keeps its own width;
-- a plain module (e.g. a CNN built in Python): the layers the caller names.
-
 - ``mtan``: both convs of every trunk block (``trunk_u.J.0``, ``trunk_p.J.0``); a channel goes
   with its batch norm, the next convs' inputs and the same channel of every task's attention
   input, mask and attended features (:mod:`polytask.prune.mtan`, a group written from the
   architecture, as torch-pruning cannot follow the task stack), and the config records the
   per-block widths (``channels``, ``u_channels`` and the kept task-specific widths);
+- ``task_token``: whole heads of every attention (``layers.I.self_attn``, ``layers.I.cross_attn``;
+  :mod:`polytask.prune.heads`): the model is pruned with :class:`~polytask.nn.task_token.HeadAttention`
+  layers, and a head is the unit a plan keeps or removes (a layer's "width" is its head count);
 - a plain module (e.g. a CNN built in Python): the layers the caller names.
 
 Other architectures are refused with the reason (:data:`REFUSED`): ESMM/AITM have no shared trunk
@@ -53,11 +54,13 @@ from torch import nn
 from polytask.errors import ConfigError
 from polytask.nn.layers import BatchedLinear
 from polytask.nn.mtan import MTAN
-from polytask.prune import banks, mtan
+from polytask.nn.task_token import HeadAttention
+from polytask.prune import banks, heads, mtan
 from polytask.prune.importance import Coupled
 
 #: architectures whose pruned widths map back to their config (``model.params``)
-SUPPORTED = ("shared_bottom", "hps", "single_task", "mmoe", "omoe", "ple", "cgc", "mtan")
+SUPPORTED = ("shared_bottom", "hps", "single_task", "mmoe", "omoe", "ple", "cgc", "mtan", "task_token",
+             "task_token_attention")
 
 #: why the others are refused (one line each); architectures not listed get the generic line
 REFUSED = {
@@ -138,6 +141,8 @@ class Layer:
 
 
 def _out_width(m: nn.Module) -> int:
+    if isinstance(m, HeadAttention):  # its units are heads
+        return m.num_heads
     return m.out_features if isinstance(m, (nn.Linear, BatchedLinear)) else m.out_channels
 
 
@@ -175,6 +180,11 @@ def prunable_layers(model: nn.Module, arch: str | None = None, names: Sequence[s
         return [Layer(n, resolve(model, n)) for n in _expert_hidden_patterns(model, arch)]
     if arch == "mtan":
         return [_layer(model, n) for n in mtan.trunk_layer_names(model)]
+    if arch in ("task_token", "task_token_attention"):
+        if not heads.has_head_attention(model):
+            raise ConfigError("model.params.attention_heads: task_token heads are pruned in HeadAttention layers; "
+                              "rebuild the model with attention_heads (polytask.prune.run.prunable_form does)")
+        return [_layer(model, n) for n in heads.attention_layer_names(model)]
     prefix = "bottom." if arch in ("shared_bottom", "hps", "single_task") else "experts."
     kinds = (nn.Linear, BatchedLinear)
     return [Layer(n, [(n, m)]) for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, kinds)]

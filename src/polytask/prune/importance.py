@@ -21,6 +21,10 @@ multiply it) and, for L1, with the coupled filters added (its own plus every tas
   the L1 norm of the channel's incoming weights.
 - **random**: uniform scores from a seeded generator.
 
+An attention layer's units are its heads (:mod:`polytask.prune.heads`): Taylor is taken on the
+heads' outputs ``(B, heads, L, head_dim)``, summed over positions and ``head_dim`` (Michel et al.,
+NeurIPS 2019's head importance, per row), L1 over the head's q/k/v rows and output columns.
+
 The per-task gradients take one backward per task (a loop over tasks): this runs once per pruning
 decision, outside any training step.
 """
@@ -36,6 +40,8 @@ from torch import Tensor, nn
 
 from polytask.data.dataset import MultiTaskDataset
 from polytask.nn.layers import BatchedLinear
+from polytask.nn.task_token import HeadAttention
+from polytask.prune.heads import head_l1
 from polytask.tasks import Task
 
 
@@ -66,6 +72,8 @@ def activation_site(model: nn.Module, layer: nn.Module) -> nn.Module:
     names = [n for n, m in entries if m is layer]
     if not names:
         return layer
+    if isinstance(layer, HeadAttention):  # its heads' outputs (B, heads, L, head_dim)
+        return layer.head_output
     index = [m for _, m in entries].index(layer)
     for name, module in entries[index + 1:]:
         if name.startswith(names[0] + "."):
@@ -152,6 +160,8 @@ def _coupled_l1(layer) -> Tensor | float:
 
 
 def _l1_of(m: nn.Module) -> Tensor:
+    if isinstance(m, HeadAttention):
+        return head_l1(m)
     w = m.weight.detach()
     if isinstance(m, BatchedLinear):  # (n, in, out)
         return w.abs().sum((0, 1)).cpu()
@@ -190,6 +200,8 @@ def random(modules: Sequence[nn.Module], seed: int = 0) -> list[Tensor]:
 
 def _width(m: nn.Module | Sequence[nn.Module]) -> int:
     m = _parts(m)[0]
+    if isinstance(m, HeadAttention):
+        return m.num_heads
     return m.out_features if isinstance(m, (nn.Linear, BatchedLinear)) else m.out_channels
 
 

@@ -2,7 +2,7 @@
 
 The new run directory is an ordinary polytask run: ``config.yaml`` whose ``model.params`` widths
 (``bottom`` for shared-bottom, ``expert`` for MMoE/OMoE, each bank's ``bank_widths`` for PLE/CGC,
-the per-block widths for MTAN) are the pruned ones, so the config alone
+the per-block widths for MTAN, ``attention_heads`` for the task-token model) are the pruned ones, so the config alone
 rebuilds the pruned shapes and every tool that reads runs (``--resume`` of the fine-tuning, analyse,
 report) loads it; ``best/model.safetensors`` holds the pruned weights. Recording widths rather than
 pickling the whole module keeps the weights in safetensors (no code executed on load) and the model
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from polytask.errors import CheckpointError, ConfigError
-from polytask.prune import banks
+from polytask.prune import banks, heads
 from polytask.prune import flops as flops_lib
 from polytask.prune.core import PruneContext, task_drop
 from polytask.prune.graph import SUPPORTED, prunable_layers
@@ -186,6 +186,8 @@ def pruned_params(arch: str, params: dict[str, Any], widths: list[int], pruned: 
         from polytask.prune import mtan
 
         return {**params, **mtan.widths(pruned)}
+    if arch in ("task_token", "task_token_attention"):
+        return {**params, "attention_heads": heads.head_counts(pruned)}
     if arch in ("ple", "cgc") and pruned is not None and banks.is_banked(pruned):
         return {**params, "bank_widths": banks.bank_widths(pruned)}
     key = WIDTH_KEY[arch]
@@ -197,17 +199,21 @@ def pruned_params(arch: str, params: dict[str, Any], widths: list[int], pruned: 
 def prunable_form(config, splits, model: nn.Module) -> nn.Module:
     """The model in the form that is pruned: a PLE/CGC with one stacked bank of every task's
     specific experts is rebuilt with one bank per task (:func:`polytask.prune.banks.banked_copy`),
-    so that each bank keeps its own widths; other models as they are."""
-    arch = config.model.arch.lower()
-    if arch not in ("ple", "cgc") or banks.is_banked(model):
-        return model
+    so that each bank keeps its own widths; a task-token model with ``nn.MultiheadAttention`` is
+    rebuilt with :class:`~polytask.nn.task_token.HeadAttention` at every head
+    (:func:`polytask.prune.heads.with_head_attention`); other models as they are."""
     from polytask import nn as nn_lib
 
-    def build(widths):
-        params = {**config.model.params, "bank_widths": widths}
-        return nn_lib.build_model(config.model.arch, splits.input_spec, splits.tasks, **params)
+    def build(key: str):
+        return lambda value: nn_lib.build_model(config.model.arch, splits.input_spec, splits.tasks,
+                                                **{**config.model.params, key: value})
 
-    return banks.banked_copy(model, build).eval()
+    arch = config.model.arch.lower()
+    if arch in ("ple", "cgc") and not banks.is_banked(model):
+        return banks.banked_copy(model, build("bank_widths")).eval()
+    if arch in ("task_token", "task_token_attention") and not heads.has_head_attention(model):
+        return heads.with_head_attention(model, build("attention_heads")).eval()
+    return model
 
 
 def _write(tmp: Path, data: dict, finetune_epochs: int, splits, pruned: nn.Module, progress: bool) -> None:
