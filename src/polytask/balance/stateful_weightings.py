@@ -84,7 +84,7 @@ def sdmgrad_inner(matrix: Tensor, w: Tensor, w_tilde: Tensor, lr: float, momentu
     for _ in range(n_iter):  # sequential by construction: each step starts where the last ended
         velocity = torch.add(torch.addmv(pull, a, w), velocity, alpha=momentum)  # A (w + lambda w~) + m v
         y = torch.add(w, velocity, alpha=-lr)
-        theta = torch.addmv(-inv_ks, running_means, torch.sort(y, descending=True)[0]).max()
+        theta = torch.addmv(-inv_ks, running_means, torch.topk(y, n).values).max()  # topk: sorted, decreasing
         w = (y - theta).clamp_min(0.0)
     return w
 
