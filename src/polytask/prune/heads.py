@@ -3,11 +3,12 @@
 A head is removed as Michel, Levy, Neubig ("Are Sixteen Heads Really Better than One?", NeurIPS
 2019) mask it: its ``head_dim`` rows of the q, k and v projections and its ``head_dim`` columns
 of the output projection go; the token width ``d_model`` (the residual stream every LayerNorm,
-FFN and tower reads) stays. torch-pruning 1.6.1 has no such cut: its ``MultiheadAttentionPruner``
-removes channels of ``embed_dim``, which in ``nn.MultiheadAttention`` is both the inner width and
-the token width, so pruning a head there (``MetaPruner(prune_num_heads=True)``) also shrinks the
-residual stream, every LayerNorm and every FFN; hence :class:`HeadAttention` (inner width
-``heads · head_dim`` apart from ``d_model``) and this cut of our own module.
+FFN and tower reads) stays. torch-pruning 1.6.1 has no such cut for ``nn.MultiheadAttention``: its
+``MultiheadAttentionPruner`` removes channels of ``embed_dim``, which there is both the inner width
+and the token width (so the residual stream, every LayerNorm and FFN would shrink with it), and
+its head pruning (``BasePruner(prune_num_heads=True, num_heads={...})``) works on separate q/k/v
+``nn.Linear`` layers, not on the fused ``in_proj_weight``. Hence :class:`HeadAttention` (inner
+width ``heads · head_dim`` apart from ``d_model``) and this cut of our own module.
 
 Importance per head (higher = keep): L1 of its q/k/v rows and output columns (:func:`head_l1`);
 Taylor (per task, or of the summed loss) on the head's output, ``|Σ a · ∂L/∂a|`` over its
