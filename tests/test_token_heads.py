@@ -487,3 +487,14 @@ def test_token_towers_and_loss_make_no_host_sync(method, copies, monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, attr, guarded)
     step()
+
+
+def test_tasks_from_config_level_token():
+    from polytask.tasks import tasks_from_config
+
+    tasks = tasks_from_config([{"name": "a", "kind": "binary"},
+                               {"name": "t", "kind": "multiclass", "num_classes": 5, "level": "token"}])
+    assert type(tasks[0]) is Task and isinstance(tasks[1], TokenTask)
+    assert tasks[1].metrics == ("accuracy", "macro_f1", "logloss") and tasks[1].num_classes == 5
+    with pytest.raises(ConfigError, match=r"tasks\[0\] \('t'\): level must be row or token, got 'word'"):
+        tasks_from_config([{"name": "t", "kind": "binary", "level": "word"}])

@@ -289,18 +289,24 @@ def delta_m(
 
 
 def tasks_from_config(entries: Sequence[Mapping]) -> list[Task]:
-    """Build tasks from config entries (dicts with Task's fields), naming a bad entry."""
+    """Build tasks from config entries (dicts with Task's fields, and ``level: row | token``: a token-level
+    task is a :class:`polytask.token_tasks.TokenTask`), naming a bad entry."""
+    from polytask.token_tasks import LEVELS, TokenTask
+
     out = []
     for i, e in enumerate(entries):
         e = dict(e)
         if "name" not in e or "kind" not in e:
             raise ConfigError(f"tasks[{i}]: each task needs 'name' and 'kind'")
+        level = e.pop("level", "row")
         unknown = set(e) - set(Task.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"tasks[{i}] ({e['name']!r}): unknown key(s) {', '.join(sorted(unknown))}")
+        if level not in LEVELS:
+            raise ConfigError(f"tasks[{i}] ({e['name']!r}): level must be row or token, got {level!r}")
         if "metrics" in e:
             e["metrics"] = tuple(e["metrics"])
-        out.append(Task(**e))
+        out.append(TokenTask(**e) if level == "token" else Task(**e))
     names = [t.name for t in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"tasks: duplicate task names in {names}")
