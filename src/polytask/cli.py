@@ -442,8 +442,8 @@ def prune(
     seed: Annotated[int, typer.Option(help="Seed of the random method's draws (fine-tuning uses the run's seed).")] = 0,
     latency_device: Annotated[str, typer.Option(help="Where latency is measured: cpu, cuda, auto.")] = "cpu",
 ) -> None:
-    """Prune a trained run's shared trunk (shared-bottom layers, MMoE/OMoE/PLE/CGC expert hidden units) to a FLOPs budget
-    and write a new run directory with the pruned weights, per-layer keep ratios and a table of
+    """Prune a trained run's shared trunk (shared-bottom layers, MMoE/OMoE expert units, PLE/CGC expert hidden units
+    per bank, MTAN trunk channels, task-token attention heads) to a FLOPs budget and write a new run directory with the pruned weights, per-layer keep ratios and a table of
     parameters, FLOPs, latency, metrics and Δm% against the unpruned model (prune.md)."""
     key, _, value = target.partition("=")
     if key.strip() != "flops" or not value:
