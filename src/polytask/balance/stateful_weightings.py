@@ -80,11 +80,12 @@ def sdmgrad_inner(matrix: Tensor, w: Tensor, w_tilde: Tensor, lr: float, momentu
     n = w.shape[-1]
     inv_ks = 1.0 / torch.arange(1, n + 1, dtype=w.dtype, device=w.device)
     running_means = torch.ones(n, n, dtype=w.dtype, device=w.device).tril() * inv_ks.unsqueeze(1)  # row j: 1/j (k <= j)
+    minus_inv_ks = -inv_ks
     velocity = torch.zeros_like(w)
     for _ in range(n_iter):  # sequential by construction: each step starts where the last ended
         velocity = torch.add(torch.addmv(pull, a, w), velocity, alpha=momentum)  # A (w + lambda w~) + m v
         y = torch.add(w, velocity, alpha=-lr)
-        theta = torch.addmv(-inv_ks, running_means, torch.topk(y, n).values).max()  # topk: sorted, decreasing
+        theta = torch.addmv(minus_inv_ks, running_means, torch.topk(y, n).values).max()  # topk: sorted, decreasing
         w = (y - theta).clamp_min(0.0)
     return w
 
