@@ -70,23 +70,31 @@ def _distinct_hashes(values: Any, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 
 def _fnv1a(words: Any, seed: int) -> np.ndarray:
     """FNV-1a (64-bit) of each string's UTF-8 bytes, vectorised over the strings: one numpy pass per
-    byte position."""
+    byte position.
+
+    The strings are ordered longest first (a stable radix sort of their lengths), so the strings that
+    have a byte at position ``pos`` are a prefix of that order: each pass works on a contiguous slice,
+    with no mask and no fancy-indexed write, and one scatter puts the hashes back in place."""
     pa, _, _, _ = _pa()
     uniq = words.cast(pa.large_binary())
     offsets = np.frombuffer(uniq.buffers()[1], dtype=np.int64)[uniq.offset:uniq.offset + len(uniq) + 1]
     data = np.frombuffer(uniq.buffers()[2], dtype=np.uint8) if len(uniq) else np.zeros(0, np.uint8)
-    starts, lengths = offsets[:-1], np.diff(offsets)
-    h = np.full(len(uniq), _FNV_OFFSET ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
-    shortest = int(lengths.min(initial=0))
+    n, lengths = len(uniq), np.diff(offsets)
+    longest = int(lengths.max(initial=0))
+    key = lengths.astype(np.uint16) if longest < 1 << 16 else lengths  # 16 bits: numpy sorts by radix
+    order = np.argsort(key, kind="stable")[::-1]
+    at = offsets[:-1][order]  # where each string's next byte is, in that order
+    longer = n - np.cumsum(np.bincount(lengths, minlength=longest))[:longest]  # strings longer than pos
+    h = np.full(n, _FNV_OFFSET ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for pos in range(shortest):  # every value has this byte: in place, no mask (ids often share a length)
-            h ^= data[starts + pos]
-            h *= _FNV_PRIME
-        for pos in range(shortest, int(lengths.max(initial=0))):
-            live = lengths > pos
-            byte = data[starts[live] + pos].astype(np.uint64)
-            h[live] = (h[live] ^ byte) * _FNV_PRIME
-    return h
+        for m in longer.tolist():  # one pass per byte position, over the m strings that have it
+            part = h[:m]
+            part ^= data[at[:m]]
+            part *= _FNV_PRIME
+            at[:m] += 1
+    out = np.empty_like(h)
+    out[order] = h
+    return out
 
 
 def _mix(h: np.ndarray) -> np.ndarray:

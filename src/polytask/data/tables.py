@@ -33,8 +33,12 @@ How it reads, and what it guarantees:
   FNV-1a hash (:func:`stable_hash`), then a bucket, or its id by binary search in the vocabulary's
   sorted hashes; a ``take`` brings the ids back to the rows. Lists of ids
   (:class:`SequenceIds`) become a padded ``(N, max_len)`` matrix.
-* **Cost per batch.** A shuffle window is encoded once, column by column, and permuted once;
-  batches are slices of its tensors (no Python step per row or per batch beyond a few views).
+* **Cost per batch.** A shuffle window is encoded once into four row-major blocks (ids, dense,
+  labels, masks; each column written contiguously, then transposed into place per record batch),
+  never concatenated nor permuted as a whole: batch ``k`` gathers rows ``perm[kB:(k+1)B]`` of each
+  block (four row gathers per batch, not one per column), which are the rows and the order of
+  the permuted window; without shuffling, batches are views. The columns of a batch are views of
+  its blocks (an id column is a strided ``(B,)`` view).
 * **Ranks.** :meth:`TableSource.rank_batches` gives every rank's batch count from the Parquet
   footers, so that ranks whose shards differ can still run the same number of steps.
 
@@ -409,21 +413,47 @@ class TableSource(torch.utils.data.IterableDataset):
                                 f"{{0, 1}} (e.g. {first})")
 
     def _to_batch(self, rb: Any) -> tuple[dict, dict, dict]:
-        pa, pc, _, _ = _pa()
-        inputs: dict[str, torch.Tensor] = {}
-        if self.schema.dense:
-            dense = np.empty((rb.num_rows, len(self.schema.dense)), np.float32)
-            for j, c in enumerate(self.schema.dense):  # cast while copied into place (no per-column temporaries)
-                dense[:, j] = rb.column(c).to_numpy(zero_copy_only=False)
-            inputs["dense"] = torch.from_numpy(dense)
-        for c, enc in self.schema.categorical.items():
-            inputs[c] = torch.from_numpy(enc.encode(rb.column(c)))
-        targets, mask = {}, {}
-        for task, c in self.schema.labels.items():
-            col = _labels(rb.column(c))
-            mask[task] = torch.from_numpy(col.is_valid().to_numpy(zero_copy_only=False))
-            targets[task] = torch.from_numpy(pc.fill_null(col, 0.0).to_numpy(zero_copy_only=False).copy())
-        return inputs, targets, mask
+        """One record batch as ``(inputs, targets, mask)`` in file order."""
+        return self._encode([rb]).take(slice(None))
+
+    def _encode(self, held: list) -> _Window:
+        """The record batches of a window, encoded into one preallocated block per kind (ids, dense,
+        labels, masks): each column is cast or encoded straight into its place, so the window needs
+        no concatenation, and a batch is one row gather per block (not one per column)."""
+        _, pc, _, _ = _pa()
+        sch = self.schema
+        n = sum(rb.num_rows for rb in held)
+        flat = [c for c, enc in sch.categorical.items() if not isinstance(enc, SequenceIds)]
+        seqs = {c: np.empty((n, enc.max_len), np.int64) for c, enc in sch.categorical.items()
+                if isinstance(enc, SequenceIds)}
+        ids = np.empty((n, len(flat)), np.int64)
+        dense = np.empty((n, len(sch.dense)), np.float32)
+        targets = np.empty((n, len(sch.labels)), np.float32)
+        mask = np.empty((n, len(sch.labels)), np.bool_)
+        # columns are written contiguously into a column-major scratch block, then transposed into the
+        # row-major window in one pass: a column written straight into a row-major block is a strided
+        # write, several times the cost of both (and rows must be contiguous for the batches' gathers)
+        longest = max(rb.num_rows for rb in held)
+        dense_cols = np.empty((len(sch.dense), longest), np.float32)
+        id_cols = np.empty((len(flat), longest), np.int64)
+        lo = 0
+        for rb in held:
+            hi = lo + rb.num_rows
+            for j, c in enumerate(sch.dense):  # cast while copied into place (no per-column temporaries)
+                dense_cols[j, :hi - lo] = rb.column(c).to_numpy(zero_copy_only=False)
+            dense[lo:hi] = dense_cols[:, :hi - lo].T
+            for j, c in enumerate(flat):
+                id_cols[j, :hi - lo] = sch.categorical[c].encode(rb.column(c))
+            ids[lo:hi] = id_cols[:, :hi - lo].T
+            for c, out in seqs.items():
+                out[lo:hi] = sch.categorical[c].encode(rb.column(c))
+            for j, c in enumerate(sch.labels.values()):
+                col = _labels(rb.column(c))
+                mask[lo:hi, j] = col.is_valid().to_numpy(zero_copy_only=False)
+                targets[lo:hi, j] = pc.fill_null(col, 0.0).to_numpy(zero_copy_only=False)
+            lo = hi
+        return _Window(self.schema, flat, torch.from_numpy(ids), {c: torch.from_numpy(v) for c, v in seqs.items()},
+                       torch.from_numpy(dense), torch.from_numpy(targets), torch.from_numpy(mask))
 
     def _windows(self, units: list, start: int) -> Iterator[tuple[int, list]]:
         """(index of the window's first unit, its record batches), from unit ``start`` on."""
@@ -443,27 +473,30 @@ class TableSource(torch.utils.data.IterableDataset):
     def iter_positioned(self) -> Iterator[tuple[tuple, tuple[int, int, int, int]]]:
         """Batches with their position ``(shard, epoch, window start, batches of the window done)``.
 
-        A window is encoded once, as whole columns (each record batch read, of ``read_rows`` rows,
-        encoded through its distinct values, then one concatenation and one permutation per
-        tensor); batches are slices of those tensors, so the per-batch cost is a few views, not a
-        pyarrow round trip.
+        A window is encoded once (:meth:`_encode`: each record batch, of ``read_rows`` rows, through
+        its distinct values, into blocks of the whole window), and shuffled by a seeded permutation
+        that is never applied to the window: batch ``k`` gathers the rows ``perm[k B:(k + 1) B]`` of
+        each block (one gather per block and batch; the same rows, in the same order, as permuting
+        the window first), so rows are copied once, into the batch, and a DataLoader worker sends
+        that copy (without shuffling, batches are views of the window; a worker sends a copy).
         """
         shard, shards = self._shard()
         units = self.shard_units(shard, shards)
         start, skip = self.resume.get(shard, (0, 0))
         in_worker = torch.utils.data.get_worker_info() is not None
         for first, held in self._windows(units, start):
-            window = _cat_batches([self._to_batch(rb) for rb in held])
-            n = len(next(iter(window[1].values())))
+            window = self._encode(held)
+            n = window.rows
+            perm = None
             if self.shuffle_rows > 0:
                 perm = torch.from_numpy(np.random.default_rng([self.seed, self.epoch, shard, first]).permutation(n))
-                window = _map_batch(window, lambda v: v[perm])
             done = skip if first == start else 0
             for k in range(done, math.ceil(n / self.batch_size)):
-                lo = k * self.batch_size
-                # a worker sends its batch to the main process: a copy, so the window is not shared
-                batch = _map_batch(window, (lambda v: v[lo:lo + self.batch_size].clone()) if in_worker
-                                   else (lambda v: v[lo:lo + self.batch_size]))
+                lo, hi = k * self.batch_size, min((k + 1) * self.batch_size, n)
+                if perm is not None:
+                    batch = window.take(perm[lo:hi])
+                else:  # a worker sends its batch to the main process: a copy, so the window is not shared
+                    batch = window.take(slice(lo, hi), copy=in_worker)
                 yield batch, (shard, self.epoch, first, k + 1)
 
     def __iter__(self) -> Iterator[tuple]:
@@ -471,15 +504,39 @@ class TableSource(torch.utils.data.IterableDataset):
             yield batch
 
 
-def _map_batch(batch: tuple[dict, dict, dict], fn: Any) -> tuple[dict, dict, dict]:
-    return tuple({k: fn(v) for k, v in part.items()} for part in batch)  # type: ignore[return-value]
+@dataclass
+class _Window:
+    """A shuffle window's rows as blocks: ``ids`` ``(n, C)`` (the flat id columns ``flat``, in schema
+    order), ``seqs`` ``{column: (n, max_len)}``, ``dense`` ``(n, D)``, ``targets``/``mask`` ``(n, T)``.
 
+    :meth:`take` gives polytask's batch dicts: each column a view of its block's rows (a column of
+    ``ids`` is a strided ``(B,)`` view; embedding lookups and masks take strided tensors)."""
 
-def _cat_batches(batches: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
-    if len(batches) == 1:
-        return batches[0]
-    return tuple({k: torch.cat([b[i][k] for b in batches]) for k in batches[0][i]}  # type: ignore[return-value]
-                 for i in range(3))
+    schema: TableSchema
+    flat: list[str]
+    ids: torch.Tensor
+    seqs: dict[str, torch.Tensor]
+    dense: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.targets.shape[0]
+
+    def take(self, rows: Any, copy: bool = False) -> tuple[dict, dict, dict]:
+        """The batch of ``rows``: an index tensor (one gather per block) or a slice (views; ``copy``: cloned)."""
+        if isinstance(rows, slice):
+            pick = (lambda v: v[rows].clone()) if copy else (lambda v: v[rows])
+        else:
+            pick = lambda v: v.index_select(0, rows)  # noqa: E731
+        ids, dense, targets, mask = pick(self.ids), pick(self.dense), pick(self.targets), pick(self.mask)
+        inputs: dict[str, torch.Tensor] = {"dense": dense} if self.schema.dense else {}
+        cols = {c: ids[:, j] for j, c in enumerate(self.flat)}
+        cols.update({c: pick(v) for c, v in self.seqs.items()})
+        inputs.update({c: cols[c] for c in self.schema.categorical})  # the schema's column order
+        tasks = list(self.schema.labels)
+        return inputs, {t: targets[:, j] for j, t in enumerate(tasks)}, {t: mask[:, j] for j, t in enumerate(tasks)}
 
 
 def _labels(col: Any) -> Any:
