@@ -9,7 +9,12 @@ Two settings, each trained from scratch per seed with polytask's Trainer (equal 
   2018; 3 tasks, correlation 0.5); the experts' hidden units are pruned;
 - ``synthetic-ple``: PLE (Tang et al., RecSys 2020; 2 levels, 1 specific expert per task and 1
   shared expert per level, hidden 64-32) on the same data; the experts' hidden layer (64) is pruned,
-  tied over every bank and level, while their output width (32), the gates and the towers stay.
+  each bank (every task's, the shared one) to its own width, tied over the levels, while their
+  output width (32), the gates and the towers stay;
+- ``digits-mtan``: MTAN (Liu et al., CVPR 2019; blocks of 16-32-32 channels, 8-16 with --quick)
+  on the same digits as 1x8x8 images; both trunk convs of every block are pruned, each channel with
+  every task's attention input, mask and attended features (``polytask.prune.mtan``). Not in the
+  default ``--settings`` (name it: a few minutes on one core with --quick).
 
 For each FLOPs target and method (pagcp, taylor, l1, random) the table prints, as mean ± std over
 seeds, the test Δm% against the unpruned model (all metrics of all tasks, positive = worse), the
@@ -40,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.data import load
+from polytask.data.dataset import MultiTaskDataset, Splits
 from polytask.nn import TaskHeads, build_model
 from polytask.prune import PAGCP, PruneContext, UnreachableBudget, count, latency_ms, prune_model
 from polytask.prune.core import task_drop
@@ -85,8 +91,20 @@ def train(model: nn.Module, splits, out: Path, seed: int, epochs: int, device: s
     return trainer.model.eval()
 
 
+def digit_images(seed: int) -> Splits:
+    """The digits data set with its inputs as 1x8x8 images (MTAN reads images)."""
+    flat = load("digits", seed=seed)
+    parts = [MultiTaskDataset(part.inputs.reshape(-1, 1, 8, 8), part.targets)
+             for part in (flat.train, flat.val, flat.test)]
+    return Splits("digits", flat.tasks, *parts, 1)
+
+
 def setting(name: str, seed: int, quick: bool, device: str):
     torch.manual_seed(seed)
+    if name == "digits-mtan":
+        splits = digit_images(seed)
+        model = build_model("mtan", 1, splits.tasks, channels=[8, 16] if quick else [16, 32, 32])
+        return splits, model, [layer.name for layer in prunable_layers(model, "mtan")], 4 if quick else 15
     if name == "digits-cnn":
         splits = load("digits", seed=seed)
         model = DigitsCNN(splits.tasks, (8, 16, 16) if quick else (16, 32, 32))
@@ -95,8 +113,9 @@ def setting(name: str, seed: int, quick: bool, device: str):
                   seed=seed)
     expert = [32, 16] if quick else [64, 32]
     if name == "synthetic-ple":
+        banks = {name: expert[:-1] for name in [*(t.name for t in splits.tasks), "shared"]}  # one width per bank
         model = build_model("ple", 32, splits.tasks, num_levels=2, specific_experts=1, shared_experts=1,
-                            expert=expert, tower=[16])
+                            expert=expert, tower=[16], bank_widths=banks)
         return splits, model, [layer.name for layer in prunable_layers(model, "ple")], 4 if quick else 15
     model = build_model("mmoe", 32, splits.tasks, num_experts=4 if quick else 8, expert=expert, tower=[16])
     return splits, model, [layer.name for layer in prunable_layers(model, "mmoe")], 4 if quick else 15
@@ -121,7 +140,8 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=None,
                         help="fine-tuning epochs after pruning (default: 3, --quick: 0)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--settings", default="digits-cnn,synthetic-mmoe,synthetic-ple")
+    parser.add_argument("--settings", default="digits-cnn,synthetic-mmoe,synthetic-ple",
+                        help="comma-separated; digits-mtan too")
     args = parser.parse_args()
     seeds = range(1 if args.quick else args.seeds)
     if args.finetune_epochs is None:
