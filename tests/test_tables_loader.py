@@ -1,0 +1,108 @@
+"""The fast paths of the table loader: FNV-1a over length-sorted strings against the byte-by-byte definition,
+batches gathered from a window's blocks against the documented order (the window permuted by its seeded
+permutation, then cut), and one gather per block (id columns of a batch share one storage)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from polytask.data.encoders import HashBuckets, SequenceIds, Vocabulary, _fnv1a, stable_hash  # noqa: E402
+from polytask.data.tables import TableSchema, TableSource  # noqa: E402
+
+_PRIME, _MASK = 0x100000001B3, (1 << 64) - 1
+
+
+def _fnv1a_bytes(data: bytes, seed: int = 0) -> int:
+    """FNV-1a 64 as published (Fowler, Noll, Vo): h = offset ^ seed; per byte h = (h xor b) * prime mod 2^64."""
+    h = 0xCBF29CE484222325 ^ seed
+    for b in data:
+        h = ((h ^ b) * _PRIME) & _MASK
+    return h
+
+
+@pytest.mark.parametrize("seed", [0, 12345])
+def test_vectorised_fnv1a_equals_the_byte_by_byte_definition(seed):
+    rng = np.random.default_rng(0)
+    words = ["", "a", "ab", "héllo", "日本語", "x" * 70_000, "zz", *(f"c0_{v}" for v in rng.integers(0, 10**7, 300))]
+    got = _fnv1a(pa.array(words), seed)
+    assert got.tolist() == [_fnv1a_bytes(w.encode(), seed) for w in words]
+    # an array slice (a non-zero offset into the buffers), and no string at all
+    part = pa.array(["skip", "ab", "abc", "tail"]).slice(1, 2)
+    assert _fnv1a(part, seed).tolist() == [_fnv1a_bytes(b"ab", seed), _fnv1a_bytes(b"abc", seed)]
+    assert _fnv1a(pa.array([], pa.string()), seed).tolist() == []
+    # a dictionary column (as read from Parquet) hashes like its plain values
+    values = pa.array(["u3", "u1", None, "u3", ""])
+    assert stable_hash(values.dictionary_encode()).tolist() == stable_hash(values).tolist()
+
+
+@pytest.fixture
+def log(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 700
+    t = pa.table({"rid": np.arange(n, dtype=np.int64), "price": rng.random(n),
+                  "user": pa.array([f"u{j}" for j in rng.zipf(1.4, n) % 50]), "item": rng.integers(0, 90, n),
+                  "hist": pa.array([[f"i{k}" for k in rng.integers(0, 9, rng.integers(0, 4))] for _ in range(n)]),
+                  "click": pa.array(rng.integers(0, 2, n).astype(np.float64), mask=rng.random(n) < 0.1)})
+    pq.write_table(t, tmp_path / "a.parquet", row_group_size=128)
+    return tmp_path / "a.parquet", t
+
+
+def _schema(t):
+    vocab = Vocabulary("user", sorted(set(t["user"].to_pylist()))[:30])
+    return TableSchema(dense=("rid", "price"), labels={"click": "click"},
+                       categorical={"user": vocab, "item": HashBuckets(32), "hist": SequenceIds(HashBuckets(8), 3)})
+
+
+def test_shuffled_batches_are_the_permuted_window_cut_in_order(log):
+    path, t = log
+    schema = _schema(t)
+    src = TableSource(path, schema, batch_size=50, shuffle_rows=300, seed=7, read_rows=100)
+    batches = list(src)
+    # the documented order, computed from the whole table: units in the seeded unit order, windows of
+    # >= 300 rows, each window's rows permuted by default_rng([seed, epoch, shard, first unit])
+    units = src.shard_units(0, 1)
+    order = []
+    i = 0
+    while i < len(units):
+        first, rows = i, []
+        while i < len(units) and (not rows or len(rows) < 300):
+            g = units[i][1]
+            rows += list(range(g * 128, min((g + 1) * 128, len(t))))
+            i += 1
+        perm = np.random.default_rng([7, 0, 0, first]).permutation(len(rows))
+        window = [rows[p] for p in perm]
+        order += [window[k:k + 50] for k in range(0, len(window), 50)]
+    assert [b[0]["dense"][:, 0].long().tolist() for b in batches] == order
+    want_user = schema.categorical["user"].encode(t["user"])
+    want_item = schema.categorical["item"].encode(t["item"])
+    want_hist = schema.categorical["hist"].encode(t["hist"])
+    click = t["click"].to_numpy(zero_copy_only=False)
+    for (x, y, m), rows in zip(batches, order):
+        assert x["user"].tolist() == want_user[rows].tolist() and x["item"].tolist() == want_item[rows].tolist()
+        assert torch.equal(x["hist"], torch.from_numpy(want_hist[rows]))
+        assert torch.equal(x["dense"][:, 1], torch.tensor(t["price"].to_numpy()[rows], dtype=torch.float32))
+        assert m["click"].tolist() == (~np.isnan(click[rows])).tolist()
+        assert y["click"].tolist() == np.nan_to_num(click[rows]).tolist()
+    # one gather per block: the id columns of a batch are views of one tensor
+    x = batches[0][0]
+    assert x["user"].untyped_storage().data_ptr() == x["item"].untyped_storage().data_ptr()
+    assert list(x) == ["dense", "user", "item", "hist"]
+
+
+def test_file_order_batches_are_views_and_worker_batches_copies(log):
+    path, t = log
+    src = TableSource(path, _schema(t), batch_size=64, shuffle_rows=0)
+    batches = list(src)
+    assert [r for b in batches for r in b[0]["dense"][:, 0].long().tolist()] == list(range(len(t)))
+    a, b = batches[0][0], batches[1][0]  # two batches of one window (a row group of 128 rows): one storage
+    assert a["user"].untyped_storage().data_ptr() == b["user"].untyped_storage().data_ptr()
+    loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=1)
+    via_worker = list(loader)
+    assert [r for b in via_worker for r in b[0]["dense"][:, 0].long().tolist()] == list(range(len(t)))
+    for (x, y, m), (x2, y2, m2) in zip(batches, via_worker):
+        assert all(torch.equal(x[k], x2[k]) for k in x) and torch.equal(y["click"], y2["click"])
