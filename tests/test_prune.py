@@ -520,6 +520,11 @@ def test_pagcp_prunes_ple_hidden_units_under_its_constraint(runs, tmp_path):
         "task1": [summary["widths"]["levels.*.task_experts.1.layers.0"]],
         "shared": [summary["widths"]["levels.*.shared_experts.layers.0"]]}
     assert result.table[1]["flops"] <= 0.7 * result.table[0]["flops"]
+    from polytask.train import Trainer
+    from polytask.train.config import load_config
+
+    resumed = Trainer(load_config(result.out_dir / "config.yaml", ["train.epochs=2"]), progress=False).fit(resume=True)
+    assert [r.epoch for r in resumed.history] == [0, 1, 2]  # the banked widths resume their fine-tuning
 
 
 def test_a_failure_leaves_no_output_directory(runs, tmp_path, monkeypatch):
