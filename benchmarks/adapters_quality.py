@@ -80,8 +80,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    size = dict(tasks=3, token_tasks=1, relatedness=0.5, rows=2000, vocab=64, length=16, hidden=64, layers=2, rank=4, lr=3e-3,
-                epochs=6)
+    size = dict(tasks=3, token_tasks=1, relatedness=0.5, rows=2000, vocab=64, length=16, hidden=64, layers=2, rank=4,
+                lr=3e-3, epochs=6)
     if args.toy:
         size.update(rows=200, hidden=16, epochs=1)
     pooled = [f"task{t}" for t in range(size["tasks"])]

@@ -85,7 +85,7 @@ def test_binary_and_regression_token_losses_by_hand():
     binary = TokenTask("b", "binary")
     labels = torch.tensor([[1, -100, 0]])
     # (softplus(-0.5) + softplus(2.0)) / 2: BCE-with-logits of the two labelled tokens
-    expect = (F.softplus(torch.tensor(-0.5, dtype=torch.float64)) + F.softplus(torch.tensor(2.0, dtype=torch.float64))) / 2
+    expect = F.softplus(torch.tensor([-0.5, 2.0], dtype=torch.float64)).mean()
     torch.testing.assert_close(binary.loss(out, labels), expect)
     reg = TokenTask("r", "regression")
     target = torch.tensor([[1.5, float("nan"), 0.0]], dtype=torch.float64)
@@ -222,8 +222,8 @@ def test_token_file_table_with_per_token_label_lists(tmp_path, fmt):
     assert masks.tolist() == [i != 2 for i in order]  # the row with no tag list is unlabelled
     score = torch.cat([d.targets["score"] for d in allrows])
     for row, i in zip(score, order):
-        want = [float("nan")] * 4 if ROWS[i]["labels.score"] is None else \
-            [float("nan") if v is None else v for v in ROWS[i]["labels.score"]] + [float("nan")] * (4 - len(ROWS[i]["input_ids"]))
+        given = ROWS[i]["labels.score"] or []
+        want = [float("nan") if v is None else v for v in given] + [float("nan")] * (4 - len(given))
         torch.testing.assert_close(row, torch.tensor(want), equal_nan=True)
 
 
@@ -255,13 +255,15 @@ def test_token_file_tensors_padding_gets_no_label(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ model
-@pytest.mark.parametrize("method, backbone, pooling, targets", [
-    ("lora", BERT, "cls", ("query", "value")),          # once per task: block t under task t
-    ("molora", BERT, "mean", ("query", "value")),       # one forward for all tasks
-    ("mtlora", LLAMA, "last", ("q_proj", "v_proj")),
+@pytest.mark.parametrize("method, backbone, pooling, targets, order", [
+    ("lora", BERT, "cls", ("query", "value"), (0, 1, 2)),          # once per task: block t under task t
+    ("lora", BERT, "mean", ("query", "value"), (2, 0, 1)),         # token task first: its block is 0
+    ("molora", BERT, "mean", ("query", "value"), (0, 1, 2)),       # one forward for all tasks
+    ("mtlora", LLAMA, "last", ("q_proj", "v_proj"), (0, 2, 1)),    # pooled blocks 0 and 2: not a slice
 ])
-def test_token_towers_read_every_hidden_state_under_the_task(method, backbone, pooling, targets):
+def test_token_towers_read_every_hidden_state_under_the_task(method, backbone, pooling, targets, order):
     s = splits()
+    s.tasks = [s.tasks[i] for i in order]
     model = build(s.tasks, method, backbone, targets, pooling=pooling).eval()
     batch = s.train.batch(torch.arange(6))
     ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
@@ -283,7 +285,7 @@ def test_token_towers_read_every_hidden_state_under_the_task(method, backbone, p
             layer = model.heads.towers.layers[0]
             expect = pooled.float() @ layer.weight[j] + layer.bias[j]
         torch.testing.assert_close(out[task.name], expect, rtol=1e-5, atol=1e-5)
-    loss = s.tasks[2].loss(out["tag0"], batch.targets["tag0"])
+    loss = next(t for t in s.tasks if t.name == "tag0").loss(out["tag0"], batch.targets["tag0"])
     ref = F.cross_entropy(out["tag0"].reshape(-1, 3), batch.targets["tag0"].reshape(-1), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(loss, ref)
     assert (batch.targets["tag0"][mask == 0] == IGNORE_INDEX).all()  # padding carries no label
@@ -360,7 +362,7 @@ def test_padding_tokens_stay_out_of_routing_statistics(method, params):
 
 def test_token_task_on_an_architecture_without_token_outputs_is_refused():
     s = splits()
-    with pytest.raises(ConfigError, match=r"^model.arch: task 'tag0' is token-level .* 'mmoe' gives one output per row"):
+    with pytest.raises(ConfigError, match=r"^model.arch: task 'tag0' is token-level .* 'mmoe' gives one output"):
         build_model("mmoe", 8, s.tasks)
 
 

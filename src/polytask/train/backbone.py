@@ -119,6 +119,13 @@ def config_key_message(message: str) -> str:
     return f"{_CONFIG_KEYS.get(key, f'model.params.method_params.{key}')}:{rest}"
 
 
+def _task_rows(index: list[int]) -> slice | list[int]:
+    """Rows ``index`` of a per-task ``(T, ...)`` tensor: a slice (a view) when they are consecutive,
+    as when the pooled tasks come before the token tasks; else the list (indexing copies)."""
+    consecutive = bool(index) and index == list(range(index[0], index[-1] + 1))
+    return slice(index[0], index[-1] + 1) if consecutive else index
+
+
 def _digest(params: Sequence[Tensor]) -> Tensor:
     """Sum and sum of squares of the frozen backbone's weights (float64): tells one backbone from another."""
     flat = [p.detach().double().reshape(-1) for p in params]
@@ -181,8 +188,7 @@ class AdapterModel(MultiTaskModel):
         # all pooled (the usual case): one TaskHeads named ``heads``, as before token towers existed
         self.heads = TaskHeads([tasks[i] for i in pooled], width, hidden=tuple(head_hidden)) if pooled else None
         self.token_heads = TaskHeads([tasks[i] for i in token], width, hidden=tuple(head_hidden)) if token else None
-        self.register_buffer("_pooled_index", torch.tensor(pooled, dtype=torch.long), persistent=False)
-        self.register_buffer("_token_index", torch.tensor(token, dtype=torch.long), persistent=False)
+        self._pooled_rows, self._token_rows = _task_rows(pooled), _task_rows(token)
         self._copies = False  # expose_task_features: per-task copies of the hidden states (token towers)
         self._frozen_keys = self._backbone_keys()
         state = super().state_dict()
@@ -252,10 +258,9 @@ class AdapterModel(MultiTaskModel):
             self.shared_features, self.task_features = hidden, None
         out: dict[str, Tensor] = {}
         if self.heads is not None:
-            pooled = self._pool(hidden, mask) if per_task is None else \
-                self._pool(per_task.index_select(0, self._pooled_index), mask)
+            pooled = self._pool(hidden if per_task is None else per_task[self._pooled_rows], mask)
             out.update(self.heads(pooled))
-        source = hidden if per_task is None else per_task.index_select(0, self._token_index)
+        source = hidden if per_task is None else per_task[self._token_rows]
         tokens = self.token_heads(source.flatten(-3, -2))      # (B * L, H) or (T_token, B * L, H) rows
         shape = hidden.shape[-3:-1] if per_task is None else per_task.shape[1:3]
         out.update({name: y.reshape(*shape, y.shape[-1]) for name, y in tokens.items()})
@@ -362,9 +367,9 @@ def export_adapters(run_dir: str | Path, out: str | Path, peft_task: str | None 
     """Write a run's best adapters alone into the new folder ``out``; returns it.
 
     Default: polytask's format (:func:`polytask.adapters.save`: every adapter tensor and the
-    method's config) plus the towers (``heads.safetensors``; token-level towers under ``token_heads.``). ``peft=True``: PEFT's format
-    (:func:`polytask.adapters.save_peft`), which ``peft.PeftModel.from_pretrained`` loads onto the
-    backbone: one task's LoRA (``peft_task``) for ``lora``/``mtlora``, all tasks for ``poly``/``mhr``.
+    method's config) plus the towers (``heads.safetensors``; token-level towers under ``token_heads.``).
+    ``peft=True``: PEFT's format (:func:`polytask.adapters.save_peft`), which
+    ``peft.PeftModel.from_pretrained`` loads onto the backbone: one task's LoRA (``peft_task``) for ``lora``/``mtlora``, all tasks for ``poly``/``mhr``.
     ConfigError for a run that is not ``model.arch: adapters``, an existing ``out`` or an unknown
     task; CheckpointError when the run has no best checkpoint or it does not fit.
     """
