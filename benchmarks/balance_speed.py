@@ -18,7 +18,9 @@ Model: an MLP trunk (``--input`` -> ``--hidden`` x 2, ReLU) with T linear heads 
   default), ``par-vb:<m>`` (the rows in one vectorised trunk backward), ``feat:<m>`` feature mode
   (with these linear heads: the Gramian-only source, ``U^T U * W W^T``, no ``T x (B d)`` Jacobian);
 - ours without ``task_features`` (one pass per task, the fallback): ``par-old:<m>``, ``feat-old:<m>``;
-- ``famo``: FAMO (loss-based; backward only, its post-step pass excluded) if registered.
+- ``famo``: FAMO (loss-based; backward only, its post-step pass excluded) if registered;
+- ``feat-floor``: feature mode through the Gramian path with mean weights (FairGrad at ``alpha = 0``,
+  no solve): the engine's own cost, the floor of every ``feat:<m>`` of a Gramian method.
 
 Every variant of one T is timed round-robin (one step of each per round, ``--repeats`` rounds),
 so that load changes on a shared machine hit all of them alike; the median per variant is shown,
@@ -241,6 +243,9 @@ def step_benchmarks(n_tasks: int, args: argparse.Namespace) -> dict[str, float]:
             model.heads.copies = False
         return step
 
+    # The floor of every Gramian method at feature level: the same engine path with mean weights (FairGrad at
+    # alpha = 0 returns 1/T without a solve), so feat:<m> minus feat-floor is what <m>'s own weights cost.
+    fns["feat-floor"] = ours(balance.get("fairgrad", mode="features", alpha=0.0).to(DEVICE), True)
     methods = [m for m in METHODS if runs_at(m, n_tasks)]
     for name in methods:
         method = balance.get(name).aggregator
@@ -381,7 +386,8 @@ def main() -> None:
               f"{torch.get_num_threads()} CPU thread(s), device {DEVICE})")
     table = {} if args.agg_only else {t: step_benchmarks(t, args) for t in args.tasks}
     for t, row in table.items():
-        base = "".join(f", {k} {row[k]:.2f}" for k in ("ew-copies", "ew-sep", "loop", "famo") if k in row)
+        base = "".join(f", {k} {row[k]:.2f}" for k in ("ew-copies", "ew-sep", "loop", "famo", "feat-floor") if k in row)
+        base += f" (feat-floor/EW paired {row['feat-floor|ew']:.2f})"
         print(f"\n## T={t}: ew {row['ew']:.2f} ms{base}")
         cols = ["loop:m", "tjd", "par", "par-vb", "par-old", "feat", "feat-old"]
         print("| method | " + " | ".join(cols) + " | feat/EW | feat/EW paired | feat/EW-copies | feat-old/EW | par/loop:m "
