@@ -534,7 +534,6 @@ def _run_one(
         split = split_lora_path(reference)  # mergekit's model+adapter: config and tokenizer of the model
         reference = split[0] if split is not None else reference
     extra = {"polytask_merge.yaml": text}
-    layout = _modules_of(config, reference, config_path)
 
     vocab: dict[str, int] = {}
 
@@ -549,10 +548,11 @@ def _run_one(
 
     def plan_jobs(sources):  # type: ignore[no-untyped-def]
         dtype_out = None if out_dtype is None else parse_dtype(out_dtype)
+        layout, planned_config = _modules_of(config, reference, sources[0 if base_i is None else base_i], config_path)
         if layout is not None:  # several modules: one plan each, one output
             from polytask.merge.modules import modules_output_config, plan_modules
 
-            plans = plan_modules(config, *layout, sources, source_of, labels)
+            plans = plan_modules(planned_config, *layout, sources, source_of, labels)
             jobs = plans.jobs
             changed = modules_output_config(reference, plans.num_layers, layout[1], dtype_out)
         else:
@@ -586,20 +586,24 @@ def _run_one(
     )
 
 
-def _modules_of(config: MergeConfig, reference: str, config_path: Any) -> Any:
-    """The reference model's modules (:func:`~polytask.merge.modules.architecture_of`) when it
-    has several, else None; ConfigError for module names the model does not have."""
-    from polytask.merge.modules import architecture_of
+def _modules_of(config: MergeConfig, reference: str, source: Any, config_path: Any) -> tuple[Any, MergeConfig]:
+    """The reference model's modules (:func:`~polytask.merge.modules.layout_of`) when it has
+    several, else None, and the config to plan; ConfigError for module names it does not have."""
+    from polytask.merge.modules import layout_of
 
-    layout = architecture_of(reference)
+    layout = layout_of(reference, source.names())
     if layout is None and config.modules is not None:
         bad = next(k for k in config.modules if k != "default")
         raise ConfigError(f"{config_path}: modules.{bad}: the model has one module, 'default' (several modules: "
-                          "vision-language and encoder-decoder models that mergekit defines so)")
+                          "vision-language and encoder-decoder models, as mergekit defines or infers them)")
     if layout is not None and config._from_default_module:
-        raise ConfigError(f"{config_path}: modules.default: {layout[0]} has no module 'default'; its modules are "
-                          f"{', '.join(sorted(layout[1]))}")
-    return layout
+        if "default" not in layout[1]:
+            raise ConfigError(f"{config_path}: modules.default: {layout[0]} has no module 'default'; its modules "
+                              f"are {', '.join(sorted(layout[1]))}")
+        # the module 'default' of an inferred layout (the tensors outside the layers), parameters already merged
+        config = config.model_copy(update={"modules": {"default": ModuleDef(models=config.models, slices=config.slices)},
+                                           "models": None, "slices": None})
+    return layout, config
 
 
 class _PathIndex(dict):  # type: ignore[type-arg]

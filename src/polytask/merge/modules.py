@@ -11,6 +11,12 @@ each module its own ``models`` or ``slices`` and ``parameters``::
       vision_tower:
         models: [{model: a}, {model: b}]
 
+A model whose architecture mergekit does not define (LLaVA, for one) and whose tensors hold
+several stacks of numbered layers gets mergekit's inferred modules (its
+``infer_architecture_info``): one per stack, named by the text before the first ``.<i>.``
+(``model.language_model.layers``), and ``default`` for every tensor outside the layers; no
+``config.json`` key is known for their layer counts (a warning when a count changes).
+
 A top-level ``models:`` list is every module's; a top-level ``slices:`` list is refused (as
 mergekit refuses it). Each module is planned as a merge of its own (:func:`plan_config` on the
 module's tensors, its layers numbered from 0, its ``parameters`` between the slice's and the
@@ -37,14 +43,15 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from polytask.errors import ConfigError, MergeError, PolytaskError
 
-__all__ = ["Module", "ARCHITECTURES", "architecture_of", "module_of", "plan_modules", "modules_output_config"]
+__all__ = ["Module", "ARCHITECTURES", "architecture_of", "inferred_modules", "layout_of", "module_of", "plan_modules",
+           "modules_output_config"]
 
 _EMBED = r"embed|\bwte\b|\bwpe\b"
 
@@ -130,6 +137,41 @@ def architecture_of(folder: str | Path | None) -> tuple[str, dict[str, Module]] 
     return None
 
 
+_FIRST_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def inferred_modules(names: Iterable[str]) -> dict[str, Module] | None:
+    """mergekit's modules for a model it has no definition of (its ``infer_architecture_info``,
+    LLaVA for one): one module per stack of numbered layers, named by the text before the first
+    ``.<i>.`` of its tensors (``model.language_model.layers``), and ``default`` for the other
+    tensors (all before the layers); None for a model with one stack (one module)."""
+    names = list(names)
+    stacks = sorted({n[:m.start()] for n in names if (m := _FIRST_INDEX.search(n))})
+    if len(stacks) < 2:
+        return None
+    modules = {s: Module((s + ".",), s + ".") for s in stacks}
+    if any(_FIRST_INDEX.search(n) is None for n in names):
+        modules["default"] = Module(("",), pre="")
+    return modules
+
+
+def layout_of(folder: str | Path | None, names: Iterable[str]) -> tuple[str, dict[str, Module]] | None:
+    """The modules of a model: mergekit's definition (:data:`ARCHITECTURES`) of its
+    architecture, else inferred from its tensor ``names`` as mergekit infers them, else None
+    (one module)."""
+    known = architecture_of(folder)
+    if known is not None:
+        return known
+    inferred = inferred_modules(names)
+    if inferred is None:
+        return None
+    try:
+        arch = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
+    except (OSError, TypeError, KeyError, IndexError, json.JSONDecodeError):
+        arch = "the model"
+    return str(arch), inferred
+
+
 def module_of(name: str, modules: Mapping[str, Module]) -> str | None:
     """The module holding tensor ``name`` (its longest matching prefix), or None."""
     best, length = None, -1
@@ -198,8 +240,22 @@ def plan_modules(config: Any, arch: str, modules: Mapping[str, Module], sources:
         jobs.extend(planned.jobs)
         layers[name] = planned.num_layers
         lengths[name] = planned.slice_lengths
+        _warn_unknown_count(name, spec, views[ref], planned.num_layers)
     _check_gradient_fit(config, lengths)
     return ModulePlans(jobs, layers)
+
+
+def _warn_unknown_count(name: str, spec: Module, ref: _ModuleView, out_layers: int) -> None:
+    """A module whose layer count no ``config.json`` key is known for (an inferred one) and whose
+    output has another number of layers than the reference: the copied config is wrong there."""
+    if spec.stack is None or spec.layers_keys:
+        return
+    pattern = re.compile(rf"^{re.escape(spec.stack)}(\d+)\.")
+    had = len({m.group(1) for n in ref.names() if (m := pattern.match(n))})
+    if had != out_layers:
+        warnings.warn(f"modules.{name}: the output has {out_layers} layers where the reference has {had}; no "
+                      "config.json key is known for this module's count (as in mergekit): correct the config",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _check_gradient_fit(config: Any, lengths: Mapping[str, list[int]]) -> None:

@@ -395,7 +395,7 @@ def prepare(config: Any, written: Any, sources: Sequence[Any], paths: Sequence[s
     template = None if config.chat_template is None else chat_template_text(config.chat_template, loaded)
     ref = 0 if base is None else base
     aliases = tied_aliases(sources)
-    config_of = _module_configs(config, paths[ref])
+    config_of = _module_configs(config, paths[ref], sources[ref].names())
     if source is None:
         embedding = next((n for n in sources[ref].names() if EMBEDDING.search(n)), None)
         owner = config_of(embedding) if embedding is not None else config
@@ -437,14 +437,14 @@ def prepare(config: Any, written: Any, sources: Sequence[Any], paths: Sequence[s
     return aligned, tokenizer_files(plan.tokenizer, template), plan.rows
 
 
-def _module_configs(config: Any, reference: str) -> Any:
+def _module_configs(config: Any, reference: str, names: Sequence[str]) -> Any:
     """Tensor name -> the config that merges it: ``config`` itself, or for a ``modules:`` config
     the one-module form of the module holding the tensor (None: its module is not merged)."""
     if config.modules is None:
         return lambda name: config
-    from polytask.merge.modules import architecture_of, module_of
+    from polytask.merge.modules import layout_of, module_of
 
-    layout = architecture_of(_folder(reference))
+    layout = layout_of(_folder(reference), names)
     modules = {} if layout is None else layout[1]
 
     def config_of(name: str) -> Any:
