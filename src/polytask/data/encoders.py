@@ -60,12 +60,20 @@ def _distinct_hashes(values: Any, seed: int = 0) -> tuple[np.ndarray, np.ndarray
         words = arr.dictionary
         if not (pa.types.is_string(words.type) or pa.types.is_large_string(words.type)):
             words = pc.cast(words, pa.string())
-        h = np.append(_fnv1a(pc.fill_null(words, ""), seed), _fnv1a(pa.array([""]), seed))  # last: null
+        h = _fnv1a(pc.fill_null(words, "") if words.null_count else words, seed)
+        if not arr.null_count:  # the indices as they are (zero-copy)
+            return h, arr.indices.to_numpy(zero_copy_only=False)
+        h = np.append(h, _empty_hash(seed))  # last: null, hashed as the empty string
         return h, pc.fill_null(arr.indices, len(arr.dictionary)).to_numpy(zero_copy_only=False)
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = pc.cast(arr, pa.string())
-    enc = pc.dictionary_encode(pc.fill_null(arr, ""))
+    enc = pc.dictionary_encode(pc.fill_null(arr, "") if arr.null_count else arr)
     return _fnv1a(enc.dictionary, seed), enc.indices.to_numpy(zero_copy_only=False)
+
+
+def _empty_hash(seed: int) -> np.uint64:
+    """FNV-1a of no byte: the offset basis (xor the seed)."""
+    return _FNV_OFFSET ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
 
 
 def _fnv1a(words: Any, seed: int) -> np.ndarray:
@@ -76,16 +84,17 @@ def _fnv1a(words: Any, seed: int) -> np.ndarray:
     have a byte at position ``pos`` are a prefix of that order: each pass works on a contiguous slice,
     with no mask and no fancy-indexed write, and one scatter puts the hashes back in place."""
     pa, _, _, _ = _pa()
-    uniq = words.cast(pa.large_binary())
-    offsets = np.frombuffer(uniq.buffers()[1], dtype=np.int64)[uniq.offset:uniq.offset + len(uniq) + 1]
-    data = np.frombuffer(uniq.buffers()[2], dtype=np.uint8) if len(uniq) else np.zeros(0, np.uint8)
-    n, lengths = len(uniq), np.diff(offsets)
+    wide = pa.types.is_large_string(words.type) or pa.types.is_large_binary(words.type)
+    uniq = words if wide or pa.types.is_string(words.type) or pa.types.is_binary(words.type) else words.cast(pa.binary())
+    offsets = np.frombuffer(uniq.buffers()[1], dtype=np.int64 if wide else np.int32)[uniq.offset:uniq.offset + len(uniq) + 1]
+    data = np.frombuffer(uniq.buffers()[2], dtype=np.uint8) if len(uniq) and uniq.buffers()[2] else np.zeros(0, np.uint8)
+    n, lengths = len(uniq), np.diff(offsets).astype(np.int64)
     longest = int(lengths.max(initial=0))
     key = lengths.astype(np.uint16) if longest < 1 << 16 else lengths  # 16 bits: numpy sorts by radix
     order = np.argsort(key, kind="stable")[::-1]
-    at = offsets[:-1][order]  # where each string's next byte is, in that order
+    at = offsets[:-1].astype(np.int64)[order]  # where each string's next byte is, in that order
     longer = n - np.cumsum(np.bincount(lengths, minlength=longest))[:longest]  # strings longer than pos
-    h = np.full(n, _FNV_OFFSET ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+    h = np.full(n, _empty_hash(seed), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for m in longer.tolist():  # one pass per byte position, over the m strings that have it
             part = h[:m]
@@ -129,9 +138,10 @@ class HashBuckets:
     def size(self) -> int:
         return self.buckets
 
-    def encode(self, values: Any) -> np.ndarray:
+    def encode(self, values: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """int64 bucket ids of ``values`` (written into ``out``, a 1-D int64 array of their length, if given)."""
         uniq, idx = _distinct_hashes(values, self.seed)
-        return (_mix(uniq) % np.uint64(self.buckets)).astype(np.int64)[idx]
+        return np.take((_mix(uniq) % np.uint64(self.buckets)).astype(np.int64), idx, out=out)
 
 
 @dataclass
@@ -183,14 +193,18 @@ class Vocabulary:
         pos = np.minimum(np.searchsorted(keys, h), len(keys) - 1)
         return np.where(keys[pos] == h, ids[pos], 0)
 
-    def encode(self, values: Any) -> np.ndarray:
+    def encode(self, values: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """int64 ids of ``values`` (written into ``out``, a 1-D int64 array of their length, if given);
+        unknown values and nulls are 0, counted in ``oov_count``."""
         pa, pc, _, _ = _pa()
         arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
         uniq, idx = _distinct_hashes(arr)
-        out = self.encode_hashes(uniq)[idx]
+        ids = self.encode_hashes(uniq)
+        out = np.take(ids, idx, out=out)
         if arr.null_count:
             out[~pc.is_valid(arr).to_numpy(zero_copy_only=False)] = 0
-        self.oov_count += int((out == 0).sum())
+        if arr.null_count or not ids.all():  # some row may be OOV: count them (else none is: no pass over the rows)
+            self.oov_count += int(np.count_nonzero(out == 0))
         return out
 
     def to_dict(self) -> dict:

@@ -442,8 +442,8 @@ class TableSource(torch.utils.data.IterableDataset):
             for j, c in enumerate(sch.dense):  # cast while copied into place (no per-column temporaries)
                 dense_cols[j, :hi - lo] = rb.column(c).to_numpy(zero_copy_only=False)
             dense[lo:hi] = dense_cols[:, :hi - lo].T
-            for j, c in enumerate(flat):
-                id_cols[j, :hi - lo] = sch.categorical[c].encode(rb.column(c))
+            for j, c in enumerate(flat):  # each encoder takes its ids back to the rows straight into place
+                sch.categorical[c].encode(rb.column(c), out=id_cols[j, :hi - lo])
             ids[lo:hi] = id_cols[:, :hi - lo].T
             for c, out in seqs.items():
                 out[lo:hi] = sch.categorical[c].encode(rb.column(c))
