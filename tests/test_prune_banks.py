@@ -41,8 +41,7 @@ def test_the_banked_form_computes_what_the_stacked_one_does(arch):
         torch.testing.assert_close(out[t], ref[t], rtol=1e-6, atol=1e-6)
     assert count(banked, (x,)) == count(stacked, (x,))
     level = banked.levels[0]
-    assert level.specific_experts is None and [b.n if hasattr(b, "n") else b.layers[0].n
-                                                for b in level.task_experts] == [2, 2]
+    assert level.specific_experts is None and [bank.layers[0].n for bank in level.task_experts] == [2, 2]
 
 
 @pytest.mark.parametrize("arch", ["cgc", "ple"])

@@ -190,8 +190,9 @@ class TaskTokenAttention(MultiTaskModel):
         self.tokenizer = FeatureTokenizer(input_dim, d_model)
         self.task_tokens = nn.Parameter(torch.randn(len(self.tasks), d_model) * 0.02)
         heads = _check_heads(attention_heads, num_layers, num_heads)
-        self.layers = nn.ModuleList(TaskTokenLayer(d_model, num_heads, ffn, dropout, None if heads is None else heads[i])
-                                    for i in range(num_layers))
+        self.layers = nn.ModuleList(
+            TaskTokenLayer(d_model, num_heads, ffn, dropout, None if heads is None else heads[i])
+            for i in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
         self.heads = TaskHeads(self.tasks, d_model, check_widths("tower", tower, True), "relu", dropout)
 

@@ -4,8 +4,9 @@
 finished run's shared trunk (shared-bottom MLP layers, MMoE/OMoE expert units, PLE/CGC expert
 hidden units with a width per bank (:mod:`polytask.prune.banks`), MTAN's trunk channels with every
 task's attention path (:mod:`polytask.prune.mtan`), the task-token model's attention heads
-(:mod:`polytask.prune.heads`)) to a FLOPs budget, optionally fine-tunes it with the run's balancer, and writes a new run directory with a
-table of parameters, FLOPs, latency, metrics and Δm%. Methods (:data:`PRUNERS`):
+(:mod:`polytask.prune.heads`)) to a FLOPs budget, optionally fine-tunes it with the run's balancer,
+and writes a new run directory with a table of parameters, FLOPs, latency, metrics and Δm%.
+Methods (:data:`PRUNERS`):
 
 - ``pagcp`` -- Ye et al., "Performance-aware Approximation of Global Channel Pruning for Multitask
   CNNs", TPAMI 2023 (:mod:`polytask.prune.pagcp`);
