@@ -16,6 +16,7 @@ from numba.extending import intrinsic
 
 _FLAG = np.uint32(0x80000000)  # a work entry holding a position (a tie at the threshold), not a key
 _BLOCK = 64  # entries per block of the branch-free partition
+_COMBINE_BLOCK = 256  # entries per block of combine: all models' values, then their sum
 _LEAF = 16  # libstdc++'s _S_threshold: ranges this small are left to the final insertion sort
 
 
@@ -103,15 +104,17 @@ def _partition(work, f, last, pivot, v, off_left, off_right):
         if i_left == n_left:
             n_left = 0
             i_left = 0
+            block = work[f:f + _BLOCK]  # (slices indexed by the loop counter: no wrap-around tests)
             for t in range(_BLOCK):
                 off_left[n_left] = t
-                n_left += _key(work[f + t], v) <= pivot
+                n_left += _key(block[t], v) <= pivot
         if i_right == n_right:
             n_right = 0
             i_right = 0
+            block = work[last - _BLOCK:last]
             for t in range(_BLOCK):
                 off_right[n_right] = t
-                n_right += _key(work[last - 1 - t], v) >= pivot
+                n_right += _key(block[np.uint64(_BLOCK - 1 - t)], v) >= pivot
         swaps = min(n_left - i_left, n_right - i_right)
         for s in range(swaps):
             a = f + off_left[i_left + s]
@@ -264,6 +267,51 @@ def head_keep(bits, k, descending, nan_above, keep, work):
 # the weighted sum of task vectors, with TIES' sign election and DARE's drop, one pass per entry
 
 
+@njit(inline="always")
+def _times(d, flag):
+    """``d * flag`` for a 0/1 flag, rounded as torch's multiply by a mask: ``d`` itself, or a zero of
+    ``d``'s sign (written without a branch, so that the loops vectorise)."""
+    return widen(round_bf16(d * np.float32(flag)))
+
+
+@njit(nogil=True, cache=True)
+def _task_values(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_by, weights, j0, width, out):
+    """``out[i, :width]`` = the weighted, trimmed or dropped task vector of model ``i`` at entries
+    ``j0 ..`` (float32 holding bfloat16 values): one simple loop per step and model, over a block
+    that stays in cache, so that each loop vectorises."""
+    n = x.shape[0]
+    trimmed = keep.shape[0] == n
+    # slices indexed by the loop counter: indices known to be >= 0, so numba adds no wrap-around
+    # test and LLVM vectorises the loops
+    bases = base[j0:j0 + width]
+    for i in range(n):
+        xi = x[i, j0:j0 + width]
+        row = out[i]
+        if subtract:
+            for t in range(width):
+                row[t] = widen(round_bf16(widen(xi[t]) - widen(bases[t])))
+        else:
+            for t in range(width):
+                row[t] = widen(xi[t])
+        if trimmed:
+            ki = keep[i, j0:j0 + width]
+            for t in range(width):
+                row[t] = _times(row[t], ki[t])
+        threshold = dare_threshold[i]
+        if threshold >= 0:
+            seed = dare_seed[i]
+            start = offset + j0
+            for t in range(width):
+                row[t] = _times(row[t], uniform24(seed, start + t) < threshold)
+            divisor = divide_by[i]
+            if divisor > 0:
+                for t in range(width):
+                    row[t] = widen(round_bf16(row[t] / divisor))
+        w = weights[i]
+        for t in range(width):
+            row[t] = widen(round_bf16(row[t] * w))
+
+
 @njit(nogil=True, cache=True)
 def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_by, weights,
             consensus, normalize, weight_sum, scale, out, lo, hi):
@@ -275,63 +323,62 @@ def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_b
     ``keep`` ``(N, M)`` bool trims (TIES) or ``(0, 0)``; ``dare_threshold[i] >= 0`` drops entry
     ``j`` unless ``uniform24(dare_seed[i], offset + j) < dare_threshold[i]``; ``divide_by[i] > 0``
     then divides by it (DARE's rescale). ``consensus``: 0 none, 1 sum, 2 count (TIES' election).
+    Entries go in blocks: all models' values of a block, then their sums model by model (the
+    same order of additions as torch's sum over models, from 0), without branches per entry.
     """
     n = x.shape[0]
-    trimmed = keep.shape[0] == n
-    weighted = np.empty(n, np.float32)
-    for j in range(lo, hi):
-        fb = widen(base[j])
-        for i in range(n):
-            d = widen(x[i, j])
-            if subtract:
-                d = widen(round_bf16(d - fb))
-            if trimmed and not keep[i, j]:
-                d = widen(round_bf16(d * np.float32(0.0)))
-            if dare_threshold[i] >= 0:
-                if not uniform24(dare_seed[i], offset + j) < dare_threshold[i]:
-                    d = widen(round_bf16(d * np.float32(0.0)))
-                if divide_by[i] > 0:
-                    d = widen(round_bf16(d / divide_by[i]))
-            weighted[i] = widen(round_bf16(d * weights[i]))
-        if consensus == 0:
-            acc = np.float32(0.0)
+    values = np.empty((n, _COMBINE_BLOCK), np.float32)
+    total = np.empty(_COMBINE_BLOCK, np.float32)
+    positive = np.empty(_COMBINE_BLOCK, np.bool_)
+    divisor = np.empty(_COMBINE_BLOCK, np.float32)
+    for j0 in range(lo, hi, _COMBINE_BLOCK):
+        width = min(_COMBINE_BLOCK, hi - j0)
+        _task_values(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_by, weights, j0, width,
+                     values)
+        total[:width] = 0
+        if consensus != 0:
+            if consensus == 1:  # elected sign: the rounded sum >= 0 (-0 included, NaN not)
+                for i in range(n):
+                    for t in range(width):
+                        total[t] += values[i, t]
+                for t in range(width):
+                    r = round_bf16(total[t])
+                    positive[t] = (r == 0x8000) | (r <= 0x7F80)
+            else:  # elected sign: at least as many positive entries as negative
+                for t in range(width):
+                    total[t] = 0
+                for i in range(n):
+                    for t in range(width):
+                        v = values[i, t]
+                        total[t] += np.float32(v > 0) - np.float32(v < 0)
+                for t in range(width):
+                    positive[t] = total[t] >= 0
+            total[:width] = 0
+            divisor[:width] = 0
             for i in range(n):
-                acc += weighted[i]
-            mixed = widen(round_bf16(acc))
-            if normalize:
-                mixed = widen(round_bf16(mixed / weight_sum))
+                w = weights[i]
+                for t in range(width):
+                    v = values[i, t]
+                    agree = ((v > 0) & positive[t]) | ((v < 0) & ~positive[t])
+                    total[t] += v * np.float32(agree)
+                    divisor[t] += w * np.float32(agree)
         else:
-            if consensus == 1:
-                acc = np.float32(0.0)
-                for i in range(n):
-                    acc += weighted[i]
-                r = round_bf16(acc)
-                positive = r == 0x8000 or (r < 0x8000 and r <= 0x7F80)
-            else:
-                up = 0
-                down = 0
-                for i in range(n):
-                    if weighted[i] > 0:
-                        up += 1
-                    elif weighted[i] < 0:
-                        down += 1
-                positive = up >= down
-            acc = np.float32(0.0)
-            div = np.float32(0.0)
             for i in range(n):
-                w = weighted[i]
-                agree = (w > 0 and positive) or (w < 0 and not positive)
-                if agree:
-                    acc += w
-                    div += weights[i]
-                else:
-                    acc += w * np.float32(0.0)
-            mixed = widen(round_bf16(acc))
-            if normalize:
-                dv = widen(round_bf16(div))
-                if dv == 0:
-                    dv = np.float32(1.0)
-                mixed = widen(round_bf16(mixed / dv))
+                for t in range(width):
+                    total[t] += values[i, t]
+        bases = base[j0:j0 + width]
+        merged = out[j0:j0 + width]
+        for t in range(width):  # the steps after the sum, each a loop of its own (no branch inside)
+            total[t] = widen(round_bf16(total[t]))
+        if normalize and consensus != 0:
+            for t in range(width):
+                d = widen(round_bf16(divisor[t]))
+                total[t] = widen(round_bf16(total[t] / (d if d != 0 else np.float32(1.0))))
+        elif normalize:
+            for t in range(width):
+                total[t] = widen(round_bf16(total[t] / weight_sum))
         if scale != 1:
-            mixed = widen(round_bf16(mixed * scale))
-        out[j] = round_bf16(mixed + fb)
+            for t in range(width):
+                total[t] = widen(round_bf16(total[t] * scale))
+        for t in range(width):
+            merged[t] = round_bf16(total[t] + widen(bases[t]))
