@@ -205,7 +205,9 @@ def test_token_file_table_with_per_token_label_lists(tmp_path, fmt):
         pa = pytest.importorskip("pyarrow")
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(ROWS), path)
+        table = pa.Table.from_pylist(ROWS)  # ids as a large_list of int32, as other writers store them
+        table = table.set_column(0, "input_ids", table.column("input_ids").cast(pa.large_list(pa.int32())))
+        pq.write_table(table, path)
     s = data.load("token_file", path=str(path), split=[0.5, 0.25, 0.25], seed=0)
     full = {t.name: t for t in s.tasks}
     assert isinstance(full["tags"], TokenTask) and full["tags"].num_classes == 3
@@ -239,6 +241,10 @@ def test_label_list_length_mismatch_names_file_row_and_column(tmp_path):
                tensors)
     with pytest.raises(DataError, match=r"tensor 'labels.tags' has shape \(4, 5\), input_ids \(4, 6\): a token-level"):
         data.load("token_file", path=str(tensors), tasks={"tags": {"kind": "multiclass", "level": "token"}})
+    torch.save({"input_ids": torch.ones(4, 6, dtype=torch.long),
+                "labels.tags": torch.tensor([[0, 1, 2, 0, 1, 2]] * 3 + [[0, 1, -1, 0, 1, 2]])}, tensors)
+    with pytest.raises(DataError, match=r"tensor 'labels.tags', row 3: negative class label -1 \(classes are 0..C-1"):
+        data.load("token_file", path=str(tensors))
     with pytest.raises(ConfigError, match="data.params.tasks.tags: unknown key"):
         data.load("token_file", path=str(tensors), tasks={"tags": {"kind": "multiclass", "levl": "token"}})
 

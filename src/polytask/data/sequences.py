@@ -156,7 +156,7 @@ def _read_table(path: Path) -> dict[str, Tensor]:
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: cannot read the table ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") \
             from None
-    if "input_ids" not in table.column_names or not pa.types.is_list(table.schema.field("input_ids").type):
+    if "input_ids" not in table.column_names or not _is_list(table.schema.field("input_ids").type):
         raise DataError(f"{path}: needs a column 'input_ids' holding a list of token ids per row, got columns "
                         f"{', '.join(table.column_names)}")
     ids_col = table.column("input_ids").combine_chunks()
@@ -170,7 +170,7 @@ def _read_table(path: Path) -> dict[str, Tensor]:
         if name == "input_ids" or not (name.startswith("labels.") or name in ("attention_mask", "task_ids")):
             continue
         col = table.column(name).combine_chunks()
-        if pa.types.is_list(col.type):
+        if _is_list(col.type):
             got = _lengths(col)
             bad = (got != lengths) & ~col.is_null().to_numpy(zero_copy_only=False)
             if bad.any():
@@ -182,6 +182,12 @@ def _read_table(path: Path) -> dict[str, Tensor]:
         else:
             out[name] = _scalars(col, path, name)
     return out
+
+
+def _is_list(kind) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
 
 
 def _first(flags) -> int:
