@@ -267,8 +267,8 @@ def test_union_tokenizer_in_the_text_module_as_mergekit(shapes, tmp_path, monkey
     for seed, model in enumerate(["base", "a", "c"]):
         words = VOCABS[model]
         sized = {k: (len(words), *v[1:]) if k in vocab_rows else v for k, v in names.items()}
-        _write(tmp_path / "m" / model, (sized, {**cfg, "text_config": {**cfg["text_config"], "vocab_size": len(words)}}),
-               seed)
+        sized_cfg = {**cfg, "text_config": {**cfg["text_config"], "vocab_size": len(words)}}
+        _write(tmp_path / "m" / model, (sized, sized_cfg), seed)
         _tokenizer(words, tmp_path / "m" / model)
     text = """
 merge_method: linear
@@ -491,6 +491,7 @@ BAD = {
         TEXT_ONLY.replace("models: [a, b]", "slices:\n      - sources:\n          - {model: a, layer_range: [0, 2]}\n"
                                             "          - {model: b, layer_range: [2, 4]}"),
         ["modules.text_decoder", "slices[0].sources[1].layer_range", "3 layers"]),
+    "no module": ("merge_method: linear\nmodules: {}\n", ["modules", "at least 1"]),
     "module gradient longer than its layers": (TEXT_ONLY + "    parameters: {weight: [1, 2, 3, 4]}\n",
                                                ["modules.text_decoder.parameters.weight", "4 values", "at most 3"]),
     "unknown parameter in a module": (TEXT_ONLY + "    parameters: {wieght: 1}\n",

@@ -193,7 +193,7 @@ class MergeConfig(BaseModel):
     tokenizer_source: str | None = None
     tokenizer: TokenizerBlock | None = None
     chat_template: str | None = None
-    modules: dict[str, ModuleDef] | None = None
+    modules: dict[str, ModuleDef] | None = Field(default=None, min_length=1)
     _from_default_module: bool = PrivateAttr(default=False)
     max_shard_size: int | str = "5GB"
     allow_pickle: bool = False
@@ -601,8 +601,8 @@ def _modules_of(config: MergeConfig, reference: str, source: Any, config_path: A
             raise ConfigError(f"{config_path}: modules.default: {layout[0]} has no module 'default'; its modules "
                               f"are {', '.join(sorted(layout[1]))}")
         # the module 'default' of an inferred layout (the tensors outside the layers), parameters already merged
-        config = config.model_copy(update={"modules": {"default": ModuleDef(models=config.models, slices=config.slices)},
-                                           "models": None, "slices": None})
+        default = ModuleDef(models=config.models, slices=config.slices)
+        config = config.model_copy(update={"modules": {"default": default}, "models": None, "slices": None})
     return layout, config
 
 

@@ -34,8 +34,15 @@ a module left out of ``modules:`` is dropped too, as in mergekit, but with a war
 decoder is ``model.decoder.`` (mergekit's definition lacks the dot and finds no tensor); Qwen2-VL's
 projector has no layers here (mergekit reads its two MLP matrices as two "layers" holding the
 same tensors, so a gradient there gives the value at ``t = 1`` in mergekit, at ``t = 0`` here).
-The names are the checkpoints' as mergekit defines them (Gemma 3, Llama 4 and Mistral 3 in the
-``language_model.model.*`` layout of their published checkpoints).
+A tensor that only some sources of a layer have (T5's ``relative_attention_bias`` is in block 0
+alone, so block 0 of one model merged with block 1 of another) is refused naming the tensor and
+model; mergekit, where its definition marks the tensor optional, merges the sources that have
+it. polytask's rule that a gradient must fit the layers it applies to holds per module for a
+module's own parameters; a top-level gradient must fit some module (a 3-layer projector does
+not refuse a gradient over 36 text layers). The names are the checkpoints' as mergekit defines
+them (Gemma 3, Llama 4 and Mistral 3 in the ``language_model.model.*`` layout of their
+published checkpoints; the ``model.language_model.*`` layout transformers 5 saves is refused by
+both, as tensors of no module).
 """
 
 from __future__ import annotations
@@ -68,12 +75,12 @@ class Module:
     pre: str = _EMBED
 
 
-def _vision_language(text: str, stack: str, vision: tuple[str, str, str, str], projector: str = "multi_modal_projector.",
+def _vision_language(text: str, stack: str, vision: tuple[str, str, str, str],
                      vision_name: str = "vision_tower") -> dict[str, Module]:
     """A ``language_model.`` text decoder, a projector and a vision encoder (LLaVA-style layout)."""
     prefix, v_stack, v_key, v_pre = vision
     return {"text_decoder": Module((text,), stack, ("text_config.num_hidden_layers",)),
-            "multi_modal_projector": Module((projector,)),
+            "multi_modal_projector": Module(("multi_modal_projector.",)),
             vision_name: Module((prefix,), v_stack, (v_key,), v_pre)}
 
 
