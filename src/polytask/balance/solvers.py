@@ -391,7 +391,8 @@ def fair_residual(gramian: Tensor, w: Tensor, alpha: float = 1.0) -> Tensor:
     ``G w = w^(-1/alpha)``, invariant to a rescaling of the tasks (0 at :func:`power_fair_weights`'s solution).
     Tasks whose gradient is 0 (no solution; weight 0 there) are left out."""
     present = gramian.diagonal() > torch.finfo(gramian.dtype).tiny
-    return torch.where(present, (w @ gramian) * w.pow(1.0 / alpha) - 1.0, 0.0).abs().amax(-1)
+    powered = w if alpha == 1.0 else w.pow(1.0 / alpha)
+    return torch.where(present, (w @ gramian) * powered - 1.0, 0.0).abs().amax(-1)
 
 
 def _fair_potential(gramian: Tensor, w: Tensor, alpha: float) -> Tensor:
@@ -409,9 +410,7 @@ def _fair_newton(gramian: Tensor, alpha: float, w: Tensor, iters: int) -> Tensor
     tiny = torch.finfo(dtype).tiny
     p = -1.0 / alpha
     reg = 1e-12 * gramian.diagonal()
-    steps = torch.cat([torch.zeros(1, dtype=dtype, device=dev),  # slot for the damped step
-                       2.0 ** torch.arange(-6, 13, dtype=dtype, device=dev)])
-    first = torch.arange(steps.shape[0], device=dev) == 0
+    steps = first = None  # the line search's candidates, built at its first use (a CPU solve may never search)
     early = _early_exit(gramian)
     w = w.clamp_min(tiny)
     for _ in range(iters):  # sequential by construction: each Newton step starts where the last ended
@@ -424,6 +423,10 @@ def _fair_newton(gramian: Tensor, alpha: float, w: Tensor, iters: int) -> Tensor
         if early and bool(quadratic.all()):  # CPU: the line search below would pick the full step for every row
             t = torch.ones_like(decrement)
         else:
+            if steps is None:
+                steps = torch.cat([torch.zeros(1, dtype=dtype, device=dev),  # slot for the damped step
+                                   2.0 ** torch.arange(-6, 13, dtype=dtype, device=dev)])
+                first = torch.arange(steps.shape[0], device=dev) == 0
             cand = torch.where(first, (1.0 / (1.0 + decrement)).unsqueeze(-1), steps)  # (B, K)
             potential = _fair_potential(gramian, w.unsqueeze(1) - cand.unsqueeze(-1) * step.unsqueeze(1), alpha)
             t = cand.gather(-1, potential.argmin(-1, keepdim=True)).squeeze(-1)
