@@ -506,3 +506,19 @@ def test_tasks_from_config_level_token():
     assert tasks[1].metrics == ("accuracy", "macro_f1", "logloss") and tasks[1].num_classes == 5
     with pytest.raises(ConfigError, match=r"tasks\[0\] \('t'\): level must be row or token, got 'word'"):
         tasks_from_config([{"name": "t", "kind": "binary", "level": "word"}])
+
+
+def test_table_tasks_train_through_the_model_with_finite_gradients(tmp_path):
+    """Rows without a list, null entries and padding (NaN / -100 placeholders) reach no gradient as NaN."""
+    _write_jsonl(tmp_path / "d.jsonl", ROWS)
+    s = data.load("token_file", path=str(tmp_path / "d.jsonl"), split=[0.5, 0.25, 0.25], seed=0)
+    model = build(s.tasks, "molora")
+    batch = s.train.full()
+    out = model(batch.inputs)
+    losses = {t.name: t.loss(out[t.name], batch.targets[t.name], (batch.mask or {}).get(t.name)) for t in s.tasks}
+    score, y = out["score"][..., 0], batch.targets["score"]
+    valid = ~torch.isnan(y)
+    torch.testing.assert_close(losses["score"], ((score - y.nan_to_num()) ** 2)[valid].mean())  # masked MSE by hand
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
