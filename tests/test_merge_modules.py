@@ -296,6 +296,74 @@ tokenizer_source: union
 
 
 @pytest.fixture(scope="module")
+def mistral3_shapes() -> tuple[dict[str, tuple[int, ...]], dict]:
+    """A tiny Mistral 3 (3 text layers, 2 Pixtral vision layers) with its tensors named as in the
+    published checkpoints mergekit's definition follows (``language_model.model.*``,
+    ``vision_tower.*``); transformers 5 itself names them ``model.language_model.*``."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Mistral3Config(
+        text_config=dict(model_type="mistral", hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=8, vocab_size=40),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           head_dim=8, patch_size=4, image_size=16))
+    cfg.architectures = ["Mistral3ForConditionalGeneration"]
+    with torch.device("meta"):
+        model = transformers.Mistral3ForConditionalGeneration(cfg)
+    published = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                 ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."))
+
+    def name(key: str) -> str:
+        return next(new + key[len(old):] for old, new in published if key.startswith(old))
+
+    return {name(k): tuple(v.shape) for k, v in model.state_dict().items()}, cfg.to_dict()
+
+
+def test_vision_language_slices_same_as_mergekit(mistral3_shapes, tmp_path, monkeypatch):
+    # frankenmerges of both stacks (4 text layers, 3 vision layers out); the vision tower's
+    # patch_conv and ln_pre come from its first slice (b), the text head from its last (b)
+    for seed, model in enumerate(["base", "a", "b"]):
+        _write(tmp_path / "m" / model, mistral3_shapes, seed)
+    text = """
+merge_method: linear
+base_model: base
+modules:
+  text_decoder:
+    slices:
+      - sources:
+          - model: a
+            layer_range: [0, 2]
+      - sources:
+          - model: b
+            layer_range: [1, 3]
+  vision_tower:
+    slices:
+      - sources:
+          - model: b
+            layer_range: [0, 1]
+      - sources:
+          - model: a
+            layer_range: [0, 2]
+  multi_modal_projector:
+    models:
+      - model: a
+        parameters: {weight: 0.3}
+      - model: b
+        parameters: {weight: 0.7}
+parameters: {weight: 1.0}
+"""
+    theirs_dir = _mergekit(text, tmp_path / "m", tmp_path / "theirs", monkeypatch)
+    ours_dir = _ours(text, tmp_path / "m", tmp_path / "ours")
+    theirs, ours = load_state_dict(theirs_dir), load_state_dict(ours_dir)
+    assert ours.keys() == theirs.keys() and len(ours) == 72
+    assert not [k for k in theirs if not torch.equal(ours[k], theirs[k])]
+    b = load_state_dict(tmp_path / "m" / "b")
+    assert torch.equal(ours["vision_tower.patch_conv.weight"], b["vision_tower.patch_conv.weight"])
+    for d in (theirs_dir, ours_dir):
+        cfg = json.loads((d / "config.json").read_text())
+        assert (cfg["text_config"]["num_hidden_layers"], cfg["vision_config"]["num_hidden_layers"]) == (4, 3)
+
+
+@pytest.fixture(scope="module")
 def llava_shapes() -> tuple[dict[str, tuple[int, ...]], dict]:
     """A tiny LLaVA (Llama text decoder of 3 layers, CLIP vision encoder of 2): an architecture
     mergekit 0.1.5 has no definition of, whose modules it infers from the tensor names."""
