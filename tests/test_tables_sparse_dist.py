@@ -175,21 +175,89 @@ def test_sparse_all_reduce_sum_alone_and_gated():
     assert torch.equal(_gate(torch.tensor(True), s).to_dense(), s.to_dense())
 
 
-def test_parameter_level_gradient_balancer_is_refused_for_sparse_tables(tmp_path):
+def _balanced_grads(balancer_name: str, params: dict, sparse: bool, steps: int = 2):
+    """Parameters after ``steps`` SGD steps of a parameter-level gradient balancer, dense tables or sparse tables
+    through TouchedRows (as the Trainer wires them), and the last step's gradients (dense)."""
+    import polytask.balance as balance_lib
+    from polytask.train.tables import TouchedRows
+
+    model, tasks = build(sparse)
+    balancer = balance_lib.get(balancer_name, **params)
+    tables = [model.input.tables[c] for c in ("user", "item")]
+    touched = TouchedRows(tables) if sparse else None
+    shared = list(model.shared_parameters())
+    if touched is not None:
+        shared = touched.shared(shared)
+    for batch in global_batches(steps):
+        model.zero_grad(set_to_none=True)
+        out = model(batch.inputs)
+        losses = {t.name: t.loss(out[t.name], batch.targets[t.name], batch.mask[t.name]) for t in tasks}
+        balancer.backward(losses, shared=shared)
+        if touched is not None:
+            touched.flush()
+        grads = {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(p.grad, alpha=-0.1)
+    if sparse:
+        assert all(t.weight.grad.is_sparse for t in tables)
+    return model.state_dict(), grads
+
+
+@pytest.mark.parametrize("balancer,params", [("mgda", {}), ("pcgrad", {"seed": 3}), ("cagrad", {}),
+                                             ("upgrad", {}), ("imtl_g", {}), ("aligned_mtl", {}), ("nash_mtl", {})])
+def test_parameter_level_balancer_on_touched_rows_equals_dense_tables(balancer, params):
+    dense_state, dense_grads = _balanced_grads(balancer, params, sparse=False)
+    sparse_state, sparse_grads = _balanced_grads(balancer, params, sparse=True)
+    for name, want in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], want, rtol=1e-9, atol=1e-12, msg=name)
+    for name, want in dense_state.items():
+        torch.testing.assert_close(sparse_state[name], want, rtol=1e-9, atol=1e-12, msg=name)
+    # the tables' gradients are not trivial: some rows moved, rows outside every batch did not
+    user = dense_grads["input.tables.user.weight"]
+    assert user[:12].abs().sum() > 0 and user[12:].abs().sum() == 0
+
+
+def test_touched_rows_leave_evaluation_lookups_alone():
+    from polytask.train.tables import TouchedRows
+
+    model, _ = build(True)
+    batch = next(global_batches(1))
+    with torch.no_grad():
+        before = model(batch.inputs)
+    touched = TouchedRows([model.input.tables[c] for c in ("user", "item")])
+    model.eval()
+    with torch.no_grad():
+        after = model(batch.inputs)
+    assert touched.rows == [None, None]
+    model.train()
+    out = model(batch.inputs)  # training: the lookups go through the leaves, same values
+    assert touched.leaves[0].shape[0] >= len(touched.rows[0]) > 0
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+        torch.testing.assert_close(out[k].detach(), before[k], rtol=1e-15, atol=1e-15)
+
+
+def test_sparse_tables_refused_where_the_balancer_cannot_take_them(tmp_path):
     pytest.importorskip("pyarrow")
     from polytask.train import Trainer
     from polytask.train.config import parse_config
-    from polytask.train.tables import write_synthetic_splits
+    from polytask.train.tables import TouchedRows, use_sparse_embeddings, write_synthetic_splits
 
     paths = write_synthetic_splits(tmp_path / "log", 600, row_group_rows=300)
     p = {"train": str(paths[0]), "val": str(paths[1]), "test": str(paths[2]), "dense": ["price"],
-         "ids": {"user_id": {"sparse": True}}, "labels": {"click": "click"}, "embed_dim": 4}
+         "ids": {"user_id": {"sparse": True}}, "labels": {"click": "click", "conversion": "conversion"},
+         "embed_dim": 4}
     cfg = {"name": "t", "out_dir": str(tmp_path / "r"), "device": "cpu", "data": {"name": "table", "params": p},
-           "model": {"arch": "mmoe", "params": {"num_experts": 2}}, "balancer": {"name": "mgda"},
+           "model": {"arch": "mmoe", "params": {"num_experts": 2}}, "balancer": {"name": "excessmtl"},
            "train": {"epochs": 1, "batch_size": 64, "early_stopping": None}}
-    with pytest.raises(ConfigError, match=r"^data\.params\.ids\.user_id\.sparse: .*parameter level.*mode: features"):
+    with pytest.raises(ConfigError, match=r"^data\.params\.ids\.user_id\.sparse: .*'excessmtl' keeps state per shared"):
         Trainer(parse_config(cfg), progress=False)
-    cfg["balancer"] = {"name": "mgda", "params": {"mode": "features"}}
+    cfg["balancer"] = {"name": "mgda"}
     trainer = Trainer(parse_config(cfg), progress=False)
+    assert isinstance(trainer._touched, TouchedRows)
     trainer.fit()
     assert trainer.model.input.tables["user_id"].sparse
+    # several processes: each rank touches other rows, so a parameter-level Jacobian cannot be summed
+    with pytest.raises(ConfigError, match="at parameter level on 2 processes"):
+        use_sparse_embeddings(trainer.model, ["user_id"], parse_config(cfg), trainer.balancer, 2)

@@ -431,9 +431,9 @@ def use_sparse_embeddings(model: torch.nn.Module, columns: Sequence[str], config
     - gradient balancers at feature level (``balancer.params.mode: features``): the tables are part
       of the trunk below the shared features and get the backward of the aggregated feature
       gradient, the same rule as every trunk parameter (MGDA-UB's); identical to dense tables;
-    - gradient balancers at parameter level: refused. Their ``T x D`` Jacobian would hold a dense
-      copy of every table per task (the tables are most of ``D``), which is what sparse gradients
-      exist to avoid.
+    - gradient balancers at parameter level (one process): the rows the batch touches take part
+      in the ``T x D`` Jacobian, not the whole tables (:class:`TouchedRows`): exactly the method on
+      dense tables, whose untouched rows have a zero gradient for every task;
 
     Several processes (``--nproc N``): the balancer reduces every gradient itself under DDP's
     ``no_sync`` (:mod:`polytask.balance.dist`); a sparse gradient is all-reduced as indices and
@@ -445,9 +445,14 @@ def use_sparse_embeddings(model: torch.nn.Module, columns: Sequence[str], config
 
     key = f"data.params.ids.{columns[0]}.sparse"
     if isinstance(balancer, GradientBalancer) and balancer.mode != "features":
-        raise ConfigError(f"{key}: the gradient balancer {config.balancer.name!r} at parameter level would hold a "
-                          "dense copy of each table per task; use balancer.params.mode: features or a loss balancer "
-                          "(ew, uw, dwa, ...)")
+        if world_size > 1:
+            raise ConfigError(f"{key}: the gradient balancer {config.balancer.name!r} at parameter level on "
+                              f"{world_size} processes (each rank's batch touches other rows: their Jacobians do not "
+                              "add up); use balancer.params.mode: features, a loss balancer, or --nproc 1")
+        if balancer.aggregator.parameter_space_only:
+            raise ConfigError(f"{key}: the gradient balancer {config.balancer.name!r} keeps state per shared "
+                              "coordinate, and the rows of sparse tables change every batch; use a loss balancer or "
+                              "dense tables")
     if config.train.grad_clip is not None:
         raise ConfigError(f"{key}: train.grad_clip does not take sparse gradients")
     if world_size > 1 and config.train.strategy == "fsdp":
@@ -458,6 +463,91 @@ def use_sparse_embeddings(model: torch.nn.Module, columns: Sequence[str], config
     for c in columns:
         tables[c].sparse = True
     return [tables[c].weight for c in columns]
+
+
+def touched_rows(model: torch.nn.Module, columns: Sequence[str], balancer: Any) -> TouchedRows | None:
+    """The :class:`TouchedRows` of the sparse tables when a gradient balancer works at parameter level, else None."""
+    from polytask.balance.engine import GradientBalancer
+
+    if not columns or not isinstance(balancer, GradientBalancer) or balancer.mode == "features":
+        return None
+    return TouchedRows([model.input.tables[c] for c in columns])
+
+
+class TouchedRows:
+    """Sparse tables under a parameter-level gradient balancer: the rows of each batch as leaves.
+
+    A forward hook on each sparse table (in training, with gradients on) replaces its lookup
+    ``W[ids]`` by ``R[inverse]``, where the first ``U`` rows of a leaf ``R`` (one per table) are
+    ``W[unique(ids)]``, copied in. The balancer gets the leaves among the shared parameters
+    (:meth:`shared`), so its ``T x D`` Jacobian has ``|R|`` columns per table (``U`` ids in the
+    batch, the leaf's other rows get no gradient) instead of the table's ``n x d``; :meth:`flush`
+    then adds the first ``U`` rows of each leaf's gradient to ``W.grad`` as a sparse gradient.
+
+    Exactly the method on dense tables: a row the batch does not touch has a zero gradient for
+    every task, so its columns change no Gramian entry, no projection, no per-coordinate rule
+    (aggregators that keep state per coordinate are refused by :func:`use_sparse_embeddings`;
+    methods that draw per coordinate, GradDrop, draw other numbers for the smaller Jacobian: the
+    same distribution, not the same draws). A leaf keeps its identity from step to step (the balancer walks the graph once per parameter
+    set) and grows by doubling when a batch touches more rows than it holds (then the lists that
+    :meth:`shared` returned are updated in place). Costs per table and step: one ``torch.unique``
+    (on CUDA a host sync, for its size) and one more gather of ``U`` rows. One process only: each
+    rank touches other rows.
+    """
+
+    def __init__(self, tables: Sequence[torch.nn.Embedding]) -> None:
+        self.tables = list(tables)
+        self.leaves = [torch.zeros(0, t.embedding_dim, dtype=t.weight.dtype, device=t.weight.device,
+                                   requires_grad=True) for t in self.tables]
+        self.rows: list[Tensor | None] = [None] * len(self.tables)
+        self._lists: list[list[Tensor]] = []
+        self._handles = [t.register_forward_hook(self._hook(i)) for i, t in enumerate(self.tables)]
+
+    def _hook(self, i: int) -> Any:
+        def lookup(module: torch.nn.Embedding, inputs: tuple, output: Tensor) -> Tensor | None:
+            if not (module.training and torch.is_grad_enabled()):
+                return None  # evaluation: the table's own lookup
+            uniq, inverse = torch.unique(inputs[0], return_inverse=True)
+            leaf = self._leaf(i, len(uniq))
+            with torch.no_grad():
+                leaf[:len(uniq)] = module.weight[uniq]
+            leaf.grad = None
+            self.rows[i] = uniq
+            return torch.nn.functional.embedding(inverse, leaf)
+        return lookup
+
+    def _leaf(self, i: int, rows: int) -> Tensor:
+        """Table ``i``'s leaf, replaced by one twice as large (or more) if it holds fewer than ``rows`` rows."""
+        old = self.leaves[i]
+        if rows <= old.shape[0]:
+            return old
+        new = torch.zeros(max(rows, 2 * old.shape[0]), old.shape[1], dtype=old.dtype, device=old.device,
+                          requires_grad=True)
+        self.leaves[i] = new
+        for shared in self._lists:
+            shared[:] = [new if p is old else p for p in shared]
+        return new
+
+    def shared(self, shared: Sequence[Tensor]) -> list[Tensor]:
+        """``shared`` with the tables replaced by their leaves (a list kept up to date as leaves grow)."""
+        ids = {id(t.weight) for t in self.tables}
+        out = [p for p in shared if id(p) not in ids] + self.leaves
+        self._lists = [out]  # the trainer's list of this epoch
+        return out
+
+    def flush(self) -> None:
+        """Add each leaf's gradient (this step's balanced gradient of the touched rows) to its table's ``.grad``."""
+        for table, leaf, uniq in zip(self.tables, self.leaves, self.rows):
+            if leaf.grad is None or uniq is None:
+                continue
+            g = torch.sparse_coo_tensor(uniq.unsqueeze(0), leaf.grad[:len(uniq)], table.weight.shape,
+                                        is_coalesced=True)
+            table.weight.grad = g if table.weight.grad is None else table.weight.grad + g
+            leaf.grad = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 class SparseDenseOptimizer(torch.optim.Optimizer):
@@ -713,5 +803,5 @@ def write_synthetic_splits(out_dir: str | Path, rows: int, seed: int = 0,
     return paths
 
 
-__all__ = ["StreamSplit", "TableParams", "TableSplits", "evaluate_stream", "load_run_model", "predict_table",
+__all__ = ["StreamSplit", "TableParams", "TableSplits", "TouchedRows", "evaluate_stream", "load_run_model", "predict_table",
            "table_splits", "write_synthetic_splits"]

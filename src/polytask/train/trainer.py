@@ -139,11 +139,13 @@ class Trainer:
             raise ConfigError(f"model has no head for task(s) {', '.join(map(repr, missing))}")
         self.balancer = balance_lib.get(config.balancer.name, **config.balancer.params).to(self.device)
         self._sparse: list[nn.Parameter] = []  # table data: embeddings with sparse gradients (train/tables.py)
+        self._touched = None  # with a parameter-level gradient balancer: the rows each batch touches
         if streaming and splits.sparse:
-            from polytask.train.tables import use_sparse_embeddings
+            from polytask.train.tables import touched_rows, use_sparse_embeddings
 
             self._sparse = use_sparse_embeddings(self.model, splits.sparse, config, self.balancer,
                                                  self.dist.world_size)
+            self._touched = touched_rows(self.model, splits.sparse, self.balancer)
         # gradient balancers get every task's feature gradient from one backward when the model
         # exposes per-task copies of its shared features (see nn.base.MultiTaskModel)
         from polytask.balance.engine import GradientBalancer
@@ -286,6 +288,8 @@ class Trainer:
         first_bad = torch.full((len(self.tasks),), -1, dtype=torch.long, device=dev)
         batches = 0
         shared = list(shared_parameters_of(self.model))
+        if self._touched is not None:  # sparse tables enter the Jacobian by the rows each batch touches
+            shared = self._touched.shared(shared)
         step = dist_lib.StepContext(self, cfg)
         if self.streaming:
             self.train_set.set_epoch(self.epoch)  # the shuffle is seeded by (seed, epoch): resumable
@@ -317,6 +321,8 @@ class Trainer:
                 weights = self.balancer.backward(losses, shared=shared,
                                                  features=getattr(self.model, "shared_features", None), **extra,
                                                  **step.balancer_kwargs(batch))
+            if self._touched is not None:
+                self._touched.flush()
             step.optimizer_step(cfg.grad_clip)
             if self.balancer.needs_post_step_losses:  # the step's batch (all its micro-batches) again
                 after, kwargs = step.post_step_losses(batch, self._losses)
