@@ -3,7 +3,8 @@
 Two ranks, each with its slice of a global batch, under DDP's ``no_sync`` with the balancer reducing (what
 ``polytask train --nproc 2`` runs), must reach the parameters of one process on the whole batch: loss
 balancers and a gradient balancer at feature level, row-wise Adagrad and SparseAdam on the tables. On one
-process, sparse tables must get exactly the dense tables' gradients under a feature-level gradient balancer.
+process, sparse tables must get exactly the dense tables' gradients under a gradient balancer, at feature level
+(the tables in the trunk) and at parameter level (the rows each batch touches, TouchedRows).
 """
 
 from __future__ import annotations

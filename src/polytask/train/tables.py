@@ -30,8 +30,9 @@ directory; a run that finds a ``vocab.json`` made for the same id columns reuses
 An id column may hold lists of ids (``sequence``: padded to ``max_len``, embedded and pooled,
 :class:`~polytask.data.tables.SequenceIds`), and may train its embedding with sparse gradients
 (``sparse: true``: :class:`SparseDenseOptimizer`, SparseAdam or SGD on the touched rows only, or
-``sparse: rowwise_adagrad``; with loss balancers or gradient balancers at feature level, on one
-process or several: :func:`use_sparse_embeddings`). The embedding tables' memory is printed before training.
+``sparse: rowwise_adagrad``; with loss balancers and gradient balancers at feature level on one
+process or several, with gradient balancers at parameter level on one process through the rows
+each batch touches: :func:`use_sparse_embeddings`). The embedding tables' memory is printed before training.
 ``polytask export`` writes the trained model with its id lookups as a ``torch.export`` program
 (:mod:`polytask.export`).
 
