@@ -165,3 +165,38 @@ def test_dare_keeps_the_density_fraction_and_the_mass():
         # 1/density rescale: kept entries are 0.5/density (rounded to bfloat16)
         expected = torch.tensor(0.5 / torch.tensor(density).to(torch.bfloat16).item()).to(torch.bfloat16)
         assert torch.equal(out[out > 0].unique(), expected.reshape(1))
+
+
+def test_trim_in_place_zeroes_what_the_mask_drops():
+    g = torch.Generator().manual_seed(7)
+    deltas = (torch.randn(5, 30_000, generator=g) * 1e-2).to(torch.bfloat16)
+    deltas[1, ::3] = 0.0
+    deltas[1, 1::3] = -0.0  # zeros of both signs tied at the cut
+    deltas[2, 5] = float("inf")  # left to the masked path
+    deltas[3, 9] = float("nan")
+    counts = [9000, 25_000, 300, 300, 0]
+    expected = deltas.clone()
+    for i, k in enumerate(counts):
+        keep = _argsort_head(deltas[i], k, True) if k else torch.zeros(30_000, dtype=torch.bool)
+        expected[i] = deltas[i] * keep
+    trimmed = deltas.clone()
+    left = kernels.trim_in_place(trimmed, counts)
+    assert left == [4, 2, 3]
+    for i in (0, 1):
+        assert torch.equal(trimmed[i].view(torch.int16), expected[i].view(torch.int16))
+    for i in left:  # untouched
+        assert torch.equal(trimmed[i].view(torch.int16), deltas[i].view(torch.int16))
+
+
+def test_ties_with_infinite_and_nan_rows_matches_the_torch_path(monkeypatch):
+    x, base_w = _task_vectors(8, 3, 4000)
+    x[1, 10] = float("inf")
+    base = {"w": base_w}
+    models = [{"w": x[i]} for i in range(3)]
+    per_model = [{"weight": w, "density": d} for w, d in ((1.0, 0.3), (0.6, 0.5), (0.8, 0.4))]
+    fused = _merge("ties", models, base, per_model, allow_nonfinite=True)
+    monkeypatch.setattr(kernels, "can_trim", lambda x: False)
+    monkeypatch.setattr(kernels, "available", lambda *tensors: False)
+    plain = _merge("ties", models, base, per_model, allow_nonfinite=True)
+    same = fused.view(torch.int16) == plain.view(torch.int16)
+    assert bool(same.all()) or bool((fused[~same].isnan() & plain[~same].isnan()).all())

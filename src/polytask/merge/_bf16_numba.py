@@ -211,24 +211,17 @@ def _replay(work, k, v):
 
 
 @njit(nogil=True, cache=True)
-def head_keep(bits, k, descending, nan_above, keep, work):
-    """``keep[i]`` = entry ``i`` is among ``torch.argsort(|x|, descending)[:k]`` (``0 < k < n``).
-
-    ``bits`` are the half-precision bit patterns of ``x``; with the sign dropped they order as the
-    magnitudes do (exact, no float copy). ``work`` is ``uint32`` scratch of ``n`` entries. A
-    histogram of the 2^15 magnitudes gives the threshold ``v`` (the ``k``-th) at once; entries
-    not equal to ``v`` are decided by it. Only where entries equal to ``v`` straddle the cut does
-    the sort's order matter: then the sort is replayed on the keys, tied entries carrying their
-    position. Ascending order runs as descending on ``0x7FFF - key``. Returns 0, 1 (a NaN:
-    ``nan_above`` is the largest magnitude pattern that is not NaN) or 2 (heapsort fallback).
-    """
-    n = bits.size
+def _threshold(bits, k, descending, nan_above):
+    """The ``k``-th magnitude pattern ``v`` in sort order, from a histogram of the 2^15 patterns
+    (with the sign dropped, half-precision bits order as the magnitudes do: exact, no float copy),
+    and whether entries equal to ``v`` straddle the cut. ``v`` is -1 if there is a NaN
+    (``nan_above`` is the largest pattern that is not NaN); the third value tells an infinity."""
     hist = np.zeros(32768, np.int64)
-    for i in range(n):
+    for i in range(bits.size):
         hist[bits[i] & 0x7FFF] += 1
     for a in range(nan_above + 1, 32768):
         if hist[a] != 0:
-            return 1
+            return -1, False, True
     above = 0
     if descending:
         v = 32767
@@ -240,26 +233,71 @@ def head_keep(bits, k, descending, nan_above, keep, work):
         while above + hist[v] < k:
             above += hist[v]
             v += 1
-    if above + hist[v] == k:  # no tie straddles the cut
-        for i in range(n):
-            a = bits[i] & 0x7FFF
-            keep[i] = a >= v if descending else a <= v
-        return 0
-    for i in range(n):
+    return v, above + hist[v] > k, hist[nan_above] != 0
+
+
+@njit(nogil=True, cache=True)
+def _replay_ties(bits, k, descending, v, work):
+    """Keys of ``bits`` into ``work`` (entries tied at ``v`` carry their position instead), then the
+    replay (:func:`_replay`); ascending order runs as descending on ``0x7FFF - key``."""
+    for i in range(bits.size):
         a = bits[i] & 0x7FFF
         if a == v:
             work[i] = _FLAG | np.uint32(i)
-            keep[i] = False
         else:
-            keep[i] = a > v if descending else a < v
             work[i] = np.uint32(a) if descending else np.uint32(0x7FFF - a)
-    status = _replay(work, k, np.uint32(v) if descending else np.uint32(0x7FFF - v))
+    return _replay(work, k, np.uint32(v) if descending else np.uint32(0x7FFF - v))
+
+
+@njit(nogil=True, cache=True)
+def head_keep(bits, k, descending, nan_above, keep, work):
+    """``keep[i]`` = entry ``i`` is among ``torch.argsort(|x|, descending)[:k]`` (``0 < k < n``).
+
+    ``bits`` are the half-precision bit patterns of ``x``; ``work`` is ``uint32`` scratch of ``n``
+    entries. The threshold ``v`` (:func:`_threshold`) decides every entry not equal to it; only
+    where entries equal to ``v`` straddle the cut does the sort's order matter: then the sort is
+    replayed (:func:`_replay_ties`). Returns 0, 1 (a NaN) or 2 (the heapsort fallback).
+    """
+    v, straddle, _ = _threshold(bits, k, descending, nan_above)
+    if v < 0:
+        return 1
+    for i in range(bits.size):
+        a = bits[i] & 0x7FFF
+        keep[i] = (a > v if descending else a < v) or (a == v and not straddle)
+    if not straddle:
+        return 0
+    status = _replay_ties(bits, k, descending, v, work)
     if status != 0:
         return status
     for p in range(k):
         e = work[p]
         if e >= _FLAG:
             keep[e & np.uint32(0x7FFFFFFF)] = True
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def trim_in_place(bits, k, nan_above, work):
+    """TIES' trim of one task vector in place: entries outside ``torch.argsort(|x|,
+    descending=True)[:k]`` become zeros of their sign (``x * mask`` as torch computes it), the
+    same entries as :func:`head_keep` without a mask. Returns 0, 1 (a NaN or an infinity: ``inf
+    * 0`` is NaN, left to the masked path) or 2 (the heapsort fallback); nothing is changed
+    unless it returns 0."""
+    v, straddle, infinite = _threshold(bits, k, True, nan_above)
+    if v < 0 or infinite:
+        return 1
+    if straddle:
+        status = _replay_ties(bits, k, True, v, work)
+        if status != 0:
+            return status
+        for p in range(k, bits.size):
+            e = work[p]
+            if e >= _FLAG:
+                i = e & np.uint32(0x7FFFFFFF)
+                bits[i] &= np.uint16(0x8000)
+    for i in range(bits.size):
+        if (bits[i] & 0x7FFF) < v:
+            bits[i] &= np.uint16(0x8000)
     return 0
 
 
@@ -382,3 +420,12 @@ def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_b
                 total[t] = widen(round_bf16(total[t] * scale))
         for t in range(width):
             merged[t] = round_bf16(total[t] + widen(bases[t]))
+
+
+@njit(nogil=True, cache=True)
+def count_nonfinite(bits, exponent):
+    """How many half-precision bit patterns have an all-ones exponent (NaN or infinite)."""
+    count = 0
+    for i in range(bits.size):
+        count += (bits[i] & exponent) == exponent
+    return count

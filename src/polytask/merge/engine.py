@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from polytask.errors import ConfigError, MergeError
-from polytask.merge import checks
+from polytask.merge import checks, kernels
 from polytask.merge.io import Checkpoint, CheckpointWriter, TensorSpec, parse_dtype, parse_size
 from polytask.merge.lora import AdapterCheckpoint, is_adapter, split_lora_path
 from polytask.merge.methods import MERGE_METHODS, MergeMethod, TensorContext
@@ -223,7 +223,7 @@ def _check_finite(name: str, out: Tensor, allow: bool, bad: list[str]) -> None:
     Called on each tensor as it is written, in its output dtype (a float32 value that overflows
     float16 counts), so no second pass over the data is needed.
     """
-    if not out.is_floating_point() or bool(torch.isfinite(out).all()):
+    if not out.is_floating_point() or kernels.all_finite(out):
         return
     if allow:
         bad.append(name)

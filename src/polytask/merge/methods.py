@@ -191,9 +191,21 @@ def topk_mask(x: Tensor, density: Tensor) -> Tensor:
     This is TIES' "trim" step (Yadav et al., NeurIPS 2023). ``density`` is ``(N,)``.
     """
     flat = x.reshape(x.shape[0], -1)
-    m = flat.shape[1]
-    counts = [m if d >= 1 else (0 if d <= 0 else max(1, int(d * m))) for d in density.tolist()]
-    return _magnitude_select(flat, counts, largest=True).reshape(x.shape)
+    return _magnitude_select(flat, _trim_counts(density, flat.shape[1]), largest=True).reshape(x.shape)
+
+
+def _trim_counts(density: Tensor, m: int) -> list[int]:
+    """Entries each model keeps: mergekit's ``int(density * numel)``, at least 1 unless 0."""
+    return [m if d >= 1 else (0 if d <= 0 else max(1, int(d * m))) for d in density.tolist()]
+
+
+def _trim_fused(deltas: Tensor, density: Tensor) -> None:
+    """:func:`topk_mask`'s trim applied in place without masks (compiled, half precision); rows
+    the kernel leaves (NaN, infinities) go through the masks."""
+    flat = deltas.reshape(deltas.shape[0], -1)
+    counts = _trim_counts(density, flat.shape[1])
+    for i in kernels.trim_in_place(flat, counts):
+        flat[i].mul_(_magnitude_select(flat[i:i + 1], counts[i:i + 1], largest=True)[0])
 
 
 def _magnitude_select(flat: Tensor, counts: list[int], largest: bool) -> Tensor:
@@ -466,12 +478,12 @@ class Ties(_WeightedSum):
 
     def merge(self, tensors, base, params, ctx):
         deltas = tensors.sub_(base)
+        if not self.rescale and kernels.available(deltas, base):  # trim in place, elect and merge in one pass
+            _trim_fused(deltas, params["density"])
+            return kernels.combine(deltas, base, params["weight"], subtract=False, consensus=self.consensus,
+                                   normalize=self.normalize, scale=self.lambda_)
         before = _norms(deltas, self.rescale)
-        keep = topk_mask(deltas, params["density"])
-        if not self.rescale and kernels.available(deltas, base):  # trim, elect and merge in one pass
-            return kernels.combine(deltas, base, params["weight"], subtract=False, keep=keep,
-                                   consensus=self.consensus, normalize=self.normalize, scale=self.lambda_)
-        for delta_i, keep_i in zip(deltas, keep):  # per model: (M,) casts
+        for delta_i, keep_i in zip(deltas, topk_mask(deltas, params["density"])):  # per model: (M,) casts
             delta_i.mul_(keep_i)
         if self.rescale:  # back to each task vector's norm before the trim (mergekit's rescale)
             deltas = _rescale(deltas, before, params["density"], self.rescale)
