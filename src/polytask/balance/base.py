@@ -366,7 +366,10 @@ def all_finite(*tensors: Tensor) -> Tensor:
             if flat.is_floating_point() and flat.numel()]
     if not dots:
         return torch.ones((), dtype=torch.bool, device=tensors[0].device)
-    return torch.isfinite(dots[0] if len(dots) == 1 else torch.stack([d.to(dots[0].dtype) for d in dots]).sum())
+    if len(dots) == 1:
+        return torch.isfinite(dots[0])
+    dtype = dots[0].dtype
+    return torch.isfinite(torch.stack([d if d.dtype == dtype else d.to(dtype) for d in dots]).sum())
 
 
 def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None], ok: Tensor | None = None,
