@@ -4,7 +4,9 @@ Every solver here works on ``T x T`` matrices (Gramians of task gradients). On a
 runs a *fixed* number of iterations and never reads a value back to the host, so an aggregation
 step needs no host synchronisation: convergence is handled by masking (iterations after
 convergence leave the iterate unchanged). On the CPU, where reading a flag costs nothing, the
-loops stop as soon as the iterate is a fixed point (:func:`_early_exit`), with the same result.
+loops stop as soon as the iterate is a fixed point (:func:`_early_exit`), with the same result;
+Newton's (:func:`power_fair_weights`) stops once one of its two starts has converged and skips
+the line search in its quadratic phase, the same solution to rounding.
 
 Solvers:
 
