@@ -188,3 +188,22 @@ def test_project_simplex_equals_duchi_on_ties_scales_and_batches():
     out = project_simplex(batch)
     ref = torch.stack([_duchi_projection(r) for r in batch.reshape(-1, 7)]).reshape(3, 4, 7)
     assert torch.allclose(out, ref, rtol=1e-12, atol=1e-15)
+
+
+# --- the engine's .grad updates without per-parameter no-op calls -----------------------------------
+
+
+def test_accumulate_grads_converts_detaches_accumulates_and_gates():
+    from polytask.balance.base import accumulate_grads
+
+    p32 = torch.nn.Parameter(torch.zeros(3))
+    p64 = torch.nn.Parameter(torch.zeros(2, dtype=DT))
+    source = torch.tensor([1.0, 2.0], dtype=DT, requires_grad=True)
+    g64 = torch.tensor([0.5, 0.25, 0.125], dtype=DT)  # another dtype than p32: converted
+    accumulate_grads([p32, p64], [g64, source * 2])  # a grad that records autograd: stored detached
+    assert p32.grad.dtype == torch.float32 and torch.equal(p32.grad, g64.float())
+    assert not p64.grad.requires_grad and torch.equal(p64.grad, torch.tensor([2.0, 4.0], dtype=DT))
+    accumulate_grads([p32, p64], [g64, None])  # adds; None leaves the parameter alone
+    assert torch.equal(p32.grad, 2 * g64.float()) and torch.equal(p64.grad, torch.tensor([2.0, 4.0], dtype=DT))
+    accumulate_grads([p32], [g64], ok=torch.tensor(False), fill=float("nan"))  # a skipped step under a loss scaler
+    assert torch.isnan(p32.grad).all()
