@@ -186,7 +186,7 @@ def project_simplex(y: Tensor) -> Tensor:
     is positive exactly while the condition holds (``j < rho``), so ``f`` rises to ``f_rho`` and
     does not rise after it. That form takes half the operations (it runs in SDMGrad's inner loop).
     """
-    u = torch.topk(y, y.shape[-1], dim=-1).values  # sorted, decreasing (topk is cheaper than sort on short rows)
+    u = torch.topk(y, y.shape[-1], dim=-1).values  # sorted, decreasing (fewer nested operator calls than sort)
     inv_ks = 1.0 / torch.arange(1, y.shape[-1] + 1, device=y.device, dtype=y.dtype)
     theta = _simplex_threshold(u, inv_ks)
     return (y - theta).clamp_min(0.0)
