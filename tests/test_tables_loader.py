@@ -106,3 +106,32 @@ def test_file_order_batches_are_views_and_worker_batches_copies(log):
     assert [r for b in via_worker for r in b[0]["dense"][:, 0].long().tolist()] == list(range(len(t)))
     for (x, y, m), (x2, y2, m2) in zip(batches, via_worker):
         assert all(torch.equal(x[k], x2[k]) for k in x) and torch.equal(y["click"], y2["click"])
+
+
+@pytest.mark.parametrize("value,column", [(float("nan"), "price"), (float("inf"), "price"), (1e40, "price"),
+                                          (0.5, "click"), (-1.0, "click")])
+def test_bad_values_are_found_in_the_encoded_blocks_and_name_file_and_column(tmp_path, value, column):
+    from polytask.errors import DataError
+
+    n = 300
+    t = pa.table({"rid": np.arange(n, dtype=np.int64), "price": np.ones(n), "item": np.arange(n) % 7,
+                  "click": pa.array(np.zeros(n), mask=np.arange(n) % 5 == 0)})
+    col = t[column].to_numpy(zero_copy_only=False).copy()
+    col[257] = value  # in the third record batch of 100 rows, a labelled row
+    t = t.set_column(t.schema.get_field_index(column), column, pa.array(col))
+    good = tmp_path / "good.parquet"
+    pq.write_table(t.slice(0, 200), good)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(t, bad, row_group_size=100)
+    schema = TableSchema(dense=("rid", "price"), categorical={"item": HashBuckets(8)}, labels={"click": "click"})
+    assert len(list(TableSource(good, schema, batch_size=64, shuffle_rows=500))) == 4
+    with pytest.raises(DataError) as err:
+        list(TableSource([good, bad], schema, batch_size=64, shuffle_rows=1000, read_rows=100))
+    msg = str(err.value)
+    assert msg.startswith(f"{bad}: ") and repr(column) in msg and "\n" not in msg
+    # an unlabelled row may hold anything: the same value where the label is missing passes
+    if column == "click":
+        col[257], col[255] = 0.0, value  # row 255 is unlabelled (255 % 5 == 0)
+        t2 = t.set_column(t.schema.get_field_index("click"), "click", pa.array(col, mask=np.arange(n) % 5 == 0))
+        pq.write_table(t2, bad, row_group_size=100)
+        assert sum(len(b[1]["click"]) for b in TableSource(bad, schema, batch_size=64)) == n

@@ -391,35 +391,43 @@ class TableSource(torch.utils.data.IterableDataset):
                 yield rb
 
     def _check(self, f: Path, rb: Any) -> None:
-        pa, pc, _, _ = _pa()
+        """What the column types and null counts tell (no pass over the values); the values are checked
+        by :meth:`_encode` on the blocks it fills (NaN/inf dense values, binary labels outside {0, 1})."""
+        pa, _, _, _ = _pa()
         for c in self.schema.dense:
             col = rb.column(c)
             if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
                 raise DataError(f"{f}: dense column {c!r} holds {col.type}, not numbers")
-            if col.null_count or (pa.types.is_floating(col.type) and not pc.all(pc.is_finite(col)).as_py()):
-                raise DataError(f"{f}: dense column {c!r} has missing, NaN or infinite values "
-                                "(only missing labels mean 'unlabelled')")
+            if col.null_count:
+                _bad_dense(f, c)
         for task, c in self.schema.labels.items():
             t = rb.column(c).type
             if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t)):
                 raise DataError(f"{f}: label column {c!r} (task {task!r}) holds {t}, not numbers")
-        for task in self.schema.binary_tasks:
-            c = self.schema.labels[task]
-            v = _labels(rb.column(c)).drop_null()
-            bad = pc.invert(pc.is_in(v, value_set=pa.array([0.0, 1.0])))
-            if pc.any(bad).as_py():
-                first = v.filter(bad)[0].as_py()
-                raise DataError(f"{f}: label column {c!r} of binary task {task!r} has a value outside "
-                                f"{{0, 1}} (e.g. {first})")
 
-    def _to_batch(self, rb: Any) -> tuple[dict, dict, dict]:
-        """One record batch as ``(inputs, targets, mask)`` in file order."""
-        return self._encode([rb]).take(slice(None))
+    def _check_values(self, f: Any, dense_cols: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> None:
+        """One record batch's values, as encoded: every dense value finite in float32 (NaN, inf, or beyond
+        float32's range is refused), every labelled binary target 0 or 1. One numpy pass per block."""
+        if dense_cols.size and not np.isfinite(dense_cols).all():
+            _bad_dense(f, self.schema.dense[int(np.flatnonzero(~np.isfinite(dense_cols).all(axis=1))[0])])
+        tasks = list(self.schema.labels)
+        binary = [tasks.index(t) for t in self.schema.binary_tasks]
+        bad = mask[:, binary] & (targets[:, binary] != 0) & (targets[:, binary] != 1)
+        if bad.any():
+            row, j = (int(v[0]) for v in np.nonzero(bad))
+            task = tasks[binary[j]]
+            raise DataError(f"{f}: label column {self.schema.labels[task]!r} of binary task {task!r} has a value "
+                            f"outside {{0, 1}} (e.g. {targets[row, binary[j]].item()})")
 
-    def _encode(self, held: list) -> _Window:
-        """The record batches of a window, encoded into one preallocated block per kind (ids, dense,
-        labels, masks): each column is cast or encoded straight into its place, so the window needs
-        no concatenation, and a batch is one row gather per block (not one per column)."""
+    def _to_batch(self, rb: Any, file: Any = "input") -> tuple[dict, dict, dict]:
+        """One record batch (of ``file``, named in errors) as ``(inputs, targets, mask)`` in file order."""
+        return self._encode([rb], [file]).take(slice(None))
+
+    def _encode(self, held: list, files: list) -> _Window:
+        """The record batches of a window (read from ``files``, one per batch: named in errors), encoded
+        into one preallocated block per kind (ids, dense, labels, masks): each column is cast or encoded
+        straight into its place, so the window needs no concatenation, and a batch is one row gather per
+        block (not one per column)."""
         _, pc, _, _ = _pa()
         sch = self.schema
         n = sum(rb.num_rows for rb in held)
@@ -437,10 +445,11 @@ class TableSource(torch.utils.data.IterableDataset):
         dense_cols = np.empty((len(sch.dense), longest), np.float32)
         id_cols = np.empty((len(flat), longest), np.int64)
         lo = 0
-        for rb in held:
+        for rb, f in zip(held, files):
             hi = lo + rb.num_rows
-            for j, c in enumerate(sch.dense):  # cast while copied into place (no per-column temporaries)
-                dense_cols[j, :hi - lo] = rb.column(c).to_numpy(zero_copy_only=False)
+            with np.errstate(over="ignore"):  # beyond float32's range: inf, refused by _check_values
+                for j, c in enumerate(sch.dense):  # cast while copied into place (no per-column temporaries)
+                    dense_cols[j, :hi - lo] = rb.column(c).to_numpy(zero_copy_only=False)
             dense[lo:hi] = dense_cols[:, :hi - lo].T
             for j, c in enumerate(flat):  # each encoder takes its ids back to the rows straight into place
                 sch.categorical[c].encode(rb.column(c), out=id_cols[j, :hi - lo])
@@ -451,24 +460,26 @@ class TableSource(torch.utils.data.IterableDataset):
                 col = _labels(rb.column(c))
                 mask[lo:hi, j] = col.is_valid().to_numpy(zero_copy_only=False)
                 targets[lo:hi, j] = pc.fill_null(col, 0.0).to_numpy(zero_copy_only=False)
+            self._check_values(f, dense_cols[:, :hi - lo], targets[lo:hi], mask[lo:hi])
             lo = hi
         return _Window(self.schema, flat, torch.from_numpy(ids), {c: torch.from_numpy(v) for c, v in seqs.items()},
                        torch.from_numpy(dense), torch.from_numpy(targets), torch.from_numpy(mask))
 
-    def _windows(self, units: list, start: int) -> Iterator[tuple[int, list]]:
-        """(index of the window's first unit, its record batches), from unit ``start`` on."""
+    def _windows(self, units: list, start: int) -> Iterator[tuple[int, list, list]]:
+        """(index of the window's first unit, its record batches, the file of each), from unit ``start`` on."""
         i = start
         while i < len(units):
-            first, held, rows = i, [], 0
+            first, held, files, rows = i, [], [], 0
             while i < len(units) and (not held or rows < self.shuffle_rows):
                 for rb in self._read_unit(units[i]):
                     held.append(rb)
+                    files.append(self.files[units[i][0]])
                     rows += rb.num_rows
                 i += 1
                 if self.shuffle_rows <= 0:
                     break
             if held:
-                yield first, held
+                yield first, held, files
 
     def iter_positioned(self) -> Iterator[tuple[tuple, tuple[int, int, int, int]]]:
         """Batches with their position ``(shard, epoch, window start, batches of the window done)``.
@@ -484,8 +495,8 @@ class TableSource(torch.utils.data.IterableDataset):
         units = self.shard_units(shard, shards)
         start, skip = self.resume.get(shard, (0, 0))
         in_worker = torch.utils.data.get_worker_info() is not None
-        for first, held in self._windows(units, start):
-            window = self._encode(held)
+        for first, held, files in self._windows(units, start):
+            window = self._encode(held, files)
             n = window.rows
             perm = None
             if self.shuffle_rows > 0:
@@ -537,6 +548,11 @@ class _Window:
         inputs.update({c: cols[c] for c in self.schema.categorical})  # the schema's column order
         tasks = list(self.schema.labels)
         return inputs, {t: targets[:, j] for j, t in enumerate(tasks)}, {t: mask[:, j] for j, t in enumerate(tasks)}
+
+
+def _bad_dense(f: Any, column: str) -> None:
+    raise DataError(f"{f}: dense column {column!r} has missing, NaN or infinite values "
+                    "(only missing labels mean 'unlabelled')")
 
 
 def _labels(col: Any) -> Any:

@@ -298,7 +298,7 @@ class StreamSplit:
                 for start in range(0, rb.num_rows, batch_size):
                     part = rb.slice(start, batch_size)
                     g = stable_hash(part.column(group)) if group else None
-                    yield self._move(*src._to_batch(part)), g
+                    yield self._move(*src._to_batch(part, src.files[unit[0]])), g
 
 
 class TableSplits(Splits):
