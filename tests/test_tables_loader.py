@@ -13,6 +13,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from polytask.data.encoders import HashBuckets, SequenceIds, Vocabulary, _fnv1a, stable_hash  # noqa: E402
 from polytask.data.tables import TableSchema, TableSource  # noqa: E402
+from polytask.errors import ConfigError  # noqa: E402
 
 _PRIME, _MASK = 0x100000001B3, (1 << 64) - 1
 
@@ -135,3 +136,33 @@ def test_bad_values_are_found_in_the_encoded_blocks_and_name_file_and_column(tmp
         t2 = t.set_column(t.schema.get_field_index("click"), "click", pa.array(col, mask=np.arange(n) % 5 == 0))
         pq.write_table(t2, bad, row_group_size=100)
         assert sum(len(b[1]["click"]) for b in TableSource(bad, schema, batch_size=64)) == n
+
+
+def test_read_ahead_thread_gives_the_same_batches_raises_in_order_and_stops(log, tmp_path):
+    import threading
+
+    from polytask.errors import DataError
+
+    path, t = log
+    kw = dict(batch_size=50, shuffle_rows=200, seed=2, read_rows=64)
+    plain = list(TableSource(path, _schema(t), read_ahead=0, **kw))
+    ahead = list(TableSource(path, _schema(t), read_ahead=2, **kw))
+    assert len(plain) == len(ahead) > 5
+    for (x, y, m), (x2, y2, m2) in zip(plain, ahead):
+        assert all(torch.equal(x[k], x2[k]) for k in x) and torch.equal(y["click"], y2["click"])
+    # a bad file after a good one: the good file's batches come first, then its DataError
+    bad = tmp_path / "z_bad.parquet"
+    pq.write_table(t.set_column(t.schema.get_field_index("price"), "price",
+                                pa.array(np.full(len(t), np.nan))), bad)
+    got = []
+    with pytest.raises(DataError, match="z_bad.parquet: dense column 'price'"):
+        for b in TableSource([path, bad], _schema(t), batch_size=50, shuffle_rows=0, read_ahead=1):
+            got.append(b)
+    assert sum(len(b[1]["click"]) for b in got) == len(t)
+    # stopping early leaves no reader thread behind
+    it = iter(TableSource(path, _schema(t), read_ahead=1, **kw))
+    next(it)
+    it.close()
+    assert not [th for th in threading.enumerate() if th.name == "polytask-table-reader"]
+    with pytest.raises(ConfigError, match="read_ahead must be >= 0"):
+        TableSource(path, _schema(t), read_ahead=-1)

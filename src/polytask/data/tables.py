@@ -16,8 +16,9 @@ How it reads, and what it guarantees:
   by up to one unit of rows: under DDP a trainer must stop all ranks together (later work).
 * **Shuffle.** A bounded window buffer: a shard reads units until ``shuffle_rows`` rows are held
   (plus at most one unit), permutes them (seeded by seed, epoch, shard and window) and emits them
-  in batches; the last batch of a window may be short (never empty). Memory is bounded by the
-  buffer plus one row group, not by the data. ``shuffle_rows=0`` keeps file order.
+  in batches; the last batch of a window may be short (never empty). Memory is bounded by two
+  buffers (the window served and the next, read ahead by a thread: ``read_ahead``) plus one row
+  group, not by the data. ``shuffle_rows=0`` keeps file order.
 * **Splits** (:class:`Split`): by file (pass the files), by a column's value, or a seeded fraction
   of a stable 64-bit hash of a row key (FNV-1a of the key's text, not Python's salted ``hash``),
   so a row falls in the same part on every machine and every run.
@@ -52,7 +53,9 @@ dependency (``pip install polytask[tables]``), imported only when used.
 from __future__ import annotations
 
 import math
+import queue
 import re
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,6 +264,10 @@ class TableSource(torch.utils.data.IterableDataset):
         split: a :class:`Split` (rows to keep); None keeps all.
         rank, world_size: this process's place among the ranks (workers are found from the
             DataLoader at iteration time).
+        read_rows: rows per record batch read.
+        read_ahead: shuffle windows read ahead by a background thread while the current one is
+            encoded and served (pyarrow reads without the GIL, so reading overlaps the encoding
+            where a core is free); 0 reads in the iterating thread. The batches are the same.
 
     Files are opened (footers only) when the source is made: a missing column, a non-numeric
     dense column, an empty or corrupt file is a DataError then, before any training.
@@ -268,10 +275,13 @@ class TableSource(torch.utils.data.IterableDataset):
 
     def __init__(self, paths: Any, schema: TableSchema, batch_size: int = 1024, shuffle_rows: int = 0,
                  seed: int = 0, split: Split | None = None, rank: int = 0, world_size: int = 1,
-                 read_rows: int = 65536) -> None:
+                 read_rows: int = 65536, read_ahead: int = 1) -> None:
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if read_ahead < 0:
+            raise ConfigError(f"read_ahead must be >= 0, got {read_ahead}")
+        self.read_ahead = read_ahead
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
         pa, _, _, pq = _pa()
@@ -495,7 +505,8 @@ class TableSource(torch.utils.data.IterableDataset):
         units = self.shard_units(shard, shards)
         start, skip = self.resume.get(shard, (0, 0))
         in_worker = torch.utils.data.get_worker_info() is not None
-        for first, held, files in self._windows(units, start):
+        windows = self._windows(units, start)
+        for first, held, files in _read_ahead(windows, self.read_ahead) if self.read_ahead else windows:
             window = self._encode(held, files)
             n = window.rows
             perm = None
@@ -548,6 +559,49 @@ class _Window:
         inputs.update({c: cols[c] for c in self.schema.categorical})  # the schema's column order
         tasks = list(self.schema.labels)
         return inputs, {t: targets[:, j] for j, t in enumerate(tasks)}, {t: mask[:, j] for j, t in enumerate(tasks)}
+
+
+def _read_ahead(items: Iterator, depth: int) -> Iterator:
+    """``items``, produced by a background thread up to ``depth`` items ahead of the consumer.
+
+    An exception of the producer (a DataError naming a file) is raised in the consumer, in order.
+    When the consumer stops early (a closed generator), the producer stops at its next item and
+    the thread is joined: nothing outlives the iteration."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((end, exc))
+
+    thread = threading.Thread(target=produce, name="polytask-table-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = buffer.get()
+            if exc is not None:
+                raise exc
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _bad_dense(f: Any, column: str) -> None:
