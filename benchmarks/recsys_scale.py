@@ -10,7 +10,8 @@ any size):
     - ``pyarrow raw``: ``ParquetFile.iter_batches`` of the needed columns, nothing more (the
       physical limit of reading the file here);
     - ``polytask tables``: :class:`polytask.data.tables.TableSource` (vocabularies and hashing,
-      shuffle window, batches of ``--batch``);
+      shuffle window, batches of ``--batch``), with its reader thread (``read_ahead=1``, the
+      default) and without (``read_ahead=0``: reading and encoding in turn on one thread);
     - ``polytask csv``: the in-memory CSV path (``polytask.data.recsys.load_table_splits``: the whole
       CSV parsed by numpy, integer ids) then its shuffled batches;
     - ``torch-rechub pandas``: ``pandas.read_csv``, ``LabelEncoder`` per categorical column and
@@ -148,10 +149,10 @@ def load_pyarrow_raw(folder: Path, batch: int) -> int:
     return rows
 
 
-def load_polytask(folder: Path, batch: int, schema) -> int:
+def load_polytask(folder: Path, batch: int, schema, read_ahead: int = 1) -> int:
     from polytask.data.tables import TableSource
 
-    src = TableSource(folder, schema, batch_size=batch, shuffle_rows=262_144, seed=0)
+    src = TableSource(folder, schema, batch_size=batch, shuffle_rows=262_144, seed=0, read_ahead=read_ahead)
     return sum(len(t["click"]) for _, t, _ in src)
 
 
@@ -327,11 +328,13 @@ def loader_rows(work: Path, a: argparse.Namespace) -> list[tuple[str, str, str, 
     schema = _schema(small)
     raw, n = rate(lambda: load_pyarrow_raw(small, a.batch))
     ours, _ = rate(lambda: load_polytask(small, a.batch, schema))
+    serial, _ = rate(lambda: load_polytask(small, a.batch, schema, read_ahead=0))
     csv_rate, _ = rate(lambda: load_polytask_csv(csv_dir, a.batch))
     rechub, n_rechub = rate(lambda: load_rechub(csv_dir, a.batch, a.rechub_rows))
     return [
         ("(a) pyarrow raw read", f"{raw:,.0f} rows/s", f"{n:,} rows", ""),
         ("(a) polytask tables", f"{ours:,.0f} rows/s", f"{ours / raw:.2f}x raw", ">= 0.5x raw"),
+        ("(a) tables, read_ahead=0", f"{serial:,.0f} rows/s", f"{serial / raw:.2f}x raw (no reader thread)", ""),
         ("(a) polytask csv (recsys.py)", f"{csv_rate:,.0f} rows/s", f"tables {ours / csv_rate:.1f}x",
          "tables >= 5x"),
         ("(a) torch-rechub pandas", f"{rechub:,.0f} rows/s", f"{n_rechub:,} rows; tables {ours / rechub:.1f}x", ""),
