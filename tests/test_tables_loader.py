@@ -166,3 +166,21 @@ def test_read_ahead_thread_gives_the_same_batches_raises_in_order_and_stops(log,
     assert not [th for th in threading.enumerate() if th.name == "polytask-table-reader"]
     with pytest.raises(ConfigError, match="read_ahead must be >= 0"):
         TableSource(path, _schema(t), read_ahead=-1)
+
+
+def test_read_ahead_key_reaches_the_train_source_and_is_checked(tmp_path):
+    from polytask.train.config import parse_config
+    from polytask.train.tables import table_splits, write_synthetic_splits
+
+    paths = write_synthetic_splits(tmp_path / "log", 300, row_group_rows=100)
+    p = {"train": str(paths[0]), "val": str(paths[1]), "test": str(paths[2]), "dense": ["price"],
+         "ids": {"user_id": {"hash": 16}}, "labels": {"click": "click"}, "read_ahead": 0}
+    cfg = {"name": "t", "out_dir": str(tmp_path / "r"), "device": "cpu", "data": {"name": "table", "params": p},
+           "model": {"arch": "mmoe", "params": {"num_experts": 2}}, "train": {"epochs": 1, "batch_size": 32}}
+    splits = table_splits(parse_config(cfg))
+    assert splits.train.source.read_ahead == 0 and splits.val.source.read_ahead == 0
+    p["read_ahead"] = 2
+    assert table_splits(parse_config(cfg)).train.source.read_ahead == 2
+    p["read_ahead"] = -1
+    with pytest.raises(ConfigError, match=r"^data\.params\.read_ahead: "):
+        table_splits(parse_config(cfg))

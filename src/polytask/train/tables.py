@@ -17,6 +17,7 @@ A run config names the table source with ``data: {name: table, params: ...}``::
         group: user_id                                      # optional: adds GAUC per task
         embed_dim: 16
         shuffle_rows: 65536                                 # the shuffle buffer bounds memory
+        read_ahead: 1                                       # windows read by a background thread
         workers: 0                                          # DataLoader workers
 
 Training streams the train split through :class:`~polytask.data.tables.TableSource` (shuffled
@@ -135,6 +136,7 @@ class TableParams(_Strict):
     shuffle_rows: int = Field(65536, ge=0)
     workers: int = Field(0, ge=0)
     read_rows: int = Field(65536, ge=1)
+    read_ahead: int = Field(1, ge=0)  # train windows read ahead by a background thread (0: none)
 
     @model_validator(mode="after")
     def _source(self) -> TableParams:
@@ -236,7 +238,7 @@ class StreamSplit:
         self.ctx = ctx or DistContext()
         self.source = TableSource(expand(paths), schema, batch_size=1, shuffle_rows=p.shuffle_rows if train else 0,
                                   seed=seed, split=split, read_rows=p.read_rows, rank=self.ctx.rank,
-                                  world_size=self.ctx.world_size)
+                                  world_size=self.ctx.world_size, read_ahead=p.read_ahead if train else 0)
         if train and self.ctx.world_size > 1 and self.source.rank_batches() is None:
             # CSV files or a split's filter: the rows of each unit counted on rank 0 (one pass), broadcast
             self.source.counted_rows = on_main(self.source.count_rows, self.ctx, self.device)
