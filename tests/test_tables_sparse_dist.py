@@ -2,7 +2,8 @@
 
 Two ranks, each with its slice of a global batch, under DDP's ``no_sync`` with the balancer reducing (what
 ``polytask train --nproc 2`` runs), must reach the parameters of one process on the whole batch: loss
-balancers and a gradient balancer at feature level, row-wise Adagrad and SparseAdam on the tables. On one
+balancers and a gradient balancer at feature level, row-wise Adagrad and SparseAdam on the tables; and with
+every row labelled, DDP's own reducer (which all-reduces sparse gradients on gloo) is the peer. On one
 process, sparse tables must get exactly the dense tables' gradients under a gradient balancer, at feature level
 (the tables in the trunk) and at parameter level (the rows each batch touches, TouchedRows).
 """
@@ -41,7 +42,7 @@ if world > 1:
     dist.init_process_group("gloo", init_method="file://" + os.environ["STORE"], rank=rank, world_size=world)
     group = dist.group.WORLD
 model, tasks = build(sparse=True)
-balancer = balance_lib.get(balancer_name, **params)
+balancer = balance_lib.get("ew" if balancer_name == "ddp" else balancer_name, **params)
 if hasattr(model, "expose_task_features") and getattr(balancer, "mode", None) == "features":
     model.expose_task_features()
 step_model = DistributedDataParallel(model, process_group=group) if world > 1 else model
@@ -50,11 +51,17 @@ opt = SparseDenseOptimizer([{"params": list(model.parameters())}], tables, Optim
                            ["rowwise_adagrad", True])
 names = [t.name for t in tasks]
 params_all = [p for p in model.parameters() if p.requires_grad]
-for batch in global_batches():
+native = balancer_name == "ddp"  # DDP's own reducer (no balancer): the peer for the sum of the task losses
+for batch in global_batches(full=bool(os.environ.get("FULL"))):
     lo, hi = shard_bounds(len(batch.targets["a"]), rank, world)
     part = Batch({k: v[lo:hi] for k, v in batch.inputs.items()}, {k: v[lo:hi] for k, v in batch.targets.items()},
                  {k: v[lo:hi] for k, v in batch.mask.items()})
     opt.zero_grad(set_to_none=True)
+    if native:
+        outputs = step_model(part.inputs)
+        sum(t.loss(outputs[t.name], part.targets[t.name], part.mask[t.name]) for t in tasks).backward()
+        opt.step()
+        continue
     ctx = step_model.no_sync() if world > 1 else __import__("contextlib").nullcontext()
     with ctx:
         outputs = step_model(part.inputs)
@@ -90,8 +97,8 @@ def build(sparse: bool):
     return model, tasks
 
 
-def global_batches(steps: int = 3, rows: int = 24):
-    """Global batches with repeated ids, ids absent from the batch, and missing labels."""
+def global_batches(steps: int = 3, rows: int = 24, full: bool = False):
+    """Global batches with repeated ids, ids absent from the batch, and missing labels (none with ``full``)."""
     from polytask.data.dataset import Batch
 
     g = torch.Generator().manual_seed(1)
@@ -99,11 +106,11 @@ def global_batches(steps: int = 3, rows: int = 24):
         inputs = {"dense": torch.randn(rows, 3, generator=g, dtype=torch.float64),
                   "user": torch.randint(0, 12, (rows,), generator=g), "item": torch.randint(0, 25, (rows,), generator=g)}
         targets = {t: torch.randint(0, 2, (rows,), generator=g).double() for t in ("a", "b")}
-        mask = {t: torch.rand(rows, generator=g) > 0.2 for t in ("a", "b")}
+        mask = {t: (torch.rand(rows, generator=g) > 0.2) | full for t in ("a", "b")}
         yield Batch(inputs, targets, mask)
 
 
-def _run(tmp_path: Path, balancer: str, params: dict, world: int) -> list[dict]:
+def _run(tmp_path: Path, balancer: str, params: dict, world: int, full: bool = False) -> list[dict]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     store = tmp_path / f"store{world}"
@@ -112,7 +119,7 @@ def _run(tmp_path: Path, balancer: str, params: dict, world: int) -> list[dict]:
     procs = []
     for rank in range(world):
         env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world), STORE=str(store),
-                   TESTS=str(Path(__file__).parent))
+                   TESTS=str(Path(__file__).parent), FULL="1" if full else "")
         out = tmp_path / f"out{world}_{rank}.pkl"
         procs.append((subprocess.Popen([sys.executable, str(script), arg, str(out)], env=env, stderr=subprocess.PIPE,
                                        text=True), out))
@@ -137,6 +144,17 @@ def test_two_ranks_with_sparse_tables_equal_one_process_on_the_global_batch(tmp_
     user = "input.tables.user.weight"
     moved = (one[user] != start[user]).any(1)
     assert moved[:12].any() and not moved[12:].any()
+
+
+def test_sparse_reduction_equals_ddp_own_reducer_on_gloo(tmp_path):
+    # the peer: DDP's own reducer (outside no_sync) all-reduces sparse gradients on gloo and averages them;
+    # with every row labelled and equal shards that is the global batch's gradient, as the balancer's
+    (ours,) = _run(tmp_path, "ew", {}, 1, full=True)
+    ddp = _run(tmp_path, "ddp", {}, 2, full=True)
+    mine = _run(tmp_path, "ew", {}, 2, full=True)
+    for key, want in ours.items():
+        for got in (*ddp, *mine):
+            torch.testing.assert_close(got[key], want, rtol=1e-9, atol=1e-11, msg=key)
 
 
 def test_feature_level_gradient_balancer_gives_sparse_tables_the_dense_tables_gradient():
