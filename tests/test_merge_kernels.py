@@ -42,9 +42,18 @@ def _trim_cases():
         yield f"n={n}", (torch.randn(n, generator=g) * 1e-2).to(torch.bfloat16)
 
 
+@pytest.fixture(params=["flagged", "map"])
+def trim_form(request, monkeypatch):
+    """Rows replayed on flagged 4-byte entries throughout, or on 2-byte keys with the map of tied
+    positions first (as rows longer than kernels._FLAGGED are: here from 200 entries on)."""
+    if request.param == "map":
+        monkeypatch.setattr(kernels, "_FLAGGED", 200)
+    return request.param
+
+
 @pytest.mark.parametrize("name,values", list(_trim_cases()), ids=lambda v: v if isinstance(v, str) else "")
 @pytest.mark.parametrize("descending", [True, False])
-def test_trim_masks_pick_what_torch_argsort_picks(name, values, descending):
+def test_trim_masks_pick_what_torch_argsort_picks(name, values, descending, trim_form):
     n = values.numel()
     for k in sorted({1, 2, n // 7, n // 3, n // 2, n - 2, n - 1}):
         if not 0 < k < n:
@@ -54,7 +63,7 @@ def test_trim_masks_pick_what_torch_argsort_picks(name, values, descending):
         assert torch.equal(masks[0], _argsort_head(values, k, descending)), (name, k)
 
 
-def test_trim_masks_rows_in_parallel_and_whole_rows():
+def test_trim_masks_rows_in_parallel_and_whole_rows(trim_form):
     g = torch.Generator().manual_seed(1)
     deltas = (torch.randn(4, 20_000, generator=g) * 1e-2).to(torch.bfloat16)
     counts = [6000, 20_000, 1, 19_999]  # a row kept whole, extremes
@@ -167,7 +176,7 @@ def test_dare_keeps_the_density_fraction_and_the_mass():
         assert torch.equal(out[out > 0].unique(), expected.reshape(1))
 
 
-def test_trim_in_place_zeroes_what_the_mask_drops():
+def test_trim_in_place_zeroes_what_the_mask_drops(trim_form):
     g = torch.Generator().manual_seed(7)
     deltas = (torch.randn(5, 30_000, generator=g) * 1e-2).to(torch.bfloat16)
     deltas[1, ::3] = 0.0

@@ -14,7 +14,6 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-_FLAG = np.uint32(0x80000000)  # a work entry holding a position (a tie at the threshold), not a key
 _BLOCK = 64  # entries per block of the branch-free partition
 _COMBINE_BLOCK = 256  # entries per block of combine: all models' values, then their sum
 _LEAF = 16  # libstdc++'s _S_threshold: ranges this small are left to the final insertion sort
@@ -78,15 +77,85 @@ def fill_uniform24(seed, start, out):
 
 # ---------------------------------------------------------------------------------------------
 # the magnitude trim: which entries torch.argsort(|tau|, descending)[:k] picks, ties included
+#
+# The sort is replayed on 2-byte keys. Entries tied at the threshold are the only ones whose
+# identity matters; where each of them is goes in a small hash map (current position -> original
+# position, open addressing with linear probing, Knuth's backward-shift deletion), updated when
+# a swap or the final insertion sort moves one. Half the memory of keys carrying positions.
+
+_EMPTY = -1
+_FLAG = np.uint32(0x80000000)  # a flagged entry holding a position (a tie at the threshold), not a key
 
 
 @njit(inline="always")
-def _key(e, v):
-    return e if e < _FLAG else v
+def _home(p, shift):
+    return np.int64((np.uint64(p) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(shift))
+
+
+@njit(inline="always")
+def _slot(keys, p, shift, mask):
+    i = _home(p, shift)
+    while keys[i] != p:
+        i = (i + 1) & mask
+    return i
+
+
+@njit(inline="always")
+def _insert(keys, values, p, o, shift, mask):
+    i = _home(p, shift)
+    while keys[i] != _EMPTY:
+        i = (i + 1) & mask
+    keys[i] = p
+    values[i] = o
+
+
+@njit(inline="always")
+def _remove(keys, values, i, shift, mask):
+    """Empty slot ``i``, shifting back the entries of its probe run that may fill it."""
+    j = i
+    while True:
+        j = (j + 1) & mask
+        if keys[j] == _EMPTY:
+            break
+        h = _home(keys[j], shift)
+        if (j > i and (h <= i or h > j)) or (j < i and h <= i and h > j):
+            keys[i] = keys[j]
+            values[i] = values[j]
+            i = j
+    keys[i] = _EMPTY
+
+
+@njit(inline="always")
+def _swap(work, a, b, v, keys, values, shift, mask):
+    """Swap entries ``a`` and ``b``, moving the tied entries' positions in the map."""
+    ea = work[a]
+    work[a] = work[b]
+    work[b] = ea
+    _moved(work, a, b, v, keys, values, shift, mask)
+
+
+@njit
+def _moved(work, a, b, v, keys, values, shift, mask):
+    """Entries ``a`` and ``b`` have just been swapped: move the tied ones' positions in the map."""
+    eb = work[a]  # (after the swap: what was at b is at a)
+    ea = work[b]
+    if ea == v or eb == v:
+        if ea == v and eb == v:
+            ia = _slot(keys, a, shift, mask)
+            ib = _slot(keys, b, shift, mask)
+            t = values[ia]
+            values[ia] = values[ib]
+            values[ib] = t
+        else:
+            src, dst = (a, b) if ea == v else (b, a)
+            i = _slot(keys, src, shift, mask)
+            o = values[i]
+            _remove(keys, values, i, shift, mask)
+            _insert(keys, values, dst, o, shift, mask)
 
 
 @njit(nogil=True, cache=True)
-def _partition(work, f, last, pivot, v, off_left, off_right):
+def _partition(work, f, last, pivot, v, keys, values, shift, mask, off_left, off_right):
     """Hoare's unguarded partition of ``work[f:last]`` around ``pivot`` (libstdc++'s
     ``__unguarded_partition``, descending), returning the cut; the same swaps in the same order.
 
@@ -96,6 +165,71 @@ def _partition(work, f, last, pivot, v, off_left, off_right):
     Edelkamp & Weiss, ESA 2016) and swapped pairwise in scan order; the last stretch runs the
     scans themselves from where the blocks left them.
     """
+    n_left = 0
+    n_right = 0
+    i_left = 0
+    i_right = 0
+    while last - f >= 2 * _BLOCK:
+        if i_left == n_left:
+            n_left = 0
+            i_left = 0
+            block = work[f:f + _BLOCK]  # (slices indexed by the loop counter: no wrap-around tests)
+            for t in range(_BLOCK):
+                off_left[n_left] = t
+                n_left += block[t] <= pivot
+        if i_right == n_right:
+            n_right = 0
+            i_right = 0
+            block = work[last - _BLOCK:last]
+            for t in range(_BLOCK):
+                off_right[n_right] = t
+                n_right += block[np.uint64(_BLOCK - 1 - t)] >= pivot
+        swaps = min(n_left - i_left, n_right - i_right)
+        tied = False
+        for s in range(swaps):  # plain swaps; the map is updated after, only if a tied entry moved
+            a = f + off_left[i_left + s]
+            b = last - 1 - off_right[i_right + s]
+            ea = work[a]
+            eb = work[b]
+            work[a] = eb
+            work[b] = ea
+            tied |= (ea == v) | (eb == v)
+        if tied:
+            for s in range(swaps):
+                a = f + off_left[i_left + s]
+                b = last - 1 - off_right[i_right + s]
+                _moved(work, a, b, v, keys, values, shift, mask)
+        i_left += swaps
+        i_right += swaps
+        if i_left == n_left:
+            f += _BLOCK
+        if i_right == n_right:
+            last -= _BLOCK
+    if i_left < n_left:  # resume the scalar scans at the next stop a block had found
+        f += off_left[i_left]
+    if i_right < n_right:
+        last -= off_right[i_right]
+    while True:
+        while work[f] > pivot:
+            f += 1
+        last -= 1
+        while pivot > work[last]:
+            last -= 1
+        if f >= last:
+            return f
+        _swap(work, f, last, v, keys, values, shift, mask)
+        f += 1
+
+
+@njit(inline="always")
+def _key(e, v):
+    """The key of a flagged entry: tied entries carry their position, their key is ``v``."""
+    return e if e < _FLAG else v
+
+
+@njit(nogil=True, cache=True)
+def _partition_flagged(work, f, last, pivot, v, off_left, off_right):
+    """As :func:`_partition` on flagged entries (:func:`_key`), without a map."""
     n_left = 0
     n_right = 0
     i_left = 0
@@ -147,25 +281,16 @@ def _partition(work, f, last, pivot, v, off_left, off_right):
 
 
 @njit(nogil=True, cache=True)
-def _replay(work, k, v):
-    """Replay libstdc++'s introsort (descending by key) on the path to position ``k``.
-
-    The steps (Musser 1997, as libstdc++'s ``std::sort``): median of entries 1, mid and last-1
-    moved to the first, Hoare's unguarded partition around it, ranges of at most 16 left to the
-    final insertion sort, heapsort past a depth of 2 floor(log2 n). Only the range holding
-    position ``k`` is followed: the other one lies wholly before or after ``k``. Returns 0, or 2
-    where the heapsort fallback is reached (the caller sorts instead).
-    """
+def _replay_flagged(work, k, v, depth):
+    """:func:`_narrow`'s replay continued to its end on flagged entries (a tied entry holds
+    ``_FLAG | its original position``), from ``depth`` levels left; the first ``k`` entries are
+    then the kept ones. Returns 0, or 2 where the heapsort fallback is reached."""
     off_left = np.empty(_BLOCK, np.int64)
     off_right = np.empty(_BLOCK, np.int64)
     lo = 0
     hi = work.size
-    depth = 0
-    n = hi
-    while n > 1:
-        n >>= 1
-        depth += 1
-    depth *= 2
+    if k <= 0 or k >= hi:
+        return 0
     while hi - lo > _LEAF:
         if depth == 0:
             return 2
@@ -192,7 +317,7 @@ def _replay(work, k, v):
         t = work[lo]
         work[lo] = work[m]
         work[m] = t
-        f = _partition(work, lo + 1, hi, _key(work[lo], v), v, off_left, off_right)
+        f = _partition_flagged(work, lo + 1, hi, _key(work[lo], v), v, off_left, off_right)
         if f == k:
             return 0
         if k < f:
@@ -211,17 +336,73 @@ def _replay(work, k, v):
 
 
 @njit(nogil=True, cache=True)
+def _narrow(work, k, v, keys, values, shift, mask, until):
+    """Replay libstdc++'s introsort (descending) on the path to position ``k`` while the range
+    holding ``k`` is longer than ``until``; returns (status, lo, hi, depth left).
+
+    The steps (Musser 1997, as libstdc++'s ``std::sort``): median of entries 1, mid and last-1
+    moved to the first, Hoare's unguarded partition around it, ranges of at most 16 left to the
+    final insertion sort, heapsort past a depth of 2 floor(log2 n). Only the range holding
+    position ``k`` is followed: the other one lies wholly before or after ``k``. Status 0: go on
+    with ``[lo, hi)`` (:func:`_replay_flagged`); 3: a cut fell at ``k`` (done); 2: the heapsort
+    fallback is reached (the caller sorts instead).
+    """
+    off_left = np.empty(_BLOCK, np.int64)
+    off_right = np.empty(_BLOCK, np.int64)
+    lo = 0
+    hi = work.size
+    depth = 0
+    n = hi
+    while n > 1:
+        n >>= 1
+        depth += 1
+    depth *= 2
+    while hi - lo > max(until, _LEAF):
+        if depth == 0:
+            return 2, lo, hi, depth
+        depth -= 1
+        a = lo + 1
+        b = lo + (hi - lo) // 2
+        c = hi - 1
+        ka = work[a]
+        kb = work[b]
+        kc = work[c]
+        if ka > kb:
+            if kb > kc:
+                m = b
+            elif ka > kc:
+                m = c
+            else:
+                m = a
+        elif ka > kc:
+            m = a
+        elif kb > kc:
+            m = c
+        else:
+            m = b
+        _swap(work, lo, m, v, keys, values, shift, mask)
+        f = _partition(work, lo + 1, hi, work[lo], v, keys, values, shift, mask, off_left, off_right)
+        if f == k:
+            return 3, lo, hi, depth
+        if k < f:
+            hi = f
+        else:
+            lo = f
+    return 0, lo, hi, depth
+
+
+@njit(nogil=True, cache=True)
 def _threshold(bits, k, descending, nan_above):
     """The ``k``-th magnitude pattern ``v`` in sort order, from a histogram of the 2^15 patterns
     (with the sign dropped, half-precision bits order as the magnitudes do: exact, no float copy),
-    and whether entries equal to ``v`` straddle the cut. ``v`` is -1 if there is a NaN
-    (``nan_above`` is the largest pattern that is not NaN); the third value tells an infinity."""
+    how many entries equal it, and whether they straddle the cut. ``v`` is -1 if there is a NaN
+    (``nan_above`` is the largest pattern that is not NaN); the last value tells an infinity."""
     hist = np.zeros(32768, np.int64)
     for i in range(bits.size):
         hist[bits[i] & 0x7FFF] += 1
     for a in range(nan_above + 1, 32768):
         if hist[a] != 0:
-            return -1, False, True
+            return -1, 0, False, True
     above = 0
     if descending:
         v = 32767
@@ -233,32 +414,94 @@ def _threshold(bits, k, descending, nan_above):
         while above + hist[v] < k:
             above += hist[v]
             v += 1
-    return v, above + hist[v] > k, hist[nan_above] != 0
+    return v, hist[v], above + hist[v] > k, hist[nan_above] != 0
 
 
 @njit(nogil=True, cache=True)
-def _replay_ties(bits, k, descending, v, work):
-    """Keys of ``bits`` into ``work`` (entries tied at ``v`` carry their position instead), then the
-    replay (:func:`_replay`); ascending order runs as descending on ``0x7FFF - key``."""
-    for i in range(bits.size):
-        a = bits[i] & 0x7FFF
-        if a == v:
-            work[i] = _FLAG | np.uint32(i)
-        else:
-            work[i] = np.uint32(a) if descending else np.uint32(0x7FFF - a)
-    return _replay(work, k, np.uint32(v) if descending else np.uint32(0x7FFF - v))
+def _kept_ties(bits, k, descending, v, tied, work, flagged_at):
+    """Original positions of the entries equal to ``v`` that the sort puts among the first ``k``
+    (status, positions): the sort replayed on the keys of ``bits`` (ascending as descending on
+    ``0x7FFF - key``).
+
+    Long rows start on 2-byte keys in ``work`` (``uint16``, ``n`` entries), tied entries'
+    positions in a map (:func:`_narrow`); once the range holding ``k`` is at most ``flagged_at``
+    long it is copied into 4-byte flagged entries, tied ones carrying their
+    original position, and finished without the map (:func:`_replay_flagged`). Short rows go
+    straight to the flagged form.
+    """
+    n = bits.size
+    key_v = np.uint16(v) if descending else np.uint16(0x7FFF - v)
+    lo, hi = 0, n
+    if n > flagged_at:
+        size = 16
+        while size < 2 * tied:
+            size *= 2
+        shift = 64
+        s = size
+        while s > 1:
+            s >>= 1
+            shift -= 1
+        mask = size - 1
+        keys = np.full(size, _EMPTY, np.int64)
+        values = np.empty(size, np.int64)
+        for i in range(n):
+            a = bits[i] & 0x7FFF
+            work[i] = np.uint16(a) if descending else np.uint16(0x7FFF - a)
+            if a == v:
+                _insert(keys, values, i, i, shift, mask)
+        status, lo, hi, depth = _narrow(work, k, key_v, keys, values, shift, mask, flagged_at)
+        if status == 2:
+            return 2, np.empty(0, np.int64)
+        kept = np.empty(tied, np.int64)
+        count = 0
+        for i in range(keys.size):  # the tied entries left of the range are kept
+            if keys[i] != _EMPTY and keys[i] < lo:
+                kept[count] = values[i]
+                count += 1
+        if status == 3:  # a cut at k: the range is [lo, k) + [k, hi) and nothing is left open
+            for i in range(keys.size):
+                if keys[i] != _EMPTY and lo <= keys[i] < k:
+                    kept[count] = values[i]
+                    count += 1
+            return 0, kept[:count]
+        flagged = np.empty(hi - lo, np.uint32)
+        for p in range(lo, hi):
+            e = work[p]
+            flagged[p - lo] = e if e != key_v else _FLAG | np.uint32(values[_slot(keys, p, shift, mask)])
+    else:
+        kept = np.empty(tied, np.int64)
+        count = 0
+        depth = 0
+        m = n
+        while m > 1:
+            m >>= 1
+            depth += 1
+        depth *= 2
+        flagged = np.empty(n, np.uint32)
+        for i in range(n):
+            a = bits[i] & 0x7FFF
+            flagged[i] = _FLAG | np.uint32(i) if a == v else (np.uint32(a) if descending else np.uint32(0x7FFF - a))
+    status = _replay_flagged(flagged, k - lo, key_v, depth)
+    if status != 0:
+        return status, np.empty(0, np.int64)
+    for p in range(k - lo):
+        e = flagged[p]
+        if e >= _FLAG:
+            kept[count] = e & np.uint32(0x7FFFFFFF)
+            count += 1
+    return 0, kept[:count]
 
 
 @njit(nogil=True, cache=True)
-def head_keep(bits, k, descending, nan_above, keep, work):
+def head_keep(bits, k, descending, nan_above, keep, work, flagged_at):
     """``keep[i]`` = entry ``i`` is among ``torch.argsort(|x|, descending)[:k]`` (``0 < k < n``).
 
-    ``bits`` are the half-precision bit patterns of ``x``; ``work`` is ``uint32`` scratch of ``n``
-    entries. The threshold ``v`` (:func:`_threshold`) decides every entry not equal to it; only
+    ``bits`` are the half-precision bit patterns of ``x``; ``work`` is ``uint16`` scratch of ``n``
+    entries (unused for rows of at most ``flagged_at``: :func:`_kept_ties`). The threshold ``v`` (:func:`_threshold`) decides every entry not equal to it; only
     where entries equal to ``v`` straddle the cut does the sort's order matter: then the sort is
-    replayed (:func:`_replay_ties`). Returns 0, 1 (a NaN) or 2 (the heapsort fallback).
+    replayed (:func:`_tied_positions`). Returns 0, 1 (a NaN) or 2 (the heapsort fallback).
     """
-    v, straddle, _ = _threshold(bits, k, descending, nan_above)
+    v, tied, straddle, _ = _threshold(bits, k, descending, nan_above)
     if v < 0:
         return 1
     for i in range(bits.size):
@@ -266,37 +509,35 @@ def head_keep(bits, k, descending, nan_above, keep, work):
         keep[i] = (a > v if descending else a < v) or (a == v and not straddle)
     if not straddle:
         return 0
-    status = _replay_ties(bits, k, descending, v, work)
+    status, kept = _kept_ties(bits, k, descending, v, tied, work, flagged_at)
     if status != 0:
         return status
-    for p in range(k):
-        e = work[p]
-        if e >= _FLAG:
-            keep[e & np.uint32(0x7FFFFFFF)] = True
+    for i in kept:
+        keep[i] = True
     return 0
 
 
 @njit(nogil=True, cache=True)
-def trim_in_place(bits, k, nan_above, work):
+def trim_in_place(bits, k, nan_above, work, flagged_at):
     """TIES' trim of one task vector in place: entries outside ``torch.argsort(|x|,
     descending=True)[:k]`` become zeros of their sign (``x * mask`` as torch computes it), the
     same entries as :func:`head_keep` without a mask. Returns 0, 1 (a NaN or an infinity: ``inf
     * 0`` is NaN, left to the masked path) or 2 (the heapsort fallback); nothing is changed
     unless it returns 0."""
-    v, straddle, infinite = _threshold(bits, k, True, nan_above)
+    v, tied, straddle, infinite = _threshold(bits, k, True, nan_above)
     if v < 0 or infinite:
         return 1
     if straddle:
-        status = _replay_ties(bits, k, True, v, work)
+        status, kept = _kept_ties(bits, k, True, v, tied, work, flagged_at)
         if status != 0:
             return status
-        for p in range(k, bits.size):
-            e = work[p]
-            if e >= _FLAG:
-                i = e & np.uint32(0x7FFFFFFF)
-                bits[i] &= np.uint16(0x8000)
+        for i in kept:  # marked for a moment: kept ties get the (otherwise unused) pattern 0xFFFF
+            bits[i] = np.uint16(0xFFFF) if bits[i] & 0x8000 else np.uint16(0x7FFF)
     for i in range(bits.size):
-        if (bits[i] & 0x7FFF) < v:
+        a = bits[i] & 0x7FFF
+        if a == 0x7FFF:  # a kept tie: back to its value
+            bits[i] = (bits[i] & np.uint16(0x8000)) | np.uint16(v)
+        elif a < v or (a == v and straddle):
             bits[i] &= np.uint16(0x8000)
     return 0
 
@@ -423,9 +664,11 @@ def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_b
 
 
 @njit(nogil=True, cache=True)
-def count_nonfinite(bits, exponent):
-    """How many half-precision bit patterns have an all-ones exponent (NaN or infinite)."""
-    count = 0
+def any_nonfinite(bits, exponent):
+    """Whether a half-precision bit pattern has an all-ones exponent (NaN or infinite): a max of
+    the exponent bits (a reduction that vectorises), compared once."""
+    worst = np.uint16(0)
+    e = np.uint16(exponent)
     for i in range(bits.size):
-        count += (bits[i] & exponent) == exponent
-    return count
+        worst = max(worst, bits[i] & e)
+    return worst == e

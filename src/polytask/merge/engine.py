@@ -626,8 +626,16 @@ def _stream(
         else:
             dst.copy_(src.load(name))
 
+    costs: dict[int, int] = {}
+
     def cost(job: TensorJob) -> int:
-        """Bytes of the buffers that reading ``job`` takes."""
+        """Bytes of the buffers that reading ``job`` takes (asked many times per job while
+        reading ahead: computed once)."""
+        if id(job) not in costs:
+            costs[id(job)] = _read_cost(job)
+        return costs[id(job)]
+
+    def _read_cost(job: TensorJob) -> int:
         if job.method is None:
             i, n = job.inputs[0]
             return sources[i].spec(n).nbytes

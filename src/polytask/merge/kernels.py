@@ -28,9 +28,12 @@ __all__ = ["all_finite", "available", "can_trim", "trim_masks", "trim_in_place",
 
 #: Entries per chunk of :func:`combine` handed to a thread.
 _CHUNK = 1 << 20
-#: Trims of rows at least this long run one at a time (their scratch is 4 bytes per entry).
+#: Trims of rows at least this long run one at a time (their scratch is 2 bytes per entry).
 _SERIAL_TRIM = 1 << 24
 _MASK64 = (1 << 64) - 1
+#: Trims of rows longer than this start on 2-byte keys with a map of the tied entries and go on
+#: with 4-byte entries once the range left is this short (half the scratch of the embeddings).
+_FLAGGED = 1 << 22
 
 
 @functools.cache
@@ -119,8 +122,12 @@ def all_finite(t: Tensor) -> bool:
     """Whether every entry of ``t`` is finite; half precision by its bits in one compiled pass
     (torch's ``isfinite`` widens bfloat16 entry by entry: several times slower than the merge)."""
     if t.dtype in _EXPONENT and t.device.type == "cpu" and t.is_contiguous() and _compiled() is not None:
-        return _compiled().count_nonfinite(_bits(t.reshape(-1)), _EXPONENT[t.dtype]) == 0
+        return not _compiled().any_nonfinite(_bits(t.reshape(-1)), _EXPONENT[t.dtype])
     return bool(t.abs().amax() < float("inf")) if t.numel() else True  # NaN fails the comparison
+
+
+def _scratch(m: int) -> np.ndarray:
+    return np.empty(m if m > _FLAGGED else 0, np.uint16)
 
 
 def trim_masks(deltas: Tensor, counts: list[int], *, largest: bool) -> Tensor | None:
@@ -139,8 +146,7 @@ def trim_masks(deltas: Tensor, counts: list[int], *, largest: bool) -> Tensor | 
             keep[i] = True
 
     def one(i: int) -> int:
-        work = np.empty(m, np.uint32)
-        return compiled.head_keep(bits[i], counts[i], largest, nan_above, keep[i], work)
+        return compiled.head_keep(bits[i], counts[i], largest, nan_above, keep[i], _scratch(m), _FLAGGED)
 
     if m < _SERIAL_TRIM and len(rows) > 1:
         status = list(_pool().map(one, rows))
@@ -163,8 +169,7 @@ def trim_in_place(deltas: Tensor, counts: list[int]) -> list[int]:
     rows = [i for i in range(n) if 0 < counts[i] < m]
 
     def one(i: int) -> int:
-        work = np.empty(m, np.uint32)
-        return compiled.trim_in_place(bits[i], counts[i], nan_above, work)
+        return compiled.trim_in_place(bits[i], counts[i], nan_above, _scratch(m), _FLAGGED)
 
     if m < _SERIAL_TRIM and len(rows) > 1:
         status = list(_pool().map(one, rows))
