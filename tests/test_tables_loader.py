@@ -29,7 +29,8 @@ def _fnv1a_bytes(data: bytes, seed: int = 0) -> int:
 @pytest.mark.parametrize("seed", [0, 12345])
 def test_vectorised_fnv1a_equals_the_byte_by_byte_definition(seed):
     rng = np.random.default_rng(0)
-    words = ["", "a", "ab", "héllo", "日本語", "x" * 70_000, "zz", *(f"c0_{v}" for v in rng.integers(0, 10**7, 300))]
+    words = ["", "a", "ab", "héllo", "日本語", "x" * 70_000, "zz",
+             *(f"c0_{v}" for v in rng.integers(0, 10**7, 300))]
     got = _fnv1a(pa.array(words), seed)
     assert got.tolist() == [_fnv1a_bytes(w.encode(), seed) for w in words]
     # an array slice (a non-zero offset into the buffers), and no string at all

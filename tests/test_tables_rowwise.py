@@ -126,7 +126,8 @@ def test_table_run_uses_rowwise_adagrad_per_column_and_checks_the_key(data, tmp_
     opt = trainer.optimizer
     assert opt.rules == ["adam", "rowwise_adagrad"]
     user = trainer.model.input.tables["item_id"].weight
-    assert isinstance(opt.row_optimizers[1], RowWiseAdagrad) and opt.row_optimizers[1].param_groups[0]["params"] == [user]
+    assert isinstance(opt.row_optimizers[1], RowWiseAdagrad)
+    assert opt.row_optimizers[1].param_groups[0]["params"] == [user]
     before = user.detach().clone()
     trainer.fit()
     acc = opt.row_optimizers[1].state[user]["sum"]

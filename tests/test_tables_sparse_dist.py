@@ -104,7 +104,8 @@ def global_batches(steps: int = 3, rows: int = 24, full: bool = False):
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         inputs = {"dense": torch.randn(rows, 3, generator=g, dtype=torch.float64),
-                  "user": torch.randint(0, 12, (rows,), generator=g), "item": torch.randint(0, 25, (rows,), generator=g)}
+                  "user": torch.randint(0, 12, (rows,), generator=g),
+                  "item": torch.randint(0, 25, (rows,), generator=g)}
         targets = {t: torch.randint(0, 2, (rows,), generator=g).double() for t in ("a", "b")}
         mask = {t: (torch.rand(rows, generator=g) > 0.2) | full for t in ("a", "b")}
         yield Batch(inputs, targets, mask)

@@ -85,9 +85,11 @@ def _fnv1a(words: Any, seed: int) -> np.ndarray:
     with no mask and no fancy-indexed write, and one scatter puts the hashes back in place."""
     pa, _, _, _ = _pa()
     wide = pa.types.is_large_string(words.type) or pa.types.is_large_binary(words.type)
-    uniq = words if wide or pa.types.is_string(words.type) or pa.types.is_binary(words.type) else words.cast(pa.binary())
-    offsets = np.frombuffer(uniq.buffers()[1], dtype=np.int64 if wide else np.int32)[uniq.offset:uniq.offset + len(uniq) + 1]
-    data = np.frombuffer(uniq.buffers()[2], dtype=np.uint8) if len(uniq) and uniq.buffers()[2] else np.zeros(0, np.uint8)
+    plain = wide or pa.types.is_string(words.type) or pa.types.is_binary(words.type)
+    uniq = words if plain else words.cast(pa.binary())
+    buffers = uniq.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int64 if wide else np.int32)[uniq.offset:uniq.offset + len(uniq) + 1]
+    data = np.frombuffer(buffers[2], dtype=np.uint8) if len(uniq) and buffers[2] else np.zeros(0, np.uint8)
     n, lengths = len(uniq), np.diff(offsets).astype(np.int64)
     longest = int(lengths.max(initial=0))
     key = lengths.astype(np.uint16) if longest < 1 << 16 else lengths  # 16 bits: numpy sorts by radix

@@ -43,13 +43,15 @@ class RowWiseAdagrad(torch.optim.Optimizer):
         initial_accumulator_value: the starting ``s_i`` (``>= 0``).
     """
 
-    def __init__(self, params: Any, lr: float = 1e-2, eps: float = 1e-10, initial_accumulator_value: float = 0.0) -> None:
+    def __init__(self, params: Any, lr: float = 1e-2, eps: float = 1e-10,
+                 initial_accumulator_value: float = 0.0) -> None:
         if not lr > 0:
             raise ConfigError(f"optim.lr must be > 0 for rowwise_adagrad, got {lr}")
         if not eps >= 0:
             raise ConfigError(f"rowwise_adagrad eps must be >= 0, got {eps}")
         if not initial_accumulator_value >= 0:
-            raise ConfigError(f"rowwise_adagrad initial_accumulator_value must be >= 0, got {initial_accumulator_value}")
+            raise ConfigError("rowwise_adagrad initial_accumulator_value must be >= 0, "
+                              f"got {initial_accumulator_value}")
         super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator_value": initial_accumulator_value})
 
     def _accumulator(self, p: Tensor, group: dict) -> Tensor:

@@ -491,8 +491,8 @@ class TouchedRows:
     every task, so its columns change no Gramian entry, no projection, no per-coordinate rule
     (aggregators that keep state per coordinate are refused by :func:`use_sparse_embeddings`;
     methods that draw per coordinate, GradDrop, draw other numbers for the smaller Jacobian: the
-    same distribution, not the same draws). A leaf keeps its identity from step to step (the balancer walks the graph once per parameter
-    set) and grows by doubling when a batch touches more rows than it holds (then the lists that
+    same distribution, not the same draws). A leaf keeps its identity from step to step (the
+    balancer walks the graph once per parameter set) and grows by doubling when a batch touches more rows than it holds (then the lists that
     :meth:`shared` returned are updated in place). Costs per table and step: one ``torch.unique``
     (on CUDA a host sync, for its size) and one more gather of ``U`` rows. One process only: each
     rank touches other rows.
@@ -603,7 +603,8 @@ class SparseDenseOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         rows = [opt.state_dict() for opt in self.row_optimizers]
-        return {"dense": self.dense.state_dict(), "sparse": rows[0] if len(rows) == 1 else {"rules": self.rules, "states": rows}}
+        sparse = rows[0] if len(rows) == 1 else {"rules": self.rules, "states": rows}
+        return {"dense": self.dense.state_dict(), "sparse": sparse}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != {"dense", "sparse"}:
@@ -806,5 +807,6 @@ def write_synthetic_splits(out_dir: str | Path, rows: int, seed: int = 0,
     return paths
 
 
-__all__ = ["StreamSplit", "TableParams", "TableSplits", "TouchedRows", "evaluate_stream", "load_run_model", "predict_table",
+__all__ = ["StreamSplit", "TableParams", "TableSplits", "TouchedRows", "evaluate_stream", "load_run_model",
+           "predict_table",
            "table_splits", "write_synthetic_splits"]
