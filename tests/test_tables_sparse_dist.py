@@ -281,3 +281,24 @@ def test_sparse_tables_refused_where_the_balancer_cannot_take_them(tmp_path):
     # several processes: each rank touches other rows, so a parameter-level Jacobian cannot be summed
     with pytest.raises(ConfigError, match="at parameter level on 2 processes"):
         use_sparse_embeddings(trainer.model, ["user_id"], parse_config(cfg), trainer.balancer, 2)
+
+
+def test_example_with_sparse_tables_and_a_gradient_balancer_trains(tmp_path):
+    pytest.importorskip("pyarrow")
+    import yaml
+
+    from polytask.train import Trainer
+    from polytask.train.config import parse_config
+    from polytask.train.tables import write_synthetic_splits
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "parquet_sparse_balanced.yaml"
+    raw = yaml.safe_load(example.read_text())
+    paths = write_synthetic_splits(tmp_path / "log", 900, row_group_rows=300)
+    raw["data"]["params"].update(train=str(paths[0]), val=str(paths[1]), test=str(paths[2]), shuffle_rows=300)
+    raw.update(out_dir=str(tmp_path / "runs"), device="cpu")
+    raw["model"]["params"]["num_experts"] = 2
+    raw["train"].update(epochs=1, batch_size=64, eval_batch_size=300)
+    trainer = Trainer(parse_config(raw), progress=False)
+    assert trainer.optimizer.rules == ["adam", "rowwise_adagrad"] and trainer._touched is not None
+    result = trainer.fit()
+    assert all(0.0 < result.test[t]["auc"] < 1.0 for t in ("click", "conversion"))
