@@ -302,3 +302,29 @@ def test_example_with_sparse_tables_and_a_gradient_balancer_trains(tmp_path):
     assert trainer.optimizer.rules == ["adam", "rowwise_adagrad"] and trainer._touched is not None
     result = trainer.fit()
     assert all(0.0 < result.test[t]["auc"] < 1.0 for t in ("click", "conversion"))
+
+
+def test_gradnorm_measures_a_dense_layer_and_db_mtl_is_refused(tmp_path):
+    pytest.importorskip("pyarrow")
+    from polytask.train import Trainer
+    from polytask.train.config import parse_config
+    from polytask.train.tables import shared_for_balancer, write_synthetic_splits
+
+    paths = write_synthetic_splits(tmp_path / "log", 600, row_group_rows=300)
+    p = {"train": str(paths[0]), "val": str(paths[1]), "test": str(paths[2]), "dense": ["price"],
+         "ids": {"user_id": {"sparse": True}, "item_id": {"hash": 64, "sparse": "rowwise_adagrad"}},
+         "labels": {"click": "click", "conversion": "conversion"}, "embed_dim": 4}
+    cfg = {"name": "t", "out_dir": str(tmp_path / "r"), "device": "cpu", "data": {"name": "table", "params": p},
+           "model": {"arch": "mmoe", "params": {"num_experts": 2}}, "balancer": {"name": "gradnorm"},
+           "train": {"epochs": 1, "batch_size": 64, "early_stopping": None}}
+    trainer = Trainer(parse_config(cfg), progress=False)
+    shared = shared_for_balancer(list(trainer.model.shared_parameters()), trainer._sparse, None, trainer.balancer)
+    tables = {id(t) for t in trainer._sparse}
+    assert len(tables) == 2 and not any(id(q) in tables for q in shared)
+    result = trainer.fit()
+    assert all(0.0 < result.test[t]["auc"] < 1.0 for t in ("click", "conversion"))
+    layer = trainer.balancer._last_layer[1]  # the layer GradNorm measured: dense, not a table
+    assert id(layer) not in tables and not layer.grad.is_sparse
+    cfg["balancer"] = {"name": "db_mtl"}
+    with pytest.raises(ConfigError, match=r"^data\.params\.ids\.user_id\.sparse: the balancer 'db_mtl' keeps"):
+        Trainer(parse_config(cfg), progress=False)

@@ -456,6 +456,9 @@ def use_sparse_embeddings(model: torch.nn.Module, columns: Sequence[str], config
             raise ConfigError(f"{key}: the gradient balancer {config.balancer.name!r} keeps state per shared "
                               "coordinate, and the rows of sparse tables change every batch; use a loss balancer or "
                               "dense tables")
+    if config.balancer.name in ("db_mtl", "dbmtl"):  # a (T, D) average of the per-task gradients
+        raise ConfigError(f"{key}: the balancer {config.balancer.name!r} keeps an average of every task's gradient "
+                          "per shared coordinate (a dense copy of each table per task); use dense tables")
     if config.train.grad_clip is not None:
         raise ConfigError(f"{key}: train.grad_clip does not take sparse gradients")
     if world_size > 1 and config.train.strategy == "fsdp":
@@ -466,6 +469,24 @@ def use_sparse_embeddings(model: torch.nn.Module, columns: Sequence[str], config
     for c in columns:
         tables[c].sparse = True
     return [tables[c].weight for c in columns]
+
+
+def shared_for_balancer(shared: Sequence[Tensor], sparse: Sequence[Tensor], touched: TouchedRows | None,
+                        balancer: Any) -> list[Tensor]:
+    """The shared parameters a balancer gets when some tables are sparse: with a parameter-level
+    gradient balancer, the touched rows instead of the tables (:class:`TouchedRows`); with a
+    gradient balancer at feature level, all of them (the tables get the trunk's backward); with a
+    loss balancer, all but the sparse tables: of those, only GradNorm reads ``shared`` (for its
+    layer, which must not be a sparse table: its per-task gradient norms need a dense gradient);
+    the losses still reach the tables through the graph."""
+    from polytask.balance.engine import GradientBalancer
+
+    if touched is not None:
+        return touched.shared(shared)
+    if isinstance(balancer, GradientBalancer):
+        return list(shared)
+    ids = {id(p) for p in sparse}
+    return [p for p in shared if id(p) not in ids]
 
 
 def touched_rows(model: torch.nn.Module, columns: Sequence[str], balancer: Any) -> TouchedRows | None:

@@ -288,8 +288,10 @@ class Trainer:
         first_bad = torch.full((len(self.tasks),), -1, dtype=torch.long, device=dev)
         batches = 0
         shared = list(shared_parameters_of(self.model))
-        if self._touched is not None:  # sparse tables enter the Jacobian by the rows each batch touches
-            shared = self._touched.shared(shared)
+        if self._sparse:  # sparse tables: the touched rows, or no table (train/tables.py)
+            from polytask.train.tables import shared_for_balancer
+
+            shared = shared_for_balancer(shared, self._sparse, self._touched, self.balancer)
         step = dist_lib.StepContext(self, cfg)
         if self.streaming:
             self.train_set.set_epoch(self.epoch)  # the shuffle is seeded by (seed, epoch): resumable
