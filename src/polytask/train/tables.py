@@ -33,7 +33,8 @@ An id column may hold lists of ids (``sequence``: padded to ``max_len``, embedde
 (``sparse: true``: :class:`SparseDenseOptimizer`, SparseAdam or SGD on the touched rows only, or
 ``sparse: rowwise_adagrad``; with loss balancers and gradient balancers at feature level on one
 process or several, with gradient balancers at parameter level on one process through the rows
-each batch touches: :func:`use_sparse_embeddings`). The embedding tables' memory is printed before training.
+each batch touches: :func:`use_sparse_embeddings`). The embedding tables' memory is printed before
+training.
 ``polytask export`` writes the trained model with its id lookups as a ``torch.export`` program
 (:mod:`polytask.export`).
 
@@ -436,7 +437,10 @@ def use_sparse_embeddings(model: torch.nn.Module, columns: Sequence[str], config
       gradient, the same rule as every trunk parameter (MGDA-UB's); identical to dense tables;
     - gradient balancers at parameter level (one process): the rows the batch touches take part
       in the ``T x D`` Jacobian, not the whole tables (:class:`TouchedRows`): exactly the method on
-      dense tables, whose untouched rows have a zero gradient for every task;
+      dense tables, whose untouched rows have a zero gradient for every task. Refused: several
+      processes (each rank touches other rows), and methods with state per shared coordinate
+      (excessmtl, metabalance, moco; DB-MTL among the loss balancers): it would be a dense copy of
+      each table per task.
 
     Several processes (``--nproc N``): the balancer reduces every gradient itself under DDP's
     ``no_sync`` (:mod:`polytask.balance.dist`); a sparse gradient is all-reduced as indices and
