@@ -328,3 +328,27 @@ def test_gradnorm_measures_a_dense_layer_and_db_mtl_is_refused(tmp_path):
     cfg["balancer"] = {"name": "db_mtl"}
     with pytest.raises(ConfigError, match=r"^data\.params\.ids\.user_id\.sparse: the balancer 'db_mtl' keeps"):
         Trainer(parse_config(cfg), progress=False)
+
+
+def test_cli_refuses_a_balancer_that_cannot_take_sparse_tables_with_exit_2(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("pyarrow")
+    import yaml
+
+    from polytask.cli import main
+    from polytask.train.tables import write_synthetic_splits
+
+    paths = write_synthetic_splits(tmp_path / "log", 300, row_group_rows=300)
+    p = {"train": str(paths[0]), "val": str(paths[1]), "test": str(paths[2]), "dense": ["price"],
+         "ids": {"user_id": {"sparse": True}}, "labels": {"click": "click", "conversion": "conversion"}}
+    cfg = {"name": "t", "out_dir": str(tmp_path / "runs"), "device": "cpu", "data": {"name": "table", "params": p},
+           "model": {"arch": "mmoe", "params": {"num_experts": 2}}, "balancer": {"name": "metabalance"},
+           "train": {"epochs": 1, "batch_size": 64}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(sys, "argv", ["polytask", "train", str(path)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1
+    assert "data.params.ids.user_id.sparse" in err and "'metabalance'" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

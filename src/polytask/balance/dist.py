@@ -231,7 +231,8 @@ def _all_reduce_sparse(t: Tensor, group: Any) -> Tensor:
 
     gloo reduces sparse tensors natively (it exchanges the indices and values, never the dense table, as
     DDP does for sparse gradients); other backends (nccl has no sparse all-reduce) get the dense sum,
-    made sparse again: exact, at the cost of the table's size."""
+    made sparse again: exact, at the cost of the table's size. Coalescing synchronises on CUDA (the
+    number of distinct rows)."""
     t = t.coalesce()
     if group is None:
         return t
