@@ -129,3 +129,57 @@ def test_polytask_train_nproc_2_on_csv_with_sparse_tables_matches_one_process_at
         for key, value in a.items():
             if isinstance(value, float):
                 assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (a, b)
+
+
+ERROR_WORKER = r'''
+import os, pickle, sys
+import torch.distributed as dist
+from polytask.errors import DataError
+from polytask.train.config import parse_config
+from polytask.train.dist import DistContext
+from polytask.train.tables import table_splits
+
+cfg, out = pickle.load(open(sys.argv[1], "rb")), sys.argv[2]
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", init_method="file://" + os.environ["STORE"], rank=rank, world_size=2)
+try:
+    table_splits(parse_config(cfg), DistContext(rank=rank, world_size=2, group=dist.group.WORLD, backend="gloo"))
+    msg = None
+except DataError as exc:
+    msg = str(exc)
+pickle.dump(msg, open(out, "wb"))
+dist.barrier()
+os._exit(0)
+'''
+
+
+def test_a_bad_csv_counted_by_one_rank_stops_every_rank_with_its_message(csv_data, tmp_path):
+    import os
+    import pickle
+    import shutil
+    import subprocess
+    import sys
+
+    paths, _ = csv_data
+    train = tmp_path / "train"
+    shutil.copytree(paths[0], train)
+    # unit 1 (counted by rank 1 alone): a CSV whose first block is fine and whose last row has one field too many
+    lines = (paths[0] / "part3.csv").read_text().splitlines()
+    body = "\n".join(lines[1:]) + "\n"
+    bad = lines[0] + "\n" + body * (1 + (2 << 20) // len(body)) + lines[1] + ",1\n"
+    (train / "part0b.csv").write_text(bad)
+    cfg = _config([train, paths[1], paths[2]], tmp_path / "r")
+    cfg["data"]["params"]["ids"] = {"item_id": {"hash": 64}}  # no vocabulary pass: the error is the count's
+    script, conf = tmp_path / "w.py", tmp_path / "c.pkl"
+    script.write_text(ERROR_WORKER)
+    conf.write_bytes(pickle.dumps(cfg))
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), STORE=str(tmp_path / "store"))
+        procs.append(subprocess.Popen([sys.executable, str(script), str(conf), str(tmp_path / f"o{rank}")], env=env,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    msgs = [pickle.loads((tmp_path / f"o{rank}").read_bytes()) for rank in range(2)]
+    assert msgs[0] == msgs[1] and msgs[0] is not None and "part0b.csv" in msgs[0], msgs

@@ -349,20 +349,23 @@ class TableSource(torch.utils.data.IterableDataset):
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
         return [self.units[j] for j in order[shard::shards]]
 
-    def count_rows(self) -> list[int]:
+    def count_rows(self, which: Sequence[int] | None = None) -> list[int]:
         """Rows of each unit (after the split's filter), counted by reading them: what the footers
         cannot tell (a CSV file has none; a split filters rows). Reads only the split's columns, or
         one column; pyarrow parses every row, so this costs a pass over those columns, once per
-        run. Kept in ``counted_rows`` for :meth:`rank_batches`."""
+        run. ``which``: the indices of the units to count (default: all of them, then kept in
+        ``counted_rows`` for :meth:`rank_batches`; ranks each count a share and exchange them)."""
         _, pc, _, _ = _pa()
         columns = list(self.split.columns) if self.split is not None else self._columns[:1]
         out = []
-        for unit in self.units:
+        for i in range(len(self.units)) if which is None else which:
+            f, group = self.files[self.units[i][0]], self.units[i][1]
             n = 0
-            for rb in _iter_file(self.files[unit[0]], columns, self.read_rows, unit[1]):
+            for rb in _iter_file(f, columns, self.read_rows, group):
                 n += rb.num_rows if self.split is None else int(pc.sum(self.split.mask(rb)).as_py() or 0)
             out.append(n)
-        self.counted_rows = out
+        if which is None:
+            self.counted_rows = out
         return out
 
     def rank_batches(self, num_workers: int = 0, epoch: int | None = None) -> list[int] | None:

@@ -44,8 +44,8 @@ batch; the ranks' shards differ by up to a row group, so a rank that runs out fi
 batches (a masked mean over no rows is 0: it adds nothing to the step's global loss) until every
 rank has read its last row - each row is trained on once per epoch, and every rank runs the same
 number of steps. The step count comes from the Parquet footers (:meth:`TableSource.rank_batches`);
-for CSV files (no footer) and fraction splits (a filter) the rows of each unit are counted once, on
-rank 0, by reading one column (the split's key), and broadcast. A CSV file is one unit (pyarrow's
+for CSV files (no footer) and fraction splits (a filter) the rows of each unit are counted once by
+reading one column (the split's key), each rank counting a share of the units, then exchanged. A CSV file is one unit (pyarrow's
 CSV reader cannot seek into it): write at least as many CSV files as ranks, or ranks sit idle.
 Evaluation: each rank scores its own units of val/test, and the outputs, labels and group keys
 are gathered to every rank, where the metrics are computed over the whole split: exactly one
@@ -233,7 +233,7 @@ class StreamSplit:
     def __init__(self, paths: Paths, schema: Any, p: TableParams, seed: int, split: Any = None,
                  train: bool = False, device: torch.device | str = "cpu", ctx: Any = None) -> None:
         from polytask.data.tables import TableSource
-        from polytask.train.dist import DistContext, on_main
+        from polytask.train.dist import DistContext
 
         self.p, self.seed, self.train, self.device = p, seed, train, torch.device(device)
         self.ctx = ctx or DistContext()
@@ -241,8 +241,7 @@ class StreamSplit:
                                   seed=seed, split=split, read_rows=p.read_rows, rank=self.ctx.rank,
                                   world_size=self.ctx.world_size, read_ahead=p.read_ahead if train else 0)
         if train and self.ctx.world_size > 1 and self.source.rank_batches() is None:
-            # CSV files or a split's filter: the rows of each unit counted on rank 0 (one pass), broadcast
-            self.source.counted_rows = on_main(self.source.count_rows, self.ctx, self.device)
+            self.source.counted_rows = _count_across_ranks(self.source, self.ctx)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -302,6 +301,27 @@ class StreamSplit:
                     part = rb.slice(start, batch_size)
                     g = stable_hash(part.column(group)) if group else None
                     yield self._move(*src._to_batch(part, src.files[unit[0]])), g
+
+
+def _count_across_ranks(source: Any, ctx: Any) -> list[int]:
+    """Every unit's row count (CSV files, a split's filter: :meth:`~polytask.data.tables.TableSource.count_rows`),
+    each rank counting every ``world_size``-th unit, then one all-gather: the pass is shared, and no
+    rank waits in a collective while one rank reads everything. A user error on any rank (a bad
+    file) is raised on every rank alike."""
+    from polytask.errors import PolytaskError
+    from polytask.train.dist import _rebuild, gather_objects
+
+    mine = list(range(ctx.rank, len(source.units), ctx.world_size))
+    try:
+        got: tuple = ("ok", dict(zip(mine, source.count_rows(mine))))
+    except PolytaskError as exc:
+        got = ("error", type(exc).__name__, str(exc))
+    counts: dict[int, int] = {}
+    for part in gather_objects(got, ctx):
+        if part[0] == "error":
+            raise _rebuild(part[1], part[2])
+        counts.update(part[1])
+    return [counts[i] for i in range(len(source.units))]
 
 
 class TableSplits(Splits):
