@@ -1,6 +1,6 @@
 """``--nproc N`` with CSV files and with a fraction split: two gloo ranks against one process (as the
 Parquet case of test_tables_dist.py): every row of an epoch once over the ranks, the same step count on
-every rank, the rows of each unit counted on rank 0 and broadcast, metrics equal to one process's."""
+every rank, the rows of each unit counted by the ranks in shares and exchanged, metrics equal to one process's."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_count_rows_gives_rank_batches_for_csv(csv_data):
 
 @pytest.mark.slow
 def test_polytask_train_nproc_2_on_csv_with_sparse_tables_matches_one_process_at_epoch_0(csv_data, tmp_path):
-    # the CLI end to end: rows counted on rank 0, sparse tables reduced by the balancer, evaluation gathered;
+    # the CLI end to end: rows counted by the ranks in shares, sparse tables reduced by the balancer, evaluation gathered;
     # the untrained model (rank 0's initialisation, broadcast) scores the same on 1 and 2 processes
     import json
     import os
