@@ -34,7 +34,8 @@ class RowWiseAdagrad(torch.optim.Optimizer):
     and so does ``torch.optim.Adagrad`` (``lr_decay=0``, ``weight_decay=0``, same ``eps`` added
     after the square root: tested). FBGEMM's default ``eps`` is 1e-8; ours is torch's 1e-10. No
     weight decay (FBGEMM's L2 option would move every touched row towards 0; not implemented).
-    Parameters of one dimension count each entry as a row. No host synchronisation.
+    Parameters of one dimension count each entry as a row. No host synchronisation, but for
+    coalescing a sparse gradient on CUDA (the number of distinct rows).
 
     Args:
         params: the parameters (or param groups), typically embedding tables with ``sparse=True``.
