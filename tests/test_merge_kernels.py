@@ -45,9 +45,11 @@ def _trim_cases():
 @pytest.fixture(params=["flagged", "map"])
 def trim_form(request, monkeypatch):
     """Rows replayed on flagged 4-byte entries throughout, or on 2-byte keys with the map of tied
-    positions first (as rows longer than kernels._FLAGGED are: here from 200 entries on)."""
+    positions first (as rows longer than kernels._FLAGGED_ROW are: here from 200 entries on,
+    flagged from 100 on)."""
     if request.param == "map":
-        monkeypatch.setattr(kernels, "_FLAGGED", 200)
+        monkeypatch.setattr(kernels, "_FLAGGED", 100)
+        monkeypatch.setattr(kernels, "_FLAGGED_ROW", 200)
     return request.param
 
 
@@ -132,9 +134,10 @@ def _merge(method, models, base, per_model, **kwargs):
     ("ties", {}), ("ties", {"consensus": "count", "lambda_": 1.2}), ("ties", {"normalize": False}),
     ("ties", {"rescale": "l2"}),
     ("dare_ties", {}), ("dare_ties", {"rescale": False, "normalize": True}), ("dare_linear", {}),
-    ("dare_linear", {"rescale": "l1"}), ("breadcrumbs_ties", {}),
+    ("dare_linear", {"rescale": "l1"}), ("dare_ties", {"rescale": "l1"}), ("dare_ties", {"rescale": "l2"}),
+    ("dare_linear", {"rescale": "linf", "lambda_": 0.8}), ("breadcrumbs_ties", {}),
 ])
-def test_merges_give_the_same_bits_with_and_without_the_kernels(monkeypatch, method, kwargs):
+def test_merges_give_the_same_bits_with_and_without_the_kernels(monkeypatch, small_chunks, method, kwargs):
     x, base_w = _task_vectors(5, 3, 60 * 70)
     base = {"w": base_w.reshape(60, 70)}
     models = [{"w": x[i].reshape(60, 70)} for i in range(3)]

@@ -418,21 +418,21 @@ def _threshold(bits, k, descending, nan_above):
 
 
 @njit(nogil=True, cache=True)
-def _kept_ties(bits, k, descending, v, tied, work, flagged_at):
+def _kept_ties(bits, k, descending, v, tied, work, flagged_at, flagged_row):
     """Original positions of the entries equal to ``v`` that the sort puts among the first ``k``
     (status, positions): the sort replayed on the keys of ``bits`` (ascending as descending on
     ``0x7FFF - key``).
 
-    Long rows start on 2-byte keys in ``work`` (``uint16``, ``n`` entries), tied entries'
-    positions in a map (:func:`_narrow`); once the range holding ``k`` is at most ``flagged_at``
-    long it is copied into 4-byte flagged entries, tied ones carrying their
+    Rows longer than ``flagged_row`` start on 2-byte keys in ``work`` (``uint16``, ``n`` entries),
+    tied entries' positions in a map (:func:`_narrow`); once the range holding ``k`` is at most
+    ``flagged_at`` long it is copied into 4-byte flagged entries, tied ones carrying their
     original position, and finished without the map (:func:`_replay_flagged`). Short rows go
     straight to the flagged form.
     """
     n = bits.size
     key_v = np.uint16(v) if descending else np.uint16(0x7FFF - v)
     lo, hi = 0, n
-    if n > flagged_at:
+    if n > flagged_row:
         size = 16
         while size < 2 * tied:
             size *= 2
@@ -493,11 +493,11 @@ def _kept_ties(bits, k, descending, v, tied, work, flagged_at):
 
 
 @njit(nogil=True, cache=True)
-def head_keep(bits, k, descending, nan_above, keep, work, flagged_at):
+def head_keep(bits, k, descending, nan_above, keep, work, flagged_at, flagged_row):
     """``keep[i]`` = entry ``i`` is among ``torch.argsort(|x|, descending)[:k]`` (``0 < k < n``).
 
     ``bits`` are the half-precision bit patterns of ``x``; ``work`` is ``uint16`` scratch of ``n``
-    entries (unused for rows of at most ``flagged_at``: :func:`_kept_ties`). The threshold ``v`` (:func:`_threshold`) decides every entry not equal to it; only
+    entries (unused for rows of at most ``flagged_row``: :func:`_kept_ties`). The threshold ``v`` (:func:`_threshold`) decides every entry not equal to it; only
     where entries equal to ``v`` straddle the cut does the sort's order matter: then the sort is
     replayed (:func:`_tied_positions`). Returns 0, 1 (a NaN) or 2 (the heapsort fallback).
     """
@@ -509,7 +509,7 @@ def head_keep(bits, k, descending, nan_above, keep, work, flagged_at):
         keep[i] = (a > v if descending else a < v) or (a == v and not straddle)
     if not straddle:
         return 0
-    status, kept = _kept_ties(bits, k, descending, v, tied, work, flagged_at)
+    status, kept = _kept_ties(bits, k, descending, v, tied, work, flagged_at, flagged_row)
     if status != 0:
         return status
     for i in kept:
@@ -518,7 +518,7 @@ def head_keep(bits, k, descending, nan_above, keep, work, flagged_at):
 
 
 @njit(nogil=True, cache=True)
-def trim_in_place(bits, k, nan_above, work, flagged_at):
+def trim_in_place(bits, k, nan_above, work, flagged_at, flagged_row):
     """TIES' trim of one task vector in place: entries outside ``torch.argsort(|x|,
     descending=True)[:k]`` become zeros of their sign (``x * mask`` as torch computes it), the
     same entries as :func:`head_keep` without a mask. Returns 0, 1 (a NaN or an infinity: ``inf
@@ -528,7 +528,7 @@ def trim_in_place(bits, k, nan_above, work, flagged_at):
     if v < 0 or infinite:
         return 1
     if straddle:
-        status, kept = _kept_ties(bits, k, True, v, tied, work, flagged_at)
+        status, kept = _kept_ties(bits, k, True, v, tied, work, flagged_at, flagged_row)
         if status != 0:
             return status
         for i in kept:  # marked for a moment: kept ties get the (otherwise unused) pattern 0xFFFF
@@ -554,7 +554,8 @@ def _times(d, flag):
 
 
 @njit(nogil=True, cache=True)
-def _task_values(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_by, weights, j0, width, out):
+def _task_values(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_by, multiply_by, weights, j0,
+                 width, out):
     """``out[i, :width]`` = the weighted, trimmed or dropped task vector of model ``i`` at entries
     ``j0 ..`` (float32 holding bfloat16 values): one simple loop per step and model, over a block
     that stays in cache, so that each loop vectorises."""
@@ -586,13 +587,17 @@ def _task_values(x, base, subtract, keep, dare_threshold, dare_seed, offset, div
             if divisor > 0:
                 for t in range(width):
                     row[t] = widen(round_bf16(row[t] / divisor))
+            factor = multiply_by[i]
+            if factor > 0:
+                for t in range(width):
+                    row[t] = widen(round_bf16(row[t] * factor))
         w = weights[i]
         for t in range(width):
             row[t] = widen(round_bf16(row[t] * w))
 
 
 @njit(nogil=True, cache=True)
-def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_by, weights,
+def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_by, multiply_by, weights,
             consensus, normalize, weight_sum, scale, out, lo, hi):
     """``out[j] = base[j] + scale * sum_i w_i tau_ij [/ divisor]`` for ``lo <= j < hi``, in
     bfloat16 with torch's rounding after every step of :func:`polytask.merge.methods._combine`
@@ -601,7 +606,7 @@ def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_b
     ``x`` ``(N, M)``: task vectors, or fine-tuned weights if ``subtract`` (``tau = x - base``).
     ``keep`` ``(N, M)`` bool trims (TIES) or ``(0, 0)``; ``dare_threshold[i] >= 0`` drops entry
     ``j`` unless ``uniform24(dare_seed[i], offset + j) < dare_threshold[i]``; ``divide_by[i] > 0``
-    then divides by it (DARE's rescale). ``consensus``: 0 none, 1 sum, 2 count (TIES' election).
+    then divides by it, ``multiply_by[i] > 0`` multiplies by it (DARE's rescales). ``consensus``: 0 none, 1 sum, 2 count (TIES' election).
     Entries go in blocks: all models' values of a block, then their sums model by model (the
     same order of additions as torch's sum over models, from 0), without branches per entry.
     """
@@ -612,8 +617,8 @@ def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_b
     divisor = np.empty(_COMBINE_BLOCK, np.float32)
     for j0 in range(lo, hi, _COMBINE_BLOCK):
         width = min(_COMBINE_BLOCK, hi - j0)
-        _task_values(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_by, weights, j0, width,
-                     values)
+        _task_values(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_by, multiply_by, weights,
+                     j0, width, values)
         total[:width] = 0
         if consensus != 0:
             if consensus == 1:  # elected sign: the rounded sum >= 0 (-0 included, NaN not)
@@ -661,6 +666,39 @@ def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_b
                 total[t] = widen(round_bf16(total[t] * scale))
         for t in range(width):
             merged[t] = round_bf16(total[t] + widen(bases[t]))
+
+
+@njit(nogil=True, cache=True)
+def dare_norms(x, base, dare_threshold, dare_seed, how, lo, hi, before, after):
+    """Norms of the task vectors ``x[i] - base`` (rounded to bfloat16) over entries ``lo..hi``,
+    before and after DARE's drop (the draws of :func:`combine`), accumulated in float64 into
+    ``before[i]``/``after[i]``: ``how`` 1 sums magnitudes, 2 squares, 3 takes the largest."""
+    n = x.shape[0]
+    bases = base[lo:hi]
+    for i in range(n):
+        xi = x[i, lo:hi]
+        threshold = dare_threshold[i]
+        seed = dare_seed[i]
+        total = 0.0
+        kept = 0.0
+        for t in range(hi - lo):
+            d = abs(np.float64(widen(round_bf16(widen(xi[t]) - widen(bases[t])))))
+            keep = np.float64(uniform24(seed, lo + t) < threshold)
+            if how == 1:
+                total += d
+                kept += d * keep
+            elif how == 2:
+                total += d * d
+                kept += d * d * keep
+            else:
+                total = max(total, d)
+                kept = max(kept, d * keep)
+        if how == 3:
+            before[i] = max(before[i], total)
+            after[i] = max(after[i], kept)
+        else:
+            before[i] += total
+            after[i] += kept
 
 
 @njit(nogil=True, cache=True)

@@ -290,9 +290,10 @@ def _tensor_generator(seed: int, name: str) -> torch.Generator:
 
 
 def _merge_tensor(
-    method: MergeMethod, name: str, stacked: Tensor, base: Tensor | None, params: dict[str, Tensor], seed: int
+    method: MergeMethod, name: str, stacked: Tensor, base: Tensor | None, params: dict[str, Tensor], seed: int,
+    out: Tensor | None = None,
 ) -> Tensor:
-    ctx = TensorContext(name=name, generator=_tensor_generator(seed, name) if type(method).random else None)
+    ctx = TensorContext(name=name, generator=_tensor_generator(seed, name) if type(method).random else None, out=out)
     try:
         out = method.merge(stacked, base, params, ctx)
     except (RuntimeError, ValueError) as exc:  # e.g. a non-converging SVD on a degenerate tensor
@@ -397,6 +398,14 @@ def _heap_trimmer() -> Callable[[], None]:
 
 #: Jobs reading at least this much trim the heap after merging (a few ms per call).
 _TRIM_AFTER_BYTES = 32 * 2**20
+
+
+#: Aliases nothing (for :meth:`_BufferPool.give` of a buffer known to be free).
+_NOTHING = torch.empty(0)
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class _BufferPool:
@@ -670,7 +679,7 @@ def _stream(
     pool = _BufferPool(prefetch_bytes)  # free buffers count against the same budget as reads ahead
     inflight: deque[tuple[TensorJob, Tensor | None, Tensor | None, list[Future[Any]], int, Any]] = deque()
     inflight_bytes = 0
-    pending_writes: deque[Future[Any]] = deque()
+    pending_writes: deque[tuple[Future[Any], Tensor | None]] = deque()
     next_i = 0
     try:
         for _ in jobs:
@@ -685,29 +694,40 @@ def _stream(
             for f in futs:
                 f.result()
             inflight_bytes -= nbytes
+            stacked_job = stacked is not None
+            offered = None
             if stacked is None:
                 out = futs[0].result()
             else:
                 work = _work_dtype(job.method, cd)
                 x = stacked if work == cd else stacked.to(work)
                 b = base_t if (base_t is None or work == cd) else base_t.to(work)
-                merged = _merge_tensor(job.method, job.name, x, b, job.params, seed)
+                # a pooled output buffer for methods that fill one: recycled once written, so merges
+                # need not page-fault a fresh output each time
+                offered = pool.take(tuple(x.shape[1:]), work) if type(job.method).writes_out else None
+                merged = _merge_tensor(job.method, job.name, x, b, job.params, seed, offered)
                 del x, b
                 pool.give(stacked, unless_aliased_by=merged)
                 pool.give(base_t, unless_aliased_by=merged)
                 del stacked, base_t
                 out = merged.to(cd).to(writer.specs[job.name].dtype)
                 del merged
+                if offered is not None and not _same_storage(offered, out):
+                    pool.give(offered, unless_aliased_by=out)  # not used: free again at once
+                    offered = None
                 _check_finite(job.name, out, allow_nonfinite, nonfinite)
             if nbytes >= _TRIM_AFTER_BYTES:
                 trim_heap()
             if job.rows is None:
-                pending_writes.append(writers.submit(writer.write, job.name, out))
+                written = writers.submit(writer.write, job.name, out)
             else:
-                pending_writes.append(writers.submit(writer.write_rows, job.name, job.rows[0], out))
+                written = writers.submit(writer.write_rows, job.name, job.rows[0], out)
+            pending_writes.append((written, offered if stacked_job else None))
             del out
-            while len(pending_writes) > 2 or (pending_writes and pending_writes[0].done()):
-                pending_writes.popleft().result()
+            while len(pending_writes) > 2 or (pending_writes and pending_writes[0][0].done()):
+                done, recycled = pending_writes.popleft()
+                done.result()
+                pool.give(recycled, unless_aliased_by=_NOTHING)
             if job.rows is not None and job.rows[1] < writer.specs[job.name].shape[0]:
                 continue  # more chunks of this tensor follow
             if bar is not None:
@@ -715,7 +735,7 @@ def _stream(
             if on_tensor is not None:
                 on_tensor(job.name)
         while pending_writes:
-            pending_writes.popleft().result()
+            pending_writes.popleft()[0].result()
     finally:
         readers.shutdown(wait=True, cancel_futures=True)
         writers.shutdown(wait=True, cancel_futures=True)

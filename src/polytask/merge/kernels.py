@@ -31,9 +31,10 @@ _CHUNK = 1 << 20
 #: Trims of rows at least this long run one at a time (their scratch is 2 bytes per entry).
 _SERIAL_TRIM = 1 << 24
 _MASK64 = (1 << 64) - 1
-#: Trims of rows longer than this start on 2-byte keys with a map of the tied entries and go on
-#: with 4-byte entries once the range left is this short (half the scratch of the embeddings).
-_FLAGGED = 1 << 22
+#: Trims of rows longer than ``_FLAGGED_ROW`` (embeddings) start on 2-byte keys with a map of the
+#: tied entries and go on with 4-byte entries once the range left is ``_FLAGGED`` long (less
+#: than half the scratch); shorter rows use 4-byte entries throughout (faster: no map).
+_FLAGGED, _FLAGGED_ROW = 1 << 22, 1 << 24
 
 
 @functools.cache
@@ -127,7 +128,7 @@ def all_finite(t: Tensor) -> bool:
 
 
 def _scratch(m: int) -> np.ndarray:
-    return np.empty(m if m > _FLAGGED else 0, np.uint16)
+    return np.empty(m if m > _FLAGGED_ROW else 0, np.uint16)
 
 
 def trim_masks(deltas: Tensor, counts: list[int], *, largest: bool) -> Tensor | None:
@@ -146,13 +147,40 @@ def trim_masks(deltas: Tensor, counts: list[int], *, largest: bool) -> Tensor | 
             keep[i] = True
 
     def one(i: int) -> int:
-        return compiled.head_keep(bits[i], counts[i], largest, nan_above, keep[i], _scratch(m), _FLAGGED)
+        return compiled.head_keep(bits[i], counts[i], largest, nan_above, keep[i], _scratch(m), _FLAGGED, _FLAGGED_ROW)
 
     if m < _SERIAL_TRIM and len(rows) > 1:
         status = list(_pool().map(one, rows))
     else:
         status = [one(i) for i in rows]
     return None if any(status) else masks
+
+
+def dare_norms(x: Tensor, base: Tensor, thresholds: list[int], seeds: list[int], how: str) -> tuple[Tensor, Tensor]:
+    """Per-model ``l1``/``l2``/``linf`` norms of the task vectors ``x[i] - base`` before and after
+    DARE's drop (:func:`combine`'s draws), accumulated in float64 and rounded once to bfloat16 (as
+    ``methods._norms(exact=True)``), in parallel chunks."""
+    compiled = _compiled()
+    n = x.shape[0]
+    xs = _bits(x.reshape(n, -1))
+    b = _bits(base.reshape(-1))
+    m = b.size
+    code = {"l1": 1, "l2": 2, "linf": 3}[how]
+    ts, ss = np.asarray(thresholds, np.int64), np.asarray(seeds, np.uint64)
+
+    def run(lo: int) -> tuple[np.ndarray, np.ndarray]:
+        before, after = np.zeros(n), np.zeros(n)
+        compiled.dare_norms(xs, b, ts, ss, code, lo, min(lo + _CHUNK, m), before, after)
+        return before, after
+
+    parts = list(_pool().map(run, range(0, m, _CHUNK)))
+    if code == 3:
+        before, after = np.max([p[0] for p in parts], 0), np.max([p[1] for p in parts], 0)
+    else:
+        before, after = np.sum([p[0] for p in parts], 0), np.sum([p[1] for p in parts], 0)
+    if code == 2:
+        before, after = np.sqrt(before), np.sqrt(after)
+    return torch.from_numpy(before).to(torch.bfloat16), torch.from_numpy(after).to(torch.bfloat16)
 
 
 def trim_in_place(deltas: Tensor, counts: list[int]) -> list[int]:
@@ -169,7 +197,7 @@ def trim_in_place(deltas: Tensor, counts: list[int]) -> list[int]:
     rows = [i for i in range(n) if 0 < counts[i] < m]
 
     def one(i: int) -> int:
-        return compiled.trim_in_place(bits[i], counts[i], nan_above, _scratch(m), _FLAGGED)
+        return compiled.trim_in_place(bits[i], counts[i], nan_above, _scratch(m), _FLAGGED, _FLAGGED_ROW)
 
     if m < _SERIAL_TRIM and len(rows) > 1:
         status = list(_pool().map(one, rows))
@@ -180,21 +208,25 @@ def trim_in_place(deltas: Tensor, counts: list[int]) -> list[int]:
 
 def combine(x: Tensor, base: Tensor, weights: Tensor, *, subtract: bool, keep: Tensor | None = None,
             dare: tuple[list[int], list[int], list[float]] | None = None, offset: int = 0,
-            consensus: str | None, normalize: bool, scale: float) -> Tensor:
+            consensus: str | None, normalize: bool, scale: float, out: Tensor | None = None,
+            multiply_by: list[float] | None = None) -> Tensor:
     """``base + scale * sum_i w_i tau_i [/ divisor]`` in bfloat16, bit for bit as
     :func:`polytask.merge.methods._combine` after the same trims and drops.
 
     ``x`` ``(N, *shape)``: task vectors, or fine-tuned weights if ``subtract``; ``keep``: TIES'
     trim masks; ``dare``: per model (threshold, stream seed, rescale divisor or 0) as from
     :func:`dare_threshold`, :func:`stream_seed`; ``offset``: index of ``x``'s first entry in the
-    tensor (for the draws of a chunk).
+    tensor (for the draws of a chunk); ``out``: a contiguous bfloat16 buffer of ``base``'s shape to
+    fill (else a new tensor); ``multiply_by``: per model, bfloat16 factors applied after the drop
+    (a norm-matching rescale, :func:`dare_norms`).
     """
     compiled = _compiled()
     n = x.shape[0]
     xs = _bits(x.reshape(n, -1))
     b = _bits(base.reshape(-1))
     m = b.size
-    out = torch.empty_like(base)
+    if out is None or out.shape != base.shape or out.dtype != base.dtype or not out.is_contiguous():
+        out = torch.empty_like(base)
     o = _bits(out.reshape(-1))
     w = weights.to(torch.bfloat16).float().numpy()
     ks = keep.reshape(n, -1).numpy() if keep is not None else np.zeros((0, 0), np.bool_)
@@ -202,11 +234,12 @@ def combine(x: Tensor, base: Tensor, weights: Tensor, *, subtract: bool, keep: T
     thresholds = np.asarray(thresholds, np.int64)
     seeds = np.asarray(seeds, np.uint64)
     divisors = torch.tensor(divisors).to(torch.bfloat16).float().numpy()
+    factors = np.asarray(multiply_by if multiply_by is not None else [0.0] * n, np.float32)
     code = {None: 0, "sum": 1, "count": 2}[consensus]
     weight_sum = np.float32(weights.to(torch.bfloat16).sum(dim=0).float()) if code == 0 else np.float32(1)
 
     def run(lo: int) -> None:
-        compiled.combine(xs, b, subtract, ks, thresholds, seeds, offset, divisors, w, code, normalize,
+        compiled.combine(xs, b, subtract, ks, thresholds, seeds, offset, divisors, factors, w, code, normalize,
                          weight_sum, np.float32(scale), o, lo, min(lo + _CHUNK, m))
 
     starts = range(0, m, _CHUNK)

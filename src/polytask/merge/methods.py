@@ -45,6 +45,9 @@ class TensorContext:
 
     name: str = ""
     generator: torch.Generator | None = None
+    #: For methods with ``writes_out``: a buffer of the merged tensor's shape and dtype that
+    #: ``merge`` may fill and return (the engine recycles it once written), or None.
+    out: Tensor | None = None
 
 
 class MergeMethod:
@@ -62,6 +65,8 @@ class MergeMethod:
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     random: ClassVar[bool] = False
+    #: Whether ``merge`` may write its result into ``ctx.out`` (the fused kernels do).
+    writes_out: ClassVar[bool] = False
     #: True: ``merge`` gets its tensors in the compute dtype (bfloat16 arithmetic for a bfloat16
     #: config, as mergekit); False: in float32 (values rounded to the compute dtype first).
     native_dtype: ClassVar[bool] = False
@@ -236,19 +241,25 @@ def bottomk_mask(x: Tensor, counts: list[int]) -> Tensor:
     return _magnitude_select(flat, counts, largest=False).reshape(x.shape)
 
 
-def _norms(x: Tensor, how: bool | str) -> Tensor | None:
-    """Per-model norm of ``x`` ``(N, *shape)`` that ``how`` rescales to match (None: no norm)."""
+def _norms(x: Tensor, how: bool | str, exact: bool = False) -> Tensor | None:
+    """Per-model norm of ``x`` ``(N, *shape)`` that ``how`` rescales to match (None: no norm).
+
+    ``exact``: accumulated in float64, then rounded once to ``x``'s dtype (the same value in any
+    order of summation, so the fused kernels give the same bits); else as torch sums in ``x``'s
+    dtype (as mergekit)."""
     dims = tuple(range(1, x.dim()))
     if how == "l1":
-        return x.abs().sum(dims)
+        return x.abs().sum(dims, dtype=torch.float64).to(x.dtype) if exact else x.abs().sum(dims)
     if how == "l2":
+        if exact:
+            return torch.linalg.vector_norm(x.double(), dim=dims).to(x.dtype)
         return torch.linalg.vector_norm(x, dim=dims)
     if how == "linf":
         return x.abs().amax(dims)
     return None
 
 
-def _rescale(masked: Tensor, before: Tensor | None, density: Tensor, how: bool | str) -> Tensor:
+def _rescale(masked: Tensor, before: Tensor | None, density: Tensor, how: bool | str, exact: bool = False) -> Tensor:
     """Rescale masked task vectors in place: by ``1/density`` (DARE paper), or back to the norm
     ``before`` they had before masking (``l1``/``l2``/``linf``, as mergekit)."""
     if how is False or how is None:
@@ -257,10 +268,13 @@ def _rescale(masked: Tensor, before: Tensor | None, density: Tensor, how: bool |
     if how is True or how == "inverse_density":
         safe = torch.where(density > 0, density, torch.ones_like(density))
         return masked.div_(_per_model(safe, ndim, masked.dtype))
-    after = _norms(masked, how)
+    return masked.mul_(_per_model(_norm_ratio(before, _norms(masked, how, exact)), ndim, masked.dtype))
+
+
+def _norm_ratio(before: Tensor, after: Tensor) -> Tensor:
+    """``before / after`` per model, 1 where either norm is (near) zero."""
     eps = 1e-7
-    scale = torch.where((before < eps) | (after < eps), torch.ones_like(before), before / after)
-    return masked.mul_(_per_model(scale, ndim, masked.dtype))
+    return torch.where((before < eps) | (after < eps), torch.ones_like(before), before / after)
 
 
 def _check_rescale(rescale: bool | str) -> bool | str:
@@ -427,6 +441,7 @@ class TaskArithmetic(_WeightedSum):
     """
 
     native_dtype = True
+    writes_out = True
     elementwise = True
 
     def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool = False) -> None:
@@ -438,7 +453,7 @@ class TaskArithmetic(_WeightedSum):
     def merge(self, tensors, base, params, ctx):
         if kernels.available(tensors, base):
             return kernels.combine(tensors, base, params["weight"], subtract=True, consensus=None,
-                                   normalize=self.normalize, scale=self.lambda_)
+                                   normalize=self.normalize, scale=self.lambda_, out=ctx.out)
         return _combine(tensors.sub_(base), params["weight"], base, consensus=None,
                         normalize=self.normalize, scale=self.lambda_)
 
@@ -466,6 +481,7 @@ class Ties(_WeightedSum):
     model_params = {"weight": 1.0, "density": 1.0}
 
     native_dtype = True
+    writes_out = True
 
     def __init__(self, normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum",
                  rescale: bool | str = False) -> None:
@@ -481,7 +497,7 @@ class Ties(_WeightedSum):
         if not self.rescale and kernels.available(deltas, base):  # trim in place, elect and merge in one pass
             _trim_fused(deltas, params["density"])
             return kernels.combine(deltas, base, params["weight"], subtract=False, consensus=self.consensus,
-                                   normalize=self.normalize, scale=self.lambda_)
+                                   normalize=self.normalize, scale=self.lambda_, out=ctx.out)
         before = _norms(deltas, self.rescale)
         for delta_i, keep_i in zip(deltas, topk_mask(deltas, params["density"])):  # per model: (M,) casts
             delta_i.mul_(keep_i)
@@ -511,6 +527,7 @@ class DareLinear(_WeightedSum):
     random = True
 
     native_dtype = True
+    writes_out = True
 
     def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = True) -> None:
         self.normalize = _check_normalize(normalize)
@@ -519,7 +536,7 @@ class DareLinear(_WeightedSum):
 
     def merge(self, tensors, base, params, ctx):
         fused = _fused_dare(tensors, base, params, self.rescale, ctx.generator, consensus=self.consensus,
-                            normalize=self.normalize, scale=self.lambda_)
+                            normalize=self.normalize, scale=self.lambda_, out=ctx.out)
         if fused is not None:
             return fused
         deltas = dare_drop(tensors.sub_(base), params["density"], self.rescale, ctx.generator)
@@ -538,7 +555,7 @@ def dare_drop(deltas: Tensor, density: Tensor, rescale: bool | str, generator: t
     if bool((density >= 1).all()):
         return deltas
     density = density.clamp(0, 1)
-    before = _norms(deltas, rescale)
+    before = _norms(deltas, rescale, exact=True)
     flat = deltas.reshape(deltas.shape[0], -1)
     m = flat.shape[1]
     for delta_i, p, seed in zip(flat, density.tolist(), _dare_streams(generator, len(flat))):
@@ -546,7 +563,7 @@ def dare_drop(deltas: Tensor, density: Tensor, rescale: bool | str, generator: t
         for start in range(0, m, _DRAW_CHUNK):  # bounded int64 temporaries
             part = delta_i[start:start + _DRAW_CHUNK]
             part.mul_(kernels.uniform24(seed, start, part.numel()) < threshold)
-    return _rescale(deltas, before, density, rescale)
+    return _rescale(deltas, before, density, rescale, exact=True)
 
 
 #: Draws made at once by :func:`dare_drop`'s torch path.
@@ -564,17 +581,25 @@ def _fused_dare(tensors: Tensor, base: Tensor, params: dict[str, Tensor], rescal
                 generator: torch.Generator | None, **combine) -> Tensor | None:
     """DARE's drop, its ``1/density`` rescale and the (TIES) combination in one pass per entry
     (bfloat16 with numba; None otherwise: the torch path)."""
-    if rescale not in (True, False, "inverse_density") or not kernels.available(tensors, base):
+    if not kernels.available(tensors, base):
         return None
     density = params["density"]
     n = tensors.shape[0]
     if bool((density >= 1).all()):
-        dare = None
-    else:
-        ps = density.clamp(0, 1).tolist()
-        dare = ([kernels.dare_threshold(p) for p in ps], _dare_streams(generator, n),
-                [(p if p > 0 else 1.0) if rescale else 0.0 for p in ps])
-    return kernels.combine(tensors, base, params["weight"], subtract=True, dare=dare, **combine)
+        return kernels.combine(tensors, base, params["weight"], subtract=True, **combine)
+    ps = density.clamp(0, 1).tolist()
+    thresholds, seeds = [kernels.dare_threshold(p) for p in ps], _dare_streams(generator, n)
+    if rescale in (True, "inverse_density"):
+        dare = (thresholds, seeds, [p if p > 0 else 1.0 for p in ps])
+        return kernels.combine(tensors, base, params["weight"], subtract=True, dare=dare, **combine)
+    if not rescale:
+        dare = (thresholds, seeds, [0.0] * n)
+        return kernels.combine(tensors, base, params["weight"], subtract=True, dare=dare, **combine)
+    # back to each task vector's norm: a first pass for the norms before and after the drop
+    before, after = kernels.dare_norms(tensors, base, thresholds, seeds, rescale)
+    scale = _norm_ratio(before, after).tolist()
+    return kernels.combine(tensors, base, params["weight"], subtract=True, dare=(thresholds, seeds, [0.0] * n),
+                           multiply_by=scale, **combine)
 
 
 @MERGE_METHODS.register("dare_ties")
