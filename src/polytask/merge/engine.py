@@ -396,8 +396,9 @@ def _heap_trimmer() -> Callable[[], None]:
     return lambda: trim(0)
 
 
-#: Jobs reading at least this much trim the heap after merging (a few ms per call).
-_TRIM_AFTER_BYTES = 32 * 2**20
+#: Jobs reading at least this much trim the heap after merging (a few ms per call, and the pages
+#: handed back fault in again: after the large jobs only, whose temporaries would stay in the arenas).
+_TRIM_AFTER_BYTES = 256 * 2**20
 
 
 #: Aliases nothing (for :meth:`_BufferPool.give` of a buffer known to be free).
