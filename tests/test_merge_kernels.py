@@ -42,20 +42,9 @@ def _trim_cases():
         yield f"n={n}", (torch.randn(n, generator=g) * 1e-2).to(torch.bfloat16)
 
 
-@pytest.fixture(params=["flagged", "map"])
-def trim_form(request, monkeypatch):
-    """Rows replayed on flagged 4-byte entries throughout, or on 2-byte keys with the map of tied
-    positions first (as rows longer than kernels._FLAGGED_ROW are: here from 200 entries on,
-    flagged from 100 on)."""
-    if request.param == "map":
-        monkeypatch.setattr(kernels, "_FLAGGED", 100)
-        monkeypatch.setattr(kernels, "_FLAGGED_ROW", 200)
-    return request.param
-
-
 @pytest.mark.parametrize("name,values", list(_trim_cases()), ids=lambda v: v if isinstance(v, str) else "")
 @pytest.mark.parametrize("descending", [True, False])
-def test_trim_masks_pick_what_torch_argsort_picks(name, values, descending, trim_form):
+def test_trim_masks_pick_what_torch_argsort_picks(name, values, descending):
     n = values.numel()
     for k in sorted({1, 2, n // 7, n // 3, n // 2, n - 2, n - 1}):
         if not 0 < k < n:
@@ -65,7 +54,7 @@ def test_trim_masks_pick_what_torch_argsort_picks(name, values, descending, trim
         assert torch.equal(masks[0], _argsort_head(values, k, descending)), (name, k)
 
 
-def test_trim_masks_rows_in_parallel_and_whole_rows(trim_form):
+def test_trim_masks_rows_in_parallel_and_whole_rows():
     g = torch.Generator().manual_seed(1)
     deltas = (torch.randn(4, 20_000, generator=g) * 1e-2).to(torch.bfloat16)
     counts = [6000, 20_000, 1, 19_999]  # a row kept whole, extremes
@@ -179,7 +168,7 @@ def test_dare_keeps_the_density_fraction_and_the_mass():
         assert torch.equal(out[out > 0].unique(), expected.reshape(1))
 
 
-def test_trim_in_place_zeroes_what_the_mask_drops(trim_form):
+def test_trim_in_place_zeroes_what_the_mask_drops():
     g = torch.Generator().manual_seed(7)
     deltas = (torch.randn(5, 30_000, generator=g) * 1e-2).to(torch.bfloat16)
     deltas[1, ::3] = 0.0
@@ -212,3 +201,61 @@ def test_ties_with_infinite_and_nan_rows_matches_the_torch_path(monkeypatch):
     plain = _merge("ties", models, base, per_model, allow_nonfinite=True)
     same = fused.view(torch.int16) == plain.view(torch.int16)
     assert bool(same.all()) or bool((fused[~same].isnan() & plain[~same].isnan()).all())
+
+
+def test_combine_tells_all_finite_whether_its_output_is_finite():
+    x, base = _task_vectors(9, 3, 3000)
+    w = torch.tensor([1.0, 0.6, 0.8])
+    out = kernels.combine(x, base, w, subtract=True, consensus=None, normalize=False, scale=1.0)
+    assert kernels.all_finite(out)
+    x[1, 17] = float("inf")
+    out = kernels.combine(x, base, w, subtract=True, consensus=None, normalize=False, scale=1.0)
+    assert out.__dict__.get("_polytask_finite") is False
+    assert not kernels.all_finite(out)
+    assert not kernels.all_finite(out)  # read once; then from the bits: still not finite
+    x[1, 17] = float("nan")
+    out = kernels.combine(x, base, w, subtract=True, consensus="sum", normalize=True, scale=1.0)
+    assert not kernels.all_finite(out) and bool(out.isnan().any())
+
+
+@pytest.mark.parametrize("method,kwargs", [("task_arithmetic", {}), ("ties", {}), ("dare_ties", {"rescale": "l1"})])
+def test_checkpoints_read_as_mapped_views_give_the_same_bits_as_read_buffers(tmp_path, monkeypatch, method, kwargs):
+    from polytask.merge import engine
+    from polytask.merge.io import load_state_dict, save_state_dict
+
+    g = torch.Generator().manual_seed(10)
+    shapes = {"embed": (300, 64), "layer.w": (64, 48), "layer.b": (48,), "norm": (64,)}
+    base = {k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()}
+    models = [{k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()}
+              for _ in range(3)]
+    base_dir = save_state_dict(base, tmp_path / "base", max_shard_bytes=20_000)
+    paths = [save_state_dict(m, tmp_path / f"m{i}", max_shard_bytes=20_000) for i, m in enumerate(models)]
+    params = [{"weight": w} if method == "task_arithmetic" else {"weight": w, "density": d}
+              for w, d in ((1.0, 0.3), (0.6, 0.5), (0.8, 0.4))]
+    viewed = []
+    real_view = engine._CheckpointSource.view
+
+    def spy(self, name, rows=None):
+        v = real_view(self, name, rows)
+        viewed.append(v is not None)
+        return v
+
+    monkeypatch.setattr(engine._CheckpointSource, "view", spy)
+    mapped = merge_checkpoints_bf16(method, paths, base_dir, tmp_path / "mapped", params, kwargs)
+    assert viewed and all(viewed)  # the fused methods read every input as a view
+    monkeypatch.setattr(engine._CheckpointSource, "view", lambda self, name, rows=None: None)
+    read = merge_checkpoints_bf16(method, paths, base_dir, tmp_path / "read", params, kwargs)
+    a, b = load_state_dict(mapped), load_state_dict(read)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)), k
+    for i, p in enumerate(paths):  # the inputs are untouched (the mapping is private and never written)
+        for k, v in load_state_dict(p).items():
+            assert torch.equal(v, models[i][k])
+
+
+def merge_checkpoints_bf16(method, paths, base_dir, out, params, kwargs):
+    from polytask.merge.engine import merge_checkpoints
+
+    return merge_checkpoints(method, paths, base_dir, out, model_params=params, method_params=kwargs,
+                             compute_dtype=None, prefetch_bytes=30_000, seed=3)

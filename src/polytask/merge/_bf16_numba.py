@@ -15,7 +15,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 _BLOCK = 64  # entries per block of the branch-free partition
-_COMBINE_BLOCK = 256  # entries per block of combine: all models' values, then their sum
+_COMBINE_BLOCK = 4096  # entries per block of combine: all models' values, then their sum
 _LEAF = 16  # libstdc++'s _S_threshold: ranges this small are left to the final insertion sort
 
 
@@ -78,147 +78,10 @@ def fill_uniform24(seed, start, out):
 # ---------------------------------------------------------------------------------------------
 # the magnitude trim: which entries torch.argsort(|tau|, descending)[:k] picks, ties included
 #
-# The sort is replayed on 2-byte keys. Entries tied at the threshold are the only ones whose
-# identity matters; where each of them is goes in a small hash map (current position -> original
-# position, open addressing with linear probing, Knuth's backward-shift deletion), updated when
-# a swap or the final insertion sort moves one. Half the memory of keys carrying positions.
+# The sort is replayed on 4-byte entries: a key (the magnitude's 15 bits) or, for the entries tied
+# at the threshold (the only ones whose identity matters), a flag and the original position.
 
-_EMPTY = -1
 _FLAG = np.uint32(0x80000000)  # a flagged entry holding a position (a tie at the threshold), not a key
-
-
-@njit(inline="always")
-def _home(p, shift):
-    return np.int64((np.uint64(p) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(shift))
-
-
-@njit(inline="always")
-def _slot(keys, p, shift, mask):
-    i = _home(p, shift)
-    while keys[i] != p:
-        i = (i + 1) & mask
-    return i
-
-
-@njit(inline="always")
-def _insert(keys, values, p, o, shift, mask):
-    i = _home(p, shift)
-    while keys[i] != _EMPTY:
-        i = (i + 1) & mask
-    keys[i] = p
-    values[i] = o
-
-
-@njit(inline="always")
-def _remove(keys, values, i, shift, mask):
-    """Empty slot ``i``, shifting back the entries of its probe run that may fill it."""
-    j = i
-    while True:
-        j = (j + 1) & mask
-        if keys[j] == _EMPTY:
-            break
-        h = _home(keys[j], shift)
-        if (j > i and (h <= i or h > j)) or (j < i and h <= i and h > j):
-            keys[i] = keys[j]
-            values[i] = values[j]
-            i = j
-    keys[i] = _EMPTY
-
-
-@njit(inline="always")
-def _swap(work, a, b, v, keys, values, shift, mask):
-    """Swap entries ``a`` and ``b``, moving the tied entries' positions in the map."""
-    ea = work[a]
-    work[a] = work[b]
-    work[b] = ea
-    _moved(work, a, b, v, keys, values, shift, mask)
-
-
-@njit
-def _moved(work, a, b, v, keys, values, shift, mask):
-    """Entries ``a`` and ``b`` have just been swapped: move the tied ones' positions in the map."""
-    eb = work[a]  # (after the swap: what was at b is at a)
-    ea = work[b]
-    if ea == v or eb == v:
-        if ea == v and eb == v:
-            ia = _slot(keys, a, shift, mask)
-            ib = _slot(keys, b, shift, mask)
-            t = values[ia]
-            values[ia] = values[ib]
-            values[ib] = t
-        else:
-            src, dst = (a, b) if ea == v else (b, a)
-            i = _slot(keys, src, shift, mask)
-            o = values[i]
-            _remove(keys, values, i, shift, mask)
-            _insert(keys, values, dst, o, shift, mask)
-
-
-@njit(nogil=True, cache=True)
-def _partition(work, f, last, pivot, v, keys, values, shift, mask, off_left, off_right):
-    """Hoare's unguarded partition of ``work[f:last]`` around ``pivot`` (libstdc++'s
-    ``__unguarded_partition``, descending), returning the cut; the same swaps in the same order.
-
-    The left scan stops at keys not above the pivot, the right scan at keys not below it, and the
-    s-th stops of the two swap while the left one lies before the right one. While the unscanned
-    range is long, the stops of a block at each end are found without branches (BlockQuicksort,
-    Edelkamp & Weiss, ESA 2016) and swapped pairwise in scan order; the last stretch runs the
-    scans themselves from where the blocks left them.
-    """
-    n_left = 0
-    n_right = 0
-    i_left = 0
-    i_right = 0
-    while last - f >= 2 * _BLOCK:
-        if i_left == n_left:
-            n_left = 0
-            i_left = 0
-            block = work[f:f + _BLOCK]  # (slices indexed by the loop counter: no wrap-around tests)
-            for t in range(_BLOCK):
-                off_left[n_left] = t
-                n_left += block[t] <= pivot
-        if i_right == n_right:
-            n_right = 0
-            i_right = 0
-            block = work[last - _BLOCK:last]
-            for t in range(_BLOCK):
-                off_right[n_right] = t
-                n_right += block[np.uint64(_BLOCK - 1 - t)] >= pivot
-        swaps = min(n_left - i_left, n_right - i_right)
-        tied = False
-        for s in range(swaps):  # plain swaps; the map is updated after, only if a tied entry moved
-            a = f + off_left[i_left + s]
-            b = last - 1 - off_right[i_right + s]
-            ea = work[a]
-            eb = work[b]
-            work[a] = eb
-            work[b] = ea
-            tied |= (ea == v) | (eb == v)
-        if tied:
-            for s in range(swaps):
-                a = f + off_left[i_left + s]
-                b = last - 1 - off_right[i_right + s]
-                _moved(work, a, b, v, keys, values, shift, mask)
-        i_left += swaps
-        i_right += swaps
-        if i_left == n_left:
-            f += _BLOCK
-        if i_right == n_right:
-            last -= _BLOCK
-    if i_left < n_left:  # resume the scalar scans at the next stop a block had found
-        f += off_left[i_left]
-    if i_right < n_right:
-        last -= off_right[i_right]
-    while True:
-        while work[f] > pivot:
-            f += 1
-        last -= 1
-        while pivot > work[last]:
-            last -= 1
-        if f >= last:
-            return f
-        _swap(work, f, last, v, keys, values, shift, mask)
-        f += 1
 
 
 @njit(inline="always")
@@ -228,8 +91,16 @@ def _key(e, v):
 
 
 @njit(nogil=True, cache=True)
-def _partition_flagged(work, f, last, pivot, v, off_left, off_right):
-    """As :func:`_partition` on flagged entries (:func:`_key`), without a map."""
+def _partition(work, f, last, pivot, v, off_left, off_right):
+    """Hoare's unguarded partition of ``work[f:last]`` around ``pivot`` (libstdc++'s
+    ``__unguarded_partition``, descending by :func:`_key`), returning the cut; the same swaps in
+    the same order.
+
+    The left scan stops at keys not above the pivot, the right scan at keys not below it, and the
+    s-th stops of the two swap while the left one lies before the right one. While the unscanned
+    range is long, the stops of a block at each end are found without branches (BlockQuicksort,
+    Edelkamp & Weiss, ESA 2016) and swapped pairwise in scan order; the last stretch runs the
+    scans themselves from where the blocks left them."""
     n_left = 0
     n_right = 0
     i_left = 0
@@ -281,10 +152,16 @@ def _partition_flagged(work, f, last, pivot, v, off_left, off_right):
 
 
 @njit(nogil=True, cache=True)
-def _replay_flagged(work, k, v, depth):
-    """:func:`_narrow`'s replay continued to its end on flagged entries (a tied entry holds
-    ``_FLAG | its original position``), from ``depth`` levels left; the first ``k`` entries are
-    then the kept ones. Returns 0, or 2 where the heapsort fallback is reached."""
+def _replay(work, k, v, depth):
+    """Replay libstdc++'s introsort (descending by :func:`_key`) on the path to position ``k``,
+    with ``depth`` levels before its heapsort fallback; the first ``k`` entries are then the kept
+    ones.
+
+    The steps (Musser 1997, as libstdc++'s ``std::sort``): median of entries 1, mid and last-1
+    moved to the first, Hoare's unguarded partition around it, ranges of at most 16 left to the
+    final insertion sort, heapsort past a depth of 2 floor(log2 n). Only the range holding
+    position ``k`` is followed: the other one lies wholly before or after ``k``. Returns 0, or 2
+    where the heapsort fallback is reached (the caller sorts instead)."""
     off_left = np.empty(_BLOCK, np.int64)
     off_right = np.empty(_BLOCK, np.int64)
     lo = 0
@@ -317,7 +194,7 @@ def _replay_flagged(work, k, v, depth):
         t = work[lo]
         work[lo] = work[m]
         work[m] = t
-        f = _partition_flagged(work, lo + 1, hi, _key(work[lo], v), v, off_left, off_right)
+        f = _partition(work, lo + 1, hi, _key(work[lo], v), v, off_left, off_right)
         if f == k:
             return 0
         if k < f:
@@ -333,62 +210,6 @@ def _replay_flagged(work, k, v, depth):
             j -= 1
         work[j] = e
     return 0
-
-
-@njit(nogil=True, cache=True)
-def _narrow(work, k, v, keys, values, shift, mask, until):
-    """Replay libstdc++'s introsort (descending) on the path to position ``k`` while the range
-    holding ``k`` is longer than ``until``; returns (status, lo, hi, depth left).
-
-    The steps (Musser 1997, as libstdc++'s ``std::sort``): median of entries 1, mid and last-1
-    moved to the first, Hoare's unguarded partition around it, ranges of at most 16 left to the
-    final insertion sort, heapsort past a depth of 2 floor(log2 n). Only the range holding
-    position ``k`` is followed: the other one lies wholly before or after ``k``. Status 0: go on
-    with ``[lo, hi)`` (:func:`_replay_flagged`); 3: a cut fell at ``k`` (done); 2: the heapsort
-    fallback is reached (the caller sorts instead).
-    """
-    off_left = np.empty(_BLOCK, np.int64)
-    off_right = np.empty(_BLOCK, np.int64)
-    lo = 0
-    hi = work.size
-    depth = 0
-    n = hi
-    while n > 1:
-        n >>= 1
-        depth += 1
-    depth *= 2
-    while hi - lo > max(until, _LEAF):
-        if depth == 0:
-            return 2, lo, hi, depth
-        depth -= 1
-        a = lo + 1
-        b = lo + (hi - lo) // 2
-        c = hi - 1
-        ka = work[a]
-        kb = work[b]
-        kc = work[c]
-        if ka > kb:
-            if kb > kc:
-                m = b
-            elif ka > kc:
-                m = c
-            else:
-                m = a
-        elif ka > kc:
-            m = a
-        elif kb > kc:
-            m = c
-        else:
-            m = b
-        _swap(work, lo, m, v, keys, values, shift, mask)
-        f = _partition(work, lo + 1, hi, work[lo], v, keys, values, shift, mask, off_left, off_right)
-        if f == k:
-            return 3, lo, hi, depth
-        if k < f:
-            hi = f
-        else:
-            lo = f
-    return 0, lo, hi, depth
 
 
 @njit(nogil=True, cache=True)
@@ -418,86 +239,38 @@ def _threshold(bits, k, descending, nan_above):
 
 
 @njit(nogil=True, cache=True)
-def _kept_ties(bits, k, descending, v, tied, work, flagged_at, flagged_row):
+def _kept_ties(bits, k, descending, v, tied):
     """Original positions of the entries equal to ``v`` that the sort puts among the first ``k``
-    (status, positions): the sort replayed on the keys of ``bits`` (ascending as descending on
-    ``0x7FFF - key``).
-
-    Rows longer than ``flagged_row`` start on 2-byte keys in ``work`` (``uint16``, ``n`` entries),
-    tied entries' positions in a map (:func:`_narrow`); once the range holding ``k`` is at most
-    ``flagged_at`` long it is copied into 4-byte flagged entries, tied ones carrying their
-    original position, and finished without the map (:func:`_replay_flagged`). Short rows go
-    straight to the flagged form.
-    """
+    (status, positions): the sort replayed (:func:`_replay`) on flagged entries built from
+    ``bits`` (ascending as descending on ``0x7FFF - key``), 4 bytes per entry."""
     n = bits.size
     key_v = np.uint16(v) if descending else np.uint16(0x7FFF - v)
-    lo, hi = 0, n
-    if n > flagged_row:
-        size = 16
-        while size < 2 * tied:
-            size *= 2
-        shift = 64
-        s = size
-        while s > 1:
-            s >>= 1
-            shift -= 1
-        mask = size - 1
-        keys = np.full(size, _EMPTY, np.int64)
-        values = np.empty(size, np.int64)
-        for i in range(n):
-            a = bits[i] & 0x7FFF
-            work[i] = np.uint16(a) if descending else np.uint16(0x7FFF - a)
-            if a == v:
-                _insert(keys, values, i, i, shift, mask)
-        status, lo, hi, depth = _narrow(work, k, key_v, keys, values, shift, mask, flagged_at)
-        if status == 2:
-            return 2, np.empty(0, np.int64)
-        kept = np.empty(tied, np.int64)
-        count = 0
-        for i in range(keys.size):  # the tied entries left of the range are kept
-            if keys[i] != _EMPTY and keys[i] < lo:
-                kept[count] = values[i]
+    depth = 0
+    m = n
+    while m > 1:
+        m >>= 1
+        depth += 1
+    flagged = np.empty(n, np.uint32)
+    for i in range(n):
+        a = bits[i] & 0x7FFF
+        flagged[i] = _FLAG | np.uint32(i) if a == v else (np.uint32(a) if descending else np.uint32(0x7FFF - a))
+    status = _replay(flagged, k, key_v, 2 * depth)
+    kept = np.empty(tied, np.int64)
+    count = 0
+    if status == 0:
+        for p in range(k):
+            e = flagged[p]
+            if e >= _FLAG:
+                kept[count] = e & np.uint32(0x7FFFFFFF)
                 count += 1
-        if status == 3:  # a cut at k: the range is [lo, k) + [k, hi) and nothing is left open
-            for i in range(keys.size):
-                if keys[i] != _EMPTY and lo <= keys[i] < k:
-                    kept[count] = values[i]
-                    count += 1
-            return 0, kept[:count]
-        flagged = np.empty(hi - lo, np.uint32)
-        for p in range(lo, hi):
-            e = work[p]
-            flagged[p - lo] = e if e != key_v else _FLAG | np.uint32(values[_slot(keys, p, shift, mask)])
-    else:
-        kept = np.empty(tied, np.int64)
-        count = 0
-        depth = 0
-        m = n
-        while m > 1:
-            m >>= 1
-            depth += 1
-        depth *= 2
-        flagged = np.empty(n, np.uint32)
-        for i in range(n):
-            a = bits[i] & 0x7FFF
-            flagged[i] = _FLAG | np.uint32(i) if a == v else (np.uint32(a) if descending else np.uint32(0x7FFF - a))
-    status = _replay_flagged(flagged, k - lo, key_v, depth)
-    if status != 0:
-        return status, np.empty(0, np.int64)
-    for p in range(k - lo):
-        e = flagged[p]
-        if e >= _FLAG:
-            kept[count] = e & np.uint32(0x7FFFFFFF)
-            count += 1
-    return 0, kept[:count]
+    return status, kept[:count]
 
 
 @njit(nogil=True, cache=True)
-def head_keep(bits, k, descending, nan_above, keep, work, flagged_at, flagged_row):
+def head_keep(bits, k, descending, nan_above, keep):
     """``keep[i]`` = entry ``i`` is among ``torch.argsort(|x|, descending)[:k]`` (``0 < k < n``).
 
-    ``bits`` are the half-precision bit patterns of ``x``; ``work`` is ``uint16`` scratch of ``n``
-    entries (unused for rows of at most ``flagged_row``: :func:`_kept_ties`). The threshold ``v`` (:func:`_threshold`) decides every entry not equal to it; only
+    ``bits`` are the half-precision bit patterns of ``x``. The threshold ``v`` (:func:`_threshold`) decides every entry not equal to it; only
     where entries equal to ``v`` straddle the cut does the sort's order matter: then the sort is
     replayed (:func:`_tied_positions`). Returns 0, 1 (a NaN) or 2 (the heapsort fallback).
     """
@@ -509,7 +282,7 @@ def head_keep(bits, k, descending, nan_above, keep, work, flagged_at, flagged_ro
         keep[i] = (a > v if descending else a < v) or (a == v and not straddle)
     if not straddle:
         return 0
-    status, kept = _kept_ties(bits, k, descending, v, tied, work, flagged_at, flagged_row)
+    status, kept = _kept_ties(bits, k, descending, v, tied)
     if status != 0:
         return status
     for i in kept:
@@ -518,7 +291,7 @@ def head_keep(bits, k, descending, nan_above, keep, work, flagged_at, flagged_ro
 
 
 @njit(nogil=True, cache=True)
-def trim_in_place(bits, k, nan_above, work, flagged_at, flagged_row):
+def trim_in_place(bits, k, nan_above):
     """TIES' trim of one task vector in place: entries outside ``torch.argsort(|x|,
     descending=True)[:k]`` become zeros of their sign (``x * mask`` as torch computes it), the
     same entries as :func:`head_keep` without a mask. Returns 0, 1 (a NaN or an infinity: ``inf
@@ -528,7 +301,7 @@ def trim_in_place(bits, k, nan_above, work, flagged_at, flagged_row):
     if v < 0 or infinite:
         return 1
     if straddle:
-        status, kept = _kept_ties(bits, k, True, v, tied, work, flagged_at, flagged_row)
+        status, kept = _kept_ties(bits, k, True, v, tied)
         if status != 0:
             return status
         for i in kept:  # marked for a moment: kept ties get the (otherwise unused) pattern 0xFFFF
@@ -559,13 +332,13 @@ def _task_values(x, base, subtract, keep, dare_threshold, dare_seed, offset, div
     """``out[i, :width]`` = the weighted, trimmed or dropped task vector of model ``i`` at entries
     ``j0 ..`` (float32 holding bfloat16 values): one simple loop per step and model, over a block
     that stays in cache, so that each loop vectorises."""
-    n = x.shape[0]
+    n = len(x)
     trimmed = keep.shape[0] == n
     # slices indexed by the loop counter: indices known to be >= 0, so numba adds no wrap-around
     # test and LLVM vectorises the loops
     bases = base[j0:j0 + width]
     for i in range(n):
-        xi = x[i, j0:j0 + width]
+        xi = x[i][j0:j0 + width]
         row = out[i]
         if subtract:
             for t in range(width):
@@ -603,14 +376,16 @@ def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_b
     bfloat16 with torch's rounding after every step of :func:`polytask.merge.methods._combine`
     and the drops before it.
 
-    ``x`` ``(N, M)``: task vectors, or fine-tuned weights if ``subtract`` (``tau = x - base``).
+    ``x``: N arrays of M entries (a tuple): task vectors, or fine-tuned weights if ``subtract`` (``tau = x - base``).
     ``keep`` ``(N, M)`` bool trims (TIES) or ``(0, 0)``; ``dare_threshold[i] >= 0`` drops entry
     ``j`` unless ``uniform24(dare_seed[i], offset + j) < dare_threshold[i]``; ``divide_by[i] > 0``
     then divides by it, ``multiply_by[i] > 0`` multiplies by it (DARE's rescales). ``consensus``: 0 none, 1 sum, 2 count (TIES' election).
     Entries go in blocks: all models' values of a block, then their sums model by model (the
     same order of additions as torch's sum over models, from 0), without branches per entry.
+    Returns whether an entry of ``out`` is NaN or infinite.
     """
-    n = x.shape[0]
+    n = len(x)
+    worst = np.uint16(0)
     values = np.empty((n, _COMBINE_BLOCK), np.float32)
     total = np.empty(_COMBINE_BLOCK, np.float32)
     positive = np.empty(_COMBINE_BLOCK, np.bool_)
@@ -665,7 +440,35 @@ def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_b
             for t in range(width):
                 total[t] = widen(round_bf16(total[t] * scale))
         for t in range(width):
-            merged[t] = round_bf16(total[t] + widen(bases[t]))
+            r = round_bf16(total[t] + widen(bases[t]))
+            merged[t] = r
+            worst = max(worst, r & np.uint16(0x7F80))
+    return worst == 0x7F80  # an all-ones exponent: NaN or infinite
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def _block_norms(d, keep, width, how):
+    """(norm of ``d[:width]``, of its kept entries): float64 sums of magnitudes (``how`` 1) or
+    squares (2), or the largest magnitude (3). Reassociated so that the sums vectorise: float64
+    sums of bfloat16 values, rounded to bfloat16 at the end, come out the same in any order."""
+    total = 0.0
+    kept = 0.0
+    if how == 1:
+        for t in range(width):
+            v = abs(np.float64(d[t]))
+            total += v
+            kept += v * keep[t]
+    elif how == 2:
+        for t in range(width):
+            v = np.float64(d[t]) * np.float64(d[t])
+            total += v
+            kept += v * keep[t]
+    else:
+        for t in range(width):
+            v = abs(np.float64(d[t]))
+            total = max(total, v)
+            kept = max(kept, v * keep[t])
+    return total, kept
 
 
 @njit(nogil=True, cache=True)
@@ -673,32 +476,38 @@ def dare_norms(x, base, dare_threshold, dare_seed, how, lo, hi, before, after):
     """Norms of the task vectors ``x[i] - base`` (rounded to bfloat16) over entries ``lo..hi``,
     before and after DARE's drop (the draws of :func:`combine`), accumulated in float64 into
     ``before[i]``/``after[i]``: ``how`` 1 sums magnitudes, 2 squares, 3 takes the largest."""
-    n = x.shape[0]
-    bases = base[lo:hi]
-    for i in range(n):
-        xi = x[i, lo:hi]
-        threshold = dare_threshold[i]
-        seed = dare_seed[i]
-        total = 0.0
-        kept = 0.0
-        for t in range(hi - lo):
-            d = abs(np.float64(widen(round_bf16(widen(xi[t]) - widen(bases[t])))))
-            keep = np.float64(uniform24(seed, lo + t) < threshold)
-            if how == 1:
-                total += d
-                kept += d * keep
-            elif how == 2:
-                total += d * d
-                kept += d * d * keep
+    n = len(x)
+    d = np.empty(_COMBINE_BLOCK, np.float32)
+    keep = np.empty(_COMBINE_BLOCK, np.float64)
+    for j0 in range(lo, hi, _COMBINE_BLOCK):
+        width = min(_COMBINE_BLOCK, hi - j0)
+        bases = base[j0:j0 + width]
+        for i in range(n):
+            xi = x[i][j0:j0 + width]
+            threshold = dare_threshold[i]
+            seed = dare_seed[i]
+            for t in range(width):
+                d[t] = widen(round_bf16(widen(xi[t]) - widen(bases[t])))
+            for t in range(width):
+                keep[t] = np.float64(uniform24(seed, j0 + t) < threshold)
+            total, kept = _block_norms(d, keep, width, how)
+            if how == 3:
+                before[i] = max(before[i], total)
+                after[i] = max(after[i], kept)
             else:
-                total = max(total, d)
-                kept = max(kept, d * keep)
-        if how == 3:
-            before[i] = max(before[i], total)
-            after[i] = max(after[i], kept)
-        else:
-            before[i] += total
-            after[i] += kept
+                before[i] += total
+                after[i] += kept
+
+
+@njit(nogil=True, cache=True)
+def subtract(x, base, out, lo, hi):
+    """``out[i][j] = x[i][j] - base[j]`` rounded to bfloat16, for ``lo <= j < hi``."""
+    bases = base[lo:hi]
+    for i in range(len(x)):
+        xi = x[i][lo:hi]
+        oi = out[i][lo:hi]
+        for t in range(hi - lo):
+            oi[t] = round_bf16(widen(xi[t]) - widen(bases[t]))
 
 
 @njit(nogil=True, cache=True)

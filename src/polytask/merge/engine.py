@@ -154,6 +154,9 @@ class _CheckpointSource:
     def read_into(self, name: str, out: Tensor) -> None:
         self.ckpt.read_into(name, out)
 
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> Tensor | None:
+        return self.ckpt.view(name, rows)
+
     def __getattr__(self, attr: str) -> Any:
         if attr == "read_rows_into" and hasattr(self.ckpt, "read_rows_into"):  # plain checkpoints only
             return self.ckpt.read_rows_into
@@ -290,18 +293,20 @@ def _tensor_generator(seed: int, name: str) -> torch.Generator:
 
 
 def _merge_tensor(
-    method: MergeMethod, name: str, stacked: Tensor, base: Tensor | None, params: dict[str, Tensor], seed: int,
-    out: Tensor | None = None,
+    method: MergeMethod, name: str, stacked: Tensor | list[Tensor], base: Tensor | None, params: dict[str, Tensor],
+    seed: int, out: Tensor | None = None, scratch: Callable[[tuple[int, ...], torch.dtype], Tensor] | None = None,
 ) -> Tensor:
-    ctx = TensorContext(name=name, generator=_tensor_generator(seed, name) if type(method).random else None, out=out)
+    ctx = TensorContext(name=name, generator=_tensor_generator(seed, name) if type(method).random else None, out=out,
+                        scratch=scratch)
     try:
         out = method.merge(stacked, base, params, ctx)
     except (RuntimeError, ValueError) as exc:  # e.g. a non-converging SVD on a degenerate tensor
         if isinstance(exc, ConfigError):
             raise
         raise MergeError(f"tensor {name!r}: {type(method).__name__} failed: {exc}") from exc
-    if out.shape != stacked.shape[1:]:
-        raise MergeError(f"tensor {name!r}: method returned shape {list(out.shape)}, expected {list(stacked.shape[1:])}")
+    expected = stacked[0].shape if isinstance(stacked, list) else stacked.shape[1:]
+    if out.shape != expected:
+        raise MergeError(f"tensor {name!r}: method returned shape {list(out.shape)}, expected {list(expected)}")
     return out
 
 
@@ -403,6 +408,13 @@ _TRIM_AFTER_BYTES = 256 * 2**20
 
 #: Aliases nothing (for :meth:`_BufferPool.give` of a buffer known to be free).
 _NOTHING = torch.empty(0)
+
+
+def _lend(pool: _BufferPool, lent: list[Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A pool buffer for a method's scratch, remembered in ``lent`` to be given back after."""
+    t = pool.take(shape, dtype)
+    lent.append(t)
+    return t
 
 
 def _same_storage(a: Tensor, b: Tensor) -> bool:
@@ -656,13 +668,28 @@ def _stream(
             numel = numel // specs[0].shape[0] * (job.rows[1] - job.rows[0])
         return len(job.reads()) * numel * size
 
-    def submit(job: TensorJob) -> tuple[TensorJob, Tensor | None, Tensor | None, list[Future[Any]], int, Any]:
+    def views(job: TensorJob, cd: torch.dtype, specs: list[TensorSpec]) -> tuple[list[Tensor], Tensor | None] | None:
+        """The inputs as read-only views of the mapped files, for methods whose fused kernels read
+        them in place (no copy into buffers); None where that does not apply."""
+        if not (type(job.method).reads_views and job.method.fused(cd) and all(s.dtype == cd for s in specs)):
+            return None
+        if not all(callable(getattr(sources[i], "view", None)) for i, _ in job.reads()):
+            return None
+        got = [sources[i].view(n, job.rows) for i, n in job.reads()]
+        if any(v is None for v in got):
+            return None
+        return (got[:-1], got[-1]) if job.base is not None else (got, None)
+
+    def submit(job: TensorJob) -> tuple[TensorJob, Tensor | list[Tensor] | None, Tensor | None, list[Future[Any]], int, Any]:
         if job.method is None:
             i, n = job.inputs[0]
             fut = readers.submit(sources[i].load, n)
             return job, None, None, [fut], sources[i].spec(n).nbytes, None
         specs = [sources[i].spec(n) for i, n in job.reads()]
         cd = compute_dtype_of(compute_dtype, specs)
+        mapped = views(job, cd, specs)
+        if mapped is not None:
+            return job, mapped[0], mapped[1], [], cost(job), cd
         shape = tuple(specs[0].shape)
         if job.rows is not None:
             shape = (job.rows[1] - job.rows[0], *shape[1:])
@@ -700,22 +727,28 @@ def _stream(
             if stacked is None:
                 out = futs[0].result()
             else:
-                work = _work_dtype(job.method, cd)
+                mapped = isinstance(stacked, list)  # read-only views: no buffers of ours to give back
+                work = cd if mapped else _work_dtype(job.method, cd)
                 x = stacked if work == cd else stacked.to(work)
                 b = base_t if (base_t is None or work == cd) else base_t.to(work)
                 # a pooled output buffer for methods that fill one: recycled once written, so merges
                 # need not page-fault a fresh output each time
-                offered = pool.take(tuple(x.shape[1:]), work) if type(job.method).writes_out else None
-                merged = _merge_tensor(job.method, job.name, x, b, job.params, seed, offered)
+                shape = tuple(x[0].shape) if mapped else tuple(x.shape[1:])
+                offered = pool.take(shape, work) if type(job.method).writes_out else None
+                lent: list[Tensor] = []
+                merged = _merge_tensor(job.method, job.name, x, b, job.params, seed, offered,
+                                       scratch=lambda shape, dtype: _lend(pool, lent, shape, dtype))
                 del x, b
-                pool.give(stacked, unless_aliased_by=merged)
-                pool.give(base_t, unless_aliased_by=merged)
-                del stacked, base_t
                 out = merged.to(cd).to(writer.specs[job.name].dtype)
                 del merged
-                if offered is not None and not _same_storage(offered, out):
-                    pool.give(offered, unless_aliased_by=out)  # not used: free again at once
-                    offered = None
+                # buffers of ours go back to the pool now, but the one the output lives in (the
+                # offered one, or a method's scratch or input buffer it wrote over): once written
+                ours = [t for t in (offered, *lent, *([] if mapped else [stacked, base_t])) if t is not None]
+                offered = next((t for t in ours if _same_storage(t, out)), None)
+                for t in ours:
+                    if t is not offered:
+                        pool.give(t, unless_aliased_by=out)
+                del stacked, base_t, lent, ours
                 _check_finite(job.name, out, allow_nonfinite, nonfinite)
             if nbytes >= _TRIM_AFTER_BYTES:
                 trim_heap()

@@ -22,6 +22,7 @@ it moves into place gets the process umask's permissions, not the temporary dire
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -156,6 +157,8 @@ class _SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._map: mmap.mmap | None = None
+        self._map_lock = threading.Lock()
         try:
             self.fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
@@ -221,7 +224,40 @@ class _SafetensorsFile:
                 done += got
         return buf.view(spec.dtype).reshape(shape)
 
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Tensor ``name`` (rows ``start:stop`` with ``rows``) as a view of the file mapped into
+        memory: no copy, the page cache's own pages (the merge reads them where the kernel holds
+        them; they count as file-backed memory, which the kernel can drop). Must not be written
+        (the mapping is private: a write would copy the page, never reach the file). None where
+        the bytes are not aligned to the dtype."""
+        spec, offset = self.entries[name]
+        shape, nbytes = spec.shape, spec.nbytes
+        if rows is not None:
+            row_bytes = spec.nbytes // max(spec.shape[0], 1)
+            offset += rows[0] * row_bytes
+            shape = (rows[1] - rows[0], *spec.shape[1:])
+            nbytes = shape[0] * row_bytes
+        if offset % spec.dtype.itemsize or nbytes == 0:
+            return None
+        mapped = self._mapped()
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mapped.madvise(mmap.MADV_WILLNEED, start, offset + nbytes - start)  # read ahead if not cached
+        return torch.frombuffer(mapped, dtype=spec.dtype, count=nbytes // spec.dtype.itemsize,
+                                offset=offset).view(shape)
+
+    def _mapped(self) -> mmap.mmap:
+        with self._map_lock:
+            if self._map is None:
+                self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
+            return self._map
+
     def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view is still alive: the mapping goes with it
+                pass
+            self._map = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -359,6 +395,15 @@ class Checkpoint:
         if self._pickled is not None:
             return self._pickled[name].clone()
         return self._where[name].read(name)
+
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Tensor ``name`` (rows ``start:stop``) as a read-only view of the mapped file, without
+        reading it (:meth:`_SafetensorsFile.view`); None for pickled checkpoints."""
+        if name not in self:
+            raise MergeError(f"tensor {name!r} is missing from {self.path}")
+        if self._pickled is not None:
+            return None
+        return self._where[name].view(name, rows)
 
     def read_rows_into(self, name: str, out: torch.Tensor, start: int, stop: int) -> None:
         """Read rows ``start:stop`` (dim 0) of tensor ``name`` into ``out`` (converting the dtype)."""

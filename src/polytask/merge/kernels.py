@@ -18,23 +18,20 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "available", "can_trim", "trim_masks", "trim_in_place", "combine", "uniform24", "stream_seed"]
+__all__ = ["all_finite", "available", "can_trim", "trim_masks", "trim_in_place", "subtract", "combine", "uniform24", "stream_seed"]
 
 #: Entries per chunk of :func:`combine` handed to a thread.
 _CHUNK = 1 << 20
-#: Trims of rows at least this long run one at a time (their scratch is 2 bytes per entry).
+#: Trims of rows at least this long run one at a time (their scratch is 4 bytes per entry).
 _SERIAL_TRIM = 1 << 24
 _MASK64 = (1 << 64) - 1
-#: Trims of rows longer than ``_FLAGGED_ROW`` (embeddings) start on 2-byte keys with a map of the
-#: tied entries and go on with 4-byte entries once the range left is ``_FLAGGED`` long (less
-#: than half the scratch); shorter rows use 4-byte entries throughout (faster: no map).
-_FLAGGED, _FLAGGED_ROW = 1 << 22, 1 << 24
 
 
 @functools.cache
@@ -52,14 +49,37 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def available(*tensors: Tensor | None) -> bool:
-    """Whether the fused kernels take these tensors: numba installed, all bfloat16 CPU tensors."""
-    if any(t is not None and (t.dtype != torch.bfloat16 or t.device.type != "cpu") for t in tensors):
+    """Whether the fused kernels take these tensors (or lists of tensors): numba installed, all
+    bfloat16 CPU tensors."""
+    flat = [u for t in tensors for u in (t if isinstance(t, (list, tuple)) else [t])]
+    if any(t is not None and (t.dtype != torch.bfloat16 or t.device.type != "cpu") for t in flat):
         return False
     return _compiled() is not None
 
 
 def _bits(t: Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def _rows(x: Tensor | Sequence[Tensor]) -> tuple[np.ndarray, ...]:
+    """The models' tensors as a tuple of flat bit arrays: the rows of a stacked ``(N, *shape)``
+    tensor, or N tensors of one shape (e.g. views of mapped checkpoint files)."""
+    return tuple(_bits(t.reshape(-1)) for t in x)
+
+
+def subtract(x: Tensor | Sequence[Tensor], base: Tensor, out: Tensor) -> Tensor:
+    """``out[i] = x[i] - base`` in bfloat16 (as torch rounds), ``out`` ``(N, *shape)``, in chunks on
+    two threads: task vectors from read-only views."""
+    compiled = _compiled()
+    xs, b = _rows(x), _bits(base.reshape(-1))
+    os_ = _rows(out)
+    m = b.size
+
+    def run(lo: int) -> None:
+        compiled.subtract(xs, b, os_, lo, min(lo + _CHUNK, m))
+
+    list(_pool().map(run, range(0, m, _CHUNK)))
+    return out
 
 
 def _splitmix(z: int) -> int:
@@ -119,16 +139,20 @@ def can_trim(x: Tensor) -> bool:
 _EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 
 
+#: Attribute by which :func:`combine` tells :func:`all_finite` whether the tensor it just wrote is
+#: finite (popped when read; set again by every write).
+_FINITE = "_polytask_finite"
+
+
 def all_finite(t: Tensor) -> bool:
     """Whether every entry of ``t`` is finite; half precision by its bits in one compiled pass
     (torch's ``isfinite`` widens bfloat16 entry by entry: several times slower than the merge)."""
+    known = t.__dict__.pop(_FINITE, None)  # told by combine, which wrote t (read once)
+    if known is not None:
+        return known
     if t.dtype in _EXPONENT and t.device.type == "cpu" and t.is_contiguous() and _compiled() is not None:
         return not _compiled().any_nonfinite(_bits(t.reshape(-1)), _EXPONENT[t.dtype])
     return bool(t.abs().amax() < float("inf")) if t.numel() else True  # NaN fails the comparison
-
-
-def _scratch(m: int) -> np.ndarray:
-    return np.empty(m if m > _FLAGGED_ROW else 0, np.uint16)
 
 
 def trim_masks(deltas: Tensor, counts: list[int], *, largest: bool) -> Tensor | None:
@@ -147,7 +171,7 @@ def trim_masks(deltas: Tensor, counts: list[int], *, largest: bool) -> Tensor | 
             keep[i] = True
 
     def one(i: int) -> int:
-        return compiled.head_keep(bits[i], counts[i], largest, nan_above, keep[i], _scratch(m), _FLAGGED, _FLAGGED_ROW)
+        return compiled.head_keep(bits[i], counts[i], largest, nan_above, keep[i])
 
     if m < _SERIAL_TRIM and len(rows) > 1:
         status = list(_pool().map(one, rows))
@@ -156,13 +180,13 @@ def trim_masks(deltas: Tensor, counts: list[int], *, largest: bool) -> Tensor | 
     return None if any(status) else masks
 
 
-def dare_norms(x: Tensor, base: Tensor, thresholds: list[int], seeds: list[int], how: str) -> tuple[Tensor, Tensor]:
+def dare_norms(x: Tensor | Sequence[Tensor], base: Tensor, thresholds: list[int], seeds: list[int], how: str) -> tuple[Tensor, Tensor]:
     """Per-model ``l1``/``l2``/``linf`` norms of the task vectors ``x[i] - base`` before and after
     DARE's drop (:func:`combine`'s draws), accumulated in float64 and rounded once to bfloat16 (as
     ``methods._norms(exact=True)``), in parallel chunks."""
     compiled = _compiled()
-    n = x.shape[0]
-    xs = _bits(x.reshape(n, -1))
+    n = len(x)
+    xs = _rows(x)
     b = _bits(base.reshape(-1))
     m = b.size
     code = {"l1": 1, "l2": 2, "linf": 3}[how]
@@ -197,7 +221,7 @@ def trim_in_place(deltas: Tensor, counts: list[int]) -> list[int]:
     rows = [i for i in range(n) if 0 < counts[i] < m]
 
     def one(i: int) -> int:
-        return compiled.trim_in_place(bits[i], counts[i], nan_above, _scratch(m), _FLAGGED, _FLAGGED_ROW)
+        return compiled.trim_in_place(bits[i], counts[i], nan_above)
 
     if m < _SERIAL_TRIM and len(rows) > 1:
         status = list(_pool().map(one, rows))
@@ -206,14 +230,15 @@ def trim_in_place(deltas: Tensor, counts: list[int]) -> list[int]:
     return [i for i in range(n) if counts[i] <= 0] + [i for i, s in zip(rows, status) if s != 0]
 
 
-def combine(x: Tensor, base: Tensor, weights: Tensor, *, subtract: bool, keep: Tensor | None = None,
+def combine(x: Tensor | Sequence[Tensor], base: Tensor, weights: Tensor, *, subtract: bool, keep: Tensor | None = None,
             dare: tuple[list[int], list[int], list[float]] | None = None, offset: int = 0,
             consensus: str | None, normalize: bool, scale: float, out: Tensor | None = None,
             multiply_by: list[float] | None = None) -> Tensor:
     """``base + scale * sum_i w_i tau_i [/ divisor]`` in bfloat16, bit for bit as
     :func:`polytask.merge.methods._combine` after the same trims and drops.
 
-    ``x`` ``(N, *shape)``: task vectors, or fine-tuned weights if ``subtract``; ``keep``: TIES'
+    ``x`` ``(N, *shape)`` or N tensors of ``base``'s shape: task vectors, or fine-tuned weights if
+    ``subtract`` (read only: views of mapped files do); ``keep``: TIES'
     trim masks; ``dare``: per model (threshold, stream seed, rescale divisor or 0) as from
     :func:`dare_threshold`, :func:`stream_seed`; ``offset``: index of ``x``'s first entry in the
     tensor (for the draws of a chunk); ``out``: a contiguous bfloat16 buffer of ``base``'s shape to
@@ -221,8 +246,8 @@ def combine(x: Tensor, base: Tensor, weights: Tensor, *, subtract: bool, keep: T
     (a norm-matching rescale, :func:`dare_norms`).
     """
     compiled = _compiled()
-    n = x.shape[0]
-    xs = _bits(x.reshape(n, -1))
+    n = len(x)
+    xs = _rows(x)
     b = _bits(base.reshape(-1))
     m = b.size
     if out is None or out.shape != base.shape or out.dtype != base.dtype or not out.is_contiguous():
@@ -238,13 +263,11 @@ def combine(x: Tensor, base: Tensor, weights: Tensor, *, subtract: bool, keep: T
     code = {None: 0, "sum": 1, "count": 2}[consensus]
     weight_sum = np.float32(weights.to(torch.bfloat16).sum(dim=0).float()) if code == 0 else np.float32(1)
 
-    def run(lo: int) -> None:
-        compiled.combine(xs, b, subtract, ks, thresholds, seeds, offset, divisors, factors, w, code, normalize,
+    def run(lo: int) -> bool:
+        return compiled.combine(xs, b, subtract, ks, thresholds, seeds, offset, divisors, factors, w, code, normalize,
                          weight_sum, np.float32(scale), o, lo, min(lo + _CHUNK, m))
 
     starts = range(0, m, _CHUNK)
-    if len(starts) > 1:
-        list(_pool().map(run, starts))
-    else:
-        run(0)
+    nonfinite = any(_pool().map(run, starts)) if len(starts) > 1 else run(0)
+    setattr(out, _FINITE, not nonfinite)  # for all_finite, without another pass
     return out

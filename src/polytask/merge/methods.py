@@ -48,6 +48,11 @@ class TensorContext:
     #: For methods with ``writes_out``: a buffer of the merged tensor's shape and dtype that
     #: ``merge`` may fill and return (the engine recycles it once written), or None.
     out: Tensor | None = None
+    #: ``scratch(shape, dtype)``: a buffer the engine takes back after the merge (else new memory).
+    scratch: Callable[[tuple[int, ...], torch.dtype], Tensor] | None = None
+
+    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        return self.scratch(shape, dtype) if self.scratch is not None else torch.empty(shape, dtype=dtype)
 
 
 class MergeMethod:
@@ -67,6 +72,13 @@ class MergeMethod:
     random: ClassVar[bool] = False
     #: Whether ``merge`` may write its result into ``ctx.out`` (the fused kernels do).
     writes_out: ClassVar[bool] = False
+    #: Whether ``merge`` takes, where :meth:`fused` says so, its inputs as a list of N read-only
+    #: tensors (views of the mapped checkpoint files: no copy) instead of a stacked scratch tensor.
+    reads_views: ClassVar[bool] = False
+
+    def fused(self, dtype: torch.dtype) -> bool:
+        """Whether tensors of ``dtype`` go through the fused kernels (then ``merge`` reads views)."""
+        return False
     #: True: ``merge`` gets its tensors in the compute dtype (bfloat16 arithmetic for a bfloat16
     #: config, as mergekit); False: in float32 (values rounded to the compute dtype first).
     native_dtype: ClassVar[bool] = False
@@ -442,6 +454,7 @@ class TaskArithmetic(_WeightedSum):
 
     native_dtype = True
     writes_out = True
+    reads_views = True
     elementwise = True
 
     def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool = False) -> None:
@@ -449,6 +462,9 @@ class TaskArithmetic(_WeightedSum):
         self.lambda_ = _check_lambda(lambda_)
         # mergekit takes it for every task-arithmetic method; without a mask it changes nothing
         self.rescale = checks.flag(checks.key("rescale"), rescale)
+
+    def fused(self, dtype):
+        return dtype == torch.bfloat16 and kernels.available()
 
     def merge(self, tensors, base, params, ctx):
         if kernels.available(tensors, base):
@@ -482,6 +498,7 @@ class Ties(_WeightedSum):
 
     native_dtype = True
     writes_out = True
+    reads_views = True
 
     def __init__(self, normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum",
                  rescale: bool | str = False) -> None:
@@ -492,12 +509,20 @@ class Ties(_WeightedSum):
         if self.rescale in (True, "inverse_density"):  # no 1/density for a deterministic trim: mergekit's L1
             self.rescale = "l1"
 
+    def fused(self, dtype):
+        return dtype == torch.bfloat16 and not self.rescale and kernels.available()
+
     def merge(self, tensors, base, params, ctx):
-        deltas = tensors.sub_(base)
+        if isinstance(tensors, list):  # read-only views: the task vectors go into scratch
+            deltas = kernels.subtract(tensors, base, ctx.buffer((len(tensors), *base.shape), base.dtype))
+        else:
+            deltas = tensors.sub_(base)
         if not self.rescale and kernels.available(deltas, base):  # trim in place, elect and merge in one pass
             _trim_fused(deltas, params["density"])
+            # the merged tensor goes over the first task vector (each block is read before it is
+            # written): no output buffer, the peak of an embedding's merge is one tensor lower
             return kernels.combine(deltas, base, params["weight"], subtract=False, consensus=self.consensus,
-                                   normalize=self.normalize, scale=self.lambda_, out=ctx.out)
+                                   normalize=self.normalize, scale=self.lambda_, out=deltas[0])
         before = _norms(deltas, self.rescale)
         for delta_i, keep_i in zip(deltas, topk_mask(deltas, params["density"])):  # per model: (M,) casts
             delta_i.mul_(keep_i)
@@ -528,11 +553,15 @@ class DareLinear(_WeightedSum):
 
     native_dtype = True
     writes_out = True
+    reads_views = True
 
     def __init__(self, normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = True) -> None:
         self.normalize = _check_normalize(normalize)
         self.lambda_ = _check_lambda(lambda_)
         self.rescale = _check_rescale(rescale)
+
+    def fused(self, dtype):
+        return dtype == torch.bfloat16 and kernels.available()
 
     def merge(self, tensors, base, params, ctx):
         fused = _fused_dare(tensors, base, params, self.rescale, ctx.generator, consensus=self.consensus,
@@ -584,7 +613,7 @@ def _fused_dare(tensors: Tensor, base: Tensor, params: dict[str, Tensor], rescal
     if not kernels.available(tensors, base):
         return None
     density = params["density"]
-    n = tensors.shape[0]
+    n = len(tensors)
     if bool((density >= 1).all()):
         return kernels.combine(tensors, base, params["weight"], subtract=True, **combine)
     ps = density.clamp(0, 1).tolist()
