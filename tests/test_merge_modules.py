@@ -584,3 +584,15 @@ def test_bad_input_one_line_exit_2_no_output(case, shapes, tmp_path, capsys, mon
         assert m in err, err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
+
+
+def test_sequential_indices_and_models_without_config_are_one_module(tmp_path):
+    from polytask.merge.modules import inferred_modules, layout_of
+
+    names = ["bottom.0.weight", "bottom.2.weight", "heads.0.0.weight", "heads.1.0.weight"]
+    assert inferred_modules(names) is None  # 0, 2: nn.Sequential children, not layers 0..N-1
+    stacked = ["a.layers.0.w", "a.layers.1.w", "b.blocks.0.w", "embed.w"]
+    assert set(inferred_modules(stacked)) == {"a.layers", "b.blocks", "default"}
+    assert layout_of(tmp_path, stacked) is None  # no config.json: not a transformers model
+    (tmp_path / "config.json").write_text('{"architectures": ["Foo"]}')
+    assert layout_of(tmp_path, stacked)[0] == "Foo"

@@ -151,11 +151,18 @@ def inferred_modules(names: Iterable[str]) -> dict[str, Module] | None:
     """mergekit's modules for a model it has no definition of (its ``infer_architecture_info``,
     LLaVA for one): one module per stack of numbered layers, named by the text before the first
     ``.<i>.`` of its tensors (``model.language_model.layers``), and ``default`` for the other
-    tensors (all before the layers); None for a model with one stack (one module)."""
+    tensors (all before the layers); None for a model with one stack (one module), or with
+    numbered names that are not layers 0..N-1 (``nn.Sequential`` children skip their activations)."""
     names = list(names)
-    stacks = sorted({n[:m.start()] for n in names if (m := _FIRST_INDEX.search(n))})
+    numbers: dict[str, set[int]] = {}
+    for n in names:
+        if (m := _FIRST_INDEX.search(n)) is not None:
+            numbers.setdefault(n[:m.start()], set()).add(int(m.group(1)))
+    stacks = sorted(numbers)
     if len(stacks) < 2:
         return None
+    if any(found != set(range(len(found))) for found in numbers.values()):
+        return None  # not layer stacks (e.g. nn.Sequential indices 0, 2, 4): one module
     modules = {s: Module((s + ".",), s + ".") for s in stacks}
     if any(_FIRST_INDEX.search(n) is None for n in names):
         modules["default"] = Module(("",), pre="")
@@ -169,6 +176,8 @@ def layout_of(folder: str | Path | None, names: Iterable[str]) -> tuple[str, dic
     known = architecture_of(folder)
     if known is not None:
         return known
+    if folder is None or not (Path(folder) / "config.json").is_file():
+        return None  # not a transformers model (mergekit needs its config.json to infer anything)
     inferred = inferred_modules(names)
     if inferred is None:
         return None
