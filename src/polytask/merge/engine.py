@@ -687,14 +687,14 @@ def _stream(
             return job, None, None, [fut], sources[i].spec(n).nbytes, None
         specs = [sources[i].spec(n) for i, n in job.reads()]
         cd = compute_dtype_of(compute_dtype, specs)
+        if cost(job) > prefetch_bytes:
+            pool.clear()  # a tensor larger than the budget (embeddings): the pool's buffers cannot serve it
         mapped = views(job, cd, specs)
         if mapped is not None:
             return job, mapped[0], mapped[1], [], cost(job), cd
         shape = tuple(specs[0].shape)
         if job.rows is not None:
             shape = (job.rows[1] - job.rows[0], *shape[1:])
-        if cost(job) > prefetch_bytes:
-            pool.clear()  # a tensor larger than the budget (embeddings): the pool's buffers cannot serve it
         stacked = pool.take((len(job.inputs), *shape), cd)
         futs = [readers.submit(fill, stacked[k], sources[i], n, job.rows) for k, (i, n) in enumerate(job.inputs)]
         base_t = None
@@ -722,6 +722,8 @@ def _stream(
             for f in futs:
                 f.result()
             inflight_bytes -= nbytes
+            if nbytes > prefetch_bytes:
+                pool.clear()  # free buffers returned since it was submitted: not held through a large merge
             stacked_job = stacked is not None
             offered = None
             if stacked is None:
