@@ -56,7 +56,8 @@ def test_two_ranks_on_csv_files_see_every_row_once_in_the_same_steps(csv_data, t
     (one,) = _run(tmp_path, cfg, 1)
     two = _run(tmp_path, cfg, 2)
     _same_rows_and_steps(one, two, rows)
-    assert two[1]["vocab"] == one["vocab"] and two[1]["vocab_builds"] == 0
+    assert two[0]["vocab_json"] == two[1]["vocab_json"] == one["vocab_json"]  # counted in shares, one vocabulary
+    assert two[0]["counted"] and two[1]["counted"] and not set(two[0]["counted"]) & set(two[1]["counted"])
     _same_metrics(one, two)
 
 

@@ -1,6 +1,6 @@
 """Table data on two gloo processes (one machine, a file rendezvous) against one process: every row once, same step
-counts, vocabularies built on rank 0 only, and evaluation metrics (AUC, log-loss, GAUC) equal to
-one process's over the whole split."""
+counts, vocabularies counted by the ranks in disjoint shares and equal to one process's (vocab.json byte for byte),
+and evaluation metrics (AUC, log-loss, GAUC) equal to one process's over the whole split."""
 
 from __future__ import annotations
 
@@ -31,9 +31,17 @@ from polytask.train.dist import DistContext
 from polytask.train.tables import evaluate_stream, table_splits
 
 cfg_dict, out = pickle.load(open(sys.argv[1], "rb")), sys.argv[2]
-calls = []
-real = tables.build_vocabularies
+calls, counted = [], []
+real, real_count = tables.build_vocabularies, tables.count_ids
 tables.build_vocabularies = lambda *a, **k: calls.append(1) or real(*a, **k)
+
+
+def count_ids(paths, columns, batch_rows=65536, shard=(0, 1)):
+    counted.extend((str(f), g) for f, g in tables.vocabulary_units(paths, columns)[shard[0]::shard[1]])
+    return real_count(paths, columns, batch_rows, shard)
+
+
+tables.count_ids = count_ids
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 ctx = DistContext()
 if world > 1:
@@ -55,8 +63,12 @@ torch.manual_seed(0)
 model = build_model("mmoe", splits.input_spec, splits.tasks, num_experts=2)
 metrics = [evaluate_stream(model, s, splits.tasks, 97) for s in (splits.val, splits.test)]
 vocab = splits.encoders["user_id"].values
+os.makedirs(out + ".run")
+splits.save(out + ".run")
+vocab_json = open(out + ".run/vocab.json", "rb").read()
 with open(out, "wb") as fh:
-    pickle.dump({"rows": rows, "steps": steps, "metrics": metrics, "vocab_builds": len(calls), "vocab": vocab}, fh)
+    pickle.dump({"rows": rows, "steps": steps, "metrics": metrics, "vocab_builds": len(calls), "vocab": vocab,
+                 "vocab_json": vocab_json, "counted": counted}, fh)
 if world > 1:
     dist.barrier()
     os._exit(0)  # as polytask's own workers: gloo's teardown at interpreter exit can abort (SIGABRT)
@@ -110,9 +122,13 @@ def test_two_ranks_see_every_row_once_and_evaluate_like_one_process(data, tmp_pa
     per_rank = [collections.Counter(r[0] for r in res["rows"]) for res in two]
     assert per_rank[0] != per_rank[1]
     assert two[0]["steps"] == two[1]["steps"]
-    # rank 0 built the vocabulary, rank 1 received it
-    assert two[0]["vocab_builds"] == one["vocab_builds"] > 0 and two[1]["vocab_builds"] == 0
-    assert two[1]["vocab"] == one["vocab"]
+    # every rank counted a disjoint share of the units (together all of them, one pass) and built the
+    # vocabulary of one process, byte for byte in vocab.json
+    assert one["vocab_builds"] == two[0]["vocab_builds"] == two[1]["vocab_builds"] == 1
+    assert two[0]["counted"] and two[1]["counted"] and not set(two[0]["counted"]) & set(two[1]["counted"])
+    assert sorted(two[0]["counted"] + two[1]["counted"]) == sorted(one["counted"])
+    assert two[0]["vocab"] == two[1]["vocab"] == one["vocab"]
+    assert two[0]["vocab_json"] == two[1]["vocab_json"] == one["vocab_json"]
     # the same model evaluated on 2 ranks: one process's metrics over the whole split
     for got in (two[0]["metrics"], two[1]["metrics"]):
         for split_one, split_two in zip(one["metrics"], got):

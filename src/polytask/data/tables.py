@@ -56,7 +56,7 @@ import math
 import queue
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,41 +67,110 @@ import torch
 from polytask.data.encoders import (  # noqa: F401  (re-exported: the encoders were defined here first)
     HashBuckets, SequenceIds, Vocabulary, _pa, _uniform, id_feature, load_vocabularies, save_vocabularies,
     stable_hash)
-from polytask.errors import ConfigError, DataError
+from polytask.errors import ConfigError, DataError, PolytaskError
 
 
 # ----------------------------------------------------------------------------- vocabularies from files
-def build_vocabularies(paths: Any, columns: Sequence[str], min_count: int = 1,
-                       batch_rows: int = 65536) -> dict[str, Vocabulary]:
-    """One streaming pass over the files: a :class:`Vocabulary` per column, values seen at least
-    ``min_count`` times, most frequent first (ties by value). Counting is done by pyarrow
-    (``value_counts`` per batch, merged with a group-by), never one Python step per row."""
-    pa, pc, _, _ = _pa()
-    files = _list_files(paths)
-    counts: dict[str, Any] = {c: None for c in columns}
-    for f in files:
+def vocabulary_units(paths: Any, columns: Sequence[str]) -> list[tuple[Path, int | None]]:
+    """The units of a vocabulary pass, as the loader cuts them: one per non-empty Parquet row group
+    (from the footers), one per CSV file; every file's ``columns`` checked (DataError naming it)."""
+    _, _, _, pq = _pa()
+    units: list[tuple[Path, int | None]] = []
+    for f in _list_files(paths):
         _check_columns(f, _file_schema(f), columns)
-        for rb in _iter_file(f, columns, batch_rows):
+        if _is_csv(f):
+            units.append((f, None))
+        else:
+            md = pq.ParquetFile(f).metadata
+            units += [(f, g) for g in range(md.num_row_groups) if md.row_group(g).num_rows > 0]
+    return units
+
+
+def count_ids(paths: Any, columns: Sequence[str], batch_rows: int = 65536,
+              shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Occurrences of each distinct non-null value of ``columns`` (list columns: of their items) in
+    the units of ``shard = (index, count)``: every ``count``-th unit from ``index`` of
+    :func:`vocabulary_units`, so that ranks count disjoint shares that together cover the files.
+    Returns per column a pyarrow table ``{v, n}`` (distinct values, counts), or None when the
+    share holds no value. pyarrow counts (``value_counts`` per batch); the partial tables are
+    merged when they hold as many rows as the merged one (amortised: each value is re-grouped
+    O(log) times, not once per batch)."""
+    pa, pc, _, _ = _pa()
+    index, count = shard
+    merged: dict[str, Any] = {c: None for c in columns}
+    pending: dict[str, list] = {c: [] for c in columns}
+    held = dict.fromkeys(columns, 0)
+    for f, group in vocabulary_units(paths, columns)[index::count]:
+        for rb in _iter_file(f, columns, batch_rows, group):
             for c in columns:
                 col = rb.column(c)
                 if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):  # a sequence column
                     col = pc.list_flatten(col)
                 vc = pc.value_counts(col.drop_null())
-                t = pa.table({"v": vc.field("values"), "n": vc.field("counts")})
-                if counts[c] is not None:
-                    g = pa.concat_tables([counts[c], t]).group_by("v").aggregate([("n", "sum")])
-                    t = pa.table({"v": g["v"], "n": g["n_sum"]})
-                counts[c] = t
+                pending[c].append(pa.table({"v": vc.field("values"), "n": vc.field("counts")}))
+                held[c] += len(vc)
+                if held[c] >= max(batch_rows, 0 if merged[c] is None else merged[c].num_rows):
+                    merged[c] = merge_counts(c, [merged[c], *pending[c]])
+                    pending[c], held[c] = [], 0
+    return {c: merge_counts(c, [merged[c], *pending[c]]) for c in columns}
+
+
+def merge_counts(column: str, parts: Sequence[Any]) -> Any:
+    """Count tables ``{v, n}`` summed per value (None parts skipped; None if none is left). Parts of
+    one column must hold one value type (DataError naming the column: CSV files may infer int64
+    in one file and strings in another)."""
+    pa, _, _, _ = _pa()
+    parts = [t for t in parts if t is not None]
+    if not parts:
+        return None
+    types = {str(t.schema.field("v").type) for t in parts if t.num_rows}
+    if len(types) > 1:
+        raise DataError(f"id column {column!r} holds different types in different files: {', '.join(sorted(types))}")
+    parts = [t for t in parts if t.num_rows] or parts[:1]
+    if len(parts) == 1:
+        return parts[0]
+    g = pa.concat_tables(parts).group_by("v").aggregate([("n", "sum")])
+    return pa.table({"v": g["v"], "n": g["n_sum"]})
+
+
+def vocabularies_from_counts(counts: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                             min_count: int | Mapping[str, int] = 1) -> dict[str, Vocabulary]:
+    """A :class:`Vocabulary` per column from count tables (:func:`count_ids`, one per rank or
+    share): the counts are summed, values seen at least ``min_count`` times kept (per column if a
+    mapping), most frequent first, ties by the value's text. The order is a total order on
+    ``(count, text)``, so any split of the units into shares gives the same vocabulary."""
+    pa, pc, _, _ = _pa()
     out = {}
     for c in columns:
-        t = counts[c]
+        k = min_count[c] if isinstance(min_count, Mapping) else min_count
+        t = merge_counts(c, [part[c] for part in counts])
         if t is None or t.num_rows == 0:
-            out[c] = Vocabulary(c, [], min_count)
+            out[c] = Vocabulary(c, [], k)
             continue
-        t = t.filter(pc.greater_equal(t["n"], min_count))
+        t = t.filter(pc.greater_equal(t["n"], k))
         t = t.append_column("k", pc.cast(t["v"], pa.string())).sort_by([("n", "descending"), ("k", "ascending")])
-        out[c] = Vocabulary(c, t["v"].to_pylist(), min_count)
+        out[c] = Vocabulary(c, t["v"].to_pylist(), k)
     return out
+
+
+def build_vocabularies(paths: Any, columns: Sequence[str], min_count: int | Mapping[str, int] = 1,
+                       batch_rows: int = 65536, shard: tuple[int, int] = (0, 1),
+                       exchange: Callable[[Any], list] | None = None) -> dict[str, Vocabulary]:
+    """One streaming pass over the files: a :class:`Vocabulary` per column, values seen at least
+    ``min_count`` times (an int, or one per column), most frequent first (ties by value).
+    Counting is done by pyarrow (:func:`count_ids`), never one Python step per row.
+
+    Over several processes, each passes its ``shard = (rank, world_size)`` and an ``exchange``
+    that takes this process's count tables (or the :class:`~polytask.errors.PolytaskError` its
+    share raised) and returns every process's, raising the first error: every process then builds
+    the same vocabulary from all the counts, equal to one process's."""
+    try:
+        mine: Any = count_ids(paths, columns, batch_rows, shard)
+    except PolytaskError as exc:
+        if exchange is None:
+            raise
+        mine = exc
+    return vocabularies_from_counts([mine] if exchange is None else exchange(mine), columns, min_count)
 
 
 # ----------------------------------------------------------------------------- schema and split
@@ -725,5 +794,6 @@ def write_synthetic_log(path: str | Path, rows: int, *, users: int = 1000, items
     return path
 
 
-__all__ = ["HashBuckets", "SequenceIds", "Split", "TableLoader", "TableSchema", "TableSource", "Vocabulary", "build_vocabularies",
-           "load_vocabularies", "save_vocabularies", "stable_hash", "write_synthetic_log"]
+__all__ = ["HashBuckets", "SequenceIds", "Split", "TableLoader", "TableSchema", "TableSource", "Vocabulary",
+           "build_vocabularies", "count_ids", "load_vocabularies", "merge_counts", "save_vocabularies", "stable_hash",
+           "vocabularies_from_counts", "vocabulary_units", "write_synthetic_log"]

@@ -38,7 +38,9 @@ training.
 ``polytask export`` writes the trained model with its id lookups as a ``torch.export`` program
 (:mod:`polytask.export`).
 
-More than one process (``--nproc N``): the vocabularies are built once, on rank 0, and broadcast;
+More than one process (``--nproc N``): each rank counts the ids of every N-th unit (row group or
+CSV file) of the vocabulary pass, one all-gather exchanges the count tables (distinct values and
+counts), and every rank builds the same vocabularies as one process (``build_encoders``);
 each rank reads its own units (row groups) of the train files, ``train.batch_size / N`` rows a
 batch; the ranks' shards differ by up to a row group, so a rank that runs out first takes empty
 batches (a masked mean over no rows is 0: it adds nothing to the step's global loss) until every
@@ -204,24 +206,63 @@ def _same_data(run_dir: Path, data: dict[str, Any]) -> bool:
     return isinstance(old, dict) and old.get("data") == data
 
 
-def build_encoders(p: TableParams, run_dir: Path, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Hash buckets and vocabularies per id column; vocabularies reused from ``run_dir/vocab.json``
-    when the run there had the same ``data`` section and the file holds the same columns with the
-    same ``min_count`` (resume), else built in one pass over the train files."""
-    from polytask.data.tables import build_vocabularies, load_vocabularies
+def _saved_vocabularies(run_dir: Path, vocab_cols: dict[str, int], data: dict[str, Any] | None) -> dict[str, Any]:
+    """The vocabularies of ``run_dir/vocab.json`` when the run there had the same ``data`` section and
+    the file holds the same columns with the same ``min_count`` (resume), else none."""
+    from polytask.data.tables import load_vocabularies
 
-    vocab_cols = {c: spec.min_count for c, spec in p.ids.items() if spec.hash is None}
     saved = run_dir / VOCAB_FILE
-    vocabs = {}
     if vocab_cols and saved.is_file() and (data is None or _same_data(run_dir, data)):
         old = load_vocabularies(saved)
         if {c: v.min_count for c, v in old.items()} == vocab_cols:
-            vocabs = old
+            return old
+    return {}
+
+
+def _exchange_counts(ctx: Any) -> Any:
+    """The ``exchange`` of :func:`~polytask.data.tables.build_vocabularies` over ``ctx``'s ranks: one
+    all-gather of every rank's count tables (distinct values with their counts, per column: what
+    the vocabulary needs, far smaller than the rows), or of the user error its share raised, which
+    every rank then raises alike."""
+    from polytask.errors import PolytaskError
+    from polytask.train.dist import _rebuild, gather_objects
+
+    def exchange(mine: Any) -> list:
+        got = ("error", type(mine).__name__, str(mine)) if isinstance(mine, PolytaskError) else ("ok", mine)
+        parts = gather_objects(got, ctx)
+        for part in parts:
+            if part[0] == "error":
+                raise _rebuild(part[1], part[2])
+        return [part[1] for part in parts]
+
+    return exchange
+
+
+def build_encoders(p: TableParams, run_dir: Path, data: dict[str, Any] | None = None, ctx: Any = None,
+                   device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Hash buckets and vocabularies per id column; vocabularies reused from ``run_dir/vocab.json``
+    (:func:`_saved_vocabularies`), else built in one pass over the train files for all columns.
+
+    With a process group (``ctx``), rank 0 decides on reuse (its answer broadcast, so that no rank
+    counts alone); to build, each rank counts every ``world_size``-th unit (row group or CSV file)
+    and one all-gather of the count tables gives every rank the counts of the whole pass, from which
+    each builds the same vocabularies as one process: the pass takes 1/N of the time, and no rank
+    waits in a collective while another reads everything."""
+    from polytask.data.tables import build_vocabularies
+
+    vocab_cols = {c: spec.min_count for c, spec in p.ids.items() if spec.hash is None}
+    shared = ctx is not None and ctx.world_size > 1
+    if shared:
+        from polytask.train.dist import on_main
+
+        vocabs = on_main(lambda: _saved_vocabularies(run_dir, vocab_cols, data), ctx, torch.device(device))
+    else:
+        vocabs = _saved_vocabularies(run_dir, vocab_cols, data)
     if vocab_cols and not vocabs:
         files = expand(p.train if p.path is None else p.path)
-        for k in sorted(set(vocab_cols.values())):
-            vocabs.update(build_vocabularies(files, [c for c, m in vocab_cols.items() if m == k], k,
-                                             batch_rows=p.read_rows))
+        vocabs = build_vocabularies(files, list(vocab_cols), vocab_cols, batch_rows=p.read_rows,
+                                    shard=(ctx.rank, ctx.world_size) if shared else (0, 1),
+                                    exchange=_exchange_counts(ctx) if shared else None)
     return {c: _encoder(spec, vocabs.get(c)) for c, spec in p.ids.items()}
 
 
@@ -349,7 +390,7 @@ def check_multiprocess(config: Any) -> None:
 
 def table_splits(config: Any, ctx: Any = None, device: torch.device | str = "cpu") -> TableSplits:
     """The train/val/test :class:`StreamSplit` s of ``config.data`` (``name: table``); with a
-    process group (``ctx``), each rank's shards and vocabularies built on rank 0."""
+    process group (``ctx``), each rank's shards; the vocabularies counted by the ranks in shares."""
     from polytask.data.tables import Split, TableSchema
 
     p = parse_params(dict(config.data.params))
@@ -364,12 +405,7 @@ def table_splits(config: Any, ctx: Any = None, device: torch.device | str = "cpu
                               f"the table has {', '.join(labels)}")
         labels = {t: c for t, c in labels.items() if t in config.data.tasks}
     data = config.data.model_dump(mode="json")
-    if ctx is not None and ctx.world_size > 1:
-        from polytask.train.dist import on_main
-
-        encoders = on_main(lambda: build_encoders(p, config.run_dir, data), ctx, torch.device(device))
-    else:
-        encoders = build_encoders(p, config.run_dir, data)
+    encoders = build_encoders(p, config.run_dir, data, ctx, device)
     keep = tuple(c for c in (p.group, p.split.key if p.split else None) if c)
     schema = TableSchema(dense=tuple(p.dense), categorical=encoders, labels=labels, keep=keep)
     if p.path is None:
