@@ -100,6 +100,7 @@ def count_ids(paths: Any, columns: Sequence[str], batch_rows: int = 65536,
     merged: dict[str, Any] = {c: None for c in columns}
     pending: dict[str, list] = {c: [] for c in columns}
     held = dict.fromkeys(columns, 0)
+    types: dict[str, Any] = {}  # per column: the value type of the first values counted
     for f, group in vocabulary_units(paths, columns)[index::count]:
         for rb in _iter_file(f, columns, batch_rows, group):
             for c in columns:
@@ -107,6 +108,9 @@ def count_ids(paths: Any, columns: Sequence[str], batch_rows: int = 65536,
                 if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):  # a sequence column
                     col = pc.list_flatten(col)
                 vc = pc.value_counts(col.drop_null())
+                if len(vc) and types.setdefault(c, vc.type.field("values").type) != vc.type.field("values").type:
+                    raise DataError(f"{f}: id column {c!r} holds {vc.type.field('values').type}, "
+                                    f"earlier files {types[c]}")
                 pending[c].append(pa.table({"v": vc.field("values"), "n": vc.field("counts")}))
                 held[c] += len(vc)
                 if held[c] >= max(batch_rows, 0 if merged[c] is None else merged[c].num_rows):

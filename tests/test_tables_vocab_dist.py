@@ -1,0 +1,154 @@
+"""Vocabularies counted in shares (issue 13: ``--nproc N`` with no rank idle in a collective through the pass):
+every share of the units counted apart, the counts combined, the vocabulary equal to one process's and to an
+independent count (collections.Counter over the rows read whole); ties and min-count across shares by hand; a
+bad file found by one rank stops both gloo ranks with the same line."""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+pcsv = pytest.importorskip("pyarrow.csv")
+
+from polytask.data.tables import (  # noqa: E402
+    build_vocabularies, count_ids, save_vocabularies, vocabularies_from_counts, vocabulary_units)
+from polytask.errors import DataError  # noqa: E402
+
+
+def _expected(rows, min_count: int) -> list:
+    """The vocabulary by its definition: non-null values seen ``min_count`` times, count descending, then text."""
+    counts = collections.Counter(v for v in rows if v is not None)
+    return sorted((v for v, n in counts.items() if n >= min_count), key=lambda v: (-counts[v], str(v)))
+
+
+def _in_shares(paths, columns, min_count, shares: int, batch_rows: int = 7) -> dict:
+    parts = [count_ids(paths, columns, batch_rows, shard=(i, shares)) for i in range(shares)]
+    return vocabularies_from_counts(parts, columns, min_count)
+
+
+def _json(vocabs, path) -> bytes:
+    save_vocabularies(vocabs, path)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def zipf_files(tmp_path_factory):
+    """Zipf ids with nulls: one Parquet file of 9 row groups (a string, an int and a list column) and 3 CSV files."""
+    root = tmp_path_factory.mktemp("zipf")
+    rng = np.random.default_rng(3)
+    n = 900
+    user = [None if rng.random() < 0.05 else f"u{int(k)}" for k in rng.zipf(1.3, n) % 60]
+    item = [int(k) for k in rng.zipf(1.2, n) % 40]
+    hist = [[f"i{int(k)}" for k in rng.zipf(1.4, int(m)) % 25] for m in rng.integers(0, 4, n)]
+    table = pa.table({"user": user, "item": item, "hist": hist})
+    pq.write_table(table, root / "log.parquet", row_group_size=100)
+    (root / "csv").mkdir()
+    for i, (lo, hi) in enumerate([(0, 200), (200, 550), (550, n)]):
+        pcsv.write_csv(table.select(["user", "item"]).slice(lo, hi - lo), root / "csv" / f"p{i}.csv")
+    return root, user, item, hist
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_any_number_of_shares_gives_the_one_process_vocabulary(zipf_files, tmp_path, fmt):
+    root, user, item, hist = zipf_files
+    path = root / "log.parquet" if fmt == "parquet" else root / "csv"
+    columns = ["user", "item", "hist"] if fmt == "parquet" else ["user", "item"]
+    min_count = {"user": 2, "item": 3, "hist": 1}
+    if fmt == "csv":  # as pyarrow reads CSV: an empty field of a string column is the id "", not a null
+        whole = pa.concat_tables([pcsv.read_csv(f) for f in sorted(path.iterdir())])
+        user, item = whole["user"].to_pylist(), whole["item"].to_pylist()
+        assert "" in user
+    want = {"user": _expected(user, 2), "item": _expected(item, 3), "hist": _expected(sum(hist, []), 1)}
+    one = build_vocabularies(path, columns, min_count, batch_rows=7)
+    assert {c: v.values for c, v in one.items()} == {c: want[c] for c in columns}
+    assert len(one["user"].values) > 10 and len(one["item"].values) > 5  # not a trivial vocabulary
+    one_json = _json(one, tmp_path / "one.json")
+    units = len(vocabulary_units(path, columns))
+    assert units == (9 if fmt == "parquet" else 3)
+    for shares in (2, 3, 5):  # 5 CSV shares: two of them hold no unit
+        got = _in_shares(path, columns, min_count, shares)
+        assert _json(got, tmp_path / f"{shares}.json") == one_json, shares
+        assert {c: v.min_count for c, v in got.items()} == {c: min_count[c] for c in columns}
+
+
+def test_ties_and_min_count_are_decided_on_the_combined_counts(tmp_path):
+    # row groups of 2 rows, dealt to 2 shares: 0, 2, 4 and 1, 3. Every value but e/7 is seen once per share
+    # or twice in one: a filter by min_count in a share would drop c, d, 3 and 100.
+    pq.write_table(pa.table({"s": ["b", "b", "a", "a", "c", "d", "d", "c", "e", None],
+                             "n": [9, 9, 10, 10, 100, 3, 3, 100, 7, None]}), tmp_path / "t.parquet", row_group_size=2)
+    for shares in (1, 2):
+        v = _in_shares(tmp_path / "t.parquet", ["s", "n"], 2, shares, batch_rows=2)
+        assert v["s"].values == ["a", "b", "c", "d"]  # all seen twice: by text; e once, null never counted
+        assert v["n"].values == [10, 100, 3, 9]  # all seen twice: by text, "10" < "100" < "3" < "9"
+    shares = [count_ids(tmp_path / "t.parquet", ["s"], 2, shard=(i, 2))["s"].to_pydict() for i in range(2)]
+    assert dict(zip(shares[0]["v"], shares[0]["n"])) == {"b": 2, "c": 1, "d": 1, "e": 1}
+    assert dict(zip(shares[1]["v"], shares[1]["n"])) == {"a": 2, "d": 1, "c": 1}
+
+
+def test_one_value_type_per_column_across_files_and_shares(tmp_path):
+    (tmp_path / "a.csv").write_text("u\n1\n2\n")
+    (tmp_path / "b.csv").write_text("u\nx\ny\n")
+    with pytest.raises(DataError, match=r"b\.csv: id column 'u' holds string"):
+        build_vocabularies(tmp_path, ["u"])
+    parts = [count_ids(tmp_path, ["u"], shard=(i, 2)) for i in range(2)]  # each share alone is fine
+    with pytest.raises(DataError, match="id column 'u' holds different types"):
+        vocabularies_from_counts(parts, ["u"])
+
+
+def test_a_share_error_goes_to_the_exchange_not_up_the_stack(tmp_path):
+    (tmp_path / "a.csv").write_text("u\nx\n")
+    # past the first block (which every rank reads for the schema): a row with a field too many
+    (tmp_path / "b.csv").write_text("u\n" + "xxxxxxx\n" * 200_000 + "y,1\n")
+    seen = []
+
+    def exchange(mine):  # as a rank would: hand the error over, then raise the first one of all ranks
+        seen.append(mine)
+        raise mine if isinstance(mine, DataError) else DataError("peer")
+
+    with pytest.raises(DataError, match=r"b\.csv"):
+        build_vocabularies(tmp_path, ["u"], shard=(1, 2), exchange=exchange)
+    with pytest.raises(DataError, match="peer"):
+        build_vocabularies(tmp_path, ["u"], shard=(0, 2), exchange=exchange)
+    assert isinstance(seen[0], DataError) and seen[1]["u"].to_pydict() == {"v": ["x"], "n": [1]}
+
+
+def test_a_bad_file_in_one_ranks_share_stops_both_gloo_ranks_with_its_line(tmp_path):
+    from test_tables_csv_dist import ERROR_WORKER
+    from test_tables_dist import _config
+
+    from polytask.train.tables import write_synthetic_splits
+
+    parquet = write_synthetic_splits(tmp_path / "pq", 600, row_group_rows=200)
+    train = tmp_path / "train"
+    train.mkdir()
+    table = pq.read_table(parquet[0])
+    pcsv.write_csv(table.slice(0, 150), train / "p0.csv")
+    body = (train / "p0.csv").read_text().splitlines()
+    # unit 1, counted by rank 1 alone: a good first block, then a row with one field too many at the end
+    good = "\n".join(body[1:]) + "\n"
+    (train / "p1.csv").write_text(body[0] + "\n" + good * (1 + (2 << 20) // len(good)) + body[1] + ",1\n")
+    pcsv.write_csv(table.slice(150, 150), train / "p2.csv")
+    cfg = _config([train, parquet[1], parquet[2]], tmp_path / "r")  # user_id and category: vocabularies
+    script, conf = tmp_path / "w.py", tmp_path / "c.pkl"
+    script.write_text(ERROR_WORKER)
+    conf.write_bytes(pickle.dumps(cfg))
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), STORE=str(tmp_path / "store"),
+                   POLYTASK_DIST_TIMEOUT="60")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(conf), str(tmp_path / f"o{rank}")], env=env,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    msgs = [pickle.loads((tmp_path / f"o{rank}").read_bytes()) for rank in range(2)]
+    assert msgs[0] == msgs[1] and msgs[0] is not None and "p1.csv" in msgs[0] and "\n" not in msgs[0], msgs
+    assert ": cannot read (" in msgs[0]  # found in the counting pass (not by the schema read every rank makes)
