@@ -259,3 +259,19 @@ def merge_checkpoints_bf16(method, paths, base_dir, out, params, kwargs):
 
     return merge_checkpoints(method, paths, base_dir, out, model_params=params, method_params=kwargs,
                              compute_dtype=None, prefetch_bytes=30_000, seed=3)
+
+
+def test_trim_differences_equal_the_trim_of_stored_differences():
+    x, base = _task_vectors(11, 4, 20_000)
+    x[2, 5] = float("inf")  # left: its row holds the plain difference
+    counts = [6000, 20_000, 300, 0]
+    stored = x.clone().sub_(base)
+    expected = stored.clone()
+    kernels.trim_in_place(expected, counts)
+    out = torch.empty_like(x)
+    left = kernels.trim_differences(list(x), base, counts, out)
+    assert left == [3, 2]
+    for i in (0, 1):
+        assert torch.equal(out[i].view(torch.int16), expected[i].view(torch.int16))
+    for i in left:
+        assert torch.equal(out[i].view(torch.int16), stored[i].view(torch.int16))

@@ -212,15 +212,23 @@ def _replay(work, k, v, depth):
     return 0
 
 
+@njit(inline="always")
+def _entry(x, base, subtract, i):
+    """Entry ``i`` of the task vector: ``x[i]``, or ``x[i] - base[i]`` rounded to bfloat16 (made on
+    the fly, so that a trim needs no stored copy of it)."""
+    return round_bf16(widen(x[i]) - widen(base[i])) if subtract else x[i]
+
+
 @njit(nogil=True, cache=True)
-def _threshold(bits, k, descending, nan_above):
+def _threshold(x, base, subtract, k, descending, nan_above):
     """The ``k``-th magnitude pattern ``v`` in sort order, from a histogram of the 2^15 patterns
     (with the sign dropped, half-precision bits order as the magnitudes do: exact, no float copy),
     how many entries equal it, and whether they straddle the cut. ``v`` is -1 if there is a NaN
-    (``nan_above`` is the largest pattern that is not NaN); the last value tells an infinity."""
+    (``nan_above`` is the largest pattern that is not NaN); the last value tells an infinity.
+    Entries as :func:`_entry` makes them."""
     hist = np.zeros(32768, np.int64)
-    for i in range(bits.size):
-        hist[bits[i] & 0x7FFF] += 1
+    for i in range(x.size):
+        hist[_entry(x, base, subtract, i) & 0x7FFF] += 1
     for a in range(nan_above + 1, 32768):
         if hist[a] != 0:
             return -1, 0, False, True
@@ -239,11 +247,12 @@ def _threshold(bits, k, descending, nan_above):
 
 
 @njit(nogil=True, cache=True)
-def _kept_ties(bits, k, descending, v, tied):
+def _kept_ties(x, base, subtract, k, descending, v, tied):
     """Original positions of the entries equal to ``v`` that the sort puts among the first ``k``
-    (status, positions): the sort replayed (:func:`_replay`) on flagged entries built from
-    ``bits`` (ascending as descending on ``0x7FFF - key``), 4 bytes per entry."""
-    n = bits.size
+    (status, positions): the sort replayed (:func:`_replay`) on flagged entries built from the
+    entries (:func:`_entry`; ascending as descending on ``0x7FFF - key``), 4 bytes per entry,
+    freed on return."""
+    n = x.size
     key_v = np.uint16(v) if descending else np.uint16(0x7FFF - v)
     depth = 0
     m = n
@@ -252,7 +261,7 @@ def _kept_ties(bits, k, descending, v, tied):
         depth += 1
     flagged = np.empty(n, np.uint32)
     for i in range(n):
-        a = bits[i] & 0x7FFF
+        a = _entry(x, base, subtract, i) & 0x7FFF
         flagged[i] = _FLAG | np.uint32(i) if a == v else (np.uint32(a) if descending else np.uint32(0x7FFF - a))
     status = _replay(flagged, k, key_v, 2 * depth)
     kept = np.empty(tied, np.int64)
@@ -274,7 +283,7 @@ def head_keep(bits, k, descending, nan_above, keep):
     where entries equal to ``v`` straddle the cut does the sort's order matter: then the sort is
     replayed (:func:`_tied_positions`). Returns 0, 1 (a NaN) or 2 (the heapsort fallback).
     """
-    v, tied, straddle, _ = _threshold(bits, k, descending, nan_above)
+    v, tied, straddle, _ = _threshold(bits, bits, False, k, descending, nan_above)
     if v < 0:
         return 1
     for i in range(bits.size):
@@ -282,7 +291,7 @@ def head_keep(bits, k, descending, nan_above, keep):
         keep[i] = (a > v if descending else a < v) or (a == v and not straddle)
     if not straddle:
         return 0
-    status, kept = _kept_ties(bits, k, descending, v, tied)
+    status, kept = _kept_ties(bits, bits, False, k, descending, v, tied)
     if status != 0:
         return status
     for i in kept:
@@ -291,27 +300,31 @@ def head_keep(bits, k, descending, nan_above, keep):
 
 
 @njit(nogil=True, cache=True)
-def trim_in_place(bits, k, nan_above):
-    """TIES' trim of one task vector in place: entries outside ``torch.argsort(|x|,
-    descending=True)[:k]`` become zeros of their sign (``x * mask`` as torch computes it), the
-    same entries as :func:`head_keep` without a mask. Returns 0, 1 (a NaN or an infinity: ``inf
-    * 0`` is NaN, left to the masked path) or 2 (the heapsort fallback); nothing is changed
-    unless it returns 0."""
-    v, tied, straddle, infinite = _threshold(bits, k, True, nan_above)
+def trim(x, base, subtract, k, nan_above, out):
+    """TIES' trim of one task vector into ``out`` (which may be ``x`` itself when not
+    ``subtract``): entries outside ``torch.argsort(|tau|, descending=True)[:k]`` become zeros of
+    their sign (``tau * mask`` as torch computes it), the same entries as :func:`head_keep`
+    without a mask. With ``subtract``, ``tau = x - base`` is made on the fly in each pass and
+    written once, after the selection: the selection's scratch and the task vector are never held
+    together. Returns 0, 1 (a NaN or an infinity: ``inf * 0`` is NaN, left to the masked path) or
+    2 (the heapsort fallback); ``out`` is untouched unless it returns 0."""
+    v, tied, straddle, infinite = _threshold(x, base, subtract, k, True, nan_above)
     if v < 0 or infinite:
         return 1
+    kept = np.empty(0, np.int64)
     if straddle:
-        status, kept = _kept_ties(bits, k, True, v, tied)
+        status, kept = _kept_ties(x, base, subtract, k, True, v, tied)
         if status != 0:
             return status
-        for i in kept:  # marked for a moment: kept ties get the (otherwise unused) pattern 0xFFFF
-            bits[i] = np.uint16(0xFFFF) if bits[i] & 0x8000 else np.uint16(0x7FFF)
-    for i in range(bits.size):
-        a = bits[i] & 0x7FFF
-        if a == 0x7FFF:  # a kept tie: back to its value
-            bits[i] = (bits[i] & np.uint16(0x8000)) | np.uint16(v)
-        elif a < v or (a == v and straddle):
-            bits[i] &= np.uint16(0x8000)
+    values = np.empty(kept.size, np.uint16)  # the tied entries the sort keeps (read before out is written: out may be x)
+    for t in range(kept.size):
+        values[t] = _entry(x, base, subtract, kept[t])
+    for i in range(x.size):
+        d = _entry(x, base, subtract, i)
+        a = d & 0x7FFF
+        out[i] = d if a > v or (a == v and not straddle) else d & np.uint16(0x8000)
+    for t in range(kept.size):
+        out[kept[t]] = values[t]
     return 0
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "available", "can_trim", "trim_masks", "trim_in_place", "subtract", "combine", "uniform24", "stream_seed"]
+__all__ = ["all_finite", "available", "can_trim", "trim_masks", "trim_in_place", "trim_differences", "subtract", "combine", "uniform24", "stream_seed"]
 
 #: Entries per chunk of :func:`combine` handed to a thread.
 _CHUNK = 1 << 20
@@ -214,20 +214,44 @@ def trim_in_place(deltas: Tensor, counts: list[int]) -> list[int]:
     Returns the rows left unchanged for the caller's masked path: a NaN or an infinity, the sort's
     heapsort fallback, or a count of 0.
     """
+    return _trim(list(deltas), deltas, counts, None, deltas.dtype)
+
+
+def trim_differences(x: Sequence[Tensor], base: Tensor, counts: list[int], out: Tensor) -> list[int]:
+    """:func:`trim_in_place` of the task vectors ``x[i] - base`` (bfloat16, rounded as torch),
+    written into ``out`` ``(N, *shape)`` only after each one's selection (its scratch and the task
+    vector are never held together: the peak of a TIES merge of embeddings). Rows returned (as
+    :func:`trim_in_place`) hold the plain difference, for the caller's masked path."""
+    left = _trim(list(x), out, counts, base, torch.bfloat16)
+    for i in left:
+        compiled = _compiled()
+        compiled.subtract((_bits(x[i].reshape(-1)),), _bits(base.reshape(-1)), (_bits(out[i].reshape(-1)),), 0,
+                          base.numel())
+    return left
+
+
+def _trim(x: list[Tensor], out: Tensor, counts: list[int], base: Tensor | None, dtype: torch.dtype) -> list[int]:
     compiled = _compiled()
-    n, m = deltas.shape
-    nan_above = _NAN_ABOVE[deltas.dtype]
-    bits = _bits(deltas)
-    rows = [i for i in range(n) if 0 < counts[i] < m]
+    n = len(x)
+    m = out[0].numel()
+    nan_above = _NAN_ABOVE[dtype]
+    rows = [_bits(t.reshape(-1)) for t in x]
+    targets = [_bits(t.reshape(-1)) for t in out]
+    b = _bits(base.reshape(-1)) if base is not None else rows[0]
+    trimmed = [i for i in range(n) if 0 < counts[i] < m]
 
     def one(i: int) -> int:
-        return compiled.trim_in_place(bits[i], counts[i], nan_above)
+        return compiled.trim(rows[i], b, base is not None, counts[i], nan_above, targets[i])
 
-    if m < _SERIAL_TRIM and len(rows) > 1:
-        status = list(_pool().map(one, rows))
+    if m < _SERIAL_TRIM and len(trimmed) > 1:
+        status = list(_pool().map(one, trimmed))
     else:
-        status = [one(i) for i in rows]
-    return [i for i in range(n) if counts[i] <= 0] + [i for i, s in zip(rows, status) if s != 0]
+        status = [one(i) for i in trimmed]
+    if base is not None:  # rows kept whole: the plain difference
+        for i in range(n):
+            if counts[i] >= m:
+                compiled.subtract((rows[i],), b, (targets[i],), 0, m)
+    return [i for i in range(n) if counts[i] <= 0] + [i for i, s in zip(trimmed, status) if s != 0]
 
 
 def combine(x: Tensor | Sequence[Tensor], base: Tensor, weights: Tensor, *, subtract: bool, keep: Tensor | None = None,

@@ -216,12 +216,14 @@ def _trim_counts(density: Tensor, m: int) -> list[int]:
     return [m if d >= 1 else (0 if d <= 0 else max(1, int(d * m))) for d in density.tolist()]
 
 
-def _trim_fused(deltas: Tensor, density: Tensor) -> None:
-    """:func:`topk_mask`'s trim applied in place without masks (compiled, half precision); rows
-    the kernel leaves (NaN, infinities) go through the masks."""
+def _trim_fused(deltas: Tensor, density: Tensor, views: list[Tensor] | None = None, base: Tensor | None = None) -> None:
+    """:func:`topk_mask`'s trim applied in place without masks (compiled, half precision), or of
+    ``views[i] - base`` into ``deltas``; rows the kernel leaves (NaN, infinities) go through the
+    masks."""
     flat = deltas.reshape(deltas.shape[0], -1)
     counts = _trim_counts(density, flat.shape[1])
-    for i in kernels.trim_in_place(flat, counts):
+    left = kernels.trim_in_place(flat, counts) if views is None else kernels.trim_differences(views, base, counts, flat)
+    for i in left:
         flat[i].mul_(_magnitude_select(flat[i:i + 1], counts[i:i + 1], largest=True)[0])
 
 
@@ -513,12 +515,14 @@ class Ties(_WeightedSum):
         return dtype == torch.bfloat16 and not self.rescale and kernels.available()
 
     def merge(self, tensors, base, params, ctx):
-        if isinstance(tensors, list):  # read-only views: the task vectors go into scratch
-            deltas = kernels.subtract(tensors, base, ctx.buffer((len(tensors), *base.shape), base.dtype))
+        if isinstance(tensors, list):  # read-only views: the trimmed task vectors go into scratch
+            deltas = ctx.buffer((len(tensors), *base.shape), base.dtype)
+            _trim_fused(deltas, params["density"], tensors, base)
         else:
             deltas = tensors.sub_(base)
         if not self.rescale and kernels.available(deltas, base):  # trim in place, elect and merge in one pass
-            _trim_fused(deltas, params["density"])
+            if not isinstance(tensors, list):
+                _trim_fused(deltas, params["density"])
             # the merged tensor goes over the first task vector (each block is read before it is
             # written): no output buffer, the peak of an embedding's merge is one tensor lower
             return kernels.combine(deltas, base, params["weight"], subtract=False, consensus=self.consensus,
