@@ -99,3 +99,81 @@ def test_sdmgrad_inner_hand_case_two_tasks():
     w = torch.full((2,), 0.5, dtype=DT)
     got = sw.sdmgrad_inner(g, w, w, 0.1, 0.0, 0.0, 1)
     torch.testing.assert_close(got, torch.tensor([0.4, 0.6], dtype=DT), rtol=0, atol=1e-8)  # 1e-8: A's +1e-8 guard
+
+
+@pytest.mark.parametrize("n", [2, 16])
+def test_nonneg_qp_matches_torch_on_hard_problems(n):
+    from polytask.balance.solvers import nonneg_qp
+
+    for name, g in _gramians(n, seed=2).items():
+        top = float(g.diagonal().max()) or 1.0
+        quad = g + 1e-9 * top * torch.eye(n, dtype=DT)
+        gen = torch.Generator().manual_seed(3)
+        lin = torch.randn(3, n, dtype=DT, generator=gen) * top  # batched rows, as UPGrad's
+        got, ref = nonneg_qp(quad, lin), _torch_path(nonneg_qp, quad, lin)
+        scale = float(ref.abs().max()) or 1.0
+        # rounding in a solve is amplified by the condition number (the nearly opposite pair: ~1e9), in either path
+        tol = max(1e-12, 1e-14 * float(torch.linalg.cond(quad)))
+        assert float((got - ref).abs().max()) <= tol * scale, (name, _rel(got, ref), tol)
+        assert got.shape == ref.shape and bool((got >= 0).all())
+        one = nonneg_qp(quad, lin[0])  # 1-D right-hand side keeps its shape
+        assert one.shape == (n,)
+
+
+def test_nonneg_qp_well_conditioned_agrees_to_1e12_and_solves_kkt():
+    from polytask.balance.solvers import nonneg_qp
+
+    gen = torch.Generator().manual_seed(4)
+    m = torch.randn(16, 16, dtype=DT, generator=gen)
+    quad = m @ m.T + 16 * torch.eye(16, dtype=DT)
+    for step in range(5):
+        lin = torch.randn(16, dtype=DT, generator=gen) * 10.0 ** (step - 2)
+        got, ref = nonneg_qp(quad, lin), _torch_path(nonneg_qp, quad, lin)
+        assert _rel(got, ref) < 1e-12
+        mult = quad @ got + lin  # KKT: x >= 0, Qx + q >= 0, complementarity
+        assert float(mult.min()) > -1e-10 * float(lin.abs().max()) and float((got * mult).abs().max()) < 1e-9
+
+
+def test_nonneg_qp_nan_as_torch():
+    from polytask.balance.solvers import nonneg_qp
+
+    quad = torch.eye(3, dtype=DT)
+    quad[0, 1] = quad[1, 0] = float("nan")
+    lin = -torch.ones(3, dtype=DT)
+    got, ref = nonneg_qp(quad, lin), _torch_path(nonneg_qp, quad, lin)
+    assert torch.equal(got.isnan(), ref.isnan())
+
+
+@pytest.mark.parametrize("n", [2, 16])
+@pytest.mark.parametrize("tau", [0.02, 0.5])
+def test_pcd_matches_torch_over_consecutive_steps(n, tau):
+    for name, g in _gramians(n, seed=5).items():
+        fast, slow = BALANCERS.build("pcd", tau=tau).aggregator, BALANCERS.build("pcd", tau=tau).aggregator
+        for step in range(5):
+            scaled = g * (1.0 + 0.5 * step)
+            got = fast.weights(scaled)
+            ref = _torch_path(slow.weights, scaled)
+            scale = float(ref.abs().max()) or 1.0
+            assert float((got - ref).abs().max()) <= 1e-12 * scale, (name, step, _rel(got, ref))
+            assert torch.equal(fast.sq_norm_avg, slow.sq_norm_avg)
+
+
+def test_pcd_infeasible_and_nan_as_torch():
+    g = torch.tensor([[1.0, 0.2, 0.1], [0.2, 1.0, -1.0], [0.1, -1.0, 1.0]], dtype=DT)  # opposite secondaries
+    for gram in (g, torch.where(torch.eye(3, dtype=torch.bool), g, float("nan"))):
+        fast, slow = BALANCERS.build("pcd", tau=0.5).aggregator, BALANCERS.build("pcd", tau=0.5).aggregator
+        got, ref = fast.weights(gram), _torch_path(slow.weights, gram)
+        assert torch.equal(got.isnan(), ref.isnan())
+        torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("n", [2, 16])
+def test_cr_mogm_over_mgda_matches_torch_over_consecutive_steps(n):
+    for name, g in _gramians(n, seed=6).items():
+        fast, slow = BALANCERS.build("cr_mogm").aggregator, BALANCERS.build("cr_mogm").aggregator
+        for step in range(5):
+            scaled = g * (1.0 + 0.5 * step)
+            got = fast.weights(scaled)
+            ref = _torch_path(slow.weights, scaled)
+            # 2e-12: the 1e-6..1e6 rows (the min-norm QP's condition number ~1e12) reach 7e-13
+            assert float((got - ref).abs().max()) <= 2e-12 * float(ref.abs().max()), (name, step, _rel(got, ref))

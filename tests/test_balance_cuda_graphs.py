@@ -56,7 +56,10 @@ class FakeGraphs:
 
 @pytest.fixture
 def fake(monkeypatch):
+    from polytask.balance import compiled
+
     graphs = FakeGraphs()
+    monkeypatch.setattr(compiled, "USE_COMPILED", False)  # the graphs stand in for CUDA, where no compiled loop runs
     monkeypatch.setattr(solvers, "_GRAPH_DEVICE", "cpu")
     monkeypatch.setattr(solvers, "_capture", graphs)
     monkeypatch.setattr(solvers, "_GRAPHS", {})

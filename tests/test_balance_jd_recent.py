@@ -562,9 +562,10 @@ def test_steps_with_cuda_graphs_match_eager(monkeypatch, name):
     tests/test_balance_cuda_graphs.py (everything but the capture), several steps equal the eager run."""
     from test_balance_cuda_graphs import FakeGraphs
 
-    from polytask.balance import solvers
+    from polytask.balance import compiled, solvers
 
     graphs = FakeGraphs()
+    monkeypatch.setattr(compiled, "USE_COMPILED", False)  # the graphs stand in for CUDA, where no compiled loop runs
     monkeypatch.setattr(solvers, "_GRAPH_DEVICE", "cpu")
     monkeypatch.setattr(solvers, "_capture", graphs)
     monkeypatch.setattr(solvers, "_GRAPHS", {})

@@ -26,7 +26,10 @@ On CUDA a fixed-iteration loop is many tiny kernels whose launch cost dominates 
 :func:`nonneg_qp` iteration: ~180 us of launches on an H100). Solvers decorated with
 :func:`cuda_graphed` therefore run, on CUDA, as the replay of a CUDA graph captured at their first
 call for the same shapes, dtypes, device and non-tensor arguments. :data:`CUDA_GRAPHS` (environment
-variable ``POLYTASK_CUDA_GRAPHS=0``) turns that off; the CPU path never uses it.
+variable ``POLYTASK_CUDA_GRAPHS=0``) turns that off; the CPU path never uses it. On the CPU the
+same dispatch cost (a few microseconds per operation, on ``16 x 16`` problems) is removed by running
+:func:`nonneg_qp` as one compiled loop when numba is installed (:mod:`polytask.balance.compiled`;
+float64 tensors without autograd), with the same iterations.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+from polytask.balance.compiled import compiled_for
 
 __all__ = ["CUDA_GRAPHS", "cagrad_dual", "cuda_graphed", "fair_residual", "frank_wolfe_min_norm", "min_norm_simplex",
            "nonneg_qp", "power_fair_weights", "project_simplex"]
@@ -263,9 +268,18 @@ def nonneg_qp(quad: Tensor, lin: Tensor, iters: int | None = None) -> Tensor:
     ``3 T / 2 + 10``) needs no host synchronisation. The first guess is the step from ``x = 0``
     (free where ``q < 0``), which costs no solve; for UPGrad's and DualProj's problems
     (``q = G u``) an all-free start only finds ``x = -u``, one wasted solve.
+
+    On the CPU with numba (float64, no autograd) the same iterations run as one compiled loop that
+    solves the reduced system on the free indices (Gaussian elimination with partial pivoting):
+    ~190 torch operations per call at ``T = 16`` become none; the result agrees to rounding times
+    the condition number of ``Q``.
     """
     n = quad.shape[-1]
     iters = 3 * n // 2 + 10 if iters is None else iters
+    kernels = compiled_for(quad, lin) if quad.dim() == 2 else None
+    if kernels is not None:  # the same iterations as one compiled loop (float64 CPU, numba installed)
+        rows = kernels.nonneg_qp(quad.contiguous().numpy(), lin.reshape(-1, n).contiguous().numpy(), iters)
+        return torch.from_numpy(rows).reshape(lin.shape)
     fast = min(iters, 10)
     free = lin < 0  # the first active-set step from x = 0 (no solve needed: there Qx + q = q)
     x = torch.zeros_like(lin)

@@ -75,7 +75,7 @@ def sdmgrad_inner(matrix: Tensor, w: Tensor, w_tilde: Tensor, lr: float, momentu
     from ``w + lambda w_tilde``), and the projection reads its threshold as the largest running
     mean of the sorted values (:func:`~polytask.balance.solvers.project_simplex`), all means in
     one ``addmv`` with a triangular matrix. On the CPU with numba (:mod:`polytask.balance.compiled`)
-    the same steps run as one compiled loop (264 torch operations per call at ``T = 16`` -> a few conversions)."""
+    the same steps run as one compiled loop (``SDMGrad.weights`` at ``T = 16``: 264 -> 38 torch operations)."""
     kernels = compiled_for(matrix, w, w_tilde)
     if kernels is not None:
         return torch.from_numpy(kernels.sdmgrad_inner(matrix.contiguous().numpy(), w.contiguous().numpy(),
@@ -304,7 +304,9 @@ class PCD(_LazyStateMixin, GramianWeighting):
     by ``1e-12`` of the largest squared norm: the update agrees with torchjd's to ~1e-9, the
     multipliers may split differently between parallel secondary gradients). The rounding
     threshold for ``d~ = 0`` is that of float64 (torchjd uses the input's dtype). No host
-    synchronisation.
+    synchronisation. On the CPU with numba, everything after the moving average (normalisation, QP,
+    rescaling) runs as one compiled loop (:mod:`polytask.balance.compiled`; 329 -> 66 torch
+    operations per step at ``T = 16``), the same steps to rounding.
 
     Args:
         tau: the fraction in [0, 1] of normalised first-order progress guaranteed to every
@@ -353,6 +355,11 @@ class PCD(_LazyStateMixin, GramianWeighting):
         scales = self._scales(sq_norms)
         if n == 1:  # no constraint: d = g_1 (0 if g_1 = 0)
             return (sq_norms > 0).to(sq_norms.dtype)
+        kernels = compiled_for(gramian, scales)
+        if kernels is not None:  # the rest as one compiled loop (float64 CPU, numba installed): same steps
+            taus = self._taus(n, gramian)
+            return torch.from_numpy(kernels.pcd_step_weights(gramian.contiguous().numpy(), scales.contiguous().numpy(),
+                                                             taus.numpy(), 1e-12, 3 * (n - 1) // 2 + 10))
         normalized = gramian * torch.outer(scales, scales)
         w = pcd_weights(normalized, self._taus(n, gramian))
         direction_sq_norm = w @ normalized @ w
