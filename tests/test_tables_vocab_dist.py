@@ -152,3 +152,26 @@ def test_a_bad_file_in_one_ranks_share_stops_both_gloo_ranks_with_its_line(tmp_p
     msgs = [pickle.loads((tmp_path / f"o{rank}").read_bytes()) for rank in range(2)]
     assert msgs[0] == msgs[1] and msgs[0] is not None and "p1.csv" in msgs[0] and "\n" not in msgs[0], msgs
     assert ": cannot read (" in msgs[0]  # found in the counting pass (not by the schema read every rank makes)
+
+
+def test_two_ranks_reuse_the_saved_vocabulary_as_rank_0_decides(tmp_path):
+    # a resumed run: rank 0 finds vocab.json of the same data section and broadcasts it; no rank counts
+    import yaml
+
+    from test_tables_dist import _config, _run
+
+    from polytask.data.encoders import Vocabulary
+    from polytask.train.config import parse_config
+    from polytask.train.tables import write_synthetic_splits
+
+    paths = write_synthetic_splits(tmp_path / "pq", 600, row_group_rows=200)
+    cfg = _config(paths, tmp_path / "r")
+    run_dir = parse_config(cfg).run_dir
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"data": parse_config(cfg).data.model_dump(mode="json")}))
+    saved = {"user_id": Vocabulary("user_id", ["u_saved", "u1"], 2), "category": Vocabulary("category", ["c0"], 1)}
+    save_vocabularies(saved, run_dir / "vocab.json")
+    two = _run(tmp_path, cfg, 2)
+    for res in two:
+        assert res["vocab_builds"] == 0 and res["counted"] == [] and res["vocab"] == ["u_saved", "u1"]
+        assert res["vocab_json"] == (run_dir / "vocab.json").read_bytes()

@@ -28,7 +28,8 @@ How it reads, and what it guarantees:
   shard and needs the same ``world_size`` and ``num_workers``.
 * **Ids** (:class:`Vocabulary`, :class:`HashBuckets`): a vocabulary is built in one streaming pass
   (:func:`build_vocabularies`; min count, index 0 is the out-of-vocabulary bucket, order by count
-  then value, saved as JSON); hashing maps ids to a fixed number of buckets. Both work on the
+  then value, saved as JSON; over several processes each counts a share of the units,
+  :func:`count_ids`, and the count tables are combined, :func:`vocabularies_from_counts`); hashing maps ids to a fixed number of buckets. Both work on the
   distinct values of a batch: Parquet string columns are read as dictionary arrays (as Parquet
   stores them), other columns are ``dictionary_encode``-d; each distinct value gets its 64-bit
   FNV-1a hash (:func:`stable_hash`), then a bucket, or its id by binary search in the vocabulary's

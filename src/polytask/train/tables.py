@@ -384,7 +384,7 @@ class TableSplits(Splits):
 def check_multiprocess(config: Any) -> None:
     """ConfigError (before any process starts) when ``data.params`` is not valid. Every table source
     trains on several ranks: Parquet files by their footers, CSV files and fraction splits by one
-    counting pass on rank 0 (:meth:`~polytask.data.tables.TableSource.count_rows`)."""
+    counting pass shared by the ranks (:meth:`~polytask.data.tables.TableSource.count_rows`)."""
     parse_params(dict(config.data.params))
 
 
