@@ -37,7 +37,9 @@ tables.build_vocabularies = lambda *a, **k: calls.append(1) or real(*a, **k)
 
 
 def count_ids(paths, columns, batch_rows=65536, shard=(0, 1)):
-    counted.extend((str(f), g) for f, g in tables.vocabulary_units(paths, columns)[shard[0]::shard[1]])
+    units = tables.vocabulary_units(paths, columns)
+    mine = tables.balanced_shares([u[2] for u in units], shard[1])[shard[0]]
+    counted.extend((str(units[i][0]), units[i][1]) for i in mine)
     return real_count(paths, columns, batch_rows, shard)
 
 

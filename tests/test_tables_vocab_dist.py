@@ -19,7 +19,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 pcsv = pytest.importorskip("pyarrow.csv")
 
 from polytask.data.tables import (  # noqa: E402
-    build_vocabularies, count_ids, save_vocabularies, vocabularies_from_counts, vocabulary_units)
+    balanced_shares, build_vocabularies, count_ids, save_vocabularies, vocabularies_from_counts, vocabulary_units)
 from polytask.errors import DataError  # noqa: E402
 
 
@@ -80,17 +80,32 @@ def test_any_number_of_shares_gives_the_one_process_vocabulary(zipf_files, tmp_p
 
 
 def test_ties_and_min_count_are_decided_on_the_combined_counts(tmp_path):
-    # row groups of 2 rows, dealt to 2 shares: 0, 2, 4 and 1, 3. Every value but e/7 is seen once per share
-    # or twice in one: a filter by min_count in a share would drop c, d, 3 and 100.
+    # two shares' count tables: every value but e is seen once in each share or twice in one; a filter by
+    # min_count within a share would drop c and d
+    parts = [{"s": pa.table({"v": ["b", "c", "d", "e"], "n": pa.array([2, 1, 1, 1], pa.int64())})},
+             {"s": pa.table({"v": ["d", "a", "c"], "n": pa.array([1, 2, 1], pa.int64())})},
+             {"s": None}]  # a rank with no unit
+    assert vocabularies_from_counts(parts, ["s"], 2)["s"].values == ["a", "b", "c", "d"]  # all twice: by text
+    assert vocabularies_from_counts(parts, ["s"], 1)["s"].values == ["a", "b", "c", "d", "e"]
+    assert vocabularies_from_counts(parts[2:], ["s"], 1)["s"].values == []
+    # from a file, in 1 to 4 shares of its row groups (2 rows each)
     pq.write_table(pa.table({"s": ["b", "b", "a", "a", "c", "d", "d", "c", "e", None],
                              "n": [9, 9, 10, 10, 100, 3, 3, 100, 7, None]}), tmp_path / "t.parquet", row_group_size=2)
-    for shares in (1, 2):
+    for shares in (1, 2, 3, 4):
         v = _in_shares(tmp_path / "t.parquet", ["s", "n"], 2, shares, batch_rows=2)
-        assert v["s"].values == ["a", "b", "c", "d"]  # all seen twice: by text; e once, null never counted
+        assert v["s"].values == ["a", "b", "c", "d"]  # e once; a null is never counted
         assert v["n"].values == [10, 100, 3, 9]  # all seen twice: by text, "10" < "100" < "3" < "9"
-    shares = [count_ids(tmp_path / "t.parquet", ["s"], 2, shard=(i, 2))["s"].to_pydict() for i in range(2)]
-    assert dict(zip(shares[0]["v"], shares[0]["n"])) == {"b": 2, "c": 1, "d": 1, "e": 1}
-    assert dict(zip(shares[1]["v"], shares[1]["n"])) == {"a": 2, "d": 1, "c": 1}
+
+
+def test_shares_are_balanced_by_bytes_largest_unit_first():
+    assert balanced_shares([10] + [1] * 10, 2) == [[0], list(range(1, 11))]  # round-robin would give 15 and 5
+    # by hand: 0->s0, 1->s1, 2->s2, 3->s2 (4 < 5), 4->s0, 5->s1 (all 8), 6->s0 (the lower share of a tie)
+    assert balanced_shares([5, 5, 4, 4, 3, 3, 3], 3) == [[0, 4, 6], [1, 5], [2, 3]]
+    assert balanced_shares([2, 2], 4) == [[0], [1], [], []]  # more ranks than units: some count nothing
+    units = 9
+    for count in (1, 2, 5):
+        got = balanced_shares([7] * units, count)
+        assert sorted(sum(got, [])) == list(range(units))  # disjoint and complete
 
 
 def test_one_value_type_per_column_across_files_and_shares(tmp_path):
@@ -113,10 +128,10 @@ def test_a_share_error_goes_to_the_exchange_not_up_the_stack(tmp_path):
         seen.append(mine)
         raise mine if isinstance(mine, DataError) else DataError("peer")
 
-    with pytest.raises(DataError, match=r"b\.csv"):
-        build_vocabularies(tmp_path, ["u"], shard=(1, 2), exchange=exchange)
-    with pytest.raises(DataError, match="peer"):
+    with pytest.raises(DataError, match=r"b\.csv"):  # b.csv, the larger, is share 0's
         build_vocabularies(tmp_path, ["u"], shard=(0, 2), exchange=exchange)
+    with pytest.raises(DataError, match="peer"):
+        build_vocabularies(tmp_path, ["u"], shard=(1, 2), exchange=exchange)
     assert isinstance(seen[0], DataError) and seen[1]["u"].to_pydict() == {"v": ["x"], "n": [1]}
 
 
@@ -132,10 +147,12 @@ def test_a_bad_file_in_one_ranks_share_stops_both_gloo_ranks_with_its_line(tmp_p
     table = pq.read_table(parquet[0])
     pcsv.write_csv(table.slice(0, 150), train / "p0.csv")
     body = (train / "p0.csv").read_text().splitlines()
-    # unit 1, counted by rank 1 alone: a good first block, then a row with one field too many at the end
     good = "\n".join(body[1:]) + "\n"
+    (train / "p0.csv").write_text(body[0] + "\n" + good * (1 + (3 << 20) // len(good)))  # the largest: rank 0's
+    # counted by rank 1 alone: a good first block, then a row with one field too many at the end
     (train / "p1.csv").write_text(body[0] + "\n" + good * (1 + (2 << 20) // len(good)) + body[1] + ",1\n")
     pcsv.write_csv(table.slice(150, 150), train / "p2.csv")
+    assert balanced_shares([f.stat().st_size for f in sorted(train.iterdir())], 2) == [[0], [1, 2]]
     cfg = _config([train, parquet[1], parquet[2]], tmp_path / "r")  # user_id and category: vocabularies
     script, conf = tmp_path / "w.py", tmp_path / "c.pkl"
     script.write_text(ERROR_WORKER)

@@ -72,37 +72,58 @@ from polytask.errors import ConfigError, DataError, PolytaskError
 
 
 # ----------------------------------------------------------------------------- vocabularies from files
-def vocabulary_units(paths: Any, columns: Sequence[str]) -> list[tuple[Path, int | None]]:
-    """The units of a vocabulary pass, as the loader cuts them: one per non-empty Parquet row group
-    (from the footers), one per CSV file; every file's ``columns`` checked (DataError naming it)."""
+def vocabulary_units(paths: Any, columns: Sequence[str]) -> list[tuple[Path, int | None, int]]:
+    """The units of a vocabulary pass, as the loader cuts them, with their sizes: ``(file, row
+    group, bytes)`` per non-empty Parquet row group (its uncompressed bytes, from the footer) and
+    ``(file, None, bytes)`` per CSV file (its size); every file's ``columns`` checked (DataError
+    naming it)."""
     _, _, _, pq = _pa()
-    units: list[tuple[Path, int | None]] = []
+    units: list[tuple[Path, int | None, int]] = []
     for f in _list_files(paths):
         _check_columns(f, _file_schema(f), columns)
         if _is_csv(f):
-            units.append((f, None))
+            units.append((f, None, f.stat().st_size))
         else:
             md = pq.ParquetFile(f).metadata
-            units += [(f, g) for g in range(md.num_row_groups) if md.row_group(g).num_rows > 0]
+            units += [(f, g, md.row_group(g).total_byte_size) for g in range(md.num_row_groups)
+                      if md.row_group(g).num_rows > 0]
     return units
+
+
+def balanced_shares(sizes: Sequence[int], count: int) -> list[list[int]]:
+    """Unit indices of each of ``count`` shares, balanced by size: largest unit first, each to the
+    least loaded share (ties: the lower share; Graham's LPT rule, SIAM J. Appl. Math. 1969: the
+    largest share is at most 4/3 of the best possible). Round-robin dealing can put all the big
+    files in one share; a share's pass time, not the average, is what the other ranks wait for.
+    Deterministic: every rank computes the same shares from the same footers."""
+    import heapq
+
+    shares: list[list[int]] = [[] for _ in range(count)]
+    loads = [(0, s) for s in range(count)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, s = heapq.heappop(loads)
+        shares[s].append(i)
+        heapq.heappush(loads, (load + sizes[i], s))
+    return [sorted(share) for share in shares]
 
 
 def count_ids(paths: Any, columns: Sequence[str], batch_rows: int = 65536,
               shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """Occurrences of each distinct non-null value of ``columns`` (list columns: of their items) in
-    the units of ``shard = (index, count)``: every ``count``-th unit from ``index`` of
-    :func:`vocabulary_units`, so that ranks count disjoint shares that together cover the files.
-    Returns per column a pyarrow table ``{v, n}`` (distinct values, counts), or None when the
-    share holds no value. pyarrow counts (``value_counts`` per batch); the partial tables are
-    merged when they hold as many rows as the merged one (amortised: each value is re-grouped
-    O(log) times, not once per batch)."""
+    the units of ``shard = (index, count)``: share ``index`` of :func:`balanced_shares` over
+    :func:`vocabulary_units`, so that ranks count disjoint shares of about equal bytes that
+    together cover the files. Returns per column a pyarrow table ``{v, n}`` (distinct values,
+    counts), or None when the share holds no value. pyarrow counts (``value_counts`` per batch);
+    the partial tables are merged when they hold as many rows as the merged one (amortised: each
+    value is re-grouped O(log) times, not once per batch)."""
     pa, pc, _, _ = _pa()
     index, count = shard
     merged: dict[str, Any] = {c: None for c in columns}
     pending: dict[str, list] = {c: [] for c in columns}
     held = dict.fromkeys(columns, 0)
     types: dict[str, Any] = {}  # per column: the value type of the first values counted
-    for f, group in vocabulary_units(paths, columns)[index::count]:
+    units = vocabulary_units(paths, columns)
+    for f, group, _ in (units[i] for i in balanced_shares([u[2] for u in units], count)[index]):
         for rb in _iter_file(f, columns, batch_rows, group):
             for c in columns:
                 col = rb.column(c)
@@ -800,5 +821,5 @@ def write_synthetic_log(path: str | Path, rows: int, *, users: int = 1000, items
 
 
 __all__ = ["HashBuckets", "SequenceIds", "Split", "TableLoader", "TableSchema", "TableSource", "Vocabulary",
-           "build_vocabularies", "count_ids", "load_vocabularies", "merge_counts", "save_vocabularies", "stable_hash",
-           "vocabularies_from_counts", "vocabulary_units", "write_synthetic_log"]
+           "balanced_shares", "build_vocabularies", "count_ids", "load_vocabularies", "merge_counts",
+           "save_vocabularies", "stable_hash", "vocabularies_from_counts", "vocabulary_units", "write_synthetic_log"]

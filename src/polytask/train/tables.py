@@ -38,9 +38,11 @@ training.
 ``polytask export`` writes the trained model with its id lookups as a ``torch.export`` program
 (:mod:`polytask.export`).
 
-More than one process (``--nproc N``): each rank counts the ids of every N-th unit (row group or
-CSV file) of the vocabulary pass, one all-gather exchanges the count tables (distinct values and
-counts), and every rank builds the same vocabularies as one process (``build_encoders``);
+More than one process (``--nproc N``): each rank counts the ids of its share of the units (row
+groups, CSV files; shares of about equal bytes) of the vocabulary pass, one all-gather exchanges
+the count tables (distinct values and counts), and every rank builds the same vocabularies as one
+process (``build_encoders``); a CSV file is one unit, so one file larger than the rest together
+still makes the others wait for its rank (split it: the wait is bounded by POLYTASK_DIST_TIMEOUT);
 each rank reads its own units (row groups) of the train files, ``train.batch_size / N`` rows a
 batch; the ranks' shards differ by up to a row group, so a rank that runs out first takes empty
 batches (a masked mean over no rows is 0: it adds nothing to the step's global loss) until every
@@ -244,10 +246,11 @@ def build_encoders(p: TableParams, run_dir: Path, data: dict[str, Any] | None = 
     (:func:`_saved_vocabularies`), else built in one pass over the train files for all columns.
 
     With a process group (``ctx``), rank 0 decides on reuse (its answer broadcast, so that no rank
-    counts alone); to build, each rank counts every ``world_size``-th unit (row group or CSV file)
-    and one all-gather of the count tables gives every rank the counts of the whole pass, from which
-    each builds the same vocabularies as one process: the pass takes 1/N of the time, and no rank
-    waits in a collective while another reads everything."""
+    counts alone); to build, each rank counts its share of the units (row groups, CSV files;
+    balanced by bytes: :func:`~polytask.data.tables.balanced_shares`) and one all-gather of the
+    count tables gives every rank the counts of the whole pass, from which each builds the same
+    vocabularies as one process: the pass takes about 1/N of the time, and no rank waits in a
+    collective while another reads everything."""
     from polytask.data.tables import build_vocabularies
 
     vocab_cols = {c: spec.min_count for c, spec in p.ids.items() if spec.hash is None}
