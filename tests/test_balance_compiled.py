@@ -177,3 +177,25 @@ def test_cr_mogm_over_mgda_matches_torch_over_consecutive_steps(n):
             ref = _torch_path(slow.weights, scaled)
             # 2e-12: the 1e-6..1e6 rows (the min-norm QP's condition number ~1e12) reach 7e-13
             assert float((got - ref).abs().max()) <= 2e-12 * float(ref.abs().max()), (name, step, _rel(got, ref))
+
+
+@pytest.mark.parametrize("n", [2, 16])
+def test_min_norm_simplex_matches_torch_and_is_the_hand_solution(n):
+    from polytask.balance.solvers import min_norm_simplex
+
+    for name, g in _gramians(n, seed=7).items():
+        got, ref = min_norm_simplex(g), _torch_path(min_norm_simplex, g)
+        assert torch.equal(got.isnan(), ref.isnan()), name
+        assert float((got - ref).abs().max()) <= 2e-12 * float(ref.abs().max()), (name, _rel(got, ref))
+    # hand case: orthogonal gradients of squared norms 1 and 4: w ∝ (1/1, 1/4) -> (0.8, 0.2)
+    g = torch.diag(torch.tensor([1.0, 4.0], dtype=DT))
+    torch.testing.assert_close(min_norm_simplex(g), torch.tensor([0.8, 0.2], dtype=DT), rtol=0, atol=1e-9)
+
+
+def test_without_numba_the_torch_path_runs(monkeypatch):
+    monkeypatch.setattr(compiled, "_kernels", lambda: None)  # as when numba is not installed
+    assert compiled.compiled_for(torch.eye(2, dtype=DT)) is None
+    g = _gramians(4)["random"]
+    w = torch.full((4,), 0.25, dtype=DT)
+    torch.testing.assert_close(sw.sdmgrad_inner(g, w, w, 0.1, 0.5, 0.3, 20),
+                               _torch_path(sw.sdmgrad_inner, g, w, w, 0.1, 0.5, 0.3, 20), rtol=0, atol=0)

@@ -197,3 +197,21 @@ def pcd_step_weights(gramian: np.ndarray, scales: np.ndarray, taus: np.ndarray, 
         return np.zeros(n)
     rescale = np.sqrt(gramian[0, 0] / (direction_sq_norm if direction_sq_norm > tiny else tiny))
     return w * scales * rescale
+
+
+@njit(cache=True, nogil=True)
+def min_norm_simplex(gramian: np.ndarray, reg: float, iters: int) -> np.ndarray:
+    """:func:`polytask.balance.solvers.min_norm_simplex`: ``nonneg_qp(G / tr(G) + reg I, -1)``, normalised."""
+    n = gramian.shape[0]
+    tiny = np.finfo(np.float64).tiny
+    trace = 0.0
+    for i in range(n):
+        trace += gramian[i, i]
+    trace = trace if trace != trace or trace > tiny else tiny
+    quad = gramian / trace
+    for i in range(n):
+        quad[i, i] += reg
+    lin = -np.ones((1, n))
+    lam = nonneg_qp(quad, lin, iters)[0]
+    total = lam.sum()
+    return lam / (total if total != total or total > tiny else tiny)

@@ -7,6 +7,11 @@ autograd, such a solver runs as one compiled loop (:mod:`polytask.balance._solve
 otherwise, and always on an accelerator (where the torch path needs no host synchronisation and
 replays as a CUDA graph), the torch path runs unchanged. Both paths take the same steps; they
 agree to rounding (``tests/test_balance_compiled.py``).
+
+Compiled: SDMGrad's inner solver, PCD's step after its moving average, :func:`~polytask.balance.solvers.nonneg_qp`
+(so MGDA, CR-MOGM over it, UPGrad, DualProj) and :func:`~polytask.balance.solvers.min_norm_simplex`.
+The first call of each kernel in a new environment compiles it (seconds); numba caches the machine
+code next to the module (``cache=True``), so later processes load it.
 """
 
 from __future__ import annotations
