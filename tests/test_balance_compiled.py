@@ -199,3 +199,28 @@ def test_without_numba_the_torch_path_runs(monkeypatch):
     w = torch.full((4,), 0.25, dtype=DT)
     torch.testing.assert_close(sw.sdmgrad_inner(g, w, w, 0.1, 0.5, 0.3, 20),
                                _torch_path(sw.sdmgrad_inner, g, w, w, 0.1, 0.5, 0.3, 20), rtol=0, atol=0)
+
+
+# A 5 x 5 problem (found by a random search) on which the all-switch rule cycles: only the least-index
+# iterations after the first 10 solve it, so it exercises that branch of both paths.
+_CYCLING_QUAD = [
+    [float.fromhex('0x1.31bfae345f62ep+1'), float.fromhex('-0x1.a382977f4aa98p-1'), float.fromhex('-0x1.9fdeff6beb13ap+0'), float.fromhex('-0x1.a1c6b51de4fc7p-2'), float.fromhex('0x1.0c39bdde9b0bcp+2')],
+    [float.fromhex('-0x1.a382977f4aa98p-1'), float.fromhex('0x1.98b1dd0bc645cp+0'), float.fromhex('-0x1.572a6310f7b9cp-1'), float.fromhex('0x1.71ed903a6c6fcp-3'), float.fromhex('-0x1.5e2393a3b7df6p+1')],
+    [float.fromhex('-0x1.9fdeff6beb13ap+0'), float.fromhex('-0x1.572a6310f7b9cp-1'), float.fromhex('0x1.0b287fc7be4ebp+2'), float.fromhex('0x1.2f02579539fcep-3'), float.fromhex('0x1.29e2bdc1eeb26p+0')],
+    [float.fromhex('-0x1.a1c6b51de4fc7p-2'), float.fromhex('0x1.71ed903a6c6fcp-3'), float.fromhex('0x1.2f02579539fcep-3'), float.fromhex('0x1.46d153143efaap-1'), float.fromhex('0x1.2b23b759483b7p-2')],
+    [float.fromhex('0x1.0c39bdde9b0bcp+2'), float.fromhex('-0x1.5e2393a3b7df6p+1'), float.fromhex('0x1.29e2bdc1eeb26p+0'), float.fromhex('0x1.2b23b759483b7p-2'), float.fromhex('0x1.ffe668b6be816p+3')],
+]
+_CYCLING_LIN = [float.fromhex('-0x1.67324e211e86ap-1'), float.fromhex('0x1.3b503398c9059p+1'), float.fromhex('-0x1.d1d6d070a2628p-1'), float.fromhex('-0x1.6d7277861783bp+0'), float.fromhex('-0x1.6bab03c2fcd19p+0')]
+
+
+def test_nonneg_qp_least_index_phase_matches_torch():
+    from polytask.balance.solvers import nonneg_qp
+
+    quad, lin = torch.tensor(_CYCLING_QUAD, dtype=DT), torch.tensor(_CYCLING_LIN, dtype=DT)
+    fast_only = _torch_path(nonneg_qp, quad, lin, iters=10)
+    got, ref = nonneg_qp(quad, lin), _torch_path(nonneg_qp, quad, lin)
+    assert float((fast_only - ref).abs().max()) > 1.0  # the case needs the least-index phase
+    assert _rel(got, ref) < 1e-12
+    mult = quad @ got + lin  # KKT of the solution
+    assert float(mult.min()) > -1e-12 and float((got * mult).abs().max()) < 1e-12
+    assert _rel(nonneg_qp(quad, lin, iters=10), fast_only) < 1e-12  # and the compiled loop stops where torch's does
