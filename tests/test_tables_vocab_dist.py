@@ -192,3 +192,15 @@ def test_two_ranks_reuse_the_saved_vocabulary_as_rank_0_decides(tmp_path):
     for res in two:
         assert res["vocab_builds"] == 0 and res["counted"] == [] and res["vocab"] == ["u_saved", "u1"]
         assert res["vocab_json"] == (run_dir / "vocab.json").read_bytes()
+
+
+def test_what_a_rank_sends_is_its_distinct_values_and_counts(tmp_path):
+    # the exchange's size: ids' text + a 4-byte offset + an 8-byte count per distinct value, whatever the rows;
+    # 70000 distinct values: the group-by answers in chunks, which pickle would copy with their whole buffers
+    ids = np.random.default_rng(0).permutation(np.repeat(np.arange(70_000), 3))
+    pq.write_table(pa.table({"u": [f"u{k}" for k in ids]}), tmp_path / "t.parquet", row_group_size=30_000)
+    for shard in ((0, 1), (1, 3)):
+        t = count_ids(tmp_path / "t.parquet", ["u"], shard=shard)["u"]
+        text = sum(len(v.encode()) for v in t["v"].to_pylist())
+        assert t.num_rows > 30_000 and sum(t["n"].to_pylist()) >= 60_000
+        assert len(pickle.dumps(t)) < text + 12 * t.num_rows + 4096, shard

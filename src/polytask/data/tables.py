@@ -156,7 +156,8 @@ def merge_counts(column: str, parts: Sequence[Any]) -> Any:
     if len(parts) == 1:
         return parts[0]
     g = pa.concat_tables(parts).group_by("v").aggregate([("n", "sum")])
-    return pa.table({"v": g["v"], "n": g["n_sum"]})
+    # one chunk each: the group-by's chunks may share buffers, which pickling (the ranks' exchange) copies whole
+    return pa.table({"v": g["v"], "n": g["n_sum"]}).combine_chunks()
 
 
 def vocabularies_from_counts(counts: Sequence[Mapping[str, Any]], columns: Sequence[str],
