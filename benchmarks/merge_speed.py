@@ -36,9 +36,9 @@ views of the mapped shards, hence the file-backed column):
 | dare_ties | 82.4 | 11.1 | 7.43x | 2.67 / 1.76 | 0.34 / 8.39 | random masks: changed 78.19 % vs 78.23 %, L1 ratio 1.0001 |
 
 After this table, TIES' trim was changed to make each task vector on the fly from the mapped
-inputs (never held with the selection's scratch): polytask's TIES peak anonymous memory, measured
-alone right after on the same quiet machine, went from 0.96 to 0.79 GB (RssAnon sampled every
-5 ms in-process).
+inputs (never held with the selection's scratch). Rerun, ``--methods ties --repeats 1``, 09:47-09:52
+UTC, nothing else running: mergekit 259.1 s / polytask 24.3 s = 10.66x; peak anonymous memory
+mergekit 3.03 GiB, polytask 0.77 GiB (file-backed 1.75 / 8.35 GiB); bit-identical.
 
 Usage::
 
