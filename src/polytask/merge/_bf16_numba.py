@@ -316,7 +316,7 @@ def trim(x, base, subtract, k, nan_above, out):
         status, kept = _kept_ties(x, base, subtract, k, True, v, tied)
         if status != 0:
             return status
-    values = np.empty(kept.size, np.uint16)  # the tied entries the sort keeps (read before out is written: out may be x)
+    values = np.empty(kept.size, np.uint16)  # kept ties, read before out is written (out may be x)
     for t in range(kept.size):
         values[t] = _entry(x, base, subtract, kept[t])
     for i in range(x.size):
@@ -340,13 +340,11 @@ def _times(d, flag):
 
 
 @njit(nogil=True, cache=True)
-def _task_values(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_by, multiply_by, weights, j0,
-                 width, out):
-    """``out[i, :width]`` = the weighted, trimmed or dropped task vector of model ``i`` at entries
+def _task_values(x, base, subtract, dare_threshold, dare_seed, divide_by, multiply_by, weights, j0, width, out):
+    """``out[i, :width]`` = the weighted (and dropped) task vector of model ``i`` at entries
     ``j0 ..`` (float32 holding bfloat16 values): one simple loop per step and model, over a block
     that stays in cache, so that each loop vectorises."""
     n = len(x)
-    trimmed = keep.shape[0] == n
     # slices indexed by the loop counter: indices known to be >= 0, so numba adds no wrap-around
     # test and LLVM vectorises the loops
     bases = base[j0:j0 + width]
@@ -359,16 +357,11 @@ def _task_values(x, base, subtract, keep, dare_threshold, dare_seed, offset, div
         else:
             for t in range(width):
                 row[t] = widen(xi[t])
-        if trimmed:
-            ki = keep[i, j0:j0 + width]
-            for t in range(width):
-                row[t] = _times(row[t], ki[t])
         threshold = dare_threshold[i]
         if threshold >= 0:
             seed = dare_seed[i]
-            start = offset + j0
             for t in range(width):
-                row[t] = _times(row[t], uniform24(seed, start + t) < threshold)
+                row[t] = _times(row[t], uniform24(seed, j0 + t) < threshold)
             divisor = divide_by[i]
             if divisor > 0:
                 for t in range(width):
@@ -383,16 +376,17 @@ def _task_values(x, base, subtract, keep, dare_threshold, dare_seed, offset, div
 
 
 @njit(nogil=True, cache=True)
-def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_by, multiply_by, weights,
-            consensus, normalize, weight_sum, scale, out, lo, hi):
+def combine(x, base, subtract, dare_threshold, dare_seed, divide_by, multiply_by, weights, consensus, normalize,
+            weight_sum, scale, out, lo, hi):
     """``out[j] = base[j] + scale * sum_i w_i tau_ij [/ divisor]`` for ``lo <= j < hi``, in
     bfloat16 with torch's rounding after every step of :func:`polytask.merge.methods._combine`
     and the drops before it.
 
-    ``x``: N arrays of M entries (a tuple): task vectors, or fine-tuned weights if ``subtract`` (``tau = x - base``).
-    ``keep`` ``(N, M)`` bool trims (TIES) or ``(0, 0)``; ``dare_threshold[i] >= 0`` drops entry
-    ``j`` unless ``uniform24(dare_seed[i], offset + j) < dare_threshold[i]``; ``divide_by[i] > 0``
-    then divides by it, ``multiply_by[i] > 0`` multiplies by it (DARE's rescales). ``consensus``: 0 none, 1 sum, 2 count (TIES' election).
+    ``x``: N arrays of M entries (a tuple): task vectors (TIES' already trimmed), or fine-tuned
+    weights if ``subtract`` (``tau = x - base``). ``dare_threshold[i] >= 0`` drops entry ``j``
+    unless ``uniform24(dare_seed[i], j) < dare_threshold[i]``; ``divide_by[i] > 0`` then divides
+    by it, ``multiply_by[i] > 0`` multiplies by it (DARE's rescales). ``consensus``: 0 none, 1 sum,
+    2 count (TIES' election).
     Entries go in blocks: all models' values of a block, then their sums model by model (the
     same order of additions as torch's sum over models, from 0), without branches per entry.
     Returns whether an entry of ``out`` is NaN or infinite.
@@ -405,8 +399,7 @@ def combine(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_b
     divisor = np.empty(_COMBINE_BLOCK, np.float32)
     for j0 in range(lo, hi, _COMBINE_BLOCK):
         width = min(_COMBINE_BLOCK, hi - j0)
-        _task_values(x, base, subtract, keep, dare_threshold, dare_seed, offset, divide_by, multiply_by, weights,
-                     j0, width, values)
+        _task_values(x, base, subtract, dare_threshold, dare_seed, divide_by, multiply_by, weights, j0, width, values)
         total[:width] = 0
         if consensus != 0:
             if consensus == 1:  # elected sign: the rounded sum >= 0 (-0 included, NaN not)

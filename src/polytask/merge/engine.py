@@ -724,7 +724,6 @@ def _stream(
             inflight_bytes -= nbytes
             if nbytes > prefetch_bytes:
                 pool.clear()  # free buffers returned since it was submitted: not held through a large merge
-            stacked_job = stacked is not None
             offered = None
             if stacked is None:
                 out = futs[0].result()
@@ -758,7 +757,7 @@ def _stream(
                 written = writers.submit(writer.write, job.name, out)
             else:
                 written = writers.submit(writer.write_rows, job.name, job.rows[0], out)
-            pending_writes.append((written, offered if stacked_job else None))
+            pending_writes.append((written, offered))  # offered: the buffer out lives in, or None
             del out
             while len(pending_writes) > 2 or (pending_writes and pending_writes[0][0].done()):
                 done, recycled = pending_writes.popleft()

@@ -200,17 +200,21 @@ class _SafetensorsFile:
                 )
             self.entries[name] = (spec, data_start + begin)
 
+    def _extent(self, name: str, rows: tuple[int, int] | None) -> tuple[TensorSpec, tuple[int, ...], int, int]:
+        """Tensor ``name`` (rows ``start:stop`` along dim 0 with ``rows``: contiguous bytes): its
+        spec, the shape read, and the file offset and length of its bytes."""
+        spec, offset = self.entries[name]
+        if rows is None:
+            return spec, spec.shape, offset, spec.nbytes
+        row_bytes = spec.nbytes // max(spec.shape[0], 1)
+        shape = (rows[1] - rows[0], *spec.shape[1:])
+        return spec, shape, offset + rows[0] * row_bytes, shape[0] * row_bytes
+
     def read(self, name: str, buf: torch.Tensor | None = None,
              rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Tensor ``name`` (only its rows ``start:stop`` along dim 0 with ``rows``: contiguous
         bytes), read into ``buf`` (a uint8 tensor of at least its size) if given."""
-        spec, offset = self.entries[name]
-        shape, nbytes = spec.shape, spec.nbytes
-        if rows is not None:
-            row_bytes = spec.nbytes // max(spec.shape[0], 1)
-            offset += rows[0] * row_bytes
-            shape = (rows[1] - rows[0], *spec.shape[1:])
-            nbytes = shape[0] * row_bytes
+        spec, shape, offset, nbytes = self._extent(name, rows)
         if buf is None:
             buf = torch.empty(nbytes, dtype=torch.uint8)
         buf = buf[:nbytes]
@@ -230,13 +234,7 @@ class _SafetensorsFile:
         them; they count as file-backed memory, which the kernel can drop). Must not be written
         (the mapping is private: a write would copy the page, never reach the file). None where
         the bytes are not aligned to the dtype."""
-        spec, offset = self.entries[name]
-        shape, nbytes = spec.shape, spec.nbytes
-        if rows is not None:
-            row_bytes = spec.nbytes // max(spec.shape[0], 1)
-            offset += rows[0] * row_bytes
-            shape = (rows[1] - rows[0], *spec.shape[1:])
-            nbytes = shape[0] * row_bytes
+        spec, shape, offset, nbytes = self._extent(name, rows)
         if offset % spec.dtype.itemsize or nbytes == 0:
             return None
         mapped = self._mapped()

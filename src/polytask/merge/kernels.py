@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "available", "can_trim", "trim_masks", "trim_in_place", "trim_differences", "subtract", "combine", "uniform24", "stream_seed"]
+__all__ = [
+    "all_finite", "available", "can_trim", "combine", "dare_norms", "dare_threshold", "stream_seed", "subtract",
+    "trim_differences", "trim_in_place", "trim_masks", "uniform24",
+]
 
 #: Entries per chunk of :func:`combine` handed to a thread.
 _CHUNK = 1 << 20
@@ -127,16 +130,14 @@ def dare_threshold(density: float) -> int:
     return math.ceil(min(max(density, 0.0), 1.0) * (1 << 24))  # exact: a power-of-two scaling
 
 
-#: The largest magnitude bit pattern that is not NaN, per half-precision dtype.
-_NAN_ABOVE = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+#: The exponent bits of each half-precision dtype: also its infinity, the largest magnitude pattern
+#: that is not NaN.
+_EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 
 
 def can_trim(x: Tensor) -> bool:
     """Whether :func:`trim_masks` takes ``x``: numba installed, a half-precision CPU tensor."""
-    return x.dtype in _NAN_ABOVE and x.device.type == "cpu" and _compiled() is not None
-
-
-_EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+    return x.dtype in _EXPONENT and x.device.type == "cpu" and _compiled() is not None
 
 
 #: Attribute by which :func:`combine` tells :func:`all_finite` whether the tensor it just wrote is
@@ -161,7 +162,7 @@ def trim_masks(deltas: Tensor, counts: list[int], *, largest: bool) -> Tensor | 
     has a NaN or reaches the sort's heapsort fallback (the caller sorts)."""
     compiled = _compiled()
     n, m = deltas.shape
-    nan_above = _NAN_ABOVE[deltas.dtype]
+    nan_above = _EXPONENT[deltas.dtype]
     masks = torch.zeros((n, m), dtype=torch.bool)
     bits = _bits(deltas)
     keep = masks.numpy()
@@ -170,14 +171,16 @@ def trim_masks(deltas: Tensor, counts: list[int], *, largest: bool) -> Tensor | 
         if counts[i] >= m:
             keep[i] = True
 
-    def one(i: int) -> int:
-        return compiled.head_keep(bits[i], counts[i], largest, nan_above, keep[i])
-
-    if m < _SERIAL_TRIM and len(rows) > 1:
-        status = list(_pool().map(one, rows))
-    else:
-        status = [one(i) for i in rows]
+    status = _per_row(lambda i: compiled.head_keep(bits[i], counts[i], largest, nan_above, keep[i]), rows, m)
     return None if any(status) else masks
+
+
+def _per_row(select: Callable[[int], int], rows: list[int], m: int) -> list[int]:
+    """``select(i)`` for each row, two at a time unless the rows are long (each selection holds 4
+    bytes of scratch per entry)."""
+    if m < _SERIAL_TRIM and len(rows) > 1:
+        return list(_pool().map(select, rows))
+    return [select(i) for i in rows]
 
 
 def dare_norms(x: Tensor | Sequence[Tensor], base: Tensor, thresholds: list[int], seeds: list[int], how: str) -> tuple[Tensor, Tensor]:
@@ -224,9 +227,7 @@ def trim_differences(x: Sequence[Tensor], base: Tensor, counts: list[int], out: 
     :func:`trim_in_place`) hold the plain difference, for the caller's masked path."""
     left = _trim(list(x), out, counts, base, torch.bfloat16)
     for i in left:
-        compiled = _compiled()
-        compiled.subtract((_bits(x[i].reshape(-1)),), _bits(base.reshape(-1)), (_bits(out[i].reshape(-1)),), 0,
-                          base.numel())
+        subtract([x[i]], base, out[i:i + 1])
     return left
 
 
@@ -234,19 +235,14 @@ def _trim(x: list[Tensor], out: Tensor, counts: list[int], base: Tensor | None, 
     compiled = _compiled()
     n = len(x)
     m = out[0].numel()
-    nan_above = _NAN_ABOVE[dtype]
+    nan_above = _EXPONENT[dtype]
     rows = [_bits(t.reshape(-1)) for t in x]
     targets = [_bits(t.reshape(-1)) for t in out]
     b = _bits(base.reshape(-1)) if base is not None else rows[0]
     trimmed = [i for i in range(n) if 0 < counts[i] < m]
 
-    def one(i: int) -> int:
-        return compiled.trim(rows[i], b, base is not None, counts[i], nan_above, targets[i])
-
-    if m < _SERIAL_TRIM and len(trimmed) > 1:
-        status = list(_pool().map(one, trimmed))
-    else:
-        status = [one(i) for i in trimmed]
+    status = _per_row(lambda i: compiled.trim(rows[i], b, base is not None, counts[i], nan_above, targets[i]),
+                      trimmed, m)
     if base is not None:  # rows kept whole: the plain difference
         for i in range(n):
             if counts[i] >= m:
@@ -254,18 +250,16 @@ def _trim(x: list[Tensor], out: Tensor, counts: list[int], base: Tensor | None, 
     return [i for i in range(n) if counts[i] <= 0] + [i for i, s in zip(trimmed, status) if s != 0]
 
 
-def combine(x: Tensor | Sequence[Tensor], base: Tensor, weights: Tensor, *, subtract: bool, keep: Tensor | None = None,
-            dare: tuple[list[int], list[int], list[float]] | None = None, offset: int = 0,
-            consensus: str | None, normalize: bool, scale: float, out: Tensor | None = None,
-            multiply_by: list[float] | None = None) -> Tensor:
+def combine(x: Tensor | Sequence[Tensor], base: Tensor, weights: Tensor, *, subtract: bool,
+            dare: tuple[list[int], list[int], list[float]] | None = None, consensus: str | None, normalize: bool,
+            scale: float, out: Tensor | None = None, multiply_by: list[float] | None = None) -> Tensor:
     """``base + scale * sum_i w_i tau_i [/ divisor]`` in bfloat16, bit for bit as
     :func:`polytask.merge.methods._combine` after the same trims and drops.
 
-    ``x`` ``(N, *shape)`` or N tensors of ``base``'s shape: task vectors, or fine-tuned weights if
-    ``subtract`` (read only: views of mapped files do); ``keep``: TIES'
-    trim masks; ``dare``: per model (threshold, stream seed, rescale divisor or 0) as from
-    :func:`dare_threshold`, :func:`stream_seed`; ``offset``: index of ``x``'s first entry in the
-    tensor (for the draws of a chunk); ``out``: a contiguous bfloat16 buffer of ``base``'s shape to
+    ``x`` ``(N, *shape)`` or N tensors of ``base``'s shape: task vectors (TIES': trimmed by
+    :func:`trim_in_place`), or fine-tuned weights if ``subtract`` (read only: views of mapped files
+    do); ``dare``: per model (threshold, stream seed, rescale divisor or 0) as from
+    :func:`dare_threshold`, :func:`stream_seed`, drawn for entry ``j`` of the whole tensor; ``out``: a contiguous bfloat16 buffer of ``base``'s shape to
     fill (else a new tensor); ``multiply_by``: per model, bfloat16 factors applied after the drop
     (a norm-matching rescale, :func:`dare_norms`).
     """
@@ -278,7 +272,6 @@ def combine(x: Tensor | Sequence[Tensor], base: Tensor, weights: Tensor, *, subt
         out = torch.empty_like(base)
     o = _bits(out.reshape(-1))
     w = weights.to(torch.bfloat16).float().numpy()
-    ks = keep.reshape(n, -1).numpy() if keep is not None else np.zeros((0, 0), np.bool_)
     thresholds, seeds, divisors = dare if dare is not None else ([-1] * n, [0] * n, [0.0] * n)
     thresholds = np.asarray(thresholds, np.int64)
     seeds = np.asarray(seeds, np.uint64)
@@ -288,8 +281,8 @@ def combine(x: Tensor | Sequence[Tensor], base: Tensor, weights: Tensor, *, subt
     weight_sum = np.float32(weights.to(torch.bfloat16).sum(dim=0).float()) if code == 0 else np.float32(1)
 
     def run(lo: int) -> bool:
-        return compiled.combine(xs, b, subtract, ks, thresholds, seeds, offset, divisors, factors, w, code, normalize,
-                         weight_sum, np.float32(scale), o, lo, min(lo + _CHUNK, m))
+        return compiled.combine(xs, b, subtract, thresholds, seeds, divisors, factors, w, code, normalize, weight_sum,
+                                np.float32(scale), o, lo, min(lo + _CHUNK, m))
 
     starts = range(0, m, _CHUNK)
     nonfinite = any(_pool().map(run, starts)) if len(starts) > 1 else run(0)

@@ -515,18 +515,18 @@ class Ties(_WeightedSum):
         return dtype == torch.bfloat16 and not self.rescale and kernels.available()
 
     def merge(self, tensors, base, params, ctx):
-        if isinstance(tensors, list):  # read-only views: the trimmed task vectors go into scratch
-            deltas = ctx.buffer((len(tensors), *base.shape), base.dtype)
-            _trim_fused(deltas, params["density"], tensors, base)
-        else:
-            deltas = tensors.sub_(base)
-        if not self.rescale and kernels.available(deltas, base):  # trim in place, elect and merge in one pass
-            if not isinstance(tensors, list):
+        if not self.rescale and kernels.available(tensors, base):  # trim in place, elect and merge in one pass
+            if isinstance(tensors, list):  # read-only views: the trimmed task vectors go into scratch
+                deltas = ctx.buffer((len(tensors), *base.shape), base.dtype)
+                _trim_fused(deltas, params["density"], tensors, base)
+            else:
+                deltas = tensors.sub_(base)
                 _trim_fused(deltas, params["density"])
             # the merged tensor goes over the first task vector (each block is read before it is
             # written): no output buffer, the peak of an embedding's merge is one tensor lower
             return kernels.combine(deltas, base, params["weight"], subtract=False, consensus=self.consensus,
                                    normalize=self.normalize, scale=self.lambda_, out=deltas[0])
+        deltas = tensors.sub_(base)
         before = _norms(deltas, self.rescale)
         for delta_i, keep_i in zip(deltas, topk_mask(deltas, params["density"])):  # per model: (M,) casts
             delta_i.mul_(keep_i)
