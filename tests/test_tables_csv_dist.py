@@ -100,14 +100,7 @@ def test_count_rows_gives_rank_batches_for_csv(csv_data):
 def test_polytask_train_nproc_2_on_csv_with_sparse_tables_matches_one_process_at_epoch_0(csv_data, tmp_path):
     # the CLI end to end: rows counted by the ranks in shares, sparse tables reduced by the balancer, evaluation gathered;
     # the untrained model (rank 0's initialisation, broadcast) scores the same on 1 and 2 processes
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-
-    from test_tables_dist import _config
+    from test_tables_dist import _config, train_nproc
 
     paths, _ = csv_data
     runs = {}
@@ -116,13 +109,7 @@ def test_polytask_train_nproc_2_on_csv_with_sparse_tables_matches_one_process_at
         cfg["data"]["params"]["ids"]["user_id"]["sparse"] = "rowwise_adagrad"
         cfg["data"]["params"]["ids"]["item_id"]["sparse"] = True
         cfg["balancer"] = {"name": "mgda", "params": {"mode": "features"}}
-        path = tmp_path / f"c{n}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        env = dict(os.environ, OMP_NUM_THREADS="1", POLYTASK_DIST_TIMEOUT="60")
-        proc = subprocess.run([sys.executable, "-m", "polytask", "train", str(path), "--nproc", str(n)],
-                              env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        lines = [json.loads(x) for x in (tmp_path / f"n{n}" / "metrics.jsonl").read_text().splitlines()]
+        lines = train_nproc(cfg, tmp_path, n)
         runs[n] = [r for r in lines if r["epoch"] == 0]
         assert any(r["epoch"] == 1 for r in lines)
     assert len(runs[1]) == len(runs[2]) > 0

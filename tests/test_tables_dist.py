@@ -147,18 +147,24 @@ def pq_rows(path) -> int:
 
 
 @pytest.mark.slow
+def train_nproc(cfg: dict, tmp_path, n: int) -> list[dict]:
+    """``polytask train --nproc n`` on ``cfg`` (written to ``tmp_path/c<n>.yaml``); the lines of its
+    run's metrics.jsonl (the run directory is ``tmp_path/n<n>``)."""
+    path = tmp_path / f"c{n}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", POLYTASK_DIST_TIMEOUT="60")
+    proc = subprocess.run([sys.executable, "-m", "polytask", "train", str(path), "--nproc", str(n)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(x) for x in (tmp_path / f"n{n}" / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_polytask_train_nproc_2_on_tables_matches_one_process_at_epoch_0(data, tmp_path):
     # the untrained model (rank 0's initialisation, broadcast) scores the same on 1 and 2 processes
     runs = {}
     for n in (1, 2):
         cfg = _config(data, tmp_path / f"n{n}")
-        path = tmp_path / f"c{n}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        env = dict(os.environ, OMP_NUM_THREADS="1", POLYTASK_DIST_TIMEOUT="60")
-        proc = subprocess.run([sys.executable, "-m", "polytask", "train", str(path), "--nproc", str(n)],
-                              env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        lines = [json.loads(x) for x in (tmp_path / f"n{n}" / "metrics.jsonl").read_text().splitlines()]
+        lines = train_nproc(cfg, tmp_path, n)
         runs[n] = [r for r in lines if r["epoch"] == 0]
         assert (tmp_path / f"n{n}" / "vocab.json").is_file()
     assert len(runs[1]) == len(runs[2]) > 0
