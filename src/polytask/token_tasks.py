@@ -15,6 +15,10 @@ gradient, the same "absent task" a row-level task without labelled rows gives, d
 host synchronisation. Metrics (token accuracy, macro-F1, log-loss, AUC; MSE, MAE for regression)
 are computed over all valid tokens of the whole split.
 
+A :class:`WordTask` is a token-level task labelled per word (``token_file`` with ``words`` and a
+tokenizer, :mod:`polytask.data.words`): trained on its labelled tokens, scored per word at each
+word's first sub-token.
+
 Declared in data as ``level: token`` (``data.params.tasks.<name>: {kind: multiclass, level:
 token}`` for ``token_file``), or found from a label tensor with one column per token.
 """
@@ -112,6 +116,58 @@ class TokenTask(Task):
         return super().evaluate(out, tgt, valid)
 
 
+@dataclass(frozen=True)
+class WordTask(TokenTask):
+    """A token-level task labelled per word (:mod:`polytask.data.words`), scored per word.
+
+    Its target carries one more channel than a :class:`TokenTask`'s, last: 1 at the first sub-token of
+    each word, else 0; classification ``(N, L, 2)`` integers ``[label, first]``, regression
+    ``(N, L, k + 1)`` floats ``[values..., first]``. The loss reads every labelled token (the first
+    sub-tokens, or all of a word's with ``label_all_subtokens``); the metrics read the labelled first
+    sub-tokens only, i.e. one prediction per word, however many sub-tokens the word got (Devlin et al.,
+    "BERT", NAACL 2019, §5.3; Hugging Face's token-classification guide evaluates the same tokens).
+    """
+
+    def split(self, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``(labels, first)``: the :class:`TokenTask` target and the ``(N, L)`` bool first-sub-token flag."""
+        labels = target[..., :-1]
+        if self.kind != "regression" or self.num_outputs == 1:
+            labels = labels.squeeze(-1)
+        return labels, target[..., -1] == 1
+
+    def check_target(self, target: Tensor, rows: int | None = None) -> None:
+        """DataError unless ``target`` is a :class:`TokenTask` target with the first-sub-token channel appended."""
+        if target.ndim < 3 or target.shape[-1] < 2:
+            raise DataError(f"task {self.name!r} (word-level {self.kind}): target has shape {tuple(target.shape)}, "
+                            f"expected (N, L, 2) [label, first sub-token] (regression: (N, L, k + 1))")
+        super().check_target(self.split(target)[0], rows)
+
+    def valid_tokens(self, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        return super().valid_tokens(self.split(target)[0], mask)
+
+    def flatten(self, output: Tensor, target: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """As :meth:`TokenTask.flatten` on the labels (the first-sub-token channel dropped)."""
+        return super().flatten(output, self.split(target)[0], mask)
+
+    @torch.no_grad()
+    def evaluate(self, output: Tensor, target: Tensor, mask: Tensor | None = None) -> dict[str, float]:
+        """Every metric (plus ``loss``) over the labelled words of a whole split, each read at its first
+        sub-token; NaN when there is none."""
+        out, tgt, valid = self.flatten(output, target, mask)
+        return Task.evaluate(self, out, tgt, valid & self.split(target)[1].reshape(-1))
+
+
+def word_task(task: TokenTask) -> WordTask:
+    """The word-level task with ``task``'s fields."""
+    return WordTask(task.name, task.kind, task.num_classes, task.num_outputs, task.metrics, task.regression_loss)
+
+
+def with_first_subtokens(target: Tensor, first: Tensor) -> Tensor:
+    """A :class:`WordTask` target: ``target`` (a :class:`TokenTask`'s) with the ``(N, L)`` flag appended."""
+    flag = first.to(target.dtype).unsqueeze(-1)
+    return torch.cat([target if target.ndim == 3 else target.unsqueeze(-1), flag], -1)
+
+
 def level_of(task: Task) -> str:
     """``token`` for a :class:`TokenTask`, else ``row``."""
     return getattr(task, "level", "row")
@@ -131,5 +187,5 @@ def check_token_outputs(arch: str, factory: object, tasks: Sequence[Task]) -> No
                           f"{arch!r} gives one output per row; use model.arch: adapters")
 
 
-__all__ = ["IGNORE_INDEX", "LEVELS", "TOKEN_DEFAULT_METRICS", "TokenTask", "check_token_outputs", "level_of",
-           "token_task"]
+__all__ = ["IGNORE_INDEX", "LEVELS", "TOKEN_DEFAULT_METRICS", "TokenTask", "WordTask", "check_token_outputs",
+           "level_of", "token_task", "with_first_subtokens", "word_task"]

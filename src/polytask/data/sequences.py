@@ -13,7 +13,10 @@ per task). Two sources:
   columns, one row per sequence: ``input_ids`` a list of token ids per row, ``labels.<task>`` a
   value per row or, for a token-level task, a list of per-token labels aligned to the tokenisation
   (one per id of ``input_ids``; ``-100`` or null: no label); a list of another length is a
-  DataError naming the file, the row (0-based) and the column.
+  DataError naming the file, the row (0-based) and the column. A table may give ``words`` (a list
+  of words per row, CoNLL style) instead of ``input_ids``, with one label per word: a tokenizer
+  (``data.params.tokenizer``) splits them and the labels follow the sub-words
+  (:mod:`polytask.data.words`).
 
 Token-level tasks (:class:`~polytask.token_tasks.TokenTask`, one label per token: tagging, per-token
 regression) are ``labels.<task>`` tensors of shape ``(N, L)`` like ``input_ids`` (found from the
@@ -33,9 +36,10 @@ from torch import Tensor
 
 from polytask.data.builtin import DATASETS, split_indices
 from polytask.data.dataset import MultiTaskDataset, Splits
+from polytask.data.words import first_subtokens
 from polytask.errors import ConfigError, DataError
 from polytask.tasks import Task
-from polytask.token_tasks import IGNORE_INDEX, LEVELS, TokenTask
+from polytask.token_tasks import IGNORE_INDEX, LEVELS, TokenTask, with_first_subtokens, word_task
 
 #: id of the padding token in generated data (real tokens are 1..vocab_size-1)
 PAD_ID = 0
@@ -115,11 +119,16 @@ def sequence_tasks(num_tasks: int = 3, relatedness: float = 0.5, num_rows: int =
     return Splits("sequence_tasks", tasks, full.subset(tr), full.subset(va), full.subset(te), spec)
 
 
-def _read_tensors(path: Path) -> dict[str, Tensor]:
+def _read_tensors(path: Path, words: dict[str, Any] | None = None) -> dict[str, Tensor]:
+    """The file's tensors; ``words`` (``tokenizer``, ``max_length``, ``label_all_subtokens``) for a table
+    with a ``words`` column (:mod:`polytask.data.words`)."""
     if not path.is_file():
         raise DataError(f"data.params.path: {str(path)!r} is not a file")
     if path.suffix in TABLE_SUFFIXES:
-        return _read_table(path)
+        return _read_table(path, words)
+    if words is not None:
+        raise ConfigError(f"data.params.tokenizer: {path} holds token ids; a tokenizer is for a table "
+                          f"(.jsonl, .parquet) with a 'words' column")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -138,10 +147,11 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-def _read_table(path: Path) -> dict[str, Tensor]:
+def _read_table(path: Path, words: dict[str, Any] | None = None) -> dict[str, Tensor]:
     """The tensors of the module docstring from a JSON-lines or Parquet table: list columns padded to
     the longest ``input_ids`` (``attention_mask`` from the lengths unless given), per-token label
-    lists checked against ``input_ids`` row by row (vectorised), nulls as "no label"."""
+    lists checked against ``input_ids`` row by row (vectorised), nulls as "no label". A table with
+    ``words`` instead is tokenised with ``words["tokenizer"]`` (:func:`polytask.data.words.read_word_table`)."""
     import pyarrow as pa
 
     try:
@@ -156,6 +166,8 @@ def _read_table(path: Path) -> dict[str, Tensor]:
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: cannot read the table ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") \
             from None
+    if "words" in table.column_names or words is not None:
+        return _read_words(table, path, words)
     if "input_ids" not in table.column_names or not _is_list(table.schema.field("input_ids").type):
         raise DataError(f"{path}: needs a column 'input_ids' holding a list of token ids per row, got columns "
                         f"{', '.join(table.column_names)}")
@@ -182,6 +194,19 @@ def _read_table(path: Path) -> dict[str, Tensor]:
         else:
             out[name] = _scalars(col, path, name)
     return out
+
+
+def _read_words(table: Any, path: Path, words: dict[str, Any] | None) -> dict[str, Tensor]:
+    from polytask.data import words as words_lib
+
+    if words is None:
+        raise ConfigError(f"data.params.tokenizer: {path} gives words, not input_ids; name a local tokenizer "
+                          f"folder or tokenizer.json file to split them into tokens")
+    if "words" not in table.column_names:
+        raise ConfigError(f"data.params.tokenizer: {path} has no column 'words' (a tokenizer splits a list of "
+                          f"words per row; columns: {', '.join(table.column_names)})")
+    tokenizer = words_lib.load_tokenizer(words["tokenizer"])
+    return words_lib.read_word_table(table, path, tokenizer, words["max_length"], words["label_all_subtokens"])
 
 
 def _is_list(kind) -> bool:
@@ -310,7 +335,8 @@ def _token_task_from_labels(name: str, labels: Tensor, kind: str | None, attenti
 
 @DATASETS.register("token_file", "tokens")
 def token_file(path: str, tasks: dict[str, str | dict[str, Any]] | None = None,
-               split: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> Splits:
+               split: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, tokenizer: str | None = None,
+               max_length: int = 512, label_all_subtokens: bool = False) -> Splits:
     """A user's tokenised multi-task data from one file (see the module docstring for its layout).
 
     ``tasks`` maps a task name to its kind (``binary``, ``multiclass``, ``regression``) or to
@@ -318,9 +344,22 @@ def token_file(path: str, tasks: dict[str, str | dict[str, Any]] | None = None,
     float tensor a regression, an integer one binary when its labels are 0/1 and multiclass
     otherwise, and token-level when it has one label per token (the shape of ``input_ids``).
     DataError naming the file and tensor for a missing or misshapen tensor.
+
+    A table with a ``words`` column (a list of words per row) and per-word label lists needs
+    ``tokenizer`` (a local tokenizer folder or ``tokenizer.json``; see :mod:`polytask.data.words`): the
+    words are tokenised, truncated to ``max_length`` tokens, and each list-labelled task becomes a
+    :class:`~polytask.token_tasks.WordTask` (label on each word's first sub-token, or on all of them
+    with ``label_all_subtokens``; metrics per word). ``word_ids`` (each token's word, -1: none) is
+    kept among the inputs, for per-word predictions (:func:`polytask.data.words.word_outputs`).
     """
+    _check("max_length", max_length, 1)
+    if not isinstance(label_all_subtokens, bool):
+        raise ConfigError(f"data.params.label_all_subtokens must be true or false, got {label_all_subtokens!r}")
     file = Path(path)
-    tensors = _read_tensors(file)
+    words = None if tokenizer is None else {"tokenizer": tokenizer, "max_length": max_length,
+                                            "label_all_subtokens": label_all_subtokens}
+    tensors = _read_tensors(file, words)
+    word_ids = tensors.pop("word_ids", None)
     ids = tensors.get("input_ids")
     if ids is None or ids.ndim != 2 or ids.is_floating_point():
         raise DataError(f"{file}: needs an integer tensor 'input_ids' of shape (rows, length), got "
@@ -347,12 +386,16 @@ def token_file(path: str, tasks: dict[str, str | dict[str, Any]] | None = None,
                             f"a token-level task needs one label per token")
         if per_token:
             task, targets[name], labelled = _token_task_from_labels(name, labels, kind, mask, file)
+            if word_ids is not None:  # labels spread from words: scored per word at the first sub-tokens
+                task, targets[name] = word_task(task), with_first_subtokens(targets[name], first_subtokens(word_ids))
         else:
             task, targets[name], labelled = _task_from_labels(name, labels, kind, file)
         task_list.append(task)
         if not bool(labelled.all()):
             masks[name] = labelled
     inputs = {"input_ids": ids.long(), "attention_mask": mask.long()}
+    if word_ids is not None:
+        inputs["word_ids"] = word_ids
     if "task_ids" in tensors:
         owner = tensors["task_ids"]
         outside = bool(((owner < 0) | (owner >= len(wanted))).any())
