@@ -31,6 +31,7 @@ from polytask.errors import ConfigError
 from polytask.nn.base import MultiTaskModel, TaskHeads, check_positive, check_widths  # noqa: F401  (re-exported)
 from polytask.nn.embedding import FeatureSpec, input_layer
 from polytask.nn.layers import BatchedLinear, BatchedMLP, mix_experts
+from polytask.nn.ragged import RaggedBanks
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
 
@@ -148,9 +149,10 @@ class ExtractionLevel(nn.Module):
     ``native`` adds AdaTT's learnable linear combination of the task's own experts.
     ``task_hidden`` (one list per task) and ``shared_hidden`` give a bank its own hidden widths (the
     widths before the output width ``hidden[-1]``, which every bank keeps: the gates mix it): each
-    task's specific experts are then a bank of their own, ``task_experts[t]``, run one task after
-    the other (banks of different widths cannot be one stacked tensor), instead of one stacked
-    ``specific_experts`` bank. This is how a pruned PLE (``polytask prune``) is described.
+    task's specific experts are then a bank of their own, ``task_experts[t]``, instead of one
+    stacked ``specific_experts`` bank, and all banks run together through
+    :class:`~polytask.nn.ragged.RaggedBanks` (one GEMM or bmm per depth, no loop over tasks). This
+    is how a pruned PLE (``polytask prune``) is described.
 
     Returns ``(outputs (T[+1], B, H), task gates (T, B, width))``.
     """
@@ -173,6 +175,8 @@ class ExtractionLevel(nn.Module):
                                               for widths in task_hidden)
         shared_widths = hidden if shared_hidden is None else [*shared_hidden, out]
         self.shared_experts = BatchedMLP(k, in_dim, shared_widths, act=activation, dropout=dropout) if k else None
+        # every bank in a few batched ops (index tables only, no parameters)
+        self.ragged = RaggedBanks() if task_hidden is not None else None
         self.out_dim = tuple(hidden)[-1]
         width = s + k if scope == "own" else self.num_experts
         self.task_gates = BatchedLinear(t, in_dim, width)
@@ -200,8 +204,11 @@ class ExtractionLevel(nn.Module):
             else:  # task i's experts read stream i: (T, B, d) -> (T*S, B, d)
                 streams = x[:t].unsqueeze(1).expand(-1, s, -1, -1).reshape(t * s, *x.shape[1:])
                 specific = self.specific_experts(streams)
-        elif self.task_experts is not None:  # banks of their own widths: one call per task
-            specific = torch.cat([bank(x if x.ndim == 2 else x[i]) for i, bank in enumerate(self.task_experts)])
+        elif self.task_experts is not None:  # banks of their own widths, shared bank included
+            banks = [*self.task_experts, *([self.shared_experts] if self.shared_experts is not None else [])]
+            everything = self.ragged(x if x.ndim == 2 else x[: len(banks)], banks)
+            specific = everything[: t * s]
+            return specific, (everything[t * s:] if self.shared_experts is not None else None)
         if self.shared_experts is not None:
             shared = self.shared_experts(x if x.ndim == 2 else x[t])
         return specific, shared
