@@ -99,7 +99,7 @@ class TokenTask(Task):
             raise ConfigError(f"task {self.name!r} is token-level: its output must have shape (rows, tokens, width) "
                               f"= {tuple(target.shape[:2])} + (width,), got {tuple(output.shape)} (model.arch must "
                               f"give token outputs: adapters)")
-        valid = self.valid_tokens(target, mask).reshape(-1)
+        valid = TokenTask.valid_tokens(self, target, mask).reshape(-1)  # a TokenTask target, also from WordTask
         return output.reshape(-1, output.shape[-1]), target.reshape(-1, *target.shape[2:]), valid
 
     # loss_per_row stays Task's: the flattened tokens are its rows (Task.loss and evaluate call it)

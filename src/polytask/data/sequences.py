@@ -163,6 +163,10 @@ def _read_table(path: Path, words: dict[str, Any] | None = None) -> dict[str, Te
             import pyarrow.json as pj
 
             table = pj.read_json(path)
+            try:
+                table.validate(full=True)
+            except pa.ArrowInvalid:  # pyarrow 26 drops a list's leading nulls while it infers the item type
+                table = pj.read_json(path, parse_options=pj.ParseOptions(explicit_schema=table.schema))
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: cannot read the table ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") \
             from None
