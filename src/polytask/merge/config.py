@@ -538,8 +538,11 @@ def _run_one(
     vocab: dict[str, int] = {}
 
     def wrap_sources(sources):  # type: ignore[no-untyped-def]
+        from polytask.merge.modules import same_naming
         from polytask.merge.tokenizer import prepare
 
+        # inputs saved in another key layout (transformers 4 / 5) are read under the reference's names
+        sources = same_naming(reference, sources, labels, 0 if base_i is None else base_i)
         wrapped, files, rows = prepare(config, written, sources, paths, labels, source_of, base_i)
         extra.update(files)
         if rows is not None:
@@ -554,11 +557,11 @@ def _run_one(
 
             plans = plan_modules(planned_config, *layout, sources, source_of, labels)
             jobs = plans.jobs
-            changed = modules_output_config(reference, plans.num_layers, layout[1], dtype_out)
+            changed = modules_output_config(reference, plans.num_layers, layout[1], dtype_out, plans.layer_sources)
         else:
             planned = plan_config(config, sources, source_of, labels)
             jobs = planned.jobs
-            changed = output_config(reference, planned.num_layers, dtype_out)
+            changed = output_config(reference, planned.num_layers, dtype_out, planned.layer_sources)
         if changed is not None:
             extra["config.json"] = changed
         if "rows" in vocab:

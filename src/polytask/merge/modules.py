@@ -41,8 +41,23 @@ it. polytask's rule that a gradient must fit the layers it applies to holds per 
 module's own parameters; a top-level gradient must fit some module (a 3-layer projector does
 not refuse a gradient over 36 text layers). The names are the checkpoints' as mergekit defines
 them (Gemma 3, Llama 4 and Mistral 3 in the ``language_model.model.*`` layout of their
-published checkpoints; the ``model.language_model.*`` layout transformers 5 saves is refused by
-both, as tensors of no module).
+published checkpoints).
+
+Key layouts (polytask's addition; mergekit 0.1.5 finds no tensor of its modules in them):
+transformers 5 names the tensors of Gemma 3, Mistral 3 and Qwen2-VL/2.5-VL as the model holds
+them in memory (``model.language_model.layers.<i>.*``, ``model.vision_tower.*``,
+``model.multi_modal_projector.*``, ``lm_head.*``, ``model.visual.*``), which is what
+``save_pretrained(save_original_format=False)`` and training code that saves ``state_dict()``
+write; its default ``save_pretrained`` writes mergekit's names back, except Gemma 3's vision
+tower of a model not loaded from a checkpoint (``vision_tower.*`` without ``vision_model.``).
+Each such layout is a table of prefix renames from mergekit's names (:data:`NAMINGS`); a
+checkpoint's layout is recognised from its tensor names (:func:`naming_of`: a marker prefix
+only that layout has; none: mergekit's), and the same module names, slices and layer-count keys
+apply (``config.json``'s ``architectures`` says which table; ``transformers_version`` says
+nothing reliable, as 4.5x and 5.x wrote both). Inputs of one merge in different layouts are
+renamed to the reference's (the base, else the first model) when read, so the output keeps the
+reference's layout (:class:`RenamedSource`); tensor names hold the same tensors in every layout,
+so this loses nothing. Llama 4, T5 and Whisper keep mergekit's names in transformers 5.25.
 """
 
 from __future__ import annotations
@@ -51,14 +66,14 @@ import json
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from polytask.errors import ConfigError, MergeError, PolytaskError
 
-__all__ = ["Module", "ARCHITECTURES", "architecture_of", "inferred_modules", "layout_of", "module_of", "plan_modules",
-           "modules_output_config"]
+__all__ = ["Module", "ARCHITECTURES", "NAMINGS", "Naming", "RenamedSource", "architecture_of", "inferred_modules",
+           "layout_of", "module_of", "naming_of", "plan_modules", "modules_output_config", "same_naming"]
 
 _EMBED = r"embed|\bwte\b|\bwpe\b"
 
@@ -66,8 +81,9 @@ _EMBED = r"embed|\bwte\b|\bwpe\b"
 @dataclass(frozen=True)
 class Module:
     """One module: the name prefixes of its tensors, its stack of numbered layers, the
-    ``config.json`` keys that may hold its number of layers (the first present is set), and the
-    pattern of the tensors before its layers."""
+    ``config.json`` keys that may hold its number of layers (each present one is set: a
+    transformers 4.5x Qwen2-VL config has both; mergekit sets the first), and the pattern of the
+    tensors before its layers."""
 
     prefixes: tuple[str, ...]
     stack: str | None = None
@@ -129,6 +145,143 @@ ARCHITECTURES: dict[str, dict[str, Module]] = {
 }
 
 
+@dataclass(frozen=True)
+class Naming:
+    """One key layout of an architecture: its name, a pattern only its tensor names match (the
+    marker) and its prefix renames from mergekit's names (``(mergekit's, this layout's)``)."""
+
+    name: str
+    marker: str
+    renames: tuple[tuple[str, str], ...] = ()
+
+    def from_mergekit(self, name: str) -> str:
+        """A tensor name (or a prefix that ends at a dot) in this layout."""
+        return _rename(name, self.renames)
+
+    def to_mergekit(self, name: str) -> str:
+        return _rename(name, tuple((new, old) for old, new in self.renames))
+
+    def modules(self, modules: Mapping[str, Module]) -> dict[str, Module]:
+        """mergekit's ``modules`` with their prefixes and stacks named in this layout."""
+        if not self.renames:
+            return dict(modules)
+        return {name: Module(tuple(dict.fromkeys(p for prefix in spec.prefixes for p in self._prefixes(prefix))),
+                             None if spec.stack is None else self.from_mergekit(spec.stack), spec.layers_keys, spec.pre)
+                for name, spec in modules.items()}
+
+    def _prefixes(self, prefix: str) -> list[str]:
+        # a prefix that several renames split (mergekit's text decoder "language_model." holds both
+        # "language_model.model." and "language_model.lm_head.") becomes each of their new prefixes
+        inside = [new for old, new in self.renames if old.startswith(prefix) and old != prefix]
+        return inside or [self.from_mergekit(prefix)]
+
+
+def _rename(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """``name`` with its longest matching ``old`` prefix replaced by ``new``."""
+    best = max((r for r in renames if name.startswith(r[0])), key=lambda r: len(r[0]), default=None)
+    return name if best is None else best[1] + name[len(best[0]):]
+
+
+_TF5 = "transformers 5 (model.language_model.*)"
+_LLAVA_TF5 = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+              ("multi_modal_projector.", "model.multi_modal_projector."))
+_QWEN2_VL = (Naming("mergekit's (model.layers.*, visual.*)", r"^(?:visual\.|model\.(?:layers|embed_tokens|norm)\.)"),
+             Naming(_TF5, r"^model\.(?:language_model|visual)\.",
+                    (("model.", "model.language_model."), ("visual.", "model.visual."))))
+
+#: The key layouts of an architecture (``config.json``'s ``architectures[0]``), mergekit's first;
+#: those of :data:`ARCHITECTURES` not listed have mergekit's alone.
+NAMINGS: dict[str, tuple[Naming, ...]] = {
+    "Gemma3ForConditionalGeneration": (
+        Naming("mergekit's (language_model.model.*, vision_tower.vision_model.*)", r"^vision_tower\.vision_model\."),
+        Naming(_TF5, r"^model\.(?:language_model|vision_tower|multi_modal_projector)\.",
+               _LLAVA_TF5 + (("vision_tower.vision_model.", "model.vision_tower."),)),
+        # transformers 5's default save_pretrained of a model it did not load: mergekit's names but
+        # the vision tower's without vision_model. (the prefix it drops on load is not put back)
+        Naming("transformers 5 save_pretrained (vision_tower.* without vision_model.)",
+               r"^vision_tower\.(?!vision_model\.)", (("vision_tower.vision_model.", "vision_tower."),))),
+    "Mistral3ForConditionalGeneration": (
+        Naming("mergekit's (language_model.model.*, vision_tower.*)", r"^(?:language_model|vision_tower)\."),
+        Naming(_TF5, r"^model\.(?:language_model|vision_tower|multi_modal_projector)\.",
+               _LLAVA_TF5 + (("vision_tower.", "model.vision_tower."),))),
+    "Qwen2VLForConditionalGeneration": _QWEN2_VL,
+    "Qwen2_5_VLForConditionalGeneration": _QWEN2_VL,
+}
+
+_MERGEKIT = Naming("mergekit's", r"(?!)")
+
+
+def naming_of(arch: str, names: Iterable[str], label: str = "the reference") -> Naming:
+    """The key layout of a checkpoint of ``arch`` with tensors ``names``: the one whose marker
+    some name matches (none: mergekit's); MergeError naming the model if two layouts' do."""
+    namings = NAMINGS.get(arch, (_MERGEKIT,))
+    found: dict[Naming, str] = {}
+    for name in names:
+        for naming in namings:
+            if naming not in found and re.search(naming.marker, name):
+                found[naming] = name
+    if len(found) > 1:
+        (a, ea), (b, eb) = list(found.items())[:2]
+        raise MergeError(f"model {label}: its tensors are named in two key layouts of {arch}: {a.name} ({ea!r}) and "
+                         f"{b.name} ({eb!r}); save it again with one of them")
+    return next(iter(found), namings[0])
+
+
+class RenamedSource:
+    """A checkpoint seen with its tensors renamed (another key layout); reads go to the old names."""
+
+    def __init__(self, inner: Any, renamed: Mapping[str, str]) -> None:
+        self.inner = inner
+        self.label = getattr(inner, "label", "")
+        self._new = dict(renamed)  # old -> new
+        self._old = {new: old for old, new in self._new.items()}
+
+    def names(self) -> list[str]:
+        return [self._new[n] for n in self.inner.names()]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._old
+
+    def spec(self, name: str) -> Any:
+        return self.inner.spec(self._old[name])
+
+    def load(self, name: str) -> Any:
+        return self.inner.load(self._old[name])
+
+    def read_into(self, name: str, out: Any) -> None:
+        self.inner.read_into(self._old[name], out)
+
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> Any:
+        return self.inner.view(self._old[name], rows)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr == "read_rows_into" and hasattr(self.inner, "read_rows_into"):  # only where the inner has it
+            return lambda name, out, start, stop: self.inner.read_rows_into(self._old[name], out, start, stop)
+        raise AttributeError(attr)
+
+
+def same_naming(reference: str | Path | None, sources: Sequence[Any], labels: Sequence[str], ref: int) -> list[Any]:
+    """``sources`` with those in another key layout than ``sources[ref]`` renamed to its layout
+    (the architecture is the ``config.json`` of the folder ``reference``); the others as they are."""
+    known = architecture_of(reference)
+    if known is None or known[0] not in NAMINGS:
+        return list(sources)
+    arch = known[0]
+    target = naming_of(arch, sources[ref].names(), labels[ref])
+    out = list(sources)
+    for i, s in enumerate(sources):
+        own = naming_of(arch, s.names(), labels[i])
+        if own == target:
+            continue
+        renamed = {n: target.from_mergekit(own.to_mergekit(n)) for n in s.names()}
+        if len(set(renamed.values())) < len(renamed):
+            clash = next(n for n in renamed if list(renamed.values()).count(renamed[n]) > 1)
+            raise MergeError(f"model {labels[i]}: tensor {clash!r} ({own.name}) and another one have the same name "
+                             f"{renamed[clash]!r} in the layout of model {labels[ref]} ({target.name})")
+        out[i] = RenamedSource(s, renamed)
+    return out
+
+
 def architecture_of(folder: str | Path | None) -> tuple[str, dict[str, Module]] | None:
     """The multi-module architecture of the model in ``folder`` (its ``config.json``), or None
     for a one-module model (or no readable config)."""
@@ -169,13 +322,15 @@ def inferred_modules(names: Iterable[str]) -> dict[str, Module] | None:
     return modules
 
 
-def layout_of(folder: str | Path | None, names: Iterable[str]) -> tuple[str, dict[str, Module]] | None:
+def layout_of(folder: str | Path | None, names: Iterable[str],
+              label: str = "the reference") -> tuple[str, dict[str, Module]] | None:
     """The modules of a model: mergekit's definition (:data:`ARCHITECTURES`) of its
-    architecture, else inferred from its tensor ``names`` as mergekit infers them, else None
-    (one module)."""
+    architecture named in the key layout of its tensor ``names`` (:func:`naming_of`), else
+    inferred from ``names`` as mergekit infers them, else None (one module)."""
+    names = list(names)
     known = architecture_of(folder)
     if known is not None:
-        return known
+        return known[0], naming_of(known[0], names, label).modules(known[1])
     if folder is None or not (Path(folder) / "config.json").is_file():
         return None  # not a transformers model (mergekit needs its config.json to infer anything)
     inferred = inferred_modules(names)
@@ -222,6 +377,7 @@ class ModulePlans:
 
     jobs: list[Any]
     num_layers: dict[str, int]
+    layer_sources: dict[str, list[int]] = field(default_factory=dict)
 
 
 def plan_modules(config: Any, arch: str, modules: Mapping[str, Module], sources: Sequence[Any],
@@ -239,6 +395,7 @@ def plan_modules(config: Any, arch: str, modules: Mapping[str, Module], sources:
     every_name = {n for s in sources for n in s.names()}
     jobs: list[Any] = []
     layers: dict[str, int] = {}
+    sources_of: dict[str, list[int]] = {}
     lengths: dict[str, list[int]] = {}
     for name, sub in wanted.items():
         spec = modules[name]
@@ -255,10 +412,11 @@ def plan_modules(config: Any, arch: str, modules: Mapping[str, Module], sources:
             raise type(exc)(f"modules.{name}: {exc}") from None
         jobs.extend(planned.jobs)
         layers[name] = planned.num_layers
+        sources_of[name] = planned.layer_sources
         lengths[name] = planned.slice_lengths
         _warn_unknown_count(name, spec, views[ref], planned.num_layers)
     _check_gradient_fit(config, lengths)
-    return ModulePlans(jobs, layers)
+    return ModulePlans(jobs, layers, sources_of)
 
 
 def _warn_unknown_count(name: str, spec: Module, ref: _ModuleView, out_layers: int) -> None:
@@ -330,9 +488,13 @@ def _warn_dropped(arch: str, owner: Mapping[str, str | None], wanted: Mapping[st
 
 
 def modules_output_config(reference: str | Path | None, num_layers: Mapping[str, int], modules: Mapping[str, Module],
-                          dtype: Any) -> str | None:
-    """The reference's ``config.json`` with each planned module's number of layers set (at the
-    first of its keys that the file has), or None if there is no such file or nothing changes."""
+                          dtype: Any, layer_sources: Mapping[str, Sequence[int]] | None = None) -> str | None:
+    """The reference's ``config.json`` with each planned module's number of layers set (at
+    each of its keys that the file has) and the ``layer_types`` beside it following the output's
+    layers (``layer_sources``: :func:`~polytask.merge.plan.set_layer_count`), or None if there is
+    no such file or nothing changes."""
+    from polytask.merge.plan import set_layer_count
+
     if reference is None:
         return None
     try:
@@ -349,9 +511,7 @@ def modules_output_config(reference: str | Path | None, num_layers: Mapping[str,
             for p in parents:
                 node = node.get(p) if isinstance(node, dict) else None
             if isinstance(node, dict) and leaf in node:
-                changed |= node[leaf] != count
-                node[leaf] = count
-                break
+                changed |= set_layer_count(node, leaf, count, (layer_sources or {}).get(name))
     if not changed:
         return None
     if dtype is not None:

@@ -198,6 +198,8 @@ class PlannedMerge:
     num_layers: int
     unmatched_filters: list[tuple[str, str]] = field(default_factory=list)
     slice_lengths: list[int] = field(default_factory=list)
+    #: per output layer, the layer of its slice's base (else first source) it comes from
+    layer_sources: list[int] = field(default_factory=list)
 
 
 def _same(a: str, b: str) -> bool:
@@ -303,8 +305,11 @@ def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int
     for name in [n for n in ref.others if before.search(n)]:
         job(name, {k: name for k in range(len(slices[0].entries))}, slices[0], 0.0)
     out_layer = 0
+    layer_sources: list[int] = []
     for sl in slices:
+        lead = next((e for e in sl.entries if e.is_base), sl.entries[0])
         for offset in range(sl.length):
+            layer_sources.append(lead.start + offset)
             t = offset / (sl.length - 1) if sl.length > 1 else 1.0
             # this layer's tensors in its sources (not layer 0's: T5 has relative_attention_bias in
             # block 0 only); a tensor that some source lacks is refused in job()
@@ -323,7 +328,7 @@ def plan_config(config: Any, sources: Sequence[Any], source_of: Mapping[str, int
     unmatched = [(w, f) for w, f in dict.fromkeys(filters) if not any(f in n for n in all_names)]
     for where, f in unmatched:
         warnings.warn(f"{where}: filter {f!r} matches no tensor of the models", RuntimeWarning, stacklevel=2)
-    return PlannedMerge(jobs, out_layer, unmatched, [sl.length for sl in slices])
+    return PlannedMerge(jobs, out_layer, unmatched, [sl.length for sl in slices], layer_sources)
 
 
 def _check_keys(config: Any, method_cls: Any, slices: list[_Slice]) -> None:
@@ -482,9 +487,11 @@ def _slices(config: Any, method_cls: Any, source_of: Mapping[str, int], structur
     return out
 
 
-def output_config(path: str | os.PathLike[str] | None, num_layers: int, dtype: torch.dtype | None) -> str | None:
+def output_config(path: str | os.PathLike[str] | None, num_layers: int, dtype: torch.dtype | None,
+                  layer_sources: Sequence[int] | None = None) -> str | None:
     """The reference model's ``config.json`` with ``num_hidden_layers`` set to the output's
-    count (None if it has no such file or nothing changes)."""
+    count and its ``layer_types`` (see :func:`set_layer_count`) following the output's layers
+    (None if it has no such file or nothing changes)."""
     if path is None:
         return None
     f = Path(path) / "config.json"
@@ -494,9 +501,28 @@ def output_config(path: str | os.PathLike[str] | None, num_layers: int, dtype: t
         cfg = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if not isinstance(cfg, dict) or cfg.get("num_hidden_layers") in (None, num_layers):
+    if not isinstance(cfg, dict) or cfg.get("num_hidden_layers") is None:
         return None
-    cfg["num_hidden_layers"] = num_layers
+    if not set_layer_count(cfg, "num_hidden_layers", num_layers, layer_sources):
+        return None
     if dtype is not None:
         cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     return json.dumps(cfg, indent=2) + "\n"
+
+
+def set_layer_count(node: dict[str, Any], key: str, count: int, layer_sources: Sequence[int] | None) -> bool:
+    """Set ``node[key]`` to ``count`` and, where ``node`` lists one ``layer_types`` entry per
+    layer (transformers 5 checks that length: sliding or full attention per layer), give each
+    output layer the type of the layer it comes from (``layer_sources``; mergekit leaves the old
+    list, which transformers 5 refuses to load when the count changed). True if anything changed."""
+    changed = node.get(key) != count
+    node[key] = count
+    types = node.get("layer_types")
+    if isinstance(types, list) and layer_sources is not None and len(layer_sources) == count:
+        if all(0 <= j < len(types) for j in layer_sources):
+            new_types = [types[j] for j in layer_sources]
+        else:  # a source layer past the reference's list (a deeper model): repeat the list's pattern
+            new_types = [types[j % len(types)] for j in layer_sources]
+        changed |= new_types != types
+        node["layer_types"] = new_types
+    return changed

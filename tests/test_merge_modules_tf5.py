@@ -1,0 +1,393 @@
+"""Multi-module merges of checkpoints in transformers 5's key layout (``model.language_model.*``).
+
+Tiny random Gemma 3, Mistral 3 and Qwen2-VL models are built from transformers configs and saved
+by the installed transformers twice: in its in-memory layout (``save_original_format=False``) and
+with its default ``save_pretrained``, which writes mergekit's names back (Gemma 3's vision tower
+without ``vision_model.``: renamed here to the published checkpoints' names). mergekit 0.1.5 merges
+the second copy; its output renamed to the 5.x names must equal ours on the first, bit for bit.
+The rename is checked against transformers' own (tensor by tensor, by value). Outputs load with
+``from_pretrained`` and run a forward. Bad input: one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from polytask.cli import main
+from polytask.errors import MergeError
+from polytask.merge import load_state_dict, run_merge
+from polytask.merge.modules import NAMINGS, naming_of
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+            head_dim=8, vocab_size=64)
+
+
+def _gemma3():
+    return transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=dict(TEXT, num_key_value_heads=1), mm_tokens_per_image=4,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=16, patch_size=4, vision_use_head=False)))
+
+
+def _mistral3():
+    return transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+        text_config=dict(TEXT, model_type="mistral", tie_word_embeddings=False), tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           head_dim=8, patch_size=4, image_size=16)))
+
+
+def _qwen2_vl():
+    text = {k: v for k, v in TEXT.items() if k != "head_dim"}
+    return transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
+        text_config=dict(text, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2), bos_token_id=1, eos_token_id=2))
+
+
+BUILD = {"Gemma3ForConditionalGeneration": _gemma3, "Mistral3ForConditionalGeneration": _mistral3,
+         "Qwen2VLForConditionalGeneration": _qwen2_vl}
+
+
+def _published(name: str) -> str:
+    """Gemma 3's vision tower as its published checkpoints (and mergekit) name it."""
+    return re.sub(r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", name)
+
+
+def _save(arch: str, seed: int, new: Path, old: Path | None, published: bool = True) -> None:
+    torch.manual_seed(seed)
+    model = BUILD[arch]()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # every tensor distinct (no constant norms), so a wrong pairing shows
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.config.architectures = [arch]
+    model.save_pretrained(new, save_original_format=False)
+    if old is not None:
+        model.save_pretrained(old)
+        if arch.startswith("Gemma3") and published:
+            f = old / "model.safetensors"
+            save_file({_published(k): v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+        if arch.startswith("Qwen2VL"):  # mergekit reads the layer count at the top level, as 4.x wrote it
+            cfg = json.loads((old / "config.json").read_text())
+            cfg["num_hidden_layers"] = cfg["text_config"]["num_hidden_layers"]
+            (old / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module", params=list(BUILD), ids=["gemma3", "mistral3", "qwen2_vl"])
+def saved(request, tmp_path_factory) -> tuple[str, Path]:
+    """base, a, b of one architecture under ``new/`` (5.x names) and ``old/`` (mergekit's)."""
+    root = tmp_path_factory.mktemp(request.param)
+    for seed, name in enumerate(["base", "a", "b"]):
+        _save(request.param, seed, root / "new" / name, root / "old" / name)
+    return request.param, root
+
+
+def test_naming_matches_transformers(saved):
+    # every 5.x name, renamed to mergekit's by polytask's table, is the name transformers' default
+    # save_pretrained gave the same tensor (matched by value: all tensors are distinct)
+    arch, root = saved
+    new, old = load_file(root / "new/a/model.safetensors"), load_file(root / "old/a/model.safetensors")
+    assert len(new) == len(old) > 20
+    by_value = {v.numpy().tobytes(): k for k, v in old.items()}
+    assert len(by_value) == len(old)
+    naming = naming_of(arch, new)
+    assert naming.name.startswith("transformers 5") and naming_of(arch, old) == NAMINGS[arch][0]
+    assert {k: naming.to_mergekit(k) for k in new} == {k: by_value[v.numpy().tobytes()] for k, v in new.items()}
+    assert any(k.startswith("model.language_model.layers.2.") for k in new)
+
+
+CONFIGS = {
+    # text: 3 layers out of a's 0-1 with b's 1-2, then a's layer 1 with b's 1 again (a's layer 1 and
+    # b's 1 repeated, b's 0 dropped), a gradient for a over the first slice; the projector from a and base
+    "linear_frankenmerge": """
+merge_method: linear
+base_model: base
+modules:
+  text_decoder:
+    slices:
+      - sources:
+          - {model: a, layer_range: [0, 2], parameters: {weight: [0.2, 0.8]}}
+          - {model: b, layer_range: [1, 3], parameters: {weight: 0.5}}
+      - sources:
+          - {model: a, layer_range: [1, 2]}
+          - {model: b, layer_range: [1, 2]}
+  vision_tower:
+    models:
+      - {model: a, parameters: {weight: 0.3}}
+      - {model: b, parameters: {weight: 0.7}}
+  multi_modal_projector:
+    models: [{model: a}, {model: base}]
+parameters: {weight: 1.0}
+""",
+    "task_arithmetic": """
+merge_method: task_arithmetic
+base_model: base
+models:
+  - {model: a, parameters: {weight: 0.7}}
+  - {model: b, parameters: {weight: 0.4}}
+""",
+    # TIES with a density gradient over the text layers only (mergekit reads Qwen2-VL's projector
+    # MLP as two layers: a gradient there differs on purpose, see polytask.merge.modules)
+    "ties": """
+merge_method: ties
+base_model: base
+modules:
+  text_decoder:
+    models:
+      - {model: a, parameters: {weight: 1.0, density: [0.9, 0.4]}}
+      - {model: b, parameters: {weight: 0.6, density: 0.5}}
+  vision_tower:
+    models:
+      - {model: a, parameters: {weight: 1.0, density: 0.3}}
+      - {model: b, parameters: {weight: 0.5, density: 0.7}}
+  multi_modal_projector:
+    models:
+      - {model: a, parameters: {weight: 0.8, density: 0.5}}
+      - {model: b, parameters: {weight: 0.8, density: 0.5}}
+parameters: {normalize: true}
+""",
+    "slerp_per_module": """
+merge_method: slerp
+base_model: a
+modules:
+  text_decoder:
+    models: [{model: a}, {model: b}]
+    parameters: {t: [0.1, 0.9]}
+  vision_tower:
+    models: [{model: a}, {model: b}]
+    parameters: {t: 0.3}
+  multi_modal_projector:
+    models: [{model: a}, {model: b}]
+parameters: {t: 0.6}
+""",
+}
+
+
+def _paths(text: str, folder: Path) -> str:
+    return re.sub(r"((?:model|base_model): )(base|a|b|t|x)\b", lambda m: m.group(1) + str(folder / m.group(2)), text)
+
+
+def _mergekit(text: str, folder: Path, out: Path, monkeypatch) -> dict[str, torch.Tensor]:
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge as mergekit_run
+    from mergekit.options import MergeOptions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mergekit_run(MergeConfiguration.model_validate(yaml.safe_load(_paths(text, folder))), str(out),
+                 MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False, random_seed=0))
+    return load_state_dict(out)
+
+
+def _ours(text: str, folder: Path, out: Path) -> Path:
+    cfg = out.parent / f"{out.name}.yaml"
+    cfg.write_text(_paths(text, folder))
+    return run_merge(cfg, out)
+
+
+def _loads_and_runs(out: Path) -> None:
+    """transformers loads every tensor of ``out`` (none missing or unexpected) and runs a forward."""
+    saved = load_state_dict(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cls = getattr(transformers, cfg["architectures"][0])
+    model, info = cls.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    state = model.state_dict()
+    arch = cfg["architectures"][0]
+    naming = naming_of(arch, state)  # in memory: 5.x names; a file in mergekit's names is renamed
+    file_naming = naming_of(arch, saved)
+    for k, v in saved.items():
+        assert torch.equal(state[naming.from_mergekit(file_naming.to_mergekit(k))], v), k
+    logits = model(input_ids=torch.tensor([[1, 5, 7, 3]])).logits
+    assert logits.shape == (1, 4, 64) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_same_tensors_as_mergekit_on_the_old_names(saved, name, tmp_path, monkeypatch):
+    arch, root = saved
+    text = CONFIGS[name]
+    theirs = _mergekit(text, root / "old", tmp_path / "theirs", monkeypatch)
+    naming = NAMINGS[arch][1]
+    theirs = {naming.from_mergekit(k): v for k, v in theirs.items()}
+    out = _ours(text, root / "new", tmp_path / "ours")
+    ours = load_state_dict(out)
+    assert ours.keys() == theirs.keys()
+    assert all(k.startswith(("model.", "lm_head.")) for k in ours)
+    bad = [k for k in theirs if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
+    assert not bad, f"{len(bad)} of {len(theirs)} tensors differ, e.g. {bad[:3]}"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["text_config"]["num_hidden_layers"] == 3 and cfg["architectures"] == [arch]
+    if name == "linear_frankenmerge":
+        # by hand: output layer 2 is 0.5 a[1] + 0.5 b[1] (t = 1 in a one-layer slice; weights 1, 1 normalised)
+        a, b = load_state_dict(root / "new" / "a"), load_state_dict(root / "new" / "b")
+        q = "model.language_model.layers.{}.self_attn.q_proj.weight"
+        torch.testing.assert_close(ours[q.format(2)], 0.5 * a[q.format(1)] + 0.5 * b[q.format(1)], rtol=0, atol=1e-6)
+        # layer 0 at t = 0: a[0] weighted 0.2, b[1] 0.5, normalised by 0.7
+        torch.testing.assert_close(ours[q.format(0)], (0.2 * a[q.format(0)] + 0.5 * b[q.format(1)]) / 0.7, rtol=0,
+                                   atol=1e-6)
+    _loads_and_runs(out)
+
+
+def test_frankenmerge_changes_the_layer_count(saved, tmp_path):
+    # 5 text layers out of 3 (a's 0-2 then b's 1-2): the config's text_config.num_hidden_layers
+    # is 5 and transformers loads the output and runs it
+    arch, root = saved
+    text = """
+merge_method: passthrough
+modules:
+  text_decoder:
+    slices:
+      - sources: [{model: a, layer_range: [0, 3]}]
+      - sources: [{model: b, layer_range: [1, 3]}]
+  vision_tower: {models: [{model: a}]}
+  multi_modal_projector: {models: [{model: a}]}
+"""
+    out = _ours(text, root / "new", tmp_path / "out")
+    got, a, b = (load_state_dict(p) for p in (out, root / "new" / "a", root / "new" / "b"))
+    q = "model.language_model.layers.{}.mlp.down_proj.weight"
+    assert [torch.equal(got[q.format(i)], src[q.format(j)]) for i, (src, j) in
+            enumerate([(a, 0), (a, 1), (a, 2), (b, 1), (b, 2)])] == [True] * 5
+    assert q.format(5) not in got
+    assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 5
+    _loads_and_runs(out)
+
+
+@pytest.mark.parametrize("base_layout", ["old", "new"])
+def test_mixed_layouts_are_renamed_to_the_base(saved, base_layout, tmp_path, monkeypatch):
+    # a in the other layout than the base and b: the output keeps the base's names and equals
+    # mergekit's on all-old copies (renamed when the base is new)
+    arch, root = saved
+    other = "new" if base_layout == "old" else "old"
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name, layout in (("base", base_layout), ("a", other), ("b", base_layout)):
+        (mixed / name).symlink_to(root / layout / name)
+    text = CONFIGS["ties"]
+    theirs = _mergekit(text, root / "old", tmp_path / "theirs", monkeypatch)
+    if base_layout == "new":
+        theirs = {NAMINGS[arch][1].from_mergekit(k): v for k, v in theirs.items()}
+    out = _ours(text, mixed, tmp_path / "ours")
+    ours = load_state_dict(out)
+    assert ours.keys() == theirs.keys()
+    assert not [k for k in theirs if not torch.equal(ours[k], theirs[k])]
+    _loads_and_runs(out)
+
+
+def test_gemma3_default_save_pretrained_names(tmp_path, monkeypatch):
+    # transformers 5's default save of a Gemma 3 it built writes vision_tower.* without
+    # vision_model.: a layout of its own, merged with the others and kept as the base's
+    arch = "Gemma3ForConditionalGeneration"
+    for seed, name in enumerate(["base", "a", "b"]):
+        _save(arch, seed, tmp_path / "new" / name, None)
+    plain = tmp_path / "plain"
+    for seed, name in enumerate(["base", "a"]):
+        _save(arch, seed, tmp_path / "unused" / name, plain / name, published=False)
+    (plain / "b").symlink_to(tmp_path / "new" / "b")
+    assert naming_of(arch, load_state_dict(plain / "base")).name.startswith("transformers 5 save_pretrained")
+    out = _ours(CONFIGS["task_arithmetic"], plain, tmp_path / "ours")
+    ours = load_state_dict(out)
+    base, a, b = (load_state_dict(tmp_path / "new" / n) for n in ("base", "a", "b"))
+    w = "model.vision_tower.encoder.layers.1.mlp.fc2.weight"
+    want = base[w] + 0.7 * (a[w] - base[w]) + 0.4 * (b[w] - base[w])
+    torch.testing.assert_close(ours["vision_tower.encoder.layers.1.mlp.fc2.weight"], want, rtol=0, atol=1e-6)
+    assert not [k for k in ours if k.startswith(("model.", "vision_tower.vision_model."))]
+    _loads_and_runs(out)
+
+
+def test_tensor_outside_every_module_is_named(saved, tmp_path):
+    # as for mergekit's names: written nowhere, named in a warning
+    arch, root = saved
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for name in ("base", "a", "b"):
+        (folder / name).symlink_to(root / "new" / name)
+    x = folder / "x"
+    x.mkdir()
+    sd = load_file(root / "new/b/model.safetensors")
+    save_file({**sd, "model.extra_head.weight": torch.ones(2, 2)}, x / "model.safetensors")
+    (x / "config.json").write_text((root / "new/b/config.json").read_text())
+    text = CONFIGS["task_arithmetic"].replace("model: b,", "model: x,").replace("base_model: base", "base_model: x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _ours(text, folder, tmp_path / "out")
+    said = [str(w.message) for w in caught if "belong to no module" in str(w.message)]
+    assert len(said) == 1 and "'model.extra_head.weight'" in said[0] and "1 tensor(s)" in said[0], said
+    assert "model.extra_head.weight" not in load_state_dict(out)
+
+
+def _cli(args, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["polytask", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    captured = capsys.readouterr()
+    return exc.value.code or 0, captured.err.strip()
+
+
+ONE = "merge_method: linear\nmodules:\n  {module}:\n    models:\n      - model: {a}\n      - model: {b}\n"
+BAD = {
+    "unknown module": (ONE.format(module="vision", a="a", b="b"),
+                       ["modules.vision", "has no module 'vision'", "multi_modal_projector, text_decoder, vision_tower"]),
+    "module missing from a model": (ONE.format(module="vision_tower", a="a", b="t"),
+                                    ["modules.vision_tower", "model t", "no tensor of module vision_tower",
+                                     "names starting model.vis"]),
+    "two layouts in one checkpoint": (ONE.format(module="text_decoder", a="a", b="x"),
+                                      ["model x", "two key layouts", "transformers 5", "mergekit's"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_exit_2_no_output(saved, case, tmp_path, capsys, monkeypatch):
+    arch, root = saved
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / name).symlink_to(root / "new" / name)
+    new, old = load_file(root / "new/b/model.safetensors"), load_file(root / "old/b/model.safetensors")
+    for name, sd in (("t", {k: v for k, v in new.items() if k.startswith(("model.language_model.", "lm_head."))}),
+                     ("x", {**{k: v for k, v in new.items() if "language_model" in k},
+                            **{k: v for k, v in old.items() if "language_model" not in k}})):
+        (folder / name).mkdir()
+        save_file(sd, folder / name / "model.safetensors")
+        (folder / name / "config.json").write_text((root / "new/b/config.json").read_text())
+    text, must = BAD[case]
+    (folder / "bad.yaml").write_text(text)
+    out = tmp_path / "out"
+    code, err = _cli(["merge", folder / "bad.yaml", out], capsys, monkeypatch)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    for m in must:
+        assert m in err, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
+
+
+def test_naming_by_hand():
+    # Qwen2-VL: mergekit's model.layers / visual. against 5.x's model.language_model / model.visual.
+    arch = "Qwen2VLForConditionalGeneration"
+    old, new = NAMINGS[arch]
+    assert naming_of(arch, ["model.layers.0.mlp.up_proj.weight", "lm_head.weight"]) == old
+    assert naming_of(arch, ["lm_head.weight"]) == old  # nothing says otherwise: mergekit's
+    assert naming_of(arch, ["model.visual.blocks.0.attn.qkv.weight", "lm_head.weight"]) == new
+    assert new.from_mergekit("model.layers.0.mlp.up_proj.weight") == "model.language_model.layers.0.mlp.up_proj.weight"
+    assert new.to_mergekit("model.visual.merger.mlp.0.weight") == "visual.merger.mlp.0.weight"
+    assert new.to_mergekit("lm_head.weight") == "lm_head.weight"
+    with pytest.raises(MergeError, match=r"model m: .*two key layouts.*'visual\.blocks\.0\.w'"):
+        naming_of(arch, ["model.language_model.layers.0.w", "visual.blocks.0.w"], "m")
+    # Gemma 3's text prefix "language_model." splits into the two 5.x prefixes
+    from polytask.merge.modules import ARCHITECTURES, module_of
+
+    g = NAMINGS["Gemma3ForConditionalGeneration"][1].modules(ARCHITECTURES["Gemma3ForConditionalGeneration"])
+    assert g["text_decoder"].prefixes == ("model.language_model.", "lm_head.")
+    assert g["text_decoder"].stack == "model.language_model.layers."
+    assert g["vision_tower"].stack == "model.vision_tower.encoder.layers."
+    assert module_of("model.vision_tower.post_layernorm.weight", g) == "vision_tower"
+    assert module_of("model.multi_modal_projector.mm_input_projection_weight", g) == "multi_modal_projector"
