@@ -590,16 +590,18 @@ class StepContext:
             p.grad = g if p.grad is None else p.grad + g
 
     def optimizer_step(self, grad_clip: float | None) -> None:
+        from polytask.train.rowwise import clip_grad_norm  # torch's clip_grad_norm_, sparse tables included
+
         scaler = self.precision.scaler
         if scaler is not None:
             if grad_clip is not None:
                 scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+                clip_grad_norm(self.model.parameters(), grad_clip)
             scaler.step(self.optimizer)
             scaler.update()
             return
         if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+            clip_grad_norm(self.model.parameters(), grad_clip)
         self.optimizer.step()
 
     def logged_losses(self, vec: Tensor) -> Tensor:

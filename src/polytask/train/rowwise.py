@@ -2,11 +2,13 @@
 
 :class:`RowWiseAdagrad` keeps ONE accumulator per embedding row instead of one per entry (a table of
 ``n`` rows and width ``d`` costs ``n`` numbers of optimiser state, not ``n d`` as Adagrad or ``2 n d``
-as Adam), and reads and writes only the rows of the batch.
+as Adam), and reads and writes only the rows of the batch. :func:`clip_grad_norm` clips gradients
+by their total norm when some of them are sparse (``train.grad_clip`` with sparse tables).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -88,4 +90,32 @@ class RowWiseAdagrad(torch.optim.Optimizer):
         return loss
 
 
-__all__ = ["RowWiseAdagrad"]
+def clip_grad_norm(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_(parameters, max_norm)`` (L2, ``error_if_nonfinite=False``)
+    where some gradients are sparse: what it does on the dense equivalent of every gradient.
+
+    The total norm is torch's: the L2 norm of the per-gradient norms, with a sparse gradient's norm
+    taken on its coalesced values (duplicate rows add up first, as they do in the dense gradient;
+    the gradient is replaced by its coalesced form, which the row-wise optimisers would form anyway).
+    Every gradient, sparse values included, is multiplied by ``clamp(max_norm / (total + 1e-6),
+    max=1)``, one tensor: no host synchronisation (but coalescing, on CUDA, for its size). As in
+    torch, a NaN anywhere makes every gradient NaN, and an infinite norm zeroes the finite entries
+    (and turns the infinite ones into NaN). Without sparse gradients this is torch's function.
+    Under ``--nproc N`` it runs after the gradients are reduced (as DDP + clip would): every rank
+    scales by the global batch's norm. Returns the total norm.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    if not any(p.grad.is_sparse for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+    grads = [p.grad.values() if p.grad.is_sparse else p.grad for p in params]  # values(): a view, scaled in place
+    total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch's clip_grads_with_norm_
+    for device in {g.device for g in grads}:  # foreach ops take one device's tensors (torch groups them too)
+        torch._foreach_mul_([g for g in grads if g.device == device], coef.to(device))
+    return total
+
+
+__all__ = ["RowWiseAdagrad", "clip_grad_norm"]

@@ -504,8 +504,10 @@ def use_sparse_embeddings(model: torch.nn.Module, columns: Sequence[str], config
     Several processes (``--nproc N``): the balancer reduces every gradient itself under DDP's
     ``no_sync`` (:mod:`polytask.balance.dist`); a sparse gradient is all-reduced as indices and
     values (gloo's sparse all-reduce; the dense sum on other backends), so the step equals one
-    process's on the global batch. Refused: ``train.grad_clip`` (clipping needs the dense norm of
-    every gradient) and ``train.strategy: fsdp`` (FSDP2 shards dense parameters only).
+    process's on the global batch. ``train.grad_clip`` clips as ``torch.nn.utils.clip_grad_norm_``
+    would on dense tables (:func:`polytask.train.rowwise.clip_grad_norm`: a sparse gradient's norm
+    on its coalesced rows; under ``--nproc N`` after the reduction). Refused: ``train.strategy:
+    fsdp`` (FSDP2 shards dense parameters only).
     """
     from polytask.balance.engine import GradientBalancer
 
@@ -522,8 +524,6 @@ def use_sparse_embeddings(model: torch.nn.Module, columns: Sequence[str], config
     if config.balancer.name in ("db_mtl", "dbmtl"):  # a (T, D) average of the per-task gradients
         raise ConfigError(f"{key}: the balancer {config.balancer.name!r} keeps an average of every task's gradient "
                           "per shared coordinate (a dense copy of each table per task); use dense tables")
-    if config.train.grad_clip is not None:
-        raise ConfigError(f"{key}: train.grad_clip does not take sparse gradients")
     if world_size > 1 and config.train.strategy == "fsdp":
         raise ConfigError(f"{key}: train.strategy: fsdp shards dense parameters only; use strategy: ddp")
     tables = getattr(getattr(model, "input", None), "tables", None)
