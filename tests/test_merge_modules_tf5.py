@@ -35,7 +35,8 @@ TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_atten
 
 def _gemma3():
     return transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
-        text_config=dict(TEXT, num_key_value_heads=1), mm_tokens_per_image=4,
+        text_config=dict(TEXT, num_key_value_heads=1, layer_types=["sliding_attention", "full_attention",
+                                                                    "sliding_attention"]), mm_tokens_per_image=4,
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                            image_size=16, patch_size=4, vision_use_head=False)))
 
@@ -259,8 +260,48 @@ modules:
     assert [torch.equal(got[q.format(i)], src[q.format(j)]) for i, (src, j) in
             enumerate([(a, 0), (a, 1), (a, 2), (b, 1), (b, 2)])] == [True] * 5
     assert q.format(5) not in got
-    assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 5
+    text_cfg = json.loads((out / "config.json").read_text())["text_config"]
+    assert text_cfg["num_hidden_layers"] == 5
+    if arch.startswith("Gemma3"):  # each layer keeps its attention type: source layers 0, 1, 2, 1, 2 of s, f, s
+        assert text_cfg["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention",
+                                           "full_attention", "sliding_attention"]
     _loads_and_runs(out)
+
+
+def test_layer_types_follow_the_output_layers_by_hand():
+    from polytask.merge.plan import set_layer_count
+
+    node = {"num_hidden_layers": 3, "layer_types": ["s", "f", "s"]}
+    assert set_layer_count(node, "num_hidden_layers", 4, [2, 1, 1, 0])
+    assert node == {"num_hidden_layers": 4, "layer_types": ["s", "f", "f", "s"]}
+    # same count, layers reordered: the types change with them
+    node = {"num_hidden_layers": 3, "layer_types": ["s", "f", "x"]}
+    assert set_layer_count(node, "num_hidden_layers", 3, [2, 0, 1]) and node["layer_types"] == ["x", "s", "f"]
+    # identity: nothing changes; no layer_types (transformers 4 configs): only the count
+    node = {"num_hidden_layers": 3, "layer_types": ["s", "f", "x"]}
+    assert not set_layer_count(node, "num_hidden_layers", 3, [0, 1, 2])
+    node = {"num_hidden_layers": 3}
+    assert set_layer_count(node, "num_hidden_layers", 2, [0, 0]) and node == {"num_hidden_layers": 2}
+    # a source layer past the reference's list (a deeper donor): the list's pattern repeated
+    node = {"num_hidden_layers": 2, "layer_types": ["s", "f"]}
+    assert set_layer_count(node, "num_hidden_layers", 3, [0, 3, 4]) and node["layer_types"] == ["s", "f", "s"]
+
+
+def test_one_module_frankenmerge_config_loads(tmp_path):
+    # a text-only model (one module) saved by transformers 5 with layer_types: the output config
+    # of a 4-layer frankenmerge lists 4 types, so from_pretrained accepts it (it refused before)
+    cfg = transformers.Qwen2Config(**{k: v for k, v in TEXT.items() if k != "head_dim"},
+                                   layer_types=["full_attention"] * 3, architectures=["Qwen2ForCausalLM"])
+    for seed, name in enumerate(["a", "b"]):
+        torch.manual_seed(seed)
+        transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / name)
+    text = ("merge_method: passthrough\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n"
+            "  - sources: [{model: b, layer_range: [1, 3]}]\n")
+    out = _ours(text, tmp_path, tmp_path / "out")
+    got = json.loads((out / "config.json").read_text())
+    assert got["num_hidden_layers"] == 4 and got["layer_types"] == ["full_attention"] * 4
+    model = transformers.Qwen2ForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == 4
 
 
 @pytest.mark.parametrize("base_layout", ["old", "new"])
@@ -282,6 +323,59 @@ def test_mixed_layouts_are_renamed_to_the_base(saved, base_layout, tmp_path, mon
     assert ours.keys() == theirs.keys()
     assert not [k for k in theirs if not torch.equal(ours[k], theirs[k])]
     _loads_and_runs(out)
+
+
+def test_mixed_layouts_bf16_views_same_bits(saved, tmp_path, monkeypatch):
+    # bfloat16 inputs merged by the fused kernels from views of the mapped files: the renamed
+    # model's views are used (a spy counts them) and the bits equal the all-old merge's
+    from polytask.merge.modules import RenamedSource
+
+    arch, root = saved
+    for layout in ("old", "new"):
+        for name in ("base", "a", "b"):
+            d = tmp_path / layout / name
+            d.mkdir(parents=True)
+            sd = load_file(root / layout / name / "model.safetensors")
+            save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, d / "model.safetensors")
+            (d / "config.json").write_text((root / layout / name / "config.json").read_text())
+    (tmp_path / "mixed").mkdir()
+    for name, layout in (("base", "old"), ("a", "new"), ("b", "old")):
+        (tmp_path / "mixed" / name).symlink_to(tmp_path / layout / name)
+    text = CONFIGS["task_arithmetic"] + "dtype: bfloat16\n"
+    seen: list[str] = []
+    view = RenamedSource.view
+    monkeypatch.setattr(RenamedSource, "view", lambda self, n, rows=None: seen.append(n) or view(self, n, rows))
+    want = load_state_dict(_ours(text, tmp_path / "old", tmp_path / "want"))
+    assert not seen
+    got = load_state_dict(_ours(text, tmp_path / "mixed", tmp_path / "got"))
+    assert seen and not [n for n in seen if re.search(NAMINGS[arch][1].marker, n)]  # read under the base's names
+    assert got.keys() == want.keys() and all(v.dtype == torch.bfloat16 for v in got.values())
+    assert not [k for k in want if not torch.equal(got[k], want[k])]
+
+
+def test_renamed_source_reads_the_old_names(saved):
+    from polytask.merge.engine import _CheckpointSource
+    from polytask.merge.io import Checkpoint
+    from polytask.merge.modules import RenamedSource
+
+    arch, root = saved
+    naming = NAMINGS[arch][1]
+    with Checkpoint(root / "new" / "a") as ckpt:
+        inner = _CheckpointSource(ckpt, "a")
+        src = RenamedSource(inner, {n: naming.to_mergekit(n) for n in inner.names()})
+        old = "language_model.model.embed_tokens.weight" if not arch.startswith("Qwen") else "model.embed_tokens.weight"
+        new = "model.language_model.embed_tokens.weight"
+        assert old in src and new not in src and old in src.names() and len(src.names()) == len(inner.names())
+        assert src.spec(old).shape == inner.spec(new).shape
+        assert torch.equal(src.load(old), inner.load(new))
+        out = torch.empty(3, inner.spec(new).shape[1])
+        src.read_rows_into(old, out, 2, 5)
+        assert torch.equal(out, inner.load(new)[2:5])
+        buf = torch.empty(inner.spec(new).shape)
+        src.read_into(old, buf)
+        assert torch.equal(buf, inner.load(new)) and torch.equal(src.view(old, (1, 4)), inner.load(new)[1:4])
+        with pytest.raises(KeyError):
+            src.spec(new)
 
 
 def test_gemma3_default_save_pretrained_names(tmp_path, monkeypatch):
