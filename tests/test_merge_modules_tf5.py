@@ -56,8 +56,16 @@ def _qwen2_vl():
                            spatial_merge_size=2, temporal_patch_size=2), bos_token_id=1, eos_token_id=2))
 
 
+def _qwen2_5_vl():
+    text = {k: v for k, v in TEXT.items() if k != "head_dim"}
+    return transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+        text_config=dict(text, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
+                           patch_size=4, fullatt_block_indexes=[1]), bos_token_id=1, eos_token_id=2))
+
+
 BUILD = {"Gemma3ForConditionalGeneration": _gemma3, "Mistral3ForConditionalGeneration": _mistral3,
-         "Qwen2VLForConditionalGeneration": _qwen2_vl}
+         "Qwen2VLForConditionalGeneration": _qwen2_vl, "Qwen2_5_VLForConditionalGeneration": _qwen2_5_vl}
 
 
 def _published(name: str) -> str:
@@ -79,13 +87,13 @@ def _save(arch: str, seed: int, new: Path, old: Path | None, published: bool = T
         if arch.startswith("Gemma3") and published:
             f = old / "model.safetensors"
             save_file({_published(k): v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
-        if arch.startswith("Qwen2VL"):  # mergekit reads the layer count at the top level, as 4.x wrote it
+        if arch.startswith("Qwen2"):  # mergekit reads the layer count at the top level, as 4.x wrote it
             cfg = json.loads((old / "config.json").read_text())
             cfg["num_hidden_layers"] = cfg["text_config"]["num_hidden_layers"]
             (old / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.fixture(scope="module", params=list(BUILD), ids=["gemma3", "mistral3", "qwen2_vl"])
+@pytest.fixture(scope="module", params=list(BUILD), ids=["gemma3", "mistral3", "qwen2_vl", "qwen2_5_vl"])
 def saved(request, tmp_path_factory) -> tuple[str, Path]:
     """base, a, b of one architecture under ``new/`` (5.x names) and ``old/`` (mergekit's)."""
     root = tmp_path_factory.mktemp(request.param)

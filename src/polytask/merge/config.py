@@ -38,7 +38,10 @@ Differences from mergekit (everything else means the same):
 - ``modules:`` (mergekit's modular form): ``default`` for a one-module model; each module of a
   vision-language or encoder-decoder model (``text_decoder``, ``vision_tower``, ``encoder``...
   as mergekit names them) with its own ``models``/``slices``; a module's ``parameters`` sit
-  between the slice's and the top level's. See :mod:`polytask.merge.modules`.
+  between the slice's and the top level's. The same names work on checkpoints in transformers
+  5's key layout (``model.language_model.*``: Gemma 3, Mistral 3, Qwen2-VL/2.5-VL), which
+  mergekit 0.1.5 refuses; inputs in another layout than the base are renamed to the base's.
+  See :mod:`polytask.merge.modules`.
 - A file of several YAML documents runs as ``mergekit-multi`` (``name:``; mega.yml's
   ``out_path:``); see :func:`run_merge`. A single document's ``name``/``out_path`` has no effect.
 - Unknown keys are all named at once, as written. A global parameter given per model (``lambda``

@@ -22,6 +22,9 @@ tensor is named in a warning; a gradient with more values than the layers of a s
 to, an empty list, or a layer range outside a model stop with one line naming the key and model.
 A Llama-shaped checkpoint's layers are the tensors named ``...layers.<i>.<rest>`` (also
 ``h.<i>``, ``blocks.<i>``); tensors named ``*embed*``/``wte``/``wpe`` are the ones before them.
+The output's ``config.json`` gets the new layer count and, where it lists ``layer_types`` (one
+attention type per layer, as transformers 5 writes and checks), each output layer's type is that
+of the layer it comes from (mergekit keeps the old list, which transformers 5 refuses to load).
 """
 
 from __future__ import annotations
