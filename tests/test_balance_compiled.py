@@ -224,3 +224,115 @@ def test_nonneg_qp_least_index_phase_matches_torch():
     mult = quad @ got + lin  # KKT of the solution
     assert float(mult.min()) > -1e-12 and float((got * mult).abs().max()) < 1e-12
     assert _rel(nonneg_qp(quad, lin, iters=10), fast_only) < 1e-12  # and the compiled loop stops where torch's does
+
+
+# --- PCGrad, CAGrad and the alpha-fair Newton solver (Nash-MTL, FairGrad) -------------------------------
+
+def _well_posed(n: int, seed: int) -> dict[str, torch.Tensor]:
+    """The hard Gramians, with a nearly opposite pair that still has a solution: ``g_1 = -g_0 + 1e-3 r``
+    (``r`` random) instead of ``-(1 + 1e-9) g_0``. Exactly collinear opposite rows put 0 in the
+    convex hull of the gradients: the fair condition ``G w = w^(-1/alpha)`` has no positive solution
+    there and the Newton iterates grow without end in either path (checked separately below)."""
+    cases = _gramians(n, seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    j = torch.randn(n, 40, dtype=DT, generator=gen)
+    j[1] = -j[0] + 1e-3 * torch.randn(40, dtype=DT, generator=gen)
+    cases["opposite"] = j @ j.T
+    return cases
+
+
+@pytest.mark.parametrize("n", [2, 3, 16])
+def test_pcgrad_coefficients_match_torch_for_the_same_orders(n):
+    from polytask.balance.aggregators.conflict import _random_orders, pcgrad_coefficients
+
+    for name, g in _gramians(n, seed=8).items():
+        for seed in range(3):
+            orders = _random_orders(n, g.device, torch.Generator().manual_seed(seed), False)
+            got, ref = pcgrad_coefficients(g, orders), _torch_path(pcgrad_coefficients, g, orders)
+            assert torch.equal(got.isnan(), ref.isnan()), name
+            assert float((got - ref).abs().max()) <= 1e-13 * float(ref.abs().max()), (name, seed, _rel(got, ref))
+    # hand case (Yu et al.'s Algorithm 1): g1 = (1, 0), g2 = (-1, 1) conflict (g1.g2 = -1);
+    # g1^PC = g1 + g2/2 = (1/2, 1/2); g2^PC = g2 + g1 = (0, 1): coefficients [[1, 1/2], [1, 1]]
+    g = torch.tensor([[1.0, -1.0], [-1.0, 2.0]], dtype=DT)
+    orders = torch.tensor([[0, 1], [1, 0]])
+    torch.testing.assert_close(pcgrad_coefficients(g, orders), torch.tensor([[1.0, 0.5], [1.0, 1.0]], dtype=DT), rtol=0, atol=1e-15)
+
+
+def test_pcgrad_nan_gramian_propagates_as_in_torch():
+    from polytask.balance.aggregators.conflict import _random_orders, pcgrad_coefficients
+
+    g = _gramians(4, seed=9)["random"]
+    g[1, 2] = g[2, 1] = float("nan")
+    orders = _random_orders(4, g.device, torch.Generator().manual_seed(0), False)
+    got, ref = pcgrad_coefficients(g, orders), _torch_path(pcgrad_coefficients, g, orders)
+    assert bool(ref.isnan().any()) and torch.equal(got.isnan(), ref.isnan())
+
+
+@pytest.mark.parametrize("n", [2, 3, 16])
+def test_cagrad_dual_matches_torch(n):
+    from polytask.balance.solvers import cagrad_dual
+
+    for name, g in _well_posed(n, seed=10).items():
+        normalized = g / g.trace().clamp_min(1e-300)  # as CAGrad calls it
+        for c in (0.1, 0.4, 2.0):
+            (got, ok), (ref, ref_ok) = cagrad_dual(normalized, c), _torch_path(cagrad_dual, normalized, c)
+            assert bool(ok) == bool(ref_ok), (name, c)
+            assert torch.equal(got.isnan(), ref.isnan()), (name, c)
+            if bool(ref.isnan().all()):
+                continue
+            tol = 1e-10 if name == "opposite" else 1e-12
+            assert float((got - ref).nan_to_num().abs().max()) <= tol * float(ref.nan_to_num().abs().max()), (name, c)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "nash_mtl", "fairgrad"])
+@pytest.mark.parametrize("n", [2, 16])
+def test_conflict_and_fair_balancers_match_torch_over_consecutive_steps(name, n):
+    """Each path keeps its own state (Nash-MTL's warm start; PCGrad's generator, seeded alike)."""
+    for case, g in _well_posed(n, seed=11).items():
+        cls = type(BALANCERS.build(name).aggregator)
+        if name == "pcgrad":  # the same random orders on both sides
+            fast, slow = (cls(generator=torch.Generator().manual_seed(5)) for _ in range(2))
+        else:
+            fast, slow = cls(), cls()
+        for step in range(4):
+            scaled = g * (1.0 + 0.3 * step)
+            got, ref = fast.weights(scaled), _torch_path(slow.weights, scaled)
+            assert torch.equal(got.isnan(), ref.isnan()), (case, step)
+            assert float((got - ref).abs().max()) <= 1e-9 * float(ref.abs().max().clamp_min(1e-300)), (case, step, _rel(got, ref))
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("n", [2, 3, 16])
+def test_power_fair_weights_match_torch_with_and_without_a_warm_start(alpha, n):
+    from polytask.balance.solvers import fair_residual, power_fair_weights
+
+    for name, g in _well_posed(n, seed=12).items():
+        gen = torch.Generator().manual_seed(1)
+        for init in (None, torch.rand(n, dtype=DT, generator=gen), torch.tensor([float("nan")] + [0.0] * (n - 1), dtype=DT)):
+            got = power_fair_weights(g, alpha, init=init)
+            ref = _torch_path(power_fair_weights, g, alpha, init=init)
+            assert float((got - ref).abs().max()) <= 1e-9 * float(ref.abs().max().clamp_min(1e-300)), (name, _rel(got, ref))
+            if name != "zero":
+                assert float(fair_residual(g, got, alpha)) < 1e-8, name  # and it is the solution
+
+
+def test_power_fair_weights_without_a_solution_stay_finite_and_positive():
+    """Rows ``g_1 = -(1 + 1e-9) g_0``: 0 is in the convex hull, no positive ``w`` has ``G w = 1 / w``,
+    and the iterates of either path grow (residuals ~1 after 30 steps); the compiled one must still
+    give finite positive weights, large on the opposite pair."""
+    from polytask.balance.solvers import power_fair_weights
+
+    for n in (2, 3, 16):
+        g = _gramians(n)["opposite"]
+        for w in (power_fair_weights(g, 1.0), _torch_path(power_fair_weights, g, 1.0)):
+            assert bool(torch.isfinite(w).all()) and bool((w > 0).all()) and float(w[:2].min()) > 1e5
+
+
+def test_kernels_divide_by_zero_as_torch_does_instead_of_raising():
+    """numba's default (Python) error model raises ZeroDivisionError on x / 0.0; torch gives inf or NaN.
+    A singular reduced system (an all-zero QP) must give non-finite values in both paths."""
+    from polytask.balance.solvers import nonneg_qp
+
+    quad, lin = torch.zeros(3, 3, dtype=DT), -torch.ones(3, dtype=DT)
+    got, ref = nonneg_qp(quad, lin), _torch_path(nonneg_qp, quad, lin)
+    assert not bool(torch.isfinite(got).all()) and not bool(torch.isfinite(ref).all())

@@ -126,10 +126,11 @@ def _condition(gram: torch.Tensor) -> float:
 @pytest.mark.parametrize("method", ["nash_mtl", "fairgrad"])
 def test_early_stop_gives_the_fixed_iteration_solution_over_steps(method, monkeypatch):
     from polytask import balance
-    from polytask.balance import solvers
+    from polytask.balance import compiled, solvers
 
     def run(early: bool) -> list[torch.Tensor]:
         monkeypatch.setattr(solvers, "_early_exit", (lambda t: t.device.type == "cpu") if early else (lambda t: False))
+        monkeypatch.setattr(compiled, "USE_COMPILED", False)  # the torch path, whose two modes are compared here
         params = {"max_norm": 0.0} if method == "nash_mtl" else {"alpha": 2.0}
         agg = balance.get(method, **params).aggregator
         return [agg.weights(g) for g in _nash_steps()]
@@ -142,8 +143,9 @@ def test_early_stop_gives_the_fixed_iteration_solution_over_steps(method, monkey
 def test_early_stop_takes_fewer_newton_steps_from_a_warm_start(monkeypatch):
     # proof that the shortcut runs: a warm start at the solution ends after one Newton step (one solve),
     # where the fixed count runs all of them; the cold start beside it is discarded
-    from polytask.balance import solvers
+    from polytask.balance import compiled, solvers
 
+    monkeypatch.setattr(compiled, "USE_COMPILED", False)  # count the torch path's solves (the compiled loop has none)
     gram = _nash_steps()[0]
     solution = solvers.power_fair_weights(gram)
     calls = []
@@ -153,6 +155,7 @@ def test_early_stop_takes_fewer_newton_steps_from_a_warm_start(monkeypatch):
     assert len(calls) == 1
     assert torch.allclose(warm, solution, rtol=1e-13, atol=0)
     monkeypatch.setattr(solvers, "_early_exit", lambda t: False)
+    monkeypatch.setattr(compiled, "USE_COMPILED", False)  # as on an accelerator: no compiled loop either
     calls.clear()
     assert torch.allclose(solvers.power_fair_weights(gram, init=solution, iters=30), solution, rtol=1e-13, atol=0)
     assert len(calls) == 30

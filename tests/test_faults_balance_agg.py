@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from polytask import balance
-from polytask.balance import GradientBalancer, solvers
+from polytask.balance import GradientBalancer, compiled, solvers
 from polytask.balance.aggregators import GramianWeighting
 from polytask.balance.registry import BALANCERS
 from polytask.nn import build_model
@@ -166,6 +166,7 @@ def test_aggregators_make_no_host_sync_on_finite_or_non_finite_input(name, monke
         state = {k: v.clone() for k, v in aggregator.state_dict().items() if isinstance(v, torch.Tensor)}
         with monkeypatch.context() as patch:
             patch.setattr(solvers, "_early_exit", lambda t: False)
+            patch.setattr(compiled, "USE_COMPILED", False)  # as on an accelerator: no compiled loop either
             for attr in ("item", "tolist", "__bool__", "__float__", "__int__"):
                 patch.setattr(torch.Tensor, attr, _refuse)
             update, _ = aggregator.aggregate(jac)

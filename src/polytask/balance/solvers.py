@@ -326,6 +326,10 @@ def cagrad_dual(gramian: Tensor, c: float, iters: int | None = None, reg: float 
     """
     n = gramian.shape[0]
     iters = 3 * n // 2 + 10 if iters is None else iters
+    kernels = compiled_for(gramian)
+    if kernels is not None:  # the same steps as one compiled loop (float64 CPU, numba installed)
+        v, solved = kernels.cagrad_dual(gramian.contiguous().numpy(), float(c), int(iters), float(reg))
+        return torch.from_numpy(v), torch.tensor(solved)
     fast = min(iters, 10)
     dtype, dev = gramian.dtype, gramian.device
     ones = torch.ones(n, dtype=dtype, device=dev)
@@ -389,6 +393,10 @@ def power_fair_weights(gramian: Tensor, alpha: float = 1.0, init: Tensor | None 
     (``(G w)_i = 0``: its weight would be infinite, and does not change ``J^T w``): it gets weight 0
     and the others are solved without it.
     """
+    kernels = compiled_for(gramian) if init is None or init.device.type == "cpu" else None
+    if kernels is not None:  # the same steps as one compiled loop (float64 CPU, numba installed)
+        start = torch.empty(0, dtype=torch.float64) if init is None else init.detach().to(torch.float64).contiguous()
+        return torch.from_numpy(kernels.power_fair_weights(gramian.contiguous().numpy(), float(alpha), start.numpy(), int(iters)))
     n = gramian.shape[0]
     dtype, dev = gramian.dtype, gramian.device
     tiny = torch.finfo(dtype).tiny

@@ -15,6 +15,7 @@ from polytask.balance.aggregators._base import (
     Aggregator,
     GramianWeighting,
 )
+from polytask.balance.compiled import compiled_for
 from polytask.balance.registry import register_aggregator
 from polytask.balance.solvers import cuda_graphed
 
@@ -57,6 +58,9 @@ def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> Tensor:
     ``orders[i]`` is the order (a permutation of all tasks; ``i`` itself is skipped) in which
     task ``i`` is projected against the others.
     """
+    kernels = compiled_for(gramian)
+    if kernels is not None:  # the same projections as one compiled loop (float64 CPU, numba installed)
+        return torch.from_numpy(kernels.pcgrad_coefficients(gramian.contiguous().numpy(), orders.contiguous().numpy()))
     n = gramian.shape[0]
     rows = torch.arange(n, device=gramian.device).unsqueeze(1)
     coef = torch.eye(n, dtype=gramian.dtype, device=gramian.device)
