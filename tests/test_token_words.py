@@ -407,3 +407,53 @@ def test_a_label_list_starting_with_null_in_the_first_row_reads_right(tmp_path, 
                                                    {"input_ids": [6], "labels.t": [2]}] * 2)
     tensors = __import__("polytask.data.sequences", fromlist=["_read_table"])._read_table(ids_path)
     assert tensors["labels.t"].tolist() == [[N, 1], [2, N]] * 2
+
+
+# ------------------------------------------------------------------------------------ predictions per word
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_predict_words_writes_one_prediction_per_word_read_at_its_first_subtoken(tmp_path, tokenizer_dir, suffix):
+    from polytask.data.words import predict_words
+    from polytask.nn import build_model
+
+    train = write_jsonl(tmp_path / "train.jsonl", tagging_rows(12))
+    splits = data.load("token_file", path=str(train), tokenizer=str(tokenizer_dir), split=[0.5, 0.25, 0.25])
+    torch.manual_seed(0)
+    model = build_model("adapters", None, splits.tasks, backbone={"config": BERT}, method="lora",
+                        target_modules=["query", "value"], rank=2)
+    with torch.no_grad():  # random adapters and heads (the backbone as built): predictions differ between words
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    sentences = [["the", "cats", "unbelievable", "sat"], [], ["quickly"], ["a", "dog", "ran", "on", "the", "mat"]]
+    score = write_jsonl(tmp_path / "score.jsonl", [{"id": i, "words": w} for i, w in enumerate(sentences)])
+    out = tmp_path / f"pred{suffix}"
+    max_length = 6  # the last row loses its last words; the first keeps half of 'unbelievable'
+    assert predict_words(model, splits.tasks, score, out, load_tokenizer(tokenizer_dir), max_length=max_length,
+                         batch_size=3, keep=("id",)) == 4
+    if suffix == ".jsonl":
+        got = [json.loads(line) for line in out.read_text().splitlines()]
+    else:
+        import pyarrow.parquet as pq
+
+        got = pq.read_table(out).to_pylist()
+    tok = load_tokenizer(tokenizer_dir)
+    model.eval()
+    for row, words in zip(got, sentences):  # each sentence alone, no padding, the guide's word_ids walk
+        assert row["words"] == words and row["id"] == sentences.index(words)
+        enc = tok([words], is_split_into_words=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.no_grad():
+            outputs = model({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        want, previous = [None] * len(words), None
+        for j, w in enumerate(enc.word_ids(0)):
+            if w is not None and w != previous:
+                want[w] = int(outputs["pos"][0, j].argmax())
+            previous = w
+        assert row["pos"] == want
+        assert row["long"] == pytest.approx(float(torch.sigmoid(outputs["long"].reshape(-1)[0])), rel=1e-5)
+    # [CLS] the cat ##s un [SEP]: half of 'unbelievable' keeps its prediction, 'sat' has none
+    assert [v is None for v in got[0]["pos"]] == [False, False, False, True] and got[1]["pos"] == []
+    assert [v is None for v in got[3]["pos"]] == [False] * 4 + [True] * 2
+    assert len(set(v for r in got for v in r["pos"] if v is not None)) > 1  # not a constant prediction
+    with pytest.raises(ConfigError, match="keep: column 'pos' has the name of an output column"):
+        predict_words(model, splits.tasks, score, tmp_path / "x.jsonl", tok, keep=("pos",))
+    assert not (tmp_path / "x.jsonl").exists()

@@ -147,29 +147,34 @@ def _read_tensors(path: Path, words: dict[str, Any] | None = None) -> dict[str, 
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-def _read_table(path: Path, words: dict[str, Any] | None = None) -> dict[str, Tensor]:
-    """The tensors of the module docstring from a JSON-lines or Parquet table: list columns padded to
-    the longest ``input_ids`` (``attention_mask`` from the lengths unless given), per-token label
-    lists checked against ``input_ids`` row by row (vectorised), nulls as "no label". A table with
-    ``words`` instead is tokenised with ``words["tokenizer"]`` (:func:`polytask.data.words.read_word_table`)."""
+def read_arrow_table(path: Path) -> Any:
+    """A ``.parquet`` or JSON-lines file as one pyarrow table; DataError naming the file when unreadable."""
     import pyarrow as pa
 
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
-        else:
-            import pyarrow.json as pj
+            return pq.read_table(path)
+        import pyarrow.json as pj
 
-            table = pj.read_json(path)
-            try:
-                table.validate(full=True)
-            except pa.ArrowInvalid:  # pyarrow 26 drops a list's leading nulls while it infers the item type
-                table = pj.read_json(path, parse_options=pj.ParseOptions(explicit_schema=table.schema))
+        table = pj.read_json(path)
+        try:
+            table.validate(full=True)
+        except pa.ArrowInvalid:  # pyarrow 26 drops a list's leading nulls while it infers the item type
+            table = pj.read_json(path, parse_options=pj.ParseOptions(explicit_schema=table.schema))
+        return table
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: cannot read the table ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") \
             from None
+
+
+def _read_table(path: Path, words: dict[str, Any] | None = None) -> dict[str, Tensor]:
+    """The tensors of the module docstring from a JSON-lines or Parquet table: list columns padded to
+    the longest ``input_ids`` (``attention_mask`` from the lengths unless given), per-token label
+    lists checked against ``input_ids`` row by row (vectorised), nulls as "no label". A table with
+    ``words`` instead is tokenised with ``words["tokenizer"]`` (:func:`polytask.data.words.read_word_table`)."""
+    table = read_arrow_table(path)
     if "words" in table.column_names or words is not None:
         return _read_words(table, path, words)
     if "input_ids" not in table.column_names or not _is_list(table.schema.field("input_ids").type):

@@ -115,20 +115,16 @@ def word_outputs(output: Tensor, word_ids: Tensor) -> list[Tensor]:
     return [output[r][first[r]] for r in range(output.shape[0])]  # rows differ in length: a list
 
 
-def read_word_table(table: Any, path: Path, tokenizer: Any, max_length: int = 512,
-                    label_all_subtokens: bool = False) -> dict[str, Tensor]:
-    """The tensors of ``token_file`` (``input_ids``, ``attention_mask``, ``labels.<task>``, ``task_ids``)
-    plus ``word_ids`` from a pyarrow table with a ``words`` column: list label columns are one label
-    per word (``-100`` or null: none), spread over the tokens; scalar columns stay one value per row.
-    DataError naming the file, row (0-based) and column for a null words list or a label list of
-    another length than its words."""
+def words_column(table: Any, path: Path) -> tuple[list[list[str]], np.ndarray]:
+    """The ``words`` column as Python lists, and the number of words of each row; DataError naming
+    the file (and row) for a column that is not lists of strings or a null row."""
     import pyarrow as pa
 
-    from polytask.data.sequences import _is_list, _lengths, _scalars
+    from polytask.data.sequences import _is_list, _lengths
 
-    if "input_ids" in table.column_names:
-        raise DataError(f"{path}: has both 'words' and 'input_ids'; give one (words are tokenised with "
-                        f"data.params.tokenizer)")
+    if "words" not in table.column_names:
+        raise DataError(f"{path}: needs a column 'words' holding a list of words per row, got columns "
+                        f"{', '.join(table.column_names)}")
     col = table.column("words").combine_chunks()
     if not _is_list(col.type) or not (pa.types.is_string(col.type.value_type) or
                                       pa.types.is_large_string(col.type.value_type) or
@@ -136,8 +132,105 @@ def read_word_table(table: Any, path: Path, tokenizer: Any, max_length: int = 51
         raise DataError(f"{path}: column 'words' must hold a list of strings per row, got {col.type}")
     if col.null_count:
         raise DataError(f"{path}: column 'words', row {int(np.asarray(col.is_null()).argmax())}: no words (null)")
-    counts = _lengths(col)
-    words = col.to_pylist()
+    return col.to_pylist(), _lengths(col)
+
+
+def predictions(task: Any, output: Tensor) -> Tensor:
+    """What ``polytask`` writes as a prediction of ``task`` from its outputs ``(..., width)``: the class
+    id (multiclass), the probability (binary: sigmoid of the logit; multilabel: one per label) or the
+    value (regression)."""
+    if task.kind == "multiclass":
+        return output.argmax(-1)
+    if task.kind == "binary" or task.kind == "regression" and output.shape[-1] == 1:
+        output = output.squeeze(-1)
+    return torch.sigmoid(output.float()) if task.kind in ("binary", "multilabel") else output.float()
+
+
+def per_word(values: Tensor, word_ids: Tensor, counts: np.ndarray) -> Any:
+    """A pyarrow list array with one entry per word of each row (``counts[r]`` words): ``values``
+    ``(N, L)`` read at each word's first sub-token, null for a word without a token (cut off by
+    truncation, or an empty string)."""
+    import pyarrow as pa
+
+    first = first_subtokens(word_ids)
+    rows, cols = first.nonzero(as_tuple=True)
+    starts = np.cumsum(counts) - counts
+    where = starts[rows.numpy()] + word_ids[rows, cols].numpy()
+    flat = values[first].numpy()
+    dense = np.zeros(int(counts.sum()), dtype=flat.dtype)
+    given = np.zeros(int(counts.sum()), dtype=bool)
+    dense[where], given[where] = flat, True
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(dense, mask=~given))
+
+
+def predict_words(model: torch.nn.Module, tasks: Any, path: str | Path, out: str | Path, tokenizer: Any,
+                  max_length: int = 512, batch_size: int = 64, keep: tuple[str, ...] = ()) -> int:
+    """Score the ``words`` table ``path`` (``.jsonl``/``.parquet``; label columns are not read) with
+    ``model`` into ``out`` (``.parquet``, or JSON lines for ``.jsonl``): the ``words`` column, the ``keep``
+    columns, then one column per task: for a token-level task a list with one prediction per word
+    (read at the word's first sub-token, as the metrics are; see :func:`predictions`; null for a word
+    cut off by ``max_length``), for a row-level task one prediction per row. ``out`` appears only when
+    complete. Returns the number of rows."""
+    import pyarrow as pa
+
+    from polytask.data.sequences import read_arrow_table
+    from polytask.token_tasks import level_of
+    from polytask.train.checkpoint import atomic_write
+
+    path, out = Path(path), Path(out)
+    table = read_arrow_table(path)
+    words, counts = words_column(table, path)
+    names = {"words", *(t.name for t in tasks)}
+    for c in keep:
+        if c in names:
+            raise ConfigError(f"keep: column {c!r} has the name of an output column")
+        if c not in table.column_names:
+            raise ConfigError(f"keep: column {c!r} is not in {path}")
+    ids, attention, word_ids = encode_words(tokenizer, words, max_length)
+    was_training = model.training
+    model.eval()
+    chunks: dict[str, list[Tensor]] = {}
+    with torch.no_grad():
+        for s in range(0, len(words), batch_size):
+            batch = {"input_ids": ids[s:s + batch_size], "attention_mask": attention[s:s + batch_size]}
+            for name, output in model(batch).items():
+                chunks.setdefault(name, []).append(output.float())
+    model.train(was_training)
+    columns = {"words": table.column("words"), **{c: table.column(c) for c in keep}}
+    for t in tasks:
+        values = predictions(t, torch.cat(chunks[t.name]))
+        columns[t.name] = per_word(values, word_ids, counts) if level_of(t) == "token" else pa.array(values.numpy())
+    result = pa.table(columns)
+
+    def fill(tmp: str) -> None:
+        if out.suffix == ".jsonl":
+            import json
+
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in result.to_pylist())
+        else:
+            import pyarrow.parquet as pq
+
+            pq.write_table(result, tmp)
+
+    atomic_write(out, fill, error=DataError)
+    return len(words)
+
+
+def read_word_table(table: Any, path: Path, tokenizer: Any, max_length: int = 512,
+                    label_all_subtokens: bool = False) -> dict[str, Tensor]:
+    """The tensors of ``token_file`` (``input_ids``, ``attention_mask``, ``labels.<task>``, ``task_ids``)
+    plus ``word_ids`` from a pyarrow table with a ``words`` column: list label columns are one label
+    per word (``-100`` or null: none), spread over the tokens; scalar columns stay one value per row.
+    DataError naming the file, row (0-based) and column for a null words list or a label list of
+    another length than its words."""
+    from polytask.data.sequences import _is_list, _lengths, _scalars
+
+    if "input_ids" in table.column_names:
+        raise DataError(f"{path}: has both 'words' and 'input_ids'; give one (words are tokenised with "
+                        f"data.params.tokenizer)")
+    words, counts = words_column(table, path)
     ids, attention, word_ids = encode_words(tokenizer, words, max_length)
     out = {"input_ids": ids, "attention_mask": attention, "word_ids": word_ids}
     for name in table.column_names:
@@ -178,5 +271,5 @@ def _word_labels(col: Any, counts: np.ndarray, path: Path, name: str) -> Tensor:
     return torch.from_numpy(dense)
 
 
-__all__ = ["NO_WORD", "check_fast", "encode_words", "first_subtokens", "load_tokenizer", "read_word_table",
-           "spread_labels", "word_outputs"]
+__all__ = ["NO_WORD", "check_fast", "encode_words", "first_subtokens", "load_tokenizer", "per_word", "predict_words",
+           "predictions", "read_word_table", "spread_labels", "word_outputs", "words_column"]
