@@ -184,10 +184,10 @@ parameters: {t: 0.6}
 
 
 def _paths(text: str, folder: Path) -> str:
-    return re.sub(r"((?:model|base_model): )(base|a|b|t|x)\b", lambda m: m.group(1) + str(folder / m.group(2)), text)
+    return re.sub(r"((?:model|base_model): )(base|a|b|c|t|x)\b", lambda m: m.group(1) + str(folder / m.group(2)), text)
 
 
-def _mergekit(text: str, folder: Path, out: Path, monkeypatch) -> dict[str, torch.Tensor]:
+def _mergekit(text: str, folder: Path, out: Path, monkeypatch, copy_tokenizer: bool = False) -> dict[str, torch.Tensor]:
     pytest.importorskip("mergekit")
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge as mergekit_run
@@ -195,7 +195,7 @@ def _mergekit(text: str, folder: Path, out: Path, monkeypatch) -> dict[str, torc
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     mergekit_run(MergeConfiguration.model_validate(yaml.safe_load(_paths(text, folder))), str(out),
-                 MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False, random_seed=0))
+                 MergeOptions(copy_tokenizer=copy_tokenizer, quiet=True, write_model_card=False, random_seed=0))
     return load_state_dict(out)
 
 
@@ -493,3 +493,40 @@ def test_naming_by_hand():
     assert g["vision_tower"].stack == "model.vision_tower.encoder.layers."
     assert module_of("model.vision_tower.post_layernorm.weight", g) == "vision_tower"
     assert module_of("model.multi_modal_projector.mm_input_projection_weight", g) == "multi_modal_projector"
+
+
+def test_union_tokenizer_with_mixed_layouts_as_mergekit(tmp_path, monkeypatch):
+    # vocabularies of 23, 26 and 15 words; base in mergekit's names, a and c in 5.x's: the text
+    # decoder's embedding and head rows are aligned by token as mergekit aligns them on all-old
+    # copies, and the output keeps the base's names
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_merge_tokenizer import VOCABS, _same_by_token, _tokenizer
+
+    arch = "Mistral3ForConditionalGeneration"
+    for seed, name in enumerate(["base", "a", "c"]):
+        monkeypatch.setitem(TEXT, "vocab_size", len(VOCABS[name]))
+        _save(arch, seed, tmp_path / "new" / name, tmp_path / "old" / name)
+        for layout in ("new", "old"):
+            _tokenizer(VOCABS[name], tmp_path / layout / name)
+    (tmp_path / "mixed").mkdir()
+    for name, layout in (("base", "old"), ("a", "new"), ("c", "new")):
+        (tmp_path / "mixed" / name).symlink_to(tmp_path / layout / name)
+    text = """
+merge_method: linear
+base_model: base
+modules:
+  text_decoder:
+    models:
+      - {model: a, parameters: {weight: 0.5}}
+      - {model: c, parameters: {weight: 0.3}}
+  vision_tower:
+    models:
+      - {model: a, parameters: {weight: 0.5}}
+      - {model: c, parameters: {weight: 0.5}}
+parameters: {weight: 0.2}
+tokenizer_source: union
+"""
+    _mergekit(text, tmp_path / "old", tmp_path / "theirs", monkeypatch, copy_tokenizer=True)
+    ours = _ours(text, tmp_path / "mixed", tmp_path / "ours")
+    _same_by_token(tmp_path / "theirs", ours)
+    assert json.loads((ours / "config.json").read_text())["text_config"]["vocab_size"] == 26
