@@ -530,3 +530,26 @@ tokenizer_source: union
     ours = _ours(text, tmp_path / "mixed", tmp_path / "ours")
     _same_by_token(tmp_path / "theirs", ours)
     assert json.loads((ours / "config.json").read_text())["text_config"]["vocab_size"] == 26
+
+
+def test_renaming_that_would_merge_two_tensors_is_refused(tmp_path):
+    # a Qwen2-VL in 5.x names holding model.extra.w (text decoder in 4.x terms is "model.") and
+    # model.language_model.extra.w: both would be model.extra.w under the 4.x base's names
+    from polytask.merge.modules import same_naming
+
+    class Names:
+        def __init__(self, names):
+            self._names = names
+
+        def names(self):
+            return list(self._names)
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2VLForConditionalGeneration"]}))
+    base = Names(["model.layers.0.w", "model.extra.w"])
+    other = Names(["model.language_model.layers.0.w", "model.language_model.extra.w", "model.extra.w"])
+    with pytest.raises(MergeError, match=r"^model o: tensors 'model\.language_model\.extra\.w' and 'model\.extra\.w' "
+                                         r"\(transformers 5.*\) are both named 'model\.extra\.w' in the layout of model "
+                                         r"b \(mergekit's"):
+        same_naming(tmp_path, [base, other], ["b", "o"], 0)
+    got = same_naming(tmp_path, [base, Names(other.names()[:2])], ["b", "o"], 0)
+    assert got[0] is base and got[1].names() == ["model.layers.0.w", "model.extra.w"]

@@ -274,10 +274,11 @@ def same_naming(reference: str | Path | None, sources: Sequence[Any], labels: Se
         if own == target:
             continue
         renamed = {n: target.from_mergekit(own.to_mergekit(n)) for n in s.names()}
-        if len(set(renamed.values())) < len(renamed):
-            clash = next(n for n in renamed if list(renamed.values()).count(renamed[n]) > 1)
-            raise MergeError(f"model {labels[i]}: tensor {clash!r} ({own.name}) and another one have the same name "
-                             f"{renamed[clash]!r} in the layout of model {labels[ref]} ({target.name})")
+        first: dict[str, str] = {}
+        for old, new in renamed.items():
+            if first.setdefault(new, old) != old:
+                raise MergeError(f"model {labels[i]}: tensors {first[new]!r} and {old!r} ({own.name}) are both "
+                                 f"named {new!r} in the layout of model {labels[ref]} ({target.name})")
         out[i] = RenamedSource(s, renamed)
     return out
 
