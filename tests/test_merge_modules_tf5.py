@@ -553,3 +553,32 @@ def test_renaming_that_would_merge_two_tensors_is_refused(tmp_path):
         same_naming(tmp_path, [base, other], ["b", "o"], 0)
     got = same_naming(tmp_path, [base, Names(other.names()[:2])], ["b", "o"], 0)
     assert got[0] is base and got[1].names() == ["model.layers.0.w", "model.extra.w"]
+
+
+def test_every_layout_keeps_mergekit_modules():
+    # each weight mergekit 0.1.5 defines for a module, renamed into each key layout, falls in the
+    # module of the same name in that layout's table, and its layer templates in that module's stack
+    pytest.importorskip("mergekit")
+    from mergekit.architecture.json_definitions import NAME_TO_ARCH
+
+    from polytask.merge.modules import ARCHITECTURES, module_of
+
+    checked = 0
+    for arch, namings in NAMINGS.items():
+        (definition,) = NAME_TO_ARCH[arch]
+        for naming in namings:
+            table = naming.modules(ARCHITECTURES[arch])
+            assert set(table) == set(definition.modules)
+            for module, d in definition.modules.items():
+                prefix = d.weight_prefix or ""
+                spec = d.architecture.definition
+                for w in [*spec.pre_weights, *spec.post_weights]:
+                    assert module_of(naming.from_mergekit(prefix + w.name), table) == module, (arch, naming.name, w.name)
+                    checked += 1
+                for w in spec.layer_templates.weights:
+                    full = naming.from_mergekit(prefix + w.name.replace("${layer_index}", "0"))
+                    assert module_of(full, table) == module, (arch, naming.name, full)
+                    if "${layer_index}" in w.name:
+                        assert full.startswith(table[module].stack + "0."), (arch, naming.name, full)
+                    checked += 1
+    assert checked > 200
