@@ -278,6 +278,26 @@ def test_a_batch_without_labelled_words_gives_zero_loss_and_zero_gradient():
     assert all(np.isnan(v) for v in task.evaluate(out, target).values())
 
 
+def test_word_loss_and_backward_make_no_host_sync(monkeypatch):
+    """The word task's loss (label channel split off, masked mean) stays on the device: a step's part
+    that is ours may not call item/tolist/bool/float/int on a tensor."""
+    task = WordTask("ner", "multiclass", num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (4, 6), generator=g).masked_fill(torch.rand(4, 6, generator=g) < 0.4, N)
+    target = torch.stack([labels, (torch.rand(4, 6, generator=g) < 0.5).long()], -1)
+    out = torch.randn(4, 6, 3, requires_grad=True)
+    for attr in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        def guarded(self, *args, **kwargs):
+            raise AssertionError("host synchronisation inside a training step")
+
+        monkeypatch.setattr(torch.Tensor, attr, guarded)
+    loss = task.loss(out, target, torch.tensor([True, True, False, True]))
+    loss.backward()
+    monkeypatch.undo()
+    want = F.cross_entropy(out[[0, 1, 3]].reshape(-1, 3), labels[[0, 1, 3]].reshape(-1), ignore_index=N)
+    torch.testing.assert_close(loss, want)
+
+
 # ------------------------------------------------------------------------------------ errors
 def test_bad_tokenizer_slow_tokenizer_and_length_mismatch_are_one_line(tmp_path, tokenizer_dir):
     good = write_jsonl(tmp_path / "g.jsonl", HAND_ROWS)
@@ -301,6 +321,8 @@ def test_bad_tokenizer_slow_tokenizer_and_length_mismatch_are_one_line(tmp_path,
     torch.save({"input_ids": torch.ones(4, 3, dtype=torch.long), "labels.t": torch.zeros(4)}, tmp_path / "t.pt")
     with pytest.raises(ConfigError, match="data.params.tokenizer: .* holds token ids"):
         data.load("token_file", path=str(tmp_path / "t.pt"), tokenizer=str(tokenizer_dir))
+    with pytest.raises(ConfigError, match=r"^data.params.label_all_subtokens: .*needs data.params.tokenizer"):
+        data.load("token_file", path=str(tmp_path / "t.pt"), label_all_subtokens=True)
     # a tokenizer.json file works as well as the folder
     tasks, _, targets, _ = load_in_file_order(good, tokenizer=str(tokenizer_dir / "tokenizer.json"))
     assert targets["ner"][0, :, 0].tolist() == [N, 3, 1, N, 2, N, N, N]

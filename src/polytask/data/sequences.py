@@ -364,6 +364,9 @@ def token_file(path: str, tasks: dict[str, str | dict[str, Any]] | None = None,
     _check("max_length", max_length, 1)
     if not isinstance(label_all_subtokens, bool):
         raise ConfigError(f"data.params.label_all_subtokens must be true or false, got {label_all_subtokens!r}")
+    if label_all_subtokens and tokenizer is None:
+        raise ConfigError("data.params.label_all_subtokens: spreading word labels over sub-words needs "
+                          "data.params.tokenizer (and a table with a 'words' column)")
     file = Path(path)
     words = None if tokenizer is None else {"tokenizer": tokenizer, "max_length": max_length,
                                             "label_all_subtokens": label_all_subtokens}
