@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from polytask import nn as pnn
-from polytask.nn.ragged import RaggedBanks, bank_shapes, matmul_macs
+from polytask.nn.ragged import RaggedBanks, bank_shapes, matmul_macs, width_groups
 from polytask.tasks import Task
 
 DATA = Path(__file__).parent / "data" / "ple_banks"
@@ -129,7 +129,7 @@ def _count_ops(fn) -> int:
 
 @pytest.mark.parametrize("level", [0, 1])
 def test_the_op_count_does_not_grow_with_the_tasks(level, looped):
-    """The loop ran a bank per task (its ops grow with T); the batched form runs the same ops for 2 or 6 tasks."""
+    """The loop ran a bank per task (its ops grow with T); the batched form runs the same ops for 4, 8 or 12 tasks."""
     def ops(num_tasks, loop):
         looped(loop)
         torch.manual_seed(0)
@@ -141,8 +141,8 @@ def test_the_op_count_does_not_grow_with_the_tasks(level, looped):
         lv._experts(x)  # the first call builds the index tables
         return _count_ops(lambda: lv._experts(x))
 
-    assert ops(2, False) == ops(6, False)
-    assert ops(6, True) > ops(2, True)  # the count can tell the loop from the batched form
+    assert ops(4, False) == ops(8, False) == ops(12, False)  # same width groups (and a reordering) for each
+    assert ops(8, True) > ops(4, True)  # the count can tell the loop from the batched form
 
 
 def _flops(fn) -> int:
@@ -174,12 +174,20 @@ def test_the_multiply_adds_run_are_the_counted_ones(case, looped):
 def test_a_hand_counted_case():
     """Banks of 2, 2 and 1 experts, dims [4, 1, 3], [4, 3, 3], [4, 2, 3].
     Exact MACs per row: 2·(4·1 + 1·3) + 2·(4·3 + 3·3) + 1·(4·2 + 2·3) = 14 + 42 + 14 = 70.
-    Shared input: layer 1 one GEMM of 4 × (2·1 + 2·3 + 1·2 = 10) = 40; layer 2 five experts padded to
-    3 × 3: 45; run 85. Streams: layer 1 three streams padded to max(2, 6, 2) = 6 columns: 3·4·6 = 72;
-    run 72 + 45 = 117."""
+    Shared input: layer 1 one GEMM of 4 × (2·1 + 2·3 + 1·2 = 10) = 40. Layer 2, banks sorted by its
+    size per expert (1·3, 2·3, 3·3: banks 0, 2, 1): one group padded to 3 × 3 costs 5·9 = 45; cut
+    after bank 0: 2·1·3 + 3·3·3 = 33, after bank 2: 3·2·3 + 2·3·3 = 36; 33 < 45·7/8, so groups
+    [0], [2, 1]: run 40 + 33 = 73. Streams: layer 1 per group, its streams padded to its widest
+    (bank widths 2·1, 2·3, 1·2): group [0] 1·4·2 = 8, group [2, 1] 2·4·6 = 48; run 56 + 33 = 89
+    (one bmm over all three streams would be 3·4·6 = 72).
+    Banks of 2 and 2, dims [4, 8, 3], [4, 7, 3]: one group 4·8·3 = 96, two 2·7·3 + 2·8·3 = 90 ≥ 84:
+    one group; run 4·(16 + 14) + 96 = 216, exact 120 + 90 = 210."""
     counts, dims = [2, 2, 1], [[4, 1, 3], [4, 3, 3], [4, 2, 3]]
-    assert matmul_macs(counts, dims, 1, streams=False) == (85, 70)
-    assert matmul_macs(counts, dims, 10, streams=True) == (1170, 700)
+    assert width_groups(counts, dims) == [[0], [2, 1]]
+    assert matmul_macs(counts, dims, 1, streams=False) == (73, 70)
+    assert matmul_macs(counts, dims, 10, streams=True) == (890, 700)
+    assert width_groups([2, 2], [[4, 8, 3], [4, 7, 3]]) == [[1, 0]]
+    assert matmul_macs([2, 2], [[4, 8, 3], [4, 7, 3]], 1, streams=False) == (216, 210)
 
 
 def test_a_hooked_bank_runs_its_own_modules():
@@ -220,3 +228,16 @@ def test_the_banked_ple_compiles_as_one_graph():
     out, ref = compiled(x), model(x)
     for t in ref:
         torch.testing.assert_close(out[t], ref[t], rtol=0, atol=1e-12)
+
+
+def test_the_cases_cover_one_and_two_width_groups_and_a_reordering():
+    """So that the equality tests above run every layout: one group, two groups in bank order, two
+    groups whose experts must be put back in bank order."""
+    layouts = set()
+    for case in CASES:
+        level = _model(case).levels[0]
+        banks = [*level.task_experts, *([level.shared_experts] if level.shared_experts is not None else [])]
+        level.ragged(torch.randn(2, 7, dtype=torch.float64), banks)
+        tables = level.ragged.tables(banks, torch.device("cpu"))
+        layouts.add((len(tables.groups), tables.order is not None))
+    assert layouts >= {(1, False), (2, False), (2, True)}
