@@ -73,7 +73,11 @@ def encode_words(tokenizer: Any, words: list[list[str]], max_length: int = 512) 
     tokens, special tokens as the tokenizer adds them; ``word_ids`` holds each token's word index
     in its row, ``NO_WORD`` for special tokens and padding."""
     check_fast(tokenizer)
-    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    try:
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    except (ValueError, AssertionError, TypeError) as exc:  # the user's tokenizer refuses words split in advance
+        raise ConfigError(f"{TOKENIZER_KEY}: cannot tokenise words split in advance ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     ids = enc["input_ids"]
     lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
     width = int(lengths.max()) if len(lengths) else 0
