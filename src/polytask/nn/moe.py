@@ -151,8 +151,8 @@ class ExtractionLevel(nn.Module):
     widths before the output width ``hidden[-1]``, which every bank keeps: the gates mix it): each
     task's specific experts are then a bank of their own, ``task_experts[t]``, instead of one
     stacked ``specific_experts`` bank, and all banks run together through
-    :class:`~polytask.nn.ragged.RaggedBanks` (one GEMM or bmm per depth, no loop over tasks). This
-    is how a pruned PLE (``polytask prune``) is described.
+    :class:`~polytask.nn.ragged.RaggedBanks` (a GEMM or a bmm per width group and depth, no loop
+    over tasks). This is how a pruned PLE (``polytask prune``) is described.
 
     Returns ``(outputs (T[+1], B, H), task gates (T, B, width))``.
     """

@@ -25,6 +25,11 @@ keeps 0, so padded units stay exactly 0 and the result is the per-bank loop's; t
 costs multiply-adds, counted by :func:`matmul_macs`. The gather's backward scatters
 each gradient entry back to the one parameter entry it came from.
 
+Costs besides the padding: each forward copies the banks' parameters once into a flat vector
+and gathers the padded weights from it (parameter-sized memory traffic, no FLOPs). With dropout in
+training, the masks are drawn over the padded tensor: the same distribution as the loop's, other
+draws. The index tables are built on the host once per set of bank shapes and device.
+
 Forward hooks on a bank (``polytask prune``'s activation scores, torch-pruning's op counter) need
 the banks' own modules to run, so with any hook present the banks run one after the other as
 before (:meth:`RaggedBanks.looped`).
