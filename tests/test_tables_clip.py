@@ -182,7 +182,10 @@ def data(tmp_path_factory):
     return write_synthetic_splits(tmp_path_factory.mktemp("log"), 600, row_group_rows=300)
 
 
-def test_a_table_run_with_sparse_tables_and_grad_clip_equals_the_dense_run(data, tmp_path):
+@pytest.mark.parametrize("balancer", ["ew", "mgda"])
+def test_a_table_run_with_sparse_tables_and_grad_clip_equals_the_dense_run(data, tmp_path, balancer):
+    """SGD without momentum, so the sparse tables' rule is the dense one; mgda at parameter level
+    gives the tables their touched rows' gradient (TouchedRows.flush), which must come before the clip."""
     from polytask.train import Trainer
     from polytask.train.config import parse_config
 
@@ -192,9 +195,11 @@ def test_a_table_run_with_sparse_tables_and_grad_clip_equals_the_dense_run(data,
              "labels": {"click": "click", "conversion": "conversion"}}
         cfg = {"name": "t", "out_dir": str(tmp_path / str(sparse)), "device": "cpu", "seed": 1,
                "data": {"name": "table", "params": p}, "model": {"arch": "mmoe", "params": {"num_experts": 2}},
+               "balancer": {"name": balancer},
                "optim": {"name": "sgd", "lr": 0.5, "momentum": 0.0},
                "train": {"epochs": 1, "batch_size": 64, "grad_clip": 0.05, "early_stopping": None}}
         trainer = Trainer(parse_config(cfg), progress=False)
+        assert (trainer._touched is not None) == (sparse and balancer == "mgda")
         norms = []
         original = clip_grad_norm
 
