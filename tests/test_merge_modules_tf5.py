@@ -293,6 +293,10 @@ def test_layer_types_follow_the_output_layers_by_hand():
     # a source layer past the reference's list (a deeper donor): the list's pattern repeated
     node = {"num_hidden_layers": 2, "layer_types": ["s", "f"]}
     assert set_layer_count(node, "num_hidden_layers", 3, [0, 3, 4]) and node["layer_types"] == ["s", "f", "s"]
+    # Llama 4: RoPE flags per layer, MoE layers by number (layers 1 and 3 of 4 are MoE)
+    node = {"num_hidden_layers": 4, "no_rope_layers": [1, 1, 1, 0], "moe_layers": [1, 3]}
+    assert set_layer_count(node, "num_hidden_layers", 5, [0, 1, 1, 2, 3])
+    assert node == {"num_hidden_layers": 5, "no_rope_layers": [1, 1, 1, 1, 0], "moe_layers": [1, 2, 4]}
 
 
 def test_one_module_frankenmerge_config_loads(tmp_path):
@@ -582,3 +586,42 @@ def test_every_layout_keeps_mergekit_modules():
                         assert full.startswith(table[module].stack + "0."), (arch, naming.name, full)
                     checked += 1
     assert checked > 200
+
+
+def test_llama4_frankenmerge_loads(tmp_path):
+    # Llama 4 keeps mergekit's names in transformers 5; a frankenmerge of MoE and dense layers
+    # (layers 1 and 3 of 4 are MoE) loads only if moe_layers and no_rope_layers follow the layers
+    cfg = transformers.Llama4Config(
+        text_config=dict(hidden_size=16, intermediate_size=32, intermediate_size_mlp=32, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=64, num_local_experts=2,
+                         interleave_moe_layer_step=2, no_rope_layers=[1, 1, 1, 0]),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=16, patch_size=4, vision_output_dim=16, projector_input_dim=16,
+                           projector_output_dim=16))
+    cfg.architectures = ["Llama4ForConditionalGeneration"]
+    assert cfg.text_config.moe_layers == [1, 3]
+    for seed, name in enumerate(["a", "b"]):
+        torch.manual_seed(seed)
+        transformers.Llama4ForConditionalGeneration(cfg).save_pretrained(tmp_path / name)
+    text = """
+merge_method: passthrough
+modules:
+  text_decoder:
+    slices:
+      - sources: [{model: a, layer_range: [0, 2]}]
+      - sources: [{model: b, layer_range: [1, 4]}]
+  vision_model: {models: [{model: a}]}
+  multi_modal_projector: {models: [{model: a}]}
+"""
+    out = _ours(text, tmp_path, tmp_path / "out")
+    text_cfg = json.loads((out / "config.json").read_text())["text_config"]
+    assert (text_cfg["num_hidden_layers"], text_cfg["moe_layers"], text_cfg["no_rope_layers"]) == (
+        5, [1, 2, 4], [1, 1, 1, 1, 0])
+    assert text_cfg["layer_types"] == ["chunked_attention"] * 4 + ["full_attention"]
+    got, b = load_state_dict(out), load_state_dict(tmp_path / "b")
+    e = "language_model.model.layers.{}.feed_forward.experts.gate_up_proj"
+    assert torch.equal(got[e.format(4)], b[e.format(3)])
+    model, info = transformers.Llama4ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    logits = model(input_ids=torch.tensor([[1, 5, 7, 3]])).logits
+    assert logits.shape == (1, 4, 64) and torch.isfinite(logits).all()

@@ -22,9 +22,10 @@ tensor is named in a warning; a gradient with more values than the layers of a s
 to, an empty list, or a layer range outside a model stop with one line naming the key and model.
 A Llama-shaped checkpoint's layers are the tensors named ``...layers.<i>.<rest>`` (also
 ``h.<i>``, ``blocks.<i>``); tensors named ``*embed*``/``wte``/``wpe`` are the ones before them.
-The output's ``config.json`` gets the new layer count and, where it lists ``layer_types`` (one
-attention type per layer, as transformers 5 writes and checks), each output layer's type is that
-of the layer it comes from (mergekit keeps the old list, which transformers 5 refuses to load).
+The output's ``config.json`` gets the new layer count, and its per-layer lists follow the output's
+layers (``layer_types``, which transformers 5 writes and checks, Llama 4's ``no_rope_layers`` and
+``moe_layers``: :func:`set_layer_count`); mergekit keeps the old lists, which transformers 5
+refuses to load.
 """
 
 from __future__ import annotations
@@ -513,19 +514,35 @@ def output_config(path: str | os.PathLike[str] | None, num_layers: int, dtype: t
     return json.dumps(cfg, indent=2) + "\n"
 
 
+#: ``config.json`` lists with one entry per layer (transformers 5 checks ``layer_types``' length;
+#: Llama 4's ``no_rope_layers`` flags), and lists of layer numbers (Llama 4's MoE layers).
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+LAYER_NUMBER_KEYS = ("moe_layers",)
+
+
 def set_layer_count(node: dict[str, Any], key: str, count: int, layer_sources: Sequence[int] | None) -> bool:
-    """Set ``node[key]`` to ``count`` and, where ``node`` lists one ``layer_types`` entry per
-    layer (transformers 5 checks that length: sliding or full attention per layer), give each
-    output layer the type of the layer it comes from (``layer_sources``; mergekit leaves the old
-    list, which transformers 5 refuses to load when the count changed). True if anything changed."""
+    """Set ``node[key]`` to ``count`` and make the per-layer lists beside it follow the output's
+    layers: output layer ``i`` comes from layer ``layer_sources[i]`` and keeps its entry of
+    :data:`PER_LAYER_KEYS` (attention type, RoPE flag) and its membership of
+    :data:`LAYER_NUMBER_KEYS` (an MoE layer stays one, so its expert tensors load). mergekit sets
+    the count only: transformers 5 refuses a ``layer_types`` of another length, and a wrong
+    ``moe_layers`` expects experts where there are none. True if anything changed."""
     changed = node.get(key) != count
     node[key] = count
-    types = node.get("layer_types")
-    if isinstance(types, list) and layer_sources is not None and len(layer_sources) == count:
-        if all(0 <= j < len(types) for j in layer_sources):
-            new_types = [types[j] for j in layer_sources]
-        else:  # a source layer past the reference's list (a deeper model): repeat the list's pattern
-            new_types = [types[j % len(types)] for j in layer_sources]
-        changed |= new_types != types
-        node["layer_types"] = new_types
+    if layer_sources is None or len(layer_sources) != count:
+        return changed
+    for name in PER_LAYER_KEYS:
+        old = node.get(name)
+        if isinstance(old, list) and old:
+            # a source layer past the reference's list (a deeper donor): the list's pattern repeated
+            new = [old[j % len(old)] for j in layer_sources]
+            changed |= new != old
+            node[name] = new
+    for name in LAYER_NUMBER_KEYS:
+        old = node.get(name)
+        if isinstance(old, list) and all(isinstance(j, int) for j in old):
+            members = set(old)
+            new = [i for i, j in enumerate(layer_sources) if j in members]
+            changed |= new != old
+            node[name] = new
     return changed
