@@ -234,7 +234,8 @@ def test_word_metrics_equal_sklearn_on_the_words(tmp_path, tokenizer_dir, label_
     assert got["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, p), abs=1e-12)
     assert got["macro_f1"] == pytest.approx(sklearn_metrics.f1_score(y, p, average="macro"), abs=1e-12)
     prob = torch.softmax(out, -1).numpy()
-    assert got["logloss"] == pytest.approx(sklearn_metrics.log_loss(y, prob, labels=[0, 1, 2]), rel=1e-6)  # metrics in float32
+    # Task.evaluate computes in float32
+    assert got["logloss"] == pytest.approx(sklearn_metrics.log_loss(y, prob, labels=[0, 1, 2]), rel=1e-6)
     assert len(y) > 60 and later.sum() > 20
     if label_all:  # scoring every labelled sub-token (a TokenTask) would give another accuracy: the test can fail
         plain = TokenTask("ner", "multiclass", num_classes=3).evaluate(logits, targets["ner"][..., 0], masks["ner"])

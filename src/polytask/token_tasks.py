@@ -151,8 +151,10 @@ class WordTask(TokenTask):
 
     @torch.no_grad()
     def evaluate(self, output: Tensor, target: Tensor, mask: Tensor | None = None) -> dict[str, float]:
-        """Every metric (plus ``loss``) over the labelled words of a whole split, each read at its first
-        sub-token; NaN when there is none."""
+        """Every metric (plus ``loss``, per word too: with ``label_all_subtokens`` it differs from the
+        training loss, which also reads the later sub-tokens) over the labelled words of a whole split,
+        each read at its first sub-token; NaN when there is none. Words cut off by truncation have no
+        token and are not scored."""
         out, tgt, valid = self.flatten(output, target, mask)
         return Task.evaluate(self, out, tgt, valid & self.split(target)[1].reshape(-1))
 

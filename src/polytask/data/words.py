@@ -97,7 +97,8 @@ def first_subtokens(word_ids: Tensor) -> Tensor:
     return (word_ids != NO_WORD) & (word_ids != before)
 
 
-def spread_labels(word_labels: Tensor, word_counts: Tensor, word_ids: Tensor, label_all_subtokens: bool = False) -> Tensor:
+def spread_labels(word_labels: Tensor, word_counts: Tensor, word_ids: Tensor,
+                  label_all_subtokens: bool = False) -> Tensor:
     """Token labels ``(N, L)`` from the words' labels of all rows in one flat tensor (row after row,
     ``word_counts[r]`` of them for row ``r``): each word's first sub-token gets its label, the other
     sub-tokens too with ``label_all_subtokens``; every other token gets no label (``-100``, NaN for
