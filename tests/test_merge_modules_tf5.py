@@ -26,7 +26,12 @@ from polytask.errors import MergeError
 from polytask.merge import load_state_dict, run_merge
 from polytask.merge.modules import NAMINGS, naming_of
 
-transformers = pytest.importorskip("transformers")
+
+
+def _tf():
+    """transformers, or a skip of the test that needs it (the by-hand tests run without it)."""
+    return pytest.importorskip("transformers")
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
@@ -34,7 +39,7 @@ TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_atten
 
 
 def _gemma3():
-    return transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+    return _tf().Gemma3ForConditionalGeneration(_tf().Gemma3Config(
         text_config=dict(TEXT, num_key_value_heads=1, layer_types=["sliding_attention", "full_attention",
                                                                     "sliding_attention"]), mm_tokens_per_image=4,
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -42,7 +47,7 @@ def _gemma3():
 
 
 def _mistral3():
-    return transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+    return _tf().Mistral3ForConditionalGeneration(_tf().Mistral3Config(
         text_config=dict(TEXT, model_type="mistral", tie_word_embeddings=False), tie_word_embeddings=False,
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                            head_dim=8, patch_size=4, image_size=16)))
@@ -50,7 +55,7 @@ def _mistral3():
 
 def _qwen2_vl():
     text = {k: v for k, v in TEXT.items() if k != "head_dim"}
-    return transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
+    return _tf().Qwen2VLForConditionalGeneration(_tf().Qwen2VLConfig(
         text_config=dict(text, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
         vision_config=dict(depth=2, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2, patch_size=4,
                            spatial_merge_size=2, temporal_patch_size=2), bos_token_id=1, eos_token_id=2))
@@ -58,7 +63,7 @@ def _qwen2_vl():
 
 def _qwen2_5_vl():
     text = {k: v for k, v in TEXT.items() if k != "head_dim"}
-    return transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+    return _tf().Qwen2_5_VLForConditionalGeneration(_tf().Qwen2_5_VLConfig(
         text_config=dict(text, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
                            patch_size=4, fullatt_block_indexes=[1]), bos_token_id=1, eos_token_id=2))
@@ -209,7 +214,7 @@ def _loads_and_runs(out: Path) -> None:
     """transformers loads every tensor of ``out`` (none missing or unexpected) and runs a forward."""
     saved = load_state_dict(out)
     cfg = json.loads((out / "config.json").read_text())
-    cls = getattr(transformers, cfg["architectures"][0])
+    cls = getattr(_tf(), cfg["architectures"][0])
     model, info = cls.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     state = model.state_dict()
@@ -302,17 +307,17 @@ def test_layer_types_follow_the_output_layers_by_hand():
 def test_one_module_frankenmerge_config_loads(tmp_path):
     # a text-only model (one module) saved by transformers 5 with layer_types: the output config
     # of a 4-layer frankenmerge lists 4 types, so from_pretrained accepts it (it refused before)
-    cfg = transformers.Qwen2Config(**{k: v for k, v in TEXT.items() if k != "head_dim"},
+    cfg = _tf().Qwen2Config(**{k: v for k, v in TEXT.items() if k != "head_dim"},
                                    layer_types=["full_attention"] * 3, architectures=["Qwen2ForCausalLM"])
     for seed, name in enumerate(["a", "b"]):
         torch.manual_seed(seed)
-        transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / name)
+        _tf().Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / name)
     text = ("merge_method: passthrough\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n"
             "  - sources: [{model: b, layer_range: [1, 3]}]\n")
     out = _ours(text, tmp_path, tmp_path / "out")
     got = json.loads((out / "config.json").read_text())
     assert got["num_hidden_layers"] == 4 and got["layer_types"] == ["full_attention"] * 4
-    model = transformers.Qwen2ForCausalLM.from_pretrained(out)
+    model = _tf().Qwen2ForCausalLM.from_pretrained(out)
     assert len(model.model.layers) == 4
 
 
@@ -443,7 +448,8 @@ def _cli(args, capsys, monkeypatch):
 ONE = "merge_method: linear\nmodules:\n  {module}:\n    models:\n      - model: {a}\n      - model: {b}\n"
 BAD = {
     "unknown module": (ONE.format(module="vision", a="a", b="b"),
-                       ["modules.vision", "has no module 'vision'", "multi_modal_projector, text_decoder, vision_tower"]),
+                       ["modules.vision", "has no module 'vision'",
+                        "multi_modal_projector, text_decoder, vision_tower"]),
     "module missing from a model": (ONE.format(module="vision_tower", a="a", b="t"),
                                     ["modules.vision_tower", "model t", "no tensor of module vision_tower",
                                      "names starting model.vis"]),
@@ -551,9 +557,9 @@ def test_renaming_that_would_merge_two_tensors_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2VLForConditionalGeneration"]}))
     base = Names(["model.layers.0.w", "model.extra.w"])
     other = Names(["model.language_model.layers.0.w", "model.language_model.extra.w", "model.extra.w"])
-    with pytest.raises(MergeError, match=r"^model o: tensors 'model\.language_model\.extra\.w' and 'model\.extra\.w' "
-                                         r"\(transformers 5.*\) are both named 'model\.extra\.w' in the layout of model "
-                                         r"b \(mergekit's"):
+    with pytest.raises(MergeError, match=r"^model o: tensors 'model\.language_model\.extra\.w' and "
+                                         r"'model\.extra\.w' \(transformers 5.*\) are both named 'model\.extra\.w' "
+                                         r"in the layout of model b \(mergekit's"):
         same_naming(tmp_path, [base, other], ["b", "o"], 0)
     got = same_naming(tmp_path, [base, Names(other.names()[:2])], ["b", "o"], 0)
     assert got[0] is base and got[1].names() == ["model.layers.0.w", "model.extra.w"]
@@ -577,7 +583,8 @@ def test_every_layout_keeps_mergekit_modules():
                 prefix = d.weight_prefix or ""
                 spec = d.architecture.definition
                 for w in [*spec.pre_weights, *spec.post_weights]:
-                    assert module_of(naming.from_mergekit(prefix + w.name), table) == module, (arch, naming.name, w.name)
+                    full = naming.from_mergekit(prefix + w.name)
+                    assert module_of(full, table) == module, (arch, naming.name, full)
                     checked += 1
                 for w in spec.layer_templates.weights:
                     full = naming.from_mergekit(prefix + w.name.replace("${layer_index}", "0"))
@@ -591,7 +598,7 @@ def test_every_layout_keeps_mergekit_modules():
 def test_llama4_frankenmerge_loads(tmp_path):
     # Llama 4 keeps mergekit's names in transformers 5; a frankenmerge of MoE and dense layers
     # (layers 1 and 3 of 4 are MoE) loads only if moe_layers and no_rope_layers follow the layers
-    cfg = transformers.Llama4Config(
+    cfg = _tf().Llama4Config(
         text_config=dict(hidden_size=16, intermediate_size=32, intermediate_size_mlp=32, num_hidden_layers=4,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=64, num_local_experts=2,
                          interleave_moe_layer_step=2, no_rope_layers=[1, 1, 1, 0]),
@@ -602,7 +609,7 @@ def test_llama4_frankenmerge_loads(tmp_path):
     assert cfg.text_config.moe_layers == [1, 3]
     for seed, name in enumerate(["a", "b"]):
         torch.manual_seed(seed)
-        transformers.Llama4ForConditionalGeneration(cfg).save_pretrained(tmp_path / name)
+        _tf().Llama4ForConditionalGeneration(cfg).save_pretrained(tmp_path / name)
     text = """
 merge_method: passthrough
 modules:
@@ -621,7 +628,7 @@ modules:
     got, b = load_state_dict(out), load_state_dict(tmp_path / "b")
     e = "language_model.model.layers.{}.feed_forward.experts.gate_up_proj"
     assert torch.equal(got[e.format(4)], b[e.format(3)])
-    model, info = transformers.Llama4ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    model, info = _tf().Llama4ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     logits = model(input_ids=torch.tensor([[1, 5, 7, 3]])).logits
     assert logits.shape == (1, 4, 64) and torch.isfinite(logits).all()
