@@ -560,7 +560,8 @@ def _run_one(
 
             plans = plan_modules(planned_config, *layout, sources, source_of, labels)
             jobs = plans.jobs
-            changed = modules_output_config(reference, plans.num_layers, layout[1], dtype_out, plans.layer_sources)
+            changed = modules_output_config(reference, plans.num_layers, layout[1], dtype_out,
+                                            plans.layer_sources)
         else:
             planned = plan_config(config, sources, source_of, labels)
             jobs = planned.jobs
