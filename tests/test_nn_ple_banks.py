@@ -203,6 +203,13 @@ def test_a_hooked_bank_runs_its_own_modules():
     seen.clear()
     model(torch.randn(3, 7, dtype=torch.float64))
     assert seen == []
+    layer = model.levels[0].shared_experts.layers[2]  # a backward hook too (taylor-style scores)
+    handle = layer.register_full_backward_hook(lambda m, gi, go: seen.append(go[0].shape))
+    try:
+        sum(o.sum() for o in model(torch.randn(3, 7, dtype=torch.float64)).values()).backward()
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([2, 3, 4])]
 
 
 def test_the_forward_and_backward_make_no_host_sync(monkeypatch):

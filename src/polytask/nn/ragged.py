@@ -63,22 +63,23 @@ MAX_GROUPS = 2
 
 def _deep_macs(counts: Sequence[int], dims: Sequence[Sequence[int]], group: Sequence[int]) -> int:
     """Per-row multiply-adds of the deeper layers of the banks in ``group``, padded to its widest."""
-    experts = sum(counts[j] for j in group)
-    return sum(experts * max(dims[j][k] for j in group) * max(dims[j][k + 1] for j in group)
-               for k in range(1, len(dims[0]) - 1))
+    # lists, not generators, inside min/max/sum: torch.compile traces these when it builds the tables
+    experts = sum([counts[j] for j in group])
+    return sum([experts * max([dims[j][k] for j in group]) * max([dims[j][k + 1] for j in group])
+                for k in range(1, len(dims[0]) - 1)])
 
 
 def width_groups(counts: Sequence[int], dims: Sequence[Sequence[int]]) -> list[list[int]]:
     """Banks split into at most :data:`MAX_GROUPS` groups for the deeper layers: banks sorted by
     their deeper layers' size, cut where padding costs least; a second group only when it saves
     more than 1/8 of the padded multiply-adds (each group is one more op per depth)."""
-    order = sorted(range(len(counts)), key=lambda j: (sum(dims[j][k] * dims[j][k + 1]
-                                                          for k in range(1, len(dims[j]) - 1)), j))
+    order = sorted(range(len(counts)), key=lambda j: (sum([dims[j][k] * dims[j][k + 1]
+                                                           for k in range(1, len(dims[j]) - 1)]), j))
     best = [order]
     one = _deep_macs(counts, dims, order)
     if MAX_GROUPS >= 2 and len(order) > 1 and one > 0:
-        cost, cut = min((_deep_macs(counts, dims, order[:c]) + _deep_macs(counts, dims, order[c:]), c)
-                        for c in range(1, len(order)))
+        cost, cut = min([(_deep_macs(counts, dims, order[:c]) + _deep_macs(counts, dims, order[c:]), c)
+                         for c in range(1, len(order))])
         if cost < one * 7 / 8:
             best = [order[:cut], order[cut:]]
     return best
@@ -89,14 +90,14 @@ def matmul_macs(counts: Sequence[int], dims: Sequence[Sequence[int]], batch: int
     :class:`RaggedBanks` executes (padding included), ``exact`` what the banks need (the per-bank
     loop's count). ``streams``: bank ``j`` reads stream ``j`` (upper PLE levels) rather than one input."""
     depth = len(dims[0]) - 1
-    exact = sum(n * d[k] * d[k + 1] for n, d in zip(counts, dims) for k in range(depth))
+    exact = sum([n * d[k] * d[k + 1] for n, d in zip(counts, dims) for k in range(depth)])
     first = [n * d[1] for n, d in zip(counts, dims)]
     groups = width_groups(counts, dims)
     if streams:  # per group: its banks' streams, padded to the group's widest
-        run = dims[0][0] * sum(len(g) * max(first[j] for j in g) for g in groups)
+        run = dims[0][0] * sum([len(g) * max([first[j] for j in g]) for g in groups])
     else:
         run = dims[0][0] * sum(first)
-    run += sum(_deep_macs(counts, dims, group) for group in groups)
+    run += sum([_deep_macs(counts, dims, group) for group in groups])
     return batch * run, batch * exact
 
 
@@ -119,10 +120,12 @@ class RaggedBanks:
 
     @staticmethod
     def hooked(banks: Sequence[nn.Module]) -> bool:
-        """Whether a forward hook watches a bank or one of its layers (then the banks must run)."""
-        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        """Whether a hook watches a bank or one of its layers (then the banks must run): forward,
+        forward-pre or module backward hooks, on the modules or global."""
+        kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+        if any(getattr(_module, "_global" + kind, None) for kind in kinds):
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for bank in banks for m in bank.modules())
+        return any(getattr(m, kind) for bank in banks for m in bank.modules() for kind in kinds)
 
     @staticmethod
     def looped(x: Tensor, banks: Sequence[nn.Module]) -> Tensor:
@@ -184,7 +187,7 @@ class _Tables:
         members = [[(j, s) for j in group for s in range(self.counts[j])] for group in self.groups]
         placed = [first_expert[j] + s for group in members for j, s in group]
         self.order = None if placed == sorted(placed) else torch.tensor(placed).argsort()
-        self.first_widths = [max(self.dims[j][1] for j in group) for group in self.groups]
+        self.first_widths = [max([self.dims[j][1] for j in group]) for group in self.groups]
         # first layer: one GEMM over all banks (shared input), or per group one bmm over its streams
         self.shared_first = self._first_layer_tables(offsets, list(range(len(self.counts))), False, members)
         self.stream_first = []  # (streams read, weight, bias, gather) per group
@@ -235,7 +238,7 @@ class _Tables:
             b_idx[stream[j], 0, cols] = self._at(offsets, j, 0, True) + torch.arange(n * out)
         gathers = []
         for group in members:
-            p = max(self.dims[j][1] for j, _ in group)
+            p = max([self.dims[j][1] for j, _ in group])
             gather = torch.full((len(group), p), num_streams * q, dtype=torch.long)
             for e, (j, s) in enumerate(group):
                 out = self.dims[j][1]
@@ -248,8 +251,8 @@ class _Tables:
     def _deep_layer_tables(self, offsets, k, group) -> tuple[Tensor, Tensor]:
         """Weight ``(E_g, P_in, P_out)`` and bias ``(E_g, 1, P_out)`` indices of layer ``k`` for the
         experts ``group`` ((bank, local index) pairs), zero-padded to the group's widest."""
-        p_in = max(self.dims[j][k] for j, _ in group)
-        p_out = max(self.dims[j][k + 1] for j, _ in group)
+        p_in = max([self.dims[j][k] for j, _ in group])
+        p_out = max([self.dims[j][k + 1] for j, _ in group])
         w_idx = torch.full((len(group), p_in, p_out), self.zero_slot, dtype=torch.long)
         b_idx = torch.full((len(group), 1, p_out), self.zero_slot, dtype=torch.long)
         for e, (j, s) in enumerate(group):
