@@ -418,6 +418,19 @@ def test_cli_train_word_task_metrics_equal_a_reevaluation_on_the_words(tmp_path,
         Task("long", "binary").evaluate(predict(trainer.model, test_set, 5)["long"],
                                         test_set.targets["long"])["accuracy"], rel=1e-6)
 
+    # `polytask predict` on the test sentences: one class per word, the argmax at its first sub-token
+    score = write_jsonl(tmp_path / "score.jsonl", [{"words": r["words"], "id": i} for i, r in enumerate(test_rows)])
+    res = cli("predict", str(tmp_path / "run"), str(score), str(tmp_path / "pred.jsonl"), "--keep", "id")
+    assert res.returncode == 0, res.stderr
+    written = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert [w["id"] for w in written] == list(range(len(test_rows)))
+    assert [w["pos"] for w in written] == [f.argmax(-1).tolist() for f in firsts]
+    long_prob = torch.sigmoid(predict(trainer.model, test_set, 5)["long"].float().squeeze(-1))
+    assert [w["long"] for w in written] == pytest.approx(long_prob.tolist(), abs=1e-6)
+    res = cli("predict", str(tmp_path / "run"), str(tmp_path / "missing.jsonl"), str(tmp_path / "p2.jsonl"))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "missing.jsonl" in res.stderr
+    assert not (tmp_path / "p2.jsonl").exists()
+
 
 def test_a_label_list_starting_with_null_in_the_first_row_reads_right(tmp_path, tokenizer_dir):
     # pyarrow 26's JSON reader drops such a leading null while it infers the item type (a table that

@@ -102,18 +102,27 @@ def train(
 
 @app.command()
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory of a run trained on table data (data.name: table).")],
-    data: Annotated[str, typer.Argument(help="Parquet/CSV file, folder or glob to score.")],
-    out: Annotated[Path, typer.Argument(help="Output Parquet file (appears only when complete).")],
+    run_dir: Annotated[Path, typer.Argument(help="Run directory of a run trained on table data (data.name: table) or on words (token_file with a tokenizer).")],
+    data: Annotated[str, typer.Argument(help="Parquet/CSV file, folder or glob to score (a words run: one .parquet/.jsonl table).")],
+    out: Annotated[Path, typer.Argument(help="Output Parquet file (a words run: .parquet or .jsonl; appears only when complete).")],
     keep: Annotated[str, typer.Option(help="Comma list of input columns copied to OUT (e.g. ids).")] = "",
-    batch_size: Annotated[int, typer.Option(help="Rows per record batch.")] = 65536,
+    batch_size: Annotated[int, typer.Option(help="Rows per record batch (a words run: sequences per forward, at most 64).")] = 65536,
 ) -> None:
     """Score a Parquet/CSV input with the run's best model: one probability column per task (and
     the --keep columns) in a Parquet file, streamed; ids the run's vocabularies never saw go to the
-    out-of-vocabulary bucket and are counted."""
-    from polytask.train.tables import predict_table
+    out-of-vocabulary bucket and are counted. A run trained on words (token_file with a tokenizer)
+    scores a words table (.parquet/.jsonl): one prediction per word for its word-labelled tasks."""
+    from polytask.data.words import is_word_run
 
     cols = [c.strip() for c in keep.split(",") if c.strip()]
+    if is_word_run(run_dir):
+        from polytask.data.words import predict_word_run
+
+        rows = predict_word_run(run_dir, data, out, tuple(cols), batch_size=min(batch_size, 64))
+        typer.echo(f"scored {rows} rows: {out}")
+        return
+    from polytask.train.tables import predict_table
+
     rows, oov = predict_table(run_dir, data, out, cols, batch_size, progress=sys.stderr.isatty())
     typer.echo(f"scored {rows} rows: {out}")
     if oov:

@@ -223,6 +223,36 @@ def predict_words(model: torch.nn.Module, tasks: Any, path: str | Path, out: str
     return len(words)
 
 
+#: the datasets that may read words (with ``data.params.tokenizer``)
+WORD_DATASETS = ("token_file", "tokens")
+
+
+def is_word_run(run_dir: str | Path) -> bool:
+    """Whether the run in ``run_dir`` was trained on words: a ``token_file`` with ``data.params.tokenizer``
+    in its stored config (False when there is no readable config: the caller's own checks say why)."""
+    import yaml
+
+    try:
+        stored = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+        data = stored["data"]
+        return data["name"] in WORD_DATASETS and bool((data.get("params") or {}).get("tokenizer"))
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def predict_word_run(run_dir: str | Path, path: str | Path, out: str | Path, keep: tuple[str, ...] = (),
+                     batch_size: int = 64) -> int:
+    """``polytask predict`` for a run trained on words: its best model and tokenizer (the stored
+    ``data.params.tokenizer`` and ``max_length``) score the ``words`` table ``path`` into ``out`` with
+    :func:`predict_words`. Returns the number of rows."""
+    from polytask.train.checkpoint import load_finished_run
+
+    config, splits, model = load_finished_run(Path(run_dir))
+    params = config.data.params
+    tokenizer = load_tokenizer(params["tokenizer"])
+    return predict_words(model, splits.tasks, path, out, tokenizer, int(params.get("max_length", 512)), batch_size, keep)
+
+
 def read_word_table(table: Any, path: Path, tokenizer: Any, max_length: int = 512,
                     label_all_subtokens: bool = False) -> dict[str, Tensor]:
     """The tensors of ``token_file`` (``input_ids``, ``attention_mask``, ``labels.<task>``, ``task_ids``)

@@ -35,7 +35,7 @@ from polytask.prune.core import PruneContext, task_drop
 from polytask.prune.graph import SUPPORTED, prunable_layers
 from polytask.prune.methods import PRUNERS, check_target, prune_model
 from polytask.tasks import delta_m
-from polytask.train.checkpoint import PARTIAL, atomic_write_text, load_model_file, load_state_checked, save_model_file
+from polytask.train.checkpoint import PARTIAL, atomic_write_text, load_finished_run, load_model_file, load_state_checked, save_model_file
 
 #: model.params key that holds the prunable layers' widths, per architecture
 WIDTH_KEY = {"shared_bottom": "bottom", "hps": "bottom", "single_task": "bottom", "mmoe": "expert", "omoe": "expert",
@@ -67,28 +67,14 @@ class PruneResult:
 
 def load_run(run_dir: Path):
     """``(config, splits, model)`` of a finished run: the best weights loaded. CheckpointError when
-    the run has no finished model."""
-    from polytask import data as data_lib
-    from polytask import nn as nn_lib
-    from polytask.train.config import load_config
+    the run has no finished model; ConfigError for a run pruning does not take."""
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory: {run_dir / 'config.yaml'} does not exist")
-    weights = run_dir / "best" / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"run directory {run_dir} has no finished model: {weights} does not exist")
-    config = load_config(run_dir / "config.yaml")
-    if config.data.name == "table":
-        raise ConfigError("data.name: pruning needs the data in memory; a run on streamed table data cannot be pruned")
-    check_arch(config.model.arch)
-    splits = data_lib.load(config.data.name, **config.data.params)
-    if config.data.tasks is not None:
-        splits = splits.select_tasks(config.data.tasks)
-    model = nn_lib.build_model(config.model.arch, splits.input_spec, splits.tasks, **config.model.params)
-    load_state_checked(model, load_model_file(weights), weights)
-    model.eval()
-    return config, splits, model
+    def refuse(config: Any) -> None:
+        if config.data.name == "table":
+            raise ConfigError("data.name: pruning needs the data in memory; a run on streamed table data cannot be pruned")
+        check_arch(config.model.arch)
+
+    return load_finished_run(run_dir, refuse)
 
 
 def check_arch(arch: str) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+import torch
 from torch import Tensor
 
 from polytask.errors import CheckpointError, PolytaskError
@@ -306,6 +307,36 @@ def load_model_file(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"corrupt checkpoint file {path}") from None
 
 
+
+
+def load_finished_run(run_dir: Path, refuse: Callable[[Any], None] | None = None) -> tuple[Any, Any, Any]:
+    """``(config, splits, model)`` of a finished run on in-memory data: the config it stored, its data
+    loaded again (with its task selection), and the model with its best weights, in eval mode.
+    ``refuse(config)`` runs before the data is loaded (a command's own checks). CheckpointError when
+    ``run_dir`` is not a run directory or has no finished model."""
+    from polytask import data as data_lib
+    from polytask import nn as nn_lib
+    from polytask.train.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory: {run_dir / 'config.yaml'} does not exist")
+    weights = run_dir / "best" / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"run directory {run_dir} has no finished model: {weights} does not exist")
+    config = load_config(run_dir / "config.yaml")
+    if refuse is not None:
+        refuse(config)
+    # seeded where the Trainer seeds: a backbone built from a config (model.arch: adapters) draws its
+    # frozen weights from the global generator, and its adapters are checked against them by digest
+    torch.manual_seed(config.seed)
+    splits = data_lib.load(config.data.name, **config.data.params)
+    if config.data.tasks is not None:
+        splits = splits.select_tasks(config.data.tasks)
+    model = nn_lib.build_model(config.model.arch, splits.input_spec, splits.tasks, **config.model.params)
+    load_state_checked(model, load_model_file(weights), weights)
+    model.eval()
+    return config, splits, model
 
 
 def describe_mismatch(expected: dict[str, Tensor], got: dict[str, Any], limit: int = 4) -> str:
