@@ -5,7 +5,7 @@ Liu, Johns, Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import chain
 
 import torch
@@ -33,6 +33,38 @@ def _stage_widths(name: str, widths: Sequence[int] | None, default: Sequence[int
     return widths
 
 
+def _task_widths(widths: Mapping[str, Sequence[int]], tasks: Sequence[Task], blocks: int) -> list[tuple[int, ...]]:
+    """``model.params.attention_widths``: one list of per-block widths per task, keyed by task name."""
+    names = [t.name for t in tasks]
+    if not isinstance(widths, Mapping) or sorted(widths) != sorted(names):
+        got = sorted(widths) if isinstance(widths, Mapping) else type(widths).__name__
+        raise ConfigError(f"model.params.attention_widths needs one entry per task {names}, got {got}")
+    for name in names:
+        if not isinstance(widths[name], Sequence) or isinstance(widths[name], str):
+            raise ConfigError(f"model.params.attention_widths.{name} must be a list of positive integers, "
+                              f"got {widths[name]!r}")
+    return [_stage_widths(f"attention_widths.{name}", widths[name], (1,) * blocks) for name in names]
+
+
+class TaskAttention(nn.Module):
+    """The attention modules of one block with a hidden width per task (``attention_widths``): task
+    ``t``'s ``g`` (1×1 conv-BN-ReLU to its own width) and ``h`` (1×1 conv-BN-sigmoid to the block's
+    channels) in ``tasks.t``; the same computation as the grouped form, each task's group a module.
+
+    Input and output are task-stacked like the grouped convs': ``(N, T·A, H, W) -> (N, T·C, H, W)``.
+    The groups differ in width, so no grouped conv holds them: the forward runs one conv pair per task
+    (a Python loop over tasks; the grouped form, without ``attention_widths``, has none)."""
+
+    def __init__(self, attn_in: int, hidden: Sequence[int], out: int) -> None:
+        super().__init__()
+        self.tasks = nn.ModuleList(nn.Sequential(_conv(attn_in, h, 1), _conv(h, out, 1, act=nn.Sigmoid()))
+                                   for h in hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = x.chunk(len(self.tasks), dim=1)
+        return torch.cat([task(part) for task, part in zip(self.tasks, parts)], dim=1)
+
+
 @ARCHITECTURES.register("mtan")
 class MTAN(MultiTaskModel):
     """A shared convolutional trunk of blocks, with one soft-attention module per task and block.
@@ -55,6 +87,9 @@ class MTAN(MultiTaskModel):
         u_channels: width of each block's first conv ``u_j`` (default: ``channels``).
         attention_channels: width of each block's attention hidden layer ``g_j``, per task
         (default: ``channels``).
+        attention_widths: instead of ``attention_channels``, each task's own ``g_j`` widths,
+        ``{task: [one per block]}`` (what ``polytask prune`` records after cutting a task's
+        attention units); the blocks are then :class:`TaskAttention` modules.
         transfer_channels: width of each block's attended features ``â_j`` (the output of ``f_j``;
         default: the next block's ``channels``, the last block's own); the towers read the last one.
         The three exist so that a pruned trunk (``polytask prune``: ``u_j`` and ``p_j`` channels)
@@ -64,7 +99,8 @@ class MTAN(MultiTaskModel):
     def __init__(self, input_dim: int, tasks: Sequence[Task], channels: Sequence[int] = (16, 32, 64),
                  tower: Sequence[int] = (), u_channels: Sequence[int] | None = None,
                  attention_channels: Sequence[int] | None = None,
-                 transfer_channels: Sequence[int] | None = None) -> None:
+                 transfer_channels: Sequence[int] | None = None,
+                 attention_widths: Mapping[str, Sequence[int]] | None = None) -> None:
         super().__init__(tasks)
         if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
             raise ConfigError(f"input_dim: mtan needs the number of image channels (int), got {input_dim!r}")
@@ -79,11 +115,19 @@ class MTAN(MultiTaskModel):
         self.trunk_p = nn.ModuleList(_conv(u_w[j], c, 3) for j, c in enumerate(channels))
         self.pool = nn.MaxPool2d(2, ceil_mode=True)
         attn_in = [u_w[j] + (moved[j - 1] if j > 0 else 0) for j in range(len(channels))]  # [u_j ; â_{j-1}]
-        self.attention = nn.ModuleList(
-            nn.Sequential(_conv(t * attn_in[j], t * hidden[j], 1, groups=t),
-                          _conv(t * hidden[j], t * c, 1, groups=t, act=nn.Sigmoid()))
-            for j, c in enumerate(channels)
-        )
+        if attention_widths is not None and attention_channels is not None:
+            raise ConfigError("model.params.attention_widths: give it or attention_channels, not both, "
+                              f"got attention_channels={list(attention_channels)!r}")
+        if attention_widths is not None:
+            per_task = _task_widths(attention_widths, self.tasks, len(channels))
+            self.attention = nn.ModuleList(TaskAttention(attn_in[j], [w[j] for w in per_task], c)
+                                           for j, c in enumerate(channels))
+        else:
+            self.attention = nn.ModuleList(
+                nn.Sequential(_conv(t * attn_in[j], t * hidden[j], 1, groups=t),
+                              _conv(t * hidden[j], t * c, 1, groups=t, act=nn.Sigmoid()))
+                for j, c in enumerate(channels)
+            )
         # f_j maps block j's attended features to â_j (by default the next block's width)
         self.transfer = nn.ModuleList(_conv(t * c, t * moved[j], 3, groups=t) for j, c in enumerate(channels))
         self.heads = TaskHeads(self.tasks, moved[-1], check_widths("tower", tower, True))
