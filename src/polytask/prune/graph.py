@@ -179,7 +179,7 @@ def prunable_layers(model: nn.Module, arch: str | None = None, names: Sequence[s
     if arch in ("ple", "cgc"):
         return [Layer(n, resolve(model, n)) for n in _expert_hidden_patterns(model, arch)]
     if arch == "mtan":
-        return [_layer(model, n) for n in mtan.trunk_layer_names(model)]
+        return [_layer(model, n) for n in mtan.layer_names(model)]
     if arch in ("task_token", "task_token_attention"):
         if not heads.has_head_attention(model):
             raise ConfigError("model.params.attention_heads: task_token heads are pruned in HeadAttention layers; "

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from polytask.errors import CheckpointError, ConfigError
-from polytask.prune import banks, heads
+from polytask.prune import banks, heads, mtan
 from polytask.prune import flops as flops_lib
 from polytask.prune.core import PruneContext, task_drop
 from polytask.prune.graph import SUPPORTED, prunable_layers
@@ -187,7 +187,8 @@ def prunable_form(config, splits, model: nn.Module) -> nn.Module:
     specific experts is rebuilt with one bank per task (:func:`polytask.prune.banks.banked_copy`),
     so that each bank keeps its own widths; a task-token model with ``nn.MultiheadAttention`` is
     rebuilt with :class:`~polytask.nn.task_token.HeadAttention` at every head
-    (:func:`polytask.prune.heads.with_head_attention`); other models as they are."""
+    (:func:`polytask.prune.heads.with_head_attention`); a grouped MTAN is rebuilt with each task's
+    attention modules its own (:func:`polytask.prune.mtan.per_task_copy`); other models as they are."""
     from polytask import nn as nn_lib
 
     def build(key: str):
@@ -199,6 +200,9 @@ def prunable_form(config, splits, model: nn.Module) -> nn.Module:
         return banks.banked_copy(model, build("bank_widths")).eval()
     if arch in ("task_token", "task_token_attention") and not heads.has_head_attention(model):
         return heads.with_head_attention(model, build("attention_heads")).eval()
+    if arch == "mtan" and not mtan.is_per_task(model):  # each task's attention units (prune/mtan.py)
+        return mtan.per_task_copy(model, lambda params: nn_lib.build_model(
+            config.model.arch, splits.input_spec, splits.tasks, **{**config.model.params, **params})).eval()
     return model
 
 
