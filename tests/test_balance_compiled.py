@@ -336,3 +336,49 @@ def test_kernels_divide_by_zero_as_torch_does_instead_of_raising():
     quad, lin = torch.zeros(3, 3, dtype=DT), -torch.ones(3, dtype=DT)
     got, ref = nonneg_qp(quad, lin), _torch_path(nonneg_qp, quad, lin)
     assert not bool(torch.isfinite(got).all()) and not bool(torch.isfinite(ref).all())
+
+
+# --- TrimmedMean's b = 1 block (float32 feature Jacobians too) --------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trimmed_mean_one_matches_torch_and_the_sort(dtype):
+    from polytask.balance.robust import trimmed_mean
+
+    gen = torch.Generator().manual_seed(13)
+    for n in (3, 4, 16):
+        jac = torch.randn(n, 5000, generator=gen, dtype=torch.float64).to(dtype)
+        jac[:, :50] = jac[0, :50]  # whole columns equal (max == min)
+        jac[: n // 2 + 1, 50:100] = jac[0, 50:100]  # ties at one end, beyond one entry
+        jac[:, 100:150] = torch.randint(-2, 3, (n, 50), generator=gen).to(dtype)  # many ties at both ends
+        jac[0, 150:200] = 1e30  # a huge outlier that must not cancel the rest
+        jac[1, 200] = float("nan")
+        jac[2, 201] = float("inf")
+        jac[0, 202] = -0.0
+        got, ref = trimmed_mean(jac, 1), _torch_path(trimmed_mean, jac, 1)
+        assert got.dtype == dtype and torch.equal(got.isnan(), ref.isnan())
+        assert bool(got[200:202].isnan().all())
+        good = ~ref.isnan()
+        eps = torch.finfo(dtype).eps
+        # the mean of the middle values by a sort, in float64 (the definition)
+        ordered, _ = torch.sort(jac.double(), dim=0)
+        exact = ordered[1:n - 1].mean(dim=0).to(dtype)
+        scale = jac.double().abs().clamp_max(1e3).amax(dim=0).to(dtype)  # the outlier is trimmed away
+        assert bool(((got - exact).abs() <= 4 * n * eps * scale)[good].all())
+        assert bool(((got - ref).abs() <= 4 * n * eps * scale)[good].all())
+
+
+def test_trimmed_mean_compiled_path_runs_only_on_cpu_without_autograd():
+    from polytask.balance import _solvers_numba
+    from polytask.balance.robust import trimmed_mean
+
+    calls = []
+    jac = torch.randn(5, 30)
+    original = _solvers_numba.trimmed_mean_one
+    try:
+        _solvers_numba.trimmed_mean_one = lambda j: calls.append(j.shape) or original(j)
+        trimmed_mean(jac, 1)
+        trimmed_mean(jac.clone().requires_grad_(), 1)  # autograd through it: the torch path
+        trimmed_mean(jac, 2)  # b >= 2 sorts in torch
+    finally:
+        _solvers_numba.trimmed_mean_one = original
+    assert calls == [(5, 30)]

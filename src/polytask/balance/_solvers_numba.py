@@ -474,3 +474,42 @@ def power_fair_weights(gramian: np.ndarray, alpha: float, init: np.ndarray, iter
         if absent[i]:
             out[i] = 0.0
     return out
+
+
+@kernel
+def trimmed_mean_one(jacobian: np.ndarray) -> np.ndarray:
+    """:func:`polytask.balance.robust.trimmed_mean` with ``b = 1``: per column, the values strictly between
+    its max and min plus their ties beyond one each, in two passes over the rows (the columns' max
+    and min, then the sums), accumulated in the input's dtype; NaN for a column with a NaN or inf."""
+    n, width = jacobian.shape
+    hi = jacobian[0].copy()
+    lo = jacobian[0].copy()
+    finite = np.isfinite(jacobian[0])
+    for t in range(1, n):
+        row = jacobian[t]
+        for k in range(width):
+            v = row[k]
+            finite[k] = finite[k] and np.isfinite(v)
+            hi[k] = v if v > hi[k] else hi[k]
+            lo[k] = v if v < lo[k] else lo[k]
+    inside = np.zeros_like(hi)
+    ties_hi = np.zeros_like(hi)
+    ties_lo = np.zeros_like(hi)
+    for t in range(n):
+        row = jacobian[t]
+        for k in range(width):
+            v = row[k]
+            at_hi = v == hi[k]
+            at_lo = v == lo[k]
+            ties_hi[k] += at_hi
+            ties_lo[k] += at_lo
+            inside[k] += 0.0 if at_hi or at_lo else v
+    out = np.empty_like(hi)
+    for k in range(width):
+        if not finite[k]:
+            out[k] = np.nan
+        elif hi[k] == lo[k]:
+            out[k] = hi[k]
+        else:
+            out[k] = (inside[k] + (ties_hi[k] - 1) * hi[k] + (ties_lo[k] - 1) * lo[k]) / (n - 2)
+    return out

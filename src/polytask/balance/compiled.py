@@ -14,7 +14,9 @@ PCGrad's projections (:func:`~polytask.balance.aggregators.conflict.pcgrad_coeff
 orders still come from torch's generator, so both paths take the same orders), CAGrad's dual
 (:func:`~polytask.balance.solvers.cagrad_dual`) and the alpha-fair Newton solver of Nash-MTL and
 FairGrad (:func:`~polytask.balance.solvers.power_fair_weights`). At ``T = 16`` their ``weights``
-calls go from ~300 torch operations each (FairGrad ~1060) to 10-55.
+calls go from ~300 torch operations each (FairGrad ~1060) to 10-55. TrimmedMean's ``b = 1`` block
+(:func:`~polytask.balance.robust.trimmed_mean`) runs as two compiled passes over the rows, for float32
+feature Jacobians too.
 The first call of each kernel in a new environment compiles it (seconds); numba caches the machine
 code next to the module (``cache=True``), so later processes load it.
 """
@@ -44,11 +46,12 @@ def _kernels() -> ModuleType | None:
     return _solvers_numba
 
 
-def compiled_for(*tensors: Tensor) -> ModuleType | None:
-    """The compiled kernels if they take these tensors (float64, CPU, no autograd), else None."""
+def compiled_for(*tensors: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float64,)) -> ModuleType | None:
+    """The compiled kernels if they take these tensors (of ``dtypes``: float64 for the solvers; on the
+    CPU, recording no autograd), else None."""
     if not USE_COMPILED:
         return None
     for t in tensors:
-        if t.dtype != torch.float64 or t.device.type != "cpu" or t.requires_grad:
+        if t.dtype not in dtypes or t.device.type != "cpu" or t.requires_grad:
             return None
     return _kernels()

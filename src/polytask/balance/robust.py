@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from polytask.balance.aggregators._base import Aggregator, GramianWeighting, _least_squares_weights
+from polytask.balance.compiled import compiled_for
 from polytask.balance.registry import register_aggregator
 from polytask.errors import ConfigError
 
@@ -56,6 +57,9 @@ def trimmed_mean(jacobian: Tensor, trim_number: int) -> Tensor:
         ordered, _ = torch.sort(jacobian, dim=0)
         update = ordered[trim_number: n - trim_number].mean(dim=0)
         return torch.where(torch.isfinite(jacobian).all(dim=0), update, float("nan"))
+    kernels = compiled_for(jacobian, dtypes=(torch.float32, torch.float64))
+    if kernels is not None:  # the same sums in two compiled passes over the rows (CPU, numba installed)
+        return torch.from_numpy(kernels.trimmed_mean_one(jacobian.detach().contiguous().numpy()))
     hi, lo = jacobian.amax(dim=0), jacobian.amin(dim=0)
     # The indicators in floating point (1 below the max, 0 at its ties; likewise above the min): on a finite
     # column x - y = 0 only where x = y. Boolean masks (their mixed-dtype multiply, torch.where) took most of
@@ -129,7 +133,11 @@ class TrimmedMean(Aggregator):
     feature-level step at ``T = 16`` in torch.profiler; ``b >= 2`` sorts. The logged
     least-squares weights cost one ``J J^T`` besides. The mean of the middle values is the same up
     to the order of summation (``tests/test_balance_fast_paths.py`` checks it against the sort,
-    ``tests/test_balance_jd_recent.py`` against torchjd).
+    ``tests/test_balance_jd_recent.py`` against torchjd). With numba (the ``fast`` extra) a CPU block
+    without autograd takes two compiled passes over its rows instead (float32 or float64, the same
+    sums; ``tests/test_balance_compiled.py``): a feature-level step at ``T = 16`` went from ~4.2x to
+    ~2.1x EW's (``benchmarks/balance_speed.py``, ``feat/EW paired``), still above 1.5x: building the
+    ``T x (B d)`` block and the logged weights' ``J J^T`` remain.
 
     Args:
         trim_number: ``b``, the values removed at each end of every coordinate; needs ``T >= 2b + 1``.
