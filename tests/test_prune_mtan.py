@@ -206,8 +206,10 @@ def test_pruned_mtan_run_loads_resumes_and_predicts(mtan_run, tmp_path):
     result = prune_run(mtan_run, PruneOptions("pagcp", 0.6, finetune_epochs=1, out=tmp_path / "p"))
     config, splits, model = load_run(result.out_dir)
     params = config.model.params
-    assert params["attention_channels"] == [6, 8] and params["transfer_channels"] == [8, 8]
-    assert sum(params["channels"]) + sum(params["u_channels"]) < 28
+    assert params["attention_channels"] is None and params["transfer_channels"] == [8, 8]
+    attention = params["attention_widths"]  # each task's own widths (tests/test_prune_mtan_attention.py)
+    assert set(attention) == {"odd", "value"} and all(w <= c for ws in attention.values() for w, c in zip(ws, (6, 8)))
+    assert sum(params["channels"]) + sum(params["u_channels"]) + sum(map(sum, attention.values())) < 28 + 2 * 14
     x = (splits.val.inputs[:1],)
     assert count(model, x).flops == result.table[1]["flops"] <= 0.6 * result.table[0]["flops"]
     summary = json.loads((result.out_dir / "prune.json").read_text())
