@@ -280,6 +280,10 @@ def test_cli_prunes_attention_units_to_the_flops_target(digits_run, tmp_path, mo
     assert count(model, x).flops == table[1]["flops"]
     predicted = predict(model, splits.test, 256)
     assert predicted["value"].shape[0] == len(splits.test)
+    from polytask.analyze.runner import AnalyzeOptions, analyze
+
+    _, lines = analyze(out_dir, AnalyzeOptions(what=["conflict"], progress=False))  # reads the pruned run
+    assert any("gradient cosine" in line and "value" in line for line in lines)
     # a config whose attention widths name no task: one line, exit 2, nothing written
     broken = tmp_path / "broken"
     shutil.copytree(out_dir, broken)

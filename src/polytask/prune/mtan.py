@@ -17,7 +17,8 @@ trunk channel ``c`` of width ``C`` is channel ``t·C + c`` of each task-stacked 
 1.6's graph cannot follow ``p_j.repeat(1, T, 1, 1)`` and the reshapes of the task stack, so the
 group is written here, once, from the architecture; every cut is torch-pruning's own
 (``prune_conv_out_channels``, ``prune_batchnorm_out_channels``, ``prune_conv_in_channels``, which
-for a grouped conv removes the same in-group index from every group, as needed here).
+for a grouped conv removes the same in-group index from every group, as needed here). In the
+per-task form below, the same indices go from each task's own attention input and mask conv.
 
 **Task attention units.** Each task's attention hidden layer ``g_j`` (the 1×1 conv-BN-ReLU between
 ``[u_j ; â_{j-1}^t]`` and the mask conv ``h_j``) is a prunable layer of its own, with its own width
@@ -29,7 +30,8 @@ else: torch-pruning's graph, traced on that task's attention module alone, finds
 unit serves one task, so only that task's loss has a gradient at it (its per-task Taylor score is
 zero for every other task) and removing it changes only that task's prediction: PAGCP's per-task
 loss constraint then binds the owning task alone. The attended features ``f_j`` and the towers are
-not pruned.
+not pruned. The per-task form runs one conv pair per task (a loop over tasks in the forward: the
+groups differ in width); a grouped MTAN, which a run trains unless its config says otherwise, has none.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def group(model: nn.Module, name: str, removed: Sequence[int]) -> list[Cut]:
     stacked = _stacked(idxs, width, t)
     if is_per_task(model):  # the same channel of each task's mask
         for task in attention.tasks:
-            cuts += [(tp.prune_conv_out_channels, task[1][0], idxs), (tp.prune_batchnorm_out_channels, task[1][1], idxs)]
+            cuts += [(tp.prune_conv_out_channels, task[1][0], idxs),
+                     (tp.prune_batchnorm_out_channels, task[1][1], idxs)]
     else:
         cuts += [(tp.prune_conv_out_channels, attention[1][0], stacked),
                  (tp.prune_batchnorm_out_channels, attention[1][1], stacked)]
