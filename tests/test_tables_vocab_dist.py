@@ -1,5 +1,6 @@
 """Vocabularies counted in shares (issue 13: ``--nproc N`` with no rank idle in a collective through the pass):
-every share of the units counted apart, the counts combined, the vocabulary equal to one process's and to an
+every share of the units counted apart, the counts combined (in one process here; over gloo ranks, each value
+summed by its owner rank: test_tables_vocab_shard.py), the vocabulary equal to one process's and to an
 independent count (collections.Counter over the rows read whole); ties and min-count across shares by hand; a
 bad file found by one rank stops both gloo ranks with the same line."""
 
@@ -118,21 +119,29 @@ def test_one_value_type_per_column_across_files_and_shares(tmp_path):
         vocabularies_from_counts(parts, ["u"])
 
 
+class _OneOfTwoRanks:
+    """Rank ``rank`` of 2 whose peer hands over ``peer`` in the first exchange (the status all-gather)."""
+
+    def __init__(self, rank: int, peer: tuple) -> None:
+        self.rank, self.size, self.peer, self.seen = rank, 2, peer, []
+
+    def objects(self, obj):
+        self.seen.append(obj)
+        return [obj, self.peer] if self.rank == 0 else [self.peer, obj]
+
+
 def test_a_share_error_goes_to_the_exchange_not_up_the_stack(tmp_path):
     (tmp_path / "a.csv").write_text("u\nx\n")
     # past the first block (which every rank reads for the schema): a row with a field too many
     (tmp_path / "b.csv").write_text("u\n" + "xxxxxxx\n" * 200_000 + "y,1\n")
-    seen = []
-
-    def exchange(mine):  # as a rank would: hand the error over, then raise the first one of all ranks
-        seen.append(mine)
-        raise mine if isinstance(mine, DataError) else DataError("peer")
-
+    first = _OneOfTwoRanks(0, ("ok", {"u": "string"}))
     with pytest.raises(DataError, match=r"b\.csv"):  # b.csv, the larger, is share 0's
-        build_vocabularies(tmp_path, ["u"], shard=(0, 2), exchange=exchange)
-    with pytest.raises(DataError, match="peer"):
-        build_vocabularies(tmp_path, ["u"], shard=(1, 2), exchange=exchange)
-    assert isinstance(seen[0], DataError) and seen[1]["u"].to_pydict() == {"v": ["x"], "n": [1]}
+        build_vocabularies(tmp_path, ["u"], ranks=first)
+    second = _OneOfTwoRanks(1, ("error", "DataError", "peer"))
+    with pytest.raises(DataError, match="^peer$"):  # the peer's error, as its class, before any count is sent
+        build_vocabularies(tmp_path, ["u"], ranks=second)
+    assert first.seen[0][:2] == ("error", "DataError") and "b.csv" in first.seen[0][2]
+    assert second.seen == [("ok", {"u": "string"})]
 
 
 def test_a_bad_file_in_one_ranks_share_stops_both_gloo_ranks_with_its_line(tmp_path):

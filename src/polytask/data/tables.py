@@ -29,7 +29,8 @@ How it reads, and what it guarantees:
 * **Ids** (:class:`Vocabulary`, :class:`HashBuckets`): a vocabulary is built in one streaming pass
   (:func:`build_vocabularies`; min count, index 0 is the out-of-vocabulary bucket, order by count
   then value, saved as JSON; over several processes each counts a share of the units,
-  :func:`count_ids`, and the count tables are combined, :func:`vocabularies_from_counts`); hashing maps ids to a fixed number of buckets. Both work on the
+  :func:`count_ids`, and each value's counts are summed by one rank, :mod:`polytask.data.vocab_ranks`);
+  hashing maps ids to a fixed number of buckets. Both work on the
   distinct values of a batch: Parquet string columns are read as dictionary arrays (as Parquet
   stores them), other columns are ``dictionary_encode``-d; each distinct value gets its 64-bit
   FNV-1a hash (:func:`stable_hash`), then a bucket, or its id by binary search in the vocabulary's
@@ -164,40 +165,48 @@ def vocabularies_from_counts(counts: Sequence[Mapping[str, Any]], columns: Seque
                              min_count: int | Mapping[str, int] = 1) -> dict[str, Vocabulary]:
     """A :class:`Vocabulary` per column from count tables (:func:`count_ids`, one per rank or
     share): the counts are summed, values seen at least ``min_count`` times kept (per column if a
-    mapping), most frequent first, ties by the value's text. The order is a total order on
-    ``(count, text)``, so any split of the units into shares gives the same vocabulary."""
-    pa, pc, _, _ = _pa()
+    mapping), most frequent first, ties by the value's text (:func:`order_counts`)."""
     out = {}
     for c in columns:
         k = min_count[c] if isinstance(min_count, Mapping) else min_count
         t = merge_counts(c, [part[c] for part in counts])
-        if t is None or t.num_rows == 0:
-            out[c] = Vocabulary(c, [], k)
-            continue
-        t = t.filter(pc.greater_equal(t["n"], k))
-        t = t.append_column("k", pc.cast(t["v"], pa.string())).sort_by([("n", "descending"), ("k", "ascending")])
-        out[c] = Vocabulary(c, t["v"].to_pylist(), k)
+        out[c] = Vocabulary(c, [] if t is None else order_counts(t, k)["v"].to_pylist(), k)
     return out
 
 
+def order_counts(counts: Any, min_count: int) -> Any:
+    """The rows of a count table ``{v, n}`` (distinct values) seen at least ``min_count`` times, most
+    frequent first, ties by the value's text. The order is a total order on ``(count, text)``, so
+    any split of the units into shares, or of the values into ranges, gives the same vocabulary."""
+    pa, pc, _, _ = _pa()
+    if counts is None or counts.num_rows == 0:
+        return counts
+    t = counts.select(["v", "n"]).filter(pc.greater_equal(counts["n"], min_count))
+    t = t.append_column("k", pc.cast(t["v"], pa.string())).sort_by([("n", "descending"), ("k", "ascending")])
+    return t.select(["v", "n"])
+
+
 def build_vocabularies(paths: Any, columns: Sequence[str], min_count: int | Mapping[str, int] = 1,
-                       batch_rows: int = 65536, shard: tuple[int, int] = (0, 1),
-                       exchange: Callable[[Any], list] | None = None) -> dict[str, Vocabulary]:
+                       batch_rows: int = 65536, ranks: Any = None) -> dict[str, Vocabulary]:
     """One streaming pass over the files: a :class:`Vocabulary` per column, values seen at least
     ``min_count`` times (an int, or one per column), most frequent first (ties by value).
     Counting is done by pyarrow (:func:`count_ids`), never one Python step per row.
 
-    Over several processes, each passes its ``shard = (rank, world_size)`` and an ``exchange``
-    that takes this process's count tables (or the :class:`~polytask.errors.PolytaskError` its
-    share raised) and returns every process's, raising the first error: every process then builds
-    the same vocabulary from all the counts, equal to one process's."""
+    Over several processes, pass ``ranks``, a :class:`~polytask.data.vocab_ranks.RankGroup`: each
+    rank counts its share ``(rank, size)`` of the units, each value's counts are summed by one
+    rank (a hash of the value picks it) and the kept values sent to all
+    (:func:`~polytask.data.vocab_ranks.sharded_vocabularies`): no rank holds every rank's counts,
+    every rank returns one process's vocabularies, and a user error of any rank's share is raised
+    by every rank alike."""
+    if ranks is None or ranks.size == 1:
+        return vocabularies_from_counts([count_ids(paths, columns, batch_rows)], columns, min_count)
+    from polytask.data.vocab_ranks import sharded_vocabularies
+
     try:
-        mine: Any = count_ids(paths, columns, batch_rows, shard)
+        mine: Any = count_ids(paths, columns, batch_rows, (ranks.rank, ranks.size))
     except PolytaskError as exc:
-        if exchange is None:
-            raise
         mine = exc
-    return vocabularies_from_counts([mine] if exchange is None else exchange(mine), columns, min_count)
+    return sharded_vocabularies(mine, columns, min_count, ranks)
 
 
 # ----------------------------------------------------------------------------- schema and split
@@ -822,5 +831,5 @@ def write_synthetic_log(path: str | Path, rows: int, *, users: int = 1000, items
 
 
 __all__ = ["HashBuckets", "SequenceIds", "Split", "TableLoader", "TableSchema", "TableSource", "Vocabulary",
-           "balanced_shares", "build_vocabularies", "count_ids", "load_vocabularies", "merge_counts",
+           "balanced_shares", "build_vocabularies", "count_ids", "load_vocabularies", "merge_counts", "order_counts",
            "save_vocabularies", "stable_hash", "vocabularies_from_counts", "vocabulary_units", "write_synthetic_log"]

@@ -39,10 +39,11 @@ training.
 (:mod:`polytask.export`).
 
 More than one process (``--nproc N``): each rank counts the ids of its share of the units (row
-groups, CSV files; shares of about equal bytes) of the vocabulary pass, one all-gather exchanges
-the count tables (distinct values and counts), and every rank builds the same vocabularies as one
-process (``build_encoders``); a CSV file is one unit, so one file larger than the rest together
-still makes the others wait for its rank (split it: the wait is bounded by POLYTASK_DIST_TIMEOUT);
+groups, CSV files; shares of about equal bytes) of the vocabulary pass, each value's counts go to
+one rank (picked by a hash of the value), which sums them and sends the kept values to all, and
+every rank builds the same vocabularies as one process (``build_encoders``); a CSV file is one
+unit, so one file larger than the rest together still makes the others wait for its rank
+(split it: the wait is bounded by POLYTASK_DIST_TIMEOUT);
 each rank reads its own units (row groups) of the train files, ``train.batch_size / N`` rows a
 batch; the ranks' shards differ by up to a row group, so a rank that runs out first takes empty
 batches (a masked mean over no rows is 0: it adds nothing to the step's global loss) until every
@@ -221,25 +222,6 @@ def _saved_vocabularies(run_dir: Path, vocab_cols: dict[str, int], data: dict[st
     return {}
 
 
-def _exchange_counts(ctx: Any) -> Any:
-    """The ``exchange`` of :func:`~polytask.data.tables.build_vocabularies` over ``ctx``'s ranks: one
-    all-gather of every rank's count tables (distinct values with their counts, per column: what
-    the vocabulary needs, far smaller than the rows), or of the user error its share raised, which
-    every rank then raises alike."""
-    from polytask.errors import PolytaskError
-    from polytask.train.dist import _rebuild, gather_objects
-
-    def exchange(mine: Any) -> list:
-        got = ("error", type(mine).__name__, str(mine)) if isinstance(mine, PolytaskError) else ("ok", mine)
-        parts = gather_objects(got, ctx)
-        for part in parts:
-            if part[0] == "error":
-                raise _rebuild(part[1], part[2])
-        return [part[1] for part in parts]
-
-    return exchange
-
-
 def build_encoders(p: TableParams, run_dir: Path, data: dict[str, Any] | None = None, ctx: Any = None,
                    device: torch.device | str = "cpu") -> dict[str, Any]:
     """Hash buckets and vocabularies per id column; vocabularies reused from ``run_dir/vocab.json``
@@ -262,10 +244,12 @@ def build_encoders(p: TableParams, run_dir: Path, data: dict[str, Any] | None = 
     else:
         vocabs = _saved_vocabularies(run_dir, vocab_cols, data)
     if vocab_cols and not vocabs:
+        from polytask.data.vocab_ranks import RankGroup
+        from polytask.train.dist import collective
+
         files = expand(p.train if p.path is None else p.path)
-        vocabs = build_vocabularies(files, list(vocab_cols), vocab_cols, batch_rows=p.read_rows,
-                                    shard=(ctx.rank, ctx.world_size) if shared else (0, 1),
-                                    exchange=_exchange_counts(ctx) if shared else None)
+        ranks = RankGroup(ctx.group, device, collective) if shared else None
+        vocabs = build_vocabularies(files, list(vocab_cols), vocab_cols, batch_rows=p.read_rows, ranks=ranks)
     return {c: _encoder(spec, vocabs.get(c)) for c, spec in p.ids.items()}
 
 
