@@ -26,7 +26,7 @@ from polytask.data.vocab_ranks import _read, _write, owners  # noqa: E402
 
 WORKER = r'''
 import os, pickle, sys
-import torch.distributed as dist
+import torch, torch.distributed as dist
 from polytask.data.tables import build_vocabularies, count_ids, save_vocabularies
 from polytask.data.vocab_ranks import RankGroup
 from polytask.errors import PolytaskError
@@ -34,9 +34,24 @@ from polytask.errors import PolytaskError
 cases, out = pickle.load(open(sys.argv[1], "rb")), sys.argv[2]
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 dist.init_process_group("gloo", init_method="file://" + os.environ["STORE"], rank=rank, world_size=world)
+wire = [0]  # bytes of the tensors the collectives filled (measured here, apart from RankGroup's own counts)
+
+
+def counted(fn):
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        filled = args[0] if isinstance(args[0], list) else [args[0]]
+        wire[0] += sum(t.numel() * t.element_size() for t in filled if isinstance(t, torch.Tensor))
+        return out
+    return run
+
+
+for fn in ("all_to_all_single", "all_gather", "broadcast"):
+    setattr(dist, fn, counted(getattr(dist, fn)))
 results = {}
 for name, (path, columns, min_count, batch_rows) in cases.items():
     ranks = RankGroup(dist.group.WORLD)
+    wire[0] = 0
     try:
         vocabs = build_vocabularies(path, columns, min_count, batch_rows, ranks=ranks)
     except PolytaskError as exc:
@@ -45,7 +60,8 @@ for name, (path, columns, min_count, batch_rows) in cases.items():
     save_vocabularies(vocabs, out + f".{name}.json")
     results[name] = {"error": None, "vocab": {c: v.values for c, v in vocabs.items()},
                      "json": open(out + f".{name}.json", "rb").read(),
-                     "sent": ranks.sent, "received": ranks.received, "held": ranks.held}
+                     "sent": ranks.sent, "received": ranks.received, "held": ranks.held,
+                     "wire": wire[0]}
 pickle.dump(results, open(out, "wb"))
 dist.barrier()
 os._exit(0)  # gloo's teardown at interpreter exit can abort
@@ -185,6 +201,8 @@ def test_a_rank_holds_its_own_and_its_range_not_every_ranks_counts(tmp_path):
             # sent: the rows of its table owned by others; received: those of its range, plus the kept vocabulary
             assert got["sent"] <= own[rank] * 1.1 + vocab * world + 4096 * world
             assert got["received"] <= in_range[rank] * 1.1 + vocab * world + 4096 * world
+            # the same, as the tensors the collectives filled (its own rows of its range and its own broadcast too)
+            assert 0.9 * in_range[rank] <= got["wire"] <= in_range[rank] * 1.1 + vocab * world + 4096 * world
             # held at once: its table and its send buffer, or the send and receive buffers, or the receive buffer and
             # the summed range; plus the kept values
             assert got["held"] <= 2.2 * (own[rank] + in_range[rank]) + 2 * vocab * world + 4096 * world, (world, rank)
