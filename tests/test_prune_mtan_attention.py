@@ -109,6 +109,72 @@ def test_removing_a_dead_unit_keeps_every_output_and_a_live_one_of_task_a_change
     assert not torch.allclose(live["a"], ref["a"], atol=1e-6)
 
 
+def _ragged(seed: int = 7):
+    """A per-task MTAN with different attention widths per task (task c's block-2 width 1)."""
+    model = _per_task(seed)
+    plan = {"attention.0.tasks.0.0.0": [1, 3], "attention.1.tasks.1.0.0": [0, 1, 5], "attention.2.tasks.2.0.0": [4]}
+    return apply_plan(model, _names(model), plan, (_x(),))
+
+
+def _grads(model, x):
+    model.zero_grad()
+    out = model(x)
+    sum((out[t] * (i + 1)).sum() for i, t in enumerate("abc")).backward()  # every task's path
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_padded_attention_equals_the_tasks_run_one_by_one(training, monkeypatch):
+    """The batched forward (tasks' parameters gathered into one padded grouped conv) against the
+    looped reference on ragged widths: outputs, every parameter's gradient, and in training the
+    running statistics written back to each task's batch norm over three steps."""
+    import copy
+
+    from polytask.nn.mtan import TaskAttention
+
+    batched = _ragged().train(training)
+    looped = copy.deepcopy(batched)
+    for block in looped.attention:  # the reference: each task's modules in turn
+        block.forward = block.looped
+    calls = []  # a spy: the batched model must not fall back to the loop
+    monkeypatch.setattr(TaskAttention, "looped", lambda self, x: calls.append(1) or _loop(self, x))
+    for step in range(3):
+        x = _x(seed=10 + step)
+        out, grads = _grads(batched, x)
+        ref, ref_grads = _grads(looped, x)
+        for t in "abc":
+            torch.testing.assert_close(out[t], ref[t], rtol=1e-12, atol=1e-12)
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-10, atol=1e-12)
+        for (name, buf), ref_buf in zip(batched.named_buffers(), looped.buffers()):
+            torch.testing.assert_close(buf, ref_buf, rtol=1e-12, atol=1e-12, msg=name)
+    assert calls == []  # the batched path ran, not the loop
+    assert training == (int(batched.attention[2].tasks[2][0][1].num_batches_tracked) == 3)
+
+
+def _loop(block, x):
+    parts = x.chunk(len(block.tasks), dim=1)
+    return torch.cat([task(part) for task, part in zip(block.tasks, parts)], dim=1)
+
+
+def test_padded_attention_makes_no_host_sync_and_a_hook_runs_the_tasks_modules(monkeypatch):
+    model = _ragged().train()
+    x = _x()
+    seen = []
+    handle = model.attention[1].tasks[1][0][1].register_forward_hook(lambda m, i, out: seen.append(out.shape[1]))
+    model(x)
+    handle.remove()
+    assert seen == [3]  # the hook saw task b's own batch norm output (3 units left)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation inside a forward")
+
+    for attr in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, attr, refuse)
+    out = model(x)
+    sum(v.sum() for v in out.values()).backward()
+
+
 PLAN = {"trunk_u.0.0": [0, 2, 3], "trunk_p.1.0": [0, 2, 3, 4], "attention.0.tasks.0.0.0": [1, 3],
         "attention.1.tasks.1.0.0": [0, 1, 5], "attention.2.tasks.2.0.0": [4], "attention.2.tasks.0.0.0": [0, 1, 2]}
 

@@ -10,6 +10,7 @@ from itertools import chain
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from polytask.errors import ConfigError, DataError
 from polytask.nn.base import MultiTaskModel, TaskHeads, check_widths
@@ -52,17 +53,83 @@ class TaskAttention(nn.Module):
     channels) in ``tasks.t``; the same computation as the grouped form, each task's group a module.
 
     Input and output are task-stacked like the grouped convs': ``(N, T·A, H, W) -> (N, T·C, H, W)``.
-    The groups differ in width, so no grouped conv holds them: the forward runs one conv pair per task
-    (a Python loop over tasks; the grouped form, without ``attention_widths``, has none)."""
+    The groups differ in width, so no grouped conv holds them as they are. The forward gathers the
+    tasks' parameters into the grouped layout with every task's ``g`` padded to the widest one
+    (zero filters, zero batch-norm scale and shift: a padded unit outputs 0, and the zero inputs of
+    the ``h`` conv ignore it), then runs the grouped form's ops: a fixed number of ops whatever the
+    number of tasks, the padding costing multiply-adds only. In training the batch norms' running
+    statistics are written back to each task's module (one fused copy). With a hook on any of its
+    modules (pruning's activation scores, torch-pruning's op counter, which then counts the exact
+    per-task convs) or a batch norm with ``momentum=None``, the tasks run one after the other
+    (:meth:`looped`, the reference)."""
 
     def __init__(self, attn_in: int, hidden: Sequence[int], out: int) -> None:
         super().__init__()
         self.tasks = nn.ModuleList(nn.Sequential(_conv(attn_in, h, 1), _conv(h, out, 1, act=nn.Sigmoid()))
                                    for h in hidden)
+        self._slots: tuple | None = None  # (widths, device) -> padded slot table, rebuilt when pruned
 
-    def forward(self, x: Tensor) -> Tensor:
+    def looped(self, x: Tensor) -> Tensor:
         parts = x.chunk(len(self.tasks), dim=1)
         return torch.cat([task(part) for task, part in zip(self.tasks, parts)], dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from polytask.nn.ragged import RaggedBanks
+
+        if RaggedBanks.hooked([self]) or any(task[i][1].momentum is None for task in self.tasks for i in (0, 1)):
+            return self.looped(x)
+        g = [task[0] for task in self.tasks]  # conv-BN-ReLU per task (a list of modules, no compute)
+        h = [task[1] for task in self.tasks]
+        slots = self._padded_slots([m[0].out_channels for m in g], x.device)
+        t, width = len(self.tasks), slots[0].numel() // len(self.tasks)
+        hidden = F.conv2d(x, _gather_rows(torch.cat([m[0].weight for m in g]), slots[0]),
+                          _gather_rows(torch.cat([m[0].bias for m in g]), slots[0]), groups=t)
+        hidden = F.relu(_batch_norm(hidden, [m[1] for m in g], slots))
+        w_h = torch.cat([m[0].weight for m in h], dim=1)  # (C, Σ h_t, 1, 1): task t's inputs in its slots
+        w_h = _gather_rows(w_h.transpose(0, 1), slots[0]).reshape(t, width, -1).transpose(1, 2)
+        mask = F.conv2d(hidden, w_h.reshape(-1, width, 1, 1), torch.cat([m[0].bias for m in h]), groups=t)
+        return torch.sigmoid(_batch_norm(mask, [m[1] for m in h], None))
+
+    def _padded_slots(self, widths: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+        """``slots`` ``(T · max width,)``: task ``t``'s unit ``k`` at ``t · max + k``, pointing at its row
+        of the concatenated parameters; padding points one past them, at the zero row
+        :func:`_gather_rows` adds. ``real`` ``(Σ widths,)``: where each row sits among the slots."""
+        key = (tuple(widths), device)
+        if self._slots is None or self._slots[0] != key:
+            wide, starts = max(widths), [sum(widths[:i]) for i in range(len(widths))]
+            slots = [starts[i] + k if k < w else sum(widths) for i, w in enumerate(widths) for k in range(wide)]
+            real = [i * wide + k for i, w in enumerate(widths) for k in range(w)]
+            self._slots = (key, (torch.tensor(slots, device=device), torch.tensor(real, device=device)))
+        return self._slots[1]
+
+
+def _gather_rows(rows: Tensor, slots: Tensor | None, pad: float = 0.0) -> Tensor:
+    """``rows[slots]`` along dim 0, where the slot ``len(rows)`` reads a row of ``pad``; ``rows`` as
+    they are for ``slots=None``."""
+    if slots is None:
+        return rows
+    return torch.cat([rows, rows.new_full((1, *rows.shape[1:]), pad)]).index_select(0, slots)
+
+
+def _batch_norm(x: Tensor, norms: Sequence[nn.BatchNorm2d], slots: tuple[Tensor, Tensor] | None) -> Tensor:
+    """The tasks' batch norms as one over the padded channels (scale and shift 0 at padding, mean 0
+    and variance 1 there); in training, the updated running statistics go back to each module."""
+    first, gather = norms[0], None if slots is None else slots[0]
+    weight = _gather_rows(torch.cat([m.weight for m in norms]), gather)
+    bias = _gather_rows(torch.cat([m.bias for m in norms]), gather)
+    mean = _gather_rows(torch.cat([m.running_mean for m in norms]), gather)
+    var = _gather_rows(torch.cat([m.running_var for m in norms]), gather, pad=1.0)
+    if not first.training:
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, first.eps)
+    out = F.batch_norm(x, mean, var, weight, bias, True, first.momentum, first.eps)  # updates mean, var
+    with torch.no_grad():  # back to each task's buffers: one fused copy, no loop over tasks
+        if slots is not None:
+            mean, var = mean.index_select(0, slots[1]), var.index_select(0, slots[1])
+        widths = [m.num_features for m in norms]
+        torch._foreach_copy_([m.running_mean for m in norms] + [m.running_var for m in norms],
+                             [*mean.split(widths), *var.split(widths)])
+        torch._foreach_add_([m.num_batches_tracked for m in norms], 1)
+    return out
 
 
 @ARCHITECTURES.register("mtan")
