@@ -30,8 +30,10 @@ else: torch-pruning's graph, traced on that task's attention module alone, finds
 unit serves one task, so only that task's loss has a gradient at it (its per-task Taylor score is
 zero for every other task) and removing it changes only that task's prediction: PAGCP's per-task
 loss constraint then binds the owning task alone. The attended features ``f_j`` and the towers are
-not pruned. The per-task form runs one conv pair per task (a loop over tasks in the forward: the
-groups differ in width); a grouped MTAN, which a run trains unless its config says otherwise, has none.
+not pruned. FLOPs are counted on each task's own convs (torch-pruning's counter hooks them, which
+runs the tasks one by one); the per-task form's forward otherwise runs all tasks at once, each
+task's ``g_j`` padded to the widest task's (:class:`~polytask.nn.mtan.TaskAttention`), so the
+multiply-adds it executes in block ``j`` follow the widest task there, not the sum.
 """
 
 from __future__ import annotations
