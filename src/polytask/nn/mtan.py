@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from polytask.errors import ConfigError, DataError
 from polytask.nn.base import MultiTaskModel, TaskHeads, check_widths
+from polytask.nn.ragged import RaggedBanks
 from polytask.nn.registry import ARCHITECTURES
 from polytask.tasks import Task
 
@@ -74,8 +75,6 @@ class TaskAttention(nn.Module):
         return torch.cat([task(part) for task, part in zip(self.tasks, parts)], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        from polytask.nn.ragged import RaggedBanks
-
         if RaggedBanks.hooked([self]) or any(task[i][1].momentum is None for task in self.tasks for i in (0, 1)):
             return self.looped(x)
         g = [task[0] for task in self.tasks]  # conv-BN-ReLU per task (a list of modules, no compute)
