@@ -596,9 +596,20 @@ def _run_one(
 def _modules_of(config: MergeConfig, reference: str, source: Any, config_path: Any) -> tuple[Any, MergeConfig]:
     """The reference model's modules (:func:`~polytask.merge.modules.layout_of`) when it has
     several, else None, and the config to plan; ConfigError for module names it does not have."""
-    from polytask.merge.modules import layout_of
+    from polytask.merge.modules import layout_of, module_names_in_layout
 
     layout = layout_of(reference, source.names())
+    if layout is not None and config.modules:
+        # inferred modules are named by the reference's tensors; a name in another key layout
+        # (transformers 4's language_model.model.layers for a 5.x checkpoint) means the same stack
+        renamed = module_names_in_layout(*layout, config.modules, source.names())
+        if renamed:
+            seen: dict[str, str] = {}
+            for k in config.modules:
+                if seen.setdefault(renamed.get(k, k), k) != k:
+                    raise ConfigError(f"{config_path}: modules.{k}: the same module as modules.{seen[renamed.get(k, k)]}"
+                                      " (in another key layout); give each module once")
+            config = config.model_copy(update={"modules": {renamed.get(k, k): v for k, v in config.modules.items()}})
     if layout is None and config.modules is not None:
         bad = next(k for k in config.modules if k != "default")
         raise ConfigError(f"{config_path}: modules.{bad}: the model has one module, 'default' (several modules: "

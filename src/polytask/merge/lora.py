@@ -24,7 +24,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -175,17 +175,43 @@ class LoraAdapter:
         d = b @ a
         return (d.T if self.transposed(module) else d) * m.scaling
 
+    def rename_to_layout_of(self, base: Any, base_label: str) -> str:
+        """Rename the adapter's modules into the key layout of ``base`` (a checkpoint whose folder's
+        ``config.json`` names an architecture of :func:`~polytask.merge.modules.namings_of`): PEFT
+        names them as the model it trained held them (``model.language_model.layers.N...`` under
+        transformers 5, ``language_model.model.layers.N...`` under 4.x) and loads either into
+        either. Returns the two layouts' names when they differ ("" otherwise) for messages."""
+        from polytask.merge.modules import architecture_name, naming_of, namings_of
+
+        path = Path(getattr(base, "path", ""))
+        arch = architecture_name(path if path.is_dir() else path.parent)
+        if not namings_of(arch):
+            return ""
+        target = naming_of(arch, base.names(), base_label)
+        own = naming_of(arch, [*self.modules, *self.replaced], f"adapter {self.path}")
+        if own == target:
+            return ""
+
+        def move(name: str) -> str:  # a module name is a prefix that ends before its dot
+            return target.from_mergekit(own.to_mergekit(name + "."))[:-1]
+
+        self.modules = {move(m): replace(spec, name=move(m)) for m, spec in self.modules.items()}
+        self.replaced = {move(t): key for t, key in self.replaced.items()}
+        return f" (renamed from the adapter's layout, {own.name}, to the base's, {target.name})"
+
     def check_base(self, base: Any, base_label: str) -> None:
-        """Refuse an adapter whose modules are not in ``base`` or do not fit its shapes."""
+        """Refuse an adapter whose modules are not in ``base`` or do not fit its shapes (after
+        renaming them into the base's key layout, :meth:`rename_to_layout_of`)."""
+        renamed = self.rename_to_layout_of(base, base_label)
         for t, key in self.replaced.items():
             if t not in base or tuple(base.spec(t).shape) != tuple(self.ckpt.spec(key).shape):
                 raise CheckpointError(f"adapter {self.path}: saved layer {key!r} does not fit tensor {t!r} of base "
-                                      f"{base_label}; is the adapter for another base?")
+                                      f"{base_label}{renamed}; is the adapter for another base?")
         for module, m in self.modules.items():
             t = self.target(module)
             if t not in base:
                 raise CheckpointError(f"adapter {self.path}: module {module!r} is not in base {base_label} "
-                                      f"(no tensor {t!r}); is the adapter for another base?")
+                                      f"(no tensor {t!r}){renamed}; is the adapter for another base?")
             shape = tuple(base.spec(t).shape)
             b_rows = self.ckpt.spec(m.b_key).shape[0]
             a_cols = self.ckpt.spec(m.a_key).shape[1]
@@ -456,6 +482,8 @@ def merge_adapters(
             errors[m] = err
         r = max(a.shape[0] for _, a, _ in factors.values())
         factors = {m: (*_pad(b, a, r), emb) for m, (b, a, emb) in factors.items()}
+        factors, errors = _named_for_peft(base, base_ckpt.names(), str(base), factors, errors)
+        modules = list(factors)
         tasks = {lo.config.get("task_type") for lo in loras}
         cfg = _adapter_config(r, modules, base=str(loras[0].config.get("base_model_name_or_path") or base),
                               fan_in_fan_out=ff.pop(), task_type=tasks.pop() if len(tasks) == 1 else None)
@@ -521,6 +549,7 @@ def extract_lora(
     check_output_apart(out_dir, [("base model", str(base), base), ("fine-tuned model", str(finetuned), finetuned)])
     with Checkpoint(base, allow_pickle=allow_pickle) as b_ckpt, \
             Checkpoint(finetuned, allow_pickle=allow_pickle) as f_ckpt:
+        in_ft, renamed = _names_in_layout_of(base, b_ckpt.names(), f_ckpt.names(), str(base), str(finetuned))
         names = []
         for name in b_ckpt.names():
             spec = b_ckpt.spec(name)
@@ -528,16 +557,17 @@ def extract_lora(
                 continue
             if _NOT_LINEAR.search(name):
                 continue
-            if name not in f_ckpt:
-                raise CheckpointError(f"tensor {name!r} is in base {base} but missing from fine-tuned {finetuned}")
-            if tuple(f_ckpt.spec(name).shape) != tuple(spec.shape):
+            if in_ft(name) not in f_ckpt:
+                raise CheckpointError(f"tensor {name!r} is in base {base} but {in_ft(name)!r} is missing from "
+                                      f"fine-tuned {finetuned}{renamed}")
+            if tuple(f_ckpt.spec(in_ft(name)).shape) != tuple(spec.shape):
                 raise CheckpointError(f"tensor {name!r} is {list(spec.shape)} in base {base} but "
-                                      f"{list(f_ckpt.spec(name).shape)} in fine-tuned {finetuned}")
+                                      f"{list(f_ckpt.spec(in_ft(name)).shape)} in fine-tuned {finetuned}")
             names.append(name)
         factors: dict[str, tuple[Tensor, Tensor, bool]] = {}
         errors: dict[str, float] = {}
-        for name in names:
-            delta = f_ckpt.load(name).double() - b_ckpt.load(name).double()
+        for name in names:  # the adapter's modules are named in the base's layout
+            delta = f_ckpt.load(in_ft(name)).double() - b_ckpt.load(name).double()
             if not bool(delta.any()):
                 continue
             b, a, err = _svd_factors(delta, rank)
@@ -548,8 +578,51 @@ def extract_lora(
             raise CheckpointError(f"no Linear weight of {finetuned} differs from base {base}; nothing to extract")
         r = max(a.shape[0] for _, a, _ in factors.values())
         factors = {m: (*_pad(b, a, r), emb) for m, (b, a, emb) in factors.items()}
+        factors, errors = _named_for_peft(base, b_ckpt.names(), str(base), factors, errors)
         cfg = _adapter_config(r, list(factors), base=str(base), fan_in_fan_out=False, task_type=None)
         return _write_adapter(out_dir, factors, cfg, overwrite), errors
+
+
+def _named_for_peft(base: str | os.PathLike[str], base_names: Sequence[str], base_label: str,
+                    factors: dict[str, Any], errors: dict[str, float]) -> tuple[dict[str, Any], dict[str, float]]:
+    """``factors`` and ``errors`` with their modules (named in the base's key layout) renamed to
+    transformers 5's in-memory names where the architecture has other layouts: PEFT names an
+    adapter's modules so and matches ``target_modules`` against them, whichever layout the base
+    was loaded from (a ``language_model.model.layers.0.q_proj`` target matches no module of a
+    5.x model, so such an adapter would load as no change)."""
+    from polytask.merge.modules import architecture_name, memory_naming, naming_of
+
+    folder = Path(base) if Path(base).is_dir() else Path(base).parent
+    arch = architecture_name(folder)
+    target = memory_naming(arch)
+    if target is None:
+        return factors, errors
+    own = naming_of(arch, base_names, base_label)
+    if own == target:
+        return factors, errors
+
+    def move(module: str) -> str:
+        return target.from_mergekit(own.to_mergekit(module + "."))[:-1]
+
+    return {move(m): f for m, f in factors.items()}, {move(m): e for m, e in errors.items()}
+
+
+def _names_in_layout_of(base: str | os.PathLike[str], base_names: Sequence[str], other_names: Sequence[str],
+                        base_label: str, other_label: str) -> tuple[Any, str]:
+    """A map from the base's tensor names to another checkpoint's (both of the architecture the
+    base folder's ``config.json`` names), renaming across key layouts
+    (:func:`~polytask.merge.modules.namings_of`), and a note naming both layouts when they differ."""
+    from polytask.merge.modules import architecture_name, naming_of, namings_of
+
+    folder = Path(base) if Path(base).is_dir() else Path(base).parent
+    arch = architecture_name(folder)
+    if not namings_of(arch):
+        return (lambda name: name), ""
+    own, other = naming_of(arch, base_names, base_label), naming_of(arch, other_names, other_label)
+    if own == other:
+        return (lambda name: name), ""
+    return (lambda name: other.from_mergekit(own.to_mergekit(name))), (
+        f" (read in its layout, {other.name}, for the base's, {own.name})")
 
 
 def merge_config_to_adapter(

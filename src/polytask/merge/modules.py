@@ -72,8 +72,9 @@ from typing import Any
 
 from polytask.errors import ConfigError, MergeError, PolytaskError
 
-__all__ = ["Module", "ARCHITECTURES", "NAMINGS", "Naming", "RenamedSource", "architecture_of", "inferred_modules",
-           "layout_of", "module_of", "naming_of", "plan_modules", "modules_output_config", "same_naming"]
+__all__ = ["Module", "ARCHITECTURES", "INFERRED_NAMINGS", "NAMINGS", "Naming", "RenamedSource", "architecture_name",
+           "architecture_of", "inferred_modules", "layout_of", "module_names_in_layout", "memory_naming", "module_of", "naming_of",
+           "namings_of", "plan_modules", "modules_output_config", "same_naming"]
 
 _EMBED = r"embed|\bwte\b|\bwpe\b"
 
@@ -208,13 +209,53 @@ NAMINGS: dict[str, tuple[Naming, ...]] = {
     "Qwen2_5_VLForConditionalGeneration": _QWEN2_VL,
 }
 
+
+def _llava_namings(extra: tuple[tuple[str, str], ...] = ()) -> tuple[Naming, ...]:
+    """The LLaVA family's layouts (modules inferred from the names: mergekit has no definition):
+    its published checkpoints' (``language_model.model.*``, ``vision_tower.vision_model.*`` of a
+    CLIP/SigLIP tower), transformers 5's in memory (its ``llava``/``llava_next`` conversion rules,
+    the ``vision_model.`` its CLIP/SigLIP prefix change drops) and its default save of a model it
+    built (published names, the vision tower's without ``vision_model.``)."""
+    marker = "|".join(re.escape(new.removeprefix("model.")) for _, new in extra)
+    return (Naming("published (language_model.model.*, vision_tower.vision_model.*)", r"^vision_tower\.vision_model\."),
+            Naming(_TF5, rf"^model\.(?:language_model|vision_tower|multi_modal_projector{'|' if marker else ''}{marker})\b",
+                   _LLAVA_TF5 + (("vision_tower.vision_model.", "model.vision_tower."),) + extra),
+            Naming("transformers 5 save_pretrained (vision_tower.* without vision_model.)",
+                   r"^vision_tower\.(?!vision_model\.)", (("vision_tower.vision_model.", "vision_tower."),)))
+
+
+_LLAVA = _llava_namings()
+_LLAVA_NEXT = _llava_namings((("image_newline", "model.image_newline"),))
+#: The key layouts of architectures whose modules are inferred (mergekit 0.1.5 has no definition:
+#: their module names are tensor-name prefixes), published checkpoints' first; a config's module
+#: names may be written in any of them (:func:`module_names_in_layout`).
+INFERRED_NAMINGS: dict[str, tuple[Naming, ...]] = {
+    "LlavaForConditionalGeneration": _LLAVA,
+    "VipLlavaForConditionalGeneration": _LLAVA,
+    "PaliGemmaForConditionalGeneration": _LLAVA,
+    "LlavaNextForConditionalGeneration": _LLAVA_NEXT,
+    "LlavaNextVideoForConditionalGeneration": _LLAVA_NEXT,
+    "LlavaOnevisionForConditionalGeneration": _LLAVA_NEXT,
+}
+
+
+def memory_naming(arch: str | None) -> Naming | None:
+    """transformers 5's in-memory layout of ``arch`` (the names PEFT gives an adapter's modules
+    and matches ``target_modules`` against), or None where polytask knows no other layout."""
+    return next((n for n in namings_of(arch) if n.name == _TF5), None)
+
+
+def namings_of(arch: str | None) -> tuple[Naming, ...]:
+    """The key layouts polytask knows for ``arch`` (:data:`NAMINGS`, :data:`INFERRED_NAMINGS`), or ()."""
+    return NAMINGS.get(arch or "") or INFERRED_NAMINGS.get(arch or "", ())
+
 _MERGEKIT = Naming("mergekit's", r"(?!)")
 
 
 def naming_of(arch: str, names: Iterable[str], label: str = "the reference") -> Naming:
     """The key layout of a checkpoint of ``arch`` with tensors ``names``: the one whose marker
     some name matches (none: mergekit's); MergeError naming the model if two layouts' do."""
-    namings = NAMINGS.get(arch, (_MERGEKIT,))
+    namings = namings_of(arch) or (_MERGEKIT,)
     found: dict[Naming, str] = {}
     for name in names:
         for naming in namings:
@@ -263,10 +304,9 @@ class RenamedSource:
 def same_naming(reference: str | Path | None, sources: Sequence[Any], labels: Sequence[str], ref: int) -> list[Any]:
     """``sources`` with those in another key layout than ``sources[ref]`` renamed to its layout
     (the architecture is the ``config.json`` of the folder ``reference``); the others as they are."""
-    known = architecture_of(reference)
-    if known is None or known[0] not in NAMINGS:
+    arch = architecture_name(reference)
+    if not namings_of(arch):
         return list(sources)
-    arch = known[0]
     target = naming_of(arch, sources[ref].names(), labels[ref])
     out = list(sources)
     for i, s in enumerate(sources):
@@ -283,9 +323,9 @@ def same_naming(reference: str | Path | None, sources: Sequence[Any], labels: Se
     return out
 
 
-def architecture_of(folder: str | Path | None) -> tuple[str, dict[str, Module]] | None:
-    """The multi-module architecture of the model in ``folder`` (its ``config.json``), or None
-    for a one-module model (or no readable config)."""
+def architecture_name(folder: str | Path | None) -> str | None:
+    """The one architecture the ``config.json`` of ``folder`` names, or None (no readable config,
+    none or several named)."""
     if folder is None:
         return None
     try:
@@ -293,9 +333,36 @@ def architecture_of(folder: str | Path | None) -> tuple[str, dict[str, Module]] 
     except (OSError, json.JSONDecodeError):
         return None
     names = cfg.get("architectures") if isinstance(cfg, dict) else None
-    if isinstance(names, list) and len(names) == 1 and names[0] in ARCHITECTURES:
-        return names[0], ARCHITECTURES[names[0]]
-    return None
+    return names[0] if isinstance(names, list) and len(names) == 1 and isinstance(names[0], str) else None
+
+
+def architecture_of(folder: str | Path | None) -> tuple[str, dict[str, Module]] | None:
+    """The multi-module architecture of the model in ``folder`` (its ``config.json``), or None
+    for a one-module model (or no readable config)."""
+    arch = architecture_name(folder)
+    return (arch, ARCHITECTURES[arch]) if arch in ARCHITECTURES else None
+
+
+def module_names_in_layout(arch: str, modules: Mapping[str, Module], written: Iterable[str],
+                           names: Iterable[str]) -> dict[str, str]:
+    """The inferred modules' names (``modules``, named in the layout of tensors ``names``) that a
+    config's module names ``written`` in another key layout of ``arch`` stand for
+    (``language_model.model.layers`` is ``model.language_model.layers`` in transformers 5's);
+    names already in ``modules``, or in no layout, are left out."""
+    namings = namings_of(arch)
+    if not namings:
+        return {}
+    target = naming_of(arch, names)
+    found: dict[str, str] = {}
+    for name in written:
+        if name in modules:
+            continue
+        for naming in namings:
+            renamed = target.from_mergekit(naming.to_mergekit(name + "."))[:-1]
+            if renamed in modules:
+                found[name] = renamed
+                break
+    return found
 
 
 _FIRST_INDEX = re.compile(r"\.(\d+)\.")
