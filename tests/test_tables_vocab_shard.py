@@ -21,13 +21,13 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 pcsv = pytest.importorskip("pyarrow.csv")
 
-from polytask.data.tables import build_vocabularies, count_ids, order_counts, save_vocabularies  # noqa: E402
+from polytask.data.tables import HashBuckets, build_vocabularies, count_ids, order_counts, save_vocabularies  # noqa: E402
 from polytask.data.vocab_ranks import _read, _write, owners  # noqa: E402
 
 WORKER = r'''
 import os, pickle, sys
 import torch, torch.distributed as dist
-from polytask.data.tables import build_vocabularies, count_ids, save_vocabularies
+from polytask.data.tables import HashBuckets, build_vocabularies, count_ids, save_vocabularies
 from polytask.data.vocab_ranks import RankGroup
 from polytask.errors import PolytaskError
 
@@ -41,12 +41,15 @@ def counted(fn):
     def run(*args, **kwargs):
         out = fn(*args, **kwargs)
         filled = args[0] if isinstance(args[0], list) else [args[0]]
+        if fn is real_batch:  # point-to-point: the receives' tensors
+            filled = [op.tensor for op in args[0] if op.op is dist.irecv]
         wire[0] += sum(t.numel() * t.element_size() for t in filled if isinstance(t, torch.Tensor))
         return out
     return run
 
 
-for fn in ("all_to_all_single", "all_gather", "broadcast"):
+real_batch = dist.batch_isend_irecv
+for fn in ("all_to_all_single", "all_gather", "broadcast", "batch_isend_irecv"):
     setattr(dist, fn, counted(getattr(dist, fn)))
 results = {}
 for name, (path, columns, min_count, batch_rows) in cases.items():
@@ -190,8 +193,10 @@ def test_a_rank_holds_its_own_and_its_range_not_every_ranks_counts(tmp_path):
         shares = [count_ids(path, ["u"], shard=(r, world))["u"] for r in range(world)]
         own = [_bytes_of_distinct(t["v"].to_pylist()) for t in shares]
         # the distinct values of each rank's range in each rank's share, by the owner hash
-        in_range = [sum(_bytes_of_distinct(np.array(t["v"].to_pylist())[owners(t["v"], world) == q]) for t in shares)
-                    for q in range(world)]
+        part = [[_bytes_of_distinct(np.array(t["v"].to_pylist())[owners(t["v"], world) == q]) for q in range(world)]
+                for t in shares]  # part[r][q]: rank r's rows of rank q's range
+        in_range = [sum(part[r][q] for r in range(world)) for q in range(world)]
+        from_others = [in_range[q] - part[q][q] for q in range(world)]
         vocab = _bytes_of_distinct(frequent)
         os.makedirs(tmp_path / f"w{world}")
         results = _launch(tmp_path / f"w{world}", {"big": (path, ["u"], 2, 4096)}, world)
@@ -200,12 +205,11 @@ def test_a_rank_holds_its_own_and_its_range_not_every_ranks_counts(tmp_path):
             assert got["error"] is None and got["vocab"]["u"] == sorted(frequent), got["error"]
             # sent: the rows of its table owned by others; received: those of its range, plus the kept vocabulary
             assert got["sent"] <= own[rank] * 1.1 + vocab * world + 4096 * world
-            assert got["received"] <= in_range[rank] * 1.1 + vocab * world + 4096 * world
-            # the same, as the tensors the collectives filled (its own rows of its range and its own broadcast too)
-            assert 0.9 * in_range[rank] <= got["wire"] <= in_range[rank] * 1.1 + vocab * world + 4096 * world
-            # held at once: its table and its send buffer, or the send and receive buffers, or the receive buffer and
-            # the summed range; plus the kept values
-            assert got["held"] <= 2.2 * (own[rank] + in_range[rank]) + 2 * vocab * world + 4096 * world, (world, rank)
+            assert got["received"] <= from_others[rank] * 1.1 + vocab * world + 4096 * world
+            # the same, as the tensors the collectives filled (its own broadcast of the kept values too)
+            assert 0.9 * from_others[rank] <= got["wire"] <= from_others[rank] * 1.1 + vocab * world + 4096 * world
+            # held at once: its table and what it received of its range, or that and its sums; plus the kept values
+            assert got["held"] <= 1.4 * (own[rank] + in_range[rank]) + 2 * vocab * world + 4096 * world, (world, rank)
             assert got["held"] >= own[rank]  # it did hold its table: the count can fail
         held[world] = max(res["big"]["held"] for res in results)
         gathered[world] = sum(own)  # what each rank held after an all-gather of every rank's table
@@ -215,7 +219,7 @@ def test_a_rank_holds_its_own_and_its_range_not_every_ranks_counts(tmp_path):
             assert res["big"]["received"] < 1.2 / world * (gathered[world] - own[rank]), (world, rank)
     assert gathered[4] > 1.9 * gathered[2]  # the old exchange grows with R ...
     assert held[4] < 1.25 * held[2]  # ... this one does not
-    assert held[4] < 0.6 * gathered[4]
+    assert held[4] < 0.7 * gathered[4]
 
 
 def test_order_counts_by_hand_and_an_ipc_round_trip():
@@ -239,5 +243,9 @@ def test_owners_spread_values_and_match_on_every_call():
         own = owners(values, size)
         assert own.max() == size - 1 and np.array_equal(own, owners(values, size))
         assert np.bincount(own).min() > 0.9 * len(values) / size  # balanced ranges
-    # ints own like their text, as the encoders hash them
-    assert np.array_equal(owners(pa.array([1, 22, 333]), 4), owners(pa.array(["1", "22", "333"]), 4))
+    # the bucket of HashBuckets(R) (fmix64 of the encoders' FNV-1a); chunk by chunk; ints own like their text
+    words = ["1", "22", "333", "", "h\u00e9", "user7"]
+    chunks = pa.chunked_array([words[:2], words[2:]])
+    for size in (3, 4):
+        assert np.array_equal(owners(chunks, size), HashBuckets(size).encode(pa.array(words)))
+    assert np.array_equal(owners(pa.chunked_array([pa.array([1, 22, 333])]), 4), owners(chunks, 4)[:3])

@@ -9,8 +9,11 @@ structured ids unevenly). Then:
 1. one all-gather of a few bytes per rank: the error its share raised (every rank raises the first
    one, in rank order) or the value type of each column (different types in different files are
    refused on every rank, as when the tables were all-gathered);
-2. one ``all_to_all_single`` of byte buffers (and one of their sizes): each rank sends each owner
-   the (value, count) rows it owns, as Arrow IPC streams; gloo and nccl both take uneven splits;
+2. R - 1 rounds of point-to-point messages (round ``k``: to rank ``rank + k``, from ``rank - k``;
+   sizes, then bytes): each rank sends each owner the (value, count) rows it owns, as Arrow IPC
+   streams, cut from its tables one owner at a time. gloo and nccl both have
+   ``all_to_all_single`` with uneven splits, but it needs every outgoing part at once: a second
+   copy of the rank's table;
 3. each owner sums its rows, keeps the values seen ``min_count`` times and orders them;
 4. every rank receives every owner's kept rows (one all-gather of sizes, then one broadcast per
    owner of exactly its bytes: no padding) and orders them all by (count descending, text), the
@@ -19,9 +22,10 @@ structured ids unevenly). Then:
 
 Bytes per rank: the all-gather of the count tables it replaces made every rank hold every rank's
 table, about 18 bytes (text, a 4-byte offset, an 8-byte count) times the distinct ids of each
-rank, times R. Here a rank holds its own table (and its send buffer, a copy sorted by owner), then
-what the ranks send it (the distinct ids of its range in each rank's share, about its own table's
-size when ids spread over the ranks), then the kept vocabulary: independent of R.
+rank, times R. Here a rank holds its own table (2 more bytes per value: its owner) and one
+outgoing part while it receives what the ranks send it (the distinct ids of its range in each
+rank's share, about its own table's size when ids spread over the ranks), then those and their
+sums, then the kept vocabulary: independent of R.
 :attr:`RankGroup.sent`, :attr:`RankGroup.received` count the bytes through the collectives and
 :attr:`RankGroup.held` the largest sum of the tables and buffers the pass held at once (their
 ``nbytes``), which tests compare with that bound.
@@ -37,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from polytask.data.encoders import Vocabulary, _mix, _pa, stable_hash
+from polytask.data.encoders import Vocabulary, _fnv1a, _mix, _pa
 from polytask.errors import DataError, PolytaskError
 
 
@@ -80,21 +84,39 @@ class RankGroup:
         self.received += sum(len(pickle.dumps(o)) for i, o in enumerate(out) if i != self.rank)
         return out
 
-    def all_to_all(self, data: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Personalised exchange of bytes: ``data`` (uint8) holds, rank after rank, ``sizes[d].sum()``
-        bytes for rank ``d``, ``sizes`` being ``(R, C)`` bytes per rank and part. Returns the bytes the
-        ranks sent this one, rank after rank, and their ``(R, C)`` sizes."""
+    def _swap(self, out: torch.Tensor | None, dst: int, into: torch.Tensor | None, src: int) -> None:
+        """Send ``out`` to ``dst`` while receiving ``into`` from ``src`` (None: nothing that way)."""
         import torch.distributed as dist
 
-        got = torch.empty(sizes.size, dtype=torch.int64, device=self.device)
-        self._run(dist.all_to_all_single, got, self._tensor(sizes.reshape(-1)), group=self.group)
-        got_sizes = got.cpu().numpy().reshape(sizes.shape)
-        out = torch.empty(int(got_sizes.sum()), dtype=torch.uint8, device=self.device)
-        self._run(dist.all_to_all_single, out, self._tensor(data), output_split_sizes=got_sizes.sum(1).tolist(),
-                  input_split_sizes=sizes.sum(1).tolist(), group=self.group)
-        self.sent += int(sizes.sum() - sizes[self.rank].sum()) + 8 * sizes.size
-        self.received += int(got_sizes.sum() - got_sizes[self.rank].sum()) + 8 * sizes.size
-        return out.cpu().numpy(), got_sizes
+        ops = [] if out is None else [dist.P2POp(dist.isend, out, group=self.group, group_peer=dst)]
+        ops += [] if into is None else [dist.P2POp(dist.irecv, into, group=self.group, group_peer=src)]
+        if ops:
+            self._run(lambda: [work.wait() for work in dist.batch_isend_irecv(ops)])
+
+    def all_to_all(self, part_for: Callable[[int], tuple[np.ndarray, np.ndarray]],
+                   holding: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Personalised exchange of bytes in R - 1 rounds: in round ``k`` this rank sends
+        ``part_for(rank + k)`` (bytes, and their ``(C,)`` sizes per part) to rank ``rank + k`` and
+        receives rank ``rank - k``'s part for it (sizes first), so one outgoing part is built at a
+        time (an ``all_to_all_single`` needs every part at once: a copy of all that is sent).
+        Returns every rank's part for this one, in rank order (its own from ``part_for``), and
+        records what it holds at each round, ``holding`` (the caller's tables) included."""
+        parts: list[Any] = [None] * self.size
+        parts[self.rank] = part_for(self.rank)
+        held = holding + parts[self.rank][0].nbytes
+        for k in range(1, self.size):  # rounds: one peer each way at a time
+            dst, src = (self.rank + k) % self.size, (self.rank - k) % self.size
+            data, sizes = part_for(dst)
+            got_sizes = torch.empty(len(sizes), dtype=torch.int64, device=self.device)
+            self._swap(self._tensor(sizes), dst, got_sizes, src)
+            got = torch.empty(int(got_sizes.sum()), dtype=torch.uint8, device=self.device)
+            self._swap(self._tensor(data) if data.nbytes else None, dst, got if got.numel() else None, src)
+            parts[src] = (got.cpu().numpy(), got_sizes.cpu().numpy())
+            self.hold(held + data.nbytes + got.numel())
+            held += got.numel()
+            self.sent += data.nbytes + sizes.nbytes
+            self.received += got.numel() + sizes.nbytes
+        return parts
 
     def all_gather(self, data: np.ndarray, sizes: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
         """Every rank's bytes ``data`` (``sizes``: ``(C,)`` bytes per part), in rank order, and the
@@ -174,45 +196,48 @@ def _rebuild(kind: str, message: str) -> PolytaskError:
 
 
 def owners(values: Any, size: int) -> np.ndarray:
-    """The rank that sums each value's counts: ``fmix64(FNV-1a(text)) mod size`` (uint16)."""
-    return (_mix(stable_hash(values)) % np.uint64(size)).astype(np.uint16)
+    """The rank that sums each value's counts: ``fmix64(FNV-1a(text)) mod size`` (uint16), the hash
+    of :func:`~polytask.data.encoders.stable_hash` taken chunk by chunk: the values of a count table
+    are distinct already, so it skips stable_hash's dictionary encoding (a copy and a hash table)."""
+    pa, pc, _, _ = _pa()
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    text = [c if pa.types.is_string(c.type) or pa.types.is_large_string(c.type) else pc.cast(c, pa.string())
+            for c in chunks]
+    h = np.concatenate([_fnv1a(c, 0) for c in text]) if text else np.zeros(0, np.uint64)
+    return (_mix(h) % np.uint64(size)).astype(np.uint16)
 
 
 def _sum_at_owners(mine: dict[str, Any], columns: Sequence[str], ranks: RankGroup) -> dict[str, Any]:
-    """Each (value, count) row sent to its owner in one all_to_all; returns per column the summed
-    counts of the values this rank owns (None: none)."""
+    """Each (value, count) row sent to its owner (:meth:`RankGroup.all_to_all`, one owner's rows
+    cut from the tables at a time); returns per column the summed counts of the values this rank
+    owns (None: none). ``mine``'s tables are dropped once sent."""
     from polytask.data.tables import merge_counts
 
     pa, _, _, _ = _pa()
-    size = ranks.size
-    by_owner, bounds = {}, {}
-    for c in columns:  # each column's table sorted by owner (a radix sort of uint16), the original dropped
-        t = mine.pop(c)
-        if t is None or not t.num_rows:
-            by_owner[c], bounds[c] = None, np.zeros(size + 1, np.int64)
-            continue
-        own = owners(t["v"], size)
-        by_owner[c] = t.take(pa.array(np.argsort(own, kind="stable")))
-        bounds[c] = np.concatenate([[0], np.cumsum(np.bincount(own, minlength=size))])
-        ranks.hold(sum(x.nbytes for x in by_owner.values() if x is not None) + t.nbytes
-                   + sum(x.nbytes for x in mine.values() if x is not None))
-        del t
-    sink, sizes = pa.BufferOutputStream(), np.zeros((size, len(columns)), np.int64)
-    for d in range(size):  # rank after rank, column after column: the order all_to_all_single cuts
+    own = {c: owners(t["v"], ranks.size) for c, t in mine.items() if t is not None and t.num_rows}
+
+    def part_for(rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of ``rank``'s range, column after column, as Arrow IPC streams."""
+        sink, sizes = pa.BufferOutputStream(), np.zeros(len(columns), np.int64)
         for j, c in enumerate(columns):
-            if bounds[c][d + 1] > bounds[c][d]:
-                start = sink.tell()
-                _write(sink, by_owner[c].slice(bounds[c][d], bounds[c][d + 1] - bounds[c][d]))
-                sizes[d, j] = sink.tell() - start
-    data = np.frombuffer(sink.getvalue(), np.uint8)
-    ranks.hold(sum(x.nbytes for x in by_owner.values() if x is not None) + data.nbytes)
-    del by_owner
-    got, got_sizes = ranks.all_to_all(data, sizes)
-    ranks.hold(data.nbytes + got.nbytes)
-    del data
-    parts = _read(got, got_sizes, columns)
-    owned = {c: merge_counts(c, parts[c]) for c in columns}
-    ranks.hold(got.nbytes + sum(t.nbytes for t in owned.values() if t is not None))
+            if c in own:
+                rows = mine[c].filter(pa.array(own[c] == rank))
+                if rows.num_rows:
+                    start = sink.tell()
+                    _write(sink, rows)
+                    sizes[j] = sink.tell() - start
+        return np.frombuffer(sink.getvalue(), np.uint8), sizes
+
+    tables = sum(t.nbytes for t in mine.values() if t is not None) + sum(o.nbytes for o in own.values())
+    parts = ranks.all_to_all(part_for, holding=tables)
+    for c in columns:
+        mine.pop(c, None)
+    got = {c: [] for c in columns}
+    for data, sizes in parts:
+        for c, tabs in _read(data, sizes[None], columns).items():
+            got[c] += tabs
+    owned = {c: merge_counts(c, got[c]) for c in columns}
+    ranks.hold(sum(data.nbytes for data, _ in parts) + sum(t.nbytes for t in owned.values() if t is not None))
     return owned
 
 
