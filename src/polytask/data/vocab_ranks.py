@@ -148,13 +148,13 @@ class RankGroup:
 def sharded_vocabularies(mine: Mapping[str, Any] | PolytaskError, columns: Sequence[str],
                          min_count: int | Mapping[str, int], ranks: RankGroup) -> dict[str, Vocabulary]:
     """The vocabularies of the whole pass from this rank's count tables (``{column: table {v, n} or
-    None}``, taken out of ``mine`` as they are sent, so that they are freed; or the user error its
-    share raised), every value's count summed by its owner rank
-    (module docstring); every rank returns the same vocabularies, equal to one process's."""
+    None}``, dropped from ``mine`` once sent, so that they are freed; or the user error its share
+    raised), every value's counts summed by its owner rank (module docstring). Every rank returns
+    the same vocabularies, equal to one process's."""
     from polytask.data.tables import order_counts
 
-    _agree(mine, columns, ranks)
-    owned = _sum_at_owners(mine, columns, ranks)  # type: ignore[arg-type]  (an error was raised by _agree)
+    _agree(mine, columns, ranks)  # raises any rank's error on every rank: past it, mine holds tables
+    owned = _sum_at_owners(mine, columns, ranks)  # type: ignore[arg-type]
     kept = {c: order_counts(owned.pop(c), _min_count(min_count, c)) for c in columns}
     return _assemble(kept, columns, min_count, ranks)
 
