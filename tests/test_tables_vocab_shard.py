@@ -165,6 +165,11 @@ def test_one_process_is_the_definition(cases):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ranks_give_one_process_vocab_json_and_the_same_error_line(cases, one_process, tmp_path, world):
     run, want = cases
+    ties, two = run["ties"][0], run["two"][0]
+    # c's two rows are in units counted by two ranks (min-count decided on the sums), and at 3 and 4 ranks some
+    # rank counts no unit of the two CSV files
+    assert sum("c" in count_ids(ties, ["s"], 2, (r, world))["s"]["v"].to_pylist() for r in range(world)) == 2
+    assert sum(count_ids(two, ["w"], 5, (r, world))["w"] is None for r in range(world)) == world - 2
     results = _launch(tmp_path, run, world)
     for rank, res in enumerate(results):
         for name in ("zipf", "ties", "two"):
