@@ -118,7 +118,8 @@ def test_naming_matches_transformers(saved):
     model = getattr(_tf(), arch).from_pretrained(root / "published" / "a")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in new.items())
     if arch.startswith("LlavaNext"):
-        assert "model.image_newline" in new and namings_of(arch)[1].to_mergekit("model.image_newline") == "image_newline"
+        assert "model.image_newline" in new
+        assert namings_of(arch)[1].to_mergekit("model.image_newline") == "image_newline"
 
 
 # configs in the module names mergekit 0.1.5 infers under transformers 5 (the in-memory names)
@@ -430,12 +431,14 @@ def test_bad_lora_one_line_exit_2_no_output(lora, tmp_path, capsys, monkeypatch)
         pytest.skip("one architecture is enough for the messages")
     (tmp_path / "base").symlink_to(root / "old" / "base")
     # a module the base lacks (text layer 7 of 3), renamed to the base's layout first
-    _bad_adapter(root, tmp_path / "deep", lambda sd: ((k.replace(".layers.2.", ".layers.7."), v) for k, v in sd.items()))
+    _bad_adapter(root, tmp_path / "deep",
+                 lambda sd: ((k.replace(".layers.2.", ".layers.7."), v) for k, v in sd.items()))
     # half the modules in each layout
     _bad_adapter(root, tmp_path / "both", lambda sd: ((k.replace("model.model.vision_tower.", "model.vision_tower."), v)
                                                       for k, v in sd.items()))
     cases = {"deep": ["adapter", "deep", "is not in base", "'language_model.model.layers.7.self_attn.q_proj'",
-                      "renamed from the adapter's layout, transformers 5", "to the base's, transformers 5 save_pretrained"],
+                      "renamed from the adapter's layout, transformers 5",
+                      "to the base's, transformers 5 save_pretrained"],
              "both": ["adapter", "both", "two key layouts", "transformers 5 (model.language_model.*)",
                       "transformers 5 save_pretrained"]}
     for name, must in cases.items():
@@ -462,7 +465,8 @@ def test_bad_lora_one_line_exit_2_no_output(lora, tmp_path, capsys, monkeypatch)
 
 
 BAD = {
-    "module twice": ("merge_method: linear\nmodules:\n  language_model.model.layers: {models: [{model: a}, {model: b}]}\n"
+    "module twice": ("merge_method: linear\nmodules:\n"
+                     "  language_model.model.layers: {models: [{model: a}, {model: b}]}\n"
                      "  model.language_model.layers: {models: [{model: a}]}\n",
                      ["modules.model.language_model.layers", "the same module as modules.language_model.model.layers",
                       "another key layout"]),

@@ -606,9 +606,9 @@ def _modules_of(config: MergeConfig, reference: str, source: Any, config_path: A
         if renamed:
             seen: dict[str, str] = {}
             for k in config.modules:
-                if seen.setdefault(renamed.get(k, k), k) != k:
-                    raise ConfigError(f"{config_path}: modules.{k}: the same module as modules.{seen[renamed.get(k, k)]}"
-                                      " (in another key layout); give each module once")
+                if (first := seen.setdefault(renamed.get(k, k), k)) != k:
+                    raise ConfigError(f"{config_path}: modules.{k}: the same module as modules.{first} (in another "
+                                      "key layout); give each module once")
             config = config.model_copy(update={"modules": {renamed.get(k, k): v for k, v in config.modules.items()}})
     if layout is None and config.modules is not None:
         bad = next(k for k in config.modules if k != "default")

@@ -15,6 +15,13 @@ base model ``W0`` is the fine-tuned model ``W0 + dW`` with ``dW = s * B @ A`` pe
   relative reconstruction error per module.
 - :func:`extract_lora` makes an adapter from a full fine-tune by a truncated SVD of
   ``W_ft - W_base`` on the Linear weights (as ``mergekit-extract-lora``).
+
+Key layouts (:func:`~polytask.merge.modules.namings_of`: Gemma 3, Mistral 3, Qwen2-VL/2.5-VL, the
+LLaVA family): PEFT names an adapter's modules as the model held them in memory
+(``model.language_model.layers.N...`` under transformers 5) and loads adapters in either layout.
+An adapter read over a base saved in another layout is renamed into the base's; adapters
+written here (merged, extracted) name their modules in transformers 5's in-memory layout, since
+PEFT matches ``target_modules`` against those names whichever file layout the base came from.
 """
 
 from __future__ import annotations

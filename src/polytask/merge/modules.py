@@ -58,6 +58,19 @@ nothing reliable, as 4.5x and 5.x wrote both). Inputs of one merge in different 
 renamed to the reference's (the base, else the first model) when read, so the output keeps the
 reference's layout (:class:`RenamedSource`); tensor names hold the same tensors in every layout,
 so this loses nothing. Llama 4, T5 and Whisper keep mergekit's names in transformers 5.25.
+
+The LLaVA family (LLaVA, VipLLaVA, PaliGemma, LLaVA-NeXT, -NeXT-Video, -OneVision), whose modules
+are inferred, has three layouts (:data:`INFERRED_NAMINGS`, from transformers 5.25's ``llava`` and
+``llava_next`` conversion rules and checked against its saves): published checkpoints'
+(``language_model.model.*``, ``vision_tower.vision_model.*``), transformers 5's in memory
+(``model.language_model.*``, ``model.vision_tower.*``, ``model.image_newline``) and its default
+save of a model it built (``vision_tower.*`` without ``vision_model.``). Inputs are renamed to the
+reference's as above; an inferred module's name is its stack's prefix in the reference's layout,
+and a config may name it in any layout (``language_model.model.layers`` is
+``model.language_model.layers``: :func:`module_names_in_layout`). mergekit 0.1.5 under
+transformers 5 infers the in-memory names whatever the files hold (it builds the model), so
+its configs name ``model.language_model.layers``; where it cannot build the model it infers the
+files' names.
 """
 
 from __future__ import annotations
@@ -73,8 +86,8 @@ from typing import Any
 from polytask.errors import ConfigError, MergeError, PolytaskError
 
 __all__ = ["Module", "ARCHITECTURES", "INFERRED_NAMINGS", "NAMINGS", "Naming", "RenamedSource", "architecture_name",
-           "architecture_of", "inferred_modules", "layout_of", "module_names_in_layout", "memory_naming", "module_of", "naming_of",
-           "namings_of", "plan_modules", "modules_output_config", "same_naming"]
+           "architecture_of", "inferred_modules", "layout_of", "module_names_in_layout", "memory_naming", "module_of",
+           "naming_of", "namings_of", "plan_modules", "modules_output_config", "same_naming"]
 
 _EMBED = r"embed|\bwte\b|\bwpe\b"
 
@@ -216,9 +229,10 @@ def _llava_namings(extra: tuple[tuple[str, str], ...] = ()) -> tuple[Naming, ...
     CLIP/SigLIP tower), transformers 5's in memory (its ``llava``/``llava_next`` conversion rules,
     the ``vision_model.`` its CLIP/SigLIP prefix change drops) and its default save of a model it
     built (published names, the vision tower's without ``vision_model.``)."""
-    marker = "|".join(re.escape(new.removeprefix("model.")) for _, new in extra)
+    tops = "|".join(["language_model", "vision_tower", "multi_modal_projector",
+                     *(re.escape(new.removeprefix("model.")) for _, new in extra)])
     return (Naming("published (language_model.model.*, vision_tower.vision_model.*)", r"^vision_tower\.vision_model\."),
-            Naming(_TF5, rf"^model\.(?:language_model|vision_tower|multi_modal_projector{'|' if marker else ''}{marker})\b",
+            Naming(_TF5, rf"^model\.(?:{tops})\b",
                    _LLAVA_TF5 + (("vision_tower.vision_model.", "model.vision_tower."),) + extra),
             Naming("transformers 5 save_pretrained (vision_tower.* without vision_model.)",
                    r"^vision_tower\.(?!vision_model\.)", (("vision_tower.vision_model.", "vision_tower."),)))
