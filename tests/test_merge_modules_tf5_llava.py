@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,37 @@ def test_naming_matches_transformers(saved):
     if arch.startswith("LlavaNext"):
         assert "model.image_newline" in new
         assert namings_of(arch)[1].to_mergekit("model.image_newline") == "image_newline"
+
+
+SIGLIP = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+              num_attention_heads=2, image_size=8, patch_size=4)
+MORE = {
+    "VipLlavaForConditionalGeneration": lambda: _tf().VipLlavaForConditionalGeneration(_tf().VipLlavaConfig(
+        text_config=TEXT, vision_config=CLIP, image_token_index=39, vision_feature_layers=[-2, -1])),
+    "PaliGemmaForConditionalGeneration": lambda: _tf().PaliGemmaForConditionalGeneration(_tf().PaliGemmaConfig(
+        text_config=dict(TEXT, model_type="gemma", head_dim=8), vision_config=SIGLIP, image_token_index=39)),
+    "LlavaNextVideoForConditionalGeneration": lambda: _tf().LlavaNextVideoForConditionalGeneration(
+        _tf().LlavaNextVideoConfig(text_config=TEXT, vision_config=CLIP, image_token_index=39, video_token_index=38)),
+    "LlavaOnevisionForConditionalGeneration": lambda: _tf().LlavaOnevisionForConditionalGeneration(
+        _tf().LlavaOnevisionConfig(text_config=dict(TEXT, model_type="qwen2"), vision_config=SIGLIP,
+                                   image_token_index=39, video_token_index=38)),
+}
+
+
+@pytest.mark.parametrize("arch", list(MORE), ids=["vipllava", "paligemma", "llava_next_video", "llava_onevision"])
+def test_naming_matches_transformers_other_families(arch, tmp_path):
+    # the other architectures of the table: each saved layout renamed to 5.x names by polytask's
+    # table gives transformers' names of the same tensors, and the published copy loads back
+    _save_layouts(_random_model(arch, 3, MORE[arch]), tmp_path, "a")
+    new = load_file(tmp_path / "new/a/model.safetensors")
+    by_value = {v.numpy().tobytes(): k for k, v in new.items()}
+    assert len(by_value) == len(new) > 40
+    for layout in LAYOUTS:
+        sd = load_file(tmp_path / layout / "a/model.safetensors")
+        assert naming_of(arch, sd) == namings_of(arch)[NAMING_OF_LAYOUT[layout]]
+        assert {k: by_value[v.numpy().tobytes()] for k, v in sd.items()} == dict(zip(sd, _to_new(arch, sd)))
+    model = getattr(_tf(), arch).from_pretrained(tmp_path / "published" / "a")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in new.items())
 
 
 # configs in the module names mergekit 0.1.5 infers under transformers 5 (the in-memory names)
@@ -262,6 +294,39 @@ def test_same_tensors_as_mergekit_in_every_layout(saved, name, old_names, tmp_pa
         torch.testing.assert_close(got[q.format(2)], 0.5 * a[q.format(2)] + 0.5 * b[q.format(2)], rtol=0, atol=1e-6)
         torch.testing.assert_close(got[q.format(0)], (0.2 * a[q.format(0)] + 0.5 * b[q.format(1)]) / 0.7, rtol=0,
                                    atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["new", "published"])
+def test_frankenmerge_sets_the_text_layer_count(saved, layout, tmp_path):
+    # 5 text layers out of 3 (a's 0-2 then b's 1-2), 1 vision layer out of 2: the output config
+    # says so (mergekit knows no key for inferred modules and keeps 3 and 2), no warning, and
+    # transformers loads the output and runs it
+    arch, root = saved
+    text = """
+merge_method: passthrough
+modules:
+  language_model.model.layers:
+    slices:
+      - sources: [{model: a, layer_range: [0, 3]}]
+      - sources: [{model: b, layer_range: [1, 3]}]
+  vision_tower.vision_model.encoder.layers:
+    slices:
+      - sources: [{model: b, layer_range: [1, 2]}]
+  default: {models: [{model: a}]}
+"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = _ours(text, root / layout, tmp_path / "out")
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["text_config"]["num_hidden_layers"], cfg["vision_config"]["num_hidden_layers"]) == (5, 1)
+    got = _to_new(arch, load_state_dict(out))
+    a, b = (load_state_dict(root / "new" / n) for n in ("a", "b"))
+    q = "model.language_model.layers.{}.mlp.down_proj.weight"
+    assert [torch.equal(got[q.format(i)], src[q.format(j)]) for i, (src, j) in
+            enumerate([(a, 0), (a, 1), (a, 2), (b, 1), (b, 2)])] == [True] * 5
+    v = "model.vision_tower.encoder.layers.{}.mlp.fc1.weight"
+    assert torch.equal(got[v.format(0)], b[v.format(1)]) and v.format(1) not in got
+    _loads_and_runs(out)
 
 
 @pytest.mark.parametrize("base_layout", ["new", "published"])

@@ -15,7 +15,9 @@ A model whose architecture mergekit does not define (LLaVA, for one) and whose t
 several stacks of numbered layers gets mergekit's inferred modules (its
 ``infer_architecture_info``): one per stack, named by the text before the first ``.<i>.``
 (``model.language_model.layers``), and ``default`` for every tensor outside the layers; no
-``config.json`` key is known for their layer counts (a warning when a count changes).
+``config.json`` key is known for their layer counts (a warning when a count changes), except the
+LLaVA family's text and vision stacks (``text_config``/``vision_config.num_hidden_layers``, set
+here; mergekit sets none).
 
 A top-level ``models:`` list is every module's; a top-level ``slices:`` list is refused (as
 mergekit refuses it). Each module is planned as a merge of its own (:func:`plan_config` on the
@@ -422,7 +424,26 @@ def layout_of(folder: str | Path | None, names: Iterable[str],
         arch = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
     except (OSError, TypeError, KeyError, IndexError, json.JSONDecodeError):
         arch = "the model"
-    return str(arch), inferred
+    return str(arch), _with_count_keys(str(arch), inferred, names, label)
+
+
+#: The ``config.json`` keys of the LLaVA family's inferred stacks (named in published checkpoints'
+#: layout); mergekit 0.1.5 knows none, so a frankenmerge there leaves its config's count wrong.
+_INFERRED_COUNT_KEYS = {"language_model.model.layers.": ("text_config.num_hidden_layers",),
+                        "vision_tower.vision_model.encoder.layers.": ("vision_config.num_hidden_layers",)}
+
+
+def _with_count_keys(arch: str, modules: dict[str, Module], names: list[str], label: str) -> dict[str, Module]:
+    """``modules`` with the layer-count keys of the stacks polytask knows for ``arch`` set."""
+    if arch not in INFERRED_NAMINGS:
+        return modules
+    naming = naming_of(arch, names, label)
+    out = dict(modules)
+    for name, spec in modules.items():
+        keys = _INFERRED_COUNT_KEYS.get(INFERRED_NAMINGS[arch][0].from_mergekit(naming.to_mergekit(spec.stack or "")))
+        if keys is not None:
+            out[name] = Module(spec.prefixes, spec.stack, keys, spec.pre)
+    return out
 
 
 def module_of(name: str, modules: Mapping[str, Module]) -> str | None:
