@@ -425,6 +425,36 @@ def test_lora_merge_into_either_layout_equals_peft(lora, adapter, base_layout, t
         assert sum(not torch.equal(got[k], base_sd[k]) for k in got) >= 6  # the adapter did change weights
 
 
+def test_lora_saved_layers_follow_the_base_layout(tmp_path):
+    # an adapter that saves a trained copy of a layer (PEFT's modules_to_save: the projector's
+    # linear_1) as well as LoRA factors, merged over a base in either layout, is PEFT's
+    # merge_and_unload bit for bit: the saved layer replaces the base's under the base's name
+    peft = pytest.importorskip("peft")
+    arch = "LlavaForConditionalGeneration"
+    base = _random_model(arch, 0)
+    base.save_pretrained(tmp_path / "new" / "base", save_original_format=False)
+    base.save_pretrained(tmp_path / "old" / "base")
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                   modules_to_save=["linear_1"], init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(1.0)
+    pm.save_pretrained(tmp_path / "ad")
+    assert "base_model.model.model.multi_modal_projector.linear_1.weight" in load_file(
+        tmp_path / "ad" / "adapter_model.safetensors")
+    merged = pm.merge_and_unload().state_dict()
+    for layout in ("new", "old"):
+        text = (f"merge_method: linear\nbase_model: {layout}/base\nmodels:\n"
+                f"  - {{model: ad, parameters: {{weight: 1.0}}}}\n  - {{model: {layout}/base, parameters: {{weight: 0.0}}}}\n")
+        (tmp_path / f"{layout}.yaml").write_text(text)
+        got = _to_new(arch, load_state_dict(run_merge(tmp_path / f"{layout}.yaml", tmp_path / f"out_{layout}")))
+        assert got.keys() == merged.keys() and not [k for k in got if not torch.equal(got[k], merged[k])]
+        w = "model.multi_modal_projector.linear_1.weight"
+        assert not torch.equal(got[w], _to_new(arch, load_state_dict(tmp_path / layout / "base"))[w])
+
+
 def _to_new_any(arch, sd):
     own, new = naming_of(arch, sd), namings_of(arch)[1]
     return {new.from_mergekit(own.to_mergekit(k)): v for k, v in sd.items()}
