@@ -61,8 +61,8 @@ NAMING_OF_LAYOUT = {"published": 0, "new": 1, "default": 2}  # index in namings_
 
 
 def _published(name: str) -> str:
-    """The CLIP tower's names as published LLaVA checkpoints have them."""
-    return re.sub(r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", name)
+    """The CLIP/SigLIP towers' names as published LLaVA checkpoints have them."""
+    return re.sub(r"^(vision_tower|image_tower|video_tower)\.(?!vision_model\.)", r"\1.vision_model.", name)
 
 
 def _random_model(arch: str, seed: int, build=None):
@@ -76,12 +76,15 @@ def _random_model(arch: str, seed: int, build=None):
     return model
 
 
-def _save_layouts(model, root: Path, name: str) -> None:
+def _save_layouts(model, root: Path, name: str, published: bool = True) -> None:
+    """``model`` saved under ``root/<layout>/name``; ``published``: its tower is CLIP/SigLIP (not
+    InternVL's, which has no ``vision_model.`` in any file)."""
     model.save_pretrained(root / "new" / name, save_original_format=False)
     model.save_pretrained(root / "default" / name)
     model.save_pretrained(root / "published" / name)
     f = root / "published" / name / "model.safetensors"
-    save_file({_published(k): v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    if published:
+        save_file({_published(k): v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module", params=list(BUILD), ids=["llava", "llava_next"])
@@ -135,23 +138,62 @@ MORE = {
     "LlavaOnevisionForConditionalGeneration": lambda: _tf().LlavaOnevisionForConditionalGeneration(
         _tf().LlavaOnevisionConfig(text_config=dict(TEXT, model_type="qwen2"), vision_config=SIGLIP,
                                    image_token_index=39, video_token_index=38)),
+    "AyaVisionForConditionalGeneration": lambda: _tf().AyaVisionForConditionalGeneration(_tf().AyaVisionConfig(
+        text_config=dict(TEXT, model_type="cohere2"), vision_config=SIGLIP, image_token_index=39,
+        downsample_factor=2)),
+    "InternVLForConditionalGeneration": lambda: _tf().InternVLForConditionalGeneration(_tf().InternVLConfig(
+        text_config=dict(TEXT, model_type="qwen2"), image_token_id=39, downsample_ratio=0.5,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=[8, 8], patch_size=[4, 4]))),
+    "VideoLlavaForConditionalGeneration": lambda: _tf().VideoLlavaForConditionalGeneration(_tf().VideoLlavaConfig(
+        text_config=TEXT, vision_config=CLIP, image_token_index=39, video_token_index=38)),
 }
 
 
-@pytest.mark.parametrize("arch", list(MORE), ids=["vipllava", "paligemma", "llava_next_video", "llava_onevision"])
+@pytest.mark.parametrize("arch", list(MORE), ids=["vipllava", "paligemma", "llava_next_video", "llava_onevision",
+                                                   "aya_vision", "internvl", "video_llava"])
 def test_naming_matches_transformers_other_families(arch, tmp_path):
     # the other architectures of the table: each saved layout renamed to 5.x names by polytask's
     # table gives transformers' names of the same tensors, and the published copy loads back
-    _save_layouts(_random_model(arch, 3, MORE[arch]), tmp_path, "a")
+    clip_like = not arch.startswith("InternVL")
+    _save_layouts(_random_model(arch, 3, MORE[arch]), tmp_path, "a", published=clip_like)
     new = load_file(tmp_path / "new/a/model.safetensors")
     by_value = {v.numpy().tobytes(): k for k, v in new.items()}
     assert len(by_value) == len(new) > 40
     for layout in LAYOUTS:
         sd = load_file(tmp_path / layout / "a/model.safetensors")
-        assert naming_of(arch, sd) == namings_of(arch)[NAMING_OF_LAYOUT[layout]]
+        want = NAMING_OF_LAYOUT["default" if layout == "published" and not clip_like else layout]
+        assert naming_of(arch, sd) == namings_of(arch)[want]
         assert {k: by_value[v.numpy().tobytes()] for k, v in sd.items()} == dict(zip(sd, _to_new(arch, sd)))
     model = getattr(_tf(), arch).from_pretrained(tmp_path / "published" / "a")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in new.items())
+
+
+@pytest.mark.parametrize("arch", ["InternVLForConditionalGeneration", "VideoLlavaForConditionalGeneration"],
+                         ids=["internvl", "video_llava"])
+def test_other_families_mixed_layouts_as_mergekit(arch, tmp_path, monkeypatch):
+    # InternVL (a tower never named vision_model.) and Video-LLaVA (two CLIP towers): base in
+    # 5.x names, a and b in the other two layouts; the output keeps the base's names and is
+    # mergekit's merge of the 5.x copies, bit for bit
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge as mergekit_run
+    from mergekit.options import MergeOptions
+
+    for seed, name in enumerate(["base", "a", "b"]):
+        _save_layouts(_random_model(arch, seed, MORE[arch]), tmp_path, name,
+                      published=not arch.startswith("InternVL"))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name, layout in (("base", "new"), ("a", "default"), ("b", "published")):
+        (mixed / name).symlink_to(tmp_path / layout / name)
+    text = CONFIGS["ties"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mergekit_run(MergeConfiguration.model_validate(yaml.safe_load(_paths(text, tmp_path / "new"))),
+                 str(tmp_path / "theirs"), MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    ours = load_state_dict(_ours(text, mixed, tmp_path / "ours"))
+    assert naming_of(arch, ours) == namings_of(arch)[1]
+    _same(ours, load_state_dict(tmp_path / "theirs"))
 
 
 # configs in the module names mergekit 0.1.5 infers under transformers 5 (the in-memory names)
@@ -447,7 +489,8 @@ def test_lora_saved_layers_follow_the_base_layout(tmp_path):
     merged = pm.merge_and_unload().state_dict()
     for layout in ("new", "old"):
         text = (f"merge_method: linear\nbase_model: {layout}/base\nmodels:\n"
-                f"  - {{model: ad, parameters: {{weight: 1.0}}}}\n  - {{model: {layout}/base, parameters: {{weight: 0.0}}}}\n")
+                f"  - {{model: ad, parameters: {{weight: 1.0}}}}\n"
+                f"  - {{model: {layout}/base, parameters: {{weight: 0.0}}}}\n")
         (tmp_path / f"{layout}.yaml").write_text(text)
         got = _to_new(arch, load_state_dict(run_merge(tmp_path / f"{layout}.yaml", tmp_path / f"out_{layout}")))
         assert got.keys() == merged.keys() and not [k for k in got if not torch.equal(got[k], merged[k])]

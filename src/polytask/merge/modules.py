@@ -61,12 +61,13 @@ renamed to the reference's (the base, else the first model) when read, so the ou
 reference's layout (:class:`RenamedSource`); tensor names hold the same tensors in every layout,
 so this loses nothing. Llama 4, T5 and Whisper keep mergekit's names in transformers 5.25.
 
-The LLaVA family (LLaVA, VipLLaVA, PaliGemma, LLaVA-NeXT, -NeXT-Video, -OneVision), whose modules
-are inferred, has three layouts (:data:`INFERRED_NAMINGS`, from transformers 5.25's ``llava`` and
-``llava_next`` conversion rules and checked against its saves): published checkpoints'
-(``language_model.model.*``, ``vision_tower.vision_model.*``), transformers 5's in memory
-(``model.language_model.*``, ``model.vision_tower.*``, ``model.image_newline``) and its default
-save of a model it built (``vision_tower.*`` without ``vision_model.``). Inputs are renamed to the
+The LLaVA family (LLaVA, VipLLaVA, PaliGemma, Aya Vision, InternVL, LLaVA-NeXT, -NeXT-Video,
+-OneVision, Video-LLaVA), whose modules are inferred, has three layouts (:data:`INFERRED_NAMINGS`,
+from transformers 5.25's ``llava``, ``llava_next`` and ``video_llava`` conversion rules and checked
+against its saves): published checkpoints' (``language_model.model.*``,
+``vision_tower.vision_model.*``), transformers 5's in memory (``model.language_model.*``,
+``model.vision_tower.*``, ``model.image_newline``) and its default save of a model it built
+(``vision_tower.*`` without ``vision_model.``, as InternVL's tower is named in every file). Inputs are renamed to the
 reference's as above; an inferred module's name is its stack's prefix in the reference's layout,
 and a config may name it in any layout (``language_model.model.layers`` is
 ``model.language_model.layers``: :func:`module_names_in_layout`). mergekit 0.1.5 under
@@ -225,19 +226,23 @@ NAMINGS: dict[str, tuple[Naming, ...]] = {
 }
 
 
-def _llava_namings(extra: tuple[tuple[str, str], ...] = ()) -> tuple[Naming, ...]:
+def _llava_namings(extra: tuple[tuple[str, str], ...] = (), towers: tuple[str, ...] = ("vision_tower",)
+                   ) -> tuple[Naming, ...]:
     """The LLaVA family's layouts (modules inferred from the names: mergekit has no definition):
     its published checkpoints' (``language_model.model.*``, ``vision_tower.vision_model.*`` of a
-    CLIP/SigLIP tower), transformers 5's in memory (its ``llava``/``llava_next`` conversion rules,
-    the ``vision_model.`` its CLIP/SigLIP prefix change drops) and its default save of a model it
-    built (published names, the vision tower's without ``vision_model.``)."""
-    tops = "|".join(["language_model", "vision_tower", "multi_modal_projector",
+    CLIP/SigLIP tower), transformers 5's in memory (its ``llava``/``llava_next``/``video_llava``
+    conversion rules, the ``vision_model.`` its CLIP/SigLIP prefix change drops) and its default
+    save of a model it built (published names, the towers' without ``vision_model.``; a tower
+    that never had that prefix, InternVL's, is named so in every file layout but memory's)."""
+    tops = "|".join(["language_model", *towers, "multi_modal_projector",
                      *(re.escape(new.removeprefix("model.")) for _, new in extra)])
-    return (Naming("published (language_model.model.*, vision_tower.vision_model.*)", r"^vision_tower\.vision_model\."),
+    alt = "|".join(towers)
+    return (Naming(f"published (language_model.model.*, {towers[0]}.vision_model.*)",
+                   rf"^(?:{alt})\.vision_model\."),
             Naming(_TF5, rf"^model\.(?:{tops})\b",
-                   _LLAVA_TF5 + (("vision_tower.vision_model.", "model.vision_tower."),) + extra),
-            Naming("transformers 5 save_pretrained (vision_tower.* without vision_model.)",
-                   r"^vision_tower\.(?!vision_model\.)", (("vision_tower.vision_model.", "vision_tower."),)))
+                   _LLAVA_TF5 + tuple((f"{t}.vision_model.", f"model.{t}.") for t in towers) + extra),
+            Naming(f"transformers 5 save_pretrained ({towers[0]}.* without vision_model.)",
+                   rf"^(?:{alt})\.(?!vision_model\.)", tuple((f"{t}.vision_model.", f"{t}.") for t in towers)))
 
 
 _LLAVA = _llava_namings()
@@ -252,6 +257,9 @@ INFERRED_NAMINGS: dict[str, tuple[Naming, ...]] = {
     "LlavaNextForConditionalGeneration": _LLAVA_NEXT,
     "LlavaNextVideoForConditionalGeneration": _LLAVA_NEXT,
     "LlavaOnevisionForConditionalGeneration": _LLAVA_NEXT,
+    "AyaVisionForConditionalGeneration": _LLAVA,
+    "InternVLForConditionalGeneration": _LLAVA,
+    "VideoLlavaForConditionalGeneration": _llava_namings(towers=("image_tower", "video_tower")),
 }
 
 
