@@ -252,7 +252,7 @@ def _old_names(text: str) -> str:
 
 
 def _paths(text: str, folder: Path) -> str:
-    return re.sub(r"((?:model|base_model): )(base|a|b|ad\w*)\b", lambda m: m.group(1) + str(folder / m.group(2)),
+    return re.sub(r"((?:model|base_model): )(base|a|b|foo|ad\w*)\b", lambda m: m.group(1) + str(folder / m.group(2)),
                   text)
 
 
@@ -579,8 +579,19 @@ def test_bad_lora_one_line_exit_2_no_output(lora, tmp_path, capsys, monkeypatch)
                       "to the base's, transformers 5 save_pretrained"],
              "both": ["adapter", "both", "two key layouts", "transformers 5 (model.language_model.*)",
                       "transformers 5 save_pretrained"]}
+    # an architecture without layout tables (a LLaVA called otherwise): the layouts named as a hint
+    foo = tmp_path / "foo"
+    foo.mkdir()
+    (foo / "model.safetensors").symlink_to(root / "old" / "base" / "model.safetensors")
+    cfg = json.loads((root / "old" / "base" / "config.json").read_text())
+    (foo / "config.json").write_text(json.dumps({**cfg, "architectures": ["FooVLForConditionalGeneration"]}))
+    (tmp_path / "adapter").symlink_to(root / "adapter")
+    cases["adapter"] = ["adapter", "is not in base", "'model.language_model.layers.0.self_attn.q_proj'",
+                        "one key layout, transformers 5 (model.language_model.*)", "the base in another, published",
+                        "no layout table"]
     for name, must in cases.items():
-        text = f"merge_method: linear\nbase_model: base\nmodels:\n  - {{model: {name}}}\n"
+        text = (f"merge_method: linear\nbase_model: {'foo' if name == 'adapter' else 'base'}\nmodels:\n"
+                f"  - {{model: {name}}}\n")
         (tmp_path / f"{name}.yaml").write_text(_paths(text, tmp_path))
         out = tmp_path / f"out_{name}"
         code, err = _cli(["merge", tmp_path / f"{name}.yaml", out], capsys, monkeypatch)

@@ -218,7 +218,8 @@ class LoraAdapter:
             t = self.target(module)
             if t not in base:
                 raise CheckpointError(f"adapter {self.path}: module {module!r} is not in base {base_label} "
-                                      f"(no tensor {t!r}){renamed}; is the adapter for another base?")
+                                      f"(no tensor {t!r}){renamed or _layout_hint(t, base)}; is the adapter for "
+                                      "another base?")
             shape = tuple(base.spec(t).shape)
             b_rows = self.ckpt.spec(m.b_key).shape[0]
             a_cols = self.ckpt.spec(m.a_key).shape[1]
@@ -230,6 +231,18 @@ class LoraAdapter:
     def close(self) -> None:
         """Close the weights file."""
         self.ckpt.close()
+
+
+def _layout_hint(name: str, base: Any) -> str:
+    """Where the base's architecture has no layout tables but ``name`` is in the base under
+    another LLaVA-style layout's name: a note naming both layouts."""
+    from polytask.merge.modules import other_layout_of
+
+    found = other_layout_of(name, base)
+    if found is None:
+        return ""
+    return (f" (the adapter is in one key layout, {found[0].name}, the base in another, {found[1].name}, and polytask "
+            "has no layout table for this architecture: save the base in the adapter's layout)")
 
 
 class AdapterCheckpoint:

@@ -81,7 +81,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +90,7 @@ from polytask.errors import ConfigError, MergeError, PolytaskError
 
 __all__ = ["Module", "ARCHITECTURES", "INFERRED_NAMINGS", "NAMINGS", "Naming", "RenamedSource", "architecture_name",
            "architecture_of", "inferred_modules", "layout_of", "module_names_in_layout", "memory_naming", "module_of",
-           "naming_of", "namings_of", "plan_modules", "modules_output_config", "same_naming"]
+           "naming_of", "namings_of", "other_layout_of", "plan_modules", "modules_output_config", "same_naming"]
 
 _EMBED = r"embed|\bwte\b|\bwpe\b"
 
@@ -261,6 +261,19 @@ INFERRED_NAMINGS: dict[str, tuple[Naming, ...]] = {
     "InternVLForConditionalGeneration": _LLAVA,
     "VideoLlavaForConditionalGeneration": _llava_namings(towers=("image_tower", "video_tower")),
 }
+
+
+def other_layout_of(name: str, names: Container[str]) -> tuple[Naming, Naming] | None:
+    """For an architecture without layout tables: the LLaVA-style layouts ``(name's, names')``
+    when ``name`` is missing from ``names`` but its rename into another such layout is there
+    (a hint for a refusal), else None."""
+    for own in _LLAVA:
+        if not re.search(own.marker, name) and own is not _LLAVA[0]:
+            continue
+        for other in _LLAVA:
+            if other is not own and other.from_mergekit(own.to_mergekit(name)) in names:
+                return own, other
+    return None
 
 
 def memory_naming(arch: str | None) -> Naming | None:
