@@ -586,7 +586,7 @@ def extract_lora(
             names.append(name)
         factors: dict[str, tuple[Tensor, Tensor, bool]] = {}
         errors: dict[str, float] = {}
-        for name in names:  # the adapter's modules are named in the base's layout
+        for name in names:  # named in the base's layout here, as PEFT names them when written
             delta = f_ckpt.load(in_ft(name)).double() - b_ckpt.load(name).double()
             if not bool(delta.any()):
                 continue
