@@ -13,7 +13,8 @@ Two settings, each trained from scratch per seed with polytask's Trainer (equal 
   output width (32), the gates and the towers stay;
 - ``digits-mtan``: MTAN (Liu et al., CVPR 2019; blocks of 16-32-32 channels, 8-16 with --quick)
   on the same digits as 1x8x8 images; both trunk convs of every block are pruned, each channel with
-  every task's attention input, mask and attended features (``polytask.prune.mtan``). Not in the
+  every task's attention input, mask and attended features, and each task's attention hidden units
+  (its own width per block, ``attention_widths``) (``polytask.prune.mtan``). Not in the
   default ``--settings`` (name it: a few minutes on one core with --quick).
 
 For each FLOPs target and method (pagcp, taylor, l1, random) the table prints, as mean ± std over
@@ -103,7 +104,10 @@ def setting(name: str, seed: int, quick: bool, device: str):
     torch.manual_seed(seed)
     if name == "digits-mtan":
         splits = digit_images(seed)
-        model = build_model("mtan", 1, splits.tasks, channels=[8, 16] if quick else [16, 32, 32])
+        channels = [8, 16] if quick else [16, 32, 32]
+        # each task's attention hidden width its own (attention_widths): those units are pruned too
+        model = build_model("mtan", 1, splits.tasks, channels=channels,
+                            attention_widths={t.name: channels for t in splits.tasks})
         return splits, model, [layer.name for layer in prunable_layers(model, "mtan")], 4 if quick else 15
     if name == "digits-cnn":
         splits = load("digits", seed=seed)
