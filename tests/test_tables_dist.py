@@ -36,11 +36,11 @@ real, real_count = tables.build_vocabularies, tables.count_ids
 tables.build_vocabularies = lambda *a, **k: calls.append(1) or real(*a, **k)
 
 
-def count_ids(paths, columns, batch_rows=65536, shard=(0, 1)):
-    units = tables.vocabulary_units(paths, columns)
+def count_ids(paths, columns, batch_rows=65536, shard=(0, 1), csv=None):
+    units = tables.vocabulary_units(paths, columns, csv)
     mine = tables.balanced_shares([u[2] for u in units], shard[1])[shard[0]]
     counted.extend((str(units[i][0]), units[i][1]) for i in mine)
-    return real_count(paths, columns, batch_rows, shard)
+    return real_count(paths, columns, batch_rows, shard, csv)
 
 
 tables.count_ids = count_ids

@@ -8,8 +8,11 @@ column>: int64 (B,), ...}``, ``targets`` ``{task: float32 (B,)}`` and ``mask`` `
 
 How it reads, and what it guarantees:
 
-* **Units.** The work is cut into units: one Parquet *row group*, or one whole CSV file (pyarrow's
-  CSV reader streams a file but cannot seek into it). Each epoch the unit list is permuted with
+* **Units.** The work is cut into units: one Parquet *row group*, or one CSV file, or for a CSV
+  file larger than ``CsvOptions.block_bytes`` (``data.params.csv_block_bytes``, 64 MiB) one
+  :class:`ByteRange` of it, cut at line starts after the header and read with the header's names
+  and the types pyarrow infers from the file's first block (:class:`CsvOptions`): the rows and
+  types of all ranges together are the rows and types of the whole-file read. Each epoch the unit list is permuted with
   ``(seed, epoch)`` and dealt round-robin to the ``world_size * num_workers`` shards (shard =
   ``rank * num_workers + worker``), so shards are disjoint and together complete; the granularity
   of sharding is a row group (write files with several row groups per shard). Shards can differ
@@ -54,6 +57,7 @@ dependency (``pip install polytask[tables]``), imported only when used.
 
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import re
@@ -61,7 +65,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -73,21 +77,18 @@ from polytask.errors import ConfigError, DataError, PolytaskError
 
 
 # ----------------------------------------------------------------------------- vocabularies from files
-def vocabulary_units(paths: Any, columns: Sequence[str]) -> list[tuple[Path, int | None, int]]:
+def vocabulary_units(paths: Any, columns: Sequence[str],
+                     csv: CsvOptions | None = None) -> list[tuple[Path, int | ByteRange | None, int]]:
     """The units of a vocabulary pass, as the loader cuts them, with their sizes: ``(file, row
-    group, bytes)`` per non-empty Parquet row group (its uncompressed bytes, from the footer) and
-    ``(file, None, bytes)`` per CSV file (its size); every file's ``columns`` checked (DataError
-    naming it)."""
-    _, _, _, pq = _pa()
-    units: list[tuple[Path, int | None, int]] = []
+    group, bytes)`` per non-empty Parquet row group (its uncompressed bytes, from the footer),
+    ``(file, ByteRange, bytes)`` per range of a CSV file larger than ``csv.block_bytes`` and
+    ``(file, None, bytes)`` per other CSV file (its size); every file's ``columns`` checked
+    (DataError naming it)."""
+    csv = csv or CsvOptions()
+    units: list[tuple[Path, int | ByteRange | None, int]] = []
     for f in _list_files(paths):
-        _check_columns(f, _file_schema(f), columns)
-        if _is_csv(f):
-            units.append((f, None, f.stat().st_size))
-        else:
-            md = pq.ParquetFile(f).metadata
-            units += [(f, g, md.row_group(g).total_byte_size) for g in range(md.num_row_groups)
-                      if md.row_group(g).num_rows > 0]
+        _check_columns(f, _file_schema(f, csv), columns)
+        units += [(f, part, size) for part, _, size in _file_parts(f, csv)]
     return units
 
 
@@ -109,23 +110,23 @@ def balanced_shares(sizes: Sequence[int], count: int) -> list[list[int]]:
 
 
 def count_ids(paths: Any, columns: Sequence[str], batch_rows: int = 65536,
-              shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+              shard: tuple[int, int] = (0, 1), csv: CsvOptions | None = None) -> dict[str, Any]:
     """Occurrences of each distinct non-null value of ``columns`` (list columns: of their items) in
     the units of ``shard = (index, count)``: share ``index`` of :func:`balanced_shares` over
     :func:`vocabulary_units`, so that ranks count disjoint shares of about equal bytes that
     together cover the files. Returns per column a pyarrow table ``{v, n}`` (distinct values,
     counts), or None when the share holds no value. pyarrow counts (``value_counts`` per batch);
     the partial tables are merged when they hold as many rows as the merged one (amortised: each
-    value is re-grouped O(log) times, not once per batch)."""
+    value is re-grouped O(log) times, not once per batch). ``csv``: how CSV files are cut and parsed."""
     pa, pc, _, _ = _pa()
     index, count = shard
     merged: dict[str, Any] = {c: None for c in columns}
     pending: dict[str, list] = {c: [] for c in columns}
     held = dict.fromkeys(columns, 0)
     types: dict[str, Any] = {}  # per column: the value type of the first values counted
-    units = vocabulary_units(paths, columns)
-    for f, group, _ in (units[i] for i in balanced_shares([u[2] for u in units], count)[index]):
-        for rb in _iter_file(f, columns, batch_rows, group):
+    units = vocabulary_units(paths, columns, csv)
+    for f, part, _ in (units[i] for i in balanced_shares([u[2] for u in units], count)[index]):
+        for rb in _iter_file(f, columns, batch_rows, part, csv=csv):
             for c in columns:
                 col = rb.column(c)
                 if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):  # a sequence column
@@ -187,7 +188,8 @@ def order_counts(counts: Any, min_count: int) -> Any:
 
 
 def build_vocabularies(paths: Any, columns: Sequence[str], min_count: int | Mapping[str, int] = 1,
-                       batch_rows: int = 65536, ranks: Any = None) -> dict[str, Vocabulary]:
+                       batch_rows: int = 65536, ranks: Any = None,
+                       csv: CsvOptions | None = None) -> dict[str, Vocabulary]:
     """One streaming pass over the files: a :class:`Vocabulary` per column, values seen at least
     ``min_count`` times (an int, or one per column), most frequent first (ties by value).
     Counting is done by pyarrow (:func:`count_ids`), never one Python step per row.
@@ -197,13 +199,14 @@ def build_vocabularies(paths: Any, columns: Sequence[str], min_count: int | Mapp
     rank (a hash of the value picks it) and the kept values sent to all
     (:func:`~polytask.data.vocab_ranks.sharded_vocabularies`): no rank holds every rank's counts,
     every rank returns one process's vocabularies, and a user error of any rank's share is raised
-    by every rank alike."""
+    by every rank alike. ``csv``: how CSV files are cut into units and parsed (:class:`CsvOptions`;
+    the vocabularies do not depend on the cut)."""
     if ranks is None or ranks.size == 1:
-        return vocabularies_from_counts([count_ids(paths, columns, batch_rows)], columns, min_count)
+        return vocabularies_from_counts([count_ids(paths, columns, batch_rows, csv=csv)], columns, min_count)
     from polytask.data.vocab_ranks import sharded_vocabularies
 
     try:
-        mine: Any = count_ids(paths, columns, batch_rows, (ranks.rank, ranks.size))
+        mine: Any = count_ids(paths, columns, batch_rows, (ranks.rank, ranks.size), csv)
     except PolytaskError as exc:
         mine = exc
     return sharded_vocabularies(mine, columns, min_count, ranks)
@@ -294,13 +297,13 @@ def _is_csv(f: Path) -> bool:
     return f.suffix.lower() == ".csv"
 
 
-def _file_schema(f: Path) -> Any:
+def _file_schema(f: Path, csv: CsvOptions | None = None) -> Any:
     pa, _, pcsv, pq = _pa()
     if f.stat().st_size == 0:
         raise DataError(f"{f}: the file is empty")
     try:
         if _is_csv(f):
-            with pcsv.open_csv(f) as r:
+            with pcsv.open_csv(f, parse_options=(csv or CsvOptions()).parse_options()) as r:
                 return r.schema
         return pq.ParquetFile(f).schema_arrow
     except (pa.ArrowException, OSError) as exc:
@@ -314,23 +317,28 @@ def _check_columns(f: Path, schema: Any, columns: Sequence[str]) -> None:
         raise DataError(f"{f}: no column {', '.join(map(repr, missing))} (columns: {', '.join(schema.names)})")
 
 
-def _iter_file(f: Path, columns: Sequence[str], batch_rows: int, row_group: int | None = None,
-               dictionary: Sequence[str] = ()) -> Iterator[Any]:
-    """Record batches of ``columns`` (one row group, or the whole file); DataError naming the file.
+def _iter_file(f: Path, columns: Sequence[str], batch_rows: int, part: int | ByteRange | None = None,
+               dictionary: Sequence[str] = (), csv: CsvOptions | None = None) -> Iterator[Any]:
+    """Record batches of ``columns`` (one unit: a row group, a CSV file's :class:`ByteRange`, or the
+    whole file when ``part`` is None); DataError naming the file (and the range).
 
     ``dictionary``: Parquet string columns read as dictionary arrays (as Parquet stores them), so
     encoders see each distinct value once instead of decoding and re-hashing every row's string.
-    A CSV file's blocks are joined into batches of about ``batch_rows`` rows.
+    A CSV file's blocks are joined into batches of about ``batch_rows`` rows; ``csv``: its parse
+    options (:class:`CsvOptions`).
     """
     pa, _, pcsv, pq = _pa()
     try:
-        if _is_csv(f):
-            reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=1 << 20),
+        if isinstance(part, ByteRange):
+            yield from _coalesce(_open_range(f, columns, part), batch_rows)
+        elif _is_csv(f):
+            reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=_CSV_BLOCK),
+                                   parse_options=(csv or CsvOptions()).parse_options(),
                                    convert_options=pcsv.ConvertOptions(include_columns=list(columns)))
             yield from _coalesce(reader, batch_rows)
         else:
             pf = pq.ParquetFile(f, read_dictionary=list(dictionary) or None)
-            groups = None if row_group is None else [row_group]
+            groups = None if part is None else [part]
             yield from pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=list(columns))
     except (pa.ArrowException, OSError) as exc:
         msg = str(exc).splitlines()[0]
@@ -339,7 +347,8 @@ def _iter_file(f: Path, columns: Sequence[str], batch_rows: int, row_group: int 
             names = _file_schema(f).names
             j = int(m.group(1))
             msg = f"column {names[j]!r}: {msg}" if j < len(names) else msg
-        raise DataError(f"{f}: cannot read ({msg})") from None
+        where = f" (bytes {part.start}-{part.end})" if isinstance(part, ByteRange) else ""
+        raise DataError(f"{f}{where}: cannot read ({msg})") from None
 
 
 def _coalesce(batches: Iterator[Any], rows: int) -> Iterator[Any]:
@@ -354,6 +363,143 @@ def _coalesce(batches: Iterator[Any], rows: int) -> Iterator[Any]:
             held, n = [], 0
     if n:
         yield pa.Table.from_batches(held).combine_chunks().to_batches()[0]
+
+
+# ----------------------------------------------------------------------------- CSV files cut into byte ranges
+@dataclass(frozen=True)
+class CsvOptions:
+    """How CSV files are parsed and cut into units (``data.params.csv_block_bytes`` and
+    ``data.params.newlines_in_values``).
+
+    A file larger than ``block_bytes`` is cut into about ``size / block_bytes`` byte ranges of
+    near-equal size (:func:`csv_ranges`), so several ranks (or workers) share it, and the vocabulary
+    pass and row counting are balanced by bytes rather than by files. A cut is placed just after a
+    ``\\n``: that is a line start only when no value holds a newline, which is what pyarrow's reader
+    assumes too by default (``ParseOptions(newlines_in_values=False)``: its own blocks are cut at
+    newlines). With ``newlines_in_values=True`` (quoted values with line breaks) a newline says
+    nothing about where a row starts without reading from the top, so files stay whole (one unit
+    each, read by one rank) and pyarrow is told to track quotes across its blocks."""
+
+    block_bytes: int = 64 << 20
+    newlines_in_values: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_bytes < 1:
+            raise ConfigError(f"data.params.csv_block_bytes must be >= 1, got {self.block_bytes}")
+
+    def parse_options(self) -> Any:
+        _, _, pcsv, _ = _pa()
+        return pcsv.ParseOptions(newlines_in_values=self.newlines_in_values)
+
+
+class ByteRange(NamedTuple):
+    """Bytes ``[start, end)`` of a CSV file: whole lines after the header (a unit of its rows)."""
+
+    start: int
+    end: int
+
+
+_CSV_BLOCK = 1 << 20  # pyarrow's default block: the types of a whole-file read are inferred from the first one
+
+
+@functools.lru_cache(maxsize=256)
+def _csv_head(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, ...], Any, int] | None:
+    """``(column names, schema, offset of the first data line)`` of a CSV file, or None when the file's
+    first line is not its header as pyarrow reads it (empty lines above it, no ``\\n`` line ends): such
+    a file is not cut. The schema holds the types pyarrow infers from the first block, the types of
+    the whole-file read; ``size`` and ``mtime_ns`` key the cache (a rewritten file is read again)."""
+    pa, _, pcsv, _ = _pa()
+    schema = _file_schema(Path(path))
+    with open(path, "rb") as fh:
+        first = fh.readline(_CSV_BLOCK)
+    if not first.endswith(b"\n"):
+        return None
+    try:
+        names = tuple(pcsv.read_csv(pa.BufferReader(first)).schema.names)
+    except pa.ArrowException:
+        return None
+    return (names, schema, len(first)) if names == tuple(schema.names) else None
+
+
+def _head_of(f: Path) -> tuple[tuple[str, ...], Any, int] | None:
+    st = f.stat()
+    return _csv_head(str(f), st.st_size, st.st_mtime_ns)
+
+
+def csv_ranges(f: Path, csv: CsvOptions) -> list[ByteRange] | None:
+    """The byte ranges a CSV file is read in, or None when it is read whole (at most
+    ``csv.block_bytes``, ``csv.newlines_in_values``, a header not on the first line, or data that
+    makes one range only).
+
+    The data after the header is cut into ``ceil(bytes / block_bytes)`` parts of near-equal size;
+    each cut moves forward to just after the next ``\\n`` (a CRLF stays whole, a cut inside a quoted
+    value without line break moves to that line's end; a line longer than a part merges two parts),
+    so every range holds whole lines and the ranges in order are the file's lines."""
+    size = f.stat().st_size
+    if csv.newlines_in_values or size <= csv.block_bytes:
+        return None
+    head = _head_of(f)
+    if head is None:
+        return None
+    start = head[2]
+    parts = math.ceil((size - start) / csv.block_bytes)
+    cuts = [start]
+    with open(f, "rb") as fh:
+        for k in range(1, parts):
+            cut = _next_line_start(fh, start + (size - start) * k // parts, size)
+            if cuts[-1] < cut < size:
+                cuts.append(cut)
+    return [ByteRange(a, b) for a, b in zip(cuts, [*cuts[1:], size])] if len(cuts) > 1 else None
+
+
+def _next_line_start(fh: Any, at: int, size: int) -> int:
+    """The first line start at or after byte ``at`` (just after a ``\\n``; ``size`` when none follows)."""
+    fh.seek(at - 1)  # the byte before ``at`` is a \n when ``at`` already starts a line
+    pos = at - 1
+    while pos < size:
+        chunk = fh.read(1 << 16)
+        hit = chunk.find(b"\n")
+        if hit >= 0:
+            return pos + hit + 1
+        pos += len(chunk)
+    return size
+
+
+def _file_parts(f: Path, csv: CsvOptions) -> list[tuple[int | ByteRange | None, int | None, int]]:
+    """The units of one file: ``(part, rows or None, bytes)`` per non-empty Parquet row group (rows from
+    the footer, its uncompressed bytes), per byte range of a cut CSV file, or one ``(None, None, size)``
+    for a CSV file read whole."""
+    _, _, _, pq = _pa()
+    if _is_csv(f):
+        ranges = csv_ranges(f, csv)
+        return [(None, None, f.stat().st_size)] if ranges is None else [(r, None, r.end - r.start) for r in ranges]
+    md = pq.ParquetFile(f).metadata
+    return [(g, md.row_group(g).num_rows, md.row_group(g).total_byte_size) for g in range(md.num_row_groups)
+            if md.row_group(g).num_rows > 0]
+
+
+def _open_range(f: Path, columns: Sequence[str], part: ByteRange) -> Iterator[Any]:
+    """A reader of one byte range's rows: the header's column names and the file's first-block types
+    passed explicitly, so each range converts its values exactly as the whole-file read does (a range
+    of only digits in a string column stays strings; a value the file's type cannot hold is refused
+    in every range alike). The file is memory-mapped: the range is read, not the file."""
+    pa, _, pcsv, _ = _pa()
+    head = _head_of(f)
+    if head is None or part.end > f.stat().st_size:
+        raise DataError(f"{f}: changed while read (bytes {part.start}-{part.end} are no longer a range of its lines)")
+    names, schema, _ = head
+    mm = pa.memory_map(str(f))
+    try:
+        mm.seek(part.start)
+        buf = mm.read_buffer(part.end - part.start)
+        reader = pcsv.open_csv(pa.BufferReader(buf),
+                               read_options=pcsv.ReadOptions(column_names=list(names), block_size=_CSV_BLOCK),
+                               convert_options=pcsv.ConvertOptions(
+                                   include_columns=list(columns),
+                                   column_types={c: schema.field(c).type for c in columns}))
+        yield from reader
+    finally:
+        mm.close()
 
 
 # ----------------------------------------------------------------------------- the source
@@ -373,6 +519,9 @@ class TableSource(torch.utils.data.IterableDataset):
         read_ahead: shuffle windows read ahead by a background thread while the current one is
             encoded and served (pyarrow reads without the GIL, so reading overlaps the encoding
             where a core is free); 0 reads in the iterating thread. The batches are the same.
+        csv: how CSV files are cut into units (byte ranges of large files) and parsed
+            (:class:`CsvOptions`). The cut decides the units, hence the shuffle order: a run
+            resumes only with the same cut (the unit count is checked).
 
     Files are opened (footers only) when the source is made: a missing column, a non-numeric
     dense column, an empty or corrupt file is a DataError then, before any training.
@@ -380,29 +529,29 @@ class TableSource(torch.utils.data.IterableDataset):
 
     def __init__(self, paths: Any, schema: TableSchema, batch_size: int = 1024, shuffle_rows: int = 0,
                  seed: int = 0, split: Split | None = None, rank: int = 0, world_size: int = 1,
-                 read_rows: int = 65536, read_ahead: int = 1) -> None:
+                 read_rows: int = 65536, read_ahead: int = 1, csv: CsvOptions | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if read_ahead < 0:
             raise ConfigError(f"read_ahead must be >= 0, got {read_ahead}")
-        self.read_ahead = read_ahead
+        self.read_ahead, self.csv = read_ahead, csv or CsvOptions()
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        pa, _, _, pq = _pa()
+        pa, _, _, _ = _pa()
         self.schema, self.batch_size, self.shuffle_rows, self.seed = schema, batch_size, shuffle_rows, seed
         self.split, self.rank, self.world_size, self.read_rows = split, rank, world_size, read_rows
         self.epoch = 0
         self.resume: dict[int, tuple[int, int]] = {}
         self.files = _list_files(paths)
         self._columns = list(dict.fromkeys([*schema.columns, *(split.columns if split else ())]))
-        self.units: list[tuple[int, int | None]] = []
+        self.units: list[tuple[int, int | ByteRange | None]] = []  # (file index, row group / byte range / None)
         self.unit_rows: list[int | None] = []  # from the Parquet footers (before a split's filter); None for CSV
         self.counted_rows: list[int] | None = None  # by count_rows(): after the split's filter, CSV too
         self._dictionary: list[list[str]] = []  # per file: the string id columns read as dictionaries
         plain = set(split.columns) if split else set()
         for i, f in enumerate(self.files):
-            sch = _file_schema(f)
+            sch = _file_schema(f, self.csv)
             _check_columns(f, sch, self._columns)
             self._dictionary.append([c for c in schema.categorical if c not in plain and (
                 pa.types.is_string(sch.field(c).type) or pa.types.is_large_string(sch.field(c).type))])
@@ -418,14 +567,9 @@ class TableSource(torch.utils.data.IterableDataset):
                 if not isinstance(enc, SequenceIds) and pa.types.is_nested(t):
                     raise DataError(f"{f}: id column {c!r} holds {t}; a column of id lists needs "
                                     f"data.params.ids.{c}.sequence")
-            if _is_csv(f):
-                self.units.append((i, None))
-                self.unit_rows.append(None)
-            else:
-                md = pq.ParquetFile(f).metadata
-                groups = [g for g in range(md.num_row_groups) if md.row_group(g).num_rows > 0]
-                self.units += [(i, g) for g in groups]
-                self.unit_rows += [md.row_group(g).num_rows for g in groups]
+            for part, rows, _ in _file_parts(f, self.csv):
+                self.units.append((i, part))
+                self.unit_rows.append(rows)
         if not self.units:
             raise DataError(f"{', '.join(map(str, self.files))}: no rows")
 
@@ -446,7 +590,7 @@ class TableSource(torch.utils.data.IterableDataset):
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
         return self.rank * workers + worker, self.world_size * workers
 
-    def shard_units(self, shard: int, shards: int, epoch: int | None = None) -> list[tuple[int, int | None]]:
+    def shard_units(self, shard: int, shards: int, epoch: int | None = None) -> list[tuple[int, Any]]:
         """The units of ``shard`` (of ``shards``) in ``epoch``: a seeded permutation, dealt round-robin."""
         epoch = self.epoch if epoch is None else epoch
         order = np.arange(len(self.units))
@@ -464,9 +608,9 @@ class TableSource(torch.utils.data.IterableDataset):
         columns = list(self.split.columns) if self.split is not None else self._columns[:1]
         out = []
         for i in range(len(self.units)) if which is None else which:
-            f, group = self.files[self.units[i][0]], self.units[i][1]
+            f, part = self.files[self.units[i][0]], self.units[i][1]
             n = 0
-            for rb in _iter_file(f, columns, self.read_rows, group):
+            for rb in _iter_file(f, columns, self.read_rows, part, csv=self.csv):
                 n += rb.num_rows if self.split is None else int(pc.sum(self.split.mask(rb)).as_py() or 0)
             out.append(n)
         if which is None:
@@ -498,10 +642,10 @@ class TableSource(torch.utils.data.IterableDataset):
         return out
 
     # -- reading
-    def _read_unit(self, unit: tuple[int, int | None]) -> Iterator[Any]:
+    def _read_unit(self, unit: tuple[int, Any]) -> Iterator[Any]:
         _, pc, _, _ = _pa()
         f = self.files[unit[0]]
-        for rb in _iter_file(f, self._columns, self.read_rows, unit[1], self._dictionary[unit[0]]):
+        for rb in _iter_file(f, self._columns, self.read_rows, unit[1], self._dictionary[unit[0]], self.csv):
             if self.split is not None:
                 rb = rb.filter(self.split.mask(rb))
             if rb.num_rows:
@@ -830,6 +974,7 @@ def write_synthetic_log(path: str | Path, rows: int, *, users: int = 1000, items
     return path
 
 
-__all__ = ["HashBuckets", "SequenceIds", "Split", "TableLoader", "TableSchema", "TableSource", "Vocabulary",
+__all__ = ["ByteRange", "CsvOptions", "HashBuckets", "SequenceIds", "Split", "TableLoader", "TableSchema", "TableSource", "Vocabulary",
            "balanced_shares", "build_vocabularies", "count_ids", "load_vocabularies", "merge_counts", "order_counts",
-           "save_vocabularies", "stable_hash", "vocabularies_from_counts", "vocabulary_units", "write_synthetic_log"]
+           "csv_ranges", "save_vocabularies", "stable_hash", "vocabularies_from_counts", "vocabulary_units",
+           "write_synthetic_log"]

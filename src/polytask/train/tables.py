@@ -19,6 +19,7 @@ A run config names the table source with ``data: {name: table, params: ...}``::
         shuffle_rows: 65536                                 # the shuffle buffer bounds memory
         read_ahead: 1                                       # windows read by a background thread
         workers: 0                                          # DataLoader workers
+        csv_block_bytes: 67108864                           # a larger CSV file: several units (byte ranges)
 
 Training streams the train split through :class:`~polytask.data.tables.TableSource` (shuffled
 per epoch with ``(seed, epoch)``, so a resumed run repeats the uninterrupted one); val and test
@@ -39,19 +40,21 @@ training.
 (:mod:`polytask.export`).
 
 More than one process (``--nproc N``): each rank counts the ids of its share of the units (row
-groups, CSV files; shares of about equal bytes) of the vocabulary pass, each value's counts go to
+groups, CSV files, byte ranges of CSV files larger than ``csv_block_bytes``: 64 MiB; shares of
+about equal bytes) of the vocabulary pass, each value's counts go to
 one rank (picked by a hash of the value), which sums them and sends the kept values to all, and
-every rank builds the same vocabularies as one process (``build_encoders``); a CSV file is one
-unit, so one file larger than the rest together still makes the others wait for its rank
-(split it: the wait is bounded by POLYTASK_DIST_TIMEOUT);
+every rank builds the same vocabularies as one process (``build_encoders``);
 each rank reads its own units (row groups) of the train files, ``train.batch_size / N`` rows a
 batch; the ranks' shards differ by up to a row group, so a rank that runs out first takes empty
 batches (a masked mean over no rows is 0: it adds nothing to the step's global loss) until every
 rank has read its last row - each row is trained on once per epoch, and every rank runs the same
 number of steps. The step count comes from the Parquet footers (:meth:`TableSource.rank_batches`);
 for CSV files (no footer) and fraction splits (a filter) the rows of each unit are counted once by
-reading one column (the split's key), each rank counting a share of the units, then exchanged. A CSV file is one unit (pyarrow's
-CSV reader cannot seek into it): write at least as many CSV files as ranks, or ranks sit idle.
+reading one column (the split's key), each rank counting a share of the units, then exchanged. A CSV file
+larger than ``csv_block_bytes`` is cut at line starts into byte ranges read with the header's names and
+the file's first-block types (:class:`~polytask.data.tables.CsvOptions`), so one big file is shared by
+the ranks; ``newlines_in_values: true`` (values with line breaks) keeps every CSV file whole, one unit
+each: then write at least as many CSV files as ranks, or ranks sit idle.
 Evaluation: each rank scores its own units of val/test, and the outputs, labels and group keys
 are gathered to every rank, where the metrics are computed over the whole split: exactly one
 process's numbers.
@@ -143,6 +146,13 @@ class TableParams(_Strict):
     workers: int = Field(0, ge=0)
     read_rows: int = Field(65536, ge=1)
     read_ahead: int = Field(1, ge=0)  # train windows read ahead by a background thread (0: none)
+    csv_block_bytes: int = Field(64 << 20, ge=1)  # a larger CSV file is cut into byte ranges (units)
+    newlines_in_values: bool = False  # CSV values may hold line breaks: files read whole (not cut)
+
+    def csv_options(self) -> Any:
+        from polytask.data.tables import CsvOptions
+
+        return CsvOptions(self.csv_block_bytes, self.newlines_in_values)
 
     @model_validator(mode="after")
     def _source(self) -> TableParams:
@@ -249,7 +259,8 @@ def build_encoders(p: TableParams, run_dir: Path, data: dict[str, Any] | None = 
 
         files = expand(p.train if p.path is None else p.path)
         ranks = RankGroup(ctx.group, device, collective) if shared else None
-        vocabs = build_vocabularies(files, list(vocab_cols), vocab_cols, batch_rows=p.read_rows, ranks=ranks)
+        vocabs = build_vocabularies(files, list(vocab_cols), vocab_cols, batch_rows=p.read_rows, ranks=ranks,
+                                    csv=p.csv_options())
     return {c: _encoder(spec, vocabs.get(c)) for c, spec in p.ids.items()}
 
 
@@ -267,7 +278,8 @@ class StreamSplit:
         self.ctx = ctx or DistContext()
         self.source = TableSource(expand(paths), schema, batch_size=1, shuffle_rows=p.shuffle_rows if train else 0,
                                   seed=seed, split=split, read_rows=p.read_rows, rank=self.ctx.rank,
-                                  world_size=self.ctx.world_size, read_ahead=p.read_ahead if train else 0)
+                                  world_size=self.ctx.world_size, read_ahead=p.read_ahead if train else 0,
+                                  csv=p.csv_options())
         if train and self.ctx.world_size > 1 and self.source.rank_batches() is None:
             self.source.counted_rows = _count_across_ranks(self.source, self.ctx)
         self.epoch = 0
