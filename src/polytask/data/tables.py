@@ -12,8 +12,8 @@ How it reads, and what it guarantees:
   file larger than ``CsvOptions.block_bytes`` (``data.params.csv_block_bytes``, 64 MiB) one
   :class:`ByteRange` of it, cut at line starts after the header and read with the header's names
   and the types pyarrow infers from the file's first block (:class:`CsvOptions`): the rows and
-  types of all ranges together are the rows and types of the whole-file read. Each epoch the unit list is permuted with
-  ``(seed, epoch)`` and dealt round-robin to the ``world_size * num_workers`` shards (shard =
+  types of all ranges together are the rows and types of the whole-file read. Each epoch the
+  unit list is permuted with ``(seed, epoch)`` and dealt round-robin to the ``world_size * num_workers`` shards (shard =
   ``rank * num_workers + worker``), so shards are disjoint and together complete; the granularity
   of sharding is a row group (write files with several row groups per shard). Shards can differ
   by up to one unit of rows: under DDP a trainer must stop all ranks together (later work).
@@ -974,7 +974,7 @@ def write_synthetic_log(path: str | Path, rows: int, *, users: int = 1000, items
     return path
 
 
-__all__ = ["ByteRange", "CsvOptions", "HashBuckets", "SequenceIds", "Split", "TableLoader", "TableSchema", "TableSource", "Vocabulary",
-           "balanced_shares", "build_vocabularies", "count_ids", "load_vocabularies", "merge_counts", "order_counts",
-           "csv_ranges", "save_vocabularies", "stable_hash", "vocabularies_from_counts", "vocabulary_units",
-           "write_synthetic_log"]
+__all__ = ["ByteRange", "CsvOptions", "HashBuckets", "SequenceIds", "Split", "TableLoader", "TableSchema",
+           "TableSource", "Vocabulary", "balanced_shares", "build_vocabularies", "count_ids", "csv_ranges",
+           "load_vocabularies", "merge_counts", "order_counts", "save_vocabularies", "stable_hash",
+           "vocabularies_from_counts", "vocabulary_units", "write_synthetic_log"]

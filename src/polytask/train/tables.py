@@ -795,7 +795,7 @@ def predict_table(run_dir: str | Path, data: Paths, out: str | Path, keep: Seque
     files = _list_files(expand(data))
     columns = list(dict.fromkeys([*p.dense, *p.ids, *keep]))
     for f in files:  # every file's columns before writing anything
-        _check_columns(f, _file_schema(f), columns)
+        _check_columns(f, _file_schema(f, p.csv_options()), columns)
     counted = {c: e for c, e in encoders.items() if isinstance(getattr(e, "inner", e), Vocabulary)}
     for e in counted.values():
         e.oov_count = 0
@@ -815,7 +815,7 @@ def predict_table(run_dir: str | Path, data: Paths, out: str | Path, keep: Seque
         try:
             with torch.no_grad():
                 for f in files:
-                    for rb in _iter_file(f, columns, batch_size):
+                    for rb in _iter_file(f, columns, batch_size, csv=p.csv_options()):  # the run's parse options
                         inputs = {c: torch.from_numpy(enc.encode(rb.column(c))) for c, enc in encoders.items()}
                         if p.dense:
                             inputs = {"dense": torch.from_numpy(_dense_matrix(f, rb, p.dense)), **inputs}
