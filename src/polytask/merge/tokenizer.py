@@ -398,7 +398,8 @@ def prepare(config: Any, written: Any, sources: Sequence[Any], paths: Sequence[s
     config_of = _module_configs(config, paths[ref], sources[ref].names())
     if source is None:
         embedding = next((n for n in sources[ref].names() if EMBEDDING.search(n)), None)
-        owner = config_of(embedding) if embedding is not None else config
+        # no embedding by these names (T5's is shared.weight): a modules: config has no one group to check
+        owner = config_of(embedding) if embedding is not None else (config if config.modules is None else None)
         for pre in (True, False):
             if owner is not None:
                 _check_same_vocabulary(sources, labels, _group(owner, source_of, base, pre))

@@ -1,0 +1,213 @@
+"""Multi-module merges end to end for T5, Whisper, Llama 4, Qwen3-VL and Qwen3-VL-MoE.
+
+Tiny random models (a base and two "fine-tunes", every tensor distinct) are built from
+transformers 5 configs and saved with its default ``save_pretrained``, whose names are mergekit
+0.1.5's for these architectures. The same config (linear, task arithmetic, TIES, a frankenmerge
+that drops and repeats layers) is merged by polytask and by mergekit (run here); every tensor must
+be equal bit for bit, and the output must load with ``from_pretrained`` (no key missing or
+unexpected) and run a forward. Where mergekit 0.1.5 cannot merge a module (Whisper's decoder: its
+definition's prefix lacks the dot), that module is compared with the merge done by hand."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from polytask.merge import load_state_dict, run_merge
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _tf():
+    return pytest.importorskip("transformers")
+
+
+VOCAB = 64
+
+
+def _t5():
+    cfg = _tf().T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=3,
+                         num_heads=2, feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+    return _tf().T5ForConditionalGeneration(cfg)
+
+
+def _whisper():
+    cfg = _tf().WhisperConfig(vocab_size=VOCAB, num_mel_bins=8, encoder_layers=2, decoder_layers=3, d_model=16,
+                              encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                              decoder_ffn_dim=32, max_source_positions=8, max_target_positions=16,
+                              decoder_start_token_id=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              suppress_tokens=None, begin_suppress_tokens=None)
+    return _tf().WhisperForConditionalGeneration(cfg)
+
+
+def _llama4():
+    # 4 text layers, layers 1 and 3 MoE (2 experts), layer 3 without RoPE
+    cfg = _tf().Llama4Config(
+        text_config=dict(hidden_size=16, intermediate_size=32, intermediate_size_mlp=32, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=VOCAB,
+                         num_local_experts=2, interleave_moe_layer_step=2, no_rope_layers=[1, 1, 1, 0]),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=16, patch_size=4, vision_output_dim=16, projector_input_dim=16,
+                           projector_output_dim=16))
+    return _tf().Llama4ForConditionalGeneration(cfg)
+
+
+def _qwen3_vl(moe: bool):
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                num_key_value_heads=2, head_dim=8, vocab_size=VOCAB,
+                rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]})
+    if moe:
+        text.update(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, decoder_sparse_step=1)
+    vision = dict(depth=3, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0, 1, 2],
+                  num_position_embeddings=16)
+    tf = _tf()
+    config, model = ((tf.Qwen3VLMoeConfig, tf.Qwen3VLMoeForConditionalGeneration) if moe else
+                     (tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration))
+    return model(config(text_config=text, vision_config=vision, tie_word_embeddings=False))
+
+
+BUILD = {"T5ForConditionalGeneration": _t5, "WhisperForConditionalGeneration": _whisper,
+         "Llama4ForConditionalGeneration": _llama4,
+         "Qwen3VLForConditionalGeneration": lambda: _qwen3_vl(False),
+         "Qwen3VLMoeForConditionalGeneration": lambda: _qwen3_vl(True)}
+IDS = ["t5", "whisper", "llama4", "qwen3_vl", "qwen3_vl_moe"]
+
+#: each architecture's modules, the one frankenmerged (its layers) first
+MODULES = {"T5ForConditionalGeneration": ["decoder", "encoder", "shared"],
+           "WhisperForConditionalGeneration": ["decoder", "encoder"],
+           "Llama4ForConditionalGeneration": ["text_decoder", "vision_model", "multi_modal_projector"],
+           "Qwen3VLForConditionalGeneration": ["text_decoder", "vision_tower", "multi_modal_projector"],
+           "Qwen3VLMoeForConditionalGeneration": ["text_decoder", "vision_tower", "multi_modal_projector"]}
+
+#: the frankenmerge's slices of the first module: 3 output layers from source layers 0, 1 and a
+#: repeated 1 (the last layer dropped). T5's block 0 alone holds relative_attention_bias and Llama 4
+#: alternates dense and MoE layers, so the sources of a slice hold the same kind of layer.
+SLICES = {
+    "T5ForConditionalGeneration": "[{a, [0, 2]}, {b, [0, 2]}], [{a, [1, 2]}, {b, [1, 2]}]",
+    "WhisperForConditionalGeneration": "[{a, [0, 2]}, {b, [1, 3]}], [{a, [1, 2]}, {b, [1, 2]}]",
+    "Llama4ForConditionalGeneration": "[{a, [0, 2]}, {b, [0, 2]}], [{a, [1, 2]}, {b, [3, 4]}]",
+    "Qwen3VLForConditionalGeneration": "[{a, [0, 2]}, {b, [1, 3]}], [{a, [1, 2]}, {b, [1, 2]}]",
+    "Qwen3VLMoeForConditionalGeneration": "[{a, [0, 2]}, {b, [1, 3]}], [{a, [1, 2]}, {b, [1, 2]}]",
+}
+
+
+def _config(name: str, arch: str) -> str:
+    """The YAML of merge ``name`` for ``arch`` (model names base, a, b)."""
+    first, *others = MODULES[arch]
+    if name == "linear":  # top-level models: every module; the gradient runs over each module's layers
+        return ("merge_method: linear\nmodels:\n  - {model: a, parameters: {weight: [0.2, 0.8]}}\n"
+                "  - {model: b, parameters: {weight: 0.5}}\n  - {model: base, parameters: {weight: 0.3}}\n")
+    if name == "task_arithmetic":
+        return ("merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
+                "  - {model: a, parameters: {weight: 0.7}}\n  - {model: b, parameters: {weight: [0.4, -0.2]}}\n")
+    if name == "ties":  # per module: a density gradient over the first module's layers
+        lines = ["merge_method: ties", "base_model: base", "modules:",
+                 f"  {first}:", "    models:", "      - {model: a, parameters: {weight: 1.0, density: [0.9, 0.4]}}",
+                 "      - {model: b, parameters: {weight: 0.6, density: 0.5}}"]
+        for k, m in enumerate(others):
+            lines += [f"  {m}:", "    models:", f"      - {{model: a, parameters: {{weight: 0.8, density: {0.3 + k / 5}}}}}",
+                      "      - {model: b, parameters: {weight: 0.5, density: 0.7}}"]
+        return "\n".join(lines + ["parameters: {normalize: true}", ""])
+    assert name == "slices"
+    sl = []
+    for group in re.findall(r"\[(\{.*?\})\]", SLICES[arch]):
+        srcs = re.findall(r"\{(\w+), \[(\d+), (\d+)\]\}", group)
+        sl.append("      - sources:\n" + "".join(f"          - {{model: {m}, layer_range: [{lo}, {hi}]}}\n"
+                                                 for m, lo, hi in srcs))
+    lines = ["merge_method: linear", "modules:", f"  {first}:", "    slices:", *(s.rstrip("\n") for s in sl),
+             "    parameters: {weight: [0.3, 0.9]}"]
+    for m in others:
+        lines += [f"  {m}:", "    models:", "      - {model: a, parameters: {weight: 0.25}}",
+                  "      - {model: b, parameters: {weight: 0.75}}"]
+    return "\n".join(lines + [""])
+
+
+CONFIGS = ["linear", "task_arithmetic", "ties", "slices"]
+FAST = "ties"  # the case each architecture runs without --runslow
+
+
+def _save(arch: str, seed: int, folder: Path) -> None:
+    torch.manual_seed(seed)
+    model = BUILD[arch]()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # every tensor distinct (no constant norms), so a wrong pairing shows
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.config.architectures = [arch]
+    model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module", params=list(BUILD), ids=IDS)
+def saved(request, tmp_path_factory) -> tuple[str, Path]:
+    root = tmp_path_factory.mktemp(request.param)
+    for seed, name in enumerate(["base", "a", "b"]):
+        _save(request.param, seed, root / name)
+    return request.param, root
+
+
+def _paths(text: str, folder: Path) -> str:
+    return re.sub(r"((?:model|base_model): )(base|a|b)\b", lambda m: m.group(1) + str(folder / m.group(2)), text)
+
+
+def _mergekit(text: str, folder: Path, out: Path, monkeypatch) -> dict[str, torch.Tensor]:
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge as mergekit_run
+    from mergekit.options import MergeOptions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mergekit_run(MergeConfiguration.model_validate(yaml.safe_load(_paths(text, folder))), str(out),
+                 MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False, random_seed=0))
+    return load_state_dict(out)
+
+
+def _ours(text: str, folder: Path, out: Path) -> Path:
+    cfg = out.parent / f"{out.name}.yaml"
+    cfg.write_text(_paths(text, folder))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return run_merge(cfg, out)
+
+
+def _forward(model, arch: str) -> torch.Tensor:
+    ids = torch.tensor([[1, 5, 7, 3]])
+    if arch.startswith("T5"):
+        return model(input_ids=ids, decoder_input_ids=ids[:, :3]).logits
+    if arch.startswith("Whisper"):
+        feats = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(0))
+        return model(input_features=feats, decoder_input_ids=ids[:, :3]).logits
+    return model(input_ids=ids).logits
+
+
+def _loads_and_runs(out: Path, arch: str) -> None:
+    """transformers loads every tensor of ``out`` (none missing, unexpected or mismatched, each
+    equal to the file's) and runs a forward to finite logits."""
+    saved = load_state_dict(out)
+    model, info = getattr(_tf(), arch).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    state = model.state_dict()
+    assert not [k for k, v in saved.items() if not torch.equal(state[k], v)]
+    logits = _forward(model, arch)
+    assert logits.shape[-1] == VOCAB and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_same_tensors_as_mergekit_and_loads(saved, name, tmp_path, monkeypatch, request):
+    arch, root = saved
+    if name != FAST and not request.config.getoption("--runslow"):
+        pytest.skip("slow: --runslow")
+    text = _config(name, arch)
+    theirs = _mergekit(text, root, tmp_path / "theirs", monkeypatch)
+    out = _ours(text, root, tmp_path / "ours")
+    ours = load_state_dict(out)
+    assert ours.keys() == theirs.keys()
+    bad = [k for k in theirs if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
+    assert not bad, f"{len(bad)} of {len(theirs)} tensors differ, e.g. {bad[:3]}"
+    _loads_and_runs(out, arch)
