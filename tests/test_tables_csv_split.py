@@ -158,6 +158,8 @@ def test_source_units_counts_and_vocabularies_equal_the_whole_file(big):
     assert len(whole.units) == 1 and len(cut.units) in (6, 7)
     assert sum(cut.count_rows()) == whole.count_rows()[0] == _whole(train).num_rows
     assert torch_rows(cut) == torch_rows(whole)  # file order, no shuffle: the same rows in the same order
+    by_workers = collections.Counter(torch_rows(TableLoader(cut, num_workers=2)))  # ranges dealt to 2 workers
+    assert by_workers == collections.Counter(torch_rows(whole))
     units = vocabulary_units(train, ["user_id"], CsvOptions(block_bytes=block))
     assert sum(u[2] for u in units) == train.stat().st_size - len(train.read_bytes().split(b"\n", 1)[0]) - 1
     one = build_vocabularies(train, ["user_id", "item_id"], 2)
@@ -175,7 +177,7 @@ def test_source_units_counts_and_vocabularies_equal_the_whole_file(big):
 def torch_rows(src):
     out = []
     for inputs, targets, mask in src:
-        out += list(zip(inputs["dense"].tolist(), targets["click"].tolist(), mask["click"].tolist()))
+        out += list(zip(map(tuple, inputs["dense"].tolist()), targets["click"].tolist(), mask["click"].tolist()))
     return out
 
 
@@ -203,7 +205,7 @@ def test_resume_mid_epoch_over_ranges_sees_each_row_once_and_a_changed_cut_is_re
     loader = TableLoader(make())
     seen = []
     for k, (inputs, targets, mask) in enumerate(loader):
-        seen += list(zip(inputs["dense"].tolist(), targets["click"].tolist(), mask["click"].tolist()))
+        seen += list(zip(map(tuple, inputs["dense"].tolist()), targets["click"].tolist(), mask["click"].tolist()))
         if k == 9:
             break
     state = loader.state_dict()
@@ -211,7 +213,7 @@ def test_resume_mid_epoch_over_ranges_sees_each_row_once_and_a_changed_cut_is_re
     again = TableLoader(make())
     again.load_state_dict(state)
     for inputs, targets, mask in again:
-        seen += list(zip(inputs["dense"].tolist(), targets["click"].tolist(), mask["click"].tolist()))
+        seen += list(zip(map(tuple, inputs["dense"].tolist()), targets["click"].tolist(), mask["click"].tolist()))
     assert seen == full  # the interrupted and resumed run: the uninterrupted epoch, row for row
     with pytest.raises(ConfigError, match="units"):
         TableLoader(make(CsvOptions(block_bytes=train.stat().st_size // 9))).load_state_dict(state)
