@@ -285,3 +285,17 @@ def test_polytask_train_nproc_2_on_one_big_csv_matches_one_process(big, tmp_path
         for key, value in a.items():
             if isinstance(value, float):
                 assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (a, b)
+
+
+def test_a_bom_header_is_cut_after_it_and_a_file_without_newline_line_ends_stays_whole(tmp_path):
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + HEADER + AWKWARD * 4)
+    ranges = csv_ranges(bom, CsvOptions(block_bytes=100))
+    assert ranges[0].start == 3 + len(HEADER) and len(ranges) > 2  # pyarrow drops the BOM: the header is line 1
+    assert _read_ranges(bom, ranges, ["id", "name", "x", "note"]).equals(_whole(bom))
+    cr = tmp_path / "cr.csv"  # old Mac line ends: pyarrow reads them, but no \n marks a line start
+    cr.write_bytes(b"a,b\r" + b"".join(b"%d,%d\r" % (i, i) for i in range(100)))
+    assert _whole(cr).num_rows == 100 and csv_ranges(cr, CsvOptions(block_bytes=50)) is None
+    lead = tmp_path / "lead.csv"  # empty lines above the header (pyarrow skips them): not cut
+    lead.write_bytes(b"\n\n" + HEADER + AWKWARD * 4)
+    assert csv_ranges(lead, CsvOptions(block_bytes=100)) is None
