@@ -299,3 +299,14 @@ def test_a_bom_header_is_cut_after_it_and_a_file_without_newline_line_ends_stays
     lead = tmp_path / "lead.csv"  # empty lines above the header (pyarrow skips them): not cut
     lead.write_bytes(b"\n\n" + HEADER + AWKWARD * 4)
     assert csv_ranges(lead, CsvOptions(block_bytes=100)) is None
+
+
+def test_a_cut_through_a_value_with_a_line_break_names_the_range_and_the_key(tmp_path):
+    f = tmp_path / "nl.csv"
+    f.write_bytes(b"x,y,s\n" + b"".join(b'%d,%d,"a\nb,c,d"\n' % (i, i % 2) for i in range(200)))
+    src = TableSource(f, TableSchema(dense=("x",), labels={"y": "y"}), csv=CsvOptions(block_bytes=300))
+    assert len(src.units) > 5
+    with pytest.raises(DataError, match=r"nl\.csv \(bytes \d+-\d+\): cannot read .*newlines_in_values: true"):
+        src.count_rows()
+    src = TableSource(f, TableSchema(dense=("x",), labels={"y": "y"}), csv=CsvOptions(300, newlines_in_values=True))
+    assert src.count_rows() == [200]

@@ -347,8 +347,11 @@ def _iter_file(f: Path, columns: Sequence[str], batch_rows: int, part: int | Byt
             names = _file_schema(f).names
             j = int(m.group(1))
             msg = f"column {names[j]!r}: {msg}" if j < len(names) else msg
-        where = f" (bytes {part.start}-{part.end})" if isinstance(part, ByteRange) else ""
-        raise DataError(f"{f}{where}: cannot read ({msg})") from None
+        where, hint = "", ""
+        if isinstance(part, ByteRange):  # a cut inside a quoted value with a line break reads as a bad row or value
+            where = f" (bytes {part.start}-{part.end})"
+            hint = "; if values hold line breaks, set data.params.newlines_in_values: true"
+        raise DataError(f"{f}{where}: cannot read ({msg}){hint}") from None
 
 
 def _coalesce(batches: Iterator[Any], rows: int) -> Iterator[Any]:
