@@ -218,6 +218,11 @@ def _loads_and_runs(out: Path, arch: str) -> None:
     model, info = getattr(_tf(), arch).from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     state = model.state_dict()
+    from polytask.merge.modules import naming_of, namings_of
+
+    if namings_of(arch):  # Mllama: a file in the published names is held under 5.x's
+        memory, file = namings_of(arch)[1], naming_of(arch, saved)
+        saved = {memory.from_mergekit(file.to_mergekit(k)): v for k, v in saved.items()}
     assert not [k for k, v in saved.items() if not torch.equal(state[k], v)]
     logits = _forward(model, arch)
     assert logits.shape[-1] == VOCAB and torch.isfinite(logits).all()
@@ -273,3 +278,104 @@ def test_whisper_decoder_by_hand(tmp_path):
         w_b = 0.4 - 0.3 * int(layer.group(1)) if layer else 0.4
         want = base[k] + 0.7 * (a[k] - base[k]) + w_b * (b[k] - base[k])
         torch.testing.assert_close(got[k], want, rtol=0, atol=2e-6, msg=k)
+
+
+# -- Mllama (Llama 3.2 Vision): modules inferred (mergekit 0.1.5 has no definition), two layouts --
+MLLAMA = "MllamaForConditionalGeneration"
+
+
+def _mllama():
+    # pad_token_id within the tiny vocabulary: the default (128004) is past it and the embedding's
+    # padding_idx check stops the build (the earlier failure was this, not a transformers limit)
+    cfg = _tf().MllamaConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=VOCAB, cross_attention_layers=[1], pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=2, image_size=16, patch_size=4, vision_output_dim=32,
+                           intermediate_layers_indices=[0], max_num_tiles=2, supported_aspect_ratios=[[1, 1], [1, 2]]))
+    return _tf().MllamaForConditionalGeneration(cfg)
+
+
+@pytest.fixture(scope="module")
+def mllama(tmp_path_factory) -> Path:
+    """base, a, b under ``new/`` (transformers 5's in-memory names) and ``old/`` (its default
+    save_pretrained: the published checkpoints' names)."""
+    root = tmp_path_factory.mktemp("mllama")
+    for seed, name in enumerate(["base", "a", "b"]):
+        torch.manual_seed(seed)
+        model = _mllama()
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        model.config.architectures = [MLLAMA]
+        model.save_pretrained(root / "new" / name, save_original_format=False)
+        model.save_pretrained(root / "old" / name)
+    return root
+
+
+def test_mllama_naming_matches_transformers(mllama):
+    # every 5.x name, renamed to the published layout by polytask's table, is the name
+    # transformers' default save gave the same tensor (matched by value: all tensors distinct)
+    from polytask.merge.modules import naming_of, namings_of
+
+    new, old = (load_file(mllama / d / "a" / "model.safetensors") for d in ("new", "old"))
+    assert len(new) == len(old) > 60
+    by_value = {v.numpy().tobytes(): k for k, v in old.items()}
+    assert len(by_value) == len(old)
+    published, memory = namings_of(MLLAMA)
+    assert naming_of(MLLAMA, new) is memory and naming_of(MLLAMA, old) is published
+    assert {k: memory.to_mergekit(k) for k in new} == {k: by_value[v.numpy().tobytes()] for k, v in new.items()}
+    assert memory.from_mergekit("language_model.lm_head.weight") == "lm_head.weight"
+
+
+MLLAMA_SLICES = """
+merge_method: linear
+modules:
+  model.language_model.layers:
+    slices:
+      - sources: [{model: a, layer_range: [0, 2]}]
+      - sources: [{model: a, layer_range: [1, 2]}, {model: b, layer_range: [1, 2]}]
+      - sources: [{model: b, layer_range: [2, 3]}]
+  model.vision_model.transformer.layers:
+    slices:
+      - sources: [{model: b, layer_range: [0, 1]}]
+      - sources: [{model: a, layer_range: [0, 2]}]
+  model.vision_model.global_transformer.layers: {models: [{model: a}, {model: b}]}
+  default: {models: [{model: a, parameters: {weight: 0.3}}, {model: b}]}
+parameters: {weight: 1.0}
+"""
+
+
+@pytest.mark.parametrize("name", ["ties", "slices"])
+def test_mllama_mixed_layouts_as_mergekit_and_loads(mllama, name, tmp_path, monkeypatch):
+    # base published, a in 5.x names, b published: the output keeps the reference's names and equals
+    # mergekit's merge of the 5.x copies (mergekit under transformers 5 infers the modules from
+    # the model it builds: 5.x names) renamed. The frankenmerge (text layers 0, 1, 1, 2 with the
+    # cross-attention layer 1 repeated; vision layers 0, 0, 1) loads: cross_attention_layers
+    # [1, 2] and the vision count 3 (mergekit writes neither)
+    from polytask.merge.modules import namings_of
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for model, layout in (("base", "old"), ("a", "new"), ("b", "old")):
+        (mixed / model).symlink_to(mllama / layout / model)
+    text = (_config("ties", "T5ForConditionalGeneration").split("modules:")[0] +
+            "models:\n  - {model: a, parameters: {weight: 1.0, density: [0.9, 0.4]}}\n"
+            "  - {model: b, parameters: {weight: 0.6, density: 0.5}}\nparameters: {normalize: true}\n"
+            if name == "ties" else MLLAMA_SLICES)
+    theirs = _mergekit(text, mllama / "new", tmp_path / "theirs", monkeypatch)
+    published, memory = namings_of(MLLAMA)
+    out = _ours(text, mixed, tmp_path / "ours")
+    ours = {memory.from_mergekit(k): v for k, v in load_state_dict(out).items()}
+    # the reference's layout: the base's (published) for TIES, else the first model's (a: 5.x's)
+    assert {k.startswith(("model.", "lm_head.")) for k in load_state_dict(out)} == {name == "slices"}
+    assert ours.keys() == theirs.keys()
+    bad = [k for k in theirs if not torch.equal(ours[k], theirs[k])]
+    assert not bad, f"{len(bad)} of {len(theirs)} tensors differ, e.g. {bad[:3]}"
+    cfg = json.loads((out / "config.json").read_text())
+    if name == "slices":
+        assert (cfg["text_config"]["num_hidden_layers"], cfg["text_config"]["cross_attention_layers"],
+                cfg["vision_config"]["num_hidden_layers"]) == (4, [1, 2], 3)
+    _loads_and_runs(out, MLLAMA)

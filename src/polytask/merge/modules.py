@@ -74,6 +74,18 @@ and a config may name it in any layout (``language_model.model.layers`` is
 transformers 5 infers the in-memory names whatever the files hold (it builds the model), so
 its configs name ``model.language_model.layers``; where it cannot build the model it infers the
 files' names.
+
+Mllama (Llama 3.2 Vision; modules inferred too: ``language_model.model.layers``,
+``vision_model.transformer.layers``, ``vision_model.global_transformer.layers``, ``default``) has
+two layouts (transformers 5.25's ``mllama`` rules, checked against its saves): published
+checkpoints' (``language_model.model.*``, ``language_model.lm_head.*``, ``vision_model.*``,
+``multi_modal_projector.*``), which its default ``save_pretrained`` also writes, and its in-memory
+names (``model.language_model.*``, ``lm_head.*``, ``model.vision_model.*``,
+``model.multi_modal_projector.*``). Its three stacks' counts are set
+(``text_config.num_hidden_layers``, ``vision_config.num_hidden_layers``/``num_global_layers``) and
+``text_config.cross_attention_layers`` follows the output layers; ``vision_config``'s
+``intermediate_layers_indices`` is left as it is (its length sizes the projector), so a vision
+frankenmerge must keep those layers where they are.
 """
 
 from __future__ import annotations
@@ -260,6 +272,12 @@ INFERRED_NAMINGS: dict[str, tuple[Naming, ...]] = {
     "AyaVisionForConditionalGeneration": _LLAVA,
     "InternVLForConditionalGeneration": _LLAVA,
     "VideoLlavaForConditionalGeneration": _llava_namings(towers=("image_tower", "video_tower")),
+    # Mllama (Llama 3.2 Vision): published checkpoints' names are also transformers 5's default
+    # save (its vision tower never had a vision_model.vision_model.); in memory, its mllama rules
+    "MllamaForConditionalGeneration": (
+        Naming("published (language_model.model.*, vision_model.*)", r"^(?:language_model|vision_model)\."),
+        Naming(_TF5, r"^model\.(?:language_model|vision_model|multi_modal_projector)\.",
+               _LLAVA_TF5 + (("vision_model.", "model.vision_model."),))),
 }
 
 
@@ -451,7 +469,9 @@ def layout_of(folder: str | Path | None, names: Iterable[str],
 #: The ``config.json`` keys of the LLaVA family's inferred stacks (named in published checkpoints'
 #: layout); mergekit 0.1.5 knows none, so a frankenmerge there leaves its config's count wrong.
 _INFERRED_COUNT_KEYS = {"language_model.model.layers.": ("text_config.num_hidden_layers",),
-                        "vision_tower.vision_model.encoder.layers.": ("vision_config.num_hidden_layers",)}
+                        "vision_tower.vision_model.encoder.layers.": ("vision_config.num_hidden_layers",),
+                        "vision_model.transformer.layers.": ("vision_config.num_hidden_layers",),  # Mllama
+                        "vision_model.global_transformer.layers.": ("vision_config.num_global_layers",)}
 
 
 def _with_count_keys(arch: str, modules: dict[str, Module], names: list[str], label: str) -> dict[str, Module]:

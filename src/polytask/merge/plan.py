@@ -24,8 +24,8 @@ A Llama-shaped checkpoint's layers are the tensors named ``...layers.<i>.<rest>`
 ``h.<i>``, ``blocks.<i>``); tensors named ``*embed*``/``wte``/``wpe`` are the ones before them.
 The output's ``config.json`` gets the new layer count, and its per-layer lists follow the output's
 layers (``layer_types``, which transformers 5 writes and checks, Llama 4's ``no_rope_layers`` and
-``moe_layers``: :func:`set_layer_count`); mergekit keeps the old lists, which transformers 5
-refuses to load.
+``moe_layers``, Mllama's ``cross_attention_layers``: :func:`set_layer_count`); mergekit keeps the
+old lists, which transformers 5 refuses to load.
 """
 
 from __future__ import annotations
@@ -515,9 +515,10 @@ def output_config(path: str | os.PathLike[str] | None, num_layers: int, dtype: t
 
 
 #: ``config.json`` lists with one entry per layer (transformers 5 checks ``layer_types``' length;
-#: Llama 4's ``no_rope_layers`` flags), and lists of layer numbers (Llama 4's MoE layers).
+#: Llama 4's ``no_rope_layers`` flags), and lists of layer numbers (Llama 4's MoE layers, Mllama's
+#: cross-attention layers: a layer holding cross_attn.* tensors must stay one to load them).
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
-LAYER_NUMBER_KEYS = ("moe_layers",)
+LAYER_NUMBER_KEYS = ("moe_layers", "cross_attention_layers")
 
 
 def set_layer_count(node: dict[str, Any], key: str, count: int, layer_sources: Sequence[int] | None) -> bool:
