@@ -134,7 +134,8 @@ def _config(name: str, arch: str) -> str:
     return "\n".join(lines + [""])
 
 
-CONFIGS = ["linear", "task_arithmetic", "ties", "slices"]
+#: the merges; "@bf16": on bfloat16 copies of the inputs (the fused kernels, where numba is installed)
+CONFIGS = ["linear", "task_arithmetic", "ties", "slices", "ties@bf16", "task_arithmetic@bf16"]
 
 
 def _save(arch: str, seed: int, folder: Path) -> None:
@@ -228,9 +229,24 @@ def _loads_and_runs(out: Path, arch: str) -> None:
     assert logits.shape[-1] == VOCAB and torch.isfinite(logits).all()
 
 
+def _bf16_copy(folder: Path, out: Path) -> None:
+    for model in ("base", "a", "b"):
+        (out / model).mkdir(parents=True)
+        sd = load_file(folder / model / "model.safetensors")
+        save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, out / model / "model.safetensors",
+                  metadata={"format": "pt"})
+        (out / model / "config.json").write_text((folder / model / "config.json").read_text())
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_same_tensors_as_mergekit_and_loads(saved, name, tmp_path, monkeypatch):
     arch, root = saved
+    name, _, dtype = name.partition("@")
+    if dtype:
+        _bf16_copy(root, tmp_path / "in")
+        if arch.startswith("Whisper"):
+            _bf16_copy(root / "mk", tmp_path / "in" / "mk")
+        root = tmp_path / "in"
     text = _config(name, arch)
     if arch.startswith("Whisper"):  # mergekit merges the decoder only under its prefix without the dot
         theirs = _dotted(_mergekit(text, root / "mk", tmp_path / "theirs", monkeypatch))
@@ -241,6 +257,7 @@ def test_same_tensors_as_mergekit_and_loads(saved, name, tmp_path, monkeypatch):
     assert ours.keys() == theirs.keys()
     bad = [k for k in theirs if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
     assert not bad, f"{len(bad)} of {len(theirs)} tensors differ, e.g. {bad[:3]}"
+    assert {v.dtype for v in ours.values()} == {torch.bfloat16 if dtype else torch.float32}
     # each module's layer count is mergekit's (its config keys, where the file has them)
     from polytask.merge.modules import ARCHITECTURES
 
@@ -258,6 +275,32 @@ def test_same_tensors_as_mergekit_and_loads(saved, name, tmp_path, monkeypatch):
     if name == "slices":
         assert counts[MODULES[arch][0]] == SLICED_LAYERS[arch]
     _loads_and_runs(out, arch)
+
+
+def test_t5_published_layout_untied_head_as_mergekit_and_loads(tmp_path, monkeypatch):
+    # T5 v1.1 / FLAN-T5 files hold the embedding three times (shared, encoder.embed_tokens,
+    # decoder.embed_tokens: equal) and an untied lm_head (transformers 5 forces the config's
+    # tie_word_embeddings to True and unties on load where the values differ); the encoder's and
+    # decoder's copies belong to their modules, lm_head to shared, each merged as mergekit does
+    arch = "T5ForConditionalGeneration"
+    for seed, model in enumerate(["base", "a", "b"]):
+        _save(arch, seed, tmp_path / model)
+        f = tmp_path / model / "model.safetensors"
+        sd = load_file(f)
+        head = torch.randn(sd["shared.weight"].shape, generator=torch.Generator().manual_seed(seed + 7))
+        save_file({**sd, "encoder.embed_tokens.weight": sd["shared.weight"].clone(),
+                   "decoder.embed_tokens.weight": sd["shared.weight"].clone(), "lm_head.weight": head}, f,
+                  metadata={"format": "pt"})
+    for name in ("ties", "slices"):
+        text = _config(name, arch)
+        theirs = _mergekit(text, tmp_path, tmp_path / f"theirs_{name}", monkeypatch)
+        out = _ours(text, tmp_path, tmp_path / f"ours_{name}")
+        ours = load_state_dict(out)
+        assert ours.keys() == theirs.keys() and "lm_head.weight" in ours and "decoder.embed_tokens.weight" in ours
+        assert not [k for k in theirs if not torch.equal(ours[k], theirs[k])]
+        # TIES' shared module and the decoder merge their copies of the embedding apart
+        assert not torch.equal(ours["shared.weight"], ours["lm_head.weight"])
+        _loads_and_runs(out, arch)
 
 
 def test_whisper_decoder_by_hand(tmp_path):
