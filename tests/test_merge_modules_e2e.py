@@ -422,3 +422,31 @@ def test_mllama_mixed_layouts_as_mergekit_and_loads(mllama, name, tmp_path, monk
         assert (cfg["text_config"]["num_hidden_layers"], cfg["text_config"]["cross_attention_layers"],
                 cfg["vision_config"]["num_hidden_layers"]) == (4, [1, 2], 3)
     _loads_and_runs(out, MLLAMA)
+
+
+def test_mllama_lora_into_the_published_layout_equals_peft(mllama, tmp_path):
+    # a PEFT adapter of the 5.x model (its modules in 5.x names) merged over the base saved by
+    # transformers' default save (published names): PEFT's merge_and_unload, bit for bit, in the
+    # base's names
+    peft = pytest.importorskip("peft")
+    from polytask.merge.modules import namings_of
+
+    published, memory = namings_of(MLLAMA)
+    model = getattr(_tf(), MLLAMA).from_pretrained(mllama / "old" / "base")
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"],
+                                                    init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "ad")
+    assert any(k.startswith("base_model.model.model.language_model.")
+               for k in load_file(tmp_path / "ad" / "adapter_model.safetensors"))
+    merged = {k: v.clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    (tmp_path / "base").symlink_to(mllama / "old" / "base")
+    text = ("merge_method: linear\nbase_model: base\nmodels:\n  - {model: ad, parameters: {weight: 1.0}}\n"
+            "  - {model: base, parameters: {weight: 0.0}}\n")
+    ours = load_state_dict(_ours(text, tmp_path, tmp_path / "out"))
+    assert not [k for k in ours if k.startswith("model.")]
+    got = {memory.from_mergekit(k): v for k, v in ours.items()}
+    assert got.keys() == merged.keys()
+    assert not [k for k in got if not torch.equal(got[k], merged[k])]
+    base = {memory.from_mergekit(k): v for k, v in load_state_dict(mllama / "old" / "base").items()}
+    assert sum(not torch.equal(got[k], base[k]) for k in got) >= 6  # the adapter did change weights
