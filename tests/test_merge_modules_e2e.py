@@ -22,6 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from polytask.errors import MergeError
 from polytask.merge import load_state_dict, run_merge
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -450,3 +451,35 @@ def test_mllama_lora_into_the_published_layout_equals_peft(mllama, tmp_path):
     assert not [k for k in got if not torch.equal(got[k], merged[k])]
     base = {memory.from_mergekit(k): v for k, v in load_state_dict(mllama / "old" / "base").items()}
     assert sum(not torch.equal(got[k], base[k]) for k in got) >= 6  # the adapter did change weights
+
+
+@pytest.mark.xfail(strict=True, raises=MergeError, reason="polytask.merge.vocab knows T5's shared.weight as no "
+                   "token-indexed tensor: the union's rows are not aligned there (MergeError on its shapes); "
+                   "mergekit's T5 definition gives it vocabulary_axis 0")
+def test_t5_union_tokenizer_as_mergekit(tmp_path, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_merge_tokenizer import VOCABS, _same_by_token, _tokenizer
+
+    for seed, (model, words) in enumerate((("base", VOCABS["base"]), ("a", VOCABS["a"]), ("b", VOCABS["c"]))):
+        cfg = _tf().T5Config(vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=3,
+                             num_heads=2, feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+        torch.manual_seed(seed)
+        m = _tf().T5ForConditionalGeneration(cfg)
+        m.config.architectures = ["T5ForConditionalGeneration"]
+        m.save_pretrained(tmp_path / model)
+        _tokenizer(words, tmp_path / model)
+    text = ("merge_method: linear\nbase_model: base\nmodels:\n  - {model: a, parameters: {weight: 0.5}}\n"
+            "  - {model: b, parameters: {weight: 0.3}}\n  - {model: base, parameters: {weight: 0.2}}\n"
+            "tokenizer_source: union\n")
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge as mergekit_run
+    from mergekit.options import MergeOptions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mergekit_run(MergeConfiguration.model_validate(yaml.safe_load(_paths(text, tmp_path))), str(tmp_path / "theirs"),
+                 MergeOptions(copy_tokenizer=True, quiet=True, write_model_card=False, random_seed=0))
+    assert load_state_dict(tmp_path / "theirs")["shared.weight"].shape[0] == 26
+    _same_by_token(tmp_path / "theirs", _ours(text, tmp_path, tmp_path / "ours"))
