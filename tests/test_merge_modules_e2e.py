@@ -90,15 +90,17 @@ MODULES = {"T5ForConditionalGeneration": ["decoder", "encoder", "shared"],
            "Qwen3VLForConditionalGeneration": ["text_decoder", "vision_tower", "multi_modal_projector"],
            "Qwen3VLMoeForConditionalGeneration": ["text_decoder", "vision_tower", "multi_modal_projector"]}
 
-#: the frankenmerge's slices of the first module: source layers 0, 1, a repeated 1 and (but Llama 4)
-#: a repeated 0 or 1, the last layer dropped (Llama 4, 4 layers) or merged with another. T5's block 0 alone holds relative_attention_bias and Llama 4
-#: alternates dense and MoE layers, so the sources of a slice hold the same kind of layer.
+#: the frankenmerge's slices of the first module, each a list of (model, first layer, end): output
+#: layers from source layers 0, 1, a repeated 1 and (but Llama 4) a repeated 0 or 1, the last layer
+#: dropped (Llama 4) or merged with another. T5's block 0 alone holds relative_attention_bias and
+#: Llama 4 alternates dense and MoE layers, so the sources of a slice hold the same kind of layer.
+_QWEN3_SLICES = [[("a", 0, 2), ("b", 1, 3)], [("a", 1, 2), ("b", 1, 2)], [("b", 0, 1)]]
 SLICES = {
-    "T5ForConditionalGeneration": "[{a, [0, 2]}, {b, [0, 2]}], [{a, [1, 2]}, {b, [1, 2]}], [{a, [1, 2]}, {b, [2, 3]}]",
-    "WhisperForConditionalGeneration": "[{a, [0, 2]}, {b, [1, 3]}], [{a, [1, 2]}, {b, [1, 2]}], [{b, [0, 1]}]",
-    "Llama4ForConditionalGeneration": "[{a, [0, 2]}, {b, [0, 2]}], [{a, [1, 2]}, {b, [3, 4]}]",
-    "Qwen3VLForConditionalGeneration": "[{a, [0, 2]}, {b, [1, 3]}], [{a, [1, 2]}, {b, [1, 2]}], [{b, [0, 1]}]",
-    "Qwen3VLMoeForConditionalGeneration": "[{a, [0, 2]}, {b, [1, 3]}], [{a, [1, 2]}, {b, [1, 2]}], [{b, [0, 1]}]",
+    "T5ForConditionalGeneration": [[("a", 0, 2), ("b", 0, 2)], [("a", 1, 2), ("b", 1, 2)], [("a", 1, 2), ("b", 2, 3)]],
+    "WhisperForConditionalGeneration": _QWEN3_SLICES,
+    "Llama4ForConditionalGeneration": [[("a", 0, 2), ("b", 0, 2)], [("a", 1, 2), ("b", 3, 4)]],
+    "Qwen3VLForConditionalGeneration": _QWEN3_SLICES,
+    "Qwen3VLMoeForConditionalGeneration": _QWEN3_SLICES,
 }
 #: the frankenmerge's output layers (the source layers above: 4 out of 3, or Llama 4's 3 out of 4)
 SLICED_LAYERS = {arch: 3 if arch.startswith("Llama4") else 4 for arch in SLICES}
@@ -118,17 +120,17 @@ def _config(name: str, arch: str) -> str:
                  f"  {first}:", "    models:", "      - {model: a, parameters: {weight: 1.0, density: [0.9, 0.4]}}",
                  "      - {model: b, parameters: {weight: 0.6, density: 0.5}}"]
         for k, m in enumerate(others):
-            lines += [f"  {m}:", "    models:", f"      - {{model: a, parameters: {{weight: 0.8, density: {0.3 + k / 5}}}}}",
+            density = 0.3 + k / 5
+            lines += [f"  {m}:", "    models:",
+                      f"      - {{model: a, parameters: {{weight: 0.8, density: {density}}}}}",
                       "      - {model: b, parameters: {weight: 0.5, density: 0.7}}"]
         return "\n".join(lines + ["parameters: {normalize: true}", ""])
     assert name == "slices"
-    sl = []
-    for group in re.findall(r"\[(\{.*?\})\]", SLICES[arch]):
-        srcs = re.findall(r"\{(\w+), \[(\d+), (\d+)\]\}", group)
-        sl.append("      - sources:\n" + "".join(f"          - {{model: {m}, layer_range: [{lo}, {hi}]}}\n"
-                                                 for m, lo, hi in srcs))
-    lines = ["merge_method: linear", "modules:", f"  {first}:", "    slices:", *(s.rstrip("\n") for s in sl),
-             "    parameters: {weight: [0.3, 0.9]}"]
+    lines = ["merge_method: linear", "modules:", f"  {first}:", "    slices:"]
+    for sources in SLICES[arch]:
+        lines.append("      - sources:")
+        lines += [f"          - {{model: {m}, layer_range: [{lo}, {hi}]}}" for m, lo, hi in sources]
+    lines.append("    parameters: {weight: [0.3, 0.9]}")
     for m in others:
         lines += [f"  {m}:", "    models:", "      - {model: a, parameters: {weight: 0.25}}",
                   "      - {model: b, parameters: {weight: 0.75}}"]
