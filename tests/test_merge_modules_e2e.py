@@ -8,12 +8,23 @@ be equal bit for bit, and the output must load with ``from_pretrained`` (no key 
 unexpected) and run a forward. mergekit 0.1.5 cannot merge Whisper's decoder under its real names
 (its definition's prefix ``model.decoder`` lacks the dot: "Tensor model.decoderembed_tokens.weight
 required but not present"): it merges copies whose decoder tensors are named that way, its output
-is renamed back, and the decoder is also checked by hand on the real names."""
+is renamed back, and the decoder is also checked by hand on the real names. TIES and task
+arithmetic run on bfloat16 copies too (the fused kernels), and T5 in its published layout (the
+embedding in three copies, an untied head).
+
+Mllama (modules inferred: mergekit 0.1.5 has no definition) has two key layouts; polytask's table
+is checked against transformers' saves, mixed-layout merges against mergekit (which names the
+5.x copies' modules), a frankenmerge that repeats the cross-attention layer loads, and a PEFT
+LoRA merged over the published layout equals PEFT's merge_and_unload.
+
+Known gap (a strict xfail): ``tokenizer_source: union`` on T5, whose embedding ``shared.weight``
+polytask does not know as token-indexed."""
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -459,8 +470,6 @@ def test_mllama_lora_into_the_published_layout_equals_peft(mllama, tmp_path):
                    "token-indexed tensor: the union's rows are not aligned there (MergeError on its shapes); "
                    "mergekit's T5 definition gives it vocabulary_axis 0")
 def test_t5_union_tokenizer_as_mergekit(tmp_path, monkeypatch):
-    import sys
-
     sys.path.insert(0, str(Path(__file__).parent))
     from test_merge_tokenizer import VOCABS, _same_by_token, _tokenizer
 
