@@ -59,7 +59,10 @@ apply (``config.json``'s ``architectures`` says which table; ``transformers_vers
 nothing reliable, as 4.5x and 5.x wrote both). Inputs of one merge in different layouts are
 renamed to the reference's (the base, else the first model) when read, so the output keeps the
 reference's layout (:class:`RenamedSource`); tensor names hold the same tensors in every layout,
-so this loses nothing. Llama 4, T5 and Whisper keep mergekit's names in transformers 5.25.
+so this loses nothing. Llama 4, Qwen3-VL(-MoE), T5 and Whisper keep mergekit's names in
+transformers 5.25. A T5 file holding the embedding three times (``shared``, ``encoder.`` and
+``decoder.embed_tokens``) merges each copy in its own module, as mergekit does, so the copies
+differ where the modules' parameters do (transformers then loads them untied).
 
 The LLaVA family (LLaVA, VipLLaVA, PaliGemma, Aya Vision, InternVL, LLaVA-NeXT, -NeXT-Video,
 -OneVision, Video-LLaVA), whose modules are inferred, has three layouts (:data:`INFERRED_NAMINGS`,
