@@ -494,3 +494,25 @@ def test_t5_union_tokenizer_as_mergekit(tmp_path, monkeypatch):
                  MergeOptions(copy_tokenizer=True, quiet=True, write_model_card=False, random_seed=0))
     assert load_state_dict(tmp_path / "theirs")["shared.weight"].shape[0] == 26
     _same_by_token(tmp_path / "theirs", _ours(text, tmp_path, tmp_path / "ours"))
+
+
+@pytest.mark.parametrize("saved", ["Llama4ForConditionalGeneration"], indirect=True)
+def test_llama4_dense_with_moe_layer_is_one_line_exit_2(saved, tmp_path, capsys, monkeypatch):
+    # a's dense layer 0 with b's MoE layer 1 in one slice: the tensors only one source has are
+    # refused naming the tensor and the model. mergekit 0.1.5 (its definition marks them optional)
+    # writes both sets, the dense MLP from a alone and the experts from b alone: a layer
+    # transformers loads as neither
+    from polytask.cli import main
+
+    arch, root = saved
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(_paths("merge_method: linear\nmodules:\n  text_decoder:\n    slices:\n      - sources:\n"
+                          "          - {model: a, layer_range: [0, 1]}\n          - {model: b, layer_range: [1, 2]}\n"
+                          "parameters: {weight: 1.0}\n", root))
+    monkeypatch.setattr(sys, "argv", ["polytask", "merge", str(cfg), str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "modules.text_decoder" in err and "feed_forward" in err and "model " in err, err
+    assert not (tmp_path / "out").exists()
