@@ -516,3 +516,41 @@ def test_llama4_dense_with_moe_layer_is_one_line_exit_2(saved, tmp_path, capsys,
     assert exc.value.code == 2 and len(err.splitlines()) == 1, err
     assert "modules.text_decoder" in err and "feed_forward" in err and "model " in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_layer_lists_follow_the_output_layers_by_hand():
+    from polytask.merge.plan import set_layer_count
+
+    # Qwen2.5-VL: blocks 1 and 3 of 4 have full attention; output blocks from 0, 1, 1, 3, 2
+    node = {"depth": 4, "fullatt_block_indexes": [1, 3]}
+    assert set_layer_count(node, "depth", 5, [0, 1, 1, 3, 2])
+    assert node == {"depth": 5, "fullatt_block_indexes": [1, 2, 3]}
+    # Mllama: the cross-attention layer 1 repeated and layer 3 dropped
+    node = {"num_hidden_layers": 4, "cross_attention_layers": [1, 3]}
+    assert set_layer_count(node, "num_hidden_layers", 3, [0, 1, 1]) and node["cross_attention_layers"] == [1, 2]
+    # tapped layers stay in place: kept silently; moved (layer 1 is source 0) or gone (no layer 2): a warning
+    node = {"depth": 3, "deepstack_visual_indexes": [0, 1, 2]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_layer_count(node, "depth", 4, [0, 1, 2, 2])
+    assert node["deepstack_visual_indexes"] == [0, 1, 2]
+    with pytest.warns(RuntimeWarning, match=r"^deepstack_visual_indexes: .* \[0, 1, 2\] come from .* \[0, 0, None\]"):
+        set_layer_count(node, "depth", 2, [0, 0])
+    assert node == {"depth": 2, "deepstack_visual_indexes": [0, 1, 2]}
+
+
+@pytest.mark.parametrize("saved", ["Qwen3VLForConditionalGeneration"], indirect=True)
+def test_qwen3_vl_vision_frankenmerge_warns_on_deepstack(saved, tmp_path):
+    # vision blocks 0, 0, 1 out of 0, 1, 2: the deepstack mergers read blocks 0, 1, 2, now sources
+    # 0, 0, 1: named in a warning, the list kept (three mergers), the output loads
+    arch, root = saved
+    text = ("merge_method: passthrough\nmodules:\n  vision_tower:\n    slices:\n"
+            "      - sources: [{model: a, layer_range: [0, 1]}]\n      - sources: [{model: b, layer_range: [0, 2]}]\n"
+            "  text_decoder: {models: [{model: a}]}\n  multi_modal_projector: {models: [{model: a}]}\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(_paths(text, root))
+    with pytest.warns(RuntimeWarning, match=r"deepstack_visual_indexes: .* \[0, 1, 2\] come from .* \[0, 0, 1\]"):
+        out = run_merge(cfg, tmp_path / "out")
+    vision = json.loads((out / "config.json").read_text())["vision_config"]
+    assert (vision["depth"], vision["deepstack_visual_indexes"]) == (3, [0, 1, 2])
+    _loads_and_runs(out, arch)

@@ -516,9 +516,14 @@ def output_config(path: str | os.PathLike[str] | None, num_layers: int, dtype: t
 
 #: ``config.json`` lists with one entry per layer (transformers 5 checks ``layer_types``' length;
 #: Llama 4's ``no_rope_layers`` flags), and lists of layer numbers (Llama 4's MoE layers, Mllama's
-#: cross-attention layers: a layer holding cross_attn.* tensors must stay one to load them).
+#: cross-attention layers: a layer holding cross_attn.* tensors must stay one to load them;
+#: Qwen2.5-VL's vision blocks with full attention, the others windowed).
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
-LAYER_NUMBER_KEYS = ("moe_layers", "cross_attention_layers")
+LAYER_NUMBER_KEYS = ("moe_layers", "cross_attention_layers", "fullatt_block_indexes")
+#: Lists of the layers whose outputs feed a projector, one projector input each (Qwen3-VL's
+#: deepstack mergers, Mllama's intermediate vision states): their length is fixed by the weights,
+#: so they are kept, with a warning where the output's layers there are not the source's.
+TAPPED_LAYER_KEYS = ("deepstack_visual_indexes", "intermediate_layers_indices")
 
 
 def set_layer_count(node: dict[str, Any], key: str, count: int, layer_sources: Sequence[int] | None) -> bool:
@@ -546,4 +551,13 @@ def set_layer_count(node: dict[str, Any], key: str, count: int, layer_sources: S
             new = [i for i, j in enumerate(layer_sources) if j in members]
             changed |= new != old
             node[name] = new
+    for name in TAPPED_LAYER_KEYS:
+        tapped = node.get(name)
+        if not isinstance(tapped, list):
+            continue
+        came = [layer_sources[j] if isinstance(j, int) and 0 <= j < count else None for j in tapped]
+        if came != tapped:
+            warnings.warn(f"{name}: the output's layers {tapped} come from the source's layers {came} (None: no "
+                          "such layer); the list is kept (its length is the projector's): correct the config",
+                          RuntimeWarning, stacklevel=2)
     return changed
