@@ -88,7 +88,7 @@ names (``model.language_model.*``, ``lm_head.*``, ``model.vision_model.*``,
 (``text_config.num_hidden_layers``, ``vision_config.num_hidden_layers``/``num_global_layers``) and
 ``text_config.cross_attention_layers`` follows the output layers; ``vision_config``'s
 ``intermediate_layers_indices`` is left as it is (its length sizes the projector), so a vision
-frankenmerge must keep those layers where they are.
+frankenmerge must keep those layers where they are (a warning names it otherwise).
 """
 
 from __future__ import annotations

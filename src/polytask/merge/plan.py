@@ -24,8 +24,10 @@ A Llama-shaped checkpoint's layers are the tensors named ``...layers.<i>.<rest>`
 ``h.<i>``, ``blocks.<i>``); tensors named ``*embed*``/``wte``/``wpe`` are the ones before them.
 The output's ``config.json`` gets the new layer count, and its per-layer lists follow the output's
 layers (``layer_types``, which transformers 5 writes and checks, Llama 4's ``no_rope_layers`` and
-``moe_layers``, Mllama's ``cross_attention_layers``: :func:`set_layer_count`); mergekit keeps the
-old lists, which transformers 5 refuses to load.
+``moe_layers``, Mllama's ``cross_attention_layers``, Qwen2.5-VL's ``fullatt_block_indexes``:
+:func:`set_layer_count`); mergekit keeps the old lists, which transformers 5 refuses to load (or
+loads with the wrong layer kinds). Lists of tapped layers (``deepstack_visual_indexes``,
+``intermediate_layers_indices``) are kept, with a warning where the layers there moved.
 """
 
 from __future__ import annotations
