@@ -17,8 +17,8 @@ is checked against transformers' saves, mixed-layout merges against mergekit (wh
 5.x copies' modules), a frankenmerge that repeats the cross-attention layer loads, and a PEFT
 LoRA merged over the published layout equals PEFT's merge_and_unload.
 
-Known gap (a strict xfail): ``tokenizer_source: union`` on T5, whose embedding ``shared.weight``
-polytask does not know as token-indexed."""
+``tokenizer_source: union`` on T5: its embedding ``shared.weight`` is token-indexed (its rows aligned by
+token, as mergekit's T5 definition gives it ``vocabulary_axis`` 0)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from polytask.errors import MergeError
 from polytask.merge import load_state_dict, run_merge
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -466,9 +465,6 @@ def test_mllama_lora_into_the_published_layout_equals_peft(mllama, tmp_path):
     assert sum(not torch.equal(got[k], base[k]) for k in got) >= 6  # the adapter did change weights
 
 
-@pytest.mark.xfail(strict=True, raises=MergeError, reason="polytask.merge.vocab knows T5's shared.weight as no "
-                   "token-indexed tensor: the union's rows are not aligned there (MergeError on its shapes); "
-                   "mergekit's T5 definition gives it vocabulary_axis 0")
 def test_t5_union_tokenizer_as_mergekit(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_merge_tokenizer import VOCABS, _same_by_token, _tokenizer

@@ -33,10 +33,12 @@ from polytask.merge.io import TensorSpec
 __all__ = ["TokenChoice", "VocabPlan", "permutation", "align_rows", "AlignedSource", "align_sources",
            "tied_aliases", "is_vocab_tensor", "EMBEDDING"]
 
-#: Tensors indexed by token on their first axis (mergekit's ``vocabulary_axis: 0``).
-_VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|lm_head|embed_out)\.weight$")
+#: Tensors indexed by token on their first axis (mergekit's ``vocabulary_axis: 0``). T5 keeps its
+#: embedding as the top-level ``shared.weight`` (beside the encoder's and decoder's copies).
+_VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|lm_head|embed_out)\.weight$"
+                           r"|^shared\.weight$")
 #: Input embeddings (an LM head's tied partner).
-EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in)\.weight$")
+EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in)\.weight$|^shared\.weight$")
 _HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.weight$")
 
 
