@@ -7,13 +7,11 @@ process on the global batch (the norm taken after the reduction)."""
 
 from __future__ import annotations
 
-import os
-import pickle
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _ranks import run_ranks
 import torch
 
 from polytask.train.config import OptimConfig
@@ -272,21 +270,7 @@ if world > 1:
 def _launch(tmp_path: Path, world: int) -> list:
     script = tmp_path / "clip_worker.py"
     script.write_text(WORKER)
-    store = tmp_path / f"store{world}"
-    store.unlink(missing_ok=True)
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world), STORE=str(store),
-                   TESTS=str(Path(__file__).parent), MAX_NORM="0.1")
-        out = tmp_path / f"clip{world}_{rank}.pkl"
-        procs.append((subprocess.Popen([sys.executable, str(script), str(out)], env=env, stderr=subprocess.PIPE,
-                                       text=True), out))
-    results = []
-    for proc, out in procs:
-        _, err = proc.communicate(timeout=180)
-        assert proc.returncode == 0, err[-3000:]
-        results.append(pickle.loads(out.read_bytes()))
-    return results
+    return run_ranks(script, world, env={"TESTS": str(Path(__file__).parent), "MAX_NORM": "0.1"}, tag="clip")
 
 
 def test_two_gloo_ranks_clip_by_the_global_norm_like_one_process(tmp_path):

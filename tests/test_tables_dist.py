@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _ranks import run_ranks
 import torch
 import yaml
 
@@ -97,20 +98,7 @@ def _run(tmp_path: Path, cfg: dict, world: int) -> list[dict]:
     script, conf = tmp_path / "worker.py", tmp_path / f"cfg{world}.pkl"
     script.write_text(WORKER)
     conf.write_bytes(pickle.dumps(cfg))
-    store = tmp_path / f"store{world}"  # a file rendezvous: no port to race other tests for
-    store.unlink(missing_ok=True)
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world), STORE=str(store))
-        out = tmp_path / f"out{world}_{rank}.pkl"
-        procs.append((subprocess.Popen([sys.executable, str(script), str(conf), str(out)], env=env,
-                                       stderr=subprocess.PIPE, text=True), out))
-    results = []
-    for proc, out in procs:
-        _, err = proc.communicate(timeout=180)
-        assert proc.returncode == 0, err[-3000:]
-        results.append(pickle.loads(out.read_bytes()))
-    return results
+    return run_ranks(script, world, [str(conf)])
 
 
 def test_two_ranks_see_every_row_once_and_evaluate_like_one_process(data, tmp_path):

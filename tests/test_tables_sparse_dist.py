@@ -10,13 +10,12 @@ process, sparse tables must get exactly the dense tables' gradients under a grad
 
 from __future__ import annotations
 
-import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _ranks import run_ranks
 import torch
 
 from polytask.errors import ConfigError
@@ -114,37 +113,8 @@ def global_batches(steps: int = 3, rows: int = 24, full: bool = False):
 def _run(tmp_path: Path, balancer: str, params: dict, world: int, full: bool = False) -> list[dict]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    store = tmp_path / f"store{world}"
-    store.unlink(missing_ok=True)
-    arg = pickle.dumps((balancer, params)).hex()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world), STORE=str(store),
-                   TESTS=str(Path(__file__).parent), FULL="1" if full else "")
-        out = tmp_path / f"out{world}_{rank}.pkl"
-        procs.append((subprocess.Popen([sys.executable, str(script), arg, str(out)], env=env, stderr=subprocess.PIPE,
-                                       text=True), out))
-    results = []
-    for proc, out in procs:
-        _, err = proc.communicate(timeout=180)
-        assert proc.returncode == 0, err[-3000:]
-        results.append(pickle.loads(out.read_bytes()))
-    return results
-
-
-@pytest.mark.parametrize("balancer,params", [("uw", {}), ("mgda", {"mode": "features"})])
-def test_two_ranks_with_sparse_tables_equal_one_process_on_the_global_batch(tmp_path, balancer, params):
-    (one,) = _run(tmp_path, balancer, params, 1)
-    two = _run(tmp_path, balancer, params, 2)
-    model, _ = build(sparse=True)
-    start = model.state_dict()
-    for key, want in one.items():
-        for r, got in enumerate(two):
-            torch.testing.assert_close(got[key], want, rtol=1e-9, atol=1e-11, msg=f"rank {r}: {key}")
-    # the tables moved (only on rows some batch used): the comparison is not between untouched tensors
-    user = "input.tables.user.weight"
-    moved = (one[user] != start[user]).any(1)
-    assert moved[:12].any() and not moved[12:].any()
+    return run_ranks(script, world, [pickle.dumps((balancer, params)).hex()],
+                     env={"TESTS": str(Path(__file__).parent), "FULL": "1" if full else ""})
 
 
 def test_sparse_reduction_equals_ddp_own_reducer_on_gloo(tmp_path):

@@ -11,11 +11,10 @@ from __future__ import annotations
 import collections
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from _ranks import run_ranks
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -73,21 +72,10 @@ os._exit(0)  # gloo's teardown at interpreter exit can abort
 
 def _launch(tmp_path, cases: dict, world: int) -> list[dict]:
     """Every case on ``world`` gloo ranks; per rank, per case: the vocabularies, vocab.json, bytes (or the error)."""
-    script, conf, store = tmp_path / "w.py", tmp_path / f"cases{world}.pkl", tmp_path / f"store{world}"
+    script, conf = tmp_path / "w.py", tmp_path / f"cases{world}.pkl"
     script.write_text(WORKER)
     conf.write_bytes(pickle.dumps(cases))
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world), STORE=str(store))
-        out = tmp_path / f"o{world}_{rank}.pkl"
-        procs.append((subprocess.Popen([sys.executable, str(script), str(conf), str(out)], env=env,
-                                       stderr=subprocess.PIPE, text=True), out))
-    results = []
-    for proc, out in procs:
-        _, err = proc.communicate(timeout=180)
-        assert proc.returncode == 0, err[-3000:]
-        results.append(pickle.loads(out.read_bytes()))
-    return results
+    return run_ranks(script, world, [str(conf)], tag="o")
 
 
 def _expected(rows, min_count: int) -> list:
