@@ -28,3 +28,19 @@ class TrainingError(PolytaskError):
 
 class MergeError(PolytaskError):
     """Checkpoints cannot be merged (missing tensors, shape or dtype mismatch, bad base)."""
+
+
+def error_from_name(kind: str, message: str) -> PolytaskError:
+    """The user error of class name ``kind`` (``PolytaskError`` or a subclass) with ``message``: how a
+    rank or a worker process passes its error to another process, which raises it as its own
+    (``PolytaskError`` itself when the name is unknown or its class takes other arguments)."""
+    todo: list[type[PolytaskError]] = [PolytaskError]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == kind:
+            try:
+                return cls(message)
+            except TypeError:
+                break
+        todo.extend(cls.__subclasses__())
+    return PolytaskError(message)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from polytask.data.encoders import Vocabulary, _fnv1a, _mix, _pa
-from polytask.errors import DataError, PolytaskError
+from polytask.errors import DataError, PolytaskError, error_from_name
 
 
 class RankGroup:
@@ -174,25 +174,11 @@ def _agree(mine: Mapping[str, Any] | PolytaskError, columns: Sequence[str], rank
     parts = ranks.objects(status)
     for part in parts:
         if part[0] == "error":
-            raise _rebuild(part[1], part[2])
+            raise error_from_name(part[1], part[2])
     for c in columns:
         types = {part[1][c] for part in parts} - {None}
         if len(types) > 1:
             raise DataError(f"id column {c!r} holds different types in different files: {', '.join(sorted(types))}")
-
-
-def _rebuild(kind: str, message: str) -> PolytaskError:
-    """A peer's user error as the same polytask error class (PolytaskError if unknown)."""
-    todo: list[type[PolytaskError]] = [PolytaskError]
-    while todo:
-        cls = todo.pop()
-        if cls.__name__ == kind:
-            try:
-                return cls(message)
-            except TypeError:
-                break
-        todo.extend(cls.__subclasses__())
-    return PolytaskError(message)
 
 
 def owners(values: Any, size: int) -> np.ndarray:

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from polytask.errors import CheckpointError, ConfigError, PolytaskError, TrainingError
+from polytask.errors import CheckpointError, ConfigError, PolytaskError, TrainingError, error_from_name
 
 #: Set by :func:`launch` for the workers it starts: they report user errors through torchelastic's
 #: error file instead of printing, so that the launcher prints exactly one line.
@@ -657,7 +657,7 @@ def read_checkpoint(loader: Any, ckpt_dir: Any, ctx: DistContext, device: torch.
             got = ("error", type(exc).__name__, str(exc))
     got = broadcast_object(got, ctx, device)
     if got[0] == "error":
-        raise _rebuild(got[1], got[2])
+        raise error_from_name(got[1], got[2])
     return got[1]
 
 
@@ -747,7 +747,7 @@ def launch(args: Sequence[str], nproc: int, run_dir: Any = None) -> None:
         kinds = {rank: _message(failure).partition(": ") for rank, failure in failures}
         for rank, (kind, _, message) in kinds.items():  # a user error (the root cause, not a peer's echo)
             if kind in user and kind != "PeerFailure" and message:
-                raise _rebuild(kind, message) from None
+                raise error_from_name(kind, message) from None
         dead = [(r, f) for r, f in failures if kinds[r][0] != "PeerFailure"]
         # the root cause: not a rank torchelastic itself stopped (SIGTERM) once another had failed
         rank, failure = (min(dead, key=lambda rf: (rf[1].exitcode == -15, rf[1].timestamp, rf[0])) if dead
@@ -773,20 +773,6 @@ def _message(failure: Any) -> str:
     while isinstance(message, dict):
         message = message.get("message", "")
     return str(message or "")
-
-
-def _rebuild(kind: str, message: str) -> PolytaskError:
-    """A worker's user error as the same class in the launcher (PolytaskError if unknown)."""
-    todo: list[type[PolytaskError]] = [PolytaskError]
-    while todo:
-        cls = todo.pop()
-        if cls.__name__ == kind:
-            try:
-                return cls(message)
-            except TypeError:
-                break
-        todo.extend(cls.__subclasses__())
-    return PolytaskError(message)
 
 
 __all__ = [

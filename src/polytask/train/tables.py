@@ -349,7 +349,8 @@ def _count_across_ranks(source: Any, ctx: Any) -> list[int]:
     rank waits in a collective while one rank reads everything. A user error on any rank (a bad
     file) is raised on every rank alike."""
     from polytask.errors import PolytaskError
-    from polytask.train.dist import _rebuild, gather_objects
+    from polytask.errors import error_from_name
+    from polytask.train.dist import gather_objects
 
     mine = list(range(ctx.rank, len(source.units), ctx.world_size))
     try:
@@ -359,7 +360,7 @@ def _count_across_ranks(source: Any, ctx: Any) -> list[int]:
     counts: dict[int, int] = {}
     for part in gather_objects(got, ctx):
         if part[0] == "error":
-            raise _rebuild(part[1], part[2])
+            raise error_from_name(part[1], part[2])
         counts.update(part[1])
     return [counts[i] for i in range(len(source.units))]
 
