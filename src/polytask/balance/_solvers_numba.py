@@ -66,10 +66,10 @@ def sdmgrad_inner(matrix: np.ndarray, w0: np.ndarray, w_tilde: np.ndarray, lr: f
 
 @kernel
 def _solve_in_place(mat: np.ndarray, rhs: np.ndarray) -> None:
-    """``rhs <- mat^-1 rhs`` by Gaussian elimination with partial pivoting (as LAPACK's ``gesv``); ``mat``
-    is overwritten. A zero pivot divides by zero (inf/NaN out), as ``torch.linalg.solve_ex`` leaves
-    a singular system unreported."""
-    n = mat.shape[0]
+    """``rhs <- mat^-1 rhs`` for the ``(n, k)`` right-hand sides ``rhs``, by Gaussian elimination with
+    partial pivoting (as LAPACK's ``gesv``); ``mat`` is overwritten. A zero pivot divides by zero
+    (inf/NaN out), as ``torch.linalg.solve_ex`` leaves a singular system unreported."""
+    n, k_rhs = rhs.shape
     for c in range(n):
         p = c
         for r in range(c + 1, n):
@@ -78,18 +78,48 @@ def _solve_in_place(mat: np.ndarray, rhs: np.ndarray) -> None:
         if p != c:
             for k in range(n):
                 mat[c, k], mat[p, k] = mat[p, k], mat[c, k]
-            rhs[c], rhs[p] = rhs[p], rhs[c]
+            for k in range(k_rhs):
+                rhs[c, k], rhs[p, k] = rhs[p, k], rhs[c, k]
         for r in range(c + 1, n):
             f = mat[r, c] / mat[c, c]
             if f != 0.0 or f != f:
                 for k in range(c + 1, n):
                     mat[r, k] -= f * mat[c, k]
-                rhs[r] -= f * rhs[c]
+                for k in range(k_rhs):
+                    rhs[r, k] -= f * rhs[c, k]
     for c in range(n - 1, -1, -1):
-        acc = rhs[c]
-        for k in range(c + 1, n):
-            acc -= mat[c, k] * rhs[k]
-        rhs[c] = acc / mat[c, c]
+        for k in range(k_rhs):
+            acc = rhs[c, k]
+            for e in range(c + 1, n):
+                acc -= mat[c, e] * rhs[e, k]
+            rhs[c, k] = acc / mat[c, c]
+
+
+@kernel
+def _gather_free(free: np.ndarray, idx: np.ndarray) -> int:
+    """The free indices in ``idx[:f]``, increasing; returns ``f``."""
+    f = 0
+    for i in range(free.shape[0]):
+        if free[i]:
+            idx[f] = i
+            f += 1
+    return f
+
+
+@kernel
+def _switch(free: np.ndarray, violated: np.ndarray, least_index: bool) -> None:
+    """An active-set correction: flip every violated index, or with ``least_index`` (Murty's rule)
+    only the first one; ``violated`` is left as the set that was flipped."""
+    if least_index:
+        first = True
+        for j in range(violated.shape[0]):
+            if violated[j] and not first:
+                violated[j] = False
+            elif violated[j]:
+                first = False
+    for j in range(violated.shape[0]):
+        if violated[j]:
+            free[j] = not free[j]
 
 
 @kernel
@@ -108,18 +138,14 @@ def nonneg_qp(quad: np.ndarray, lin: np.ndarray, iters: int) -> np.ndarray:
         for i in range(n):
             free[i] = q[i] < 0.0  # the first active-set step from x = 0
         for k in range(iters):
-            f = 0
-            for i in range(n):
-                if free[i]:
-                    idx[f] = i
-                    f += 1
+            f = _gather_free(free, idx)
             sub = np.empty((f, f))
             rhs = np.empty(f)
             for a in range(f):
                 rhs[a] = -q[idx[a]]
                 for b in range(f):
                     sub[a, b] = quad[idx[a], idx[b]]
-            _solve_in_place(sub, rhs)
+            _solve_in_place(sub, rhs.reshape((f, 1)))
             x[:] = 0.0
             for a in range(f):
                 x[idx[a]] = rhs[a]
@@ -133,16 +159,7 @@ def nonneg_qp(quad: np.ndarray, lin: np.ndarray, iters: int) -> np.ndarray:
                 any_violated = any_violated or violated[j]
             if not any_violated:
                 break
-            if k >= fast:  # Murty's least-index rule: switch only the first violated index
-                first = True
-                for j in range(n):
-                    if violated[j] and not first:
-                        violated[j] = False
-                    elif violated[j]:
-                        first = False
-            for j in range(n):
-                if violated[j]:
-                    free[j] = not free[j]
+            _switch(free, violated, k >= fast)
         for i in range(n):
             v = x[i]
             out[row, i] = 0.0 if v < 0.0 else v
@@ -273,11 +290,7 @@ def cagrad_dual(gramian: np.ndarray, c: float, iters: int, reg: float) -> tuple[
     v = np.zeros(n)
     disc = 0.0
     for k in range(iters):
-        f = 0
-        for i in range(n):
-            if free[i]:
-                idx[f] = i
-                f += 1
+        f = _gather_free(free, idx)
         sub = np.empty((f, f))
         rhs = np.empty((f, 2))
         for a in range(f):
@@ -285,7 +298,7 @@ def cagrad_dual(gramian: np.ndarray, c: float, iters: int, reg: float) -> tuple[
             rhs[a, 1] = b[idx[a]]
             for e in range(f):
                 sub[a, e] = g[idx[a], idx[e]]
-        _solve_two_in_place(sub, rhs)
+        _solve_in_place(sub, rhs)
         a2 = 0.0
         a1 = 0.0
         a0 = 0.0
@@ -309,49 +322,11 @@ def cagrad_dual(gramian: np.ndarray, c: float, iters: int, reg: float) -> tuple[
             any_violated = any_violated or violated[j]
         if not any_violated:
             break
-        if k >= fast:  # the least-index rule: switch only the first violated index
-            first = True
-            for j in range(n):
-                if violated[j] and not first:
-                    violated[j] = False
-                elif violated[j]:
-                    first = False
-        for j in range(n):
-            if violated[j]:
-                free[j] = not free[j]
+        _switch(free, violated, k >= fast)
     solved = not violated.any() and disc >= 0.0 and v.sum() > 0.0
     for i in range(n):
         v[i] = v[i] if v[i] > 0.0 or v[i] != v[i] else 0.0
     return v, solved
-
-
-@kernel
-def _solve_two_in_place(mat: np.ndarray, rhs: np.ndarray) -> None:
-    """:func:`_solve_in_place` for the ``(n, 2)`` right-hand side ``rhs``."""
-    n = mat.shape[0]
-    for c in range(n):
-        p = c
-        for r in range(c + 1, n):
-            if abs(mat[r, c]) > abs(mat[p, c]):
-                p = r
-        if p != c:
-            for k in range(n):
-                mat[c, k], mat[p, k] = mat[p, k], mat[c, k]
-            for k in range(2):
-                rhs[c, k], rhs[p, k] = rhs[p, k], rhs[c, k]
-        for r in range(c + 1, n):
-            f = mat[r, c] / mat[c, c]
-            if f != 0.0 or f != f:
-                for k in range(c + 1, n):
-                    mat[r, k] -= f * mat[c, k]
-                for k in range(2):
-                    rhs[r, k] -= f * rhs[c, k]
-    for c in range(n - 1, -1, -1):
-        for k in range(2):
-            acc = rhs[c, k]
-            for e in range(c + 1, n):
-                acc -= mat[c, e] * rhs[e, k]
-            rhs[c, k] = acc / mat[c, c]
 
 
 @kernel
@@ -400,7 +375,7 @@ def _fair_newton(gramian: np.ndarray, alpha: float, w: np.ndarray, iters: int) -
                 grad[r, i] = acc - w[r, i] ** p
                 step[r, i] = grad[r, i]
                 hess[i, i] = gramian[i, i] + (1e-12 * gramian[i, i] - p * w[r, i] ** (p - 1.0))
-            _solve_in_place(hess, step[r])
+            _solve_in_place(hess, step[r].reshape((n, 1)))
             dot = 0.0
             for i in range(n):
                 dot += grad[r, i] * step[r, i]
