@@ -117,6 +117,21 @@ def _run(tmp_path: Path, balancer: str, params: dict, world: int, full: bool = F
                      env={"TESTS": str(Path(__file__).parent), "FULL": "1" if full else ""})
 
 
+@pytest.mark.parametrize("balancer,params", [("uw", {}), ("mgda", {"mode": "features"})])
+def test_two_ranks_with_sparse_tables_equal_one_process_on_the_global_batch(tmp_path, balancer, params):
+    (one,) = _run(tmp_path, balancer, params, 1)
+    two = _run(tmp_path, balancer, params, 2)
+    model, _ = build(sparse=True)
+    start = model.state_dict()
+    for key, want in one.items():
+        for r, got in enumerate(two):
+            torch.testing.assert_close(got[key], want, rtol=1e-9, atol=1e-11, msg=f"rank {r}: {key}")
+    # the tables moved (only on rows some batch used): the comparison is not between untouched tensors
+    user = "input.tables.user.weight"
+    moved = (one[user] != start[user]).any(1)
+    assert moved[:12].any() and not moved[12:].any()
+
+
 def test_sparse_reduction_equals_ddp_own_reducer_on_gloo(tmp_path):
     # the peer: DDP's own reducer (outside no_sync) all-reduces sparse gradients on gloo and averages them;
     # with every row labelled and equal shards that is the global batch's gradient, as the balancer's
