@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from _merge_helpers import run_mergekit, run_ours
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -196,23 +197,12 @@ def _paths(text: str, folder: Path) -> str:
 
 
 def _mergekit(text: str, folder: Path, out: Path, monkeypatch) -> dict[str, torch.Tensor]:
-    pytest.importorskip("mergekit")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge as mergekit_run
-    from mergekit.options import MergeOptions
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    mergekit_run(MergeConfiguration.model_validate(yaml.safe_load(_paths(text, folder))), str(out),
-                 MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False, random_seed=0))
+    run_mergekit(_paths(text, folder), out, monkeypatch)
     return load_state_dict(out)
 
 
 def _ours(text: str, folder: Path, out: Path) -> Path:
-    cfg = out.parent / f"{out.name}.yaml"
-    cfg.write_text(_paths(text, folder))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return run_merge(cfg, out)
+    return run_ours(_paths(text, folder), out, quiet=True)
 
 
 def _forward(model, arch: str) -> torch.Tensor:

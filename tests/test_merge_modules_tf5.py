@@ -17,13 +17,12 @@ import warnings
 from pathlib import Path
 
 import pytest
+from _merge_helpers import cli, run_mergekit, run_ours
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
-from polytask.cli import main
 from polytask.errors import MergeError
-from polytask.merge import load_state_dict, run_merge
+from polytask.merge import load_state_dict
 from polytask.merge.modules import NAMINGS, naming_of
 
 
@@ -193,21 +192,12 @@ def _paths(text: str, folder: Path) -> str:
 
 
 def _mergekit(text: str, folder: Path, out: Path, monkeypatch, copy_tokenizer: bool = False) -> dict[str, torch.Tensor]:
-    pytest.importorskip("mergekit")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge as mergekit_run
-    from mergekit.options import MergeOptions
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    mergekit_run(MergeConfiguration.model_validate(yaml.safe_load(_paths(text, folder))), str(out),
-                 MergeOptions(copy_tokenizer=copy_tokenizer, quiet=True, write_model_card=False, random_seed=0))
+    run_mergekit(_paths(text, folder), out, monkeypatch, copy_tokenizer)
     return load_state_dict(out)
 
 
 def _ours(text: str, folder: Path, out: Path) -> Path:
-    cfg = out.parent / f"{out.name}.yaml"
-    cfg.write_text(_paths(text, folder))
-    return run_merge(cfg, out)
+    return run_ours(_paths(text, folder), out)
 
 
 def _loads_and_runs(out: Path) -> None:
@@ -437,14 +427,6 @@ def test_tensor_outside_every_module_is_named(saved, tmp_path):
     assert "model.extra_head.weight" not in load_state_dict(out)
 
 
-def _cli(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["polytask", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code or 0, captured.err.strip()
-
-
 ONE = "merge_method: linear\nmodules:\n  {module}:\n    models:\n      - model: {a}\n      - model: {b}\n"
 BAD = {
     "unknown module": (ONE.format(module="vision", a="a", b="b"),
@@ -475,7 +457,7 @@ def test_bad_input_one_line_exit_2_no_output(saved, case, tmp_path, capsys, monk
     text, must = BAD[case]
     (folder / "bad.yaml").write_text(text)
     out = tmp_path / "out"
-    code, err = _cli(["merge", folder / "bad.yaml", out], capsys, monkeypatch)
+    code, err = cli(["merge", folder / "bad.yaml", out], capsys, monkeypatch)
     assert code == 2 and len(err.splitlines()) == 1, err
     for m in must:
         assert m in err, err

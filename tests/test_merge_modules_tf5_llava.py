@@ -24,11 +24,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+from _merge_helpers import cli, run_mergekit, run_ours
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from polytask.cli import main
 from polytask.merge import load_state_dict, run_merge
 from polytask.merge.modules import naming_of, namings_of
 
@@ -267,28 +267,21 @@ def _mergekit(arch: str, name: str, root: Path, out: Path, monkeypatch, *, file_
     if key not in _THEIRS:
         pytest.importorskip("mergekit")
         import mergekit.architecture.auto as auto
-        from mergekit.config import MergeConfiguration
-        from mergekit.merge import run_merge as mergekit_run
-        from mergekit.options import MergeOptions
 
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         text = CONFIGS[name]
         if file_names:
             monkeypatch.setattr(auto, "get_transformers_info", lambda *a, **k: (None, None, None, None))
             text = _old_names(text)
         auto.infer_architecture_info.cache_clear()
         folder = root / ("published" if file_names else "new")
-        mergekit_run(MergeConfiguration.model_validate(yaml.safe_load(_paths(text, folder))), str(out),
-                     MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False, random_seed=0))
+        run_mergekit(_paths(text, folder), out, monkeypatch)
         auto.infer_architecture_info.cache_clear()
         _THEIRS[key] = _to_new(arch, load_state_dict(out))
     return _THEIRS[key]
 
 
 def _ours(text: str, folder: Path, out: Path) -> Path:
-    cfg = out.parent / f"{out.name}.yaml"
-    cfg.write_text(_paths(text, folder))
-    return run_merge(cfg, out)
+    return run_ours(_paths(text, folder), out)
 
 
 def _loads_and_runs(out: Path) -> None:
@@ -521,7 +514,7 @@ def test_lora_adapters_merge_into_an_adapter_and_extract(lora, tmp_path, capsys,
     text = ("merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - {model: a1, parameters: {weight: 0.6}}\n"
             "  - {model: a2, parameters: {weight: 0.3}}\n")
     (tmp_path / "m.yaml").write_text(_paths(text, tmp_path))
-    code, _ = _cli(["merge", tmp_path / "m.yaml", tmp_path / "adout", "--adapter"], capsys, monkeypatch)
+    code, _ = cli(["merge", tmp_path / "m.yaml", tmp_path / "adout", "--adapter"], capsys, monkeypatch)
     assert code == 0
     # named as PEFT names them (transformers 5's in-memory names), whatever the base file's layout
     new_names = set(load_state_dict(root / "new" / "base"))
@@ -537,7 +530,7 @@ def test_lora_adapters_merge_into_an_adapter_and_extract(lora, tmp_path, capsys,
     model = cls.from_pretrained(root / "new" / "base")
     model.load_state_dict(merged)
     model.save_pretrained(ft, save_original_format=False)
-    code, _ = _cli(["extract-lora", root / "old" / "base", ft, tmp_path / "ex", "--rank", "2"], capsys, monkeypatch)
+    code, _ = cli(["extract-lora", root / "old" / "base", ft, tmp_path / "ex", "--rank", "2"], capsys, monkeypatch)
     assert code == 0
     assert _targets(tmp_path / "ex") <= new_names and len(_targets(tmp_path / "ex")) >= 6
     back = peft.PeftModel.from_pretrained(cls.from_pretrained(root / "old" / "base"), tmp_path / "ex")
@@ -547,14 +540,6 @@ def test_lora_adapters_merge_into_an_adapter_and_extract(lora, tmp_path, capsys,
 
 
 # -- bad input ------------------------------------------------------------------------------------
-
-def _cli(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["polytask", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code or 0, captured.err.strip()
-
 
 def _bad_adapter(root: Path, folder: Path, rename) -> None:
     folder.mkdir()
@@ -593,7 +578,7 @@ def test_bad_lora_one_line_exit_2_no_output(lora, tmp_path, capsys, monkeypatch)
                 f"  - {{model: {name}}}\n")
         (tmp_path / f"{name}.yaml").write_text(_paths(text, tmp_path))
         out = tmp_path / f"out_{name}"
-        code, err = _cli(["merge", tmp_path / f"{name}.yaml", out], capsys, monkeypatch)
+        code, err = cli(["merge", tmp_path / f"{name}.yaml", out], capsys, monkeypatch)
         assert code == 2 and len(err.splitlines()) == 1, err
         for m in must:
             assert m in err, (m, err)
@@ -604,7 +589,7 @@ def test_bad_lora_one_line_exit_2_no_output(lora, tmp_path, capsys, monkeypatch)
     sd = load_file(root / "new" / "base" / "model.safetensors")
     save_file({k: v for k, v in sd.items() if ".layers.2.self_attn.q_proj" not in k}, ft / "model.safetensors")
     (ft / "config.json").write_text((root / "new" / "base" / "config.json").read_text())
-    code, err = _cli(["extract-lora", tmp_path / "base", ft, tmp_path / "ex"], capsys, monkeypatch)
+    code, err = cli(["extract-lora", tmp_path / "base", ft, tmp_path / "ex"], capsys, monkeypatch)
     assert code == 2 and len(err.splitlines()) == 1, err
     for m in ("'model.language_model.layers.2.self_attn.q_proj.weight' is missing", "read in its layout",
               "transformers 5 (model.language_model.*)"):
@@ -629,7 +614,7 @@ def test_bad_config_one_line_exit_2_no_output(saved, case, tmp_path, capsys, mon
     text, must = BAD[case]
     (tmp_path / "bad.yaml").write_text(_paths(text, root / "new"))
     out = tmp_path / "out"
-    code, err = _cli(["merge", tmp_path / "bad.yaml", out], capsys, monkeypatch)
+    code, err = cli(["merge", tmp_path / "bad.yaml", out], capsys, monkeypatch)
     assert code == 2 and len(err.splitlines()) == 1, err
     for m in must:
         assert m in err, (m, err)
